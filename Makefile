@@ -1,0 +1,43 @@
+# One entry point for a fresh machine. `make demo` and `make test` do their own set-up.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
+
+.PHONY: venv build demo test test-quick bench asan-test tsan-test clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+
+venv: $(VPY)
+
+# Rebuild the extension in place when a C file changed.
+build: $(VPY)
+	CATZILLA_TASKS_BUILD=release $(VPY) setup.py -q build_ext --inplace --force
+
+demo: build
+	$(VPY) examples/quickstart.py
+
+test: build
+	$(VPY) -m pytest -q
+	$(MAKE) asan-test tsan-test
+
+test-quick: build
+	$(VPY) -m pytest -q -m 'not stress and not slow'
+
+bench: build
+	$(VPY) -m pip install -q '.[bench]' >/dev/null 2>&1 || $(VPY) -m pip install -q 'catzilla==0.2.3' psutil
+	$(VPY) benchmarks/run.py
+
+# The Python test suite against an AddressSanitizer + UBSan build of the extension.
+asan-test: $(VPY)
+	scripts/sanitizer-tests asan
+
+# The engine's own C stress test under ThreadSanitizer (no Python involved).
+tsan-test:
+	scripts/sanitizer-tests tsan
+
+clean:
+	rm -rf build $(VENV) src/catzilla_tasks/*.so .pytest_cache

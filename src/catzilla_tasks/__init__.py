@@ -1,0 +1,32 @@
+"""catzilla_tasks: a background task engine for Python with a C core.
+
+Layers: the C extension ``_engine`` (task nodes, four priority queues, native worker threads,
+results) is wrapped by ``engine`` (BackgroundTasks), ``config`` (TaskPriority, TaskStatus,
+TaskConfig) and ``results`` (TaskResult, TaskFuture). This module is the whole public API.
+"""
+
+from ._engine import QueueFull as QueueFull
+from ._engine import TaskCancelled as TaskCancelled
+from .config import TaskConfig as TaskConfig
+from .config import TaskPriority as TaskPriority
+from .config import TaskStatus as TaskStatus
+from .engine import BackgroundTasks as BackgroundTasks
+from .engine import ShutdownTimeout as ShutdownTimeout
+from .engine import task as task
+from .results import TaskFuture as TaskFuture
+from .results import TaskResult as TaskResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackgroundTasks",
+    "QueueFull",
+    "ShutdownTimeout",
+    "TaskCancelled",
+    "TaskConfig",
+    "TaskFuture",
+    "TaskPriority",
+    "TaskResult",
+    "TaskStatus",
+    "task",
+]

@@ -1,0 +1,41 @@
+/* ct_common.h - small shared helpers of the engine core: clocks, branch hints, cache lines.
+ * The core (ct_*.c) never includes Python.h, so it builds alone for the C stress tests. */
+#ifndef CT_COMMON_H
+#define CT_COMMON_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <time.h>
+
+#define CT_LIKELY(x) __builtin_expect(!!(x), 1)
+#define CT_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define CT_CACHELINE 64
+#define CT_ALIGNED _Alignas(CT_CACHELINE)
+
+/* Monotonic nanoseconds: all engine timestamps use this clock (vDSO, ~20 ns). */
+static inline uint64_t ct_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Absolute CLOCK_MONOTONIC deadline for pthread_cond_timedwait (condvars are set to that clock). */
+static inline struct timespec ct_deadline_ts(uint64_t deadline_ns) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)(deadline_ns / 1000000000ull);
+    ts.tv_nsec = (long)(deadline_ns % 1000000000ull);
+    return ts;
+}
+
+/* Return codes of the core API. */
+enum {
+    CT_OK = 0,
+    CT_EFULL = -1,      /* queue_size reached and the caller did not ask to block */
+    CT_ESHUTDOWN = -2,  /* the engine no longer accepts tasks */
+    CT_ETIMEDOUT = -3,  /* a blocking call ran out of time */
+    CT_ENOMEM = -4,
+    CT_EINVAL = -5,
+};
+
+#endif

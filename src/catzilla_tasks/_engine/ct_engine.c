@@ -1,0 +1,539 @@
+/* ct_engine.c - see ct_engine.h.
+ *
+ * Counters and who moves them:
+ *   queued      +n by a submitter before it pushes (that is the queue_size reservation),
+ *               -n by the worker that pops. Drain waits for queued == 0 && running == 0.
+ *   qcount[p]   +1 by a submitter after its push, -k by the popper: "is there visible work
+ *               at priority p" (may dip below 0 for an instant; readers treat <= 0 as empty).
+ *   running     +n by the popper *before* it lowers queued (so queued+running never reads 0
+ *               while a task is in a worker's hands), -1 per task finished or skipped.
+ *
+ * Sleep/wake protocol (no lost wake-ups, no polling): a worker with nothing to pop takes
+ * idle_lock, bumps sleepers, re-checks qcount and only then waits on work_cond. A submitter
+ * pushes, bumps qcount, issues a seq_cst fence and reads sleepers: one of the two sides always
+ * sees the other (store-buffer pattern with fences on both sides). Drain and space waiters use
+ * the same pattern with their own counters. */
+#include "ct_engine.h"
+#include "ct_sync.h"
+
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CT_BATCH_HARD_MAX 256
+
+ct_slab ct_task_slab;
+static pthread_once_t ct_global_once = PTHREAD_ONCE_INIT;
+static int ct_global_rc = CT_OK;
+static _Atomic uint64_t ct_next_id = 1;
+
+static void ct_global_init_once(void) { ct_global_rc = ct_slab_init(&ct_task_slab, sizeof(ct_task)); }
+
+int ct_engine_global_init(void) {
+    pthread_once(&ct_global_once, ct_global_init_once);
+    return ct_global_rc;
+}
+
+/* ------------------------------------------------------------------ nodes */
+
+ct_task *ct_task_new(void) {
+    ct_task *t = ct_slab_alloc(&ct_task_slab);
+    if (!t) return NULL;
+    atomic_store_explicit(&t->link.next, NULL, memory_order_relaxed);
+    t->fn = t->arg = t->kwargs = t->value = NULL;
+    t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed);
+    t->t_enqueue = t->t_start = t->t_end = 0;
+    atomic_store_explicit(&t->state, CT_PENDING, memory_order_relaxed);
+    atomic_store_explicit(&t->refs, 1, memory_order_relaxed);
+    t->priority = 2;
+    t->kind = CT_KIND_C;
+    return t;
+}
+
+void ct_task_decref(const ct_hooks *hooks, ct_task *t) {
+    /* acq_rel: the last owner must see every write the others made before dropping theirs */
+    if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1) return;
+    if (t->kind != CT_KIND_C && hooks && hooks->release) hooks->release(t);
+    ct_slab_free(&ct_task_slab, t);
+}
+
+int ct_task_begin(ct_task *t, int worker_id) {
+    uint32_t old = atomic_load_explicit(&t->state, memory_order_acquire);
+    uint32_t wid = ((uint32_t)worker_id + 1u) << CT_WORKER_SHIFT;
+    for (;;) {
+        if ((old & CT_STATUS_MASK) != CT_PENDING) return 0;
+        uint32_t nw = (old & ~(CT_STATUS_MASK | (0xFFFFu << CT_WORKER_SHIFT))) | CT_RUNNING | wid;
+        if (atomic_compare_exchange_weak_explicit(&t->state, &old, nw, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return 1;
+    }
+}
+
+/* Move a non-terminal node to status. Returns 1 and the previous word, or 0 if terminal. */
+static int ct_task_set_terminal(ct_task *t, int status, uint32_t *old_out) {
+    uint32_t old = atomic_load_explicit(&t->state, memory_order_acquire);
+    for (;;) {
+        if (CT_IS_TERMINAL(old)) {
+            if (old_out) *old_out = old;
+            return 0;
+        }
+        uint32_t nw = (old & ~CT_STATUS_MASK) | (uint32_t)status;
+        /* release: the result stored in the node happens-before any reader of the status */
+        if (atomic_compare_exchange_weak_explicit(&t->state, &old, nw, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            break;
+    }
+    if (old & CT_F_WAITERS) ct_park_wake(&t->state);
+    if (old_out) *old_out = old;
+    return 1;
+}
+
+int ct_task_settle(ct_task *t, int status, uint32_t *old_state) {
+    return ct_task_set_terminal(t, status, old_state);
+}
+
+static void ct_engine_notify_drain(ct_engine *e) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&e->drain_waiters, memory_order_relaxed) == 0) return;
+    pthread_mutex_lock(&e->idle_lock);
+    pthread_cond_broadcast(&e->drain_cond);
+    pthread_mutex_unlock(&e->idle_lock);
+}
+
+static void ct_engine_running_done(ct_engine *e, int64_t n) {
+    int64_t left = atomic_fetch_sub(&e->running, n) - n;
+    if (left == 0 && atomic_load(&e->queued) == 0) ct_engine_notify_drain(e);
+}
+
+uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status) {
+    uint32_t old = 0;
+    if (ct_task_set_terminal(t, status, &old)) {
+        if (status == CT_SUCCEEDED)
+            atomic_fetch_add_explicit(&e->succeeded, 1, memory_order_relaxed);
+        else if (status == CT_CANCELLED)
+            atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
+        else
+            atomic_fetch_add_explicit(&e->failed, 1, memory_order_relaxed);
+    }
+    ct_engine_running_done(e, 1);
+    return old;
+}
+
+int ct_task_cancel(ct_engine *e, ct_task *t) {
+    uint32_t old = atomic_load_explicit(&t->state, memory_order_acquire);
+    for (;;) {
+        uint32_t s = old & CT_STATUS_MASK;
+        if (s != CT_PENDING && s != CT_SCHEDULED) return 0;
+        uint32_t nw = (old & ~CT_STATUS_MASK) | CT_CANCELLED;
+        if (atomic_compare_exchange_weak_explicit(&t->state, &old, nw, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            break;
+    }
+    if (e) atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
+    if (old & CT_F_WAITERS) ct_park_wake(&t->state);
+    return 1;
+}
+
+static int ct_ready_terminal(uint32_t s) { return CT_IS_TERMINAL(s); }
+
+int ct_task_wait(ct_task *t, uint64_t deadline_ns) {
+    return ct_park_wait(&t->state, CT_F_WAITERS, ct_ready_terminal, deadline_ns);
+}
+
+/* ------------------------------------------------------------------ engine */
+
+ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
+    if (ct_engine_global_init() != CT_OK) return NULL;
+    if (cfg->workers < 0 || cfg->queue_size <= 0) return NULL;
+    ct_engine *e = NULL;
+    if (posix_memalign((void **)&e, CT_CACHELINE, sizeof *e) != 0) return NULL;
+    memset(e, 0, sizeof *e);
+    for (int p = 0; p < CT_NPRIO; p++) ct_queue_init(&e->queues[p]);
+    pthread_mutex_init(&e->pop_lock, NULL);
+    pthread_mutex_init(&e->idle_lock, NULL);
+    ct_cond_init(&e->work_cond);
+    ct_cond_init(&e->space_cond);
+    ct_cond_init(&e->drain_cond);
+    e->cfg = *cfg;
+    if (e->cfg.batch_max <= 0) e->cfg.batch_max = 64;
+    if (e->cfg.batch_max > CT_BATCH_HARD_MAX) e->cfg.batch_max = CT_BATCH_HARD_MAX;
+    if (e->cfg.batch_budget_ns == 0) e->cfg.batch_budget_ns = 200000;
+    if (e->cfg.aging_ns == 0) e->cfg.aging_ns = 100000000;
+    if (hooks) e->hooks = *hooks;
+    uint64_t now = ct_now_ns();
+    for (int p = 0; p < CT_NPRIO; p++) e->last_served[p] = now;
+    atomic_store(&e->accepting, 1);
+    e->nworkers = cfg->workers;
+    e->workers = calloc((size_t)(cfg->workers ? cfg->workers : 1), sizeof(ct_worker));
+    if (!e->workers) {
+        free(e);
+        return NULL;
+    }
+    for (int i = 0; i < cfg->workers; i++) {
+        e->workers[i].engine = e;
+        e->workers[i].id = i;
+    }
+    return e;
+}
+
+/* How many to pop: a batch should run for about batch_budget_ns, so slow (blocking) tasks are
+ * taken one at a time and spread over the workers, while no-op tasks come 64 at a time. */
+static size_t ct_batch_size(ct_engine *e) {
+    uint64_t avg = atomic_load_explicit(&e->avg_exec_ns, memory_order_relaxed);
+    size_t n = (size_t)e->cfg.batch_max;
+    if (avg > 0) {
+        uint64_t fit = e->cfg.batch_budget_ns / avg;
+        if (fit < n) n = fit ? (size_t)fit : 1;
+    }
+    return n;
+}
+
+void ct_engine_note_exec(ct_engine *e, uint64_t ns, size_t ntasks) {
+    if (!ntasks) return;
+    uint64_t sample = ns / ntasks;
+    uint64_t avg = atomic_load_explicit(&e->avg_exec_ns, memory_order_relaxed);
+    /* EWMA with weight 1/4: adapts within a few batches when the workload changes */
+    uint64_t nw = avg ? avg - avg / 4 + sample / 4 : sample;
+    atomic_store_explicit(&e->avg_exec_ns, nw ? nw : 1, memory_order_relaxed);
+}
+
+/* pop_lock held */
+static size_t ct_pop_from(ct_engine *e, int p, ct_task **out, size_t max) {
+    size_t k = 0;
+    while (k < max) {
+        ct_qnode *n = ct_queue_pop(&e->queues[p]);
+        if (!n) break;
+        out[k++] = (ct_task *)n;
+    }
+    if (k) atomic_fetch_sub_explicit(&e->qcount[p], (int64_t)k, memory_order_relaxed);
+    return k;
+}
+
+static void ct_engine_popped(ct_engine *e, size_t n) {
+    atomic_fetch_add(&e->running, (int64_t)n);
+    atomic_fetch_sub(&e->queued, (int64_t)n);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&e->space_waiters, memory_order_relaxed) > 0) {
+        pthread_mutex_lock(&e->idle_lock);
+        pthread_cond_broadcast(&e->space_cond);
+        pthread_mutex_unlock(&e->idle_lock);
+    }
+}
+
+static int ct_engine_visible_work(ct_engine *e) {
+    for (int p = 0; p < CT_NPRIO; p++)
+        if (atomic_load(&e->qcount[p]) > 0) return 1;
+    return 0;
+}
+
+/* Strict priority with ageing. Rule: a lower-priority queue that holds work and has not been
+ * served for aging_ns is served first, once (one batch); then the batch is filled from the
+ * highest priority down. So under a steady stream of CRITICAL work, each lower level still
+ * gets a batch at least every aging_ns. */
+static size_t ct_pop_batch(ct_engine *e, ct_task **out, size_t max) {
+    if (atomic_load_explicit(&e->paused, memory_order_relaxed)) return 0;
+    pthread_mutex_lock(&e->pop_lock);
+    size_t n = 0;
+    uint64_t now = ct_now_ns();
+    for (int p = CT_NPRIO - 1; p >= 1; p--) {
+        if (atomic_load_explicit(&e->qcount[p], memory_order_relaxed) <= 0) {
+            e->last_served[p] = now;   /* empty: nothing here is starving */
+            continue;
+        }
+        if (now - e->last_served[p] > e->cfg.aging_ns) {
+            n += ct_pop_from(e, p, out, max);
+            e->last_served[p] = now;
+            break;
+        }
+    }
+    for (int p = 0; p < CT_NPRIO && n < max; p++) {
+        size_t k = ct_pop_from(e, p, out + n, max - n);
+        if (k) e->last_served[p] = now;
+        n += k;
+    }
+    pthread_mutex_unlock(&e->pop_lock);
+    if (n) ct_engine_popped(e, n);
+    return n;
+}
+
+size_t ct_engine_pop_urgent(ct_engine *e, int prio, ct_task **out, size_t max) {
+    size_t n = 0;
+    pthread_mutex_lock(&e->pop_lock);
+    uint64_t now = ct_now_ns();
+    for (int p = 0; p < prio && n < max; p++) {
+        size_t k = ct_pop_from(e, p, out + n, max - n);
+        if (k) e->last_served[p] = now;
+        n += k;
+    }
+    pthread_mutex_unlock(&e->pop_lock);
+    if (n) ct_engine_popped(e, n);
+    return n;
+}
+
+/* Wake one sleeping worker, unless one is already being woken: a burst of submits costs one
+ * futex wake, not one per task. The woken worker clears `waking` and, if it leaves work
+ * behind, wakes the next (chain wake in ct_worker_main). */
+static void ct_wake_one(ct_engine *e) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0) return;
+    if (atomic_load_explicit(&e->paused, memory_order_relaxed)) return;
+    if (atomic_exchange(&e->waking, 1)) return;
+    pthread_mutex_lock(&e->idle_lock);
+    if (atomic_load(&e->sleepers) > 0)
+        pthread_cond_signal(&e->work_cond);   /* a sleeper is in cond_wait: we hold its lock */
+    else
+        atomic_store(&e->waking, 0);
+    pthread_mutex_unlock(&e->idle_lock);
+}
+
+/* Returns 0 when the worker should exit. */
+static int ct_worker_sleep(ct_engine *e) {
+    int keep = 1;
+    pthread_mutex_lock(&e->idle_lock);
+    atomic_fetch_add(&e->sleepers, 1);
+    for (;;) {
+        if (atomic_load(&e->stopping)) {
+            /* exit only once the queues are empty (or the engine is paused) */
+            if (atomic_load(&e->paused) || !ct_engine_visible_work(e)) keep = 0;
+            break;
+        }
+        if (!atomic_load(&e->paused) && ct_engine_visible_work(e)) break;
+        pthread_cond_wait(&e->work_cond, &e->idle_lock);
+    }
+    atomic_fetch_sub(&e->sleepers, 1);
+    atomic_store(&e->waking, 0);
+    pthread_mutex_unlock(&e->idle_lock);
+    return keep;
+}
+
+static void ct_engine_skip(ct_engine *e, ct_task *t) {
+    ct_engine_running_done(e, 1);
+    ct_task_decref(&e->hooks, t);
+}
+
+void ct_engine_run_c(ct_worker *w, ct_task *t) {
+    ct_engine *e = w->engine;
+    if (!ct_task_begin(t, w->id)) {
+        ct_engine_skip(e, t);
+        return;
+    }
+    t->t_start = ct_now_ns();
+    ((ct_c_func)t->fn)(t->arg);
+    t->t_end = ct_now_ns();
+    ct_task_finish(e, t, CT_SUCCEEDED);
+    atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
+    ct_task_decref(&e->hooks, t);
+}
+
+static void *ct_worker_main(void *arg) {
+    ct_worker *w = arg;
+    ct_engine *e = w->engine;
+    ct_task *batch[CT_BATCH_HARD_MAX];
+    if (e->hooks.thread_start) e->hooks.thread_start(w);
+    int empty_pops = 0;
+    for (;;) {
+        size_t n = ct_pop_batch(e, batch, ct_batch_size(e));
+        if (n == 0) {
+            /* Work can be visible in qcount while its link is still landing (a producer
+             * between two instructions): yield once before sleeping on it again. */
+            if (empty_pops++ > 0 && ct_engine_visible_work(e) && !atomic_load(&e->paused)) sched_yield();
+            if (!ct_worker_sleep(e)) break;
+            continue;
+        }
+        empty_pops = 0;
+        if (ct_engine_visible_work(e)) ct_wake_one(e);   /* more left: get a sibling going */
+        uint64_t t0 = ct_now_ns();
+        if (e->hooks.run_batch) {
+            e->hooks.run_batch(w, batch, n);
+        } else {
+            for (size_t i = 0; i < n; i++) ct_engine_run_c(w, batch[i]);
+        }
+        uint64_t dt = ct_now_ns() - t0;
+        atomic_fetch_add_explicit(&w->busy_ns, dt, memory_order_relaxed);
+        /* run_batch measures its own tasks (it waits for the GIL first, which is not the
+         * tasks' time and must not shrink the batches) */
+        if (!e->hooks.run_batch) ct_engine_note_exec(e, dt, n);
+    }
+    if (e->hooks.thread_stop) e->hooks.thread_stop(w);
+    ct_slab_flush_thread();
+    return NULL;
+}
+
+int ct_engine_start(ct_engine *e) {
+    for (int i = 0; i < e->nworkers; i++) {
+        ct_worker *w = &e->workers[i];
+        if (w->started) continue;
+        if (pthread_create(&w->thread, NULL, ct_worker_main, w) != 0) return CT_ENOMEM;
+        w->started = 1;
+    }
+    return CT_OK;
+}
+
+/* Reserve room for n tasks (the queue_size bound). */
+static int ct_engine_reserve(ct_engine *e, size_t n, int64_t block_ns) {
+    int64_t cap = e->cfg.queue_size;
+    if ((int64_t)n > cap) return CT_EFULL;
+    if (atomic_fetch_add(&e->queued, (int64_t)n) + (int64_t)n <= cap) return CT_OK;
+    atomic_fetch_sub(&e->queued, (int64_t)n);
+    if (block_ns == 0) return CT_EFULL;
+    uint64_t deadline = block_ns > 0 ? ct_now_ns() + (uint64_t)block_ns : 0;
+    int rc = CT_OK;
+    pthread_mutex_lock(&e->idle_lock);
+    atomic_fetch_add(&e->space_waiters, 1);
+    for (;;) {
+        if (atomic_fetch_add(&e->queued, (int64_t)n) + (int64_t)n <= cap) break;
+        atomic_fetch_sub(&e->queued, (int64_t)n);
+        if (!atomic_load(&e->accepting)) {
+            rc = CT_ESHUTDOWN;
+            break;
+        }
+        if (deadline) {
+            struct timespec ts = ct_deadline_ts(deadline);
+            if (pthread_cond_timedwait(&e->space_cond, &e->idle_lock, &ts) != 0 && ct_now_ns() >= deadline) {
+                if (atomic_fetch_add(&e->queued, (int64_t)n) + (int64_t)n <= cap) break;
+                atomic_fetch_sub(&e->queued, (int64_t)n);
+                rc = CT_ETIMEDOUT;
+                break;
+            }
+        } else {
+            pthread_cond_wait(&e->space_cond, &e->idle_lock);
+        }
+    }
+    atomic_fetch_sub(&e->space_waiters, 1);
+    pthread_mutex_unlock(&e->idle_lock);
+    return rc;
+}
+
+int ct_engine_submit_many(ct_engine *e, ct_task **ts, size_t n, int64_t block_ns) {
+    if (n == 0) return CT_OK;
+    if (!atomic_load_explicit(&e->accepting, memory_order_relaxed)) return CT_ESHUTDOWN;
+    int rc = ct_engine_reserve(e, n, block_ns);
+    if (rc != CT_OK) {
+        if (rc == CT_EFULL || rc == CT_ETIMEDOUT)
+            atomic_fetch_add_explicit(&e->rejected, n, memory_order_relaxed);
+        return rc;
+    }
+    /* Re-check after reserving: close() sets accepting=0 and then drains; a submitter that
+     * reserved first is seen by the drain (queued > 0), one that reserved after sees
+     * accepting == 0 here (both are seq_cst). */
+    if (!atomic_load(&e->accepting)) {
+        atomic_fetch_sub(&e->queued, (int64_t)n);
+        if (atomic_load(&e->running) == 0) ct_engine_notify_drain(e);
+        return CT_ESHUTDOWN;
+    }
+    uint64_t now = ct_now_ns();
+    for (size_t i = 0; i < n; i++) {
+        ct_task *t = ts[i];
+        int p = t->priority < CT_NPRIO ? t->priority : CT_NPRIO - 1;
+        t->priority = (uint8_t)p;
+        t->t_enqueue = now;
+        ct_queue_push(&e->queues[p], &t->link);
+        atomic_fetch_add_explicit(&e->qcount[p], 1, memory_order_relaxed);
+    }
+    atomic_fetch_add_explicit(&e->submitted, n, memory_order_relaxed);
+    ct_wake_one(e);
+    return CT_OK;
+}
+
+int ct_engine_submit(ct_engine *e, ct_task *t, int64_t block_ns) {
+    return ct_engine_submit_many(e, &t, 1, block_ns);
+}
+
+void ct_engine_close(ct_engine *e) {
+    atomic_store(&e->accepting, 0);
+    pthread_mutex_lock(&e->idle_lock);
+    pthread_cond_broadcast(&e->space_cond);
+    pthread_mutex_unlock(&e->idle_lock);
+}
+
+int ct_engine_drain(ct_engine *e, uint64_t deadline_ns) {
+    int rc = CT_OK;
+    pthread_mutex_lock(&e->idle_lock);
+    atomic_fetch_add(&e->drain_waiters, 1);
+    while (atomic_load(&e->queued) > 0 || atomic_load(&e->running) > 0) {
+        if (deadline_ns) {
+            struct timespec ts = ct_deadline_ts(deadline_ns);
+            if (pthread_cond_timedwait(&e->drain_cond, &e->idle_lock, &ts) != 0 && ct_now_ns() >= deadline_ns) {
+                if (atomic_load(&e->queued) > 0 || atomic_load(&e->running) > 0) rc = CT_ETIMEDOUT;
+                break;
+            }
+        } else {
+            pthread_cond_wait(&e->drain_cond, &e->idle_lock);
+        }
+    }
+    atomic_fetch_sub(&e->drain_waiters, 1);
+    pthread_mutex_unlock(&e->idle_lock);
+    return rc;
+}
+
+size_t ct_engine_cancel_queued(ct_engine *e) {
+    ct_task *batch[CT_BATCH_HARD_MAX];
+    size_t total = 0;
+    for (;;) {
+        size_t n = 0;
+        pthread_mutex_lock(&e->pop_lock);
+        for (int p = 0; p < CT_NPRIO && n < CT_BATCH_HARD_MAX; p++)
+            n += ct_pop_from(e, p, batch + n, CT_BATCH_HARD_MAX - n);
+        pthread_mutex_unlock(&e->pop_lock);
+        if (n == 0) break;
+        ct_engine_popped(e, n);
+        for (size_t i = 0; i < n; i++) {
+            if (ct_task_cancel(e, batch[i])) total++;
+            ct_engine_skip(e, batch[i]);
+        }
+    }
+    return total;
+}
+
+void ct_engine_pause(ct_engine *e, int paused) {
+    atomic_store(&e->paused, paused ? 1 : 0);
+    if (!paused) {
+        pthread_mutex_lock(&e->idle_lock);
+        pthread_cond_broadcast(&e->work_cond);
+        pthread_mutex_unlock(&e->idle_lock);
+    }
+}
+
+void ct_engine_stop_workers(ct_engine *e) {
+    pthread_mutex_lock(&e->idle_lock);
+    atomic_store(&e->stopping, 1);
+    pthread_cond_broadcast(&e->work_cond);
+    pthread_mutex_unlock(&e->idle_lock);
+    for (int i = 0; i < e->nworkers; i++) {
+        if (!e->workers[i].started) continue;
+        pthread_join(e->workers[i].thread, NULL);
+        e->workers[i].started = 0;
+    }
+}
+
+void ct_engine_free(ct_engine *e) {
+    if (!e) return;
+    pthread_mutex_destroy(&e->pop_lock);
+    pthread_mutex_destroy(&e->idle_lock);
+    pthread_cond_destroy(&e->work_cond);
+    pthread_cond_destroy(&e->space_cond);
+    pthread_cond_destroy(&e->drain_cond);
+    free(e->workers);
+    free(e);
+}
+
+void ct_engine_get_stats(ct_engine *e, ct_stats *s) {
+    memset(s, 0, sizeof *s);
+    for (int p = 0; p < CT_NPRIO; p++) {
+        int64_t q = atomic_load_explicit(&e->qcount[p], memory_order_relaxed);
+        s->queued[p] = q > 0 ? q : 0;
+    }
+    int64_t q = atomic_load(&e->queued);
+    s->queued_total = q > 0 ? q : 0;
+    s->running = atomic_load(&e->running);
+    s->submitted = atomic_load(&e->submitted);
+    s->succeeded = atomic_load(&e->succeeded);
+    s->failed = atomic_load(&e->failed);
+    s->cancelled = atomic_load(&e->cancelled);
+    s->rejected = atomic_load(&e->rejected);
+    s->workers = e->nworkers;
+    s->sleeping = atomic_load(&e->sleepers);
+    s->avg_exec_ns = atomic_load(&e->avg_exec_ns);
+    s->accepting = atomic_load(&e->accepting);
+    s->paused = atomic_load(&e->paused);
+}

@@ -1,0 +1,192 @@
+/* ct_engine.h - the engine core: task nodes, four priority queues, the worker pool.
+ *
+ * Pure C: Python runs through ct_hooks (module.c), so the core builds and is stress-tested
+ * alone with C tasks (tests/c/, under ThreadSanitizer).
+ *
+ * Lifecycle of a node: ct_task_new (refs=1, owned by the submitter) -> ct_engine_submit (the
+ * engine takes that reference; a result handle takes its own) -> a worker pops it in a batch,
+ * ct_task_begin (PENDING->RUNNING) -> run -> ct_task_finish (terminal state, counters, waiters
+ * woken) -> ct_task_decref by each owner; the last one releases it to the slab. */
+#ifndef CT_ENGINE_H
+#define CT_ENGINE_H
+
+#include "ct_common.h"
+#include "ct_queue.h"
+#include "ct_slab.h"
+#include <pthread.h>
+
+#define CT_NPRIO 4   /* CRITICAL=0, HIGH=1, NORMAL=2, LOW=3 */
+
+enum ct_status {
+    CT_PENDING = 0,
+    CT_SCHEDULED = 1,
+    CT_RUNNING = 2,
+    CT_SUCCEEDED = 3,
+    CT_FAILED = 4,
+    CT_CANCELLED = 5,
+    CT_TIMED_OUT = 6,
+};
+#define CT_STATUS_MASK 0xFu
+#define CT_IS_TERMINAL(s) (((s) & CT_STATUS_MASK) >= CT_SUCCEEDED)
+
+/* Flag bits of ct_task.state above the status nibble. */
+#define CT_F_WAITERS   0x10u   /* a thread is parked on this node (ct_sync) */
+#define CT_F_CALLBACKS 0x20u   /* Python callbacks are attached (module.c) */
+#define CT_F_REGISTERED 0x40u  /* the id is in module.c's live-task registry */
+#define CT_F_COUNTED   0x80u   /* counted in engine->running until finished */
+#define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
+
+enum ct_kind {
+    CT_KIND_C = 0,        /* fn(arg) with no GIL, no Python objects: the core runs it */
+    CT_KIND_PY = 1,       /* Python callable: handed to hooks.run_batch */
+    CT_KIND_PY_C = 2,     /* C function submitted from Python (has Python-side state) */
+    CT_KIND_DETACHED = 3, /* never queued: settled from outside (futures, chains) */
+};
+
+typedef void (*ct_c_func)(void *data);
+
+typedef struct ct_task {
+    ct_qnode link;              /* queue link (first: a ct_qnode* is a ct_task*) */
+    void *fn;                   /* ct_c_func, or PyObject* callable (owned) */
+    void *arg;                  /* C data, or PyObject* args tuple or NULL (owned) */
+    void *kwargs;               /* PyObject* dict or NULL (owned) */
+    void *value;                /* PyObject*: callbacks before the end, then result or exception */
+    uint64_t id;
+    uint64_t t_enqueue, t_start, t_end;   /* ct_now_ns(); 0 = not yet */
+    _Atomic uint32_t state;     /* status | flags | worker id */
+    _Atomic uint16_t refs;
+    uint8_t priority;
+    uint8_t kind;
+} ct_task;
+
+typedef struct ct_engine ct_engine;
+
+typedef struct ct_worker {
+    ct_engine *engine;
+    pthread_t thread;
+    int id;
+    int started;
+    void *py_state;                     /* module.c: this thread's PyThreadState */
+    _Atomic uint64_t processed;
+    _Atomic uint64_t busy_ns;
+} ct_worker;
+
+typedef struct ct_hooks {
+    void *ctx;
+    void (*thread_start)(ct_worker *w);
+    void (*thread_stop)(ct_worker *w);
+    /* Run tasks[0..n): every task handed over must be finished or handed on (async) and its
+     * engine reference dropped. Any kind may appear; ct_engine_run_c runs a C task. */
+    void (*run_batch)(ct_worker *w, ct_task **tasks, size_t n);
+    /* Drop the Python objects of a node whose last reference goes (called with the GIL by
+     * whoever drops it; never called for CT_KIND_C). */
+    void (*release)(ct_task *t);
+} ct_hooks;
+
+typedef struct ct_config {
+    int workers;                 /* threads started by ct_engine_start */
+    int64_t queue_size;          /* bound on queued (not yet running) tasks, all priorities */
+    uint64_t aging_ns;           /* a lower queue not served for this long is served next */
+    int batch_max;               /* most tasks popped at once */
+    uint64_t batch_budget_ns;    /* target run time of one batch (sizes batches of slow tasks) */
+} ct_config;
+
+typedef struct ct_stats {
+    int64_t queued[CT_NPRIO];
+    int64_t queued_total;
+    int64_t running;
+    uint64_t submitted, succeeded, failed, cancelled, rejected;
+    int workers, sleeping;
+    uint64_t avg_exec_ns;
+    int accepting, paused;
+} ct_stats;
+
+struct ct_engine {
+    ct_queue queues[CT_NPRIO];
+    CT_ALIGNED _Atomic int64_t queued;           /* total queued: the queue_size bound */
+    CT_ALIGNED _Atomic int64_t qcount[CT_NPRIO];  /* per priority (stats, urgency checks) */
+    CT_ALIGNED _Atomic int64_t running;           /* popped and not finished (incl. async) */
+    _Atomic uint64_t submitted, succeeded, failed, cancelled, rejected;
+    _Atomic uint64_t avg_exec_ns;                 /* EWMA of execution time per task */
+
+    /* Consumers: one lock for popping from all four queues (held for one batch). */
+    CT_ALIGNED pthread_mutex_t pop_lock;
+    uint64_t last_served[CT_NPRIO];               /* ageing (pop_lock) */
+
+    /* Sleeping and waking: idle workers, producers blocked on a full engine, drain waiters. */
+    CT_ALIGNED pthread_mutex_t idle_lock;
+    pthread_cond_t work_cond, space_cond, drain_cond;
+    _Atomic int sleepers, space_waiters, drain_waiters;
+    _Atomic int waking;                           /* a signalled worker has not woken yet */
+    _Atomic int accepting, stopping, paused;
+
+    ct_config cfg;
+    ct_hooks hooks;
+    ct_worker *workers;
+    int nworkers;
+};
+
+/* The node slab of the process (initialised by ct_engine_global_init). */
+extern ct_slab ct_task_slab;
+int ct_engine_global_init(void);
+
+/* ---- engine ---- */
+ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks);
+int ct_engine_start(ct_engine *e);
+/* Submit a prepared node (priority, kind, fn, arg set). Takes over the caller's reference.
+ * block_ns: 0 = fail at once with CT_EFULL when full; <0 = wait forever; >0 = wait up to.
+ * On error the caller still owns the node. */
+int ct_engine_submit(ct_engine *e, ct_task *t, int64_t block_ns);
+/* Submit n nodes at once (all or none: CT_EFULL if they do not all fit). */
+int ct_engine_submit_many(ct_engine *e, ct_task **t, size_t n, int64_t block_ns);
+/* Stop accepting tasks (submit returns CT_ESHUTDOWN from now on). */
+void ct_engine_close(ct_engine *e);
+/* Wait until nothing is queued or running. deadline_ns 0 = forever. CT_OK / CT_ETIMEDOUT. */
+int ct_engine_drain(ct_engine *e, uint64_t deadline_ns);
+/* Cancel everything still queued; returns how many. */
+size_t ct_engine_cancel_queued(ct_engine *e);
+/* Stop the workers after their current batch and join them. */
+void ct_engine_stop_workers(ct_engine *e);
+void ct_engine_free(ct_engine *e);
+void ct_engine_pause(ct_engine *e, int paused);
+void ct_engine_get_stats(ct_engine *e, ct_stats *out);
+
+/* ---- used by hooks while running a batch ---- */
+/* Pop up to max tasks of priority < prio (more urgent than prio) without blocking. */
+size_t ct_engine_pop_urgent(ct_engine *e, int prio, ct_task **out, size_t max);
+/* Cheap check: is a queue more urgent than prio non-empty? */
+static inline int ct_engine_has_urgent(ct_engine *e, int prio) {
+    for (int p = 0; p < prio; p++)
+        if (atomic_load_explicit(&e->qcount[p], memory_order_relaxed) > 0) return 1;
+    return 0;
+}
+/* Run a CT_KIND_C task on this thread: begin, call, finish, drop the engine's reference. */
+void ct_engine_run_c(ct_worker *w, ct_task *t);
+/* Record a batch's execution time (feeds batch sizing). */
+void ct_engine_note_exec(ct_engine *e, uint64_t ns, size_t ntasks);
+
+/* ---- nodes ---- */
+ct_task *ct_task_new(void);
+/* PENDING -> RUNNING for worker w. Returns 0 if the task was cancelled meanwhile. */
+int ct_task_begin(ct_task *t, int worker_id);
+/* Terminal state for a task that was running on e: counters, waiters woken.
+ * Returns the state word before the change (so the caller sees CT_F_CALLBACKS). */
+uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status);
+/* Terminal state for a node not counted by an engine (detached). 0 if it was already final. */
+int ct_task_settle(ct_task *t, int status, uint32_t *old_state);
+/* PENDING -> CANCELLED. 1 if it took effect. The node stays queued until popped and skipped. */
+int ct_task_cancel(ct_engine *e, ct_task *t);
+/* Wait for a terminal state. deadline_ns 0 = forever. CT_OK / CT_ETIMEDOUT. No GIL held! */
+int ct_task_wait(ct_task *t, uint64_t deadline_ns);
+static inline void ct_task_incref(ct_task *t) {
+    atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
+}
+/* Drop a reference; the last one calls hooks->release (if not CT_KIND_C) and frees the node.
+ * hooks may be NULL for pure C nodes. Whoever may drop the last reference of a Python node
+ * must hold the GIL. */
+void ct_task_decref(const ct_hooks *hooks, ct_task *t);
+static inline uint32_t ct_task_status(const ct_task *t) {
+    return atomic_load_explicit(&((ct_task *)t)->state, memory_order_acquire) & CT_STATUS_MASK;
+}
+
+#endif

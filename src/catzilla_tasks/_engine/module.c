@@ -1,0 +1,1319 @@
+/* module.c - Python bindings of the engine: catzilla_tasks._engine.
+ *
+ * Types:
+ *   Engine      the C engine behind BackgroundTasks (engine.py subclasses it). add_task is
+ *               a METH_FASTCALL method: no Python frame between the caller and the queue.
+ *   TaskResult  a thin handle on a task node (one reference on the node, one on the engine).
+ *   ConfigBase  the C half of TaskConfig: the fields the hot path reads without attribute
+ *               lookups.
+ *
+ * Reference ownership of a queued Python task's node:
+ *   fn      the callable (strong)
+ *   arg     a tuple of positional values followed by keyword values, or NULL (strong)
+ *   kwargs  the tuple of keyword names (vectorcall's kwnames; usually the caller's constant
+ *           tuple, so a keyword call costs no dict), or NULL (strong)
+ *   value   before the end: a list of callbacks, or NULL; after: the result or the
+ *           exception, kept only while someone can look at it (strong)
+ * All four are dropped by hook_release, with the GIL, when the last reference goes.
+ *
+ * GIL rules: a worker takes the GIL once per batch (hook_run_batch) with the thread state it
+ * created when it started, and never waits for a core lock while holding it (the core locks
+ * are all short and never held while taking the GIL). Blocking calls from Python (wait, join,
+ * shutdown, a blocking add on a full engine) release the GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "catzilla_tasks.h"
+#include "ct_engine.h"
+
+#define CT_F_ASYNC 0x100u   /* handed to the event loop: settled by TaskResult._settle */
+
+/* ------------------------------------------------------------------ globals */
+
+static PyObject *g_status_members;    /* tuple: TaskStatus by code */
+static PyObject *g_priority_members;  /* tuple: TaskPriority by value */
+static PyObject *g_run_coroutine;     /* f(engine, handle, coroutine) */
+static PyObject *g_report_error;      /* f(what: str, subject, exc) */
+static PyObject *g_await_impl;        /* f(handle) -> iterator */
+static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
+static PyObject *g_config_attr;       /* "__catzilla_task__" */
+static PyObject *QueueFullError, *TaskCancelledError;
+static char g_prefix[16];
+static uint64_t g_mono0;
+static double g_wall0;
+
+typedef struct EngineObject EngineObject;
+
+typedef struct {
+    PyObject_HEAD
+    ct_task *t;
+    EngineObject *engine;   /* NULL for detached nodes */
+} ResultObject;
+
+struct EngineObject {
+    PyObject_HEAD
+    ct_engine *e;
+    int started;
+    int stopped;            /* workers joined */
+    int holds_self;         /* a strong reference to self while workers run */
+};
+
+typedef struct {
+    PyObject_HEAD
+    int priority;
+    int64_t delay_ms;
+    int max_retries;
+    int64_t timeout_ms;
+} ConfigObject;
+
+static PyTypeObject Engine_Type, Result_Type, Config_Type;
+
+static inline uint64_t ts_load(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void ts_store(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
+static void new_prefix(void) {
+    uint32_t r = 0;
+    if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) r = (uint32_t)(getpid() * 2654435761u ^ ct_now_ns());
+    snprintf(g_prefix, sizeof g_prefix, "%08x", r);
+}
+
+/* A forked child must not hand out ids its parent also hands out. */
+static void atfork_child(void) { new_prefix(); }
+
+static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", g_prefix, (unsigned long long)id); }
+
+static PyObject *status_member(uint32_t code) {
+    if (g_status_members && PyTuple_Check(g_status_members) && code < (uint32_t)PyTuple_GET_SIZE(g_status_members)) {
+        PyObject *m = PyTuple_GET_ITEM(g_status_members, code);
+        Py_INCREF(m);
+        return m;
+    }
+    return PyLong_FromUnsignedLong(code);
+}
+
+static PyObject *priority_member(int p) {
+    if (g_priority_members && PyTuple_Check(g_priority_members) && p < PyTuple_GET_SIZE(g_priority_members)) {
+        PyObject *m = PyTuple_GET_ITEM(g_priority_members, p);
+        Py_INCREF(m);
+        return m;
+    }
+    return PyLong_FromLong(p);
+}
+
+/* Call the error reporter (logging in engine.py); never lets an exception escape. */
+static void report_error(const char *what, PyObject *subject, PyObject *exc) {
+    if (!g_report_error) return;
+    PyObject *r = PyObject_CallFunction(g_report_error, "sOO", what, subject ? subject : Py_None, exc ? exc : Py_None);
+    if (!r) PyErr_WriteUnraisable(g_report_error);
+    Py_XDECREF(r);
+}
+
+/* The pending exception, normalised, with its traceback attached. */
+static PyObject *fetch_exception(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* ------------------------------------------------------------------ hooks */
+
+static void hook_release(ct_task *t) {
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
+    if (st & CT_F_REGISTERED) {
+        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+        if (!key || PyDict_DelItem(g_registry, key) < 0) PyErr_Clear();
+        Py_XDECREF(key);
+    }
+    if (t->kind != CT_KIND_PY_C) {
+        Py_CLEAR(t->fn);
+        Py_CLEAR(t->arg);
+    }
+    Py_CLEAR(t->kwargs);
+    Py_CLEAR(t->value);
+}
+
+static void hook_thread_start(ct_worker *w) {
+    PyGILState_Ensure();                 /* creates this thread's state, kept for its life */
+    w->py_state = PyEval_SaveThread();
+}
+
+static void hook_thread_stop(ct_worker *w) {
+    PyEval_RestoreThread((PyThreadState *)w->py_state);
+    PyGILState_Release(PyGILState_UNLOCKED);
+    w->py_state = NULL;
+}
+
+static ResultObject *result_wrap(EngineObject *eng, ct_task *t);
+
+/* Run the callbacks list taken from a finished node (GIL held). Entries are (fn, mode):
+ * mode 0 = add_callback (called with the value, on success only), 1 = done callback (called
+ * with a TaskResult, whatever the outcome). A raising callback is reported, never raised. */
+static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int status, PyObject *value) {
+    Py_ssize_t n = PyList_GET_SIZE(cbs);
+    ResultObject *handle = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry = PyList_GET_ITEM(cbs, i);
+        PyObject *fn = PyTuple_GET_ITEM(entry, 0);
+        long mode = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
+        PyObject *r = NULL;
+        if (mode == 0) {
+            if (status != CT_SUCCEEDED) continue;
+            r = PyObject_CallOneArg(fn, value ? value : Py_None);
+        } else {
+            if (!handle) handle = result_wrap(eng, t);
+            if (!handle) {
+                PyErr_Clear();
+                continue;
+            }
+            r = PyObject_CallOneArg(fn, (PyObject *)handle);
+        }
+        if (!r) {
+            PyObject *exc = fetch_exception();
+            report_error("callback", fn, exc);
+            Py_XDECREF(exc);
+        }
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(handle);
+}
+
+/* End a Python-visible node that was running on eng (GIL held): store the outcome, set the
+ * terminal state (waiters wake), then run callbacks, then drop the engine's reference.
+ * Steals value. */
+static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *value) {
+    PyObject *cbs = NULL;
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    if (st & CT_F_CALLBACKS) {
+        cbs = (PyObject *)t->value;
+        t->value = NULL;
+    }
+    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
+     * a detached node has no engine reference), or a callback. */
+    int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > (eng ? 1 : 0) || cbs;
+    PyObject *drop = NULL;
+    if (observed) {
+        Py_XSETREF(t->value, value);
+    } else {
+        drop = value;
+    }
+    if (!observed && status == CT_FAILED) report_error("task", (PyObject *)t->fn, value);
+    if (t->kind != CT_KIND_PY_C) {
+        /* the call is over: its arguments need not live as long as the result */
+        Py_CLEAR(t->arg);
+        Py_CLEAR(t->kwargs);
+    }
+    if (eng)
+        ct_task_finish(eng->e, t, status);
+    else
+        ct_task_settle(t, status, NULL);
+    if (cbs) {
+        run_callbacks(eng, t, cbs, status, (PyObject *)t->value);
+        Py_DECREF(cbs);
+    }
+    Py_XDECREF(drop);
+    if (eng) ct_task_decref(&eng->e->hooks, t);
+}
+
+/* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
+ * its end (one clock read per task). */
+static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
+    if (t->kind == CT_KIND_C) {
+        Py_BEGIN_ALLOW_THREADS
+        ct_engine_run_c(w, t);
+        Py_END_ALLOW_THREADS
+        return ct_now_ns();
+    }
+    ts_store(&t->t_start, now);
+    if (!ct_task_begin(t, w->id)) {
+        ts_store(&t->t_start, 0);
+        ct_task_finish(eng->e, t, CT_CANCELLED);  /* already cancelled: only counts it out */
+        ct_task_decref(&eng->e->hooks, t);
+        return now;
+    }
+    PyObject *res;
+    if (t->kind == CT_KIND_PY_C) {
+        Py_BEGIN_ALLOW_THREADS
+        ((ct_c_func)t->fn)(t->arg);
+        Py_END_ALLOW_THREADS
+        res = Py_None;
+        Py_INCREF(res);
+    } else {
+        PyObject *a = (PyObject *)t->arg, *kw = (PyObject *)t->kwargs;
+        Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0;
+        Py_ssize_t nkw = kw ? PyTuple_GET_SIZE(kw) : 0;
+        res = PyObject_Vectorcall((PyObject *)t->fn, a ? &PyTuple_GET_ITEM(a, 0) : NULL, (size_t)(n - nkw), kw);
+    }
+    uint64_t end = ct_now_ns();
+    ts_store(&t->t_end, end);
+    atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
+    if (!res) {
+        complete_py(eng, t, CT_FAILED, fetch_exception());
+        return end;
+    }
+    if (PyCoro_CheckExact(res) && g_run_coroutine) {
+        /* An async task: its coroutine runs on the engine's event loop; the loop settles
+         * the node (TaskResult._settle), which ends it like any other. */
+        atomic_fetch_or_explicit(&t->state, CT_F_ASYNC, memory_order_acq_rel);
+        ResultObject *h = result_wrap(eng, t);
+        PyObject *r = h ? PyObject_CallFunctionObjArgs(g_run_coroutine, (PyObject *)eng, (PyObject *)h, res, NULL) : NULL;
+        Py_XDECREF(h);
+        if (!r) {
+            atomic_fetch_and_explicit(&t->state, ~CT_F_ASYNC, memory_order_acq_rel);
+            PyObject *exc = fetch_exception();
+            PyObject *close = PyObject_CallMethod(res, "close", NULL);
+            if (!close) PyErr_Clear();
+            Py_XDECREF(close);
+            Py_DECREF(res);
+            complete_py(eng, t, CT_FAILED, exc);
+            return ct_now_ns();
+        }
+        Py_DECREF(r);
+        Py_DECREF(res);
+        return ct_now_ns();
+    }
+    complete_py(eng, t, CT_SUCCEEDED, res);
+    return end;
+}
+
+#define CT_URGENT_MAX 16
+
+static void hook_run_batch(ct_worker *w, ct_task **tasks, size_t n) {
+    EngineObject *eng = (EngineObject *)w->engine->hooks.ctx;
+    size_t i = 0;
+    /* A batch of pure C tasks never takes the GIL. */
+    while (i < n && tasks[i]->kind == CT_KIND_C) ct_engine_run_c(w, tasks[i++]);
+    if (i == n) return;
+    PyEval_RestoreThread((PyThreadState *)w->py_state);
+    uint64_t now = ct_now_ns(), t0 = now;
+    size_t first = i;
+    for (; i < n; i++) {
+        ct_task *t = tasks[i];
+        /* Something more urgent arrived while this batch runs: run it first, now, under the
+         * GIL we already hold. This keeps CRITICAL waits at one task's length. */
+        if (t->priority > 0 && ct_engine_has_urgent(w->engine, t->priority)) {
+            ct_task *urgent[CT_URGENT_MAX];
+            size_t m = ct_engine_pop_urgent(w->engine, t->priority, urgent, CT_URGENT_MAX);
+            for (size_t j = 0; j < m; j++) now = run_one(w, eng, urgent[j], now);
+        }
+        now = run_one(w, eng, t, now);
+    }
+    ct_engine_note_exec(w->engine, now - t0, n - first);
+    w->py_state = PyEval_SaveThread();
+}
+
+/* ------------------------------------------------------------------ TaskResult */
+
+static ResultObject *result_wrap(EngineObject *eng, ct_task *t) {
+    ResultObject *r = PyObject_New(ResultObject, &Result_Type);
+    if (!r) return NULL;
+    ct_task_incref(t);
+    r->t = t;
+    r->engine = eng;
+    Py_XINCREF(eng);
+    return r;
+}
+
+/* Last reference of a detached node (no engine): the same clean-up as an engine's. */
+static ct_hooks detached_hooks = {.release = hook_release};
+
+static void Result_dealloc(ResultObject *self) {
+    if (self->t) {
+        ct_task *t = self->t;
+        self->t = NULL;
+        ct_task_decref(self->engine ? &self->engine->e->hooks : &detached_hooks, t);
+    }
+    Py_XDECREF(self->engine);
+    PyObject_Free(self);
+}
+
+static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fname) {
+    *deadline = 0;
+    if (timeout == NULL || timeout == Py_None) return 0;
+    double s = PyFloat_AsDouble(timeout);
+    if (s == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "%s(): timeout must be a number of seconds or None, got %.100s", fname,
+                     Py_TYPE(timeout)->tp_name);
+        return -1;
+    }
+    if (s < 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): timeout must be >= 0 seconds (or None to wait forever), got %R", fname,
+                     timeout);
+        return -1;
+    }
+    uint64_t ns = s > 1e11 ? (uint64_t)1e20 : (uint64_t)(s * 1e9);
+    *deadline = ct_now_ns() + (ns ? ns : 1);
+    return 0;
+}
+
+/* Wait for the node with the GIL released. On the main thread the wait is cut into slices so
+ * Ctrl-C (a signal handled by Python only between bytecodes) still interrupts it. Returns 0,
+ * 1 on timeout, -1 with an exception set (interrupted). */
+static int wait_node(ct_task *t, uint64_t deadline) {
+    if (CT_IS_TERMINAL(atomic_load_explicit(&t->state, memory_order_acquire))) return 0;
+    int main_thread = _PyOS_IsMainThread();
+    for (;;) {
+        uint64_t until = deadline;
+        if (main_thread) {
+            uint64_t slice = ct_now_ns() + 100000000ull;
+            if (!until || slice < until) until = slice;
+        }
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = ct_task_wait(t, until);
+        Py_END_ALLOW_THREADS
+        if (rc == CT_OK) return 0;
+        if (deadline && ct_now_ns() >= deadline) return 1;
+        if (PyErr_CheckSignals() < 0) return -1;
+    }
+}
+
+/* The outcome of a finished node: its value, or its exception raised. */
+static PyObject *node_outcome(ResultObject *self) {
+    ct_task *t = self->t;
+    uint32_t s = ct_task_status(t);
+    PyObject *v = (PyObject *)t->value;
+    switch (s) {
+    case CT_SUCCEEDED:
+        if (!v) v = Py_None;
+        Py_INCREF(v);
+        return v;
+    case CT_CANCELLED: {
+        PyObject *id = format_id(t->id);
+        PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
+        Py_XDECREF(id);
+        return NULL;
+    }
+    default:
+        if (v && PyExceptionInstance_Check(v)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(v), v);
+        } else {
+            PyObject *id = format_id(t->id);
+            PyErr_Format(PyExc_RuntimeError, "task %U failed", id);
+            Py_XDECREF(id);
+        }
+        return NULL;
+    }
+}
+
+static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:wait", kwlist, &timeout)) return NULL;
+    uint64_t deadline;
+    if (parse_timeout(timeout, &deadline, "wait") < 0) return NULL;
+    int rc = wait_node(self->t, deadline);
+    if (rc < 0) return NULL;
+    if (rc > 0) {
+        PyObject *id = format_id(self->t->id);
+        PyObject *st = status_member(ct_task_status(self->t));
+        PyErr_Format(PyExc_TimeoutError,
+                     "task %U did not finish within %R s (status %S); call wait() again with a longer "
+                     "timeout, or cancel() it",
+                     id, timeout, st);
+        Py_XDECREF(id);
+        Py_XDECREF(st);
+        return NULL;
+    }
+    return node_outcome(self);
+}
+
+static PyObject *Result_is_ready(ResultObject *self, PyObject *unused) {
+    return PyBool_FromLong(CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)));
+}
+
+static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
+    ct_task *t = self->t;
+    if (t->kind == CT_KIND_DETACHED) {
+        if (!ct_task_settle(t, CT_CANCELLED, NULL)) Py_RETURN_FALSE;
+        uint32_t st = atomic_load(&t->state);
+        if (st & CT_F_CALLBACKS) {
+            PyObject *cbs = (PyObject *)t->value;
+            t->value = NULL;
+            run_callbacks(NULL, t, cbs, CT_CANCELLED, NULL);
+            Py_DECREF(cbs);
+        }
+        Py_RETURN_TRUE;
+    }
+    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) Py_RETURN_FALSE;
+    /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
+     * dropped when a worker pops it). */
+    uint32_t st = atomic_load(&t->state);
+    if (st & CT_F_CALLBACKS) {
+        PyObject *cbs = (PyObject *)t->value;
+        t->value = NULL;
+        atomic_fetch_and(&t->state, ~CT_F_CALLBACKS);
+        run_callbacks(self->engine, t, cbs, CT_CANCELLED, NULL);
+        Py_DECREF(cbs);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* Append (fn, mode) to the node's callbacks, or return 1 if the node is already final. */
+static int attach_callback(ct_task *t, PyObject *fn, int mode) {
+    if (CT_IS_TERMINAL(atomic_load_explicit(&t->state, memory_order_acquire))) return 1;
+    PyObject *entry = Py_BuildValue("(Oi)", fn, mode);
+    if (!entry) return -1;
+    if (!(atomic_load(&t->state) & CT_F_CALLBACKS)) {
+        PyObject *lst = PyList_New(0);
+        if (!lst) {
+            Py_DECREF(entry);
+            return -1;
+        }
+        t->value = lst;
+    }
+    int rc = PyList_Append((PyObject *)t->value, entry);
+    Py_DECREF(entry);
+    if (rc < 0) return -1;
+    /* All writers of a Python-visible node's end state hold the GIL, as we do: the flag and
+     * the list cannot race with completion. */
+    atomic_fetch_or_explicit(&t->state, CT_F_CALLBACKS, memory_order_acq_rel);
+    return 0;
+}
+
+static PyObject *Result_add_callback(ResultObject *self, PyObject *fn) {
+    if (!PyCallable_Check(fn)) {
+        PyErr_Format(PyExc_TypeError, "add_callback() needs a callable taking the task's value, got %.100s",
+                     Py_TYPE(fn)->tp_name);
+        return NULL;
+    }
+    int rc = attach_callback(self->t, fn, 0);
+    if (rc < 0) return NULL;
+    if (rc == 1 && ct_task_status(self->t) == CT_SUCCEEDED) {
+        PyObject *v = self->t->value ? (PyObject *)self->t->value : Py_None;
+        PyObject *r = PyObject_CallOneArg(fn, v);
+        if (!r) return NULL;   /* called here, in the caller's thread: its error is the caller's */
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Result_on_done(ResultObject *self, PyObject *fn) {
+    int rc = attach_callback(self->t, fn, 1);
+    if (rc < 0) return NULL;
+    if (rc == 1) {
+        PyObject *r = PyObject_CallOneArg(fn, (PyObject *)self);
+        if (!r) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+/* _settle(value=None, exc=None, cancelled=False): end a detached node, or an async task
+ * whose coroutine finished on the event loop. */
+static PyObject *Result_settle(ResultObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"value", "exc", "cancelled", NULL};
+    PyObject *value = Py_None, *exc = Py_None;
+    int cancelled = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOp:_settle", kwlist, &value, &exc, &cancelled)) return NULL;
+    ct_task *t = self->t;
+    int status = cancelled ? CT_CANCELLED : (exc != Py_None ? CT_FAILED : CT_SUCCEEDED);
+    PyObject *v = status == CT_FAILED ? exc : (status == CT_SUCCEEDED ? value : NULL);
+    Py_XINCREF(v);
+    uint32_t st = atomic_load(&t->state);
+    if (t->kind == CT_KIND_DETACHED) {
+        if (CT_IS_TERMINAL(st)) {
+            Py_XDECREF(v);
+            Py_RETURN_FALSE;
+        }
+        complete_py(NULL, t, status, v);
+        Py_RETURN_TRUE;
+    }
+    if (!(st & CT_F_ASYNC) || CT_IS_TERMINAL(st) || !self->engine) {
+        Py_XDECREF(v);
+        PyErr_SetString(PyExc_RuntimeError, "_settle(): this task is not waiting for an outcome from outside");
+        return NULL;
+    }
+    atomic_fetch_and(&t->state, ~CT_F_ASYNC);
+    complete_py(self->engine, t, status, v);
+    Py_RETURN_TRUE;
+}
+
+static double wall_of(uint64_t mono) { return g_wall0 + ((double)mono - (double)g_mono0) / 1e9; }
+
+static int dict_set_steal(PyObject *d, const char *k, PyObject *v) {
+    if (!v) return -1;
+    int rc = PyDict_SetItemString(d, k, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
+    ct_task *t = self->t;
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    uint64_t q = ts_load(&t->t_enqueue), s = ts_load(&t->t_start), e = ts_load(&t->t_end);
+    if (!CT_IS_TERMINAL(st)) e = 0;
+    uint32_t wid = st >> CT_WORKER_SHIFT;
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+#define NUM_OR_NONE(cond, expr) ((cond) ? PyFloat_FromDouble(expr) : (Py_INCREF(Py_None), Py_None))
+    if (dict_set_steal(d, "task_id", format_id(t->id)) < 0 ||
+        dict_set_steal(d, "status", status_member(st & CT_STATUS_MASK)) < 0 ||
+        dict_set_steal(d, "priority", priority_member(t->priority)) < 0 ||
+        dict_set_steal(d, "queued_at", NUM_OR_NONE(q, wall_of(q))) < 0 ||
+        dict_set_steal(d, "started_at", NUM_OR_NONE(s, wall_of(s))) < 0 ||
+        dict_set_steal(d, "finished_at", NUM_OR_NONE(e, wall_of(e))) < 0 ||
+        dict_set_steal(d, "queue_wait_ms", NUM_OR_NONE(q && s, (double)(s - q) / 1e6)) < 0 ||
+        dict_set_steal(d, "execution_time_ms", NUM_OR_NONE(s && e, (double)(e - s) / 1e6)) < 0 ||
+        dict_set_steal(d, "attempts", PyLong_FromLong(s ? 1 : 0)) < 0 ||
+        dict_set_steal(d, "worker_id", wid ? PyLong_FromUnsignedLong(wid - 1) : (Py_INCREF(Py_None), Py_None)) < 0 ||
+        dict_set_steal(d, "is_async", PyBool_FromLong((st & CT_F_ASYNC) != 0)) < 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+#undef NUM_OR_NONE
+    return d;
+}
+
+static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
+    ct_task *t = self->t;
+    if (!(atomic_load(&t->state) & CT_F_REGISTERED)) {
+        /* Remember the node so TaskResult(task_id) / TaskFuture(task_id) can find it while it
+         * lives. Only tasks whose id was read pay for this. */
+        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+        PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t,
+                                      (unsigned long long)(uintptr_t)self->engine);
+        int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
+        Py_XDECREF(key);
+        Py_XDECREF(val);
+        if (rc < 0) return NULL;
+        atomic_fetch_or(&t->state, CT_F_REGISTERED);
+    }
+    return format_id(t->id);
+}
+
+static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
+static PyObject *Result_get_priority(ResultObject *self, void *unused) { return priority_member(self->t->priority); }
+
+static PyObject *Result_repr(ResultObject *self) {
+    PyObject *st = status_member(ct_task_status(self->t));
+    PyObject *id = format_id(self->t->id);
+    PyObject *r = PyUnicode_FromFormat("<TaskResult %U %S>", id, st);
+    Py_XDECREF(st);
+    Py_XDECREF(id);
+    return r;
+}
+
+static PyObject *Result_await(ResultObject *self) {
+    if (!g_await_impl) {
+        PyErr_SetString(PyExc_RuntimeError, "catzilla_tasks is not initialised (import catzilla_tasks)");
+        return NULL;
+    }
+    return PyObject_CallOneArg(g_await_impl, (PyObject *)self);
+}
+
+/* TaskResult(task_id): the live task with that id (queued, running, or finished and still
+ * referenced somewhere). */
+static PyObject *Result_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *tid;
+    if (!PyArg_ParseTuple(args, "U:TaskResult", &tid)) return NULL;
+    Py_ssize_t len;
+    const char *s = PyUnicode_AsUTF8AndSize(tid, &len);
+    if (!s) return NULL;
+    size_t plen = strlen(g_prefix);
+    unsigned long long id = 0;
+    int ok = (size_t)len > plen + 1 && strncmp(s, g_prefix, plen) == 0 && s[plen] == '-';
+    if (ok) {
+        char *end = NULL;
+        id = strtoull(s + plen + 1, &end, 10);
+        ok = end && *end == '\0' && id > 0;
+    }
+    PyObject *entry = NULL;
+    if (ok) {
+        PyObject *key = PyLong_FromUnsignedLongLong(id);
+        if (!key) return NULL;
+        entry = PyDict_GetItemWithError(g_registry, key);
+        Py_DECREF(key);
+        if (!entry && PyErr_Occurred()) return NULL;
+    }
+    if (!entry) {
+        PyErr_Format(PyExc_LookupError,
+                     "no live task with id %R in this process: a task can be looked up by id while it is "
+                     "queued or running, or while a TaskResult for it is still referenced",
+                     tid);
+        return NULL;
+    }
+    ct_task *t = (ct_task *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 0));
+    EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 1));
+    return (PyObject *)result_wrap(eng, t);
+}
+
+/* _engine.detached(): a TaskResult no engine runs, settled later with _settle (TaskFuture). */
+static PyObject *mod_detached(PyObject *m, PyObject *unused) {
+    ct_task *t = ct_task_new();
+    if (!t) return PyErr_NoMemory();
+    t->kind = CT_KIND_DETACHED;
+    atomic_store(&t->state, CT_RUNNING);
+    ts_store(&t->t_enqueue, ct_now_ns());
+    ResultObject *r = PyObject_New(ResultObject, &Result_Type);
+    if (!r) {
+        ct_task_decref(&detached_hooks, t);
+        return NULL;
+    }
+    r->t = t;   /* takes the node's only reference */
+    r->engine = NULL;
+    return (PyObject *)r;
+}
+
+static PyMethodDef Result_methods[] = {
+    {"wait", (PyCFunction)(void (*)(void))Result_wait, METH_VARARGS | METH_KEYWORDS,
+     "wait(timeout=None) -> value\n\nBlock until the task ends; return its value or raise its exception. "
+     "TimeoutError if it is not done in time; TaskCancelled if it was cancelled."},
+    {"is_ready", (PyCFunction)Result_is_ready, METH_NOARGS, "True once the task has ended (any outcome)."},
+    {"done", (PyCFunction)Result_is_ready, METH_NOARGS, "Same as is_ready()."},
+    {"cancel", (PyCFunction)Result_cancel, METH_NOARGS,
+     "Cancel the task if it has not started. Returns whether it took effect."},
+    {"add_callback", (PyCFunction)Result_add_callback, METH_O,
+     "add_callback(cb): call cb(value) when the task succeeds (in the worker thread; at once, in this "
+     "thread, if it already has)."},
+    {"get_stats", (PyCFunction)Result_get_stats, METH_NOARGS, "Timing and placement of this task, as a dict."},
+    {"_on_done", (PyCFunction)Result_on_done, METH_O, NULL},
+    {"_settle", (PyCFunction)(void (*)(void))Result_settle, METH_VARARGS | METH_KEYWORDS, NULL},
+    {NULL},
+};
+
+static PyGetSetDef Result_getset[] = {
+    {"task_id", (getter)Result_get_task_id, NULL, "The task's id (str), unique in this process.", NULL},
+    {"status", (getter)Result_get_status, NULL, "The task's TaskStatus.", NULL},
+    {"priority", (getter)Result_get_priority, NULL, "The task's TaskPriority.", NULL},
+    {NULL},
+};
+
+static PyAsyncMethods Result_async = {.am_await = (unaryfunc)Result_await};
+
+static PyTypeObject Result_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "catzilla_tasks.TaskResult",
+    .tp_basicsize = sizeof(ResultObject),
+    .tp_dealloc = (destructor)Result_dealloc,
+    .tp_repr = (reprfunc)Result_repr,
+    .tp_as_async = &Result_async,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The handle of one task: its id, status and outcome.\n\nTaskResult(task_id) finds a live task by id.",
+    .tp_methods = Result_methods,
+    .tp_getset = Result_getset,
+    .tp_new = Result_new,
+};
+
+/* ------------------------------------------------------------------ ConfigBase */
+
+static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"priority", "delay_ms", "max_retries", "timeout_ms", NULL};
+    int priority = 2, max_retries = 0;
+    long long delay = 0, timeout = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLiL:ConfigBase", kwlist, &priority, &delay, &max_retries, &timeout))
+        return -1;
+    if (priority < 0 || priority >= CT_NPRIO) {
+        PyErr_Format(PyExc_ValueError, "priority must be 0..3, got %d", priority);
+        return -1;
+    }
+    self->priority = priority;
+    self->delay_ms = delay;
+    self->max_retries = max_retries;
+    self->timeout_ms = timeout;
+    return 0;
+}
+
+static PyMemberDef Config_members[] = {
+    {"_priority", T_INT, offsetof(ConfigObject, priority), READONLY, NULL},
+    {"_delay_ms", T_LONGLONG, offsetof(ConfigObject, delay_ms), READONLY, NULL},
+    {"_max_retries", T_INT, offsetof(ConfigObject, max_retries), READONLY, NULL},
+    {"_timeout_ms", T_LONGLONG, offsetof(ConfigObject, timeout_ms), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject Config_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "catzilla_tasks._engine.ConfigBase",
+    .tp_basicsize = sizeof(ConfigObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The fields of a TaskConfig that the engine reads on every add_task.",
+    .tp_members = Config_members,
+    .tp_init = (initproc)Config_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------ Engine */
+
+static int engine_check(EngineObject *self) {
+    if (!self->e) {
+        PyErr_SetString(PyExc_RuntimeError, "this engine was not initialised (BackgroundTasks.__init__ not called)");
+        return -1;
+    }
+    return 0;
+}
+
+static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"workers", "queue_size", "aging_ms", "batch_max", "batch_budget_us", NULL};
+    int workers = 4, batch_max = 64;
+    long long queue_size = 10000;
+    double aging_ms = 100.0, budget_us = 200.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLdid:Engine", kwlist, &workers, &queue_size, &aging_ms,
+                                     &batch_max, &budget_us))
+        return -1;
+    if (self->e) {
+        PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
+        return -1;
+    }
+    if (workers < 1 || workers > 1024) {
+        PyErr_Format(PyExc_ValueError, "workers must be between 1 and 1024, got %d", workers);
+        return -1;
+    }
+    if (queue_size < 1) {
+        PyErr_Format(PyExc_ValueError, "queue_size must be >= 1, got %lld", queue_size);
+        return -1;
+    }
+    ct_config cfg = {
+        .workers = workers,
+        .queue_size = queue_size,
+        .aging_ns = (uint64_t)(aging_ms > 0 ? aging_ms * 1e6 : 1e8),
+        .batch_max = batch_max,
+        .batch_budget_ns = (uint64_t)(budget_us > 0 ? budget_us * 1e3 : 2e5),
+    };
+    ct_hooks hooks = {
+        .ctx = self,
+        .thread_start = hook_thread_start,
+        .thread_stop = hook_thread_stop,
+        .run_batch = hook_run_batch,
+        .release = hook_release,
+    };
+    self->e = ct_engine_new(&cfg, &hooks);
+    if (!self->e) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (ct_engine_start(self->e) != CT_OK) {
+        PyErr_SetString(PyExc_RuntimeError, "could not start the engine's worker threads");
+        return -1;
+    }
+    self->started = 1;
+    /* The workers need the engine object: it lives until shutdown, like a thread pool. */
+    Py_INCREF(self);
+    self->holds_self = 1;
+    return 0;
+}
+
+static void Engine_dealloc(EngineObject *self) {
+    if (self->e) {
+        if (!self->stopped) {
+            /* Only reachable if init failed half-way: no task can be queued. */
+            Py_BEGIN_ALLOW_THREADS
+            ct_engine_close(self->e);
+            ct_engine_stop_workers(self->e);
+            Py_END_ALLOW_THREADS
+        }
+        ct_engine_free(self->e);
+        self->e = NULL;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The engine's config for func: the TaskConfig its decorator attached, or NULL (borrowed). */
+static ConfigObject *lookup_config(PyObject *func) {
+    PyObject *cfg = NULL;
+    if (PyMethod_Check(func)) func = PyMethod_GET_FUNCTION(func);
+    if (PyFunction_Check(func)) {
+        PyObject *d = ((PyFunctionObject *)func)->func_dict;
+        if (!d) return NULL;
+        cfg = PyDict_GetItemWithError(d, g_config_attr);
+        if (!cfg) {
+            PyErr_Clear();
+            return NULL;
+        }
+        return PyObject_TypeCheck(cfg, &Config_Type) ? (ConfigObject *)cfg : NULL;
+    }
+    if (PyCFunction_Check(func)) return NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyObject_GetOptionalAttr(func, g_config_attr, &cfg) <= 0) {
+#else
+    if (_PyObject_LookupAttr(func, g_config_attr, &cfg) <= 0) {
+#endif
+        PyErr_Clear();
+        return NULL;
+    }
+    /* callable objects: the reference is kept by the object; borrow it */
+    ConfigObject *c = PyObject_TypeCheck(cfg, &Config_Type) ? (ConfigObject *)cfg : NULL;
+    Py_DECREF(cfg);
+    return c;
+}
+
+static int not_callable(PyObject *func) {
+    PyErr_Format(PyExc_TypeError,
+                 "add_task() needs a callable as its first argument, got %.100s %R; pass the function "
+                 "itself, e.g. add_task(send_email, user_id), not add_task(send_email(user_id))",
+                 Py_TYPE(func)->tp_name, func);
+    return -1;
+}
+
+static int config_unsupported(ConfigObject *c) {
+    if (c->delay_ms > 0 || c->max_retries > 0 || c->timeout_ms > 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "delay_ms, max_retries and timeout_ms are accepted by TaskConfig but this engine "
+                        "version does not schedule them yet: leave them at 0 (see docs/architecture.md, "
+                        "'Scheduling')");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *submit_error(EngineObject *self, int rc) {
+    switch (rc) {
+    case CT_EFULL:
+    case CT_ETIMEDOUT:
+        PyErr_Format(QueueFullError,
+                     "the engine holds queue_size=%lld queued tasks: wait for some to run (join()), raise "
+                     "queue_size, or block until there is room with tasks.options(block_timeout=seconds)",
+                     (long long)self->e->cfg.queue_size);
+        break;
+    case CT_ESHUTDOWN:
+        PyErr_SetString(PyExc_RuntimeError,
+                        "cannot add a task: this BackgroundTasks engine has been shut down; create a new one");
+        break;
+    default:
+        PyErr_NoMemory();
+    }
+    return NULL;
+}
+
+/* Queue func(*values[:npos], **dict(zip(kwnames, values[npos:]))) and return its TaskResult.
+ * values/kwnames are borrowed. */
+static PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                         PyObject *kwnames, int priority, int64_t block_ns) {
+    ct_task *t = ct_task_new();
+    if (!t) return PyErr_NoMemory();
+    PyObject *arg = NULL;
+    if (nvalues > 0) {
+        arg = PyTuple_New(nvalues);
+        if (!arg) goto fail_node;
+        for (Py_ssize_t i = 0; i < nvalues; i++) {
+            Py_INCREF(values[i]);
+            PyTuple_SET_ITEM(arg, i, values[i]);
+        }
+    }
+    Py_INCREF(func);
+    Py_XINCREF(kwnames);
+    t->fn = func;
+    t->arg = arg;
+    t->kwargs = kwnames;
+    t->kind = CT_KIND_PY;
+    t->priority = (uint8_t)priority;
+    ResultObject *r = result_wrap(self, t);   /* refs: 2 (ours, handed to the engine, + handle) */
+    if (!r) goto fail_node;
+    int rc;
+    if (block_ns != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = ct_engine_submit(self->e, t, block_ns);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = ct_engine_submit(self->e, t, 0);
+    }
+    if (rc != CT_OK) {
+        Py_DECREF(r);                       /* handle's reference */
+        ct_task_decref(&self->e->hooks, t); /* ours: frees the node and its objects */
+        return submit_error(self, rc);
+    }
+    return (PyObject *)r;
+fail_node:
+    ct_task_decref(&self->e->hooks, t);
+    return NULL;
+}
+
+static PyObject *Engine_add_task(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (CT_UNLIKELY(!self->e) && engine_check(self) < 0) return NULL;
+    if (CT_UNLIKELY(nargs < 1)) {
+        PyErr_SetString(PyExc_TypeError, "add_task() needs the function to run: add_task(func, *args, **kwargs)");
+        return NULL;
+    }
+    PyObject *func = args[0];
+    if (CT_UNLIKELY(!PyCallable_Check(func))) return not_callable(func), NULL;
+    int priority = 2;
+    ConfigObject *cfg = lookup_config(func);
+    if (cfg) {
+        if (config_unsupported(cfg) < 0) return NULL;
+        priority = cfg->priority;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    return enqueue(self, func, args + 1, nargs - 1 + nkw, nkw ? kwnames : NULL, priority, 0);
+}
+
+/* _submit(func, args: tuple, kwargs: dict | None, config: ConfigBase | None, block_timeout) */
+static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
+    PyObject *func, *pargs, *kwargs, *config, *block;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "OO!OOO:_submit", &func, &PyTuple_Type, &pargs, &kwargs, &config, &block)) return NULL;
+    if (!PyCallable_Check(func)) return not_callable(func), NULL;
+    int priority = 2;
+    ConfigObject *cfg = config != Py_None ? (ConfigObject *)config : lookup_config(func);
+    if (cfg) {
+        if (!PyObject_TypeCheck((PyObject *)cfg, &Config_Type)) {
+            PyErr_SetString(PyExc_TypeError, "_submit(): config must be a TaskConfig");
+            return NULL;
+        }
+        if (config_unsupported(cfg) < 0) return NULL;
+        priority = cfg->priority;
+    }
+    int64_t block_ns = 0;
+    if (block != Py_None) {
+        double s = PyFloat_AsDouble(block);
+        if (s == -1.0 && PyErr_Occurred()) return NULL;
+        block_ns = s < 0 ? -1 : (int64_t)(s * 1e9);
+        if (s > 0 && block_ns == 0) block_ns = 1;
+    }
+    Py_ssize_t npos = PyTuple_GET_SIZE(pargs);
+    if (kwargs == Py_None || PyDict_GET_SIZE(kwargs) == 0)
+        return enqueue(self, func, &PyTuple_GET_ITEM(pargs, 0), npos, NULL, priority, block_ns);
+    if (!PyDict_Check(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "_submit(): kwargs must be a dict");
+        return NULL;
+    }
+    Py_ssize_t nkw = PyDict_GET_SIZE(kwargs);
+    PyObject *names = PyTuple_New(nkw);
+    PyObject **vals = PyMem_Malloc(sizeof(PyObject *) * (size_t)(npos + nkw));
+    if (!names || !vals) {
+        Py_XDECREF(names);
+        PyMem_Free(vals);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < npos; i++) vals[i] = PyTuple_GET_ITEM(pargs, i);
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(kwargs, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k)) {
+            Py_DECREF(names);
+            PyMem_Free(vals);
+            PyErr_SetString(PyExc_TypeError, "keyword argument names must be strings");
+            return NULL;
+        }
+        Py_INCREF(k);
+        PyTuple_SET_ITEM(names, i, k);
+        vals[npos + i] = v;
+        i++;
+    }
+    PyObject *r = enqueue(self, func, vals, npos + nkw, names, priority, block_ns);
+    PyMem_Free(vals);
+    Py_DECREF(names);
+    return r;
+}
+
+/* submit_c(fn_address, data_address, priority=2): a C function void fn(void *) run with no
+ * GIL, with a TaskResult (its value is None). For ctypes users and the tests. */
+static PyObject *Engine_submit_c(EngineObject *self, PyObject *args) {
+    unsigned long long fn, data;
+    int priority = 2;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "KK|i:submit_c", &fn, &data, &priority)) return NULL;
+    if (!fn) {
+        PyErr_SetString(PyExc_ValueError, "submit_c(): the function address is NULL");
+        return NULL;
+    }
+    if (priority < 0 || priority >= CT_NPRIO) {
+        PyErr_Format(PyExc_ValueError, "submit_c(): priority must be 0..3, got %d", priority);
+        return NULL;
+    }
+    ct_task *t = ct_task_new();
+    if (!t) return PyErr_NoMemory();
+    t->fn = (void *)(uintptr_t)fn;
+    t->arg = (void *)(uintptr_t)data;
+    t->kind = CT_KIND_PY_C;
+    t->priority = (uint8_t)priority;
+    ResultObject *r = result_wrap(self, t);
+    if (!r) {
+        ct_task_decref(&self->e->hooks, t);
+        return NULL;
+    }
+    int rc = ct_engine_submit(self->e, t, 0);
+    if (rc != CT_OK) {
+        Py_DECREF(r);
+        ct_task_decref(&self->e->hooks, t);
+        return submit_error(self, rc);
+    }
+    return (PyObject *)r;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    ct_engine_close(self->e);
+    Py_RETURN_NONE;
+}
+
+/* _drain(timeout=None) -> bool: wait until nothing is queued or running. */
+static PyObject *Engine_drain(EngineObject *self, PyObject *args) {
+    PyObject *timeout = Py_None;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "|O:_drain", &timeout)) return NULL;
+    uint64_t deadline;
+    if (parse_timeout(timeout, &deadline, "join") < 0) return NULL;
+    int main_thread = _PyOS_IsMainThread();
+    for (;;) {
+        uint64_t until = deadline;
+        if (main_thread) {   /* slices so Ctrl-C is handled (see wait_node) */
+            uint64_t slice = ct_now_ns() + 100000000ull;
+            if (!until || slice < until) until = slice;
+        }
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = ct_engine_drain(self->e, until);
+        Py_END_ALLOW_THREADS
+        if (rc == CT_OK) Py_RETURN_TRUE;
+        if (deadline && ct_now_ns() >= deadline) Py_RETURN_FALSE;
+        if (PyErr_CheckSignals() < 0) return NULL;
+    }
+}
+
+static PyObject *Engine_cancel_queued(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    /* GIL held: dropping Python nodes needs it; the pop lock is never held while waiting for
+     * the GIL, so this order cannot deadlock. */
+    return PyLong_FromSize_t(ct_engine_cancel_queued(self->e));
+}
+
+static PyObject *Engine_stop_workers(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    if (!self->stopped) {
+        Py_BEGIN_ALLOW_THREADS
+        ct_engine_stop_workers(self->e);
+        Py_END_ALLOW_THREADS
+        self->stopped = 1;
+        if (self->holds_self) {
+            self->holds_self = 0;
+            Py_DECREF(self);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_pause(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    ct_engine_pause(self->e, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_resume(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    ct_engine_pause(self->e, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    ct_stats s;
+    ct_engine_get_stats(self->e, &s);
+    uint64_t processed = 0, busy = 0;
+    for (int i = 0; i < self->e->nworkers; i++) {
+        processed += atomic_load(&self->e->workers[i].processed);
+        busy += atomic_load(&self->e->workers[i].busy_ns);
+    }
+    return Py_BuildValue(
+        "{s:(LLLL),s:L,s:L,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:d,s:O,s:O,s:K,s:d,s:L}", "queued", (long long)s.queued[0],
+        (long long)s.queued[1], (long long)s.queued[2], (long long)s.queued[3], "queued_total",
+        (long long)s.queued_total, "running", (long long)s.running, "submitted", (unsigned long long)s.submitted,
+        "succeeded", (unsigned long long)s.succeeded, "failed", (unsigned long long)s.failed, "cancelled",
+        (unsigned long long)s.cancelled, "rejected", (unsigned long long)s.rejected, "workers", s.workers,
+        "sleeping", s.sleeping, "avg_exec_ms", (double)s.avg_exec_ns / 1e6, "accepting",
+        s.accepting ? Py_True : Py_False, "paused", s.paused ? Py_True : Py_False, "processed",
+        (unsigned long long)processed, "busy_s", (double)busy / 1e9, "queue_size",
+        (long long)self->e->cfg.queue_size);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"add_task", (PyCFunction)(void (*)(void))Engine_add_task, METH_FASTCALL | METH_KEYWORDS,
+     "add_task(func, *args, **kwargs) -> TaskResult\n\nQueue func(*args, **kwargs). Every keyword goes to "
+     "func; the task's config comes from its @task decorator (override per call with options(...))."},
+    {"_submit", (PyCFunction)Engine_submit, METH_VARARGS, NULL},
+    {"submit_c", (PyCFunction)Engine_submit_c, METH_VARARGS,
+     "submit_c(fn_address, data_address, priority=2) -> TaskResult\n\nQueue a C function void fn(void *data), "
+     "run on a worker with no GIL."},
+    {"_close", (PyCFunction)Engine_close, METH_NOARGS, NULL},
+    {"_drain", (PyCFunction)Engine_drain, METH_VARARGS, NULL},
+    {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
+    {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
+    {"pause", (PyCFunction)Engine_pause, METH_NOARGS, "Stop starting queued tasks (running ones finish)."},
+    {"resume", (PyCFunction)Engine_resume, METH_NOARGS, "Start queued tasks again after pause()."},
+    {"_stats", (PyCFunction)Engine_stats, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyTypeObject Engine_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "catzilla_tasks._engine.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The C task engine (use catzilla_tasks.BackgroundTasks).",
+    .tp_methods = Engine_methods,
+    .tp_init = (initproc)Engine_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------ C API */
+
+static CatzillaTasks_Engine *capi_get_engine(PyObject *obj) {
+    if (!PyObject_TypeCheck(obj, &Engine_Type) || !((EngineObject *)obj)->e) {
+        PyErr_Format(PyExc_TypeError, "expected a started catzilla_tasks.BackgroundTasks, got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return (CatzillaTasks_Engine *)((EngineObject *)obj)->e;
+}
+
+static int capi_submit(CatzillaTasks_Engine *engine, void (*fn)(void *), void *data, int priority, int64_t block_ns,
+                       uint64_t *id_out) {
+    if (!engine || !fn || priority < 0 || priority >= CT_NPRIO) return CT_EINVAL;
+    ct_task *t = ct_task_new();
+    if (!t) return CT_ENOMEM;
+    t->fn = (void *)fn;
+    t->arg = data;
+    t->kind = CT_KIND_C;
+    t->priority = (uint8_t)priority;
+    uint64_t id = t->id;
+    int rc = ct_engine_submit((ct_engine *)engine, t, block_ns);
+    if (rc != CT_OK) {
+        ct_task_decref(NULL, t);
+        return rc;
+    }
+    if (id_out) *id_out = id;
+    return CT_OK;
+}
+
+static int capi_submit_many(CatzillaTasks_Engine *engine, void (*fn)(void *), void *const *data, size_t n,
+                            int priority, int64_t block_ns) {
+    if (!engine || !fn || priority < 0 || priority >= CT_NPRIO) return CT_EINVAL;
+    ct_task *stack[256];
+    ct_task **ts = n <= 256 ? stack : malloc(n * sizeof(ct_task *));
+    if (!ts) return CT_ENOMEM;
+    size_t made = 0;
+    for (; made < n; made++) {
+        ct_task *t = ct_task_new();
+        if (!t) break;
+        t->fn = (void *)fn;
+        t->arg = data[made];
+        t->kind = CT_KIND_C;
+        t->priority = (uint8_t)priority;
+        ts[made] = t;
+    }
+    int rc = made == n ? ct_engine_submit_many((ct_engine *)engine, ts, n, block_ns) : CT_ENOMEM;
+    if (rc != CT_OK)
+        for (size_t i = 0; i < made; i++) ct_task_decref(NULL, ts[i]);
+    if (ts != stack) free(ts);
+    return rc;
+}
+
+static const char *capi_strerror(int code) {
+    switch (code) {
+    case CT_OK: return "ok";
+    case CT_EFULL: return "queue full (queue_size reached)";
+    case CT_ESHUTDOWN: return "engine shut down";
+    case CT_ETIMEDOUT: return "timed out waiting for room in the queue";
+    case CT_ENOMEM: return "out of memory";
+    case CT_EINVAL: return "invalid argument";
+    default: return "unknown error";
+    }
+}
+
+static const CatzillaTasks_CAPI g_capi = {
+    .version = CATZILLA_TASKS_CAPI_VERSION,
+    .get_engine = capi_get_engine,
+    .submit = capi_submit,
+    .submit_many = capi_submit_many,
+    .strerror = capi_strerror,
+};
+
+/* ------------------------------------------------------------------ module */
+
+static PyObject *mod_set_hooks(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"status_members", "priority_members", "run_coroutine", "report_error", "await_impl", NULL};
+    PyObject *sm, *pm, *rc, *re, *aw;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOO:_set_hooks", kwlist, &PyTuple_Type, &sm, &PyTuple_Type, &pm,
+                                     &rc, &re, &aw))
+        return NULL;
+    Py_INCREF(sm);
+    Py_XSETREF(g_status_members, sm);
+    Py_INCREF(pm);
+    Py_XSETREF(g_priority_members, pm);
+    Py_INCREF(rc);
+    Py_XSETREF(g_run_coroutine, rc);
+    Py_INCREF(re);
+    Py_XSETREF(g_report_error, re);
+    Py_INCREF(aw);
+    Py_XSETREF(g_await_impl, aw);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_memory_stats(PyObject *m, PyObject *unused) {
+    return Py_BuildValue("{s:n,s:L,s:n}", "slab_bytes", (Py_ssize_t)atomic_load(&ct_task_slab.chunk_bytes),
+                         "nodes_in_use", (long long)atomic_load(&ct_task_slab.in_use), "node_size",
+                         (Py_ssize_t)ct_task_slab.obj_size);
+}
+
+static PyObject *mod_live_ids(PyObject *m, PyObject *unused) { return PyLong_FromSsize_t(PyDict_GET_SIZE(g_registry)); }
+
+static PyMethodDef mod_methods[] = {
+    {"_set_hooks", (PyCFunction)(void (*)(void))mod_set_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"memory_stats", (PyCFunction)mod_memory_stats, METH_NOARGS,
+     "Memory of the task-node slab: bytes taken from the system, nodes in use, bytes per node."},
+    {"detached", (PyCFunction)mod_detached, METH_NOARGS, NULL},
+    {"_registered_ids", (PyCFunction)mod_live_ids, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "catzilla_tasks._engine", "The C engine of catzilla_tasks (private).", -1, mod_methods,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (ct_engine_global_init() != CT_OK) {
+        PyErr_SetString(PyExc_ImportError, "catzilla_tasks: could not initialise the node allocator");
+        return NULL;
+    }
+    if (PyType_Ready(&Engine_Type) < 0 || PyType_Ready(&Result_Type) < 0 || PyType_Ready(&Config_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    new_prefix();
+    static int atfork_done;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, atfork_child);
+        atfork_done = 1;
+    }
+    g_mono0 = ct_now_ns();
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    g_wall0 = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+    g_registry = PyDict_New();
+    g_config_attr = PyUnicode_InternFromString("__catzilla_task__");
+    QueueFullError = PyErr_NewExceptionWithDoc(
+        "catzilla_tasks.QueueFull", "The engine already holds queue_size queued tasks.", NULL, NULL);
+    TaskCancelledError = PyErr_NewExceptionWithDoc("catzilla_tasks.TaskCancelled",
+                                                   "The task was cancelled before it ran.", NULL, NULL);
+    if (!g_registry || !g_config_attr || !QueueFullError || !TaskCancelledError) goto fail;
+    Py_INCREF(&Engine_Type);
+    Py_INCREF(&Result_Type);
+    Py_INCREF(&Config_Type);
+    Py_INCREF(QueueFullError);
+    Py_INCREF(TaskCancelledError);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&Engine_Type) < 0 ||
+        PyModule_AddObject(m, "TaskResult", (PyObject *)&Result_Type) < 0 ||
+        PyModule_AddObject(m, "ConfigBase", (PyObject *)&Config_Type) < 0 ||
+        PyModule_AddObject(m, "QueueFull", QueueFullError) < 0 ||
+        PyModule_AddObject(m, "TaskCancelled", TaskCancelledError) < 0)
+        goto fail;
+    PyObject *cap = PyCapsule_New((void *)&g_capi, CATZILLA_TASKS_CAPI_NAME, NULL);
+    if (!cap || PyModule_AddObject(m, "_C_API", cap) < 0) goto fail;
+    PyModule_AddIntConstant(m, "NODE_SIZE", (long)sizeof(ct_task));
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,393 @@
+"""BackgroundTasks: the Python face of the C engine."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Callable, Coroutine, TypeVar, overload
+
+from . import _engine
+from .config import TaskConfig, TaskPriority, TaskStatus
+from .results import TaskResult, _await_impl
+
+__all__ = ["BackgroundTasks", "task", "ShutdownTimeout"]
+
+log = logging.getLogger("catzilla_tasks")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_ATTR = "__catzilla_task__"
+# Bytes a queued task costs at most (node + result handle + argument tuple of a few values);
+# used to check queue_size against memory_pool_mb.
+_BYTES_PER_QUEUED_TASK_BOUND = 256
+
+
+class ShutdownTimeout(TimeoutError):
+    """shutdown() ran out of time: ``cancelled`` queued tasks were cancelled and ``running``
+    tasks were still running when it returned."""
+
+    def __init__(self, message: str, cancelled: int, running: int) -> None:
+        super().__init__(message)
+        self.cancelled = cancelled
+        self.running = running
+
+
+def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
+    name = getattr(subject, "__qualname__", None) or repr(subject)
+    if what == "task":
+        # Only failures nobody can observe are logged (no TaskResult kept, no callback).
+        log.error("task %s failed (no TaskResult was kept to report it)", name, exc_info=exc)
+    else:
+        log.error("%s %s raised", what, name, exc_info=exc)
+
+
+def _run_coroutine(engine: "BackgroundTasks", handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+    engine._loop_runner().submit(handle, coro)
+
+
+_engine._set_hooks(
+    status_members=tuple(TaskStatus),
+    priority_members=tuple(TaskPriority),
+    run_coroutine=_run_coroutine,
+    report_error=_report_error,
+    await_impl=_await_impl,
+)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # optional extra: faster loop when installed
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class _LoopRunner:
+    """The engine's event-loop thread: async tasks run here, many at once."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = _new_event_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), name=f"{name}-asyncio", daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def submit(self, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+        self.loop.call_soon_threadsafe(self._start, handle, coro)
+
+    def _start(self, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(functools.partial(self._done, handle))
+
+    def _done(self, handle: TaskResult, t: asyncio.Task[Any]) -> None:
+        self._tasks.discard(t)
+        if t.cancelled():
+            handle._settle(cancelled=True)
+        elif (exc := t.exception()) is not None:
+            handle._settle(exc=exc)
+        else:
+            handle._settle(value=t.result())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+
+
+def _make_config(source: str, priority: Any = None, config: TaskConfig | None = None, **fields: Any) -> TaskConfig:
+    if config is not None:
+        if not isinstance(config, TaskConfig):
+            raise TypeError(f"{source}: config must be a TaskConfig, got {type(config).__name__}")
+        if priority is not None:
+            fields["priority"] = priority
+        return config.replace(**fields) if fields else config
+    if priority is not None:
+        fields["priority"] = priority
+    try:
+        return TaskConfig(**fields)
+    except TypeError as exc:
+        raise TypeError(f"{source}: {exc}") from None
+
+
+def _attach(func: F, cfg: TaskConfig) -> F:
+    if not callable(func):
+        raise TypeError(f"@task decorates a function, got {type(func).__name__} {func!r}")
+    try:
+        setattr(func, CONFIG_ATTR, cfg)
+    except (AttributeError, TypeError):
+        raise TypeError(
+            f"cannot attach a task config to {func!r} (it takes no attributes); wrap it in a def, "
+            "or pass options per call with tasks.options(...).add_task(...)"
+        ) from None
+    return func
+
+
+@overload
+def task(func: F, /) -> F: ...
+@overload
+def task(
+    func: None = None, /, *, priority: TaskPriority | int | str = ..., compile_to_c: bool | str = ..., **config: Any
+) -> Callable[[F], F]: ...
+def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to_c: bool | str = True, **config: Any) -> Any:
+    """Attach a task config to a function, for any engine: ``@task(priority=TaskPriority.HIGH)``.
+
+    The function is returned unchanged (calling it directly still runs it here and now).
+    ``compile_to_c`` is accepted for the seed's API: in this version every task runs as Python.
+    """
+    cfg = _make_config("task()", priority, **config)
+
+    def decorate(f: F) -> F:
+        return _attach(f, cfg)
+
+    return decorate(func) if func is not None else decorate
+
+
+class _Options:
+    """Per-call overrides: ``tasks.options(priority=..., block_timeout=...).add_task(f, ...)``."""
+
+    __slots__ = ("_engine", "_config", "_block")
+
+    def __init__(self, engine: "BackgroundTasks", config: TaskConfig | None, block: float | None) -> None:
+        self._engine = engine
+        self._config = config
+        self._block = block
+
+    def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+        cfg = self._config
+        if cfg is not None and isinstance(getattr(func, CONFIG_ATTR, None), TaskConfig):
+            pass  # an explicit per-call config wins over the decorator's
+        return self._engine._submit(func, args, kwargs, cfg, self._block)
+
+
+_live: "weakref.WeakSet[BackgroundTasks]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Interpreter exit: run what is queued (each engine's exit_timeout), then stop."""
+    for eng in list(_live):
+        try:
+            eng.shutdown(wait_for_completion=True, timeout=eng.exit_timeout)
+        except Exception:
+            log.exception("catzilla_tasks: shutdown at exit did not complete")
+
+
+class BackgroundTasks(_engine.Engine):
+    """An in-process task engine: four priority queues and a pool of native worker threads.
+
+    ``BackgroundTasks()`` just works. ``add_task(func, *args, **kwargs)`` queues a call and
+    returns its TaskResult at once; the engine runs it on a worker thread (an ``async def``
+    runs on the engine's event-loop thread). Use it as a context manager, or call
+    ``shutdown()``: queued work runs before the engine stops (also at interpreter exit).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        min_workers: int = 2,
+        max_workers: int | None = None,
+        queue_size: int = 10000,
+        enable_auto_scaling: bool = True,
+        memory_pool_mb: float = 500,
+        *,
+        aging_ms: float = 100.0,
+        exit_timeout: float | None = 30.0,
+        name: str = "catzilla-tasks",
+    ) -> None:
+        cpus = os.cpu_count() or 1
+        if workers is None:
+            workers = min(32, cpus * 2)
+        for field, value in (("workers", workers), ("min_workers", min_workers), ("queue_size", queue_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field}: must be an integer >= 1, got {value!r}")
+        if max_workers is None:
+            max_workers = max(workers * 4, min_workers)
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers: must be an integer >= 1, got {max_workers!r}")
+        if not min_workers <= max_workers:
+            raise ValueError(f"min_workers ({min_workers}) must be <= max_workers ({max_workers})")
+        if not min_workers <= workers <= max_workers:
+            raise ValueError(
+                f"workers ({workers}) must be between min_workers ({min_workers}) and max_workers ({max_workers})"
+            )
+        if isinstance(memory_pool_mb, bool) or not isinstance(memory_pool_mb, (int, float)) or memory_pool_mb <= 0:
+            raise ValueError(f"memory_pool_mb: must be a number > 0, got {memory_pool_mb!r}")
+        need_mb = queue_size * _BYTES_PER_QUEUED_TASK_BOUND / 2**20
+        if need_mb > memory_pool_mb:
+            raise ValueError(
+                f"queue_size={queue_size} may hold up to {need_mb:.0f} MB of queued tasks, more than "
+                f"memory_pool_mb={memory_pool_mb}; raise memory_pool_mb or lower queue_size"
+            )
+        if aging_ms <= 0:
+            raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
+        super().__init__(workers, queue_size, float(aging_ms))
+        self.name = name
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.enable_auto_scaling = bool(enable_auto_scaling)
+        self.memory_pool_mb = memory_pool_mb
+        self.exit_timeout = exit_timeout
+        self._registered: dict[str, Callable[..., Any]] = {}
+        self._runner: _LoopRunner | None = None
+        self._runner_lock = threading.Lock()
+        self._shutdown_done = False
+        _live.add(self)
+
+    # -- registration -------------------------------------------------------------------
+    @overload
+    def task(self, func: F, /) -> F: ...
+    @overload
+    def task(
+        self, func: None = None, /, *, priority: TaskPriority | int | str = ..., compile_to_c: bool | str = ..., **config: Any
+    ) -> Callable[[F], F]: ...
+    def task(self, func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to_c: bool | str = True, **config: Any) -> Any:
+        """Decorator: ``@tasks.task(priority=TaskPriority.HIGH, max_retries=...)``.
+
+        Attaches the config (as the module-level ``task`` does) and registers the function by
+        name on this engine. The function itself is returned unchanged.
+        """
+        cfg = _make_config("task()", priority, **config)
+
+        def decorate(f: F) -> F:
+            _attach(f, cfg)
+            self._registered[f"{f.__module__}.{f.__qualname__}"] = f
+            return f
+
+        return decorate(func) if func is not None else decorate
+
+    @property
+    def registered_tasks(self) -> dict[str, Callable[..., Any]]:
+        return dict(self._registered)
+
+    # -- submission -----------------------------------------------------------------------
+    # add_task(func, *args, **kwargs) is the C method of _engine.Engine (no Python frame).
+
+    def options(
+        self,
+        *,
+        priority: TaskPriority | int | str | None = None,
+        config: TaskConfig | None = None,
+        block_timeout: float | None = None,
+        **fields: Any,
+    ) -> _Options:
+        """Per-call overrides without clashing with the task's own keywords::
+
+            tasks.options(priority=TaskPriority.CRITICAL).add_task(send, user_id, message="hi")
+
+        ``block_timeout``: when the engine is full, wait up to that many seconds for room
+        (``-1`` or ``float('inf')``: wait as long as it takes) instead of raising QueueFull.
+        """
+        cfg = None
+        if priority is not None or config is not None or fields:
+            cfg = _make_config("options()", priority, config, **fields)
+        if block_timeout is not None:
+            if isinstance(block_timeout, bool) or not isinstance(block_timeout, (int, float)):
+                raise ValueError(f"block_timeout: expected seconds (a number), got {block_timeout!r}")
+            if block_timeout == float("inf"):
+                block_timeout = -1
+            elif block_timeout < 0 and block_timeout != -1:
+                raise ValueError(f"block_timeout: must be >= 0 seconds, or -1 to wait without limit; got {block_timeout!r}")
+        return _Options(self, cfg, block_timeout)
+
+    # -- waiting and stopping -------------------------------------------------------------
+    def join(self, timeout: float | None = None) -> None:
+        """Block until nothing is queued or running (tasks added meanwhile count too)."""
+        if not self._drain(timeout):
+            s = self._stats()
+            raise TimeoutError(
+                f"join(): {s['queued_total']} tasks still queued and {s['running']} running after {timeout} s"
+            )
+
+    def shutdown(self, wait_for_completion: bool = True, timeout: float | None = 30) -> None:
+        """Stop accepting tasks, finish, and stop the workers.
+
+        With ``wait_for_completion`` (the default) every task already queued runs before this
+        returns; otherwise queued tasks are cancelled and only running ones finish. If that
+        takes longer than ``timeout`` seconds, what is still queued is cancelled and
+        ShutdownTimeout says how many tasks were cancelled and how many still run (their
+        threads finish them in the background). Calling it again does nothing.
+        """
+        if self._shutdown_done:
+            return
+        self._close()
+        self.resume()
+        if not wait_for_completion:
+            self._cancel_queued()
+        done = self._drain(timeout)
+        if not done:
+            cancelled = self._cancel_queued()
+            running = self._stats()["running"]
+            self._shutdown_done = True
+            _live.discard(self)
+            raise ShutdownTimeout(
+                f"shutdown(): not finished within {timeout} s: {cancelled} queued tasks were cancelled, "
+                f"{running} were still running (they finish in the background)",
+                cancelled,
+                running,
+            )
+        if self._runner is not None:
+            self._runner.stop()
+        self._stop_workers()
+        self._shutdown_done = True
+        _live.discard(self)
+
+    @property
+    def is_shutdown(self) -> bool:
+        return self._shutdown_done
+
+    def __enter__(self) -> "BackgroundTasks":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait_for_completion=True, timeout=self.exit_timeout)
+
+    # -- figures ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Live counters of this engine (queued per priority, running, outcomes, workers)."""
+        s = self._stats()
+        s["queued"] = dict(zip((p.name for p in TaskPriority), s["queued"]))
+        return s
+
+    @staticmethod
+    def memory_stats() -> dict[str, int]:
+        """The node slab of this process (shared by all engines)."""
+        return _engine.memory_stats()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _loop_runner(self) -> _LoopRunner:
+        runner = self._runner
+        if runner is None:
+            with self._runner_lock:
+                if self._runner is None:
+                    self._runner = _LoopRunner(self.name)
+                runner = self._runner
+        return runner
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop async tasks run on (started on first use)."""
+        return self._loop_runner().loop
+
+    def __repr__(self) -> str:
+        s = self._stats()
+        state = "shut down" if self._shutdown_done else "running"
+        return (
+            f"<BackgroundTasks {self.name!r} {state} workers={s['workers']} queued={s['queued_total']} "
+            f"running={s['running']}>"
+        )

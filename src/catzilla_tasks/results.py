@@ -1,0 +1,158 @@
+"""TaskResult (from the C engine) and TaskFuture: awaiting, then/catch chaining."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Generator
+
+from . import _engine
+from .config import TaskStatus
+
+__all__ = ["TaskResult", "TaskFuture"]
+
+TaskResult = _engine.TaskResult
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _await_result(handle: TaskResult) -> Any:
+    if not handle.is_ready():
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        # Called in the thread that ends the task; hands over to this loop's thread. Cancelling
+        # the awaiting coroutine does not cancel the task (use handle.cancel()).
+        handle._on_done(lambda _h: loop.call_soon_threadsafe(_resolve, fut))
+        await fut
+    return handle.wait(0)
+
+
+def _await_impl(handle: TaskResult) -> Generator[Any, None, Any]:
+    return _await_result(handle).__await__()
+
+
+def _forward(source: TaskResult, target: TaskResult) -> None:
+    """Settle target with source's outcome (source is final)."""
+    status = source.status
+    if status is TaskStatus.CANCELLED:
+        target._settle(cancelled=True)
+        return
+    try:
+        value = source.wait(0)
+    except BaseException as exc:  # the task's own exception, handed on
+        target._settle(exc=exc)
+    else:
+        _settle_with(target, value)
+
+
+def _settle_with(target: TaskResult, value: Any) -> None:
+    # A callback that returns another task: the chain follows it (like a promise).
+    if isinstance(value, TaskFuture):
+        value = value._result
+    if isinstance(value, TaskResult):
+        value._on_done(lambda h: _forward(h, target))
+    else:
+        target._settle(value=value)
+
+
+class TaskFuture:
+    """A future over a live task: awaitable, with ``then`` and ``catch`` chaining.
+
+    ``TaskFuture(task_id)`` or ``TaskFuture(task_result)``. ``then(cb)`` gives a new future
+    with ``cb(value)`` once this one succeeds (a failure passes through untouched);
+    ``catch(handler)`` gives one that turns a failure into ``handler(exc)`` (a success passes
+    through). Callbacks run in the thread that ends the task (an engine worker), and a
+    callback that raises fails the future it produces, nothing else. If a callback returns a
+    TaskResult or TaskFuture, the new future follows that task.
+    """
+
+    __slots__ = ("_result",)
+
+    def __init__(self, task: "TaskResult | TaskFuture | str") -> None:
+        if isinstance(task, TaskFuture):
+            task = task._result
+        elif isinstance(task, str):
+            task = TaskResult(task)
+        elif not isinstance(task, TaskResult):
+            raise TypeError(
+                f"TaskFuture() takes a task id (str), a TaskResult or a TaskFuture, got {type(task).__name__}"
+            )
+        self._result: TaskResult = task
+
+    @property
+    def task_id(self) -> str:
+        return self._result.task_id
+
+    @property
+    def status(self) -> TaskStatus:
+        return self._result.status
+
+    def is_ready(self) -> bool:
+        return self._result.is_ready()
+
+    done = is_ready
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until final; return the value or raise the error (TimeoutError if not in time)."""
+        return self._result.wait(timeout)
+
+    result = wait
+
+    def cancel(self) -> bool:
+        return self._result.cancel()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._result.__await__()
+
+    def then(self, callback: Callable[[Any], Any]) -> "TaskFuture":
+        if not callable(callback):
+            raise TypeError(f"then() needs a callable taking the value, got {type(callback).__name__}")
+        nxt = _engine.detached()
+
+        def on_done(h: TaskResult) -> None:
+            if h.status is TaskStatus.SUCCEEDED:
+                try:
+                    value = callback(h.wait(0))
+                except BaseException as exc:
+                    nxt._settle(exc=exc)
+                else:
+                    _settle_with(nxt, value)
+            else:
+                _forward(h, nxt)
+
+        self._result._on_done(on_done)
+        return TaskFuture(nxt)
+
+    def catch(
+        self,
+        handler: Callable[[BaseException], Any],
+        exception_type: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    ) -> "TaskFuture":
+        if not callable(handler):
+            raise TypeError(f"catch() needs a callable taking the exception, got {type(handler).__name__}")
+        nxt = _engine.detached()
+
+        def on_done(h: TaskResult) -> None:
+            if h.status in (TaskStatus.FAILED, TaskStatus.TIMED_OUT):
+                try:
+                    h.wait(0)
+                except exception_type as exc:
+                    try:
+                        value = handler(exc)
+                    except BaseException as exc2:
+                        nxt._settle(exc=exc2)
+                    else:
+                        _settle_with(nxt, value)
+                    return
+                except BaseException as exc:
+                    nxt._settle(exc=exc)
+                    return
+            _forward(h, nxt)
+
+        self._result._on_done(on_done)
+        return TaskFuture(nxt)
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self._result.task_id} {self._result.status.name}>"
