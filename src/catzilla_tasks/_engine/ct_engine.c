@@ -160,8 +160,6 @@ ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
     if (e->cfg.batch_budget_ns == 0) e->cfg.batch_budget_ns = 200000;
     if (e->cfg.aging_ns == 0) e->cfg.aging_ns = 100000000;
     if (hooks) e->hooks = *hooks;
-    uint64_t now = ct_now_ns();
-    for (int p = 0; p < CT_NPRIO; p++) e->last_served[p] = now;
     atomic_store(&e->accepting, 1);
     e->nworkers = cfg->workers;
     e->workers = calloc((size_t)(cfg->workers ? cfg->workers : 1), sizeof(ct_worker));
@@ -226,30 +224,35 @@ static int ct_engine_visible_work(ct_engine *e) {
     return 0;
 }
 
-/* Strict priority with ageing. Rule: a lower-priority queue that holds work and has not been
- * served for aging_ns is served first, once (one batch); then the batch is filled from the
- * highest priority down. So under a steady stream of CRITICAL work, each lower level still
- * gets a batch at least every aging_ns. */
+/* Strict priority with ageing. Rule: a pop fills its batch from the highest priority down. A
+ * lower queue that holds work but gets nothing from a pop was "passed over"; once it has been
+ * passed over continuously for aging_ns, the next pop serves it first (one batch). So under a
+ * steady stream of higher work each lower level still gets a batch every aging_ns, and time
+ * spent paused or idle never counts as starvation. */
 static size_t ct_pop_batch(ct_engine *e, ct_task **out, size_t max) {
     if (atomic_load_explicit(&e->paused, memory_order_relaxed)) return 0;
     pthread_mutex_lock(&e->pop_lock);
     size_t n = 0;
     uint64_t now = ct_now_ns();
+    int served[CT_NPRIO] = {0};
     for (int p = CT_NPRIO - 1; p >= 1; p--) {
-        if (atomic_load_explicit(&e->qcount[p], memory_order_relaxed) <= 0) {
-            e->last_served[p] = now;   /* empty: nothing here is starving */
-            continue;
-        }
-        if (now - e->last_served[p] > e->cfg.aging_ns) {
-            n += ct_pop_from(e, p, out, max);
-            e->last_served[p] = now;
-            break;
+        if (e->starve_since[p] && now - e->starve_since[p] >= e->cfg.aging_ns) {
+            size_t k = ct_pop_from(e, p, out, max);
+            n += k;
+            served[p] = k > 0;
+            if (k) break;
         }
     }
     for (int p = 0; p < CT_NPRIO && n < max; p++) {
         size_t k = ct_pop_from(e, p, out + n, max - n);
-        if (k) e->last_served[p] = now;
+        if (k) served[p] = 1;
         n += k;
+    }
+    for (int p = 1; p < CT_NPRIO; p++) {
+        if (served[p] || atomic_load_explicit(&e->qcount[p], memory_order_relaxed) <= 0)
+            e->starve_since[p] = 0;
+        else if (!e->starve_since[p])
+            e->starve_since[p] = now;
     }
     pthread_mutex_unlock(&e->pop_lock);
     if (n) ct_engine_popped(e, n);
@@ -259,10 +262,9 @@ static size_t ct_pop_batch(ct_engine *e, ct_task **out, size_t max) {
 size_t ct_engine_pop_urgent(ct_engine *e, int prio, ct_task **out, size_t max) {
     size_t n = 0;
     pthread_mutex_lock(&e->pop_lock);
-    uint64_t now = ct_now_ns();
     for (int p = 0; p < prio && n < max; p++) {
         size_t k = ct_pop_from(e, p, out + n, max - n);
-        if (k) e->last_served[p] = now;
+        if (k) e->starve_since[p] = 0;
         n += k;
     }
     pthread_mutex_unlock(&e->pop_lock);
@@ -299,9 +301,12 @@ static int ct_worker_sleep(ct_engine *e) {
         }
         if (!atomic_load(&e->paused) && ct_engine_visible_work(e)) break;
         pthread_cond_wait(&e->work_cond, &e->idle_lock);
+        /* Whoever is woken consumes the pending wake, even if a busy sibling took the work
+         * first and this worker goes back to sleep: otherwise `waking` would stay set and no
+         * submitter would signal again. */
+        atomic_store(&e->waking, 0);
     }
     atomic_fetch_sub(&e->sleepers, 1);
-    atomic_store(&e->waking, 0);
     pthread_mutex_unlock(&e->idle_lock);
     return keep;
 }

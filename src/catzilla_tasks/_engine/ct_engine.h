@@ -111,7 +111,7 @@ struct ct_engine {
 
     /* Consumers: one lock for popping from all four queues (held for one batch). */
     CT_ALIGNED pthread_mutex_t pop_lock;
-    uint64_t last_served[CT_NPRIO];               /* ageing (pop_lock) */
+    uint64_t starve_since[CT_NPRIO];              /* ageing: first pass-over, 0 = none (pop_lock) */
 
     /* Sleeping and waking: idle workers, producers blocked on a full engine, drain waiters. */
     CT_ALIGNED pthread_mutex_t idle_lock;
