@@ -20,8 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CT_BATCH_HARD_MAX 256
-
 ct_slab ct_task_slab;
 static pthread_once_t ct_global_once = PTHREAD_ONCE_INIT;
 static int ct_global_rc = CT_OK;
@@ -162,7 +160,10 @@ ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
     if (hooks) e->hooks = *hooks;
     atomic_store(&e->accepting, 1);
     e->nworkers = cfg->workers;
-    e->workers = calloc((size_t)(cfg->workers ? cfg->workers : 1), sizeof(ct_worker));
+    if (posix_memalign((void **)&e->workers, CT_CACHELINE, sizeof(ct_worker) * (size_t)(cfg->workers ? cfg->workers : 1)) != 0)
+        e->workers = NULL;
+    else
+        memset(e->workers, 0, sizeof(ct_worker) * (size_t)(cfg->workers ? cfg->workers : 1));
     if (!e->workers) {
         free(e);
         return NULL;
@@ -288,24 +289,129 @@ static void ct_wake_one(ct_engine *e) {
     pthread_mutex_unlock(&e->idle_lock);
 }
 
-/* Returns 0 when the worker should exit. */
-static int ct_worker_sleep(ct_engine *e) {
-    int keep = 1;
+/* ---- batches and stealing ---- */
+
+#define CT_RANGE(gen, head, tail) (((uint64_t)(gen) << 32) | ((uint64_t)(head) << 16) | (uint64_t)(tail))
+#define CT_GEN(r) ((uint32_t)((r) >> 32))
+#define CT_HEAD(r) ((uint32_t)(((r) >> 16) & 0xFFFFu))
+#define CT_TAIL(r) ((uint32_t)((r)&0xFFFFu))
+
+/* Owner only, batch empty: publish batch[0..n). */
+static void ct_worker_publish(ct_worker *w, size_t n) {
+    uint64_t r = atomic_load_explicit(&w->range, memory_order_relaxed);
+    /* release: the entries written before are visible to a thief that acquires the range */
+    atomic_store_explicit(&w->range, CT_RANGE(CT_GEN(r) + 1, 0, n), memory_order_release);
+}
+
+ct_task *ct_worker_take(ct_worker *w) {
+    uint64_t r = atomic_load_explicit(&w->range, memory_order_acquire);
+    for (;;) {
+        uint32_t head = CT_HEAD(r), tail = CT_TAIL(r);
+        if (head >= tail) return NULL;
+        ct_task *t = w->batch[head];
+        if (atomic_compare_exchange_weak_explicit(&w->range, &r, CT_RANGE(CT_GEN(r), head + 1, tail),
+                                                  memory_order_acq_rel, memory_order_acquire))
+            return t;
+    }
+}
+
+/* Take every not-yet-started task of v's batch into out. Returns how many (0 if none). */
+static size_t ct_worker_grab(ct_worker *v, ct_task **out) {
+    uint64_t r = atomic_load_explicit(&v->range, memory_order_acquire);
+    for (;;) {
+        uint32_t head = CT_HEAD(r), tail = CT_TAIL(r);
+        if (head >= tail) return 0;
+        size_t k = tail - head;
+        for (size_t j = 0; j < k; j++) out[j] = v->batch[head + j];
+        /* the generation in r makes this fail if the owner refilled meanwhile */
+        if (atomic_compare_exchange_weak_explicit(&v->range, &r, CT_RANGE(CT_GEN(r), head, head),
+                                                  memory_order_acq_rel, memory_order_acquire))
+            return k;
+    }
+}
+
+/* Steal every not-yet-started task of a sibling stuck on one task for more than the batch
+ * budget. Returns how many were moved into thief->batch (published). */
+static size_t ct_worker_steal(ct_engine *e, ct_worker *thief) {
+    uint64_t now = ct_now_ns(), patience = e->cfg.batch_budget_ns;
+    for (int i = 0; i < e->nworkers; i++) {
+        ct_worker *v = &e->workers[i];
+        if (v == thief) continue;
+        uint64_t r = atomic_load_explicit(&v->range, memory_order_acquire);
+        if (CT_HEAD(r) >= CT_TAIL(r)) continue;
+        uint64_t since = atomic_load_explicit(&v->current_since, memory_order_relaxed);
+        if (!since || now - since < patience) continue;   /* not started (GIL) or not stuck yet */
+        size_t k = ct_worker_grab(v, thief->batch);
+        if (k) {
+            ct_worker_publish(thief, k);
+            atomic_fetch_add_explicit(&thief->stolen, k, memory_order_relaxed);
+            return k;
+        }
+    }
+    return 0;
+}
+
+static void ct_wake_sibling(ct_engine *e) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0) return;
+    pthread_mutex_lock(&e->idle_lock);
+    pthread_cond_signal(&e->work_cond);
+    pthread_mutex_unlock(&e->idle_lock);
+}
+
+/* When a sibling's batch leftovers become stealable (0 = no sibling has leftovers). */
+static uint64_t ct_steal_deadline(ct_engine *e, ct_worker *self) {
+    uint64_t deadline = 0, now = 0, patience = e->cfg.batch_budget_ns;
+    for (int i = 0; i < e->nworkers; i++) {
+        ct_worker *v = &e->workers[i];
+        if (v == self) continue;
+        uint64_t r = atomic_load_explicit(&v->range, memory_order_acquire);
+        if (CT_HEAD(r) >= CT_TAIL(r)) continue;
+        uint64_t since = atomic_load_explicit(&v->current_since, memory_order_relaxed);
+        if (!since) since = now ? now : (now = ct_now_ns());
+        if (!deadline || since + patience < deadline) deadline = since + patience;
+    }
+    return deadline;
+}
+
+/* Returns 0 when the worker should exit. Sleeps until signalled, or until a sibling's batch
+ * leftovers become stealable. */
+static int ct_worker_sleep(ct_engine *e, ct_worker *w) {
+    int keep = 1, timed_out = 0;
+    uint64_t deadline_ns = 0;
     pthread_mutex_lock(&e->idle_lock);
     atomic_fetch_add(&e->sleepers, 1);
     for (;;) {
+        /* Look at the siblings' batches only now, after announcing the sleep, and again after
+         * every wake: a worker that publishes a batch either is seen here or sees sleepers > 0
+         * and signals (ct_wake_sibling); both sides are seq_cst. */
+        deadline_ns = ct_steal_deadline(e, w);
         if (atomic_load(&e->stopping)) {
             /* exit only once the queues are empty (or the engine is paused) */
             if (atomic_load(&e->paused) || !ct_engine_visible_work(e)) keep = 0;
             break;
         }
         if (!atomic_load(&e->paused) && ct_engine_visible_work(e)) break;
+        if (deadline_ns) {
+            struct timespec ts = ct_deadline_ts(deadline_ns);
+            int rc = pthread_cond_timedwait(&e->work_cond, &e->idle_lock, &ts);
+            atomic_store(&e->waking, 0);
+            if (rc != 0) {
+                timed_out = 1;   /* time to look at the siblings again */
+                break;
+            }
+            continue;
+        }
         pthread_cond_wait(&e->work_cond, &e->idle_lock);
         /* Whoever is woken consumes the pending wake, even if a busy sibling took the work
          * first and this worker goes back to sleep: otherwise `waking` would stay set and no
          * submitter would signal again. */
         atomic_store(&e->waking, 0);
     }
+    /* This worker was watching a sibling's batch leftovers but leaves for queued work: hand
+     * the watch to another sleeper, or the leftovers could wait behind a stuck task while
+     * workers sleep. */
+    if (deadline_ns && !timed_out && atomic_load(&e->sleepers) > 1) pthread_cond_signal(&e->work_cond);
     atomic_fetch_sub(&e->sleepers, 1);
     pthread_mutex_unlock(&e->idle_lock);
     return keep;
@@ -322,9 +428,11 @@ void ct_engine_run_c(ct_worker *w, ct_task *t) {
         ct_engine_skip(e, t);
         return;
     }
-    t->t_start = ct_now_ns();
+    uint64_t start = ct_now_ns();
+    __atomic_store_n(&t->t_start, start, __ATOMIC_RELAXED);
+    atomic_store_explicit(&w->current_since, start, memory_order_relaxed);
     ((ct_c_func)t->fn)(t->arg);
-    t->t_end = ct_now_ns();
+    __atomic_store_n(&t->t_end, ct_now_ns(), __ATOMIC_RELAXED);
     ct_task_finish(e, t, CT_SUCCEEDED);
     atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
     ct_task_decref(&e->hooks, t);
@@ -333,26 +441,39 @@ void ct_engine_run_c(ct_worker *w, ct_task *t) {
 static void *ct_worker_main(void *arg) {
     ct_worker *w = arg;
     ct_engine *e = w->engine;
-    ct_task *batch[CT_BATCH_HARD_MAX];
     if (e->hooks.thread_start) e->hooks.thread_start(w);
     int empty_pops = 0;
     for (;;) {
-        size_t n = ct_pop_batch(e, batch, ct_batch_size(e));
-        if (n == 0) {
-            /* Work can be visible in qcount while its link is still landing (a producer
-             * between two instructions): yield once before sleeping on it again. */
-            if (empty_pops++ > 0 && ct_engine_visible_work(e) && !atomic_load(&e->paused)) sched_yield();
-            if (!ct_worker_sleep(e)) break;
-            continue;
+        size_t n = ct_pop_batch(e, w->batch, ct_batch_size(e));
+        if (n) {
+            ct_worker_publish(w, n);
+        } else {
+            n = ct_worker_steal(e, w);
+            if (n == 0) {
+                /* Work can be visible in qcount while its link is still landing (a producer
+                 * between two instructions): yield once before sleeping on it again. */
+                if (empty_pops++ > 0 && ct_engine_visible_work(e) && !atomic_load(&e->paused)) sched_yield();
+                if (!ct_worker_sleep(e, w)) break;
+                continue;
+            }
         }
         empty_pops = 0;
-        if (ct_engine_visible_work(e)) ct_wake_one(e);   /* more left: get a sibling going */
+        /* Batch-mates that a sibling may have to steal if this worker gets stuck on one
+         * task: make sure a sleeping sibling looks (not coalesced with other wakes: a wake
+         * for queued work may be consumed by a worker that then never looks at batches).
+         * Otherwise, more work left in the queues: get a sibling going. */
+        if (n > 1)
+            ct_wake_sibling(e);
+        else if (ct_engine_visible_work(e))
+            ct_wake_one(e);
         uint64_t t0 = ct_now_ns();
         if (e->hooks.run_batch) {
-            e->hooks.run_batch(w, batch, n);
+            e->hooks.run_batch(w);
         } else {
-            for (size_t i = 0; i < n; i++) ct_engine_run_c(w, batch[i]);
+            ct_task *t;
+            while ((t = ct_worker_take(w))) ct_engine_run_c(w, t);
         }
+        atomic_store_explicit(&w->current_since, 0, memory_order_relaxed);
         uint64_t dt = ct_now_ns() - t0;
         atomic_fetch_add_explicit(&w->busy_ns, dt, memory_order_relaxed);
         /* run_batch measures its own tasks (it waits for the GIL first, which is not the
@@ -485,6 +606,14 @@ size_t ct_engine_cancel_queued(ct_engine *e) {
         for (size_t i = 0; i < n; i++) {
             if (ct_task_cancel(e, batch[i])) total++;
             ct_engine_skip(e, batch[i]);
+        }
+    }
+    /* and the tasks sitting in workers' batches, not started yet */
+    for (int i = 0; i < e->nworkers; i++) {
+        size_t n = ct_worker_grab(&e->workers[i], batch);
+        for (size_t j = 0; j < n; j++) {
+            if (ct_task_cancel(e, batch[j])) total++;
+            ct_engine_skip(e, batch[j]);
         }
     }
     return total;

@@ -61,6 +61,13 @@ typedef struct ct_task {
 
 typedef struct ct_engine ct_engine;
 
+#define CT_BATCH_HARD_MAX 256
+
+/* A worker's batch is visible to its siblings: the owner takes tasks from the front, an idle
+ * sibling may steal the rest from the back when the owner has been stuck on one task for
+ * longer than the batch budget (a blocking task must not hold back its batch-mates while
+ * other workers idle). range packs (generation:32 | head:16 | tail:16); the generation
+ * changes at every refill so a thief's compare-and-swap can never succeed on a stale view. */
 typedef struct ct_worker {
     ct_engine *engine;
     pthread_t thread;
@@ -69,15 +76,20 @@ typedef struct ct_worker {
     void *py_state;                     /* module.c: this thread's PyThreadState */
     _Atomic uint64_t processed;
     _Atomic uint64_t busy_ns;
+    _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
+    _Atomic uint64_t current_since;     /* start of the task being run, 0 = none */
+    CT_ALIGNED _Atomic uint64_t range;
+    ct_task *batch[CT_BATCH_HARD_MAX];
 } ct_worker;
 
 typedef struct ct_hooks {
     void *ctx;
     void (*thread_start)(ct_worker *w);
     void (*thread_stop)(ct_worker *w);
-    /* Run tasks[0..n): every task handed over must be finished or handed on (async) and its
-     * engine reference dropped. Any kind may appear; ct_engine_run_c runs a C task. */
-    void (*run_batch)(ct_worker *w, ct_task **tasks, size_t n);
+    /* Run this worker's batch: take tasks with ct_worker_take until it returns NULL; each
+     * must be finished or handed on (async) and its engine reference dropped. Any kind may
+     * appear; ct_engine_run_c runs a C task. */
+    void (*run_batch)(ct_worker *w);
     /* Drop the Python objects of a node whose last reference goes (called with the GIL by
      * whoever drops it; never called for CT_KIND_C). */
     void (*release)(ct_task *t);
@@ -143,7 +155,8 @@ int ct_engine_submit_many(ct_engine *e, ct_task **t, size_t n, int64_t block_ns)
 void ct_engine_close(ct_engine *e);
 /* Wait until nothing is queued or running. deadline_ns 0 = forever. CT_OK / CT_ETIMEDOUT. */
 int ct_engine_drain(ct_engine *e, uint64_t deadline_ns);
-/* Cancel everything still queued; returns how many. */
+/* Cancel everything not started: the queues and the rest of workers' batches. Returns how
+ * many. Drops the nodes: hold the GIL if Python nodes may be among them. */
 size_t ct_engine_cancel_queued(ct_engine *e);
 /* Stop the workers after their current batch and join them. */
 void ct_engine_stop_workers(ct_engine *e);
@@ -160,6 +173,8 @@ static inline int ct_engine_has_urgent(ct_engine *e, int prio) {
         if (atomic_load_explicit(&e->qcount[p], memory_order_relaxed) > 0) return 1;
     return 0;
 }
+/* The next task of w's own batch (owner only), or NULL when the batch is done or stolen. */
+ct_task *ct_worker_take(ct_worker *w);
 /* Run a CT_KIND_C task on this thread: begin, call, finish, drop the engine's reference. */
 void ct_engine_run_c(ct_worker *w, ct_task *t);
 /* Record a batch's execution time (feeds batch sizing). */

@@ -240,6 +240,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         return ct_now_ns();
     }
     ts_store(&t->t_start, now);
+    atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (!ct_task_begin(t, w->id)) {
         ts_store(&t->t_start, 0);
         ct_task_finish(eng->e, t, CT_CANCELLED);  /* already cancelled: only counts it out */
@@ -293,28 +294,38 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
 
 #define CT_URGENT_MAX 16
 
-static void hook_run_batch(ct_worker *w, ct_task **tasks, size_t n) {
+static void hook_run_batch(ct_worker *w) {
     EngineObject *eng = (EngineObject *)w->engine->hooks.ctx;
-    size_t i = 0;
-    /* A batch of pure C tasks never takes the GIL. */
-    while (i < n && tasks[i]->kind == CT_KIND_C) ct_engine_run_c(w, tasks[i++]);
-    if (i == n) return;
-    PyEval_RestoreThread((PyThreadState *)w->py_state);
-    uint64_t now = ct_now_ns(), t0 = now;
-    size_t first = i;
-    for (; i < n; i++) {
-        ct_task *t = tasks[i];
+    ct_task *t;
+    int have_gil = 0;
+    uint64_t now = 0, t0 = 0;
+    size_t ran = 0;
+    while ((t = ct_worker_take(w))) {
+        /* C tasks before any Python one run without taking the GIL at all */
+        if (t->kind == CT_KIND_C && !have_gil) {
+            ct_engine_run_c(w, t);
+            continue;
+        }
+        if (!have_gil) {
+            PyEval_RestoreThread((PyThreadState *)w->py_state);
+            have_gil = 1;
+            now = t0 = ct_now_ns();
+        }
         /* Something more urgent arrived while this batch runs: run it first, now, under the
          * GIL we already hold. This keeps CRITICAL waits at one task's length. */
         if (t->priority > 0 && ct_engine_has_urgent(w->engine, t->priority)) {
             ct_task *urgent[CT_URGENT_MAX];
             size_t m = ct_engine_pop_urgent(w->engine, t->priority, urgent, CT_URGENT_MAX);
             for (size_t j = 0; j < m; j++) now = run_one(w, eng, urgent[j], now);
+            ran += m;
         }
         now = run_one(w, eng, t, now);
+        ran++;
     }
-    ct_engine_note_exec(w->engine, now - t0, n - first);
-    w->py_state = PyEval_SaveThread();
+    if (have_gil) {
+        ct_engine_note_exec(w->engine, now - t0, ran);
+        w->py_state = PyEval_SaveThread();
+    }
 }
 
 /* ------------------------------------------------------------------ TaskResult */
@@ -539,7 +550,6 @@ static PyObject *Result_settle(ResultObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "_settle(): this task is not waiting for an outcome from outside");
         return NULL;
     }
-    atomic_fetch_and(&t->state, ~CT_F_ASYNC);
     complete_py(self->engine, t, status, v);
     Py_RETURN_TRUE;
 }
@@ -1128,7 +1138,34 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         (long long)self->e->cfg.queue_size);
 }
 
+/* _workers() -> [dict]: per-worker figures (batch left, current task's start, counts). */
+static PyObject *Engine_workers(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    PyObject *lst = PyList_New(0);
+    if (!lst) return NULL;
+    uint64_t now = ct_now_ns();
+    for (int i = 0; i < self->e->nworkers; i++) {
+        ct_worker *w = &self->e->workers[i];
+        uint64_t r = atomic_load(&w->range), since = atomic_load(&w->current_since);
+        uint32_t head = (uint32_t)((r >> 16) & 0xFFFFu), tail = (uint32_t)(r & 0xFFFFu);
+        PyObject *d = Py_BuildValue("{s:i,s:I,s:O,s:d,s:K,s:K,s:d}", "worker_id", w->id, "batch_left",
+                                    tail > head ? tail - head : 0, "busy", since ? Py_True : Py_False,
+                                    "current_task_ms", since ? (double)(now - since) / 1e6 : 0.0, "processed",
+                                    (unsigned long long)atomic_load(&w->processed), "stolen",
+                                    (unsigned long long)atomic_load(&w->stolen), "busy_s",
+                                    (double)atomic_load(&w->busy_ns) / 1e9);
+        if (!d || PyList_Append(lst, d) < 0) {
+            Py_XDECREF(d);
+            Py_DECREF(lst);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    return lst;
+}
+
 static PyMethodDef Engine_methods[] = {
+    {"_workers", (PyCFunction)Engine_workers, METH_NOARGS, NULL},
     {"add_task", (PyCFunction)(void (*)(void))Engine_add_task, METH_FASTCALL | METH_KEYWORDS,
      "add_task(func, *args, **kwargs) -> TaskResult\n\nQueue func(*args, **kwargs). Every keyword goes to "
      "func; the task's config comes from its @task decorator (override per call with options(...))."},

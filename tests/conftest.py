@@ -1,0 +1,32 @@
+import os
+
+import pytest
+
+from catzilla_tasks import BackgroundTasks
+
+# Stress sizes: full by default, smaller under the sanitizer build (CI sets this).
+STRESS_N = int(os.environ.get("CATZILLA_TASKS_STRESS_N", "1000000"))
+
+
+@pytest.fixture
+def tasks():
+    eng = BackgroundTasks(workers=4, queue_size=100_000, memory_pool_mb=100)
+    try:
+        yield eng
+    finally:
+        eng.shutdown(wait_for_completion=False, timeout=10)
+
+
+@pytest.fixture
+def make_tasks():
+    made = []
+
+    def make(**kw):
+        kw.setdefault("memory_pool_mb", 1000)
+        eng = BackgroundTasks(**kw)
+        made.append(eng)
+        return eng
+
+    yield make
+    for eng in made:
+        eng.shutdown(wait_for_completion=False, timeout=10)
