@@ -317,3 +317,17 @@ def test_public_surface():
     for name in catzilla_tasks.__all__:
         obj = getattr(catzilla_tasks, name)
         assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_options_lay_fields_over_the_decorator_config(tasks):
+    @task(priority=TaskPriority.HIGH, retry_backoff="linear")
+    def job():
+        return "ok"
+
+    r = tasks.options(block_timeout=1).add_task(job)
+    assert r.priority is TaskPriority.HIGH
+    with pytest.raises(TypeError, match="unknown option"):
+        tasks.options(prio=1)
+    with pytest.raises(ValueError, match="^priority"):
+        tasks.options(priority=9)
+    assert tasks.options(config=TaskConfig(priority="low")).add_task(job).priority is TaskPriority.LOW

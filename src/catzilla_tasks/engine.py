@@ -22,6 +22,7 @@ log = logging.getLogger("catzilla_tasks")
 F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_ATTR = "__catzilla_task__"
+_DEFAULT_CONFIG = TaskConfig()
 # Bytes a queued task costs at most (node + result handle + argument tuple of a few values);
 # used to check queue_size against memory_pool_mb.
 _BYTES_PER_QUEUED_TASK_BOUND = 256
@@ -159,19 +160,29 @@ def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to
 
 
 class _Options:
-    """Per-call overrides: ``tasks.options(priority=..., block_timeout=...).add_task(f, ...)``."""
+    """Per-call overrides: ``tasks.options(priority=..., block_timeout=...).add_task(f, ...)``.
 
-    __slots__ = ("_engine", "_config", "_block")
+    Fields given here are laid over the task's own config (its decorator's, or the defaults);
+    an explicit ``config=`` replaces it.
+    """
 
-    def __init__(self, engine: "BackgroundTasks", config: TaskConfig | None, block: float | None) -> None:
+    __slots__ = ("_engine", "_config", "_fields", "_block")
+
+    def __init__(
+        self, engine: "BackgroundTasks", config: TaskConfig | None, fields: dict[str, Any], block: float | None
+    ) -> None:
         self._engine = engine
         self._config = config
+        self._fields = fields
         self._block = block
 
     def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         cfg = self._config
-        if cfg is not None and isinstance(getattr(func, CONFIG_ATTR, None), TaskConfig):
-            pass  # an explicit per-call config wins over the decorator's
+        if cfg is None and self._fields:
+            base = getattr(func, CONFIG_ATTR, None)
+            if not isinstance(base, TaskConfig):
+                base = getattr(getattr(func, "__func__", None), CONFIG_ATTR, None)
+            cfg = (base if isinstance(base, TaskConfig) else _DEFAULT_CONFIG).replace(**self._fields)
         return self._engine._submit(func, args, kwargs, cfg, self._block)
 
 
@@ -293,9 +304,17 @@ class BackgroundTasks(_engine.Engine):
         ``block_timeout``: when the engine is full, wait up to that many seconds for room
         (``-1`` or ``float('inf')``: wait as long as it takes) instead of raising QueueFull.
         """
-        cfg = None
-        if priority is not None or config is not None or fields:
-            cfg = _make_config("options()", priority, config, **fields)
+        if priority is not None:
+            fields["priority"] = priority
+        unknown = set(fields) - set(_DEFAULT_CONFIG.as_dict())
+        if unknown:
+            raise TypeError(
+                f"options(): unknown option(s) {', '.join(sorted(unknown))}; options are "
+                f"{', '.join(_DEFAULT_CONFIG.as_dict())}, config and block_timeout (the task's own "
+                "arguments go to add_task)"
+            )
+        _DEFAULT_CONFIG.replace(**fields)  # validate now, at the call site
+        cfg = _make_config("options()", None, config, **fields) if config is not None else None
         if block_timeout is not None:
             if isinstance(block_timeout, bool) or not isinstance(block_timeout, (int, float)):
                 raise ValueError(f"block_timeout: expected seconds (a number), got {block_timeout!r}")
@@ -303,7 +322,7 @@ class BackgroundTasks(_engine.Engine):
                 block_timeout = -1
             elif block_timeout < 0 and block_timeout != -1:
                 raise ValueError(f"block_timeout: must be >= 0 seconds, or -1 to wait without limit; got {block_timeout!r}")
-        return _Options(self, cfg, block_timeout)
+        return _Options(self, cfg, fields, block_timeout)
 
     # -- waiting and stopping -------------------------------------------------------------
     def join(self, timeout: float | None = None) -> None:

@@ -119,12 +119,14 @@ typedef struct slot {
     _Atomic uint32_t runs;      /* incremented by the task: must end at exactly 1 (or 0) */
     _Atomic uint32_t cancels;   /* successful ct_task_cancel calls on the task */
     uint32_t spin;              /* work: set before submit, read by the worker (plain) */
+    uint32_t sleep_us;          /* a blocking task: its batch-mates get stolen by idle workers */
     uint32_t plain;             /* written plainly by the task, read plainly after
                                  * drain/wait: ThreadSanitizer checks the happens-before */
 } slot_t;
 
 static void task_run(void *data) {
     slot_t *s = data;
+    if (s->sleep_us) usleep(s->sleep_us);
     uint64_t x = s->spin;
     for (uint32_t i = 0; i < s->spin; i++) {
         x = x * 6364136223846793005ull + 1442695040888963407ull;
@@ -132,6 +134,20 @@ static void task_run(void *data) {
     }
     atomic_fetch_add_explicit(&s->runs, 1, memory_order_relaxed);
     s->plain = MAGIC;
+}
+
+/* One task in SLOW_EVERY blocks for a while (longer than the batch budget), so idle workers
+ * steal the rest of its batch while it runs. */
+#define SLOW_EVERY 1000
+static void maybe_slow(slot_t *s, uint64_t *rng) {
+    uint64_t r = rng_next(rng);
+    if (r % SLOW_EVERY == 0) s->sleep_us = 300 + (uint32_t)((r >> 32) % 700);
+}
+
+static uint64_t engine_stolen(ct_engine *e) {
+    uint64_t n = 0;
+    for (int i = 0; i < e->nworkers; i++) n += atomic_load(&e->workers[i].stolen);
+    return n;
 }
 
 static ct_task *task_make(slot_t *s, int prio) {
@@ -231,7 +247,10 @@ static void *producer_a(void *arg) {
         int mode = (int)(rng_next(&rng) % 8);
         if (mode < 2) {
             /* all or none, waiting for room */
-            for (long j = 0; j < k; j++) batch[j] = task_make(&a->slots[i + j], (int)(rng_next(&rng) % CT_NPRIO));
+            for (long j = 0; j < k; j++) {
+                maybe_slow(&a->slots[i + j], &rng);
+                batch[j] = task_make(&a->slots[i + j], (int)(rng_next(&rng) % CT_NPRIO));
+            }
             int rc = ct_engine_submit_many(a->e, batch, (size_t)k, -1);
             a->many_calls++;
             if (rc != CT_OK) {
@@ -240,6 +259,7 @@ static void *producer_a(void *arg) {
             }
         } else {
             for (long j = 0; j < k; j++) {
+                maybe_slow(&a->slots[i + j], &rng);
                 ct_task *t = task_make(&a->slots[i + j], (int)(rng_next(&rng) % CT_NPRIO));
                 int rc;
                 if (mode == 2) {
@@ -301,6 +321,7 @@ static void test_a(void) {
     }
     CHECK(bad_runs == 0, "%ld of %ld tasks did not run exactly once", bad_runs, n);
     check_stats(e, (uint64_t)n, (uint64_t)n, 0);
+    uint64_t stolen = engine_stolen(e);
     uint64_t singles = 0, many = 0, retries = 0;
     for (int p = 0; p < NPRODUCERS; p++) {
         singles += prods[p].singles;
@@ -313,8 +334,10 @@ static void test_a(void) {
            "%d producers, %d workers, queue_size %d: %.2fs, %.0f tasks/s\n",
            n, (unsigned long long)singles, (unsigned long long)many, (unsigned long long)retries, NPRODUCERS,
            NWORKERS, QUEUE_SIZE, dt, (double)n / dt);
-    printf("  a: peak queued %lld, peak producers blocked on a full queue %d%s\n", (long long)peak_queued,
-           peak_space_waiters, retries == 0 && peak_space_waiters == 0 ? " (note: the full-queue path was not seen)" : "");
+    printf("  a: peak queued %lld, peak producers blocked on a full queue %d%s; %llu tasks stolen from "
+           "the batches of blocked workers\n", (long long)peak_queued, peak_space_waiters,
+           retries == 0 && peak_space_waiters == 0 ? " (note: the full-queue path was not seen)" : "",
+           (unsigned long long)stolen);
 }
 
 /* ------------------------------------------------------------------ (b) cancellation race */
@@ -336,6 +359,7 @@ static void *producer_b(void *arg) {
     for (long k = 0; k < b->count; k++) {
         long i = b->base + k;
         b->slots[i].spin = (uint32_t)(rng_next(&rng) % 256);
+        maybe_slow(&b->slots[i], &rng);
         ct_task *t = task_make(&b->slots[i], (int)(rng_next(&rng) % CT_NPRIO));
         ct_task_incref(t);   /* ours: the node stays valid after the engine drops its reference */
         b->tasks[i] = t;
@@ -440,6 +464,7 @@ static void test_b(void) {
     }
     CHECK(bad == 0, "%ld of %ld tasks were not exactly 'ran once' xor 'cancelled once'", bad, n);
     check_stats(e, (uint64_t)n, (uint64_t)ran, (uint64_t)cancelled);
+    uint64_t stolen = engine_stolen(e);
     for (long i = 0; i < n; i++)
         if (tasks[i]) ct_task_decref(NULL, tasks[i]);
     engine_finish(e);
@@ -448,8 +473,9 @@ static void test_b(void) {
         printf("  b: note: the race was one-sided this time (ran %ld, cancelled %ld)\n", ran, cancelled);
     free(tasks);
     free(slots);
-    printf("  b: %ld tasks: %ld ran, %ld cancelled (%llu cancel calls by 2 threads, %llu too late): %.2fs\n", n, ran,
-           cancelled, (unsigned long long)attempts, (unsigned long long)(attempts - (uint64_t)cancelled), dt);
+    printf("  b: %ld tasks: %ld ran, %ld cancelled (%llu cancel calls by 2 threads, %llu too late), %llu stolen: "
+           "%.2fs\n", n, ran, cancelled, (unsigned long long)attempts,
+           (unsigned long long)(attempts - (uint64_t)cancelled), (unsigned long long)stolen, dt);
 }
 
 /* ------------------------------------------------------------------ (c) waiting */
@@ -478,6 +504,7 @@ static void *producer_c(void *arg) {
     uint64_t rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)(a->id + 11) * 0xBF58476D1CE4E5B9ull;
     for (long i = a->id; i < c->n && !atomic_load(&c->abort); i += NPROD_C) {
         c->slots[i].spin = (uint32_t)(rng_next(&rng) % 4096);
+        maybe_slow(&c->slots[i], &rng);
         ct_task *t = task_make(&c->slots[i], (int)(rng_next(&rng) % CT_NPRIO));
         ct_task_incref(t);   /* the test's reference, dropped at the end */
         atomic_store_explicit(&c->tasks[i], t, memory_order_release);
