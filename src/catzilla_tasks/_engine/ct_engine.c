@@ -296,8 +296,26 @@ static void ct_wake_one(ct_engine *e) {
 #define CT_HEAD(r) ((uint32_t)(((r) >> 16) & 0xFFFFu))
 #define CT_TAIL(r) ((uint32_t)((r)&0xFFFFu))
 
+static void ct_held_add(ct_engine *e, ct_task **ts, size_t n, int sign, int *min_prio, int *has_py) {
+    int64_t c[CT_HELD_PRIO] = {0};
+    int mp = CT_NPRIO, py = 0;
+    for (size_t i = 0; i < n; i++) {
+        int p = ts[i]->priority;
+        if (p < mp) mp = p;
+        if (p < CT_HELD_PRIO) c[p]++;
+        py |= ts[i]->kind != CT_KIND_C;
+    }
+    if (has_py) *has_py = py;
+    for (int p = 0; p < CT_HELD_PRIO; p++)
+        if (c[p]) atomic_fetch_add_explicit(&e->held[p], sign * c[p], memory_order_relaxed);
+    if (min_prio) *min_prio = mp;
+}
+
 /* Owner only, batch empty: publish batch[0..n). */
 static void ct_worker_publish(ct_worker *w, size_t n) {
+    int mp;
+    ct_held_add(w->engine, w->batch, n, +1, &mp, &w->batch_has_py);
+    atomic_store_explicit(&w->batch_prio, mp, memory_order_relaxed);
     uint64_t r = atomic_load_explicit(&w->range, memory_order_relaxed);
     /* release: the entries written before are visible to a thief that acquires the range */
     atomic_store_explicit(&w->range, CT_RANGE(CT_GEN(r) + 1, 0, n), memory_order_release);
@@ -310,8 +328,11 @@ ct_task *ct_worker_take(ct_worker *w) {
         if (head >= tail) return NULL;
         ct_task *t = w->batch[head];
         if (atomic_compare_exchange_weak_explicit(&w->range, &r, CT_RANGE(CT_GEN(r), head + 1, tail),
-                                                  memory_order_acq_rel, memory_order_acquire))
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+            if (t->priority < CT_HELD_PRIO)
+                atomic_fetch_sub_explicit(&w->engine->held[t->priority], 1, memory_order_relaxed);
             return t;
+        }
     }
 }
 
@@ -325,9 +346,21 @@ static size_t ct_worker_grab(ct_worker *v, ct_task **out) {
         for (size_t j = 0; j < k; j++) out[j] = v->batch[head + j];
         /* the generation in r makes this fail if the owner refilled meanwhile */
         if (atomic_compare_exchange_weak_explicit(&v->range, &r, CT_RANGE(CT_GEN(r), head, head),
-                                                  memory_order_acq_rel, memory_order_acquire))
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+            ct_held_add(v->engine, out, k, -1, NULL, NULL);   /* no longer in v's batch */
             return k;
+        }
     }
+}
+
+size_t ct_engine_grab_urgent(ct_engine *e, ct_worker *self, int prio, ct_task **out) {
+    for (int i = 0; i < e->nworkers; i++) {
+        ct_worker *v = &e->workers[i];
+        if (v == self || atomic_load_explicit(&v->batch_prio, memory_order_relaxed) >= prio) continue;
+        size_t k = ct_worker_grab(v, out);
+        if (k) return k;
+    }
+    return 0;
 }
 
 /* Steal every not-yet-started task of a sibling stuck on one task for more than the batch

@@ -16,6 +16,7 @@
 #include <pthread.h>
 
 #define CT_NPRIO 4   /* CRITICAL=0, HIGH=1, NORMAL=2, LOW=3 */
+#define CT_HELD_PRIO 2   /* priorities tracked in engine->held (CRITICAL, HIGH) */
 
 enum ct_status {
     CT_PENDING = 0,
@@ -78,6 +79,8 @@ typedef struct ct_worker {
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
     _Atomic uint64_t current_since;     /* start of the task being run, 0 = none */
+    _Atomic int batch_prio;             /* most urgent priority in the batch at publish */
+    int batch_has_py;                   /* the batch at publish holds a non-C task (owner only) */
     CT_ALIGNED _Atomic uint64_t range;
     ct_task *batch[CT_BATCH_HARD_MAX];
 } ct_worker;
@@ -118,6 +121,9 @@ struct ct_engine {
     CT_ALIGNED _Atomic int64_t queued;           /* total queued: the queue_size bound */
     CT_ALIGNED _Atomic int64_t qcount[CT_NPRIO];  /* per priority (stats, urgency checks) */
     CT_ALIGNED _Atomic int64_t running;           /* popped and not finished (incl. async) */
+    /* CRITICAL and HIGH tasks sitting not started in published batches: a worker holding
+     * the GIL runs them itself rather than let them wait for their batch's owner to get it. */
+    _Atomic int64_t held[CT_HELD_PRIO];
     _Atomic uint64_t submitted, succeeded, failed, cancelled, rejected;
     _Atomic uint64_t avg_exec_ns;                 /* EWMA of execution time per task */
 
@@ -167,12 +173,18 @@ void ct_engine_get_stats(ct_engine *e, ct_stats *out);
 /* ---- used by hooks while running a batch ---- */
 /* Pop up to max tasks of priority < prio (more urgent than prio) without blocking. */
 size_t ct_engine_pop_urgent(ct_engine *e, int prio, ct_task **out, size_t max);
-/* Cheap check: is a queue more urgent than prio non-empty? */
+/* Cheap check: is work more urgent than prio waiting, in a queue or in a batch? */
 static inline int ct_engine_has_urgent(ct_engine *e, int prio) {
-    for (int p = 0; p < prio; p++)
+    for (int p = 0; p < prio; p++) {
         if (atomic_load_explicit(&e->qcount[p], memory_order_relaxed) > 0) return 1;
+        if (p < CT_HELD_PRIO && atomic_load_explicit(&e->held[p], memory_order_relaxed) > 0) return 1;
+    }
     return 0;
 }
+/* Take the not-started rest of a sibling's batch that holds work more urgent than prio (the
+ * sibling is typically waiting for the GIL this caller holds). out must hold
+ * CT_BATCH_HARD_MAX tasks; the caller runs them. */
+size_t ct_engine_grab_urgent(ct_engine *e, ct_worker *self, int prio, ct_task **out);
 /* The next task of w's own batch (owner only), or NULL when the batch is done or stolen. */
 ct_task *ct_worker_take(ct_worker *w);
 /* Run a CT_KIND_C task on this thread: begin, call, finish, drop the engine's reference. */

@@ -300,6 +300,14 @@ static void hook_run_batch(ct_worker *w) {
     int have_gil = 0;
     uint64_t now = 0, t0 = 0;
     size_t ran = 0;
+    if (w->batch_has_py) {
+        /* Take the GIL before taking a task: a task waits for the GIL inside the batch,
+         * where a worker that holds the GIL can still see it and run it if it is urgent
+         * (ct_engine_grab_urgent), not in this thread's hands. */
+        PyEval_RestoreThread((PyThreadState *)w->py_state);
+        have_gil = 1;
+        now = t0 = ct_now_ns();
+    }
     while ((t = ct_worker_take(w))) {
         /* C tasks before any Python one run without taking the GIL at all */
         if (t->kind == CT_KIND_C && !have_gil) {
@@ -314,8 +322,10 @@ static void hook_run_batch(ct_worker *w) {
         /* Something more urgent arrived while this batch runs: run it first, now, under the
          * GIL we already hold. This keeps CRITICAL waits at one task's length. */
         if (t->priority > 0 && ct_engine_has_urgent(w->engine, t->priority)) {
-            ct_task *urgent[CT_URGENT_MAX];
+            ct_task *urgent[CT_BATCH_HARD_MAX];
             size_t m = ct_engine_pop_urgent(w->engine, t->priority, urgent, CT_URGENT_MAX);
+            /* or it sits in the batch of a sibling that waits for the GIL we hold: take it */
+            if (!m) m = ct_engine_grab_urgent(w->engine, w, t->priority, urgent);
             for (size_t j = 0; j < m; j++) now = run_one(w, eng, urgent[j], now);
             ran += m;
         }

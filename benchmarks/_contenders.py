@@ -1,0 +1,624 @@
+"""One measurement of one contender, in a fresh process.
+
+    python benchmarks/_contenders.py CONTENDER FIGURE N [PROBES]
+
+CONTENDER: ours | threadpool | catzilla
+FIGURE:    throughput  N no-op tasks end to end (submit, execute, result available)
+           critical    N NORMAL no-ops queued, then PROBES CRITICAL no-ops one at a time
+           memory      bytes per queued no-op task with N queued and their handles held
+
+Prints exactly one JSON line on stdout (anything the contender itself prints goes to
+stderr). A contender that cannot run prints {"error": "..."} and exits with status 3.
+run.py spawns this once per (run, figure, contender), so peak RSS is per contender.
+"""
+import gc
+import itertools
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+import traceback
+import tracemalloc
+
+try:
+    import psutil
+except ImportError:  # fall back to /proc and getrusage
+    psutil = None
+
+WORKERS = 4
+RESULT_TIMEOUT_S = 600.0  # never hang forever on a contender that loses tasks
+MAX_ROUNDS = 200  # CRITICAL figure: backlog refills allowed to collect the probes
+perf = time.perf_counter
+
+
+class Unavailable(Exception):
+    """The contender cannot be measured in this environment (e.g. not installed)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def noop():
+    return None
+
+
+def rss_bytes():
+    """Current resident set size of this process."""
+    if psutil is not None:
+        return psutil.Process().memory_info().rss
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    """High-water mark of the resident set size of this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def percentile(values, q):
+    """Linear-interpolated percentile, q in [0, 100]."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class Backlog:
+    """NORMAL tasks that count themselves, so we know how many are still queued.
+
+    The task is a Python no-op plus one itertools.count step (atomic in CPython).
+    Reading the count consumes a number too, so reads are subtracted again.
+    """
+
+    def __init__(self, size):
+        self.size = size
+        self.submitted = 0
+        self._count = itertools.count()
+        self._reads = 0
+        step = self._count.__next__
+
+        def normal_task():
+            step()
+
+        self.task = normal_task
+
+    def executed(self):
+        done = next(self._count) - self._reads
+        self._reads += 1
+        return done
+
+    def remaining(self):
+        return self.submitted - self.executed()
+
+    def top_up(self, add):
+        """Queue NORMAL tasks with add(task) until `size` are outstanding."""
+        need = self.size - self.remaining()
+        task = self.task
+        for _ in range(need):
+            add(task)
+        self.submitted += need
+
+
+class Blockers:
+    """`count` tasks that each occupy one worker until release()."""
+
+    def __init__(self, count):
+        self.count = count
+        self._started = itertools.count(1)
+        self._all_started = threading.Event()
+        self._release = threading.Event()
+
+    def task(self):
+        if next(self._started) == self.count:
+            self._all_started.set()
+        self._release.wait()
+
+    def wait_started(self, timeout=30.0):
+        if not self._all_started.wait(timeout):
+            raise RuntimeError("blocker tasks did not all start")
+
+    def release(self):
+        self._release.set()
+
+
+def probe_rounds(stop_workers, start_workers, add_normal, backlog, run_probe, probes, max_rounds):
+    """The CRITICAL-wait protocol, shared by all contenders.
+
+    One round: stop the workers, top the backlog up to `backlog.size` queued NORMAL
+    tasks, start the workers, then submit one probe at a time (submit, wait for it,
+    next) for as long as NORMAL tasks are still queued. Rounds repeat until `probes`
+    probes have run or `max_rounds` is reached, so every probe counted was submitted
+    with a real backlog ahead of it (a fast engine drains 100,000 no-ops quickly).
+    run_probe() -> (queue_wait_ms, harness_wait_ms).
+    """
+    waits, harness, at_submit = [], [], []
+    rounds = 0
+    left_at_last = None
+    while len(waits) < probes and rounds < max_rounds:
+        rounds += 1
+        stop_workers()
+        backlog.top_up(add_normal)
+        start_workers()
+        while len(waits) < probes:
+            left = backlog.remaining()
+            if left <= 0:
+                break
+            wait_ms, harness_ms = run_probe()
+            at_submit.append(left)
+            waits.append(wait_ms)
+            harness.append(harness_ms)
+            left_at_last = backlog.remaining()
+    return {
+        "backlog": backlog.size,
+        "probes": len(waits),
+        "rounds": rounds,
+        "p50_ms": percentile(waits, 50),
+        "p99_ms": percentile(waits, 99),
+        "max_ms": max(waits) if waits else None,
+        "min_backlog_at_submit": min(at_submit) if at_submit else None,
+        "median_backlog_at_submit": percentile(at_submit, 50),
+        "normal_remaining_at_last_probe": left_at_last,
+        "p50_ms_harness": percentile(harness, 50),
+        "p99_ms_harness": percentile(harness, 99),
+    }
+
+
+def _probe_with_event():
+    """A probe task that records when it started and signals the waiting harness."""
+    started = []
+    event = threading.Event()
+
+    def probe():
+        started.append(perf())
+        event.set()
+
+    return probe, started, event
+
+
+def harness_probe(submit_critical):
+    """Submit one probe, wait until it ran; wait = submit call -> probe started."""
+    probe, started, event = _probe_with_event()
+    t_submit = perf()
+    submit_critical(probe)
+    if not event.wait(RESULT_TIMEOUT_S):
+        raise RuntimeError("probe never ran")
+    ms = (started[0] - t_submit) * 1000.0
+    return ms, ms
+
+
+def queued_memory(n, make_pool):
+    """Bytes per queued no-op task, with the result handles held. Shared by all contenders.
+
+    make_pool() creates the contender (after the first RSS reading, so "all-in"
+    includes creating it) and returns an object with stop(), start(), fill(slots)
+    (submit one no-op per slot, storing its handle there), wait_done(slots),
+    engine_stats() (dict or None) and close(). The slot lists are allocated before
+    each baseline reading, so list storage is not counted against the task.
+    """
+    slots = [None] * n
+    gc.collect()
+    rss_start = rss_bytes()
+    pool = make_pool()
+    pool.stop()
+    gc.collect()
+    rss_ready = rss_bytes()
+    engine_ready = pool.engine_stats()
+    pool.fill(slots)
+    gc.collect()
+    rss_queued = rss_bytes()
+    engine_queued = pool.engine_stats()
+    peak_queued = peak_rss_bytes()
+    pool.start()
+    pool.wait_done(slots)
+
+    # Second pass for tracemalloc (kept apart: tracing itself costs RSS).
+    slots = [None] * n
+    pool.stop()
+    gc.collect()
+    tracemalloc.start()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    pool.fill(slots)
+    gc.collect()
+    traced_bytes = tracemalloc.get_traced_memory()[0] - traced_before
+    tracemalloc.stop()
+    pool.start()
+    pool.wait_done(slots)
+    pool.close()
+
+    out = {
+        "n": n,
+        "bytes_per_task_rss": (rss_queued - rss_ready) / n,
+        "bytes_per_task_rss_all_in": (rss_queued - rss_start) / n,
+        "bytes_per_task_tracemalloc": traced_bytes / n,
+        "peak_rss_queued_bytes": peak_queued,
+        "how_queued": pool.how_queued,
+    }
+    if engine_ready is not None:
+        out["slab_bytes_per_task"] = (engine_queued["slab_bytes"] - engine_ready["slab_bytes"]) / n
+        out["slab_nodes_in_use_queued"] = engine_queued["nodes_in_use"]
+    return out
+
+
+class BlockedWorkers:
+    """stop()/start() for pools without pause(): occupy every worker with a blocker."""
+
+    def __init__(self, submit_blocker):
+        self._submit = submit_blocker
+        self._blockers = None
+
+    def stop(self):
+        self._blockers = Blockers(WORKERS)
+        for _ in range(WORKERS):
+            self._submit(self._blockers.task)
+        self._blockers.wait_started()
+
+    def start(self):
+        self._blockers.release()
+
+
+# --------------------------------------------------------------------------- ours
+
+def _ours_module():
+    try:
+        import catzilla_tasks
+    except Exception as exc:  # ImportError, or a half-built package
+        raise Unavailable(
+            f"import catzilla_tasks failed ({type(exc).__name__}: {exc}); "
+            "build it with `make -C <repo> build` and run with .venv/bin/python"
+        ) from exc
+    if not hasattr(catzilla_tasks, "BackgroundTasks"):
+        where = list(getattr(catzilla_tasks, "__path__", [])) or catzilla_tasks.__file__
+        raise Unavailable(f"catzilla_tasks at {where} has no BackgroundTasks (not built yet?)")
+    return catzilla_tasks
+
+
+def _ours_engine(queue_needed):
+    ct = _ours_module()
+    tasks = ct.BackgroundTasks(workers=WORKERS, queue_size=max(300_000, queue_needed + 10_000))
+    warm = [tasks.add_task(noop) for _ in range(1000)]
+    tasks.join()
+    warm[-1].wait(timeout=30)
+    return ct, tasks
+
+
+def ours_throughput(n, _probes):
+    _ct, tasks = _ours_engine(n)
+    add = tasks.add_task
+    gc.collect()
+    t0 = perf()
+    handles = [add(noop) for _ in range(n)]
+    t_submitted = perf()
+    tasks.join()
+    all_ready = all([r.is_ready() for r in handles])
+    handles[-1].wait(timeout=RESULT_TIMEOUT_S)
+    elapsed = perf() - t0
+    tasks.shutdown(wait_for_completion=True, timeout=30)
+    return {
+        "n": n,
+        "seconds": elapsed,
+        "tasks_per_s": n / elapsed,
+        "submit_tasks_per_s": n / (t_submitted - t0),
+        "completed": n if all_ready else sum(1 for r in handles if r.is_ready()),
+        "all_results_ready": all_ready,
+    }
+
+
+def ours_critical(backlog_n, probes):
+    ct, tasks = _ours_engine(backlog_n + probes)
+    critical = tasks.options(priority=ct.TaskPriority.CRITICAL)
+
+    def run_probe():
+        probe, started, _event = _probe_with_event()
+        t_submit = perf()
+        r = critical.add_task(probe)
+        r.wait(timeout=RESULT_TIMEOUT_S)
+        return r.get_stats()["queue_wait_ms"], (started[0] - t_submit) * 1000.0
+
+    out = probe_rounds(tasks.pause, tasks.resume, tasks.add_task, Backlog(backlog_n),
+                       run_probe, probes, max_rounds=MAX_ROUNDS)
+    tasks.join()
+    tasks.shutdown(wait_for_completion=True, timeout=30)
+    out["source"] = "TaskResult.get_stats()['queue_wait_ms']; *_harness: add_task() call -> probe started"
+    return out
+
+
+class _OursPool:
+    how_queued = "tasks.pause()"
+
+    def __init__(self, n):
+        _ct, self.tasks = _ours_engine(n)
+        self.stop, self.start = self.tasks.pause, self.tasks.resume
+
+    def fill(self, slots):
+        add = self.tasks.add_task
+        for i in range(len(slots)):
+            slots[i] = add(noop)
+
+    def wait_done(self, slots):
+        self.tasks.join()
+        slots[-1].wait(timeout=RESULT_TIMEOUT_S)
+
+    def engine_stats(self):
+        return self.tasks.memory_stats()
+
+    def close(self):
+        self.tasks.shutdown(wait_for_completion=True, timeout=30)
+
+
+def ours_memory(n, _probes):
+    return queued_memory(n, lambda: _OursPool(n))
+
+
+# --------------------------------------------------------------------------- ThreadPoolExecutor
+
+def _threadpool():
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    ex = ThreadPoolExecutor(WORKERS)
+    wait([ex.submit(noop) for _ in range(1000)])
+    return ex, wait
+
+
+def threadpool_throughput(n, _probes):
+    ex, wait = _threadpool()
+    submit = ex.submit
+    gc.collect()
+    t0 = perf()
+    futures = [submit(noop) for _ in range(n)]
+    t_submitted = perf()
+    done, not_done = wait(futures, timeout=RESULT_TIMEOUT_S)
+    elapsed = perf() - t0
+    ex.shutdown(wait=True)
+    return {
+        "n": n,
+        "seconds": elapsed,
+        "tasks_per_s": n / elapsed,
+        "submit_tasks_per_s": n / (t_submitted - t0),
+        "completed": len(done),
+        "all_results_ready": not not_done,
+    }
+
+
+def threadpool_critical(backlog_n, probes):
+    # ThreadPoolExecutor has one FIFO queue and no priorities: a probe waits for the
+    # whole backlog, and the next one finds the queue empty, so each round yields one
+    # probe. Rounds are capped at 3 (each costs a full drain of the backlog).
+    ex, _wait = _threadpool()
+    workers = BlockedWorkers(ex.submit)
+    out = probe_rounds(workers.stop, workers.start, ex.submit, Backlog(backlog_n),
+                       lambda: harness_probe(ex.submit), probes, max_rounds=3)
+    ex.shutdown(wait=True)
+    out["source"] = "harness: submit() call -> probe started (FIFO, no priorities)"
+    return out
+
+
+class _ThreadPool:
+    how_queued = f"all {WORKERS} workers blocked on an Event"
+
+    def __init__(self):
+        self.ex, self._wait = _threadpool()
+        workers = BlockedWorkers(self.ex.submit)
+        self.stop, self.start = workers.stop, workers.start
+
+    def fill(self, slots):
+        submit = self.ex.submit
+        for i in range(len(slots)):
+            slots[i] = submit(noop)
+
+    def wait_done(self, slots):
+        self._wait(slots, timeout=RESULT_TIMEOUT_S)
+
+    def engine_stats(self):
+        return None
+
+    def close(self):
+        self.ex.shutdown(wait=True)
+
+
+def threadpool_memory(n, _probes):
+    return queued_memory(n, _ThreadPool)
+
+
+# --------------------------------------------------------------------------- catzilla 0.2.3
+
+def _catzilla(queue_needed):
+    """Catzilla's background task system, sized so that nothing is dropped.
+
+    catzilla 0.2.3 splits queue_size over four PriorityQueues (NORMAL gets
+    queue_size // 2) and silently drops tasks that do not fit, so queue_size is
+    2x what we queue. Its TaskResult.wait() never returns (nothing sets
+    _completed), so completion is counted through side effects instead.
+    """
+    try:
+        import catzilla
+        from catzilla import Catzilla
+        from catzilla.background_tasks import TaskPriority
+    except Exception as exc:
+        raise Unavailable(
+            f"import catzilla failed ({type(exc).__name__}: {exc}); pip install catzilla==0.2.3"
+        ) from exc
+    app = Catzilla()
+    app.enable_background_tasks(workers=WORKERS, queue_size=2 * (queue_needed + 10_000))
+    warm = Counted()
+    warm.expect(1000)
+    for _ in range(1000):
+        app.add_task(warm.task)
+    warm.wait()
+    return app, TaskPriority, getattr(catzilla, "__version__", "?")
+
+
+class Counted:
+    """Tasks that count themselves; the one reaching the expected total sets an Event."""
+
+    def __init__(self):
+        self.target = 0
+        self._count = itertools.count(1)
+        self._reads = 0
+        self._done = threading.Event()
+        step, done = self._count.__next__, self._done
+
+        def counted_task():
+            if step() == self.target:
+                done.set()
+
+        self.task = counted_task
+
+    def expect(self, k):
+        """Call before submitting k more tasks (with none running)."""
+        self._done.clear()
+        self.target += k
+
+    def wait(self, stall_s=10.0):
+        """Wait for the expected total; give up (False) once no task ran for stall_s.
+
+        The Event does the waiting; the count is only read when a stall_s slice
+        passes without it, so a contender that drops tasks cannot hang the run.
+        """
+        seen = self.executed()
+        while not self._done.wait(stall_s):
+            now = self.executed()
+            if now == seen:
+                return False
+            seen = now
+        return True
+
+    def executed(self):
+        done = next(self._count) - 1 - self._reads
+        self._reads += 1
+        return done
+
+
+def catzilla_throughput(n, _probes):
+    app, _prio, version = _catzilla(n)
+    counted = Counted()
+    counted.expect(n)
+    add = app.add_task
+    gc.collect()
+    t0 = perf()
+    handles = [add(counted.task) for _ in range(n)]
+    t_submitted = perf()
+    finished = counted.wait()
+    elapsed = perf() - t0
+    executed = counted.executed()
+    ready = sum(1 for r in handles if r.is_ready())
+    app.tasks.shutdown(wait_for_completion=True, timeout=30)
+    return {
+        "n": n,
+        "seconds": elapsed,
+        "tasks_per_s": n / elapsed if finished else None,
+        "submit_tasks_per_s": n / (t_submitted - t0),
+        "completed": executed,
+        "all_results_ready": False,
+        "handles_reporting_ready": ready,  # catzilla's TaskResult.is_ready() never turns True
+        "catzilla_version": version,
+        "how_waited": "side-effect counter; the last task sets a threading.Event",
+    }
+
+
+def catzilla_critical(backlog_n, probes):
+    app, prio, version = _catzilla(backlog_n + probes)
+    # catzilla has no pause(): occupy its workers with CRITICAL blockers instead
+    def add_critical(func):
+        return app.add_task(func, priority=prio.CRITICAL)
+
+    workers = BlockedWorkers(add_critical)
+    out = probe_rounds(workers.stop, workers.start, app.add_task, Backlog(backlog_n),
+                       lambda: harness_probe(add_critical), probes, max_rounds=MAX_ROUNDS)
+    app.tasks.shutdown(wait_for_completion=True, timeout=30)
+    out["source"] = "harness: add_task() call -> probe started (its TaskStats are never filled)"
+    out["catzilla_version"] = version
+    return out
+
+
+class _CatzillaPool:
+    how_queued = f"all {WORKERS} workers blocked by CRITICAL tasks waiting on an Event"
+
+    def __init__(self, n):
+        self.app, prio, self.version = _catzilla(n)
+        workers = BlockedWorkers(lambda f: self.app.add_task(f, priority=prio.CRITICAL))
+        self.stop, self.start = workers.stop, workers.start
+        self.counted = Counted()
+
+    def fill(self, slots):
+        add, task = self.app.add_task, self.counted.task
+        self.counted.expect(len(slots))
+        for i in range(len(slots)):
+            slots[i] = add(task)
+
+    def wait_done(self, slots):
+        self.counted.wait()  # its result handles never report completion
+
+    def engine_stats(self):
+        return None
+
+    def close(self):
+        self.app.tasks.shutdown(wait_for_completion=True, timeout=30)
+
+
+def catzilla_memory(n, _probes):
+    return queued_memory(n, lambda: _CatzillaPool(n))
+
+
+# --------------------------------------------------------------------------- main
+
+MEASUREMENTS = {
+    ("ours", "throughput"): ours_throughput,
+    ("ours", "critical"): ours_critical,
+    ("ours", "memory"): ours_memory,
+    ("threadpool", "throughput"): threadpool_throughput,
+    ("threadpool", "critical"): threadpool_critical,
+    ("threadpool", "memory"): threadpool_memory,
+    ("catzilla", "throughput"): catzilla_throughput,
+    ("catzilla", "critical"): catzilla_critical,
+    ("catzilla", "memory"): catzilla_memory,
+}
+
+
+def main(argv):
+    if len(argv) not in (4, 5) or (argv[1], argv[2]) not in MEASUREMENTS:
+        sys.stderr.write(__doc__)
+        return 2
+    contender, figure, n = argv[1], argv[2], int(argv[3])
+    probes = int(argv[4]) if len(argv) == 5 else 0
+
+    # Contenders print banners (catzilla does, even from C): send fd 1 to stderr
+    # and keep a private copy of the real stdout for our one JSON line.
+    sys.stdout.flush()
+    result_fd = os.dup(1)
+    os.dup2(2, 1)
+
+    status = 0
+    try:
+        result = MEASUREMENTS[(contender, figure)](n, probes)
+    except Unavailable as exc:
+        result, status = {"error": str(exc), "unavailable": True}, 3
+    except Exception as exc:
+        traceback.print_exc()
+        result, status = {"error": f"{type(exc).__name__}: {exc}"}, 3
+    result.update({
+        "contender": contender,
+        "figure": figure,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_source": "psutil" if psutil is not None else "/proc/self/statm",
+        "python": platform.python_version(),
+    })
+    sys.stdout.flush()
+    with os.fdopen(result_fd, "w") as out:
+        out.write(json.dumps(result) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
