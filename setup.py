@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 ENGINE_DIR = "src/catzilla_tasks/_engine"
 SOURCES = [
     f"{ENGINE_DIR}/{name}"
-    for name in ("ct_slab.c", "ct_queue.c", "ct_sync.c", "ct_engine.c", "module.c")
+    for name in ("ct_slab.c", "ct_queue.c", "ct_sync.c", "ct_timer.c", "ct_engine.c", "module.c")
 ]
 
 mode = os.environ.get("CATZILLA_TASKS_BUILD", "release")

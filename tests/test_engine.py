@@ -245,16 +245,6 @@ def test_bound_methods_and_callable_objects_keep_their_config(tasks):
     assert r.priority is TaskPriority.LOW and r.wait(5) == "c"
 
 
-def test_scheduling_fields_are_refused_until_supported(tasks):
-    @task(delay_ms=100)
-    def later():
-        pass
-
-    with pytest.raises(ValueError, match="does not schedule them yet"):
-        tasks.add_task(later)
-    assert tasks.stats()["submitted"] == 0
-
-
 def test_constructor_validation():
     with pytest.raises(ValueError, match="^workers"):
         BackgroundTasks(workers=0)

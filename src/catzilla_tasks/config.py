@@ -71,16 +71,44 @@ def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive:
     return value
 
 
-class TaskConfig(_engine.ConfigBase):
-    """How a task runs: its priority and its scheduling options.
+Isolation = Literal["thread", "process"]
+_ISOLATIONS = ("thread", "process")
 
-    ``delay_ms``, ``max_retries`` and ``timeout_ms`` are validated here; in this version the
-    engine refuses a task that sets them (delays, retries and timeouts are scheduled by the
-    engine's timer, which is not built yet; see docs/architecture.md). ``memory_limit_mb`` is
-    recorded for process isolation and is not enforced for tasks running in threads.
+
+def _exception_kinds(value: Any) -> tuple[type[BaseException], ...]:
+    kinds = value if isinstance(value, tuple) else (value,)
+    if not kinds or not all(isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
+        raise ValueError(f"retry_on: expected an exception class or a tuple of them, got {value!r}")
+    return kinds
+
+
+def _hook(field: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise ValueError(f"{field}: expected a callable or None, got {type(value).__name__} {value!r}")
+    return value
+
+
+class TaskConfig(_engine.ConfigBase):
+    """How a task runs: priority, delay, retries with back-off, timeout, isolation, hooks.
+
+    * ``delay_ms``: wait this long in the engine's timer before the task is queued.
+    * ``max_retries``: further attempts after a failure whose exception matches ``retry_on``
+      (default: any ``Exception``); 0 (the default) means no retry, because re-running work
+      that is not idempotent must be a decision, not a default.
+    * ``retry_backoff``: ``"exponential"`` (``retry_base_ms * 2**(attempt-1)``), ``"linear"``
+      (``retry_base_ms * attempt``) or ``"fixed"`` (``retry_base_ms``), capped at
+      ``retry_max_ms``; ``retry_jitter`` draws the wait uniformly in ``[0, backoff)`` ("full
+      jitter"), on by default for exponential back-off only.
+    * ``timeout_ms``: a thread task gets ``TaskTimeout`` raised inside it, an async task is
+      cancelled, a process task's child is killed; the task ends TIMED_OUT (retried only with
+      ``retry_on_timeout=True``).
+    * ``isolation="process"``: run in the engine's pool of child processes (hard timeouts,
+      ``memory_limit_mb``, crashes contained). ``memory_limit_mb`` cannot be enforced for a
+      task in a thread (threads share one address space), so it requires process isolation.
+    * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker.
     """
 
-    __slots__ = ("retry_backoff", "memory_limit_mb")
+    __slots__ = ("retry_backoff", "memory_limit_mb", "retry_on", "retry_jitter", "isolation", "_hooks", "_retry_ms")
 
     def __init__(
         self,
@@ -90,35 +118,83 @@ class TaskConfig(_engine.ConfigBase):
         timeout_ms: float | None = None,
         retry_backoff: RetryBackoff = "exponential",
         memory_limit_mb: float | None = None,
+        *,
+        retry_base_ms: float = 100,
+        retry_max_ms: float = 60_000,
+        retry_jitter: bool | None = None,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        retry_on_timeout: bool = False,
+        isolation: Isolation = "thread",
+        on_success: Any = None,
+        on_failure: Any = None,
+        on_retry: Any = None,
     ) -> None:
         prio = _priority(priority)
         delay = _non_negative("delay_ms", delay_ms)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
-            raise ValueError(f"max_retries: must be an integer >= 0, got {max_retries!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or not 0 <= max_retries <= 200:
+            raise ValueError(f"max_retries: must be an integer from 0 to 200, got {max_retries!r}")
         timeout = _non_negative("timeout_ms", timeout_ms, allow_none=True, positive=True)
         if retry_backoff not in _BACKOFFS:
             raise ValueError(f"retry_backoff: must be one of {', '.join(map(repr, _BACKOFFS))}, got {retry_backoff!r}")
-        self.memory_limit_mb = _non_negative("memory_limit_mb", memory_limit_mb, allow_none=True, positive=True)
+        base = _non_negative("retry_base_ms", retry_base_ms)
+        cap = _non_negative("retry_max_ms", retry_max_ms)
+        if cap < base:
+            raise ValueError(f"retry_max_ms: must be >= retry_base_ms ({base}), got {cap!r}")
+        if retry_jitter is not None and not isinstance(retry_jitter, bool):
+            raise ValueError(f"retry_jitter: expected True, False or None, got {retry_jitter!r}")
+        jitter = (retry_backoff == "exponential") if retry_jitter is None else retry_jitter
+        kinds = _exception_kinds(retry_on)
+        if isolation not in _ISOLATIONS:
+            raise ValueError(f"isolation: must be 'thread' or 'process', got {isolation!r}")
+        limit = _non_negative("memory_limit_mb", memory_limit_mb, allow_none=True, positive=True)
+        if limit is not None and isolation != "process":
+            raise ValueError(
+                "memory_limit_mb: a task running in a thread shares the process's memory, so no limit can be "
+                "enforced for it; use isolation='process' to run it in a child process with that limit"
+            )
+        self.memory_limit_mb = limit
         self.retry_backoff = retry_backoff
-        super().__init__(int(prio), int(round(delay)), int(max_retries), int(round(timeout or 0)))
+        self.retry_on = kinds
+        self.retry_jitter = retry_jitter
+        self.isolation = isolation
+        self._hooks = (_hook("on_success", on_success), _hook("on_failure", on_failure), _hook("on_retry", on_retry))
+        self._retry_ms = (base, cap, bool(retry_on_timeout))
+        super().__init__(
+            priority=int(prio),
+            delay_ms=float(delay),
+            max_retries=int(max_retries),
+            timeout_ms=float(timeout or 0),
+            backoff=_BACKOFFS.index(retry_backoff),
+            retry_base_ms=float(base),
+            retry_max_ms=float(cap),
+            jitter=jitter,
+            retry_on_timeout=bool(retry_on_timeout),
+            retry_on=kinds,
+            on_success=on_success,
+            on_failure=on_failure,
+            on_retry=on_retry,
+            isolation=isolation == "process",
+        )
 
     @property
     def priority(self) -> TaskPriority:
         return TaskPriority(self._priority)
 
     @property
-    def delay_ms(self) -> int:
-        return self._delay_ms
+    def delay_ms(self) -> float:
+        return self._delay_ns / 1e6
 
     @property
     def max_retries(self) -> int:
         return self._max_retries
 
     @property
-    def timeout_ms(self) -> int | None:
-        return self._timeout_ms or None
+    def timeout_ms(self) -> float | None:
+        return self._timeout_ns / 1e6 or None
 
     def as_dict(self) -> dict[str, Any]:
+        base, cap, on_timeout = self._retry_ms
+        on_success, on_failure, on_retry = self._hooks
         return {
             "priority": self.priority,
             "delay_ms": self.delay_ms,
@@ -126,6 +202,15 @@ class TaskConfig(_engine.ConfigBase):
             "timeout_ms": self.timeout_ms,
             "retry_backoff": self.retry_backoff,
             "memory_limit_mb": self.memory_limit_mb,
+            "retry_base_ms": base,
+            "retry_max_ms": cap,
+            "retry_jitter": self.retry_jitter,
+            "retry_on": self.retry_on,
+            "retry_on_timeout": on_timeout,
+            "isolation": self.isolation,
+            "on_success": on_success,
+            "on_failure": on_failure,
+            "on_retry": on_retry,
         }
 
     def replace(self, **changes: Any) -> "TaskConfig":
@@ -141,8 +226,19 @@ class TaskConfig(_engine.ConfigBase):
         return isinstance(other, TaskConfig) and self.as_dict() == other.as_dict()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.as_dict().items()))
+        return hash(tuple((k, v) for k, v in self.as_dict().items()))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        defaults = _defaults()
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items() if k == "priority" or v != defaults.get(k))
         return f"TaskConfig({inner})"
+
+
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def _defaults() -> dict[str, Any]:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = TaskConfig().as_dict()
+    return _DEFAULTS

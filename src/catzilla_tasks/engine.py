@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import datetime
 import functools
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any, Callable, Coroutine, TypeVar, overload
 
 from . import _engine
 from .config import TaskConfig, TaskPriority, TaskStatus
+from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
 
 __all__ = ["BackgroundTasks", "task", "ShutdownTimeout"]
@@ -40,7 +42,9 @@ class ShutdownTimeout(TimeoutError):
 
 def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
     name = getattr(subject, "__qualname__", None) or repr(subject)
-    if what == "task":
+    if what == "stuck":
+        log.warning("%s", exc)  # exc is the message here
+    elif what == "task":
         # Only failures nobody can observe are logged (no TaskResult kept, no callback).
         log.error("task %s failed (no TaskResult was kept to report it)", name, exc_info=exc)
     else:
@@ -51,12 +55,30 @@ def _run_coroutine(engine: "BackgroundTasks", handle: TaskResult, coro: Coroutin
     engine._loop_runner().submit(handle, coro)
 
 
+def _cancel_async(engine: "BackgroundTasks", handle: TaskResult) -> None:
+    runner = engine._runner
+    if runner is not None:
+        runner.cancel(handle._key)
+
+
+def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, kwargs: dict, cfg: TaskConfig) -> Callable[[], Any]:
+    from . import isolation
+
+    isolation.check_picklable(func, args, kwargs)
+    pool = engine._process_pool()
+    timeout = cfg.timeout_ms / 1000 if cfg.timeout_ms else None
+    return functools.partial(pool.run, func, args, kwargs, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
+
+
 _engine._set_hooks(
     status_members=tuple(TaskStatus),
     priority_members=tuple(TaskPriority),
     run_coroutine=_run_coroutine,
     report_error=_report_error,
     await_impl=_await_impl,
+    cancel_async=_cancel_async,
+    task_timeout=TaskTimeout,
+    isolate=_isolate,
 )
 
 
@@ -73,7 +95,7 @@ class _LoopRunner:
 
     def __init__(self, name: str) -> None:
         self.loop = _new_event_loop()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name=f"{name}-asyncio", daemon=True)
         self._thread.start()
@@ -93,11 +115,20 @@ class _LoopRunner:
 
     def _start(self, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
         t = self.loop.create_task(coro)
-        self._tasks.add(t)
+        self._tasks[handle._key] = t
         t.add_done_callback(functools.partial(self._done, handle))
 
+    def cancel(self, key: int) -> None:
+        """Cancel the coroutine of a task (any thread)."""
+        self.loop.call_soon_threadsafe(self._cancel, key)
+
+    def _cancel(self, key: int) -> None:
+        t = self._tasks.get(key)
+        if t is not None:
+            t.cancel()
+
     def _done(self, handle: TaskResult, t: asyncio.Task[Any]) -> None:
-        self._tasks.discard(t)
+        self._tasks.pop(handle._key, None)
         if t.cancelled():
             handle._settle(cancelled=True)
         elif (exc := t.exception()) is not None:
@@ -163,10 +194,11 @@ class _Options:
     """Per-call overrides: ``tasks.options(priority=..., block_timeout=...).add_task(f, ...)``.
 
     Fields given here are laid over the task's own config (its decorator's, or the defaults);
-    an explicit ``config=`` replaces it.
+    an explicit ``config=`` replaces it. The merged configs are cached, so a reused
+    ``options(...)`` object costs one dictionary lookup per call.
     """
 
-    __slots__ = ("_engine", "_config", "_fields", "_block")
+    __slots__ = ("_engine", "_config", "_fields", "_block", "_merged")
 
     def __init__(
         self, engine: "BackgroundTasks", config: TaskConfig | None, fields: dict[str, Any], block: float | None
@@ -175,14 +207,29 @@ class _Options:
         self._config = config
         self._fields = fields
         self._block = block
+        # id(base config) -> (base, merged); None is the key for "no decorator config"
+        self._merged: dict[int | None, tuple[Any, TaskConfig]] = {}
+        if config is None and fields:
+            self._merged[None] = (None, _DEFAULT_CONFIG.replace(**fields))
+
+    def _config_for(self, func: Callable[..., Any]) -> TaskConfig | None:
+        base = getattr(func, CONFIG_ATTR, None)
+        if not isinstance(base, TaskConfig):
+            base = getattr(getattr(func, "__func__", None), CONFIG_ATTR, None)
+            if not isinstance(base, TaskConfig):
+                return self._merged[None][1]
+        hit = self._merged.get(id(base))
+        if hit is None or hit[0] is not base:
+            if len(self._merged) > 64:
+                self._merged = {None: self._merged[None]}
+            hit = (base, base.replace(**self._fields))
+            self._merged[id(base)] = hit
+        return hit[1]
 
     def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         cfg = self._config
         if cfg is None and self._fields:
-            base = getattr(func, CONFIG_ATTR, None)
-            if not isinstance(base, TaskConfig):
-                base = getattr(getattr(func, "__func__", None), CONFIG_ATTR, None)
-            cfg = (base if isinstance(base, TaskConfig) else _DEFAULT_CONFIG).replace(**self._fields)
+            cfg = self._config_for(func)
         return self._engine._submit(func, args, kwargs, cfg, self._block)
 
 
@@ -247,7 +294,7 @@ class BackgroundTasks(_engine.Engine):
             )
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
-        super().__init__(workers, queue_size, float(aging_ms))
+        super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
         self.min_workers = min_workers
         self.max_workers = max_workers
@@ -257,6 +304,8 @@ class BackgroundTasks(_engine.Engine):
         self._registered: dict[str, Callable[..., Any]] = {}
         self._runner: _LoopRunner | None = None
         self._runner_lock = threading.Lock()
+        self._pool: Any = None
+        self.process_workers = os.cpu_count() or 1
         self._shutdown_done = False
         _live.add(self)
 
@@ -295,6 +344,7 @@ class BackgroundTasks(_engine.Engine):
         priority: TaskPriority | int | str | None = None,
         config: TaskConfig | None = None,
         block_timeout: float | None = None,
+        eta: "datetime.datetime | None" = None,
         **fields: Any,
     ) -> _Options:
         """Per-call overrides without clashing with the task's own keywords::
@@ -303,9 +353,18 @@ class BackgroundTasks(_engine.Engine):
 
         ``block_timeout``: when the engine is full, wait up to that many seconds for room
         (``-1`` or ``float('inf')``: wait as long as it takes) instead of raising QueueFull.
+        ``eta``: an aware or naive-local ``datetime`` at which to run (instead of ``delay_ms``).
+        Any TaskConfig field may be given (``delay_ms=``, ``max_retries=``, ``timeout_ms=``...).
         """
         if priority is not None:
             fields["priority"] = priority
+        if eta is not None:
+            if "delay_ms" in fields:
+                raise TypeError("options(): give eta or delay_ms, not both")
+            if not isinstance(eta, datetime.datetime):
+                raise ValueError(f"eta: expected a datetime, got {type(eta).__name__} {eta!r}")
+            now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
+            fields["delay_ms"] = max(0.0, (eta - now).total_seconds() * 1000.0)
         unknown = set(fields) - set(_DEFAULT_CONFIG.as_dict())
         if unknown:
             raise TypeError(
@@ -363,6 +422,8 @@ class BackgroundTasks(_engine.Engine):
         if self._runner is not None:
             self._runner.stop()
         self._stop_workers()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._shutdown_done = True
         _live.discard(self)
 
@@ -397,6 +458,17 @@ class BackgroundTasks(_engine.Engine):
                     self._runner = _LoopRunner(self.name)
                 runner = self._runner
         return runner
+
+    def _process_pool(self) -> Any:
+        pool = self._pool
+        if pool is None:
+            with self._runner_lock:
+                if self._pool is None:
+                    from .isolation import ProcessPool
+
+                    self._pool = ProcessPool(self.process_workers, name=self.name)
+                pool = self._pool
+        return pool
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

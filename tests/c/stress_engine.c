@@ -4,14 +4,15 @@
  *       full-queue path and submit_many
  *   (b) cancellation racing with the workers: each task ran once or was cancelled, never both
  *   (c) waiting on tasks while the workers finish them (a lost wake-up hits a deadline)
- *   (d) pause/resume, full queue, cancel_queued, close (ESHUTDOWN), drain, stop_workers, free
+ *   (d) pause/resume, full queue, cancel_queued, batch stealing, close (ESHUTDOWN), drain,
+ *       stop_workers, free
  *   (e) the node slab: every node handed out was given back
  *   (f) opt-in (not in the default set): give-up submitters (CT_EFULL) must not strand a
  *       drain or a blocked producer (lost wake-up)
  *
  * Build and run (plain; scripts/sanitizer-tests does the same under TSan and ASan+UBSan):
  *   gcc -std=c11 -O2 -g -pthread -D_GNU_SOURCE -Isrc/catzilla_tasks/_engine tests/c/stress_engine.c \
- *       src/catzilla_tasks/_engine/ct_{slab,queue,sync,engine}.c -o build/stress_engine
+ *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not module.c)
  *   build/stress_engine [N [TESTS]]     N tasks (default 1000000), TESTS a subset of "abcdef"
  *                                       (default "abcde"; e runs last whatever the order)
  * Environment: STRESS_TIMEOUT seconds per test before the watchdog aborts (default 600).
@@ -138,10 +139,18 @@ static void task_run(void *data) {
 
 /* One task in SLOW_EVERY blocks for a while (longer than the batch budget), so idle workers
  * steal the rest of its batch while it runs. */
+#ifndef SLOW_EVERY
 #define SLOW_EVERY 1000
+#endif
+#ifndef SLOW_MIN_US
+#define SLOW_MIN_US 300
+#endif
+#ifndef SLOW_SPAN_US
+#define SLOW_SPAN_US 700
+#endif
 static void maybe_slow(slot_t *s, uint64_t *rng) {
     uint64_t r = rng_next(rng);
-    if (r % SLOW_EVERY == 0) s->sleep_us = 300 + (uint32_t)((r >> 32) % 700);
+    if (r % SLOW_EVERY == 0) s->sleep_us = SLOW_MIN_US + (uint32_t)((r >> 32) % SLOW_SPAN_US);
 }
 
 static uint64_t engine_stolen(ct_engine *e) {
@@ -765,6 +774,83 @@ static void test_d(void) {
     }
     check_stats(e, submitted, succeeded, cancelled);
 
+    /* 5b. batch stealing: a worker blocked on one task; its batch-mates run on idle siblings */
+    {
+        enum { F = 20 };
+        slot_t blocker, fs[F];
+        memset(&blocker, 0, sizeof blocker);
+        memset(fs, 0, sizeof fs);
+        blocker.sleep_us = 300000;
+        ct_task *bt[F + 1];
+        ct_engine_pause(e, 1);
+        sleep_ms(10);
+        bt[0] = task_make(&blocker, 0);   /* first in the FIFO: heads the batch */
+        ct_task_incref(bt[0]);
+        for (int j = 0; j < F; j++) bt[1 + j] = task_make(&fs[j], 0);
+        ct_task *blocker_task = bt[0];
+        rc = ct_engine_submit_many(e, bt, F + 1, -1);
+        if (rc != CT_OK) FATAL("submit_many returned %d", rc);
+        submitted += F + 1;
+        uint64_t stolen0 = engine_stolen(e);
+        ct_engine_pause(e, 0);
+        uint64_t limit = deadline_in_s(5);
+        while (ct_task_status(blocker_task) == CT_PENDING && ct_now_ns() < limit) usleep(200);
+        long done = 0;
+        while (ct_now_ns() < limit) {
+            done = 0;
+            for (int j = 0; j < F; j++) done += atomic_load(&fs[j].runs);
+            if (done == F || ct_task_status(blocker_task) != CT_RUNNING) break;
+            usleep(500);
+        }
+        CHECK(done == F, "only %ld of %d batch-mates of a task blocked for 300 ms ran before it finished "
+              "(idle workers did not steal them)", done, F);
+        engine_drain_or_die(e, "test d, stealing");
+        succeeded += F + 1;
+        CHECK(atomic_load(&blocker.runs) == 1, "the blocking task ran %u times", atomic_load(&blocker.runs));
+        for (int j = 0; j < F; j++)
+            CHECK(atomic_load(&fs[j].runs) == 1, "batch-mate %d ran %u times", j, atomic_load(&fs[j].runs));
+        printf("  d: %llu tasks stolen from a blocked worker's batch\n",
+               (unsigned long long)(engine_stolen(e) - stolen0));
+        ct_task_decref(NULL, blocker_task);
+    }
+    check_stats(e, submitted, succeeded, cancelled);
+
+    /* 5c. cancel_queued also cancels the not-started rest of a worker's batch */
+    {
+        enum { F = 20 };
+        slot_t blocker, fs[F];
+        memset(&blocker, 0, sizeof blocker);
+        memset(fs, 0, sizeof fs);
+        blocker.sleep_us = 100000;
+        ct_engine *e1 = engine_make(1, 100);   /* one worker: nobody steals */
+        ct_task *bt[F + 1], *keep[F + 1];
+        ct_engine_pause(e1, 1);
+        sleep_ms(10);
+        for (int j = 0; j <= F; j++) {
+            bt[j] = keep[j] = task_make(j ? &fs[j - 1] : &blocker, 0);
+            ct_task_incref(bt[j]);
+        }
+        rc = ct_engine_submit_many(e1, bt, F + 1, -1);
+        if (rc != CT_OK) FATAL("submit_many returned %d", rc);
+        ct_engine_pause(e1, 0);
+        uint64_t limit = deadline_in_s(5);
+        while (ct_task_status(keep[0]) == CT_PENDING && ct_now_ns() < limit) usleep(200);
+        CHECK(ct_task_status(keep[0]) == CT_RUNNING, "the blocking task is not running (status %u)",
+              ct_task_status(keep[0]));
+        size_t ncb = ct_engine_cancel_queued(e1);
+        CHECK(ncb == F, "ct_engine_cancel_queued with %d tasks left in a busy worker's batch returned %zu", F, ncb);
+        engine_drain_or_die(e1, "test d, cancel_queued of a batch");
+        CHECK(atomic_load(&blocker.runs) == 1, "the blocking task ran %u times", atomic_load(&blocker.runs));
+        for (int j = 0; j < F; j++) {
+            CHECK(atomic_load(&fs[j].runs) == 0, "batch-mate %d ran after cancel_queued", j);
+            CHECK(ct_task_status(keep[j + 1]) == CT_CANCELLED, "batch-mate %d: status %u after cancel_queued", j,
+                  ct_task_status(keep[j + 1]));
+        }
+        check_stats(e1, F + 1, 1, F);
+        engine_finish(e1);
+        for (int j = 0; j <= F; j++) ct_task_decref(NULL, keep[j]);
+    }
+
     /* 6. close: queued work still runs, a blocked producer is released, new submits refused */
     ct_engine_pause(e, 1);
     sleep_ms(10);
@@ -817,7 +903,8 @@ static void test_d(void) {
         if (tasks[i]) ct_task_decref(NULL, tasks[i]);
     free(tasks);
     free(slots);
-    printf("  d: pause/resume, full queue, blocked submit, cancel_queued, cancel, close, drain, stop, free: %.2fs\n",
+    printf("  d: pause/resume, full queue, blocked submit, cancel_queued, cancel, stealing, close, drain, stop, "
+           "free: %.2fs\n",
            now_s() - t0);
 }
 

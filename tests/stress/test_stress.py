@@ -65,17 +65,24 @@ def test_cancel_race_every_task_runs_or_is_cancelled_never_both():
     def mark(i):
         ran[i] += 1
 
+    made = [0]
+
     def produce():
         for i in range(n):
             handles[i] = eng.add_task(mark, i)
+            made[0] = i + 1
         produced.set()
 
     def cancel():
+        # aim at the newest tasks (likely still queued) and at random older ones (likely
+        # running or done), while the producer goes on and after it stops
         rnd = random.Random(7)
-        while not produced.is_set():
-            i = rnd.randrange(n)
-            h = handles[i]
-            if h is not None and h.cancel():
+        for k in range(n // 2):
+            top = made[0]
+            if top == 0:
+                continue
+            i = top - 1 - rnd.randrange(min(top, 64)) if k % 2 else rnd.randrange(top)
+            if handles[i].cancel():
                 cancelled[i] = 1
 
     p, c = threading.Thread(target=produce), threading.Thread(target=cancel)
@@ -122,4 +129,6 @@ def test_no_memory_growth_over_a_million_tasks():
         eng.shutdown()
     assert nodes == base_nodes, f"{nodes - base_nodes} task nodes never freed"
     assert slab3 == slab1, f"node slab grew from {slab1} to {slab3} bytes"
-    assert rss3 - rss1 < 8 * 2**20, f"RSS grew by {(rss3 - rss1) / 2**20:.1f} MB over {2 * n} tasks"
+    if not os.environ.get("CATZILLA_TASKS_SANITIZER"):
+        # (AddressSanitizer holds freed memory in quarantine: RSS says nothing there)
+        assert rss3 - rss1 < 8 * 2**20, f"RSS grew by {(rss3 - rss1) / 2**20:.1f} MB over {2 * n} tasks"

@@ -38,7 +38,8 @@ ct_task *ct_task_new(void) {
     ct_task *t = ct_slab_alloc(&ct_task_slab);
     if (!t) return NULL;
     atomic_store_explicit(&t->link.next, NULL, memory_order_relaxed);
-    t->fn = t->arg = t->kwargs = t->value = NULL;
+    t->fn = t->arg = t->kwargs = t->value = t->cfg = NULL;
+    t->attempt = 0;
     t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed);
     t->t_enqueue = t->t_start = t->t_end = 0;
     atomic_store_explicit(&t->state, CT_PENDING, memory_order_relaxed);
@@ -103,6 +104,19 @@ static void ct_engine_running_done(ct_engine *e, int64_t n) {
     if (left == 0 && atomic_load(&e->queued) == 0) ct_engine_notify_drain(e);
 }
 
+/* Give back room taken by a submit that then did not queue (engine closed meanwhile): a
+ * drain may be waiting for exactly this, and so may a blocked producer. */
+static void ct_engine_unreserve(ct_engine *e, int64_t n) {
+    int64_t left = atomic_fetch_sub(&e->queued, n) - n;
+    if (left == 0 && atomic_load(&e->running) == 0) ct_engine_notify_drain(e);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&e->space_waiters) > 0) {
+        pthread_mutex_lock(&e->idle_lock);
+        pthread_cond_broadcast(&e->space_cond);
+        pthread_mutex_unlock(&e->idle_lock);
+    }
+}
+
 uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status) {
     uint32_t old = 0;
     if (ct_task_set_terminal(t, status, &old)) {
@@ -110,8 +124,9 @@ uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status) {
             atomic_fetch_add_explicit(&e->succeeded, 1, memory_order_relaxed);
         else if (status == CT_CANCELLED)
             atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
-        else
+        else if (status == CT_FAILED)
             atomic_fetch_add_explicit(&e->failed, 1, memory_order_relaxed);
+        /* TIMED_OUT: counted in timed_out when the timeout fired */
     }
     ct_engine_running_done(e, 1);
     return old;
@@ -129,6 +144,9 @@ int ct_task_cancel(ct_engine *e, ct_task *t) {
     }
     if (e) atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
     if (old & CT_F_WAITERS) ct_park_wake(&t->state);
+    /* A delayed task: let it through to a queue now, where a worker drops it, so it holds
+     * neither memory nor join()/shutdown() until its original due time. */
+    if (e && (old & CT_STATUS_MASK) == CT_SCHEDULED) ct_timer_expedite(&e->timer, t);
     return 1;
 }
 
@@ -139,6 +157,60 @@ int ct_task_wait(ct_task *t, uint64_t deadline_ns) {
 }
 
 /* ------------------------------------------------------------------ engine */
+
+static void ct_wake_one(ct_engine *e);
+
+/* Timer thread: a due entry. READY entries carry the engine's reference of a SCHEDULED node
+ * into its queue; the others go to the hooks. */
+static void ct_engine_timer_fire(void *ctx, ct_timer_entry *en) {
+    ct_engine *e = ctx;
+    ct_task *t = en->task;
+    if (en->kind != CT_TIMER_READY) {
+        atomic_fetch_sub(&e->watches, 1);
+        if (e->hooks.on_timer)
+            e->hooks.on_timer(e, en);
+        else
+            ct_task_decref(&e->hooks, t);   /* pure C engines: no Python nodes, no GIL needed */
+        return;
+    }
+    /* SCHEDULED -> PENDING; a cancelled node goes through too and a worker drops it */
+    uint32_t old = atomic_load_explicit(&t->state, memory_order_acquire);
+    while ((old & CT_STATUS_MASK) == CT_SCHEDULED &&
+           !atomic_compare_exchange_weak_explicit(&t->state, &old, (old & ~CT_STATUS_MASK) | CT_PENDING,
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+    }
+    atomic_fetch_sub(&e->scheduled, 1);
+    ct_queue_push(&e->queues[t->priority], &t->link);
+    atomic_fetch_add_explicit(&e->qcount[t->priority], 1, memory_order_relaxed);
+    ct_wake_one(e);
+}
+
+static void ct_engine_timer_thread_start(void *ctx) {
+    ct_engine *e = ctx;
+    if (e->hooks.timer_thread_start) e->hooks.timer_thread_start(e);
+}
+
+static void ct_engine_timer_thread_stop(void *ctx) {
+    ct_engine *e = ctx;
+    if (e->hooks.timer_thread_stop) e->hooks.timer_thread_stop(e);
+    ct_slab_flush_thread();
+}
+
+static void ct_engine_drop_entry(void *ctx, ct_timer_entry *en) {
+    ct_engine *e = ctx;
+    if (en->kind == CT_TIMER_READY) {
+        /* a task that never became due: it ends CANCELLED and leaves the counts */
+        ct_task_cancel(NULL, en->task);
+        atomic_fetch_sub(&e->scheduled, 1);
+        atomic_fetch_sub(&e->queued, 1);
+    }
+    if (e->hooks.drop_entry)
+        e->hooks.drop_entry(e, en);
+    else
+        ct_task_decref(&e->hooks, en->task);
+}
+
+void ct_engine_stop_timer(ct_engine *e) { ct_timer_stop(&e->timer, ct_engine_drop_entry); }
 
 ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
     if (ct_engine_global_init() != CT_OK) return NULL;
@@ -159,19 +231,27 @@ ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
     if (e->cfg.aging_ns == 0) e->cfg.aging_ns = 100000000;
     if (hooks) e->hooks = *hooks;
     atomic_store(&e->accepting, 1);
-    e->nworkers = cfg->workers;
-    if (posix_memalign((void **)&e->workers, CT_CACHELINE, sizeof(ct_worker) * (size_t)(cfg->workers ? cfg->workers : 1)) != 0)
+    if (e->cfg.max_threads < cfg->workers) e->cfg.max_threads = cfg->workers;
+    if (e->cfg.max_threads < 1) e->cfg.max_threads = 1;
+    size_t wbytes = sizeof(ct_worker) * (size_t)e->cfg.max_threads;
+    if (posix_memalign((void **)&e->workers, CT_CACHELINE, wbytes) != 0)
         e->workers = NULL;
     else
-        memset(e->workers, 0, sizeof(ct_worker) * (size_t)(cfg->workers ? cfg->workers : 1));
+        memset(e->workers, 0, wbytes);
     if (!e->workers) {
         free(e);
         return NULL;
     }
-    for (int i = 0; i < cfg->workers; i++) {
+    for (int i = 0; i < e->cfg.max_threads; i++) {
         e->workers[i].engine = e;
         e->workers[i].id = i;
     }
+    atomic_store(&e->nworkers, 0);
+    pthread_mutex_init(&e->grow_lock, NULL);
+    ct_timer_init(&e->timer, ct_engine_timer_fire, e);
+    e->watch_compact_at = 4096;
+    e->timer.thread_start = ct_engine_timer_thread_start;
+    e->timer.thread_stop = ct_engine_timer_thread_stop;
     return e;
 }
 
@@ -311,10 +391,13 @@ static void ct_held_add(ct_engine *e, ct_task **ts, size_t n, int sign, int *min
     if (min_prio) *min_prio = mp;
 }
 
-/* Owner only, batch empty: publish batch[0..n). */
-static void ct_worker_publish(ct_worker *w, size_t n) {
+/* Owner only, batch empty: publish tasks[0..n) as its batch. */
+static void ct_worker_publish(ct_worker *w, ct_task **tasks, size_t n) {
     int mp;
-    ct_held_add(w->engine, w->batch, n, +1, &mp, &w->batch_has_py);
+    ct_held_add(w->engine, tasks, n, +1, &mp, &w->batch_has_py);
+    /* entries are atomics: a thief may read stale ones while this refill runs (its CAS on the
+     * range then fails and it drops what it read) */
+    for (size_t i = 0; i < n; i++) atomic_store_explicit(&w->batch[i], tasks[i], memory_order_relaxed);
     atomic_store_explicit(&w->batch_prio, mp, memory_order_relaxed);
     uint64_t r = atomic_load_explicit(&w->range, memory_order_relaxed);
     /* release: the entries written before are visible to a thief that acquires the range */
@@ -326,7 +409,7 @@ ct_task *ct_worker_take(ct_worker *w) {
     for (;;) {
         uint32_t head = CT_HEAD(r), tail = CT_TAIL(r);
         if (head >= tail) return NULL;
-        ct_task *t = w->batch[head];
+        ct_task *t = atomic_load_explicit(&w->batch[head], memory_order_relaxed);
         if (atomic_compare_exchange_weak_explicit(&w->range, &r, CT_RANGE(CT_GEN(r), head + 1, tail),
                                                   memory_order_acq_rel, memory_order_acquire)) {
             if (t->priority < CT_HELD_PRIO)
@@ -343,7 +426,7 @@ static size_t ct_worker_grab(ct_worker *v, ct_task **out) {
         uint32_t head = CT_HEAD(r), tail = CT_TAIL(r);
         if (head >= tail) return 0;
         size_t k = tail - head;
-        for (size_t j = 0; j < k; j++) out[j] = v->batch[head + j];
+        for (size_t j = 0; j < k; j++) out[j] = atomic_load_explicit(&v->batch[head + j], memory_order_relaxed);
         /* the generation in r makes this fail if the owner refilled meanwhile */
         if (atomic_compare_exchange_weak_explicit(&v->range, &r, CT_RANGE(CT_GEN(r), head, head),
                                                   memory_order_acq_rel, memory_order_acquire)) {
@@ -365,7 +448,7 @@ size_t ct_engine_grab_urgent(ct_engine *e, ct_worker *self, int prio, ct_task **
 
 /* Steal every not-yet-started task of a sibling stuck on one task for more than the batch
  * budget. Returns how many were moved into thief->batch (published). */
-static size_t ct_worker_steal(ct_engine *e, ct_worker *thief) {
+static size_t ct_worker_steal(ct_engine *e, ct_worker *thief, ct_task **out) {
     uint64_t now = ct_now_ns(), patience = e->cfg.batch_budget_ns;
     for (int i = 0; i < e->nworkers; i++) {
         ct_worker *v = &e->workers[i];
@@ -374,9 +457,9 @@ static size_t ct_worker_steal(ct_engine *e, ct_worker *thief) {
         if (CT_HEAD(r) >= CT_TAIL(r)) continue;
         uint64_t since = atomic_load_explicit(&v->current_since, memory_order_relaxed);
         if (!since || now - since < patience) continue;   /* not started (GIL) or not stuck yet */
-        size_t k = ct_worker_grab(v, thief->batch);
+        size_t k = ct_worker_grab(v, out);
         if (k) {
-            ct_worker_publish(thief, k);
+            ct_worker_publish(thief, out, k);
             atomic_fetch_add_explicit(&thief->stolen, k, memory_order_relaxed);
             return k;
         }
@@ -394,17 +477,28 @@ static void ct_wake_sibling(ct_engine *e) {
 
 /* When a sibling's batch leftovers become stealable (0 = no sibling has leftovers). */
 static uint64_t ct_steal_deadline(ct_engine *e, ct_worker *self) {
-    uint64_t deadline = 0, now = 0, patience = e->cfg.batch_budget_ns;
+    uint64_t deadline = 0, patience = e->cfg.batch_budget_ns;
     for (int i = 0; i < e->nworkers; i++) {
         ct_worker *v = &e->workers[i];
         if (v == self) continue;
         uint64_t r = atomic_load_explicit(&v->range, memory_order_acquire);
         if (CT_HEAD(r) >= CT_TAIL(r)) continue;
         uint64_t since = atomic_load_explicit(&v->current_since, memory_order_relaxed);
-        if (!since) since = now ? now : (now = ct_now_ns());
+        /* An owner that has not started (waiting for the GIL) is not watched: it signals a
+         * sleeper when it starts (ct_worker_begin_batch). */
+        if (!since) continue;
         if (!deadline || since + patience < deadline) deadline = since + patience;
     }
     return deadline;
+}
+
+void ct_worker_begin_batch(ct_worker *w, uint64_t now) {
+    atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
+    /* Batch-mates wait behind the task about to start: make sure a sleeping sibling watches
+     * them, in case that task blocks (not coalesced with the queue wakes: those may be
+     * consumed by a worker that never looks at batches). */
+    uint64_t r = atomic_load_explicit(&w->range, memory_order_acquire);
+    if (CT_HEAD(r) < CT_TAIL(r)) ct_wake_sibling(w->engine);
 }
 
 /* Returns 0 when the worker should exit. Sleeps until signalled, or until a sibling's batch
@@ -476,12 +570,13 @@ static void *ct_worker_main(void *arg) {
     ct_engine *e = w->engine;
     if (e->hooks.thread_start) e->hooks.thread_start(w);
     int empty_pops = 0;
+    ct_task *got[CT_BATCH_HARD_MAX];
     for (;;) {
-        size_t n = ct_pop_batch(e, w->batch, ct_batch_size(e));
+        size_t n = ct_pop_batch(e, got, ct_batch_size(e));
         if (n) {
-            ct_worker_publish(w, n);
+            ct_worker_publish(w, got, n);
         } else {
-            n = ct_worker_steal(e, w);
+            n = ct_worker_steal(e, w, got);
             if (n == 0) {
                 /* Work can be visible in qcount while its link is still landing (a producer
                  * between two instructions): yield once before sleeping on it again. */
@@ -491,20 +586,18 @@ static void *ct_worker_main(void *arg) {
             }
         }
         empty_pops = 0;
-        /* Batch-mates that a sibling may have to steal if this worker gets stuck on one
-         * task: make sure a sleeping sibling looks (not coalesced with other wakes: a wake
-         * for queued work may be consumed by a worker that then never looks at batches).
-         * Otherwise, more work left in the queues: get a sibling going. */
-        if (n > 1)
-            ct_wake_sibling(e);
-        else if (ct_engine_visible_work(e))
-            ct_wake_one(e);
+        if (ct_engine_visible_work(e)) ct_wake_one(e);   /* more left: get a sibling going */
         uint64_t t0 = ct_now_ns();
         if (e->hooks.run_batch) {
             e->hooks.run_batch(w);
         } else {
             ct_task *t;
-            while ((t = ct_worker_take(w))) ct_engine_run_c(w, t);
+            int first = 1;
+            while ((t = ct_worker_take(w))) {
+                if (first) ct_worker_begin_batch(w, ct_now_ns());
+                first = 0;
+                ct_engine_run_c(w, t);
+            }
         }
         atomic_store_explicit(&w->current_since, 0, memory_order_relaxed);
         uint64_t dt = ct_now_ns() - t0;
@@ -512,36 +605,60 @@ static void *ct_worker_main(void *arg) {
         /* run_batch measures its own tasks (it waits for the GIL first, which is not the
          * tasks' time and must not shrink the batches) */
         if (!e->hooks.run_batch) ct_engine_note_exec(e, dt, n);
+        if (atomic_load(&w->retire)) break;   /* replaced while stuck: a sibling took over */
     }
+    atomic_store(&w->exited, 1);
     if (e->hooks.thread_stop) e->hooks.thread_stop(w);
     ct_slab_flush_thread();
     return NULL;
 }
 
 int ct_engine_start(ct_engine *e) {
-    for (int i = 0; i < e->nworkers; i++) {
-        ct_worker *w = &e->workers[i];
-        if (w->started) continue;
-        if (pthread_create(&w->thread, NULL, ct_worker_main, w) != 0) return CT_ENOMEM;
-        w->started = 1;
-    }
+    for (int i = 0; i < e->cfg.workers; i++)
+        if (ct_engine_add_worker(e) != CT_OK) return CT_ENOMEM;
     return CT_OK;
+}
+
+int ct_engine_add_worker(ct_engine *e) {
+    int rc = CT_ENOMEM;
+    pthread_mutex_lock(&e->grow_lock);
+    int i = atomic_load(&e->nworkers);
+    if (i < e->cfg.max_threads && !atomic_load(&e->stopping)) {
+        ct_worker *w = &e->workers[i];
+        if (pthread_create(&w->thread, NULL, ct_worker_main, w) == 0) {
+            w->started = 1;
+            atomic_store(&e->nworkers, i + 1);   /* release: siblings may now look at it */
+            rc = CT_OK;
+        }
+    }
+    pthread_mutex_unlock(&e->grow_lock);
+    return rc;
+}
+
+/* Take room for n tasks if it is there. A compare-and-swap, not add-then-undo: a failed
+ * attempt never shows a transient count to anyone (a drain or a blocked producer reading the
+ * count at that instant would otherwise sleep through the only change it waits for). */
+static int ct_try_reserve(ct_engine *e, int64_t n, int64_t cap) {
+    int64_t q = atomic_load_explicit(&e->queued, memory_order_relaxed);
+    do {
+        if (q + n > cap) return 0;
+    } while (!atomic_compare_exchange_weak(&e->queued, &q, q + n));
+    return 1;
 }
 
 /* Reserve room for n tasks (the queue_size bound). */
 static int ct_engine_reserve(ct_engine *e, size_t n, int64_t block_ns) {
     int64_t cap = e->cfg.queue_size;
     if ((int64_t)n > cap) return CT_EFULL;
-    if (atomic_fetch_add(&e->queued, (int64_t)n) + (int64_t)n <= cap) return CT_OK;
-    atomic_fetch_sub(&e->queued, (int64_t)n);
+    if (ct_try_reserve(e, (int64_t)n, cap)) return CT_OK;
     if (block_ns == 0) return CT_EFULL;
     uint64_t deadline = block_ns > 0 ? ct_now_ns() + (uint64_t)block_ns : 0;
     int rc = CT_OK;
     pthread_mutex_lock(&e->idle_lock);
+    /* Announce, then look (seq_cst both): a popper lowers queued, then reads space_waiters. */
     atomic_fetch_add(&e->space_waiters, 1);
     for (;;) {
-        if (atomic_fetch_add(&e->queued, (int64_t)n) + (int64_t)n <= cap) break;
-        atomic_fetch_sub(&e->queued, (int64_t)n);
+        if (ct_try_reserve(e, (int64_t)n, cap)) break;
         if (!atomic_load(&e->accepting)) {
             rc = CT_ESHUTDOWN;
             break;
@@ -549,9 +666,7 @@ static int ct_engine_reserve(ct_engine *e, size_t n, int64_t block_ns) {
         if (deadline) {
             struct timespec ts = ct_deadline_ts(deadline);
             if (pthread_cond_timedwait(&e->space_cond, &e->idle_lock, &ts) != 0 && ct_now_ns() >= deadline) {
-                if (atomic_fetch_add(&e->queued, (int64_t)n) + (int64_t)n <= cap) break;
-                atomic_fetch_sub(&e->queued, (int64_t)n);
-                rc = CT_ETIMEDOUT;
+                if (!ct_try_reserve(e, (int64_t)n, cap)) rc = CT_ETIMEDOUT;
                 break;
             }
         } else {
@@ -576,8 +691,7 @@ int ct_engine_submit_many(ct_engine *e, ct_task **ts, size_t n, int64_t block_ns
      * reserved first is seen by the drain (queued > 0), one that reserved after sees
      * accepting == 0 here (both are seq_cst). */
     if (!atomic_load(&e->accepting)) {
-        atomic_fetch_sub(&e->queued, (int64_t)n);
-        if (atomic_load(&e->running) == 0) ct_engine_notify_drain(e);
+        ct_engine_unreserve(e, (int64_t)n);
         return CT_ESHUTDOWN;
     }
     uint64_t now = ct_now_ns();
@@ -596,6 +710,83 @@ int ct_engine_submit_many(ct_engine *e, ct_task **ts, size_t n, int64_t block_ns
 
 int ct_engine_submit(ct_engine *e, ct_task *t, int64_t block_ns) {
     return ct_engine_submit_many(e, &t, 1, block_ns);
+}
+
+int ct_engine_submit_at(ct_engine *e, ct_task *t, uint64_t due_ns, int64_t block_ns) {
+    if (!atomic_load_explicit(&e->accepting, memory_order_relaxed)) return CT_ESHUTDOWN;
+    int rc = ct_engine_reserve(e, 1, block_ns);
+    if (rc != CT_OK) {
+        if (rc == CT_EFULL || rc == CT_ETIMEDOUT) atomic_fetch_add_explicit(&e->rejected, 1, memory_order_relaxed);
+        return rc;
+    }
+    if (!atomic_load(&e->accepting)) {
+        ct_engine_unreserve(e, 1);
+        return CT_ESHUTDOWN;
+    }
+    if (t->priority >= CT_NPRIO) t->priority = CT_NPRIO - 1;
+    t->t_enqueue = ct_now_ns();
+    atomic_store_explicit(&t->state, (atomic_load(&t->state) & ~CT_STATUS_MASK) | CT_SCHEDULED, memory_order_release);
+    atomic_fetch_add(&e->scheduled, 1);
+    atomic_fetch_add_explicit(&e->submitted, 1, memory_order_relaxed);
+    rc = ct_timer_add(&e->timer, due_ns, t, CT_TIMER_READY, 0);
+    if (rc != CT_OK) {
+        atomic_fetch_sub(&e->scheduled, 1);
+        atomic_fetch_sub(&e->submitted, 1);
+        atomic_store(&t->state, (atomic_load(&t->state) & ~CT_STATUS_MASK) | CT_PENDING);
+        ct_engine_unreserve(e, 1);
+    }
+    return rc;
+}
+
+int ct_engine_reschedule(ct_engine *e, ct_task *t, uint64_t due_ns) {
+    uint32_t old = atomic_load_explicit(&t->state, memory_order_acquire);
+    for (;;) {
+        if ((old & CT_STATUS_MASK) != CT_RUNNING) return CT_EINVAL;
+        uint32_t nw = (old & ~(CT_STATUS_MASK | CT_F_TIMEDOUT)) | CT_SCHEDULED;
+        if (atomic_compare_exchange_weak_explicit(&t->state, &old, nw, memory_order_acq_rel, memory_order_acquire))
+            break;
+    }
+    /* queued first, then running: queued + running never reads 0 on the way */
+    atomic_fetch_add(&e->queued, 1);
+    atomic_fetch_add(&e->scheduled, 1);
+    atomic_fetch_add_explicit(&e->retried, 1, memory_order_relaxed);
+    int rc = ct_timer_add(&e->timer, due_ns, t, CT_TIMER_READY, 0);
+    if (rc != CT_OK) {
+        /* no timer (shutting down): due at once, straight into the queue */
+        atomic_fetch_sub(&e->scheduled, 1);
+        atomic_store(&t->state, (atomic_load(&t->state) & ~CT_STATUS_MASK) | CT_PENDING);
+        ct_queue_push(&e->queues[t->priority], &t->link);
+        atomic_fetch_add_explicit(&e->qcount[t->priority], 1, memory_order_relaxed);
+        ct_wake_one(e);
+    }
+    ct_engine_running_done(e, 1);
+    return CT_OK;
+}
+
+/* A watch whose attempt is over: the task ended, waits for a retry, or runs a later attempt. */
+static int ct_watch_dead(const ct_timer_entry *en) {
+    if (en->kind == CT_TIMER_READY) return 0;
+    uint32_t st = atomic_load_explicit(&en->task->state, memory_order_acquire);
+    return (st & CT_STATUS_MASK) != CT_RUNNING || en->task->attempt != en->token;
+}
+
+int ct_engine_watch(ct_engine *e, ct_task *t, uint64_t due_ns, uint32_t kind, uint32_t token) {
+    if (atomic_load(&e->watches) >= e->watch_compact_at) {
+        ct_task **dead = NULL;
+        size_t k = ct_timer_remove_if(&e->timer, ct_watch_dead, &dead);
+        atomic_fetch_sub(&e->watches, (int64_t)k);
+        for (size_t i = 0; i < k; i++) ct_task_decref(&e->hooks, dead[i]);
+        free(dead);
+        int64_t left = atomic_load(&e->watches);
+        e->watch_compact_at = left * 2 > 4096 ? left * 2 : 4096;
+    }
+    ct_task_incref(t);
+    int rc = ct_timer_add(&e->timer, due_ns, t, kind, token);
+    if (rc != CT_OK)
+        atomic_fetch_sub_explicit(&t->refs, 1, memory_order_relaxed);   /* the caller holds one more */
+    else
+        atomic_fetch_add(&e->watches, 1);
+    return rc;
 }
 
 void ct_engine_close(ct_engine *e) {
@@ -628,6 +819,42 @@ int ct_engine_drain(ct_engine *e, uint64_t deadline_ns) {
 size_t ct_engine_cancel_queued(ct_engine *e) {
     ct_task *batch[CT_BATCH_HARD_MAX];
     size_t total = 0;
+    /* Delayed tasks: cancelled and made due now, so they flow through a queue and out. */
+    pthread_mutex_lock(&e->timer.lock);
+    int moved = 0;
+    for (size_t i = 0; i < e->timer.n; i++) {
+        ct_timer_entry *en = &e->timer.heap[i];
+        if (en->kind != CT_TIMER_READY) continue;
+        uint32_t old = atomic_load(&en->task->state);
+        while ((old & CT_STATUS_MASK) == CT_SCHEDULED &&
+               !atomic_compare_exchange_weak(&en->task->state, &old, (old & ~CT_STATUS_MASK) | CT_CANCELLED)) {
+        }
+        if ((old & CT_STATUS_MASK) == CT_SCHEDULED) {
+            total++;
+            atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
+            if (old & CT_F_WAITERS) ct_park_wake(&en->task->state);
+        }
+        en->due = 0;
+        moved = 1;
+    }
+    if (moved) {
+        for (size_t i = e->timer.n / 2 + 1; i-- > 0;) {
+            /* re-heapify: every READY entry is now due */
+            size_t j = i;
+            for (;;) {
+                size_t l = 2 * j + 1, r = l + 1, m = j;
+                if (l < e->timer.n && e->timer.heap[l].due < e->timer.heap[m].due) m = l;
+                if (r < e->timer.n && e->timer.heap[r].due < e->timer.heap[m].due) m = r;
+                if (m == j) break;
+                ct_timer_entry tmp = e->timer.heap[m];
+                e->timer.heap[m] = e->timer.heap[j];
+                e->timer.heap[j] = tmp;
+                j = m;
+            }
+        }
+        pthread_cond_signal(&e->timer.cond);
+    }
+    pthread_mutex_unlock(&e->timer.lock);
     for (;;) {
         size_t n = 0;
         pthread_mutex_lock(&e->pop_lock);
@@ -666,7 +893,10 @@ void ct_engine_stop_workers(ct_engine *e) {
     atomic_store(&e->stopping, 1);
     pthread_cond_broadcast(&e->work_cond);
     pthread_mutex_unlock(&e->idle_lock);
-    for (int i = 0; i < e->nworkers; i++) {
+    pthread_mutex_lock(&e->grow_lock);   /* no worker is added from now on (stopping) */
+    int n = atomic_load(&e->nworkers);
+    pthread_mutex_unlock(&e->grow_lock);
+    for (int i = 0; i < n; i++) {
         if (!e->workers[i].started) continue;
         pthread_join(e->workers[i].thread, NULL);
         e->workers[i].started = 0;
@@ -675,6 +905,8 @@ void ct_engine_stop_workers(ct_engine *e) {
 
 void ct_engine_free(ct_engine *e) {
     if (!e) return;
+    ct_timer_destroy(&e->timer);
+    pthread_mutex_destroy(&e->grow_lock);
     pthread_mutex_destroy(&e->pop_lock);
     pthread_mutex_destroy(&e->idle_lock);
     pthread_cond_destroy(&e->work_cond);
@@ -698,7 +930,13 @@ void ct_engine_get_stats(ct_engine *e, ct_stats *s) {
     s->failed = atomic_load(&e->failed);
     s->cancelled = atomic_load(&e->cancelled);
     s->rejected = atomic_load(&e->rejected);
-    s->workers = e->nworkers;
+    s->retried = atomic_load(&e->retried);
+    s->timed_out = atomic_load(&e->timed_out);
+    s->replaced = atomic_load(&e->replaced);
+    s->scheduled = atomic_load(&e->scheduled);
+    int live = 0, n = atomic_load(&e->nworkers);
+    for (int i = 0; i < n; i++) live += !atomic_load(&e->workers[i].exited) && !atomic_load(&e->workers[i].retire);
+    s->workers = live;
     s->sleeping = atomic_load(&e->sleepers);
     s->avg_exec_ns = atomic_load(&e->avg_exec_ns);
     s->accepting = atomic_load(&e->accepting);

@@ -13,6 +13,7 @@
 #include "ct_common.h"
 #include "ct_queue.h"
 #include "ct_slab.h"
+#include "ct_timer.h"
 #include <pthread.h>
 
 #define CT_NPRIO 4   /* CRITICAL=0, HIGH=1, NORMAL=2, LOW=3 */
@@ -34,7 +35,9 @@ enum ct_status {
 #define CT_F_WAITERS   0x10u   /* a thread is parked on this node (ct_sync) */
 #define CT_F_CALLBACKS 0x20u   /* Python callbacks are attached (module.c) */
 #define CT_F_REGISTERED 0x40u  /* the id is in module.c's live-task registry */
-#define CT_F_COUNTED   0x80u   /* counted in engine->running until finished */
+#define CT_F_ASYNC     0x80u   /* handed to the event loop: settled from outside */
+#define CT_F_TIMEDOUT  0x100u  /* its timeout fired during the current attempt */
+#define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
 enum ct_kind {
@@ -52,12 +55,14 @@ typedef struct ct_task {
     void *arg;                  /* C data, or PyObject* args tuple or NULL (owned) */
     void *kwargs;               /* PyObject* dict or NULL (owned) */
     void *value;                /* PyObject*: callbacks before the end, then result or exception */
+    void *cfg;                  /* PyObject* TaskConfig (owned) or NULL: retries, timeout */
     uint64_t id;
     uint64_t t_enqueue, t_start, t_end;   /* ct_now_ns(); 0 = not yet */
     _Atomic uint32_t state;     /* status | flags | worker id */
     _Atomic uint16_t refs;
-    uint8_t priority;
-    uint8_t kind;
+    uint8_t priority : 4;
+    uint8_t kind : 4;
+    uint8_t attempt;            /* 1-based attempt being run or last run */
 } ct_task;
 
 typedef struct ct_engine ct_engine;
@@ -78,11 +83,14 @@ typedef struct ct_worker {
     _Atomic uint64_t processed;
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
+    unsigned long thread_ident;         /* module.c: PyThread_get_thread_ident() of the thread */
+    _Atomic int retire;                 /* replaced while stuck: exit after the current batch */
+    _Atomic int exited;
     _Atomic uint64_t current_since;     /* start of the task being run, 0 = none */
     _Atomic int batch_prio;             /* most urgent priority in the batch at publish */
     int batch_has_py;                   /* the batch at publish holds a non-C task (owner only) */
     CT_ALIGNED _Atomic uint64_t range;
-    ct_task *batch[CT_BATCH_HARD_MAX];
+    _Atomic(ct_task *) batch[CT_BATCH_HARD_MAX];
 } ct_worker;
 
 typedef struct ct_hooks {
@@ -96,10 +104,17 @@ typedef struct ct_hooks {
     /* Drop the Python objects of a node whose last reference goes (called with the GIL by
      * whoever drops it; never called for CT_KIND_C). */
     void (*release)(ct_task *t);
+    /* Timer thread: a TIMEOUT or STUCK entry is due. Must drop the entry's node reference. */
+    void (*on_timer)(ct_engine *e, ct_timer_entry *entry);
+    /* Timer thread: drop the node reference of an entry left at shutdown (no GIL held). */
+    void (*drop_entry)(ct_engine *e, ct_timer_entry *entry);
+    void (*timer_thread_start)(ct_engine *e);
+    void (*timer_thread_stop)(ct_engine *e);
 } ct_hooks;
 
 typedef struct ct_config {
     int workers;                 /* threads started by ct_engine_start */
+    int max_threads;             /* room for workers, replacements of stuck ones included */
     int64_t queue_size;          /* bound on queued (not yet running) tasks, all priorities */
     uint64_t aging_ns;           /* a lower queue not served for this long is served next */
     int batch_max;               /* most tasks popped at once */
@@ -110,7 +125,8 @@ typedef struct ct_stats {
     int64_t queued[CT_NPRIO];
     int64_t queued_total;
     int64_t running;
-    uint64_t submitted, succeeded, failed, cancelled, rejected;
+    int64_t scheduled;
+    uint64_t submitted, succeeded, failed, cancelled, rejected, retried, timed_out, replaced;
     int workers, sleeping;
     uint64_t avg_exec_ns;
     int accepting, paused;
@@ -124,7 +140,8 @@ struct ct_engine {
     /* CRITICAL and HIGH tasks sitting not started in published batches: a worker holding
      * the GIL runs them itself rather than let them wait for their batch's owner to get it. */
     _Atomic int64_t held[CT_HELD_PRIO];
-    _Atomic uint64_t submitted, succeeded, failed, cancelled, rejected;
+    _Atomic uint64_t submitted, succeeded, failed, cancelled, rejected, retried, timed_out, replaced;
+    _Atomic int64_t scheduled;                    /* waiting in the timer (counted in queued) */
     _Atomic uint64_t avg_exec_ns;                 /* EWMA of execution time per task */
 
     /* Consumers: one lock for popping from all four queues (held for one batch). */
@@ -140,8 +157,13 @@ struct ct_engine {
 
     ct_config cfg;
     ct_hooks hooks;
-    ct_worker *workers;
-    int nworkers;
+    ct_timer timer;
+    _Atomic int64_t watches;                      /* TIMEOUT/STUCK entries in the timer */
+    int64_t watch_compact_at;                     /* when to sweep finished tasks' watches */
+    void *timer_py_state;                         /* module.c: the timer thread's PyThreadState */
+    ct_worker *workers;                           /* cfg.max_threads slots */
+    _Atomic int nworkers;                         /* slots in use (started threads) */
+    pthread_mutex_t grow_lock;                    /* adding a worker thread */
 };
 
 /* The node slab of the process (initialised by ct_engine_global_init). */
@@ -157,6 +179,20 @@ int ct_engine_start(ct_engine *e);
 int ct_engine_submit(ct_engine *e, ct_task *t, int64_t block_ns);
 /* Submit n nodes at once (all or none: CT_EFULL if they do not all fit). */
 int ct_engine_submit_many(ct_engine *e, ct_task **t, size_t n, int64_t block_ns);
+/* Submit a node that becomes due at due_ns (SCHEDULED until then; counted against queue_size). */
+int ct_engine_submit_at(ct_engine *e, ct_task *t, uint64_t due_ns, int64_t block_ns);
+/* A running task waits for another attempt: RUNNING -> SCHEDULED until due_ns. The engine's
+ * reference moves to the timer. Never refused for room (the task was already admitted). */
+int ct_engine_reschedule(ct_engine *e, ct_task *t, uint64_t due_ns);
+/* Ask the timer to call hooks.on_timer for (t, kind, token) at due_ns (takes a reference).
+ * Watches of attempts that ended are swept from the timer here, now and then (amortised
+ * O(1)), so a long timeout on a short task does not keep its node for the whole timeout:
+ * the caller must be allowed to drop node references (hold the GIL for Python nodes). */
+int ct_engine_watch(ct_engine *e, ct_task *t, uint64_t due_ns, uint32_t kind, uint32_t token);
+/* Start one more worker thread (a stuck worker's replacement). CT_OK or CT_ENOMEM (no room). */
+int ct_engine_add_worker(ct_engine *e);
+/* Stop the timer thread (call with no GIL held); leftover entries go to hooks.drop_entry. */
+void ct_engine_stop_timer(ct_engine *e);
 /* Stop accepting tasks (submit returns CT_ESHUTDOWN from now on). */
 void ct_engine_close(ct_engine *e);
 /* Wait until nothing is queued or running. deadline_ns 0 = forever. CT_OK / CT_ETIMEDOUT. */
@@ -187,6 +223,9 @@ static inline int ct_engine_has_urgent(ct_engine *e, int prio) {
 size_t ct_engine_grab_urgent(ct_engine *e, ct_worker *self, int prio, ct_task **out);
 /* The next task of w's own batch (owner only), or NULL when the batch is done or stolen. */
 ct_task *ct_worker_take(ct_worker *w);
+/* Owner, right after taking the first task of a batch (GIL held if it needs it): marks the
+ * worker busy since now and wakes a sibling to watch the rest of the batch. */
+void ct_worker_begin_batch(ct_worker *w, uint64_t now);
 /* Run a CT_KIND_C task on this thread: begin, call, finish, drop the engine's reference. */
 void ct_engine_run_c(ct_worker *w, ct_task *t);
 /* Record a batch's execution time (feeds batch sizing). */

@@ -53,7 +53,7 @@ int ct_slab_init(ct_slab *slab, size_t obj_size) {
     if (idx >= CT_SLAB_MAX) return CT_EINVAL;
     memset(slab, 0, sizeof *slab);
     if (obj_size < sizeof(ct_free)) obj_size = sizeof(ct_free);
-    slab->obj_size = (obj_size + 15) & ~(size_t)15;   /* 16-byte alignment for every object */
+    slab->obj_size = (obj_size + 7) & ~(size_t)7;   /* 8-byte alignment: nodes hold only 8-byte fields */
     slab->index = idx;
     pthread_mutex_init(&slab->lock, NULL);
     ct_slabs[idx] = slab;
@@ -84,7 +84,7 @@ static void ct_slab_refill(ct_slab *slab, ct_cache *c) {
             if (slab->carve_ptr + slab->obj_size > slab->carve_end) {
                 char *chunk = malloc(CT_SLAB_CHUNK);
                 if (!chunk) break;
-                /* the first 16 bytes link the chunk list; objects follow, 16-aligned */
+                /* the first 16 bytes link the chunk list; objects follow, 8-aligned */
                 *(void **)chunk = slab->chunks;
                 slab->chunks = chunk;
                 slab->carve_ptr = chunk + 16;

@@ -34,7 +34,7 @@
 #include "catzilla_tasks.h"
 #include "ct_engine.h"
 
-#define CT_F_ASYNC 0x100u   /* handed to the event loop: settled by TaskResult._settle */
+#include <math.h>
 
 /* ------------------------------------------------------------------ globals */
 
@@ -43,6 +43,10 @@ static PyObject *g_priority_members;  /* tuple: TaskPriority by value */
 static PyObject *g_run_coroutine;     /* f(engine, handle, coroutine) */
 static PyObject *g_report_error;      /* f(what: str, subject, exc) */
 static PyObject *g_await_impl;        /* f(handle) -> iterator */
+static PyObject *g_cancel_async;      /* f(engine, handle): cancel the coroutine of an async task */
+static PyObject *g_task_timeout;      /* catzilla_tasks.errors.TaskTimeout */
+static PyObject *g_history;           /* {id: [attempt dicts]} of tasks with failed attempts */
+static PyObject *g_isolate;           /* f(engine, func, args, kwargs, config) -> callable run in a child */
 static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *QueueFullError, *TaskCancelledError;
@@ -66,12 +70,21 @@ struct EngineObject {
     int holds_self;         /* a strong reference to self while workers run */
 };
 
+enum { BACKOFF_EXPONENTIAL = 0, BACKOFF_LINEAR = 1, BACKOFF_FIXED = 2 };
+
 typedef struct {
     PyObject_HEAD
     int priority;
-    int64_t delay_ms;
     int max_retries;
-    int64_t timeout_ms;
+    int backoff;
+    int jitter;              /* full jitter: a uniform draw in [0, delay) */
+    int retry_on_timeout;
+    int isolation;           /* 1: run in the engine's process pool (engine.py) */
+    int64_t delay_ns;
+    int64_t timeout_ns;      /* 0 = none */
+    int64_t retry_base_ns, retry_max_ns;
+    PyObject *retry_on;      /* exception class or tuple of them; NULL = any Exception */
+    PyObject *on_success, *on_failure, *on_retry;
 } ConfigObject;
 
 static PyTypeObject Engine_Type, Result_Type, Config_Type;
@@ -146,10 +159,17 @@ static void hook_release(ct_task *t) {
     }
     Py_CLEAR(t->kwargs);
     Py_CLEAR(t->value);
+    Py_CLEAR(t->cfg);
+    if (st & CT_F_HISTORY) {
+        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+        if (!key || PyDict_DelItem(g_history, key) < 0) PyErr_Clear();
+        Py_XDECREF(key);
+    }
 }
 
 static void hook_thread_start(ct_worker *w) {
     PyGILState_Ensure();                 /* creates this thread's state, kept for its life */
+    w->thread_ident = PyThread_get_thread_ident();
     w->py_state = PyEval_SaveThread();
 }
 
@@ -193,10 +213,30 @@ static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int stat
     Py_XDECREF(handle);
 }
 
-/* End a Python-visible node that was running on eng (GIL held): store the outcome, set the
- * terminal state (waiters wake), then run callbacks, then drop the engine's reference.
- * Steals value. */
+/* Call a config hook (on_success / on_failure / on_retry) in the worker; a raising hook is
+ * reported, never raised. */
+static void call_hook(PyObject *fn, PyObject *arg) {
+    if (!fn) return;
+    PyObject *r = PyObject_CallOneArg(fn, arg ? arg : Py_None);
+    if (!r) {
+        PyObject *exc = fetch_exception();
+        report_error("callback", fn, exc);
+        Py_XDECREF(exc);
+    }
+    Py_XDECREF(r);
+}
+
+/* End a Python-visible node that was running on eng (GIL held): the config's final hook,
+ * store the outcome, set the terminal state (waiters wake), then run callbacks, then drop the
+ * engine's reference. Steals value. */
 static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *value) {
+    ConfigObject *cfg = (ConfigObject *)t->cfg;
+    if (cfg) {
+        if (status == CT_SUCCEEDED)
+            call_hook(cfg->on_success, value);
+        else if (status == CT_FAILED || status == CT_TIMED_OUT)
+            call_hook(cfg->on_failure, value);
+    }
     PyObject *cbs = NULL;
     uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
     if (st & CT_F_CALLBACKS) {
@@ -212,22 +252,100 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     } else {
         drop = value;
     }
-    if (!observed && status == CT_FAILED) report_error("task", (PyObject *)t->fn, value);
+    if (!observed && (status == CT_FAILED || status == CT_TIMED_OUT)) report_error("task", (PyObject *)t->fn, value);
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
         Py_CLEAR(t->kwargs);
     }
-    if (eng)
+    if (eng) {
         ct_task_finish(eng->e, t, status);
-    else
+    } else {
         ct_task_settle(t, status, NULL);
+    }
     if (cbs) {
         run_callbacks(eng, t, cbs, status, (PyObject *)t->value);
         Py_DECREF(cbs);
     }
     Py_XDECREF(drop);
     if (eng) ct_task_decref(&eng->e->hooks, t);
+}
+
+/* ---- retries ---- */
+
+static _Thread_local uint64_t rng_state;
+
+static double rng_unit(void) {
+    if (!rng_state) rng_state = ct_now_ns() ^ ((uint64_t)(uintptr_t)&rng_state << 17) ^ 0x9E3779B97F4A7C15ull;
+    /* xorshift64*: plenty for jitter */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (double)((rng_state * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
+}
+
+/* Back-off before attempt `attempt + 1`, after `attempt` failed (1-based). */
+static uint64_t backoff_ns(const ConfigObject *c, int attempt) {
+    double base = (double)c->retry_base_ns, cap = (double)c->retry_max_ns, d;
+    switch (c->backoff) {
+    case BACKOFF_EXPONENTIAL: d = base * ldexp(1.0, attempt - 1 < 60 ? attempt - 1 : 60); break;
+    case BACKOFF_LINEAR: d = base * attempt; break;
+    default: d = base; break;
+    }
+    if (d > cap) d = cap;
+    if (c->jitter) d *= rng_unit();
+    return d > 0 ? (uint64_t)d : 0;
+}
+
+/* Remember a failed attempt for get_stats()["history"]. */
+static void record_attempt(ct_task *t, int status, PyObject *exc, uint64_t start, uint64_t end) {
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    if (!key) goto fail;
+    PyObject *lst = PyDict_GetItemWithError(g_history, key);
+    if (!lst) {
+        if (PyErr_Occurred() || !(lst = PyList_New(0)) || PyDict_SetItem(g_history, key, lst) < 0) {
+            Py_XDECREF(lst);
+            Py_DECREF(key);
+            goto fail;
+        }
+        Py_DECREF(lst);   /* the dict holds it */
+        atomic_fetch_or(&t->state, CT_F_HISTORY);
+    }
+    Py_DECREF(key);
+    PyObject *st = status_member((uint32_t)status);
+    PyObject *rec = Py_BuildValue("{s:i,s:N,s:O,s:d,s:d}", "attempt", (int)t->attempt, "status", st, "error",
+                                  exc ? exc : Py_None, "started_at",
+                                  g_wall0 + ((double)start - (double)g_mono0) / 1e9, "execution_time_ms",
+                                  (double)(end - start) / 1e6);
+    if (!rec || PyList_Append(lst, rec) < 0) {
+        Py_XDECREF(rec);
+        goto fail;
+    }
+    Py_DECREF(rec);
+    return;
+fail:
+    PyErr_Clear();
+}
+
+/* An attempt of a task with a config ended badly (GIL held). Records it and, when the config
+ * allows another attempt, reschedules the task after its back-off and returns 1 (the node is
+ * then the timer's). Returns 0 when the task must end with this outcome. */
+static int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc, uint64_t start, uint64_t end) {
+    ConfigObject *c = (ConfigObject *)t->cfg;
+    if (!c || !eng) return 0;
+    if (c->max_retries > 0 || t->attempt > 1) record_attempt(t, status, exc, start, end);
+    if ((int)t->attempt > c->max_retries) return 0;
+    if (status == CT_TIMED_OUT && !c->retry_on_timeout) return 0;
+    if (status == CT_FAILED) {
+        PyObject *kinds = c->retry_on ? c->retry_on : PyExc_Exception;
+        if (!exc || !PyErr_GivenExceptionMatches(exc, kinds)) return 0;
+    }
+    if (c->on_retry) {
+        PyObject *n = PyLong_FromLong(t->attempt);
+        call_hook(c->on_retry, n);
+        Py_XDECREF(n);
+    }
+    return ct_engine_reschedule(eng->e, t, ct_now_ns() + backoff_ns(c, t->attempt)) == CT_OK;
 }
 
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
@@ -247,6 +365,11 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         ct_task_decref(&eng->e->hooks, t);
         return now;
     }
+    t->attempt++;
+    ConfigObject *cfg = (ConfigObject *)t->cfg;
+    /* (a process-isolated task's timeout is enforced by its pool, which kills the child) */
+    if (cfg && cfg->timeout_ns > 0 && !cfg->isolation)
+        ct_engine_watch(eng->e, t, now + (uint64_t)cfg->timeout_ns, CT_TIMER_TIMEOUT, t->attempt);
     PyObject *res;
     if (t->kind == CT_KIND_PY_C) {
         Py_BEGIN_ALLOW_THREADS
@@ -263,8 +386,42 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     uint64_t end = ct_now_ns();
     ts_store(&t->t_end, end);
     atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
-    if (!res) {
-        complete_py(eng, t, CT_FAILED, fetch_exception());
+    int status = CT_SUCCEEDED;
+    PyObject *out = res;
+    if (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_TIMEDOUT) {
+        /* Our timeout fired during this call. If the TaskTimeout we injected has not been
+         * raised yet (the task was in C code and returned), it must not go off later in
+         * someone else's code. */
+        PyThreadState_SetAsyncExc(w->thread_ident, NULL);
+        if (!res) {
+            out = fetch_exception();
+            if (out && PyErr_GivenExceptionMatches(out, g_task_timeout)) {
+                PyObject *msg = PyUnicode_FromFormat("task %s-%llu ran longer than timeout_ms=%lld", g_prefix,
+                                                     (unsigned long long)t->id,
+                                                     (long long)(cfg ? cfg->timeout_ns / 1000000 : 0));
+                if (msg) {
+                    PyObject *argst = PyTuple_Pack(1, msg);
+                    if (argst) PyObject_SetAttrString(out, "args", argst);
+                    Py_XDECREF(argst);
+                    Py_DECREF(msg);
+                }
+                PyErr_Clear();
+                status = CT_TIMED_OUT;
+            } else {
+                status = CT_FAILED;
+            }
+        }
+    } else if (!res) {
+        out = fetch_exception();
+        status = cfg && cfg->isolation && out && PyErr_GivenExceptionMatches(out, g_task_timeout) ? CT_TIMED_OUT
+                                                                                                : CT_FAILED;
+    }
+    if (status != CT_SUCCEEDED) {
+        if (maybe_retry(eng, t, status, out, now, end)) {
+            Py_XDECREF(out);
+            return end;
+        }
+        complete_py(eng, t, status, out);
         return end;
     }
     if (PyCoro_CheckExact(res) && g_run_coroutine) {
@@ -292,6 +449,74 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     return end;
 }
 
+/* ---- the timer thread's Python side ---- */
+
+static void hook_timer_thread_start(ct_engine *e) {
+    PyGILState_Ensure();
+    e->timer_py_state = PyEval_SaveThread();
+}
+
+static void hook_timer_thread_stop(ct_engine *e) {
+    PyEval_RestoreThread((PyThreadState *)e->timer_py_state);
+    PyGILState_Release(PyGILState_UNLOCKED);
+    e->timer_py_state = NULL;
+}
+
+/* A timeout or stuck-check is due for (task, attempt token). */
+static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
+    PyEval_RestoreThread((PyThreadState *)e->timer_py_state);
+    EngineObject *eng = (EngineObject *)e->hooks.ctx;
+    ct_task *t = en->task;
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look. */
+    if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token) {
+        uint32_t wid = st >> CT_WORKER_SHIFT;
+        ConfigObject *cfg = (ConfigObject *)t->cfg;
+        if (en->kind == CT_TIMER_TIMEOUT) {
+            atomic_fetch_or(&t->state, CT_F_TIMEDOUT);
+            atomic_fetch_add_explicit(&e->timed_out, 1, memory_order_relaxed);
+            if (st & CT_F_ASYNC) {
+                ResultObject *h = result_wrap(eng, t);
+                PyObject *r = h && g_cancel_async
+                                  ? PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)eng, (PyObject *)h, NULL)
+                                  : NULL;
+                if (!r) PyErr_Clear();
+                Py_XDECREF(r);
+                Py_XDECREF(h);
+            } else if (wid && g_task_timeout) {
+                /* Raised in the task at its next Python instruction. A task inside C code
+                 * (a blocking call) sees it only when the call returns: the STUCK check. */
+                PyThreadState_SetAsyncExc(e->workers[wid - 1].thread_ident, g_task_timeout);
+                uint64_t grace = cfg && cfg->timeout_ns > 100000000 ? (uint64_t)cfg->timeout_ns : 100000000ull;
+                if (grace > 5000000000ull) grace = 5000000000ull;
+                ct_engine_watch(e, t, ct_now_ns() + grace, CT_TIMER_STUCK, en->token);
+            }
+        } else if (en->kind == CT_TIMER_STUCK && wid) {
+            ct_worker *w = &e->workers[wid - 1];
+            if (!atomic_exchange(&w->retire, 1)) {
+                atomic_fetch_add_explicit(&e->replaced, 1, memory_order_relaxed);
+                int added = ct_engine_add_worker(e) == CT_OK;
+                PyObject *msg = PyUnicode_FromFormat(
+                    "task %s-%llu is past its timeout and cannot be interrupted (it is inside C code); it is left "
+                    "to finish, and worker %d is %s",
+                    g_prefix, (unsigned long long)t->id, w->id,
+                    added ? "replaced by a new worker meanwhile" : "NOT replaced (no room for more threads)");
+                report_error("stuck", (PyObject *)t->fn, msg);
+                Py_XDECREF(msg);
+            }
+        }
+    }
+    ct_task_decref(&e->hooks, t);
+    e->timer_py_state = PyEval_SaveThread();
+}
+
+/* Entries left in the timer when the engine stops (called with no GIL held). */
+static void hook_drop_entry(ct_engine *e, ct_timer_entry *en) {
+    PyGILState_STATE g = PyGILState_Ensure();
+    ct_task_decref(&e->hooks, en->task);
+    PyGILState_Release(g);
+}
+
 #define CT_URGENT_MAX 16
 
 static void hook_run_batch(ct_worker *w) {
@@ -308,7 +533,10 @@ static void hook_run_batch(ct_worker *w) {
         have_gil = 1;
         now = t0 = ct_now_ns();
     }
+    int first = 1;
     while ((t = ct_worker_take(w))) {
+        if (first) ct_worker_begin_batch(w, have_gil ? now : ct_now_ns());
+        first = 0;
         /* C tasks before any Python one run without taking the GIL at all */
         if (t->kind == CT_KIND_C && !have_gil) {
             ct_engine_run_c(w, t);
@@ -555,10 +783,31 @@ static PyObject *Result_settle(ResultObject *self, PyObject *args, PyObject *kw)
         complete_py(NULL, t, status, v);
         Py_RETURN_TRUE;
     }
-    if (!(st & CT_F_ASYNC) || CT_IS_TERMINAL(st) || !self->engine) {
+    if (!(st & CT_F_ASYNC) || (st & CT_STATUS_MASK) != CT_RUNNING || !self->engine) {
         Py_XDECREF(v);
         PyErr_SetString(PyExc_RuntimeError, "_settle(): this task is not waiting for an outcome from outside");
         return NULL;
+    }
+    if (status == CT_CANCELLED && (st & CT_F_TIMEDOUT)) {
+        /* cancelled by its timeout, not by a user */
+        status = CT_TIMED_OUT;
+        ConfigObject *cfg = (ConfigObject *)t->cfg;
+        v = PyObject_CallFunction(g_task_timeout, "s", "");
+        PyObject *msg = PyUnicode_FromFormat("task %s-%llu ran longer than timeout_ms=%lld", g_prefix,
+                                             (unsigned long long)t->id,
+                                             (long long)(cfg ? cfg->timeout_ns / 1000000 : 0));
+        Py_XDECREF(v);
+        v = msg ? PyObject_CallOneArg(g_task_timeout, msg) : NULL;
+        Py_XDECREF(msg);
+        if (!v) return NULL;
+    }
+    if (status == CT_FAILED || status == CT_TIMED_OUT) {
+        atomic_fetch_and(&t->state, ~CT_F_ASYNC);
+        uint64_t start = ts_load(&t->t_start), end = ct_now_ns();
+        if (maybe_retry(self->engine, t, status, v, start, end)) {
+            Py_XDECREF(v);
+            Py_RETURN_TRUE;
+        }
     }
     complete_py(self->engine, t, status, v);
     Py_RETURN_TRUE;
@@ -590,13 +839,25 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
         dict_set_steal(d, "finished_at", NUM_OR_NONE(e, wall_of(e))) < 0 ||
         dict_set_steal(d, "queue_wait_ms", NUM_OR_NONE(q && s, (double)(s - q) / 1e6)) < 0 ||
         dict_set_steal(d, "execution_time_ms", NUM_OR_NONE(s && e, (double)(e - s) / 1e6)) < 0 ||
-        dict_set_steal(d, "attempts", PyLong_FromLong(s ? 1 : 0)) < 0 ||
+        dict_set_steal(d, "attempts", PyLong_FromLong(t->attempt)) < 0 ||
         dict_set_steal(d, "worker_id", wid ? PyLong_FromUnsignedLong(wid - 1) : (Py_INCREF(Py_None), Py_None)) < 0 ||
         dict_set_steal(d, "is_async", PyBool_FromLong((st & CT_F_ASYNC) != 0)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
 #undef NUM_OR_NONE
+    PyObject *hist = NULL;
+    if (st & CT_F_HISTORY) {
+        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+        PyObject *lst = key ? PyDict_GetItemWithError(g_history, key) : NULL;
+        Py_XDECREF(key);
+        if (lst) hist = PyList_GetSlice(lst, 0, PyList_GET_SIZE(lst));
+        PyErr_Clear();
+    }
+    if (dict_set_steal(d, "history", hist ? hist : PyList_New(0)) < 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
     return d;
 }
 
@@ -618,6 +879,7 @@ static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
 }
 
 static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
+static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
 static PyObject *Result_get_priority(ResultObject *self, void *unused) { return priority_member(self->t->priority); }
 
 static PyObject *Result_repr(ResultObject *self) {
@@ -711,6 +973,7 @@ static PyGetSetDef Result_getset[] = {
     {"task_id", (getter)Result_get_task_id, NULL, "The task's id (str), unique in this process.", NULL},
     {"status", (getter)Result_get_status, NULL, "The task's TaskStatus.", NULL},
     {"priority", (getter)Result_get_priority, NULL, "The task's TaskPriority.", NULL},
+    {"_key", (getter)Result_get_key, NULL, NULL, NULL},
     {NULL},
 };
 
@@ -732,35 +995,81 @@ static PyTypeObject Result_Type = {
 /* ------------------------------------------------------------------ ConfigBase */
 
 static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"priority", "delay_ms", "max_retries", "timeout_ms", NULL};
-    int priority = 2, max_retries = 0;
-    long long delay = 0, timeout = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLiL:ConfigBase", kwlist, &priority, &delay, &max_retries, &timeout))
+    static char *kwlist[] = {"priority", "delay_ms", "max_retries", "timeout_ms", "backoff", "retry_base_ms",
+                             "retry_max_ms", "jitter", "retry_on_timeout", "retry_on", "on_success",
+                             "on_failure", "on_retry", "isolation", NULL};
+    int priority = 2, max_retries = 0, backoff = 0, jitter = 1, retry_on_timeout = 0, isolation = 0;
+    double delay = 0, timeout = 0, base = 100, cap = 60000;
+    PyObject *retry_on = Py_None, *on_success = Py_None, *on_failure = Py_None, *on_retry = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|idididdppOOOOp:ConfigBase", kwlist, &priority, &delay, &max_retries,
+                                     &timeout, &backoff, &base, &cap, &jitter, &retry_on_timeout, &retry_on,
+                                     &on_success, &on_failure, &on_retry, &isolation))
         return -1;
     if (priority < 0 || priority >= CT_NPRIO) {
         PyErr_Format(PyExc_ValueError, "priority must be 0..3, got %d", priority);
         return -1;
     }
+    if (max_retries < 0 || max_retries > 200) {
+        PyErr_Format(PyExc_ValueError, "max_retries must be 0..200, got %d", max_retries);
+        return -1;
+    }
     self->priority = priority;
-    self->delay_ms = delay;
     self->max_retries = max_retries;
-    self->timeout_ms = timeout;
+    self->backoff = backoff;
+    self->jitter = jitter;
+    self->retry_on_timeout = retry_on_timeout;
+    self->isolation = isolation;
+    self->delay_ns = (int64_t)(delay * 1e6);
+    self->timeout_ns = (int64_t)(timeout * 1e6);
+    self->retry_base_ns = (int64_t)(base * 1e6);
+    self->retry_max_ns = (int64_t)(cap * 1e6);
+#define SET_OPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : (Py_INCREF(obj), (obj)))
+    SET_OPT(retry_on, retry_on);
+    SET_OPT(on_success, on_success);
+    SET_OPT(on_failure, on_failure);
+    SET_OPT(on_retry, on_retry);
+#undef SET_OPT
     return 0;
+}
+
+static int Config_traverse(ConfigObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->retry_on);
+    Py_VISIT(self->on_success);
+    Py_VISIT(self->on_failure);
+    Py_VISIT(self->on_retry);
+    return 0;
+}
+
+static int Config_clear(ConfigObject *self) {
+    Py_CLEAR(self->retry_on);
+    Py_CLEAR(self->on_success);
+    Py_CLEAR(self->on_failure);
+    Py_CLEAR(self->on_retry);
+    return 0;
+}
+
+static void Config_dealloc(ConfigObject *self) {
+    PyObject_GC_UnTrack(self);
+    Config_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMemberDef Config_members[] = {
     {"_priority", T_INT, offsetof(ConfigObject, priority), READONLY, NULL},
-    {"_delay_ms", T_LONGLONG, offsetof(ConfigObject, delay_ms), READONLY, NULL},
     {"_max_retries", T_INT, offsetof(ConfigObject, max_retries), READONLY, NULL},
-    {"_timeout_ms", T_LONGLONG, offsetof(ConfigObject, timeout_ms), READONLY, NULL},
+    {"_delay_ns", T_LONGLONG, offsetof(ConfigObject, delay_ns), READONLY, NULL},
+    {"_timeout_ns", T_LONGLONG, offsetof(ConfigObject, timeout_ns), READONLY, NULL},
     {NULL},
 };
 
 static PyTypeObject Config_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "catzilla_tasks._engine.ConfigBase",
     .tp_basicsize = sizeof(ConfigObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "The fields of a TaskConfig that the engine reads on every add_task.",
+    .tp_dealloc = (destructor)Config_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of a TaskConfig that the engine reads without attribute lookups.",
+    .tp_traverse = (traverseproc)Config_traverse,
+    .tp_clear = (inquiry)Config_clear,
     .tp_members = Config_members,
     .tp_init = (initproc)Config_init,
     .tp_new = PyType_GenericNew,
@@ -777,12 +1086,12 @@ static int engine_check(EngineObject *self) {
 }
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"workers", "queue_size", "aging_ms", "batch_max", "batch_budget_us", NULL};
-    int workers = 4, batch_max = 64;
+    static char *kwlist[] = {"workers", "queue_size", "aging_ms", "batch_max", "batch_budget_us", "max_threads", NULL};
+    int workers = 4, batch_max = 64, max_threads = 0;
     long long queue_size = 10000;
     double aging_ms = 100.0, budget_us = 200.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLdid:Engine", kwlist, &workers, &queue_size, &aging_ms,
-                                     &batch_max, &budget_us))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLdidi:Engine", kwlist, &workers, &queue_size, &aging_ms,
+                                     &batch_max, &budget_us, &max_threads))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "engine already initialised");
@@ -798,6 +1107,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
     }
     ct_config cfg = {
         .workers = workers,
+        .max_threads = max_threads > workers ? max_threads : workers + 16,
         .queue_size = queue_size,
         .aging_ns = (uint64_t)(aging_ms > 0 ? aging_ms * 1e6 : 1e8),
         .batch_max = batch_max,
@@ -809,6 +1119,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         .thread_stop = hook_thread_stop,
         .run_batch = hook_run_batch,
         .release = hook_release,
+        .on_timer = hook_on_timer,
+        .drop_entry = hook_drop_entry,
+        .timer_thread_start = hook_timer_thread_start,
+        .timer_thread_stop = hook_timer_thread_stop,
     };
     self->e = ct_engine_new(&cfg, &hooks);
     if (!self->e) {
@@ -833,6 +1147,7 @@ static void Engine_dealloc(EngineObject *self) {
             Py_BEGIN_ALLOW_THREADS
             ct_engine_close(self->e);
             ct_engine_stop_workers(self->e);
+            ct_engine_stop_timer(self->e);
             Py_END_ALLOW_THREADS
         }
         ct_engine_free(self->e);
@@ -878,17 +1193,6 @@ static int not_callable(PyObject *func) {
     return -1;
 }
 
-static int config_unsupported(ConfigObject *c) {
-    if (c->delay_ms > 0 || c->max_retries > 0 || c->timeout_ms > 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "delay_ms, max_retries and timeout_ms are accepted by TaskConfig but this engine "
-                        "version does not schedule them yet: leave them at 0 (see docs/architecture.md, "
-                        "'Scheduling')");
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *submit_error(EngineObject *self, int rc) {
     switch (rc) {
     case CT_EFULL:
@@ -910,8 +1214,40 @@ static PyObject *submit_error(EngineObject *self, int rc) {
 
 /* Queue func(*values[:npos], **dict(zip(kwnames, values[npos:]))) and return its TaskResult.
  * values/kwnames are borrowed. */
+static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                              PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns);
+
+/* A process-isolated task: engine.py checks that it pickles (a clear TypeError here, at the
+ * call site) and gives back a callable that runs it in the engine's process pool. */
+static PyObject *enqueue_isolated(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                                  PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, npos = nvalues - nkw;
+    PyObject *pos = PyTuple_New(npos), *kw = PyDict_New(), *call = NULL, *r = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 0; i < npos; i++) {
+        Py_INCREF(values[i]);
+        PyTuple_SET_ITEM(pos, i, values[i]);
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
+    call = PyObject_CallFunctionObjArgs(g_isolate, (PyObject *)self, func, pos, kw, (PyObject *)cfg, NULL);
+    if (call) r = enqueue_node(self, call, NULL, 0, NULL, priority, cfg, block_ns);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    Py_XDECREF(call);
+    return r;
+}
+
 static PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
-                         PyObject *kwnames, int priority, int64_t block_ns) {
+                         PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns) {
+    if (CT_UNLIKELY(cfg && cfg->isolation))
+        return enqueue_isolated(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
+    return enqueue_node(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
+}
+
+static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                              PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns) {
     ct_task *t = ct_task_new();
     if (!t) return PyErr_NoMemory();
     PyObject *arg = NULL;
@@ -930,15 +1266,24 @@ static PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *va
     t->kwargs = kwnames;
     t->kind = CT_KIND_PY;
     t->priority = (uint8_t)priority;
+    /* Only a config that changes how the task runs is kept on the node (priority alone is
+     * used here and needs nothing later). */
+    if (cfg && (cfg->max_retries || cfg->timeout_ns || cfg->on_success || cfg->on_failure || cfg->isolation)) {
+        Py_INCREF(cfg);
+        t->cfg = cfg;
+    }
     ResultObject *r = result_wrap(self, t);   /* refs: 2 (ours, handed to the engine, + handle) */
     if (!r) goto fail_node;
     int rc;
-    if (block_ns != 0) {
+    uint64_t due = cfg && cfg->delay_ns > 0 ? ct_now_ns() + (uint64_t)cfg->delay_ns : 0;
+    rc = due ? ct_engine_submit_at(self->e, t, due, 0) : ct_engine_submit(self->e, t, 0);
+    if (rc == CT_EFULL && block_ns != 0) {
+        /* full: only now release the GIL and wait for room (and the quick try just made
+         * is not a rejection: the blocking one decides) */
+        atomic_fetch_sub_explicit(&self->e->rejected, 1, memory_order_relaxed);
         Py_BEGIN_ALLOW_THREADS
-        rc = ct_engine_submit(self->e, t, block_ns);
+        rc = due ? ct_engine_submit_at(self->e, t, due, block_ns) : ct_engine_submit(self->e, t, block_ns);
         Py_END_ALLOW_THREADS
-    } else {
-        rc = ct_engine_submit(self->e, t, 0);
     }
     if (rc != CT_OK) {
         Py_DECREF(r);                       /* handle's reference */
@@ -961,12 +1306,9 @@ static PyObject *Engine_add_task(EngineObject *self, PyObject *const *args, Py_s
     if (CT_UNLIKELY(!PyCallable_Check(func))) return not_callable(func), NULL;
     int priority = 2;
     ConfigObject *cfg = lookup_config(func);
-    if (cfg) {
-        if (config_unsupported(cfg) < 0) return NULL;
-        priority = cfg->priority;
-    }
+    if (cfg) priority = cfg->priority;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    return enqueue(self, func, args + 1, nargs - 1 + nkw, nkw ? kwnames : NULL, priority, 0);
+    return enqueue(self, func, args + 1, nargs - 1 + nkw, nkw ? kwnames : NULL, priority, cfg, 0);
 }
 
 /* _submit(func, args: tuple, kwargs: dict | None, config: ConfigBase | None, block_timeout) */
@@ -982,7 +1324,6 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "_submit(): config must be a TaskConfig");
             return NULL;
         }
-        if (config_unsupported(cfg) < 0) return NULL;
         priority = cfg->priority;
     }
     int64_t block_ns = 0;
@@ -994,7 +1335,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
     }
     Py_ssize_t npos = PyTuple_GET_SIZE(pargs);
     if (kwargs == Py_None || PyDict_GET_SIZE(kwargs) == 0)
-        return enqueue(self, func, &PyTuple_GET_ITEM(pargs, 0), npos, NULL, priority, block_ns);
+        return enqueue(self, func, &PyTuple_GET_ITEM(pargs, 0), npos, NULL, priority, cfg, block_ns);
     if (!PyDict_Check(kwargs)) {
         PyErr_SetString(PyExc_TypeError, "_submit(): kwargs must be a dict");
         return NULL;
@@ -1022,7 +1363,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
         vals[npos + i] = v;
         i++;
     }
-    PyObject *r = enqueue(self, func, vals, npos + nkw, names, priority, block_ns);
+    PyObject *r = enqueue(self, func, vals, npos + nkw, names, priority, cfg, block_ns);
     PyMem_Free(vals);
     Py_DECREF(names);
     return r;
@@ -1105,6 +1446,7 @@ static PyObject *Engine_stop_workers(EngineObject *self, PyObject *unused) {
     if (!self->stopped) {
         Py_BEGIN_ALLOW_THREADS
         ct_engine_stop_workers(self->e);
+        ct_engine_stop_timer(self->e);
         Py_END_ALLOW_THREADS
         self->stopped = 1;
         if (self->holds_self) {
@@ -1132,12 +1474,12 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
     ct_stats s;
     ct_engine_get_stats(self->e, &s);
     uint64_t processed = 0, busy = 0;
-    for (int i = 0; i < self->e->nworkers; i++) {
+    for (int i = 0; i < atomic_load(&self->e->nworkers); i++) {
         processed += atomic_load(&self->e->workers[i].processed);
         busy += atomic_load(&self->e->workers[i].busy_ns);
     }
     return Py_BuildValue(
-        "{s:(LLLL),s:L,s:L,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:d,s:O,s:O,s:K,s:d,s:L}", "queued", (long long)s.queued[0],
+        "{s:(LLLL),s:L,s:L,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:d,s:O,s:O,s:K,s:d,s:L,s:L,s:K,s:K,s:K}", "queued", (long long)s.queued[0],
         (long long)s.queued[1], (long long)s.queued[2], (long long)s.queued[3], "queued_total",
         (long long)s.queued_total, "running", (long long)s.running, "submitted", (unsigned long long)s.submitted,
         "succeeded", (unsigned long long)s.succeeded, "failed", (unsigned long long)s.failed, "cancelled",
@@ -1145,7 +1487,9 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         "sleeping", s.sleeping, "avg_exec_ms", (double)s.avg_exec_ns / 1e6, "accepting",
         s.accepting ? Py_True : Py_False, "paused", s.paused ? Py_True : Py_False, "processed",
         (unsigned long long)processed, "busy_s", (double)busy / 1e9, "queue_size",
-        (long long)self->e->cfg.queue_size);
+        (long long)self->e->cfg.queue_size, "scheduled", (long long)s.scheduled, "retried",
+        (unsigned long long)s.retried, "timed_out", (unsigned long long)s.timed_out, "replaced",
+        (unsigned long long)s.replaced);
 }
 
 /* _workers() -> [dict]: per-worker figures (batch left, current task's start, counts). */
@@ -1154,7 +1498,7 @@ static PyObject *Engine_workers(EngineObject *self, PyObject *unused) {
     PyObject *lst = PyList_New(0);
     if (!lst) return NULL;
     uint64_t now = ct_now_ns();
-    for (int i = 0; i < self->e->nworkers; i++) {
+    for (int i = 0; i < atomic_load(&self->e->nworkers); i++) {
         ct_worker *w = &self->e->workers[i];
         uint64_t r = atomic_load(&w->range), since = atomic_load(&w->current_since);
         uint32_t head = (uint32_t)((r >> 16) & 0xFFFFu), tail = (uint32_t)(r & 0xFFFFu);
@@ -1280,11 +1624,18 @@ static const CatzillaTasks_CAPI g_capi = {
 /* ------------------------------------------------------------------ module */
 
 static PyObject *mod_set_hooks(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"status_members", "priority_members", "run_coroutine", "report_error", "await_impl", NULL};
-    PyObject *sm, *pm, *rc, *re, *aw;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOO:_set_hooks", kwlist, &PyTuple_Type, &sm, &PyTuple_Type, &pm,
-                                     &rc, &re, &aw))
+    static char *kwlist[] = {"status_members", "priority_members", "run_coroutine", "report_error", "await_impl",
+                             "cancel_async", "task_timeout", "isolate", NULL};
+    PyObject *sm, *pm, *rc, *re, *aw, *ca, *tt, *iso;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOOOOO:_set_hooks", kwlist, &PyTuple_Type, &sm, &PyTuple_Type, &pm,
+                                     &rc, &re, &aw, &ca, &tt, &iso))
         return NULL;
+    Py_INCREF(iso);
+    Py_XSETREF(g_isolate, iso);
+    Py_INCREF(ca);
+    Py_XSETREF(g_cancel_async, ca);
+    Py_INCREF(tt);
+    Py_XSETREF(g_task_timeout, tt);
     Py_INCREF(sm);
     Py_XSETREF(g_status_members, sm);
     Py_INCREF(pm);
@@ -1339,12 +1690,13 @@ PyMODINIT_FUNC PyInit__engine(void) {
     gettimeofday(&tv, NULL);
     g_wall0 = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
     g_registry = PyDict_New();
+    g_history = PyDict_New();
     g_config_attr = PyUnicode_InternFromString("__catzilla_task__");
     QueueFullError = PyErr_NewExceptionWithDoc(
         "catzilla_tasks.QueueFull", "The engine already holds queue_size queued tasks.", NULL, NULL);
     TaskCancelledError = PyErr_NewExceptionWithDoc("catzilla_tasks.TaskCancelled",
                                                    "The task was cancelled before it ran.", NULL, NULL);
-    if (!g_registry || !g_config_attr || !QueueFullError || !TaskCancelledError) goto fail;
+    if (!g_registry || !g_history || !g_config_attr || !QueueFullError || !TaskCancelledError) goto fail;
     Py_INCREF(&Engine_Type);
     Py_INCREF(&Result_Type);
     Py_INCREF(&Config_Type);

@@ -1,0 +1,245 @@
+"""Delays, retries with back-off, timeouts and cancellation (the engine's C timer)."""
+
+import asyncio
+import datetime
+import threading
+import time
+
+import pytest
+
+from catzilla_tasks import BackgroundTasks, TaskCancelled, TaskConfig, TaskStatus, task
+from catzilla_tasks.errors import TaskTimeout
+
+
+def test_delay_runs_after_the_delay_and_is_scheduled_meanwhile(tasks):
+    r = tasks.options(delay_ms=150).add_task(time.monotonic)
+    t_submit = time.monotonic()
+    assert r.status is TaskStatus.SCHEDULED
+    assert tasks.stats()["scheduled"] == 1
+    ran_at = r.wait(5)
+    assert ran_at - t_submit >= 0.149
+    s = r.get_stats()
+    assert s["queue_wait_ms"] >= 149 and s["status"] is TaskStatus.SUCCEEDED
+    assert tasks.stats()["scheduled"] == 0
+
+
+def test_eta(tasks):
+    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(milliseconds=120)
+    r = tasks.options(eta=eta).add_task(lambda: datetime.datetime.now(datetime.timezone.utc))
+    assert r.wait(5) >= eta - datetime.timedelta(milliseconds=2)
+    with pytest.raises(TypeError, match="eta or delay_ms"):
+        tasks.options(eta=eta, delay_ms=5)
+
+
+def test_delays_fire_in_due_order(tasks):
+    order = []
+    handles = [tasks.options(delay_ms=d).add_task(order.append, d) for d in (90, 30, 60, 0, 120)]
+    for h in handles:
+        h.wait(5)
+    assert order == [0, 30, 60, 90, 120]
+
+
+def test_cancel_a_delayed_task_frees_it_at_once(tasks):
+    ran = []
+    r = tasks.options(delay_ms=60_000).add_task(ran.append, 1)
+    assert r.cancel() is True
+    assert r.status is TaskStatus.CANCELLED
+    tasks.join(5)  # does not wait the minute: the cancelled task left the timer
+    assert ran == [] and tasks.stats()["scheduled"] == 0
+    with pytest.raises(TaskCancelled):
+        r.wait(1)
+
+
+def test_shutdown_runs_due_delayed_tasks_and_cancels_the_rest_on_timeout():
+    eng = BackgroundTasks(workers=2)
+    soon = eng.options(delay_ms=50).add_task(int, "1")
+    late = eng.options(delay_ms=60_000).add_task(int, "2")
+    with pytest.raises(TimeoutError):
+        eng.shutdown(timeout=0.5)
+    assert soon.wait(1) == 1 and late.status is TaskStatus.CANCELLED
+
+
+def test_retries_with_exponential_backoff_then_success(tasks):
+    calls = []
+
+    @task(max_retries=3, retry_base_ms=20, retry_jitter=False)
+    def flaky():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError(f"attempt {len(calls)}")
+        return "ok"
+
+    r = tasks.add_task(flaky)
+    assert r.wait(5) == "ok"
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert 0.019 <= gaps[0] < 0.2 and 0.039 <= gaps[1] < 0.3  # 20 ms, then 40 ms
+    s = r.get_stats()
+    assert s["attempts"] == 3
+    assert [h["attempt"] for h in s["history"]] == [1, 2]
+    assert all(isinstance(h["error"], ConnectionError) for h in s["history"])
+    assert tasks.stats()["retried"] == 2
+
+
+@pytest.mark.parametrize(
+    "backoff, expected_ms",
+    [("exponential", [10, 20, 40, 80]), ("linear", [10, 20, 30, 40]), ("fixed", [10, 10, 10, 10])],
+)
+def test_backoff_schedules(tasks, backoff, expected_ms):
+    calls = []
+
+    @task(max_retries=4, retry_backoff=backoff, retry_base_ms=10, retry_jitter=False)
+    def always_fails():
+        calls.append(time.monotonic())
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        tasks.add_task(always_fails).wait(5)
+    gaps_ms = [(b - a) * 1000 for a, b in zip(calls, calls[1:])]
+    assert len(gaps_ms) == 4
+    for got, want in zip(gaps_ms, expected_ms):
+        assert want - 1 <= got <= want + 25, (backoff, gaps_ms)
+
+
+def test_backoff_cap_and_full_jitter_bounds(tasks):
+    calls = []
+
+    @task(max_retries=6, retry_base_ms=10, retry_max_ms=30)  # exponential: full jitter by default
+    def fails():
+        calls.append(time.monotonic())
+        raise ValueError
+
+    with pytest.raises(ValueError):
+        tasks.add_task(fails).wait(5)
+    gaps_ms = [(b - a) * 1000 for a, b in zip(calls, calls[1:])]
+    caps = [10, 20, 30, 30, 30, 30]
+    for got, cap in zip(gaps_ms, caps):
+        assert 0 <= got <= cap + 25
+    assert TaskConfig(retry_backoff="linear").retry_jitter is None
+
+
+def test_retry_on_filters_exceptions(tasks):
+    calls = []
+
+    @task(max_retries=5, retry_base_ms=1, retry_on=(ConnectionError,))
+    def wrong_kind():
+        calls.append(1)
+        raise KeyError("not retried")
+
+    with pytest.raises(KeyError):
+        tasks.add_task(wrong_kind).wait(5)
+    assert len(calls) == 1
+
+
+def test_callback_order(tasks):
+    events = []
+    done = threading.Event()
+
+    @task(
+        max_retries=2,
+        retry_base_ms=1,
+        on_retry=lambda n: events.append(("retry", n)),
+        on_failure=lambda e: (events.append(("failure", str(e))), done.set()),
+        on_success=lambda v: events.append(("success", v)),
+    )
+    def fails():
+        raise RuntimeError("boom")
+
+    r = tasks.add_task(fails)
+    r._on_done(lambda h: events.append(("done", h.status.name)))
+    with pytest.raises(RuntimeError):
+        r.wait(5)
+    assert done.wait(5)
+    tasks.join(5)
+    assert events == [("retry", 1), ("retry", 2), ("failure", "boom"), ("done", "FAILED")]
+
+    ok_events = []
+    t2 = task(on_success=ok_events.append)(lambda: 7)
+    assert tasks.add_task(t2).wait(5) == 7
+    assert ok_events == [7]
+
+
+def test_timeout_interrupts_a_busy_python_task_and_the_pool_keeps_working(tasks):
+    @task(timeout_ms=100)
+    def spin():
+        while True:
+            pass
+
+    r = tasks.add_task(spin)
+    with pytest.raises(TaskTimeout, match="timeout_ms=100"):
+        r.wait(5)
+    assert r.status is TaskStatus.TIMED_OUT
+    s = r.get_stats()
+    assert 95 <= s["execution_time_ms"] < 1000
+    assert tasks.stats()["timed_out"] == 1
+    # the worker that was interrupted runs tasks normally afterwards
+    assert [tasks.add_task(abs, -i).wait(5) for i in range(50)] == list(range(50))
+    barrier = threading.Barrier(4, timeout=5)
+    waits = [tasks.add_task(barrier.wait) for _ in range(4)]
+    assert sorted(w.wait(10) for w in waits) == [0, 1, 2, 3]  # all four workers alive
+
+
+def test_timeout_cancels_an_async_task(tasks):
+    @task(timeout_ms=100)
+    async def sleeper():
+        await asyncio.sleep(100)
+
+    r = tasks.add_task(sleeper)
+    with pytest.raises(TaskTimeout):
+        r.wait(5)
+    assert r.status is TaskStatus.TIMED_OUT
+    assert tasks.add_task(abs, -3).wait(5) == 3
+
+
+def test_timeouts_are_retried_only_when_asked(tasks):
+    calls = []
+
+    @task(timeout_ms=50, max_retries=2, retry_base_ms=1, retry_on_timeout=True)
+    def slow_then_fast():
+        calls.append(1)
+        if len(calls) < 2:
+            while True:
+                pass
+        return "second try"
+
+    assert tasks.add_task(slow_then_fast).wait(5) == "second try"
+
+    calls2 = []
+
+    @task(timeout_ms=50, max_retries=2, retry_base_ms=1)
+    def slow():
+        calls2.append(1)
+        while True:
+            pass
+
+    with pytest.raises(TaskTimeout):
+        tasks.add_task(slow).wait(5)
+    assert len(calls2) == 1
+
+
+def test_a_task_stuck_in_c_code_is_reported_and_its_worker_replaced(make_tasks, caplog):
+    eng = make_tasks(workers=2, min_workers=1)
+    gate = threading.Event()
+
+    @task(timeout_ms=50)
+    def stuck_in_c():
+        gate.wait()  # a C-level wait: the injected TaskTimeout cannot land until it returns
+        return "finished"
+
+    r = eng.add_task(stuck_in_c)
+    # capacity stays: two more blocking tasks still run side by side while the first is stuck
+    barrier = threading.Barrier(2, timeout=5)
+    waits = [eng.add_task(barrier.wait) for _ in range(2)]
+    assert sorted(w.wait(10) for w in waits) == [0, 1]
+    assert eng.stats()["replaced"] == 1
+    assert any("cannot be interrupted" in str(rec.args) or "cannot be interrupted" in rec.getMessage() for rec in caplog.records)
+    gate.set()
+    with pytest.raises(TaskTimeout):
+        r.wait(5)  # the pending TaskTimeout lands as soon as the C call returns
+    assert eng.stats()["workers"] == 2
+    assert [eng.add_task(abs, -i).wait(5) for i in range(20)] == list(range(20))
+
+
+def test_memory_limit_needs_process_isolation():
+    with pytest.raises(ValueError, match="isolation='process'"):
+        TaskConfig(memory_limit_mb=100)
+    assert TaskConfig(memory_limit_mb=100, isolation="process").memory_limit_mb == 100
