@@ -243,3 +243,78 @@ def test_memory_limit_needs_process_isolation():
     with pytest.raises(ValueError, match="isolation='process'"):
         TaskConfig(memory_limit_mb=100)
     assert TaskConfig(memory_limit_mb=100, isolation="process").memory_limit_mb == 100
+
+
+def test_periodic_every_fires_on_schedule(tasks):
+    stamps = []
+    enough = threading.Event()
+
+    @tasks.periodic(every=datetime.timedelta(milliseconds=40))
+    def tick():
+        stamps.append(time.monotonic())
+        if len(stamps) == 6:
+            enough.set()
+
+    assert enough.wait(5)
+    tick.periodic.cancel()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert all(0.025 <= g <= 0.12 for g in gaps), gaps
+    assert sum(gaps) / len(gaps) == pytest.approx(0.040, abs=0.012)
+    tasks.join(5)  # periodic ticks are not tasks: join returns
+
+
+def test_periodic_does_not_overlap_itself(tasks):
+    active = [0]
+    peak = [0]
+    runs = []
+    enough = threading.Event()
+
+    @tasks.periodic(every=0.02, first_run_now=True)
+    def slow():
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.07)  # longer than the period
+        active[0] -= 1
+        runs.append(1)
+        if len(runs) == 3:
+            enough.set()
+
+    assert enough.wait(5)
+    slow.periodic.cancel()
+    assert peak[0] == 1
+    assert slow.periodic.skipped >= 3
+
+
+def test_periodic_skips_missed_runs():
+    from catzilla_tasks.periodic import PeriodicTask
+
+    class FakeEngine:
+        is_shutdown = False
+
+        def _call_later(self, delay, fn):
+            return True
+
+    p = PeriodicTask(FakeEngine(), print, every=1.0)
+    t0 = p._due_mono  # the first run's due time
+    # its tick comes 4.5 periods late (the process was paused): the runs due at t0+1..t0+4
+    # are skipped, not piled up, and the next is the next slot on the grid, t0+5
+    delay = p.next_delay(t0 + 4.5, datetime.datetime.now(datetime.timezone.utc))
+    assert delay == pytest.approx(0.5) and p.missed == 4
+
+
+def test_periodic_cron_schedule():
+    from catzilla_tasks.periodic import PeriodicTask
+
+    class FakeEngine:
+        is_shutdown = False
+
+        def _call_later(self, delay, fn):
+            return True
+
+    p = PeriodicTask(FakeEngine(), print, cron="*/5 * * * *")
+    now = datetime.datetime(2026, 1, 1, 12, 3, 30, tzinfo=datetime.timezone.utc)
+    assert p.next_delay(0.0, now) == pytest.approx(90.0)
+    with pytest.raises(ValueError, match="not a valid cron"):
+        PeriodicTask(FakeEngine(), print, cron="61 * * * *")
+    with pytest.raises(ValueError, match="exactly one"):
+        PeriodicTask(FakeEngine(), print)

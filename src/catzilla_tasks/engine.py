@@ -305,6 +305,7 @@ class BackgroundTasks(_engine.Engine):
         self._runner: _LoopRunner | None = None
         self._runner_lock = threading.Lock()
         self._pool: Any = None
+        self._periodic: list[Any] = []
         self.process_workers = os.cpu_count() or 1
         self._shutdown_done = False
         _live.add(self)
@@ -334,6 +335,48 @@ class BackgroundTasks(_engine.Engine):
     @property
     def registered_tasks(self) -> dict[str, Callable[..., Any]]:
         return dict(self._registered)
+
+    def periodic(
+        self,
+        *,
+        every: "datetime.timedelta | float | None" = None,
+        cron: str | None = None,
+        tz: "datetime.tzinfo | None" = None,
+        overlap: bool = False,
+        first_run_now: bool = False,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        **config: Any,
+    ) -> Callable[[F], F]:
+        """Run the decorated function on a schedule: ``@tasks.periodic(every=timedelta(minutes=5))``
+        or ``@tasks.periodic(cron="*/5 * * * *")`` (cron needs the ``[cron]`` extra).
+
+        By default a run does not overlap the previous one (``overlap=False``: a run due while
+        the last is still going is skipped) and missed runs are skipped, not piled up. Extra
+        keywords are the task's config (priority, timeout_ms, ...). The PeriodicTask is at
+        ``func.periodic`` (``.cancel()`` stops it) and in ``tasks.periodic_tasks``.
+        """
+        from .periodic import PeriodicTask
+
+        def decorate(f: F) -> F:
+            if config:
+                _attach(f, _make_config("periodic()", None, **config))
+            p = PeriodicTask(
+                self, f, every=every, cron=cron, tz=tz, overlap=overlap, args=args, kwargs=kwargs,
+                first_run_now=first_run_now,
+            )
+            self._periodic.append(p)
+            try:
+                f.periodic = p  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+            return f
+
+        return decorate
+
+    @property
+    def periodic_tasks(self) -> list[Any]:
+        return list(self._periodic)
 
     # -- submission -----------------------------------------------------------------------
     # add_task(func, *args, **kwargs) is the C method of _engine.Engine (no Python frame).
@@ -403,6 +446,8 @@ class BackgroundTasks(_engine.Engine):
         """
         if self._shutdown_done:
             return
+        for p in self._periodic:
+            p.cancel()
         self._close()
         self.resume()
         if not wait_for_completion:

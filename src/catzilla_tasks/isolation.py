@@ -376,11 +376,10 @@ def _child_main(conn: Any, crash_w: Any) -> None:
     conn.send_bytes(_READY)
     while True:
         try:
-            message = conn.recv_bytes()
+            # no local reference to the message: _run_one drops it once the task is unpickled
+            reply, retire = _run_one(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        reply, retire = _run_one(message)
-        del message
         try:
             conn.send_bytes(reply)
         except OSError:

@@ -166,7 +166,7 @@ static void ct_engine_timer_fire(void *ctx, ct_timer_entry *en) {
     ct_engine *e = ctx;
     ct_task *t = en->task;
     if (en->kind != CT_TIMER_READY) {
-        atomic_fetch_sub(&e->watches, 1);
+        if (en->kind != CT_TIMER_CALL) atomic_fetch_sub(&e->watches, 1);
         if (e->hooks.on_timer)
             e->hooks.on_timer(e, en);
         else
@@ -765,7 +765,7 @@ int ct_engine_reschedule(ct_engine *e, ct_task *t, uint64_t due_ns) {
 
 /* A watch whose attempt is over: the task ended, waits for a retry, or runs a later attempt. */
 static int ct_watch_dead(const ct_timer_entry *en) {
-    if (en->kind == CT_TIMER_READY) return 0;
+    if (en->kind == CT_TIMER_READY || en->kind == CT_TIMER_CALL) return 0;
     uint32_t st = atomic_load_explicit(&en->task->state, memory_order_acquire);
     return (st & CT_STATUS_MASK) != CT_RUNNING || en->task->attempt != en->token;
 }

@@ -15,6 +15,7 @@ enum ct_timer_kind {
     CT_TIMER_READY = 0,    /* the task is due: move it into its priority queue */
     CT_TIMER_TIMEOUT = 1,  /* the task's attempt `token` ran out of time */
     CT_TIMER_STUCK = 2,    /* the attempt still runs after its timeout fired: replace its worker */
+    CT_TIMER_CALL = 3,     /* call the node's callable on the timer thread (periodic ticks) */
 };
 
 typedef struct ct_timer_entry {

@@ -468,8 +468,17 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
     EngineObject *eng = (EngineObject *)e->hooks.ctx;
     ct_task *t = en->task;
     uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
-    /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look. */
-    if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token) {
+    if (en->kind == CT_TIMER_CALL) {
+        /* a short callable (periodic tick): runs here, on the timer thread */
+        PyObject *r = PyObject_CallNoArgs((PyObject *)t->fn);
+        if (!r) {
+            PyObject *exc = fetch_exception();
+            report_error("callback", (PyObject *)t->fn, exc);
+            Py_XDECREF(exc);
+        }
+        Py_XDECREF(r);
+    } else if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token) {
+        /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look. */
         uint32_t wid = st >> CT_WORKER_SHIFT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
@@ -1404,6 +1413,27 @@ static PyObject *Engine_submit_c(EngineObject *self, PyObject *args) {
     return (PyObject *)r;
 }
 
+/* _call_later(seconds, fn): call fn() on the timer thread after `seconds` (not a task: not
+ * queued, not counted by join(); for periodic ticks, which then queue the real task). */
+static PyObject *Engine_call_later(EngineObject *self, PyObject *args) {
+    double secs;
+    PyObject *fn;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "dO:_call_later", &secs, &fn)) return NULL;
+    if (!atomic_load(&self->e->accepting)) Py_RETURN_FALSE;
+    ct_task *t = ct_task_new();
+    if (!t) return PyErr_NoMemory();
+    Py_INCREF(fn);
+    t->fn = fn;
+    t->kind = CT_KIND_DETACHED;
+    uint64_t due = ct_now_ns() + (uint64_t)(secs > 0 ? secs * 1e9 : 0);
+    if (ct_timer_add(&self->e->timer, due, t, CT_TIMER_CALL, 0) != CT_OK) {
+        ct_task_decref(&self->e->hooks, t);
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyObject *Engine_close(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_engine_close(self->e);
@@ -1528,6 +1558,7 @@ static PyMethodDef Engine_methods[] = {
      "submit_c(fn_address, data_address, priority=2) -> TaskResult\n\nQueue a C function void fn(void *data), "
      "run on a worker with no GIL."},
     {"_close", (PyCFunction)Engine_close, METH_NOARGS, NULL},
+    {"_call_later", (PyCFunction)Engine_call_later, METH_VARARGS, NULL},
     {"_drain", (PyCFunction)Engine_drain, METH_VARARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
