@@ -301,6 +301,10 @@ def test_public_surface():
             "TaskPriority",
             "TaskResult",
             "TaskStatus",
+            "TaskTimeout",
+            "MemoryLimitExceeded",
+            "WorkerLost",
+            "current_task",
             "task",
         ]
     )

@@ -318,3 +318,48 @@ def test_periodic_cron_schedule():
         PeriodicTask(FakeEngine(), print, cron="61 * * * *")
     with pytest.raises(ValueError, match="exactly one"):
         PeriodicTask(FakeEngine(), print)
+
+
+def test_cancel_a_running_async_task(tasks):
+    started = threading.Event()
+
+    async def forever():
+        started.set()
+        await asyncio.sleep(100)
+
+    r = tasks.add_task(forever)
+    assert started.wait(5)
+    assert r.cancel() is True
+    with pytest.raises(TaskCancelled):
+        r.wait(5)
+    assert r.status is TaskStatus.CANCELLED
+
+
+def test_cancel_a_running_sync_task_is_cooperative(tasks):
+    from catzilla_tasks import current_task
+
+    started = threading.Event()
+
+    def polite():
+        me = current_task()
+        started.set()
+        while not me.cancel_requested:
+            time.sleep(0.001)
+        return "stopped early"
+
+    r = tasks.add_task(polite)
+    assert started.wait(5)
+    assert r.cancel() is False  # not stopped by force: asked
+    assert r.cancel_requested
+    assert r.wait(5) == "stopped early"
+    assert current_task() is None
+
+
+def test_current_task_in_async_task(tasks):
+    from catzilla_tasks import current_task
+
+    async def who():
+        return current_task().task_id
+
+    r = tasks.add_task(who)
+    assert r.wait(5) == r.task_id

@@ -10,8 +10,12 @@ from ._engine import TaskCancelled as TaskCancelled
 from .config import TaskConfig as TaskConfig
 from .config import TaskPriority as TaskPriority
 from .config import TaskStatus as TaskStatus
+from .errors import MemoryLimitExceeded as MemoryLimitExceeded
+from .errors import TaskTimeout as TaskTimeout
+from .errors import WorkerLost as WorkerLost
 from .engine import BackgroundTasks as BackgroundTasks
 from .engine import ShutdownTimeout as ShutdownTimeout
+from .engine import current_task as current_task
 from .engine import task as task
 from .results import TaskFuture as TaskFuture
 from .results import TaskResult as TaskResult
@@ -28,5 +32,9 @@ __all__ = [
     "TaskPriority",
     "TaskResult",
     "TaskStatus",
+    "TaskTimeout",
+    "MemoryLimitExceeded",
+    "WorkerLost",
+    "current_task",
     "task",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import datetime
 import functools
 import logging
@@ -17,7 +18,7 @@ from .config import TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
 
-__all__ = ["BackgroundTasks", "task", "ShutdownTimeout"]
+__all__ = ["BackgroundTasks", "task", "ShutdownTimeout", "current_task"]
 
 log = logging.getLogger("catzilla_tasks")
 
@@ -49,6 +50,17 @@ def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
         log.error("task %s failed (no TaskResult was kept to report it)", name, exc_info=exc)
     else:
         log.error("%s %s raised", what, name, exc_info=exc)
+
+
+_CURRENT_ASYNC: contextvars.ContextVar[TaskResult | None] = contextvars.ContextVar("catzilla_task", default=None)
+
+
+def current_task() -> TaskResult | None:
+    """The TaskResult of the task running here (in a worker thread or on the engine's event
+    loop), or None outside a task. A long task can check ``current_task().cancel_requested``
+    and stop early when someone called ``cancel()`` on it."""
+    t = _engine.current_task()
+    return t if t is not None else _CURRENT_ASYNC.get()
 
 
 def _run_coroutine(engine: "BackgroundTasks", handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
@@ -114,7 +126,9 @@ class _LoopRunner:
         self.loop.call_soon_threadsafe(self._start, handle, coro)
 
     def _start(self, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
-        t = self.loop.create_task(coro)
+        ctx = contextvars.copy_context()
+        ctx.run(_CURRENT_ASYNC.set, handle)
+        t = self.loop.create_task(coro, context=ctx)
         self._tasks[handle._key] = t
         t.add_done_callback(functools.partial(self._done, handle))
 

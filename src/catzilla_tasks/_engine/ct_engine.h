@@ -38,6 +38,7 @@ enum ct_status {
 #define CT_F_ASYNC     0x80u   /* handed to the event loop: settled from outside */
 #define CT_F_TIMEDOUT  0x100u  /* its timeout fired during the current attempt */
 #define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
+#define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
 enum ct_kind {

@@ -271,6 +271,10 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     if (eng) ct_task_decref(&eng->e->hooks, t);
 }
 
+/* The task this thread is running (catzilla_tasks.current_task()). */
+static _Thread_local ct_task *tl_current;
+static _Thread_local EngineObject *tl_current_engine;
+
 /* ---- retries ---- */
 
 static _Thread_local uint64_t rng_state;
@@ -381,7 +385,11 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         PyObject *a = (PyObject *)t->arg, *kw = (PyObject *)t->kwargs;
         Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0;
         Py_ssize_t nkw = kw ? PyTuple_GET_SIZE(kw) : 0;
+        tl_current = t;
+        tl_current_engine = eng;
         res = PyObject_Vectorcall((PyObject *)t->fn, a ? &PyTuple_GET_ITEM(a, 0) : NULL, (size_t)(n - nkw), kw);
+        tl_current = NULL;
+        tl_current_engine = NULL;
     }
     uint64_t end = ct_now_ns();
     ts_store(&t->t_end, end);
@@ -708,7 +716,21 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
         }
         Py_RETURN_TRUE;
     }
-    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) Py_RETURN_FALSE;
+    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) {
+        uint32_t st = atomic_load(&t->state);
+        if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
+        /* Running: an async task's coroutine is cancelled (it ends CANCELLED); a sync task
+         * in a thread cannot be stopped safely from outside, so it is asked: it sees
+         * current_task().cancel_requested and may stop early. */
+        atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
+        if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
+            PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
+            if (!r) return NULL;
+            Py_DECREF(r);
+            Py_RETURN_TRUE;
+        }
+        Py_RETURN_FALSE;
+    }
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
     uint32_t st = atomic_load(&t->state);
@@ -889,6 +911,16 @@ static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
 
 static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
 static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
+static PyObject *Result_get_cancel_requested(ResultObject *self, void *unused) {
+    uint32_t st = atomic_load(&self->t->state);
+    return PyBool_FromLong((st & CT_F_CANCEL_REQ) || (st & CT_STATUS_MASK) == CT_CANCELLED);
+}
+
+/* _engine.current_task(): the TaskResult of the task running in this thread, or None. */
+static PyObject *mod_current_task(PyObject *m, PyObject *unused) {
+    if (!tl_current) Py_RETURN_NONE;
+    return (PyObject *)result_wrap(tl_current_engine, tl_current);
+}
 static PyObject *Result_get_priority(ResultObject *self, void *unused) { return priority_member(self->t->priority); }
 
 static PyObject *Result_repr(ResultObject *self) {
@@ -983,6 +1015,8 @@ static PyGetSetDef Result_getset[] = {
     {"status", (getter)Result_get_status, NULL, "The task's TaskStatus.", NULL},
     {"priority", (getter)Result_get_priority, NULL, "The task's TaskPriority.", NULL},
     {"_key", (getter)Result_get_key, NULL, NULL, NULL},
+    {"cancel_requested", (getter)Result_get_cancel_requested, NULL,
+     "True once cancel() was asked for this task (a running sync task may check it and stop).", NULL},
     {NULL},
 };
 
@@ -1693,6 +1727,8 @@ static PyMethodDef mod_methods[] = {
     {"memory_stats", (PyCFunction)mod_memory_stats, METH_NOARGS,
      "Memory of the task-node slab: bytes taken from the system, nodes in use, bytes per node."},
     {"detached", (PyCFunction)mod_detached, METH_NOARGS, NULL},
+    {"current_task", (PyCFunction)mod_current_task, METH_NOARGS,
+     "The TaskResult of the task running in this thread (a sync task), or None."},
     {"_registered_ids", (PyCFunction)mod_live_ids, METH_NOARGS, NULL},
     {NULL},
 };
