@@ -10,7 +10,9 @@ import functools
 import logging
 import os
 import threading
+import time
 import weakref
+from collections import deque
 from typing import Any, Callable, Coroutine, TypeVar, overload
 
 from . import _engine
@@ -82,7 +84,17 @@ def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, k
     return functools.partial(pool.run, func, args, kwargs, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
 
 
+def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:
+    engine._failures.append({
+        "task_id": task_id,
+        "name": getattr(func, "__qualname__", None) or repr(func),
+        "error": f"{type(exc).__name__}: {exc}" if exc is not None else "",
+        "finished_at": time.time(),
+    })
+
+
 _engine._set_hooks(
+    failed=_failed,
     status_members=tuple(TaskStatus),
     priority_members=tuple(TaskPriority),
     run_coroutine=_run_coroutine,
@@ -320,6 +332,13 @@ class BackgroundTasks(_engine.Engine):
         self._runner_lock = threading.Lock()
         self._pool: Any = None
         self._periodic: list[Any] = []
+        self._failures: deque[dict[str, Any]] = deque(maxlen=20)
+        from .monitor import AutoScaler, TaskMonitor
+
+        self.monitor = TaskMonitor(self)
+        self.autoscaler = AutoScaler(self, self.monitor)
+        if self.enable_auto_scaling:
+            self.autoscaler.enable_auto_scaling()
         self.process_workers = os.cpu_count() or 1
         self._shutdown_done = False
         _live.add(self)
@@ -462,6 +481,7 @@ class BackgroundTasks(_engine.Engine):
             return
         for p in self._periodic:
             p.cancel()
+        self.autoscaler.disable()
         self._close()
         self.resume()
         if not wait_for_completion:

@@ -509,6 +509,10 @@ static int ct_worker_sleep(ct_engine *e, ct_worker *w) {
     pthread_mutex_lock(&e->idle_lock);
     atomic_fetch_add(&e->sleepers, 1);
     for (;;) {
+        if (atomic_load(&w->retire)) {   /* scaled down: leave now */
+            keep = 0;
+            break;
+        }
         /* Look at the siblings' batches only now, after announcing the sleep, and again after
          * every wake: a worker that publishes a batch either is seen here or sees sleepers > 0
          * and signals (ct_wake_sibling); both sides are seq_cst. */
@@ -559,7 +563,11 @@ void ct_engine_run_c(ct_worker *w, ct_task *t) {
     __atomic_store_n(&t->t_start, start, __ATOMIC_RELAXED);
     atomic_store_explicit(&w->current_since, start, memory_order_relaxed);
     ((ct_c_func)t->fn)(t->arg);
-    __atomic_store_n(&t->t_end, ct_now_ns(), __ATOMIC_RELAXED);
+    uint64_t end = ct_now_ns();
+    __atomic_store_n(&t->t_end, end, __ATOMIC_RELAXED);
+    ct_hist_record_owner(&w->exec_hist, end - start);
+    ct_hist_record_owner(&w->wait_hist, start - t->t_enqueue);
+    ct_rate_record_owner(&w->rate, end);
     ct_task_finish(e, t, CT_SUCCEEDED);
     atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
     ct_task_decref(&e->hooks, t);
@@ -605,7 +613,12 @@ static void *ct_worker_main(void *arg) {
         /* run_batch measures its own tasks (it waits for the GIL first, which is not the
          * tasks' time and must not shrink the batches) */
         if (!e->hooks.run_batch) ct_engine_note_exec(e, dt, n);
-        if (atomic_load(&w->retire)) break;   /* replaced while stuck: a sibling took over */
+        if (atomic_load(&w->retire)) break;   /* replaced or scaled down */
+        /* Saturated (work waits, no sibling idle): let the auto-scaler look, if it is on. */
+        if (atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) &&
+            !atomic_load_explicit(&e->scaler_armed, memory_order_relaxed) &&
+            atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0 && ct_engine_visible_work(e))
+            ct_engine_scaler_arm(e);
     }
     atomic_store(&w->exited, 1);
     if (e->hooks.thread_stop) e->hooks.thread_stop(w);
@@ -622,17 +635,82 @@ int ct_engine_start(ct_engine *e) {
 int ct_engine_add_worker(ct_engine *e) {
     int rc = CT_ENOMEM;
     pthread_mutex_lock(&e->grow_lock);
-    int i = atomic_load(&e->nworkers);
-    if (i < e->cfg.max_threads && !atomic_load(&e->stopping)) {
-        ct_worker *w = &e->workers[i];
+    if (atomic_load(&e->stopping)) {
+        pthread_mutex_unlock(&e->grow_lock);
+        return rc;
+    }
+    int n = atomic_load(&e->nworkers), slot = -1;
+    /* reuse the slot of a worker that exited (retired), else take a new one */
+    for (int i = 0; i < n && slot < 0; i++)
+        if (e->workers[i].started && atomic_load(&e->workers[i].exited)) slot = i;
+    if (slot >= 0) {
+        ct_worker *w = &e->workers[slot];
+        pthread_join(w->thread, NULL);   /* it has exited: returns at once */
+        w->started = 0;
+        atomic_store(&w->retire, 0);
+        atomic_store(&w->exited, 0);
+        atomic_store(&w->current_since, 0);
+    } else if (n < e->cfg.max_threads) {
+        slot = n;
+    }
+    if (slot >= 0) {
+        ct_worker *w = &e->workers[slot];
         if (pthread_create(&w->thread, NULL, ct_worker_main, w) == 0) {
             w->started = 1;
-            atomic_store(&e->nworkers, i + 1);   /* release: siblings may now look at it */
+            if (slot == n) atomic_store(&e->nworkers, n + 1);   /* siblings may now look at it */
             rc = CT_OK;
         }
     }
     pthread_mutex_unlock(&e->grow_lock);
     return rc;
+}
+
+int ct_engine_live_workers(ct_engine *e) {
+    int live = 0, n = atomic_load(&e->nworkers);
+    for (int i = 0; i < n; i++) {
+        ct_worker *w = &e->workers[i];
+        live += w->started && !atomic_load(&w->exited) && !atomic_load(&w->retire);
+    }
+    return live;
+}
+
+int ct_engine_retire_worker(ct_engine *e) {
+    int rc = CT_EINVAL;
+    pthread_mutex_lock(&e->grow_lock);
+    if (ct_engine_live_workers(e) > 1) {
+        int n = atomic_load(&e->nworkers), pick = -1;
+        /* the highest-numbered live worker not running a task, else the highest live one */
+        for (int pass = 0; pass < 2 && pick < 0; pass++)
+            for (int i = n - 1; i >= 0 && pick < 0; i--) {
+                ct_worker *w = &e->workers[i];
+                if (!w->started || atomic_load(&w->exited) || atomic_load(&w->retire)) continue;
+                if (pass == 0 && atomic_load(&w->current_since)) continue;
+                pick = i;
+            }
+        if (pick >= 0) {
+            atomic_store(&e->workers[pick].retire, 1);
+            rc = CT_OK;
+        }
+    }
+    pthread_mutex_unlock(&e->grow_lock);
+    if (rc == CT_OK) {
+        pthread_mutex_lock(&e->idle_lock);
+        pthread_cond_broadcast(&e->work_cond);   /* a sleeping one exits now */
+        pthread_mutex_unlock(&e->idle_lock);
+    }
+    return rc;
+}
+
+void ct_engine_scaler_arm(ct_engine *e) {
+    if (!atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) || !e->scaler_tick) return;
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&e->scaler_armed, &expected, 1)) return;
+    ct_task_incref(e->scaler_tick);
+    uint64_t due = ct_now_ns() + atomic_load(&e->scaler_interval_ns);
+    if (ct_timer_add(&e->timer, due, e->scaler_tick, CT_TIMER_CALL, 0) != CT_OK) {
+        atomic_fetch_sub(&e->scaler_tick->refs, 1);
+        atomic_store(&e->scaler_armed, 0);
+    }
 }
 
 /* Take room for n tasks if it is there. A compare-and-swap, not add-then-undo: a failed
@@ -934,9 +1012,7 @@ void ct_engine_get_stats(ct_engine *e, ct_stats *s) {
     s->timed_out = atomic_load(&e->timed_out);
     s->replaced = atomic_load(&e->replaced);
     s->scheduled = atomic_load(&e->scheduled);
-    int live = 0, n = atomic_load(&e->nworkers);
-    for (int i = 0; i < n; i++) live += !atomic_load(&e->workers[i].exited) && !atomic_load(&e->workers[i].retire);
-    s->workers = live;
+    s->workers = ct_engine_live_workers(e);
     s->sleeping = atomic_load(&e->sleepers);
     s->avg_exec_ns = atomic_load(&e->avg_exec_ns);
     s->accepting = atomic_load(&e->accepting);

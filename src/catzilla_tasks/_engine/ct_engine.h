@@ -14,6 +14,7 @@
 #include "ct_queue.h"
 #include "ct_slab.h"
 #include "ct_timer.h"
+#include "ct_hist.h"
 #include <pthread.h>
 
 #define CT_NPRIO 4   /* CRITICAL=0, HIGH=1, NORMAL=2, LOW=3 */
@@ -85,8 +86,11 @@ typedef struct ct_worker {
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
     unsigned long thread_ident;         /* module.c: PyThread_get_thread_ident() of the thread */
-    _Atomic int retire;                 /* replaced while stuck: exit after the current batch */
+    _Atomic int retire;                 /* replaced or scaled down: exit after the current batch */
     _Atomic int exited;
+    _Atomic uint64_t gil_wait_ns;       /* module.c: time spent waiting for the GIL */
+    ct_hist exec_hist, wait_hist;       /* per task: execution time, queue wait */
+    ct_rate rate;                       /* tasks finished per second */
     _Atomic uint64_t current_since;     /* start of the task being run, 0 = none */
     _Atomic int batch_prio;             /* most urgent priority in the batch at publish */
     int batch_has_py;                   /* the batch at publish holds a non-C task (owner only) */
@@ -163,8 +167,15 @@ struct ct_engine {
     int64_t watch_compact_at;                     /* when to sweep finished tasks' watches */
     void *timer_py_state;                         /* module.c: the timer thread's PyThreadState */
     ct_worker *workers;                           /* cfg.max_threads slots */
-    _Atomic int nworkers;                         /* slots in use (started threads) */
-    pthread_mutex_t grow_lock;                    /* adding a worker thread */
+    _Atomic int nworkers;                         /* slots ever used (high-water mark) */
+    pthread_mutex_t grow_lock;                    /* adding or retiring worker threads */
+    ct_hist async_exec_hist;                      /* async tasks (ended on the loop thread) */
+    /* Auto-scaling: while enabled, a worker that finishes a batch with work still queued and no
+     * idle sibling arms one tick (a CALL timer entry) of the scaler; the scaler re-arms itself
+     * while it has something to watch. An idle engine has no ticks at all. */
+    _Atomic int scaler_enabled, scaler_armed;
+    _Atomic uint64_t scaler_interval_ns;
+    ct_task *scaler_tick;                         /* module.c: node holding the tick callable */
 };
 
 /* The node slab of the process (initialised by ct_engine_global_init). */
@@ -190,8 +201,15 @@ int ct_engine_reschedule(ct_engine *e, ct_task *t, uint64_t due_ns);
  * O(1)), so a long timeout on a short task does not keep its node for the whole timeout:
  * the caller must be allowed to drop node references (hold the GIL for Python nodes). */
 int ct_engine_watch(ct_engine *e, ct_task *t, uint64_t due_ns, uint32_t kind, uint32_t token);
-/* Start one more worker thread (a stuck worker's replacement). CT_OK or CT_ENOMEM (no room). */
+/* Start one more worker thread (a stuck worker's replacement, or scaling up), reusing the
+ * slot of an exited one. CT_OK or CT_ENOMEM (no room). */
 int ct_engine_add_worker(ct_engine *e);
+/* Ask one live worker (preferably an idle one) to exit. CT_OK, or CT_EINVAL if only one is left. */
+int ct_engine_retire_worker(ct_engine *e);
+/* Live workers (started, not exited, not retiring). */
+int ct_engine_live_workers(ct_engine *e);
+/* Arm the scaler tick now if auto-scaling is on and it is not armed (any thread). */
+void ct_engine_scaler_arm(ct_engine *e);
 /* Stop the timer thread (call with no GIL held); leftover entries go to hooks.drop_entry. */
 void ct_engine_stop_timer(ct_engine *e);
 /* Stop accepting tasks (submit returns CT_ESHUTDOWN from now on). */

@@ -47,6 +47,7 @@ static PyObject *g_cancel_async;      /* f(engine, handle): cancel the coroutine
 static PyObject *g_task_timeout;      /* catzilla_tasks.errors.TaskTimeout */
 static PyObject *g_history;           /* {id: [attempt dicts]} of tasks with failed attempts */
 static PyObject *g_isolate;           /* f(engine, func, args, kwargs, config) -> callable run in a child */
+static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
 static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *QueueFullError, *TaskCancelledError;
@@ -253,6 +254,16 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         drop = value;
     }
     if (!observed && (status == CT_FAILED || status == CT_TIMED_OUT)) report_error("task", (PyObject *)t->fn, value);
+    if (eng && g_failed && (status == CT_FAILED || status == CT_TIMED_OUT)) {
+        /* the monitor's recent failures (rare path: failures only) */
+        PyObject *id = format_id(t->id);
+        PyObject *r = id ? PyObject_CallFunctionObjArgs(g_failed, (PyObject *)eng, id, (PyObject *)t->fn,
+                                                        value ? value : Py_None, NULL)
+                         : NULL;
+        if (!r) PyErr_Clear();
+        Py_XDECREF(r);
+        Py_XDECREF(id);
+    }
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
@@ -394,6 +405,11 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     uint64_t end = ct_now_ns();
     ts_store(&t->t_end, end);
     atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
+    ct_hist_record_owner(&w->wait_hist, now - t->t_enqueue);
+    if (!(res && PyCoro_CheckExact(res))) {   /* an async task's time is recorded when it ends */
+        ct_hist_record_owner(&w->exec_hist, end - now);
+        ct_rate_record_owner(&w->rate, end);
+    }
     int status = CT_SUCCEEDED;
     PyObject *out = res;
     if (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_TIMEDOUT) {
@@ -546,9 +562,11 @@ static void hook_run_batch(ct_worker *w) {
         /* Take the GIL before taking a task: a task waits for the GIL inside the batch,
          * where a worker that holds the GIL can still see it and run it if it is urgent
          * (ct_engine_grab_urgent), not in this thread's hands. */
+        uint64_t g0 = ct_now_ns();
         PyEval_RestoreThread((PyThreadState *)w->py_state);
         have_gil = 1;
         now = t0 = ct_now_ns();
+        atomic_fetch_add_explicit(&w->gil_wait_ns, now - g0, memory_order_relaxed);
     }
     int first = 1;
     while ((t = ct_worker_take(w))) {
@@ -560,9 +578,11 @@ static void hook_run_batch(ct_worker *w) {
             continue;
         }
         if (!have_gil) {
+            uint64_t g0 = ct_now_ns();
             PyEval_RestoreThread((PyThreadState *)w->py_state);
             have_gil = 1;
             now = t0 = ct_now_ns();
+            atomic_fetch_add_explicit(&w->gil_wait_ns, now - g0, memory_order_relaxed);
         }
         /* Something more urgent arrived while this batch runs: run it first, now, under the
          * GIL we already hold. This keeps CRITICAL waits at one task's length. */
@@ -819,6 +839,7 @@ static PyObject *Result_settle(ResultObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "_settle(): this task is not waiting for an outcome from outside");
         return NULL;
     }
+    ct_hist_record_shared(&self->engine->e->async_exec_hist, ct_now_ns() - ts_load(&t->t_start));
     if (status == CT_CANCELLED && (st & CT_F_TIMEDOUT)) {
         /* cancelled by its timeout, not by a user */
         status = CT_TIMED_OUT;
@@ -1193,6 +1214,7 @@ static void Engine_dealloc(EngineObject *self) {
             ct_engine_stop_timer(self->e);
             Py_END_ALLOW_THREADS
         }
+        if (self->e->scaler_tick) ct_task_decref(&detached_hooks, self->e->scaler_tick);
         ct_engine_free(self->e);
         self->e = NULL;
     }
@@ -1582,7 +1604,134 @@ static PyObject *Engine_workers(EngineObject *self, PyObject *unused) {
     return lst;
 }
 
+static PyObject *hist_to_py(ct_hist *const *hs, int nh) {
+    PyObject *counts = PyList_New(CT_HIST_BUCKETS);
+    if (!counts) return NULL;
+    uint64_t sum = 0, n = 0;
+    for (int i = 0; i < CT_HIST_BUCKETS; i++) {
+        uint64_t c = 0;
+        for (int k = 0; k < nh; k++) c += atomic_load_explicit(&hs[k]->count[i], memory_order_relaxed);
+        PyList_SET_ITEM(counts, i, PyLong_FromUnsignedLongLong(c));
+    }
+    for (int k = 0; k < nh; k++) {
+        sum += atomic_load_explicit(&hs[k]->sum_ns, memory_order_relaxed);
+        n += atomic_load_explicit(&hs[k]->n, memory_order_relaxed);
+    }
+    return Py_BuildValue("{s:N,s:K,s:K}", "counts", counts, "sum_ns", (unsigned long long)sum, "n", (unsigned long long)n);
+}
+
+/* _monitor_raw() -> dict: the engine's raw figures for monitor.py (histograms merged over
+ * workers, per-second rates, per-worker time split). */
+static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    ct_engine *e = self->e;
+    int n = atomic_load(&e->nworkers);
+    ct_hist *execs[n + 1], *waits[n];
+    uint64_t now = ct_now_ns(), sec_now = now / 1000000000ull;
+    uint64_t rate[CT_RATE_SLOTS] = {0};
+    PyObject *workers = PyList_New(0);
+    if (!workers) return NULL;
+    for (int i = 0; i < n; i++) {
+        ct_worker *w = &e->workers[i];
+        execs[i] = &w->exec_hist;
+        waits[i] = &w->wait_hist;
+        for (int s = 0; s < CT_RATE_SLOTS; s++) {
+            uint64_t ep = atomic_load_explicit(&w->rate.epoch[s], memory_order_relaxed);
+            if (ep <= sec_now && sec_now - ep < CT_RATE_SLOTS)
+                rate[sec_now - ep] += atomic_load_explicit(&w->rate.count[s], memory_order_relaxed);
+        }
+        int live = w->started && !atomic_load(&w->exited) && !atomic_load(&w->retire);
+        double cpu_s = -1;
+        if (live) {
+            clockid_t cid;
+            struct timespec ts;
+            if (pthread_getcpuclockid(w->thread, &cid) == 0 && clock_gettime(cid, &ts) == 0)
+                cpu_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+        }
+        uint64_t since = atomic_load(&w->current_since);
+        PyObject *d = Py_BuildValue(
+            "{s:i,s:O,s:O,s:d,s:d,s:d,s:d,s:K,s:K}", "worker_id", w->id, "live", live ? Py_True : Py_False, "busy",
+            since ? Py_True : Py_False, "current_task_ms", since ? (double)(now - since) / 1e6 : 0.0, "busy_s",
+            (double)atomic_load(&w->busy_ns) / 1e9, "gil_wait_s", (double)atomic_load(&w->gil_wait_ns) / 1e9,
+            "cpu_s", cpu_s, "processed", (unsigned long long)atomic_load(&w->processed), "stolen",
+            (unsigned long long)atomic_load(&w->stolen));
+        if (!d || PyList_Append(workers, d) < 0) {
+            Py_XDECREF(d);
+            Py_DECREF(workers);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    execs[n] = &e->async_exec_hist;
+    PyObject *rates = PyList_New(CT_RATE_SLOTS);   /* rates[k]: tasks finished k seconds ago */
+    if (!rates) {
+        Py_DECREF(workers);
+        return NULL;
+    }
+    for (int s = 0; s < CT_RATE_SLOTS; s++) PyList_SET_ITEM(rates, s, PyLong_FromUnsignedLongLong(rate[s]));
+    PyObject *bounds = PyList_New(CT_HIST_BUCKETS);
+    if (!bounds) {
+        Py_DECREF(workers);
+        Py_DECREF(rates);
+        return NULL;
+    }
+    for (int i = 0; i < CT_HIST_BUCKETS; i++) PyList_SET_ITEM(bounds, i, PyLong_FromUnsignedLongLong(ct_hist_upper(i)));
+    double frac = (double)(now % 1000000000ull) / 1e9;
+    return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N,s:d,s:d,s:i,s:i}", "workers", workers, "exec", hist_to_py(execs, n + 1),
+                         "wait", hist_to_py(waits, n), "bounds_ns", bounds, "rate", rates, "second_fraction", frac,
+                         "uptime_s", (double)(now - g_mono0) / 1e9, "sleeping", atomic_load(&e->sleepers),
+                         "live_workers", ct_engine_live_workers(e));
+}
+
+static PyObject *Engine_add_worker(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    return PyBool_FromLong(ct_engine_add_worker(self->e) == CT_OK);
+}
+
+static PyObject *Engine_retire_worker(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    return PyBool_FromLong(ct_engine_retire_worker(self->e) == CT_OK);
+}
+
+/* _scaler(enabled, interval_s, tick): install the auto-scaler's tick (called on the timer
+ * thread, armed by saturated workers) or turn it off. */
+static PyObject *Engine_scaler(EngineObject *self, PyObject *args) {
+    int enabled;
+    double interval;
+    PyObject *tick;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "pdO:_scaler", &enabled, &interval, &tick)) return NULL;
+    ct_engine *e = self->e;
+    if (!e->scaler_tick && tick != Py_None) {
+        ct_task *t = ct_task_new();
+        if (!t) return PyErr_NoMemory();
+        Py_INCREF(tick);
+        t->fn = tick;
+        t->kind = CT_KIND_DETACHED;
+        e->scaler_tick = t;   /* owned by the engine object until it is freed */
+    }
+    atomic_store(&e->scaler_interval_ns, (uint64_t)(interval > 0 ? interval * 1e9 : 1e8));
+    atomic_store(&e->scaler_enabled, enabled && e->scaler_tick);
+    Py_RETURN_NONE;
+}
+
+/* _scaler_rearm(keep): called by the tick at its end: arm the next tick, or stand down until
+ * a saturated worker arms it again. */
+static PyObject *Engine_scaler_rearm(EngineObject *self, PyObject *args) {
+    int keep;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "p:_scaler_rearm", &keep)) return NULL;
+    atomic_store(&self->e->scaler_armed, 0);
+    if (keep) ct_engine_scaler_arm(self->e);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Engine_methods[] = {
+    {"_monitor_raw", (PyCFunction)Engine_monitor_raw, METH_NOARGS, NULL},
+    {"_add_worker", (PyCFunction)Engine_add_worker, METH_NOARGS, NULL},
+    {"_retire_worker", (PyCFunction)Engine_retire_worker, METH_NOARGS, NULL},
+    {"_scaler", (PyCFunction)Engine_scaler, METH_VARARGS, NULL},
+    {"_scaler_rearm", (PyCFunction)Engine_scaler_rearm, METH_VARARGS, NULL},
     {"_workers", (PyCFunction)Engine_workers, METH_NOARGS, NULL},
     {"add_task", (PyCFunction)(void (*)(void))Engine_add_task, METH_FASTCALL | METH_KEYWORDS,
      "add_task(func, *args, **kwargs) -> TaskResult\n\nQueue func(*args, **kwargs). Every keyword goes to "
@@ -1690,11 +1839,13 @@ static const CatzillaTasks_CAPI g_capi = {
 
 static PyObject *mod_set_hooks(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"status_members", "priority_members", "run_coroutine", "report_error", "await_impl",
-                             "cancel_async", "task_timeout", "isolate", NULL};
-    PyObject *sm, *pm, *rc, *re, *aw, *ca, *tt, *iso;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOOOOO:_set_hooks", kwlist, &PyTuple_Type, &sm, &PyTuple_Type, &pm,
-                                     &rc, &re, &aw, &ca, &tt, &iso))
+                             "cancel_async", "task_timeout", "isolate", "failed", NULL};
+    PyObject *sm, *pm, *rc, *re, *aw, *ca, *tt, *iso, *fl;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OOOOOOO:_set_hooks", kwlist, &PyTuple_Type, &sm, &PyTuple_Type, &pm,
+                                     &rc, &re, &aw, &ca, &tt, &iso, &fl))
         return NULL;
+    Py_INCREF(fl);
+    Py_XSETREF(g_failed, fl);
     Py_INCREF(iso);
     Py_XSETREF(g_isolate, iso);
     Py_INCREF(ca);
