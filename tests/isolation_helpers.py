@@ -137,3 +137,9 @@ def address_space_limit():
     import resource
 
     return resource.getrlimit(resource.RLIMIT_AS)
+
+
+def in_pool_child():
+    from catzilla_tasks.isolation import in_pool_child as check
+
+    return check()

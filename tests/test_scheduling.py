@@ -363,3 +363,22 @@ def test_current_task_in_async_task(tasks):
 
     r = tasks.add_task(who)
     assert r.wait(5) == r.task_id
+
+
+def test_process_isolated_tasks_through_the_engine(tasks):
+    from catzilla_tasks import MemoryLimitExceeded
+    import isolation_helpers as h
+
+    r = tasks.options(isolation="process").add_task(pow, 3, 4)
+    assert r.wait(30) == 81
+    with pytest.raises(TypeError, match="pickle"):
+        tasks.options(isolation="process").add_task(lambda: 1)
+    assert tasks.stats()["submitted"] == 1  # the refused one was never queued
+    hog = tasks.options(isolation="process", memory_limit_mb=100).add_task(h.allocate, 400)
+    with pytest.raises(MemoryLimitExceeded):
+        hog.wait(60)
+    spin = tasks.options(isolation="process", timeout_ms=300).add_task(h.spin_forever)
+    with pytest.raises(TaskTimeout):
+        spin.wait(30)
+    assert spin.status is TaskStatus.TIMED_OUT
+    assert tasks.options(isolation="process").add_task(pow, 2, 5).wait(30) == 32

@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Coroutine, TypeVar, overload
 
-from . import _engine
+from . import _engine, isolation  # isolation before our atexit hook: its pool must outlive our drain
 from .config import TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
@@ -76,12 +76,10 @@ def _cancel_async(engine: "BackgroundTasks", handle: TaskResult) -> None:
 
 
 def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, kwargs: dict, cfg: TaskConfig) -> Callable[[], Any]:
-    from . import isolation
-
-    isolation.check_picklable(func, args, kwargs)
+    payload = isolation.pickle_task(func, args, kwargs)  # TypeError here, at add_task, if it cannot go
     pool = engine._process_pool()
     timeout = cfg.timeout_ms / 1000 if cfg.timeout_ms else None
-    return functools.partial(pool.run, func, args, kwargs, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
+    return functools.partial(pool.run_pickled, payload, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
 
 
 def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:
@@ -295,6 +293,9 @@ class BackgroundTasks(_engine.Engine):
         name: str = "catzilla-tasks",
     ) -> None:
         cpus = os.cpu_count() or 1
+        if isolation.in_pool_child():
+            # a module-level engine re-imported in a process-pool child: keep it minimal there
+            workers, min_workers, max_workers, enable_auto_scaling = 1, 1, 1, False
         if workers is None:
             workers = min(32, cpus * 2)
         for field, value in (("workers", workers), ("min_workers", min_workers), ("queue_size", queue_size)):
@@ -490,6 +491,8 @@ class BackgroundTasks(_engine.Engine):
         if not done:
             cancelled = self._cancel_queued()
             running = self._stats()["running"]
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)  # process tasks still running are killed
             self._shutdown_done = True
             _live.discard(self)
             raise ShutdownTimeout(
@@ -543,9 +546,7 @@ class BackgroundTasks(_engine.Engine):
         if pool is None:
             with self._runner_lock:
                 if self._pool is None:
-                    from .isolation import ProcessPool
-
-                    self._pool = ProcessPool(self.process_workers, name=self.name)
+                    self._pool = isolation.ProcessPool(self.process_workers, name=self.name)
                 pool = self._pool
         return pool
 

@@ -20,9 +20,11 @@ Design (see also the class docstrings):
 * Start method: ``forkserver`` by default (``spawn`` also works; ``fork`` is refused). The
   engine's native worker threads make ``fork`` of the application process unsafe (a child
   could inherit a lock some other thread held). The forkserver is a fresh single-threaded
-  process started with fork+exec, and children are forked from it, which is safe and costs
-  ~10 ms per child instead of ~100 ms for ``spawn`` (an interpreter start plus imports);
-  that matters because a timed-out or crashed child is replaced on demand.
+  process started with fork+exec, and children are forked from it: safe, no interpreter
+  start per child (``spawn`` starts one each time), and only the file descriptors we pass
+  reach a child. A child still imports the application's main module (Python 3.11's
+  forkserver does not preload it) and this package, so a start costs ~0.1 s here either
+  way, paid once per child: at first use and after a timeout or crash.
 * One task at a time per child; children are started lazily up to ``size`` and reused.
 * Memory limit: per task, in the child: ``RLIMIT_AS`` is set to the child's current address
   space + ``memory_limit_mb`` just before the call and restored just after, so the limit
@@ -63,6 +65,7 @@ from .errors import MemoryLimitExceeded, TaskExceptionNotPicklable, TaskTimeout,
 __all__ = [
     "ProcessPool",
     "check_picklable",
+    "in_pool_child",
     "pickle_task",
     "ChildTraceback",
     "TaskTimeout",
@@ -363,8 +366,22 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="catzilla-tasks-parent-watch", daemon=True).start()
 
 
+_IN_CHILD = False
+
+
+def in_pool_child() -> bool:
+    """True in a ProcessPool child, and in any multiprocessing child (or forkserver) while it
+    imports the application's main module, i.e. before a pool child runs its first task. An
+    engine created there (a module-level ``BackgroundTasks()`` in the main module or in a
+    task's module) should not start worker threads: the child only runs what the parent
+    sends it."""
+    return _IN_CHILD or bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
 def _child_main(conn: Any, crash_w: Any) -> None:
     """Body of a pool child: answer task messages on ``conn`` until EOF."""
+    global _IN_CHILD
+    _IN_CHILD = True
     # Ctrl-C in a terminal reaches the whole process group: the parent decides what happens
     # to running tasks (shutdown), the children do not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -392,7 +409,7 @@ def _child_main(conn: Any, crash_w: Any) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 class _Child:
-    __slots__ = ("process", "conn", "crash_r", "pid", "tasks")
+    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped")
 
     def __init__(self, process: Any, conn: Any, crash_r: Any) -> None:
         self.process = process
@@ -400,6 +417,7 @@ class _Child:
         self.crash_r = crash_r
         self.pid: int = process.pid
         self.tasks = 0
+        self.reaped = False  # set under _MP_LOCK once the process is joined and closed
 
 
 def _check_limit(name: str, value: Any) -> float | None:
@@ -592,16 +610,16 @@ class ProcessPool:
         message = _HEADER.pack(memory_limit_mb or 0.0) + payload
         self._enter()
         try:
-            for attempt in range(3):
+            for _attempt in range(3):
                 child = self._acquire()
-                if child.conn.poll(0):
-                    # An idle child never speaks first: this is EOF, it died while idle
-                    # (killed from outside). The task has not started: use another child.
-                    self._discard(child, kill=False)
-                    continue
                 try:
+                    if child.conn.poll(0):
+                        # An idle child never speaks first: this is EOF, it died while idle
+                        # (killed from outside). The task has not started: use another child.
+                        self._discard(child, kill=False)
+                        continue
                     child.conn.send_bytes(message)
-                except OSError:
+                except OSError:  # it died while idle, or while reading the task
                     self._discard(child, kill=True)
                     continue
                 except BaseException:
@@ -644,7 +662,11 @@ class ProcessPool:
                 if self._slots < self._size:
                     self._slots += 1
                     break
-                self._child_free.wait()
+                try:
+                    self._child_free.wait()
+                except BaseException:  # e.g. Ctrl-C: do not swallow a wake-up meant for a caller
+                    self._child_free.notify()
+                    raise
         try:
             child = self._start_child()
         except BaseException:
@@ -769,6 +791,7 @@ class ProcessPool:
                     process.join(1.0)
                     exitcode = process.exitcode
                     if exitcode is not None:
+                        child.reaped = True
                         try:
                             process.close()
                         except ValueError:
@@ -783,10 +806,14 @@ class ProcessPool:
 
     @staticmethod
     def _kill(child: _Child) -> None:
-        # Never signal a child whose exit is already known: its pid may be reused.
-        if not mp_connection.wait([child.process.sentinel], 0):
+        # Never signal a child whose exit is already known (its pid may be reused), nor one
+        # another thread has reaped: reaping happens under _MP_LOCK too.
+        with _MP_LOCK:
+            if child.reaped:
+                return
             try:
-                child.process.kill()
+                if not mp_connection.wait([child.process.sentinel], 0):
+                    child.process.kill()
             except (OSError, ValueError):
                 pass
 
@@ -914,9 +941,14 @@ class ProcessPool:
         """In an os.fork() child: this copy must never touch the parent's children."""
         self._forked = True
         self._closing = True
+        # another thread of the parent may have held the lock at fork time
+        self._lock = threading.Lock()
+        self._child_free = threading.Condition(self._lock)
+        self._all_done = threading.Condition(self._lock)
         children = list(self._idle) + list(self._busy)
         self._idle = []
         self._busy = set()
+        self._slots = self._inflight = 0
         for child in children:
             # multiprocessing would otherwise terminate or join them at this process's exit
             mp_process._children.discard(child.process)  # type: ignore[attr-defined]
