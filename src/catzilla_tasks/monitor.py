@@ -170,13 +170,24 @@ class TaskMonitor:
         return self._engine.autoscaler.evaluate(apply=True)
 
 
+def _runqueue_wait_s(tid: int) -> float:
+    """Time the kernel kept this thread runnable but not running (preempted), in seconds."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class AutoScaler:
     """Grows the pool when work waits because tasks block (I/O, sleep), shrinks it when idle.
 
     Decisions come from measurements over each tick: utilization (busy time / wall time of the
-    live workers), the share of busy time tasks spent *blocked* (busy minus CPU time minus GIL
-    wait: sleeping or waiting on I/O) and the ready backlog. More threads help only blocked
-    tasks, so CPU-bound work (a GIL-bound Python loop) never makes the pool grow. The ticks
+    live workers), the share of busy time tasks spent *blocked* (busy minus CPU time, minus time
+    waiting for the GIL at batch start, minus time the kernel kept them runnable but preempted:
+    what is left is sleeping or waiting on I/O), the CPU the workers use together (when they
+    already keep about one core busy, the GIL is saturated and more threads cannot run more
+    Python), and the ready backlog. So CPU-bound work never makes the pool grow. The ticks
     run on the engine's timer only while there is something to watch: a saturated worker arms
     the first one; an idle engine at ``min_workers`` has none.
     """
@@ -190,9 +201,10 @@ class AutoScaler:
         self.cooldown_seconds = 30.0
         self.interval_s = 0.1
         self.blocked_threshold = 0.5
+        self.cpu_saturation = 0.75  # workers' CPU in cores at which the GIL is deemed saturated
         self.enabled = False
         self.decisions: list[dict[str, Any]] = []
-        self._prev: tuple[float, dict[int, tuple[float, float, float]]] | None = None
+        self._prev: tuple[float, dict[int, tuple[float, float, float, float]]] | None = None
         self._last_active = time.monotonic()
 
     def enable_auto_scaling(
@@ -241,31 +253,36 @@ class AutoScaler:
         for w in raw["workers"]:
             if w["live"]:
                 busy = w["busy_s"] + (w["current_task_ms"] / 1000 if w["busy"] else 0.0)
-                cur[w["worker_id"]] = (busy, w["gil_wait_s"], max(w["cpu_s"], 0.0))
+                cur[w["worker_id"]] = (busy, w["gil_wait_s"], max(w["cpu_s"], 0.0), _runqueue_wait_s(w["tid"]))
         live = raw["live_workers"]
         backlog = max(0, st["queued_total"] - st["scheduled"])
-        util = blocked = 0.0
+        util = blocked = cores = 0.0
         if self._prev is not None and now - self._prev[0] > 0:
             t0, prev = self._prev
             dt = now - t0
-            d_busy = d_gil = d_cpu = 0.0
-            for wid, (b, g, c) in cur.items():
-                pb, pg, pc = prev.get(wid, (b, g, c))
+            d_busy = d_gil = d_cpu = d_rq = 0.0
+            for wid, (b, g, c, r) in cur.items():
+                pb, pg, pc, pr = prev.get(wid, (b, g, c, r))
                 d_busy += max(0.0, b - pb)
                 d_gil += max(0.0, g - pg)
                 d_cpu += max(0.0, c - pc)
+                d_rq += max(0.0, r - pr)
             util = min(1.0, d_busy / (dt * max(live, 1)))
-            blocked = max(0.0, d_busy - d_gil - d_cpu) / d_busy if d_busy > 0 else 0.0
+            blocked = max(0.0, d_busy - d_gil - d_cpu - d_rq) / d_busy if d_busy > 0 else 0.0
+            cores = d_cpu / dt
         self._prev = (now, cur)
         if backlog > 0 or util > self.scale_down_threshold:
             self._last_active = now
         lo, hi = eng.min_workers, eng.max_workers
         decision: dict[str, Any] = {"at": time.time(), "workers": live, "utilization": round(util, 3),
-                                    "blocked": round(blocked, 3), "backlog": backlog, "action": "none"}
-        if backlog > 0 and util >= self.scale_up_threshold and blocked >= self.blocked_threshold and live < hi:
+                                    "blocked": round(blocked, 3), "cpu_cores": round(cores, 3), "backlog": backlog,
+                                    "action": "none"}
+        if (backlog > 0 and util >= self.scale_up_threshold and blocked >= self.blocked_threshold
+                and cores < self.cpu_saturation and live < hi):
             target = min(hi, max(live + 1, math.ceil(live * self.scale_factor)))
             decision.update(action="up", target=target,
-                            reason=f"{backlog} tasks wait, workers {util:.0%} busy and {blocked:.0%} of that blocked")
+                            reason=f"{backlog} tasks wait, workers {util:.0%} busy and {blocked:.0%} of that blocked "
+                                   f"(using {cores:.2f} cores)")
         elif backlog == 0 and live > lo and now - self._last_active >= self.cooldown_seconds:
             target = max(lo, math.floor(live / self.scale_factor))
             decision.update(action="down", target=target,

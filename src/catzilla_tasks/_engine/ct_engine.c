@@ -17,6 +17,8 @@
 #include "ct_sync.h"
 
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -576,6 +578,7 @@ void ct_engine_run_c(ct_worker *w, ct_task *t) {
 static void *ct_worker_main(void *arg) {
     ct_worker *w = arg;
     ct_engine *e = w->engine;
+    atomic_store(&w->tid, (int)syscall(SYS_gettid));
     if (e->hooks.thread_start) e->hooks.thread_start(w);
     int empty_pops = 0;
     ct_task *got[CT_BATCH_HARD_MAX];

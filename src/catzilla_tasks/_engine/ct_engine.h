@@ -86,6 +86,7 @@ typedef struct ct_worker {
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
     unsigned long thread_ident;         /* module.c: PyThread_get_thread_ident() of the thread */
+    _Atomic int tid;                    /* kernel thread id (for /proc/.../schedstat) */
     _Atomic int retire;                 /* replaced or scaled down: exit after the current batch */
     _Atomic int exited;
     _Atomic uint64_t gil_wait_ns;       /* module.c: time spent waiting for the GIL */

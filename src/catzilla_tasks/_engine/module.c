@@ -1650,7 +1650,7 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
         }
         uint64_t since = atomic_load(&w->current_since);
         PyObject *d = Py_BuildValue(
-            "{s:i,s:O,s:O,s:d,s:d,s:d,s:d,s:K,s:K}", "worker_id", w->id, "live", live ? Py_True : Py_False, "busy",
+            "{s:i,s:i,s:O,s:O,s:d,s:d,s:d,s:d,s:K,s:K}", "worker_id", w->id, "tid", atomic_load(&w->tid), "live", live ? Py_True : Py_False, "busy",
             since ? Py_True : Py_False, "current_task_ms", since ? (double)(now - since) / 1e6 : 0.0, "busy_s",
             (double)atomic_load(&w->busy_ns) / 1e9, "gil_wait_s", (double)atomic_load(&w->gil_wait_ns) / 1e9,
             "cpu_s", cpu_s, "processed", (unsigned long long)atomic_load(&w->processed), "stolen",
