@@ -1535,6 +1535,13 @@ static PyObject *Engine_stop_workers(EngineObject *self, PyObject *unused) {
         ct_engine_stop_timer(self->e);
         Py_END_ALLOW_THREADS
         self->stopped = 1;
+        if (self->e->scaler_tick) {
+            /* no worker or timer can arm it any more: drop the tick (it refers back to the
+             * engine, so keeping it would keep the engine alive) */
+            ct_task *t = self->e->scaler_tick;
+            self->e->scaler_tick = NULL;
+            ct_task_decref(&detached_hooks, t);
+        }
         if (self->holds_self) {
             self->holds_self = 0;
             Py_DECREF(self);
