@@ -161,6 +161,7 @@ int ct_task_wait(ct_task *t, uint64_t deadline_ns) {
 /* ------------------------------------------------------------------ engine */
 
 static void ct_wake_one(ct_engine *e);
+static void ct_engine_hookq_push(ct_engine *e, ct_timer_entry *en);
 
 /* Timer thread: a due entry. READY entries carry the engine's reference of a SCHEDULED node
  * into its queue; the others go to the hooks. */
@@ -170,7 +171,7 @@ static void ct_engine_timer_fire(void *ctx, ct_timer_entry *en) {
     if (en->kind != CT_TIMER_READY) {
         if (en->kind != CT_TIMER_CALL) atomic_fetch_sub(&e->watches, 1);
         if (e->hooks.on_timer)
-            e->hooks.on_timer(e, en);
+            ct_engine_hookq_push(e, en);
         else
             ct_task_decref(&e->hooks, t);   /* pure C engines: no Python nodes, no GIL needed */
         return;
@@ -187,15 +188,50 @@ static void ct_engine_timer_fire(void *ctx, ct_timer_entry *en) {
     ct_wake_one(e);
 }
 
-static void ct_engine_timer_thread_start(void *ctx) {
-    ct_engine *e = ctx;
-    if (e->hooks.timer_thread_start) e->hooks.timer_thread_start(e);
+static void ct_engine_timer_thread_stop(void *ctx) { ct_slab_flush_thread(); }
+
+static void *ct_engine_hook_main(void *arg) {
+    ct_engine *e = arg;
+    if (e->hooks.hook_thread_start) e->hooks.hook_thread_start(e);
+    pthread_mutex_lock(&e->hookq.lock);
+    for (;;) {
+        while (e->hookq.n == 0 && !e->hookq.stopping) pthread_cond_wait(&e->hookq.cond, &e->hookq.lock);
+        if (e->hookq.n == 0) break;   /* stopping and drained */
+        ct_timer_entry *batch = e->hookq.q;
+        size_t n = e->hookq.n;
+        e->hookq.q = NULL;
+        e->hookq.n = e->hookq.cap = 0;
+        pthread_mutex_unlock(&e->hookq.lock);
+        for (size_t i = 0; i < n; i++) e->hooks.on_timer(e, &batch[i]);
+        free(batch);
+        pthread_mutex_lock(&e->hookq.lock);
+    }
+    pthread_mutex_unlock(&e->hookq.lock);
+    if (e->hooks.hook_thread_stop) e->hooks.hook_thread_stop(e);
+    ct_slab_flush_thread();
+    return NULL;
 }
 
-static void ct_engine_timer_thread_stop(void *ctx) {
-    ct_engine *e = ctx;
-    if (e->hooks.timer_thread_stop) e->hooks.timer_thread_stop(e);
-    ct_slab_flush_thread();
+/* Timer thread: hand a GIL-needing entry to the hook thread (started on first use). */
+static void ct_engine_hookq_push(ct_engine *e, ct_timer_entry *en) {
+    pthread_mutex_lock(&e->hookq.lock);
+    if (!e->hookq.started && !e->hookq.stopping) {
+        if (pthread_create(&e->hookq.thread, NULL, ct_engine_hook_main, e) == 0) e->hookq.started = 1;
+    }
+    if (e->hookq.n == e->hookq.cap) {
+        size_t cap = e->hookq.cap ? e->hookq.cap * 2 : 64;
+        ct_timer_entry *q = realloc(e->hookq.q, cap * sizeof *q);
+        if (!q) {   /* out of memory: the entry is lost, its node reference must not be */
+            pthread_mutex_unlock(&e->hookq.lock);
+            if (e->hooks.drop_entry) e->hooks.drop_entry(e, en);
+            return;
+        }
+        e->hookq.q = q;
+        e->hookq.cap = cap;
+    }
+    e->hookq.q[e->hookq.n++] = *en;
+    pthread_cond_signal(&e->hookq.cond);
+    pthread_mutex_unlock(&e->hookq.lock);
 }
 
 static void ct_engine_drop_entry(void *ctx, ct_timer_entry *en) {
@@ -212,7 +248,17 @@ static void ct_engine_drop_entry(void *ctx, ct_timer_entry *en) {
         ct_task_decref(&e->hooks, en->task);
 }
 
-void ct_engine_stop_timer(ct_engine *e) { ct_timer_stop(&e->timer, ct_engine_drop_entry); }
+void ct_engine_stop_timer(ct_engine *e) {
+    ct_timer_stop(&e->timer, ct_engine_drop_entry);
+    /* then the hook thread: it runs what the timer handed over, then exits */
+    pthread_mutex_lock(&e->hookq.lock);
+    e->hookq.stopping = 1;
+    pthread_cond_signal(&e->hookq.cond);
+    int started = e->hookq.started;
+    pthread_mutex_unlock(&e->hookq.lock);
+    if (started) pthread_join(e->hookq.thread, NULL);
+    e->hookq.started = 0;
+}
 
 ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
     if (ct_engine_global_init() != CT_OK) return NULL;
@@ -252,8 +298,9 @@ ct_engine *ct_engine_new(const ct_config *cfg, const ct_hooks *hooks) {
     pthread_mutex_init(&e->grow_lock, NULL);
     ct_timer_init(&e->timer, ct_engine_timer_fire, e);
     e->watch_compact_at = 4096;
-    e->timer.thread_start = ct_engine_timer_thread_start;
     e->timer.thread_stop = ct_engine_timer_thread_stop;
+    pthread_mutex_init(&e->hookq.lock, NULL);
+    pthread_cond_init(&e->hookq.cond, NULL);
     return e;
 }
 
@@ -987,6 +1034,9 @@ void ct_engine_stop_workers(ct_engine *e) {
 void ct_engine_free(ct_engine *e) {
     if (!e) return;
     ct_timer_destroy(&e->timer);
+    pthread_mutex_destroy(&e->hookq.lock);
+    pthread_cond_destroy(&e->hookq.cond);
+    free(e->hookq.q);
     pthread_mutex_destroy(&e->grow_lock);
     pthread_mutex_destroy(&e->pop_lock);
     pthread_mutex_destroy(&e->idle_lock);

@@ -110,12 +110,15 @@ typedef struct ct_hooks {
     /* Drop the Python objects of a node whose last reference goes (called with the GIL by
      * whoever drops it; never called for CT_KIND_C). */
     void (*release)(ct_task *t);
-    /* Timer thread: a TIMEOUT or STUCK entry is due. Must drop the entry's node reference. */
+    /* Hook thread: a TIMEOUT, STUCK or CALL entry is due. Must drop the entry's node
+     * reference. These entries need the GIL, so the timer hands them to a thread of their
+     * own: the timer thread itself never waits for the GIL, and delayed tasks are released
+     * on time however busy the interpreter is. */
     void (*on_timer)(ct_engine *e, ct_timer_entry *entry);
-    /* Timer thread: drop the node reference of an entry left at shutdown (no GIL held). */
+    /* Drop the node reference of an entry left at shutdown (no GIL held). */
     void (*drop_entry)(ct_engine *e, ct_timer_entry *entry);
-    void (*timer_thread_start)(ct_engine *e);
-    void (*timer_thread_stop)(ct_engine *e);
+    void (*hook_thread_start)(ct_engine *e);
+    void (*hook_thread_stop)(ct_engine *e);
 } ct_hooks;
 
 typedef struct ct_config {
@@ -166,7 +169,15 @@ struct ct_engine {
     ct_timer timer;
     _Atomic int64_t watches;                      /* TIMEOUT/STUCK entries in the timer */
     int64_t watch_compact_at;                     /* when to sweep finished tasks' watches */
-    void *timer_py_state;                         /* module.c: the timer thread's PyThreadState */
+    void *timer_py_state;                         /* module.c: the hook thread's PyThreadState */
+    struct {                                      /* due entries waiting for the hook thread */
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        ct_timer_entry *q;
+        size_t n, cap;
+        int stopping, started;
+        pthread_t thread;
+    } hookq;
     ct_worker *workers;                           /* cfg.max_threads slots */
     _Atomic int nworkers;                         /* slots ever used (high-water mark) */
     pthread_mutex_t grow_lock;                    /* adding or retiring worker threads */
@@ -211,7 +222,8 @@ int ct_engine_retire_worker(ct_engine *e);
 int ct_engine_live_workers(ct_engine *e);
 /* Arm the scaler tick now if auto-scaling is on and it is not armed (any thread). */
 void ct_engine_scaler_arm(ct_engine *e);
-/* Stop the timer thread (call with no GIL held); leftover entries go to hooks.drop_entry. */
+/* Stop the timer and hook threads (call with no GIL held); leftover entries go to
+ * hooks.drop_entry. */
 void ct_engine_stop_timer(ct_engine *e);
 /* Stop accepting tasks (submit returns CT_ESHUTDOWN from now on). */
 void ct_engine_close(ct_engine *e);

@@ -1185,8 +1185,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         .release = hook_release,
         .on_timer = hook_on_timer,
         .drop_entry = hook_drop_entry,
-        .timer_thread_start = hook_timer_thread_start,
-        .timer_thread_stop = hook_timer_thread_stop,
+        .hook_thread_start = hook_timer_thread_start,
+        .hook_thread_stop = hook_timer_thread_stop,
     };
     self->e = ct_engine_new(&cfg, &hooks);
     if (!self->e) {

@@ -1,0 +1,232 @@
+"""Prometheus exposition of an engine's figures (the optional ``[prometheus]`` extra).
+
+``register(tasks)`` adds a collector to prometheus-client's default registry (or the one you
+pass); every scrape reads ``tasks.monitor.get_stats()`` at that moment, so nothing is sampled
+in the background. ``metrics_text(tasks)`` gives the exposition text for a framework route::
+
+    from catzilla_tasks import prometheus
+    prometheus.register(tasks)                       # served by prometheus_client's own server
+    body = prometheus.metrics_text(tasks)            # or: return it from a route,
+    content_type = prometheus.CONTENT_TYPE_LATEST    # with this content type
+
+Metric names follow Prometheus conventions (``catzilla_tasks_`` prefix, ``_total`` counters,
+base units: seconds and bytes); every series carries an ``engine`` label with the engine's name.
+
+Histograms: the engine keeps log-linear histograms (4 buckets per power of two). Prometheus
+wants the same ``le`` bounds at every scrape, so the exposition uses a fixed subset of the
+engine's own bounds, one per power of two from 1.024 µs to about 37 minutes (32 buckets and
+``+Inf``); each bound is exact, since it is one of the engine's bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.core import (
+        REGISTRY,
+        CollectorRegistry,
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.utils import floatToGoString
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "catzilla_tasks.prometheus needs the prometheus-client package: "
+        "pip install 'catzilla-tasks[prometheus]'"
+    ) from exc
+
+from .dashboard import StatsSource, stats_function
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "HISTOGRAM_BOUNDS_S",
+    "TasksCollector",
+    "metrics_text",
+    "register",
+    "unregister",
+]
+
+log = logging.getLogger("catzilla_tasks.prometheus")
+
+PREFIX = "catzilla_tasks"
+
+#: The ``le`` bounds of the exposed histograms, in seconds: 1024 ns · 2**k, k = 0..31.
+HISTOGRAM_BOUNDS_S: tuple[float, ...] = tuple((1024 << k) / 1e9 for k in range(32))
+
+_COUNTERS = (  # (key in stats["totals"], metric name without _total, help)
+    ("submitted", "tasks_submitted", "Tasks accepted by add_task (and C submits)."),
+    ("succeeded", "tasks_succeeded", "Tasks that ended successfully."),
+    ("failed", "tasks_failed", "Tasks that ended with an exception (after their last attempt)."),
+    ("retried", "tasks_retried", "Attempts that failed and were scheduled again."),
+    ("timed_out", "tasks_timed_out", "Attempts stopped by their timeout."),
+    ("cancelled", "tasks_cancelled", "Tasks cancelled before they ended."),
+    ("rejected", "tasks_rejected", "Submits refused because the engine was full (QueueFull)."),
+)
+_PRIORITIES = ("critical", "high", "normal", "low")
+
+
+
+def _num(value: Any) -> float:
+    """A figure as a float; a figure the engine cannot give yet (None) is NaN, as Prometheus says."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def _fixed_buckets(hist: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The engine's cumulative buckets re-expressed on HISTOGRAM_BOUNDS_S, plus ``+Inf``.
+
+    The engine lists its buckets up to one past the last non-empty one; every observation lies
+    at or below the last listed bound, so a fixed bound above it holds the whole count. A fixed
+    bound that is not one of the engine's bounds gets the count at the largest engine bound
+    below it (never more than the truth).
+    """
+    native = [(float(b), int(c)) for b, c in hist.get("buckets", ())]
+    count = int(hist.get("count", 0))
+    last_native = native[-1][0] if native else 0.0
+    out: list[tuple[str, float]] = []
+    i = 0
+    below = 0  # cumulative count at the largest native bound <= the current fixed bound
+    for bound in HISTOGRAM_BOUNDS_S:
+        while i < len(native) and native[i][0] <= bound * (1 + 1e-9):
+            below = native[i][1]
+            i += 1
+        cumulative = count if bound >= last_native * (1 - 1e-9) else below
+        out.append((floatToGoString(bound), float(min(cumulative, count))))
+    out.append(("+Inf", float(count)))
+    return out
+
+
+class TasksCollector:
+    """A prometheus-client collector for one or more engines, read at scrape time."""
+
+    def __init__(self, *sources: Any) -> None:
+        self._lock = threading.Lock()
+        self._sources: list[tuple[Any, StatsSource]] = []
+        for s in sources:
+            self.add(s)
+
+    def add(self, source: Any) -> None:
+        fn = stats_function(source)
+        with self._lock:
+            if all(s is not source for s, _ in self._sources):
+                self._sources.append((source, fn))
+
+    def remove(self, source: Any) -> bool:
+        with self._lock:
+            before = len(self._sources)
+            self._sources = [(s, f) for s, f in self._sources if s is not source]
+            return len(self._sources) != before
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def describe(self) -> list[Metric]:
+        # Names only (no scrape at registration time): the families collect() always yields.
+        return list(self._families())
+
+    def _families(self) -> Iterator[Metric]:
+        for _, name, doc in _COUNTERS:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["engine"])
+        yield GaugeMetricFamily(f"{PREFIX}_queue_size", "Tasks queued, per priority.", labels=["engine", "priority"])
+        yield GaugeMetricFamily(f"{PREFIX}_workers", "Worker threads, by state.", labels=["engine", "state"])
+        yield GaugeMetricFamily(
+            f"{PREFIX}_worker_utilization", "Share of time the workers were busy (0..1).", labels=["engine"]
+        )
+        yield HistogramMetricFamily(
+            f"{PREFIX}_execution_time_seconds", "Execution time of task attempts.", labels=["engine"]
+        )
+        yield HistogramMetricFamily(
+            f"{PREFIX}_queue_wait_seconds", "Time tasks waited in a queue before they started.", labels=["engine"]
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_memory_bytes", "Memory held by the engine's task slab.", labels=["engine"])
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            sources = list(self._sources)
+        snapshots: list[Mapping[str, Any]] = []
+        for source, fn in sources:
+            try:
+                snapshots.append(fn())
+            except Exception:  # one broken engine must not break the whole scrape
+                log.exception("catzilla_tasks: could not read the stats of %r", source)
+        fams = {m.name: m for m in self._families()}
+
+        def fam(name: str) -> Any:
+            return fams[f"{PREFIX}_{name}"]
+
+        for st in snapshots:
+            engine = str(st["engine"]["name"])
+            totals = st["totals"]
+            for key, name, _ in _COUNTERS:
+                fam(name).add_metric([engine], _num(totals[key]))
+            q = st["queue_metrics"]
+            for prio in _PRIORITIES:
+                fam("queue_size").add_metric([engine, prio], _num(q[f"{prio}_queue_size"]))
+            w = st["worker_metrics"]
+            fam("workers").add_metric([engine, "active"], _num(w["active_workers"]))
+            fam("workers").add_metric([engine, "idle"], _num(w["idle_workers"]))
+            fam("worker_utilization").add_metric([engine], _num(w["avg_worker_utilization"]))
+            hists = st["histograms"]
+            for name in ("execution_time_seconds", "queue_wait_seconds"):
+                h = hists[name]
+                fam(name).add_metric([engine], buckets=_fixed_buckets(h), sum_value=_num(h["sum"]))
+            fam("memory_bytes").add_metric([engine], _num(st["performance_metrics"]["memory_usage_mb"]) * 2**20)
+        # Counters, queue sizes and workers keep their order; a scrape of no engine is empty.
+        if snapshots:
+            yield from fams.values()
+
+
+# One collector per registry, so several engines can share a registry without name clashes.
+_by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, TasksCollector]" = weakref.WeakKeyDictionary()
+_by_registry_lock = threading.Lock()
+
+
+def register(tasks: Any, registry: CollectorRegistry | None = None) -> TasksCollector:
+    """Expose ``tasks`` through ``registry`` (prometheus-client's default one if None).
+
+    Several engines may be registered in one registry: they share one collector and their
+    series differ by the ``engine`` label, so give them distinct names. Returns the collector.
+    """
+    reg = REGISTRY if registry is None else registry
+    with _by_registry_lock:
+        collector = _by_registry.get(reg)
+        if collector is None:
+            collector = TasksCollector(tasks)
+            reg.register(collector)  # type: ignore[arg-type]
+            _by_registry[reg] = collector
+        else:
+            collector.add(tasks)
+    return collector
+
+
+def unregister(tasks: Any, registry: CollectorRegistry | None = None) -> bool:
+    """Stop exposing ``tasks`` through ``registry``; True if it was registered there."""
+    reg = REGISTRY if registry is None else registry
+    with _by_registry_lock:
+        collector = _by_registry.get(reg)
+        if collector is None or not collector.remove(tasks):
+            return False
+        if not len(collector):
+            reg.unregister(collector)  # type: ignore[arg-type]
+            del _by_registry[reg]
+        return True
+
+
+def metrics_text(tasks: Any) -> bytes:
+    """The Prometheus text exposition (``CONTENT_TYPE_LATEST``) of one engine, read now.
+
+    ``tasks``: a BackgroundTasks, a TaskMonitor or a function returning the stats dict.
+    """
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(TasksCollector(tasks))  # type: ignore[arg-type]
+    return generate_latest(reg)

@@ -1,0 +1,825 @@
+"""Task chains and workflows: a DAG of steps that the engine runs, each step a task.
+
+Building a workflow
+-------------------
+A workflow is a named set of *steps*; each step is one call ``func(*args, **kwargs)`` that runs
+as an ordinary task of the engine (its ``@task`` config applies: priority, retries, timeout).
+Steps are added with :meth:`TaskChain.add_task` (returns the chain, for chaining calls) or
+:meth:`TaskChain.step` (returns a :class:`Step` handle)::
+
+    wf = TaskChain("etl")
+    raw = wf.step(extract, "s3://bucket/day")     # id "etl_0"
+    a = wf.step(clean, raw)                        # gets extract's value as its argument
+    b = wf.step(enrich, raw, step_name="enrich")   # id "enrich"
+    wf.step(load, a, b, table="events")            # runs once clean and enrich succeeded
+    print(wf.execute().wait(60))                   # {"etl_0": ..., "etl_1": ..., "enrich": ..., "etl_3": ...}
+
+* **Step ids.** A step's id is ``f"{name}_{index}"`` (index: its position in the workflow),
+  unless it is given ``step_name=``. Two steps with one id are an error (``ValueError``).
+* **Reserved keywords.** ``add_task`` and ``step`` pass every keyword to ``func`` except the
+  two keyword-only ones they own: ``depends_on`` and ``step_name``. (A function that takes a
+  parameter of that name can be bound with ``functools.partial`` first.)
+* **Dependencies.** ``depends_on=[...]`` lists step ids or :class:`Step` handles (a step may
+  name steps added after it). A step also depends on every step whose result it receives.
+* **Passing results: one rule.** An argument that is a :class:`Step` handle,
+  ``result_of("step_id")``, or ``results_of(step, ...)`` (a list of results, in the order given)
+  is replaced by that step's return value when the step runs, and makes the step depend on it.
+  Only top-level positional arguments and keyword values are replaced (not values nested in a
+  list: use ``results_of``).
+* **Checked before anything runs.** :meth:`TaskChain.validate` (called by ``execute()`` and by
+  ``@workflow``) raises ``ValueError`` naming the steps for an unknown step in a dependency and
+  for a dependency cycle (``'a' -> 'b' -> 'a'``).
+
+Running it
+----------
+``execute()`` returns at once a :class:`~catzilla_tasks.TaskResult` for the whole workflow
+(``wait()``, ``await``, ``cancel()``, callbacks); its value is a dict of every step's value by
+step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskFuture`.
+
+* **Which engine.** ``TaskChain(name, tasks=engine)`` (or ``chain_for(engine, name)``) runs on
+  that engine. Without one, on the default engine: the most recently created
+  ``BackgroundTasks`` still running, else one this module creates on first use (and shuts
+  down at interpreter exit, like any engine). Resolved at ``execute()``, not when built.
+* **Scheduling lives in the engine's completion path.** The steps without dependencies are
+  queued by ``execute()``; every other step is queued by the engine worker that finishes its
+  last dependency (a done-callback of the dependency's task), so independent steps run in
+  parallel and no thread waits on a step. The count of dependencies left is per step; the
+  last-finisher test is one atomic ``list.pop()``, so two dependencies ending at once on two
+  workers need no lock.
+* **Failure.** A step that fails (after the retries of its own TaskConfig), times out or is
+  cancelled by someone else fails the workflow at once with :class:`WorkflowError` (``.step``:
+  its id, ``__cause__``: its exception, ``.results``: the values of the steps that had
+  succeeded). Steps that depend on it are never queued; steps queued but not started are
+  cancelled; steps already running finish (their values are dropped).
+* **Cancellation.** ``cancel()`` on the workflow's TaskResult (or :meth:`TaskChain.cancel`,
+  every running execution of that chain) ends it CANCELLED: no further step is queued, queued
+  steps are cancelled, running async steps are cancelled and running sync steps are asked to
+  stop (``current_task().cancel_requested``).
+* **A full engine.** A step the engine has no room for (``QueueFull``) is not lost: it is
+  queued again from the engine's timer thread as room frees (back-off from 1 ms to 50 ms).
+  ``execute()`` itself never raises ``QueueFull``.
+* **join() and shutdown.** ``tasks.join()`` waits for queued and running tasks; a step that
+  is not yet queued (its dependencies still run) is not counted, so wait on the workflow's
+  own result. After ``shutdown()`` starts, the engine takes no new task: a workflow that
+  still had steps to queue then fails with WorkflowError (``__cause__``: RuntimeError).
+
+Authoring styles
+----------------
+``@workflow("name")`` turns a function that declares steps into a reusable workflow; the
+function gets the builder (a TaskChain) plus the arguments given to ``execute``::
+
+    @workflow("report")
+    def report(wf, day):
+        rows = [wf.step(fetch, day, shard) for shard in range(8)]
+        wf.step(summarise, results_of(*rows), step_name="summary")
+
+    report.execute("2024-05-01").wait()["summary"]
+
+Celery-style helpers build the same thing from calls (``call(func, *args, **kwargs)``, a
+``(func, *args)`` tuple, or a bare function): ``chain(c1, c2, c3)`` runs them one after the
+other, each later call getting the previous value as its first argument; ``group(c1, c2)``
+runs them in parallel; ``chord(group(...), callback)`` runs the group, then ``callback`` with
+the list of the group's values as its first argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import weakref
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence, Union
+
+from . import _engine
+from ._engine import QueueFull, TaskCancelled
+from .engine import BackgroundTasks, _live
+from .results import TaskFuture, TaskResult
+
+__all__ = [
+    "Call",
+    "Step",
+    "TaskChain",
+    "Workflow",
+    "WorkflowError",
+    "call",
+    "chain",
+    "chain_for",
+    "chord",
+    "default_engine",
+    "group",
+    "result_of",
+    "results_of",
+    "workflow",
+]
+
+
+class WorkflowError(Exception):
+    """A step of a workflow failed, so the workflow did.
+
+    ``step`` is the failing step's id, ``workflow`` the workflow's name, ``__cause__`` the
+    step's own exception (TaskCancelled if someone cancelled the step, RuntimeError if the
+    engine shut down before the step could be queued), and ``results`` the values of the steps
+    that had succeeded when it failed, by step id.
+    """
+
+    def __init__(self, message: str, *, workflow: str, step: str, results: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.workflow = workflow
+        self.step = step
+        self.results = results
+
+
+# -- references to results ------------------------------------------------------------------
+
+
+class Step:
+    """A step of a :class:`TaskChain` (returned by :meth:`TaskChain.step`).
+
+    Pass it in ``depends_on=[...]``, or as an argument of a later step to receive its value.
+    """
+
+    __slots__ = ("chain", "index", "id")
+
+    def __init__(self, chain: "TaskChain", index: int, step_id: str) -> None:
+        self.chain = chain
+        self.index = index
+        self.id = step_id
+
+    def __repr__(self) -> str:
+        return f"<Step {self.id!r} of workflow {self.chain.name!r}>"
+
+
+class _ResultRef:
+    """An argument replaced by step values when the step runs: one value (``many=False``) or
+    a list of values in the order of ``ids``."""
+
+    __slots__ = ("ids", "many")
+
+    def __init__(self, ids: tuple[Union[str, Step], ...], many: bool) -> None:
+        self.ids = ids
+        self.many = many
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(i.id if isinstance(i, Step) else i) for i in self.ids)
+        return f"results_of({names})" if self.many else f"result_of({names})"
+
+
+def result_of(step: Union[str, Step]) -> Any:
+    """An argument that becomes the value of ``step`` (a step id or a Step) when the step
+    that receives it runs; that step then depends on ``step``."""
+    if not isinstance(step, (str, Step)):
+        raise TypeError(f"result_of() takes a step id (str) or a Step, got {type(step).__name__} {step!r}")
+    return _ResultRef((step,), False)
+
+
+def results_of(*steps: Union[str, Step]) -> Any:
+    """An argument that becomes the list of these steps' values, in this order, when the step
+    that receives it runs; that step then depends on each of them."""
+    for s in steps:
+        if not isinstance(s, (str, Step)):
+            raise TypeError(f"results_of() takes step ids (str) or Steps, got {type(s).__name__} {s!r}")
+    return _ResultRef(tuple(steps), True)
+
+
+# -- the default engine ----------------------------------------------------------------------
+
+_default_lock = threading.Lock()
+# Creation order of the engines, as first seen by this module (engine.py keeps no order).
+_seen: "weakref.WeakKeyDictionary[BackgroundTasks, int]" = weakref.WeakKeyDictionary()
+_seq = itertools.count()
+
+
+def _note_engines() -> None:
+    for eng in list(_live):
+        if eng not in _seen:
+            _seen[eng] = next(_seq)
+
+
+def default_engine() -> BackgroundTasks:
+    """The engine a workflow runs on when it was given none: the most recently created
+    ``BackgroundTasks`` that is still running, else a new one (created once, on first use)."""
+    with _default_lock:
+        _note_engines()
+        running = [e for e in list(_live) if not e.is_shutdown]
+        if running:
+            return max(running, key=lambda e: _seen.get(e, -1))
+        eng = BackgroundTasks(name="catzilla-tasks-workflows")
+        _seen[eng] = next(_seq)
+        return eng
+
+
+_note_engines()  # engines created before this module was imported, in _live's order
+
+
+# -- definition ------------------------------------------------------------------------------
+
+
+class _StepDef:
+    __slots__ = ("id", "func", "args", "kwargs", "depends_on", "refs")
+
+    def __init__(self, step_id: str, func: Callable[..., Any], args: tuple, kwargs: dict | None,
+                 depends_on: tuple[str, ...], refs: tuple[tuple[int | None, str | None, _ResultRef], ...]) -> None:
+        self.id = step_id
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.depends_on = depends_on
+        self.refs = refs
+
+
+class _Plan:
+    """A validated workflow, flattened into arrays indexed by step (shared by executions)."""
+
+    __slots__ = ("name", "ids", "funcs", "args", "kwargs", "subs", "dependents", "roots", "countdowns",
+                 "sinks_countdown")
+
+    name: str
+    ids: tuple[str, ...]
+    funcs: tuple[Callable[..., Any], ...]
+    args: tuple[tuple, ...]
+    kwargs: tuple[dict | None, ...]
+    # per step: None, or ((position, keyword, source step index or tuple of them), ...)
+    subs: tuple[tuple[tuple[int | None, str | None, int | tuple[int, ...]], ...] | None, ...]
+    dependents: tuple[tuple[int, ...], ...]
+    roots: tuple[int, ...]
+    # countdowns (see _Run) to copy per execution: (step, [True, False, ...]) for every step
+    # with several dependencies, and one for the steps nothing depends on
+    countdowns: tuple[tuple[int, list[bool]], ...]
+    sinks_countdown: list[bool]
+
+
+_NESTED = (list, tuple, set, frozenset, dict)
+
+
+def _check_nested(where: str, value: Any) -> None:
+    items = value.values() if isinstance(value, dict) else value
+    for v in items:
+        if isinstance(v, (Step, _ResultRef)):
+            raise TypeError(
+                f"{where}: a step's result inside a {type(value).__name__} is not replaced (only top-level "
+                f"arguments are); pass results_of(...) to get a list of results"
+            )
+
+
+def _names(ids: Iterable[str], limit: int = 10) -> str:
+    ids = list(ids)
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids)} steps)" if len(ids) > limit else "")
+
+
+class TaskChain:
+    """A workflow: steps (tasks) and the dependencies between them. See the module docstring.
+
+    ``TaskChain(name)`` runs on the default engine; ``TaskChain(name, tasks=engine)`` on
+    ``engine``. A chain can be executed many times; each ``execute()`` is independent.
+    """
+
+    def __init__(self, name: str, *, tasks: BackgroundTasks | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"TaskChain(): name must be a non-empty string, got {name!r}")
+        if tasks is not None and not isinstance(tasks, _engine.Engine):
+            raise TypeError(f"TaskChain(): tasks must be a BackgroundTasks engine, got {type(tasks).__name__}")
+        self.name = name
+        self.tasks = tasks
+        self._steps: list[_StepDef] = []
+        self._index: dict[str, int] = {}
+        self._plan: _Plan | None = None
+        self._runs: set[_Run] = set()
+
+    # -- building ----------------------------------------------------------------------------
+    def add_task(
+        self,
+        func: Callable[..., Any],
+        /,
+        *args: Any,
+        depends_on: Union[str, Step, Sequence[Union[str, Step]], None] = None,
+        step_name: str | None = None,
+        **kwargs: Any,
+    ) -> "TaskChain":
+        """Add the step ``func(*args, **kwargs)``; return the chain (its id is
+        ``f"{name}_{index}"`` unless ``step_name`` is given)."""
+        self._add(func, args, kwargs, depends_on, step_name)
+        return self
+
+    def step(
+        self,
+        func: Callable[..., Any],
+        /,
+        *args: Any,
+        depends_on: Union[str, Step, Sequence[Union[str, Step]], None] = None,
+        step_name: str | None = None,
+        **kwargs: Any,
+    ) -> Step:
+        """Add the step ``func(*args, **kwargs)``; return its :class:`Step` handle, which a
+        later step can take as an argument (it receives this step's value)."""
+        return self._add(func, args, kwargs, depends_on, step_name)
+
+    def _add(self, func: Any, args: tuple, kwargs: dict, depends_on: Any, step_name: Any) -> Step:
+        index = len(self._steps)
+        if not callable(func):
+            raise TypeError(
+                f"workflow {self.name!r}: step {index} needs a callable, got {type(func).__name__} {func!r}; pass "
+                "the function itself, e.g. add_task(send, user_id), not add_task(send(user_id))"
+            )
+        if step_name is None:
+            step_id = f"{self.name}_{index}"
+        elif isinstance(step_name, str) and step_name:
+            step_id = step_name
+        else:
+            raise ValueError(f"workflow {self.name!r}: step_name must be a non-empty string, got {step_name!r}")
+        if step_id in self._index:
+            raise ValueError(
+                f"workflow {self.name!r}: duplicate step name {step_id!r}: step {self._index[step_id]} and step "
+                f"{index} both have it; give one of them another step_name"
+            )
+        deps = self._dep_ids(step_id, depends_on)
+        refs: list[tuple[int | None, str | None, _ResultRef]] = []
+        for pos, value in enumerate(args):
+            ref = self._as_ref(step_id, value)
+            if ref is not None:
+                refs.append((pos, None, ref))
+            elif isinstance(value, _NESTED):
+                _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
+        for key, value in kwargs.items():
+            ref = self._as_ref(step_id, value)
+            if ref is not None:
+                refs.append((None, key, ref))
+            elif isinstance(value, _NESTED):
+                _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
+        self._steps.append(_StepDef(step_id, func, args, kwargs or None, deps, tuple(refs)))
+        self._index[step_id] = index
+        self._plan = None
+        return Step(self, index, step_id)
+
+    def _own_id(self, step_id: str, dep: Any, what: str) -> str:
+        if isinstance(dep, Step):
+            if dep.chain is not self:
+                raise ValueError(
+                    f"workflow {self.name!r}: step {step_id!r} {what} step {dep.id!r} of another workflow "
+                    f"({dep.chain.name!r}); steps can only use steps of their own workflow"
+                )
+            return dep.id
+        if isinstance(dep, str):
+            return dep
+        raise TypeError(
+            f"workflow {self.name!r}: step {step_id!r} {what} {dep!r}; expected a step id (str) or a Step"
+        )
+
+    def _dep_ids(self, step_id: str, depends_on: Any) -> tuple[str, ...]:
+        if depends_on is None:
+            return ()
+        if isinstance(depends_on, (str, Step)):
+            depends_on = (depends_on,)
+        try:
+            items = list(depends_on)
+        except TypeError:
+            raise TypeError(
+                f"workflow {self.name!r}: depends_on of step {step_id!r} must be a list of step ids or Steps, got "
+                f"{type(depends_on).__name__}"
+            ) from None
+        return tuple(self._own_id(step_id, d, "depends on") for d in items)
+
+    def _as_ref(self, step_id: str, value: Any) -> _ResultRef | None:
+        if isinstance(value, Step):
+            return _ResultRef((self._own_id(step_id, value, "takes the result of"),), False)
+        if isinstance(value, _ResultRef):
+            return _ResultRef(tuple(self._own_id(step_id, v, "takes the result of") for v in value.ids), value.many)
+        return None
+
+    # -- checking ------------------------------------------------------------------------------
+    @property
+    def step_ids(self) -> list[str]:
+        """The ids of the steps, in the order they were added."""
+        return [s.id for s in self._steps]
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def validate(self) -> "TaskChain":
+        """Check the dependencies (ValueError naming the steps: an unknown step, a cycle);
+        return the chain. ``execute()`` does it too."""
+        self._compile()
+        return self
+
+    def _compile(self) -> _Plan:
+        plan = self._plan
+        if plan is not None:
+            return plan
+        steps, index = self._steps, self._index
+        n = len(steps)
+        deps: list[tuple[int, ...]] = []
+        subs: list[Any] = []
+        for s in steps:
+            found: dict[int, None] = {}
+            for d in s.depends_on + tuple(i for _, _, ref in s.refs for i in ref.ids):
+                k = index.get(d)
+                if k is None:
+                    raise ValueError(
+                        f"workflow {self.name!r}: step {s.id!r} depends on unknown step {d!r}; the steps are "
+                        f"{_names(index)}"
+                    )
+                found[k] = None
+            deps.append(tuple(found))
+            if s.refs:
+                subs.append(tuple(
+                    (pos, key, tuple(index[i] for i in ref.ids) if ref.many else index[ref.ids[0]])
+                    for pos, key, ref in s.refs
+                ))
+            else:
+                subs.append(None)
+        dependents: list[list[int]] = [[] for _ in range(n)]
+        for j, ds in enumerate(deps):
+            for d in ds:
+                dependents[d].append(j)
+        # Kahn's algorithm: what is left once every step without pending dependencies is
+        # removed lies on, or behind, a cycle.
+        left = [len(ds) for ds in deps]
+        ready = [j for j in range(n) if not left[j]]
+        roots = tuple(ready)
+        seen = 0
+        while ready:
+            d = ready.pop()
+            seen += 1
+            for j in dependents[d]:
+                left[j] -= 1
+                if not left[j]:
+                    ready.append(j)
+        if seen < n:
+            raise ValueError(f"workflow {self.name!r}: dependency cycle: {self._cycle(deps, left)} (each step depends on the next)")
+        plan = _Plan()
+        plan.name = self.name
+        plan.ids = tuple(s.id for s in steps)
+        plan.funcs = tuple(s.func for s in steps)
+        plan.args = tuple(s.args for s in steps)
+        plan.kwargs = tuple(s.kwargs for s in steps)
+        plan.subs = tuple(subs)
+        plan.dependents = tuple(tuple(ds) for ds in dependents)
+        plan.roots = roots
+        plan.countdowns = tuple((j, [True] + [False] * (len(ds) - 1)) for j, ds in enumerate(deps) if len(ds) > 1)
+        plan.sinks_countdown = [True] + [False] * (sum(1 for ds in dependents if not ds) - 1)
+        self._plan = plan
+        return plan
+
+    def _cycle(self, deps: list[tuple[int, ...]], left: list[int]) -> str:
+        # Every step still blocked has a blocked dependency: walking them must come back.
+        start = next(j for j, k in enumerate(left) if k)
+        path: list[int] = []
+        at: dict[int, int] = {}
+        j = start
+        while j not in at:
+            at[j] = len(path)
+            path.append(j)
+            j = next(d for d in deps[j] if left[d])
+        loop = path[at[j]:] + [j]
+        return " -> ".join(repr(self._steps[k].id) for k in loop)
+
+    # -- running -------------------------------------------------------------------------------
+    def execute(self) -> TaskResult:
+        """Start the workflow; return its TaskResult at once (value: each step's value by id)."""
+        plan = self._compile()
+        engine = self.tasks if self.tasks is not None else default_engine()
+        if getattr(engine, "is_shutdown", False):
+            raise RuntimeError(
+                f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; create a new one"
+            )
+        result = _engine.detached()
+        if not plan.ids:
+            result._settle(value={})
+            return result
+        run = _Run(plan, engine, result, self)
+        self._runs.add(run)
+        result._on_done(run._ended)
+        for j in plan.roots:
+            if run.done:
+                break
+            run._release(j)
+        return result
+
+    def execute_async(self) -> TaskFuture:
+        """``execute()`` as a TaskFuture (awaitable, with then/catch)."""
+        return TaskFuture(self.execute())
+
+    def cancel(self) -> bool:
+        """Cancel every execution of this chain still running (see the module docstring).
+        True if there was one."""
+        cancelled = False
+        for run in list(self._runs):
+            cancelled = run.result.cancel() or cancelled
+        return cancelled
+
+    def __repr__(self) -> str:
+        return f"<TaskChain {self.name!r} steps={len(self._steps)} running={len(self._runs)}>"
+
+
+def chain_for(tasks: BackgroundTasks, name: str) -> TaskChain:
+    """A new workflow that runs on ``tasks`` (what ``tasks.chain(name)`` gives)."""
+    return TaskChain(name, tasks=tasks)
+
+
+# -- execution --------------------------------------------------------------------------------
+
+_PENDING: Any = object()
+_RETRY_FIRST_S = 0.001
+_RETRY_MAX_S = 0.05
+
+
+class _Run:
+    """One execution of a plan. Methods run in engine workers (done-callbacks of the steps),
+    in the caller of execute(), and on the engine's timer thread (queue-full retries).
+
+    Concurrency: ``tokens[j]`` is the countdown of a step with several dependencies, a list
+    holding one True and k-1 False: every finishing dependency pops one item, and the pop
+    that returns True (the last) releases the step. ``list.pop()`` is atomic, so concurrent
+    finishers need no lock; ``sinks`` works the same way for the end of the workflow. ``done``
+    turns True once (success, failure, cancel); a step queued concurrently with that checks
+    it again after registering its handle, so it is either cancelled by the ender or by
+    itself. The lock guards only the queue-full overflow list.
+
+    Cost: one done-callback (a bound method shared by all steps) finds its step by the task's
+    node key in ``index``, so a step allocates nothing of ours beyond that dict entry.
+    """
+
+    __slots__ = ("plan", "engine", "add", "result", "chain", "values", "handles", "index", "tokens", "sinks",
+                 "done", "on_done", "lock", "overflow", "retry_armed", "retry_s", "__weakref__")
+
+    def __init__(self, plan: _Plan, engine: BackgroundTasks, result: TaskResult, chain: TaskChain) -> None:
+        n = len(plan.ids)
+        self.plan = plan
+        self.engine = engine
+        self.add = engine.add_task
+        self.result = result
+        self.chain = chain
+        self.values: list[Any] = [_PENDING] * n
+        self.handles: list[TaskResult | None] = [None] * n
+        self.index: dict[int, int] = {}  # node key of a queued step's task -> step
+        tokens: list[list[bool] | None] = [None] * n
+        for j, countdown in plan.countdowns:
+            tokens[j] = countdown.copy()
+        self.tokens = tokens
+        self.sinks = plan.sinks_countdown.copy()
+        self.done = False
+        self.on_done = self._step_done
+        self.lock = threading.Lock()
+        self.overflow: list[int] = []
+        self.retry_armed = False
+        self.retry_s = _RETRY_FIRST_S
+
+    # -- queueing a step ---------------------------------------------------------------------
+    def _release(self, j: int) -> None:
+        """All dependencies of step j succeeded: queue it (or park it until there is room)."""
+        if not self._try_submit(j):
+            self._defer([j])
+
+    def _try_submit(self, j: int) -> bool:
+        plan = self.plan
+        args = plan.args[j]
+        kwargs = plan.kwargs[j]
+        subs = plan.subs[j]
+        if subs is not None:
+            values = self.values
+            args = list(args)
+            kwargs = dict(kwargs) if kwargs else {}
+            for pos, key, src in subs:
+                v = [values[i] for i in src] if type(src) is tuple else values[src]
+                if key is None:
+                    args[pos] = v
+                else:
+                    kwargs[key] = v
+            args = tuple(args)
+        try:
+            h = self.add(plan.funcs[j], *args, **kwargs) if kwargs else self.add(plan.funcs[j], *args)
+        except QueueFull:
+            return False
+        except BaseException as exc:  # shut down, a process task that does not pickle, ...
+            self._fail(j, exc, "could not be queued")
+            return True
+        self.handles[j] = h
+        self.index[h._key] = j
+        h._on_done(self.on_done)
+        if self.done:  # ended meanwhile (see the class docstring)
+            h.cancel()
+        return True
+
+    def _defer(self, steps: list[int]) -> None:
+        with self.lock:
+            self.overflow[:0] = steps
+            if self.retry_armed:
+                return
+            self.retry_armed = True
+            delay = self.retry_s
+        if not self.done and not self.engine._call_later(delay, self._retry):
+            self._fail(steps[0], RuntimeError("the engine was shut down"), "could not be queued")
+
+    def _retry(self) -> None:
+        """On the engine's timer thread: queue the parked steps that now fit."""
+        with self.lock:
+            steps, self.overflow = self.overflow, []
+            self.retry_armed = False
+        for n, j in enumerate(steps):
+            if self.done:
+                return
+            if not self._try_submit(j):
+                self.retry_s = min(self.retry_s * 2, _RETRY_MAX_S)
+                self._defer(steps[n:])
+                return
+        self.retry_s = _RETRY_FIRST_S
+
+    # -- a step ended ------------------------------------------------------------------------
+    def _step_done(self, h: TaskResult) -> None:
+        if self.done:
+            return
+        j = self.index.pop(h._key)
+        try:
+            value = h.wait()  # final already: returns at once
+        except BaseException as exc:
+            self._fail(j, exc, "was cancelled" if isinstance(exc, TaskCancelled) else "failed")
+            return
+        self.values[j] = value
+        self.handles[j] = None
+        dependents = self.plan.dependents[j]
+        if dependents:
+            tokens = self.tokens
+            for d in dependents:
+                countdown = tokens[d]
+                if countdown is None or countdown.pop():
+                    if not self._try_submit(d):
+                        self._defer([d])
+        elif self.sinks.pop():
+            self._succeed()
+
+    # -- the end -----------------------------------------------------------------------------
+    def _succeed(self) -> None:
+        self.done = True
+        self.result._settle(value=dict(zip(self.plan.ids, self.values)))
+
+    def _fail(self, j: int, exc: BaseException, how: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        plan = self.plan
+        step = plan.ids[j]
+        results = {plan.ids[i]: v for i, v in enumerate(self.values) if v is not _PENDING}
+        detail = f": {type(exc).__name__}: {exc}" if how != "was cancelled" else ""
+        err = WorkflowError(
+            f"workflow {plan.name!r}: step {step!r} {how}{detail}", workflow=plan.name, step=step, results=results
+        )
+        err.__cause__ = exc
+        self.result._settle(exc=err)
+
+    def _ended(self, result: TaskResult) -> None:
+        """Done-callback of the workflow's own result: however it ended (success, failure, or
+        someone's cancel()), stop queueing and, unless it succeeded, cancel the steps that
+        have not finished."""
+        self.done = True
+        self.chain._runs.discard(self)
+        if result.status.value != _SUCCEEDED:
+            for h in self.handles:
+                if h is not None and not h.is_ready():
+                    h.cancel()
+
+
+_SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value
+
+
+# -- @workflow ---------------------------------------------------------------------------------
+
+
+class Workflow:
+    """A workflow defined by a function (see :func:`workflow`).
+
+    ``build(*args, **kwargs)`` gives the TaskChain (the function declares its steps);
+    ``execute(*args, **kwargs)`` builds and starts it; ``on(tasks)`` is the same workflow run
+    on another engine. A function that takes only the builder is built once, when decorated,
+    so a mistake in its dependencies is an error at import.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any], tasks: BackgroundTasks | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"@workflow decorates a function, got {type(fn).__name__} {fn!r}")
+        self.name = name
+        self.fn = fn
+        self.tasks = tasks
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+        try:
+            nparams = len(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            nparams = -1
+        self._chain: TaskChain | None = self._build((), {}) if nparams == 1 else None
+
+    def _build(self, args: tuple, kwargs: dict) -> TaskChain:
+        c = TaskChain(self.name, tasks=self.tasks)
+        self.fn(c, *args, **kwargs)
+        return c.validate()
+
+    def build(self, *args: Any, **kwargs: Any) -> TaskChain:
+        if self._chain is not None and not args and not kwargs:
+            return self._chain
+        return self._build(args, kwargs)
+
+    def execute(self, *args: Any, **kwargs: Any) -> TaskResult:
+        return self.build(*args, **kwargs).execute()
+
+    def execute_async(self, *args: Any, **kwargs: Any) -> TaskFuture:
+        return TaskFuture(self.execute(*args, **kwargs))
+
+    def on(self, tasks: BackgroundTasks) -> "Workflow":
+        return Workflow(self.name, self.fn, tasks)
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name!r} ({getattr(self.fn, '__qualname__', self.fn)!r})>"
+
+
+def workflow(name: Union[str, Callable[..., Any], None] = None, *, tasks: BackgroundTasks | None = None) -> Any:
+    """Decorator: ``@workflow("name")`` turns ``def f(wf, *args)``, which declares steps on the
+    builder ``wf`` (a TaskChain), into a :class:`Workflow`. ``@workflow`` alone names it after
+    the function."""
+    if callable(name):
+        return Workflow(getattr(name, "__name__", "workflow"), name, tasks)
+
+    def decorate(fn: Callable[..., Any]) -> Workflow:
+        return Workflow(name if name is not None else getattr(fn, "__name__", "workflow"), fn, tasks)
+
+    return decorate
+
+
+# -- Celery-style helpers ---------------------------------------------------------------------
+
+
+class Call:
+    """A call to make later: ``call(func, *args, **kwargs)`` (Celery's "signature")."""
+
+    __slots__ = ("func", "args", "kwargs")
+
+    def __init__(self, func: Callable[..., Any], args: tuple = (), kwargs: dict[str, Any] | None = None) -> None:
+        if not callable(func):
+            raise TypeError(f"call() needs a callable first, got {type(func).__name__} {func!r}")
+        self.func = func
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+
+    def __repr__(self) -> str:
+        inner = [getattr(self.func, "__qualname__", repr(self.func))]
+        inner += [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"call({', '.join(inner)})"
+
+
+def call(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Call:
+    """The call ``func(*args, **kwargs)``, for chain(), group() and chord()."""
+    return Call(func, args, kwargs)
+
+
+CallLike = Union[Call, tuple, Callable[..., Any]]
+
+
+def _as_call(c: Any) -> Call:
+    if isinstance(c, Call):
+        return c
+    if isinstance(c, tuple) and c and callable(c[0]):
+        return Call(c[0], c[1:])
+    if callable(c):
+        return Call(c)
+    raise TypeError(f"expected call(func, *args, **kwargs), a (func, *args) tuple or a function, got {c!r}")
+
+
+def chain(*calls: CallLike, name: str = "chain", tasks: BackgroundTasks | None = None) -> TaskChain:
+    """Run the calls one after the other; each call after the first gets the previous call's
+    value as its first argument. The last value is ``result[c.step_ids[-1]]``."""
+    c = TaskChain(name, tasks=tasks)
+    prev: Step | None = None
+    for x in calls:
+        k = _as_call(x)
+        args = k.args if prev is None else (prev, *k.args)
+        prev = c._add(k.func, args, k.kwargs, None, None)
+    return c
+
+
+class Group(TaskChain):
+    """A TaskChain of independent steps, made by :func:`group`; it remembers its calls so a
+    :func:`chord` can take it as its header."""
+
+    def __init__(self, calls: Sequence[Call], name: str, tasks: BackgroundTasks | None) -> None:
+        super().__init__(name, tasks=tasks)
+        self.calls = tuple(calls)
+        for k in self.calls:
+            self._add(k.func, k.args, k.kwargs, None, None)
+
+
+def group(*calls: CallLike, name: str = "group", tasks: BackgroundTasks | None = None) -> Group:
+    """Run the calls in parallel; the workflow's value has each one's value by step id."""
+    return Group([_as_call(x) for x in calls], name, tasks)
+
+
+def chord(header: Union[Group, Iterable[CallLike]], callback: CallLike, *, name: str = "chord",
+          tasks: BackgroundTasks | None = None) -> TaskChain:
+    """Run the header's calls in parallel, then ``callback`` with the list of their values
+    (in the header's order) as its first argument; its id is ``c.step_ids[-1]``."""
+    calls = header.calls if isinstance(header, Group) else tuple(_as_call(x) for x in header)
+    if tasks is None and isinstance(header, Group):
+        tasks = header.tasks
+    c = TaskChain(name, tasks=tasks)
+    members = [c._add(k.func, k.args, k.kwargs, None, None) for k in calls]
+    cb = _as_call(callback)
+    c._add(cb.func, (results_of(*members), *cb.args), cb.kwargs, None, None)
+    return c
