@@ -1,21 +1,30 @@
 """One measurement of one contender, in a fresh process.
 
-    python benchmarks/_contenders.py CONTENDER FIGURE N [PROBES]
+    python benchmarks/_contenders.py CONTENDER FIGURE N [PARAM]
 
-CONTENDER: ours | threadpool | catzilla
-FIGURE:    throughput  N no-op tasks end to end (submit, execute, result available)
-           critical    N NORMAL no-ops queued, then PROBES CRITICAL no-ops one at a time
-           memory      bytes per queued no-op task with N queued and their handles held
+FIGURE (and the contenders that run it):
+  throughput     ours, threadpool, catzilla: N no-op tasks end to end (submit, execute,
+                 result available)
+  critical       ours, threadpool, catzilla: N NORMAL no-ops queued, then PARAM CRITICAL
+                 no-ops one at a time
+  memory         ours, threadpool, catzilla: bytes per queued no-op task with N queued and
+                 their handles held
+  lateness       ours, asyncio: N tasks with delays spread evenly over 0..PARAM ms,
+                 submitted at once in random order; lateness = start - (submit + delay)
+  cpu_isolation  ours_process, ours_threads: N CPU-bound tasks of PARAM iterations of
+                 _cpu_task.spin (run.py calibrates PARAM), wall time to all N results
 
 Prints exactly one JSON line on stdout (anything the contender itself prints goes to
 stderr). A contender that cannot run prints {"error": "..."} and exits with status 3.
 run.py spawns this once per (run, figure, contender), so peak RSS is per contender.
 """
+import asyncio
 import gc
 import itertools
 import json
 import os
 import platform
+import random
 import resource
 import sys
 import threading
@@ -284,9 +293,30 @@ def _ours_module():
     return catzilla_tasks
 
 
+_OURS_ENGINES = []  # engines this measurement created, for ours_engine_notes()
+
+
+def ours_engine_notes():
+    """Auto-scaling state of the engines this process created (read after the measurement):
+    whether it was on (the default) and what it did, so a figure can be read knowing it."""
+    notes = {}
+    for tasks in _OURS_ENGINES:
+        try:
+            decisions = list(getattr(tasks.autoscaler, "decisions", []))
+            notes["auto_scaling"] = bool(getattr(tasks, "enable_auto_scaling", False))
+            notes["scaler_decisions"] = notes.get("scaler_decisions", 0) + len(decisions)
+            targets = [d.get("target") for d in decisions if isinstance(d.get("target"), int)]
+            if targets:
+                notes["scaler_max_workers"] = max(targets + [notes.get("scaler_max_workers", 0)])
+        except Exception as exc:  # an engine without an auto-scaler: nothing to note
+            notes["engine_notes_error"] = f"{type(exc).__name__}: {exc}"
+    return notes
+
+
 def _ours_engine(queue_needed):
     ct = _ours_module()
     tasks = ct.BackgroundTasks(workers=WORKERS, queue_size=max(300_000, queue_needed + 10_000))
+    _OURS_ENGINES.append(tasks)
     warm = [tasks.add_task(noop) for _ in range(1000)]
     tasks.join()
     warm[-1].wait(timeout=30)
@@ -571,6 +601,210 @@ def catzilla_memory(n, _probes):
     return queued_memory(n, lambda: _CatzillaPool(n))
 
 
+# --------------------------------------------------------------------------- lateness (delayed tasks)
+
+LATENESS_SEED = 20_240_601  # the same shuffled delays in every run and for every contender
+
+
+def lateness_plan(n, spread_ms):
+    """n delays spread evenly over 0..spread_ms, in a random (but fixed) order."""
+    step = spread_ms / (n - 1) if n > 1 else 0.0
+    delays = [i * step for i in range(n)]
+    random.Random(LATENESS_SEED).shuffle(delays)
+    return delays
+
+
+class StartRecorder:
+    """task(i) stores time.monotonic() at its start; the n-th task to run sets `done`."""
+
+    def __init__(self, n):
+        self.starts = [None] * n
+        self.done = threading.Event()
+        starts, step, done, mono = self.starts, itertools.count(1).__next__, self.done, time.monotonic
+
+        def record(i):
+            starts[i] = mono()
+            if step() == n:
+                done.set()
+
+        self.task = record
+
+
+def submit_delayed(delays, submit_one):
+    """Submit every task at once; submitted[i] = time.monotonic() just before its call.
+
+    submit_one(delay_ms, i) makes the contender's submit call. Returns
+    (submitted, first_submit, submit_end) on the monotonic clock.
+    """
+    n = len(delays)
+    submitted = [0.0] * n
+    mono = time.monotonic
+    gc.collect()
+    first = mono()
+    for i, d in enumerate(delays):
+        submitted[i] = mono()
+        submit_one(d, i)
+    return submitted, first, mono()
+
+
+def lateness_summary(delays, submitted, starts, first_submit, submit_end):
+    """p50/p99/max lateness in ms, plus the same over tasks that fell due after the last
+    submit (the submit loop holds the GIL, so tasks due during it can be late for that)."""
+    late, late_after = [], []
+    for d, t_sub, t_start in zip(delays, submitted, starts):
+        if t_start is None:
+            continue
+        due = t_sub + d / 1000.0
+        ms = (t_start - due) * 1000.0
+        late.append(ms)
+        if due > submit_end:
+            late_after.append(ms)
+    n = len(delays)
+    return {
+        "n": n,
+        "spread_ms": max(delays) if delays else 0.0,
+        "started": len(late),
+        "p50_ms": percentile(late, 50),
+        "p90_ms": percentile(late, 90),
+        "p99_ms": percentile(late, 99),
+        "max_ms": max(late) if late else None,
+        "min_ms": min(late) if late else None,
+        "mean_ms": sum(late) / len(late) if late else None,
+        "early": sum(1 for x in late if x < 0),  # started before it was due: would be a bug
+        "over_2ms": sum(1 for x in late if x > 2.0),
+        "submit_s": submit_end - first_submit,
+        "submit_us_per_task": (submit_end - first_submit) / n * 1e6,
+        "due_after_submit": len(late_after),
+        "p50_ms_due_after_submit": percentile(late_after, 50),
+        "p99_ms_due_after_submit": percentile(late_after, 99),
+        "max_ms_due_after_submit": max(late_after) if late_after else None,
+    }
+
+
+def ours_lateness(n, spread_ms):
+    _ct, tasks = _ours_engine(n)
+    # start the engine's timer thread (started on first use) before measuring
+    warm = [tasks.options(delay_ms=1).add_task(noop) for _ in range(100)]
+    tasks.join()
+    warm[-1].wait(timeout=30)
+
+    delays = lateness_plan(n, spread_ms)
+    rec = StartRecorder(n)
+    options, task = tasks.options, rec.task
+
+    def submit_one(d, i):
+        options(delay_ms=d).add_task(task, i)
+
+    submitted, first, end = submit_delayed(delays, submit_one)
+    in_timer = tasks.stats()["scheduled"]
+    if not rec.done.wait(spread_ms / 1000.0 + RESULT_TIMEOUT_S):
+        raise RuntimeError(f"only {sum(s is not None for s in rec.starts)} of {n} delayed tasks ran")
+    tasks.join()
+    stats = tasks.stats()
+    tasks.shutdown(wait_for_completion=True, timeout=30)
+    out = lateness_summary(delays, submitted, rec.starts, first, end)
+    out.update({
+        "scheduled_after_submit": in_timer,  # stats()['scheduled']: tasks in the C timer then
+        "succeeded": stats["succeeded"] - len(warm) - 1000,
+        "rejected": stats["rejected"],
+        "how": "tasks.options(delay_ms=d).add_task(task, i)",
+    })
+    return out
+
+
+def asyncio_lateness(n, spread_ms):
+    loop = asyncio.new_event_loop()  # the standard loop (not uvloop), as most code gets it
+    thread = threading.Thread(target=loop.run_forever, name="asyncio-loop", daemon=True)
+    thread.start()
+    later, soon = loop.call_later, loop.call_soon_threadsafe
+    warmed = threading.Event()
+    soon(later, 0.001, warmed.set)
+    if not warmed.wait(30):
+        raise RuntimeError("the asyncio loop did not start")
+
+    delays = lateness_plan(n, spread_ms)
+    rec = StartRecorder(n)
+    task = rec.task
+
+    def submit_one(d, i):
+        soon(later, d / 1000.0, task, i)
+
+    submitted, first, end = submit_delayed(delays, submit_one)
+    if not rec.done.wait(spread_ms / 1000.0 + RESULT_TIMEOUT_S):
+        raise RuntimeError(f"only {sum(s is not None for s in rec.starts)} of {n} delayed callbacks ran")
+    soon(loop.stop)
+    thread.join(30)
+    loop.close()
+    out = lateness_summary(delays, submitted, rec.starts, first, end)
+    out.update({
+        "loop": f"{type(loop).__module__}.{type(loop).__name__}",
+        "how": "loop.call_soon_threadsafe(loop.call_later, d, task, i), loop.run_forever() in a thread",
+    })
+    return out
+
+
+# --------------------------------------------------------------------------- cpu_isolation
+
+def _cpu_module():
+    import _cpu_task  # benchmarks/ is sys.path[0]; the pool's children get the same sys.path
+
+    return _cpu_task
+
+
+def _cpu_figure(tasks_n, iterations, submit, label):
+    """Time one task alone on this thread, then `tasks_n` tasks: first submit -> all results."""
+    cpu = _cpu_module()
+    t0 = perf()
+    cpu.spin(iterations)
+    alone = perf() - t0
+
+    gc.collect()
+    t0 = perf()
+    handles = [submit(cpu.spin, iterations) for _ in range(tasks_n)]
+    values = [r.wait(timeout=RESULT_TIMEOUT_S) for r in handles]
+    elapsed = perf() - t0
+    pids = sorted({pid for pid, _x in values})
+    return {
+        "n": tasks_n,
+        "iterations": iterations,
+        "seconds": elapsed,
+        "one_task_alone_s": alone,
+        "seconds_over_one_task": elapsed / alone,
+        "distinct_pids": len(pids),
+        "ran_in_parent": os.getpid() in pids,
+        "how": label,
+    }
+
+
+def ours_process_cpu_isolation(tasks_n, iterations):
+    _ct, tasks = _ours_engine(0)
+    cpu = _cpu_module()
+    # The engine starts its process pool on first use: warm it with two overlapping
+    # tiny process tasks so the children's start-up is not measured.
+    try:
+        warm = [tasks.options(isolation="process").add_task(cpu.warm, 0.3) for _ in range(2)]
+        warm_pids = sorted({r.wait(timeout=120) for r in warm})
+    except Exception as exc:
+        tasks.shutdown(wait_for_completion=False, timeout=30)
+        raise Unavailable(f"options(isolation='process') failed: {type(exc).__name__}: {exc}") from exc
+
+    def submit(fn, arg):
+        return tasks.options(isolation="process").add_task(fn, arg)
+
+    out = _cpu_figure(tasks_n, iterations, submit, 'tasks.options(isolation="process").add_task(spin, n)')
+    out["warm_child_pids"] = len(warm_pids)
+    out["process_workers"] = getattr(tasks, "process_workers", None)
+    tasks.shutdown(wait_for_completion=True, timeout=60)
+    return out
+
+
+def ours_threads_cpu_isolation(tasks_n, iterations):
+    _ct, tasks = _ours_engine(0)
+    out = _cpu_figure(tasks_n, iterations, tasks.add_task, "tasks.add_task(spin, n) (thread tasks)")
+    tasks.shutdown(wait_for_completion=True, timeout=60)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 MEASUREMENTS = {
@@ -583,6 +817,10 @@ MEASUREMENTS = {
     ("catzilla", "throughput"): catzilla_throughput,
     ("catzilla", "critical"): catzilla_critical,
     ("catzilla", "memory"): catzilla_memory,
+    ("ours", "lateness"): ours_lateness,
+    ("asyncio", "lateness"): asyncio_lateness,
+    ("ours_process", "cpu_isolation"): ours_process_cpu_isolation,
+    ("ours_threads", "cpu_isolation"): ours_threads_cpu_isolation,
 }
 
 
@@ -607,6 +845,8 @@ def main(argv):
     except Exception as exc:
         traceback.print_exc()
         result, status = {"error": f"{type(exc).__name__}: {exc}"}, 3
+    if _OURS_ENGINES:
+        result.update(ours_engine_notes())
     result.update({
         "contender": contender,
         "figure": figure,

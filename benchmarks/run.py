@@ -1,14 +1,16 @@
-"""Benchmarks: catzilla_tasks against ThreadPoolExecutor(4) and catzilla 0.2.3.
+"""Benchmarks: catzilla_tasks against ThreadPoolExecutor(4), catzilla 0.2.3 and asyncio.
 
-    python benchmarks/run.py [--quick] [--runs N] [--json PATH] [--contenders a,b,c]
+    python benchmarks/run.py [--quick] [--runs N] [--json PATH] [--contenders a,b] [--figures a,b]
 
-Every measurement runs in a fresh subprocess (benchmarks/_contenders.py), in
-alternating order: for each run, for each figure, ours, threadpool, catzilla.
-The table shows the median over the runs (min-max beside it) and ratios of
-medians; the JSON file keeps every raw run. See benchmarks/README.md.
+Each figure declares its own contenders (FIGURES below). Every measurement runs in a
+fresh subprocess (benchmarks/_contenders.py), in alternating order: for each run, for
+each figure, each of its contenders in turn. The table shows the median over the runs
+(min-max beside it) and ratios of medians; the JSON file keeps every raw run. See
+benchmarks/README.md.
 """
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -22,25 +24,48 @@ REPO = os.path.dirname(HERE)
 CONTENDERS_PY = os.path.join(HERE, "_contenders.py")
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 
-CONTENDERS = ("ours", "threadpool", "catzilla")
-LABELS = {
-    "ours": "catzilla_tasks",
-    "threadpool": "ThreadPoolExecutor(4)",
-    "catzilla": "catzilla 0.2.3",
+# contender -> (label, family); --contenders accepts either a contender or a family
+CONTENDER_TABLE = {
+    "ours": ("catzilla_tasks", "ours"),
+    "threadpool": ("ThreadPoolExecutor(4)", "threadpool"),
+    "catzilla": ("catzilla 0.2.3", "catzilla"),
+    "asyncio": ("asyncio call_later (loop thread)", "asyncio"),
+    "ours_process": ('catzilla_tasks isolation="process"', "ours"),
+    "ours_threads": ("catzilla_tasks thread tasks", "ours"),
 }
-FIGURES = ("throughput", "critical", "memory")
+CONTENDERS = tuple(CONTENDER_TABLE)
+LABELS = {c: label for c, (label, _family) in CONTENDER_TABLE.items()}
+FAMILIES = {c: family for c, (_label, family) in CONTENDER_TABLE.items()}
 
-# (n, probes) per figure
-SIZES = {
-    "full": {"throughput": (200_000, 0), "critical": (100_000, 2_000), "memory": (100_000, 0)},
-    "quick": {"throughput": (20_000, 0), "critical": (20_000, 200), "memory": (20_000, 0)},
+# figure -> its contenders (in the order they alternate) and (n, param) per mode.
+# param: probes (critical), spread of the delays in ms (lateness), target duration
+# of one CPU task in ms (cpu_isolation; run.py calibrates it to an iteration count).
+FIGURES = {
+    "throughput": {"contenders": ("ours", "threadpool", "catzilla"),
+                   "full": (200_000, 0), "quick": (20_000, 0)},
+    "critical": {"contenders": ("ours", "threadpool", "catzilla"),
+                 "full": (100_000, 2_000), "quick": (20_000, 200)},
+    "memory": {"contenders": ("ours", "threadpool", "catzilla"),
+               "full": (100_000, 0), "quick": (20_000, 0)},
+    "lateness": {"contenders": ("ours", "asyncio"),
+                 "full": (10_000, 2_000), "quick": (5_000, 1_000)},
+    "cpu_isolation": {"contenders": ("ours_process", "ours_threads"),
+                      "full": (4, 500), "quick": (4, 150)},
 }
+SIZES = {mode: {f: spec[mode] for f, spec in FIGURES.items()} for mode in ("full", "quick")}
 
 GOALS = {
     "throughput_vs_threadpool": {"goal": 25.0, "floor": 15.0, "text": ">= 25x (floor 15x)"},
     "critical_p99_ms": {"goal": 1.0, "floor": None, "text": "p99 < 1 ms"},
     "bytes_per_task": {"goal": 128.0, "floor": 200.0, "text": "<= 128 B (floor 200)"},
+    # "a due task starts within 2 ms under light load": the tasks due after the submit loop
+    # (while the loop runs, the submitting thread holds the GIL and every Python task waits)
+    "lateness_p99_ms": {"goal": 2.0, "floor": None, "text": "p99 < 2 ms (light load)"},
+    "cpu_isolation_speedup": {"goal": 1.7, "floor": None, "text": ">= 1.7x"},
 }
+GOAL_FIGURE = {"throughput_vs_threadpool": "throughput", "critical_p99_ms": "critical",
+               "bytes_per_task": "memory", "lateness_p99_ms": "lateness",
+               "cpu_isolation_speedup": "cpu_isolation"}
 
 SUBPROCESS_TIMEOUT_S = 1800
 
@@ -81,19 +106,55 @@ def run_one(contender, figure, n, probes, env):
     return result, wall
 
 
-def run_all(contenders, runs, sizes):
+def source_state():
+    """Which engine was measured: git HEAD, uncommitted changes under src/, and when the
+    extension was built (another build during a run makes its figures mixed)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    engine_dir = os.path.join(REPO, "src", "catzilla_tasks")
+    builds = sorted(f for f in os.listdir(engine_dir) if f.startswith("_engine") and f.endswith(".so")) \
+        if os.path.isdir(engine_dir) else []
+    mtimes = {f: datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(engine_dir, f)),
+                                                  datetime.timezone.utc).isoformat(timespec="seconds")
+              for f in builds}
+    dirty = git("status", "--porcelain", "--", "src")
+    return {"git_head": git("rev-parse", "--short", "HEAD"),
+            "src_uncommitted": dirty.splitlines() if dirty else [],
+            "extension_built_utc": mtimes}
+
+
+def calibrate_cpu_task(target_ms):
+    """Iterations of _cpu_task.spin that take about target_ms here (measured once, in
+    this process, before any run), so both cpu_isolation contenders do the same work."""
+    sys.path.insert(0, HERE)
+    try:
+        cpu = importlib.import_module("_cpu_task")
+    finally:
+        sys.path.remove(HERE)
+    iterations, per_iteration = cpu.calibrate(target_ms / 1000.0)
+    return {"target_ms": target_ms, "iterations": iterations, "ns_per_iteration": per_iteration * 1e9}
+
+
+def run_all(plan, runs, sizes, params):
+    """plan: [(figure, [contenders])]; params: figure -> the PARAM actually passed."""
     env = subprocess_env()
     raw = []
     unavailable = {}
     for run in range(1, runs + 1):
-        for figure in FIGURES:
-            n, probes = sizes[figure]
+        for figure, contenders in plan:
+            n = sizes[figure][0]
+            param = params[figure]
             for contender in contenders:
                 if contender in unavailable:
                     continue
-                result, wall = run_one(contender, figure, n, probes, env)
+                result, wall = run_one(contender, figure, n, param, env)
                 status = "ok" if "error" not in result else "ERROR: " + result["error"]
-                sys.stderr.write(f"[run {run}/{runs}] {figure:<10} {contender:<10} {wall:6.1f}s  {status}\n")
+                sys.stderr.write(f"[run {run}/{runs}] {figure:<13} {contender:<12} {wall:6.1f}s  {status}\n")
                 if result.get("unavailable"):
                     unavailable[contender] = result["error"]
                 raw.append({"run": run, "figure": figure, "contender": contender,
@@ -103,10 +164,10 @@ def run_all(contenders, runs, sizes):
 
 # --------------------------------------------------------------------------- summarising
 
-def summarize(raw, contenders):
+def summarize(raw, plan):
     """{figure: {contender: {metric: {median, min, max, values}}}} over successful runs."""
     summary = {}
-    for figure in FIGURES:
+    for figure, contenders in plan:
         summary[figure] = {}
         for contender in contenders:
             results = [r["result"] for r in raw
@@ -165,7 +226,7 @@ def goal_status(value, goal, floor, higher_is_better):
     return "MISSED"
 
 
-def compute_ratios_and_goals(summary, raw):
+def compute_ratios_and_goals(summary, raw, figures):
     ours_tps = med(summary, "throughput", "ours", "tasks_per_s")
     ratios = {}
     for other in ("threadpool", "catzilla"):
@@ -182,6 +243,17 @@ def compute_ratios_and_goals(summary, raw):
                                       med(summary, "memory", "ours", "bytes_per_task_rss")),
         }
 
+    ratios["lateness_p99_asyncio_over_ours"] = {
+        "ratio_of_medians": ratio(med(summary, "lateness", "asyncio", "p99_ms"),
+                                  med(summary, "lateness", "ours", "p99_ms")),
+        "per_run": paired_ratios(raw, "lateness", "p99_ms", "asyncio", "ours"),
+    }
+    ratios["cpu_isolation_threads_over_process"] = {
+        "ratio_of_medians": ratio(med(summary, "cpu_isolation", "ours_threads", "seconds"),
+                                  med(summary, "cpu_isolation", "ours_process", "seconds")),
+        "per_run": paired_ratios(raw, "cpu_isolation", "seconds", "ours_threads", "ours_process"),
+    }
+
     t = ratios["throughput_ours_over_threadpool"]["ratio_of_medians"]
     p99 = med(summary, "critical", "ours", "p99_ms")
     bpt = med(summary, "memory", "ours", "bytes_per_task_rss")
@@ -194,6 +266,13 @@ def compute_ratios_and_goals(summary, raw):
         "bytes_per_task": dict(g["bytes_per_task"], value=bpt, status=goal_status(
             bpt, g["bytes_per_task"]["goal"], g["bytes_per_task"]["floor"], False)),
     }
+    late = med(summary, "lateness", "ours", "p99_ms_due_after_submit")
+    goals["lateness_p99_ms"] = dict(g["lateness_p99_ms"], value=late, status=(
+        "n/a" if late is None else "MET" if late < g["lateness_p99_ms"]["goal"] else "MISSED"))
+    speedup = ratios["cpu_isolation_threads_over_process"]["ratio_of_medians"]
+    goals["cpu_isolation_speedup"] = dict(g["cpu_isolation_speedup"], value=speedup, status=goal_status(
+        speedup, g["cpu_isolation_speedup"]["goal"], g["cpu_isolation_speedup"]["floor"], True))
+    goals = {k: v for k, v in goals.items() if GOAL_FIGURE[k] in figures}
     return ratios, goals
 
 
@@ -211,6 +290,10 @@ def fmt_ms(v):
 
 def fmt_x(v):
     return "-" if v is None else f"{v:,.1f}x" if v >= 10 else f"{v:.2f}x"
+
+
+def fmt_s(v):
+    return "-" if v is None else f"{v:.2f}"
 
 
 def fmt_mib(v):
@@ -247,114 +330,219 @@ def missing_row(summary, figure, contender, unavailable, ncols, notes):
     return [LABELS[contender], short] + [""] * (ncols - 2)
 
 
-def render(meta, summary, ratios, goals, contenders, unavailable):
+def render(meta, summary, ratios, goals, plan, unavailable):
+    """plan: {figure: [contenders]} of the figures that ran."""
     out = []
     sizes = meta["sizes"]
     out.append(f"catzilla_tasks benchmarks ({meta['mode']}): median of {meta['runs']} alternating runs "
-               f"({', '.join(contenders)} in turn), each measurement in a fresh process")
+               "(each figure's contenders in turn), each measurement in a fresh process")
     out.append(f"python {meta['python']} ({meta['executable']}), {meta['cpus']} CPUs, {meta['platform']}")
+    src = meta.get("source") or {}
+    dirty = len(src.get("src_uncommitted") or [])
+    out.append(f"engine: git {src.get('git_head') or '?'}"
+               + (f" + {dirty} uncommitted file(s) under src/" if dirty else "")
+               + "".join(f", {f} built {t}" for f, t in (src.get("extension_built_utc") or {}).items()))
+    if meta.get("source_changed_during_run"):
+        out.append("WARNING: src/ or the extension changed during the run: the figures mix builds; run again")
     out.append("")
 
     # 1. throughput
-    n = sizes["throughput"][0]
-    out.append(f"1. End-to-end throughput: {n:,} no-op tasks, submit -> executed -> result available, 4 workers")
-    headers = ["contender", "tasks/s", "min..max", "submit/s", "peak RSS MiB", "ours / this", "goal", "status"]
-    rows, notes = [], []
-    for c in contenders:
-        miss = missing_row(summary, "throughput", c, unavailable, len(headers), notes)
-        if miss:
-            rows.append(miss)
-            continue
-        r = None if c == "ours" else ratios[f"throughput_ours_over_{c}"]["ratio_of_medians"]
-        goal = goals["throughput_vs_threadpool"] if c == "threadpool" else None
-        rows.append([LABELS[c], fmt_int(med(summary, "throughput", c, "tasks_per_s")),
-                     spread(summary, "throughput", c, "tasks_per_s", fmt_int),
-                     fmt_int(med(summary, "throughput", c, "submit_tasks_per_s")),
-                     fmt_mib(med(summary, "throughput", c, "peak_rss_bytes")),
-                     "" if c == "ours" else fmt_x(r),
-                     goal["text"] if goal else "", goal["status"] if goal else ""])
-    out.append(table(headers, rows))
-    out.extend(notes)
-    for other in ("threadpool", "catzilla"):
-        pr = ratios[f"throughput_ours_over_{other}"]["per_run"]
-        if pr:
-            out.append(f"   per-run ours/{other}: {', '.join(fmt_x(x) for x in pr)}")
-    if med(summary, "throughput", "catzilla", "tasks_per_s") is not None:
-        out.append("   catzilla: completion counted through side effects (its TaskResult.wait()/is_ready() never "
-                   "report completion)")
-    out.append("")
+    if "throughput" in plan:
+        contenders = plan["throughput"]
+        n = sizes["throughput"][0]
+        out.append(f"1. End-to-end throughput: {n:,} no-op tasks, submit -> executed -> result available, 4 workers")
+        headers = ["contender", "tasks/s", "min..max", "submit/s", "peak RSS MiB", "ours / this", "goal", "status"]
+        rows, notes = [], []
+        for c in contenders:
+            miss = missing_row(summary, "throughput", c, unavailable, len(headers), notes)
+            if miss:
+                rows.append(miss)
+                continue
+            r = None if c == "ours" else ratios[f"throughput_ours_over_{c}"]["ratio_of_medians"]
+            goal = goals["throughput_vs_threadpool"] if c == "threadpool" else None
+            rows.append([LABELS[c], fmt_int(med(summary, "throughput", c, "tasks_per_s")),
+                         spread(summary, "throughput", c, "tasks_per_s", fmt_int),
+                         fmt_int(med(summary, "throughput", c, "submit_tasks_per_s")),
+                         fmt_mib(med(summary, "throughput", c, "peak_rss_bytes")),
+                         "" if c == "ours" else fmt_x(r),
+                         goal["text"] if goal else "", goal["status"] if goal else ""])
+        out.append(table(headers, rows))
+        out.extend(notes)
+        for other in ("threadpool", "catzilla"):
+            pr = ratios[f"throughput_ours_over_{other}"]["per_run"]
+            if pr:
+                out.append(f"   per-run ours/{other}: {', '.join(fmt_x(x) for x in pr)}")
+        if med(summary, "throughput", "catzilla", "tasks_per_s") is not None:
+            out.append("   catzilla: completion counted through side effects (its TaskResult.wait()/is_ready() never "
+                       "report completion)")
+        out.append("")
 
     # 2. critical
-    backlog, probes = sizes["critical"]
-    out.append(f"2. Queue wait of a high-priority task while NORMAL no-ops are queued: {backlog:,} queued, then "
-               f"{probes:,} probes one at a time (submit, wait, next)")
-    out.append(f"   while NORMAL tasks remain; when the backlog is drained it is refilled to {backlog:,} (a round)")
-    headers = ["contender", "probe", "p50 ms", "p99 ms", "max ms", "probes", "rounds",
-               "NORMAL ahead (median/min)", "NORMAL left at end", "this / ours p99", "goal", "status"]
-    rows, notes = [], []
-    for c in contenders:
-        miss = missing_row(summary, "critical", c, unavailable, len(headers), notes)
-        if miss:
-            rows.append(miss)
-            continue
-        r = None if c == "ours" else ratios[f"critical_p99_{c}_over_ours"]["ratio_of_medians"]
-        goal = goals["critical_p99_ms"] if c == "ours" else None
-        m = lambda key: med(summary, "critical", c, key)  # noqa: E731
-        rows.append([LABELS[c], "FIFO (no priorities)" if c == "threadpool" else "CRITICAL",
-                     fmt_ms(m("p50_ms")), fmt_ms(m("p99_ms")), fmt_ms(m("max_ms")),
-                     fmt_int(m("probes")), fmt_int(m("rounds")),
-                     f"{fmt_int(m('median_backlog_at_submit'))}/{fmt_int(m('min_backlog_at_submit'))}",
-                     fmt_int(m("normal_remaining_at_last_probe")),
-                     "" if c == "ours" else fmt_x(r),
-                     goal["text"] if goal else "", goal["status"] if goal else ""])
-    out.append(table(headers, rows))
-    out.extend(notes)
-    out.append("   ours: TaskResult.get_stats()['queue_wait_ms']; baselines: harness clock, submit call -> task "
-               "started. NORMAL ahead: queued NORMAL tasks when each probe was submitted.")
-    h50, h99 = med(summary, "critical", "ours", "p50_ms_harness"), med(summary, "critical", "ours", "p99_ms_harness")
-    if h99 is not None:
-        out.append(f"   ours on the harness clock (same as the baselines): p50 {fmt_ms(h50)} ms, p99 {fmt_ms(h99)} ms")
-    if med(summary, "critical", "threadpool", "p99_ms") is not None:
-        out.append("   ThreadPoolExecutor is FIFO: each probe waits behind the whole backlog and the next one finds "
-                   "the queue empty, so it gets one probe per round (3 rounds).")
-    out.append("")
+    if "critical" in plan:
+        contenders = plan["critical"]
+        backlog, probes = sizes["critical"]
+        out.append(f"2. Queue wait of a high-priority task while NORMAL no-ops are queued: {backlog:,} queued, then "
+                   f"{probes:,} probes one at a time (submit, wait, next)")
+        out.append(f"   while NORMAL tasks remain; when the backlog is drained it is refilled to {backlog:,} (a round)")
+        headers = ["contender", "probe", "p50 ms", "p99 ms", "max ms", "probes", "rounds",
+                   "NORMAL ahead (median/min)", "NORMAL left at end", "this / ours p99", "goal", "status"]
+        rows, notes = [], []
+        for c in contenders:
+            miss = missing_row(summary, "critical", c, unavailable, len(headers), notes)
+            if miss:
+                rows.append(miss)
+                continue
+            r = None if c == "ours" else ratios[f"critical_p99_{c}_over_ours"]["ratio_of_medians"]
+            goal = goals["critical_p99_ms"] if c == "ours" else None
+            m = lambda key: med(summary, "critical", c, key)  # noqa: E731
+            rows.append([LABELS[c], "FIFO (no priorities)" if c == "threadpool" else "CRITICAL",
+                         fmt_ms(m("p50_ms")), fmt_ms(m("p99_ms")), fmt_ms(m("max_ms")),
+                         fmt_int(m("probes")), fmt_int(m("rounds")),
+                         f"{fmt_int(m('median_backlog_at_submit'))}/{fmt_int(m('min_backlog_at_submit'))}",
+                         fmt_int(m("normal_remaining_at_last_probe")),
+                         "" if c == "ours" else fmt_x(r),
+                         goal["text"] if goal else "", goal["status"] if goal else ""])
+        out.append(table(headers, rows))
+        out.extend(notes)
+        out.append("   ours: TaskResult.get_stats()['queue_wait_ms']; baselines: harness clock, submit call -> task "
+                   "started. NORMAL ahead: queued NORMAL tasks when each probe was submitted.")
+        h50, h99 = med(summary, "critical", "ours", "p50_ms_harness"), med(summary, "critical", "ours", "p99_ms_harness")
+        if h99 is not None:
+            out.append(f"   ours on the harness clock (same as the baselines): p50 {fmt_ms(h50)} ms, p99 {fmt_ms(h99)} ms")
+        if med(summary, "critical", "threadpool", "p99_ms") is not None:
+            out.append("   ThreadPoolExecutor is FIFO: each probe waits behind the whole backlog and the next one finds "
+                       "the queue empty, so it gets one probe per round (3 rounds).")
+        out.append("")
 
     # 3. memory
-    n = sizes["memory"][0]
-    out.append(f"3. Memory per queued no-op task: {n:,} tasks queued (workers stopped), their result handles held")
-    headers = ["contender", "B/task RSS", "min..max", "B/task tracemalloc", "B/task engine slab",
-               "B/task all-in", "peak RSS MiB (queued)", "this / ours", "goal", "status"]
-    rows, notes = [], []
-    for c in contenders:
-        miss = missing_row(summary, "memory", c, unavailable, len(headers), notes)
-        if miss:
-            rows.append(miss)
-            continue
-        r = None if c == "ours" else ratios[f"bytes_per_task_{c}_over_ours"]["ratio_of_medians"]
-        goal = goals["bytes_per_task"] if c == "ours" else None
-        rows.append([LABELS[c], fmt_int(med(summary, "memory", c, "bytes_per_task_rss")),
-                     spread(summary, "memory", c, "bytes_per_task_rss", fmt_int),
-                     fmt_int(med(summary, "memory", c, "bytes_per_task_tracemalloc")),
-                     fmt_int(med(summary, "memory", c, "slab_bytes_per_task")),
-                     fmt_int(med(summary, "memory", c, "bytes_per_task_rss_all_in")),
-                     fmt_mib(med(summary, "memory", c, "peak_rss_queued_bytes")),
-                     "" if c == "ours" else fmt_x(r),
-                     goal["text"] if goal else "", goal["status"] if goal else ""])
-    out.append(table(headers, rows))
-    out.extend(notes)
-    out.append("   B/task RSS: RSS growth from queueing, engine already running (the goal's figure); all-in also "
-               "counts creating the engine. tracemalloc sees the Python heap only, not C malloc/mmap.")
-    out.append("")
+    if "memory" in plan:
+        contenders = plan["memory"]
+        n = sizes["memory"][0]
+        out.append(f"3. Memory per queued no-op task: {n:,} tasks queued (workers stopped), their result handles held")
+        headers = ["contender", "B/task RSS", "min..max", "B/task tracemalloc", "B/task engine slab",
+                   "B/task all-in", "peak RSS MiB (queued)", "this / ours", "goal", "status"]
+        rows, notes = [], []
+        for c in contenders:
+            miss = missing_row(summary, "memory", c, unavailable, len(headers), notes)
+            if miss:
+                rows.append(miss)
+                continue
+            r = None if c == "ours" else ratios[f"bytes_per_task_{c}_over_ours"]["ratio_of_medians"]
+            goal = goals["bytes_per_task"] if c == "ours" else None
+            rows.append([LABELS[c], fmt_int(med(summary, "memory", c, "bytes_per_task_rss")),
+                         spread(summary, "memory", c, "bytes_per_task_rss", fmt_int),
+                         fmt_int(med(summary, "memory", c, "bytes_per_task_tracemalloc")),
+                         fmt_int(med(summary, "memory", c, "slab_bytes_per_task")),
+                         fmt_int(med(summary, "memory", c, "bytes_per_task_rss_all_in")),
+                         fmt_mib(med(summary, "memory", c, "peak_rss_queued_bytes")),
+                         "" if c == "ours" else fmt_x(r),
+                         goal["text"] if goal else "", goal["status"] if goal else ""])
+        out.append(table(headers, rows))
+        out.extend(notes)
+        out.append("   B/task RSS: RSS growth from queueing, engine already running (the goal's figure); all-in also "
+                   "counts creating the engine. tracemalloc sees the Python heap only, not C malloc/mmap.")
+        out.append("")
+
+    # 4. lateness
+    if "lateness" in plan:
+        contenders = plan["lateness"]
+        n, spread_ms = sizes["lateness"]
+        out.append(f"4. Lateness of {n:,} delayed tasks, delays spread evenly over 0..{spread_ms:,} ms, submitted at once "
+                   "in random order; lateness = task start - (submit + delay)")
+        headers = ["contender", "p50 ms", "p99 ms", "min..max p99", "max ms", "early", "> 2 ms",
+                   "submit us/task", "p99 due after submit", "this / ours p99", "goal", "status"]
+        rows, notes = [], []
+        for c in contenders:
+            miss = missing_row(summary, "lateness", c, unavailable, len(headers), notes)
+            if miss:
+                rows.append(miss)
+                continue
+            m = lambda key: med(summary, "lateness", c, key)  # noqa: E731
+            r = None if c == "ours" else ratios[f"lateness_p99_{c}_over_ours"]["ratio_of_medians"]
+            goal = goals["lateness_p99_ms"] if c == "ours" else None
+            rows.append([LABELS[c], fmt_ms(m("p50_ms")), fmt_ms(m("p99_ms")),
+                         spread(summary, "lateness", c, "p99_ms", fmt_ms), fmt_ms(m("max_ms")),
+                         fmt_int(m("early")), fmt_int(m("over_2ms")), fmt_ms(m("submit_us_per_task")),
+                         fmt_ms(m("p99_ms_due_after_submit")),
+                         "" if c == "ours" else fmt_x(r),
+                         goal["text"] if goal else "", goal["status"] if goal else ""])
+        out.append(table(headers, rows))
+        out.extend(notes)
+        out.append("   ours: tasks.options(delay_ms=d).add_task(task, i); asyncio: loop.call_soon_threadsafe("
+                   "loop.call_later, d, task, i) to a loop running in a thread.")
+        out.append("   Each task stores time.monotonic() when it starts; submit = time.monotonic() just before its "
+                   "call. early: tasks started before due (should be 0).")
+        out.append("   p99 due after submit: only tasks due after the submit loop ended (the loop holds the GIL, "
+                   "so tasks due during it also wait for the GIL).")
+        due_after = med(summary, "lateness", "ours", "due_after_submit")
+        in_timer = med(summary, "lateness", "ours", "scheduled_after_submit")
+        if in_timer is not None:
+            out.append(f"   ours: stats()['scheduled'] right after the submit loop: {fmt_int(in_timer)} tasks in the "
+                       f"C timer (tasks due after the loop: {fmt_int(due_after)})")
+        pr = ratios["lateness_p99_asyncio_over_ours"]["per_run"]
+        if pr:
+            out.append(f"   per-run asyncio/ours p99: {', '.join(fmt_x(x) for x in pr)}")
+        out.append("")
+
+    # 5. cpu_isolation
+    if "cpu_isolation" in plan:
+        contenders = plan["cpu_isolation"]
+        n = sizes["cpu_isolation"][0]
+        cal = meta.get("cpu_task") or {}
+        out.append(f"5. CPU isolation: {n} CPU-bound pure-Python tasks (about {cal.get('target_ms', '?')} ms each alone), "
+                   "first submit -> all results (wait()), engine workers=4")
+        its = cal.get("iterations")
+        out.append(f"   _cpu_task.spin({'?' if its is None else f'{its:,}'}) (calibrated once in run.py); "
+                   "the process pool is warmed by 2 overlapping tiny process tasks, so child start-up is not measured")
+        headers = ["contender", "wall s", "min..max", "one task alone s", "wall / one task", "pids",
+                   "threads / this", "goal", "status"]
+        rows, notes = [], []
+        for c in contenders:
+            miss = missing_row(summary, "cpu_isolation", c, unavailable, len(headers), notes)
+            if miss:
+                rows.append(miss)
+                continue
+            m = lambda key: med(summary, "cpu_isolation", c, key)  # noqa: E731
+            is_proc = c == "ours_process"
+            r = ratios["cpu_isolation_threads_over_process"]["ratio_of_medians"] if is_proc else None
+            goal = goals["cpu_isolation_speedup"] if is_proc else None
+            rows.append([LABELS[c], fmt_s(m("seconds")), spread(summary, "cpu_isolation", c, "seconds", fmt_s),
+                         fmt_s(m("one_task_alone_s")), fmt_x(m("seconds_over_one_task")),
+                         fmt_int(m("distinct_pids")), fmt_x(r) if is_proc else "",
+                         goal["text"] if goal else "", goal["status"] if goal else ""])
+        out.append(table(headers, rows))
+        out.extend(notes)
+        out.append("   pids: distinct processes the tasks ran in (thread tasks: the parent). On 2 cores the ideal is "
+                   "threads ~4x one task (the GIL), process ~2x (2 children).")
+        pr = ratios["cpu_isolation_threads_over_process"]["per_run"]
+        if pr:
+            out.append(f"   per-run threads/process: {', '.join(fmt_x(x) for x in pr)}")
+        out.append("")
+
+    acted = []
+    for figure, per in summary.items():
+        for c, entry in per.items():
+            m = entry.get("metrics", {}).get("scaler_decisions")
+            if m and m["max"] > 0:
+                top = entry["metrics"].get("scaler_max_workers")
+                acted.append(f"{figure}/{c} (decisions per run {m['min']:.0f}..{m['max']:.0f}"
+                             + (f", up to {top['max']:.0f} workers" if top else "") + ")")
+    if any("scaler_decisions" in e.get("metrics", {}) for per in summary.values() for e in per.values()):
+        out.append("Auto-scaling (on by default in ours' engines): "
+                   + ("resized the pool in " + "; ".join(acted) if acted else "resized no pool in any run"))
+        out.append("")
 
     out.append("Goals (ours)")
     rows = []
     names = {"throughput_vs_threadpool": "throughput, ours / ThreadPoolExecutor(4)",
              "critical_p99_ms": "CRITICAL queue wait p99 (ms)",
-             "bytes_per_task": "bytes per queued task (RSS)"}
+             "bytes_per_task": "bytes per queued task (RSS)",
+             "lateness_p99_ms": "delayed task lateness p99, light load (ms)",
+             "cpu_isolation_speedup": "CPU tasks, threads / isolation=process"}
     for key, g in goals.items():
         v = g["value"]
-        shown = "-" if v is None else fmt_x(v) if key == "throughput_vs_threadpool" else \
-            fmt_ms(v) if key == "critical_p99_ms" else fmt_int(v)
+        shown = "-" if v is None else fmt_x(v) if key in ("throughput_vs_threadpool", "cpu_isolation_speedup") \
+            else fmt_ms(v) if key in ("critical_p99_ms", "lateness_p99_ms") else fmt_int(v)
         rows.append([names[key], shown, g["text"], g["status"]])
     out.append(table(["figure", "ours", "goal", "status"], rows))
     return "\n".join(out)
@@ -369,43 +557,74 @@ def parse_args(argv):
             raise argparse.ArgumentTypeError("need at least 3 runs for a median")
         return value
 
+    def names(text):
+        return [x.strip() for x in text.split(",") if x.strip()]
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (20,000 tasks, 20,000 backlog, 200 probes) for a smoke test")
+                   help="small sizes (20,000 tasks, 20,000 backlog, 200 probes, 5,000 delayed tasks over 1 s, "
+                        "0.15 s CPU tasks) for a smoke test")
     p.add_argument("--runs", type=at_least_3, default=3, help="alternating runs per figure (>= 3, default 3)")
     p.add_argument("--json", default=DEFAULT_JSON, help="where to write results (default %(default)s)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    p.add_argument("--contenders", type=names, default=list(CONTENDERS),
+                   help="comma-separated subset of: " + ", ".join(CONTENDERS)
+                        + " ('ours' also selects ours_process and ours_threads)")
+    p.add_argument("--figures", type=names, default=list(FIGURES),
+                   help="comma-separated subset of: " + ", ".join(FIGURES))
     args = p.parse_args(argv)
-    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     bad = [c for c in args.contenders if c not in CONTENDERS]
     if bad or not args.contenders:
         p.error(f"unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
+    bad = [f for f in args.figures if f not in FIGURES]
+    if bad or not args.figures:
+        p.error(f"unknown figure(s) {bad}; choose from {', '.join(FIGURES)}")
+    chosen = set(args.contenders)
+    # figures in table order, each with its own contenders that were chosen (by name or family)
+    args.plan = [(f, [c for c in FIGURES[f]["contenders"] if c in chosen or FAMILIES[c] in chosen])
+                 for f in FIGURES if f in args.figures]
+    args.plan = [(f, cs) for f, cs in args.plan if cs]
+    if not args.plan:
+        p.error("none of the chosen figures has any of the chosen contenders")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
-    sizes = SIZES[mode]
+    plan = args.plan
+    figures = [f for f, _cs in plan]
+    sizes = {f: SIZES[mode][f] for f in figures}
     started = datetime.datetime.now(datetime.timezone.utc)
-    raw, unavailable = run_all(args.contenders, args.runs, sizes)
-    summary = summarize(raw, args.contenders)
-    ratios, goals = compute_ratios_and_goals(summary, raw)
+    source_before = source_state()
+    params = {f: sizes[f][1] for f in figures}
+    cpu_task = None
+    if "cpu_isolation" in sizes:
+        cpu_task = calibrate_cpu_task(sizes["cpu_isolation"][1])
+        params["cpu_isolation"] = cpu_task["iterations"]
+        sys.stderr.write(f"cpu_isolation: _cpu_task.spin({cpu_task['iterations']:,}) takes about "
+                         f"{cpu_task['target_ms']} ms here\n")
+    raw, unavailable = run_all(plan, args.runs, sizes, params)
+    summary = summarize(raw, plan)
+    ratios, goals = compute_ratios_and_goals(summary, raw, figures)
     meta = {
         "mode": mode,
         "runs": args.runs,
-        "order": "for each run: for each figure: " + ", ".join(args.contenders),
+        "order": "for each run: for each figure: its contenders in turn",
+        "plan": {f: cs for f, cs in plan},
         "sizes": {k: list(v) for k, v in sizes.items()},
+        "params_passed": params,
+        "cpu_task": cpu_task,
         "python": platform.python_version(),
         "executable": sys.executable,
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source_before,
+        "source_changed_during_run": source_state() != source_before,
         "command": " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])),
     }
-    print(render(meta, summary, ratios, goals, args.contenders, unavailable))
+    print(render(meta, summary, ratios, goals, dict(plan), unavailable))
 
     doc = {"meta": meta, "unavailable": unavailable, "goals": goals, "ratios": ratios,
            "summary": summary, "raw": raw}
