@@ -807,7 +807,67 @@ def ours_threads_cpu_isolation(tasks_n, iterations):
 
 # --------------------------------------------------------------------------- main
 
+# --------------------------------------------------------------------------- auto-scaling
+
+AUTOSCALE_COOLDOWN_S = 2.0
+
+
+def _scaling_engine(auto):
+    ct = _ours_module()
+    tasks = ct.BackgroundTasks(workers=2, min_workers=2, max_workers=64, queue_size=300_000,
+                               enable_auto_scaling=False)
+    if auto:
+        tasks.autoscaler.enable_auto_scaling(cooldown_seconds=AUTOSCALE_COOLDOWN_S)
+    return tasks
+
+
+def _autoscale_sleepers(n, sleep_ms, auto):
+    """n tasks each sleeping sleep_ms, pool starting at 2 workers: wall time to run them all,
+    and (with auto-scaling) how long until the pool is back at min_workers once they ended."""
+    tasks = _scaling_engine(auto)
+    t0 = perf()
+    for _ in range(n):
+        tasks.add_task(time.sleep, sleep_ms / 1000.0)
+    tasks.join()
+    wall = perf() - t0
+    peak = max([d.get("target", 2) for d in tasks.autoscaler.decisions] or [2])
+    back = 0.0
+    if auto:
+        # bounded wait for the scaler's own decisions (no event to wait on from outside)
+        t1 = perf()
+        while tasks.stats()["workers"] > 2 and perf() - t1 < AUTOSCALE_COOLDOWN_S + 10:
+            time.sleep(0.05)
+        back = perf() - t1
+    out = {"seconds": wall, "tasks_per_s": n / wall, "peak_workers": peak,
+           "back_to_min_s": back, "workers_after": tasks.stats()["workers"],
+           "cooldown_s": AUTOSCALE_COOLDOWN_S if auto else 0.0}
+    tasks.shutdown(wait_for_completion=True, timeout=30)
+    return out
+
+
+def _autoscale_noop(n, auto):
+    tasks = _scaling_engine(auto)
+    add = tasks.add_task
+    warm = [add(noop) for _ in range(1000)]
+    tasks.join()
+    del warm
+    gc.collect()
+    t0 = perf()
+    handles = [add(noop) for _ in range(n)]
+    tasks.join()
+    handles[-1].wait(timeout=RESULT_TIMEOUT_S)
+    wall = perf() - t0
+    out = {"seconds": wall, "tasks_per_s": n / wall, "workers_after": tasks.stats()["workers"],
+           "scale_ups": sum(d["action"] == "up" for d in tasks.autoscaler.decisions)}
+    tasks.shutdown(wait_for_completion=True, timeout=30)
+    return out
+
+
 MEASUREMENTS = {
+    ("ours_autoscale", "autoscale"): lambda n, ms: _autoscale_sleepers(n, ms, True),
+    ("ours_fixed", "autoscale"): lambda n, ms: _autoscale_sleepers(n, ms, False),
+    ("ours_autoscale", "autoscale_noop"): lambda n, _p: _autoscale_noop(n, True),
+    ("ours_fixed", "autoscale_noop"): lambda n, _p: _autoscale_noop(n, False),
     ("ours", "throughput"): ours_throughput,
     ("ours", "critical"): ours_critical,
     ("ours", "memory"): ours_memory,

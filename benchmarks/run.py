@@ -32,6 +32,8 @@ CONTENDER_TABLE = {
     "asyncio": ("asyncio call_later (loop thread)", "asyncio"),
     "ours_process": ('catzilla_tasks isolation="process"', "ours"),
     "ours_threads": ("catzilla_tasks thread tasks", "ours"),
+    "ours_autoscale": ("catzilla_tasks, auto-scaling 2..64", "ours"),
+    "ours_fixed": ("catzilla_tasks, fixed 2 workers", "ours"),
 }
 CONTENDERS = tuple(CONTENDER_TABLE)
 LABELS = {c: label for c, (label, _family) in CONTENDER_TABLE.items()}
@@ -51,6 +53,11 @@ FIGURES = {
                  "full": (10_000, 2_000), "quick": (5_000, 1_000)},
     "cpu_isolation": {"contenders": ("ours_process", "ours_threads"),
                       "full": (4, 500), "quick": (4, 150)},
+    # n tasks sleeping param ms each; then n no-op tasks (no regression from scaling)
+    "autoscale": {"contenders": ("ours_autoscale", "ours_fixed"),
+                  "full": (2_000, 20), "quick": (500, 20)},
+    "autoscale_noop": {"contenders": ("ours_autoscale", "ours_fixed"),
+                       "full": (200_000, 0), "quick": (20_000, 0)},
 }
 SIZES = {mode: {f: spec[mode] for f, spec in FIGURES.items()} for mode in ("full", "quick")}
 
@@ -62,10 +69,14 @@ GOALS = {
     # (while the loop runs, the submitting thread holds the GIL and every Python task waits)
     "lateness_p99_ms": {"goal": 2.0, "floor": None, "text": "p99 < 2 ms (light load)"},
     "cpu_isolation_speedup": {"goal": 1.7, "floor": None, "text": ">= 1.7x"},
+    "autoscale_speedup": {"goal": 5.0, "floor": None, "text": ">= 5x fixed 2 workers"},
+    "autoscale_back_to_min_s": {"goal": None, "floor": None, "text": "<= cooldown + 5 s"},
+    "autoscale_noop_ratio": {"goal": 0.9, "floor": None, "text": ">= 0.9x fixed (no regression)"},
 }
 GOAL_FIGURE = {"throughput_vs_threadpool": "throughput", "critical_p99_ms": "critical",
                "bytes_per_task": "memory", "lateness_p99_ms": "lateness",
-               "cpu_isolation_speedup": "cpu_isolation"}
+               "cpu_isolation_speedup": "cpu_isolation", "autoscale_speedup": "autoscale",
+               "autoscale_back_to_min_s": "autoscale", "autoscale_noop_ratio": "autoscale_noop"}
 
 SUBPROCESS_TIMEOUT_S = 1800
 
@@ -272,6 +283,19 @@ def compute_ratios_and_goals(summary, raw, figures):
     speedup = ratios["cpu_isolation_threads_over_process"]["ratio_of_medians"]
     goals["cpu_isolation_speedup"] = dict(g["cpu_isolation_speedup"], value=speedup, status=goal_status(
         speedup, g["cpu_isolation_speedup"]["goal"], g["cpu_isolation_speedup"]["floor"], True))
+    sp = ratio(med(summary, "autoscale", "ours_fixed", "seconds"), med(summary, "autoscale", "ours_autoscale", "seconds"))
+    ratios["autoscale_fixed_over_auto"] = {"ratio_of_medians": sp}
+    goals["autoscale_speedup"] = dict(g["autoscale_speedup"], value=sp, status=(
+        "n/a" if sp is None else "MET" if sp >= g["autoscale_speedup"]["goal"] else "MISSED"))
+    back = med(summary, "autoscale", "ours_autoscale", "back_to_min_s")
+    cool = med(summary, "autoscale", "ours_autoscale", "cooldown_s")
+    goals["autoscale_back_to_min_s"] = dict(g["autoscale_back_to_min_s"], value=back, status=(
+        "n/a" if back is None else "MET" if back <= cool + 5 else "MISSED"))
+    nr = ratio(med(summary, "autoscale_noop", "ours_autoscale", "tasks_per_s"),
+               med(summary, "autoscale_noop", "ours_fixed", "tasks_per_s"))
+    ratios["autoscale_noop_auto_over_fixed"] = {"ratio_of_medians": nr}
+    goals["autoscale_noop_ratio"] = dict(g["autoscale_noop_ratio"], value=nr, status=(
+        "n/a" if nr is None else "MET" if nr >= g["autoscale_noop_ratio"]["goal"] else "MISSED"))
     goals = {k: v for k, v in goals.items() if GOAL_FIGURE[k] in figures}
     return ratios, goals
 
@@ -519,6 +543,24 @@ def render(meta, summary, ratios, goals, plan, unavailable):
             out.append(f"   per-run threads/process: {', '.join(fmt_x(x) for x in pr)}")
         out.append("")
 
+    # 6. auto-scaling
+    if "autoscale" in plan or "autoscale_noop" in plan:
+        out.append("6. Auto-scaling: tasks sleeping 20 ms each, pool starting at 2 workers (max 64); then no-op "
+                   "tasks (CPU-bound: scaling must not add threads that slow them down)")
+        headers = ["contender", "figure", "wall s", "tasks/s", "peak workers", "back at min after s", "workers after"]
+        rows = []
+        for figure in ("autoscale", "autoscale_noop"):
+            if figure not in plan:
+                continue
+            for c in plan[figure]:
+                m = lambda key: med(summary, figure, c, key)  # noqa: E731
+                rows.append([LABELS[c], figure, fmt_s(m("seconds")), fmt_int(m("tasks_per_s")),
+                             fmt_int(m("peak_workers")) if figure == "autoscale" else "",
+                             fmt_s(m("back_to_min_s")) if figure == "autoscale" and c == "ours_autoscale" else "",
+                             fmt_int(m("workers_after"))])
+        out.append(table(headers, rows))
+        out.append("")
+
     acted = []
     for figure, per in summary.items():
         for c, entry in per.items():
@@ -538,10 +580,15 @@ def render(meta, summary, ratios, goals, plan, unavailable):
              "critical_p99_ms": "CRITICAL queue wait p99 (ms)",
              "bytes_per_task": "bytes per queued task (RSS)",
              "lateness_p99_ms": "delayed task lateness p99, light load (ms)",
-             "cpu_isolation_speedup": "CPU tasks, threads / isolation=process"}
+             "cpu_isolation_speedup": "CPU tasks, threads / isolation=process",
+             "autoscale_speedup": "2,000 x 20 ms sleeps: fixed 2 / auto-scaling",
+             "autoscale_back_to_min_s": "back at min_workers after the load (s)",
+             "autoscale_noop_ratio": "no-op tasks/s: auto-scaling / fixed"}
     for key, g in goals.items():
         v = g["value"]
-        shown = "-" if v is None else fmt_x(v) if key in ("throughput_vs_threadpool", "cpu_isolation_speedup") \
+        shown = "-" if v is None else fmt_x(v) if key in ("throughput_vs_threadpool", "cpu_isolation_speedup",
+                                                         "autoscale_speedup", "autoscale_noop_ratio") \
+            else fmt_s(v) if key == "autoscale_back_to_min_s" \
             else fmt_ms(v) if key in ("critical_p99_ms", "lateness_p99_ms") else fmt_int(v)
         rows.append([names[key], shown, g["text"], g["status"]])
     out.append(table(["figure", "ours", "goal", "status"], rows))
