@@ -6,10 +6,12 @@ SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
 
 .PHONY: venv build demo test test-quick bench asan-test tsan-test clean
 
-$(VPY):
-	$(PY) -m venv $(VENV)
+# Re-installs when pyproject.toml changes (a new test dependency reaches existing venvs too).
+$(VPY): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
+	touch $(VPY)
 
 venv: $(VPY)
 

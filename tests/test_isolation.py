@@ -254,7 +254,6 @@ def test_hard_timeout_kills_the_child_and_the_pool_goes_on(pool1):
 
 # ----------------------------------------------------------------------------- memory
 
-@pytest.mark.skipif(UNDER_ASAN, reason="ASan's allocator aborts instead of failing an allocation under RLIMIT_AS")
 def test_memory_limit(pool1):
     pid = pool1.run(h.getpid)
     with pytest.raises(MemoryLimitExceeded, match="memory_limit_mb=200") as info:
@@ -271,7 +270,6 @@ def test_memory_limit(pool1):
     assert pool1.run(h.address_space_limit) == resource.getrlimit(resource.RLIMIT_AS)
 
 
-@pytest.mark.skipif(UNDER_ASAN, reason="ASan aborts on an impossible allocation instead of returning NULL")
 def test_memory_error_without_a_limit_is_the_tasks_own(pool1):
     # a MemoryError the task raises itself (no memory_limit_mb) is not a limit hit
     with pytest.raises(MemoryError) as info:

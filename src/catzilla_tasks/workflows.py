@@ -37,9 +37,12 @@ Running it
 step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskFuture`.
 
 * **Which engine.** ``TaskChain(name, tasks=engine)`` (or ``chain_for(engine, name)``) runs on
-  that engine. Without one, on the default engine: the most recently created
-  ``BackgroundTasks`` still running, else one this module creates on first use (and shuts
-  down at interpreter exit, like any engine). Resolved at ``execute()``, not when built.
+  that engine. Without one, on the default engine, resolved at ``execute()`` (not when
+  built): the most recently created ``BackgroundTasks`` that is still running, else one this
+  module creates on first use (shut down at interpreter exit, like any engine). "Most
+  recent" is in the order this module first sees the engines (at import and at each
+  resolution): two engines created between two resolutions are not ordered. An application
+  with one engine is not concerned; one with several should name the engine.
 * **Scheduling lives in the engine's completion path.** The steps without dependencies are
   queued by ``execute()``; every other step is queued by the engine worker that finishes its
   last dependency (a done-callback of the dependency's task), so independent steps run in
@@ -56,12 +59,14 @@ step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskF
   steps are cancelled, running async steps are cancelled and running sync steps are asked to
   stop (``current_task().cancel_requested``).
 * **A full engine.** A step the engine has no room for (``QueueFull``) is not lost: it is
-  queued again from the engine's timer thread as room frees (back-off from 1 ms to 50 ms).
-  ``execute()`` itself never raises ``QueueFull``.
-* **join() and shutdown.** ``tasks.join()`` waits for queued and running tasks; a step that
-  is not yet queued (its dependencies still run) is not counted, so wait on the workflow's
-  own result. After ``shutdown()`` starts, the engine takes no new task: a workflow that
-  still had steps to queue then fails with WorkflowError (``__cause__``: RuntimeError).
+  parked and queued again by a callback of the engine's timer (``_call_later``) as room
+  frees, retried after 1 ms, doubling up to 50 ms. ``execute()`` itself never raises
+  ``QueueFull``.
+* **join() and shutdown.** ``tasks.join()`` counts queued and running tasks only, and the
+  engine counts a task done before it runs the done-callbacks that queue the next steps: in
+  that instant ``join()`` can return with a workflow unfinished. Wait on the workflow's own
+  result. Once ``shutdown()`` starts the engine takes no new task, so a workflow that still
+  had steps to queue fails with WorkflowError (``__cause__``: RuntimeError).
 
 Authoring styles
 ----------------
@@ -84,11 +89,9 @@ the list of the group's values as its first argument.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 import weakref
-from functools import partial
 from typing import Any, Callable, Iterable, Sequence, Union
 
 from . import _engine
@@ -98,6 +101,7 @@ from .results import TaskFuture, TaskResult
 
 __all__ = [
     "Call",
+    "Group",
     "Step",
     "TaskChain",
     "Workflow",
@@ -156,7 +160,7 @@ class _ResultRef:
 
     __slots__ = ("ids", "many")
 
-    def __init__(self, ids: tuple[Union[str, Step], ...], many: bool) -> None:
+    def __init__(self, ids: tuple[Any, ...], many: bool) -> None:  # str | Step; str once in a chain
         self.ids = ids
         self.many = many
 
@@ -165,7 +169,7 @@ class _ResultRef:
         return f"results_of({names})" if self.many else f"result_of({names})"
 
 
-def result_of(step: Union[str, Step]) -> Any:
+def result_of(step: str | Step) -> Any:
     """An argument that becomes the value of ``step`` (a step id or a Step) when the step
     that receives it runs; that step then depends on ``step``."""
     if not isinstance(step, (str, Step)):
@@ -173,7 +177,7 @@ def result_of(step: Union[str, Step]) -> Any:
     return _ResultRef((step,), False)
 
 
-def results_of(*steps: Union[str, Step]) -> Any:
+def results_of(*steps: str | Step) -> Any:
     """An argument that becomes the list of these steps' values, in this order, when the step
     that receives it runs; that step then depends on each of them."""
     for s in steps:
@@ -231,20 +235,26 @@ class _StepDef:
 class _Plan:
     """A validated workflow, flattened into arrays indexed by step (shared by executions)."""
 
-    __slots__ = ("name", "ids", "funcs", "args", "kwargs", "subs", "dependents", "roots", "countdowns",
-                 "sinks_countdown")
+    __slots__ = ("name", "ids", "funcs", "args", "kwargs", "subs", "calls", "fills", "dependents", "roots",
+                 "countdowns", "sinks_countdown")
 
     name: str
     ids: tuple[str, ...]
     funcs: tuple[Callable[..., Any], ...]
     args: tuple[tuple, ...]
     kwargs: tuple[dict | None, ...]
-    # per step: None, or ((position, keyword, source step index or tuple of them), ...)
-    subs: tuple[tuple[tuple[int | None, str | None, int | tuple[int, ...]], ...] | None, ...]
+    # per step: None, or the arguments to fill in with results: ((position, source), ...) and
+    # ((keyword, source), ...), a source being a step index or a tuple of them (results_of)
+    subs: tuple[tuple[tuple[tuple[int, Any], ...], tuple[tuple[str, Any], ...]] | None, ...]
+    # The hot path's view of a step without keyword arguments (else None, and the slow path
+    # queues it): calls[j] is (func, *args) to queue as is, or, if results are to be filled
+    # in, the list [func, *args] to copy and fill at fills[j] = ((index in calls[j], source), ...)
+    calls: tuple[tuple | list | None, ...]
+    fills: tuple[tuple[tuple[int, Any], ...] | None, ...]
     dependents: tuple[tuple[int, ...], ...]
     roots: tuple[int, ...]
     # countdowns (see _Run) to copy per execution: (step, [True, False, ...]) for every step
-    # with several dependencies, and one for the steps nothing depends on
+    # with several dependencies; sinks_countdown for the steps nothing depends on
     countdowns: tuple[tuple[int, list[bool]], ...]
     sinks_countdown: list[bool]
 
@@ -293,7 +303,7 @@ class TaskChain:
         func: Callable[..., Any],
         /,
         *args: Any,
-        depends_on: Union[str, Step, Sequence[Union[str, Step]], None] = None,
+        depends_on: str | Step | Sequence[str | Step] | None = None,
         step_name: str | None = None,
         **kwargs: Any,
     ) -> "TaskChain":
@@ -307,7 +317,7 @@ class TaskChain:
         func: Callable[..., Any],
         /,
         *args: Any,
-        depends_on: Union[str, Step, Sequence[Union[str, Step]], None] = None,
+        depends_on: str | Step | Sequence[str | Step] | None = None,
         step_name: str | None = None,
         **kwargs: Any,
     ) -> Step:
@@ -378,7 +388,11 @@ class TaskChain:
                 f"workflow {self.name!r}: depends_on of step {step_id!r} must be a list of step ids or Steps, got "
                 f"{type(depends_on).__name__}"
             ) from None
-        return tuple(self._own_id(step_id, d, "depends on") for d in items)
+        own = self._own_id
+        return tuple(
+            d if type(d) is str else d.id if type(d) is Step and d.chain is self else own(step_id, d, "depends on")
+            for d in items
+        )
 
     def _as_ref(self, step_id: str, value: Any) -> _ResultRef | None:
         if isinstance(value, Step):
@@ -408,24 +422,31 @@ class TaskChain:
             return plan
         steps, index = self._steps, self._index
         n = len(steps)
-        deps: list[tuple[int, ...]] = []
+        deps: list[list[int]] = []
         subs: list[Any] = []
         for s in steps:
-            found: dict[int, None] = {}
-            for d in s.depends_on + tuple(i for _, _, ref in s.refs for i in ref.ids):
-                k = index.get(d)
-                if k is None:
-                    raise ValueError(
-                        f"workflow {self.name!r}: step {s.id!r} depends on unknown step {d!r}; the steps are "
-                        f"{_names(index)}"
-                    )
-                found[k] = None
-            deps.append(tuple(found))
+            names = s.depends_on
             if s.refs:
-                subs.append(tuple(
-                    (pos, key, tuple(index[i] for i in ref.ids) if ref.many else index[ref.ids[0]])
-                    for pos, key, ref in s.refs
-                ))
+                names = names + tuple(i for _, _, ref in s.refs for i in ref.ids)
+            try:
+                ks = [index[d] for d in names]
+            except KeyError:
+                unknown = next(d for d in names if d not in index)
+                raise ValueError(
+                    f"workflow {self.name!r}: step {s.id!r} depends on unknown step {unknown!r}; the steps are "
+                    f"{_names(index)}"
+                ) from None
+            deps.append(list(dict.fromkeys(ks)) if len(ks) > 1 else ks)
+            if s.refs:
+                pos_subs = tuple(
+                    (pos, tuple(index[i] for i in ref.ids) if ref.many else index[ref.ids[0]])
+                    for pos, key, ref in s.refs if key is None
+                )
+                kw_subs = tuple(
+                    (key, tuple(index[i] for i in ref.ids) if ref.many else index[ref.ids[0]])
+                    for pos, key, ref in s.refs if key is not None
+                )
+                subs.append((pos_subs, kw_subs))
             else:
                 subs.append(None)
         dependents: list[list[int]] = [[] for _ in range(n)]
@@ -446,7 +467,9 @@ class TaskChain:
                 if not left[j]:
                     ready.append(j)
         if seen < n:
-            raise ValueError(f"workflow {self.name!r}: dependency cycle: {self._cycle(deps, left)} (each step depends on the next)")
+            raise ValueError(
+                f"workflow {self.name!r}: dependency cycle: {self._cycle(deps, left)} (each step depends on the next)"
+            )
         plan = _Plan()
         plan.name = self.name
         plan.ids = tuple(s.id for s in steps)
@@ -454,6 +477,14 @@ class TaskChain:
         plan.args = tuple(s.args for s in steps)
         plan.kwargs = tuple(s.kwargs for s in steps)
         plan.subs = tuple(subs)
+        plan.calls = tuple(
+            None if s.kwargs is not None else (s.func, *s.args) if sub is None else [s.func, *s.args]
+            for s, sub in zip(steps, subs)
+        )
+        plan.fills = tuple(
+            None if sub is None or s.kwargs is not None else tuple((pos + 1, src) for pos, src in sub[0])
+            for s, sub in zip(steps, subs)
+        )
         plan.dependents = tuple(tuple(ds) for ds in dependents)
         plan.roots = roots
         plan.countdowns = tuple((j, [True] + [False] * (len(ds) - 1)) for j, ds in enumerate(deps) if len(ds) > 1)
@@ -461,7 +492,7 @@ class TaskChain:
         self._plan = plan
         return plan
 
-    def _cycle(self, deps: list[tuple[int, ...]], left: list[int]) -> str:
+    def _cycle(self, deps: list[list[int]], left: list[int]) -> str:
         # Every step still blocked has a blocked dependency: walking them must come back.
         start = next(j for j, k in enumerate(left) if k)
         path: list[int] = []
@@ -481,7 +512,8 @@ class TaskChain:
         engine = self.tasks if self.tasks is not None else default_engine()
         if getattr(engine, "is_shutdown", False):
             raise RuntimeError(
-                f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; create a new one"
+                f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; "
+                "create a new one"
             )
         result = _engine.detached()
         if not plan.ids:
@@ -490,10 +522,7 @@ class TaskChain:
         run = _Run(plan, engine, result, self)
         self._runs.add(run)
         result._on_done(run._ended)
-        for j in plan.roots:
-            if run.done:
-                break
-            run._release(j)
+        run.start()
         return result
 
     def execute_async(self) -> TaskFuture:
@@ -526,7 +555,7 @@ _RETRY_MAX_S = 0.05
 
 class _Run:
     """One execution of a plan. Methods run in engine workers (done-callbacks of the steps),
-    in the caller of execute(), and on the engine's timer thread (queue-full retries).
+    in the caller of execute(), and in the engine's timer callbacks (queue-full retries).
 
     Concurrency: ``tokens[j]`` is the countdown of a step with several dependencies, a list
     holding one True and k-1 False: every finishing dependency pops one item, and the pop
@@ -536,8 +565,10 @@ class _Run:
     it again after registering its handle, so it is either cancelled by the ender or by
     itself. The lock guards only the queue-full overflow list.
 
-    Cost: one done-callback (a bound method shared by all steps) finds its step by the task's
-    node key in ``index``, so a step allocates nothing of ours beyond that dict entry.
+    Cost: the done-callback of every step is one closure per execution (``on_done``, built
+    by ``_callback``); it finds its step by the task's node key in ``index`` and keeps the
+    per-step work to a few list operations, so a step allocates nothing of ours but that
+    dict entry. The slow paths (arguments to fill in, a full engine, failures) are methods.
     """
 
     __slots__ = ("plan", "engine", "add", "result", "chain", "values", "handles", "index", "tokens", "sinks",
@@ -559,11 +590,80 @@ class _Run:
         self.tokens = tokens
         self.sinks = plan.sinks_countdown.copy()
         self.done = False
-        self.on_done = self._step_done
         self.lock = threading.Lock()
         self.overflow: list[int] = []
         self.retry_armed = False
         self.retry_s = _RETRY_FIRST_S
+        self.on_done = self._callback()
+
+    def start(self) -> None:
+        """Queue the steps without dependencies (in the caller of execute())."""
+        add, index, handles, calls, on_done = self.add, self.index, self.handles, self.plan.calls, self.on_done
+        for j in self.plan.roots:
+            if self.done:
+                break
+            call = calls[j]
+            if type(call) is not tuple:  # keywords (roots take no results)
+                self._release(j)
+                continue
+            try:
+                h = add(*call)
+            except BaseException:
+                self._release(j)  # QueueFull or an error: the slow path sorts it out
+                continue
+            handles[j] = h
+            index[h._key] = j
+            h._on_done(on_done)
+        if self.done:
+            self._cancel_unfinished()
+
+    def _callback(self) -> Callable[[TaskResult], None]:
+        run = self
+        add, index, values, handles = self.add, self.index, self.values, self.handles
+        tokens, sinks = self.tokens, self.sinks
+        dependents, calls, fills = self.plan.dependents, self.plan.calls, self.plan.fills
+
+        def on_done(h: TaskResult) -> None:
+            """A step's task ended (in the engine worker that ran it)."""
+            if run.done:
+                return
+            j = index.pop(h._key)
+            try:
+                value = h.wait()  # final already: returns at once
+            except BaseException as exc:
+                run._fail(j, exc, "was cancelled" if isinstance(exc, TaskCancelled) else "failed")
+                return
+            values[j] = value
+            handles[j] = None
+            after = dependents[j]
+            if not after:
+                if sinks.pop():
+                    run._succeed()
+                return
+            for d in after:
+                countdown = tokens[d]
+                if countdown is None or countdown.pop():
+                    call = calls[d]
+                    if call is None:
+                        run._release(d)
+                        continue
+                    fill = fills[d]
+                    if fill is not None:
+                        call = list(call)
+                        for pos, src in fill:
+                            call[pos] = values[src] if type(src) is int else [values[i] for i in src]
+                    try:
+                        h2 = add(*call)
+                    except BaseException:
+                        run._release(d)  # QueueFull or an error: the slow path sorts it out
+                        continue
+                    handles[d] = h2
+                    index[h2._key] = d
+                    h2._on_done(on_done)
+                    if run.done:  # ended meanwhile (see the class docstring)
+                        h2.cancel()
+
+        return on_done
 
     # -- queueing a step ---------------------------------------------------------------------
     def _release(self, j: int) -> None:
@@ -573,20 +673,20 @@ class _Run:
 
     def _try_submit(self, j: int) -> bool:
         plan = self.plan
-        args = plan.args[j]
-        kwargs = plan.kwargs[j]
+        args: Any = plan.args[j]
+        kwargs: Any = plan.kwargs[j]
         subs = plan.subs[j]
         if subs is not None:
             values = self.values
-            args = list(args)
-            kwargs = dict(kwargs) if kwargs else {}
-            for pos, key, src in subs:
-                v = [values[i] for i in src] if type(src) is tuple else values[src]
-                if key is None:
-                    args[pos] = v
-                else:
-                    kwargs[key] = v
-            args = tuple(args)
+            pos_subs, kw_subs = subs
+            if pos_subs:
+                args = list(args)
+                for pos, src in pos_subs:
+                    args[pos] = values[src] if type(src) is int else [values[i] for i in src]
+            if kw_subs:
+                kwargs = kwargs.copy()  # kwargs holds the keyword, so it is a dict
+                for key, src in kw_subs:
+                    kwargs[key] = values[src] if type(src) is int else [values[i] for i in src]
         try:
             h = self.add(plan.funcs[j], *args, **kwargs) if kwargs else self.add(plan.funcs[j], *args)
         except QueueFull:
@@ -612,7 +712,7 @@ class _Run:
             self._fail(steps[0], RuntimeError("the engine was shut down"), "could not be queued")
 
     def _retry(self) -> None:
-        """On the engine's timer thread: queue the parked steps that now fit."""
+        """A timer callback of the engine: queue the parked steps that now fit."""
         with self.lock:
             steps, self.overflow = self.overflow, []
             self.retry_armed = False
@@ -624,29 +724,6 @@ class _Run:
                 self._defer(steps[n:])
                 return
         self.retry_s = _RETRY_FIRST_S
-
-    # -- a step ended ------------------------------------------------------------------------
-    def _step_done(self, h: TaskResult) -> None:
-        if self.done:
-            return
-        j = self.index.pop(h._key)
-        try:
-            value = h.wait()  # final already: returns at once
-        except BaseException as exc:
-            self._fail(j, exc, "was cancelled" if isinstance(exc, TaskCancelled) else "failed")
-            return
-        self.values[j] = value
-        self.handles[j] = None
-        dependents = self.plan.dependents[j]
-        if dependents:
-            tokens = self.tokens
-            for d in dependents:
-                countdown = tokens[d]
-                if countdown is None or countdown.pop():
-                    if not self._try_submit(d):
-                        self._defer([d])
-        elif self.sinks.pop():
-            self._succeed()
 
     # -- the end -----------------------------------------------------------------------------
     def _succeed(self) -> None:
@@ -674,9 +751,12 @@ class _Run:
         self.done = True
         self.chain._runs.discard(self)
         if result.status.value != _SUCCEEDED:
-            for h in self.handles:
-                if h is not None and not h.is_ready():
-                    h.cancel()
+            self._cancel_unfinished()
+
+    def _cancel_unfinished(self) -> None:
+        for h in self.handles:
+            if h is not None and not h.is_ready():
+                h.cancel()
 
 
 _SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value
@@ -688,10 +768,11 @@ _SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value
 class Workflow:
     """A workflow defined by a function (see :func:`workflow`).
 
-    ``build(*args, **kwargs)`` gives the TaskChain (the function declares its steps);
-    ``execute(*args, **kwargs)`` builds and starts it; ``on(tasks)`` is the same workflow run
-    on another engine. A function that takes only the builder is built once, when decorated,
-    so a mistake in its dependencies is an error at import.
+    ``build(*args, **kwargs)`` calls the function with a new TaskChain and those arguments
+    and returns the chain, validated; ``execute(*args, **kwargs)`` builds and starts it (each
+    call builds anew: to run one shape many times, keep ``build()``'s chain and execute it);
+    ``on(tasks)`` is the same workflow on another engine. Nothing runs at decoration, so the
+    function may use names defined later in its module.
     """
 
     def __init__(self, name: str, fn: Callable[..., Any], tasks: BackgroundTasks | None = None) -> None:
@@ -702,21 +783,11 @@ class Workflow:
         self.tasks = tasks
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
-        try:
-            nparams = len(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            nparams = -1
-        self._chain: TaskChain | None = self._build((), {}) if nparams == 1 else None
 
-    def _build(self, args: tuple, kwargs: dict) -> TaskChain:
+    def build(self, *args: Any, **kwargs: Any) -> TaskChain:
         c = TaskChain(self.name, tasks=self.tasks)
         self.fn(c, *args, **kwargs)
         return c.validate()
-
-    def build(self, *args: Any, **kwargs: Any) -> TaskChain:
-        if self._chain is not None and not args and not kwargs:
-            return self._chain
-        return self._build(args, kwargs)
 
     def execute(self, *args: Any, **kwargs: Any) -> TaskResult:
         return self.build(*args, **kwargs).execute()
@@ -731,7 +802,7 @@ class Workflow:
         return f"<Workflow {self.name!r} ({getattr(self.fn, '__qualname__', self.fn)!r})>"
 
 
-def workflow(name: Union[str, Callable[..., Any], None] = None, *, tasks: BackgroundTasks | None = None) -> Any:
+def workflow(name: str | Callable[..., Any] | None = None, *, tasks: BackgroundTasks | None = None) -> Any:
     """Decorator: ``@workflow("name")`` turns ``def f(wf, *args)``, which declares steps on the
     builder ``wf`` (a TaskChain), into a :class:`Workflow`. ``@workflow`` alone names it after
     the function."""
@@ -811,7 +882,7 @@ def group(*calls: CallLike, name: str = "group", tasks: BackgroundTasks | None =
     return Group([_as_call(x) for x in calls], name, tasks)
 
 
-def chord(header: Union[Group, Iterable[CallLike]], callback: CallLike, *, name: str = "chord",
+def chord(header: Group | Iterable[CallLike], callback: CallLike, *, name: str = "chord",
           tasks: BackgroundTasks | None = None) -> TaskChain:
     """Run the header's calls in parallel, then ``callback`` with the list of their values
     (in the header's order) as its first argument; its id is ``c.step_ids[-1]``."""

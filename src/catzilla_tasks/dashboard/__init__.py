@@ -125,7 +125,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: "DashboardServer"
     server_version = "catzilla-tasks-dashboard"
     sys_version = ""
-    protocol_version = "HTTP/1.1"
+    # HTTP/1.0: one request per connection, so stop() leaves no kept-alive connection being served
+    protocol_version = "HTTP/1.0"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         # The request line may carry ?token=...: log the path only, and only at debug level.
