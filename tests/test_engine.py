@@ -306,6 +306,15 @@ def test_public_surface():
             "WorkerLost",
             "current_task",
             "task",
+            "TaskChain",
+            "WorkflowError",
+            "call",
+            "chain",
+            "chord",
+            "group",
+            "result_of",
+            "results_of",
+            "workflow",
         ]
     )
     for name in catzilla_tasks.__all__:

@@ -384,6 +384,21 @@ def test_chain_for_runs_on_that_engine(tasks, make_tasks):
     assert r.wait(T) == {"mine_0": 5}
 
 
+def test_tasks_chain_is_a_workflow_on_that_engine(tasks, make_tasks):
+    import catzilla_tasks
+
+    other = make_tasks(workers=2)
+    wf = other.chain("etl")
+    assert isinstance(wf, catzilla_tasks.TaskChain) and wf.tasks is other
+    other.pause()
+    try:
+        r = wf.add_task(const, 2).add_task(add, result_of("etl_0"), 3).execute()
+        assert other.stats()["queued_total"] == 1 and tasks.stats()["queued_total"] == 0
+    finally:
+        other.resume()
+    assert r.wait(T) == {"etl_0": 2, "etl_1": 5}
+
+
 def test_default_engine_is_the_most_recently_created_live_one(make_tasks):
     older = make_tasks(workers=2)
     assert default_engine() is older

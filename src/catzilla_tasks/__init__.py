@@ -2,7 +2,8 @@
 
 Layers: the C extension ``_engine`` (task nodes, four priority queues, native worker threads,
 results) is wrapped by ``engine`` (BackgroundTasks), ``config`` (TaskPriority, TaskStatus,
-TaskConfig) and ``results`` (TaskResult, TaskFuture). This module is the whole public API.
+TaskConfig) and ``results`` (TaskResult, TaskFuture) and ``workflows`` (TaskChain, workflow, chain, group,
+chord). This module is the whole public API.
 """
 
 from ._engine import QueueFull as QueueFull
@@ -19,6 +20,15 @@ from .engine import current_task as current_task
 from .engine import task as task
 from .results import TaskFuture as TaskFuture
 from .results import TaskResult as TaskResult
+from .workflows import TaskChain as TaskChain
+from .workflows import WorkflowError as WorkflowError
+from .workflows import call as call
+from .workflows import chain as chain
+from .workflows import chord as chord
+from .workflows import group as group
+from .workflows import result_of as result_of
+from .workflows import results_of as results_of
+from .workflows import workflow as workflow
 
 __version__ = "0.1.0"
 
@@ -37,4 +47,13 @@ __all__ = [
     "WorkerLost",
     "current_task",
     "task",
+    "TaskChain",
+    "WorkflowError",
+    "call",
+    "chain",
+    "chord",
+    "group",
+    "result_of",
+    "results_of",
+    "workflow",
 ]

@@ -413,6 +413,12 @@ class BackgroundTasks(_engine.Engine):
     def periodic_tasks(self) -> list[Any]:
         return list(self._periodic)
 
+    def chain(self, name: str) -> Any:
+        """A new, empty workflow (:class:`~catzilla_tasks.TaskChain`) that runs on this engine."""
+        from .workflows import chain_for
+
+        return chain_for(self, name)
+
     # -- submission -----------------------------------------------------------------------
     # add_task(func, *args, **kwargs) is the C method of _engine.Engine (no Python frame).
 
