@@ -80,6 +80,15 @@ GOAL_FIGURE = {"throughput_vs_threadpool": "throughput", "critical_p99_ms": "cri
 
 SUBPROCESS_TIMEOUT_S = 1800
 
+# Suites: standalone benchmark scripts with their own side-by-side tables (each runs its own
+# contenders in one process, interleaved, median of --runs). run.py runs each in a subprocess
+# after the figures, prints its table and keeps its last JSON line under "suites" in the JSON.
+# suite -> (script in benchmarks/, what it compares)
+SUITES = {
+    "workflows": ("_workflows_bench.py",
+                  "10,000-step random DAG vs plain tasks; 1,000-step chain vs ThreadPoolExecutor chaining"),
+}
+
 
 # --------------------------------------------------------------------------- running
 
@@ -115,6 +124,32 @@ def run_one(contender, figure, n, probes, env):
         if tail:
             sys.stderr.write("    " + "\n    ".join(tail) + "\n")
     return result, wall
+
+
+def run_suites(names, runs, quick):
+    """Run each suite script; returns {suite: its JSON line (or an error)} and prints its output."""
+    out = {}
+    for name in names:
+        script, what = SUITES[name]
+        cmd = [sys.executable, os.path.join(HERE, script), "--runs", str(runs)] + (["--quick"] if quick else [])
+        sys.stderr.write(f"suite {name}: {' '.join(cmd[1:])}\n")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO,
+                                  timeout=SUBPROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            out[name] = {"error": f"timed out after {SUBPROCESS_TIMEOUT_S} s"}
+            continue
+        lines = proc.stdout.splitlines()
+        js = [ln for ln in lines if ln.startswith("{")]
+        print(f"\n## suite: {name} ({what})\n")
+        print("\n".join(ln for ln in lines if not ln.startswith("{")))
+        if proc.returncode != 0 or not js:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            out[name] = {"error": f"exit {proc.returncode}: {tail}"}
+            print(f"suite {name} FAILED: {out[name]['error']}")
+        else:
+            out[name] = json.loads(js[-1])
+    return out
 
 
 def source_state():
@@ -616,14 +651,19 @@ def parse_args(argv):
     p.add_argument("--contenders", type=names, default=list(CONTENDERS),
                    help="comma-separated subset of: " + ", ".join(CONTENDERS)
                         + " ('ours' also selects ours_process and ours_threads)")
-    p.add_argument("--figures", type=names, default=list(FIGURES),
-                   help="comma-separated subset of: " + ", ".join(FIGURES))
+    p.add_argument("--figures", type=names, default=list(FIGURES) + list(SUITES),
+                   help="comma-separated subset of: " + ", ".join(list(FIGURES) + list(SUITES)))
     args = p.parse_args(argv)
+    args.suites = [f for f in args.figures if f in SUITES]
+    args.figures = [f for f in args.figures if f not in SUITES]
+    if args.suites and not args.figures:
+        args.plan = []
+        return args
     bad = [c for c in args.contenders if c not in CONTENDERS]
     if bad or not args.contenders:
         p.error(f"unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
     bad = [f for f in args.figures if f not in FIGURES]
-    if bad or not args.figures:
+    if bad or not (args.figures or args.suites):
         p.error(f"unknown figure(s) {bad}; choose from {', '.join(FIGURES)}")
     chosen = set(args.contenders)
     # figures in table order, each with its own contenders that were chosen (by name or family)
@@ -671,10 +711,12 @@ def main(argv=None):
         "source_changed_during_run": source_state() != source_before,
         "command": " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])),
     }
-    print(render(meta, summary, ratios, goals, dict(plan), unavailable))
+    if plan:
+        print(render(meta, summary, ratios, goals, dict(plan), unavailable))
+    suites = run_suites(args.suites, args.runs, args.quick)
 
     doc = {"meta": meta, "unavailable": unavailable, "goals": goals, "ratios": ratios,
-           "summary": summary, "raw": raw}
+           "summary": summary, "raw": raw, "suites": suites}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)
