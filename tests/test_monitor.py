@@ -118,7 +118,9 @@ def test_memory_figures(quiet):
     quiet.pause()
     hs = [quiet.add_task(int) for _ in range(5000)]
     p = quiet.monitor.get_stats()["performance_metrics"]
-    assert p["memory_in_use_mb"] >= 5000 * 88 / 2**20
+    from catzilla_tasks import _engine
+
+    assert p["memory_in_use_mb"] >= 5000 * _engine.NODE_SIZE / 2**20
     assert 0 < p["memory_efficiency"] <= 1 and p["memory_usage_mb"] > 0
     quiet.resume()
     del hs

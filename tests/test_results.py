@@ -184,3 +184,38 @@ def test_future_type_errors(tasks):
     with pytest.raises(TypeError):
         f.then(None)
     assert "TaskFuture" in repr(f)
+
+
+class _Marker:
+    pass
+
+
+def _fail_with(marker):
+    raise ValueError("failed")
+
+
+def test_a_caught_task_exception_does_not_keep_the_callers_frame_alive(tasks):
+    # wait() re-raises the task's own exception; its traceback then holds the caller's frame,
+    # which holds the TaskResult, which holds the exception: a cycle the collector must free.
+    import weakref
+
+    def caller():
+        marker = _Marker()
+        r = tasks.add_task(_fail_with, marker)
+        try:
+            r.wait(10)
+        except ValueError as e:
+            assert e.__traceback__ is not None
+        return weakref.ref(marker)
+
+    refs = [caller() for _ in range(50)]
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 50
+
+
+def test_a_result_that_outlives_its_engine_keeps_its_value(tasks):
+    # the collector may look into a finished task through its handle, never take from it
+    r = tasks.add_task(lambda: [1, 2, 3])
+    assert r.wait(10) == [1, 2, 3]
+    gc.collect()
+    assert r.wait(0) == [1, 2, 3] and r.is_ready()

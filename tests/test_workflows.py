@@ -669,3 +669,151 @@ def test_many_concurrent_workflows_with_failures_and_cancels(tasks, caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     kinds = {type(o).__name__ for o in outcomes}
     assert kinds == {"dict", "WorkflowError", "TaskCancelled"}, kinds
+
+
+# -- the engine's gates (release in C) ---------------------------------------------------------
+
+
+class FailLog:
+    """on_fail(gate, exc) of hand-made gates: what C reported, and an Event per report."""
+
+    def __init__(self):
+        self.calls = []
+        self.event = threading.Event()
+
+    def __call__(self, gate, exc):
+        self.calls.append((gate.step, exc))
+        self.event.set()
+
+
+def test_gates_count_down_and_fill_results_in_the_engine(make_tasks):
+    eng = make_tasks(workers=2)
+    fails = FailLog()
+    done = threading.Event()
+    seen = []
+
+    def last(x, y):
+        seen.append((x, y))
+        done.set()
+        return x * y
+
+    # 0: const(5); 1: add(<0>, 10); 2: last(<1>, <0 and 1 as a list>) — released by 0 and 1
+    gates = eng._gates(
+        (const, add, last),
+        ((5,), (None, 10), (None, None)),
+        (None, None, ("y",)),
+        (0, 1, 2),
+        ((1, 2), (2,), ()),
+        (None, ((0, 0),), ((0, 1), (1, (0, 1)))),
+        fails,
+    )
+    assert [g.pending for g in gates] == [0, 1, 2] and [g.state for g in gates] == [0, 0, 0]
+    eng.pause()
+    assert gates[0]._fire() is True
+    assert eng.stats()["queued_total"] == 1 and gates[1].result is None  # nothing else queued yet
+    eng.resume()
+    assert done.wait(T)
+    assert gates[2].result.wait(T) == 15 * [5, 15]
+    assert seen == [(15, [5, 15])]
+    assert [g.pending for g in gates] == [0, 0, 0] and [g.state for g in gates] == [1, 1, 1]
+    assert [g.value for g in gates[:2]] == [5, 15]
+    assert not fails.calls
+    with pytest.raises(RuntimeError, match="already queued"):
+        gates[0]._fire()
+
+
+def test_a_failing_gate_reports_and_releases_nothing(make_tasks):
+    eng = make_tasks(workers=2)
+    fails = FailLog()
+
+    def boom():
+        raise ValueError("boom")
+
+    ran = Counter()
+    gates = eng._gates((boom, ran.hit), ((), ("child",)), (None, None), (0, 1), ((1,), ()), (None, None), fails)
+    assert gates[0]._fire() is True
+    assert fails.event.wait(T)
+    assert fails.calls == [(0, None)]  # the task ended unsuccessfully: its result tells how
+    with pytest.raises(ValueError, match="boom"):
+        gates[0].result.wait(T)
+    eng.join(T)
+    assert gates[1].state == 0 and gates[1].result is None and gates[1].pending == 1 and ran["child"] == 0
+    with pytest.raises(RuntimeError, match="has not succeeded"):
+        gates[0].value
+    assert gates[1].cancel() is True and gates[1].state == 2
+    with pytest.raises(RuntimeError, match="cancelled"):
+        gates[1]._fire()
+
+
+def test_a_gate_released_into_a_full_engine_is_reported_not_lost(make_tasks):
+    eng = make_tasks(workers=1, min_workers=1, queue_size=2)
+    fails = FailLog()
+    started, go = threading.Event(), threading.Event()
+
+    def parent():
+        started.set()
+        assert go.wait(T)
+
+    gates = eng._gates((parent, const), ((), (7,)), (None, None), (0, 1), ((1,), ()), (None, None), fails)
+    assert gates[0]._fire() is True
+    assert started.wait(T)
+    eng.pause()
+    fillers = [eng.add_task(const, i) for i in range(2)]  # the queue is full now
+    go.set()
+    assert fails.event.wait(T)
+    (step, exc), = fails.calls
+    assert step == 1 and type(exc).__name__ == "QueueFull"
+    assert gates[1].state == 0  # still waiting: the caller decides (the workflow parks it)
+    eng.resume()
+    for f in fillers:
+        f.wait(T)
+    assert gates[1]._fire() is True and gates[1].result.wait(T) == 7
+
+
+def test_gate_arguments_are_checked(make_tasks):
+    eng = make_tasks(workers=2)
+    fails = FailLog()
+    with pytest.raises(TypeError, match="callable"):
+        eng._gates((42,), ((),), (None,), (0,), ((),), (None,), fails)
+    with pytest.raises(ValueError, match="one entry per step"):
+        eng._gates((const,), ((), ()), (None,), (0,), ((),), (None,), fails)
+    with pytest.raises(IndexError, match="out of range"):
+        eng._gates((const,), ((1,),), (None,), (0,), ((3,),), (None,), fails)
+    with pytest.raises(ValueError, match="fill out of range"):
+        eng._gates((const,), ((1,),), (None,), (0,), ((),), (((5, 0),),), fails)
+
+
+def test_workflow_steps_are_queued_without_python_add_task(make_tasks, monkeypatch):
+    # Release is the engine's: the Python add_task is never used to queue a step.
+    eng = make_tasks(workers=2)
+
+    def refuse(*a, **k):
+        raise AssertionError("a step was queued through Python add_task")
+
+    monkeypatch.setattr(eng, "add_task", refuse, raising=False)
+    wf = TaskChain("c-release", tasks=eng)
+    a = wf.step(const, 2)
+    b = wf.step(add, a, 3)
+    wf.step(mul, b, a)
+    assert wf.execute().wait(T) == {"c-release_0": 2, "c-release_1": 5, "c-release_2": 10}
+
+
+def test_finished_workflows_leave_no_gates_behind(tasks):
+    import gc
+
+    def gates_alive():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o).__name__ == "Gate")
+
+    before = gates_alive()
+    wf = TaskChain("leak", tasks=tasks)
+    root = wf.step(const, 1)
+    parts = [wf.step(add, root, i) for i in range(50)]
+    wf.step(sum, results_of(*parts))
+    bad = TaskChain("leak-fail", tasks=tasks)
+    bad.step(add, bad.step(int, "not a number"), 1)
+    for _ in range(20):
+        wf.execute().wait(T)
+        with pytest.raises(WorkflowError):
+            bad.execute().wait(T)
+    assert gates_alive() == before

@@ -43,12 +43,13 @@ step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskF
   recent" is in the order this module first sees the engines (at import and at each
   resolution): two engines created between two resolutions are not ordered. An application
   with one engine is not concerned; one with several should name the engine.
-* **Scheduling lives in the engine's completion path.** The steps without dependencies are
-  queued by ``execute()``; every other step is queued by the engine worker that finishes its
-  last dependency (a done-callback of the dependency's task), so independent steps run in
-  parallel and no thread waits on a step. The count of dependencies left is per step; the
-  last-finisher test is one atomic ``list.pop()``, so two dependencies ending at once on two
-  workers need no lock.
+* **Scheduling lives in the engine.** Each execution turns the steps into *gates* of the C
+  engine (one ``Engine._gates`` call): a gate is a task held back until its dependencies have
+  succeeded. ``execute()`` queues the steps without dependencies; when a step's task
+  succeeds, the worker that ran it counts down the gates that depend on it, in C, and queues
+  each one it completes, filling in the results it takes: no Python code and no thread waits
+  between steps. A last gate, released by the steps nothing depends on, collects the values
+  and ends the workflow. Python hears only of failures and of a full engine.
 * **Failure.** A step that fails (after the retries of its own TaskConfig), times out or is
   cancelled by someone else fails the workflow at once with :class:`WorkflowError` (``.step``:
   its id, ``__cause__``: its exception, ``.results``: the values of the steps that had
@@ -58,13 +59,13 @@ step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskF
   every running execution of that chain) ends it CANCELLED: no further step is queued, queued
   steps are cancelled, running async steps are cancelled and running sync steps are asked to
   stop (``current_task().cancel_requested``).
-* **A full engine.** A step the engine has no room for (``QueueFull``) is not lost: it is
-  parked and queued again by a callback of the engine's timer (``_call_later``) as room
-  frees, retried after 1 ms, doubling up to 50 ms. ``execute()`` itself never raises
-  ``QueueFull``.
+* **A full engine.** A step the engine has no room for (``QueueFull``) is not lost: its gate
+  reports it, and it is parked and queued again by a callback of the engine's timer
+  (``_call_later``) as room frees, retried after 1 ms, doubling up to 50 ms. ``execute()``
+  itself never raises ``QueueFull``.
 * **join() and shutdown.** ``tasks.join()`` counts queued and running tasks only, and the
-  engine counts a task done before it runs the done-callbacks that queue the next steps: in
-  that instant ``join()`` can return with a workflow unfinished. Wait on the workflow's own
+  engine counts a task done just before its worker queues the next steps: in that instant
+  ``join()`` can return with a workflow unfinished. Wait on the workflow's own
   result. Once ``shutdown()`` starts the engine takes no new task, so a workflow that still
   had steps to queue fails with WorkflowError (``__cause__``: RuntimeError).
 
@@ -233,30 +234,24 @@ class _StepDef:
 
 
 class _Plan:
-    """A validated workflow, flattened into arrays indexed by step (shared by executions)."""
+    """A validated workflow, flattened into arrays indexed by step (shared by executions), in
+    the shape ``Engine._gates`` takes. Index ``n`` (one past the last step) is the *finish*
+    step, released by the steps nothing depends on; its function is per execution."""
 
-    __slots__ = ("name", "ids", "funcs", "args", "kwargs", "subs", "calls", "fills", "dependents", "roots",
-                 "countdowns", "sinks_countdown")
+    __slots__ = ("name", "ids", "funcs", "values", "kwnames", "pending", "dependents", "fills", "roots")
 
     name: str
     ids: tuple[str, ...]
     funcs: tuple[Callable[..., Any], ...]
-    args: tuple[tuple, ...]
-    kwargs: tuple[dict | None, ...]
-    # per step: None, or the arguments to fill in with results: ((position, source), ...) and
-    # ((keyword, source), ...), a source being a step index or a tuple of them (results_of)
-    subs: tuple[tuple[tuple[tuple[int, Any], ...], tuple[tuple[str, Any], ...]] | None, ...]
-    # The hot path's view of a step without keyword arguments (else None, and the slow path
-    # queues it): calls[j] is (func, *args) to queue as is, or, if results are to be filled
-    # in, the list [func, *args] to copy and fill at fills[j] = ((index in calls[j], source), ...)
-    calls: tuple[tuple | list | None, ...]
+    # per step: the call's values (positional, then keyword values) and keyword names
+    values: tuple[tuple, ...]
+    kwnames: tuple[tuple[str, ...] | None, ...]
+    pending: tuple[int, ...]                # dependencies to succeed before a step is queued
+    dependents: tuple[tuple[int, ...], ...]  # steps counted down by a step's success
+    # per step: None, or ((index into values, source), ...): a value to replace by a result,
+    # the source being a step index or a tuple of them (results_of: a list)
     fills: tuple[tuple[tuple[int, Any], ...] | None, ...]
-    dependents: tuple[tuple[int, ...], ...]
     roots: tuple[int, ...]
-    # countdowns (see _Run) to copy per execution: (step, [True, False, ...]) for every step
-    # with several dependencies; sinks_countdown for the steps nothing depends on
-    countdowns: tuple[tuple[int, list[bool]], ...]
-    sinks_countdown: list[bool]
 
 
 _NESTED = (list, tuple, set, frozenset, dict)
@@ -474,21 +469,27 @@ class TaskChain:
         plan.name = self.name
         plan.ids = tuple(s.id for s in steps)
         plan.funcs = tuple(s.func for s in steps)
-        plan.args = tuple(s.args for s in steps)
-        plan.kwargs = tuple(s.kwargs for s in steps)
-        plan.subs = tuple(subs)
-        plan.calls = tuple(
-            None if s.kwargs is not None else (s.func, *s.args) if sub is None else [s.func, *s.args]
-            for s, sub in zip(steps, subs)
-        )
-        plan.fills = tuple(
-            None if sub is None or s.kwargs is not None else tuple((pos + 1, src) for pos, src in sub[0])
-            for s, sub in zip(steps, subs)
-        )
-        plan.dependents = tuple(tuple(ds) for ds in dependents)
+        values: list[tuple] = []
+        kwnames: list[tuple[str, ...] | None] = []
+        fills: list[Any] = []
+        for s, sub in zip(steps, subs):
+            kw = s.kwargs or {}
+            names = tuple(kw)
+            values.append((*s.args, *kw.values()) if kw else s.args)
+            kwnames.append(names or None)
+            if sub is None:
+                fills.append(None)
+            else:
+                pos_subs, kw_subs = sub
+                at_kw = {k: len(s.args) + i for i, k in enumerate(names)}
+                fills.append(tuple(pos_subs) + tuple((at_kw[k], src) for k, src in kw_subs))
+        sinks = tuple(j for j in range(n) if not dependents[j])
+        plan.values = (*values, ())
+        plan.kwnames = (*kwnames, None)
+        plan.pending = (*(len(ds) for ds in deps), len(sinks))
+        plan.dependents = (*(tuple(ds) if ds else (n,) for ds in dependents), ())
+        plan.fills = (*fills, None)
         plan.roots = roots
-        plan.countdowns = tuple((j, [True] + [False] * (len(ds) - 1)) for j, ds in enumerate(deps) if len(ds) > 1)
-        plan.sinks_countdown = [True] + [False] * (sum(1 for ds in dependents if not ds) - 1)
         self._plan = plan
         return plan
 
@@ -554,189 +555,118 @@ _RETRY_MAX_S = 0.05
 
 
 class _Run:
-    """One execution of a plan. Methods run in engine workers (done-callbacks of the steps),
-    in the caller of execute(), and in the engine's timer callbacks (queue-full retries).
+    """One execution of a plan: a Gate per step (``Engine._gates``, one C call), plus the
+    finish gate. The engine does the scheduling: a gate's task that succeeds counts down its
+    dependents in C and queues those it completes, in the worker that ran it; the finish gate,
+    released by the last sink, runs :meth:`_finish` as a task. Python hears only of failures
+    and of a full engine (:meth:`_on_fail`, called by the gate's C code), and of the end.
 
-    Concurrency: ``tokens[j]`` is the countdown of a step with several dependencies, a list
-    holding one True and k-1 False: every finishing dependency pops one item, and the pop
-    that returns True (the last) releases the step. ``list.pop()`` is atomic, so concurrent
-    finishers need no lock; ``sinks`` works the same way for the end of the workflow. ``done``
-    turns True once (success, failure, cancel); a step queued concurrently with that checks
-    it again after registering its handle, so it is either cancelled by the ender or by
-    itself. The lock guards only the queue-full overflow list.
-
-    Cost: the done-callback of every step is one closure per execution (``on_done``, built
-    by ``_callback``); it finds its step by the task's node key in ``index`` and keeps the
-    per-step work to a few list operations, so a step allocates nothing of ours but that
-    dict entry. The slow paths (arguments to fill in, a full engine, failures) are methods.
+    Concurrency: gates change state only with the GIL held (C completion paths, these
+    methods). ``done`` turns True once (success, failure, cancel); whoever sets it settles
+    the result, whose done-callback (:meth:`_ended`) cancels every gate not finished, so a
+    step released concurrently is cancelled either as a waiting gate or as a queued task.
+    The lock guards only the queue-full overflow list.
     """
 
-    __slots__ = ("plan", "engine", "add", "result", "chain", "values", "handles", "index", "tokens", "sinks",
-                 "done", "on_done", "lock", "overflow", "retry_armed", "retry_s", "__weakref__")
+    __slots__ = ("plan", "engine", "result", "chain", "gates", "done", "lock", "overflow", "retry_armed",
+                 "retry_s", "__weakref__")
 
     def __init__(self, plan: _Plan, engine: BackgroundTasks, result: TaskResult, chain: TaskChain) -> None:
-        n = len(plan.ids)
         self.plan = plan
         self.engine = engine
-        self.add = engine.add_task
         self.result = result
         self.chain = chain
-        self.values: list[Any] = [_PENDING] * n
-        self.handles: list[TaskResult | None] = [None] * n
-        self.index: dict[int, int] = {}  # node key of a queued step's task -> step
-        tokens: list[list[bool] | None] = [None] * n
-        for j, countdown in plan.countdowns:
-            tokens[j] = countdown.copy()
-        self.tokens = tokens
-        self.sinks = plan.sinks_countdown.copy()
         self.done = False
         self.lock = threading.Lock()
-        self.overflow: list[int] = []
+        self.overflow: list[Any] = []
         self.retry_armed = False
         self.retry_s = _RETRY_FIRST_S
-        self.on_done = self._callback()
+        self.gates: list[Any] = engine._gates((*plan.funcs, self._finish), plan.values, plan.kwnames, plan.pending,
+                                              plan.dependents, plan.fills, self._on_fail)
 
     def start(self) -> None:
         """Queue the steps without dependencies (in the caller of execute())."""
-        add, index, handles, calls, on_done = self.add, self.index, self.handles, self.plan.calls, self.on_done
+        gates = self.gates
         for j in self.plan.roots:
             if self.done:
                 break
-            call = calls[j]
-            if type(call) is not tuple:  # keywords (roots take no results)
-                self._release(j)
-                continue
-            try:
-                h = add(*call)
-            except BaseException:
-                self._release(j)  # QueueFull or an error: the slow path sorts it out
-                continue
-            handles[j] = h
-            index[h._key] = j
-            h._on_done(on_done)
-        if self.done:
-            self._cancel_unfinished()
+            self._start(gates[j])
 
-    def _callback(self) -> Callable[[TaskResult], None]:
-        run = self
-        add, index, values, handles = self.add, self.index, self.values, self.handles
-        tokens, sinks = self.tokens, self.sinks
-        dependents, calls, fills = self.plan.dependents, self.plan.calls, self.plan.fills
-
-        def on_done(h: TaskResult) -> None:
-            """A step's task ended (in the engine worker that ran it)."""
-            if run.done:
-                return
-            j = index.pop(h._key)
-            try:
-                value = h.wait()  # final already: returns at once
-            except BaseException as exc:
-                run._fail(j, exc, "was cancelled" if isinstance(exc, TaskCancelled) else "failed")
-                return
-            values[j] = value
-            handles[j] = None
-            after = dependents[j]
-            if not after:
-                if sinks.pop():
-                    run._succeed()
-                return
-            for d in after:
-                countdown = tokens[d]
-                if countdown is None or countdown.pop():
-                    call = calls[d]
-                    if call is None:
-                        run._release(d)
-                        continue
-                    fill = fills[d]
-                    if fill is not None:
-                        call = list(call)
-                        for pos, src in fill:
-                            call[pos] = values[src] if type(src) is int else [values[i] for i in src]
-                    try:
-                        h2 = add(*call)
-                    except BaseException:
-                        run._release(d)  # QueueFull or an error: the slow path sorts it out
-                        continue
-                    handles[d] = h2
-                    index[h2._key] = d
-                    h2._on_done(on_done)
-                    if run.done:  # ended meanwhile (see the class docstring)
-                        h2.cancel()
-
-        return on_done
-
-    # -- queueing a step ---------------------------------------------------------------------
-    def _release(self, j: int) -> None:
-        """All dependencies of step j succeeded: queue it (or park it until there is room)."""
-        if not self._try_submit(j):
-            self._defer([j])
-
-    def _try_submit(self, j: int) -> bool:
-        plan = self.plan
-        args: Any = plan.args[j]
-        kwargs: Any = plan.kwargs[j]
-        subs = plan.subs[j]
-        if subs is not None:
-            values = self.values
-            pos_subs, kw_subs = subs
-            if pos_subs:
-                args = list(args)
-                for pos, src in pos_subs:
-                    args[pos] = values[src] if type(src) is int else [values[i] for i in src]
-            if kw_subs:
-                kwargs = kwargs.copy()  # kwargs holds the keyword, so it is a dict
-                for key, src in kw_subs:
-                    kwargs[key] = values[src] if type(src) is int else [values[i] for i in src]
+    def _start(self, g: Any) -> bool:
+        """Queue gate g now; park it if the engine is full. False once the run is over."""
         try:
-            h = self.add(plan.funcs[j], *args, **kwargs) if kwargs else self.add(plan.funcs[j], *args)
-        except QueueFull:
-            return False
+            if not g._fire():
+                self._defer([g])
         except BaseException as exc:  # shut down, a process task that does not pickle, ...
-            self._fail(j, exc, "could not be queued")
-            return True
-        self.handles[j] = h
-        self.index[h._key] = j
-        h._on_done(self.on_done)
-        if self.done:  # ended meanwhile (see the class docstring)
-            h.cancel()
+            self._fail(g.step, exc, "could not be queued")
+            return False
         return True
 
-    def _defer(self, steps: list[int]) -> None:
+    def _on_fail(self, g: Any, exc: BaseException | None) -> None:
+        """From C: g's task ended unsuccessfully (exc None), or g was released and could not be
+        queued (exc: the error)."""
+        if self.done:
+            return
+        if exc is None:
+            try:
+                g.result.wait()
+            except BaseException as e:  # noqa: BLE001 - the step's own error
+                exc = e
+            self._fail(g.step, exc, "was cancelled" if isinstance(exc, TaskCancelled) else "failed")
+        elif isinstance(exc, QueueFull):
+            self._defer([g])
+        else:
+            self._fail(g.step, exc, "could not be queued")
+
+    def _finish(self) -> None:
+        """The finish gate's task: every step has succeeded."""
+        if self.done:
+            return
+        self.done = True
+        gates = self.gates
+        self.result._settle(value={sid: g.value for sid, g in zip(self.plan.ids, gates)})
+
+    # -- a full engine -----------------------------------------------------------------------
+    def _defer(self, gates: list[Any]) -> None:
         with self.lock:
-            self.overflow[:0] = steps
+            self.overflow[:0] = gates
             if self.retry_armed:
                 return
             self.retry_armed = True
             delay = self.retry_s
         if not self.done and not self.engine._call_later(delay, self._retry):
-            self._fail(steps[0], RuntimeError("the engine was shut down"), "could not be queued")
+            self._fail(gates[0].step, RuntimeError("the engine was shut down"), "could not be queued")
 
     def _retry(self) -> None:
         """A timer callback of the engine: queue the parked steps that now fit."""
         with self.lock:
-            steps, self.overflow = self.overflow, []
+            gates, self.overflow = self.overflow, []
             self.retry_armed = False
-        for n, j in enumerate(steps):
+        for n, g in enumerate(gates):
             if self.done:
                 return
-            if not self._try_submit(j):
+            if g.state != 0:  # cancelled meanwhile
+                continue
+            try:
+                queued = g._fire()
+            except BaseException as exc:
+                self._fail(g.step, exc, "could not be queued")
+                return
+            if not queued:
                 self.retry_s = min(self.retry_s * 2, _RETRY_MAX_S)
-                self._defer(steps[n:])
+                self._defer(gates[n:])
                 return
         self.retry_s = _RETRY_FIRST_S
 
     # -- the end -----------------------------------------------------------------------------
-    def _succeed(self) -> None:
-        self.done = True
-        self.result._settle(value=dict(zip(self.plan.ids, self.values)))
-
     def _fail(self, j: int, exc: BaseException, how: str) -> None:
         if self.done:
             return
         self.done = True
         plan = self.plan
-        step = plan.ids[j]
-        results = {plan.ids[i]: v for i, v in enumerate(self.values) if v is not _PENDING}
+        step = plan.ids[j] if j < len(plan.ids) else "(the workflow's end)"
+        results = {plan.ids[i]: g.value for i, g in enumerate(self.gates[: len(plan.ids)])
+                   if g.result is not None and g.result.status.value == _SUCCEEDED}
         detail = f": {type(exc).__name__}: {exc}" if how != "was cancelled" else ""
         err = WorkflowError(
             f"workflow {plan.name!r}: step {step!r} {how}{detail}", workflow=plan.name, step=step, results=results
@@ -752,11 +682,13 @@ class _Run:
         self.chain._runs.discard(self)
         if result.status.value != _SUCCEEDED:
             self._cancel_unfinished()
+        # The finish gate's task holds self._finish, and the engine's nodes are invisible to
+        # the cycle collector: drop the gates here, or run -> gates -> node -> run would leak.
+        self.gates = ()
 
     def _cancel_unfinished(self) -> None:
-        for h in self.handles:
-            if h is not None and not h.is_ready():
-                h.cancel()
+        for g in self.gates:
+            g.cancel()
 
 
 _SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value

@@ -40,7 +40,7 @@ ct_task *ct_task_new(void) {
     ct_task *t = ct_slab_alloc(&ct_task_slab);
     if (!t) return NULL;
     atomic_store_explicit(&t->link.next, NULL, memory_order_relaxed);
-    t->fn = t->arg = t->kwargs = t->value = t->cfg = NULL;
+    t->fn = t->arg = t->value = t->cfg = NULL;
     t->attempt = 0;
     t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed);
     t->t_enqueue = t->t_start = t->t_end = 0;

@@ -40,6 +40,7 @@ enum ct_status {
 #define CT_F_TIMEDOUT  0x100u  /* its timeout fired during the current attempt */
 #define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
 #define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
+#define CT_F_KWNAMES   0x800u  /* module.c: arg ends with the keyword names (vectorcall style) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
 enum ct_kind {
@@ -54,8 +55,8 @@ typedef void (*ct_c_func)(void *data);
 typedef struct ct_task {
     ct_qnode link;              /* queue link (first: a ct_qnode* is a ct_task*) */
     void *fn;                   /* ct_c_func, or PyObject* callable (owned) */
-    void *arg;                  /* C data, or PyObject* args tuple or NULL (owned) */
-    void *kwargs;               /* PyObject* dict or NULL (owned) */
+    void *arg;                  /* C data, or PyObject* args tuple or NULL (owned); with
+                                   CT_F_KWNAMES its last item is the tuple of keyword names */
     void *value;                /* PyObject*: callbacks before the end, then result or exception */
     void *cfg;                  /* PyObject* TaskConfig (owned) or NULL: retries, timeout */
     uint64_t id;

@@ -9,12 +9,14 @@
  *
  * Reference ownership of a queued Python task's node:
  *   fn      the callable (strong)
- *   arg     a tuple of positional values followed by keyword values, or NULL (strong)
- *   kwargs  the tuple of keyword names (vectorcall's kwnames; usually the caller's constant
- *           tuple, so a keyword call costs no dict), or NULL (strong)
+ *   arg     a tuple of positional values followed by keyword values, or NULL (strong);
+ *           with CT_F_KWNAMES its last item is the tuple of keyword names (vectorcall's
+ *           kwnames; usually the caller's constant tuple, so a keyword call costs no dict and
+ *           the node no field)
  *   value   before the end: a list of callbacks, or NULL; after: the result or the
  *           exception, kept only while someone can look at it (strong)
- * All four are dropped by hook_release, with the GIL, when the last reference goes.
+ *   cfg     the TaskConfig when it changes how the task runs, or NULL (strong)
+ * All are dropped by hook_release, with the GIL, when the last reference goes.
  *
  * GIL rules: a worker takes the GIL once per batch (hook_run_batch) with the thread state it
  * created when it started, and never waits for a core lock while holding it (the core locks
@@ -158,7 +160,6 @@ static void hook_release(ct_task *t) {
         Py_CLEAR(t->fn);
         Py_CLEAR(t->arg);
     }
-    Py_CLEAR(t->kwargs);
     Py_CLEAR(t->value);
     Py_CLEAR(t->cfg);
     if (st & CT_F_HISTORY) {
@@ -181,10 +182,11 @@ static void hook_thread_stop(ct_worker *w) {
 }
 
 static ResultObject *result_wrap(EngineObject *eng, ct_task *t);
+static void gate_done(PyObject *gate, int status);
 
 /* Run the callbacks list taken from a finished node (GIL held). Entries are (fn, mode):
  * mode 0 = add_callback (called with the value, on success only), 1 = done callback (called
- * with a TaskResult, whatever the outcome). A raising callback is reported, never raised. */
+ * with a TaskResult, whatever the outcome), 2 = a workflow Gate (gate_done). A raising callback is reported, never raised. */
 static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int status, PyObject *value) {
     Py_ssize_t n = PyList_GET_SIZE(cbs);
     ResultObject *handle = NULL;
@@ -193,6 +195,10 @@ static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int stat
         PyObject *fn = PyTuple_GET_ITEM(entry, 0);
         long mode = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
         PyObject *r = NULL;
+        if (mode == 2) {   /* a workflow gate: counts down its dependents, in C */
+            gate_done(fn, status);
+            continue;
+        }
         if (mode == 0) {
             if (status != CT_SUCCEEDED) continue;
             r = PyObject_CallOneArg(fn, value ? value : Py_None);
@@ -267,7 +273,6 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
-        Py_CLEAR(t->kwargs);
     }
     if (eng) {
         ct_task_finish(eng->e, t, status);
@@ -393,9 +398,12 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         res = Py_None;
         Py_INCREF(res);
     } else {
-        PyObject *a = (PyObject *)t->arg, *kw = (PyObject *)t->kwargs;
-        Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0;
-        Py_ssize_t nkw = kw ? PyTuple_GET_SIZE(kw) : 0;
+        PyObject *a = (PyObject *)t->arg, *kw = NULL;
+        Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0, nkw = 0;
+        if (atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_KWNAMES) {
+            kw = PyTuple_GET_ITEM(a, --n);
+            nkw = PyTuple_GET_SIZE(kw);
+        }
         tl_current = t;
         tl_current_engine = eng;
         res = PyObject_Vectorcall((PyObject *)t->fn, a ? &PyTuple_GET_ITEM(a, 0) : NULL, (size_t)(n - nkw), kw);
@@ -606,26 +614,79 @@ static void hook_run_batch(ct_worker *w) {
 /* ------------------------------------------------------------------ TaskResult */
 
 static ResultObject *result_wrap(EngineObject *eng, ct_task *t) {
-    ResultObject *r = PyObject_New(ResultObject, &Result_Type);
+    ResultObject *r = PyObject_GC_New(ResultObject, &Result_Type);
     if (!r) return NULL;
     ct_task_incref(t);
     r->t = t;
     r->engine = eng;
     Py_XINCREF(eng);
-    return r;
+    return r;   /* not tracked by the cycle collector until it can be part of a cycle */
+}
+
+/* A handle joins the cycle collector only once it hands out something that can lead back to
+ * it: the task's exception (its traceback will hold the caller's frame) or a container value.
+ * Tracking every handle at creation would make the collector walk every queued task: 40%
+ * of the no-op throughput, measured. */
+static inline void result_track(ResultObject *self) {
+    if (!PyObject_GC_IsTracked((PyObject *)self)) PyObject_GC_Track(self);
+}
+
+/* The cycle collector sees through a handle into its node only while the handle is the node's
+ * sole owner (the task is over and the engine has dropped it): the node's objects then belong
+ * to this handle alone. That is the case that matters: a failed task's exception, re-raised by
+ * wait() in a function that holds the handle, gets that function's frame in its traceback, so
+ * handle -> node -> exception -> traceback -> frame -> handle, a cycle that would otherwise
+ * never be freed. The owner count only falls while the handle exists (new handles are made
+ * with the GIL held, as the collector runs), so a traversal can only see more, never less, in
+ * its second pass: the collector stays conservative. */
+static int node_is_ours(ResultObject *self) {
+    ct_task *t = self->t;
+    if (!t || t->kind == CT_KIND_C) return 0;
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    /* (once a node is final, its value is its outcome: every path that ends a node takes the
+     * callbacks list out of it before any Python code can run) */
+    return atomic_load_explicit(&t->refs, memory_order_acquire) == 1 && CT_IS_TERMINAL(st);
+}
+
+static int Result_traverse(ResultObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->engine);
+    if (node_is_ours(self)) {
+        ct_task *t = self->t;
+        if (t->kind != CT_KIND_PY_C) {
+            Py_VISIT((PyObject *)t->fn);
+            Py_VISIT((PyObject *)t->arg);
+        }
+        Py_VISIT((PyObject *)t->value);
+        Py_VISIT((PyObject *)t->cfg);
+    }
+    return 0;
+}
+
+static int Result_clear(ResultObject *self) {
+    if (node_is_ours(self)) {
+        ct_task *t = self->t;
+        if (t->kind != CT_KIND_PY_C) {
+            Py_CLEAR(t->fn);
+            Py_CLEAR(t->arg);
+        }
+        Py_CLEAR(t->value);
+        Py_CLEAR(t->cfg);
+    }
+    return 0;
 }
 
 /* Last reference of a detached node (no engine): the same clean-up as an engine's. */
 static ct_hooks detached_hooks = {.release = hook_release};
 
 static void Result_dealloc(ResultObject *self) {
+    PyObject_GC_UnTrack(self);
     if (self->t) {
         ct_task *t = self->t;
         self->t = NULL;
         ct_task_decref(self->engine ? &self->engine->e->hooks : &detached_hooks, t);
     }
     Py_XDECREF(self->engine);
-    PyObject_Free(self);
+    PyObject_GC_Del(self);
 }
 
 static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fname) {
@@ -677,6 +738,7 @@ static PyObject *node_outcome(ResultObject *self) {
     switch (s) {
     case CT_SUCCEEDED:
         if (!v) v = Py_None;
+        if (PyObject_GC_IsTracked(v)) result_track(self);
         Py_INCREF(v);
         return v;
     case CT_CANCELLED: {
@@ -687,6 +749,7 @@ static PyObject *node_outcome(ResultObject *self) {
     }
     default:
         if (v && PyExceptionInstance_Check(v)) {
+            result_track(self);
             PyErr_SetObject((PyObject *)Py_TYPE(v), v);
         } else {
             PyObject *id = format_id(t->id);
@@ -1004,7 +1067,7 @@ static PyObject *mod_detached(PyObject *m, PyObject *unused) {
     t->kind = CT_KIND_DETACHED;
     atomic_store(&t->state, CT_RUNNING);
     ts_store(&t->t_enqueue, ct_now_ns());
-    ResultObject *r = PyObject_New(ResultObject, &Result_Type);
+    ResultObject *r = PyObject_GC_New(ResultObject, &Result_Type);
     if (!r) {
         ct_task_decref(&detached_hooks, t);
         return NULL;
@@ -1049,8 +1112,10 @@ static PyTypeObject Result_Type = {
     .tp_dealloc = (destructor)Result_dealloc,
     .tp_repr = (reprfunc)Result_repr,
     .tp_as_async = &Result_async,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The handle of one task: its id, status and outcome.\n\nTaskResult(task_id) finds a live task by id.",
+    .tp_traverse = (traverseproc)Result_traverse,
+    .tp_clear = (inquiry)Result_clear,
     .tp_methods = Result_methods,
     .tp_getset = Result_getset,
     .tp_new = Result_new,
@@ -1317,18 +1382,22 @@ static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *cons
     if (!t) return PyErr_NoMemory();
     PyObject *arg = NULL;
     if (nvalues > 0) {
-        arg = PyTuple_New(nvalues);
+        /* keyword names ride at the end of the values (one object less per task) */
+        arg = PyTuple_New(nvalues + (kwnames != NULL));
         if (!arg) goto fail_node;
         for (Py_ssize_t i = 0; i < nvalues; i++) {
             Py_INCREF(values[i]);
             PyTuple_SET_ITEM(arg, i, values[i]);
         }
+        if (kwnames) {
+            Py_INCREF(kwnames);
+            PyTuple_SET_ITEM(arg, nvalues, kwnames);
+            atomic_store_explicit(&t->state, CT_PENDING | CT_F_KWNAMES, memory_order_relaxed);
+        }
     }
     Py_INCREF(func);
-    Py_XINCREF(kwnames);
     t->fn = func;
     t->arg = arg;
-    t->kwargs = kwnames;
     t->kind = CT_KIND_PY;
     t->priority = (uint8_t)priority;
     /* Only a config that changes how the task runs is kept on the node (priority alone is
@@ -1733,6 +1802,430 @@ static PyObject *Engine_scaler_rearm(EngineObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ Gate (workflow steps)
+ *
+ * A Gate is a task that waits for other tasks: a workflow step held back until `pending`
+ * dependencies have succeeded. The dependency's worker releases it in C, in its completion
+ * path (run_callbacks, callback mode 2): it counts the gate down and queues it when it reaches
+ * zero, with no Python frame. Python (workflows.py) builds the gates, wires them, fires the
+ * ones without dependencies, and hears only of the rare events through on_fail(gate, exc):
+ * the gate's task ended unsuccessfully (exc None: read gate.result), or a released gate could
+ * not be queued (exc: QueueFull, RuntimeError after shutdown, ...).
+ *
+ * Every field is read and written with the GIL held (completion paths of Python-visible
+ * tasks hold it), so a gate's state needs no atomics: 0 waiting, 1 queued, 2 cancelled. */
+
+typedef struct GateObject {
+    PyObject_HEAD
+    EngineObject *engine;
+    PyObject *func;
+    PyObject *values;       /* tuple: positional values, then keyword values */
+    PyObject *kwnames;      /* tuple of keyword names, or NULL */
+    PyObject *fills;        /* tuple of (index in values, Gate | tuple of Gates), or NULL */
+    PyObject *dependents;   /* tuple of Gates released by this one's success, or NULL */
+    PyObject *on_fail;
+    PyObject *result;       /* the TaskResult once queued */
+    Py_ssize_t pending;
+    Py_ssize_t step;        /* the caller's tag (the step's index) */
+    int state;
+} GateObject;
+
+static PyTypeObject Gate_Type;
+
+static PyObject *gate_value(PyObject *g) {
+    PyObject *r = ((GateObject *)g)->result;
+    if (!r) return NULL;
+    ct_task *t = ((ResultObject *)r)->t;
+    if (ct_task_status(t) != CT_SUCCEEDED) return NULL;
+    return t->value ? (PyObject *)t->value : Py_None;
+}
+
+/* Queue the gate's task. 1 queued, 0 no room (QueueFull set), -1 another error (set). */
+static int gate_enqueue(GateObject *g) {
+    PyObject *values = g->values;
+    PyObject *filled = NULL;
+    if (g->fills) {
+        Py_ssize_t n = PyTuple_GET_SIZE(values);
+        filled = PyTuple_New(n);
+        if (!filled) return -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_INCREF(PyTuple_GET_ITEM(values, i));
+            PyTuple_SET_ITEM(filled, i, PyTuple_GET_ITEM(values, i));
+        }
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(g->fills); k++) {
+            PyObject *f = PyTuple_GET_ITEM(g->fills, k);
+            Py_ssize_t at = PyLong_AsSsize_t(PyTuple_GET_ITEM(f, 0));
+            PyObject *src = PyTuple_GET_ITEM(f, 1), *v;
+            if (Py_IS_TYPE(src, &Gate_Type)) {
+                v = gate_value(src);
+                if (!v) goto not_ready;
+                Py_INCREF(v);
+            } else {
+                Py_ssize_t m = PyTuple_GET_SIZE(src);
+                v = PyList_New(m);
+                if (!v) goto fail;
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    PyObject *x = gate_value(PyTuple_GET_ITEM(src, i));
+                    if (!x) {
+                        Py_DECREF(v);
+                        goto not_ready;
+                    }
+                    Py_INCREF(x);
+                    PyList_SET_ITEM(v, i, x);
+                }
+            }
+            Py_SETREF(PyTuple_GET_ITEM(filled, at), v);
+        }
+        values = filled;
+    }
+    {
+        ConfigObject *cfg = lookup_config(g->func);
+        PyObject *r = enqueue(g->engine, g->func, &PyTuple_GET_ITEM(values, 0), PyTuple_GET_SIZE(values),
+                              g->kwnames, cfg ? cfg->priority : 2, cfg, 0);
+        Py_XDECREF(filled);
+        if (!r) return PyErr_ExceptionMatches(QueueFullError) ? 0 : -1;
+        g->result = r;
+        g->state = 1;
+        return 1;
+    }
+not_ready:
+    PyErr_SetString(PyExc_RuntimeError, "a workflow step was released before the results it takes");
+fail:
+    Py_XDECREF(filled);
+    return -1;
+}
+
+/* Tell Python that the gate failed (exc NULL: its task ended unsuccessfully). */
+static void gate_report(GateObject *g, PyObject *exc) {
+    PyObject *r = PyObject_CallFunctionObjArgs(g->on_fail, (PyObject *)g, exc ? exc : Py_None, NULL);
+    if (!r) {
+        PyObject *e = fetch_exception();
+        report_error("callback", g->on_fail, e);
+        Py_XDECREF(e);
+    }
+    Py_XDECREF(r);
+}
+
+static int attach_callback(ct_task *t, PyObject *fn, int mode);
+static void gate_done(PyObject *gobj, int status);
+
+/* Queue the gate's task and hook its end to gate_done. 1 queued, 0 no room, -1 error (set). */
+static int gate_start(GateObject *g) {
+    int rc = gate_enqueue(g);
+    if (rc <= 0) return rc;
+    /* The GIL is held from the enqueue to here: a Python task cannot end in between, but
+     * attach_callback still says so if it has (then its outcome is handled now). */
+    ct_task *t = ((ResultObject *)g->result)->t;
+    int a = attach_callback(t, (PyObject *)g, 2);
+    if (a < 0) return -1;
+    if (a == 1) gate_done((PyObject *)g, (int)ct_task_status(t));
+    return 1;
+}
+
+/* The last dependency succeeded (GIL held, in the completion path): queue, or report. */
+static void gate_release(GateObject *g) {
+    Py_INCREF(g);
+    if (gate_start(g) <= 0) {
+        PyObject *exc = fetch_exception();
+        gate_report(g, exc);
+        Py_XDECREF(exc);
+    }
+    Py_DECREF(g);
+}
+
+/* Callback mode 2 of a node: the gate's task ended with status. */
+static void gate_done(PyObject *gobj, int status) {
+    GateObject *g = (GateObject *)gobj;
+    if (status != CT_SUCCEEDED) {
+        gate_report(g, NULL);
+        return;
+    }
+    if (!g->dependents) return;
+    Py_ssize_t n = PyTuple_GET_SIZE(g->dependents);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        GateObject *d = (GateObject *)PyTuple_GET_ITEM(g->dependents, i);
+        if (d->state == 0 && --d->pending == 0) gate_release(d);
+    }
+}
+
+/* gate._fire() -> bool: queue it now (a step without dependencies, or one parked on a full
+ * engine). False: no room (QueueFull); other errors raise. Once queued, its end counts down
+ * its dependents. */
+static PyObject *Gate_fire(GateObject *g, PyObject *unused) {
+    if (g->state != 0) {
+        PyErr_SetString(PyExc_RuntimeError, g->state == 1 ? "this step is already queued" : "this step was cancelled");
+        return NULL;
+    }
+    int rc = gate_start(g);
+    if (rc < 0) return NULL;
+    if (rc == 0) {
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Gate_cancel(GateObject *g, PyObject *unused) {
+    if (g->state == 0) {
+        g->state = 2;
+        Py_RETURN_TRUE;
+    }
+    if (g->state == 1 && !CT_IS_TERMINAL(atomic_load(&((ResultObject *)g->result)->t->state)))
+        return PyObject_CallMethod(g->result, "cancel", NULL);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Gate_wire(GateObject *g, PyObject *args) {
+    PyObject *deps, *fills;
+    if (!PyArg_ParseTuple(args, "OO:_wire", &deps, &fills)) return NULL;
+    if ((deps != Py_None && !PyTuple_Check(deps)) || (fills != Py_None && !PyTuple_Check(fills))) {
+        PyErr_SetString(PyExc_TypeError, "_wire(dependents: tuple | None, fills: tuple | None)");
+        return NULL;
+    }
+    if (deps != Py_None)
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(deps); i++)
+            if (!Py_IS_TYPE(PyTuple_GET_ITEM(deps, i), &Gate_Type)) {
+                PyErr_SetString(PyExc_TypeError, "dependents must be gates");
+                return NULL;
+            }
+    if (fills != Py_None)
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(fills); i++) {
+            PyObject *f = PyTuple_GET_ITEM(fills, i);
+            Py_ssize_t at;
+            if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2 ||
+                (at = PyLong_AsSsize_t(PyTuple_GET_ITEM(f, 0))) < 0 || at >= PyTuple_GET_SIZE(g->values)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "fills: (index into values, gate or tuple of gates)");
+                return NULL;
+            }
+            PyObject *src = PyTuple_GET_ITEM(f, 1);
+            int ok = Py_IS_TYPE(src, &Gate_Type);
+            if (!ok && PyTuple_Check(src)) {
+                ok = 1;
+                for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(src); k++)
+                    ok &= Py_IS_TYPE(PyTuple_GET_ITEM(src, k), &Gate_Type);
+            }
+            if (!ok) {
+                PyErr_SetString(PyExc_TypeError, "fills: (index into values, gate or tuple of gates)");
+                return NULL;
+            }
+        }
+    Py_XSETREF(g->dependents, deps == Py_None ? NULL : Py_NewRef(deps));
+    Py_XSETREF(g->fills, fills == Py_None ? NULL : Py_NewRef(fills));
+    Py_RETURN_NONE;
+}
+
+static PyObject *gate_new(EngineObject *self, PyObject *func, PyObject *values, PyObject *kwnames, Py_ssize_t pending,
+                          PyObject *on_fail, Py_ssize_t step) {
+    if (!PyCallable_Check(func)) return not_callable(func), NULL;
+    if (!PyTuple_Check(values)) {
+        PyErr_SetString(PyExc_TypeError, "_gate: values must be a tuple");
+        return NULL;
+    }
+    if (kwnames != Py_None && (!PyTuple_Check(kwnames) || PyTuple_GET_SIZE(kwnames) > PyTuple_GET_SIZE(values))) {
+        PyErr_SetString(PyExc_TypeError, "_gate: kwnames must be a tuple of names (the last values) or None");
+        return NULL;
+    }
+    if (pending < 0 || !PyCallable_Check(on_fail)) {
+        PyErr_SetString(PyExc_ValueError, "_gate: pending >= 0 and a callable on_fail(gate, exc)");
+        return NULL;
+    }
+    GateObject *g = PyObject_GC_New(GateObject, &Gate_Type);
+    if (!g) return NULL;
+    g->engine = (EngineObject *)Py_NewRef(self);
+    g->func = Py_NewRef(func);
+    g->values = Py_NewRef(values);
+    g->kwnames = kwnames == Py_None || PyTuple_GET_SIZE(kwnames) == 0 ? NULL : Py_NewRef(kwnames);
+    g->fills = g->dependents = g->result = NULL;
+    g->on_fail = Py_NewRef(on_fail);
+    g->pending = pending;
+    g->step = step;
+    g->state = 0;
+    PyObject_GC_Track(g);
+    return (PyObject *)g;
+}
+
+/* Engine._gate(func, values: tuple, kwnames: tuple | None, pending: int, on_fail, step: int) */
+static PyObject *Engine_gate(EngineObject *self, PyObject *args) {
+    PyObject *func, *values, *kwnames, *on_fail;
+    Py_ssize_t pending, step;
+    if (CT_UNLIKELY(!self->e) && engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOnOn:_gate", &func, &values, &kwnames, &pending, &on_fail, &step)) return NULL;
+    return gate_new(self, func, values, kwnames, pending, on_fail, step);
+}
+
+/* Engine._gates(funcs, values, kwnames, pending, dependents, fills, on_fail) -> list of Gates.
+ * One call builds a whole workflow execution: per step j, funcs[j], values[j] (tuple),
+ * kwnames[j] (tuple or None), pending[j] (int), dependents[j] (tuple of step indices) and
+ * fills[j] (None or ((index into values, step index | tuple of step indices), ...)). */
+static PyObject *Engine_gates(EngineObject *self, PyObject *args) {
+    PyObject *funcs, *values, *kwnames, *pending, *deps, *fills, *on_fail;
+    if (CT_UNLIKELY(!self->e) && engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O:_gates", &PyTuple_Type, &funcs, &PyTuple_Type, &values, &PyTuple_Type,
+                          &kwnames, &PyTuple_Type, &pending, &PyTuple_Type, &deps, &PyTuple_Type, &fills, &on_fail))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(funcs);
+    if (PyTuple_GET_SIZE(values) != n || PyTuple_GET_SIZE(kwnames) != n || PyTuple_GET_SIZE(pending) != n ||
+        PyTuple_GET_SIZE(deps) != n || PyTuple_GET_SIZE(fills) != n) {
+        PyErr_SetString(PyExc_ValueError, "_gates: every array needs one entry per step");
+        return NULL;
+    }
+    PyObject *gates = PyList_New(n);
+    if (!gates) return NULL;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t pj = PyLong_AsSsize_t(PyTuple_GET_ITEM(pending, j));
+        if (pj == -1 && PyErr_Occurred()) goto fail;
+        PyObject *g = gate_new(self, PyTuple_GET_ITEM(funcs, j), PyTuple_GET_ITEM(values, j),
+                               PyTuple_GET_ITEM(kwnames, j), pj, on_fail, j);
+        if (!g) goto fail;
+        PyList_SET_ITEM(gates, j, g);
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        GateObject *g = (GateObject *)PyList_GET_ITEM(gates, j);
+        PyObject *dj = PyTuple_GET_ITEM(deps, j), *fj = PyTuple_GET_ITEM(fills, j);
+        if (!PyTuple_Check(dj) || (fj != Py_None && !PyTuple_Check(fj))) {
+            PyErr_SetString(PyExc_TypeError, "_gates: dependents[j] is a tuple, fills[j] a tuple or None");
+            goto fail;
+        }
+        Py_ssize_t nd = PyTuple_GET_SIZE(dj);
+        if (nd) {
+            PyObject *t = PyTuple_New(nd);
+            if (!t) goto fail;
+            for (Py_ssize_t i = 0; i < nd; i++) {
+                Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(dj, i));
+                if (k < 0 || k >= n) {
+                    Py_DECREF(t);
+                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "_gates: a dependent out of range");
+                    goto fail;
+                }
+                PyTuple_SET_ITEM(t, i, Py_NewRef(PyList_GET_ITEM(gates, k)));
+            }
+            g->dependents = t;
+        }
+        if (fj == Py_None) continue;
+        Py_ssize_t nf = PyTuple_GET_SIZE(fj);
+        PyObject *ft = PyTuple_New(nf);
+        if (!ft) goto fail;
+        g->fills = ft;
+        for (Py_ssize_t i = 0; i < nf; i++) {
+            PyObject *f = PyTuple_GET_ITEM(fj, i), *src, *out;
+            Py_ssize_t at;
+            if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2 || (at = PyLong_AsSsize_t(PyTuple_GET_ITEM(f, 0))) < 0 ||
+                at >= PyTuple_GET_SIZE(g->values)) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_gates: a fill out of range");
+                goto fail;
+            }
+            src = PyTuple_GET_ITEM(f, 1);
+            if (PyLong_Check(src)) {
+                Py_ssize_t k = PyLong_AsSsize_t(src);
+                if (k < 0 || k >= n) {
+                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "_gates: a fill source out of range");
+                    goto fail;
+                }
+                out = Py_NewRef(PyList_GET_ITEM(gates, k));
+            } else if (PyTuple_Check(src)) {
+                Py_ssize_t m = PyTuple_GET_SIZE(src);
+                out = PyTuple_New(m);
+                if (!out) goto fail;
+                for (Py_ssize_t q = 0; q < m; q++) {
+                    Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(src, q));
+                    if (k < 0 || k >= n) {
+                        Py_DECREF(out);
+                        if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "_gates: a fill source out of range");
+                        goto fail;
+                    }
+                    PyTuple_SET_ITEM(out, q, Py_NewRef(PyList_GET_ITEM(gates, k)));
+                }
+            } else {
+                PyErr_SetString(PyExc_TypeError, "_gates: a fill source is a step index or a tuple of them");
+                goto fail;
+            }
+            PyObject *pair = PyTuple_New(2);
+            if (!pair) {
+                Py_DECREF(out);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(pair, 0, Py_NewRef(PyTuple_GET_ITEM(f, 0)));
+            PyTuple_SET_ITEM(pair, 1, out);
+            PyTuple_SET_ITEM(ft, i, pair);
+        }
+    }
+    return gates;
+fail:
+    Py_DECREF(gates);  /* the gates' cycles are collected by the GC */
+    return NULL;
+}
+
+static int Gate_traverse(GateObject *g, visitproc visit, void *arg) {
+    Py_VISIT(g->engine);
+    Py_VISIT(g->func);
+    Py_VISIT(g->values);
+    Py_VISIT(g->fills);
+    Py_VISIT(g->dependents);
+    Py_VISIT(g->on_fail);
+    Py_VISIT(g->result);
+    return 0;
+}
+
+static int Gate_clear(GateObject *g) {
+    Py_CLEAR(g->func);
+    Py_CLEAR(g->values);
+    Py_CLEAR(g->kwnames);
+    Py_CLEAR(g->fills);
+    Py_CLEAR(g->dependents);
+    Py_CLEAR(g->on_fail);
+    Py_CLEAR(g->result);
+    Py_CLEAR(g->engine);
+    return 0;
+}
+
+static void Gate_dealloc(GateObject *g) {
+    PyObject_GC_UnTrack(g);
+    Gate_clear(g);
+    PyObject_GC_Del(g);
+}
+
+static PyObject *Gate_get_result(GateObject *g, void *unused) { return Py_NewRef(g->result ? g->result : Py_None); }
+static PyObject *Gate_get_value(GateObject *g, void *unused) {
+    PyObject *v = gate_value((PyObject *)g);
+    if (!v) {
+        PyErr_SetString(PyExc_RuntimeError, "this step has not succeeded");
+        return NULL;
+    }
+    return Py_NewRef(v);
+}
+static PyObject *Gate_get_step(GateObject *g, void *unused) { return PyLong_FromSsize_t(g->step); }
+static PyObject *Gate_get_pending(GateObject *g, void *unused) { return PyLong_FromSsize_t(g->pending); }
+static PyObject *Gate_get_state(GateObject *g, void *unused) { return PyLong_FromLong(g->state); }
+
+static PyMethodDef Gate_methods[] = {
+    {"_fire", (PyCFunction)Gate_fire, METH_NOARGS, NULL},
+    {"_wire", (PyCFunction)Gate_wire, METH_VARARGS, NULL},
+    {"cancel", (PyCFunction)Gate_cancel, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyGetSetDef Gate_getset[] = {
+    {"result", (getter)Gate_get_result, NULL, NULL, NULL},
+    {"value", (getter)Gate_get_value, NULL, NULL, NULL},
+    {"step", (getter)Gate_get_step, NULL, NULL, NULL},
+    {"pending", (getter)Gate_get_pending, NULL, NULL, NULL},
+    {"state", (getter)Gate_get_state, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject Gate_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "catzilla_tasks._engine.Gate",
+    .tp_basicsize = sizeof(GateObject),
+    .tp_dealloc = (destructor)Gate_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A workflow step released in C by its last dependency (private; see workflows.py).",
+    .tp_traverse = (traverseproc)Gate_traverse,
+    .tp_clear = (inquiry)Gate_clear,
+    .tp_methods = Gate_methods,
+    .tp_getset = Gate_getset,
+};
+
 static PyMethodDef Engine_methods[] = {
     {"_monitor_raw", (PyCFunction)Engine_monitor_raw, METH_NOARGS, NULL},
     {"_add_worker", (PyCFunction)Engine_add_worker, METH_NOARGS, NULL},
@@ -1744,6 +2237,8 @@ static PyMethodDef Engine_methods[] = {
      "add_task(func, *args, **kwargs) -> TaskResult\n\nQueue func(*args, **kwargs). Every keyword goes to "
      "func; the task's config comes from its @task decorator (override per call with options(...))."},
     {"_submit", (PyCFunction)Engine_submit, METH_VARARGS, NULL},
+    {"_gate", (PyCFunction)Engine_gate, METH_VARARGS, NULL},
+    {"_gates", (PyCFunction)Engine_gates, METH_VARARGS, NULL},
     {"submit_c", (PyCFunction)Engine_submit_c, METH_VARARGS,
      "submit_c(fn_address, data_address, priority=2) -> TaskResult\n\nQueue a C function void fn(void *data), "
      "run on a worker with no GIL."},
@@ -1900,7 +2395,8 @@ PyMODINIT_FUNC PyInit__engine(void) {
         PyErr_SetString(PyExc_ImportError, "catzilla_tasks: could not initialise the node allocator");
         return NULL;
     }
-    if (PyType_Ready(&Engine_Type) < 0 || PyType_Ready(&Result_Type) < 0 || PyType_Ready(&Config_Type) < 0)
+    if (PyType_Ready(&Engine_Type) < 0 || PyType_Ready(&Result_Type) < 0 || PyType_Ready(&Config_Type) < 0 ||
+        PyType_Ready(&Gate_Type) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
