@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Coroutine, TypeVar, overload
 
-from . import _engine, isolation  # isolation before our atexit hook: its pool must outlive our drain
+from . import _engine, _signals, isolation  # isolation before our atexit hook: its pool must outlive our drain
 from .config import TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
@@ -277,6 +277,8 @@ class BackgroundTasks(_engine.Engine):
     returns its TaskResult at once; the engine runs it on a worker thread (an ``async def``
     runs on the engine's event-loop thread). Use it as a context manager, or call
     ``shutdown()``: queued work runs before the engine stops (also at interpreter exit).
+    Created in the main thread, it also makes SIGTERM run the queued work before the process
+    exits (``handle_sigterm=False`` or ``CATZILLA_TASKS_SIGTERM=0`` turns that off).
     """
 
     def __init__(
@@ -291,6 +293,7 @@ class BackgroundTasks(_engine.Engine):
         aging_ms: float = 100.0,
         exit_timeout: float | None = 30.0,
         name: str = "catzilla-tasks",
+        handle_sigterm: bool = True,
     ) -> None:
         cpus = os.cpu_count() or 1
         if isolation.in_pool_child():
@@ -344,6 +347,9 @@ class BackgroundTasks(_engine.Engine):
         self.process_workers = os.cpu_count() or 1
         self._shutdown_done = False
         _live.add(self)
+        # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
+        if _signals.enabled(handle_sigterm) and not isolation.in_pool_child():
+            _signals.install(lambda: list(_live))
 
     # -- registration -------------------------------------------------------------------
     @overload

@@ -1,0 +1,82 @@
+"""Catzilla (both patterns) and FastAPI on uvicorn, as real servers in subprocesses.
+
+Each test: routes enqueue tasks of several priorities over HTTP; the tasks' side effects (lines
+in a file) and /tasks/stats are checked; SIGTERM with tasks still queued must run them all
+before the process exits. The server has one worker held by a blocker task while the others
+are queued, so "still queued" and the priority order are facts, not timing luck.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("catzilla", reason="the [catzilla] extra (catzilla==0.2.3) is in the test extra")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+APP = "tests/integration/server_app.py"
+MODES = ["catzilla_plain", "catzilla_enable", "fastapi"]
+# POST order; the only worker is blocked meanwhile, so they run by priority, FIFO within one
+JOBS = [("low", "a"), ("normal", "b"), ("high", "c"), ("critical", "d"), ("low", "e"), ("high", "f")]
+EXPECTED_ORDER = ["critical d", "high c", "high f", "normal b", "low a", "low e"]
+
+
+def _block_worker(srv, seconds: float) -> None:
+    srv.json("POST", f"/block?s={seconds}")
+    # the blocker has left the queue and holds the only worker
+    srv.wait_stats(lambda s: s["totals"]["submitted"] == 1 and s["queue_metrics"]["total_queued"] == 0
+                   and s["worker_metrics"]["active_workers"] == 1, "the blocker to start")
+
+
+def _queue_jobs(srv) -> None:
+    for prio, key in JOBS:
+        body = srv.json("POST", f"/jobs/{prio}/{key}")
+        assert body["status"] == "queued" and body["task_id"]
+    q = srv.stats()["queue_metrics"]
+    assert (q["critical_queue_size"], q["high_queue_size"], q["normal_queue_size"], q["low_queue_size"]) == (1, 2, 1, 2)
+    assert q["total_queued"] == 6
+
+
+def _lines(out: Path) -> list[str]:
+    return out.read_text().splitlines() if out.exists() else []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_routes_enqueue_tasks_that_run_by_priority(mode, start_server, tmp_path):
+    out = tmp_path / "out.txt"
+    srv = start_server(APP, mode, "{port}", str(out))
+    _block_worker(srv, 60)
+    _queue_jobs(srv)
+    assert _lines(out) == []
+    assert srv.json("POST", "/release") == {"released": True}
+    s = srv.wait_stats(lambda s: s["totals"]["succeeded"] == 7, "all 7 tasks to succeed")
+    assert _lines(out) == EXPECTED_ORDER
+    assert s["totals"]["submitted"] == 7 and s["totals"]["failed"] == 0
+    assert s["queue_metrics"]["total_queued"] == 0
+    assert s["performance_metrics"]["p99_execution_time_ms"] > 0
+
+    status, ctype, page = srv.request("GET", "/tasks/dashboard/")
+    assert status == 200 and ctype.startswith("text/html") and b"<html" in page
+    assert srv.json("GET", "/tasks/dashboard/stats.json")["totals"]["succeeded"] == 7
+    status, ctype, metrics = srv.request("GET", "/tasks/metrics")
+    assert status == 200 and b"catzilla_tasks_tasks_succeeded_total" in metrics
+
+    assert srv.terminate() in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_runs_every_queued_task_before_exit(mode, start_server, tmp_path):
+    out = tmp_path / "out.txt"
+    srv = start_server(APP, mode, "{port}", str(out))
+    _block_worker(srv, 1.5)  # not released: it ends after 1.5 s, while the process is stopping
+    _queue_jobs(srv)
+    rc = srv.terminate()
+    log = srv.output()
+    assert _lines(out) == EXPECTED_ORDER, log
+    assert "Traceback" not in log, log
+    # Catzilla returns from listen() and exits normally; uvicorn re-raises SIGTERM after its shutdown
+    assert rc in (0, -signal.SIGTERM), (rc, log)
