@@ -8,15 +8,10 @@ are queued, so "still queued" and the priority order are facts, not timing luck.
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("catzilla", reason="the [catzilla] extra (catzilla==0.2.3) is in the test extra")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 APP = "tests/integration/server_app.py"
 MODES = ["catzilla_plain", "catzilla_enable", "fastapi"]
@@ -80,3 +75,17 @@ def test_sigterm_runs_every_queued_task_before_exit(mode, start_server, tmp_path
     assert "Traceback" not in log, log
     # Catzilla returns from listen() and exits normally; uvicorn re-raises SIGTERM after its shutdown
     assert rc in (0, -signal.SIGTERM), (rc, log)
+
+
+@pytest.mark.parametrize("example", ["examples/catzilla_app.py", "examples/fastapi_app.py"])
+def test_examples_serve_the_seed_routes(example, start_server):
+    srv = start_server(example, "--port", "{port}")
+    for i in range(3):
+        body = srv.json("POST", f"/users/7/notify?message=hi{i}")
+        assert body["status"] == "queued" and body["task_id"]
+    srv.wait_stats(lambda s: s["totals"]["succeeded"] == 3, "the 3 notifications")
+    got = srv.json("GET", "/users/7/notifications")
+    assert got["count"] == 3 and sorted(got["messages"]) == ["hi0", "hi1", "hi2"]
+    status, ctype, page = srv.request("GET", "/tasks/dashboard/")
+    assert status == 200 and b"<html" in page
+    assert srv.terminate() in (0, -signal.SIGTERM), srv.output()

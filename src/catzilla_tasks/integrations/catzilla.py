@@ -61,10 +61,11 @@ def mount_routes(
     tasks: BackgroundTasks | None = None,
     *,
     prefix: str = "/tasks",
+    stats: bool = True,
     dashboard: bool = True,
     metrics: bool = True,
 ) -> list[str]:
-    """Add ``<prefix>/stats`` (JSON) and, if asked, the dashboard and ``/metrics`` routes.
+    """Add ``<prefix>/stats`` (JSON), the dashboard and ``/metrics`` routes (each can be left out).
 
     ``tasks`` defaults to ``app.tasks`` as it is when a request comes (so the routes can be
     added before the engine). Returns the paths added. Call it before ``app.listen()``.
@@ -83,7 +84,9 @@ def mount_routes(
             )
         return eng.monitor.get_stats()
 
-    routes: dict[str, Callable[[Any], Any]] = {f"{base}/stats": lambda request: _reply(stats_response(engine))}
+    routes: dict[str, Callable[[Any], Any]] = {}
+    if stats:
+        routes[f"{base}/stats"] = lambda request: _reply(stats_response(engine))
     if dashboard:
         routes[f"{base}/dashboard/"] = lambda request: _reply(dashboard_response())
         routes[f"{base}/dashboard/stats.json"] = lambda request: _reply(stats_response(engine))
