@@ -294,6 +294,7 @@ class BackgroundTasks(_engine.Engine):
         exit_timeout: float | None = 30.0,
         name: str = "catzilla-tasks",
         handle_sigterm: bool = True,
+        broker: Any = None,
     ) -> None:
         cpus = os.cpu_count() or 1
         if isolation.in_pool_child():
@@ -350,6 +351,12 @@ class BackgroundTasks(_engine.Engine):
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
         if _signals.enabled(handle_sigterm) and not isolation.in_pool_child():
             _signals.install(lambda: list(_live))
+        # Distributed mode: add_task publishes to Redis; a worker feeds this engine from it.
+        self.broker: Any = None
+        if broker is not None:
+            from .brokers.redis import attach
+
+            self.broker = attach(self, broker)
 
     # -- registration -------------------------------------------------------------------
     @overload

@@ -1,0 +1,549 @@
+"""Distributed mode: the same API across machines, on Redis (the ``[redis]`` extra).
+
+Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
+
+    P:Q:q0 .. P:Q:q3   one Stream per priority (CRITICAL .. LOW), consumer group "workers"
+    P:Q:delayed        sorted set of delayed tasks and retry back-offs (score: due time, ms)
+    P:Q:dead           dead-letter Stream (tasks that exhausted their retries, garbage, unknown names)
+    P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
+    P:done:<key>       idempotency keys of tasks that finished
+
+A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
+priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
+XREADGROUP, runs the task on its local engine and acknowledges only after it finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import contextlib
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterable, Iterator
+
+from ..config import TaskConfig, TaskPriority, TaskStatus
+from . import scripts
+from .serialization import DecodeError, Serializer
+
+try:
+    import redis as _redis
+    import redis.asyncio as _aredis
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _redis = None  # type: ignore[assignment]
+    _aredis = None  # type: ignore[assignment]
+
+__all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "task_name"]
+
+GROUP = "workers"
+CONFIG_ATTR = "__catzilla_task__"
+_DEFAULT_CONFIG = TaskConfig()
+# TaskConfig fields that travel with a task when options() overrides them (plain values only);
+# delay_ms is applied by the producer and priority picks the stream.
+_TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "retry_max_ms", "retry_jitter",
+               "retry_on_timeout", "isolation", "memory_limit_mb")
+_STATUS_CODES = {TaskStatus.SUCCEEDED: 0, TaskStatus.FAILED: 1, TaskStatus.TIMED_OUT: 2, TaskStatus.CANCELLED: 3}
+_CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
+
+
+def _require_redis() -> None:
+    if _redis is None:
+        raise ImportError("distributed mode needs the redis client: pip install 'catzilla-tasks[redis]'")
+
+
+class RemoteTaskError(Exception):
+    """A task run by a remote worker raised an exception that cannot be rebuilt here (not a
+    built-in exception type). ``type_name`` names its class, ``remote_traceback`` is its
+    traceback as text."""
+
+    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+
+def task_name(func: Any) -> str:
+    """The name a task travels by: ``module.qualname`` of the function (as ``@tasks.task``
+    registers it), or the string itself."""
+    if isinstance(func, str):
+        if not func:
+            raise ValueError("task name: must not be empty")
+        return func
+    if not callable(func):
+        raise TypeError(f"add_task: expected a task function or its registered name, got {type(func).__name__}")
+    mod = getattr(func, "__module__", None)
+    qual = getattr(func, "__qualname__", None)
+    if not mod or not qual or "<locals>" in qual or "<lambda>" in qual:
+        raise TypeError(
+            f"add_task: {func!r} has no importable name; tasks travel to workers by name, so define them "
+            "at module level (def in a module the worker imports) and register them with @tasks.task"
+        )
+    if mod == "__main__":
+        raise TypeError(
+            f"add_task: {qual} is defined in __main__, which a worker cannot import; move it to a module "
+            "that both the producer and `catzilla-tasks worker module:tasks` import"
+        )
+    return f"{mod}.{qual}"
+
+
+def _plain(field: str, value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(
+        f"options(): {field}={value!r} cannot travel to a remote worker; set it in the task's decorator "
+        "(the worker imports the same module) instead of per call"
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (for logs and reprs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(url)
+    if p.password is None:
+        return url
+    netloc = f"{p.username or ''}:***@{p.hostname or ''}" + (f":{p.port}" if p.port else "")
+    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+
+
+def encode_error(exc: BaseException) -> list[str]:
+    import traceback
+
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    return [name, str(exc), tb]
+
+
+def decode_error(err: Any) -> BaseException:
+    """Rebuild a remote task's exception: built-in types and ours come back as themselves."""
+    try:
+        name, message, tb = (list(err) + ["", "", ""])[:3]
+    except TypeError:
+        name, message, tb = "Exception", repr(err), ""
+    name = str(name)
+    kind: Any = None
+    if "." not in name:
+        kind = getattr(builtins, name, None)
+    elif name.startswith("catzilla_tasks."):
+        from .. import errors
+
+        kind = getattr(errors, name.rsplit(".", 1)[1], None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            exc = kind(message)
+        except Exception:
+            exc = None
+        if exc is not None:
+            exc.remote_traceback = tb  # type: ignore[attr-defined]
+            return exc
+    return RemoteTaskError(f"{name}: {message}", type_name=name, remote_traceback=tb)
+
+
+class RedisBroker:
+    """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
+    password in the URL as ``redis://:secret@host:6379/0``).
+
+    * ``queue``: the name of this set of streams; producers and workers of one queue share them.
+    * ``serializer``: ``"msgpack"`` (default) or ``"json"``; ``"pickle"`` only together with
+      ``allow_pickle=True`` (anyone who can write to the Redis could then run code in workers).
+    * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
+    * ``visibility_timeout``: seconds after which a task of a worker that stopped
+      acknowledging (it died) is handed to another worker. A live worker keeps its long tasks.
+    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered.
+
+    Nothing is sent anywhere but the configured server.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        queue: str = "default",
+        prefix: str = "catzilla",
+        serializer: str = "msgpack",
+        allow_pickle: bool = False,
+        result_ttl: float = 3600,
+        visibility_timeout: float = 60.0,
+        idempotency_ttl: float = 86400,
+        **client_options: Any,
+    ) -> None:
+        _require_redis()
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., got {url!r}"
+            )
+        for field, value in (("queue", queue), ("prefix", prefix)):
+            if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
+                raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
+        for field, value in (("result_ttl", result_ttl), ("idempotency_ttl", idempotency_ttl)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{field}: must be a number of seconds >= 0, got {value!r}")
+        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
+            raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
+        self.url = url
+        self.queue = queue
+        self.prefix = prefix
+        self.serializer = Serializer(serializer, allow_pickle=allow_pickle)
+        self.result_ttl = result_ttl
+        self.visibility_timeout = float(visibility_timeout)
+        self.idempotency_ttl = idempotency_ttl
+        self._client_options = client_options
+        self.redis = _redis.Redis.from_url(url, **client_options)
+        base = f"{prefix}:{queue}"
+        self.streams = tuple(f"{base}:q{p}" for p in range(4))
+        self.delayed_key = f"{base}:delayed"
+        self.dead_key = f"{base}:dead"
+        self._result_prefix = f"{prefix}:r:"
+        self._done_prefix = f"{prefix}:done:"
+        self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
+        self._local = threading.local()
+        self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
+        self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+        self._id_lock = threading.Lock()
+        self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        self._id_next = 0
+
+    # -- keys ------------------------------------------------------------------------------
+    def result_key(self, task_id: str) -> str:
+        return self._result_prefix + task_id
+
+    def done_key(self, idempotency_key: str) -> str:
+        return self._done_prefix + idempotency_key
+
+    # -- publishing ------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        # a random per-process base and a counter: unique, short (it is in every message)
+        with self._id_lock:
+            n = self._id_next
+            self._id_next = n + 1
+        return f"{self._id_base}{n:x}"
+
+    def _overrides(self, func: Any, cfg: TaskConfig) -> dict[str, Any] | None:
+        base = getattr(func, CONFIG_ATTR, None)
+        if not isinstance(base, TaskConfig):
+            base = _DEFAULT_CONFIG
+        if cfg is base:
+            return None
+        key = (id(cfg), id(base))
+        hit = self._diffs.get(key)
+        if hit is not None and hit[0] is cfg and hit[1] is base:
+            return hit[2]
+        mine, theirs = cfg.as_dict(), base.as_dict()
+        diff: dict[str, Any] = {}
+        for field, value in mine.items():
+            if field in ("priority", "delay_ms") or value == theirs[field]:
+                continue
+            if field not in _TRAVELLING:
+                _plain(field, object())  # raises: hooks and retry_on cannot travel
+            diff[field] = _plain(field, value)
+        if len(self._diffs) > 256:
+            self._diffs.clear()
+        self._diffs[key] = (cfg, base, diff or None)
+        return diff or None
+
+    def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
+               idempotency_key: str | None = None) -> "RemoteResult":
+        """Publish one task (a pipeline batch inside ``batch()``); return its RemoteResult."""
+        name = task_name(func)
+        if cfg is None:
+            cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
+            if not isinstance(cfg, TaskConfig):
+                cfg = _DEFAULT_CONFIG
+        opts = None if isinstance(func, str) else self._overrides(func, cfg)
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError(f"idempotency_key: expected a non-empty string, got {idempotency_key!r}")
+            opts = dict(opts or ())
+            opts["k"] = idempotency_key
+        tid = self._new_id()
+        msg: list[Any] = [tid, name, list(args), kwargs or {}]
+        if opts:
+            msg += [0, opts]
+        payload = self.serializer.dumps(msg)
+        self._send(int(cfg._priority), cfg.delay_ms, payload)
+        return RemoteResult(tid, self)
+
+    def _send(self, prio: int, delay_ms: float, payload: bytes) -> None:
+        pipe = getattr(self._local, "pipe", None)
+        target = pipe if pipe is not None else self.redis
+        if delay_ms > 0:
+            self._add_delayed(keys=[self.delayed_key], args=[int(delay_ms), b"%d" % prio + payload], client=target)
+        else:
+            target.xadd(self.streams[prio], {"m": payload})
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Publish every add_task of this block (in this thread) in one pipeline at its end:
+        far fewer round trips. If the block raises, nothing of it is published."""
+        if getattr(self._local, "pipe", None) is not None:
+            yield  # nested: the outer block publishes
+            return
+        self._local.pipe = self.redis.pipeline(transaction=False)
+        try:
+            yield
+            pipe = self._local.pipe
+            self._local.pipe = None
+            pipe.execute()
+        finally:
+            self._local.pipe = None
+
+    def publish_raw(self, prio: int, payload: bytes) -> None:
+        """XADD a ready payload (used by redrive and tests)."""
+        self.redis.xadd(self.streams[prio], {"m": payload})
+
+    # -- results -----------------------------------------------------------------------------
+    def result(self, task_id: str) -> "RemoteResult":
+        """The RemoteResult of a task id (from any process)."""
+        return RemoteResult(task_id, self)
+
+    def _aclient(self) -> Any:
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            client = self._aclients[loop] = _aredis.Redis.from_url(self.url, **self._client_options)
+        return client
+
+    # -- dead letters ---------------------------------------------------------------------
+    def dead_letters(self, count: int = 100, start: str = "-") -> list[dict[str, Any]]:
+        """Tasks in the dead-letter stream, oldest first: id, task_id, name, error, priority, at."""
+        out = []
+        for entry_id, fields in self.redis.xrange(self.dead_key, min=start, count=count):
+            f = {k.decode(): v for k, v in fields.items()}
+            out.append({
+                "id": entry_id.decode(),
+                "task_id": f.get("i", b"").decode(errors="replace"),
+                "name": f.get("n", b"").decode(errors="replace"),
+                "error": f.get("e", b"").decode(errors="replace"),
+                "priority": TaskPriority(int(f.get("p", b"2"))).name,
+                "at": int(f.get("t", b"0")) / 1000,
+                "payload": f.get("m", b""),
+            })
+        return out
+
+    def dead_letter_count(self) -> int:
+        return int(self.redis.xlen(self.dead_key))
+
+    def redrive(self, ids: Iterable[str] | None = None) -> int:
+        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None), with
+        a fresh count of retries. Each move is atomic (XADD and XDEL in one transaction)."""
+        wanted = None if ids is None else {str(i) for i in ids}
+        moved = 0
+        start = "-"
+        while True:
+            batch = self.redis.xrange(self.dead_key, min=start, count=500)
+            if not batch:
+                break
+            pipe = self.redis.pipeline(transaction=True)
+            n = 0
+            for entry_id, fields in batch:
+                eid = entry_id.decode()
+                if wanted is not None and eid not in wanted:
+                    continue
+                payload = fields.get(b"m", b"")
+                prio = int(fields.get(b"p", b"2"))
+                try:
+                    msg = self.serializer.loads(payload)
+                    if isinstance(msg, list) and len(msg) >= 5:
+                        msg[4] = 0  # a fresh count of attempts
+                        payload = self.serializer.same_format(payload).dumps(msg)
+                except (DecodeError, TypeError):
+                    pass  # redriven as it is: it will be dead-lettered again, with its error
+                pipe.xadd(self.streams[prio if 0 <= prio <= 3 else 2], {"m": payload})
+                pipe.xdel(self.dead_key, entry_id)
+                n += 1
+            if n:
+                pipe.execute()
+                moved += n
+            last = batch[-1][0].decode()
+            ms, seq = last.split("-")
+            start = f"{ms}-{int(seq) + 1}"
+        return moved
+
+    # -- housekeeping --------------------------------------------------------------------
+    def queued(self) -> dict[str, int]:
+        """Tasks waiting per priority (not yet read by a worker), plus delayed and dead."""
+        pipe = self.redis.pipeline(transaction=False)
+        for s in self.streams:
+            pipe.xlen(s)
+        pipe.zcard(self.delayed_key)
+        pipe.xlen(self.dead_key)
+        *lens, delayed, dead = pipe.execute()
+        out = {p.name: int(n) for p, n in zip(TaskPriority, lens)}
+        out["delayed"] = int(delayed)
+        out["dead"] = int(dead)
+        return out
+
+    def purge(self) -> None:
+        """Delete this queue's streams, delayed set and dead letters (not results)."""
+        self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __repr__(self) -> str:
+        return f"<RedisBroker {redact_url(self.url)} queue={self.queue!r}>"
+
+
+def _parse_result(broker: RedisBroker, raw: bytes) -> tuple[TaskStatus, Any]:
+    rec = broker.serializer.loads(raw)
+    code = rec[0]
+    status = _CODE_STATUS.get(code, TaskStatus.FAILED)
+    return status, rec[1]
+
+
+class RemoteResult:
+    """The result of a task published to Redis, usable from any process: ``wait(timeout)``,
+    ``await result``, ``status``, ``is_ready()``, ``add_callback(cb)``.
+
+    Waiting blocks on the result key in Redis (BLMOVE of its one-element list onto itself),
+    so a waiter is woken by the worker's write, not by polling. Every waiter on one result is
+    woken. Each blocked waiter holds one Redis connection while it waits.
+    """
+
+    __slots__ = ("task_id", "_broker", "_final", "__weakref__")
+
+    def __init__(self, task_id: str, broker: RedisBroker) -> None:
+        self.task_id = task_id
+        self._broker = broker
+        self._final: tuple[TaskStatus, Any] | None = None
+
+    def _check_results(self) -> None:
+        if not self._broker.result_ttl:
+            raise RuntimeError(
+                "this broker stores no results (result_ttl=0); create the RedisBroker with result_ttl > 0 "
+                "(seconds to keep them) to wait for results"
+            )
+
+    def _take(self, raw: bytes | None) -> tuple[TaskStatus, Any] | None:
+        if raw is None:
+            return None
+        self._final = _parse_result(self._broker, raw)
+        return self._final
+
+    @property
+    def status(self) -> TaskStatus:
+        """PENDING until a worker stored the outcome (queued and running are not told apart)."""
+        if self._final is None:
+            self._check_results()
+            self._take(self._broker.redis.lindex(self._broker.result_key(self.task_id), 0))
+        return self._final[0] if self._final is not None else TaskStatus.PENDING
+
+    def is_ready(self) -> bool:
+        return self.status.is_final
+
+    done = is_ready
+
+    def _outcome(self) -> Any:
+        status, value = self._final  # type: ignore[misc]
+        if status is TaskStatus.SUCCEEDED:
+            return value
+        raise decode_error(value)
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the task finished; return its value or raise its exception (TimeoutError
+        when not done within ``timeout`` seconds)."""
+        if self._final is None:
+            self._check_results()
+            if timeout is not None and timeout <= 0:
+                self._take(self._broker.redis.lindex(self._broker.result_key(self.task_id), 0))
+            else:
+                key = self._broker.result_key(self.task_id)
+                self._take(self._broker.redis.blmove(key, key, 0 if timeout is None else max(timeout, 0.001), "LEFT", "LEFT"))
+            if self._final is None:
+                raise TimeoutError(f"task {self.task_id} not finished within {timeout} s")
+        return self._outcome()
+
+    result = wait
+
+    async def _await(self) -> Any:
+        if self._final is None:
+            self._check_results()
+            key = self._broker.result_key(self.task_id)
+            self._take(await self._broker._aclient().blmove(key, key, 0, "LEFT", "LEFT"))
+        return self._outcome()
+
+    def __await__(self) -> Any:
+        return self._await().__await__()
+
+    def _on_done(self, fn: Callable[["RemoteResult"], Any]) -> None:
+        """Call ``fn(self)`` once the task finished (from a helper thread blocked on Redis)."""
+        if self._final is not None:
+            fn(self)
+            return
+
+        def watch() -> None:
+            try:
+                self.wait()
+            except BaseException:
+                pass
+            fn(self)
+
+        threading.Thread(target=watch, name=f"catzilla-result-{self.task_id}", daemon=True).start()
+
+    def add_callback(self, cb: Callable[[Any], Any]) -> None:
+        """Call ``cb(value)`` when the task succeeds."""
+        self._check_results()
+
+        def done(r: "RemoteResult") -> None:
+            if r._final is not None and r._final[0] is TaskStatus.SUCCEEDED:
+                cb(r._final[1])
+
+        self._on_done(done)
+
+    def cancel(self) -> bool:
+        raise NotImplementedError(
+            "cancel() of a task published to Redis is not supported: a worker may already hold it; "
+            "make the task check a flag of yours instead"
+        )
+
+    def __repr__(self) -> str:
+        state = self._final[0].name if self._final is not None else "PENDING?"
+        return f"<RemoteResult {self.task_id} {state}>"
+
+
+class _RemoteOptions:
+    """``tasks.options(...)`` in distributed mode: the engine's options plus ``idempotency_key``."""
+
+    __slots__ = ("_broker", "_inner", "_key")
+
+    def __init__(self, broker: RedisBroker, inner: Any, key: str | None) -> None:
+        self._broker = broker
+        self._inner = inner
+        self._key = key
+
+    def add_task(self, func: Any, /, *args: Any, **kwargs: Any) -> RemoteResult:
+        inner = self._inner
+        cfg = inner._config
+        if cfg is None and inner._fields:
+            cfg = inner._config_for(func) if not isinstance(func, str) else _DEFAULT_CONFIG.replace(**inner._fields)
+        return self._broker.submit(func, args, kwargs, cfg, self._key)
+
+
+def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:
+    """Turn a BackgroundTasks into a producer for ``broker``: add_task and options().add_task
+    publish to Redis and return RemoteResults. Its local engine stays (a worker runs tasks on it)."""
+    if isinstance(broker, str):
+        broker = RedisBroker(broker)
+    elif not isinstance(broker, RedisBroker):
+        raise TypeError(f"broker: expected a redis:// URL or a RedisBroker, got {type(broker).__name__}")
+    local_options = engine.options
+
+    def add_task(func: Any, /, *args: Any, **kwargs: Any) -> RemoteResult:
+        return broker.submit(func, args, kwargs, None)
+
+    def options(*, idempotency_key: str | None = None, **fields: Any) -> _RemoteOptions:
+        return _RemoteOptions(broker, local_options(**fields), idempotency_key)
+
+    def submit(func: Any, args: tuple, kwargs: dict | None, cfg: Any, block: Any) -> RemoteResult:
+        return broker.submit(func, args, kwargs, cfg)
+
+    engine.add_task = add_task
+    engine.options = options
+    engine._submit = submit
+    engine.batch = broker.batch
+    engine.result = broker.result
+    return broker

@@ -1,0 +1,493 @@
+"""A distributed worker: the local engine (BackgroundTasks) fed from Redis.
+
+``catzilla-tasks worker module:tasks --concurrency N`` runs :class:`Worker`. Three parts:
+
+* the fetch loop (the calling thread) takes at most the free capacity (``N`` minus the tasks it
+  holds) from the priority streams in priority order (one Lua script), blocks in XREADGROUP
+  when there is nothing, and hands each task to the local engine;
+* the engine runs tasks as it runs local ones (threads, async, timeouts, process isolation);
+* the committer thread writes outcomes in batches, each batch one MULTI transaction: results,
+  idempotency keys, retries into the delayed set, dead letters, then XACK + XDEL. A task is
+  acknowledged only in the same transaction that records its outcome, so a worker killed at
+  any point loses nothing: what it held stays pending and is reclaimed (XAUTOCLAIM) by a live
+  worker after the visibility timeout.
+
+Housekeeping in the fetch loop: moving due delayed tasks into the streams (Lua, atomic),
+reclaiming tasks of dead workers, and re-claiming its own long-running tasks so they are not
+handed to someone else while it is alive.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from .. import _engine
+from ..config import TaskConfig, TaskStatus
+from . import scripts
+from .redis import _STATUS_CODES, CONFIG_ATTR, GROUP, RedisBroker, encode_error
+from .serialization import DecodeError
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("catzilla_tasks.worker")
+
+_DEFAULT_CONFIG = TaskConfig()
+_ERRORS = None
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    global _ERRORS
+    if _ERRORS is None:
+        import redis
+
+        _ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+    return _ERRORS
+
+
+def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
+    """The wait before retry ``attempt`` (1 = the first retry), as the local engine computes it."""
+    base, cap, _ = cfg._retry_ms
+    kind = cfg.retry_backoff
+    if kind == "exponential":
+        d = base * (2 ** min(attempt - 1, 60))
+    elif kind == "linear":
+        d = base * attempt
+    else:
+        d = base
+    d = min(d, cap)
+    jitter = cfg.retry_jitter if cfg.retry_jitter is not None else kind == "exponential"
+    return random.uniform(0, d) if jitter else d
+
+
+class _Job:
+    __slots__ = ("prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip")
+
+    def __init__(self, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
+        self.prio = prio
+        self.eid = eid
+        self.msg = msg
+        self.payload = payload
+        self.func: Any = None
+        self.cfg: TaskConfig | None = None
+        self.handle: Any = None
+        self.error: str | None = None  # set: dead-letter this entry with that error, unrun
+        self.skip = False              # an idempotency key already done: acknowledge, do not run
+
+
+class Worker:
+    """Runs the tasks of ``broker`` (default: ``tasks.broker``) on the local engine ``tasks``.
+
+    ``concurrency``: most tasks held at once (fetched and not yet acknowledged); the worker
+    fetches only its free capacity. ``run()`` returns after ``stop()`` (or SIGTERM/SIGINT with
+    ``install_signals=True``): it stops fetching, lets in-flight tasks finish, acknowledges them.
+    """
+
+    def __init__(
+        self,
+        tasks: Any,
+        broker: RedisBroker | None = None,
+        *,
+        concurrency: int = 16,
+        consumer: str | None = None,
+        block_ms: int = 200,
+    ) -> None:
+        broker = broker if broker is not None else getattr(tasks, "broker", None)
+        if not isinstance(broker, RedisBroker):
+            raise TypeError(
+                "Worker: the engine has no Redis broker; create it with BackgroundTasks(broker='redis://...') "
+                "or pass broker=RedisBroker(...)"
+            )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency: must be an integer >= 1, got {concurrency!r}")
+        qsize = tasks._stats().get("queue_size") if hasattr(tasks, "_stats") else None
+        if isinstance(qsize, int) and concurrency > qsize:
+            raise ValueError(f"concurrency ({concurrency}) exceeds the engine's queue_size ({qsize})")
+        self.tasks = tasks
+        self.broker = broker
+        self.concurrency = concurrency
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.block_ms = int(block_ms)
+        r = broker.redis
+        self._r = r
+        self._fetch = r.register_script(scripts.FETCH)
+        self._promote = r.register_script(scripts.PROMOTE)
+        self._add_delayed = r.register_script(scripts.ADD_DELAYED)
+        self._cv = threading.Condition()
+        self._inflight = 0
+        self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
+        self._done: deque[_Job] = deque()
+        self._done_event = threading.Event()
+        self._stop = threading.Event()
+        self._committer: threading.Thread | None = None
+        self._committer_exit = False
+        self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
+        self._registry = getattr(tasks, "_registered", {})
+        self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
+                       "skipped_idempotent": 0, "reclaimed": 0}
+        self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
+        self._submit = functools.partial(_engine.Engine._submit, tasks)
+        self.ready = threading.Event()  # set once the groups exist and fetching starts
+
+    # -- life ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop fetching; run() returns once in-flight tasks are finished and acknowledged."""
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def _ensure_groups(self) -> None:
+        import redis
+
+        for s in self.broker.streams:
+            try:
+                self._r.xgroup_create(s, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def run(self, install_signals: bool = False) -> None:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self._retrying(self._ensure_groups)
+        self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
+        self._committer.start()
+        self.ready.set()
+        try:
+            self._fetch_loop()
+        finally:
+            # finish what we hold: heartbeats go on so nobody takes it meanwhile
+            hb_every = self.broker.visibility_timeout / 3
+            with self._cv:
+                while self._inflight > 0:
+                    self._cv.wait(hb_every)
+                    if self._inflight > 0:
+                        self._cv.release()
+                        try:
+                            self._heartbeat()
+                        finally:
+                            self._cv.acquire()
+            self._committer_exit = True
+            self._done_event.set()
+            self._committer.join()
+
+    def _retrying(self, fn: Any, *args: Any) -> Any:
+        delay = 0.05
+        while True:
+            try:
+                return fn(*args)
+            except _redis_errors() as exc:
+                if self._stop.is_set() and fn is not self._commit:
+                    raise
+                log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)  # back-off before reconnecting, not synchronisation
+                delay = min(delay * 2, 2.0)
+
+    # -- fetching --------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        hk_every = min(self.broker.visibility_timeout / 3, 5.0)
+        next_hk = 0.0
+        errors = _redis_errors()
+        import redis
+
+        while not self._stop.is_set():
+            with self._cv:
+                while self._inflight >= self.concurrency and not self._stop.is_set():
+                    self._cv.wait(max(0.0, next_hk - time.monotonic()) or hk_every)
+                    if time.monotonic() >= next_hk:
+                        break
+                free = self.concurrency - self._inflight
+            if self._stop.is_set():
+                break
+            try:
+                now = time.monotonic()
+                if now >= next_hk:
+                    self._heartbeat()
+                    if free > 0:
+                        free -= self._reclaim(free)
+                    next_hk = now + hk_every
+                if now >= self._next_due_local:
+                    self._promote_due()
+                if free <= 0:
+                    continue
+                entries = self._fetch(keys=list(self.broker.streams), args=[GROUP, self.consumer, free])
+                if entries:
+                    self._dispatch([(int(entries[i]), entries[i + 1], entries[i + 2]) for i in range(0, len(entries), 3)])
+                    continue
+                wait_ms = self.block_ms
+                if self._next_due_local:
+                    wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
+                got = self._r.xreadgroup(GROUP, self.consumer, {s: ">" for s in self.broker.streams},
+                                         count=1, block=wait_ms)
+                if got:
+                    self._dispatch(self._flatten(got))
+            except errors as exc:
+                log.warning("redis unavailable (%s); retrying", exc)
+                time.sleep(0.2)  # back-off before reconnecting, not synchronisation
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # the server lost its data (no persistence): set up again
+                    self._retrying(self._ensure_groups)
+                else:
+                    raise
+
+    def _flatten(self, got: Any) -> list[tuple[int, bytes, Any]]:
+        index = {s.encode(): p for p, s in enumerate(self.broker.streams)}
+        out = []
+        for stream, entries in got:
+            key = stream if isinstance(stream, bytes) else str(stream).encode()
+            for eid, fields in entries:
+                if fields is not None:
+                    out.append((index.get(key, 2), eid, fields))
+        return out
+
+    def _promote_due(self) -> None:
+        moved, nxt, now = self._promote(keys=[self.broker.delayed_key, *self.broker.streams], args=[1000])
+        if moved >= 1000:
+            self._next_due_local = 0.0  # more are due: again at once
+            return
+        if nxt:
+            self._next_due_local = time.monotonic() + max(0.0, (float(nxt) - int(now)) / 1000)
+        else:
+            self._next_due_local = time.monotonic() + self.block_ms / 1000
+
+    def _reclaim(self, free: int) -> int:
+        """Take over tasks of workers that stopped acknowledging (idle past the visibility
+        timeout), at most ``free``; returns how many."""
+        idle_ms = int(self.broker.visibility_timeout * 1000)
+        taken = 0
+        for prio, s in enumerate(self.broker.streams):
+            if taken >= free:
+                break
+            res = self._r.xautoclaim(s, GROUP, self.consumer, idle_ms, "0-0", count=free - taken)
+            entries = [(prio, eid, fields) for eid, fields in res[1] if fields is not None]
+            if entries:
+                taken += len(entries)
+                self.counts["reclaimed"] += len(entries)
+                log.info("reclaimed %d tasks of a dead worker from %s", len(entries), s)
+                self._dispatch(entries)
+        return taken
+
+    def _heartbeat(self) -> None:
+        """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
+        with self._cv:
+            owned = list(self._owned.items())
+        if not owned:
+            return
+        by_prio: dict[int, list[bytes]] = {}
+        for eid, prio in owned:
+            by_prio.setdefault(prio, []).append(eid)
+        pipe = self._r.pipeline(transaction=False)
+        for prio, ids in by_prio.items():
+            for i in range(0, len(ids), 1000):
+                pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i:i + 1000], justid=True)
+        pipe.execute()
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _config(self, name: str, func: Any, opts: dict[str, Any] | None) -> TaskConfig:
+        key = (name, tuple(sorted(opts.items())) if opts else None)
+        cfg = self._cfgs.get(key)
+        if cfg is None:
+            base = getattr(func, CONFIG_ATTR, None)
+            if not isinstance(base, TaskConfig):
+                base = _DEFAULT_CONFIG
+            fields = {k: v for k, v in (opts or {}).items() if k != "k"}
+            cfg = base.replace(**fields) if fields else base
+            if len(self._cfgs) > 1024:
+                self._cfgs.clear()
+            self._cfgs[key] = cfg
+        return cfg
+
+    def _decode(self, prio: int, eid: bytes, fields: Any) -> _Job:
+        if isinstance(fields, dict):
+            payload = fields.get(b"m")
+        else:
+            payload = None
+            for i in range(0, len(fields) - 1, 2):
+                if fields[i] == b"m":
+                    payload = fields[i + 1]
+                    break
+        job = _Job(prio, eid, None, payload or b"")
+        if payload is None:
+            job.error = f"DecodeError: stream entry without an 'm' field: {fields!r:.200}"
+            return job
+        try:
+            msg = self.broker.serializer.loads(payload)
+        except DecodeError as exc:
+            job.error = f"DecodeError: {exc}"
+            return job
+        if (not isinstance(msg, list) or len(msg) < 4 or not isinstance(msg[0], str) or not isinstance(msg[1], str)
+                or not isinstance(msg[2], list) or not isinstance(msg[3], dict)
+                or (len(msg) > 4 and not isinstance(msg[4], int))
+                or (len(msg) > 5 and msg[5] is not None and not isinstance(msg[5], dict))):
+            job.error = f"DecodeError: not a task message: {msg!r:.200}"
+            return job
+        job.msg = msg
+        func = self._registry.get(msg[1])
+        if func is None:
+            job.error = (f"LookupError: unknown task name {msg[1]!r}: this worker's engine has no task registered "
+                         "under it (register it with @tasks.task in the module the worker imports)")
+            return job
+        job.func = func
+        try:
+            job.cfg = self._config(msg[1], func, msg[5] if len(msg) > 5 else None)
+        except (TypeError, ValueError) as exc:
+            job.error = f"{type(exc).__name__}: bad per-task options: {exc}"
+        return job
+
+    def _dispatch(self, entries: list[tuple[int, bytes, Any]]) -> None:
+        jobs = [self._decode(p, e, f) for p, e, f in entries]
+        with self._cv:
+            self._inflight += len(jobs)
+            for j in jobs:
+                self._owned[j.eid] = j.prio
+        self.counts["fetched"] += len(jobs)
+        keyed = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "k" in j.msg[5]]
+        if keyed:
+            done = self._r.mget([self.broker.done_key(str(j.msg[5]["k"])) for j in keyed])
+            for j, d in zip(keyed, done):
+                if d is not None:
+                    j.skip = True
+        submit = self._submit
+        finished = self._finished
+        for j in jobs:
+            if j.error is not None or j.skip:
+                finished(j, None)
+                continue
+            cfg = j.cfg
+            run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            try:
+                h = submit(j.func, tuple(j.msg[2]), j.msg[3], run_cfg, -1)
+            except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
+                j.error = f"{type(exc).__name__}: could not start the task: {exc}"
+                finished(j, None)
+                continue
+            j.handle = h
+            h._on_done(functools.partial(finished, j))
+
+    def _run_config(self, cfg: TaskConfig) -> TaskConfig:
+        # retries go through Redis (another worker may run them; they survive a crash)
+        key = ("run", id(cfg))
+        hit = self._cfgs.get(key)  # type: ignore[arg-type]
+        if hit is None:
+            hit = self._cfgs[key] = cfg.replace(max_retries=0, delay_ms=0)  # type: ignore[index]
+        return hit
+
+    def _finished(self, job: _Job, _handle: Any) -> None:
+        self._done.append(job)
+        self._done_event.set()
+
+    # -- committing ------------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            self._done_event.wait()
+            self._done_event.clear()
+            jobs = []
+            try:
+                while True:
+                    jobs.append(self._done.popleft())
+            except IndexError:
+                pass
+            if jobs:
+                try:
+                    self._retrying(self._commit, jobs)
+                except Exception:
+                    log.exception("committing %d task outcomes failed; they stay pending and will be redelivered", len(jobs))
+                with self._cv:
+                    self._inflight -= len(jobs)
+                    for j in jobs:
+                        self._owned.pop(j.eid, None)
+                    self._cv.notify_all()
+            elif self._committer_exit:
+                return
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        b = self.broker
+        pipe = self._r.pipeline(transaction=True)
+        acks: list[list[bytes]] = [[], [], [], []]
+        ttl_ms = int(b.result_ttl * 1000)
+        idem_ms = int(b.idempotency_ttl * 1000) or None
+        counts = self.counts
+        for j in jobs:
+            acks[j.prio].append(j.eid)
+            if j.skip:
+                counts["skipped_idempotent"] += 1
+                continue
+            if j.error is not None:
+                self._dead(pipe, j, j.error)
+                continue
+            h = j.handle
+            status = h.status
+            ser = b.serializer.same_format(j.payload)
+            if status is TaskStatus.SUCCEEDED:
+                counts["succeeded"] += 1
+                if ttl_ms:
+                    try:
+                        rec = ser.dumps([0, h.wait(0)])
+                    except TypeError as exc:
+                        rec = ser.dumps([1, ["TypeError", f"the task's return value cannot be stored: {exc}", ""]])
+                    key = b.result_key(j.msg[0])
+                    pipe.rpush(key, rec)
+                    pipe.pexpire(key, ttl_ms)
+                opts = j.msg[5] if len(j.msg) > 5 else None
+                if opts and "k" in opts:
+                    pipe.set(b.done_key(str(opts["k"])), j.msg[0], px=idem_ms)
+                continue
+            try:
+                h.wait(0)
+                exc: BaseException = RuntimeError(f"task ended {status.name}")
+            except BaseException as e:  # the task's own exception
+                exc = e
+            cfg = j.cfg
+            attempt = j.msg[4] if len(j.msg) > 4 else 0
+            retry = attempt < cfg.max_retries and (
+                (status is TaskStatus.FAILED and isinstance(exc, cfg.retry_on))
+                or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
+            )
+            if retry:
+                counts["retried"] += 1
+                msg = list(j.msg)
+                if len(msg) < 6:
+                    msg += [0, None][len(msg) - 4:]
+                msg[4] = attempt + 1
+                member = b"%d" % j.prio + ser.dumps(msg)
+                self._add_delayed(keys=[b.delayed_key], args=[int(backoff_ms(cfg, attempt + 1)), member], client=pipe)
+                continue
+            counts["failed"] += 1
+            err = encode_error(exc)
+            if ttl_ms:
+                key = b.result_key(j.msg[0])
+                pipe.rpush(key, ser.dumps([_STATUS_CODES.get(status, 1), err]))
+                pipe.pexpire(key, ttl_ms)
+            self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}")
+        for prio, ids in enumerate(acks):
+            if ids:
+                pipe.xack(b.streams[prio], GROUP, *ids)
+                pipe.xdel(b.streams[prio], *ids)
+        pipe.execute()
+
+    def _dead(self, pipe: Any, j: _Job, error: str) -> None:
+        self.counts["dead_lettered"] += 1
+        msg = j.msg
+        pipe.xadd(self.broker.dead_key, {
+            "m": j.payload,
+            "e": error[:8000],
+            "n": msg[1] if msg else "",
+            "i": msg[0] if msg else "",
+            "p": j.prio,
+            "t": int(time.time() * 1000),
+            "w": self.consumer,
+        })
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            inflight = self._inflight
+        return {"consumer": self.consumer, "concurrency": self.concurrency, "in_flight": inflight, **self.counts}
