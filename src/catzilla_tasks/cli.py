@@ -4,6 +4,8 @@
     catzilla-tasks dashboard URL [--port P] [--token T]
     catzilla-tasks metrics URL [--token T]
     catzilla-tasks demo-server [--port P]
+    catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
+    catzilla-tasks dead-letters list|redrive ...
 
 ``URL`` is where a running engine exposes its stats: a dashboard server
 (``http://127.0.0.1:8765/``, its ``/stats.json`` is used) or a framework route that returns the
@@ -506,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="local port (default: 8765; 0: any free port)")
     p.add_argument("--rate", type=float, default=60.0, help="average tasks submitted per second (default: 60)")
     p.set_defaults(func=cmd_demo_server)
+
+    from .brokers.commands import add_commands  # distributed mode: worker, dead-letters
+
+    add_commands(sub)
     return parser
 
 

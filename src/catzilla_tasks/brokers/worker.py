@@ -69,7 +69,7 @@ def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
 
 
 class _Job:
-    __slots__ = ("prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip")
+    __slots__ = ("prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first")
 
     def __init__(self, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.prio = prio
@@ -81,6 +81,7 @@ class _Job:
         self.handle: Any = None
         self.error: str | None = None  # set: dead-letter this entry with that error, unrun
         self.skip = False              # an idempotency key already done: acknowledge, do not run
+        self.first = ""                # then: the id of the task that did it
 
 
 class Worker:
@@ -121,6 +122,7 @@ class Worker:
         self._fetch = r.register_script(scripts.FETCH)
         self._promote = r.register_script(scripts.PROMOTE)
         self._add_delayed = r.register_script(scripts.ADD_DELAYED)
+        self._copy_result = r.register_script(scripts.COPY_RESULT)
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
@@ -356,6 +358,7 @@ class Worker:
             for j, d in zip(keyed, done):
                 if d is not None:
                     j.skip = True
+                    j.first = d.decode(errors="replace")
         submit = self._submit
         finished = self._finished
         for j in jobs:
@@ -420,9 +423,20 @@ class Worker:
             acks[j.prio].append(j.eid)
             if j.skip:
                 counts["skipped_idempotent"] += 1
+                if ttl_ms and j.first != j.msg[0]:
+                    ser = b.serializer.same_format(j.payload)
+                    gone = ser.dumps([1, ["DuplicateTask", f"idempotency key {j.msg[5]['k']!r} was already done by "
+                                      f"task {j.first}, whose result has expired", ""]])
+                    self._copy_result(keys=[b.result_key(j.first), b.result_key(j.msg[0])], args=[ttl_ms, gone],
+                                      client=pipe)
                 continue
             if j.error is not None:
                 self._dead(pipe, j, j.error)
+                if ttl_ms and j.msg:  # the task id is known: its waiters learn why
+                    key = b.result_key(j.msg[0])
+                    kind, _, text = j.error.partition(": ")
+                    pipe.rpush(key, b.serializer.same_format(j.payload).dumps([1, [kind, text, ""]]))
+                    pipe.pexpire(key, ttl_ms)
                 continue
             h = j.handle
             status = h.status
@@ -459,7 +473,11 @@ class Worker:
                     msg += [0, None][len(msg) - 4:]
                 msg[4] = attempt + 1
                 member = b"%d" % j.prio + ser.dumps(msg)
-                self._add_delayed(keys=[b.delayed_key], args=[int(backoff_ms(cfg, attempt + 1)), member], client=pipe)
+                delay = backoff_ms(cfg, attempt + 1)
+                self._add_delayed(keys=[b.delayed_key], args=[int(delay), member], client=pipe)
+                due = time.monotonic() + delay / 1000
+                if due < self._next_due_local:
+                    self._next_due_local = due  # the fetch loop blocks no longer than that
                 continue
             counts["failed"] += 1
             err = encode_error(exc)

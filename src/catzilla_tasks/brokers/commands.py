@@ -1,0 +1,171 @@
+"""``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
+
+    catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
+    catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
+    catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+__all__ = ["add_commands", "load_app"]
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` (the current directory is on the path, as for ``python -m``)."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise UsageError(f"expected MODULE:TASKS (e.g. myapp.jobs:tasks), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {mod_name!r}: {exc}") from None
+    obj = mod
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"module {mod_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    from .redis import RedisBroker
+
+    if args.broker:
+        kw = {"queue": args.queue} if args.queue else {}
+        if args.prefix:
+            kw["prefix"] = args.prefix
+        return RedisBroker(args.broker, **kw)
+    if not args.app:
+        raise UsageError("give --app MODULE:TASKS (an engine created with broker=...) or --broker URL")
+    tasks = load_app(args.app)
+    broker = getattr(tasks, "broker", None)
+    if not isinstance(broker, RedisBroker):
+        raise UsageError(f"{args.app} has no Redis broker: create it with BackgroundTasks(broker='redis://...')")
+    if args.queue and args.queue != broker.queue:
+        broker = RedisBroker(broker.url, queue=args.queue, prefix=broker.prefix, serializer=broker.serializer.name,
+                             allow_pickle=broker.serializer.allow_pickle)
+    return broker
+
+
+def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
+    from ..engine import BackgroundTasks
+    from .redis import RedisBroker, attach, redact_url
+    from .worker import Worker
+
+    tasks = load_app(args.app)
+    if not isinstance(tasks, BackgroundTasks):
+        raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
+    if args.broker:
+        tasks.broker = attach(tasks, RedisBroker(args.broker))
+    if not isinstance(getattr(tasks, "broker", None), RedisBroker):
+        raise UsageError(f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    w = Worker(tasks, concurrency=args.concurrency)
+    b = tasks.broker
+    print(f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
+          f"{redact_url(b.url)}, concurrency {w.concurrency}", file=out, flush=True)
+    w.run(install_signals=True)
+    tasks.shutdown(wait_for_completion=True)
+    s = w.stats()
+    print(f"worker stopped: {s['succeeded']} succeeded, {s['failed']} failed, {s['retried']} retried, "
+          f"{s['dead_lettered']} dead-lettered", file=out, flush=True)
+    return 0
+
+
+def cmd_dead_list(args: argparse.Namespace, out: TextIO) -> int:
+    broker = _broker(args)
+    items = broker.dead_letters(count=args.count)
+    total = broker.dead_letter_count()
+    if args.json:
+        for it in items:
+            it = dict(it)
+            it.pop("payload")
+            print(json.dumps(it), file=out)
+        return 0
+    print(f"{total} dead-lettered task(s) in queue {broker.queue!r}" + (f", showing {len(items)}" if total > len(items) else ""),
+          file=out)
+    for it in items:
+        when = _dt.datetime.fromtimestamp(it["at"]).strftime("%Y-%m-%d %H:%M:%S")
+        first = it["error"].splitlines()[0] if it["error"] else ""
+        print(f"{it['id']}  {when}  {it['priority']:<8} {it['name'] or '?'} [{it['task_id'] or '?'}]  {first}", file=out)
+    return 0
+
+
+def cmd_dead_redrive(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.all and not args.ids:
+        raise UsageError("redrive: give the dead letters' ids (from `dead-letters list`) or --all")
+    if args.all and args.ids:
+        raise UsageError("redrive: give ids or --all, not both")
+    broker = _broker(args)
+    n = broker.redrive(None if args.all else args.ids)
+    print(f"re-driven: {n} task(s) back in queue {broker.queue!r}", file=out)
+    return 0 if (args.all or n == len(set(args.ids))) else 1
+
+
+def _run(func: Any) -> Any:
+    def wrapped(args: argparse.Namespace, out: TextIO) -> int:
+        try:
+            return func(args, out)
+        except UsageError as exc:
+            print(f"catzilla-tasks {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except ImportError as exc:
+            print(f"catzilla-tasks {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):
+                print(f"catzilla-tasks {args.command}: redis: {exc}", file=sys.stderr)
+                return 1
+            raise
+
+    return wrapped
+
+
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--app", metavar="MODULE:TASKS", help="the engine (created with broker=...) whose queue to use")
+    p.add_argument("--broker", metavar="URL", help="redis://... instead of MODULE:TASKS")
+    p.add_argument("--queue", help="queue name (default: the engine's, or 'default')")
+    p.add_argument("--prefix", help="with --broker: the key prefix (default: 'catzilla')")
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``worker`` and ``dead-letters`` to the CLI's subparsers."""
+    p = sub.add_parser("worker", help="run tasks from Redis on a local engine (distributed mode)",
+                       description="Run the tasks of MODULE:TASKS (a BackgroundTasks created with broker=...) "
+                                   "from Redis. SIGTERM or Ctrl-C: stop fetching, finish and acknowledge "
+                                   "what is in flight, exit.")
+    p.add_argument("app", metavar="MODULE:TASKS", help="e.g. myapp.jobs:tasks")
+    p.add_argument("--concurrency", "-c", type=int, default=16,
+                   help="most tasks held at once (fetched, not yet acknowledged); default 16")
+    p.add_argument("--broker", metavar="URL", help="redis://... to use instead of the engine's own broker")
+    p.set_defaults(func=_run(cmd_worker))
+
+    dl = sub.add_parser("dead-letters", help="list or re-drive tasks in the dead-letter stream",
+                        description="Tasks that exhausted their retries, or could not be decoded or found.")
+    dsub = dl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = dsub.add_parser("list", help="list dead-lettered tasks with their errors")
+    _broker_args(p)
+    p.add_argument("--count", type=int, default=100, help="most to show (default 100)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_run(cmd_dead_list))
+    p = dsub.add_parser("redrive", help="put dead-lettered tasks back in their queue (fresh retries)")
+    _broker_args(p)
+    p.add_argument("ids", nargs="*", metavar="ID", default=[], help="dead-letter ids from `list`")
+    p.add_argument("--all", action="store_true", help="re-drive every dead letter")
+    p.set_defaults(func=_run(cmd_dead_redrive))

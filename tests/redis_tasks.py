@@ -1,0 +1,145 @@
+"""Tasks for the distributed-mode tests. Workers in subprocesses import ``redis_tasks:tasks``,
+built from CT_TEST_REDIS_URL / CT_TEST_PREFIX / CT_TEST_VT (visibility timeout, seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+from catzilla_tasks import BackgroundTasks, TaskPriority, task
+
+FUNCS: list[Any] = []
+
+
+def _reg(f):
+    FUNCS.append(f)
+    return f
+
+
+def register(engine: BackgroundTasks) -> None:
+    """Register every task here on ``engine`` by name (keeping each one's decorator config)."""
+    for f in FUNCS:
+        engine._registered[f"{f.__module__}.{f.__qualname__}"] = f
+
+
+_clients: dict[Any, Any] = {}
+_lock = threading.Lock()
+
+
+def _sync_client():
+    import redis
+
+    with _lock:
+        c = _clients.get("sync")
+        if c is None:
+            c = _clients["sync"] = redis.Redis.from_url(os.environ["CT_TEST_REDIS_URL"])
+    return c
+
+
+def _async_client():
+    import redis.asyncio as aredis
+
+    loop = asyncio.get_running_loop()
+    c = _clients.get(loop)
+    if c is None:
+        c = _clients[loop] = aredis.Redis.from_url(os.environ["CT_TEST_REDIS_URL"])
+    return c
+
+
+@_reg
+@task
+def add(a, b):
+    return a + b
+
+
+@_reg
+@task
+async def async_add(a, b):
+    await asyncio.sleep(0)
+    return a + b
+
+
+@_reg
+@task
+def echo(*args, **kwargs):
+    return [list(args), kwargs]
+
+
+@_reg
+@task(max_retries=2, retry_backoff="fixed", retry_base_ms=5)
+def always_fails(x):
+    raise ValueError(f"bad value {x}")
+
+
+_flaky_calls: dict[str, int] = {}
+
+
+@_reg
+@task(max_retries=3, retry_backoff="fixed", retry_base_ms=5)
+def flaky(key, fail_times):
+    n = _flaky_calls[key] = _flaky_calls.get(key, 0) + 1
+    if n <= fail_times:
+        raise ConnectionError(f"attempt {n} fails")
+    return n
+
+
+@_reg
+@task
+def record(log_key, value):
+    """Side effect: appends value to a list in Redis (counts executions)."""
+    _sync_client().rpush(log_key, value)
+    return value
+
+
+@_reg
+@task
+def record_slow(log_key, value, seconds):
+    _sync_client().rpush(log_key, value)
+    time.sleep(seconds)
+    return value
+
+
+@_reg
+@task
+async def run_once(log_key, value, seconds):
+    """The kill -9 test's task: record the run, take a while (many in flight), then return."""
+    await _async_client().rpush(log_key, value)
+    await asyncio.sleep(seconds)
+    return value
+
+
+@_reg
+@task(priority=TaskPriority.LOW)
+def low(log_key, value, seconds):
+    _sync_client().rpush(log_key, f"{os.getpid()}:{threading.get_ident()}:{value}")
+    time.sleep(seconds)
+
+
+@_reg
+@task(priority=TaskPriority.CRITICAL)
+def critical(log_key, value, seconds):
+    _sync_client().rpush(log_key, f"{os.getpid()}:{threading.get_ident()}:{value}")
+    time.sleep(seconds)
+
+
+@_reg
+@task(timeout_ms=50)
+def too_slow():
+    for _ in range(500):  # short sleeps: the timeout is raised between them
+        time.sleep(0.01)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "tasks":
+        from catzilla_tasks.brokers import RedisBroker
+
+        broker = RedisBroker(os.environ["CT_TEST_REDIS_URL"], prefix=os.environ.get("CT_TEST_PREFIX", "ctt"),
+                             visibility_timeout=float(os.environ.get("CT_TEST_VT", "60")))
+        eng = BackgroundTasks(workers=4, broker=broker)
+        register(eng)
+        globals()["tasks"] = eng
+        return eng
+    raise AttributeError(name)
