@@ -32,20 +32,23 @@ _lock = threading.Lock()
 def _sync_client():
     import redis
 
+    url = os.environ["CT_TEST_REDIS_URL"]  # tests in one process may use several servers
     with _lock:
-        c = _clients.get("sync")
+        c = _clients.get(url)
         if c is None:
-            c = _clients["sync"] = redis.Redis.from_url(os.environ["CT_TEST_REDIS_URL"])
+            c = _clients[url] = redis.Redis.from_url(url)
     return c
 
 
 def _async_client():
     import redis.asyncio as aredis
 
+    url = os.environ["CT_TEST_REDIS_URL"]
     loop = asyncio.get_running_loop()
-    c = _clients.get(loop)
+    c = _clients.get((loop, url))
     if c is None:
-        c = _clients[loop] = aredis.Redis.from_url(os.environ["CT_TEST_REDIS_URL"])
+        pool = aredis.BlockingConnectionPool.from_url(os.environ["CT_TEST_REDIS_URL"], max_connections=32)
+        c = _clients[(loop, url)] = aredis.Redis(connection_pool=pool)
     return c
 
 
@@ -97,6 +100,15 @@ def record(log_key, value):
 @_reg
 @task
 def record_slow(log_key, value, seconds):
+    _sync_client().rpush(log_key, value)
+    time.sleep(seconds)
+    return value
+
+
+@_reg
+@task(max_retries=10, retry_backoff="fixed", retry_base_ms=100)
+def record_slow_retrying(log_key, value, seconds):
+    """record_slow, retried when Redis is away (the restart test)."""
     _sync_client().rpush(log_key, value)
     time.sleep(seconds)
     return value

@@ -193,6 +193,9 @@ class RedisBroker:
         self.idempotency_ttl = idempotency_ttl
         self._client_options = client_options
         self.redis = _redis.Redis.from_url(url, **client_options)
+        # blocked waiters hold a connection each: their own pool, not capped, so they never
+        # starve publishing and acknowledging
+        self._wait_redis = _redis.Redis.from_url(url, **{"max_connections": 2**31 - 1, **client_options})
         base = f"{prefix}:{queue}"
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
         self.delayed_key = f"{base}:delayed"
@@ -304,7 +307,8 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         client = self._aclients.get(loop)
         if client is None:
-            client = self._aclients[loop] = _aredis.Redis.from_url(self.url, **self._client_options)
+            opts = {"max_connections": 2**31 - 1, **self._client_options}
+            client = self._aclients[loop] = _aredis.Redis.from_url(self.url, **opts)
         return client
 
     # -- dead letters ---------------------------------------------------------------------
@@ -383,6 +387,7 @@ class RedisBroker:
 
     def close(self) -> None:
         self.redis.close()
+        self._wait_redis.close()
 
     def __repr__(self) -> str:
         return f"<RedisBroker {redact_url(self.url)} queue={self.queue!r}>"
@@ -445,14 +450,28 @@ class RemoteResult:
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the task finished; return its value or raise its exception (TimeoutError
-        when not done within ``timeout`` seconds)."""
+        when not done within ``timeout`` seconds). A lost connection (Redis restarting) is
+        re-established and the wait goes on."""
         if self._final is None:
             self._check_results()
-            if timeout is not None and timeout <= 0:
-                self._take(self._broker.redis.lindex(self._broker.result_key(self.task_id), 0))
-            else:
-                key = self._broker.result_key(self.task_id)
-                self._take(self._broker.redis.blmove(key, key, 0 if timeout is None else max(timeout, 0.001), "LEFT", "LEFT"))
+            key = self._broker.result_key(self.task_id)
+            client = self._broker._wait_redis
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    if left is not None and left <= 0:
+                        self._take(client.lindex(key, 0))
+                    else:
+                        self._take(client.blmove(key, key, 0 if left is None else max(left, 0.001), "LEFT", "LEFT"))
+                except (_redis.ConnectionError, _redis.TimeoutError):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"task {self.task_id}: Redis unreachable, not finished within {timeout} s") from None
+                    time.sleep(0.05)  # back-off before reconnecting
+                    continue
+                if self._final is not None or (left is not None and left <= 0.001) or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    break
             if self._final is None:
                 raise TimeoutError(f"task {self.task_id} not finished within {timeout} s")
         return self._outcome()
