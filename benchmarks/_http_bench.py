@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
-    print("drain s: from the end of the load until every enqueued task had run (FastAPI's run after each "
-          "response, so theirs is ~0 by design); lost: never ran within 60 s.")
+    print("drain s: from the end of the load until every enqueued task had run (FastAPI's own run after each "
+          "response, in the server's thread pool); lost: never ran within 60 s.")
     print(json.dumps({"suite": "http", "seconds": seconds, "connections": CONNECTIONS, "runs": args.runs,
                       "summary": summary, "raw": raw, "errors": errors}, allow_nan=False))
     return 0
