@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One worker held by a task that waits up to 1 s for a gate nobody opens, then 5 queued tasks:
+# One worker held by a task that runs until the engine's shutdown begins, then 5 queued tasks:
 # at SIGTERM they are still queued (the worker is busy), so the output shows whether they ran.
 PROGRAM = textwrap.dedent("""
     import os, signal, sys, threading
@@ -40,15 +40,17 @@ PROGRAM = textwrap.dedent("""
         tasks = BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False, **kw)
     gate = threading.Event()
     started = threading.Event()
-    def blocker():
+    def blocker():  # runs until the engine stops accepting (shutdown began), at most 30 s
         started.set()
-        gate.wait(1.0)
+        for _ in range(6000):
+            if gate.wait(0.005) or not tasks.stats()["accepting"]:
+                break
     tasks.add_task(blocker)
     started.wait()
     for i in range(5):
         tasks.add_task(record, i)
-    print("handler:", repr(signal.getsignal(signal.SIGTERM)), "queued:", tasks.stats()["queued_total"], flush=True)
-    try:
+    try:  # the readiness line comes from inside the try: SIGTERM may arrive right after it
+        print("handler:", repr(signal.getsignal(signal.SIGTERM)), "queued:", tasks.stats()["queued_total"], flush=True)
         threading.Event().wait()
     finally:
         record("finally")

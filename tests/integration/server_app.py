@@ -9,20 +9,23 @@ queued tasks run is the priority order. Routes:
 
 - ``POST /jobs/{priority}/{key}``: queue ``record(priority, key)`` with that priority; it
   appends ``"<priority> <key>"`` to OUT_FILE (one line, one write).
-- ``POST /block?s=S``: queue a task that waits up to S seconds for ``POST /release``
-  (it holds the only worker, so what is queued after it stays queued).
+- ``POST /block?s=S``: queue a task that runs until ``POST /release``, until the engine stops
+  accepting tasks (its shutdown began) or for S seconds; it holds the only worker, so what is
+  queued after it stays queued until then.
 - ``/tasks/stats`` etc.: the integration's routes.
 """
 
 import os
 import sys
 import threading
+import time
 
 from catzilla_tasks import BackgroundTasks, TaskPriority, task
 
 MODE, PORT, OUT = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ENGINE = dict(workers=1, min_workers=1, max_workers=1, enable_auto_scaling=False, aging_ms=600_000.0)
 gate = threading.Event()
+engines = []  # the engine in use, set by the /block route
 
 
 def record(priority: str, key: str) -> str:
@@ -44,7 +47,11 @@ for _p in TaskPriority:
 
 
 def block(seconds: float) -> bool:
-    return gate.wait(seconds)
+    deadline = time.monotonic() + seconds
+    while not gate.wait(0.005):  # the task's own work: checking whether it should stop
+        if not engines[0].stats()["accepting"] or time.monotonic() > deadline:
+            return False
+    return True
 
 
 @task(priority=TaskPriority.CRITICAL)
@@ -86,6 +93,7 @@ if MODE.startswith("catzilla"):
 
     @app.post("/block")
     def blocker(request: Request, s: float = Query(5.0)):
+        engines[:] = [app.tasks]
         return {"task_id": queue(block, s, priority="critical").task_id}
 
     @app.post("/release")
@@ -113,6 +121,7 @@ elif MODE == "fastapi":
 
     @app.post("/block")
     def blocker(background_tasks: RouteTasks, s: float = 5.0):
+        engines[:] = [background_tasks.engine]
         return {"task_id": background_tasks.add_task(critical_block, s).task_id}
 
     @app.post("/release")

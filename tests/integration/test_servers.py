@@ -67,7 +67,7 @@ def test_routes_enqueue_tasks_that_run_by_priority(mode, start_server, tmp_path)
 def test_sigterm_runs_every_queued_task_before_exit(mode, start_server, tmp_path):
     out = tmp_path / "out.txt"
     srv = start_server(APP, mode, "{port}", str(out))
-    _block_worker(srv, 1.5)  # not released: it ends after 1.5 s, while the process is stopping
+    _block_worker(srv, 60)  # it ends when the shutdown begins: a running task, then 6 queued
     _queue_jobs(srv)
     rc = srv.terminate()
     log = srv.output()
