@@ -89,3 +89,28 @@ def test_examples_serve_the_seed_routes(example, start_server):
     status, ctype, page = srv.request("GET", "/tasks/dashboard/")
     assert status == 200 and b"<html" in page
     assert srv.terminate() in (0, -signal.SIGTERM), srv.output()
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_requests_each_run_their_task_exactly_once(mode, start_server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "out.txt"
+    srv = start_server(APP, mode, "{port}", str(out))
+    clients, per_client = 8, 40
+    prios = ["critical", "high", "normal", "low"]
+    expected = {f"{c}-{i}": prios[(c + i) % 4] for c in range(clients) for i in range(per_client)}
+
+    def client(c: int) -> list[str]:
+        return [srv.json("POST", f"/jobs/{prios[(c + i) % 4]}/{c}-{i}")["task_id"] for i in range(per_client)]
+
+    with ThreadPoolExecutor(clients) as pool:
+        ids = [tid for ids in pool.map(client, range(clients)) for tid in ids]
+    assert len(set(ids)) == len(expected)  # every request got its own task id
+    n = len(expected)
+    s = srv.wait_stats(lambda s: s["totals"]["succeeded"] == n, f"{n} tasks to succeed")
+    assert s["totals"]["submitted"] == n and s["totals"]["failed"] == 0
+    ran = [line.split() for line in _lines(out)]
+    assert len(ran) == n and {key: prio for prio, key in ran} == expected
+    assert srv.terminate() in (0, -signal.SIGTERM), srv.output()

@@ -147,6 +147,8 @@ def enable_background_tasks(
     app._task_system_enabled = True  # Catzilla's own methods see an enabled system
 
     def add_task(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+        """Catzilla's ``app.add_task``: ``priority=``, ``delay_ms=``, ``max_retries=``, ``timeout_ms=``
+        (and ``compile_to_c=``) are options; every other keyword goes to ``func``."""
         if kwargs and not CATZILLA_OPTIONS.isdisjoint(kwargs):
             opts = {k: kwargs.pop(k) for k in CATZILLA_OPTIONS.intersection(kwargs)}
             opts.pop("compile_to_c", None)
@@ -157,9 +159,9 @@ def enable_background_tasks(
         return tasks.add_task(func, *args, **kwargs)
 
     def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, **task_config: Any) -> Any:
+        """Catzilla's ``@app.task(priority=...)``: ``tasks.task``, Catzilla's TaskPriority accepted."""
         return tasks.task(func, priority=_priority(priority), **task_config)
 
-    add_task.__doc__ = enable_background_tasks.__doc__
     app.add_task = add_task
     app.task = task
     app.get_task_stats = tasks.monitor.get_stats
