@@ -66,17 +66,18 @@ class Server:
                     raise AssertionError(f"server not listening after {READY_TIMEOUT_S} s:\n{self.output()}")
                 time.sleep(0.02)
 
-    def request(self, method: str, path: str) -> tuple[int, str, bytes]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
-                                     data=b"" if method == "POST" else None)
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, str, bytes]:
+        data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method, data=data,
+                                     headers={"Content-Type": "application/json"} if body is not None else {})
         try:
             with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
                 return r.status, r.headers.get("Content-Type", ""), r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.headers.get("Content-Type", ""), e.read()
 
-    def json(self, method: str, path: str) -> Any:
-        status, ctype, body = self.request(method, path)
+    def json(self, method: str, path: str, body: Any = None) -> Any:
+        status, ctype, body = self.request(method, path, body)
         assert status == 200, f"{method} {path} -> {status}: {body[:500]!r}\n{self.output()}"
         assert ctype.startswith("application/json"), ctype
         return json.loads(body)

@@ -83,7 +83,9 @@ def test_examples_serve_the_seed_routes(example, start_server):
     for i in range(3):
         body = srv.json("POST", f"/users/7/notify?message=hi{i}")
         assert body["status"] == "queued" and body["task_id"]
-    srv.wait_stats(lambda s: s["totals"]["succeeded"] == 3, "the 3 notifications")
+    r = srv.json("POST", "/data", {"values": [3, 1, 4, 1, 5]})
+    assert r["status"] == "queued" and r["task_id"]
+    srv.wait_stats(lambda s: s["totals"]["succeeded"] == 4, "the 3 notifications and the data task")
     got = srv.json("GET", "/users/7/notifications")
     assert got["count"] == 3 and sorted(got["messages"]) == ["hi0", "hi1", "hi2"]
     status, ctype, page = srv.request("GET", "/tasks/dashboard/")
