@@ -11,10 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from urllib.error import HTTPError
-from urllib.request import Request, urlopen
 
 import pytest
+from http_helpers import get
 
 from catzilla_tasks import BackgroundTasks, TaskPriority
 from catzilla_tasks import cli
@@ -23,12 +22,6 @@ from catzilla_tasks.dashboard import json_safe, serve
 PY = sys.executable
 
 
-def get(url, headers=None):
-    try:
-        with urlopen(Request(url, headers=headers or {}), timeout=10) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-    except HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.error import HTTPError
-from urllib.request import Request, urlopen
+from urllib.request import urlopen
 
 import pytest
+from http_helpers import get
 
 import catzilla_tasks
 from catzilla_tasks import BackgroundTasks, TaskPriority
@@ -41,13 +41,6 @@ CONTRACT = {
 CONTRACT_KEYS = {f"{g}.{k}" for g, keys in CONTRACT.items() for k in keys}
 
 
-def get(url, headers=None, method="GET"):
-    """(status, content type, body) of a request; HTTP errors are answers too."""
-    try:
-        with urlopen(Request(url, headers=headers or {}, method=method), timeout=10) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-    except HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
 @pytest.fixture

@@ -1975,59 +1975,19 @@ static PyObject *Gate_cancel(GateObject *g, PyObject *unused) {
     Py_RETURN_FALSE;
 }
 
-static PyObject *Gate_wire(GateObject *g, PyObject *args) {
-    PyObject *deps, *fills;
-    if (!PyArg_ParseTuple(args, "OO:_wire", &deps, &fills)) return NULL;
-    if ((deps != Py_None && !PyTuple_Check(deps)) || (fills != Py_None && !PyTuple_Check(fills))) {
-        PyErr_SetString(PyExc_TypeError, "_wire(dependents: tuple | None, fills: tuple | None)");
-        return NULL;
-    }
-    if (deps != Py_None)
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(deps); i++)
-            if (!Py_IS_TYPE(PyTuple_GET_ITEM(deps, i), &Gate_Type)) {
-                PyErr_SetString(PyExc_TypeError, "dependents must be gates");
-                return NULL;
-            }
-    if (fills != Py_None)
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(fills); i++) {
-            PyObject *f = PyTuple_GET_ITEM(fills, i);
-            Py_ssize_t at;
-            if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2 ||
-                (at = PyLong_AsSsize_t(PyTuple_GET_ITEM(f, 0))) < 0 || at >= PyTuple_GET_SIZE(g->values)) {
-                PyErr_Clear();
-                PyErr_SetString(PyExc_ValueError, "fills: (index into values, gate or tuple of gates)");
-                return NULL;
-            }
-            PyObject *src = PyTuple_GET_ITEM(f, 1);
-            int ok = Py_IS_TYPE(src, &Gate_Type);
-            if (!ok && PyTuple_Check(src)) {
-                ok = 1;
-                for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(src); k++)
-                    ok &= Py_IS_TYPE(PyTuple_GET_ITEM(src, k), &Gate_Type);
-            }
-            if (!ok) {
-                PyErr_SetString(PyExc_TypeError, "fills: (index into values, gate or tuple of gates)");
-                return NULL;
-            }
-        }
-    Py_XSETREF(g->dependents, deps == Py_None ? NULL : Py_NewRef(deps));
-    Py_XSETREF(g->fills, fills == Py_None ? NULL : Py_NewRef(fills));
-    Py_RETURN_NONE;
-}
-
 static PyObject *gate_new(EngineObject *self, PyObject *func, PyObject *values, PyObject *kwnames, Py_ssize_t pending,
                           PyObject *on_fail, Py_ssize_t step) {
     if (!PyCallable_Check(func)) return not_callable(func), NULL;
     if (!PyTuple_Check(values)) {
-        PyErr_SetString(PyExc_TypeError, "_gate: values must be a tuple");
+        PyErr_SetString(PyExc_TypeError, "_gates: values must be a tuple");
         return NULL;
     }
     if (kwnames != Py_None && (!PyTuple_Check(kwnames) || PyTuple_GET_SIZE(kwnames) > PyTuple_GET_SIZE(values))) {
-        PyErr_SetString(PyExc_TypeError, "_gate: kwnames must be a tuple of names (the last values) or None");
+        PyErr_SetString(PyExc_TypeError, "_gates: kwnames must be a tuple of names (the last values) or None");
         return NULL;
     }
     if (pending < 0 || !PyCallable_Check(on_fail)) {
-        PyErr_SetString(PyExc_ValueError, "_gate: pending >= 0 and a callable on_fail(gate, exc)");
+        PyErr_SetString(PyExc_ValueError, "_gates: pending >= 0 and a callable on_fail(gate, exc)");
         return NULL;
     }
     GateObject *g = PyObject_GC_New(GateObject, &Gate_Type);
@@ -2043,15 +2003,6 @@ static PyObject *gate_new(EngineObject *self, PyObject *func, PyObject *values, 
     g->state = 0;
     PyObject_GC_Track(g);
     return (PyObject *)g;
-}
-
-/* Engine._gate(func, values: tuple, kwnames: tuple | None, pending: int, on_fail, step: int) */
-static PyObject *Engine_gate(EngineObject *self, PyObject *args) {
-    PyObject *func, *values, *kwnames, *on_fail;
-    Py_ssize_t pending, step;
-    if (CT_UNLIKELY(!self->e) && engine_check(self) < 0) return NULL;
-    if (!PyArg_ParseTuple(args, "OOOnOn:_gate", &func, &values, &kwnames, &pending, &on_fail, &step)) return NULL;
-    return gate_new(self, func, values, kwnames, pending, on_fail, step);
 }
 
 /* Engine._gates(funcs, values, kwnames, pending, dependents, fills, on_fail) -> list of Gates.
@@ -2200,7 +2151,6 @@ static PyObject *Gate_get_state(GateObject *g, void *unused) { return PyLong_Fro
 
 static PyMethodDef Gate_methods[] = {
     {"_fire", (PyCFunction)Gate_fire, METH_NOARGS, NULL},
-    {"_wire", (PyCFunction)Gate_wire, METH_VARARGS, NULL},
     {"cancel", (PyCFunction)Gate_cancel, METH_NOARGS, NULL},
     {NULL},
 };
@@ -2237,7 +2187,6 @@ static PyMethodDef Engine_methods[] = {
      "add_task(func, *args, **kwargs) -> TaskResult\n\nQueue func(*args, **kwargs). Every keyword goes to "
      "func; the task's config comes from its @task decorator (override per call with options(...))."},
     {"_submit", (PyCFunction)Engine_submit, METH_VARARGS, NULL},
-    {"_gate", (PyCFunction)Engine_gate, METH_VARARGS, NULL},
     {"_gates", (PyCFunction)Engine_gates, METH_VARARGS, NULL},
     {"submit_c", (PyCFunction)Engine_submit_c, METH_VARARGS,
      "submit_c(fn_address, data_address, priority=2) -> TaskResult\n\nQueue a C function void fn(void *data), "
