@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Callable, Coroutine, TypeVar, overload
 
 from . import _engine, _signals, isolation  # isolation before our atexit hook: its pool must outlive our drain
+from . import compiler as _compiler
 from .config import TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
@@ -204,12 +205,14 @@ def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to
     """Attach a task config to a function, for any engine: ``@task(priority=TaskPriority.HIGH)``.
 
     The function is returned unchanged (calling it directly still runs it here and now).
-    ``compile_to_c`` is accepted for the seed's API: in this version every task runs as Python.
+    ``compile_to_c=True`` (the default) runs a simple numeric function as native code with no
+    GIL when it can (catzilla_tasks.compiler; needs the ``[compile]`` extra), otherwise as
+    Python; ``"require"`` raises CompileError when it cannot; ``False`` never compiles.
     """
     cfg = _make_config("task()", priority, **config)
 
     def decorate(f: F) -> F:
-        return _attach(f, cfg)
+        return _attach(f, _compiler.attach(f, cfg, compile_to_c))
 
     return decorate(func) if func is not None else decorate
 
@@ -368,13 +371,13 @@ class BackgroundTasks(_engine.Engine):
     def task(self, func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to_c: bool | str = True, **config: Any) -> Any:
         """Decorator: ``@tasks.task(priority=TaskPriority.HIGH, max_retries=...)``.
 
-        Attaches the config (as the module-level ``task`` does) and registers the function by
-        name on this engine. The function itself is returned unchanged.
+        Attaches the config (as the module-level ``task`` does, ``compile_to_c`` included) and
+        registers the function by name on this engine. The function itself is returned unchanged.
         """
         cfg = _make_config("task()", priority, **config)
 
         def decorate(f: F) -> F:
-            _attach(f, cfg)
+            _attach(f, _compiler.attach(f, cfg, compile_to_c))
             self._registered[f"{f.__module__}.{f.__qualname__}"] = f
             return f
 
@@ -496,6 +499,46 @@ class BackgroundTasks(_engine.Engine):
         return opts
 
     # -- waiting and stopping -------------------------------------------------------------
+    def map(
+        self,
+        func: Callable[..., Any],
+        iterable_of_args: Any,
+        /,
+        *,
+        chunk_size: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Run ``func(*args)`` for every ``args`` of ``iterable_of_args`` (a tuple of positional
+        arguments, or a single value for a one-parameter function) as tasks submitted in one call;
+        the results in order.
+
+        A compiled task (``@task``, ``compile_to_c``) runs as native code on the workers with no
+        GIL, ``chunk_size`` items per engine node (default: at least 8 nodes per worker, at most
+        4096 items per node); other functions run one Python task per item. A failed item raises
+        its exception (with a note naming the item) after the batch ran, or, with
+        ``return_exceptions=True``, takes its place in the list.
+        """
+        if not callable(func):
+            raise TypeError(f"map() needs a callable as its first argument, got {type(func).__name__} {func!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+        items = iterable_of_args if isinstance(iterable_of_args, (list, tuple)) else list(iterable_of_args)
+        cfg = getattr(func, CONFIG_ATTR, None)
+        native = _compiler.native_of(func)
+        if native is not None and cfg is not None and getattr(cfg, "_native", None) is native:
+            out = _compiler.map_native(self, native, items, chunk_size, int(cfg.priority), return_exceptions)
+            if out is not None:
+                return out
+        if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
+            handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
+        else:
+            handles = self._submit_batch(func, items, None)
+        return _compiler.collect(handles, items, func, return_exceptions, None)
+
+    def _live_workers(self) -> int:
+        """Worker threads running now."""
+        return int(self._stats()["workers"])
+
     def join(self, timeout: float | None = None) -> None:
         """Block until nothing is queued or running (tasks added meanwhile count too)."""
         if not self._drain(timeout):

@@ -48,6 +48,8 @@ enum ct_kind {
     CT_KIND_PY = 1,       /* Python callable: handed to hooks.run_batch */
     CT_KIND_PY_C = 2,     /* C function submitted from Python (has Python-side state) */
     CT_KIND_DETACHED = 3, /* never queued: settled from outside (futures, chains) */
+    CT_KIND_NATIVE = 4,   /* compiled task (module.c): Python-visible, its call runs native code
+                           * with the GIL released */
 };
 
 typedef void (*ct_c_func)(void *data);

@@ -52,6 +52,7 @@ static PyObject *g_isolate;           /* f(engine, func, args, kwargs, config) -
 static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
 static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
+static PyObject *g_native_prepare;    /* f(native, args, kwargs) -> (call block, args) | None (compiler.py) */
 static PyObject *QueueFullError, *TaskCancelledError;
 static char g_prefix[16];
 static uint64_t g_mono0;
@@ -88,6 +89,7 @@ typedef struct {
     int64_t retry_base_ns, retry_max_ns;
     PyObject *retry_on;      /* exception class or tuple of them; NULL = any Exception */
     PyObject *on_success, *on_failure, *on_retry;
+    PyObject *native;        /* compiler.NativeTask of a task compiled to native code, or NULL/None */
 } ConfigObject;
 
 static PyTypeObject Engine_Type, Result_Type, Config_Type;
@@ -368,6 +370,65 @@ static int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc,
     return ct_engine_reschedule(eng->e, t, ct_now_ns() + backoff_ns(c, t->attempt)) == CT_OK;
 }
 
+/* ---- compiled (native) tasks ----
+ *
+ * compiler.py turns a task into a numba cfunc "trampoline" with one fixed C signature:
+ *     int64 tramp(void *col0, ..., void *col7, void *out, void *status, int64 start, int64 stop)
+ * It runs items start..stop-1 of flat argument columns (int64, float64 or uint8 per argument),
+ * writes out[i] and status[i] (0 = ok, 1 = the call raised) and returns how many raised. The
+ * user's function is called inside a numba try/except, so an exception never leaves native
+ * code: it needs no GIL on any path (numba's cfunc wrapper takes the GIL only to report an
+ * exception that escapes, and none does). */
+#define NATIVE_MAXARGS 8
+typedef int64_t (*native_tramp)(void *, void *, void *, void *, void *, void *, void *, void *, void *, void *,
+                                int64_t, int64_t);
+
+/* The call block of one native task (a bytearray made by compiler.py, owned by the node as
+ * t->kwargs): the trampoline, the arguments as 8-byte slots, room for the result. */
+typedef struct {
+    uint64_t tramp;
+    int64_t nargs;
+    int64_t restype;          /* 'i' int64, 'f' float64, 'b' bool */
+    uint64_t slots[NATIVE_MAXARGS];
+    uint64_t result;
+    uint64_t status;
+} native_block;
+
+static int64_t native_call(native_tramp fn, void *const *cols, void *out, void *status, int64_t start, int64_t stop) {
+    return fn(cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], out, status, start, stop);
+}
+
+static PyObject *native_box(int64_t restype, const void *p) {
+    switch (restype) {
+    case 'i': return PyLong_FromLongLong(*(const int64_t *)p);
+    case 'f': return PyFloat_FromDouble(*(const double *)p);
+    case 'b': return PyBool_FromLong(*(const uint8_t *)p != 0);
+    }
+    PyErr_Format(PyExc_SystemError, "native task: unknown result type %d", (int)restype);
+    return NULL;
+}
+
+/* A native task's call (GIL held on entry and exit; released around the native code). When
+ * the native call raised, the Python function runs once more with the same arguments, under
+ * the GIL, to produce the task's real exception (compiled functions are pure: no I/O, no
+ * mutable globals, so the re-run computes the same thing). */
+static PyObject *run_native(ct_task *t) {
+    PyObject *blk = (PyObject *)t->kwargs;
+    if (!blk || !PyByteArray_CheckExact(blk) || PyByteArray_GET_SIZE(blk) < (Py_ssize_t)sizeof(native_block)) {
+        PyErr_SetString(PyExc_SystemError, "native task without its call block");
+        return NULL;
+    }
+    native_block *b = (native_block *)PyByteArray_AS_STRING(blk);
+    void *cols[NATIVE_MAXARGS] = {0};
+    for (int64_t j = 0; j < b->nargs && j < NATIVE_MAXARGS; j++) cols[j] = &b->slots[j];
+    int64_t nf;
+    Py_BEGIN_ALLOW_THREADS
+    nf = native_call((native_tramp)(uintptr_t)b->tramp, cols, &b->result, &b->status, 0, 1);
+    Py_END_ALLOW_THREADS
+    if (nf == 0) return native_box(b->restype, &b->result);
+    return PyObject_CallObject((PyObject *)t->fn, (PyObject *)t->arg);
+}
+
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
  * its end (one clock read per task). */
 static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
@@ -397,6 +458,12 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         Py_END_ALLOW_THREADS
         res = Py_None;
         Py_INCREF(res);
+    } else if (t->kind == CT_KIND_NATIVE) {
+        tl_current = t;
+        tl_current_engine = eng;
+        res = run_native(t);
+        tl_current = NULL;
+        tl_current_engine = NULL;
     } else {
         PyObject *a = (PyObject *)t->arg, *kw = NULL;
         Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0, nkw = 0;
@@ -956,7 +1023,8 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
         dict_set_steal(d, "execution_time_ms", NUM_OR_NONE(s && e, (double)(e - s) / 1e6)) < 0 ||
         dict_set_steal(d, "attempts", PyLong_FromLong(t->attempt)) < 0 ||
         dict_set_steal(d, "worker_id", wid ? PyLong_FromUnsignedLong(wid - 1) : (Py_INCREF(Py_None), Py_None)) < 0 ||
-        dict_set_steal(d, "is_async", PyBool_FromLong((st & CT_F_ASYNC) != 0)) < 0) {
+        dict_set_steal(d, "is_async", PyBool_FromLong((st & CT_F_ASYNC) != 0)) < 0 ||
+        dict_set_steal(d, "native", PyBool_FromLong(t->kind == CT_KIND_NATIVE)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
@@ -1166,6 +1234,7 @@ static int Config_traverse(ConfigObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->on_success);
     Py_VISIT(self->on_failure);
     Py_VISIT(self->on_retry);
+    Py_VISIT(self->native);
     return 0;
 }
 
@@ -1174,6 +1243,7 @@ static int Config_clear(ConfigObject *self) {
     Py_CLEAR(self->on_success);
     Py_CLEAR(self->on_failure);
     Py_CLEAR(self->on_retry);
+    Py_CLEAR(self->native);
     return 0;
 }
 
@@ -1188,6 +1258,7 @@ static PyMemberDef Config_members[] = {
     {"_max_retries", T_INT, offsetof(ConfigObject, max_retries), READONLY, NULL},
     {"_delay_ns", T_LONGLONG, offsetof(ConfigObject, delay_ns), READONLY, NULL},
     {"_timeout_ns", T_LONGLONG, offsetof(ConfigObject, timeout_ns), READONLY, NULL},
+    {"_native", T_OBJECT, offsetof(ConfigObject, native), 0, "compiler.NativeTask of a compiled task, or None"},
     {NULL},
 };
 
@@ -1346,6 +1417,9 @@ static PyObject *submit_error(EngineObject *self, int rc) {
  * values/kwnames are borrowed. */
 static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
                               PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns);
+static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int64_t block_ns);
+static PyObject *enqueue_native(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                                PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native);
 
 /* A process-isolated task: engine.py checks that it pickles (a clear TypeError here, at the
  * call site) and gives back a callable that runs it in the engine's process pool. */
@@ -1369,10 +1443,13 @@ done:
     return r;
 }
 
+/* native: the compiler.NativeTask of a compiled task (usually cfg->native), or NULL/None */
 static PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
-                         PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns) {
+                         PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
     if (CT_UNLIKELY(cfg && cfg->isolation))
         return enqueue_isolated(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
+    if (CT_UNLIKELY(native && native != Py_None && g_native_prepare))
+        return enqueue_native(self, func, values, nvalues, kwnames, priority, cfg, block_ns, native);
     return enqueue_node(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
 }
 
@@ -1400,6 +1477,14 @@ static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *cons
     t->arg = arg;
     t->kind = CT_KIND_PY;
     t->priority = (uint8_t)priority;
+    return enqueue_submit(self, t, cfg, block_ns);
+fail_node:
+    ct_task_decref(&self->e->hooks, t);
+    return NULL;
+}
+
+/* Submit a prepared Python-visible node (its cfg not yet set) and return its TaskResult. */
+static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int64_t block_ns) {
     /* Only a config that changes how the task runs is kept on the node (priority alone is
      * used here and needs nothing later). */
     if (cfg && (cfg->max_retries || cfg->timeout_ns || cfg->on_success || cfg->on_failure || cfg->isolation)) {
@@ -1407,7 +1492,10 @@ static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *cons
         t->cfg = cfg;
     }
     ResultObject *r = result_wrap(self, t);   /* refs: 2 (ours, handed to the engine, + handle) */
-    if (!r) goto fail_node;
+    if (!r) {
+        ct_task_decref(&self->e->hooks, t);
+        return NULL;
+    }
     int rc;
     uint64_t due = cfg && cfg->delay_ns > 0 ? ct_now_ns() + (uint64_t)cfg->delay_ns : 0;
     rc = due ? ct_engine_submit_at(self->e, t, due, 0) : ct_engine_submit(self->e, t, 0);
@@ -1425,8 +1513,56 @@ static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *cons
         return submit_error(self, rc);
     }
     return (PyObject *)r;
-fail_node:
-    ct_task_decref(&self->e->hooks, t);
+}
+
+/* A task compiled to native code: compiler.py checks the arguments against a compiled
+ * signature (compiling it on first use) and gives back the call block, or None: the task then
+ * runs as Python (arguments of other types, a value that does not fit, no compiler). */
+static PyObject *enqueue_native(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                                PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, npos = nvalues - nkw;
+    PyObject *pos = PyTuple_New(npos), *kw = nkw ? PyDict_New() : (Py_INCREF(Py_None), Py_None), *prep = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 0; i < npos; i++) {
+        Py_INCREF(values[i]);
+        PyTuple_SET_ITEM(pos, i, values[i]);
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
+    prep = PyObject_CallFunctionObjArgs(g_native_prepare, native, pos, kw, NULL);
+    if (!prep) goto done;
+    if (prep == Py_None) {
+        Py_CLEAR(prep);
+        Py_DECREF(pos);
+        Py_DECREF(kw);
+        return enqueue_node(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
+    }
+    if (!PyTuple_CheckExact(prep) || PyTuple_GET_SIZE(prep) != 2 || !PyByteArray_CheckExact(PyTuple_GET_ITEM(prep, 0)) ||
+        PyByteArray_GET_SIZE(PyTuple_GET_ITEM(prep, 0)) < (Py_ssize_t)sizeof(native_block) ||
+        !PyTuple_CheckExact(PyTuple_GET_ITEM(prep, 1))) {
+        PyErr_SetString(PyExc_SystemError, "native task: the compiler's prepare hook returned a bad call block");
+        Py_CLEAR(prep);
+        goto done;
+    }
+    ct_task *t = ct_task_new();
+    if (!t) {
+        PyErr_NoMemory();
+        Py_CLEAR(prep);
+        goto done;
+    }
+    Py_INCREF(func);
+    t->fn = func;
+    t->arg = Py_NewRef(PyTuple_GET_ITEM(prep, 1));
+    t->kwargs = Py_NewRef(PyTuple_GET_ITEM(prep, 0));
+    t->kind = CT_KIND_NATIVE;
+    t->priority = (uint8_t)priority;
+    Py_DECREF(pos);
+    Py_DECREF(kw);
+    Py_DECREF(prep);
+    return enqueue_submit(self, t, cfg, block_ns);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
     return NULL;
 }
 
@@ -1442,7 +1578,8 @@ static PyObject *Engine_add_task(EngineObject *self, PyObject *const *args, Py_s
     ConfigObject *cfg = lookup_config(func);
     if (cfg) priority = cfg->priority;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    return enqueue(self, func, args + 1, nargs - 1 + nkw, nkw ? kwnames : NULL, priority, cfg, 0);
+    return enqueue(self, func, args + 1, nargs - 1 + nkw, nkw ? kwnames : NULL, priority, cfg, 0,
+                   cfg ? cfg->native : NULL);
 }
 
 /* _submit(func, args: tuple, kwargs: dict | None, config: ConfigBase | None, block_timeout) */
@@ -1452,6 +1589,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OO!OOO:_submit", &func, &PyTuple_Type, &pargs, &kwargs, &config, &block)) return NULL;
     if (!PyCallable_Check(func)) return not_callable(func), NULL;
     int priority = 2;
+    PyObject *native = NULL;
     ConfigObject *cfg = config != Py_None ? (ConfigObject *)config : lookup_config(func);
     if (cfg) {
         if (!PyObject_TypeCheck((PyObject *)cfg, &Config_Type)) {
@@ -1459,6 +1597,13 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
             return NULL;
         }
         priority = cfg->priority;
+        native = cfg->native;
+        if ((!native || native == Py_None) && config != Py_None) {
+            /* options(...) over a compiled task: the merged config is a copy without the
+             * compiled code; the function's own config has it */
+            ConfigObject *own = lookup_config(func);
+            if (own) native = own->native;
+        }
     }
     int64_t block_ns = 0;
     if (block != Py_None) {
@@ -1469,7 +1614,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
     }
     Py_ssize_t npos = PyTuple_GET_SIZE(pargs);
     if (kwargs == Py_None || PyDict_GET_SIZE(kwargs) == 0)
-        return enqueue(self, func, &PyTuple_GET_ITEM(pargs, 0), npos, NULL, priority, cfg, block_ns);
+        return enqueue(self, func, &PyTuple_GET_ITEM(pargs, 0), npos, NULL, priority, cfg, block_ns, native);
     if (!PyDict_Check(kwargs)) {
         PyErr_SetString(PyExc_TypeError, "_submit(): kwargs must be a dict");
         return NULL;
@@ -1497,7 +1642,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
         vals[npos + i] = v;
         i++;
     }
-    PyObject *r = enqueue(self, func, vals, npos + nkw, names, priority, cfg, block_ns);
+    PyObject *r = enqueue(self, func, vals, npos + nkw, names, priority, cfg, block_ns, native);
     PyMem_Free(vals);
     Py_DECREF(names);
     return r;
@@ -1536,6 +1681,329 @@ static PyObject *Engine_submit_c(EngineObject *self, PyObject *args) {
         return submit_error(self, rc);
     }
     return (PyObject *)r;
+}
+
+/* ---- batches: tasks.map ---- */
+
+typedef struct {
+    native_tramp fn;
+    int ncols;
+    char codes[NATIVE_MAXARGS];
+    void *cols[NATIVE_MAXARGS];
+    void *out;
+    uint8_t *status;
+    _Atomic int64_t failed;
+} native_job;
+
+typedef struct {
+    native_job *job;
+    int64_t start, stop;
+} native_chunk;
+
+/* One engine node of a native batch: a range of items, run on a worker with no GIL. */
+static void native_chunk_run(void *p) {
+    native_chunk *c = p;
+    native_job *j = c->job;
+    int64_t nf = native_call(j->fn, j->cols, j->out, j->status, c->start, c->stop);
+    if (nf) atomic_fetch_add_explicit(&j->failed, nf, memory_order_relaxed);
+}
+
+/* Convert items start..stop-1 (argument tuples, or single values when there is one
+ * argument) into the job's flat columns (GIL held). Types must match exactly: int fitting in
+ * int64 for 'i', float for 'f', bool for 'b'. Returns -1, or the index of the first item that
+ * does not match. */
+static Py_ssize_t native_pack(native_job *j, PyObject *const *items, Py_ssize_t start, Py_ssize_t stop) {
+    int nc = j->ncols;
+    for (Py_ssize_t i = start; i < stop; i++) {
+        PyObject *item = items[i];
+        PyObject *const *vals = &item;
+        if (PyTuple_CheckExact(item)) {
+            if (PyTuple_GET_SIZE(item) != nc) return i;
+            vals = &PyTuple_GET_ITEM(item, 0);
+        } else if (nc != 1) {
+            return i;
+        }
+        for (int k = 0; k < nc; k++) {
+            PyObject *v = vals[k];
+            switch (j->codes[k]) {
+            case 'i': {
+                if (!PyLong_CheckExact(v)) return i;
+                int overflow = 0;
+                long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+                if (overflow) return i;
+                ((int64_t *)j->cols[k])[i] = x;
+                break;
+            }
+            case 'f':
+                if (!PyFloat_CheckExact(v)) return i;
+                ((double *)j->cols[k])[i] = PyFloat_AS_DOUBLE(v);
+                break;
+            default:
+                if (!PyBool_Check(v)) return i;
+                ((uint8_t *)j->cols[k])[i] = v == Py_True;
+            }
+        }
+    }
+    return -1;
+}
+
+/* _map_native(tramp, typecodes, restype, items: list | tuple, chunk, priority, hold_gil_s=0)
+ *   -> (results: list, failed: list of indices, cancelled: list of indices) | index: int
+ *
+ * Runs every item through the trampoline (see native_block), `chunk` items per engine node.
+ * One call from Python does it all, pipelined: the items of a node are converted to flat C
+ * columns and the node is queued at once, so the workers (which need no GIL) run the first
+ * nodes while this thread converts the rest; then it waits for each node in order with the GIL
+ * released and boxes its results into the list. Failed items (the call raised) are left None
+ * and listed; items of nodes cancelled before they ran (shutdown) are listed as cancelled.
+ * When an item does not match the type codes, returns its index after the nodes already queued
+ * have finished: the caller runs the batch as Python tasks.
+ * hold_gil_s > 0 (tests only): wait WITHOUT releasing the GIL, for up to that many seconds per
+ * node: if native code needed the GIL, that wait times out and RuntimeError says so (where a
+ * real waiter that held the GIL would deadlock). */
+static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
+    unsigned long long tramp;
+    const char *codes, *restype;
+    Py_ssize_t ncodes, nres;
+    PyObject *items;
+    long long chunk;
+    int priority = 2;
+    double hold_gil = 0;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Ks#s#OL|id:_map_native", &tramp, &codes, &ncodes, &restype, &nres, &items, &chunk,
+                          &priority, &hold_gil))
+        return NULL;
+    if (!tramp || ncodes > NATIVE_MAXARGS || nres != 1 || !strchr("ifb", restype[0]) || chunk < 1 || priority < 0 ||
+        priority >= CT_NPRIO || !(PyList_CheckExact(items) || PyTuple_CheckExact(items))) {
+        PyErr_SetString(PyExc_ValueError, "_map_native(): bad arguments");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < ncodes; k++)
+        if (!strchr("ifb", codes[k])) {
+            PyErr_SetString(PyExc_ValueError, "_map_native(): unknown type code");
+            return NULL;
+        }
+    Py_INCREF(items);   /* a list may change while we convert it: keep it, read it under the GIL only */
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    PyObject *ret = NULL, *results = NULL, *failed = NULL, *cancelled = NULL;
+    native_job job = {.fn = (native_tramp)(uintptr_t)tramp, .ncols = (int)ncodes};
+    atomic_init(&job.failed, 0);
+    memcpy(job.codes, codes, (size_t)ncodes);
+    int64_t nchunks = n ? (n + chunk - 1) / chunk : 0;
+    native_chunk *chunks = PyMem_Malloc((size_t)(nchunks ? nchunks : 1) * sizeof(native_chunk));
+    ct_task **nodes = PyMem_Calloc((size_t)(nchunks ? nchunks : 1), sizeof(ct_task *));
+    int ok = chunks && nodes;
+    for (Py_ssize_t k = 0; k < ncodes && ok; k++) ok = (job.cols[k] = PyMem_Malloc((size_t)(n ? n : 1) * 8)) != NULL;
+    if (ok) ok = (job.out = PyMem_Malloc((size_t)(n ? n : 1) * 8)) != NULL;
+    if (ok) ok = (job.status = PyMem_Malloc((size_t)(n ? n : 1))) != NULL;
+    results = ok ? PyList_New(n) : NULL;
+    failed = ok ? PyList_New(0) : NULL;
+    cancelled = ok ? PyList_New(0) : NULL;
+    if (!ok || !results || !failed || !cancelled) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    int64_t submitted = 0;
+    int rc = CT_OK;
+    Py_ssize_t bad = -1;
+    PyObject *const *its = PySequence_Fast_ITEMS(items);
+    for (; submitted < nchunks; submitted++) {
+        int64_t start = submitted * chunk, stop = start + chunk < n ? start + chunk : n;
+        /* (the list's length is re-read: a callback of another task may have shrunk it) */
+        if (PySequence_Fast_GET_SIZE(items) != n) {
+            PyErr_SetString(PyExc_RuntimeError, "tasks.map(): the list of arguments changed size during the call");
+            rc = CT_EINVAL;
+            break;
+        }
+        its = PySequence_Fast_ITEMS(items);
+        bad = native_pack(&job, its, start, stop);
+        if (bad >= 0) break;
+        ct_task *t = ct_task_new();
+        if (!t) {
+            rc = CT_ENOMEM;
+            break;
+        }
+        chunks[submitted] = (native_chunk){&job, start, stop};
+        t->fn = (void *)native_chunk_run;
+        t->arg = &chunks[submitted];
+        t->kind = CT_KIND_C;
+        t->priority = (uint8_t)priority;
+        ct_task_incref(t);   /* ours, for waiting; the other goes to the engine */
+        rc = ct_engine_submit(self->e, t, 0);
+        if (rc == CT_EFULL) {
+            atomic_fetch_sub_explicit(&self->e->rejected, 1, memory_order_relaxed);
+            Py_BEGIN_ALLOW_THREADS
+            rc = ct_engine_submit(self->e, t, -1);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc != CT_OK) {
+            ct_task_decref(NULL, t);
+            ct_task_decref(NULL, t);
+            break;
+        }
+        nodes[submitted] = t;
+    }
+    /* Wait for every queued node (they use our buffers), in order, boxing as they finish. */
+    int interrupted = 0, gil_needed = 0;
+    for (int64_t i = 0; i < submitted; i++) {
+        ct_task *t = nodes[i];
+        if (hold_gil > 0 && !gil_needed && ct_task_wait(t, ct_now_ns() + (uint64_t)(hold_gil * 1e9)) != CT_OK)
+            gil_needed = 1;
+        if (!interrupted && wait_node(t, 0) < 0) {
+            /* Ctrl-C: cancel what has not started, wait for what runs */
+            interrupted = 1;
+            for (int64_t k = i; k < submitted; k++) ct_task_cancel(self->e, nodes[k]);
+        }
+        if (interrupted) {
+            Py_BEGIN_ALLOW_THREADS
+            ct_task_wait(t, 0);
+            Py_END_ALLOW_THREADS
+            continue;
+        }
+        if (bad >= 0 || rc != CT_OK) continue;
+        int was_cancelled = ct_task_status(t) == CT_CANCELLED;
+        for (int64_t k = chunks[i].start; k < chunks[i].stop; k++) {
+            PyObject *v = NULL;
+            if (was_cancelled || job.status[k]) {
+                PyObject *idx = PyLong_FromLongLong(k);
+                if (!idx || PyList_Append(was_cancelled ? cancelled : failed, idx) < 0) {
+                    Py_XDECREF(idx);
+                    rc = CT_ENOMEM;
+                    break;
+                }
+                Py_DECREF(idx);
+                v = Py_NewRef(Py_None);
+            } else {
+                v = native_box(restype[0], (char *)job.out + (restype[0] == 'b' ? k : 8 * k));
+                if (!v) {
+                    rc = CT_ENOMEM;
+                    break;
+                }
+            }
+            PyList_SET_ITEM(results, k, v);
+        }
+    }
+    for (int64_t i = 0; i < submitted; i++) ct_task_decref(NULL, nodes[i]);
+    if (interrupted || PyErr_Occurred()) goto done;
+    if (gil_needed) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "native tasks did not finish while the waiting thread held the GIL: the native code "
+                        "needed the GIL");
+        goto done;
+    }
+    if (bad >= 0) {
+        ret = PyLong_FromSsize_t(bad);
+        goto done;
+    }
+    if (rc != CT_OK) {
+        submit_error(self, rc);
+        goto done;
+    }
+    ret = PyTuple_Pack(3, results, failed, cancelled);
+done:
+    Py_XDECREF(results);
+    Py_XDECREF(failed);
+    Py_XDECREF(cancelled);
+    for (Py_ssize_t k = 0; k < ncodes; k++) PyMem_Free(job.cols[k]);
+    PyMem_Free(job.out);
+    PyMem_Free(job.status);
+    PyMem_Free(chunks);
+    PyMem_Free(nodes);
+    Py_DECREF(items);
+    return ret;
+}
+
+/* _submit_batch(func, items, config, block_timeout) -> list of TaskResult: one Python task per
+ * item (a tuple of positional arguments, or one value), all queued in one call (all or none
+ * per slice of queue_size/2, waiting for room with the GIL released). */
+static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
+    PyObject *func, *items, *config;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO:_submit_batch", &func, &items, &config)) return NULL;
+    if (!PyCallable_Check(func)) return not_callable(func), NULL;
+    ConfigObject *cfg = config != Py_None ? (ConfigObject *)config : lookup_config(func);
+    if (cfg && !PyObject_TypeCheck((PyObject *)cfg, &Config_Type)) {
+        PyErr_SetString(PyExc_TypeError, "_submit_batch(): config must be a TaskConfig");
+        return NULL;
+    }
+    if (cfg && (cfg->isolation || cfg->delay_ns > 0)) {
+        PyErr_SetString(PyExc_ValueError, "_submit_batch(): delayed or isolated tasks are queued one by one");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(items, "tasks.map() needs an iterable of argument tuples");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *results = PyList_New(n);
+    ct_task **nodes = PyMem_Calloc((size_t)(n ? n : 1), sizeof(ct_task *));
+    Py_ssize_t made = 0, submitted = 0;
+    int keep = cfg && (cfg->max_retries || cfg->timeout_ns || cfg->on_success || cfg->on_failure);
+    if (!results || !nodes) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (; made < n; made++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, made);
+        PyObject *targs;
+        if (PyTuple_CheckExact(item)) {
+            targs = PyTuple_GET_SIZE(item) ? Py_NewRef(item) : NULL;
+        } else {
+            targs = PyTuple_Pack(1, item);
+            if (!targs) goto fail;
+        }
+        ct_task *t = ct_task_new();
+        if (!t) {
+            Py_XDECREF(targs);
+            PyErr_NoMemory();
+            goto fail;
+        }
+        t->fn = Py_NewRef(func);
+        t->arg = targs;
+        t->kind = CT_KIND_PY;
+        t->priority = (uint8_t)(cfg ? cfg->priority : 2);
+        if (keep) t->cfg = Py_NewRef((PyObject *)cfg);
+        ResultObject *r = result_wrap(self, t);
+        if (!r) {
+            ct_task_decref(&self->e->hooks, t);
+            goto fail;
+        }
+        PyList_SET_ITEM(results, made, (PyObject *)r);
+        nodes[made] = t;
+    }
+    int rc = CT_OK;
+    Py_ssize_t slice = (Py_ssize_t)(self->e->cfg.queue_size / 2);
+    if (slice < 1) slice = 1;
+    while (submitted < n) {
+        Py_ssize_t k = n - submitted < slice ? n - submitted : slice;
+        rc = ct_engine_submit_many(self->e, nodes + submitted, (size_t)k, 0);
+        if (rc == CT_EFULL) {
+            atomic_fetch_sub_explicit(&self->e->rejected, (uint64_t)k, memory_order_relaxed);
+            Py_BEGIN_ALLOW_THREADS
+            rc = ct_engine_submit_many(self->e, nodes + submitted, (size_t)k, -1);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc != CT_OK) break;
+        submitted += k;
+    }
+    if (rc != CT_OK) {
+        /* the engine shut down part-way: what was queued runs (its results are dropped), the
+         * rest is released */
+        submit_error(self, rc);
+        goto fail;
+    }
+    PyMem_Free(nodes);
+    Py_DECREF(seq);
+    return results;
+fail:
+    for (Py_ssize_t i = submitted; i < made; i++) ct_task_decref(&self->e->hooks, nodes[i]);   /* the engine's */
+    PyMem_Free(nodes);
+    Py_XDECREF(results);   /* the handles' references */
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *mod_set_native_hook(PyObject *m, PyObject *fn) {
+    Py_XSETREF(g_native_prepare, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
 }
 
 /* _call_later(seconds, fn): call fn() on the timer thread after `seconds` (not a task: not
@@ -2191,6 +2659,8 @@ static PyMethodDef Engine_methods[] = {
     {"submit_c", (PyCFunction)Engine_submit_c, METH_VARARGS,
      "submit_c(fn_address, data_address, priority=2) -> TaskResult\n\nQueue a C function void fn(void *data), "
      "run on a worker with no GIL."},
+    {"_map_native", (PyCFunction)Engine_map_native, METH_VARARGS, NULL},
+    {"_submit_batch", (PyCFunction)Engine_submit_batch, METH_VARARGS, NULL},
     {"_close", (PyCFunction)Engine_close, METH_NOARGS, NULL},
     {"_call_later", (PyCFunction)Engine_call_later, METH_VARARGS, NULL},
     {"_drain", (PyCFunction)Engine_drain, METH_VARARGS, NULL},
@@ -2332,6 +2802,7 @@ static PyMethodDef mod_methods[] = {
     {"current_task", (PyCFunction)mod_current_task, METH_NOARGS,
      "The TaskResult of the task running in this thread (a sync task), or None."},
     {"_registered_ids", (PyCFunction)mod_live_ids, METH_NOARGS, NULL},
+    {"_set_native_hook", (PyCFunction)mod_set_native_hook, METH_O, NULL},
     {NULL},
 };
 
