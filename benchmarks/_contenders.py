@@ -13,6 +13,8 @@ FIGURE (and the contenders that run it):
                  submitted at once in random order; lateness = start - (submit + delay)
   cpu_isolation  ours_process, ours_threads: N CPU-bound tasks of PARAM iterations of
                  _cpu_task.spin (run.py calibrates PARAM), wall time to all N results
+  compile_add, compile_loop
+                 ours_native, ours_python, threadpool: see benchmarks/_compile_bench.py
 
 Prints exactly one JSON line on stdout (anything the contender itself prints goes to
 stderr). A contender that cannot run prints {"error": "..."} and exits with status 3.
@@ -882,6 +884,12 @@ MEASUREMENTS = {
     ("ours_process", "cpu_isolation"): ours_process_cpu_isolation,
     ("ours_threads", "cpu_isolation"): ours_threads_cpu_isolation,
 }
+
+# compile_add, compile_loop: compiled tasks vs Python tasks vs ThreadPoolExecutor
+import _compile_bench  # noqa: E402
+
+_compile_bench.Unavailable = Unavailable
+MEASUREMENTS.update(_compile_bench.MEASUREMENTS)
 
 
 def main(argv):

@@ -34,6 +34,8 @@ CONTENDER_TABLE = {
     "ours_threads": ("catzilla_tasks thread tasks", "ours"),
     "ours_autoscale": ("catzilla_tasks, auto-scaling 2..64", "ours"),
     "ours_fixed": ("catzilla_tasks, fixed 2 workers", "ours"),
+    "ours_native": ("catzilla_tasks compiled, native (map)", "ours"),
+    "ours_python": ("catzilla_tasks Python tasks (map)", "ours"),
 }
 CONTENDERS = tuple(CONTENDER_TABLE)
 LABELS = {c: label for c, (label, _family) in CONTENDER_TABLE.items()}
@@ -58,6 +60,12 @@ FIGURES = {
                   "full": (2_000, 20), "quick": (500, 20)},
     "autoscale_noop": {"contenders": ("ours_autoscale", "ours_fixed"),
                        "full": (200_000, 0), "quick": (20_000, 0)},
+    # compiled tasks (benchmarks/_compile_bench.py): N items through map, 1 then 2 workers;
+    # Python tasks and the thread pool get N/10
+    "compile_add": {"contenders": ("ours_native", "ours_python", "threadpool"),
+                    "full": (1_000_000, 0), "quick": (200_000, 0)},
+    "compile_loop": {"contenders": ("ours_native", "ours_python", "threadpool"),
+                     "full": (200_000, 0), "quick": (50_000, 0)},
 }
 SIZES = {mode: {f: spec[mode] for f, spec in FIGURES.items()} for mode in ("full", "quick")}
 
@@ -72,11 +80,14 @@ GOALS = {
     "autoscale_speedup": {"goal": 5.0, "floor": None, "text": ">= 5x fixed 2 workers"},
     "autoscale_back_to_min_s": {"goal": None, "floor": None, "text": "<= cooldown + 5 s"},
     "autoscale_noop_ratio": {"goal": 0.9, "floor": None, "text": ">= 0.9x fixed (no regression)"},
+    "compile_native_add_per_s": {"goal": 5_000_000.0, "floor": 1_000_000.0, "text": ">= 5,000,000/s (floor 1,000,000)"},
+    "compile_loop_scaling": {"goal": 1.8, "floor": None, "text": ">= 1.8x"},
 }
 GOAL_FIGURE = {"throughput_vs_threadpool": "throughput", "critical_p99_ms": "critical",
                "bytes_per_task": "memory", "lateness_p99_ms": "lateness",
                "cpu_isolation_speedup": "cpu_isolation", "autoscale_speedup": "autoscale",
-               "autoscale_back_to_min_s": "autoscale", "autoscale_noop_ratio": "autoscale_noop"}
+               "autoscale_back_to_min_s": "autoscale", "autoscale_noop_ratio": "autoscale_noop",
+               "compile_native_add_per_s": "compile_add", "compile_loop_scaling": "compile_loop"}
 
 SUBPROCESS_TIMEOUT_S = 1800
 
@@ -334,6 +345,19 @@ def compute_ratios_and_goals(summary, raw, figures):
     ratios["autoscale_noop_auto_over_fixed"] = {"ratio_of_medians": nr}
     goals["autoscale_noop_ratio"] = dict(g["autoscale_noop_ratio"], value=nr, status=(
         "n/a" if nr is None else "MET" if nr >= g["autoscale_noop_ratio"]["goal"] else "MISSED"))
+    for figure in ("compile_add", "compile_loop"):
+        for other in ("ours_python", "threadpool"):
+            ratios[f"{figure}_native_over_{other}"] = {
+                "ratio_of_medians": ratio(med(summary, figure, "ours_native", "tasks_per_s"),
+                                          med(summary, figure, other, "tasks_per_s")),
+                "per_run": paired_ratios(raw, figure, "tasks_per_s", "ours_native", other),
+            }
+    v = med(summary, "compile_add", "ours_native", "tasks_per_s")
+    goals["compile_native_add_per_s"] = dict(g["compile_native_add_per_s"], value=v, status=goal_status(
+        v, g["compile_native_add_per_s"]["goal"], g["compile_native_add_per_s"]["floor"], True))
+    v = med(summary, "compile_loop", "ours_native", "scaling_w2_over_w1")
+    goals["compile_loop_scaling"] = dict(g["compile_loop_scaling"], value=v, status=goal_status(
+        v, g["compile_loop_scaling"]["goal"], None, True))
     goals = {k: v for k, v in goals.items() if GOAL_FIGURE[k] in figures}
     return ratios, goals
 
@@ -599,6 +623,46 @@ def render(meta, summary, ratios, goals, plan, unavailable):
         out.append(table(headers, rows))
         out.append("")
 
+    # 7. compiled tasks
+    if "compile_add" in plan or "compile_loop" in plan:
+        out.append("7. Compiled tasks: tasks.map(f, items) with f compiled to native code (numba; several items per "
+                   "engine node, no GIL) vs the same f as Python tasks (one task per item) vs "
+                   "ThreadPoolExecutor(w).map; w = 1 then 2 workers/threads")
+        out.append("   add(a, b) -> a + b; loop: 100 iterations of x = (x*x + b + i) % 1000003. Timed from the call "
+                   "(argument tuples built) to the list of results.")
+        headers = ["contender", "figure", "N", "tasks/s w=1", "tasks/s w=2", "min..max w=2", "w2/w1",
+                   "native / this", "items per node"]
+        rows, notes = [], []
+        for figure in ("compile_add", "compile_loop"):
+            if figure not in plan:
+                continue
+            for c in plan[figure]:
+                miss = missing_row(summary, figure, c, unavailable, len(headers), notes)
+                if miss:
+                    rows.append(miss)
+                    continue
+                m = lambda key: med(summary, figure, c, key)  # noqa: E731
+                r = None if c == "ours_native" else ratios[f"{figure}_native_over_{c}"]["ratio_of_medians"]
+                rows.append([LABELS[c] if c != "threadpool" else "ThreadPoolExecutor(w)", figure, fmt_int(m("n")),
+                             fmt_int(m("tasks_per_s_w1")), fmt_int(m("tasks_per_s_w2")),
+                             spread(summary, figure, c, "tasks_per_s_w2", fmt_int), fmt_x(m("scaling_w2_over_w1")),
+                             "" if r is None else fmt_x(r),
+                             fmt_int(m("items_per_node")) if c == "ours_native" else "1"])
+        out.append(table(headers, rows))
+        out.extend(notes)
+        single = med(summary, "compile_add", "ours_native", "add_task_per_s_w2")
+        if single is not None:
+            out.append(f"   compiled add through single add_task calls (one native task and TaskResult each, "
+                       f"w=2): {fmt_int(single)} tasks/s")
+        raw_s = med(summary, "compile_loop", "ours_native", "raw_scaling_t2_over_t1")
+        if raw_s is not None:
+            out.append(f"   the machine's own ceiling in the same runs: the compiled loop from 1 vs 2 plain threads, "
+                       f"no engine: {fmt_x(raw_s)} (median)")
+        load = med(summary, "compile_add", "ours_native", "compile_or_load_s")
+        if load is not None:
+            out.append(f"   compile or load from the disk cache at decoration (numba import included): {fmt_s(load)} s")
+        out.append("")
+
     acted = []
     for figure, per in summary.items():
         for c, entry in per.items():
@@ -621,11 +685,14 @@ def render(meta, summary, ratios, goals, plan, unavailable):
              "cpu_isolation_speedup": "CPU tasks, threads / isolation=process",
              "autoscale_speedup": "2,000 x 20 ms sleeps: fixed 2 / auto-scaling",
              "autoscale_back_to_min_s": "back at min_workers after the load (s)",
-             "autoscale_noop_ratio": "no-op tasks/s: auto-scaling / fixed"}
+             "autoscale_noop_ratio": "no-op tasks/s: auto-scaling / fixed",
+             "compile_native_add_per_s": "compiled add through map, 2 workers (tasks/s)",
+             "compile_loop_scaling": "compiled loop through map, 2 / 1 workers"}
     for key, g in goals.items():
         v = g["value"]
         shown = "-" if v is None else fmt_x(v) if key in ("throughput_vs_threadpool", "cpu_isolation_speedup",
-                                                         "autoscale_speedup", "autoscale_noop_ratio") \
+                                                         "autoscale_speedup", "autoscale_noop_ratio",
+                                                         "compile_loop_scaling") \
             else fmt_s(v) if key == "autoscale_back_to_min_s" \
             else fmt_ms(v) if key in ("critical_p99_ms", "lateness_p99_ms") else fmt_int(v)
         rows.append([names[key], shown, g["text"], g["status"]])
