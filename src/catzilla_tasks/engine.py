@@ -514,7 +514,8 @@ class BackgroundTasks(_engine.Engine):
 
         A compiled task (``@task``, ``compile_to_c``) runs as native code on the workers with no
         GIL, ``chunk_size`` items per engine node (default: at least 8 nodes per worker, at most
-        4096 items per node); other functions run one Python task per item. A failed item raises
+        4096 items per node; a config with retries, a timeout or hooks makes it one task per item,
+        as Python); other functions run one Python task per item. A failed item raises
         its exception (with a note naming the item) after the batch ran, or, with
         ``return_exceptions=True``, takes its place in the list.
         """
@@ -525,7 +526,8 @@ class BackgroundTasks(_engine.Engine):
         items = iterable_of_args if isinstance(iterable_of_args, (list, tuple)) else list(iterable_of_args)
         cfg = getattr(func, CONFIG_ATTR, None)
         native = _compiler.native_of(func)
-        if native is not None and cfg is not None and getattr(cfg, "_native", None) is native:
+        plain = cfg is not None and not cfg.max_retries and not cfg.timeout_ms and not any(cfg._hooks)
+        if native is not None and plain and getattr(cfg, "_native", None) is native:
             out = _compiler.map_native(self, native, items, chunk_size, int(cfg.priority), return_exceptions)
             if out is not None:
                 return out

@@ -383,8 +383,9 @@ static int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc,
 typedef int64_t (*native_tramp)(void *, void *, void *, void *, void *, void *, void *, void *, void *, void *,
                                 int64_t, int64_t);
 
-/* The call block of one native task (a bytearray made by compiler.py, owned by the node as
- * t->kwargs): the trampoline, the arguments as 8-byte slots, room for the result. */
+/* The call block of one native task (a bytearray made by compiler.py; the node's arg is the
+ * tuple (call block, positional arguments)): the trampoline, the arguments as 8-byte slots,
+ * room for the result. */
 typedef struct {
     uint64_t tramp;
     int64_t nargs;
@@ -413,7 +414,8 @@ static PyObject *native_box(int64_t restype, const void *p) {
  * the GIL, to produce the task's real exception (compiled functions are pure: no I/O, no
  * mutable globals, so the re-run computes the same thing). */
 static PyObject *run_native(ct_task *t) {
-    PyObject *blk = (PyObject *)t->kwargs;
+    PyObject *a = (PyObject *)t->arg;
+    PyObject *blk = a && PyTuple_CheckExact(a) && PyTuple_GET_SIZE(a) == 2 ? PyTuple_GET_ITEM(a, 0) : NULL;
     if (!blk || !PyByteArray_CheckExact(blk) || PyByteArray_GET_SIZE(blk) < (Py_ssize_t)sizeof(native_block)) {
         PyErr_SetString(PyExc_SystemError, "native task without its call block");
         return NULL;
@@ -426,7 +428,7 @@ static PyObject *run_native(ct_task *t) {
     nf = native_call((native_tramp)(uintptr_t)b->tramp, cols, &b->result, &b->status, 0, 1);
     Py_END_ALLOW_THREADS
     if (nf == 0) return native_box(b->restype, &b->result);
-    return PyObject_CallObject((PyObject *)t->fn, (PyObject *)t->arg);
+    return PyObject_CallObject((PyObject *)t->fn, PyTuple_GET_ITEM(a, 1));
 }
 
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
@@ -1552,8 +1554,7 @@ static PyObject *enqueue_native(EngineObject *self, PyObject *func, PyObject *co
     }
     Py_INCREF(func);
     t->fn = func;
-    t->arg = Py_NewRef(PyTuple_GET_ITEM(prep, 1));
-    t->kwargs = Py_NewRef(PyTuple_GET_ITEM(prep, 0));
+    t->arg = Py_NewRef(prep);   /* (call block, positional arguments) */
     t->kind = CT_KIND_NATIVE;
     t->priority = (uint8_t)priority;
     Py_DECREF(pos);
@@ -2349,7 +2350,7 @@ static int gate_enqueue(GateObject *g) {
     {
         ConfigObject *cfg = lookup_config(g->func);
         PyObject *r = enqueue(g->engine, g->func, &PyTuple_GET_ITEM(values, 0), PyTuple_GET_SIZE(values),
-                              g->kwnames, cfg ? cfg->priority : 2, cfg, 0);
+                              g->kwnames, cfg ? cfg->priority : 2, cfg, 0, cfg ? cfg->native : NULL);
         Py_XDECREF(filled);
         if (!r) return PyErr_ExceptionMatches(QueueFullError) ? 0 : -1;
         g->result = r;
