@@ -310,6 +310,7 @@ def test_ineligible_task_runs_as_python_and_logs_why(tasks, caplog):
     assert compiler.explain(wrapped)
     r = tasks.add_task(wrapped, 12345)
     assert r.wait(10) == 5 and not r.get_stats()["native"]
+    assert r.get_stats()["compile_reason"] == compiler.explain(wrapped)
 
 
 def test_arguments_that_do_not_fit_run_as_python(tasks, caplog):
@@ -321,6 +322,9 @@ def test_arguments_that_do_not_fit_run_as_python(tasks, caplog):
     assert r.wait(10) == 3.5 and not r.get_stats()["native"]
     assert "do not match the annotations" in caplog.text
     assert tasks.map(add, [(1, 2), (big, 1), (3, 4)]) == [3, big + 1, 7]   # the batch falls back
+    reason = r.get_stats()["compile_reason"]
+    assert "did not fit a compiled signature" in reason and "(float, int)" in reason and "64 bits" in reason
+    assert tasks.add_task(add, 1, 2).get_stats()["compile_reason"] is None
 
 
 def test_compile_to_c_false_and_options(tasks):

@@ -515,6 +515,7 @@ class NativeTask:
         try:
             block = bytearray(spec.packer.pack(spec.address, len(pos), ord(spec.rcode), *pos))
         except struct.error:  # an int beyond int64: Python computes it exactly
+            self.fallbacks.setdefault(("int beyond int64",), "an int argument does not fit in 64 bits")  # type: ignore[arg-type]
             return None
         return block, pos
 
@@ -530,7 +531,27 @@ def _prepare(native: NativeTask, args: tuple, kwargs: dict | None) -> tuple[byte
     return native.prepare(args, kwargs)
 
 
-_engine._set_native_hook(_prepare)
+def _task_reason(func: Any, ran_native: bool) -> str | None:
+    """For TaskResult.get_stats()["compile_reason"]: why this task ran as Python (None if native)."""
+    if ran_native:
+        return None
+    native = native_of(func)
+    if native is None:
+        cfg = getattr(func, "__catzilla_task__", None)
+        if cfg is not None and getattr(cfg, "isolation", None) == "process":
+            return "it runs with isolation='process' (in a child process, as Python)"
+        if isinstance(func, types.FunctionType) and cfg is not None:
+            return "compile_to_c=False"
+        return "only functions decorated with @task (compile_to_c=True) are compiled"
+    if native.reason:
+        return native.reason
+    if native.fallbacks:
+        return "its arguments did not fit a compiled signature; the cases seen: " + "; ".join(
+            f"({', '.join(getattr(t, '__name__', str(t)) for t in k)}): {why}" for k, why in native.fallbacks.items())
+    return "its arguments did not fit a compiled signature (keywords that do not bind, or an int beyond int64)"
+
+
+_engine._set_native_hooks(_prepare, _task_reason)
 
 
 def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:

@@ -53,6 +53,7 @@ static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task e
 static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *g_native_prepare;    /* f(native, args, kwargs) -> (call block, args) | None (compiler.py) */
+static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
 static PyObject *QueueFullError, *TaskCancelledError;
 static char g_prefix[16];
 static uint64_t g_mono0;
@@ -1026,7 +1027,12 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
         dict_set_steal(d, "attempts", PyLong_FromLong(t->attempt)) < 0 ||
         dict_set_steal(d, "worker_id", wid ? PyLong_FromUnsignedLong(wid - 1) : (Py_INCREF(Py_None), Py_None)) < 0 ||
         dict_set_steal(d, "is_async", PyBool_FromLong((st & CT_F_ASYNC) != 0)) < 0 ||
-        dict_set_steal(d, "native", PyBool_FromLong(t->kind == CT_KIND_NATIVE)) < 0) {
+        dict_set_steal(d, "native", PyBool_FromLong(t->kind == CT_KIND_NATIVE)) < 0 ||
+        dict_set_steal(d, "compile_reason",
+                       g_native_reason && (t->kind == CT_KIND_PY || t->kind == CT_KIND_NATIVE) && t->fn
+                           ? PyObject_CallFunctionObjArgs(g_native_reason, (PyObject *)t->fn,
+                                                          t->kind == CT_KIND_NATIVE ? Py_True : Py_False, NULL)
+                           : Py_NewRef(Py_None)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
@@ -2002,8 +2008,12 @@ fail:
     return NULL;
 }
 
-static PyObject *mod_set_native_hook(PyObject *m, PyObject *fn) {
-    Py_XSETREF(g_native_prepare, fn == Py_None ? NULL : Py_NewRef(fn));
+/* _set_native_hooks(prepare, reason): compiler.py's hooks (see g_native_prepare, g_native_reason) */
+static PyObject *mod_set_native_hooks(PyObject *m, PyObject *args) {
+    PyObject *prepare, *reason;
+    if (!PyArg_ParseTuple(args, "OO:_set_native_hooks", &prepare, &reason)) return NULL;
+    Py_XSETREF(g_native_prepare, prepare == Py_None ? NULL : Py_NewRef(prepare));
+    Py_XSETREF(g_native_reason, reason == Py_None ? NULL : Py_NewRef(reason));
     Py_RETURN_NONE;
 }
 
@@ -2803,7 +2813,7 @@ static PyMethodDef mod_methods[] = {
     {"current_task", (PyCFunction)mod_current_task, METH_NOARGS,
      "The TaskResult of the task running in this thread (a sync task), or None."},
     {"_registered_ids", (PyCFunction)mod_live_ids, METH_NOARGS, NULL},
-    {"_set_native_hook", (PyCFunction)mod_set_native_hook, METH_O, NULL},
+    {"_set_native_hooks", (PyCFunction)mod_set_native_hooks, METH_VARARGS, NULL},
     {NULL},
 };
 

@@ -115,8 +115,9 @@ def enable_background_tasks(
     already a ``BackgroundTasks`` (the plain pattern), that engine is used (give no config then).
 
     - ``app.add_task(func, *args, priority=, delay_ms=, max_retries=, timeout_ms=, **kwargs)``:
-      Catzilla's signature: those keywords are options (``compile_to_c`` is accepted; every task
-      runs as Python), every other keyword goes to ``func``. Returns our ``TaskResult``.
+      Catzilla's signature: those keywords are options (``compile_to_c`` per call is accepted and
+      ignored: a task is compiled or not by its ``@task(compile_to_c=...)``), every other keyword
+      goes to ``func``. Returns our ``TaskResult``.
     - ``app.task(priority=..., **config)``: ``tasks.task``; Catzilla's TaskPriority works too.
     - ``app.get_task_stats()``: ``tasks.monitor.get_stats()`` (a dict, not Catzilla's EngineStats).
 
