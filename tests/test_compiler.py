@@ -209,7 +209,7 @@ def test_float_tasks_equal_python(tasks, x, y):
 @given(items=st.lists(st.tuples(st.booleans(), st.booleans(), SMALL), min_size=1, max_size=300))
 def test_map_equal_python(tasks, items):
     assert tasks.map(logic, items) == [logic(*i) for i in items]
-    pairs = [(n, n // 7 + 1) for _, _, n in items]
+    pairs = [(n, n % 7 + 1) for _, _, n in items]  # divisors 1..7
     assert tasks.map(arith, pairs, chunk_size=7) == [arith(*p) for p in pairs]
 
 
