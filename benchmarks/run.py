@@ -101,6 +101,9 @@ SUITES = {
     "http": ("_http_bench.py",
              "a route enqueueing one task under wrk: ours on Catzilla vs Catzilla's built-in tasks vs FastAPI's "
              "BackgroundTasks (and ours on FastAPI): req/s, p99, time until all tasks ran"),
+    "redis": ("_redis_bench.py",
+              "distributed mode on one local Redis: 20,000 no-op tasks end to end (a producer process, one worker "
+              "process) vs Celery, Dramatiq, RQ, arq, Huey; Redis memory per queued task; worker RSS"),
 }
 
 

@@ -31,7 +31,7 @@ def clean_env() -> dict[str, str]:
 
 
 class RedisServer:
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, tls: bool = False) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does it)")
@@ -41,17 +41,31 @@ class RedisServer:
         self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.cert: str | None = None
+        if tls:  # a self-signed certificate for 127.0.0.1 (openssl is installed by .ci/run)
+            self.cert = os.path.join(self.dir, "cert.pem")
+            self.key = os.path.join(self.dir, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", self.key, "-out", self.cert], check=True, env=clean_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.url = f"rediss://127.0.0.1:{self.port}/0"
         self.start()
 
     def start(self) -> None:
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
+        args = [self.exe, "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
                 "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")]
+        if self.cert:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert,
+                     "--tls-key-file", self.key, "--tls-ca-cert-file", self.cert, "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(host="127.0.0.1", port=self.port, **self.client_options())
         deadline = time.monotonic() + 20
         while True:  # wait until it answers (and has loaded its data)
             try:
@@ -62,6 +76,9 @@ class RedisServer:
                     raise RuntimeError(f"redis-server did not start: {open(os.path.join(self.dir, 'redis.log')).read()}")
                 time.sleep(0.02)
         client.close()
+
+    def client_options(self) -> dict:
+        return {"ssl": True, "ssl_ca_certs": self.cert} if self.cert else {}
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -21,10 +21,11 @@ from catzilla_tasks.cli import main as cli_main
 class Cluster:
     """Producer engines and in-process workers on one queue (each worker: its own engine)."""
 
-    def __init__(self, url: str, prefix: str, monkeypatch) -> None:
+    def __init__(self, url: str, prefix: str, monkeypatch, **client_options) -> None:
         monkeypatch.setenv("CT_TEST_REDIS_URL", url)
         self.url = url
         self.prefix = prefix
+        self.client_options = client_options
         self.engines: list[BackgroundTasks] = []
         self.workers: list[tuple[Worker, threading.Thread]] = []
         self.producer = self.engine()
@@ -33,6 +34,8 @@ class Cluster:
 
     def engine(self, **broker_kw) -> BackgroundTasks:
         broker_kw.setdefault("prefix", self.prefix)
+        for k, v in self.client_options.items():
+            broker_kw.setdefault(k, v)
         eng = BackgroundTasks(workers=4, broker=RedisBroker(self.url, **broker_kw))
         rt.register(eng)
         self.engines.append(eng)
@@ -291,7 +294,7 @@ def test_password_url(redis_url, prefix, monkeypatch):
 
     srv = RedisServer()
     try:
-        redis.Redis(port=srv.port).config_set("requirepass", "s3cret")
+        redis.Redis(host="127.0.0.1", port=srv.port).config_set("requirepass", "s3cret")
         url = f"redis://:s3cret@127.0.0.1:{srv.port}/0"
         c = Cluster(url, prefix, monkeypatch)
         try:
@@ -302,5 +305,32 @@ def test_password_url(redis_url, prefix, monkeypatch):
         bad = RedisBroker(f"redis://:wrong@127.0.0.1:{srv.port}/0")
         with pytest.raises(redis.AuthenticationError):
             bad.redis.ping()
+    finally:
+        srv.stop()
+
+
+def test_workflows_refuse_to_run_locally_in_distributed_mode(cluster):
+    wf = cluster.producer.chain("wf")
+    wf.step(rt.add, 1, 2)
+    with pytest.raises(NotImplementedError, match="across Redis workers"):
+        wf.execute()
+
+
+def test_tls_rediss_url(prefix, monkeypatch):
+    from redis_helpers import RedisServer
+
+    srv = RedisServer(tls=True)
+    try:
+        c = Cluster(srv.url, prefix, monkeypatch, ssl_ca_certs=srv.cert)
+        try:
+            c.worker(ssl_ca_certs=srv.cert)
+            r = c.producer.add_task(rt.add, 2, 2)
+            assert r.wait(10) == 4
+            assert c.broker.redis.connection_pool.connection_class.__name__ == "SSLConnection"
+        finally:
+            c.close()
+        plain = redis.Redis(host="127.0.0.1", port=srv.port, socket_timeout=2)  # the server speaks only TLS
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            plain.ping()
     finally:
         srv.stop()

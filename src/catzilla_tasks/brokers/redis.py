@@ -195,7 +195,9 @@ class RedisBroker:
         self.redis = _redis.Redis.from_url(url, **client_options)
         # blocked waiters hold a connection each: their own pool, not capped, so they never
         # starve publishing and acknowledging
-        self._wait_redis = _redis.Redis.from_url(url, **{"max_connections": 2**31 - 1, **client_options})
+        # (and no socket timeout: a wait blocks in Redis as long as it was asked to)
+        self._wait_redis = _redis.Redis.from_url(url, **{"max_connections": 2**31 - 1, "socket_timeout": None,
+                                                         **client_options})
         base = f"{prefix}:{queue}"
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
         self.delayed_key = f"{base}:delayed"
@@ -307,7 +309,7 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         client = self._aclients.get(loop)
         if client is None:
-            opts = {"max_connections": 2**31 - 1, **self._client_options}
+            opts = {"max_connections": 2**31 - 1, "socket_timeout": None, **self._client_options}
             client = self._aclients[loop] = _aredis.Redis.from_url(self.url, **opts)
         return client
 
@@ -560,8 +562,16 @@ def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:
     def submit(func: Any, args: tuple, kwargs: dict | None, cfg: Any, block: Any) -> RemoteResult:
         return broker.submit(func, args, kwargs, cfg)
 
+    def gates(*_: Any, **__: Any) -> Any:
+        raise NotImplementedError(
+            "workflows (chain, group, chord, DAG) do not run across Redis workers yet: their steps are released "
+            "by the local engine; run the workflow on an engine without broker=, or submit its steps yourself "
+            "(add_task, then wait for each result)"
+        )
+
     engine.add_task = add_task
     engine.options = options
+    engine._gates = gates
     engine._submit = submit
     engine.batch = broker.batch
     engine.result = broker.result
