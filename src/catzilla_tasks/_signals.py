@@ -16,7 +16,9 @@ Python (``signal.getsignal`` returns None: a C library owns it), off the main th
 allows handlers only there), or when opted out: ``BackgroundTasks(handle_sigterm=False)`` or
 ``CATZILLA_TASKS_SIGTERM=0`` in the environment. A server that handles SIGTERM itself (uvicorn,
 Catzilla's C core) replaces the handler while it serves; it stops serving on SIGTERM and the
-engine's ``atexit`` hook, or the framework integration's shutdown, then runs the queued tasks.
+engine's ``atexit`` hook, or the framework integration's shutdown, then runs the queued tasks
+(uvicorn also restores the handler it found and re-raises SIGTERM after its shutdown, so an
+engine without the lifespan integration is drained here).
 """
 
 from __future__ import annotations

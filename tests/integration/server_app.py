@@ -4,7 +4,7 @@
 
 MODE: ``catzilla_plain`` (the seed's ``app.tasks = BackgroundTasks(...)``), ``catzilla_enable``
 (``enable_background_tasks(app)``), ``fastapi`` (lifespan + the ``BackgroundTasks`` route
-parameter, on uvicorn). One worker, no auto-scaling and no ageing, so the order in which
+parameter, on uvicorn), ``fastapi_plain`` (a module-level engine, no lifespan, on uvicorn). One worker, no auto-scaling and no ageing, so the order in which
 queued tasks run is the priority order. Routes:
 
 - ``POST /jobs/{priority}/{key}``: queue ``record(priority, key)`` with that priority; it
@@ -104,15 +104,23 @@ if MODE.startswith("catzilla"):
     app.listen(PORT, "127.0.0.1")
     print("server stopped", flush=True)
 
-elif MODE == "fastapi":
+elif MODE in ("fastapi", "fastapi_plain"):
     import uvicorn
-    from fastapi import FastAPI
+    from fastapi import Depends, FastAPI
 
     from catzilla_tasks.integrations.fastapi import BackgroundTasks as RouteTasks
-    from catzilla_tasks.integrations.fastapi import lifespan, routes
+    from catzilla_tasks.integrations.fastapi import EngineBackgroundTasks, lifespan, routes
 
-    app = FastAPI(lifespan=lifespan(**ENGINE))
-    app.mount("/tasks", routes())
+    if MODE == "fastapi":  # the lifespan starts the engine and drains it at shutdown
+        app = FastAPI(lifespan=lifespan(**ENGINE))
+        app.mount("/tasks", routes())
+    else:  # no lifespan: a module-level engine; uvicorn re-raises SIGTERM after its shutdown
+        from typing import Annotated
+
+        module_engine = BackgroundTasks(**ENGINE)
+        app = FastAPI()
+        app.mount("/tasks", routes(module_engine))
+        RouteTasks = Annotated[EngineBackgroundTasks, Depends(lambda: EngineBackgroundTasks(module_engine))]
 
     @app.post("/jobs/{priority}/{key}")
     def jobs(priority: str, key: str, background_tasks: RouteTasks):
