@@ -29,6 +29,7 @@ from .workflows import group as group
 from .workflows import result_of as result_of
 from .workflows import results_of as results_of
 from .workflows import workflow as workflow
+from .compiler import CompileError as CompileError
 
 __version__ = "0.1.0"
 
@@ -56,4 +57,5 @@ __all__ = [
     "result_of",
     "results_of",
     "workflow",
+    "CompileError",
 ]
