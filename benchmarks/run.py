@@ -661,6 +661,10 @@ def render(meta, summary, ratios, goals, plan, unavailable):
         if raw_s is not None:
             out.append(f"   the machine's own ceiling in the same runs: the compiled loop from 1 vs 2 plain threads, "
                        f"no engine: {fmt_x(raw_s)} (median)")
+            per = summary["compile_loop"]["ours_native"]["metrics"]
+            out.append("   per run, loop w2/w1 through the engine: "
+                       + ", ".join(fmt_x(v) for v in per["scaling_w2_over_w1"]["values"])
+                       + "; plain threads: " + ", ".join(fmt_x(v) for v in per["raw_scaling_t2_over_t1"]["values"]))
         load = med(summary, "compile_add", "ours_native", "compile_or_load_s")
         if load is not None:
             out.append(f"   compile or load from the disk cache at decoration (numba import included): {fmt_s(load)} s")
