@@ -474,7 +474,14 @@ def test_map_after_shutdown_raises():
 
 def test_map_cancelled_by_shutdown():
     t = BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False)
-    t.pause()
+    gate, started = threading.Event(), threading.Event()
+
+    def blocker():
+        started.set()
+        gate.wait(30)
+
+    t.add_task(blocker)          # the only worker is busy: the map's nodes stay queued
+    started.wait(10)
     result: dict = {}
 
     def run():
@@ -485,9 +492,13 @@ def test_map_cancelled_by_shutdown():
 
     th = threading.Thread(target=run)
     th.start()
-    # the map queues 100 nodes, none runs while paused
-    while t.stats()["queued_total"] < 100:
+    while t.stats()["queued_total"] < 100:   # the map queued its 100 nodes
         th.join(0.01)
-    t.shutdown(wait_for_completion=False)
+    stopper = threading.Thread(target=t.shutdown, kwargs={"wait_for_completion": False})
+    stopper.start()
+    while t.stats()["cancelled"] < 100:      # shutdown cancelled them (it now waits for the blocker)
+        stopper.join(0.01)
+    gate.set()
+    stopper.join(30)
     th.join(30)
     assert isinstance(result.get("exc"), TaskCancelled), result

@@ -315,6 +315,7 @@ def test_public_surface():
             "result_of",
             "results_of",
             "workflow",
+            "CompileError",
         ]
     )
     for name in catzilla_tasks.__all__:
