@@ -645,17 +645,15 @@ def map_native(engine: Any, native: NativeTask, items: Sequence[Any], chunk_size
     return results
 
 
-def collect(handles: Iterable[Any], items: Sequence[Any], func: Any, return_exceptions: bool,
-            timeout: float | None) -> list[Any]:
+def collect(handles: Iterable[Any], items: Sequence[Any], func: Any, return_exceptions: bool) -> list[Any]:
     """The values of a batch of TaskResults, in order (waits with the GIL released)."""
     out: list[Any] = []
     for i, h in enumerate(handles):
         try:
-            out.append(h.wait(timeout))
+            out.append(h.wait())
         except Exception as exc:
-            if not return_exceptions or isinstance(exc, TimeoutError):
-                if not isinstance(exc, TimeoutError):
-                    exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
+            if not return_exceptions:
+                exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
                 raise
             out.append(exc)
     return out

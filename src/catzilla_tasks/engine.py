@@ -535,7 +535,7 @@ class BackgroundTasks(_engine.Engine):
             handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
         else:
             handles = self._submit_batch(func, items, None)
-        return _compiler.collect(handles, items, func, return_exceptions, None)
+        return _compiler.collect(handles, items, func, return_exceptions)
 
     def _live_workers(self) -> int:
         """Worker threads running now."""
