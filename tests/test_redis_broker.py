@@ -12,7 +12,7 @@ import pytest
 from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
 
 import redis_tasks as rt
-from catzilla_tasks import BackgroundTasks, TaskPriority, TaskStatus
+from catzilla_tasks import BackgroundTasks, TaskPriority, TaskStatus, WorkerLost
 from catzilla_tasks.brokers import RedisBroker, RemoteTaskError, Worker
 from catzilla_tasks.brokers.serialization import Serializer
 from catzilla_tasks.cli import main as cli_main
@@ -334,3 +334,19 @@ def test_tls_rediss_url(prefix, monkeypatch):
             plain.ping()
     finally:
         srv.stop()
+
+
+def test_a_task_that_keeps_losing_its_workers_is_dead_lettered(cluster):
+    b = cluster.broker
+    r = cluster.producer.add_task(rt.add, 1, 1)
+    b.redis.xgroup_create(b.streams[2], "workers", id="0", mkstream=True)
+    b.redis.xreadgroup("workers", "dead-worker-1", {b.streams[2]: ">"}, count=1)
+    eid = b.redis.xpending_range(b.streams[2], "workers", min="-", max="+", count=1)[0]["message_id"]
+    for i in range(2, 11):  # nine more workers took it and died (each XCLAIM counts a delivery)
+        b.redis.xclaim(b.streams[2], "workers", f"dead-worker-{i}", 0, [eid])
+    w = cluster.worker(visibility_timeout=0.05)
+    wait_until(lambda: w.counts["dead_lettered"] == 1, 10, "the task to be dead-lettered")
+    with pytest.raises(WorkerLost, match="delivered 11 times"):
+        r.wait(5)
+    assert "WorkerLost: delivered 11 times" in b.dead_letters()[0]["error"]
+    assert cluster.producer.add_task(rt.add, 2, 2).wait(10) == 4  # and the worker goes on

@@ -154,6 +154,8 @@ class RedisBroker:
     * ``visibility_timeout``: seconds after which a task of a worker that stopped
       acknowledging (it died) is handed to another worker. A live worker keeps its long tasks.
     * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered.
+    * ``max_deliveries``: a task reclaimed from dead workers this many times (it may be what
+      kills them) goes to the dead letters instead of another worker; None: no limit.
 
     Nothing is sent anywhere but the configured server.
     """
@@ -169,6 +171,7 @@ class RedisBroker:
         result_ttl: float = 3600,
         visibility_timeout: float = 60.0,
         idempotency_ttl: float = 86400,
+        max_deliveries: int | None = 10,
         **client_options: Any,
     ) -> None:
         _require_redis()
@@ -182,6 +185,9 @@ class RedisBroker:
         for field, value in (("result_ttl", result_ttl), ("idempotency_ttl", idempotency_ttl)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{field}: must be a number of seconds >= 0, got {value!r}")
+        if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
+                                           or max_deliveries < 1):
+            raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
         if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
             raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
         self.url = url
@@ -191,6 +197,7 @@ class RedisBroker:
         self.result_ttl = result_ttl
         self.visibility_timeout = float(visibility_timeout)
         self.idempotency_ttl = idempotency_ttl
+        self.max_deliveries = max_deliveries
         self._client_options = client_options
         self.redis = _redis.Redis.from_url(url, **client_options)
         # blocked waiters hold a connection each: their own pool, not capped, so they never

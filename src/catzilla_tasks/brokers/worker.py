@@ -275,8 +275,21 @@ class Worker:
                 taken += len(entries)
                 self.counts["reclaimed"] += len(entries)
                 log.info("reclaimed %d tasks of a dead worker from %s", len(entries), s)
-                self._dispatch(entries)
+                self._dispatch(entries, self._deliveries(s, [e[1] for e in entries]))
         return taken
+
+    def _deliveries(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
+        """How many times each of ``ids`` (held by us) has been delivered."""
+        if not self.broker.max_deliveries:
+            return {}
+        pipe = self._r.pipeline(transaction=False)
+        for eid in ids:
+            pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1, consumername=self.consumer)
+        out = {}
+        for eid, rows in zip(ids, pipe.execute()):
+            if rows:
+                out[eid] = int(rows[0]["times_delivered"])
+        return out
 
     def _heartbeat(self) -> None:
         """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
@@ -345,8 +358,15 @@ class Worker:
             job.error = f"{type(exc).__name__}: bad per-task options: {exc}"
         return job
 
-    def _dispatch(self, entries: list[tuple[int, bytes, Any]]) -> None:
+    def _dispatch(self, entries: list[tuple[int, bytes, Any]], deliveries: dict[bytes, int] | None = None) -> None:
         jobs = [self._decode(p, e, f) for p, e, f in entries]
+        limit = self.broker.max_deliveries
+        if deliveries and limit:
+            for j in jobs:
+                n = deliveries.get(j.eid, 0)
+                if n > limit and j.error is None:
+                    j.error = (f"catzilla_tasks.errors.WorkerLost: delivered {n} times (max_deliveries={limit}); every worker that took "
+                               "it stopped before finishing it: the task may be what kills them")
         with self._cv:
             self._inflight += len(jobs)
             for j in jobs:
@@ -418,7 +438,8 @@ class Worker:
         acks: list[list[bytes]] = [[], [], [], []]
         ttl_ms = int(b.result_ttl * 1000)
         idem_ms = int(b.idempotency_ttl * 1000) or None
-        counts = self.counts
+        # counted once the transaction is applied (tests and stats() see what Redis holds)
+        counts = dict.fromkeys(self.counts, 0)
         for j in jobs:
             acks[j.prio].append(j.eid)
             if j.skip:
@@ -431,7 +452,7 @@ class Worker:
                                       client=pipe)
                 continue
             if j.error is not None:
-                self._dead(pipe, j, j.error)
+                self._dead(pipe, j, j.error, counts)
                 if ttl_ms and j.msg:  # the task id is known: its waiters learn why
                     key = b.result_key(j.msg[0])
                     kind, _, text = j.error.partition(": ")
@@ -485,15 +506,18 @@ class Worker:
                 key = b.result_key(j.msg[0])
                 pipe.rpush(key, ser.dumps([_STATUS_CODES.get(status, 1), err]))
                 pipe.pexpire(key, ttl_ms)
-            self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}")
+            self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", counts)
         for prio, ids in enumerate(acks):
             if ids:
                 pipe.xack(b.streams[prio], GROUP, *ids)
                 pipe.xdel(b.streams[prio], *ids)
         pipe.execute()
+        for k, v in counts.items():
+            if v:
+                self.counts[k] += v
 
-    def _dead(self, pipe: Any, j: _Job, error: str) -> None:
-        self.counts["dead_lettered"] += 1
+    def _dead(self, pipe: Any, j: _Job, error: str, counts: dict[str, int]) -> None:
+        counts["dead_lettered"] += 1
         msg = j.msg
         pipe.xadd(self.broker.dead_key, {
             "m": j.payload,
