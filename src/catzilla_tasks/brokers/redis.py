@@ -19,6 +19,7 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -212,12 +213,13 @@ class RedisBroker:
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
+        self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._local = threading.local()
         self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
-        self._id_lock = threading.Lock()
         self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
-        self._id_next = 0
+        self._id_next = itertools.count()
+        self._names: dict[Any, str] = {}
 
     # -- keys ------------------------------------------------------------------------------
     def result_key(self, task_id: str) -> str:
@@ -228,11 +230,9 @@ class RedisBroker:
 
     # -- publishing ------------------------------------------------------------------------
     def _new_id(self) -> str:
-        # a random per-process base and a counter: unique, short (it is in every message)
-        with self._id_lock:
-            n = self._id_next
-            self._id_next = n + 1
-        return f"{self._id_base}{n:x}"
+        # a random per-process base and a counter: unique, short (it is in every message);
+        # next() of an itertools.count is atomic under the GIL
+        return f"{self._id_base}{next(self._id_next):x}"
 
     def _overrides(self, func: Any, cfg: TaskConfig) -> dict[str, Any] | None:
         base = getattr(func, CONFIG_ATTR, None)
@@ -259,8 +259,16 @@ class RedisBroker:
 
     def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
                idempotency_key: str | None = None) -> "RemoteResult":
-        """Publish one task (a pipeline batch inside ``batch()``); return its RemoteResult."""
-        name = task_name(func)
+        """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult."""
+        try:
+            name = self._names[func]
+        except (KeyError, TypeError):
+            name = task_name(func)
+            if len(self._names) < 4096 and not isinstance(func, str):
+                try:
+                    self._names[func] = name
+                except TypeError:
+                    pass
         if cfg is None:
             cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
             if not isinstance(cfg, TaskConfig):
@@ -280,28 +288,40 @@ class RedisBroker:
         return RemoteResult(tid, self)
 
     def _send(self, prio: int, delay_ms: float, payload: bytes) -> None:
-        pipe = getattr(self._local, "pipe", None)
-        target = pipe if pipe is not None else self.redis
-        if delay_ms > 0:
-            self._add_delayed(keys=[self.delayed_key], args=[int(delay_ms), b"%d" % prio + payload], client=target)
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:  # inside batch(): sent at its end
+            if delay_ms > 0:
+                buf[4].append((int(delay_ms), b"%d" % prio + payload))
+            else:
+                buf[prio].append(payload)
+        elif delay_ms > 0:
+            self._add_delayed(keys=[self.delayed_key], args=[int(delay_ms), b"%d" % prio + payload])
         else:
-            target.xadd(self.streams[prio], {"m": payload})
+            self.redis.xadd(self.streams[prio], {"m": payload})
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Publish every add_task of this block (in this thread) in one pipeline at its end:
-        far fewer round trips. If the block raises, nothing of it is published."""
-        if getattr(self._local, "pipe", None) is not None:
+        """Publish every add_task of this block (in this thread) at its end, in one round trip
+        (a Lua script XADDs up to 1,000 tasks per call). If the block raises, nothing of it is
+        published; if publishing fails, the error is raised here."""
+        if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        self._local.pipe = self.redis.pipeline(transaction=False)
+        buf: list[list[Any]] = [[], [], [], [], []]  # four priorities, then the delayed ones
+        self._local.buf = buf
         try:
             yield
-            pipe = self._local.pipe
-            self._local.pipe = None
-            pipe.execute()
         finally:
-            self._local.pipe = None
+            self._local.buf = None
+        pipe = self.redis.pipeline(transaction=False)
+        for prio in range(4):
+            items = buf[prio]
+            for i in range(0, len(items), 1000):
+                self._bulk_xadd(keys=[self.streams[prio]], args=items[i:i + 1000], client=pipe)
+        for delay, member in buf[4]:
+            self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
+        if any(buf):
+            pipe.execute()
 
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""

@@ -61,3 +61,12 @@ redis.call('RPUSH', KEYS[2], v)
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
+
+# KEYS[1]: a priority stream; ARGV: payloads. One XADD each, in one call: a batch of producer
+# tasks costs one command to build and send instead of one per task.
+BULK_XADD = """
+for _, m in ipairs(ARGV) do
+  redis.call('XADD', KEYS[1], '*', 'm', m)
+end
+return #ARGV
+"""
