@@ -47,7 +47,7 @@ CHUNK = 1000
 # contender -> (worker command, what its fast configuration is)
 CONTENDERS = {
     "ours": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000"],
-             "catzilla-tasks worker --concurrency 1000; producer: add_task inside tasks.batch() (1,000 per pipeline)"),
+             "catzilla-tasks worker --concurrency 1000; producer: add_task inside tasks.batch() (sent every 1,000)"),
     "celery": ([sys.executable, "-m", "celery", "-A", MOD, "worker", "-P", "solo", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-l", "WARNING", "--prefetch-multiplier", "1000"],
                "solo pool, no gossip/mingle/heartbeat, prefetch 1000, ignore_result; producer: delay()"),
