@@ -21,17 +21,12 @@ Prints a table, then one JSON line (as the other suites of run.py).
 
 from __future__ import annotations
 
-import argparse
+# Only what the tasks need at the top: every contender's worker imports this module, so the
+# runner's own imports (argparse, statistics, subprocess, ...) are made inside the runner's
+# functions and never weigh on a worker's RSS.
 import itertools
-import json
 import os
-import platform
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -220,7 +215,20 @@ def produce(n: int, ping_only: bool = False) -> float:
 
 # ----------------------------------------------------------------------------- the runner
 
+def compile_bytecode() -> None:
+    """Peers run from the bytecode pip compiled when it installed them; our package (a source
+    checkout, where PYTHONDONTWRITEBYTECODE=1 may keep Python from caching it) and this module
+    get theirs here, so no worker compiles source at start-up (that costs RSS, ~1.5 MiB)."""
+    import compileall
+    import py_compile
+
+    compileall.compile_dir(os.path.join(REPO, "src", "catzilla_tasks"), quiet=1)
+    py_compile.compile(os.path.join(HERE, f"{MOD}.py"), doraise=True)
+
+
 def free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -261,6 +269,8 @@ def tree_peak_rss(pid: int) -> int:
 
 
 def run_producer(lib: str, url: str, n: int, ping: bool = False) -> float:
+    import subprocess
+
     code = f"import {MOD} as m; print(repr(m.produce({n}, {ping})))"
     out = subprocess.run([sys.executable, "-c", code], env=env_for(lib, url, n), cwd=HERE,
                          capture_output=True, text=True, timeout=900)
@@ -270,6 +280,9 @@ def run_producer(lib: str, url: str, n: int, ping: bool = False) -> float:
 
 
 def one_run(lib: str, url: str, n: int, r) -> dict:
+    import subprocess
+    import tempfile
+
     r.flushall()
     # Redis memory per queued task (no worker running)
     before = r.info("memory")["used_memory"]
@@ -314,6 +327,14 @@ def available(lib: str) -> str | None:
 
 
 def main() -> None:
+    import argparse
+    import json
+    import platform
+    import shutil
+    import statistics
+    import subprocess
+    import tempfile
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2,000 tasks instead of 20,000")
     p.add_argument("--runs", type=int, default=3)
@@ -326,6 +347,7 @@ def main() -> None:
         p.error(f"unknown contenders {bad}; known: {', '.join(CONTENDERS)}")
     import redis
 
+    compile_bytecode()
     exe = shutil.which("redis-server")
     if exe is None:
         sys.exit("redis-server is not installed")

@@ -22,6 +22,13 @@ def echo(*args, **kwargs):
     return args, kwargs
 
 
+def touch(path, seconds=0.2):
+    time.sleep(seconds)  # the work takes a while: it is still queued when the parent exits
+    with open(path, "w"):
+        pass
+    return path
+
+
 def getpid():
     return os.getpid()
 

@@ -6,6 +6,8 @@ TaskConfig) and ``results`` (TaskResult, TaskFuture) and ``workflows`` (TaskChai
 chord). This module is the whole public API.
 """
 
+from typing import Any
+
 from ._engine import QueueFull as QueueFull
 from ._engine import TaskCancelled as TaskCancelled
 from .config import TaskConfig as TaskConfig
@@ -20,16 +22,21 @@ from .engine import current_task as current_task
 from .engine import task as task
 from .results import TaskFuture as TaskFuture
 from .results import TaskResult as TaskResult
-from .workflows import TaskChain as TaskChain
-from .workflows import WorkflowError as WorkflowError
-from .workflows import call as call
-from .workflows import chain as chain
-from .workflows import chord as chord
-from .workflows import group as group
-from .workflows import result_of as result_of
-from .workflows import results_of as results_of
-from .workflows import workflow as workflow
-from .compiler import CompileError as CompileError
+
+# Loaded on first use (module __getattr__ below): a process that only runs tasks, such as a
+# distributed worker, never pays for the workflow builder or the compiler's module.
+_LAZY = {
+    "TaskChain": "workflows",
+    "WorkflowError": "workflows",
+    "call": "workflows",
+    "chain": "workflows",
+    "chord": "workflows",
+    "group": "workflows",
+    "result_of": "workflows",
+    "results_of": "workflows",
+    "workflow": "workflows",
+    "CompileError": "compiler",
+}
 
 __version__ = "0.1.0"
 
@@ -59,3 +66,19 @@ __all__ = [
     "workflow",
     "CompileError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'catzilla_tasks' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value  # later lookups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+

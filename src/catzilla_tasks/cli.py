@@ -31,9 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
-from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit, urlunsplit
-from urllib.request import Request, urlopen
 
 __all__ = ["RemoteStats", "StatsError", "format_stats", "main", "stats_url"]
 
@@ -77,6 +75,10 @@ class RemoteStats:
         self.timeout = timeout
 
     def _get(self, url: str) -> tuple[str, bytes]:
+        # urllib.request (http.client, email) is imported here: `catzilla-tasks worker` never needs it
+        from urllib.error import HTTPError, URLError
+        from urllib.request import Request, urlopen
+
         headers = {"Accept": "application/json", "User-Agent": "catzilla-tasks-cli"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

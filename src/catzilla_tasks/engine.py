@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextvars
 import datetime
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Coroutine, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
 
-from . import _engine, _signals, isolation  # isolation before our atexit hook: its pool must outlive our drain
-from . import compiler as _compiler
+from . import _engine, _signals
 from .config import TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["BackgroundTasks", "task", "ShutdownTimeout", "current_task"]
 
@@ -76,7 +78,30 @@ def _cancel_async(engine: "BackgroundTasks", handle: TaskResult) -> None:
         runner.cancel(handle._key)
 
 
+# isolation (multiprocessing, pickle) and compiler (the numba front end) are imported on first
+# use: a process that never isolates a task or decorates one does not pay for them.
+def _compiler() -> Any:
+    from . import compiler
+
+    return compiler
+
+
+def _in_pool_child() -> bool:
+    """isolation.in_pool_child() without importing isolation (or multiprocessing) when neither
+    is loaded: a pool child, or a multiprocessing child importing its parent's main module,
+    has both loaded already."""
+    iso = sys.modules.get(f"{__package__}.isolation")
+    if iso is not None:
+        return bool(iso.in_pool_child())
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or not hasattr(mp, "current_process"):
+        return False
+    return bool(getattr(mp.current_process(), "_inheriting", False))
+
+
 def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, kwargs: dict, cfg: TaskConfig) -> Callable[[], Any]:
+    from . import isolation
+
     payload = isolation.pickle_task(func, args, kwargs)  # TypeError here, at add_task, if it cannot go
     pool = engine._process_pool()
     timeout = cfg.timeout_ms / 1000 if cfg.timeout_ms else None
@@ -106,6 +131,8 @@ _engine._set_hooks(
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
+    import asyncio  # only once an async task runs: asyncio is ~10 MiB of a process that has none
+
     try:
         import uvloop  # optional extra: faster loop when installed
     except ImportError:
@@ -125,6 +152,8 @@ class _LoopRunner:
         started.wait()
 
     def _run(self, started: threading.Event) -> None:
+        import asyncio
+
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         try:
@@ -212,7 +241,7 @@ def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to
     cfg = _make_config("task()", priority, **config)
 
     def decorate(f: F) -> F:
-        return _attach(f, _compiler.attach(f, cfg, compile_to_c))
+        return _attach(f, _compiler().attach(f, cfg, compile_to_c))
 
     return decorate(func) if func is not None else decorate
 
@@ -300,7 +329,7 @@ class BackgroundTasks(_engine.Engine):
         broker: Any = None,
     ) -> None:
         cpus = os.cpu_count() or 1
-        if isolation.in_pool_child():
+        if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
             workers, min_workers, max_workers, enable_auto_scaling = 1, 1, 1, False
         if workers is None:
@@ -352,7 +381,7 @@ class BackgroundTasks(_engine.Engine):
         self._shutdown_done = False
         _live.add(self)
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
-        if _signals.enabled(handle_sigterm) and not isolation.in_pool_child():
+        if _signals.enabled(handle_sigterm) and not _in_pool_child():
             _signals.install(lambda: list(_live))
         # Distributed mode: add_task publishes to Redis; a worker feeds this engine from it.
         self.broker: Any = None
@@ -377,7 +406,7 @@ class BackgroundTasks(_engine.Engine):
         cfg = _make_config("task()", priority, **config)
 
         def decorate(f: F) -> F:
-            _attach(f, _compiler.attach(f, cfg, compile_to_c))
+            _attach(f, _compiler().attach(f, cfg, compile_to_c))
             self._registered[f"{f.__module__}.{f.__qualname__}"] = f
             return f
 
@@ -525,17 +554,18 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
         items = iterable_of_args if isinstance(iterable_of_args, (list, tuple)) else list(iterable_of_args)
         cfg = getattr(func, CONFIG_ATTR, None)
-        native = _compiler.native_of(func)
+        compiler = _compiler()
+        native = compiler.native_of(func)
         plain = cfg is not None and not cfg.max_retries and not cfg.timeout_ms and not any(cfg._hooks)
         if native is not None and plain and getattr(cfg, "_native", None) is native:
-            out = _compiler.map_native(self, native, items, chunk_size, int(cfg.priority), return_exceptions)
+            out = compiler.map_native(self, native, items, chunk_size, int(cfg.priority), return_exceptions)
             if out is not None:
                 return out
         if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
             handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
         else:
             handles = self._submit_batch(func, items, None)
-        return _compiler.collect(handles, items, func, return_exceptions)
+        return compiler.collect(handles, items, func, return_exceptions)
 
     def _live_workers(self) -> int:
         """Worker threads running now."""
@@ -626,6 +656,8 @@ class BackgroundTasks(_engine.Engine):
         if pool is None:
             with self._runner_lock:
                 if self._pool is None:
+                    from . import isolation
+
                     self._pool = isolation.ProcessPool(self.process_workers, name=self.name)
                 pool = self._pool
         return pool

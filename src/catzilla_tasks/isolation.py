@@ -53,6 +53,7 @@ import pickle
 import resource
 import signal
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -1007,6 +1008,12 @@ def _rebuild_error(info: dict, memory_limit_mb: float | None) -> BaseException:
 # ----------------------------------------------------------------------------- process hooks
 
 def _shutdown_all_at_exit() -> None:
+    # This module is imported on first use, after engine.py registered its exit hook, so this
+    # hook runs first: the engines drain here (their queued process tasks need the pools),
+    # then the pools stop. engine's own hook then finds them shut down.
+    engine = sys.modules.get(f"{__package__}.engine")
+    if engine is not None:
+        engine._shutdown_all()
     for pool in list(_POOLS):
         try:
             pool.shutdown(wait=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Callable, Generator
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from . import _engine
 from .config import TaskStatus
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["TaskResult", "TaskFuture"]
 
@@ -20,6 +22,8 @@ def _resolve(fut: asyncio.Future) -> None:
 
 async def _await_result(handle: TaskResult) -> Any:
     if not handle.is_ready():
+        import asyncio  # loaded already: something is awaiting (imported here so plain use never loads it)
+
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         # Called in the thread that ends the task; hands over to this loop's thread. Cancelling

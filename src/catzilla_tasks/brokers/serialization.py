@@ -15,7 +15,6 @@ code-execution channel. It is refused unless both the producer and the worker we
 from __future__ import annotations
 
 import json
-import pickle
 from typing import Any
 
 __all__ = ["Serializer", "DecodeError", "SERIALIZERS"]
@@ -69,6 +68,8 @@ class Serializer:
             self._prefix = b"j"
             self._dumps = lambda obj: json.dumps(obj, separators=(",", ":")).encode()
         else:
+            import pickle  # only when chosen: a worker without pickle never loads it
+
             self._prefix = b"p"
             self._dumps = lambda obj: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -98,6 +99,8 @@ class Serializer:
             if kind == b"p":
                 if not self.allow_pickle:
                     raise DecodeError("a pickle payload, and this side was not created with allow_pickle=True")
+                import pickle
+
                 return pickle.loads(body)
         except DecodeError:
             raise
