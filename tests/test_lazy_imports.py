@@ -99,3 +99,17 @@ def test_process_tasks_queued_at_exit_still_run():
         print(json.dumps({"dir": d}))
     """)
     assert sorted(os.listdir(got["dir"])) == [str(i) for i in range(6)]
+
+
+def test_default_engine_is_the_newest_even_when_workflows_load_after_the_engines():
+    got = run("""
+        import json
+        from catzilla_tasks import BackgroundTasks
+        engines = [BackgroundTasks(workers=1, min_workers=1, name=f"e{i}") for i in range(6)]
+        from catzilla_tasks.workflows import default_engine   # loaded now, after all six
+        first = default_engine().name
+        engines[5].shutdown()
+        second = default_engine().name
+        print(json.dumps([first, second]))
+    """)
+    assert got == ["e5", "e4"]

@@ -6,6 +6,7 @@ import atexit
 import contextvars
 import datetime
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -290,6 +291,7 @@ class _Options:
 
 
 _live: "weakref.WeakSet[BackgroundTasks]" = weakref.WeakSet()
+_created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
 
 
 @atexit.register
@@ -379,6 +381,7 @@ class BackgroundTasks(_engine.Engine):
             self.autoscaler.enable_auto_scaling()
         self.process_workers = os.cpu_count() or 1
         self._shutdown_done = False
+        self._created_seq = next(_created)
         _live.add(self)
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
         if _signals.enabled(handle_sigterm) and not _in_pool_child():

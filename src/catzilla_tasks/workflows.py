@@ -39,10 +39,8 @@ step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskF
 * **Which engine.** ``TaskChain(name, tasks=engine)`` (or ``chain_for(engine, name)``) runs on
   that engine. Without one, on the default engine, resolved at ``execute()`` (not when
   built): the most recently created ``BackgroundTasks`` that is still running, else one this
-  module creates on first use (shut down at interpreter exit, like any engine). "Most
-  recent" is in the order this module first sees the engines (at import and at each
-  resolution): two engines created between two resolutions are not ordered. An application
-  with one engine is not concerned; one with several should name the engine.
+  module creates on first use (shut down at interpreter exit, like any engine). An
+  application with several engines should name the engine.
 * **Scheduling lives in the engine.** Each execution turns the steps into *gates* of the C
   engine (one ``Engine._gates`` call): a gate is a task held back until its dependencies have
   succeeded. ``execute()`` queues the steps without dependencies; when a step's task
@@ -90,9 +88,7 @@ the list of the group's values as its first argument.
 
 from __future__ import annotations
 
-import itertools
 import threading
-import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
 
 from . import _engine
@@ -190,31 +186,16 @@ def results_of(*steps: str | Step) -> Any:
 # -- the default engine ----------------------------------------------------------------------
 
 _default_lock = threading.Lock()
-# Creation order of the engines, as first seen by this module (engine.py keeps no order).
-_seen: "weakref.WeakKeyDictionary[BackgroundTasks, int]" = weakref.WeakKeyDictionary()
-_seq = itertools.count()
-
-
-def _note_engines() -> None:
-    for eng in list(_live):
-        if eng not in _seen:
-            _seen[eng] = next(_seq)
 
 
 def default_engine() -> BackgroundTasks:
     """The engine a workflow runs on when it was given none: the most recently created
     ``BackgroundTasks`` that is still running, else a new one (created once, on first use)."""
     with _default_lock:
-        _note_engines()
         running = [e for e in list(_live) if not e.is_shutdown]
         if running:
-            return max(running, key=lambda e: _seen.get(e, -1))
-        eng = BackgroundTasks(name="catzilla-tasks-workflows")
-        _seen[eng] = next(_seq)
-        return eng
-
-
-_note_engines()  # engines created before this module was imported, in _live's order
+            return max(running, key=lambda e: getattr(e, "_created_seq", -1))
+        return BackgroundTasks(name="catzilla-tasks-workflows")
 
 
 # -- definition ------------------------------------------------------------------------------
