@@ -3,6 +3,7 @@ import os
 import pytest
 
 from catzilla_tasks import BackgroundTasks
+from gc_helpers import gc_pressure_on
 
 # Stress sizes: full by default, smaller under the sanitizer build (CI sets this).
 STRESS_N = int(os.environ.get("CATZILLA_TASKS_STRESS_N", "1000000"))
@@ -30,3 +31,10 @@ def make_tasks():
     yield make
     for eng in made:
         eng.shutdown(wait_for_completion=False, timeout=10)
+
+
+@pytest.fixture
+def gc_pressure():
+    """gc_pressure_on() for a whole test."""
+    with gc_pressure_on():
+        yield

@@ -14,6 +14,7 @@ import sys
 import threading
 
 import pytest
+from gc_helpers import gc_pressure_on
 
 from catzilla_tasks import TaskCancelled, TaskStatus, current_task, task
 from catzilla_tasks.workflows import (
@@ -669,6 +670,27 @@ def test_many_concurrent_workflows_with_failures_and_cancels(tasks, caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     kinds = {type(o).__name__ for o in outcomes}
     assert kinds == {"dict", "WorkflowError", "TaskCancelled"}, kinds
+
+
+def test_workflows_finish_when_queueing_a_step_lets_other_threads_run(tasks):
+    """A step queued by execute() or by its last dependency's worker can start and end on
+    another worker before its gate is hooked to its end, when the hooking lets other threads
+    run (the collector running a finalizer): its dependents are released all the same. Before
+    the fix, such workflows never ended (CI saw one in the whole suite)."""
+    nruns = 150 if STRESS_N >= 1_000_000 else 40
+    chains = []
+    for run in range(nruns):
+        wf = TaskChain(f"g{run}", tasks=tasks)
+        a = wf.step(add, run, 1)
+        b = wf.step(add, a, 1)
+        c = wf.step(add, a, 2)
+        wf.step(add, b, c)
+        chains.append(wf.validate())
+    with gc_pressure_on(pause=0.001):
+        results = [wf.execute() for wf in chains]
+        for run, r in enumerate(results):
+            assert r.wait(T) == {f"g{run}_0": run + 1, f"g{run}_1": run + 2, f"g{run}_2": run + 3,
+                                 f"g{run}_3": 2 * run + 5}
 
 
 # -- the engine's gates (release in C) ---------------------------------------------------------

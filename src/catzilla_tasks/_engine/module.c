@@ -238,32 +238,21 @@ static void call_hook(PyObject *fn, PyObject *arg) {
 
 /* End a Python-visible node that was running on eng (GIL held): the config's final hook,
  * store the outcome, set the terminal state (waiters wake), then run callbacks, then drop the
- * engine's reference. Steals value. */
+ * engine's reference. Steals value.
+ *
+ * Whatever runs Python code (hooks, the failure report, freeing the arguments) comes first:
+ * Python code lets other threads take the GIL, and from taking the callbacks list to the
+ * terminal state no other thread may attach a callback (see attach_callback). */
 static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *value) {
     ConfigObject *cfg = (ConfigObject *)t->cfg;
+    int failed = status == CT_FAILED || status == CT_TIMED_OUT;
     if (cfg) {
         if (status == CT_SUCCEEDED)
             call_hook(cfg->on_success, value);
-        else if (status == CT_FAILED || status == CT_TIMED_OUT)
+        else if (failed)
             call_hook(cfg->on_failure, value);
     }
-    PyObject *cbs = NULL;
-    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
-    if (st & CT_F_CALLBACKS) {
-        cbs = (PyObject *)t->value;
-        t->value = NULL;
-    }
-    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
-     * a detached node has no engine reference), or a callback. */
-    int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > (eng ? 1 : 0) || cbs;
-    PyObject *drop = NULL;
-    if (observed) {
-        Py_XSETREF(t->value, value);
-    } else {
-        drop = value;
-    }
-    if (!observed && (status == CT_FAILED || status == CT_TIMED_OUT)) report_error("task", (PyObject *)t->fn, value);
-    if (eng && g_failed && (status == CT_FAILED || status == CT_TIMED_OUT)) {
+    if (eng && g_failed && failed) {
         /* the monitor's recent failures (rare path: failures only) */
         PyObject *id = format_id(t->id);
         PyObject *r = id ? PyObject_CallFunctionObjArgs(g_failed, (PyObject *)eng, id, (PyObject *)t->fn,
@@ -273,9 +262,30 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_XDECREF(r);
         Py_XDECREF(id);
     }
+    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
+     * a detached node has no engine reference), or a callback. Nobody will: the failure is
+     * reported, or it would go unseen. */
+    int base = eng ? 1 : 0;
+    if (failed && atomic_load_explicit(&t->refs, memory_order_acquire) <= base &&
+        !(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_CALLBACKS))
+        report_error("task", (PyObject *)t->fn, value);
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
+    }
+    /* From here to the terminal state: no Python code, no new container. */
+    PyObject *cbs = NULL;
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    if (st & CT_F_CALLBACKS) {
+        cbs = (PyObject *)t->value;
+        t->value = NULL;
+    }
+    int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
+    PyObject *drop = NULL;
+    if (observed) {
+        t->value = value;
+    } else {
+        drop = value;
     }
     if (eng) {
         ct_task_finish(eng->e, t, status);
@@ -897,22 +907,46 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
     Py_RETURN_TRUE;
 }
 
-/* Append (fn, mode) to the node's callbacks, or return 1 if the node is already final. */
+/* Append (fn, mode) to the node's callbacks, or return 1 if the node is already final.
+ *
+ * Everything is allocated before the final check: allocating a container can start the cycle
+ * collector, whose finalizers run Python code, and Python code lets other threads take the
+ * GIL, so the task could end between a check and the append, and its callbacks would never
+ * run. From the check to the flag below, nothing can release the GIL (appending to a list
+ * only reallocates its item array, which never starts the collector). The end paths
+ * (complete_py, cancel) keep the same rule from taking the list to the terminal state. */
 static int attach_callback(ct_task *t, PyObject *fn, int mode) {
     if (CT_IS_TERMINAL(atomic_load_explicit(&t->state, memory_order_acquire))) return 1;
     PyObject *entry = Py_BuildValue("(Oi)", fn, mode);
     if (!entry) return -1;
-    if (!(atomic_load(&t->state) & CT_F_CALLBACKS)) {
-        PyObject *lst = PyList_New(0);
-        if (!lst) {
+    PyObject *fresh = NULL;   /* a list of our own, if the node may have none */
+    for (;;) {
+        uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+        if (CT_IS_TERMINAL(st)) {
+            Py_DECREF(entry);
+            Py_XDECREF(fresh);
+            return 1;
+        }
+        if (st & CT_F_CALLBACKS) {
+            int rc = PyList_Append((PyObject *)t->value, entry);
+            Py_DECREF(entry);
+            Py_XDECREF(fresh);
+            return rc < 0 ? -1 : 0;
+        }
+        if (fresh) break;
+        fresh = PyList_New(0);   /* may run other threads: check again */
+        if (!fresh) {
             Py_DECREF(entry);
             return -1;
         }
-        t->value = lst;
     }
-    int rc = PyList_Append((PyObject *)t->value, entry);
+    if (PyList_Append(fresh, entry) < 0) {
+        Py_DECREF(entry);
+        Py_DECREF(fresh);
+        return -1;
+    }
     Py_DECREF(entry);
-    if (rc < 0) return -1;
+    t->value = fresh;
     /* All writers of a Python-visible node's end state hold the GIL, as we do: the flag and
      * the list cannot race with completion. */
     atomic_fetch_or_explicit(&t->state, CT_F_CALLBACKS, memory_order_acq_rel);
