@@ -144,6 +144,27 @@ def too_slow():
         time.sleep(0.01)
 
 
+@_reg
+@task
+def square_noting_pid(log_key, x, seconds=0.0):
+    """A workflow step: notes which worker process ran it, takes a while, returns x*x."""
+    _sync_client().rpush(log_key, f"{os.getpid()}:{x}")
+    time.sleep(seconds)
+    return x * x
+
+
+@_reg
+@task
+def total(values, plus=0):
+    return sum(values) + plus
+
+
+@_reg
+@task
+def pair(a, b=None):
+    return [a, b]
+
+
 def __getattr__(name: str) -> Any:
     if name == "tasks":
         from catzilla_tasks.brokers import RedisBroker

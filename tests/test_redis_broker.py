@@ -310,13 +310,6 @@ def test_password_url(redis_url, prefix, monkeypatch):
         srv.stop()
 
 
-def test_workflows_refuse_to_run_locally_in_distributed_mode(cluster):
-    wf = cluster.producer.chain("wf")
-    wf.step(rt.add, 1, 2)
-    with pytest.raises(NotImplementedError, match="across Redis workers"):
-        wf.execute()
-
-
 def test_tls_rediss_url(prefix, monkeypatch):
     from redis_helpers import RedisServer
 

@@ -489,7 +489,9 @@ class TaskChain:
 
     # -- running -------------------------------------------------------------------------------
     def execute(self) -> TaskResult:
-        """Start the workflow; return its TaskResult at once (value: each step's value by id)."""
+        """Start the workflow; return its TaskResult at once (value: each step's value by id).
+        On an engine with a Redis broker the workers run it (see :meth:`RedisBroker.run_workflow`)
+        and this returns its RemoteResult."""
         plan = self._compile()
         engine = self.tasks if self.tasks is not None else default_engine()
         if getattr(engine, "is_shutdown", False):
@@ -497,6 +499,10 @@ class TaskChain:
                 f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; "
                 "create a new one"
             )
+        broker = getattr(engine, "broker", None)
+        if broker is not None:
+            # distributed mode: the workers run the steps and release the dependents
+            return broker.run_workflow(plan)
         result = _engine.detached()
         if not plan.ids:
             result._settle(value={})
@@ -509,6 +515,12 @@ class TaskChain:
 
     def execute_async(self) -> TaskFuture:
         """``execute()`` as a TaskFuture (awaitable, with then/catch)."""
+        engine = self.tasks if self.tasks is not None else default_engine()
+        if getattr(engine, "broker", None) is not None:
+            raise NotImplementedError(
+                f"workflow {self.name!r}: in distributed mode execute() returns a RemoteResult, which is "
+                "awaitable itself (await chain.execute()); TaskFuture chaining is for local tasks"
+            )
         return TaskFuture(self.execute())
 
     def cancel(self) -> bool:
@@ -706,7 +718,7 @@ class Workflow:
         return self.build(*args, **kwargs).execute()
 
     def execute_async(self, *args: Any, **kwargs: Any) -> TaskFuture:
-        return TaskFuture(self.execute(*args, **kwargs))
+        return self.build(*args, **kwargs).execute_async()
 
     def on(self, tasks: BackgroundTasks) -> "Workflow":
         return Workflow(self.name, self.fn, tasks)

@@ -7,6 +7,7 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:dead           dead-letter Stream (tasks that exhausted their retries, garbage, unknown names)
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
     P:done:<key>       idempotency keys of tasks that finished
+    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py)
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
 priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
@@ -48,6 +49,12 @@ _TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "r
                "retry_on_timeout", "isolation", "memory_limit_mb")
 _STATUS_CODES = {TaskStatus.SUCCEEDED: 0, TaskStatus.FAILED: 1, TaskStatus.TIMED_OUT: 2, TaskStatus.CANCELLED: 3}
 _CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
+
+
+def _msgpack_module() -> Any:
+    from .serialization import _msgpack
+
+    return _msgpack()
 
 
 def _require_redis() -> None:
@@ -126,6 +133,16 @@ def decode_error(err: Any) -> BaseException:
     except TypeError:
         name, message, tb = "Exception", repr(err), ""
     name = str(name)
+    if name == "catzilla_tasks.workflows.WorkflowError":
+        from ..workflows import WorkflowError
+
+        extra = err[3] if isinstance(err, (list, tuple)) and len(err) > 3 and isinstance(err[3], dict) else {}
+        wf_err = WorkflowError(str(message), workflow=str(extra.get("workflow", "")), step=str(extra.get("step", "")),
+                               results={})
+        if extra.get("cause") is not None:
+            wf_err.__cause__ = decode_error(extra["cause"])
+        wf_err.remote_traceback = tb  # type: ignore[attr-defined]
+        return wf_err
     kind: Any = None
     if "." not in name:
         kind = getattr(builtins, name, None)
@@ -212,6 +229,7 @@ class RedisBroker:
         self.dead_key = f"{base}:dead"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
+        self._wf_prefix = f"{prefix}:wf:"
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._local = threading.local()
@@ -227,6 +245,9 @@ class RedisBroker:
 
     def done_key(self, idempotency_key: str) -> str:
         return self._done_prefix + idempotency_key
+
+    def workflow_key(self, run_id: str) -> str:
+        return self._wf_prefix + run_id
 
     # -- publishing ------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -322,6 +343,90 @@ class RedisBroker:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
         if any(buf):
             pipe.execute()
+
+    # -- workflows ---------------------------------------------------------------------------
+    def run_workflow(self, plan: Any) -> "RemoteResult":
+        """Start a validated workflow plan (``workflows._Plan``) on the workers: one MULTI
+        writes the run's hash (every step's message, dependency counters, dependents) and
+        XADDs the steps without dependencies. From then on the workers release the steps
+        (``scripts.WF_STEP_DONE``), so this process may exit. Returns the run's RemoteResult
+        (value: every step's value by step id; a failed step: WorkflowError)."""
+        ser = self.serializer
+        if ser.name not in ("msgpack", "json"):
+            raise ValueError(
+                f"workflow {plan.name!r}: across workers, a workflow's values travel as msgpack or JSON "
+                f"(the run's result is assembled in Redis); this broker's serializer is {ser.name!r}"
+            )
+        if not self.result_ttl:
+            raise ValueError(
+                f"workflow {plan.name!r}: this broker stores no results (result_ttl=0), and steps pass their "
+                "values through Redis; create the RedisBroker with result_ttl > 0"
+            )
+        run_id = self._new_id()
+        n = len(plan.ids)
+        key = self.workflow_key(run_id)
+        res_key = self.result_key(run_id)
+        pipe = self.redis.pipeline(transaction=True)
+        if n == 0:
+            pipe.rpush(res_key, ser.dumps([0, {}]))
+            pipe.pexpire(res_key, int(self.result_ttl * 1000))
+            pipe.execute()
+            return RemoteResult(run_id, self)
+        fields: dict[str, Any] = {"state": "run", "left": n, "n": n}
+        if ser.name == "msgpack":
+            mp = _msgpack_module()
+            head = b"m\x92\x00" + (bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 2**16
+                                    else b"\xdf" + n.to_bytes(4, "big"))
+            fields.update(head=head, sep=b"", colon=b"", tail=b"")
+            enc_key = mp.packb
+        else:
+            import json
+
+            fields.update(head=b"j[0,{", sep=b",", colon=b":", tail=b"}]")
+            enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
+        roots: list[tuple[int, bytes]] = []
+        for j in range(n):
+            func = plan.funcs[j]
+            sid = plan.ids[j]
+            try:
+                name = task_name(func)
+            except TypeError as exc:
+                raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
+            values = plan.values[j]
+            kwnames = plan.kwnames[j] or ()
+            nargs = len(values) - len(kwnames)
+            args = list(values[:nargs])
+            kwargs = dict(zip(kwnames, values[nargs:]))
+            fills = []
+            for idx, src in plan.fills[j] or ():
+                where: Any = idx if idx < nargs else kwnames[idx - nargs]
+                if isinstance(where, int):
+                    args[where] = None
+                else:
+                    kwargs[where] = None
+                fills.append([where, list(src) if isinstance(src, tuple) else src])
+            cfg = getattr(func, CONFIG_ATTR, None)
+            if not isinstance(cfg, TaskConfig):
+                cfg = _DEFAULT_CONFIG
+            opts: dict[str, Any] = {"w": [run_id, j, sid, plan.name]}
+            if fills:
+                opts["f"] = fills
+            try:
+                payload = ser.dumps([f"{run_id}.{j}", name, args, kwargs, 0, opts])
+            except TypeError as exc:
+                raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
+            prio = int(cfg._priority)
+            fields[f"p:{j}"] = plan.pending[j]
+            fields[f"d:{j}"] = ",".join(str(d) for d in plan.dependents[j] if d < n)
+            fields[f"m:{j}"] = b"%d" % prio + payload
+            fields[f"k:{j}"] = enc_key(sid)
+            if plan.pending[j] == 0:
+                roots.append((prio, payload))
+        pipe.hset(key, mapping=fields)
+        for prio, payload in roots:
+            pipe.xadd(self.streams[prio], {"m": payload})
+        pipe.execute()
+        return RemoteResult(run_id, self)
 
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
@@ -591,9 +696,8 @@ def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:
 
     def gates(*_: Any, **__: Any) -> Any:
         raise NotImplementedError(
-            "workflows (chain, group, chord, DAG) do not run across Redis workers yet: their steps are released "
-            "by the local engine; run the workflow on an engine without broker=, or submit its steps yourself "
-            "(add_task, then wait for each result)"
+            "the engine's local workflow gates are not used in distributed mode: TaskChain.execute() publishes "
+            "the workflow to Redis (RedisBroker.run_workflow)"
         )
 
     engine.add_task = add_task

@@ -70,3 +70,70 @@ for _, m in ipairs(ARGV) do
 end
 return #ARGV
 """
+
+# -- workflows across workers --------------------------------------------------------------
+# A workflow run lives in one hash P:wf:<run id> (written by the producer in one MULTI with
+# the XADD of the steps that have no dependencies):
+#   state     "run", then "done" or "failed" (only the first outcome is written)
+#   left      steps that have not succeeded yet
+#   n         number of steps
+#   p:<j>     dependencies of step j still to succeed
+#   d:<j>     the steps that depend on step j, comma-separated indexes
+#   m:<j>     step j's message, one priority digit + payload (XADDed when p:<j> reaches 0)
+#   k:<j>     step j's id, encoded as a key of the final result (msgpack or JSON)
+#   v:<j>     step j's value, as a result payload (format byte + value), once it succeeded
+#   head, sep, colon, tail: the pieces that make {step id: value, ...} a result record in the
+#             workflow's format (so the record is built by concatenation, byte-exact)
+# Run by a worker in the MULTI transaction that acknowledges the step.
+
+# KEYS[1]: the run's hash, KEYS[2]: the run's result key, KEYS[3..6]: the priority streams.
+# ARGV: step index, its value (format byte + value), result TTL in ms.
+# Records the value once (a step re-run after its worker died is counted once), counts down
+# its dependents and XADDs each one that reaches zero; the last step writes the result.
+WF_STEP_DONE = """
+local h = KEYS[1]
+if redis.call('HGET', h, 'state') ~= 'run' then return -1 end
+local j = ARGV[1]
+if redis.call('HSETNX', h, 'v:' .. j, ARGV[2]) == 0 then return -2 end
+local released = 0
+local deps = redis.call('HGET', h, 'd:' .. j)
+if deps and deps ~= '' then
+  for d in string.gmatch(deps, '[^,]+') do
+    if redis.call('HINCRBY', h, 'p:' .. d, -1) == 0 then
+      local m = redis.call('HGET', h, 'm:' .. d)
+      local p = string.byte(m, 1) - 47
+      if p < 1 or p > 4 then p = 3 end
+      redis.call('XADD', KEYS[2 + p], '*', 'm', string.sub(m, 2))
+      released = released + 1
+    end
+  end
+end
+if redis.call('HINCRBY', h, 'left', -1) == 0 then
+  local f = redis.call('HMGET', h, 'n', 'head', 'sep', 'colon', 'tail')
+  local n = tonumber(f[1])
+  local out = {f[2]}
+  for i = 0, n - 1 do
+    if i > 0 then out[#out + 1] = f[3] end
+    out[#out + 1] = redis.call('HGET', h, 'k:' .. i)
+    out[#out + 1] = f[4]
+    out[#out + 1] = string.sub(redis.call('HGET', h, 'v:' .. i), 2)
+  end
+  out[#out + 1] = f[5]
+  redis.call('RPUSH', KEYS[2], table.concat(out))
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('HSET', h, 'state', 'done')
+  redis.call('PEXPIRE', h, ARGV[3])
+end
+return released
+"""
+
+# KEYS[1]: the run's hash, KEYS[2]: the run's result key. ARGV: the failure record, TTL in ms.
+# The first failure ends the run: no step is released any more, queued ones are skipped.
+WF_STEP_FAILED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'run' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed')
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""

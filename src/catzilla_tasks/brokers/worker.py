@@ -42,6 +42,9 @@ log = logging.getLogger("catzilla_tasks.worker")
 
 _DEFAULT_CONFIG = TaskConfig()
 _ERRORS = None
+# keys of a message's options that are not TaskConfig fields: idempotency key, workflow step,
+# where a step takes earlier steps' values
+_NOT_CONFIG = ("k", "w", "f")
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -69,7 +72,7 @@ def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
 
 
 class _Job:
-    __slots__ = ("prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first")
+    __slots__ = ("prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first", "wf", "call")
 
     def __init__(self, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.prio = prio
@@ -82,6 +85,8 @@ class _Job:
         self.error: str | None = None  # set: dead-letter this entry with that error, unrun
         self.skip = False              # an idempotency key already done: acknowledge, do not run
         self.first = ""                # then: the id of the task that did it
+        self.wf: list | None = None    # a workflow step: [run id, step index, step id, workflow name]
+        self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
 
 
 class Worker:
@@ -123,6 +128,8 @@ class Worker:
         self._promote = r.register_script(scripts.PROMOTE)
         self._add_delayed = r.register_script(scripts.ADD_DELAYED)
         self._copy_result = r.register_script(scripts.COPY_RESULT)
+        self._wf_done = r.register_script(scripts.WF_STEP_DONE)
+        self._wf_failed = r.register_script(scripts.WF_STEP_FAILED)
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
@@ -134,7 +141,7 @@ class Worker:
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
         self._registry = getattr(tasks, "_registered", {})
         self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
-                       "skipped_idempotent": 0, "reclaimed": 0}
+                       "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0}
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
@@ -308,13 +315,14 @@ class Worker:
 
     # -- dispatch --------------------------------------------------------------------------
     def _config(self, name: str, func: Any, opts: dict[str, Any] | None) -> TaskConfig:
-        key = (name, tuple(sorted(opts.items())) if opts else None)
+        cfg_opts = [(k, v) for k, v in opts.items() if k not in _NOT_CONFIG] if opts else None
+        key = (name, tuple(sorted(cfg_opts)) if cfg_opts else None)
         cfg = self._cfgs.get(key)
         if cfg is None:
             base = getattr(func, CONFIG_ATTR, None)
             if not isinstance(base, TaskConfig):
                 base = _DEFAULT_CONFIG
-            fields = {k: v for k, v in (opts or {}).items() if k != "k"}
+            fields = dict(cfg_opts or ())
             cfg = base.replace(**fields) if fields else base
             if len(self._cfgs) > 1024:
                 self._cfgs.clear()
@@ -379,6 +387,9 @@ class Worker:
                 if d is not None:
                     j.skip = True
                     j.first = d.decode(errors="replace")
+        steps = [j for j in jobs if len(j.msg or ()) > 5 and j.msg[5] and "w" in j.msg[5]]
+        if steps:
+            self._prepare_steps(steps)
         submit = self._submit
         finished = self._finished
         for j in jobs:
@@ -387,14 +398,72 @@ class Worker:
                 continue
             cfg = j.cfg
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            args, kwargs = j.call if j.call is not None else (tuple(j.msg[2]), j.msg[3])
             try:
-                h = submit(j.func, tuple(j.msg[2]), j.msg[3], run_cfg, -1)
+                h = submit(j.func, args, kwargs, run_cfg, -1)
             except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
                 j.error = f"{type(exc).__name__}: could not start the task: {exc}"
                 finished(j, None)
                 continue
             j.handle = h
             h._on_done(functools.partial(finished, j))
+
+    def _prepare_steps(self, steps: list[_Job]) -> None:
+        """Workflow steps: skip those whose run already ended (a step failed), and fill in the
+        values of earlier steps that a step takes (read from the run's hash, one round trip)."""
+        b = self.broker
+        pipe = self._r.pipeline(transaction=False)
+        wanted = []
+        for j in steps:
+            wf = j.msg[5]["w"]
+            fills = j.msg[5].get("f") or []
+            if not (isinstance(wf, list) and len(wf) == 4 and isinstance(fills, list)):
+                j.error = f"DecodeError: bad workflow step options: {j.msg[5]!r:.200}"
+                wanted.append(None)
+                continue
+            j.wf = wf
+            srcs: list[int] = []
+            for _, src in fills:
+                srcs.extend(src if isinstance(src, list) else [src])
+            srcs = list(dict.fromkeys(srcs))
+            pipe.hmget(b.workflow_key(str(wf[0])), ["state", *(f"v:{s}" for s in srcs)])
+            wanted.append(srcs)
+        replies = iter(pipe.execute())
+        for j, srcs in zip(steps, wanted):
+            if srcs is None:
+                continue
+            state, *vals = next(replies)
+            if state != b"run":
+                j.skip = True  # the run failed (or is gone): acknowledged, not run
+                j.first = ""
+                continue
+            fills = j.msg[5].get("f") or []
+            if not fills:
+                continue
+            got = {}
+            for s_, v in zip(srcs, vals):
+                if v is None:
+                    j.error = f"LookupError: workflow step {j.wf[2]!r}: the value of step {s_} is not in Redis"
+                    break
+                try:
+                    got[s_] = b.serializer.loads(v)
+                except DecodeError as exc:
+                    j.error = f"DecodeError: workflow step {j.wf[2]!r}: the value of step {s_}: {exc}"
+                    break
+            if j.error is not None:
+                continue
+            args = list(j.msg[2])
+            kwargs = dict(j.msg[3])
+            for where, src in fills:
+                value = [got[x] for x in src] if isinstance(src, list) else got[src]
+                if isinstance(where, int) and 0 <= where < len(args):
+                    args[where] = value
+                elif isinstance(where, str):
+                    kwargs[where] = value
+                else:
+                    j.error = f"DecodeError: workflow step {j.wf[2]!r}: bad argument position {where!r}"
+                    break
+            j.call = (tuple(args), kwargs)
 
     def _run_config(self, cfg: TaskConfig) -> TaskConfig:
         # retries go through Redis (another worker may run them; they survive a crash)
@@ -440,8 +509,12 @@ class Worker:
         idem_ms = int(b.idempotency_ttl * 1000) or None
         # counted once the transaction is applied (tests and stats() see what Redis holds)
         counts = dict.fromkeys(self.counts, 0)
+        wf_ttl = ttl_ms or 3_600_000
         for j in jobs:
             acks[j.prio].append(j.eid)
+            if j.skip and j.wf is not None:
+                counts["workflow_steps_skipped"] += 1
+                continue
             if j.skip:
                 counts["skipped_idempotent"] += 1
                 if ttl_ms and j.first != j.msg[0]:
@@ -453,6 +526,11 @@ class Worker:
                 continue
             if j.error is not None:
                 self._dead(pipe, j, j.error, counts)
+                wf = j.wf if j.wf is not None else self._step_of(j)
+                if wf is not None:
+                    kind, _, text = j.error.partition(": ")
+                    self._fail_workflow(pipe, j, wf, [kind, text, ""], wf_ttl)
+                    continue
                 if ttl_ms and j.msg:  # the task id is known: its waiters learn why
                     key = b.result_key(j.msg[0])
                     kind, _, text = j.error.partition(": ")
@@ -462,6 +540,20 @@ class Worker:
             h = j.handle
             status = h.status
             ser = b.serializer.same_format(j.payload)
+            if status is TaskStatus.SUCCEEDED and j.wf is not None:
+                try:
+                    rec = ser.dumps(h.wait(0))
+                except TypeError as exc:
+                    counts["failed"] += 1
+                    err = ["TypeError", f"the step's return value cannot be stored: {exc}", ""]
+                    self._dead(pipe, j, f"{err[0]}: {err[1]}", counts)
+                    self._fail_workflow(pipe, j, j.wf, err, wf_ttl)
+                    continue
+                counts["succeeded"] += 1
+                wf_key = b.workflow_key(str(j.wf[0]))
+                self._wf_done(keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams], args=[j.wf[1], rec, wf_ttl],
+                              client=pipe)
+                continue
             if status is TaskStatus.SUCCEEDED:
                 counts["succeeded"] += 1
                 if ttl_ms:
@@ -502,6 +594,10 @@ class Worker:
                 continue
             counts["failed"] += 1
             err = encode_error(exc)
+            if j.wf is not None:
+                self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", counts)
+                self._fail_workflow(pipe, j, j.wf, err, wf_ttl)
+                continue
             if ttl_ms:
                 key = b.result_key(j.msg[0])
                 pipe.rpush(key, ser.dumps([_STATUS_CODES.get(status, 1), err]))
@@ -515,6 +611,23 @@ class Worker:
         for k, v in counts.items():
             if v:
                 self.counts[k] += v
+
+    @staticmethod
+    def _step_of(j: _Job) -> list | None:
+        opts = j.msg[5] if j.msg and len(j.msg) > 5 and isinstance(j.msg[5], dict) else None
+        wf = opts.get("w") if opts else None
+        return wf if isinstance(wf, list) and len(wf) == 4 else None
+
+    def _fail_workflow(self, pipe: Any, j: _Job, wf: list, cause: list, ttl_ms: int) -> None:
+        """A step failed for good: the run fails with WorkflowError naming it (first failure
+        only); steps not yet released never run."""
+        b = self.broker
+        run_id, _, step, name = (str(x) for x in wf)
+        message = f"workflow {name!r}: step {step!r} failed: {cause[0]}: {cause[1]}"
+        ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j") else b.serializer
+        rec = ser.dumps([1, ["catzilla_tasks.workflows.WorkflowError", message, cause[2] if len(cause) > 2 else "",
+                             {"workflow": name, "step": step, "cause": cause}]])
+        self._wf_failed(keys=[b.workflow_key(run_id), b.result_key(run_id)], args=[rec, ttl_ms], client=pipe)
 
     def _dead(self, pipe: Any, j: _Job, error: str, counts: dict[str, int]) -> None:
         counts["dead_lettered"] += 1
