@@ -41,6 +41,11 @@ step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskF
   built): the most recently created ``BackgroundTasks`` that is still running, else one this
   module creates on first use (shut down at interpreter exit, like any engine). An
   application with several engines should name the engine.
+* **Distributed mode.** On an engine created with ``broker="redis://..."`` the run is published
+  to Redis (``RedisBroker.run_workflow``) and ``execute()`` returns its ``RemoteResult``: the
+  steps run on the workers as tasks of their registered names, and a worker that finishes a
+  step releases its dependents in the transaction that acknowledges it (see
+  ``brokers/scripts.py`` and docs/architecture.md). The rest of this section is about local runs.
 * **Scheduling lives in the engine.** Each execution turns the steps into *gates* of the C
   engine (one ``Engine._gates`` call): a gate is a task held back until its dependencies have
   succeeded. ``execute()`` queues the steps without dependencies; when a step's task
