@@ -96,6 +96,14 @@ def test_await_a_remote_workflow(cluster):
         return await wf.execute()
 
     assert asyncio.run(main()) == {"chain_0": 3, "chain_1": 6}
+    bad = chain(call(rt.add, 1, 2), call(rt.always_fails), tasks=cluster.producer)
+
+    async def failing():
+        return await bad.execute()
+
+    with pytest.raises(WorkflowError, match="'chain_1' failed") as info:
+        asyncio.run(failing())
+    assert info.value.results == {"chain_0": 3}
     with pytest.raises(NotImplementedError, match="awaitable itself"):
         wf.execute_async()
 
@@ -147,6 +155,7 @@ def test_a_failing_step_fails_the_run_and_its_dependents_never_run(cluster):
         r.wait(20)
     err = info.value
     assert err.step == "boom" and err.workflow == "bad"
+    assert err.results == {"ok": 2}  # the values of the steps that had succeeded
     assert isinstance(err.__cause__, ValueError) and "always_fails" in err.__cause__.remote_traceback
     assert cluster.r.llen(log) == 0  # neither dependent ran
     assert cluster.broker.dead_letter_count() == 1

@@ -428,6 +428,19 @@ class RedisBroker:
         pipe.execute()
         return RemoteResult(run_id, self)
 
+    def _step_values(self, run: dict) -> dict[str, Any]:
+        """The values of the steps that succeeded, by step id, from a run's hash (HGETALL)."""
+        fmt = (run.get(b"head") or b"m")[:1]
+        out = {}
+        for field, value in run.items():
+            if field.startswith(b"v:"):
+                k = run.get(b"k:" + field[2:])
+                try:
+                    out[self.serializer.loads(fmt + k)] = self.serializer.loads(value)
+                except (DecodeError, TypeError):
+                    continue
+        return out
+
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
         self.redis.xadd(self.streams[prio], {"m": payload})
@@ -527,6 +540,10 @@ class RedisBroker:
         return f"<RedisBroker {redact_url(self.url)} queue={self.queue!r}>"
 
 
+def _is_workflow_error(exc: BaseException) -> bool:
+    return type(exc).__name__ == "WorkflowError" and type(exc).__module__ == "catzilla_tasks.workflows"
+
+
 def _parse_result(broker: RedisBroker, raw: bytes) -> tuple[TaskStatus, Any]:
     rec = broker.serializer.loads(raw)
     code = rec[0]
@@ -576,11 +593,16 @@ class RemoteResult:
 
     done = is_ready
 
-    def _outcome(self) -> Any:
+    def _outcome(self, run: dict | None = None) -> Any:
         status, value = self._final  # type: ignore[misc]
         if status is TaskStatus.SUCCEEDED:
             return value
-        raise decode_error(value)
+        exc = decode_error(value)
+        if _is_workflow_error(exc):
+            if run is None:
+                run = self._broker.redis.hgetall(self._broker.workflow_key(self.task_id))
+            exc.results = self._broker._step_values(run)  # type: ignore[attr-defined]
+        raise exc
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the task finished; return its value or raise its exception (TimeoutError
@@ -617,7 +639,10 @@ class RemoteResult:
             self._check_results()
             key = self._broker.result_key(self.task_id)
             self._take(await self._broker._aclient().blmove(key, key, 0, "LEFT", "LEFT"))
-        return self._outcome()
+        run = None
+        if self._final[0] is not TaskStatus.SUCCEEDED and _is_workflow_error(decode_error(self._final[1])):
+            run = await self._broker._aclient().hgetall(self._broker.workflow_key(self.task_id))
+        return self._outcome(run)
 
     def __await__(self) -> Any:
         return self._await().__await__()
