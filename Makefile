@@ -30,7 +30,7 @@ test-quick: build
 	$(VPY) -m pytest -q -m 'not stress and not slow'
 
 bench: build
-	$(VPY) -m pip install -q '.[bench]' >/dev/null 2>&1 || $(VPY) -m pip install -q 'catzilla==0.2.3' psutil
+	$(VPY) -m pip install -q -e '.[bench]' >/dev/null 2>&1 || $(VPY) -m pip install -q 'catzilla==0.2.3' psutil
 	$(VPY) benchmarks/run.py
 
 # The Python test suite against an AddressSanitizer + UBSan build of the extension.

@@ -41,9 +41,10 @@ class Cluster:
         self.engines.append(eng)
         return eng
 
-    def worker(self, concurrency: int = 32, engine: BackgroundTasks | None = None, **broker_kw) -> Worker:
+    def worker(self, concurrency: int = 32, engine: BackgroundTasks | None = None, consumer: str | None = None,
+               **broker_kw) -> Worker:
         eng = engine or self.engine(**broker_kw)
-        w = Worker(eng, concurrency=concurrency)
+        w = Worker(eng, concurrency=concurrency, consumer=consumer)
         t = threading.Thread(target=w.run, daemon=True)
         t.start()
         assert w.ready.wait(10)
@@ -214,6 +215,26 @@ def test_serializers_json_and_pickle_opt_in(cluster):
     cluster.stop_workers()
     cluster.worker(serializer="msgpack", allow_pickle=True)
     assert pp.add_task(rt.echo, {1, 2}).wait(10) == [[{1, 2}], {}]
+
+
+def test_entries_delivered_to_a_worker_that_never_saw_them_run_without_waiting_for_the_timeout(cluster):
+    """Redis handed entries to this consumer but the reply was lost (the server died between
+    delivering and answering, or an earlier process of the same consumer name died): the
+    worker finds them in its own pending list, at start and after a dropped connection,
+    instead of leaving them to the visibility timeout (here 10 minutes)."""
+    from catzilla_tasks.brokers.redis import GROUP
+
+    p = cluster.engine(visibility_timeout=600)
+    b = p.broker
+    log = f"{cluster.prefix}:lost"
+    rs = [p.add_task(rt.record, log, i) for i in range(5)]
+    b.redis.xgroup_create(b.streams[2], GROUP, id="0", mkstream=True)
+    got = b.redis.xreadgroup(GROUP, "w-lost", {b.streams[2]: ">"}, count=10)  # delivered, never seen
+    assert len(got[0][1]) == 5
+    w = cluster.worker(consumer="w-lost", visibility_timeout=600)
+    assert [r.wait(10) for r in rs] == list(range(5))
+    assert w.counts["recovered"] == 5 and w.counts["reclaimed"] == 0
+    assert sorted(int(x) for x in cluster.r.lrange(log, 0, -1)) == list(range(5))  # each once
 
 
 def test_idempotency_key_makes_a_finished_task_a_no_op(cluster):

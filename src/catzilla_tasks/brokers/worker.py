@@ -133,6 +133,10 @@ class Worker:
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
+        # entries delivered to this consumer that it never saw (a reply lost when the connection
+        # dropped; or an earlier process under the same consumer name): looked for at start and
+        # after every dropped connection
+        self._lost_replies = True
         self._done: deque[_Job] = deque()
         self._done_event = threading.Event()
         self._stop = threading.Event()
@@ -141,7 +145,8 @@ class Worker:
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
         self._registry = getattr(tasks, "_registered", {})
         self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
-                       "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0}
+                       "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0,
+                       "recovered": 0}
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
@@ -228,6 +233,10 @@ class Worker:
                     self._promote_due()
                 if free <= 0:
                     continue
+                if self._lost_replies:
+                    taken = self._recover_own(free)
+                    if taken:
+                        continue
                 entries = self._fetch(keys=list(self.broker.streams), args=[GROUP, self.consumer, free])
                 if entries:
                     self._dispatch([(int(entries[i]), entries[i + 1], entries[i + 2]) for i in range(0, len(entries), 3)])
@@ -240,6 +249,8 @@ class Worker:
                 if got:
                     self._dispatch(self._flatten(got))
             except errors as exc:
+                # a fetch whose reply was lost still gave us its entries: look for them
+                self._lost_replies = True
                 log.warning("redis unavailable (%s); retrying", exc)
                 time.sleep(0.2)  # back-off before reconnecting, not synchronisation
             except redis.ResponseError as exc:
@@ -267,6 +278,35 @@ class Worker:
             self._next_due_local = time.monotonic() + max(0.0, (float(nxt) - int(now)) / 1000)
         else:
             self._next_due_local = time.monotonic() + self.block_ms / 1000
+
+    def _recover_own(self, free: int) -> int:
+        """After a dropped connection: entries Redis handed to this consumer whose reply never
+        arrived (the server died between delivering and answering) sit in our pending list,
+        where only the visibility timeout would free them. Read that list (XREADGROUP from id
+        0) and run what we do not hold, at most ``free``. Entries held at the snapshot are
+        skipped; one finished meanwhile was acknowledged before it left ``_owned``, so it is
+        no longer pending. Returns how many were taken; the flag stays up until none are left."""
+        with self._cv:
+            held = set(self._owned)
+        found: list[tuple[int, bytes, Any]] = []
+        for prio, s in enumerate(self.broker.streams):
+            last = "0"
+            while len(found) < free:
+                got = self._r.xreadgroup(GROUP, self.consumer, {s: last}, count=max(100, free))
+                entries = got[0][1] if got else []
+                if not entries:
+                    break
+                for eid, fields in entries:
+                    if eid not in held and fields is not None and len(found) < free:
+                        found.append((prio, eid, fields))
+                last = entries[-1][0]
+        if len(found) < free:
+            self._lost_replies = False  # (more: the next round takes them)
+        if found:
+            self.counts["recovered"] += len(found)
+            log.warning("%d tasks delivered to this worker while the connection dropped are run now", len(found))
+            self._dispatch(found)
+        return len(found)
 
     def _reclaim(self, free: int) -> int:
         """Take over tasks of workers that stopped acknowledging (idle past the visibility
