@@ -820,6 +820,57 @@ def test_workflow_steps_are_queued_without_python_add_task(make_tasks, monkeypat
     assert wf.execute().wait(T) == {"c-release_0": 2, "c-release_1": 5, "c-release_2": 10}
 
 
+def test_a_cycle_through_a_finished_steps_task_is_collected(make_tasks):
+    """A gate keeps its task (not a TaskResult) once queued; when the task is over and the
+    engine has let go of it, the cycle collector must see through the gate into the task's
+    function and value, or a cycle through them would never be freed."""
+    import gc
+    import weakref
+
+    class Marker:
+        pass
+
+    def run_once(fail: bool) -> weakref.ref:
+        tasks = make_tasks(workers=2)
+        holder: list = []
+        marker = Marker()
+
+        def step_fn():  # closes over holder, which will hold the gates: gate -> task -> fn -> gate
+            if fail:
+                raise ValueError(marker)  # the task's value (the exception) holds the marker too
+            return marker
+
+        done = threading.Event()
+        seen: list = []
+
+        def on_fail(gate, exc):
+            seen.append(exc)
+            done.set()
+
+        def finish():
+            done.set()
+
+        holder.extend(tasks._gates((step_fn, finish), ((), ()), (None, None), (0, 1), ((1,), ()), (None, None),
+                                   on_fail))
+        assert holder[0]._fire()
+        assert done.wait(T)
+        if fail:
+            assert len(seen) == 1 and seen[0] is None  # None: read gate.result
+            with pytest.raises(ValueError):
+                holder[0].result.wait(T)
+        else:
+            assert holder[0].value is marker
+            assert holder[1].result.wait(T) is None
+        seen.clear()
+        tasks.shutdown()  # every worker has let go of its tasks: the gates own them
+        return weakref.ref(marker)
+
+    for fail in (False, True):
+        ref = run_once(fail)
+        gc.collect()
+        assert ref() is None, f"a cycle through a finished step's task was never freed (failing step: {fail})"
+
+
 def test_finished_workflows_leave_no_gates_behind(tasks):
     import gc
 
