@@ -79,6 +79,17 @@ def test_diamond_passes_results_along(tasks):
     assert r.status is TaskStatus.SUCCEEDED
 
 
+def test_a_step_taking_many_results_mixed_with_plain_values(tasks):
+    wf = TaskChain("wide", tasks=tasks)
+    parts = [wf.step(const, i) for i in range(12)]
+    # results in positions 0..11 and keywords, plain values around them, a results_of() list
+    args = [p if i % 2 else i * 100 for i, p in enumerate(parts)] + parts[::2]
+    last = wf.step(lambda *a, **k: (a, k), *args, extra=results_of(*parts[:3]), k=parts[11], plain="x")
+    out = wf.execute().wait(T)[last.id]
+    assert out == (tuple(i if i % 2 else i * 100 for i in range(12)) + tuple(range(0, 12, 2)),
+                   {"extra": [0, 1, 2], "k": 11, "plain": "x"})
+
+
 def test_seed_style_add_task_with_depends_on_and_result_of(tasks):
     order = []
     lock = threading.Lock()

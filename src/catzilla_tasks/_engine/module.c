@@ -2356,14 +2356,24 @@ static PyObject *gate_value(PyObject *g) {
 /* Queue the gate's task. 1 queued, 0 no room (QueueFull set), -1 another error (set). */
 static int gate_enqueue(GateObject *g) {
     PyObject *values = g->values;
-    PyObject *filled = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(values);
+    PyObject *const *vals = &PyTuple_GET_ITEM(values, 0);
+    /* With results to take, the call's values are assembled in a plain array (borrowed from
+     * the values and the dependencies' tasks; a list per results_of() is ours): the engine
+     * copies them into the task's own tuple, so no tuple is built twice. */
+    PyObject *small[8], **filled = NULL;
+    unsigned char owned_small[8], *owned = NULL;
+    int rc = -1;
     if (g->fills) {
-        Py_ssize_t n = PyTuple_GET_SIZE(values);
-        filled = PyTuple_New(n);
-        if (!filled) return -1;
+        filled = n <= 8 ? small : PyMem_Malloc((size_t)n * (sizeof(PyObject *) + 1));
+        if (!filled) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        owned = n <= 8 ? owned_small : (unsigned char *)(filled + n);
         for (Py_ssize_t i = 0; i < n; i++) {
-            Py_INCREF(PyTuple_GET_ITEM(values, i));
-            PyTuple_SET_ITEM(filled, i, PyTuple_GET_ITEM(values, i));
+            filled[i] = PyTuple_GET_ITEM(values, i);
+            owned[i] = 0;
         }
         for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(g->fills); k++) {
             PyObject *f = PyTuple_GET_ITEM(g->fills, k);
@@ -2372,44 +2382,54 @@ static int gate_enqueue(GateObject *g) {
             if (Py_IS_TYPE(src, &Gate_Type)) {
                 v = gate_value(src);
                 if (!v) goto not_ready;
-                Py_INCREF(v);
+                if (owned[at]) Py_DECREF(filled[at]);
+                filled[at] = v;
+                owned[at] = 0;
             } else {
                 Py_ssize_t m = PyTuple_GET_SIZE(src);
                 v = PyList_New(m);
-                if (!v) goto fail;
+                if (!v) goto done;
                 for (Py_ssize_t i = 0; i < m; i++) {
                     PyObject *x = gate_value(PyTuple_GET_ITEM(src, i));
                     if (!x) {
                         Py_DECREF(v);
                         goto not_ready;
                     }
-                    Py_INCREF(x);
-                    PyList_SET_ITEM(v, i, x);
+                    PyList_SET_ITEM(v, i, Py_NewRef(x));
                 }
+                if (owned[at]) Py_DECREF(filled[at]);
+                filled[at] = v;
+                owned[at] = 1;
             }
-            Py_SETREF(PyTuple_GET_ITEM(filled, at), v);
         }
-        values = filled;
+        vals = filled;
     }
     {
         ConfigObject *cfg = lookup_config(g->func);
-        PyObject *r = enqueue(g->engine, g->func, &PyTuple_GET_ITEM(values, 0), PyTuple_GET_SIZE(values),
-                              g->kwnames, cfg ? cfg->priority : 2, cfg, 0, cfg ? cfg->native : NULL);
-        Py_XDECREF(filled);
-        if (!r) return PyErr_ExceptionMatches(QueueFullError) ? 0 : -1;
+        PyObject *r = enqueue(g->engine, g->func, vals, n, g->kwnames, cfg ? cfg->priority : 2, cfg, 0,
+                              cfg ? cfg->native : NULL);
+        if (!r) {
+            rc = PyErr_ExceptionMatches(QueueFullError) ? 0 : -1;
+            goto done;
+        }
         /* keep the task, not its handle: one object fewer per step for the cycle collector
          * to count (a handle is made again when Python asks for gate.result) */
         g->task = ((ResultObject *)r)->t;
         ct_task_incref(g->task);
         Py_DECREF(r);
         g->state = 1;
-        return 1;
+        rc = 1;
+        goto done;
     }
 not_ready:
     PyErr_SetString(PyExc_RuntimeError, "a workflow step was released before the results it takes");
-fail:
-    Py_XDECREF(filled);
-    return -1;
+done:
+    if (filled) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (owned[i]) Py_DECREF(filled[i]);
+        if (filled != small) PyMem_Free(filled);
+    }
+    return rc;
 }
 
 /* Tell Python that the gate failed (exc NULL: its task ended unsuccessfully). */
