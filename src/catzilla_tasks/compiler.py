@@ -870,10 +870,10 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
     name = func.__qualname__
     params = func.__code__.co_varnames[: native.nparams]
     if len(columns) != native.nparams:
-        shape = "a 1-D buffer" if columns[0][1] < 0 else f"a 2-D buffer of {len(columns)} columns"
+        shape = "a 1-D buffer gives" if columns[0][1] < 0 else f"a 2-D buffer of {len(columns)} columns gives"
         if len(columns) > 1 and columns[0][1] < 0:
-            shape = f"{len(columns)} 1-D buffers"
-        raise TypeError(f"tasks.map({name}): {name} takes {native.nparams} arguments, {shape} gives "
+            shape = f"{len(columns)} 1-D buffers give"
+        raise TypeError(f"tasks.map({name}): {name} takes {native.nparams} arguments, {shape} "
                         f"{len(columns)} per item: pass a 2-D buffer of shape (n, {native.nparams}) (one row of "
                         f"arguments per item) or one 1-D buffer per argument, tasks.map({name}, "
                         f"{', '.join(params) or '...'})")
