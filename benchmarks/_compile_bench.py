@@ -85,7 +85,7 @@ def _check(func, items, results) -> None:
         raise AssertionError("result count")
 
 
-REPS = 3  # timed rounds per ours_native run (median of each)
+REPS = 5  # timed rounds per ours_native run (median of each)
 
 
 def _ours(figure: str, n: int, native: bool) -> dict:
