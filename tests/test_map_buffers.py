@@ -178,6 +178,13 @@ def test_numpy_arrays_if_installed(tasks):
     res = np.empty(n, np.bool_)
     tasks.map(is_odd, a, out=res)
     assert (res == (a % 2 == 1)).all()
+    with pytest.raises(TypeError, match=r"'f' \(float32, 4 bytes\).*compiled for int64"):
+        tasks.map(add, a.astype(np.float32), b)
+    # formats memoryview cannot read still work for Python tasks (iterated as the array)
+    objs = np.array([1, "x", 2.5], dtype=object)
+    assert tasks.map(lambda v: repr(v), objs) == ["1", "'x'", "2.5"]
+    assert tasks.map(lambda v: float(v) * 2, np.arange(3, dtype=np.float16)) == [0.0, 2.0, 4.0]
+    assert tasks.map(lambda x, y: x + y, np.arange(4, dtype=np.float16).reshape(2, 2)) == [1.0, 5.0]
 
 
 # ---- errors before anything runs --------------------------------------------------------

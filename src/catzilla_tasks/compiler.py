@@ -681,7 +681,7 @@ class MapInput:
                 raise ValueError(f"tasks.map(): the argument columns differ in length ({', '.join(str(len(mv)) for mv in views)})")  # type: ignore[arg-type]
             self.columns = [(c, -1, mv) for c, mv in zip(cols, views)]  # type: ignore[misc]
             return
-        lists = [mv.tolist() if mv is not None else (c if isinstance(c, (list, tuple)) else list(c))
+        lists = [_tolist(c, mv) if mv is not None else (c if isinstance(c, (list, tuple)) else list(c))
                  for c, mv in zip(cols, views)]
         if len({len(x) for x in lists}) > 1:
             raise ValueError(f"tasks.map(): the argument columns differ in length ({', '.join(str(len(x)) for x in lists)})")
@@ -696,13 +696,12 @@ class MapInput:
         """The items as Python objects (tuples of arguments, or single values)."""
         if self.items is None:
             cols = self.columns or []
-            mv = cols[0][2]
             if len(cols) == 1 and cols[0][1] < 0:
-                self.items = mv.tolist()
+                self.items = _tolist(cols[0][0], cols[0][2])
             elif cols[0][1] >= 0:
-                self.items = [tuple(row) for row in mv.tolist()]
+                self.items = [tuple(row) for row in _tolist(cols[0][0], cols[0][2])]
             else:
-                self.items = list(zip(*(c[2].tolist() for c in cols)))
+                self.items = list(zip(*(_tolist(obj, mv) for obj, _, mv in cols)))
         return self.items
 
     def item(self, i: int) -> Any:
@@ -724,6 +723,15 @@ class MapInput:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _tolist(obj: Any, mv: memoryview) -> list:
+    """A buffer's items as Python objects; formats memoryview cannot read (numpy object,
+    float16, complex or structured arrays) are iterated as the object itself."""
+    try:
+        return mv.tolist()
+    except NotImplementedError:
+        return list(obj)
 
 
 def check_out(out: Any, n: int, return_exceptions: bool) -> None:
