@@ -178,6 +178,8 @@ def test_numpy_arrays_if_installed(tasks):
     res = np.empty(n, np.bool_)
     tasks.map(is_odd, a, out=res)
     assert (res == (a % 2 == 1)).all()
+    with pytest.raises(TypeError, match=r"shape \(3, 0\)"):
+        tasks.map(add, np.empty((3, 0), np.int64))
     with pytest.raises(TypeError, match=r"'f' \(float32, 4 bytes\).*compiled for int64"):
         tasks.map(add, a.astype(np.float32), b)
     # formats memoryview cannot read still work for Python tasks (iterated as the array)

@@ -663,11 +663,11 @@ class MapInput:
                 self.items = first if isinstance(first, (list, tuple)) else list(first)
             elif mv.ndim == 1:
                 self.columns = [(first, -1, mv)]
-            elif mv.ndim == 2:
+            elif mv.ndim == 2 and mv.shape[1]:  # type: ignore[index]
                 self.columns = [(first, j, mv) for j in range(mv.shape[1])]  # type: ignore[index]
             else:
                 raise TypeError(f"tasks.map(): a buffer of arguments must be 1-D (one value per item) or 2-D "
-                                f"(one row of arguments per item), got {mv.ndim} dimensions")
+                                f"(one row of arguments per item), got {mv.ndim} dimensions, shape {mv.shape}")
             return
         cols = (first, *more)
         views = [self._view(c) for c in cols]
