@@ -8,21 +8,34 @@ same process:
                                     loop LLVM cannot fold away)
 
 Contenders:
-  ours_native   ``tasks.map(f, items)`` with f compiled (``@task``, numba): native code on the
-                engine's C workers, no GIL, several items per engine node (the node size is
-                reported as items_per_node)
+  ours_native   f compiled (``@task``, numba): native code on the engine's C workers, no GIL,
+                several items per engine node (the node size is reported as items_per_node).
+                Two input paths, both timed in every run:
+                  buffers  ``tasks.map(f, a, b, out="array")`` with a, b ``array.array('q')``
+                           columns: the workers read the columns and write the results in
+                           place, no Python object per item (what a user chasing speed does);
+                           the main figures (tasks_per_s_w1/_w2, scaling_w2_over_w1)
+                  lists    ``tasks.map(f, items)`` with items a list of (a, b) tuples and the
+                           results a list: the caller converts each tuple and boxes each result
+                           (list_tasks_per_s_w1/_w2, list_scaling_w2_over_w1)
+                A 1-worker and a 2-worker engine live side by side (idle workers sleep) and the
+                four batches (buffers w1, w2, lists w1, w2) are timed in turn, REPS times; each
+                figure is the median of its REPS, so the w2/w1 ratios come from batches run
+                seconds apart. raw_*: the same compiled code on 1 vs 2 plain threads, no engine.
   ours_python   the same function with ``compile_to_c=False``: ``tasks.map`` queues one Python
                 task per item (in one call)
   threadpool    ``ThreadPoolExecutor(w).map(f, *columns)`` on the plain Python function
 
-Timed: from the call with the argument tuples already built until every result is in a list
-(results checked against the Python function). Each measurement: one warm-up batch, then one
-timed batch per worker count. Python tasks and the thread pool get a tenth of N (they are 10x
-to 1000x slower). ours_native on the add figure also times N/10 single ``add_task`` calls of
-the compiled function (each its own native task with a TaskResult) and their results.
+Timed: from the call with the inputs already built (argument tuples or columns) until every
+result is in a list or array (results checked against the Python function). Python tasks and
+the thread pool get a tenth of N (they are 10x to 1000x slower), one warm-up batch, then one
+timed batch per worker count. ours_native on the add figure also times N/10 single
+``add_task`` calls of the compiled function (each its own native task with a TaskResult).
 
 Called by run.py (figures compile_add, compile_loop) through _contenders.py; also runs alone:
-``python benchmarks/_compile_bench.py CONTENDER FIGURE N``.
+``python benchmarks/_compile_bench.py CONTENDER FIGURE N`` (one JSON line), or
+``python benchmarks/_compile_bench.py --runs 5`` (ours_native on both figures, each run in a
+fresh process; prints every run and the medians; --help for the options).
 """
 
 from __future__ import annotations
@@ -72,6 +85,9 @@ def _check(func, items, results) -> None:
         raise AssertionError("result count")
 
 
+REPS = 5  # timed rounds per ours_native run (median of each)
+
+
 def _ours(figure: str, n: int, native: bool) -> dict:
     from catzilla_tasks import compiler, task
 
@@ -79,14 +95,11 @@ def _ours(figure: str, n: int, native: bool) -> dict:
     t0 = perf()
     f = task(compile_to_c="require" if native else False)(plain)  # returns plain itself, configured
     decorate_s = perf() - t0  # native: compiled now (annotated), or loaded from the disk cache
-    n = n if native else max(1000, n // 10)
+    if native:
+        return _ours_native(figure, n, f, plain, decorate_s)
+    n = max(1000, n // 10)
     items = _items(n)
     out: dict = {"n": n}
-    if native:
-        spec = compiler.native_of(f).spec_for((int, int))
-        out["compile_or_load_s"] = decorate_s
-        out["from_disk_cache"] = int(spec.cache_hit)
-        out.update(_raw_threads(spec.address, items))
     for w in (1, 2):
         with _engine(w, n // 10) as tasks:
             tasks.map(f, items[: max(1000, n // 20)])  # warm-up
@@ -95,20 +108,63 @@ def _ours(figure: str, n: int, native: bool) -> dict:
             dt = perf() - t0
             _check(plain, items, res)
             out[f"tasks_per_s_w{w}"] = n / dt
-            if native:
-                out["items_per_node"] = compiler._auto_chunk(n, w)
-            if native and w == 2 and figure == "compile_add":
-                k = max(1000, n // 10)
-                t0 = perf()
-                hs = [tasks.add_task(f, a, b) for a, b in items[:k]]
-                vals = [h.wait(60) for h in hs]
-                dt = perf() - t0
-                _check(plain, items[:k], vals)
-                if not hs[0].get_stats()["native"]:
-                    raise AssertionError("add_task did not run natively")
-                out["add_task_per_s_w2"] = k / dt
     out["tasks_per_s"] = out["tasks_per_s_w2"]
     out["scaling_w2_over_w1"] = out["tasks_per_s_w2"] / out["tasks_per_s_w1"]
+    return out
+
+
+def _ours_native(figure: str, n: int, f, plain, decorate_s: float) -> dict:
+    import array
+    import statistics
+
+    from catzilla_tasks import compiler
+
+    items = _items(n)
+    col_a = array.array("q", [a for a, _ in items])
+    col_b = array.array("q", [b for _, b in items])
+    spec = compiler.native_of(f).spec_for((int, int))
+    out: dict = {"n": n, "compile_or_load_s": decorate_s, "from_disk_cache": int(spec.cache_hit), "reps": REPS}
+    out.update(_raw_threads(spec.address, items))
+    engines = {w: _engine(w, n // 10) for w in (1, 2)}
+    try:
+        warm = max(1000, n // 20)
+        for tasks in engines.values():
+            tasks.map(f, items[:warm])
+            tasks.map(f, col_a[:warm], col_b[:warm], out="array")
+        times: dict = {(path, w): [] for path in ("buf", "list") for w in (1, 2)}
+        for _ in range(REPS):
+            for path in ("buf", "list"):
+                for w, tasks in engines.items():
+                    t0 = perf()
+                    res = tasks.map(f, col_a, col_b, out="array") if path == "buf" else tasks.map(f, items)
+                    times[(path, w)].append(perf() - t0)
+                    _check(plain, items, res)
+                    del res
+        for (path, w), ts in times.items():
+            pre = "" if path == "buf" else "list_"
+            out[f"{pre}tasks_per_s_w{w}"] = n / statistics.median(ts)
+            out[f"{pre}per_rep_w{w}"] = [round(n / t) for t in ts]
+        for w in (1, 2):
+            out["items_per_node_w%d" % w] = compiler._auto_chunk(n, w)
+        out["items_per_node"] = compiler._auto_chunk(n, 2)
+        if figure == "compile_add":
+            tasks = engines[2]
+            k = max(1000, n // 10)
+            t0 = perf()
+            hs = [tasks.add_task(f, a, b) for a, b in items[:k]]
+            vals = [h.wait(60) for h in hs]
+            dt = perf() - t0
+            _check(plain, items[:k], vals)
+            if not hs[0].get_stats()["native"]:
+                raise AssertionError("add_task did not run natively")
+            out["add_task_per_s_w2"] = k / dt
+    finally:
+        for tasks in engines.values():
+            tasks.shutdown()
+    out["tasks_per_s"] = out["tasks_per_s_w2"]
+    out["scaling_w2_over_w1"] = out["tasks_per_s_w2"] / out["tasks_per_s_w1"]
+    out["list_scaling_w2_over_w1"] = out["list_tasks_per_s_w2"] / out["list_tasks_per_s_w1"]
+    out["buf_over_list_w2"] = out["tasks_per_s_w2"] / out["list_tasks_per_s_w2"]
     return out
 
 
@@ -187,8 +243,56 @@ MEASUREMENTS = {
 }
 
 
+def _summary(argv: list[str]) -> None:
+    import argparse
+    import statistics
+    import subprocess
+
+    ap = argparse.ArgumentParser(description="ours_native on the compile figures, each run in a fresh process: "
+                                 "buffers vs lists through tasks.map, 1 vs 2 workers, medians of --runs "
+                                 "(run alone; one JSON line per measurement with CONTENDER FIGURE N)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--figures", default="compile_add,compile_loop")
+    ap.add_argument("--n-add", type=int, default=1_000_000)
+    ap.add_argument("--n-loop", type=int, default=200_000)
+    ap.add_argument("--json", help="also write every run's figures to this file")
+    args = ap.parse_args(argv)
+    sizes = {"compile_add": args.n_add, "compile_loop": args.n_loop}
+    figures = [f for f in args.figures.split(",") if f]
+    runs: dict = {f: [] for f in figures}
+    for r in range(args.runs):
+        for fig in figures:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "ours_native", fig, str(sizes[fig])],
+                               capture_output=True, text=True, check=True)
+            m = json.loads(p.stdout.strip().splitlines()[-1])
+            runs[fig].append(m)
+            print(f"run {r + 1} {fig}: buffers {m['tasks_per_s_w1']:,.0f} / {m['tasks_per_s_w2']:,.0f} /s "
+                  f"({m['scaling_w2_over_w1']:.2f}x), lists {m['list_tasks_per_s_w1']:,.0f} / "
+                  f"{m['list_tasks_per_s_w2']:,.0f} /s ({m['list_scaling_w2_over_w1']:.2f}x), plain threads "
+                  f"{m['raw_scaling_t2_over_t1']:.2f}x", flush=True)
+    med = lambda fig, k: statistics.median(m[k] for m in runs[fig])  # noqa: E731
+    print(f"\nmedians of {args.runs} runs (each run: median of {REPS} rounds per path and worker count)")
+    print(f"{'figure':<13} {'path':<8} {'N':>9} {'tasks/s w=1':>14} {'tasks/s w=2':>14} {'w2/w1':>7} {'per run w2/w1'}")
+    for fig in figures:
+        for path, pre in (("buffers", ""), ("lists", "list_")):
+            per = ", ".join(f"{m[pre + 'scaling_w2_over_w1']:.2f}" for m in runs[fig])
+            print(f"{fig:<13} {path:<8} {sizes[fig]:>9,} {med(fig, pre + 'tasks_per_s_w1'):>14,.0f} "
+                  f"{med(fig, pre + 'tasks_per_s_w2'):>14,.0f} {med(fig, pre + 'scaling_w2_over_w1'):>6.2f}x  {per}")
+        per = ", ".join(f"{m['raw_scaling_t2_over_t1']:.2f}" for m in runs[fig])
+        print(f"{fig:<13} {'threads':<8} {sizes[fig]:>9,} {med(fig, 'raw_per_s_t1'):>14,.0f} "
+              f"{med(fig, 'raw_per_s_t2'):>14,.0f} {med(fig, 'raw_scaling_t2_over_t1'):>6.2f}x  {per}  (plain threads, no engine)")
+    if "compile_add" in runs:
+        print(f"compiled add through single add_task calls (w=2): {med('compile_add', 'add_task_per_s_w2'):,.0f}/s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(runs, fh, indent=1)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or (sys.argv[1], sys.argv[2]) not in MEASUREMENTS:
+    if len(sys.argv) == 4 and (sys.argv[1], sys.argv[2]) in MEASUREMENTS:
+        print(json.dumps(MEASUREMENTS[(sys.argv[1], sys.argv[2])](int(sys.argv[3]), 0)))
+    elif len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
         sys.stderr.write(__doc__)
         sys.exit(2)
-    print(json.dumps(MEASUREMENTS[(sys.argv[1], sys.argv[2])](int(sys.argv[3]), 0)))
+    else:
+        _summary(sys.argv[1:])

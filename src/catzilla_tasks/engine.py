@@ -536,13 +536,22 @@ class BackgroundTasks(_engine.Engine):
         func: Callable[..., Any],
         iterable_of_args: Any,
         /,
-        *,
+        *more_iterables: Any,
         chunk_size: int | None = None,
         return_exceptions: bool = False,
-    ) -> list[Any]:
+        out: Any = None,
+    ) -> Any:
         """Run ``func(*args)`` for every ``args`` of ``iterable_of_args`` (a tuple of positional
         arguments, or a single value for a one-parameter function) as tasks submitted in one call;
         the results in order.
+
+        ``tasks.map(func, col0, col1, ...)``: one iterable per parameter, as the built-in ``map``
+        (of equal lengths). Any argument may be an object with the buffer protocol
+        (``array.array``, a numpy array, a memoryview): 1-D, one value per item, or, as the only
+        iterable, 2-D of shape (n, nargs), one row of arguments per item. A compiled task reads
+        int64, float64 or bool buffers in place, on its workers, with no Python object per item;
+        their formats must match its signature exactly (TypeError otherwise, before anything
+        runs). Python tasks get the items as Python numbers.
 
         A compiled task (``@task``, ``compile_to_c``) runs as native code on the workers with no
         GIL, ``chunk_size`` items per engine node (default: at least 8 nodes per worker, at most
@@ -550,25 +559,33 @@ class BackgroundTasks(_engine.Engine):
         as Python); other functions run one Python task per item. A failed item raises
         its exception (with a note naming the item) after the batch ran, or, with
         ``return_exceptions=True``, takes its place in the list.
+
+        ``out``: None (a list of results), ``"array"`` (an ``array.array`` of the result type:
+        'q' int64, 'd' float64, 'B' for bool results) or a writable, contiguous 1-D buffer of n
+        items of the result type, filled and returned; the workers of a compiled task write the
+        results there directly. ``out`` cannot be combined with ``return_exceptions``.
         """
         if not callable(func):
             raise TypeError(f"map() needs a callable as its first argument, got {type(func).__name__} {func!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
-        items = iterable_of_args if isinstance(iterable_of_args, (list, tuple)) else list(iterable_of_args)
-        cfg = getattr(func, CONFIG_ATTR, None)
         compiler = _compiler()
-        native = compiler.native_of(func)
-        plain = cfg is not None and not cfg.max_retries and not cfg.timeout_ms and not any(cfg._hooks)
-        if native is not None and plain and getattr(cfg, "_native", None) is native:
-            out = compiler.map_native(self, native, items, chunk_size, int(cfg.priority), return_exceptions)
-            if out is not None:
-                return out
-        if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
-            handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
-        else:
-            handles = self._submit_batch(func, items, None)
-        return compiler.collect(handles, items, func, return_exceptions)
+        with compiler.MapInput(iterable_of_args, more_iterables) as inp:
+            compiler.check_out(out, len(inp), return_exceptions)
+            cfg = getattr(func, CONFIG_ATTR, None)
+            native = compiler.native_of(func)
+            plain = cfg is not None and not cfg.max_retries and not cfg.timeout_ms and not any(cfg._hooks)
+            if native is not None and plain and getattr(cfg, "_native", None) is native:
+                res = compiler.map_native(self, native, inp, chunk_size, int(cfg.priority), return_exceptions, out=out)
+                if res is not None:
+                    return res
+            items = inp.as_items()
+            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
+                handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
+            else:
+                handles = self._submit_batch(func, items, None)
+            results = compiler.collect(handles, items, func, return_exceptions)
+        return results if out is None else compiler.python_out(results, out)
 
     def _live_workers(self) -> int:
         """Worker threads running now."""

@@ -1730,7 +1730,10 @@ typedef struct {
     native_tramp fn;
     int ncols;
     char codes[NATIVE_MAXARGS];
-    void *cols[NATIVE_MAXARGS];
+    void *cols[NATIVE_MAXARGS];       /* contiguous columns the trampoline reads (item i at [i]) */
+    const char *src[NATIVE_MAXARGS];  /* a strided buffer column gathered into cols[k] by the
+                                         worker before the call, or NULL */
+    Py_ssize_t stride[NATIVE_MAXARGS];
     void *out;
     uint8_t *status;
     _Atomic int64_t failed;
@@ -1741,10 +1744,23 @@ typedef struct {
     int64_t start, stop;
 } native_chunk;
 
-/* One engine node of a native batch: a range of items, run on a worker with no GIL. */
+/* One engine node of a native batch: a range of items, run on a worker with no GIL. Strided
+ * buffer columns are first copied into the job's contiguous columns (this range only). */
 static void native_chunk_run(void *p) {
     native_chunk *c = p;
     native_job *j = c->job;
+    for (int k = 0; k < j->ncols; k++) {
+        const char *s = j->src[k];
+        if (!s) continue;
+        Py_ssize_t st = j->stride[k];
+        if (j->codes[k] == 'b') {
+            uint8_t *d = j->cols[k];
+            for (int64_t i = c->start; i < c->stop; i++) d[i] = *(const uint8_t *)(s + i * st);
+        } else {
+            uint64_t *d = j->cols[k];
+            for (int64_t i = c->start; i < c->stop; i++) memcpy(&d[i], s + i * st, 8);
+        }
+    }
     int64_t nf = native_call(j->fn, j->cols, j->out, j->status, c->start, c->stop);
     if (nf) atomic_fetch_add_explicit(&j->failed, nf, memory_order_relaxed);
 }
@@ -1788,56 +1804,57 @@ static Py_ssize_t native_pack(native_job *j, PyObject *const *items, Py_ssize_t 
     return -1;
 }
 
-/* _map_native(tramp, typecodes, restype, items: list | tuple, chunk, priority, hold_gil_s=0)
- *   -> (results: list, failed: list of indices, cancelled: list of indices) | index: int
- *
- * Runs every item through the trampoline (see native_block), `chunk` items per engine node.
- * One call from Python does it all, pipelined: the items of a node are converted to flat C
- * columns and the node is queued at once, so the workers (which need no GIL) run the first
- * nodes while this thread converts the rest; then it waits for each node in order with the GIL
- * released and boxes its results into the list. Failed items (the call raised) are left None
- * and listed; items of nodes cancelled before they ran (shutdown) are listed as cancelled.
- * When an item does not match the type codes, returns its index after the nodes already queued
- * have finished: the caller runs the batch as Python tasks.
- * hold_gil_s > 0 (tests only): wait WITHOUT releasing the GIL, for up to that many seconds per
- * node: if native code needed the GIL, that wait times out and RuntimeError says so (where a
- * real waiter that held the GIL would deadlock). */
-static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
-    unsigned long long tramp;
-    const char *codes, *restype;
-    Py_ssize_t ncodes, nres;
-    PyObject *items;
-    long long chunk;
-    int priority = 2;
-    double hold_gil = 0;
-    if (engine_check(self) < 0) return NULL;
-    if (!PyArg_ParseTuple(args, "Ks#s#OL|id:_map_native", &tramp, &codes, &ncodes, &restype, &nres, &items, &chunk,
-                          &priority, &hold_gil))
-        return NULL;
-    if (!tramp || ncodes > NATIVE_MAXARGS || nres != 1 || !strchr("ifb", restype[0]) || chunk < 1 || priority < 0 ||
-        priority >= CT_NPRIO || !(PyList_CheckExact(items) || PyTuple_CheckExact(items))) {
-        PyErr_SetString(PyExc_ValueError, "_map_native(): bad arguments");
-        return NULL;
+/* The type code ('i' int64, 'f' float64, 'b' bool) of a buffer format, or 0. Native byte
+ * order only ('@', '=' or '<' on a little-endian machine); 'q', 'l' and 'n' of 8 bytes are
+ * int64 (numpy's int64 is 'l'); results of type bool may also go to 'B' (uint8 0/1). */
+static char buffer_code(const char *fmt, Py_ssize_t itemsize, int for_out) {
+    if (!fmt) fmt = "B";
+    if (*fmt == '@' || *fmt == '=') fmt++;
+#if PY_LITTLE_ENDIAN
+    else if (*fmt == '<') fmt++;
+#else
+    else if (*fmt == '>' || *fmt == '!') fmt++;
+#endif
+    if (!fmt[0] || fmt[1]) return 0;
+    if (strchr("qln", fmt[0]) && itemsize == 8) return 'i';
+    if (fmt[0] == 'd' && itemsize == 8) return 'f';
+    if ((fmt[0] == '?' || (for_out && fmt[0] == 'B')) && itemsize == 1) return 'b';
+    return 0;
+}
+
+/* Take the result buffer `out` (writable, C-contiguous, 1-D, n items of restype). */
+static int get_out_buffer(PyObject *out, Py_buffer *v, char restype, Py_ssize_t n) {
+    if (PyObject_GetBuffer(out, v, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (v->ndim != 1 || v->shape[0] != n || buffer_code(v->format, v->itemsize, 1) != restype) {
+        PyErr_Format(PyExc_TypeError, "tasks.map(): out= must be a 1-D buffer of %zd items of type %s, got "
+                     "format %s, %d dimensions, %zd items", n,
+                     restype == 'i' ? "int64" : restype == 'f' ? "float64" : "bool", v->format ? v->format : "B",
+                     v->ndim, v->ndim ? v->shape[0] : (Py_ssize_t)1);
+        PyBuffer_Release(v);
+        return -1;
     }
-    for (Py_ssize_t k = 0; k < ncodes; k++)
-        if (!strchr("ifb", codes[k])) {
-            PyErr_SetString(PyExc_ValueError, "_map_native(): unknown type code");
-            return NULL;
-        }
-    Py_INCREF(items);   /* a list may change while we convert it: keep it, read it under the GIL only */
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    return 0;
+}
+
+/* The engine's side of a native map, shared by _map_native (items: a list or tuple converted
+ * here, node by node) and _map_native_buffers (columns read from buffers by the workers).
+ * job->cols / job->out left NULL are allocated here (and freed); with box, the results are
+ * boxed into a list as the nodes finish, else they stay in job->out (the caller's buffer).
+ * Returns (results | None, failed indices, cancelled indices), or the index of the first item
+ * that does not match the type codes (only with items). */
+static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t n, PyObject *items, char restype,
+                                 int64_t chunk, int priority, double hold_gil, int box) {
     PyObject *ret = NULL, *results = NULL, *failed = NULL, *cancelled = NULL;
-    native_job job = {.fn = (native_tramp)(uintptr_t)tramp, .ncols = (int)ncodes};
-    atomic_init(&job.failed, 0);
-    memcpy(job.codes, codes, (size_t)ncodes);
+    int owned[NATIVE_MAXARGS] = {0}, own_out = job->out == NULL;
     int64_t nchunks = n ? (n + chunk - 1) / chunk : 0;
     native_chunk *chunks = PyMem_Malloc((size_t)(nchunks ? nchunks : 1) * sizeof(native_chunk));
     ct_task **nodes = PyMem_Calloc((size_t)(nchunks ? nchunks : 1), sizeof(ct_task *));
     int ok = chunks && nodes;
-    for (Py_ssize_t k = 0; k < ncodes && ok; k++) ok = (job.cols[k] = PyMem_Malloc((size_t)(n ? n : 1) * 8)) != NULL;
-    if (ok) ok = (job.out = PyMem_Malloc((size_t)(n ? n : 1) * 8)) != NULL;
-    if (ok) ok = (job.status = PyMem_Malloc((size_t)(n ? n : 1))) != NULL;
-    results = ok ? PyList_New(n) : NULL;
+    for (int k = 0; k < job->ncols && ok; k++)
+        if (!job->cols[k]) ok = owned[k] = (job->cols[k] = PyMem_Malloc((size_t)(n ? n : 1) * 8)) != NULL;
+    if (ok && own_out) ok = (job->out = PyMem_Malloc((size_t)(n ? n : 1) * 8)) != NULL;
+    if (ok) ok = (job->status = PyMem_Malloc((size_t)(n ? n : 1))) != NULL;
+    results = ok ? (box ? PyList_New(n) : Py_NewRef(Py_None)) : NULL;
     failed = ok ? PyList_New(0) : NULL;
     cancelled = ok ? PyList_New(0) : NULL;
     if (!ok || !results || !failed || !cancelled) {
@@ -1847,24 +1864,24 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
     int64_t submitted = 0;
     int rc = CT_OK;
     Py_ssize_t bad = -1;
-    PyObject *const *its = PySequence_Fast_ITEMS(items);
     for (; submitted < nchunks; submitted++) {
         int64_t start = submitted * chunk, stop = start + chunk < n ? start + chunk : n;
-        /* (the list's length is re-read: a callback of another task may have shrunk it) */
-        if (PySequence_Fast_GET_SIZE(items) != n) {
-            PyErr_SetString(PyExc_RuntimeError, "tasks.map(): the list of arguments changed size during the call");
-            rc = CT_EINVAL;
-            break;
+        if (items) {
+            /* (the list's length is re-read: a callback of another task may have shrunk it) */
+            if (PySequence_Fast_GET_SIZE(items) != n) {
+                PyErr_SetString(PyExc_RuntimeError, "tasks.map(): the list of arguments changed size during the call");
+                rc = CT_EINVAL;
+                break;
+            }
+            bad = native_pack(job, PySequence_Fast_ITEMS(items), start, stop);
+            if (bad >= 0) break;
         }
-        its = PySequence_Fast_ITEMS(items);
-        bad = native_pack(&job, its, start, stop);
-        if (bad >= 0) break;
         ct_task *t = ct_task_new();
         if (!t) {
             rc = CT_ENOMEM;
             break;
         }
-        chunks[submitted] = (native_chunk){&job, start, stop};
+        chunks[submitted] = (native_chunk){job, start, stop};
         t->fn = (void *)native_chunk_run;
         t->arg = &chunks[submitted];
         t->kind = CT_KIND_C;
@@ -1884,7 +1901,8 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
         }
         nodes[submitted] = t;
     }
-    /* Wait for every queued node (they use our buffers), in order, boxing as they finish. */
+    /* Wait for every queued node (they use our buffers and the caller's), in order, boxing as
+     * they finish. */
     int interrupted = 0, gil_needed = 0;
     for (int64_t i = 0; i < submitted; i++) {
         ct_task *t = nodes[i];
@@ -1903,9 +1921,11 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
         }
         if (bad >= 0 || rc != CT_OK) continue;
         int was_cancelled = ct_task_status(t) == CT_CANCELLED;
+        /* without boxing only failures need a look (the count covers every finished node) */
+        if (!box && !was_cancelled && !atomic_load_explicit(&job->failed, memory_order_relaxed)) continue;
         for (int64_t k = chunks[i].start; k < chunks[i].stop; k++) {
             PyObject *v = NULL;
-            if (was_cancelled || job.status[k]) {
+            if (was_cancelled || job->status[k]) {
                 PyObject *idx = PyLong_FromLongLong(k);
                 if (!idx || PyList_Append(was_cancelled ? cancelled : failed, idx) < 0) {
                     Py_XDECREF(idx);
@@ -1913,15 +1933,15 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
                     break;
                 }
                 Py_DECREF(idx);
-                v = Py_NewRef(Py_None);
-            } else {
-                v = native_box(restype[0], (char *)job.out + (restype[0] == 'b' ? k : 8 * k));
+                if (box) v = Py_NewRef(Py_None);
+            } else if (box) {
+                v = native_box(restype, (char *)job->out + (restype == 'b' ? k : 8 * k));
                 if (!v) {
                     rc = CT_ENOMEM;
                     break;
                 }
             }
-            PyList_SET_ITEM(results, k, v);
+            if (box) PyList_SET_ITEM(results, k, v);
         }
     }
     for (int64_t i = 0; i < submitted; i++) ct_task_decref(NULL, nodes[i]);
@@ -1945,12 +1965,161 @@ done:
     Py_XDECREF(results);
     Py_XDECREF(failed);
     Py_XDECREF(cancelled);
-    for (Py_ssize_t k = 0; k < ncodes; k++) PyMem_Free(job.cols[k]);
-    PyMem_Free(job.out);
-    PyMem_Free(job.status);
+    for (int k = 0; k < job->ncols; k++)
+        if (owned[k]) PyMem_Free(job->cols[k]);
+    if (own_out) PyMem_Free(job->out);
+    PyMem_Free(job->status);
     PyMem_Free(chunks);
     PyMem_Free(nodes);
+    return ret;
+}
+
+static int map_native_args(const char *fname, unsigned long long tramp, const char *codes, Py_ssize_t ncodes,
+                           const char *restype, Py_ssize_t nres, long long chunk, int priority) {
+    if (!tramp || ncodes > NATIVE_MAXARGS || nres != 1 || !strchr("ifb", restype[0]) || chunk < 1 || priority < 0 ||
+        priority >= CT_NPRIO) {
+        PyErr_Format(PyExc_ValueError, "%s(): bad arguments", fname);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < ncodes; k++)
+        if (!codes[k] || !strchr("ifb", codes[k])) {
+            PyErr_Format(PyExc_ValueError, "%s(): unknown type code", fname);
+            return -1;
+        }
+    return 0;
+}
+
+/* _map_native(tramp, typecodes, restype, items: list | tuple, chunk, priority, hold_gil_s=0, out=None)
+ *   -> (results: list | None, failed: list of indices, cancelled: list of indices) | index: int
+ *
+ * Runs every item through the trampoline (see native_block), `chunk` items per engine node.
+ * One call from Python does it all, pipelined: the items of a node are converted to flat C
+ * columns and the node is queued at once, so the workers (which need no GIL) run the first
+ * nodes while this thread converts the rest; then it waits for each node in order with the GIL
+ * released and boxes its results into the list (with `out`, a writable buffer of n results,
+ * the workers write there and nothing is boxed: results is None). Failed items (the call
+ * raised) are left None and listed; items of nodes cancelled before they ran (shutdown) are
+ * listed as cancelled.
+ * When an item does not match the type codes, returns its index after the nodes already queued
+ * have finished: the caller runs the batch as Python tasks.
+ * hold_gil_s > 0 (tests only): wait WITHOUT releasing the GIL, for up to that many seconds per
+ * node: if native code needed the GIL, that wait times out and RuntimeError says so (where a
+ * real waiter that held the GIL would deadlock). */
+static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
+    unsigned long long tramp;
+    const char *codes, *restype;
+    Py_ssize_t ncodes, nres;
+    PyObject *items, *out = Py_None;
+    long long chunk;
+    int priority = 2;
+    double hold_gil = 0;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Ks#s#OL|idO:_map_native", &tramp, &codes, &ncodes, &restype, &nres, &items, &chunk,
+                          &priority, &hold_gil, &out))
+        return NULL;
+    if (map_native_args("_map_native", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
+    if (!(PyList_CheckExact(items) || PyTuple_CheckExact(items))) {
+        PyErr_SetString(PyExc_ValueError, "_map_native(): items must be a list or a tuple");
+        return NULL;
+    }
+    Py_INCREF(items);   /* a list may change while we convert it: keep it, read it under the GIL only */
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    native_job job = {.fn = (native_tramp)(uintptr_t)tramp, .ncols = (int)ncodes};
+    atomic_init(&job.failed, 0);
+    memcpy(job.codes, codes, (size_t)ncodes);
+    Py_buffer ov;
+    int have_out = out != Py_None;
+    PyObject *ret = NULL;
+    if (have_out) {
+        if (get_out_buffer(out, &ov, restype[0], n) < 0) goto done;
+        job.out = ov.buf;
+    }
+    ret = map_native_core(self, &job, n, items, restype[0], chunk, priority, hold_gil, !have_out);
+    if (have_out) PyBuffer_Release(&ov);
+done:
     Py_DECREF(items);
+    return ret;
+}
+
+/* _map_native_buffers(tramp, typecodes, restype, columns, chunk, priority, out=None, hold_gil_s=0)
+ *   -> (results: list | None, failed, cancelled) as _map_native
+ *
+ * The argument columns come from objects with the buffer protocol, read by the workers with no
+ * Python object per item: `columns` is a tuple of one (obj, j) per parameter: j = -1 for a 1-D
+ * buffer, else column j of a 2-D buffer (one row per item). Formats must be the type codes
+ * exactly (int64, float64, bool; see buffer_code); any strides (a non-contiguous column is
+ * copied, chunk by chunk, by the worker that runs it). Every buffer (and out's) is held from
+ * before the first node is queued until the last one has finished, whatever happens (error,
+ * Ctrl-C, shutdown); nothing is queued when one does not fit. */
+static PyObject *Engine_map_native_buffers(EngineObject *self, PyObject *args) {
+    unsigned long long tramp;
+    const char *codes, *restype;
+    Py_ssize_t ncodes, nres;
+    PyObject *columns, *out = Py_None;
+    long long chunk;
+    int priority = 2;
+    double hold_gil = 0;
+    if (engine_check(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Ks#s#O!L|iOd:_map_native_buffers", &tramp, &codes, &ncodes, &restype, &nres,
+                          &PyTuple_Type, &columns, &chunk, &priority, &out, &hold_gil))
+        return NULL;
+    if (map_native_args("_map_native_buffers", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
+    if (ncodes < 1 || PyTuple_GET_SIZE(columns) != ncodes) {
+        PyErr_SetString(PyExc_ValueError, "_map_native_buffers(): one column per type code");
+        return NULL;
+    }
+    Py_buffer views[NATIVE_MAXARGS], ov;
+    int nviews = 0, have_out = 0;
+    PyObject *ret = NULL;
+    Py_ssize_t n = -1;
+    native_job job = {.fn = (native_tramp)(uintptr_t)tramp, .ncols = (int)ncodes};
+    atomic_init(&job.failed, 0);
+    memcpy(job.codes, codes, (size_t)ncodes);
+    for (Py_ssize_t k = 0; k < ncodes; k++) {
+        PyObject *spec = PyTuple_GET_ITEM(columns, k);
+        Py_ssize_t j;
+        PyObject *obj;
+        if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "On", &obj, &j)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_map_native_buffers(): columns of (obj, j)");
+            goto done;
+        }
+        Py_buffer *v = &views[k];
+        if (PyObject_GetBuffer(obj, v, PyBUF_STRIDES | PyBUF_FORMAT) < 0) goto done;
+        nviews++;
+        char code = buffer_code(v->format, v->itemsize, 0);
+        if (code != codes[k]) {
+            PyErr_Format(PyExc_TypeError, "tasks.map(): argument %zd: the buffer has format %s, the compiled "
+                         "signature needs %s", k, v->format ? v->format : "B",
+                         codes[k] == 'i' ? "int64" : codes[k] == 'f' ? "float64" : "bool");
+            goto done;
+        }
+        if (j < 0 ? v->ndim != 1 : (v->ndim != 2 || j >= v->shape[1])) {
+            PyErr_Format(PyExc_TypeError, "tasks.map(): argument %zd: a buffer of %d dimensions", k, v->ndim);
+            goto done;
+        }
+        if (n < 0) n = v->shape[0];
+        if (v->shape[0] != n) {
+            PyErr_Format(PyExc_ValueError, "tasks.map(): argument columns of different lengths (%zd and %zd)", n,
+                         v->shape[0]);
+            goto done;
+        }
+        const char *p = (const char *)v->buf + (j < 0 ? 0 : j * v->strides[1]);
+        if (v->strides[0] == (codes[k] == 'b' ? 1 : 8)) {
+            job.cols[k] = (void *)p;   /* read in place */
+        } else {
+            job.src[k] = p;            /* gathered by the workers into a column of ours */
+            job.stride[k] = v->strides[0];
+        }
+    }
+    if (out != Py_None) {
+        if (get_out_buffer(out, &ov, restype[0], n) < 0) goto done;
+        have_out = 1;
+        job.out = ov.buf;
+    }
+    ret = map_native_core(self, &job, n, NULL, restype[0], chunk, priority, hold_gil, !have_out);
+done:
+    if (have_out) PyBuffer_Release(&ov);
+    for (int k = 0; k < nviews; k++) PyBuffer_Release(&views[k]);
     return ret;
 }
 
@@ -2753,6 +2922,7 @@ static PyMethodDef Engine_methods[] = {
      "submit_c(fn_address, data_address, priority=2) -> TaskResult\n\nQueue a C function void fn(void *data), "
      "run on a worker with no GIL."},
     {"_map_native", (PyCFunction)Engine_map_native, METH_VARARGS, NULL},
+    {"_map_native_buffers", (PyCFunction)Engine_map_native_buffers, METH_VARARGS, NULL},
     {"_submit_batch", (PyCFunction)Engine_submit_batch, METH_VARARGS, NULL},
     {"_close", (PyCFunction)Engine_close, METH_NOARGS, NULL},
     {"_call_later", (PyCFunction)Engine_call_later, METH_VARARGS, NULL},
