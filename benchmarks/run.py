@@ -632,7 +632,8 @@ def render(meta, summary, ratios, goals, plan, unavailable):
                    "engine node, no GIL) vs the same f as Python tasks (one task per item) vs "
                    "ThreadPoolExecutor(w).map; w = 1 then 2 workers/threads")
         out.append("   add(a, b) -> a + b; loop: 100 iterations of x = (x*x + b + i) % 1000003. Timed from the call "
-                   "(argument tuples built) to the list of results.")
+                   "to the results. Native: int64 array.array columns in, out='array' (the workers read and write "
+                   "the buffers, no Python object per item); Python tasks and threads: argument tuples in, a list out.")
         headers = ["contender", "figure", "N", "tasks/s w=1", "tasks/s w=2", "min..max w=2", "w2/w1",
                    "native / this", "items per node"]
         rows, notes = [], []
@@ -653,6 +654,12 @@ def render(meta, summary, ratios, goals, plan, unavailable):
                              fmt_int(m("items_per_node")) if c == "ours_native" else "1"])
         out.append(table(headers, rows))
         out.extend(notes)
+        for figure in ("compile_add", "compile_loop"):
+            lw1 = med(summary, figure, "ours_native", "list_tasks_per_s_w1")
+            lw2 = med(summary, figure, "ours_native", "list_tasks_per_s_w2")
+            if lw1 is not None and lw2 is not None:
+                out.append(f"   {figure}, native through lists of argument tuples (a list of results) instead: "
+                           f"{fmt_int(lw1)} / {fmt_int(lw2)} tasks/s at w=1 / w=2 ({fmt_x(lw2 / lw1)})")
         single = med(summary, "compile_add", "ours_native", "add_task_per_s_w2")
         if single is not None:
             out.append(f"   compiled add through single add_task calls (one native task and TaskResult each, "
