@@ -420,6 +420,6 @@ def test_a_worker_keeps_nothing_of_the_tasks_it_has_committed(cluster):
             rs = [p.add_task(rt.echo, i, [i] * 3, k=i) for i in range(300)]
         assert [r.wait(10) for r in rs[-2:]] == [[[298, [298] * 3], {"k": 298}], [[299, [299] * 3], {"k": 299}]]
         wait_until(lambda: w.counts["succeeded"] == 300 and w.stats()["in_flight"] == 0, 10, "300 tasks committed")
-        wait_until(lambda: not any(isinstance(o, _Job) for o in gc.get_objects()), 5, "no job left")
+        wait_until(lambda: not any(type(o) is _Job for o in gc.get_objects()), 5, "no job left")
     finally:
         gc.enable()
