@@ -63,11 +63,17 @@ _r = None
 
 
 def _done_client():
+    """The harness's own client (every contender's tasks report through it). No CLIENT SETINFO
+    (``driver_info=None``): otherwise redis-py looks its version up in the installed packages'
+    metadata (importlib.metadata, ~0.4 MiB) when it connects, which would weigh on the worker
+    measured, and more on some than on others (a library whose own clients already did the
+    lookup pays nothing more)."""
     global _r
     if _r is None:
         import redis
 
-        _r = redis.Redis.from_url(URL)
+        kw = {"driver_info": None} if hasattr(redis, "DriverInfo") else {}
+        _r = redis.Redis.from_url(URL, **kw)
     return _r
 
 

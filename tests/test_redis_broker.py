@@ -365,3 +365,61 @@ def test_a_task_that_keeps_losing_its_workers_is_dead_lettered(cluster):
         r.wait(5)
     assert "WorkerLost: delivered 11 times" in b.dead_letters()[0]["error"]
     assert cluster.producer.add_task(rt.add, 2, 2).wait(10) == 4  # and the worker goes on
+
+
+def test_clients_name_the_library_without_a_package_metadata_lookup(cluster, monkeypatch):
+    """redis-py, left to itself, reads its version from the installed packages' metadata for
+    every connection it creates (importlib.metadata: ~0.4 MiB in a worker); ours give it."""
+    import catzilla_tasks
+    import redis.utils
+
+    if not hasattr(redis, "DriverInfo"):
+        pytest.skip("redis-py < 7.1 has no DriverInfo")
+
+    def no_lookup():
+        raise AssertionError("redis-py looked its version up in the package metadata")
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", no_lookup)
+    b = RedisBroker(cluster.url, prefix=cluster.prefix)
+    try:
+        assert b.redis.ping() and b._wait_redis.ping()
+        info = b.redis.connection_pool.connection_kwargs["driver_info"]
+        assert info.formatted_name == f"redis-py(catzilla-tasks_v{catzilla_tasks.__version__})"
+        assert info.lib_version == redis.__version__
+        assert asyncio.run(_aping(b))
+        # the user's own choice wins
+        mine = redis.DriverInfo(lib_version="1.2.3")
+        b2 = RedisBroker(cluster.url, prefix=cluster.prefix, driver_info=mine)
+        assert b2.redis.connection_pool.connection_kwargs["driver_info"] is mine
+        b2.close()
+    finally:
+        b.close()
+
+
+async def _aping(b: RedisBroker) -> bool:
+    c = b._aclient()
+    try:
+        return await c.ping()
+    finally:
+        await c.aclose()
+
+
+def test_a_worker_keeps_nothing_of_the_tasks_it_has_committed(cluster):
+    """Committed jobs (messages, payloads, handles) are freed by reference counting as soon as
+    their batch is acknowledged, not kept until the next batch (which doubled a worker's peak)."""
+    import gc
+
+    from catzilla_tasks.brokers.worker import _Job
+
+    w = cluster.worker(concurrency=64)
+    p = cluster.producer
+    gc.collect()
+    gc.disable()  # what is freed here is freed by reference counting alone (no cycles left)
+    try:
+        with p.batch():
+            rs = [p.add_task(rt.echo, i, [i] * 3, k=i) for i in range(300)]
+        assert [r.wait(10) for r in rs[-2:]] == [[[298, [298] * 3], {"k": 298}], [[299, [299] * 3], {"k": 299}]]
+        wait_until(lambda: w.counts["succeeded"] == 300 and w.stats()["in_flight"] == 0, 10, "300 tasks committed")
+        wait_until(lambda: not any(type(o) is _Job for o in gc.get_objects()), 5, "no job left")
+    finally:
+        gc.enable()

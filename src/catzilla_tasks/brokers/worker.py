@@ -72,9 +72,17 @@ def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
 
 
 class _Job:
-    __slots__ = ("prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first", "wf", "call")
+    """One fetched entry, from its decoding to its commit. Kept small: a worker holds up to
+    ``concurrency`` of them. Once the task is in the engine, ``msg`` keeps only what the commit
+    needs (id, name, attempt, options): the arguments are dropped (the engine holds its own
+    references; a retry reads them again from ``payload``). The job is the engine's
+    done-callback of its task (``__call__``), which saves a bound callback object per task."""
 
-    def __init__(self, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
+    __slots__ = ("worker", "prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first", "wf",
+                 "call")
+
+    def __init__(self, worker: "Worker", prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
+        self.worker = worker
         self.prio = prio
         self.eid = eid
         self.msg = msg
@@ -87,6 +95,9 @@ class _Job:
         self.first = ""                # then: the id of the task that did it
         self.wf: list | None = None    # a workflow step: [run id, step index, step id, workflow name]
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
+
+    def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
+        self.worker._finished(self, handle)
 
 
 class Worker:
@@ -144,6 +155,7 @@ class Worker:
         self._committer_exit = False
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
         self._registry = getattr(tasks, "_registered", {})
+        self._names: dict[str, str] = {}
         self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
                        "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0,
                        "recovered": 0}
@@ -237,9 +249,16 @@ class Worker:
                     taken = self._recover_own(free)
                     if taken:
                         continue
-                entries = self._fetch(keys=list(self.broker.streams), args=[GROUP, self.consumer, free])
-                if entries:
-                    self._dispatch([(int(entries[i]), entries[i + 1], entries[i + 2]) for i in range(0, len(entries), 3)])
+                flat = self._fetch(keys=list(self.broker.streams), args=[GROUP, self.consumer, free])
+                if flat:
+                    # decoded straight from the flat reply [prio, id, fields, ...], which is
+                    # dropped before the tasks start: a worker holding N tasks holds no copy of
+                    # the raw reply besides them
+                    decode = self._decode
+                    jobs = [decode(int(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+                    del flat
+                    self._run_jobs(jobs)
+                    del jobs
                     continue
                 wait_ms = self.block_ms
                 if self._next_due_local:
@@ -378,7 +397,7 @@ class Worker:
                 if fields[i] == b"m":
                     payload = fields[i + 1]
                     break
-        job = _Job(prio, eid, None, payload or b"")
+        job = _Job(self, prio, eid, None, payload or b"")
         if payload is None:
             job.error = f"DecodeError: stream entry without an 'm' field: {fields!r:.200}"
             return job
@@ -395,6 +414,8 @@ class Worker:
             return job
         job.msg = msg
         func = self._registry.get(msg[1])
+        if func is not None:  # one copy of each task name, not one per message held
+            msg[1] = self._names.setdefault(msg[1], msg[1])
         if func is None:
             job.error = (f"LookupError: unknown task name {msg[1]!r}: this worker's engine has no task registered "
                          "under it (register it with @tasks.task in the module the worker imports)")
@@ -407,7 +428,9 @@ class Worker:
         return job
 
     def _dispatch(self, entries: list[tuple[int, bytes, Any]], deliveries: dict[bytes, int] | None = None) -> None:
-        jobs = [self._decode(p, e, f) for p, e, f in entries]
+        self._run_jobs([self._decode(p, e, f) for p, e, f in entries], deliveries)
+
+    def _run_jobs(self, jobs: list[_Job], deliveries: dict[bytes, int] | None = None) -> None:
         limit = self.broker.max_deliveries
         if deliveries and limit:
             for j in jobs:
@@ -433,20 +456,23 @@ class Worker:
         submit = self._submit
         finished = self._finished
         for j in jobs:
+            msg = j.msg
             if j.error is not None or j.skip:
                 finished(j, None)
                 continue
             cfg = j.cfg
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
-            args, kwargs = j.call if j.call is not None else (tuple(j.msg[2]), j.msg[3])
+            args, kwargs = j.call if j.call is not None else (tuple(msg[2]), msg[3])
             try:
                 h = submit(j.func, args, kwargs, run_cfg, -1)
             except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
                 j.error = f"{type(exc).__name__}: could not start the task: {exc}"
                 finished(j, None)
                 continue
+            del args, kwargs
+            msg[2] = msg[3] = j.call = None  # the engine holds its own references (see _Job)
             j.handle = h
-            h._on_done(functools.partial(finished, j))
+            h._on_done(j)
 
     def _prepare_steps(self, steps: list[_Job]) -> None:
         """Workflow steps: skip those whose run already ended (a step failed), and fill in the
@@ -533,10 +559,15 @@ class Worker:
                     self._retrying(self._commit, jobs)
                 except Exception:
                     log.exception("committing %d task outcomes failed; they stay pending and will be redelivered", len(jobs))
+                n = len(jobs)
                 with self._cv:
-                    self._inflight -= len(jobs)
                     for j in jobs:
                         self._owned.pop(j.eid, None)
+                # freed before the capacity is: kept while the fetch loop refills it, these
+                # jobs (messages, payloads, handles) would double what a worker holds at its peak
+                del jobs, j
+                with self._cv:
+                    self._inflight -= n
                     self._cv.notify_all()
             elif self._committer_exit:
                 return
@@ -621,7 +652,7 @@ class Worker:
             )
             if retry:
                 counts["retried"] += 1
-                msg = list(j.msg)
+                msg = b.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
                 if len(msg) < 6:
                     msg += [0, None][len(msg) - 4:]
                 msg[4] = attempt + 1
