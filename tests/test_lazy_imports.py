@@ -113,3 +113,29 @@ def test_default_engine_is_the_newest_even_when_workflows_load_after_the_engines
         print(json.dumps([first, second]))
     """)
     assert got == ["e5", "e4"]
+
+
+def test_tasks_decorated_with_compile_to_c_false_do_not_load_the_compiler():
+    got = run("""
+        import json, sys
+        from catzilla_tasks import BackgroundTasks, task
+        t = BackgroundTasks()
+
+        @t.task(compile_to_c=False)
+        def a(x: int) -> int:
+            return x + 1
+
+        @task(compile_to_c=False)
+        def b(x: int) -> int:
+            return x * 2
+
+        print(t.add_task(a, 1).wait(5), t.add_task(b, 2).wait(5), file=sys.stderr)
+        before = "catzilla_tasks.compiler" in sys.modules
+
+        @t.task
+        def c(x: int) -> int:
+            return x - 1
+
+        print(json.dumps({"without": before, "with": "catzilla_tasks.compiler" in sys.modules}))
+    """)
+    assert got == {"without": False, "with": True}

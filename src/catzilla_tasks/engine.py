@@ -242,7 +242,7 @@ def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to
     cfg = _make_config("task()", priority, **config)
 
     def decorate(f: F) -> F:
-        return _attach(f, _compiler().attach(f, cfg, compile_to_c))
+        return _attach(f, cfg if compile_to_c is False else _compiler().attach(f, cfg, compile_to_c))
 
     return decorate(func) if func is not None else decorate
 
@@ -409,7 +409,7 @@ class BackgroundTasks(_engine.Engine):
         cfg = _make_config("task()", priority, **config)
 
         def decorate(f: F) -> F:
-            _attach(f, _compiler().attach(f, cfg, compile_to_c))
+            _attach(f, cfg if compile_to_c is False else _compiler().attach(f, cfg, compile_to_c))
             self._registered[f"{f.__module__}.{f.__qualname__}"] = f
             return f
 
