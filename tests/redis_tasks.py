@@ -99,6 +99,16 @@ def record(log_key, value):
 
 @_reg
 @task
+def held(started_key, gate_key, value):
+    """Notes that it started, then waits (in Redis, up to 30 s) until the test opens the gate."""
+    c = _sync_client()
+    c.rpush(started_key, value)
+    c.blpop([gate_key], timeout=30)
+    return value
+
+
+@_reg
+@task
 def record_slow(log_key, value, seconds):
     _sync_client().rpush(log_key, value)
     time.sleep(seconds)

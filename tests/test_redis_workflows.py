@@ -15,7 +15,7 @@ import pytest
 from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
 
 import redis_tasks as rt
-from catzilla_tasks import (BackgroundTasks, TaskChain, WorkflowError, call, chain, chord, group, result_of,
+from catzilla_tasks import (BackgroundTasks, TaskCancelled, TaskChain, WorkflowError, call, chain, chord, group, result_of,
                             results_of)
 from catzilla_tasks.brokers import RedisBroker, RemoteResult
 from test_redis_broker import Cluster
@@ -257,3 +257,57 @@ def test_a_worker_killed_mid_workflow_loses_nothing(redis_url, prefix):
         if b is not None:
             stop(b)
         p.shutdown()
+
+
+def test_cancelling_a_run_skips_what_has_not_started_and_lets_running_steps_finish(cluster):
+    from catzilla_tasks import TaskCancelled, TaskStatus
+
+    w = cluster.worker()
+    p = cluster.producer
+    started, gate, log = (f"{cluster.prefix}:{k}" for k in ("started", "gate", "log"))
+    wf = TaskChain("cancel-me", tasks=p)
+    a = wf.step(rt.held, started, gate, 1, step_name="a")
+    b = wf.step(rt.record, log, a, step_name="b")          # released by a: must never run
+    wf.step(rt.record, log, "c", depends_on=[b])
+    r = wf.execute()
+    assert cluster.r.blpop([started], timeout=20) is not None  # 'a' is running
+    assert r.cancel() is True
+    with pytest.raises(TaskCancelled, match="workflow 'cancel-me' run .* was cancelled"):
+        r.wait(5)
+    assert r.status is TaskStatus.CANCELLED
+    other = RedisBroker(cluster.url, prefix=cluster.prefix)   # every waiter sees it, from any process
+    with pytest.raises(TaskCancelled):
+        other.result(r.task_id).wait(5)
+    other.close()
+    assert r.cancel() is False                                 # it has ended
+    cluster.r.rpush(gate, b"go")                               # the running step finishes ...
+    wait_until(lambda: w.stats()["succeeded"] == 1, 20, "the running step finished")
+    assert cluster.r.llen(log) == 0                            # ... and releases nothing
+    assert cluster.r.hget(cluster.broker.workflow_key(r.task_id), "state") == b"cancelled"
+    assert all(cluster.r.xlen(s) == 0 for s in cluster.broker.streams)
+
+
+def test_chain_cancel_cancels_its_runs_on_the_workers_and_queued_steps_are_skipped(cluster):
+    p = cluster.producer
+    log = f"{cluster.prefix}:log"
+    wf = TaskChain("queued", tasks=p)
+    wf.step(rt.record, log, "x")
+    wf.step(rt.record, log, "y")          # two roots: queued in the streams at execute
+    runs = [wf.execute(), wf.execute()]
+    assert wf.cancel() is True            # no worker yet: nothing has started
+    assert wf.cancel() is False
+    w = cluster.worker()
+    wait_until(lambda: w.stats()["workflow_steps_skipped"] == 4, 20, "every queued step skipped")
+    assert cluster.r.llen(log) == 0
+    for r in runs:
+        with pytest.raises(TaskCancelled):
+            r.wait(5)
+
+
+def test_a_single_remote_task_cannot_be_cancelled_and_says_so(cluster):
+    r = cluster.producer.add_task(rt.add, 1, 2)
+    with pytest.raises(NotImplementedError, match="single task published to Redis cannot be cancelled"):
+        r.cancel()
+    cluster.worker()
+    assert r.wait(20) == 3
+    assert r.cancel() is False            # it has ended

@@ -94,6 +94,7 @@ the list of the group's values as its first argument.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
 
 from . import _engine
@@ -277,6 +278,8 @@ class TaskChain:
         self._index: dict[str, int] = {}
         self._plan: _Plan | None = None
         self._runs: set[_Run] = set()
+        # runs started on a broker engine from this process, for cancel()
+        self._remote_runs: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- building ----------------------------------------------------------------------------
     def add_task(
@@ -507,7 +510,9 @@ class TaskChain:
         broker = getattr(engine, "broker", None)
         if broker is not None:
             # distributed mode: the workers run the steps and release the dependents
-            return broker.run_workflow(plan)
+            remote = broker.run_workflow(plan)
+            self._remote_runs.add(remote)
+            return remote
         result = _engine.detached()
         if not plan.ids:
             result._settle(value={})
@@ -534,6 +539,8 @@ class TaskChain:
         cancelled = False
         for run in list(self._runs):
             cancelled = run.result.cancel() or cancelled
+        for remote in list(self._remote_runs):
+            cancelled = remote.cancel() or cancelled
         return cancelled
 
     def __repr__(self) -> str:

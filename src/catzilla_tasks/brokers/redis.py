@@ -161,6 +161,10 @@ def decode_error(err: Any) -> BaseException:
     kind: Any = None
     if "." not in name:
         kind = getattr(builtins, name, None)
+    elif name == "catzilla_tasks.TaskCancelled":
+        from .. import _engine
+
+        kind = _engine.TaskCancelled
     elif name.startswith("catzilla_tasks."):
         from .. import errors
 
@@ -251,6 +255,7 @@ class RedisBroker:
         self._wf_prefix = f"{prefix}:wf:"
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
+        self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
         self._local = threading.local()
         self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
@@ -391,7 +396,7 @@ class RedisBroker:
             pipe.pexpire(res_key, int(self.result_ttl * 1000))
             pipe.execute()
             return RemoteResult(run_id, self)
-        fields: dict[str, Any] = {"state": "run", "left": n, "n": n}
+        fields: dict[str, Any] = {"state": "run", "left": n, "n": n, "name": plan.name}
         if ser.name == "msgpack":
             mp = _msgpack_module()
             head = b"m\x92\x00" + (bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 2**16
@@ -692,9 +697,30 @@ class RemoteResult:
         self._on_done(done)
 
     def cancel(self) -> bool:
+        """Cancel a workflow run (the result of ``execute()`` on a broker engine): no step is
+        released any more, steps queued are skipped by the workers, steps running now finish;
+        the run ends CANCELLED (``wait()`` raises TaskCancelled) for every waiter. True if this
+        call cancelled it, False if the run had already ended. A single task published to Redis
+        cannot be cancelled (a worker may already hold it): NotImplementedError."""
+        b = self._broker
+        if self._final is not None:
+            return False
+        ttl_ms = int(b.result_ttl * 1000) or 3_600_000
+        key = b.workflow_key(self.task_id)
+        name = b.redis.hget(key, "name")
+        label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
+        rec = b.serializer.dumps([_STATUS_CODES[TaskStatus.CANCELLED],
+                                  ["catzilla_tasks.TaskCancelled", f"{label} run {self.task_id} was cancelled", ""]])
+        rc = b._wf_cancel(keys=[key, b.result_key(self.task_id)], args=[rec, ttl_ms])
+        if rc == 1:
+            return True
+        if rc == 0:
+            return False
+        if b.result_ttl and b.redis.exists(b.result_key(self.task_id)):
+            return False  # a task (or a run) that has ended
         raise NotImplementedError(
-            "cancel() of a task published to Redis is not supported: a worker may already hold it; "
-            "make the task check a flag of yours instead"
+            f"cancel() of task {self.task_id}: a single task published to Redis cannot be cancelled (a worker may "
+            "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
         )
 
     def __repr__(self) -> str:
