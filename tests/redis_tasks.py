@@ -109,6 +109,21 @@ def held(started_key, gate_key, value):
 
 @_reg
 @task
+def stamp(log_key):
+    """Appends the time it ran (the worker's clock) to a list in Redis."""
+    _sync_client().rpush(log_key, repr(time.time()))
+    return 1
+
+
+@_reg
+@task(delay_ms=400)
+def stamp_later(log_key, _after=None):
+    _sync_client().rpush(log_key, repr(time.time()))
+    return 2
+
+
+@_reg
+@task
 def record_slow(log_key, value, seconds):
     _sync_client().rpush(log_key, value)
     time.sleep(seconds)

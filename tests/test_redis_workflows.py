@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -311,3 +312,21 @@ def test_a_single_remote_task_cannot_be_cancelled_and_says_so(cluster):
     cluster.worker()
     assert r.wait(20) == 3
     assert r.cancel() is False            # it has ended
+
+
+def test_steps_with_delay_ms_wait_in_the_delayed_set_after_their_release(cluster):
+    cluster.worker()
+    p = cluster.producer
+    first, later, root = (f"{cluster.prefix}:{k}" for k in ("first", "later", "root"))
+    wf = TaskChain("delays", tasks=p)
+    a = wf.step(rt.stamp, first)
+    wf.step(rt.stamp_later, later, a)       # @task(delay_ms=400): due 400 ms after a's release of it
+    wf.step(rt.stamp_later, root)           # a delayed root: due 400 ms after execute()
+    t0 = time.time()
+    assert wf.execute().wait(20) == {"delays_0": 1, "delays_1": 2, "delays_2": 2}
+    t_first = float(cluster.r.lindex(first, 0))
+    t_later = float(cluster.r.lindex(later, 0))
+    t_root = float(cluster.r.lindex(root, 0))
+    assert t_later - t_first >= 0.39, (t_first, t_later)
+    assert t_root - t0 >= 0.39, (t0, t_root)
+    assert cluster.r.zcard(cluster.broker.delayed_key) == 0

@@ -444,11 +444,17 @@ class RedisBroker:
             fields[f"d:{j}"] = ",".join(str(d) for d in plan.dependents[j] if d < n)
             fields[f"m:{j}"] = b"%d" % prio + payload
             fields[f"k:{j}"] = enc_key(sid)
+            delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
+            if delay:
+                fields[f"y:{j}"] = delay  # released into the delayed set (scripts.WF_STEP_DONE)
             if plan.pending[j] == 0:
-                roots.append((prio, payload))
+                roots.append((prio, payload, delay))
         pipe.hset(key, mapping=fields)
-        for prio, payload in roots:
-            pipe.xadd(self.streams[prio], {"m": payload})
+        for prio, payload, delay in roots:
+            if delay:
+                self._add_delayed(keys=[self.delayed_key], args=[delay, b"%d" % prio + payload], client=pipe)
+            else:
+                pipe.xadd(self.streams[prio], {"m": payload})
         pipe.execute()
         return RemoteResult(run_id, self)
 

@@ -86,10 +86,11 @@ return #ARGV
 #             workflow's format (so the record is built by concatenation, byte-exact)
 # Run by a worker in the MULTI transaction that acknowledges the step.
 
-# KEYS[1]: the run's hash, KEYS[2]: the run's result key, KEYS[3..6]: the priority streams.
-# ARGV: step index, its value (format byte + value), result TTL in ms.
-# Records the value once (a step re-run after its worker died is counted once), counts down
-# its dependents and XADDs each one that reaches zero; the last step writes the result.
+# KEYS[1]: the run's hash, KEYS[2]: the run's result key, KEYS[3..6]: the priority streams,
+# KEYS[7]: the delayed sorted set. ARGV: step index, its value (format byte + value), result
+# TTL in ms. Records the value once (a step re-run after its worker died is counted once),
+# counts down its dependents and queues each one that reaches zero (XADD, or ZADD into the
+# delayed set when the step has a delay_ms: field y:<index>); the last step writes the result.
 WF_STEP_DONE = """
 local h = KEYS[1]
 if redis.call('HGET', h, 'state') ~= 'run' then return -1 end
@@ -101,9 +102,17 @@ if deps and deps ~= '' then
   for d in string.gmatch(deps, '[^,]+') do
     if redis.call('HINCRBY', h, 'p:' .. d, -1) == 0 then
       local m = redis.call('HGET', h, 'm:' .. d)
-      local p = string.byte(m, 1) - 47
-      if p < 1 or p > 4 then p = 3 end
-      redis.call('XADD', KEYS[2 + p], '*', 'm', string.sub(m, 2))
+      local y = redis.call('HGET', h, 'y:' .. d)
+      if y then
+        -- a step with delay_ms waits in the delayed set (as a delayed task), due on the server's clock
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        redis.call('ZADD', KEYS[7], now + tonumber(y), m)
+      else
+        local p = string.byte(m, 1) - 47
+        if p < 1 or p > 4 then p = 3 end
+        redis.call('XADD', KEYS[2 + p], '*', 'm', string.sub(m, 2))
+      end
       released = released + 1
     end
   end

@@ -622,7 +622,7 @@ class Worker:
                     continue
                 counts["succeeded"] += 1
                 wf_key = b.workflow_key(str(j.wf[0]))
-                self._wf_done(keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams], args=[j.wf[1], rec, wf_ttl],
+                self._wf_done(keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams, b.delayed_key], args=[j.wf[1], rec, wf_ttl],
                               client=pipe)
                 continue
             if status is TaskStatus.SUCCEEDED:
