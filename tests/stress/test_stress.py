@@ -66,24 +66,37 @@ def test_cancel_race_every_task_runs_or_is_cancelled_never_both():
         ran[i] += 1
 
     made = [0]
+    # The race is timing-dependent (under a sanitizer the producer may keep the GIL until the
+    # newest tasks have run): halfway, the engine is paused until the canceller has cancelled
+    # at least one queued task, so every run exercises a successful cancel too.
+    first_cancel = threading.Event()
 
     def produce():
         for i in range(n):
             handles[i] = eng.add_task(mark, i)
             made[0] = i + 1
+            if i == n // 2:
+                eng.pause()
+                first_cancel.wait(60)
+                eng.resume()
         produced.set()
 
     def cancel():
         # aim at the newest tasks (likely still queued) and at random older ones (likely
         # running or done), while the producer goes on and after it stops
         rnd = random.Random(7)
-        for k in range(n // 2):
+        k = -1
+        while True:
+            k += 1
+            if k >= n // 2 and (first_cancel.is_set() or produced.is_set()):
+                break
             top = made[0]
             if top == 0:
                 continue
             i = top - 1 - rnd.randrange(min(top, 64)) if k % 2 else rnd.randrange(top)
             if handles[i].cancel():
                 cancelled[i] = 1
+                first_cancel.set()
 
     p, c = threading.Thread(target=produce), threading.Thread(target=cancel)
     try:
@@ -98,7 +111,7 @@ def test_cancel_race_every_task_runs_or_is_cancelled_never_both():
         assert ran[i] + cancelled[i] == 1, f"task {i}: ran {ran[i]} times, cancelled={cancelled[i]}"
         expected = TaskStatus.CANCELLED if cancelled[i] else TaskStatus.SUCCEEDED
         assert handles[i].status is expected
-    assert sum(cancelled) > 0
+    assert first_cancel.is_set() and sum(cancelled) > 0
 
 
 def test_no_memory_growth_over_a_million_tasks():
