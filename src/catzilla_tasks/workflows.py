@@ -242,6 +242,8 @@ class _Plan:
 
 
 _NESTED = (list, tuple, set, frozenset, dict)
+# the argument types _add looks at more closely (a step's result, or a container that must not hide one)
+_SPECIAL: tuple[type, ...] = (Step, _ResultRef, *_NESTED)
 
 
 def _check_nested(where: str, value: Any) -> None:
@@ -327,21 +329,24 @@ class TaskChain:
                 f"workflow {self.name!r}: duplicate step name {step_id!r}: step {self._index[step_id]} and step "
                 f"{index} both have it; give one of them another step_name"
             )
-        deps = self._dep_ids(step_id, depends_on)
+        deps = self._dep_ids(step_id, depends_on) if depends_on is not None else ()
         refs: list[tuple[int | None, str | None, _ResultRef]] = []
         for pos, value in enumerate(args):
-            ref = self._as_ref(step_id, value)
-            if ref is not None:
-                refs.append((pos, None, ref))
-            elif isinstance(value, _NESTED):
-                _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
-        for key, value in kwargs.items():
-            ref = self._as_ref(step_id, value)
-            if ref is not None:
-                refs.append((None, key, ref))
-            elif isinstance(value, _NESTED):
-                _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
-        self._steps.append(_StepDef(step_id, func, args, kwargs or None, deps, tuple(refs)))
+            if isinstance(value, _SPECIAL):
+                ref = self._as_ref(step_id, value)
+                if ref is not None:
+                    refs.append((pos, None, ref))
+                else:
+                    _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
+        if kwargs:
+            for key, value in kwargs.items():
+                if isinstance(value, _SPECIAL):
+                    ref = self._as_ref(step_id, value)
+                    if ref is not None:
+                        refs.append((None, key, ref))
+                    else:
+                        _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
+        self._steps.append(_StepDef(step_id, func, args, kwargs or None, deps, tuple(refs) if refs else ()))
         self._index[step_id] = index
         self._plan = None
         return Step(self, index, step_id)
@@ -373,10 +378,10 @@ class TaskChain:
                 f"{type(depends_on).__name__}"
             ) from None
         own = self._own_id
-        return tuple(
-            d if type(d) is str else d.id if type(d) is Step and d.chain is self else own(step_id, d, "depends on")
+        return tuple([
+            d.id if type(d) is Step and d.chain is self else d if type(d) is str else own(step_id, d, "depends on")
             for d in items
-        )
+        ])
 
     def _as_ref(self, step_id: str, value: Any) -> _ResultRef | None:
         if isinstance(value, Step):
