@@ -117,6 +117,7 @@ def test_cancel_race_every_task_runs_or_is_cancelled_never_both():
 def test_no_memory_growth_over_a_million_tasks():
     eng = BackgroundTasks(workers=4, queue_size=100_000)
     n = STRESS_N
+    gc.collect()  # the node count is process-wide: earlier tests' garbage must not be freed mid-test
     base_nodes = eng.memory_stats()["nodes_in_use"]
 
     def noop(x=None):
