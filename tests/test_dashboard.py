@@ -72,7 +72,10 @@ def load(eng, ok=12, failing=("first", "second <b>bold</b> & 'quoted'")):
         raise ValueError(msg)
 
     results = [eng.add_task(time.sleep, 0.003) if i % 4 == 0 else eng.add_task(int, "5") for i in range(ok)]
-    results += [eng.add_task(fails, m) for m in failing]
+    for m in failing:  # one after the other: the page lists failures newest first
+        results.append(eng.add_task(fails, m))
+        with pytest.raises(ValueError):
+            results[-1].wait(30)
     eng.join(30)
     assert sum(r.status.name == "FAILED" for r in results) == len(failing)
     return results
