@@ -38,3 +38,23 @@ def gc_pressure():
     """gc_pressure_on() for a whole test."""
     with gc_pressure_on():
         yield
+
+
+@pytest.fixture(scope="module")
+def compile_cache_dir(tmp_path_factory):
+    """Compiled tasks of one test module cache their code in a fresh directory."""
+    d = tmp_path_factory.mktemp("compiled")
+    old = os.environ.get("CATZILLA_TASKS_CACHE_DIR")
+    os.environ["CATZILLA_TASKS_CACHE_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("CATZILLA_TASKS_CACHE_DIR", None)
+    else:
+        os.environ["CATZILLA_TASKS_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def compile_engine():
+    """One engine per compiled-task test module: 2 workers, no auto-scaling."""
+    with BackgroundTasks(workers=2, min_workers=1, enable_auto_scaling=False) as t:
+        yield t

@@ -23,22 +23,12 @@ numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part
 SMALL = st.integers(min_value=-(2**31), max_value=2**31)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("compiled")
-    old = os.environ.get("CATZILLA_TASKS_CACHE_DIR")
-    os.environ["CATZILLA_TASKS_CACHE_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("CATZILLA_TASKS_CACHE_DIR", None)
-    else:
-        os.environ["CATZILLA_TASKS_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("compile_cache_dir")
 
 
 @pytest.fixture(scope="module")
-def tasks():
-    with BackgroundTasks(workers=2, min_workers=1, enable_auto_scaling=False) as t:
-        yield t
+def tasks(compile_engine):
+    return compile_engine
 
 
 # ---- tasks used below (module level: numba compiles plain module functions) ----------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import math
-import os
 import random
 import threading
 
@@ -17,22 +16,12 @@ from catzilla_tasks import compiler
 numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("compiled")
-    old = os.environ.get("CATZILLA_TASKS_CACHE_DIR")
-    os.environ["CATZILLA_TASKS_CACHE_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("CATZILLA_TASKS_CACHE_DIR", None)
-    else:
-        os.environ["CATZILLA_TASKS_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("compile_cache_dir")
 
 
 @pytest.fixture(scope="module")
-def tasks():
-    with BackgroundTasks(workers=2, min_workers=1, enable_auto_scaling=False) as t:
-        yield t
+def tasks(compile_engine):
+    return compile_engine
 
 
 @task

@@ -329,23 +329,14 @@ class TaskChain:
                 f"workflow {self.name!r}: duplicate step name {step_id!r}: step {self._index[step_id]} and step "
                 f"{index} both have it; give one of them another step_name"
             )
-        deps = self._dep_ids(step_id, depends_on) if depends_on is not None else ()
+        deps = self._dep_ids(step_id, depends_on)
         refs: list[tuple[int | None, str | None, _ResultRef]] = []
         for pos, value in enumerate(args):
-            if isinstance(value, _SPECIAL):
-                ref = self._as_ref(step_id, value)
-                if ref is not None:
-                    refs.append((pos, None, ref))
-                else:
-                    _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
-        if kwargs:
-            for key, value in kwargs.items():
-                if isinstance(value, _SPECIAL):
-                    ref = self._as_ref(step_id, value)
-                    if ref is not None:
-                        refs.append((None, key, ref))
-                    else:
-                        _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
+            if isinstance(value, _SPECIAL) and (ref := self._as_ref(step_id, value)) is not None:
+                refs.append((pos, None, ref))
+        for key, value in kwargs.items():
+            if isinstance(value, _SPECIAL) and (ref := self._as_ref(step_id, value)) is not None:
+                refs.append((None, key, ref))
         self._steps.append(_StepDef(step_id, func, args, kwargs or None, deps, tuple(refs) if refs else ()))
         self._index[step_id] = index
         self._plan = None
@@ -384,10 +375,14 @@ class TaskChain:
         ])
 
     def _as_ref(self, step_id: str, value: Any) -> _ResultRef | None:
+        """The step results an argument stands for, or None (a container is checked not to hide
+        any: only top-level arguments are replaced)."""
         if isinstance(value, Step):
             return _ResultRef((self._own_id(step_id, value, "takes the result of"),), False)
         if isinstance(value, _ResultRef):
             return _ResultRef(tuple(self._own_id(step_id, v, "takes the result of") for v in value.ids), value.many)
+        if isinstance(value, _NESTED):
+            _check_nested(f"workflow {self.name!r}, step {step_id!r}", value)
         return None
 
     # -- checking ------------------------------------------------------------------------------
@@ -539,8 +534,9 @@ class TaskChain:
         return TaskFuture(self.execute())
 
     def cancel(self) -> bool:
-        """Cancel every execution of this chain still running (see the module docstring).
-        True if there was one."""
+        """Cancel every execution of this chain still running (see the module docstring); on a
+        broker engine, the runs this process started whose RemoteResult it still holds. True if
+        there was one."""
         cancelled = False
         for run in list(self._runs):
             cancelled = run.result.cancel() or cancelled
