@@ -47,6 +47,12 @@ _ERRORS = None
 _NOT_CONFIG = ("k", "w", "f")
 
 
+def _redis_any() -> type[BaseException]:
+    import redis
+
+    return redis.RedisError
+
+
 def _redis_errors() -> tuple[type[BaseException], ...]:
     global _ERRORS
     if _ERRORS is None:
@@ -54,6 +60,39 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
         _ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
     return _ERRORS
+
+
+def _describe(exc: BaseException) -> str:
+    """``str(exc)``, or what can be said of it when its ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        try:
+            return f"<{type(exc).__name__}: str() failed> {exc!r}"
+        except Exception:
+            return f"<{type(exc).__name__}: str() and repr() failed>"
+
+
+def _step_sources(opts: dict) -> list[int] | str:
+    """The earlier steps whose values a step message takes, in order, or what is wrong with its
+    options (a string): ``w`` is [run id, index, step id, name], ``f`` a list of
+    [argument position or keyword, step index or list of step indexes]."""
+    wf = opts.get("w")
+    fills = opts.get("f") or []
+    if not (isinstance(wf, list) and len(wf) == 4):
+        return "'w' is not [run, index, step, name]"
+    if not isinstance(fills, list):
+        return "'f' is not a list"
+    srcs: list[int] = []
+    for fill in fills:
+        if not (isinstance(fill, list) and len(fill) == 2 and isinstance(fill[0], (int, str))):
+            return "an item of 'f' is not [position, source]"
+        src = fill[1]
+        for x in src if isinstance(src, list) else [src]:
+            if isinstance(x, bool) or not isinstance(x, int):
+                return "a source in 'f' is not a step index"
+            srcs.append(x)
+    return list(dict.fromkeys(srcs))
 
 
 def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
@@ -273,10 +312,12 @@ class Worker:
                 log.warning("redis unavailable (%s); retrying", exc)
                 time.sleep(0.2)  # back-off before reconnecting, not synchronisation
             except redis.ResponseError as exc:
+                self._lost_replies = True
                 if "NOGROUP" in str(exc):  # the server lost its data (no persistence): set up again
                     self._retrying(self._ensure_groups)
-                else:
-                    raise
+                else:  # a server in a state that refuses us for now (read-only replica, OOM, ...)
+                    log.error("redis refused a fetch (%s); retrying in 1 s", exc)
+                    self._stop.wait(1.0)
 
     def _flatten(self, got: Any) -> list[tuple[int, bytes, Any]]:
         index = {s.encode(): p for p, s in enumerate(self.broker.streams)}
@@ -389,6 +430,14 @@ class Worker:
         return cfg
 
     def _decode(self, prio: int, eid: bytes, fields: Any) -> _Job:
+        try:
+            return self._parse(prio, eid, fields)
+        except Exception as exc:  # whatever a stream entry holds, it is one dead letter
+            job = _Job(self, prio, eid, None, b"")
+            job.error = f"DecodeError: {_describe(exc)}"
+            return job
+
+    def _parse(self, prio: int, eid: bytes, fields: Any) -> _Job:
         if isinstance(fields, dict):
             payload = fields.get(b"m")
         else:
@@ -423,14 +472,18 @@ class Worker:
         job.func = func
         try:
             job.cfg = self._config(msg[1], func, msg[5] if len(msg) > 5 else None)
-        except (TypeError, ValueError) as exc:
-            job.error = f"{type(exc).__name__}: bad per-task options: {exc}"
+        except Exception as exc:
+            job.error = f"{type(exc).__name__}: bad per-task options: {_describe(exc)}"
         return job
 
     def _dispatch(self, entries: list[tuple[int, bytes, Any]], deliveries: dict[bytes, int] | None = None) -> None:
         self._run_jobs([self._decode(p, e, f) for p, e, f in entries], deliveries)
 
     def _run_jobs(self, jobs: list[_Job], deliveries: dict[bytes, int] | None = None) -> None:
+        """Count ``jobs`` as held, then hand each one to the engine, or to the committer with
+        the reason it does not run. Every job counted here leaves by one of two doors: the
+        committer (through ``_finished``: run, skipped or dead-lettered) or ``_release`` (a
+        Redis error before the hand-off: un-held, still pending in Redis, run again later)."""
         limit = self.broker.max_deliveries
         if deliveries and limit:
             for j in jobs:
@@ -443,6 +496,41 @@ class Worker:
             for j in jobs:
                 self._owned[j.eid] = j.prio
         self.counts["fetched"] += len(jobs)
+        started = 0
+        try:
+            self._look_up(jobs)
+            for j in jobs:
+                self._start(j)
+                started += 1
+        except _redis_any():
+            # Redis went away (or refused) before these were handed over: not ours any more (they stay in
+            # our pending list; _recover_own takes them again once Redis answers)
+            self._release(jobs[started:])
+            raise
+        except Exception as exc:  # a defect of ours that one of these messages brings out
+            log.exception("dispatching %d fetched tasks failed; they are dead-lettered", len(jobs) - started)
+            for j in jobs[started:]:
+                if j.error is None:
+                    j.skip = False
+                    j.error = f"RuntimeError: the worker could not dispatch this task: {_describe(exc)}"
+                self._finished(j, None)
+        except BaseException:
+            self._release(jobs[started:])
+            raise
+
+    def _release(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        with self._cv:
+            for j in jobs:
+                self._owned.pop(j.eid, None)
+            self._inflight -= len(jobs)
+            self._cv.notify_all()
+        self.counts["fetched"] -= len(jobs)
+        self._lost_replies = True  # they are in our pending list: look there once Redis is back
+
+    def _look_up(self, jobs: list[_Job]) -> None:
+        """What Redis knows before the jobs run: finished idempotency keys, workflow runs."""
         keyed = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "k" in j.msg[5]]
         if keyed:
             done = self._r.mget([self.broker.done_key(str(j.msg[5]["k"])) for j in keyed])
@@ -450,86 +538,91 @@ class Worker:
                 if d is not None:
                     j.skip = True
                     j.first = d.decode(errors="replace")
-        steps = [j for j in jobs if len(j.msg or ()) > 5 and j.msg[5] and "w" in j.msg[5]]
+        steps = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "w" in j.msg[5]]
         if steps:
             self._prepare_steps(steps)
-        submit = self._submit
-        finished = self._finished
-        for j in jobs:
+
+    def _start(self, j: _Job) -> None:
+        """Hand one job to the engine (or, when it does not run, to the committer)."""
+        if j.error is not None or j.skip:
+            self._finished(j, None)
+            return
+        try:
             msg = j.msg
-            if j.error is not None or j.skip:
-                finished(j, None)
-                continue
             cfg = j.cfg
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
             args, kwargs = j.call if j.call is not None else (tuple(msg[2]), msg[3])
-            try:
-                h = submit(j.func, args, kwargs, run_cfg, -1)
-            except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
-                j.error = f"{type(exc).__name__}: could not start the task: {exc}"
-                finished(j, None)
-                continue
-            del args, kwargs
-            msg[2] = msg[3] = j.call = None  # the engine holds its own references (see _Job)
-            j.handle = h
-            h._on_done(j)
+            h = self._submit(j.func, args, kwargs, run_cfg, -1)
+        except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
+            j.error = f"{type(exc).__name__}: could not start the task: {_describe(exc)}"
+            self._finished(j, None)
+            return
+        del args, kwargs
+        msg[2] = msg[3] = j.call = None  # the engine holds its own references (see _Job)
+        j.handle = h
+        h._on_done(j)
 
     def _prepare_steps(self, steps: list[_Job]) -> None:
         """Workflow steps: skip those whose run already ended (a step failed), and fill in the
-        values of earlier steps that a step takes (read from the run's hash, one round trip)."""
+        values of earlier steps that a step takes (read from the run's hash, one round trip).
+        A step whose options or stored values are not what they should be is dead-lettered
+        with the reason; a Redis connection error leaves every step to the caller."""
+        import redis
+
         b = self.broker
         pipe = self._r.pipeline(transaction=False)
         wanted = []
         for j in steps:
-            wf = j.msg[5]["w"]
-            fills = j.msg[5].get("f") or []
-            if not (isinstance(wf, list) and len(wf) == 4 and isinstance(fills, list)):
-                j.error = f"DecodeError: bad workflow step options: {j.msg[5]!r:.200}"
-                wanted.append(None)
+            srcs = _step_sources(j.msg[5])
+            if isinstance(srcs, str):
+                j.error = f"DecodeError: bad workflow step options ({srcs}): {j.msg[5]!r:.200}"
                 continue
-            j.wf = wf
-            srcs: list[int] = []
-            for _, src in fills:
-                srcs.extend(src if isinstance(src, list) else [src])
-            srcs = list(dict.fromkeys(srcs))
-            pipe.hmget(b.workflow_key(str(wf[0])), ["state", *(f"v:{s}" for s in srcs)])
-            wanted.append(srcs)
-        replies = iter(pipe.execute())
-        for j, srcs in zip(steps, wanted):
-            if srcs is None:
+            j.wf = j.msg[5]["w"]
+            pipe.hmget(b.workflow_key(str(j.wf[0])), ["state", *(f"v:{s}" for s in srcs)])
+            wanted.append((j, srcs))
+        if not wanted:
+            return
+        replies = pipe.execute(raise_on_error=False)
+        for (j, srcs), reply in zip(wanted, replies):
+            if isinstance(reply, redis.ResponseError):  # e.g. the run's key is not a hash
+                j.error = f"LookupError: workflow step {j.wf[2]!r}: cannot read its run: {reply}"
                 continue
-            state, *vals = next(replies)
+            state, *vals = reply
             if state != b"run":
                 j.skip = True  # the run failed (or is gone): acknowledged, not run
                 j.first = ""
                 continue
-            fills = j.msg[5].get("f") or []
-            if not fills:
-                continue
-            got = {}
-            for s_, v in zip(srcs, vals):
-                if v is None:
-                    j.error = f"LookupError: workflow step {j.wf[2]!r}: the value of step {s_} is not in Redis"
-                    break
-                try:
-                    got[s_] = b.serializer.loads(v)
-                except DecodeError as exc:
-                    j.error = f"DecodeError: workflow step {j.wf[2]!r}: the value of step {s_}: {exc}"
-                    break
-            if j.error is not None:
-                continue
-            args = list(j.msg[2])
-            kwargs = dict(j.msg[3])
-            for where, src in fills:
-                value = [got[x] for x in src] if isinstance(src, list) else got[src]
-                if isinstance(where, int) and 0 <= where < len(args):
-                    args[where] = value
-                elif isinstance(where, str):
-                    kwargs[where] = value
-                else:
-                    j.error = f"DecodeError: workflow step {j.wf[2]!r}: bad argument position {where!r}"
-                    break
-            j.call = (tuple(args), kwargs)
+            try:
+                self._fill_step(j, dict(zip(srcs, vals)))
+            except Exception as exc:  # anything else odd about this one step
+                j.error = f"DecodeError: workflow step {j.wf[2]!r}: {_describe(exc)}"
+
+    def _fill_step(self, j: _Job, raw: dict[int, bytes | None]) -> None:
+        fills = j.msg[5].get("f") or []
+        if not fills:
+            return
+        got = {}
+        for s_, v in raw.items():
+            if v is None:
+                j.error = f"LookupError: workflow step {j.wf[2]!r}: the value of step {s_} is not in Redis"
+                return
+            try:
+                got[s_] = self.broker.serializer.loads(v)
+            except DecodeError as exc:
+                j.error = f"DecodeError: workflow step {j.wf[2]!r}: the value of step {s_}: {exc}"
+                return
+        args = list(j.msg[2])
+        kwargs = dict(j.msg[3])
+        for where, src in fills:
+            value = [got[x] for x in src] if isinstance(src, list) else got[src]
+            if isinstance(where, int) and 0 <= where < len(args):
+                args[where] = value
+            elif isinstance(where, str):
+                kwargs[where] = value
+            else:
+                j.error = f"DecodeError: workflow step {j.wf[2]!r}: bad argument position {where!r}"
+                return
+        j.call = (tuple(args), kwargs)
 
     def _run_config(self, cfg: TaskConfig) -> TaskConfig:
         # retries go through Redis (another worker may run them; they survive a crash)
