@@ -12,6 +12,7 @@ import pytest
 from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
 from test_redis_broker import Cluster
 
+import redis_fault_tasks as ft
 import redis_tasks as rt
 from catzilla_tasks import TaskStatus
 from catzilla_tasks.brokers import RedisBroker, Worker
@@ -19,9 +20,16 @@ from catzilla_tasks.brokers import RedisBroker, Worker
 pytestmark = pytest.mark.timeout(120)
 
 
+class FaultCluster(Cluster):
+    def engine(self, **broker_kw):
+        eng = super().engine(**broker_kw)
+        ft.register(eng)
+        return eng
+
+
 @pytest.fixture
 def cluster(redis_url, prefix, monkeypatch):
-    c = Cluster(redis_url, prefix, monkeypatch)
+    c = FaultCluster(redis_url, prefix, monkeypatch)
     yield c
     c.close()
 
@@ -116,3 +124,198 @@ def test_a_redis_error_at_the_workflow_step_lookup_releases_the_held_steps(clust
     t.join(30)
     assert not t.is_alive()
     eng.shutdown(wait_for_completion=False)
+
+
+def publish_batch(p, bad):
+    """60 good tasks and one bad one, published together (one commit batch on the worker)."""
+    with p.batch():
+        good = [p.add_task(rt.add, i, 1) for i in range(30)]
+        worst = bad()
+        good += [p.add_task(rt.add, i, 2) for i in range(30)]
+    return good, worst
+
+
+def test_an_exception_whose_str_raises_fails_only_its_task(cluster):
+    p = cluster.producer
+    good, bad = publish_batch(p, lambda: p.add_task(ft.raise_unprintable))
+    w = cluster.worker(concurrency=64)
+    assert [r.wait(20) for r in good] == [i + 1 for i in range(30)] + [i + 2 for i in range(30)]
+    with pytest.raises(Exception) as ei:
+        bad.wait(20)
+    assert "Unprintable" in str(ei.value) and "str() raised" in str(ei.value)
+    assert cluster.broker.dead_letter_count() == 1
+    wait_until(lambda: w.stats()["in_flight"] == 0, 20, "nothing held")
+    assert w.counts["succeeded"] == 60 and w.counts["failed"] == 1
+
+
+def test_a_non_finite_retry_back_off_is_refused_at_add_task(cluster):
+    p = cluster.producer
+    with pytest.raises(ValueError, match="finite"):
+        p.options(max_retries=2, retry_base_ms=math.inf, retry_max_ms=math.inf).add_task(rt.add, 1, 2)
+    assert cluster.broker.queued()["NORMAL"] == 0  # nothing half-sent
+
+
+def test_a_non_finite_back_off_from_an_old_producer_fails_nothing_else(cluster):
+    p = cluster.producer
+    b = cluster.broker
+    opts = {"max_retries": 1, "retry_base_ms": math.inf, "retry_max_ms": math.inf, "retry_backoff": "fixed"}
+
+    def bad():
+        b.publish_raw(2, b.serializer.dumps(["inf-retry", "redis_tasks.always_fails", [1], {}, 0, opts]))
+        return b.result("inf-retry")
+
+    good, _ = publish_batch(p, bad)
+    w = cluster.worker(concurrency=64)
+    assert [r.wait(20) for r in good] == [i + 1 for i in range(30)] + [i + 2 for i in range(30)]
+    wait_until(lambda: w.counts["retried"] == 1, 20, "the retry to be scheduled")  # (at the cap: a year)
+    assert b.queued()["delayed"] == 1
+
+
+def test_a_failed_command_in_the_commit_leaves_only_that_task_pending(cluster, caplog):
+    p = cluster.producer
+    b = cluster.broker
+
+    def bad():
+        r = p.add_task(rt.add, 100, 1)
+        b.redis.hset(b.result_key(r.task_id), "x", "1")  # RPUSH to it: WRONGTYPE inside the EXEC
+        return r
+
+    good, worst = publish_batch(p, bad)
+    w = cluster.worker(concurrency=64)
+    with caplog.at_level(logging.ERROR, logger="catzilla_tasks.worker"):
+        assert [r.wait(20) for r in good] == [i + 1 for i in range(30)] + [i + 2 for i in range(30)]
+        wait_until(lambda: w.counts["not_stored"] == 1, 20, "the failed commit")
+    assert "not acknowledged" in caplog.text and worst.task_id in caplog.text
+    pending = b.redis.xpending(b.streams[2], "workers")
+    assert pending["pending"] == 1  # the one whose outcome was not stored
+    (_, fields), = b.redis.xrange(b.streams[2], min=pending["min"], max=pending["max"])
+    assert b.serializer.loads(fields[b"m"])[0] == worst.task_id
+    assert w.counts["succeeded"] == 60
+    # once the key is fixed, the redelivered task stores its result
+    b.redis.delete(b.result_key(worst.task_id))
+    cluster.stop_workers()
+    cluster.worker(concurrency=4, visibility_timeout=0.5)
+    assert worst.wait(20) == 101
+
+
+def test_an_oversized_result_fails_that_task_and_the_batch_goes_on(cluster):
+    p = cluster.producer
+    eng = cluster.engine(max_result_bytes=64 * 1024)
+    good, big = publish_batch(p, lambda: p.add_task(ft.blob, 100_000))
+    ok = p.add_task(ft.blob, 1000)
+    cluster.worker(concurrency=64, engine=eng)
+    assert [r.wait(20) for r in good] == [i + 1 for i in range(30)] + [i + 2 for i in range(30)]
+    with pytest.raises(ValueError, match="max_result_bytes=65,536"):
+        big.wait(20)
+    assert ok.wait(20) == b"x" * 1000
+    assert cluster.broker.dead_letter_count() == 1
+
+
+def test_a_result_over_the_servers_own_limit_fails_that_task(prefix, monkeypatch):
+    from redis_helpers import RedisServer
+
+    srv = RedisServer()
+    try:
+        c = FaultCluster(srv.url, prefix, monkeypatch)
+        try:
+            c.r.config_set("proto-max-bulk-len", 1024 * 1024)  # the smallest Redis allows; cap: 32 MiB
+            good, big = publish_batch(c.producer, lambda: c.producer.add_task(ft.blob, 2 * 1024 * 1024))
+            c.worker(concurrency=64)
+            assert [r.wait(20) for r in good] == [i + 1 for i in range(30)] + [i + 2 for i in range(30)]
+            with pytest.raises(ValueError, match="proto-max-bulk-len"):
+                big.wait(20)
+        finally:
+            c.close()
+    finally:
+        srv.stop()
+
+
+def test_max_result_bytes_is_checked(redis_url):
+    for bad in (0, 10, -1, 1.5, True, 2**40):
+        with pytest.raises(ValueError, match="max_result_bytes"):
+            RedisBroker(redis_url, max_result_bytes=bad)
+
+
+class Seen(logging.Handler):
+    """Sets ``event`` when a record of the worker's logger contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text = text
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+@pytest.fixture
+def worker_log():
+    handlers = []
+
+    def watch(text: str) -> Seen:
+        h = Seen(text)
+        logging.getLogger("catzilla_tasks.worker").addHandler(h)
+        handlers.append(h)
+        return h
+
+    yield watch
+    for h in handlers:
+        logging.getLogger("catzilla_tasks.worker").removeHandler(h)
+
+
+def test_outcomes_computed_before_shutdown_are_committed_when_redis_comes_back(prefix, monkeypatch, worker_log):
+    from redis_helpers import RedisServer
+
+    srv = RedisServer(appendonly=True)
+    try:
+        c = FaultCluster(srv.url, prefix, monkeypatch)
+        try:
+            b = c.broker
+            log_key = f"{prefix}:slow"
+            rs = [c.producer.add_task(rt.record_slow, log_key, i, 1.0) for i in range(4)]
+            w = c.worker(concurrency=4)
+            wait_until(lambda: b.redis.llen(log_key) == 4, 20, "the tasks to start")
+            retrying = worker_log("redis unavailable")
+            w.stop()
+            srv.kill()  # the tasks finish while Redis is away: their commit meets a connection error
+            assert retrying.event.wait(20)
+            srv.start()
+            c.stop_workers()  # run() returns once they are committed
+            assert [r.wait(10) for r in rs] == [0, 1, 2, 3]
+            assert b.redis.xpending(b.streams[2], "workers")["pending"] == 0
+        finally:
+            c.close()
+    finally:
+        srv.stop()
+
+
+def test_stop_with_a_timeout_returns_by_then_and_leaves_the_rest_pending(prefix, monkeypatch, worker_log):
+    import time
+
+    from redis_helpers import RedisServer
+
+    srv = RedisServer(appendonly=True)
+    try:
+        c = FaultCluster(srv.url, prefix, monkeypatch)
+        b = c.broker
+        log_key = f"{prefix}:slow"
+        rs = [c.producer.add_task(rt.record_slow, log_key, i, 0.5) for i in range(4)]
+        w = c.worker(concurrency=4)
+        _, t = c.workers[0]
+        wait_until(lambda: b.redis.llen(log_key) == 4, 20, "the tasks to start")
+        gave_up = worker_log("stay pending")
+        w.stop(timeout=2.0)
+        srv.kill()  # and it does not come back in time
+        t0 = time.monotonic()
+        t.join(15)
+        assert not t.is_alive() and time.monotonic() - t0 < 6, "stop(timeout=2) did not return in time"
+        assert gave_up.event.is_set()
+        c.workers.clear()
+        srv.start()
+        assert b.redis.xpending(b.streams[2], "workers")["pending"] == 4  # left for redelivery
+        c.worker(concurrency=4, visibility_timeout=0.5)  # another worker takes them
+        assert [r.wait(20) for r in rs] == [0, 1, 2, 3]
+        c.close()
+    finally:
+        srv.stop()

@@ -21,6 +21,7 @@ import base64
 import builtins
 import contextlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -43,6 +44,11 @@ __all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "task_name"]
 GROUP = "workers"
 CONFIG_ATTR = "__catzilla_task__"
 _DEFAULT_CONFIG = TaskConfig()
+# results bigger than this are refused (the task fails saying so): far below Redis's own limit on
+# one value (proto-max-bulk-len, 512 MB by default, where the connection is reset), and a size at
+# which a result belongs in a store of its own with a reference to it in the result
+DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
+_REDIS_BULK_MAX = 512 * 1024 * 1024
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
 _TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "retry_max_ms", "retry_jitter",
@@ -112,6 +118,11 @@ def task_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
+def _finite_backoff(cfg: TaskConfig) -> bool:
+    base, cap, _ = cfg._retry_ms
+    return math.isfinite(base) and (math.isfinite(cap) or math.isfinite(base * 2.0 ** 60))
+
+
 def _plain(field: str, value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -133,12 +144,28 @@ def redact_url(url: str) -> str:
 
 
 def encode_error(exc: BaseException) -> list[str]:
+    """[type name, message, traceback] of an exception, as plain strings. Never raises: an
+    exception whose ``__str__`` (or traceback formatting) raises is described by its type
+    name and ``repr`` instead."""
     import traceback
 
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
-    return [name, str(exc), tb]
+    try:
+        message = str(exc)
+        if not isinstance(message, str):
+            raise TypeError("__str__ returned a non-string")
+    except Exception as bad:
+        try:
+            shown = repr(exc)
+        except Exception:
+            shown = f"<{kind.__qualname__} object>"
+        message = f"{shown} (its str() raised {type(bad).__name__})"
+    try:
+        tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    except Exception:
+        tb = ""
+    return [name, message, tb]
 
 
 def decode_error(err: Any) -> BaseException:
@@ -193,6 +220,10 @@ class RedisBroker:
     * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered.
     * ``max_deliveries``: a task reclaimed from dead workers this many times (it may be what
       kills them) goes to the dead letters instead of another worker; None: no limit.
+    * ``max_result_bytes``: the largest result record a worker stores (default 32 MiB; also kept
+      under the server's ``proto-max-bulk-len`` when the worker can read it). A task whose
+      encoded return value is bigger fails with ValueError saying so (dead-lettered as any
+      failure); the other tasks of its batch are not affected.
 
     Nothing is sent anywhere but the configured server.
     """
@@ -209,6 +240,7 @@ class RedisBroker:
         visibility_timeout: float = 60.0,
         idempotency_ttl: float = 86400,
         max_deliveries: int | None = 10,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         **client_options: Any,
     ) -> None:
         _require_redis()
@@ -227,6 +259,10 @@ class RedisBroker:
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
         if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
             raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
+        if (isinstance(max_result_bytes, bool) or not isinstance(max_result_bytes, int)
+                or not 1024 <= max_result_bytes <= _REDIS_BULK_MAX):
+            raise ValueError(f"max_result_bytes: must be an integer from 1024 to {_REDIS_BULK_MAX} (Redis's own "
+                             f"maximum), got {max_result_bytes!r}")
         self.url = url
         self.queue = queue
         self.prefix = prefix
@@ -235,6 +271,7 @@ class RedisBroker:
         self.visibility_timeout = float(visibility_timeout)
         self.idempotency_ttl = idempotency_ttl
         self.max_deliveries = max_deliveries
+        self.max_result_bytes = max_result_bytes
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
@@ -318,6 +355,10 @@ class RedisBroker:
             cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
             if not isinstance(cfg, TaskConfig):
                 cfg = _DEFAULT_CONFIG
+        if cfg._max_retries and not _finite_backoff(cfg):
+            base, cap, _ = cfg._retry_ms
+            raise ValueError(f"add_task: retry_base_ms={base!r}, retry_max_ms={cap!r}: a retry back-off must be a finite "
+                             "number of milliseconds (a worker schedules each retry at that wait)")
         opts = None if isinstance(func, str) else self._overrides(func, cfg)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:

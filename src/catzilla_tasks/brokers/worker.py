@@ -62,6 +62,15 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return _ERRORS
 
 
+# the longest retry back-off a worker schedules (a year): a bigger or non-finite one (a bad
+# option from an old producer) is capped, never an error that would spoil the commit
+_MAX_BACKOFF_MS = 365 * 86400 * 1000.0
+
+
+class _TooLarge(ValueError):
+    """A value over the result size cap (the task fails with it)."""
+
+
 def _describe(exc: BaseException) -> str:
     """``str(exc)``, or what can be said of it when its ``__str__`` raises."""
     try:
@@ -197,17 +206,35 @@ class Worker:
         self._names: dict[str, str] = {}
         self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
                        "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0,
-                       "recovered": 0}
+                       "recovered": 0, "not_stored": 0}
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
+        self._deadline: float | None = None  # when a stopping worker gives up (stop(timeout))
+        self._max_result = broker.max_result_bytes  # (and under the server's limit: _read_server_limit)
+        self._server_limit = 0
 
     # -- life ----------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Stop fetching; run() returns once in-flight tasks are finished and acknowledged."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop fetching; ``run()`` returns once the held tasks are finished and their outcomes
+        committed. With ``timeout`` (seconds from now), ``run()`` returns by then in any case:
+        what is not committed by then (a task still running, Redis unreachable) stays pending in
+        Redis for redelivery, and is logged. Without it the tasks take as long as they need,
+        and a commit that meets a Redis error is retried for up to ``visibility_timeout`` (past
+        it another worker takes those tasks anyway). Safe from a signal handler."""
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+                raise ValueError(f"stop(timeout): must be a number of seconds >= 0 or None, got {timeout!r}")
+            self._deadline = time.monotonic() + timeout
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
+
+    def _shutdown_deadline(self) -> float:
+        """When a stopping worker gives up (monotonic time)."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.broker.visibility_timeout
+        return self._deadline
 
     def _ensure_groups(self) -> None:
         import redis
@@ -218,6 +245,23 @@ class Worker:
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        self._read_server_limit()
+
+    def _read_server_limit(self) -> None:
+        """The server's own cap on one value (proto-max-bulk-len): a bigger one resets the
+        connection, so results are kept under it too. Managed servers may refuse CONFIG: then
+        ``max_result_bytes`` alone applies."""
+        import redis
+
+        cap = self.broker.max_result_bytes
+        try:
+            got = self._r.config_get("proto-max-bulk-len")
+            server = int(got.get("proto-max-bulk-len", 0))
+        except (redis.ResponseError, ValueError, TypeError):
+            server = 0
+        # room for the record's framing and the command's other arguments
+        self._server_limit = server
+        self._max_result = min(cap, server - 4096) if server > 8192 else cap
 
     def run(self, install_signals: bool = False) -> None:
         if install_signals:
@@ -230,30 +274,48 @@ class Worker:
         try:
             self._fetch_loop()
         finally:
-            # finish what we hold: heartbeats go on so nobody takes it meanwhile
-            hb_every = self.broker.visibility_timeout / 3
-            with self._cv:
-                while self._inflight > 0:
-                    self._cv.wait(hb_every)
-                    if self._inflight > 0:
-                        self._cv.release()
-                        try:
-                            self._heartbeat()
-                        finally:
-                            self._cv.acquire()
-            self._committer_exit = True
-            self._done_event.set()
-            self._committer.join()
+            self._finish_held()
 
-    def _retrying(self, fn: Any, *args: Any) -> Any:
+    def _finish_held(self) -> None:
+        """After the fetch loop: let the held tasks finish and be committed (heartbeats go on so
+        nobody takes them meanwhile), until the stop deadline if one was given."""
+        hb_every = self.broker.visibility_timeout / 3
+        with self._cv:
+            while self._inflight > 0:
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    log.warning("stopping with %d tasks not finished or not committed; they stay pending in Redis and will "
+                                "be redelivered", self._inflight)
+                    break
+                self._cv.wait(hb_every if left is None else min(hb_every, left))
+                if self._inflight > 0:
+                    self._cv.release()
+                    try:
+                        self._heartbeat()
+                    except _redis_any() as exc:
+                        log.warning("redis unavailable while stopping (%s)", exc)
+                    finally:
+                        self._cv.acquire()
+        self._committer_exit = True
+        self._done_event.set()
+        left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic()) + 1.0
+        self._committer.join(left)  # (it gives up by the deadline too: _retrying)
+
+    def _retrying(self, fn: Any, *args: Any, committing: bool = False) -> Any:
+        """``fn(*args)``, retried while Redis is unreachable. Once the worker stops, only
+        commits are retried (outcomes computed before the stop are worth writing), up to the
+        stop deadline; then the error is raised (those tasks stay pending)."""
         delay = 0.05
         while True:
             try:
                 return fn(*args)
             except _redis_errors() as exc:
-                if self._stop.is_set() and fn is not self._commit:
-                    raise
+                if self._stop.is_set():
+                    if not committing or time.monotonic() >= self._shutdown_deadline():
+                        raise
                 log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
+                if self._stop.is_set():
+                    delay = min(delay, max(0.0, self._shutdown_deadline() - time.monotonic()))
                 time.sleep(delay)  # back-off before reconnecting, not synchronisation
                 delay = min(delay * 2, 2.0)
 
@@ -649,9 +711,12 @@ class Worker:
                 pass
             if jobs:
                 try:
-                    self._retrying(self._commit, jobs)
+                    acks = self._retrying(self._commit, jobs, committing=True)
+                    if acks:
+                        self._retrying(self._ack, acks, committing=True)
                 except Exception:
-                    log.exception("committing %d task outcomes failed; they stay pending and will be redelivered", len(jobs))
+                    log.exception("committing %d task outcomes failed; they stay pending in Redis and will be "
+                                  "redelivered", len(jobs))
                 n = len(jobs)
                 with self._cv:
                     for j in jobs:
@@ -665,116 +730,201 @@ class Worker:
             elif self._committer_exit:
                 return
 
-    def _commit(self, jobs: list[_Job]) -> None:
-        b = self.broker
+    def _commit(self, jobs: list[_Job]) -> list[list[bytes]] | None:
+        """Write the outcomes of ``jobs`` in one MULTI transaction. A job whose outcome is
+        nothing to write (no result stored, no key, no retry) is acknowledged in it; the others
+        are returned, by priority, to be acknowledged once every reply of their commands was
+        checked (Redis applies the rest of a transaction when one command fails: a wrong-type
+        key, an error in a script). A job with a failed command stays pending, for redelivery.
+        Building one job's commands can fail (a value that cannot be encoded, a result over the
+        size cap, a defect): that job alone is recorded as failed with the reason."""
         pipe = self._r.pipeline(transaction=True)
+        stack = pipe.command_stack  # (a list of redis-py's Pipeline: one entry per queued command)
         acks: list[list[bytes]] = [[], [], [], []]
-        ttl_ms = int(b.result_ttl * 1000)
-        idem_ms = int(b.idempotency_ttl * 1000) or None
-        # counted once the transaction is applied (tests and stats() see what Redis holds)
+        written: list[tuple[_Job, int, int, tuple[str, ...]]] = []
         counts = dict.fromkeys(self.counts, 0)
-        wf_ttl = ttl_ms or 3_600_000
+        ctx = self._commit_context()
         for j in jobs:
-            acks[j.prio].append(j.eid)
-            if j.skip and j.wf is not None:
-                counts["workflow_steps_skipped"] += 1
-                continue
-            if j.skip:
-                counts["skipped_idempotent"] += 1
-                if ttl_ms and j.first != j.msg[0]:
-                    ser = b.serializer.same_format(j.payload)
-                    gone = ser.dumps([1, ["DuplicateTask", f"idempotency key {j.msg[5]['k']!r} was already done by "
-                                      f"task {j.first}, whose result has expired", ""]])
-                    self._copy_result(keys=[b.result_key(j.first), b.result_key(j.msg[0])], args=[ttl_ms, gone],
-                                      client=pipe)
-                continue
-            if j.error is not None:
-                self._dead(pipe, j, j.error, counts)
-                wf = j.wf if j.wf is not None else self._step_of(j)
-                if wf is not None:
-                    kind, _, text = j.error.partition(": ")
-                    self._fail_workflow(pipe, j, wf, [kind, text, ""], wf_ttl)
-                    continue
-                if ttl_ms and j.msg:  # the task id is known: its waiters learn why
-                    key = b.result_key(j.msg[0])
-                    kind, _, text = j.error.partition(": ")
-                    pipe.rpush(key, b.serializer.same_format(j.payload).dumps([1, [kind, text, ""]]))
-                    pipe.pexpire(key, ttl_ms)
-                continue
-            h = j.handle
-            status = h.status
-            ser = b.serializer.same_format(j.payload)
-            if status is TaskStatus.SUCCEEDED and j.wf is not None:
-                try:
-                    rec = ser.dumps(h.wait(0))
-                except TypeError as exc:
-                    counts["failed"] += 1
-                    err = ["TypeError", f"the step's return value cannot be stored: {exc}", ""]
-                    self._dead(pipe, j, f"{err[0]}: {err[1]}", counts)
-                    self._fail_workflow(pipe, j, j.wf, err, wf_ttl)
-                    continue
-                counts["succeeded"] += 1
-                wf_key = b.workflow_key(str(j.wf[0]))
-                self._wf_done(keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams, b.delayed_key], args=[j.wf[1], rec, wf_ttl],
-                              client=pipe)
-                continue
-            if status is TaskStatus.SUCCEEDED:
-                counts["succeeded"] += 1
-                if ttl_ms:
-                    try:
-                        rec = ser.dumps([0, h.wait(0)])
-                    except TypeError as exc:
-                        rec = ser.dumps([1, ["TypeError", f"the task's return value cannot be stored: {exc}", ""]])
-                    key = b.result_key(j.msg[0])
-                    pipe.rpush(key, rec)
-                    pipe.pexpire(key, ttl_ms)
-                opts = j.msg[5] if len(j.msg) > 5 else None
-                if opts and "k" in opts:
-                    pipe.set(b.done_key(str(opts["k"])), j.msg[0], px=idem_ms)
-                continue
+            start = len(stack)
             try:
-                h.wait(0)
-                exc: BaseException = RuntimeError(f"task ended {status.name}")
-            except BaseException as e:  # the task's own exception
-                exc = e
-            cfg = j.cfg
-            attempt = j.msg[4] if len(j.msg) > 4 else 0
-            retry = attempt < cfg.max_retries and (
-                (status is TaskStatus.FAILED and isinstance(exc, cfg.retry_on))
-                or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
-            )
-            if retry:
-                counts["retried"] += 1
-                msg = b.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
-                if len(msg) < 6:
-                    msg += [0, None][len(msg) - 4:]
-                msg[4] = attempt + 1
-                member = b"%d" % j.prio + ser.dumps(msg)
-                delay = backoff_ms(cfg, attempt + 1)
-                self._add_delayed(keys=[b.delayed_key], args=[int(delay), member], client=pipe)
-                due = time.monotonic() + delay / 1000
-                if due < self._next_due_local:
-                    self._next_due_local = due  # the fetch loop blocks no longer than that
+                kinds = self._outcome(pipe, j, ctx)
+            except Exception as exc:
+                del stack[start:]
+                kinds = self._outcome_lost(pipe, j, ctx, exc)
+            if len(stack) == start:
+                acks[j.prio].append(j.eid)
+                for k in kinds:
+                    counts[k] += 1
+            else:
+                written.append((j, start, len(stack), kinds))
+        self._queue_acks(pipe, acks)
+        replies = pipe.execute(raise_on_error=False)
+        later: list[list[bytes]] = [[], [], [], []]
+        lost = 0
+        for j, start, end, kinds in written:
+            bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
+            if bad is not None:
+                lost += 1
+                log.error("the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
+                          "redelivered", self._task_id(j), self._task_name(j), bad)
                 continue
-            counts["failed"] += 1
-            err = encode_error(exc)
-            if j.wf is not None:
-                self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", counts)
-                self._fail_workflow(pipe, j, j.wf, err, wf_ttl)
-                continue
-            if ttl_ms:
-                key = b.result_key(j.msg[0])
-                pipe.rpush(key, ser.dumps([_STATUS_CODES.get(status, 1), err]))
-                pipe.pexpire(key, ttl_ms)
-            self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", counts)
-        for prio, ids in enumerate(acks):
-            if ids:
-                pipe.xack(b.streams[prio], GROUP, *ids)
-                pipe.xdel(b.streams[prio], *ids)
-        pipe.execute()
+            later[j.prio].append(j.eid)
+            for k in kinds:
+                counts[k] += 1
         for k, v in counts.items():
             if v:
                 self.counts[k] += v
+        if lost:
+            self.counts["not_stored"] += lost
+        return later if any(later) else None
+
+    def _ack(self, acks: list[list[bytes]]) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        self._queue_acks(pipe, acks)
+        pipe.execute()
+
+    def _queue_acks(self, pipe: Any, acks: list[list[bytes]]) -> None:
+        for prio, ids in enumerate(acks):
+            if ids:
+                pipe.xack(self.broker.streams[prio], GROUP, *ids)
+                pipe.xdel(self.broker.streams[prio], *ids)
+
+    def _commit_context(self) -> tuple[int, int | None, int, int]:
+        b = self.broker
+        ttl_ms = int(b.result_ttl * 1000)
+        return ttl_ms, int(b.idempotency_ttl * 1000) or None, ttl_ms or 3_600_000, self._max_result
+
+    @staticmethod
+    def _task_id(j: _Job) -> str:
+        return str(j.msg[0]) if j.msg else j.eid.decode(errors="replace")
+
+    @staticmethod
+    def _task_name(j: _Job) -> str:
+        return str(j.msg[1]) if j.msg else "?"
+
+    def _sized(self, rec: bytes, limit: int, what: str) -> bytes:
+        if len(rec) > limit:
+            raise _TooLarge(f"{what} is {len(rec):,} bytes, over the limit of {limit:,} (max_result_bytes={self.broker.max_result_bytes:,}"
+                            + (f", the server's proto-max-bulk-len {self._server_limit:,}" if self._server_limit else "")
+                            + "); store large data elsewhere and return a reference to it")
+        return rec
+
+    def _outcome(self, pipe: Any, j: _Job, ctx: tuple[int, int | None, int, int]) -> tuple[str, ...]:
+        """Queue the commands that record one job's outcome; return the counters it moves."""
+        b = self.broker
+        ttl_ms, idem_ms, wf_ttl, limit = ctx
+        if j.skip and j.wf is not None:
+            return ("workflow_steps_skipped",)
+        if j.skip:
+            if ttl_ms and j.first != j.msg[0]:
+                ser = b.serializer.same_format(j.payload)
+                gone = ser.dumps([1, ["DuplicateTask", f"idempotency key {j.msg[5]['k']!r} was already done by "
+                                  f"task {j.first}, whose result has expired", ""]])
+                self._copy_result(keys=[b.result_key(j.first), b.result_key(j.msg[0])], args=[ttl_ms, gone],
+                                  client=pipe)
+            return ("skipped_idempotent",)
+        if j.error is not None:
+            return self._dead_job(pipe, j, j.error, ctx)
+        h = j.handle
+        status = h.status
+        ser = b.serializer.same_format(j.payload)
+        if status is TaskStatus.SUCCEEDED and j.wf is not None:
+            try:
+                rec = self._sized(ser.dumps(h.wait(0)), limit, "the step's return value")
+            except (TypeError, _TooLarge) as exc:
+                err = [type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
+                       f"the step's return value cannot be stored: {exc}", ""]
+                return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
+            wf_key = b.workflow_key(str(j.wf[0]))
+            self._wf_done(keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams, b.delayed_key], args=[j.wf[1], rec, wf_ttl],
+                          client=pipe)
+            return ("succeeded",)
+        if status is TaskStatus.SUCCEEDED:
+            if ttl_ms:
+                try:
+                    rec = self._sized(ser.dumps([0, h.wait(0)]), limit, "the task's return value")
+                except (TypeError, _TooLarge) as exc:
+                    err = [type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
+                           f"the task's return value cannot be stored: {exc}", ""]
+                    if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
+                        return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
+                    rec = ser.dumps([1, err])
+                key = b.result_key(j.msg[0])
+                pipe.rpush(key, rec)
+                pipe.pexpire(key, ttl_ms)
+            opts = j.msg[5] if len(j.msg) > 5 else None
+            if opts and "k" in opts:
+                pipe.set(b.done_key(str(opts["k"])), j.msg[0], px=idem_ms)
+            return ("succeeded",)
+        try:
+            h.wait(0)
+            exc: BaseException = RuntimeError(f"task ended {status.name}")
+        except BaseException as e:  # the task's own exception
+            exc = e
+        cfg = j.cfg
+        attempt = j.msg[4] if len(j.msg) > 4 else 0
+        retry = attempt < cfg.max_retries and (
+            (status is TaskStatus.FAILED and isinstance(exc, cfg.retry_on))
+            or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
+        )
+        if retry:
+            msg = b.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
+            if len(msg) < 6:
+                msg += [0, None][len(msg) - 4:]
+            msg[4] = attempt + 1
+            member = b"%d" % j.prio + ser.dumps(msg)
+            delay = min(backoff_ms(cfg, attempt + 1), _MAX_BACKOFF_MS)  # (inf and NaN: the cap)
+            delay = delay if delay >= 0 else _MAX_BACKOFF_MS
+            self._add_delayed(keys=[b.delayed_key], args=[int(delay), member], client=pipe)
+            due = time.monotonic() + delay / 1000
+            if due < self._next_due_local:
+                self._next_due_local = due  # the fetch loop blocks no longer than that
+            return ("retried",)
+        err = encode_error(exc)
+        if j.wf is None and ttl_ms:
+            rec = self._fit(ser, [_STATUS_CODES.get(status, 1), err], limit)
+            key = b.result_key(j.msg[0])
+            pipe.rpush(key, rec)
+            pipe.pexpire(key, ttl_ms)
+            return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err, result=False))
+        return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err))
+
+    def _fit(self, ser: Any, rec: list, limit: int) -> bytes:
+        """A failure record within ``limit``: the message and traceback shortened if need be."""
+        out = ser.dumps(rec)
+        if len(out) > limit:
+            kind, message, tb = rec[1][:3]
+            keep = max(100, limit // 4)
+            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]]]
+            out = ser.dumps(rec)
+        return out
+
+    def _dead_job(self, pipe: Any, j: _Job, error: str, ctx: tuple[int, int | None, int, int],
+                  cause: list | None = None, result: bool = True) -> tuple[str, ...]:
+        """Dead-letter ``j`` with ``error``; its waiters (or its workflow run) learn why."""
+        b = self.broker
+        ttl_ms, _, wf_ttl, limit = ctx
+        self._dead(pipe, j, error)
+        kind, _, text = error.partition(": ")
+        cause = cause if cause is not None else [kind, text, ""]
+        wf = j.wf if j.wf is not None else self._step_of(j)
+        if wf is not None:
+            self._fail_workflow(pipe, j, wf, cause, wf_ttl)
+        elif result and ttl_ms and j.msg:  # the task id is known: its waiters learn why
+            key = b.result_key(j.msg[0])
+            ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
+            pipe.rpush(key, self._fit(ser, [1, cause], limit))
+            pipe.pexpire(key, ttl_ms)
+        return ("dead_lettered",)
+
+    def _outcome_lost(self, pipe: Any, j: _Job, ctx: tuple[int, int | None, int, int], exc: BaseException) -> tuple[str, ...]:
+        """Recording the outcome of ``j`` raised (only this job's commands were dropped): record
+        that as its failure. Built from plain strings, so this cannot fail the same way."""
+        log.error("recording the outcome of task %s (%s) failed: %s", self._task_id(j), self._task_name(j),
+                  _describe(exc), exc_info=exc)
+        j.wf = j.wf if isinstance(j.wf, list) and len(j.wf) == 4 else None
+        err = [type(exc).__name__, f"the outcome of the task could not be recorded: {_describe(exc)}", ""]
+        return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
 
     @staticmethod
     def _step_of(j: _Job) -> list | None:
@@ -793,14 +943,13 @@ class Worker:
                              {"workflow": name, "step": step, "cause": cause}]])
         self._wf_failed(keys=[b.workflow_key(run_id), b.result_key(run_id)], args=[rec, ttl_ms], client=pipe)
 
-    def _dead(self, pipe: Any, j: _Job, error: str, counts: dict[str, int]) -> None:
-        counts["dead_lettered"] += 1
+    def _dead(self, pipe: Any, j: _Job, error: str) -> None:
         msg = j.msg
         pipe.xadd(self.broker.dead_key, {
             "m": j.payload,
             "e": error[:8000],
-            "n": msg[1] if msg else "",
-            "i": msg[0] if msg else "",
+            "n": str(msg[1]) if msg else "",
+            "i": str(msg[0]) if msg else "",
             "p": j.prio,
             "t": int(time.time() * 1000),
             "w": self.consumer,
