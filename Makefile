@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
 
-.PHONY: venv build demo test test-quick bench asan-test tsan-test clean
+.PHONY: venv build demo test test-quick bench chaos asan-test tsan-test clean
 
 # Re-installs when pyproject.toml changes (a new test dependency reaches existing venvs too).
 $(VPY): pyproject.toml
@@ -32,6 +32,12 @@ test-quick: build
 bench: build
 	$(VPY) -m pip install -q -e '.[bench]' >/dev/null 2>&1 || $(VPY) -m pip install -q 'catzilla==0.2.3' psutil
 	$(VPY) benchmarks/run.py
+
+# The distributed mode's fault-injection suite with a long random schedule (the normal test
+# run has a 12-second one). CATZILLA_CHAOS_SEED=N replays a schedule.
+CHAOS_SECONDS ?= 300
+chaos: build
+	CATZILLA_CHAOS_SECONDS=$(CHAOS_SECONDS) $(VPY) -m pytest -q -s tests/test_redis_chaos.py
 
 # The Python test suite against an AddressSanitizer + UBSan build of the extension.
 asan-test: $(VPY)

@@ -43,7 +43,7 @@ CHAOS_SEED = int(os.environ.get("CATZILLA_CHAOS_SEED", "0") or 0) or random.rand
 TTL = 8.0  # results and idempotency keys: outlive a scenario, short enough for the memory check
 BIG = 64 * 1024  # max_result_bytes of every worker here
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(240 + 2 * CHAOS_SECONDS)
 
 
 @pytest.fixture
