@@ -87,6 +87,9 @@ class _Link:
         for s in (self.client, self.server):
             try:  # RST, not FIN: what a crashed peer or a dropped route looks like
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # wakes the pump blocked in recv() on it (a close() alone would not, and the
+                # socket would live on, silent, until that recv returned)
+                s.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
             try:

@@ -319,3 +319,49 @@ def test_stop_with_a_timeout_returns_by_then_and_leaves_the_rest_pending(prefix,
         c.close()
     finally:
         srv.stop()
+
+
+def test_add_callback_uses_one_thread_for_any_number_of_results(cluster):
+    p = cluster.producer
+    never = p.add_task(rt.add, 1, 1)  # published before any worker: ...
+    cluster.r.xtrim(cluster.broker.streams[2], maxlen=0)  # ... and removed: its result never comes
+    got = []
+    done = threading.Event()
+    never.add_callback(got.append)
+    before = threading.active_count()
+    rs = [p.add_task(rt.add, i, 0) for i in range(200)]
+    for r in rs:
+        r.add_callback(lambda v: (got.append(v), len(got) == 200 and done.set()))
+    assert threading.active_count() <= before + 1  # one callback thread, not one per result
+    cluster.worker(concurrency=32)
+    assert done.wait(20)
+    assert sorted(got) == list(range(200))
+
+
+def test_await_survives_a_dropped_connection(redis_url, prefix, monkeypatch):
+    import asyncio
+
+    from fault_proxy import FaultProxy
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy(port) as proxy:
+        c = FaultCluster(redis_url, prefix, monkeypatch)
+        try:
+            p = c.engine()
+            p.broker.__init__(proxy.url, prefix=prefix)  # the producer's clients go through the proxy
+            r = p.add_task(rt.add, 20, 22)
+            waiting = proxy.on_command(b"BLMOVE", "reset_after")
+
+            async def main():
+                return await r
+
+            async def run():
+                task = asyncio.ensure_future(main())
+                while not waiting.fired.is_set():
+                    await asyncio.sleep(0.01)
+                c.worker(concurrency=4)
+                return await asyncio.wait_for(task, 20)
+
+            assert asyncio.run(run()) == 42
+        finally:
+            c.close()

@@ -299,6 +299,8 @@ class RedisBroker:
         self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
+        self._callbacks: _Watcher | None = None
+        self._watcher_lock = threading.Lock()
 
     # -- keys ------------------------------------------------------------------------------
     def result_key(self, task_id: str) -> str:
@@ -603,7 +605,16 @@ class RedisBroker:
         """Delete this queue's streams, delayed set and dead letters (not results)."""
         self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
 
+    def _watcher(self) -> "_Watcher":
+        """The one thread that runs every ``add_callback`` of this broker's results."""
+        with self._watcher_lock:
+            if self._callbacks is None:
+                self._callbacks = _Watcher(self)
+            return self._callbacks
+
     def close(self) -> None:
+        if self._callbacks is not None:
+            self._callbacks.close()
         self.redis.close()
         self._wait_redis.close()
 
@@ -709,7 +720,11 @@ class RemoteResult:
         if self._final is None:
             self._check_results()
             key = self._broker.result_key(self.task_id)
-            self._take(await self._broker._aclient().blmove(key, key, 0, "LEFT", "LEFT"))
+            while self._final is None:
+                try:  # as wait(): a lost connection (Redis restarting) is re-established
+                    self._take(await self._broker._aclient().blmove(key, key, 0, "LEFT", "LEFT"))
+                except (_redis.ConnectionError, _redis.TimeoutError):
+                    await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
         if self._final[0] is not TaskStatus.SUCCEEDED and _is_workflow_error(decode_error(self._final[1])):
             run = await self._broker._aclient().hgetall(self._broker.workflow_key(self.task_id))
@@ -719,19 +734,11 @@ class RemoteResult:
         return self._await().__await__()
 
     def _on_done(self, fn: Callable[["RemoteResult"], Any]) -> None:
-        """Call ``fn(self)`` once the task finished (from a helper thread blocked on Redis)."""
-        if self._final is not None:
+        """Call ``fn(self)`` once the task finished (from the broker's one callback thread)."""
+        if self._final is not None or not self._broker.result_ttl:  # (no results: nothing to wait for)
             fn(self)
             return
-
-        def watch() -> None:
-            try:
-                self.wait()
-            except BaseException:
-                pass
-            fn(self)
-
-        threading.Thread(target=watch, name=f"catzilla-result-{self.task_id}", daemon=True).start()
+        self._broker._watcher().add(self, fn)
 
     def add_callback(self, cb: Callable[[Any], Any]) -> None:
         """Call ``cb(value)`` when the task succeeds."""
@@ -791,6 +798,90 @@ class _RemoteOptions:
         if cfg is None and inner._fields:
             cfg = inner._config_for(func) if not isinstance(func, str) else _DEFAULT_CONFIG.replace(**inner._fields)
         return self._broker.submit(func, args, kwargs, cfg, self._key)
+
+
+class _Watcher:
+    """The results that have callbacks (``add_callback``), for one broker: one thread and one
+    connection for all of them, however many. Each round reads every watched result key in
+    one pipelined round trip (LINDEX); the pause between rounds grows from 10 ms to 1 s while
+    nothing finishes and starts again at 10 ms when something does or a callback is added. A
+    result that never comes costs an entry here, not a thread. Callbacks run in this thread
+    (an exception in one is logged, the others still run); a lost connection is retried."""
+
+    def __init__(self, broker: "RedisBroker") -> None:
+        self._broker = broker
+        self._cv = threading.Condition()
+        self._watched: dict[str, tuple["RemoteResult", list[Callable[["RemoteResult"], Any]]]] = {}
+        self._poke = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="catzilla-result-callbacks", daemon=True)
+        self._thread.start()
+
+    def add(self, result: "RemoteResult", fn: Callable[["RemoteResult"], Any]) -> None:
+        with self._cv:
+            entry = self._watched.get(result.task_id)
+            if entry is None:
+                self._watched[result.task_id] = (result, [fn])
+            else:
+                entry[1].append(fn)
+            self._poke = True
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        import logging
+
+        log = logging.getLogger("catzilla_tasks.results")
+        pause = 0.01
+        client = self._broker.redis
+        while True:
+            with self._cv:
+                while not self._watched and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                if not self._poke:
+                    self._cv.wait(pause)
+                self._poke = False
+                ids = list(self._watched)
+            try:
+                ready = self._read(client, ids)
+            except (_redis.ConnectionError, _redis.TimeoutError) as exc:
+                log.warning("result callbacks: redis unavailable (%s); retrying", exc)
+                pause = 0.5
+                continue
+            if not ready:
+                pause = min(pause * 2, 1.0)
+                continue
+            pause = 0.01
+            for task_id in ready:
+                with self._cv:
+                    result, fns = self._watched.pop(task_id)
+                for fn in fns:
+                    try:
+                        fn(result)
+                    except Exception:
+                        log.exception("a callback of task %s raised", task_id)
+
+    def _read(self, client: Any, ids: list[str]) -> list[str]:
+        ready = []
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i:i + 1000]
+            pipe = client.pipeline(transaction=False)
+            for task_id in chunk:
+                pipe.lindex(self._broker.result_key(task_id), 0)
+            for task_id, raw in zip(chunk, pipe.execute()):
+                if raw is not None:
+                    with self._cv:
+                        entry = self._watched.get(task_id)
+                    if entry is not None:
+                        entry[0]._take(raw)
+                        ready.append(task_id)
+        return ready
 
 
 def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:
