@@ -365,3 +365,75 @@ def test_await_survives_a_dropped_connection(redis_url, prefix, monkeypatch):
             assert asyncio.run(run()) == 42
         finally:
             c.close()
+
+
+def test_a_full_engine_does_not_stop_lease_renewal(cluster):
+    """Issue 13, item 11, not reproduced: an engine full of local work of its own still takes
+    the hand-off (the fetch loop goes on and renews), and the task runs once. Kept as a guard."""
+    from catzilla_tasks import BackgroundTasks, QueueFull
+    from catzilla_tasks import _engine
+
+    gate = threading.Event()
+    eng = BackgroundTasks(workers=1, min_workers=1, max_workers=1, queue_size=4, broker=RedisBroker(cluster.url, prefix=cluster.prefix,
+                                                                        visibility_timeout=1.0))
+    ft.register(eng)
+    cluster.engines.append(eng)
+    try:  # the engine full of local work of its own
+        while True:
+            _engine.Engine._submit(eng, gate.wait, (30,), None, None, 0)
+    except QueueFull:
+        pass
+    log_key = f"{cluster.prefix}:runs"
+    r = cluster.producer.add_task(ft.count_run, log_key, 7)
+    a = cluster.worker(concurrency=4, engine=eng)
+    wait_until(lambda: a.counts["fetched"] == 1, 20, "A to fetch the task")
+    b = cluster.worker(concurrency=4, visibility_timeout=1.0)
+    # three visibility timeouts: A still renews its lease, so B never takes the task
+    import time
+
+    t_end = time.monotonic() + 3.0
+    while time.monotonic() < t_end:
+        assert b.counts["reclaimed"] == 0 and cluster.r.llen(log_key) == 0
+        time.sleep(0.05)
+    gate.set()
+    assert r.wait(20) == 7
+    assert cluster.r.llen(log_key) == 1  # ran once, by A
+
+
+def test_an_outage_longer_than_the_visibility_timeout_does_not_hand_a_live_task_to_another_worker(prefix, monkeypatch):
+    from fault_proxy import FaultProxy
+    from redis_helpers import RedisServer
+
+    srv = RedisServer(appendonly=True)
+    pa, pb = FaultProxy(srv.port), FaultProxy(srv.port)
+    try:
+        c = FaultCluster(srv.url, prefix, monkeypatch)
+        try:
+            log_key = f"{prefix}:runs"
+            r = c.producer.add_task(ft.count_run, log_key, 1, 5.0)  # a long task
+            ea = c.engine(visibility_timeout=2.0)
+            ea.broker.__init__(pa.url, prefix=prefix, visibility_timeout=2.0, socket_timeout=2)
+            a = c.worker(concurrency=2, engine=ea)
+            wait_until(lambda: c.r.llen(log_key) == 1, 20, "A to start the long task")
+            eb = c.engine(visibility_timeout=2.0)
+            eb.broker.__init__(pb.url, prefix=prefix, visibility_timeout=2.0, socket_timeout=2)
+            b = c.worker(concurrency=2, engine=eb)
+            pa.refuse(True)
+            srv.kill()  # Redis away for longer than the visibility timeout
+            import time
+
+            time.sleep(2.5)
+            srv.start()  # B is back at once; A a moment later (its network was out longer)
+            wait_until(lambda: b.stats() and c.r.ping(), 5, "Redis")
+            time.sleep(0.5)
+            pa.refuse(False)
+            assert r.wait(30) == 1
+            assert c.r.lrange(log_key, 0, -1).__len__() == 1, c.r.lrange(log_key, 0, -1)  # it ran once
+            wait_until(lambda: a.counts["succeeded"] == 1, 10, "A's commit")  # (counted after the write)
+            assert b.counts["reclaimed"] == 0
+        finally:
+            c.close()
+    finally:
+        pa.close()
+        pb.close()
+        srv.stop()

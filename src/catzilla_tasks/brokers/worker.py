@@ -213,6 +213,10 @@ class Worker:
         self._deadline: float | None = None  # when a stopping worker gives up (stop(timeout))
         self._max_result = broker.max_result_bytes  # (and under the server's limit: _read_server_limit)
         self._server_limit = 0
+        # no reclaiming of other workers' tasks before this (monotonic): after an outage, live
+        # workers need time to renew the leases that aged while nobody could reach Redis
+        self._reclaim_after = 0.0
+        self._outage = False
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -246,6 +250,10 @@ class Worker:
                 if "BUSYGROUP" not in str(exc):
                     raise
         self._read_server_limit()
+        uptime = self._r.info("server").get("uptime_in_seconds")
+        if isinstance(uptime, int) and uptime < self.broker.visibility_timeout:
+            # the server restarted moments ago: the idle times it reports include its downtime
+            self._reclaim_after = time.monotonic() + self.broker.visibility_timeout - uptime
 
     def _read_server_limit(self) -> None:
         """The server's own cap on one value (proto-max-bulk-len): a bigger one resets the
@@ -339,6 +347,9 @@ class Worker:
                 now = time.monotonic()
                 if now >= next_hk:
                     self._heartbeat()
+                    if self._outage:  # back: our leases are renewed; give others as long
+                        self._outage = False
+                        self._reclaim_after = time.monotonic() + self.broker.visibility_timeout
                     if free > 0:
                         free -= self._reclaim(free)
                     next_hk = now + hk_every
@@ -371,10 +382,14 @@ class Worker:
             except errors as exc:
                 # a fetch whose reply was lost still gave us its entries: look for them
                 self._lost_replies = True
+                self._outage = True
+                next_hk = 0.0  # renew our leases first thing once Redis answers
                 log.warning("redis unavailable (%s); retrying", exc)
                 time.sleep(0.2)  # back-off before reconnecting, not synchronisation
             except redis.ResponseError as exc:
                 self._lost_replies = True
+                self._outage = True
+                next_hk = 0.0
                 if "NOGROUP" in str(exc):  # the server lost its data (no persistence): set up again
                     self._retrying(self._ensure_groups)
                 else:  # a server in a state that refuses us for now (read-only replica, OOM, ...)
@@ -434,6 +449,8 @@ class Worker:
         """Take over tasks of workers that stopped acknowledging (idle past the visibility
         timeout), at most ``free``; returns how many."""
         idle_ms = int(self.broker.visibility_timeout * 1000)
+        if time.monotonic() < self._reclaim_after:
+            return 0
         taken = 0
         for prio, s in enumerate(self.broker.streams):
             if taken >= free:
