@@ -437,3 +437,40 @@ def test_an_outage_longer_than_the_visibility_timeout_does_not_hand_a_live_task_
         pa.close()
         pb.close()
         srv.stop()
+
+
+def test_a_silent_connection_times_out_instead_of_hanging(redis_url, cluster):
+    b = RedisBroker(redis_url)
+    kw = b.redis.connection_pool.connection_kwargs
+    assert kw["socket_timeout"] == 30.0 and kw["socket_keepalive"] is True  # defaults
+    assert b._wait_redis.connection_pool.connection_kwargs["socket_timeout"] is None  # blocked waits: none
+    b.close()
+    with pytest.raises(ValueError, match="socket_timeout"):
+        Worker(cluster.engine(socket_timeout=0.1), block_ms=200)
+
+
+def test_a_blackholed_worker_recovers_and_stops_in_time(redis_url, prefix, monkeypatch):
+    import time
+
+    from fault_proxy import FaultProxy
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy(port) as proxy:
+        c = FaultCluster(redis_url, prefix, monkeypatch)
+        try:
+            eng = c.engine()
+            eng.broker.__init__(proxy.url, prefix=prefix, socket_timeout=1.0)
+            w = c.worker(concurrency=4, engine=eng)
+            assert c.producer.add_task(rt.add, 1, 1).wait(10) == 2
+            proxy.blackhole(3.0)  # silence: no reset, no reply
+            r = c.producer.add_task(rt.add, 2, 2)
+            assert r.wait(30) == 4  # the worker's reads timed out, it reconnected
+            proxy.blackhole(30.0)
+            t0 = time.monotonic()
+            w.stop(timeout=3)
+            c.workers[0][1].join(10)
+            assert not c.workers[0][1].is_alive() and time.monotonic() - t0 < 6
+            c.workers.clear()
+        finally:
+            proxy.blackhole(0)
+            c.close()

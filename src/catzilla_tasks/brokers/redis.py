@@ -49,6 +49,7 @@ _DEFAULT_CONFIG = TaskConfig()
 # which a result belongs in a store of its own with a reference to it in the result
 DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 _REDIS_BULK_MAX = 512 * 1024 * 1024
+_CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
 _TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "retry_max_ms", "retry_jitter",
@@ -277,7 +278,10 @@ class RedisBroker:
             if info is not None:
                 client_options = {"driver_info": info, **client_options}
         self._client_options = client_options
-        self.redis = _redis.Redis.from_url(url, **client_options)
+        # a silent connection (a network partition: no reset, no reply) raises after
+        # socket_timeout instead of blocking the worker for good; the worker's blocking reads
+        # are far shorter (block_ms). Blocked waiters have their own pool, without a timeout.
+        self.redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, **client_options})
         # blocked waiters hold a connection each: their own pool, not capped, so they never
         # starve publishing and acknowledging
         # (and no socket timeout: a wait blocks in Redis as long as it was asked to)

@@ -181,6 +181,10 @@ class Worker:
         self.concurrency = concurrency
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.block_ms = int(block_ms)
+        sock_timeout = broker.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        if sock_timeout is not None and self.block_ms / 1000 >= sock_timeout:
+            raise ValueError(f"block_ms ({block_ms}) must be shorter than the broker's socket_timeout ({sock_timeout} s): "
+                             "a blocking read would time out")
         r = broker.redis
         self._r = r
         self._fetch = r.register_script(scripts.FETCH)
