@@ -474,3 +474,28 @@ def test_a_blackholed_worker_recovers_and_stops_in_time(redis_url, prefix, monke
         finally:
             proxy.blackhole(0)
             c.close()
+
+
+def test_a_result_over_the_servers_limit_when_the_server_refuses_config(prefix, monkeypatch):
+    from redis_helpers import RedisServer
+
+    srv = RedisServer()
+    try:
+        c = FaultCluster(srv.url, prefix, monkeypatch)
+        try:
+            c.r.config_set("proto-max-bulk-len", 1024 * 1024)
+            eng = c.engine()
+
+            def refused(*a, **kw):  # a managed Redis: CONFIG is not allowed
+                raise redis.ResponseError("unknown command 'CONFIG'")
+
+            eng.broker.redis.config_get = refused
+            good, big = publish_batch(c.producer, lambda: c.producer.add_task(ft.blob, 2 * 1024 * 1024))
+            c.worker(concurrency=64, engine=eng)
+            assert [r.wait(30) for r in good] == [i + 1 for i in range(30)] + [i + 2 for i in range(30)]
+            with pytest.raises(ValueError, match="reset the connection"):
+                big.wait(30)
+        finally:
+            c.close()
+    finally:
+        srv.stop()

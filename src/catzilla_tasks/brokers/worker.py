@@ -67,6 +67,10 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 _MAX_BACKOFF_MS = 365 * 86400 * 1000.0
 
 
+# Redis's smallest allowed proto-max-bulk-len: a record this small never exceeds the server's limit
+_SMALLEST_BULK_LIMIT = 1024 * 1024
+
+
 class _TooLarge(ValueError):
     """A value over the result size cap (the task fails with it)."""
 
@@ -217,6 +221,8 @@ class Worker:
         self._deadline: float | None = None  # when a stopping worker gives up (stop(timeout))
         self._max_result = broker.max_result_bytes  # (and under the server's limit: _read_server_limit)
         self._server_limit = 0
+        self._largest = 0  # the largest record of the batch being committed
+        self._resets_with_large = 0  # commits in a row holding a large record that lost the connection
         # no reclaiming of other workers' tasks before this (monotonic): after an outage, live
         # workers need time to renew the leases that aged while nobody could reach Redis
         self._reclaim_after = 0.0
@@ -765,6 +771,7 @@ class Worker:
         written: list[tuple[_Job, int, int, tuple[str, ...]]] = []
         counts = dict.fromkeys(self.counts, 0)
         ctx = self._commit_context()
+        self._largest = 0
         for j in jobs:
             start = len(stack)
             try:
@@ -779,7 +786,12 @@ class Worker:
             else:
                 written.append((j, start, len(stack), kinds))
         self._queue_acks(pipe, acks)
-        replies = pipe.execute(raise_on_error=False)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except _redis_errors():
+            self._suspect_server_limit()
+            raise
+        self._resets_with_large = 0
         later: list[list[bytes]] = [[], [], [], []]
         lost = 0
         for j, start, end, kinds in written:
@@ -825,10 +837,35 @@ class Worker:
 
     def _sized(self, rec: bytes, limit: int, what: str) -> bytes:
         if len(rec) > limit:
-            raise _TooLarge(f"{what} is {len(rec):,} bytes, over the limit of {limit:,} (max_result_bytes={self.broker.max_result_bytes:,}"
-                            + (f", the server's proto-max-bulk-len {self._server_limit:,}" if self._server_limit else "")
-                            + "); store large data elsewhere and return a reference to it")
+            server = (f", the server's proto-max-bulk-len {self._server_limit:,}" if self._server_limit
+                      else ", the server reset the connection on a bigger one" if limit < self.broker.max_result_bytes
+                      else "")
+            raise _TooLarge(f"{what} is {len(rec):,} bytes, over the limit of {limit:,} (max_result_bytes="
+                            f"{self.broker.max_result_bytes:,}{server}); store large data elsewhere and return a "
+                            "reference to it")
+        self._largest = max(self._largest, len(rec))
         return rec
+
+    def _suspect_server_limit(self) -> None:
+        """A commit holding a large record lost its connection. A server whose proto-max-bulk-len
+        is below our cap (and that refused to tell us: CONFIG disabled) resets the connection on
+        every such commit, and the batch would be re-sent forever. The second time in a row
+        while the server answers a PING, records this large are taken as over its limit: the
+        retry fails that task and the rest of the batch goes on."""
+        if self._largest <= _SMALLEST_BULK_LIMIT:
+            self._resets_with_large = 0
+            return
+        self._resets_with_large += 1
+        if self._resets_with_large < 2:
+            return
+        try:
+            self._r.ping()
+        except _redis_any():
+            return  # Redis is away: an outage, not a limit
+        self._resets_with_large = 0
+        self._max_result = self._largest - 1
+        log.warning("redis reset the connection twice on a commit holding a %d-byte record while it answers otherwise; "
+                    "results of that size are now refused (its proto-max-bulk-len is lower)", self._largest)
 
     def _outcome(self, pipe: Any, j: _Job, ctx: tuple[int, int | None, int, int]) -> tuple[str, ...]:
         """Queue the commands that record one job's outcome; return the counters it moves."""
