@@ -219,6 +219,7 @@ class Worker:
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
         self._deadline: float | None = None  # when a stopping worker gives up (stop(timeout))
+        self._commit_give_up: float | None = None  # (without one: see _shutdown_deadline)
         self._max_result = broker.max_result_bytes  # (and under the server's limit: _read_server_limit)
         self._server_limit = 0
         self._largest = 0  # the largest record of the batch being committed
@@ -245,10 +246,13 @@ class Worker:
             self._cv.notify_all()
 
     def _shutdown_deadline(self) -> float:
-        """When a stopping worker gives up (monotonic time)."""
-        if self._deadline is None:
-            self._deadline = time.monotonic() + self.broker.visibility_timeout
-        return self._deadline
+        """When a stopping worker gives up retrying a commit (monotonic time): the stop
+        deadline, or a visibility timeout after the first failed commit of the shutdown."""
+        if self._deadline is not None:
+            return self._deadline
+        if self._commit_give_up is None:
+            self._commit_give_up = time.monotonic() + self.broker.visibility_timeout
+        return self._commit_give_up
 
     def _ensure_groups(self) -> None:
         import redis
