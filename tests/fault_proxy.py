@@ -38,6 +38,7 @@ class Trigger:
         self.action = action
         self.left = times
         self.fired = threading.Event()
+        self.at = 0.0  # wall-clock time it fired (time.time(), as the tasks' own logs)
 
 
 class _Link:
@@ -175,6 +176,7 @@ class FaultProxy:
                     if t.left == 0:
                         self._triggers.remove(t)
                     self.events.append((time.monotonic(), f"{t.action} on {t.pattern[:16]!r}"))
+                    t.at = time.time()
                     t.fired.set()
                     return t.action
         return None
