@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
 
-.PHONY: venv build demo test test-quick bench asan-test tsan-test clean
+.PHONY: venv build demo test test-quick bench asan-test tsan-test wheel clean
 
 # Re-installs when pyproject.toml changes (a new test dependency reaches existing venvs too).
 $(VPY): pyproject.toml
@@ -41,5 +41,10 @@ asan-test: $(VPY)
 tsan-test:
 	scripts/sanitizer-tests tsan
 
+# An sdist and a manylinux wheel in dist/, checked with twine, then installed into a new
+# virtualenv with no compiler on PATH and run (quickstart + smoke test): scripts/wheel.
+wheel:
+	PY=$(PY) scripts/wheel
+
 clean:
-	rm -rf build $(VENV) src/catzilla_tasks/*.so .pytest_cache
+	rm -rf build dist $(VENV) src/catzilla_tasks/*.so .pytest_cache
