@@ -9,7 +9,7 @@ SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
 # Re-installs when pyproject.toml changes (a new test dependency reaches existing venvs too).
 $(VPY): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(VPY)
 

@@ -17,7 +17,9 @@
 #include "ct_sync.h"
 
 #include <sched.h>
+#if CT_HAVE_GETTID
 #include <sys/syscall.h>
+#endif
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -625,7 +627,11 @@ void ct_engine_run_c(ct_worker *w, ct_task *t) {
 static void *ct_worker_main(void *arg) {
     ct_worker *w = arg;
     ct_engine *e = w->engine;
+#if CT_HAVE_GETTID
     atomic_store(&w->tid, (int)syscall(SYS_gettid));
+#else
+    atomic_store(&w->tid, 0); /* unknown: no per-thread CPU figures from /proc */
+#endif
     if (e->hooks.thread_start) e->hooks.thread_start(w);
     int empty_pops = 0;
     ct_task *got[CT_BATCH_HARD_MAX];

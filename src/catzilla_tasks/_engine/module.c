@@ -29,7 +29,9 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#ifdef __linux__
 #include <sys/random.h>
+#endif
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -100,7 +102,11 @@ static inline void ts_store(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __
 
 static void new_prefix(void) {
     uint32_t r = 0;
+#ifdef __linux__
     if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) r = (uint32_t)(getpid() * 2654435761u ^ ct_now_ns());
+#else
+    r = arc4random(); /* macOS and the BSDs */
+#endif
     snprintf(g_prefix, sizeof g_prefix, "%08x", r);
 }
 
