@@ -327,3 +327,16 @@ def test_a_given_engine_stays_usable_across_lifespans():
         engine.shutdown()
     with pytest.raises(RuntimeError, match="was shut down"), TestClient(app):
         pass
+
+
+def test_a_collections_engine_runs_the_tasks_given_to_it():
+    engine = Engine(workers=2, handle_sigterm=False)
+    try:
+        def tasks():
+            return BackgroundTasks([BackgroundTask(lambda: None), starlette_background.BackgroundTask(lambda: None)],
+                                   engine=engine)
+
+        TestClient(text_app(tasks)).get("/")
+        assert submitted(engine) == 2
+    finally:
+        engine.shutdown()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from . import starlette as _st
 from .starlette import (
@@ -42,10 +43,15 @@ __all__ = [
 ]
 
 
+async def _detached(connection: HTTPConnection) -> _Detached:
+    # async: FastAPI calls it on the event loop, not through its thread pool
+    return detached_background_tasks(connection)
+
+
 BackgroundTasks = Annotated[_st.BackgroundTasks, Depends(request_background_tasks)]
 """The route-parameter drop-in for ``fastapi.BackgroundTasks`` (FastAPI's semantics, our engine)."""
 
-DetachedBackgroundTasks = Annotated[_Detached, Depends(detached_background_tasks)]
+DetachedBackgroundTasks = Annotated[_Detached, Depends(_detached)]
 """The detached mode as a route parameter: ``add_task`` returns the ``TaskResult``, the response does not wait."""
 
 # the detached class under its earlier name

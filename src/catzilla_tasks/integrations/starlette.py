@@ -138,8 +138,8 @@ class BackgroundTask(_starlette.BackgroundTask):
 
     Awaiting it (Starlette does, after sending the response it is the ``background`` of) queues
     ``func(*args, **kwargs)`` into the engine and waits for it to end without blocking the event
-    loop; its exception, if any, is raised here. ``engine``: the engine to use (None: the
-    ``current_engine()`` when it runs).
+    loop; its exception, if any, is raised here (as is ``QueueFull`` if the engine is full).
+    ``engine``: the engine to use (None: the ``current_engine()`` when it runs).
     """
 
     engine: Engine | None = None
@@ -169,7 +169,8 @@ class BackgroundTasks(_starlette.BackgroundTasks):
 
     async def __call__(self) -> None:
         for task in self.tasks:
-            if type(task) is _starlette.BackgroundTask:  # Starlette's own: same call, on the engine
+            # Starlette's own task, or ours with no engine of its own: on this collection's engine
+            if type(task) is _starlette.BackgroundTask or (type(task) is BackgroundTask and task.engine is None):
                 await _run(self.engine, task.func, task.args, task.kwargs)
             else:
                 await task()
@@ -222,10 +223,11 @@ def detached_background_tasks(request: HTTPConnection) -> DetachedBackgroundTask
     return DetachedBackgroundTasks(_app_engine(request))
 
 
-def request_background_tasks(connection: HTTPConnection, collected: _starlette.BackgroundTasks) -> BackgroundTasks:
+async def request_background_tasks(connection: HTTPConnection, collected: _starlette.BackgroundTasks) -> BackgroundTasks:
     """The request's tasks as our ``BackgroundTasks``, adding to ``collected``: FastAPI's dependency
     behind its ``BackgroundTasks`` drop-in (``collected`` is FastAPI's per-request instance, the one
-    it runs after the response). On the app's engine (``current_engine()`` when they run, without one)."""
+    it runs after the response). On the app's engine (``current_engine()`` when they run, without one).
+    ``async`` so that FastAPI calls it on the event loop, not through its thread pool."""
     tasks = BackgroundTasks(engine=_app_engine(connection))
     tasks.tasks = collected.tasks  # one list: what is added here runs in order with what FastAPI's own adds
     return tasks
