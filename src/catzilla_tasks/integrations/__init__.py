@@ -6,6 +6,9 @@ Each integration serves the same read-only routes under a prefix (``/tasks`` by 
 - ``GET <prefix>/dashboard/``: the live dashboard page (it polls ``<prefix>/dashboard/stats.json``),
 - ``GET <prefix>/metrics``: Prometheus text (404 with the reason when prometheus-client is missing).
 
+The Starlette and FastAPI modules also give drop-ins for their ``BackgroundTasks`` that keep the
+framework's semantics and run the tasks on the engine (see ``.starlette``).
+
 Nothing here imports a framework: each module imports its own on first use.
 """
 
