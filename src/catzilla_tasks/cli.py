@@ -118,12 +118,10 @@ class RemoteStats:
 
 
 def _redact(url: str) -> str:
-    """``url`` without a token in its query string (for messages)."""
-    p = urlsplit(url)
-    if "token=" not in p.query:
-        return url
-    q = "&".join("token=***" if kv.startswith("token=") else kv for kv in p.query.split("&"))
-    return urlunsplit((p.scheme, p.netloc, p.path, q, ""))
+    """``url`` without credentials (userinfo, token and password parameters), for messages."""
+    from ._redact import redact_url
+
+    return redact_url(url)
 
 
 # ----------------------------------------------------------------------------- formatting
