@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "stats_url"]
+__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
 
 TOKEN_ENV = "CATZILLA_TASKS_TOKEN"
 DASH = "\u2013"
@@ -77,13 +77,14 @@ class RemoteStats:
     def _get(self, url: str) -> tuple[str, bytes]:
         # urllib.request (http.client, email) is imported here: `catzilla-tasks worker` never needs it
         from urllib.error import HTTPError, URLError
-        from urllib.request import Request, urlopen
+        from urllib.request import Request, build_opener
 
         headers = {"Accept": "application/json", "User-Agent": "catzilla-tasks-cli"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        opener = build_opener(_redirect_handler(bool(self.token) or _has_credentials(url)))
         try:
-            with urlopen(Request(url, headers=headers), timeout=self.timeout) as resp:  # noqa: S310 - http(s) only
+            with opener.open(Request(url, headers=headers), timeout=self.timeout) as resp:  # noqa: S310 - http(s) only (stats_url)
                 return resp.headers.get_content_type(), resp.read()
         except HTTPError as exc:
             if exc.code == 401:
@@ -115,6 +116,53 @@ class RemoteStats:
         if not isinstance(stats, dict) or not {"queue_metrics", "totals"} <= stats.keys():
             raise StatsError(f"{_redact(url)} did not answer with an engine's stats (tasks.monitor.get_stats())")
         return stats
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _has_credentials(url: str) -> bool:
+    from ._redact import redact_url
+
+    return redact_url(url) != url
+
+
+def redirect_allowed(old: str, new: str, credentials: bool) -> str | None:
+    """None when a redirect from ``old`` to ``new`` may be followed, else why not: never from
+    https to anything else, and with credentials (a token, a password or a token parameter in
+    the URL) only to the same origin (scheme, host and port), where they were meant to go."""
+    o, n = _origin(old), _origin(new)
+    if n[0] not in ("http", "https"):
+        return f"it points to a {n[0] or 'relative'}: URL"
+    if o[0] == "https" and n[0] != "https":
+        return "it leaves https for plain http"
+    if credentials and o != n:
+        return "it points to another origin and the request carries credentials"
+    return None
+
+
+def _redirect_handler(credentials: bool) -> Any:
+    from urllib.request import HTTPRedirectHandler
+
+    class _Redirects(HTTPRedirectHandler):
+        """Follows a redirect only where redirect_allowed says, before anything is sent there."""
+
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            why = redirect_allowed(req.full_url, newurl, credentials)
+            if why is not None:
+                fp.close()
+                raise StatsError(f"{_redact(req.full_url)} redirects ({code}) to {_redact(newurl)}: not followed, "
+                                 f"{why}; use the final URL directly")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return _Redirects()
 
 
 def _redact(url: str) -> str:
