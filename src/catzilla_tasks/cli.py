@@ -1,7 +1,7 @@
 """The ``catzilla-tasks`` command: look at a running engine from a terminal or a browser.
 
     catzilla-tasks stats URL [--token T] [--watch SECONDS [--count N]]
-    catzilla-tasks dashboard URL [--port P] [--token T]
+    catzilla-tasks dashboard URL [--port P] [--token T] [--serve-token S]
     catzilla-tasks metrics URL [--token T]
     catzilla-tasks demo-server [--port P]
     catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
@@ -36,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
 
 TOKEN_ENV = "CATZILLA_TASKS_TOKEN"
+SERVE_TOKEN_ENV = "CATZILLA_TASKS_SERVE_TOKEN"
 DASH = "\u2013"
 
 
@@ -252,6 +253,8 @@ def _side_by_side(left: list[str], right: list[str], gap: int = 6, width: int = 
 def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failures: int = 10,
                  columns: int | None = None) -> str:
     """A readable plain-text table of an engine's stats (what ``catzilla-tasks stats`` prints)."""
+    from ._redact import redact_text
+
     g = lambda path: _get(stats, path)  # noqa: E731
     columns = columns or shutil.get_terminal_size((100, 24)).columns
     state = "paused" if g("engine.paused") else "running"
@@ -308,7 +311,7 @@ def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failur
         id_w = max(len(str(f.get("task_id", ""))) for f in shown)
         for f in shown:
             prefix = f"  {fmt_time(f.get('finished_at'))}  {str(f.get('name', ''))[:name_w]:<{name_w}}  {str(f.get('task_id', '')):<{id_w}}  "
-            err = " ".join(str(f.get("error", "")).split())
+            err = " ".join(redact_text(str(f.get("error", ""))).split())
             room = max(20, columns - len(prefix) - 1)
             out.append(prefix + (err if len(err) <= room else err[: room - 1] + "\u2026"))
     return "\n".join(out) + "\n"
@@ -379,12 +382,20 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     from .dashboard import serve
 
     remote = RemoteStats(args.url, _token(args), timeout=args.timeout)
+    # Stats that need a credential are not re-served without one: the local server gets its own
+    # token (--serve-token, $CATZILLA_TASKS_SERVE_TOKEN, or a random one printed in its URL).
+    local_token = args.serve_token or os.environ.get(SERVE_TOKEN_ENV) or None
+    if local_token is None and (remote.token or _has_credentials(remote.url)):
+        import secrets
+
+        local_token = secrets.token_urlsafe(24)
     try:
         remote()
     except StatsError as exc:  # serve anyway: the page says what is wrong and retries
         print(f"catzilla-tasks: warning: {exc}", file=sys.stderr)
-    server, _ = serve(remote, host="127.0.0.1", port=args.port)
-    out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {server.url}  (Ctrl-C to stop)\n")
+    server, _ = serve(remote, host="127.0.0.1", port=args.port, token=local_token)  # loopback only
+    local = server.url + (f"?token={local_token}" if local_token else "")
+    out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
         _wait_for_stop()
@@ -540,8 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("dashboard", help="serve the live dashboard of a running engine locally",
-                       description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL.")
+                       description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL. "
+                                   "When those need a token, the local page needs one too: --serve-token, "
+                                   f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.")
     _add_url_args(p)
+    p.add_argument("--serve-token", help="token the local page requires (default: "
+                                         f"${SERVE_TOKEN_ENV}; a random one when the engine's stats need a token)")
     p.add_argument("--port", type=int, default=8765, help="local port (default: 8765; 0: any free port)")
     p.set_defaults(func=cmd_dashboard)
 
