@@ -1117,7 +1117,7 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
             return None
     else:
         lst = inp.items
-        assert lst is not None
+        assert lst is not None  # noqa: S101 - type narrowing: a MapInput without columns has items
         if n == 0:
             if out is None:
                 return []

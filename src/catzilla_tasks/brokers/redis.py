@@ -676,7 +676,7 @@ class RemoteResult:
         def watch() -> None:
             try:
                 self.wait()
-            except BaseException:
+            except BaseException:  # noqa: S110 - the waiter's own wait() reports the error; this thread only watches
                 pass
             fn(self)
 
