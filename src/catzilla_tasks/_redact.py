@@ -76,5 +76,7 @@ def redact_text(text: str) -> str:
         text = str(text)
     if "://" in text:
         text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    if "=" not in text:  # the common case, at the cost of one scan
+        return text
     return _PAIR_IN_TEXT.sub(lambda m: f"{m.group('name')}{m.group('sep')}{MASK}"
                              if m.group("value") != MASK else m.group(0), text)
