@@ -7,14 +7,13 @@ import pickle
 import stat
 import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
 
 numba = pytest.importorskip("numba")
 
-from catzilla_tasks import BackgroundTasks, compiler, task  # noqa: E402
+from catzilla_tasks import BackgroundTasks, task  # noqa: E402
 from catzilla_tasks.compiler import TaskCompiler  # noqa: E402
 
 ROOT = os.geteuid() == 0
