@@ -21,8 +21,12 @@ arguments, under the GIL, to give the task its real exception (a pure function c
 same thing twice).
 
 Compiled trampolines are cached on disk (numba's cache, in ``$CATZILLA_TASKS_CACHE_DIR`` or
-``~/.cache/catzilla_tasks/compiled``), keyed by the function's bytecode, constants, argument
-types and the numba and Python versions: a second process loads them instead of compiling.
+``~/.cache/catzilla_tasks/compiled``), keyed by everything numba compiles into them (the
+function and every numba helper it reaches, their code and the globals numba freezes), the
+argument types and the numba, numpy and Python versions: a second process loads them instead
+of compiling. What is loaded is code, so the cache is used only when this user alone could
+have written it (see "The disk cache's trust rules" below and SECURITY.md); otherwise, or
+when it cannot be written, trampolines are compiled in memory, with a warning once.
 
 Without numba (the ``[compile]`` extra) every task runs as Python, and ``explain(func)`` says
 the compiler is missing.
@@ -39,6 +43,7 @@ import json
 import logging
 import marshal
 import os
+import stat as stat_mod
 import struct
 import sys
 import tempfile
@@ -178,6 +183,273 @@ def _cache_dir() -> str:
     return d
 
 
+# ---------------------------------------------------------------------------------------
+# The disk cache's trust rules (see SECURITY.md). What is loaded from the cache is code that
+# runs in this process, so nothing in it is used unless only this user could have written it:
+# the directory is ours and writable by nobody else (and so are its ancestors, or they are
+# sticky like /tmp); a file is ours, a regular file, writable by nobody else; the trampoline's
+# text equals the text we generate (we compile our text, never the file's); numba's index and
+# data files (pickles) have the SHA-256 recorded in our manifest when we saw numba write them.
+# Anything else is deleted and compiled afresh; a directory that fails the rules is not used
+# at all (a warning, once, and compiled code stays in memory).
+
+_MEMORY = "m"  # prefix of the keys of functions that are never cached on disk (see _key)
+_DIR_VERDICTS: dict[str, str | None] = {}  # cache directory -> its real path, or None: refused
+_TRUSTED_DIRS: set[str] = set()  # real paths our numba cache locator serves
+_cache_lock = threading.Lock()
+
+
+def _warn_cache(d: str, why: str) -> None:
+    import warnings
+
+    warnings.warn(f"catzilla_tasks: the compile cache {d!r} is not used: {why}; compiled tasks are compiled "
+                  "in memory by this process (see SECURITY.md)", RuntimeWarning, stacklevel=2)
+
+
+def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
+    st = os.stat(path)
+    if not stat_mod.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    mode = stat_mod.S_IMODE(st.st_mode)
+    if leaf:
+        if st.st_uid != uid:
+            return f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid})"
+        if mode & 0o022:
+            who = " and ".join(w for w, bit in (("its group", 0o020), ("other users", 0o002)) if mode & bit)
+            return f"{path} is writable by {who} (mode {mode:o}; it must be 0700 or 0755)"
+        return None
+    # an ancestor: others must not be able to rename our directory away and plant another one
+    if st.st_uid not in (0, uid) or (mode & 0o022 and not mode & stat_mod.S_ISVTX):
+        return (f"its parent {path} (owner uid {st.st_uid}, mode {mode:o}) can be changed by other users "
+                "(it must belong to this user or root, and be sticky if others may write to it)")
+    return None
+
+
+def _trusted_dir(d: str) -> str | None:
+    """The real path of cache directory d, created 0700, when it passes the trust rules and is
+    writable; None otherwise (with a warning, once per directory and process)."""
+    with _cache_lock:
+        if d in _DIR_VERDICTS:
+            return _DIR_VERDICTS[d]
+        real: str | None = None
+        try:
+            why = _numba_cache_redirected()
+            if why is None:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                real = os.path.realpath(d)
+                uid = os.geteuid()
+                why = _dir_problem(real, uid, leaf=True)
+                parent = real
+                while why is None and os.path.dirname(parent) != parent:
+                    parent = os.path.dirname(parent)
+                    why = _dir_problem(parent, uid, leaf=False)
+                if why is None:
+                    pyc = os.path.join(real, "__pycache__")  # numba's files, the same rules
+                    os.makedirs(pyc, mode=0o700, exist_ok=True)
+                    why = _dir_problem(pyc, uid, leaf=True)
+                    for folder in (real, pyc):  # writable (not just permitted: read-only mounts)
+                        tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            why = f"it cannot be created or written ({type(exc).__name__}: {exc})"
+        if why is not None:
+            _warn_cache(d, why)
+            real = None
+        else:
+            _TRUSTED_DIRS.add(real)  # type: ignore[arg-type]
+            _install_locator()
+        _DIR_VERDICTS[d] = real
+        return real
+
+
+def _numba_cache_redirected() -> str | None:
+    from numba.core import config
+
+    if getattr(config, "CACHE_LOCATOR_CLASSES", ""):
+        return "NUMBA_CACHE_LOCATOR_CLASSES is set, so numba would keep its files where they cannot be checked"
+    return None
+
+
+_LOCATOR: Any = None
+
+
+def _install_locator() -> None:
+    """Make numba cache our trampolines in ``<dir>/__pycache__`` of a trusted directory, and
+    nowhere else (not NUMBA_CACHE_DIR, not ~/.cache/numba): numba's own locators are tried
+    after ours, and ours answers only for the ``ct_*.py`` files of a trusted directory."""
+    global _LOCATOR
+    if _LOCATOR is not None:
+        return
+    from numba.core import caching
+
+    class _TrustedLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):  # type: ignore[misc,name-defined]
+        def __init__(self, py_func: Any, py_file: str) -> None:
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            self._cache_path = os.path.join(os.path.dirname(py_file), "__pycache__")
+
+        def get_cache_path(self) -> str:
+            return self._cache_path
+
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> Any:
+            if os.path.dirname(py_file) in _TRUSTED_DIRS and os.path.basename(py_file).startswith("ct_"):
+                return cls(py_func, py_file)
+            return None
+
+    # numba's extension point is this list of locator classes (NUMBA_CACHE_LOCATOR_CLASSES
+    # replaces it process-wide, for every user of numba): ours goes first, for our files only.
+    impl = caching.CompileResultCacheImpl
+    impl._locator_classes = [_TrustedLocator, *impl._locator_classes]
+    _LOCATOR = _TrustedLocator
+
+
+def _trusted_read(path: str) -> bytes | None:
+    """The bytes of path when it is a regular file of ours that nobody else may write, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None
+        return f.read()
+
+
+def _numba_files(pyc: str, key: str) -> list[str]:
+    try:
+        names = os.listdir(pyc)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(f"ct_{key}.") and n.endswith((".nbi", ".nbc")))
+
+
+def _check_numba_files(pyc: str, key: str, recorded: dict[str, str]) -> None:
+    """Leave numba's files of key only if each is one we recorded; else delete them all (numba
+    then compiles afresh and writes new ones). OSError when they cannot be deleted."""
+    names = _numba_files(pyc, key)
+    for n in names:
+        data = _trusted_read(os.path.join(pyc, n))
+        if data is None or hashlib.sha256(data).hexdigest() != recorded.get(n):
+            break
+    else:
+        return
+    for n in names:
+        try:
+            os.remove(os.path.join(pyc, n))
+        except FileNotFoundError:
+            pass
+
+
+def _record_numba_files(pyc: str, key: str) -> dict[str, str]:
+    """The SHA-256 of numba's files of key, as written by numba in this process (made private
+    first: numba creates them with the umask's mode)."""
+    out = {}
+    for n in _numba_files(pyc, key):
+        p = os.path.join(pyc, n)
+        try:
+            os.chmod(p, 0o600, follow_symlinks=False)
+        except (OSError, NotImplementedError):
+            continue
+        data = _trusted_read(p)
+        if data is not None:
+            out[n] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _read_meta(d: str, key: str) -> dict[str, Any]:
+    data = _trusted_read(os.path.join(d, f"ct_{key}.json"))
+    try:
+        meta = json.loads(data) if data is not None else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+# Modules whose attributes numba may freeze into machine code and that change only with their
+# version (in the key): others' attributes (a settings module) make a function uncacheable.
+_FROZEN_MODULES = frozenset({"math", "cmath", "numpy", "numba"})
+_HASHABLE_CONSTANTS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _fingerprint(func: types.FunctionType, h: Any, seen: set[int]) -> str | None:
+    """Feed h with everything numba compiles of func: its code (nested code included), defaults,
+    closure values and the globals it loads, recursing into numba helpers. None when all of it
+    could be hashed, else what could not."""
+    if id(func) in seen:  # recursion
+        return None
+    seen.add(id(func))
+    code = func.__code__
+    # marshal format 0: no reference or interning flags, which follow reference counts (numba
+    # holding a code's constants would change the bytes of later formats, and so the key)
+    h.update(marshal.dumps(code, 0))
+    why = _fingerprint_value("a default", (func.__defaults__, tuple(sorted((func.__kwdefaults__ or {}).items()))), h)
+    if why:
+        return why
+    for name, cell in zip(code.co_freevars, func.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            return f"its closure variable {name!r} is not set"
+        why = _fingerprint_global(f"closure variable {name!r}", value, h, seen)
+        if why:
+            return why
+    for name in sorted(_global_names(code)):
+        h.update(f"global {name}=".encode())
+        if name in func.__globals__:
+            why = _fingerprint_global(f"global {name!r}", func.__globals__[name], h, seen)
+            if why:
+                return f"{func.__qualname__} reads {why}"
+        elif not hasattr(builtins, name):
+            h.update(b"<undefined>")
+    return None
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _fingerprint_global(what: str, value: Any, h: Any, seen: set[int]) -> str | None:
+    if isinstance(value, types.ModuleType):
+        top = value.__name__.partition(".")[0]
+        if top not in _FROZEN_MODULES:
+            return f"{what}, the module {value.__name__!r}, whose attributes numba freezes"
+        h.update(f"module {value.__name__}".encode())
+        return None
+    if _is_numba_dispatcher(value):
+        opts = getattr(value, "targetoptions", {})
+        h.update(f"dispatcher {sorted(opts.items())!r}".encode())
+        return _fingerprint(value.py_func, h, seen)
+    if isinstance(value, type) and value.__module__ == "builtins":
+        h.update(f"builtin {value.__qualname__}".encode())
+        return None
+    return _fingerprint_value(what, value, h)
+
+
+def _fingerprint_value(what: str, value: Any, h: Any) -> str | None:
+    """Hash a constant numba freezes: numbers, strings, None, tuples of them, numpy arrays."""
+    if type(value) in _HASHABLE_CONSTANTS:
+        h.update(f"{type(value).__name__} {value!r};".encode())
+        return None
+    if type(value) is tuple:
+        h.update(f"tuple {len(value)}(".encode())
+        for v in value:
+            why = _fingerprint_value(what, v, h)
+            if why:
+                return why
+        h.update(b")")
+        return None
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "tobytes"):
+        h.update(f"numpy {value.dtype.str} {getattr(value, 'shape', ())!r}".encode())
+        h.update(value.tobytes())
+        return None
+    return f"{what} ({type(value).__name__}), a value numba freezes that the cache key cannot cover"
+
+
 class _Spec:
     """One compiled signature: the trampoline's address and how to pack a call."""
 
@@ -301,38 +573,35 @@ class TaskCompiler:
             return spec
 
     def _key(self, func: types.FunctionType, codes: str) -> str:
+        """The cache key of func's trampoline for these argument types: a hash of everything
+        numba compiles into it (the function, every numba helper it reaches, callees of callees
+        included, and every global and closure value numba freezes as a constant), the
+        trampoline's template and the numba, numpy and Python versions. A function reaching a
+        value that cannot be hashed gets a key of this process only (prefix _MEMORY): it is
+        compiled, never loaded from or stored on disk."""
         import numba
+        import numpy
 
         h = hashlib.sha256()
-        for part in (_TEMPLATE_VERSION, codes, numba.__version__, sys.version, repr(func.__defaults__)):
+        for part in (_TEMPLATE_VERSION, _TRAMPOLINE, codes, numba.__version__, numpy.__version__, sys.version):
             h.update(part.encode())
             h.update(b"\0")
-        h.update(marshal.dumps(func.__code__))
-        for name in func.__code__.co_names:  # numba helpers it calls are part of it
-            val = func.__globals__.get(name)
-            if val is not None and _is_numba_dispatcher(val):
-                h.update(marshal.dumps(val.py_func.__code__))
-        return h.hexdigest()[:32]
+        why = _fingerprint(func, h, set())
+        if why is None:
+            return h.hexdigest()[:32]
+        log.debug("%s is not cached on disk: %s", func.__qualname__, why)
+        h.update(f"process {os.getpid()} function {id(func)}".encode())  # _REGISTRY keeps func alive
+        return _MEMORY + h.hexdigest()[:31]
 
     def _build(self, func: types.FunctionType, codes: str, key: str) -> _Spec:
         import numba
         from numba.core import types as nt
 
-        d = self.cache_dir or _cache_dir()
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError as exc:
-            raise _Cannot(f"cannot create the compile cache directory {d!r}: {exc}") from None
-        path = os.path.join(d, f"ct_{key}.py")
-        meta = os.path.join(d, f"ct_{key}.json")
+        d = None if key.startswith(_MEMORY) else _trusted_dir(self.cache_dir or _cache_dir())
         dispatcher = numba.njit(nogil=True)(func)
         _REGISTRY[key] = dispatcher
-        rcode = None
-        try:
-            with open(meta) as f:
-                rcode = json.load(f)["result"]
-        except (OSError, ValueError, KeyError):
-            pass
+        meta = _read_meta(d, key) if d is not None else {}
+        rcode = meta.get("result")
         if rcode not in _TYPE_NAMES:
             # first time for this signature: infer the result type
             argtypes = tuple({"i": nt.int64, "f": nt.float64, "b": nt.boolean}[c] for c in codes)
@@ -359,39 +628,76 @@ class TaskCompiler:
             rdtype=_DTYPES[rcode],
             call=", ".join(f"a{j}[i]" for j in range(len(codes))),
         )
-        if not os.path.exists(path):
-            _atomic_write(path, src)
-        try:
-            cf = _load_trampoline(path, key)
-        except Exception:
-            # a cache entry this numba cannot load (or a damaged file): compile afresh once
-            log.debug("compile cache entry %s unusable; compiling again", path, exc_info=True)
-            _drop_cache_entry(d, key)
+        cf = _load_cached(d, key, src, rcode, func.__qualname__, meta) if d is not None else None
+        if cf is None:
             try:
-                _atomic_write(path, src)
-                cf = _load_trampoline(path, key)
+                cf = _load_trampoline(None, key, src)
             except Exception as exc:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
-        if not os.path.exists(meta):
-            _atomic_write(meta, json.dumps({"result": rcode, "function": func.__qualname__}))
         hit = bool(getattr(cf, "cache_hits", 0))
         log.debug("compiled %s(%s) -> %s%s", func.__qualname__, _names(codes), _TYPE_NAMES[rcode],
                   " (from the disk cache)" if hit else "")
         return _Spec(codes, rcode, cf, hit, key)
 
 
-def _load_trampoline(path: str, key: str) -> Any:
+def _load_trampoline(path: str | None, key: str, src: str) -> Any:
+    """Run the trampoline module's text ``src`` (ours, never the file's) and return its cfunc:
+    with numba's disk cache beside ``path``, or in memory only when path is None."""
     name = f"catzilla_tasks_native_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
+    if path is None:
+        text = src.replace("cache=True", "cache=False")
+        if text.count("cache=False") != 1:
+            raise RuntimeError("the trampoline template has no single cache=True to turn off")
+        code = builtins.compile(text, f"<catzilla_tasks native {key}>", "exec")
+    else:
+        code = builtins.compile(src, path, "exec")
+    mod = types.ModuleType(name)
+    mod.__file__ = path or code.co_filename
     sys.modules[name] = mod  # numba's cache finds the module by its name
     try:
-        spec.loader.exec_module(mod)
+        exec(code, mod.__dict__)  # noqa: S102 - the text generated by _build, see _TRAMPOLINE
     except BaseException:
         sys.modules.pop(name, None)
         raise
     return mod.trampoline
+
+
+def _load_cached(d: str, key: str, src: str, rcode: str, qualname: str, meta: dict[str, Any]) -> Any:
+    """The trampoline of key from trusted cache directory d (numba's cache loaded, or written
+    there), or None when the directory cannot be used (warned once; compile in memory)."""
+    path = os.path.join(d, f"ct_{key}.py")
+    pyc = os.path.join(d, "__pycache__")
+    try:
+        if _trusted_read(path) != src.encode():
+            _atomic_write(path, src)
+        _check_numba_files(pyc, key, meta.get("numba") if isinstance(meta.get("numba"), dict) else {})
+        try:
+            cf = _load_trampoline(path, key, src)
+        except OSError:
+            raise
+        except Exception:
+            # an entry this numba cannot load: compile afresh once
+            log.debug("compile cache entry %s unusable; compiling again", path, exc_info=True)
+            _drop_cache_entry(d, key)
+            _atomic_write(path, src)
+            try:
+                cf = _load_trampoline(path, key, src)
+            except OSError:
+                raise
+            except Exception as exc:
+                raise _Cannot(f"numba cannot compile it: {_first_lines(exc)}") from None
+        want = {"result": rcode, "function": qualname, "numba": _record_numba_files(pyc, key)}
+        if meta != want:
+            _atomic_write(os.path.join(d, f"ct_{key}.json"), json.dumps(want))
+        return cf
+    except OSError as exc:
+        with _cache_lock:
+            _DIR_VERDICTS[d] = None
+            for k, v in list(_DIR_VERDICTS.items()):
+                if v == d:
+                    _DIR_VERDICTS[k] = None
+        _warn_cache(d, f"it cannot be written ({type(exc).__name__}: {exc})")
+        return None
 
 
 def _drop_cache_entry(d: str, key: str) -> None:
@@ -811,7 +1117,7 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
             return None
     else:
         lst = inp.items
-        assert lst is not None
+        assert lst is not None  # noqa: S101 - type narrowing: a MapInput without columns has items
         if n == 0:
             if out is None:
                 return []

@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
 
 from . import _engine, _signals
+from ._redact import redact_text
 from .config import TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
@@ -113,7 +114,8 @@ def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseExcepti
     engine._failures.append({
         "task_id": task_id,
         "name": getattr(func, "__qualname__", None) or repr(func),
-        "error": f"{type(exc).__name__}: {exc}" if exc is not None else "",
+        # shown by get_stats() and the dashboard: no credentials (a connection string in a message)
+        "error": redact_text(f"{type(exc).__name__}: {exc}") if exc is not None else "",
         "finished_at": time.time(),
     })
 

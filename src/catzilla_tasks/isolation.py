@@ -284,7 +284,7 @@ def _error_reply(exc: BaseException, stage: str, *, memory: bool = False) -> byt
     problem = ""
     try:
         exc_bytes = pickle.dumps(exc, protocol=_PROTOCOL)
-        pickle.loads(exc_bytes)  # an exception whose __init__ needs more args fails only here
+        pickle.loads(exc_bytes)  # noqa: S301 - our own bytes, just made: an exception whose __init__ needs more args fails only here
     except BaseException as pickling_exc:  # noqa: BLE001
         exc_bytes = None
         problem = _why(pickling_exc)
@@ -305,7 +305,7 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     """Run one task message; return (reply, retire this child)."""
     (limit_mb,) = _HEADER.unpack_from(message)
     try:
-        func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size:])
+        func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size:])  # noqa: S301 - from the parent over a private pipe
     except BaseException as exc:  # noqa: BLE001
         return _error_reply(exc, "load"), False
     del message
@@ -879,13 +879,13 @@ class ProcessPool:
         if data[:1] == _VALUE:
             self._release(child)
             try:
-                return pickle.loads(memoryview(data)[1:])
+                return pickle.loads(memoryview(data)[1:])  # noqa: S301 - from our child over a private pipe
             except Exception as exc:  # noqa: BLE001
                 raise TypeError(
                     f"the task's result could not be unpickled in the parent process ({_why(exc)})"
                 ) from exc
 
-        info = pickle.loads(memoryview(data)[1:])
+        info = pickle.loads(memoryview(data)[1:])  # noqa: S301 - from our child over a private pipe
         del data
         if info["memory"]:
             self._discard(child, kill=False)  # the child exits by itself after such a failure
@@ -979,7 +979,7 @@ def _rebuild_error(info: dict, memory_limit_mb: float | None) -> BaseException:
     original = None
     if info["exc"] is not None:
         try:
-            original = pickle.loads(info["exc"])
+            original = pickle.loads(info["exc"])  # noqa: S301 - from our child over a private pipe
         except Exception as exc_:  # noqa: BLE001 - e.g. its class does not exist in the parent
             info["problem"] = _why(exc_)
     if not isinstance(original, BaseException):
@@ -1017,7 +1017,7 @@ def _shutdown_all_at_exit() -> None:
     for pool in list(_POOLS):
         try:
             pool.shutdown(wait=False)
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:  # noqa: BLE001, S110 - exiting anyway
             pass
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -24,12 +25,18 @@ class UsageError(Exception):
 
 
 def load_app(spec: str) -> Any:
-    """Import ``module:attribute`` (the current directory is on the path, as for ``python -m``)."""
+    """Import ``module:attribute``.
+
+    The module is looked up on the path as it is (installed packages, ``PYTHONPATH``); only
+    when its top-level package is not found there is the current directory *appended* to
+    ``sys.path``, after the standard library and the installed packages, so a file in the
+    directory the worker starts from can never shadow a module imported later (``json.py``,
+    ``redis.py``...). To import from a directory first, set ``PYTHONPATH`` explicitly.
+    """
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise UsageError(f"expected MODULE:TASKS (e.g. myapp.jobs:tasks), got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _add_cwd_if_needed(mod_name)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -41,6 +48,18 @@ def load_app(spec: str) -> Any:
         except AttributeError:
             raise UsageError(f"module {mod_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _add_cwd_if_needed(mod_name: str) -> None:
+    top = mod_name.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    cwd = os.getcwd()
+    if not found and cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)  # last: it adds the app's modules, it replaces none
+        importlib.invalidate_caches()
 
 
 def _broker(args: argparse.Namespace) -> Any:

@@ -27,6 +27,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
+from .._redact import redact_url
 from ..config import TaskConfig, TaskPriority, TaskStatus
 from . import scripts
 from .serialization import DecodeError, Serializer
@@ -121,17 +122,6 @@ def _plain(field: str, value: Any) -> Any:
     )
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password (for logs and reprs)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    p = urlsplit(url)
-    if p.password is None:
-        return url
-    netloc = f"{p.username or ''}:***@{p.hostname or ''}" + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
-
-
 def encode_error(exc: BaseException) -> list[str]:
     import traceback
 
@@ -214,7 +204,7 @@ class RedisBroker:
         _require_redis()
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
-                f"broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., got {url!r}"
+                f"broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., got {redact_url(url)!r}"
             )
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
@@ -686,7 +676,7 @@ class RemoteResult:
         def watch() -> None:
             try:
                 self.wait()
-            except BaseException:
+            except BaseException:  # noqa: S110 - the waiter's own wait() reports the error; this thread only watches
                 pass
             fn(self)
 

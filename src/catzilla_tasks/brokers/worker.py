@@ -68,7 +68,7 @@ def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
         d = base
     d = min(d, cap)
     jitter = cfg.retry_jitter if cfg.retry_jitter is not None else kind == "exponential"
-    return random.uniform(0, d) if jitter else d
+    return random.uniform(0, d) if jitter else d  # noqa: S311 - retry jitter, not a secret
 
 
 class _Job:
