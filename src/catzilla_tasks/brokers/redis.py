@@ -27,7 +27,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
-from ..config import TaskConfig, TaskPriority, TaskStatus
+from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from . import scripts
 from .serialization import DecodeError, Serializer
 
@@ -110,6 +110,15 @@ def task_name(func: Any) -> str:
             "that both the producer and `catzilla-tasks worker module:tasks` import"
         )
     return f"{mod}.{qual}"
+
+
+_MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
+
+
+def _seconds(value: Any, low: float = 0) -> bool:
+    """A broker time in seconds: a number from ``low`` to _MAX_S (NaN and infinity fail the
+    comparison; these end up as PEXPIRE milliseconds, where they would fail every commit)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= _MAX_S
 
 
 def _plain(field: str, value: Any) -> Any:
@@ -220,13 +229,14 @@ class RedisBroker:
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
         for field, value in (("result_ttl", result_ttl), ("idempotency_ttl", idempotency_ttl)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{field}: must be a number of seconds >= 0, got {value!r}")
+            if not _seconds(value):
+                raise ValueError(f"{field}: must be a number of seconds >= 0 and at most {_MAX_S}, got {value!r}")
         if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
                                            or max_deliveries < 1):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
-        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
-            raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
+        if not _seconds(visibility_timeout, 0.001):
+            raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
+                             f"got {visibility_timeout!r}")
         self.url = url
         self.queue = queue
         self.prefix = prefix
