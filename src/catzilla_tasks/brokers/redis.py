@@ -266,6 +266,7 @@ class RedisBroker:
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
+        self._redrive = self.redis.register_script(scripts.REDRIVE)
         self._local = threading.local()
         self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
@@ -520,7 +521,9 @@ class RedisBroker:
 
     def redrive(self, ids: Iterable[str] | None = None) -> int:
         """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None), with
-        a fresh count of retries. Each move is atomic (XADD and XDEL in one transaction)."""
+        a fresh count of retries; returns how many this call moved. Each move is one Lua script
+        that queues the task only if it deleted the dead letter, so concurrent re-drives move
+        each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
         moved = 0
         start = "-"
@@ -528,7 +531,7 @@ class RedisBroker:
             batch = self.redis.xrange(self.dead_key, min=start, count=500)
             if not batch:
                 break
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)  # each script is atomic on its own
             n = 0
             for entry_id, fields in batch:
                 eid = entry_id.decode()
@@ -543,12 +546,11 @@ class RedisBroker:
                         payload = self.serializer.same_format(payload).dumps(msg)
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
-                pipe.xadd(self.streams[prio if 0 <= prio <= 3 else 2], {"m": payload})
-                pipe.xdel(self.dead_key, entry_id)
+                self._redrive(keys=[self.dead_key, self.streams[prio if 0 <= prio <= 3 else 2]],
+                              args=[entry_id, payload], client=pipe)
                 n += 1
             if n:
-                pipe.execute()
-                moved += n
+                moved += sum(pipe.execute())
             last = batch[-1][0].decode()
             ms, seq = last.split("-")
             start = f"{ms}-{int(seq) + 1}"

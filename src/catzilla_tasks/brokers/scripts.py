@@ -62,6 +62,16 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
+# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in. ARGV:
+# the dead letter's id, the payload to queue (with a fresh count of attempts). Queues it only if
+# this call deleted the dead letter: of several re-drives at once, one moves it (1), the others
+# find it gone (0), so no dead letter is queued twice.
+REDRIVE = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
+return 1
+"""
+
 # KEYS[1]: a priority stream; ARGV: payloads. One XADD each, in one call: a batch of producer
 # tasks costs one command to build and send instead of one per task.
 BULK_XADD = """
