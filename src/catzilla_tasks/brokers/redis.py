@@ -7,7 +7,7 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:dead           dead-letter Stream (tasks that exhausted their retries, garbage, unknown names)
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
     P:done:<key>       idempotency keys of tasks that finished
-    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py)
+    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
 priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
@@ -199,9 +199,14 @@ class RedisBroker:
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
     * ``visibility_timeout``: seconds after which a task of a worker that stopped
       acknowledging (it died) is handed to another worker. A live worker keeps its long tasks.
-    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered.
+    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered (> 0: every
+      key expires).
     * ``max_deliveries``: a task reclaimed from dead workers this many times (it may be what
       kills them) goes to the dead letters instead of another worker; None: no limit.
+    * ``dead_letter_maxlen``: most dead letters kept (a worker's XADD trims the oldest).
+    * ``workflow_ttl``: seconds a workflow run's data is kept while no step finishes (the
+      countdown restarts at each step that succeeds; a step's ``delay_ms`` is added); a run
+      idle that long is dropped. An ended run is kept ``result_ttl``.
 
     Nothing is sent anywhere but the configured server.
     """
@@ -218,6 +223,8 @@ class RedisBroker:
         visibility_timeout: float = 60.0,
         idempotency_ttl: float = 86400,
         max_deliveries: int | None = 10,
+        dead_letter_maxlen: int = 10_000,
+        workflow_ttl: float = 7 * 86400,
         **client_options: Any,
     ) -> None:
         _require_redis()
@@ -228,9 +235,13 @@ class RedisBroker:
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
-        for field, value in (("result_ttl", result_ttl), ("idempotency_ttl", idempotency_ttl)):
-            if not _seconds(value):
-                raise ValueError(f"{field}: must be a number of seconds >= 0 and at most {_MAX_S}, got {value!r}")
+        if not _seconds(result_ttl):
+            raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
+        for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
+            if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
+                raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
+        if isinstance(dead_letter_maxlen, bool) or not isinstance(dead_letter_maxlen, int) or dead_letter_maxlen < 1:
+            raise ValueError(f"dead_letter_maxlen: must be an integer >= 1, got {dead_letter_maxlen!r}")
         if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
                                            or max_deliveries < 1):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
@@ -245,6 +256,8 @@ class RedisBroker:
         self.visibility_timeout = float(visibility_timeout)
         self.idempotency_ttl = idempotency_ttl
         self.max_deliveries = max_deliveries
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self.workflow_ttl = workflow_ttl
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
@@ -420,6 +433,7 @@ class RedisBroker:
             fields.update(head=b"j[0,{", sep=b",", colon=b":", tail=b"}]")
             enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
         roots: list[tuple[int, bytes]] = []
+        longest_delay = 0
         for j in range(n):
             func = plan.funcs[j]
             sid = plan.ids[j]
@@ -458,9 +472,15 @@ class RedisBroker:
             delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
             if delay:
                 fields[f"y:{j}"] = delay  # released into the delayed set (scripts.WF_STEP_DONE)
+                longest_delay = max(longest_delay, delay)
             if plan.pending[j] == 0:
                 roots.append((prio, payload, delay))
+        # a run that never ends (a step lost with the data of a Redis without persistence, say)
+        # must not keep its hash for ever: it expires once no step finished for this long
+        idle_ms = int(self.workflow_ttl * 1000) + longest_delay
+        fields["ttl"] = idle_ms  # each step that succeeds restarts the countdown (WF_STEP_DONE)
         pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, idle_ms)
         for prio, payload, delay in roots:
             if delay:
                 self._add_delayed(keys=[self.delayed_key], args=[delay, b"%d" % prio + payload], client=pipe)

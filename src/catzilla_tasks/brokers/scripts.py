@@ -94,6 +94,8 @@ return #ARGV
 #   v:<j>     step j's value, as a result payload (format byte + value), once it succeeded
 #   head, sep, colon, tail: the pieces that make {step id: value, ...} a result record in the
 #             workflow's format (so the record is built by concatenation, byte-exact)
+#   ttl       ms the hash lives while no step succeeds (its PEXPIRE, set by the producer and
+#             restarted by each step that succeeds: a run that never ends does not stay forever)
 # Run by a worker in the MULTI transaction that acknowledges the step.
 
 # KEYS[1]: the run's hash, KEYS[2]: the run's result key, KEYS[3..6]: the priority streams,
@@ -106,6 +108,8 @@ local h = KEYS[1]
 if redis.call('HGET', h, 'state') ~= 'run' then return -1 end
 local j = ARGV[1]
 if redis.call('HSETNX', h, 'v:' .. j, ARGV[2]) == 0 then return -2 end
+local ttl = redis.call('HGET', h, 'ttl')
+if ttl then redis.call('PEXPIRE', h, ttl) end
 local released = 0
 local deps = redis.call('HGET', h, 'd:' .. j)
 if deps and deps ~= '' then

@@ -577,7 +577,7 @@ class Worker:
         pipe = self._r.pipeline(transaction=True)
         acks: list[list[bytes]] = [[], [], [], []]
         ttl_ms = int(b.result_ttl * 1000)
-        idem_ms = int(b.idempotency_ttl * 1000) or None
+        idem_ms = max(1, int(b.idempotency_ttl * 1000))
         # counted once the transaction is applied (tests and stats() see what Redis holds)
         counts = dict.fromkeys(self.counts, 0)
         wf_ttl = ttl_ms or 3_600_000
@@ -711,7 +711,7 @@ class Worker:
             "p": j.prio,
             "t": int(time.time() * 1000),
             "w": self.consumer,
-        })
+        }, maxlen=self.broker.dead_letter_maxlen, approximate=False)  # bounded: the oldest go
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
