@@ -6,7 +6,8 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:delayed        sorted set of delayed tasks and retry back-offs (score: due time, ms)
     P:Q:dead           dead-letter Stream (tasks that exhausted their retries, garbage, unknown names)
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
-    P:done:<key>       idempotency keys of tasks that finished
+    P:done:<key>       idempotency keys of tasks that succeeded (the id of the task that did it)
+    P:claim:<key>      the claim of the copy of a keyed task running now (a lease its worker renews)
     P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
@@ -275,6 +276,7 @@ class RedisBroker:
         self.dead_key = f"{base}:dead"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
+        self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
@@ -293,6 +295,9 @@ class RedisBroker:
 
     def done_key(self, idempotency_key: str) -> str:
         return self._done_prefix + idempotency_key
+
+    def claim_key(self, idempotency_key: str) -> str:
+        return self._claim_prefix + idempotency_key
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
