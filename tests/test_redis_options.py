@@ -95,3 +95,24 @@ def test_an_infinite_timeout_means_no_limit(producer):
 def test_broker_times_must_be_finite(redis_url, field, value):
     with pytest.raises(ValueError, match=field):
         RedisBroker(redis_url, **{field: value})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("opts", [{"timeout_ms": NAN}, {"retry_max_ms": INF}, {"timeout_ms": 1e300}])
+def test_a_worker_dead_letters_a_message_whose_times_are_out_of_range(redis_url, prefix, monkeypatch, opts):
+    """A message from a producer that did not check (an older version, another client): the
+    worker refuses its options as add_task would, dead-letters it and goes on."""
+    from test_redis_broker import Cluster
+
+    c = Cluster(redis_url, prefix, monkeypatch)
+    try:
+        w = c.worker()
+        b = c.broker
+        b.publish_raw(2, b.serializer.dumps(["bad-1", "redis_tasks.add", [1, 2], {}, 0, opts]))
+        with pytest.raises(ValueError, match=next(iter(opts))):
+            b.result("bad-1").wait(20)
+        assert c.producer.add_task(rt.add, 2, 3).wait(20) == 5  # the worker goes on
+        assert [d["task_id"] for d in b.dead_letters()] == ["bad-1"]
+        assert w.counts["dead_lettered"] == 1
+    finally:
+        c.close()
