@@ -69,7 +69,7 @@ def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{field}: expected a number, got {type(value).__name__} {value!r}")
-    if value != value:
+    if value != value:  # noqa: PLR0124  NaN, of any Real type (float, numpy, Decimal); math.isnan overflows on huge ints
         raise ValueError(f"{field}: expected a number, got NaN")
     if positive and value <= 0:
         raise ValueError(f"{field}: must be > 0, got {value!r}" + (" (or None for no limit)" if allow_none else ""))
@@ -88,7 +88,7 @@ def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool
             if allow_none:
                 return None
             raise ValueError(f"{field}: must be finite (at most {MAX_MS} ms, ~292 years), got inf")
-        raise ValueError(f"{field}: {value!r} ms is past the longest time the engine can hold ({MAX_MS} ms, ~292 years)")
+        raise ValueError(f"{field}: {value!r:.40} ms is past the longest time the engine can hold ({MAX_MS} ms, ~292 years)")
     return value
 
 

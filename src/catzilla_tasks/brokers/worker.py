@@ -627,9 +627,7 @@ class Worker:
             if j.defer:  # its key is claimed by another copy: it waits in the delayed set, unrun
                 counts["deferred_idempotent"] += 1
                 self._add_delayed(keys=[b.delayed_key], args=[j.defer, b"%d" % j.prio + j.payload], client=pipe)
-                due = time.monotonic() + j.defer / 1000
-                if due < self._next_due_local:
-                    self._next_due_local = due
+                self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
                 continue
             if j.skip and j.wf is not None:
                 counts["workflow_steps_skipped"] += 1
