@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
 
 from . import _engine, _signals
 from ._redact import redact_text
-from .config import TaskConfig, TaskPriority, TaskStatus
+from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
 
@@ -510,6 +510,8 @@ class BackgroundTasks(_engine.Engine):
                 raise ValueError(f"eta: expected a datetime, got {type(eta).__name__} {eta!r}")
             now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
             fields["delay_ms"] = max(0.0, (eta - now).total_seconds() * 1000.0)
+            if fields["delay_ms"] > MAX_MS:
+                raise ValueError(f"eta: {eta} is further ahead than the engine can wait (~292 years)")
         unknown = set(fields) - set(_DEFAULT_CONFIG.as_dict())
         if unknown:
             raise TypeError(

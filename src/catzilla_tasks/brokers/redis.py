@@ -6,8 +6,9 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:delayed        sorted set of delayed tasks and retry back-offs (score: due time, ms)
     P:Q:dead           dead-letter Stream (tasks that exhausted their retries, garbage, unknown names)
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
-    P:done:<key>       idempotency keys of tasks that finished
-    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py)
+    P:done:<key>       idempotency keys of tasks that succeeded (the id of the task that did it)
+    P:claim:<key>      the claim of the copy of a keyed task running now (a lease its worker renews)
+    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
 priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
@@ -28,7 +29,7 @@ import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from .._redact import redact_url
-from ..config import TaskConfig, TaskPriority, TaskStatus
+from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from . import scripts
 from .serialization import DecodeError, Serializer
 
@@ -113,6 +114,15 @@ def task_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
+_MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
+
+
+def _seconds(value: Any, low: float = 0) -> bool:
+    """A broker time in seconds: a number from ``low`` to _MAX_S (NaN and infinity fail the
+    comparison; these end up as PEXPIRE milliseconds, where they would fail every commit)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= _MAX_S
+
+
 def _plain(field: str, value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -180,9 +190,14 @@ class RedisBroker:
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
     * ``visibility_timeout``: seconds after which a task of a worker that stopped
       acknowledging (it died) is handed to another worker. A live worker keeps its long tasks.
-    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered.
+    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered (> 0: every
+      key expires).
     * ``max_deliveries``: a task reclaimed from dead workers this many times (it may be what
       kills them) goes to the dead letters instead of another worker; None: no limit.
+    * ``dead_letter_maxlen``: most dead letters kept (a worker's XADD trims the oldest).
+    * ``workflow_ttl``: seconds a workflow run's data is kept while no step finishes (the
+      countdown restarts at each step that succeeds; a step's ``delay_ms`` is added); a run
+      idle that long is dropped. An ended run is kept ``result_ttl``.
 
     Nothing is sent anywhere but the configured server.
     """
@@ -199,6 +214,8 @@ class RedisBroker:
         visibility_timeout: float = 60.0,
         idempotency_ttl: float = 86400,
         max_deliveries: int | None = 10,
+        dead_letter_maxlen: int = 10_000,
+        workflow_ttl: float = 7 * 86400,
         **client_options: Any,
     ) -> None:
         _require_redis()
@@ -209,14 +226,19 @@ class RedisBroker:
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
-        for field, value in (("result_ttl", result_ttl), ("idempotency_ttl", idempotency_ttl)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{field}: must be a number of seconds >= 0, got {value!r}")
+        if not _seconds(result_ttl):
+            raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
+        for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
+            if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
+                raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
+        if isinstance(dead_letter_maxlen, bool) or not isinstance(dead_letter_maxlen, int) or dead_letter_maxlen < 1:
+            raise ValueError(f"dead_letter_maxlen: must be an integer >= 1, got {dead_letter_maxlen!r}")
         if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
                                            or max_deliveries < 1):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
-        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
-            raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
+        if not _seconds(visibility_timeout, 0.001):
+            raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
+                             f"got {visibility_timeout!r}")
         self.url = url
         self.queue = queue
         self.prefix = prefix
@@ -225,6 +247,8 @@ class RedisBroker:
         self.visibility_timeout = float(visibility_timeout)
         self.idempotency_ttl = idempotency_ttl
         self.max_deliveries = max_deliveries
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self.workflow_ttl = workflow_ttl
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
@@ -242,10 +266,12 @@ class RedisBroker:
         self.dead_key = f"{base}:dead"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
+        self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
+        self._redrive = self.redis.register_script(scripts.REDRIVE)
         self._local = threading.local()
         self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
@@ -259,6 +285,9 @@ class RedisBroker:
 
     def done_key(self, idempotency_key: str) -> str:
         return self._done_prefix + idempotency_key
+
+    def claim_key(self, idempotency_key: str) -> str:
+        return self._claim_prefix + idempotency_key
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
@@ -399,6 +428,7 @@ class RedisBroker:
             fields.update(head=b"j[0,{", sep=b",", colon=b":", tail=b"}]")
             enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
         roots: list[tuple[int, bytes]] = []
+        longest_delay = 0
         for j in range(n):
             func = plan.funcs[j]
             sid = plan.ids[j]
@@ -437,9 +467,15 @@ class RedisBroker:
             delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
             if delay:
                 fields[f"y:{j}"] = delay  # released into the delayed set (scripts.WF_STEP_DONE)
+                longest_delay = max(longest_delay, delay)
             if plan.pending[j] == 0:
                 roots.append((prio, payload, delay))
+        # a run that never ends (a step lost with the data of a Redis without persistence, say)
+        # must not keep its hash for ever: it expires once no step finished for this long
+        idle_ms = int(self.workflow_ttl * 1000) + longest_delay
+        fields["ttl"] = idle_ms  # each step that succeeds restarts the countdown (WF_STEP_DONE)
         pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, idle_ms)
         for prio, payload, delay in roots:
             if delay:
                 self._add_delayed(keys=[self.delayed_key], args=[delay, b"%d" % prio + payload], client=pipe)
@@ -500,7 +536,9 @@ class RedisBroker:
 
     def redrive(self, ids: Iterable[str] | None = None) -> int:
         """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None), with
-        a fresh count of retries. Each move is atomic (XADD and XDEL in one transaction)."""
+        a fresh count of retries; returns how many this call moved. Each move is one Lua script
+        that queues the task only if it deleted the dead letter, so concurrent re-drives move
+        each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
         moved = 0
         start = "-"
@@ -508,7 +546,7 @@ class RedisBroker:
             batch = self.redis.xrange(self.dead_key, min=start, count=500)
             if not batch:
                 break
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)  # each script is atomic on its own
             n = 0
             for entry_id, fields in batch:
                 eid = entry_id.decode()
@@ -523,12 +561,11 @@ class RedisBroker:
                         payload = self.serializer.same_format(payload).dumps(msg)
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
-                pipe.xadd(self.streams[prio if 0 <= prio <= 3 else 2], {"m": payload})
-                pipe.xdel(self.dead_key, entry_id)
+                self._redrive(keys=[self.dead_key, self.streams[prio if 0 <= prio <= 3 else 2]],
+                              args=[entry_id, payload], client=pipe)
                 n += 1
             if n:
-                pipe.execute()
-                moved += n
+                moved += sum(pipe.execute())
             last = batch[-1][0].decode()
             ms, seq = last.split("-")
             start = f"{ms}-{int(seq) + 1}"

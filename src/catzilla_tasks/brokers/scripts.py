@@ -51,6 +51,69 @@ if nxt[2] then n = nxt[2] end
 return {#due, n, now}
 """
 
+# -- idempotency keys ----------------------------------------------------------------------
+# Per key K two strings: P:done:K, the id of the task that succeeded with it (TTL:
+# idempotency_ttl), and P:run:K, the claim of the copy running now: "<consumer> <entry id>",
+# a lease of visibility_timeout that its worker renews while the copy runs (IDEM_RENEW, with
+# its heartbeat). A copy runs only after claiming the key; a copy that finds it claimed by
+# another waits in the delayed set and looks again; one that finds it done adopts the result.
+
+# KEYS: done key, claim key, for each keyed copy fetched. ARGV: lease ms, then each copy's
+# claim token. Returns one reply per copy: 0 claimed (run it), a positive number the ms left on
+# another copy's claim (wait), or the id of the task that succeeded with the key (do not run).
+# Atomic: of copies fetched at once (by one worker or several), exactly one gets 0.
+IDEM_CLAIM = """
+local lease = ARGV[1]
+local out = {}
+for i = 1, #KEYS, 2 do
+  local done = redis.call('GET', KEYS[i])
+  if done then
+    out[#out + 1] = done
+  else
+    local token = ARGV[(i + 1) / 2 + 1]
+    local holder = redis.call('GET', KEYS[i + 1])
+    if not holder or holder == token then
+      redis.call('SET', KEYS[i + 1], token, 'PX', lease)
+      out[#out + 1] = 0
+    else
+      local left = redis.call('PTTL', KEYS[i + 1])
+      if left < 1 then left = 1 end
+      out[#out + 1] = left
+    end
+  end
+end
+return out
+"""
+
+# KEYS: claim keys. ARGV: lease ms, then the token of each. Extends each claim still held by
+# that token (a claim that expired meanwhile and was taken by another copy is left alone).
+IDEM_RENEW = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS[1]: done key, KEYS[2]: claim key. ARGV: the task id, done TTL ms, the claim token.
+# A copy succeeded: the key is done (the first success stays, if a copy whose lease had expired
+# also succeeded), and its claim is dropped if it still holds it.
+IDEM_DONE = """
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+return 1
+"""
+
+# KEYS[1]: claim key. ARGV[1]: the claim token. A copy ended without success (it failed, will
+# be retried, or never started): its claim goes, so a waiting copy may run.
+IDEM_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS[1]: the result of the task that first finished with an idempotency key, KEYS[2]: the
 # result key of a duplicate of it. ARGV: TTL in ms, a record to store if the first has expired.
 # The duplicate's waiters get the first run's outcome.
@@ -59,6 +122,16 @@ local v = redis.call('LINDEX', KEYS[1], 0)
 if not v then v = ARGV[2] end
 redis.call('RPUSH', KEYS[2], v)
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in. ARGV:
+# the dead letter's id, the payload to queue (with a fresh count of attempts). Queues it only if
+# this call deleted the dead letter: of several re-drives at once, one moves it (1), the others
+# find it gone (0), so no dead letter is queued twice.
+REDRIVE = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 return 1
 """
 
@@ -84,6 +157,8 @@ return #ARGV
 #   v:<j>     step j's value, as a result payload (format byte + value), once it succeeded
 #   head, sep, colon, tail: the pieces that make {step id: value, ...} a result record in the
 #             workflow's format (so the record is built by concatenation, byte-exact)
+#   ttl       ms the hash lives while no step succeeds (its PEXPIRE, set by the producer and
+#             restarted by each step that succeeds: a run that never ends does not stay forever)
 # Run by a worker in the MULTI transaction that acknowledges the step.
 
 # KEYS[1]: the run's hash, KEYS[2]: the run's result key, KEYS[3..6]: the priority streams,
@@ -96,6 +171,8 @@ local h = KEYS[1]
 if redis.call('HGET', h, 'state') ~= 'run' then return -1 end
 local j = ARGV[1]
 if redis.call('HSETNX', h, 'v:' .. j, ARGV[2]) == 0 then return -2 end
+local ttl = redis.call('HGET', h, 'ttl')
+if ttl then redis.call('PEXPIRE', h, ttl) end
 local released = 0
 local deps = redis.call('HGET', h, 'd:' .. j)
 if deps and deps ~= '' then

@@ -79,7 +79,7 @@ class _Job:
     done-callback of its task (``__call__``), which saves a bound callback object per task."""
 
     __slots__ = ("worker", "prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first", "wf",
-                 "call")
+                 "call", "claim", "defer")
 
     def __init__(self, worker: "Worker", prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
@@ -95,6 +95,8 @@ class _Job:
         self.first = ""                # then: the id of the task that did it
         self.wf: list | None = None    # a workflow step: [run id, step index, step id, workflow name]
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
+        self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
+        self.defer = 0                 # > 0: another copy holds its key: back to the delayed set, ms
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -141,9 +143,14 @@ class Worker:
         self._copy_result = r.register_script(scripts.COPY_RESULT)
         self._wf_done = r.register_script(scripts.WF_STEP_DONE)
         self._wf_failed = r.register_script(scripts.WF_STEP_FAILED)
+        self._idem_claim = r.register_script(scripts.IDEM_CLAIM)
+        self._idem_renew = r.register_script(scripts.IDEM_RENEW)
+        self._idem_done = r.register_script(scripts.IDEM_DONE)
+        self._idem_release = r.register_script(scripts.IDEM_RELEASE)
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
+        self._claims: dict[bytes, tuple[str, str]] = {}  # entry id -> its key's (claim key, token), renewed too
         # entries delivered to this consumer that it never saw (a reply lost when the connection
         # dropped; or an earlier process under the same consumer name): looked for at start and
         # after every dropped connection
@@ -157,8 +164,8 @@ class Worker:
         self._registry = getattr(tasks, "_registered", {})
         self._names: dict[str, str] = {}
         self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
-                       "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0,
-                       "recovered": 0}
+                       "skipped_idempotent": 0, "deferred_idempotent": 0, "reclaimed": 0,
+                       "workflow_steps_skipped": 0, "recovered": 0}
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
@@ -260,7 +267,9 @@ class Worker:
                     self._run_jobs(jobs)
                     del jobs
                     continue
-                wait_ms = self.block_ms
+                # no longer than the next heartbeat either: with a short visibility timeout, a
+                # held task's entry and its key's claim must be renewed before they run out
+                wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
                     wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
                 got = self._r.xreadgroup(GROUP, self.consumer, {s: ">" for s in self.broker.streams},
@@ -361,6 +370,7 @@ class Worker:
         """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
         with self._cv:
             owned = list(self._owned.items())
+            claims = list(self._claims.values()) if self._claims else None
         if not owned:
             return
         by_prio: dict[int, list[bytes]] = {}
@@ -370,6 +380,11 @@ class Worker:
         for prio, ids in by_prio.items():
             for i in range(0, len(ids), 1000):
                 pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i:i + 1000], justid=True)
+        if claims:  # and the leases of the idempotency keys of the copies running here
+            lease = int(self.broker.visibility_timeout * 1000)
+            for i in range(0, len(claims), 1000):
+                part = claims[i:i + 1000]
+                self._idem_renew(keys=[c[0] for c in part], args=[lease, *(c[1] for c in part)], client=pipe)
         pipe.execute()
 
     # -- dispatch --------------------------------------------------------------------------
@@ -445,11 +460,7 @@ class Worker:
         self.counts["fetched"] += len(jobs)
         keyed = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "k" in j.msg[5]]
         if keyed:
-            done = self._r.mget([self.broker.done_key(str(j.msg[5]["k"])) for j in keyed])
-            for j, d in zip(keyed, done):
-                if d is not None:
-                    j.skip = True
-                    j.first = d.decode(errors="replace")
+            self._claim(keyed)
         steps = [j for j in jobs if len(j.msg or ()) > 5 and j.msg[5] and "w" in j.msg[5]]
         if steps:
             self._prepare_steps(steps)
@@ -457,7 +468,7 @@ class Worker:
         finished = self._finished
         for j in jobs:
             msg = j.msg
-            if j.error is not None or j.skip:
+            if j.error is not None or j.skip or j.defer:
                 finished(j, None)
                 continue
             cfg = j.cfg
@@ -473,6 +484,32 @@ class Worker:
             msg[2] = msg[3] = j.call = None  # the engine holds its own references (see _Job)
             j.handle = h
             h._on_done(j)
+
+    def _claim(self, keyed: list[_Job]) -> None:
+        """Claim the idempotency keys of fetched copies (one script, atomic): a copy runs only
+        if it got its key's claim; one whose key is done is acknowledged with the first run's
+        result; one whose key another copy holds waits in the delayed set (``defer``)."""
+        b = self.broker
+        keys: list[str] = []
+        tokens: list[str] = []
+        for j in keyed:
+            k = str(j.msg[5]["k"])
+            keys += (b.done_key(k), b.claim_key(k))
+            tokens.append(f"{self.consumer} {j.eid.decode()}")
+        replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
+        claimed = {}
+        for i, (j, got) in enumerate(zip(keyed, replies)):
+            if isinstance(got, bytes):
+                j.skip = True
+                j.first = got.decode(errors="replace")
+            elif got:
+                # looked at again after the holder's lease (if it died) or 1 s (it may finish)
+                j.defer = min(max(int(got), 20), 1000)
+            else:
+                j.claim = claimed[j.eid] = (keys[2 * i + 1], tokens[i])
+        if claimed:
+            with self._cv:
+                self._claims.update(claimed)
 
     def _prepare_steps(self, steps: list[_Job]) -> None:
         """Workflow steps: skip those whose run already ended (a step failed), and fill in the
@@ -563,6 +600,9 @@ class Worker:
                 with self._cv:
                     for j in jobs:
                         self._owned.pop(j.eid, None)
+                    if self._claims:
+                        for j in jobs:
+                            self._claims.pop(j.eid, None)
                 # freed before the capacity is: kept while the fetch loop refills it, these
                 # jobs (messages, payloads, handles) would double what a worker holds at its peak
                 del jobs, j
@@ -577,12 +617,18 @@ class Worker:
         pipe = self._r.pipeline(transaction=True)
         acks: list[list[bytes]] = [[], [], [], []]
         ttl_ms = int(b.result_ttl * 1000)
-        idem_ms = int(b.idempotency_ttl * 1000) or None
+        idem_ms = max(1, int(b.idempotency_ttl * 1000))
         # counted once the transaction is applied (tests and stats() see what Redis holds)
         counts = dict.fromkeys(self.counts, 0)
         wf_ttl = ttl_ms or 3_600_000
+        settled: set[bytes] = set()  # entries whose key this commit marks done (their claim goes with it)
         for j in jobs:
             acks[j.prio].append(j.eid)
+            if j.defer:  # its key is claimed by another copy: it waits in the delayed set, unrun
+                counts["deferred_idempotent"] += 1
+                self._add_delayed(keys=[b.delayed_key], args=[j.defer, b"%d" % j.prio + j.payload], client=pipe)
+                self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
+                continue
             if j.skip and j.wf is not None:
                 counts["workflow_steps_skipped"] += 1
                 continue
@@ -635,9 +681,10 @@ class Worker:
                     key = b.result_key(j.msg[0])
                     pipe.rpush(key, rec)
                     pipe.pexpire(key, ttl_ms)
-                opts = j.msg[5] if len(j.msg) > 5 else None
-                if opts and "k" in opts:
-                    pipe.set(b.done_key(str(opts["k"])), j.msg[0], px=idem_ms)
+                if j.claim is not None:
+                    self._idem_done(keys=[b.done_key(str(j.msg[5]["k"])), j.claim[0]],
+                                    args=[j.msg[0], idem_ms, j.claim[1]], client=pipe)
+                    settled.add(j.eid)
                 continue
             try:
                 h.wait(0)
@@ -674,6 +721,10 @@ class Worker:
                 pipe.rpush(key, ser.dumps([_STATUS_CODES.get(status, 1), err]))
                 pipe.pexpire(key, ttl_ms)
             self._dead(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", counts)
+        if self._claims:  # copies that did not succeed give their key's claim back
+            for j in jobs:
+                if j.claim is not None and j.eid not in settled:
+                    self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
         for prio, ids in enumerate(acks):
             if ids:
                 pipe.xack(b.streams[prio], GROUP, *ids)
@@ -711,7 +762,7 @@ class Worker:
             "p": j.prio,
             "t": int(time.time() * 1000),
             "w": self.consumer,
-        })
+        }, maxlen=self.broker.dead_letter_maxlen, approximate=False)  # bounded: the oldest go
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
