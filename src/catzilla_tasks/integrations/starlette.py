@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,6 +42,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 
+from .._engine import QueueFull
 from ..engine import BackgroundTasks as Engine
 from ..results import TaskResult
 from . import Reply, dashboard_response, metrics_response, normalise_prefix, stats_response
@@ -130,7 +132,19 @@ async def _outcome_trio(result: TaskResult) -> Any:
 
 async def _run(engine: Engine | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     eng = engine if engine is not None and not engine.is_shutdown else current_engine()
-    await _outcome(eng.add_task(func, *args, **kwargs))
+    try:
+        result = eng.add_task(func, *args, **kwargs)
+    except QueueFull:
+        result = await _add_when_room(eng, func, args, kwargs)
+    await _outcome(result)
+
+
+async def _add_when_room(eng: Engine, func: Callable[..., Any], args: tuple, kwargs: dict) -> TaskResult:
+    """A full engine: wait for room rather than lose the task (Starlette's class never drops one;
+    the request waits for its tasks anyway, so this is its backpressure). The blocking add runs in
+    a thread so the event loop goes on serving; it ends with the engine's error if it shuts down."""
+    add = eng.options(block_timeout=-1).add_task
+    return await anyio.to_thread.run_sync(functools.partial(add, func, *args, **kwargs))
 
 
 class BackgroundTask(_starlette.BackgroundTask):
@@ -138,7 +152,8 @@ class BackgroundTask(_starlette.BackgroundTask):
 
     Awaiting it (Starlette does, after sending the response it is the ``background`` of) queues
     ``func(*args, **kwargs)`` into the engine and waits for it to end without blocking the event
-    loop; its exception, if any, is raised here (as is ``QueueFull`` if the engine is full).
+    loop; its exception, if any, is raised here. A full engine makes it wait for room (never
+    ``QueueFull``: Starlette's class never drops a task).
     ``engine``: the engine to use (None: the ``current_engine()`` when it runs).
     """
 

@@ -1,0 +1,130 @@
+"""The FastAPI / Starlette drop-ins under a demanding user: load, cancellation, fork, contexts.
+
+Each test is a defect found by reviewing issue 15's drop-ins (or a behaviour the review checked
+and pins down); the ones that failed on the first version say so in their docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from catzilla_tasks import BackgroundTasks as Engine
+from catzilla_tasks.integrations import starlette as st
+
+pytestmark = pytest.mark.timeout(120)
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def wait_until(cond, timeout=30.0):
+    """Wait for a condition another thread makes true (no fixed sleep: the machine is loaded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def one_worker_engine(queue_size=1):
+    return Engine(workers=1, min_workers=1, max_workers=1, queue_size=queue_size, enable_auto_scaling=False,
+                  handle_sigterm=False)
+
+
+# ------------------------------------------------------------ a full engine
+
+def test_a_full_engine_makes_the_request_wait_for_room_instead_of_losing_the_task():
+    """Failed on the first version: QueueFull after the response was sent, and the task lost
+    (FastAPI's and Starlette's own class never drop a task; the request waits for its tasks
+    anyway, so waiting for room is the drop-in's backpressure)."""
+    eng = one_worker_engine(queue_size=1)
+    gate, busy = threading.Event(), threading.Event()
+    ran = []
+    try:
+        def hold():
+            busy.set()
+            gate.wait(60)
+
+        eng.add_task(hold)
+        assert busy.wait(30)
+        eng.add_task(ran.append, "filler")  # the queue is full now
+        rejected_before = eng.stats()["rejected"]
+
+        async def endpoint(request):
+            return PlainTextResponse("ok", background=st.BackgroundTasks([st.BackgroundTask(ran.append, "mine")],
+                                                                         engine=eng))
+
+        outcome = {}
+
+        def request():
+            try:
+                outcome["status"] = TestClient(Starlette(routes=[Route("/", endpoint)])).get("/").status_code
+            except BaseException as exc:  # the first version: QueueFull reached the client
+                outcome["error"] = exc
+
+        client = threading.Thread(target=request)
+        client.start()
+        # the drop-in met the full queue (the first version raised here) ...
+        wait_until(lambda: eng.stats()["rejected"] > rejected_before or not client.is_alive())
+        gate.set()  # ... and room comes once the running task ends
+        client.join(60)
+        assert not client.is_alive()
+        assert outcome == {"status": 200}
+        assert ran == ["filler", "mine"]
+    finally:
+        gate.set()
+        eng.shutdown(wait_for_completion=False, timeout=10)
+
+
+def test_a_request_waiting_for_room_gets_the_engines_error_when_it_shuts_down():
+    """The wait for room ends when the engine stops: the request fails, it does not hang."""
+    eng = one_worker_engine(queue_size=1)
+    gate, busy = threading.Event(), threading.Event()
+    try:
+        def hold():
+            busy.set()
+            gate.wait(60)
+
+        eng.add_task(hold)
+        assert busy.wait(30)
+        eng.add_task(len, "filler")
+        rejected_before = eng.stats()["rejected"]
+
+        async def endpoint(request):
+            return PlainTextResponse("ok", background=st.BackgroundTasks([st.BackgroundTask(len, "x")], engine=eng))
+
+        outcome = {}
+
+        def request():
+            try:
+                TestClient(Starlette(routes=[Route("/", endpoint)])).get("/")
+                outcome["ok"] = True
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        client = threading.Thread(target=request)
+        client.start()
+        wait_until(lambda: eng.stats()["rejected"] > rejected_before or not client.is_alive())
+        stopper = threading.Thread(target=eng.shutdown, args=(False, 30))
+        stopper.start()
+        client.join(60)
+        gate.set()
+        stopper.join(60)
+        assert not client.is_alive()
+        assert isinstance(outcome.get("error"), RuntimeError) and "shut down" in str(outcome["error"])
+    finally:
+        gate.set()
+        eng.shutdown(wait_for_completion=False, timeout=10)
