@@ -128,3 +128,51 @@ def test_a_request_waiting_for_room_gets_the_engines_error_when_it_shuts_down():
     finally:
         gate.set()
         eng.shutdown(wait_for_completion=False, timeout=10)
+
+
+# ------------------------------------------------------------ fork
+
+FORK_CHILD = textwrap.dedent("""
+    import os, sys
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+    from catzilla_tasks.integrations import starlette as st
+
+    parent = st.default_engine()
+    assert parent.add_task(int, "1").wait(30) == 1
+    ran = []
+
+    async def endpoint(request):
+        return PlainTextResponse("ok", background=st.BackgroundTask(ran.append, os.getpid()))
+
+    pid = os.fork()
+    if pid == 0:  # a server's worker forked from a parent that used the default engine
+        code = 1
+        try:
+            child = st.default_engine()
+            assert child is not parent, "the child got the parent's engine, whose workers it has not got"
+            assert child.add_task(int, "2").wait(20) == 2
+            assert TestClient(Starlette(routes=[Route("/", endpoint)])).get("/").status_code == 200
+            assert ran == [os.getpid()]
+            code = 0
+        except BaseException as exc:
+            print("child:", type(exc).__name__, exc, flush=True)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert parent.add_task(int, "3").wait(30) == 3  # the parent's engine is untouched
+    print("child exit status", os.waitstatus_to_exitcode(status), flush=True)
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_the_default_engine_after_fork_is_a_new_one_in_the_child(tmp_path):
+    """Failed on the first version: the child kept the parent's default engine, whose worker
+    threads did not survive the fork, so a drop-in task waited for ever (the request hung)."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_CHILD)
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

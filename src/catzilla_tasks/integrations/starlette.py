@@ -13,7 +13,8 @@
   gives one bound to the app's engine.
 - Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs; with
   no lifespan (or after it ended) ``default_engine()``, a process-wide engine created on first
-  use and drained at interpreter exit. ``current_engine()`` says which one a drop-in uses now.
+  use and drained at interpreter exit (a forked child creates its own). ``current_engine()``
+  says which one a drop-in uses now.
 - ``lifespan(tasks=None, **config)``: the app's lifespan: at startup it creates the engine (or
   takes ``tasks``) and stores it as ``app.state.catzilla_tasks``; at shutdown it runs what is
   queued (up to ``shutdown_timeout``, default the engine's ``exit_timeout``), then stops an engine
@@ -32,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -69,7 +71,7 @@ def default_engine() -> Engine:
 
     Created on first use (``BackgroundTasks(name="catzilla-tasks-default", handle_sigterm=False)``:
     the server owns SIGTERM) and, like every engine, drained at interpreter exit. Created again
-    if someone shut it down.
+    if someone shut it down, and in a forked child (the parent's has no workers there).
     """
     global _default
     eng = _default
@@ -79,6 +81,19 @@ def default_engine() -> Engine:
                 _default = Engine(name="catzilla-tasks-default", handle_sigterm=False)
             eng = _default
     return eng
+
+
+def _forget_parents_engines() -> None:
+    """In a forked child (a pre-fork server's worker): the parent's engines have no worker threads
+    here, so the drop-ins must not pick them; the child's first use creates its own default engine."""
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()  # another thread may have held it at the fork
+    _lifespan_engines.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_engines)
 
 
 def current_engine() -> Engine:
