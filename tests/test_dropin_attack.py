@@ -176,3 +176,103 @@ def test_the_default_engine_after_fork_is_a_new_one_in_the_child(tmp_path):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------ the request's context
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_tasks_see_the_requests_context_variables_as_with_starlettes_class(backend):
+    """Failed on the first version: a request id (or a tracing span, a structlog context) that a
+    middleware set in a contextvar was "unset" in the tasks. Starlette runs a sync task with
+    ``run_in_threadpool`` (a copy of the request's context) and awaits an async one in the
+    request's task, so both see it."""
+    if backend == "trio":
+        pytest.importorskip("trio")
+    seen = []
+
+    def sync_task(tag):
+        seen.append((tag, request_id.get()))
+
+    async def async_task(tag):
+        await asyncio.sleep(0)
+        seen.append((tag, request_id.get()))
+
+    async def endpoint(request):
+        tasks = st.BackgroundTasks()
+        tasks.add_task(sync_task, "sync")
+        tasks.add_task(async_task, "async")
+        return PlainTextResponse("ok", background=tasks)
+
+    def with_request_id(app):
+        async def middleware(scope, receive, send):
+            request_id.set("req-42")
+            await app(scope, receive, send)
+        return middleware
+
+    client = TestClient(with_request_id(Starlette(routes=[Route("/", endpoint)])), backend=backend)
+    assert client.get("/").status_code == 200
+    assert seen == [("sync", "req-42"), ("async", "req-42")]
+
+
+def test_the_fastapi_drop_in_tasks_see_what_a_middleware_set():
+    """The same through FastAPI's ``@app.middleware("http")`` (BaseHTTPMiddleware)."""
+    from typing import Annotated  # noqa: F401  (FastAPI reads the annotations below at runtime)
+
+    from fastapi import FastAPI
+
+    from catzilla_tasks.integrations.fastapi import BackgroundTasks
+
+    seen = []
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def set_request_id(request, call_next):
+        request_id.set("req-7")
+        return await call_next(request)
+
+    def record():
+        seen.append(request_id.get())
+
+    async def route(background_tasks):
+        background_tasks.add_task(record)
+        return {"ok": True}
+
+    route.__annotations__["background_tasks"] = BackgroundTasks
+    app.post("/")(route)
+    assert TestClient(app).post("/").json() == {"ok": True}
+    assert seen == ["req-7"]
+
+
+def named_failure():
+    raise ValueError("named")
+
+
+def test_tasks_keep_their_name_and_config_in_the_engine():
+    """The context is carried without hiding the task from the engine: its ``@task`` priority
+    applies, and the monitor names a failure after the function."""
+    from catzilla_tasks import TaskPriority, current_task, task
+
+    eng = Engine(workers=2, handle_sigterm=False)
+    priorities = []
+
+    @task(priority=TaskPriority.HIGH)
+    def high():
+        priorities.append(current_task().priority)
+
+    try:
+        async def endpoint(request):
+            tasks = st.BackgroundTasks(engine=eng)
+            tasks.add_task(high)
+            tasks.add_task(named_failure)
+            return PlainTextResponse("ok", background=tasks)
+
+        client = TestClient(Starlette(routes=[Route("/", endpoint)]), raise_server_exceptions=False)
+        client.get("/")
+        assert priorities == [TaskPriority.HIGH]
+        failures = eng.monitor.get_stats()["recent_failures"]
+        assert [f["name"] for f in failures] == ["named_failure"]
+    finally:
+        eng.shutdown()

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -45,6 +47,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 
 from .._engine import QueueFull
+from ..engine import CONFIG_ATTR
 from ..engine import BackgroundTasks as Engine
 from ..results import TaskResult
 from . import Reply, dashboard_response, metrics_response, normalise_prefix, stats_response
@@ -145,8 +148,40 @@ async def _outcome_trio(result: TaskResult) -> Any:
     return result.wait(0)
 
 
+def _in_request_context(eng: Engine, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` called in a copy of the current (the request's) context, as Starlette calls a
+    task: a sync one through ``run_in_threadpool`` (which copies the context), an async one
+    awaited in the request's task. Request ids, tracing spans and logging contexts kept in
+    contextvars reach the task. To the engine it looks like ``func`` (its ``@task`` config, its
+    name). Not when the task leaves the process (process isolation, a broker): neither a context
+    nor a closure can go there."""
+    cfg = getattr(func, CONFIG_ATTR, None)
+    if eng.broker is not None or getattr(cfg, "isolation", None) == "process":
+        return func
+    context = contextvars.copy_context()
+
+    def in_context(*args: Any, **kwargs: Any) -> Any:
+        result = context.run(func, *args, **kwargs)
+        if type(result) is types.CoroutineType:
+            # the engine runs it in a task of its own loop: that task gets the request's values
+            return _with_values(context, result)
+        return result
+
+    in_context.__qualname__ = getattr(func, "__qualname__", None) or repr(func)  # the monitor's name
+    if cfg is not None:
+        setattr(in_context, CONFIG_ATTR, cfg)
+    return in_context
+
+
+async def _with_values(context: contextvars.Context, coro: Coroutine[Any, Any, Any]) -> Any:
+    for var, value in context.items():
+        var.set(value)
+    return await coro
+
+
 async def _run(engine: Engine | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     eng = engine if engine is not None and not engine.is_shutdown else current_engine()
+    func = _in_request_context(eng, func)
     try:
         result = eng.add_task(func, *args, **kwargs)
     except QueueFull:
