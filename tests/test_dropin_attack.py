@@ -276,3 +276,60 @@ def test_tasks_keep_their_name_and_config_in_the_engine():
         assert [f["name"] for f in failures] == ["named_failure"]
     finally:
         eng.shutdown()
+
+
+# ------------------------------------------------------------ cancellation
+
+def test_a_request_cancelled_while_its_task_runs_leaves_no_error_behind(caplog):
+    """Failed on the first version: the server cancels a request (shutdown, a timeout
+    middleware) while its task runs, its loop ends, then the task ends: the engine logged
+    "callback raised RuntimeError: Event loop is closed" (the wake-up of the awaiting loop).
+    The task itself runs to its end, as Starlette's thread-pool task does; the tasks after it
+    in the request do not run."""
+    eng = one_worker_engine(queue_size=10)
+    started, release = threading.Event(), threading.Event()
+    ran = []
+
+    def slow():
+        started.set()
+        release.wait(60)
+        ran.append("slow")
+
+    async def endpoint(request):
+        tasks = st.BackgroundTasks(engine=eng)
+        tasks.add_task(slow)
+        tasks.add_task(ran.append, "after")
+        return PlainTextResponse("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/", "query_string": b"",
+             "headers": [], "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+
+    async def serve_then_cancel():
+        async def receive():
+            await asyncio.Event().wait()
+
+        sent = []
+
+        async def send(message):
+            sent.append(message["type"])
+
+        call = asyncio.create_task(app(scope, receive, send))
+        while not started.is_set():  # the response is sent, the first task runs
+            await asyncio.sleep(0.005)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return sent
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="catzilla_tasks"):
+            assert asyncio.run(serve_then_cancel()) == ["http.response.start", "http.response.body"]
+            release.set()  # the task ends after the request's loop closed
+            eng.shutdown(wait_for_completion=True, timeout=30)
+        assert ran == ["slow"]
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("catzilla_tasks")] == []
+    finally:
+        release.set()
+        eng.shutdown(wait_for_completion=False, timeout=10)
