@@ -333,3 +333,38 @@ def test_a_request_cancelled_while_its_task_runs_leaves_no_error_behind(caplog):
     finally:
         release.set()
         eng.shutdown(wait_for_completion=False, timeout=10)
+
+
+# ------------------------------------------------------------ bad input
+
+def send_email(user_id):
+    return None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: st.BackgroundTasks().add_task(send_email(1), 1),   # the classic slip: the call, not the function
+    lambda: st.BackgroundTask(42),
+    lambda: st.BackgroundTasks([st.BackgroundTask("not callable")]),
+], ids=["add_task", "BackgroundTask", "in_the_list"])
+def test_a_non_callable_task_is_refused_where_it_is_added(make):
+    """Failed on the first version: accepted, then a TypeError after the response was sent, far
+    from the line that made the mistake (Starlette's own class fails late too; ours can say where)."""
+    with pytest.raises(TypeError, match="callable"):
+        make()
+
+
+def test_the_fastapi_drop_in_refuses_a_non_callable_in_the_route():
+    from fastapi import FastAPI
+
+    from catzilla_tasks.integrations.fastapi import BackgroundTasks
+
+    app = FastAPI()
+
+    async def route(background_tasks):
+        background_tasks.add_task(send_email(1))
+        return {"ok": True}
+
+    route.__annotations__["background_tasks"] = BackgroundTasks
+    app.post("/")(route)
+    # in the route: a 500 instead of a 200 followed by an error nobody sees
+    assert TestClient(app, raise_server_exceptions=False).post("/").status_code == 500

@@ -204,10 +204,20 @@ class BackgroundTask(_starlette.BackgroundTask):
     ``func(*args, **kwargs)`` into the engine and waits for it to end without blocking the event
     loop; its exception, if any, is raised here. A full engine makes it wait for room (never
     ``QueueFull``: Starlette's class never drops a task).
-    ``engine``: the engine to use (None: the ``current_engine()`` when it runs).
+    ``engine``: the engine to use (None: the ``current_engine()`` when it runs). A ``func`` that
+    is not callable is refused here (``TypeError``), not after the response.
     """
 
     engine: Engine | None = None
+
+    def __init__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if not callable(func):
+            # here, in the route, rather than after the response (where Starlette's class fails)
+            raise TypeError(
+                f"a background task needs a callable, got {type(func).__name__} {func!r}: pass the function "
+                "itself, add_task(send_email, user_id), not add_task(send_email(user_id))"
+            )
+        super().__init__(func, *args, **kwargs)
 
     async def __call__(self) -> None:
         await _run(self.engine, self.func, self.args, self.kwargs)
