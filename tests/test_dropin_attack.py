@@ -368,3 +368,59 @@ def test_the_fastapi_drop_in_refuses_a_non_callable_in_the_route():
     app.post("/")(route)
     # in the route: a 500 instead of a 200 followed by an error nobody sees
     assert TestClient(app, raise_server_exceptions=False).post("/").status_code == 500
+
+
+# ------------------------------------------------------------ behaviours checked and pinned
+
+EXIT_WITH_PENDING = textwrap.dedent("""
+    import threading, time
+    from catzilla_tasks.integrations import starlette as st
+
+    started = threading.Event()
+
+    def slow(i):
+        started.set()
+        time.sleep(0.05)
+        print("ran", i, flush=True)
+
+    detached = st.DetachedBackgroundTasks()   # no lifespan: the default engine
+    for i in range(5):
+        detached.add_task(slow, i)
+    started.wait(30)
+    print("exiting", flush=True)
+""")
+
+
+def test_tasks_pending_at_interpreter_exit_run_on_the_default_engine(tmp_path):
+    script = tmp_path / "exit_pending.py"
+    script.write_text(EXIT_WITH_PENDING)
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "exiting" in proc.stdout
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("ran")) == [f"ran {i}" for i in range(5)]
+
+
+def test_the_fastapi_alias_builds_a_collection_when_called_but_is_no_class():
+    """``integrations.fastapi.BackgroundTasks`` is an ``Annotated`` alias (FastAPI ignores the class
+    of a BackgroundTasks parameter). Called, it builds our collection, which runs its tasks on the
+    engine as a response's ``background``; ``isinstance`` needs the class behind it."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from catzilla_tasks.integrations import fastapi as fa
+
+    ran = []
+    app = FastAPI()
+
+    @app.get("/")
+    async def route():
+        tasks = fa.BackgroundTasks()
+        tasks.add_task(ran.append, "built by the user")
+        assert isinstance(tasks, st.BackgroundTasks)
+        return JSONResponse({"ok": True}, background=tasks)
+
+    assert TestClient(app).get("/").json() == {"ok": True}
+    assert ran == ["built by the user"]
+    with pytest.raises(TypeError):
+        isinstance(object(), fa.BackgroundTasks)

@@ -11,10 +11,13 @@
   at once and returns the ``TaskResult``; the response does not wait for it, there is no order
   between tasks, and a failure never reaches the request. ``detached_background_tasks(request)``
   gives one bound to the app's engine.
-- Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs; with
-  no lifespan (or after it ended) ``default_engine()``, a process-wide engine created on first
-  use and drained at interpreter exit (a forked child creates its own). ``current_engine()``
-  says which one a drop-in uses now.
+- Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs (the
+  FastAPI dependency binds the request's app's; Starlette's classes never see the request, so
+  they take the newest lifespan engine running in the process, as does an app without one:
+  ``BackgroundTasks(engine=engine_of(request))`` picks); with no lifespan running (or after it
+  ended) ``default_engine()``, a process-wide engine created on first use and drained at
+  interpreter exit (a forked child creates its own). ``current_engine()`` says which one a
+  drop-in uses now.
 - ``lifespan(tasks=None, **config)``: the app's lifespan: at startup it creates the engine (or
   takes ``tasks``) and stores it as ``app.state.catzilla_tasks``; at shutdown it runs what is
   queued (up to ``shutdown_timeout``, default the engine's ``exit_timeout``), then stops an engine
