@@ -373,7 +373,7 @@ def test_the_fastapi_drop_in_refuses_a_non_callable_in_the_route():
 # ------------------------------------------------------------ behaviours checked and pinned
 
 EXIT_WITH_PENDING = textwrap.dedent("""
-    import threading, time
+    import os, threading, time
     from catzilla_tasks.integrations import starlette as st
 
     started = threading.Event()
@@ -381,7 +381,7 @@ EXIT_WITH_PENDING = textwrap.dedent("""
     def slow(i):
         started.set()
         time.sleep(0.05)
-        print("ran", i, flush=True)
+        os.write(1, f"ran {i}\\n".encode())  # one write per line: the workers run at once
 
     detached = st.DetachedBackgroundTasks()   # no lifespan: the default engine
     for i in range(5):
