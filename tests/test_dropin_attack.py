@@ -46,10 +46,13 @@ def one_worker_engine(queue_size=1):
 
 # ------------------------------------------------------------ a full engine
 
-def test_a_full_engine_makes_the_request_wait_for_room_instead_of_losing_the_task():
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_full_engine_makes_the_request_wait_for_room_instead_of_losing_the_task(backend):
     """Failed on the first version: QueueFull after the response was sent, and the task lost
     (FastAPI's and Starlette's own class never drop a task; the request waits for its tasks
     anyway, so waiting for room is the drop-in's backpressure)."""
+    if backend == "trio":
+        pytest.importorskip("trio")
     eng = one_worker_engine(queue_size=1)
     gate, busy = threading.Event(), threading.Event()
     ran = []
@@ -71,7 +74,8 @@ def test_a_full_engine_makes_the_request_wait_for_room_instead_of_losing_the_tas
 
         def request():
             try:
-                outcome["status"] = TestClient(Starlette(routes=[Route("/", endpoint)])).get("/").status_code
+                app = Starlette(routes=[Route("/", endpoint)])
+                outcome["status"] = TestClient(app, backend=backend).get("/").status_code
             except BaseException as exc:  # the first version: QueueFull reached the client
                 outcome["error"] = exc
 
