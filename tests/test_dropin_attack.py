@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from catzilla_tasks import BackgroundTasks as Engine
+from catzilla_tasks import task
 from catzilla_tasks.integrations import starlette as st
 
 pytestmark = pytest.mark.timeout(120)
@@ -257,7 +258,7 @@ def named_failure():
 def test_tasks_keep_their_name_and_config_in_the_engine():
     """The context is carried without hiding the task from the engine: its ``@task`` priority
     applies, and the monitor names a failure after the function."""
-    from catzilla_tasks import TaskPriority, current_task, task
+    from catzilla_tasks import TaskPriority, current_task
 
     eng = Engine(workers=2, handle_sigterm=False)
     priorities = []
@@ -428,3 +429,21 @@ def test_the_fastapi_alias_builds_a_collection_when_called_but_is_no_class():
     assert ran == ["built by the user"]
     with pytest.raises(TypeError):
         isinstance(object(), fa.BackgroundTasks)
+
+
+@task(isolation="process", compile_to_c=False)
+def isolated_square(x):
+    return x * x
+
+
+def test_a_process_isolated_task_with_an_unpicklable_argument_is_refused_where_it_is_added():
+    """Failed on the first version: accepted, then the pickling TypeError after the response
+    was sent. The check pickles once more, only for process-isolated tasks (which pay a
+    process hop anyway)."""
+    isolated = isolated_square
+    tasks = st.BackgroundTasks()
+    with pytest.raises(TypeError, match="pickle"):
+        tasks.add_task(isolated, lambda: 2)
+    assert tasks.tasks == []  # nothing half-added
+    tasks.add_task(isolated, 3)  # a picklable call is fine (it is not run here)
+    assert len(tasks.tasks) == 1

@@ -208,7 +208,8 @@ class BackgroundTask(_starlette.BackgroundTask):
     loop; its exception, if any, is raised here. A full engine makes it wait for room (never
     ``QueueFull``: Starlette's class never drops a task).
     ``engine``: the engine to use (None: the ``current_engine()`` when it runs). A ``func`` that
-    is not callable is refused here (``TypeError``), not after the response.
+    is not callable, or a process-isolated call that cannot be pickled, is refused here
+    (``TypeError``), not after the response.
     """
 
     engine: Engine | None = None
@@ -220,6 +221,11 @@ class BackgroundTask(_starlette.BackgroundTask):
                 f"a background task needs a callable, got {type(func).__name__} {func!r}: pass the function "
                 "itself, add_task(send_email, user_id), not add_task(send_email(user_id))"
             )
+        if getattr(getattr(func, CONFIG_ATTR, None), "isolation", None) == "process":
+            # a process-isolated task is pickled when it is queued, after the response: check now
+            from .. import isolation
+
+            isolation.check_picklable(func, args, kwargs)
         super().__init__(func, *args, **kwargs)
 
     async def __call__(self) -> None:
