@@ -447,3 +447,24 @@ def test_a_process_isolated_task_with_an_unpicklable_argument_is_refused_where_i
     assert tasks.tasks == []  # nothing half-added
     tasks.add_task(isolated, 3)  # a picklable call is fine (it is not run here)
     assert len(tasks.tasks) == 1
+
+
+@task(max_retries=1, retry_base_ms=1, compile_to_c=False)
+def changes_the_context_then_fails(seen):
+    seen.append(request_id.get())
+    request_id.set("changed by attempt 1")
+    if len(seen) == 1:
+        raise ValueError("first attempt")
+
+
+def test_each_attempt_of_a_retried_task_starts_from_the_requests_context():
+    """Each attempt gets its own copy of the request's context: what a failed attempt set does
+    not leak into the retry (and no Context is entered by two threads at once)."""
+    seen = []
+
+    async def endpoint(request):
+        request_id.set("req-9")
+        return PlainTextResponse("ok", background=st.BackgroundTask(changes_the_context_then_fails, seen))
+
+    assert TestClient(Starlette(routes=[Route("/", endpoint)])).get("/").status_code == 200
+    assert seen == ["req-9", "req-9"]

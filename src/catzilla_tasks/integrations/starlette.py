@@ -164,7 +164,9 @@ def _in_request_context(eng: Engine, func: Callable[..., Any]) -> Callable[..., 
     context = contextvars.copy_context()
 
     def in_context(*args: Any, **kwargs: Any) -> Any:
-        result = context.run(func, *args, **kwargs)
+        # a copy per attempt: a retry (or an attempt left running past its timeout) never
+        # shares it, and one Context cannot be entered by two threads at once
+        result = context.copy().run(func, *args, **kwargs)
         if type(result) is types.CoroutineType:
             # the engine runs it in a task of its own loop: that task gets the request's values
             return _with_values(context, result)
