@@ -11,9 +11,13 @@
   at once and returns the ``TaskResult``; the response does not wait for it, there is no order
   between tasks, and a failure never reaches the request. ``detached_background_tasks(request)``
   gives one bound to the app's engine.
-- Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs; with
-  no lifespan (or after it ended) ``default_engine()``, a process-wide engine created on first
-  use and drained at interpreter exit. ``current_engine()`` says which one a drop-in uses now.
+- Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs (the
+  FastAPI dependency binds the request's app's; Starlette's classes never see the request, so
+  they take the newest lifespan engine running in the process, as does an app without one:
+  ``BackgroundTasks(engine=engine_of(request))`` picks); with no lifespan running (or after it
+  ended) ``default_engine()``, a process-wide engine created on first use and drained at
+  interpreter exit (a forked child creates its own). ``current_engine()`` says which one a
+  drop-in uses now.
 - ``lifespan(tasks=None, **config)``: the app's lifespan: at startup it creates the engine (or
   takes ``tasks``) and stores it as ``app.state.catzilla_tasks``; at shutdown it runs what is
   queued (up to ``shutdown_timeout``, default the engine's ``exit_timeout``), then stops an engine
@@ -30,9 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import inspect
+import os
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -41,6 +49,8 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 
+from .._engine import QueueFull
+from ..engine import CONFIG_ATTR
 from ..engine import BackgroundTasks as Engine
 from ..results import TaskResult
 from . import Reply, dashboard_response, metrics_response, normalise_prefix, stats_response
@@ -67,7 +77,7 @@ def default_engine() -> Engine:
 
     Created on first use (``BackgroundTasks(name="catzilla-tasks-default", handle_sigterm=False)``:
     the server owns SIGTERM) and, like every engine, drained at interpreter exit. Created again
-    if someone shut it down.
+    if someone shut it down, and in a forked child (the parent's has no workers there).
     """
     global _default
     eng = _default
@@ -77,6 +87,19 @@ def default_engine() -> Engine:
                 _default = Engine(name="catzilla-tasks-default", handle_sigterm=False)
             eng = _default
     return eng
+
+
+def _forget_parents_engines() -> None:
+    """In a forked child (a pre-fork server's worker): the parent's engines have no worker threads
+    here, so the drop-ins must not pick them; the child's first use creates its own default engine."""
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()  # another thread may have held it at the fork
+    _lifespan_engines.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_engines)
 
 
 def current_engine() -> Engine:
@@ -128,9 +151,55 @@ async def _outcome_trio(result: TaskResult) -> Any:
     return result.wait(0)
 
 
+def _in_request_context(eng: Engine, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` called in a copy of the current (the request's) context, as Starlette calls a
+    task: a sync one through ``run_in_threadpool`` (which copies the context), an async one
+    awaited in the request's task. Request ids, tracing spans and logging contexts kept in
+    contextvars reach the task. To the engine it looks like ``func`` (its ``@task`` config, its
+    name). Not when the task leaves the process (process isolation, a broker): neither a context
+    nor a closure can go there."""
+    cfg = getattr(func, CONFIG_ATTR, None)
+    if eng.broker is not None or getattr(cfg, "isolation", None) == "process":
+        return func
+    context = contextvars.copy_context()
+
+    def in_context(*args: Any, **kwargs: Any) -> Any:
+        # a copy per attempt: a retry (or an attempt left running past its timeout) never
+        # shares it, and one Context cannot be entered by two threads at once
+        result = context.copy().run(func, *args, **kwargs)
+        if type(result) is types.CoroutineType:
+            # the engine runs it in a task of its own loop: that task gets the request's values
+            return _with_values(context, result)
+        return result
+
+    in_context.__qualname__ = getattr(func, "__qualname__", None) or repr(func)  # the monitor's name
+    if cfg is not None:
+        setattr(in_context, CONFIG_ATTR, cfg)
+    return in_context
+
+
+async def _with_values(context: contextvars.Context, coro: Coroutine[Any, Any, Any]) -> Any:
+    for var, value in context.items():
+        var.set(value)
+    return await coro
+
+
 async def _run(engine: Engine | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     eng = engine if engine is not None and not engine.is_shutdown else current_engine()
-    await _outcome(eng.add_task(func, *args, **kwargs))
+    func = _in_request_context(eng, func)
+    try:
+        result = eng.add_task(func, *args, **kwargs)
+    except QueueFull:
+        result = await _add_when_room(eng, func, args, kwargs)
+    await _outcome(result)
+
+
+async def _add_when_room(eng: Engine, func: Callable[..., Any], args: tuple, kwargs: dict) -> TaskResult:
+    """A full engine: wait for room rather than lose the task (Starlette's class never drops one;
+    the request waits for its tasks anyway, so this is its backpressure). The blocking add runs in
+    a thread so the event loop goes on serving; it ends with the engine's error if it shuts down."""
+    add = eng.options(block_timeout=-1).add_task
+    return await anyio.to_thread.run_sync(functools.partial(add, func, *args, **kwargs))
 
 
 class BackgroundTask(_starlette.BackgroundTask):
@@ -138,11 +207,28 @@ class BackgroundTask(_starlette.BackgroundTask):
 
     Awaiting it (Starlette does, after sending the response it is the ``background`` of) queues
     ``func(*args, **kwargs)`` into the engine and waits for it to end without blocking the event
-    loop; its exception, if any, is raised here (as is ``QueueFull`` if the engine is full).
-    ``engine``: the engine to use (None: the ``current_engine()`` when it runs).
+    loop; its exception, if any, is raised here. A full engine makes it wait for room (never
+    ``QueueFull``: Starlette's class never drops a task).
+    ``engine``: the engine to use (None: the ``current_engine()`` when it runs). A ``func`` that
+    is not callable, or a process-isolated call that cannot be pickled, is refused here
+    (``TypeError``), not after the response.
     """
 
     engine: Engine | None = None
+
+    def __init__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if not callable(func):
+            # here, in the route, rather than after the response (where Starlette's class fails)
+            raise TypeError(
+                f"a background task needs a callable, got {type(func).__name__} {func!r}: pass the function "
+                "itself, add_task(send_email, user_id), not add_task(send_email(user_id))"
+            )
+        if getattr(getattr(func, CONFIG_ATTR, None), "isolation", None) == "process":
+            # a process-isolated task is pickled when it is queued, after the response: check now
+            from .. import isolation
+
+            isolation.check_picklable(func, args, kwargs)
+        super().__init__(func, *args, **kwargs)
 
     async def __call__(self) -> None:
         await _run(self.engine, self.func, self.args, self.kwargs)
