@@ -828,7 +828,8 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
         if spec is None:
             return None
     target = None if out is None else _native_out(out, spec.rcode, n, func)
-    chunk = chunk_size or _auto_chunk(n, engine._live_workers())
+    # a node never covers more than the batch (a huge chunk_size is the whole batch in one node)
+    chunk = min(chunk_size, max(n, 1)) if chunk_size else _auto_chunk(n, engine._live_workers())
     if inp.columns is not None:
         cols = tuple((obj, j) for obj, j, _ in inp.columns)
         r = engine._map_native_buffers(spec.address, spec.codes, spec.rcode, cols, chunk, priority, target, _hold_gil)

@@ -1846,6 +1846,7 @@ static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t
                                  int64_t chunk, int priority, double hold_gil, int box) {
     PyObject *ret = NULL, *results = NULL, *failed = NULL, *cancelled = NULL;
     int owned[NATIVE_MAXARGS] = {0}, own_out = job->out == NULL;
+    if (chunk > n) chunk = n ? n : 1; /* a node never covers more than the batch: no overflow below */
     int64_t nchunks = n ? (n + chunk - 1) / chunk : 0;
     native_chunk *chunks = PyMem_Malloc((size_t)(nchunks ? nchunks : 1) * sizeof(native_chunk));
     ct_task **nodes = PyMem_Calloc((size_t)(nchunks ? nchunks : 1), sizeof(ct_task *));
@@ -1865,7 +1866,7 @@ static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t
     int rc = CT_OK;
     Py_ssize_t bad = -1;
     for (; submitted < nchunks; submitted++) {
-        int64_t start = submitted * chunk, stop = start + chunk < n ? start + chunk : n;
+        int64_t start = submitted * chunk, stop = chunk < n - start ? start + chunk : n;
         if (items) {
             /* (the list's length is re-read: a callback of another task may have shrunk it) */
             if (PySequence_Fast_GET_SIZE(items) != n) {
