@@ -45,6 +45,7 @@ import tempfile
 import threading
 import types
 import weakref
+from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 from . import _engine
@@ -908,15 +909,53 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
     return native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in codes))
 
 
-def collect(handles: Iterable[Any], items: Sequence[Any], func: Any, return_exceptions: bool) -> list[Any]:
-    """The values of a batch of TaskResults, in order (waits with the GIL released)."""
+# Python tasks of one map are queued MAP_STEP at a time with at most MAP_WINDOW in flight: the
+# nodes and handles of a huge batch are never all alive at once (the node slab keeps what it
+# grows to), and the workers always have MAP_WINDOW - MAP_STEP items queued ahead of the one
+# being waited for.
+MAP_STEP = 1024
+MAP_WINDOW = 4 * MAP_STEP
+
+
+def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any], func: Any,
+               return_exceptions: bool) -> list[Any]:
+    """The results, in order, of ``func`` over items run as Python tasks: ``submit(part)`` queues
+    a slice of items and returns their handles. As concurrent.futures' map: when this raises
+    (the first failure without return_exceptions, Ctrl-C, a failed submission), what has not
+    started is cancelled and what has not been queued never is."""
+    n = len(items)
     out: list[Any] = []
-    for i, h in enumerate(handles):
-        try:
-            out.append(h.wait())
-        except Exception as exc:
-            if not return_exceptions:
-                exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
-                raise
-            out.append(exc)
+    inflight: deque[list[Any]] = deque()
+    queued = 0
+
+    def more() -> None:
+        nonlocal queued
+        hi = min(n, queued + MAP_STEP)
+        inflight.append(submit(items[queued:hi]))
+        queued = hi
+
+    try:
+        while queued < n and queued - len(out) < MAP_WINDOW:
+            more()
+        while inflight:
+            part = inflight[0]
+            for k, h in enumerate(part):
+                try:
+                    out.append(h.wait())
+                except Exception as exc:
+                    if not return_exceptions:
+                        i = len(out)
+                        exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
+                        raise
+                    out.append(exc)
+                part[k] = None  # the node goes back to the slab once its value is taken
+            inflight.popleft()
+            while queued < n and queued - len(out) < MAP_WINDOW:
+                more()
+    except BaseException:
+        for part in inflight:
+            for h in part:
+                if h is not None:
+                    h.cancel()
+        raise
     return out
