@@ -25,7 +25,8 @@ Design (see also the class docstrings):
   reach a child. A child still imports the application's main module (Python 3.11's
   forkserver does not preload it) and this package, so a start costs ~0.1 s here either
   way, paid once per child: at first use and after a timeout or crash.
-* One task at a time per child; children are started lazily up to ``size`` and reused.
+* One task at a time per child; children are started lazily up to ``size`` and reused. An
+  ``async def`` task runs to its end in the child on an event loop of its own (``asyncio.run``).
 * Memory limit: per task, in the child: ``RLIMIT_AS`` is set to the child's current address
   space + ``memory_limit_mb`` just before the call and restored just after, so the limit
   bounds what the task itself maps, whatever the child's baseline (an interpreter with
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import inspect
 import io
 import itertools
 import math
@@ -301,6 +303,12 @@ def _error_reply(exc: BaseException, stage: str, *, memory: bool = False) -> byt
     return _ERROR + pickle.dumps(info, protocol=_PROTOCOL)
 
 
+def _run_coroutine(coro: Any) -> Any:
+    import asyncio  # only children that run async tasks pay for it
+
+    return asyncio.run(coro)
+
+
 def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     """Run one task message; return (reply, retire this child)."""
     (limit_mb,) = _HEADER.unpack_from(message)
@@ -326,6 +334,8 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     value: Any = None
     try:
         value = func(*args, **kwargs)
+        if inspect.iscoroutine(value):  # an async def task: run to its end on a loop of its own
+            value = _run_coroutine(value)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         failure = exc
     finally:
