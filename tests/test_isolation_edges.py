@@ -75,3 +75,124 @@ def test_async_isolated_task_through_the_engine(make_tasks, recwarn):
     with pytest.raises(ValueError, match="boom"):
         t.options(isolation="process").add_task(h.async_fail, "boom").wait(60)
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+# ---- 10: a task's subprocesses die with it; cancel() of a running isolated task kills it -----
+
+def _kill_quietly(*pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@pytest.mark.timeout(180)
+def test_hard_timeout_kills_the_tasks_subprocesses(pool1, tmp_path):
+    pid_file = str(tmp_path / "pids")
+    with pytest.raises(TaskTimeout):
+        pool1.run(h.spawn_sleeper_then_block, (pid_file,), timeout_s=8)
+    child, grandchild, pgid = map(int, _wait_file(pid_file).split())
+    try:
+        assert pgid == child, "the task's child leads a process group of its own"
+        assert _wait_dead(grandchild), "the task's own subprocess outlived its hard timeout"
+    finally:
+        _kill_quietly(grandchild)
+
+
+PARENT = textwrap.dedent("""
+    import sys, threading
+    sys.path.insert(0, sys.argv[2])
+    import isolation_edge_helpers as h
+    from catzilla_tasks.isolation import ProcessPool
+    pool = ProcessPool(1)
+    threading.Thread(target=pool.run, args=(h.spawn_sleeper_then_block, (sys.argv[1],))).start()
+    threading.Event().wait()
+""")
+
+
+@pytest.mark.timeout(180)
+def test_parent_death_kills_the_tasks_subprocesses(tmp_path):
+    pid_file = str(tmp_path / "pids")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, pid_file, TESTS_DIR], env=env)
+    try:
+        child, grandchild, _ = map(int, _wait_file(pid_file).split())
+        parent.kill()
+        parent.wait(30)
+        try:
+            assert _wait_dead(child) and _wait_dead(grandchild), "a task's subprocess outlived the parent"
+        finally:
+            _kill_quietly(child, grandchild)
+    finally:
+        parent.kill()
+        parent.wait(30)
+
+
+@pytest.mark.timeout(180)
+def test_cancel_kills_a_running_isolated_task(make_tasks, tmp_path):
+    t = make_tasks(workers=2)
+    pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
+    res = t.options(isolation="process", max_retries=2).add_task(h.write_pid_then_sleep_and_mark, pid_file, mark, 60)
+    pid = int(_wait_file(pid_file))
+    assert res.status is TaskStatus.RUNNING
+    assert res.cancel() is True
+    from catzilla_tasks import TaskCancelled
+
+    with pytest.raises(TaskCancelled, match="while it ran"):
+        res.wait(60)
+    assert res.status is TaskStatus.CANCELLED
+    assert _wait_dead(pid)
+    assert res.cancel() is False  # already final
+    t.join(60)
+    assert not os.path.exists(mark)  # not retried, not finished
+    # the pool still runs tasks
+    assert t.options(isolation="process").add_task(h.async_add, 1, 1).wait(60) == (2, True)
+
+
+@pytest.mark.timeout(180)
+def test_cancel_of_an_isolated_task_waiting_for_a_child(make_tasks, tmp_path):
+    t = make_tasks(workers=4)
+    t.process_workers = 1
+    pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
+    first = t.options(isolation="process").add_task(h.write_pid_then_sleep_and_mark, pid_file, mark, 60)
+    _wait_file(pid_file)
+    second = t.options(isolation="process").add_task(h.write_pid_then_sleep_and_mark, pid_file + "2", mark, 0)
+    deadline = time.monotonic() + 60
+    while second.status is not TaskStatus.RUNNING:  # its worker thread waits for the only child
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert second.cancel() is True
+    with pytest.raises(Exception, match="before it started"):
+        second.wait(60)
+    assert second.status is TaskStatus.CANCELLED and not os.path.exists(pid_file + "2")
+    assert first.cancel() is True
+    assert first.status is not TaskStatus.SUCCEEDED
+
+
+# ---- 11: a dead forkserver does not make a live child's task "lost" -----------------------
+
+@pytest.mark.timeout(180)
+def test_forkserver_killed_while_a_task_runs(pool1, tmp_path):
+    from multiprocessing import forkserver
+
+    pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
+    out = {}
+    th = __import__("threading").Thread(
+        target=lambda: out.update(r=_capture(pool1.run, h.write_pid_then_sleep_and_mark, (pid_file, mark, 3))))
+    th.start()
+    _wait_file(pid_file)
+    fs_pid = forkserver._forkserver._forkserver_pid
+    os.kill(fs_pid, signal.SIGKILL)
+    th.join(120)
+    assert out["r"] == ("ok", "done"), out["r"]
+    with open(mark) as f:
+        assert len(f.read().split()) == 1  # ran once
+    assert pool1.run(h.async_add, (1, 2)) == (3, True)  # a new forkserver starts new children
+
+
+def _capture(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except BaseException as exc:  # noqa: BLE001
+        return ("error", repr(exc))

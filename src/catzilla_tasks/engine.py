@@ -106,7 +106,8 @@ def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, k
     payload = isolation.pickle_task(func, args, kwargs)  # TypeError here, at add_task, if it cannot go
     pool = engine._process_pool()
     timeout = cfg.timeout_ms / 1000 if cfg.timeout_ms else None
-    return functools.partial(pool.run_pickled, payload, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
+    name = getattr(func, "__qualname__", None) or repr(func)
+    return isolation.IsolatedCall(pool, payload, name, timeout, cfg.memory_limit_mb)
 
 
 def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:

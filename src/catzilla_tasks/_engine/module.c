@@ -365,7 +365,7 @@ fail:
  * then the timer's). Returns 0 when the task must end with this outcome. */
 static int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc, uint64_t start, uint64_t end) {
     ConfigObject *c = (ConfigObject *)t->cfg;
-    if (!c || !eng) return 0;
+    if (!c || !eng || status == CT_CANCELLED) return 0;
     if (c->max_retries > 0 || t->attempt > 1) record_attempt(t, status, exc, start, end);
     if ((int)t->attempt > c->max_retries) return 0;
     if (status == CT_TIMED_OUT && !c->retry_on_timeout) return 0;
@@ -525,8 +525,11 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         }
     } else if (!res) {
         out = fetch_exception();
-        status = cfg && cfg->isolation && out && PyErr_GivenExceptionMatches(out, g_task_timeout) ? CT_TIMED_OUT
-                                                                                                : CT_FAILED;
+        status = CT_FAILED;
+        if (cfg && cfg->isolation && out) {  /* its pool killed the child: the timeout, or cancel() */
+            if (PyErr_GivenExceptionMatches(out, g_task_timeout)) status = CT_TIMED_OUT;
+            else if (PyErr_GivenExceptionMatches(out, TaskCancelledError)) status = CT_CANCELLED;
+        }
     }
     if (status != CT_SUCCEEDED) {
         if (maybe_retry(eng, t, status, out, now, end)) {
@@ -822,6 +825,11 @@ static PyObject *node_outcome(ResultObject *self) {
         Py_INCREF(v);
         return v;
     case CT_CANCELLED: {
+        if (v && PyExceptionInstance_Check(v)) {  /* cancelled while it ran (an isolated task) */
+            result_track(self);
+            PyErr_SetObject((PyObject *)Py_TYPE(v), v);
+            return NULL;
+        }
         PyObject *id = format_id(t->id);
         PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
         Py_XDECREF(id);
@@ -886,6 +894,16 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
          * in a thread cannot be stopped safely from outside, so it is asked: it sees
          * current_task().cancel_requested and may stop early. */
         atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
+        if (t->kind == CT_KIND_PY && t->cfg && ((ConfigObject *)t->cfg)->isolation && !(st & CT_F_ASYNC)) {
+            /* A process-isolated task: its call (isolation._IsolatedCall) kills its child; the
+             * task then ends CANCELLED. False if its outcome was already in. */
+            PyObject *r = PyObject_CallMethod((PyObject *)t->fn, "cancel", NULL);
+            if (!r) return NULL;
+            int took = PyObject_IsTrue(r);
+            Py_DECREF(r);
+            if (took < 0) return NULL;
+            return PyBool_FromLong(took);
+        }
         if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
             PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
             if (!r) return NULL;
