@@ -196,3 +196,59 @@ def _capture(fn, *args):
         return ("ok", fn(*args))
     except BaseException as exc:  # noqa: BLE001
         return ("error", repr(exc))
+
+
+# ---- 9: SIGTERM to the whole process group drains isolated tasks -------------------------
+
+DRAINED = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[2])
+    import isolation_edge_helpers as h
+    from catzilla_tasks import BackgroundTasks
+    d = sys.argv[1]
+    tasks = BackgroundTasks(workers=4, min_workers=4, enable_auto_scaling=False)
+    tasks.process_workers = 2
+    results = [tasks.options(isolation="process").add_task(h.write_pid_then_sleep_and_mark,
+                                                           f"{d}/pid{i}", f"{d}/mark", 4) for i in range(3)]
+    try:
+        while not (os.path.exists(f"{d}/pid0") and os.path.exists(f"{d}/pid1")):
+            time.sleep(0.02)
+        from multiprocessing import forkserver
+        print("ready", forkserver._forkserver._forkserver_pid, flush=True)
+        time.sleep(120)
+    finally:
+        fs = forkserver._forkserver._forkserver_pid
+        with open(f"{d}/outcomes", "w") as f:
+            f.write(f"forkserver {'alive' if os.waitpid(fs, os.WNOHANG) == (0, 0) else 'dead'}\\n")
+            for r in results:
+                try:
+                    f.write(f"{r.wait(0)}\\n")
+                except BaseException as exc:
+                    f.write(f"{type(exc).__name__}: {exc}\\n")
+""")
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_to_the_process_group_drains_isolated_tasks(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", DRAINED, str(tmp_path), TESTS_DIR], env=env,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["ready"], line
+        children = [int(_wait_file(str(tmp_path / f"pid{i}"))) for i in range(2)]
+        os.killpg(proc.pid, signal.SIGTERM)          # Ctrl-C-style: the whole group
+        for pid in children + [int(line[1])]:        # systemd-style: every process of the service
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        assert proc.wait(120) == 143
+        with open(tmp_path / "outcomes") as f:
+            assert f.read().split("\n")[:4] == ["forkserver alive"] + ["done"] * 3
+        with open(tmp_path / "mark") as f:
+            assert len(f.read().split()) == 3        # each ran once, to its end
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

@@ -470,6 +470,21 @@ def _pidfd_open(pid: int) -> int | None:
         return None
 
 
+_FORKSERVER_INIT = f"{__package__}._forkserver_init"
+
+
+def _forkserver_preload() -> None:
+    """Have the forkserver import _forkserver_init (it then ignores SIGTERM), besides what the
+    application preloads. Takes effect when the forkserver starts: not for one already
+    running (the application started it first), which then dies on a SIGTERM; the pool's
+    children are not affected either way (they know their own deaths through pidfds)."""
+    from multiprocessing import forkserver
+
+    mods = list(getattr(forkserver._forkserver, "_preload_modules", None) or [])
+    if _FORKSERVER_INIT not in mods:
+        forkserver.set_forkserver_preload(mods + [_FORKSERVER_INIT])
+
+
 class CancelToken:
     """Lets another thread cancel a :meth:`ProcessPool.run_pickled` call (``cancel=token``):
     before the task reaches a child it never does; while it runs, its child and the child's
@@ -635,6 +650,8 @@ class ProcessPool:
         self._name = str(name)
         self._start_method = mp_context
         self._ctx = multiprocessing.get_context(mp_context)
+        if mp_context == "forkserver":
+            _forkserver_preload()
         self._start_timeout = start_timeout_f
         self._lock = threading.Lock()
         self._child_free = threading.Condition(self._lock)  # an idle child or a free slot
