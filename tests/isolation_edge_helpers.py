@@ -62,3 +62,22 @@ def start_threads(n):
             if t.is_alive():
                 t.join()
     return n
+
+
+def map_anonymous(mib):
+    import mmap
+
+    m = mmap.mmap(-1, mib * 1024 * 1024)
+    m.close()
+    return mib
+
+
+def wrap_memory_error(mib):
+    try:
+        return bytearray(mib * 1024 * 1024)
+    except MemoryError as exc:
+        raise ValueError("could not build the buffer") from exc
+
+
+def raise_runtime_error(text):
+    raise RuntimeError(text)

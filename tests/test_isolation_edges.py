@@ -252,3 +252,26 @@ def test_sigterm_to_the_process_group_drains_isolated_tasks(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+# ---- 13: memory_limit_mb is a virtual-memory limit; hitting it is MemoryLimitExceeded -------
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("func, args", [
+    (h.start_threads, (200,)),           # thread stacks are address space: "can't start new thread"
+    (h.map_anonymous, (400,)),           # mmap: OSError ENOMEM
+    (h.wrap_memory_error, (400,)),       # a MemoryError the task turned into another error
+])
+def test_every_limit_hit_is_memory_limit_exceeded(pool1, func, args):
+    with pytest.raises(MemoryLimitExceeded, match="virtual memory"):
+        pool1.run(func, args, memory_limit_mb=50)
+    if func is not h.wrap_memory_error:
+        assert pool1.run(func, args) == args[0]  # fine without the limit
+
+
+@pytest.mark.timeout(120)
+def test_other_errors_under_a_limit_stay_themselves(pool1):
+    with pytest.raises(RuntimeError, match="can't start new thread"):  # not near the limit: the task's own
+        pool1.run(h.raise_runtime_error, ("can't start new thread",), memory_limit_mb=500)
+    with pytest.raises(ValueError, match="plain"):
+        pool1.run(h.async_fail, ("plain",), memory_limit_mb=500)

@@ -41,6 +41,7 @@ Design (see also the class docstrings):
 from __future__ import annotations
 
 import atexit
+import errno
 import faulthandler
 import inspect
 import io
@@ -303,6 +304,60 @@ def _error_reply(exc: BaseException, stage: str, *, memory: bool = False) -> byt
     return _ERROR + pickle.dumps(info, protocol=_PROTOCOL)
 
 
+def _thread_stack_bytes() -> int:
+    """The address space a new thread maps for its stack (glibc: RLIMIT_STACK's soft limit,
+    8 MiB by default, or 2 MiB when unlimited; threading.stack_size() when set)."""
+    size = threading.stack_size()
+    if not size:
+        soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+        size = soft if soft != resource.RLIM_INFINITY else 2 * _MiB
+    return size
+
+
+_active_limit = 0  # in a child: the RLIMIT_AS set for the running task, or 0
+
+
+def _guard_thread_starts() -> None:
+    """In a child: a thread that cannot start ("can't start new thread") because its stack
+    would not fit under the task's memory limit marks its RuntimeError as a limit hit, checked
+    at the moment it fails (the threads started before it may be gone by the time the task's
+    error reaches _limit_hit)."""
+    import _thread
+
+    start = _thread.start_new_thread
+
+    def start_new_thread(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return start(*args, **kwargs)
+        except RuntimeError as exc:
+            limit = _active_limit
+            if limit and _address_space_bytes() + _thread_stack_bytes() > limit:
+                exc._catzilla_tasks_limit_hit = True  # type: ignore[attr-defined]
+            raise
+
+    _thread.start_new_thread = start_new_thread
+    threading._start_new_thread = start_new_thread  # type: ignore[attr-defined]
+
+
+def _limit_hit(exc: BaseException) -> bool:
+    """Whether a task's failure under its RLIMIT_AS comes from that limit: a MemoryError,
+    an allocation refused with ENOMEM (mmap, fork), or a thread that could not map its stack
+    while near the limit -- the failure itself or anything in its cause/context chain (a task
+    that turned a MemoryError into its own error still hit its limit)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError):
+            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+            return True
+        if getattr(e, "_catzilla_tasks_limit_hit", False):  # see _guard_thread_starts
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _run_coroutine(coro: Any) -> Any:
     import asyncio  # only children that run async tasks pay for it
 
@@ -311,6 +366,7 @@ def _run_coroutine(coro: Any) -> Any:
 
 def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     """Run one task message; return (reply, retire this child)."""
+    global _active_limit
     (limit_mb,) = _HEADER.unpack_from(message)
     try:
         func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size:])
@@ -319,6 +375,7 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     del message
 
     old_limit = None
+    new_soft = 0  # RLIMIT_AS for the task (0: none)
     if limit_mb > 0:
         try:
             old_limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -330,7 +387,9 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
             resource.setrlimit(resource.RLIMIT_AS, (new_soft, hard))
         except (OSError, ValueError) as exc:
             return _error_reply(exc, "limit"), False
+    _active_limit = new_soft
     failure: BaseException | None = None
+    memory = False
     value: Any = None
     try:
         value = func(*args, **kwargs)
@@ -338,13 +397,14 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
             value = _run_coroutine(value)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         failure = exc
+        memory = old_limit is not None and _limit_hit(exc)
     finally:
+        _active_limit = 0
         if old_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
     del func, args, kwargs
 
     if failure is not None:
-        memory = old_limit is not None and isinstance(failure, MemoryError)
         reply = _error_reply(failure, "call", memory=memory)
         del failure
         return reply, memory  # a child that ran out of memory is not reused
@@ -420,6 +480,7 @@ def _child_main(conn: Any, crash_w: Any) -> None:
     # what happens to running tasks (a drain, or shutdown), the children do not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _ignore_signal)
+    _guard_thread_starts()
     try:  # a crash (SIGSEGV, SIGABRT, ...) writes the task's Python stack here for WorkerLost
         faulthandler.enable(file=crash_w, all_threads=False)
     except (OSError, ValueError, RuntimeError):
@@ -1152,7 +1213,8 @@ def _rebuild_error(info: dict, memory_limit_mb: float | None) -> BaseException:
     stage = info["stage"]
     if info["memory"]:
         exc: BaseException = MemoryLimitExceeded(
-            f"the task exceeded its memory limit (memory_limit_mb={memory_limit_mb:g}): "
+            f"the task exceeded its memory limit (memory_limit_mb={memory_limit_mb:g} of virtual memory: "
+            f"address space mapped during the task, thread stacks included): "
             f"{info['type']}: {info['text']}".rstrip(": ")
         )
         exc.__cause__ = tb
