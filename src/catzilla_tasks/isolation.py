@@ -32,9 +32,11 @@ Design (see also the class docstrings):
   bounds what the task itself maps, whatever the child's baseline (an interpreter with
   numpy mapped is hundreds of MB of address space before any task runs). A child whose task
   hit its limit is retired, not reused.
-* Waiting: the caller blocks in ``multiprocessing.connection.wait([conn, process.sentinel],
-  timeout)``, i.e. ``poll(2)`` with the real deadline, which releases the GIL; a dead child
-  wakes the caller at once through its sentinel or EOF. Callers waiting for a free child wait
+* Waiting: the caller blocks in ``multiprocessing.connection.wait([conn, pidfd], timeout)``
+  (the process sentinel where there is no pidfd), i.e. ``poll(2)`` with the real deadline,
+  which releases the GIL; a dead child wakes the caller at once through its pidfd or EOF.
+* Process groups: each child leads its own; killing a child (timeout, ``cancel()``,
+  shutdown, the parent's death) kills its group, so a task's subprocesses go with it. Callers waiting for a free child wait
   on a ``threading.Condition``. Nothing polls or sleeps.
 """
 
