@@ -27,7 +27,8 @@ Design (see also the class docstrings):
   way, paid once per child: at first use and after a timeout or crash.
 * One task at a time per child; children are started lazily up to ``size`` and reused. An
   ``async def`` task runs to its end in the child on an event loop of its own (``asyncio.run``).
-* Memory limit: per task, in the child: ``RLIMIT_AS`` is set to the child's current address
+* Memory limit: per task, in the child: ``RLIMIT_AS`` (virtual memory, not resident memory:
+  a thread's whole stack counts) is set to the child's current address
   space + ``memory_limit_mb`` just before the call and restored just after, so the limit
   bounds what the task itself maps, whatever the child's baseline (an interpreter with
   numpy mapped is hundreds of MB of address space before any task runs). A child whose task
@@ -326,19 +327,24 @@ def _guard_thread_starts() -> None:
     error reaches _limit_hit)."""
     import _thread
 
-    start = _thread.start_new_thread
+    def guarded(start: Callable[..., Any]) -> Callable[..., Any]:
+        def start_thread(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return start(*args, **kwargs)
+            except RuntimeError as exc:
+                limit = _active_limit
+                if limit and _address_space_bytes() + _thread_stack_bytes() > limit:
+                    exc._catzilla_tasks_limit_hit = True  # type: ignore[attr-defined]
+                raise
 
-    def start_new_thread(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return start(*args, **kwargs)
-        except RuntimeError as exc:
-            limit = _active_limit
-            if limit and _address_space_bytes() + _thread_stack_bytes() > limit:
-                exc._catzilla_tasks_limit_hit = True  # type: ignore[attr-defined]
-            raise
+        return start_thread
 
-    _thread.start_new_thread = start_new_thread
-    threading._start_new_thread = start_new_thread  # type: ignore[attr-defined]
+    # threading keeps its own reference (3.11-3.12: _start_new_thread; 3.13: _start_joinable_thread)
+    for mod, name in ((_thread, "start_new_thread"), (_thread, "start_joinable_thread"),
+                      (threading, "_start_new_thread"), (threading, "_start_joinable_thread")):
+        start = getattr(mod, name, None)
+        if start is not None:
+            setattr(mod, name, guarded(start))
 
 
 def _limit_hit(exc: BaseException) -> bool:
