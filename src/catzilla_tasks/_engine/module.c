@@ -890,14 +890,19 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
     if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) {
         uint32_t st = atomic_load(&t->state);
         if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
-        /* Running: an async task's coroutine is cancelled (it ends CANCELLED); a sync task
+        /* Running: an async task's coroutine is cancelled (it ends CANCELLED), so is a
+         * process-isolated one (its child is killed); a sync task
          * in a thread cannot be stopped safely from outside, so it is asked: it sees
          * current_task().cancel_requested and may stop early. */
         atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
         if (t->kind == CT_KIND_PY && t->cfg && ((ConfigObject *)t->cfg)->isolation && !(st & CT_F_ASYNC)) {
-            /* A process-isolated task: its call (isolation._IsolatedCall) kills its child; the
+            /* A process-isolated task: its call (isolation.IsolatedCall) kills its child; the
              * task then ends CANCELLED. False if its outcome was already in. */
             PyObject *r = PyObject_CallMethod((PyObject *)t->fn, "cancel", NULL);
+            if (!r && PyErr_ExceptionMatches(PyExc_AttributeError)) {  /* not one of ours */
+                PyErr_Clear();
+                Py_RETURN_FALSE;
+            }
             if (!r) return NULL;
             int took = PyObject_IsTrue(r);
             Py_DECREF(r);
