@@ -119,7 +119,7 @@ def test_ctrl_c_cancels_the_items_not_started(make_tasks):
 
 
 @pytest.mark.timeout(120)
-def test_isolated_tasks_map_cancels_on_first_failure(make_tasks):
+def test_one_by_one_path_cancels_on_first_failure(make_tasks):
     """The one-by-one path (delayed tasks) cancels the same way."""
     t, gate, ran, job = _blocking_batch(make_tasks, lambda: 1 / 0)
     slow = task(delay_ms=1)(job)
@@ -151,3 +151,27 @@ def test_python_map_keeps_a_bounded_window_of_nodes(make_tasks):
     del res
     gc.collect()
     assert BackgroundTasks.memory_stats()["nodes_in_use"] - base <= 10
+
+
+@pytest.mark.timeout(120)
+def test_running_items_are_not_asked_to_cancel(make_tasks):
+    """Only what has not started is cancelled: a running item does not see cancel_requested."""
+    from catzilla_tasks import current_task
+
+    seen = []
+
+    def fail():
+        raise ValueError("item 0 fails")
+
+    t, gate, ran, job = _blocking_batch(make_tasks, fail)
+
+    def watched(i):
+        out = job(i)
+        seen.append(current_task().cancel_requested)
+        return out
+
+    with pytest.raises(ValueError):
+        t.map(watched, range(100))
+    gate.set()
+    t.join(60)
+    assert seen and not any(seen)

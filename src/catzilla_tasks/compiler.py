@@ -955,7 +955,12 @@ def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any
     except BaseException:
         for part in inflight:
             for h in part:
-                if h is not None:
+                # not a running one: a thread task would see cancel_requested, an isolated
+                # one would be killed
+                if h is not None and h.status.value != _RUNNING:
                     h.cancel()
         raise
     return out
+
+
+_RUNNING = 2  # TaskStatus.RUNNING.value
