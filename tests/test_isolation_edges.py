@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 import isolation_edge_helpers as h
-from catzilla_tasks import BackgroundTasks, TaskStatus
-from catzilla_tasks.errors import MemoryLimitExceeded, TaskTimeout, WorkerLost
+from catzilla_tasks import TaskStatus
+from catzilla_tasks.errors import MemoryLimitExceeded, TaskTimeout
 from catzilla_tasks.isolation import ProcessPool
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -179,7 +180,7 @@ def test_forkserver_killed_while_a_task_runs(pool1, tmp_path):
 
     pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
     out = {}
-    th = __import__("threading").Thread(
+    th = threading.Thread(
         target=lambda: out.update(r=_capture(pool1.run, h.write_pid_then_sleep_and_mark, (pid_file, mark, 3))))
     th.start()
     _wait_file(pid_file)
