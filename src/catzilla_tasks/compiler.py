@@ -50,6 +50,7 @@ import tempfile
 import threading
 import types
 import weakref
+from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 from . import _engine
@@ -1134,7 +1135,8 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
         if spec is None:
             return None
     target = None if out is None else _native_out(out, spec.rcode, n, func)
-    chunk = chunk_size or _auto_chunk(n, engine._live_workers())
+    # a node never covers more than the batch (a huge chunk_size is the whole batch in one node)
+    chunk = min(chunk_size, max(n, 1)) if chunk_size else _auto_chunk(n, engine._live_workers())
     if inp.columns is not None:
         cols = tuple((obj, j) for obj, j, _ in inp.columns)
         r = engine._map_native_buffers(spec.address, spec.codes, spec.rcode, cols, chunk, priority, target, _hold_gil)
@@ -1213,15 +1215,58 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
     return native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in codes))
 
 
-def collect(handles: Iterable[Any], items: Sequence[Any], func: Any, return_exceptions: bool) -> list[Any]:
-    """The values of a batch of TaskResults, in order (waits with the GIL released)."""
+# Python tasks of one map are queued MAP_STEP at a time with at most MAP_WINDOW in flight: the
+# nodes and handles of a huge batch are never all alive at once (the node slab keeps what it
+# grows to), and the workers always have MAP_WINDOW - MAP_STEP items queued ahead of the one
+# being waited for.
+MAP_STEP = 1024
+MAP_WINDOW = 4 * MAP_STEP
+
+
+def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any], func: Any,
+               return_exceptions: bool) -> list[Any]:
+    """The results, in order, of ``func`` over items run as Python tasks: ``submit(part)`` queues
+    a slice of items and returns their handles. As concurrent.futures' map: when this raises
+    (the first failure without return_exceptions, Ctrl-C, a failed submission), what has not
+    started is cancelled and what has not been queued never is."""
+    n = len(items)
     out: list[Any] = []
-    for i, h in enumerate(handles):
-        try:
-            out.append(h.wait())
-        except Exception as exc:
-            if not return_exceptions:
-                exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
-                raise
-            out.append(exc)
+    inflight: deque[list[Any]] = deque()
+    queued = 0
+
+    def more() -> None:
+        nonlocal queued
+        hi = min(n, queued + MAP_STEP)
+        inflight.append(submit(items[queued:hi]))
+        queued = hi
+
+    try:
+        while queued < n and queued - len(out) < MAP_WINDOW:
+            more()
+        while inflight:
+            part = inflight[0]
+            for k, h in enumerate(part):
+                try:
+                    out.append(h.wait())
+                except Exception as exc:
+                    if not return_exceptions:
+                        i = len(out)
+                        exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
+                        raise
+                    out.append(exc)
+                part[k] = None  # the node goes back to the slab once its value is taken
+            inflight.popleft()
+            while queued < n and queued - len(out) < MAP_WINDOW:
+                more()
+    except BaseException:
+        for part in inflight:
+            for h in part:
+                # not a running one: a thread task would see cancel_requested, an isolated
+                # one would be killed
+                if h is not None and h.status.value != _RUNNING:
+                    h.cancel()
+        raise
     return out
+
+
+_RUNNING = 2  # TaskStatus.RUNNING.value

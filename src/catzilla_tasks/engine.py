@@ -107,7 +107,8 @@ def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, k
     payload = isolation.pickle_task(func, args, kwargs)  # TypeError here, at add_task, if it cannot go
     pool = engine._process_pool()
     timeout = cfg.timeout_ms / 1000 if cfg.timeout_ms else None
-    return functools.partial(pool.run_pickled, payload, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
+    name = getattr(func, "__qualname__", None) or repr(func)
+    return isolation.IsolatedCall(pool, payload, name, timeout, cfg.memory_limit_mb)
 
 
 def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:
@@ -560,9 +561,11 @@ class BackgroundTasks(_engine.Engine):
         A compiled task (``@task``, ``compile_to_c``) runs as native code on the workers with no
         GIL, ``chunk_size`` items per engine node (default: at least 8 nodes per worker, at most
         4096 items per node; a config with retries, a timeout or hooks makes it one task per item,
-        as Python); other functions run one Python task per item. A failed item raises
-        its exception (with a note naming the item) after the batch ran, or, with
-        ``return_exceptions=True``, takes its place in the list.
+        as Python); other functions run one Python task per item, at most a few thousand queued
+        at a time (a batch of millions never holds a node per item). A failed item raises its
+        exception (with a note naming the item), or, with ``return_exceptions=True``, takes its
+        place in the list. As ``concurrent.futures``: when ``map`` raises (a Python task's
+        failure, reached in order; Ctrl-C) the items not started yet are cancelled.
 
         ``out``: None (a list of results), ``"array"`` (an ``array.array`` of the result type:
         'q' int64, 'd' float64, 'B' for bool results) or a writable, contiguous 1-D buffer of n
@@ -585,10 +588,12 @@ class BackgroundTasks(_engine.Engine):
                     return res
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
-                handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
+                def submit(part: Any) -> list[Any]:
+                    return [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in part]
             else:
-                handles = self._submit_batch(func, items, None)
-            results = compiler.collect(handles, items, func, return_exceptions)
+                def submit(part: Any) -> list[Any]:
+                    return self._submit_batch(func, part, None)
+            results = compiler.map_python(submit, items, func, return_exceptions)
         return results if out is None else compiler.python_out(results, out)
 
     def _live_workers(self) -> int:

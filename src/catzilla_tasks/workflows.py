@@ -94,6 +94,7 @@ the list of the group's values as its first argument.
 from __future__ import annotations
 
 import threading
+import traceback
 import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -673,6 +674,7 @@ class _Run:
         step = plan.ids[j] if j < len(plan.ids) else "(the workflow's end)"
         results = {plan.ids[i]: g.value for i, g in enumerate(self.gates[: len(plan.ids)])
                    if g.result is not None and g.result.status.value == _SUCCEEDED}
+        exc = _without_own_frames(exc, keep=how != "could not be queued")
         detail = f": {type(exc).__name__}: {exc}" if how != "was cancelled" else ""
         err = WorkflowError(
             f"workflow {plan.name!r}: step {step!r} {how}{detail}", workflow=plan.name, step=step, results=results
@@ -698,6 +700,31 @@ class _Run:
 
 
 _SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value
+
+
+def _without_own_frames(exc: BaseException, keep: bool) -> BaseException:
+    """exc without the frames of this run in its traceback: the frame that caught it
+    (_on_fail, _start, _retry) holds the run and a gate, so the plan, every gate and every
+    step's arguments would live as long as anyone holds the workflow's error.
+
+    keep: exc is the step's own error, raised in a worker; its traceback minus the catching
+    frame at its head is where the step raised. Otherwise exc was raised while queueing a
+    step, by code this run called (its frames lead back to ours through f_back): the
+    traceback is kept as text, in a note, and the frames are let go."""
+    if not keep:
+        seen: set[int] = set()
+        e: BaseException | None = exc
+        while e is not None and id(e) not in seen:  # its causes were raised in those frames too
+            seen.add(id(e))
+            if e.__traceback__ is not None:
+                e.add_note("".join(traceback.format_tb(e.__traceback__)).rstrip())
+                e.with_traceback(None)
+            e = e.__cause__ or e.__context__
+        return exc
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return exc.with_traceback(tb)
 
 
 # -- @workflow ---------------------------------------------------------------------------------

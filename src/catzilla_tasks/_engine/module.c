@@ -371,7 +371,7 @@ fail:
  * then the timer's). Returns 0 when the task must end with this outcome. */
 static int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc, uint64_t start, uint64_t end) {
     ConfigObject *c = (ConfigObject *)t->cfg;
-    if (!c || !eng) return 0;
+    if (!c || !eng || status == CT_CANCELLED) return 0;
     if (c->max_retries > 0 || t->attempt > 1) record_attempt(t, status, exc, start, end);
     if ((int)t->attempt > c->max_retries) return 0;
     if (status == CT_TIMED_OUT && !c->retry_on_timeout) return 0;
@@ -531,8 +531,11 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         }
     } else if (!res) {
         out = fetch_exception();
-        status = cfg && cfg->isolation && out && PyErr_GivenExceptionMatches(out, g_task_timeout) ? CT_TIMED_OUT
-                                                                                                : CT_FAILED;
+        status = CT_FAILED;
+        if (cfg && cfg->isolation && out) {  /* its pool killed the child: the timeout, or cancel() */
+            if (PyErr_GivenExceptionMatches(out, g_task_timeout)) status = CT_TIMED_OUT;
+            else if (PyErr_GivenExceptionMatches(out, TaskCancelledError)) status = CT_CANCELLED;
+        }
     }
     if (status != CT_SUCCEEDED) {
         if (maybe_retry(eng, t, status, out, now, end)) {
@@ -828,6 +831,11 @@ static PyObject *node_outcome(ResultObject *self) {
         Py_INCREF(v);
         return v;
     case CT_CANCELLED: {
+        if (v && PyExceptionInstance_Check(v)) {  /* cancelled while it ran (an isolated task) */
+            result_track(self);
+            PyErr_SetObject((PyObject *)Py_TYPE(v), v);
+            return NULL;
+        }
         PyObject *id = format_id(t->id);
         PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
         Py_XDECREF(id);
@@ -888,10 +896,25 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
     if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) {
         uint32_t st = atomic_load(&t->state);
         if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
-        /* Running: an async task's coroutine is cancelled (it ends CANCELLED); a sync task
+        /* Running: an async task's coroutine is cancelled (it ends CANCELLED), so is a
+         * process-isolated one (its child is killed); a sync task
          * in a thread cannot be stopped safely from outside, so it is asked: it sees
          * current_task().cancel_requested and may stop early. */
         atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
+        if (t->kind == CT_KIND_PY && t->cfg && ((ConfigObject *)t->cfg)->isolation && !(st & CT_F_ASYNC)) {
+            /* A process-isolated task: its call (isolation.IsolatedCall) kills its child; the
+             * task then ends CANCELLED. False if its outcome was already in. */
+            PyObject *r = PyObject_CallMethod((PyObject *)t->fn, "cancel", NULL);
+            if (!r && PyErr_ExceptionMatches(PyExc_AttributeError)) {  /* not one of ours */
+                PyErr_Clear();
+                Py_RETURN_FALSE;
+            }
+            if (!r) return NULL;
+            int took = PyObject_IsTrue(r);
+            Py_DECREF(r);
+            if (took < 0) return NULL;
+            return PyBool_FromLong(took);
+        }
         if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
             PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
             if (!r) return NULL;
@@ -1852,6 +1875,7 @@ static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t
                                  int64_t chunk, int priority, double hold_gil, int box) {
     PyObject *ret = NULL, *results = NULL, *failed = NULL, *cancelled = NULL;
     int owned[NATIVE_MAXARGS] = {0}, own_out = job->out == NULL;
+    if (chunk > n) chunk = n ? n : 1; /* a node never covers more than the batch: no overflow below */
     int64_t nchunks = n ? (n + chunk - 1) / chunk : 0;
     native_chunk *chunks = PyMem_Malloc((size_t)(nchunks ? nchunks : 1) * sizeof(native_chunk));
     ct_task **nodes = PyMem_Calloc((size_t)(nchunks ? nchunks : 1), sizeof(ct_task *));
@@ -1871,7 +1895,7 @@ static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t
     int rc = CT_OK;
     Py_ssize_t bad = -1;
     for (; submitted < nchunks; submitted++) {
-        int64_t start = submitted * chunk, stop = start + chunk < n ? start + chunk : n;
+        int64_t start = submitted * chunk, stop = chunk < n - start ? start + chunk : n;
         if (items) {
             /* (the list's length is re-read: a callback of another task may have shrunk it) */
             if (PySequence_Fast_GET_SIZE(items) != n) {
