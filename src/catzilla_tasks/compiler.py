@@ -207,7 +207,9 @@ def _warn_cache(d: str, why: str) -> None:
 
 
 def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
-    st = os.stat(path)
+    st = os.lstat(path)  # not stat: a symlink (``__pycache__`` -> elsewhere) leads out of what was checked
+    if stat_mod.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink (to {os.readlink(path)!r})"
     if not stat_mod.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
     mode = stat_mod.S_IMODE(st.st_mode)
@@ -306,7 +308,8 @@ def _install_locator() -> None:
 def _trusted_read(path: str) -> bytes | None:
     """The bytes of path when it is a regular file of ours that nobody else may write, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in the cache would block open() before fstat could refuse it
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
@@ -422,7 +425,11 @@ def _fingerprint_global(what: str, value: Any, h: Any, seen: set[int]) -> str | 
         return None
     if _is_numba_dispatcher(value):
         opts = getattr(value, "targetoptions", {})
-        h.update(f"dispatcher {sorted(opts.items())!r}".encode())
+        # A dispatcher given explicit signatures (@njit("int64(float64)")) compiles only those,
+        # converting its arguments and result to them: they are part of what it computes. (The
+        # signatures of a lazy one are what this process happened to call, so not hashed.)
+        sigs = [] if getattr(value, "_can_compile", True) else sorted(map(str, value.nopython_signatures))
+        h.update(f"dispatcher {sorted(opts.items())!r} {sigs!r}".encode())
         return _fingerprint(value.py_func, h, seen)
     if isinstance(value, type) and value.__module__ == "builtins":
         h.update(f"builtin {value.__qualname__}".encode())

@@ -1,0 +1,124 @@
+"""Attacks on the trust boundaries of issue 14 (and issue 16, items 2-3): each test is a way
+around a check that the first round of fixes let through."""
+
+import os
+import stat
+import threading
+import warnings
+
+import pytest
+
+from catzilla_tasks._redact import redact_text, redact_url
+
+ROOT = os.geteuid() == 0
+
+
+def _cache_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "compile cache" in str(w.message)]
+
+
+def _tree(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+
+# ---- the compile cache ------------------------------------------------------------------
+
+@pytest.fixture
+def numba():
+    return pytest.importorskip("numba")
+
+
+def _poly(x: float, n: int) -> float:
+    s = 0.0
+    for k in range(n):
+        s = s * x + k
+    return s
+
+
+_SIG_APP = "import numba\n@numba.njit({sig})\ndef h(x):\n    return x * 1.5\ndef top(x: float):\n    return h(x)\n"
+
+
+def _sig_variant(sig, module):
+    """top(x) calling a helper compiled eagerly for an explicit signature: the same code, file
+    and line whatever the signature (a deploy that changes only the decorator's argument)."""
+    g = {"__name__": module}
+    exec(compile(_SIG_APP.format(sig=sig), "sig_app.py", "exec"), g)
+    return g["top"]
+
+
+def test_key_covers_a_helpers_explicit_signature(numba, tmp_path, monkeypatch):
+    """A helper declared @njit("int64(float64)") truncates; @njit("float64(float64)") does
+    not. Same bytecode, so before: the same key, and the second function got the first's
+    machine code (4 instead of 4.5), in this process and from the disk cache in the next."""
+    from catzilla_tasks import BackgroundTasks, task
+    from catzilla_tasks.compiler import TaskCompiler
+
+    as_int = _sig_variant('"int64(float64)"', "sig_app_int")
+    as_float = _sig_variant('"float64(float64)"', "sig_app_float")
+    assert (as_int(3.0), as_float(3.0)) == (4, 4.5)
+    assert TaskCompiler()._key(as_int, "f") != TaskCompiler()._key(as_float, "f")
+
+    monkeypatch.setenv("CATZILLA_TASKS_CACHE_DIR", str(tmp_path / "cache"))
+    task(as_int)
+    task(as_float)
+    with BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False) as t:
+        first = t.add_task(as_int, 3.0)
+        assert first.wait(120) == 4 and first.get_stats()["native"]
+        second = t.add_task(as_float, 3.0)
+        assert second.wait(120) == 4.5 and second.get_stats()["native"]
+
+
+def test_symlinked_pycache_cannot_lead_numba_out_of_the_cache(numba, tmp_path):
+    """numba's pickles go to <cache>/__pycache__. A symlink there (left from a time the cache
+    was shared, say) pointing into a directory others can write to passed the check (os.stat
+    follows it), so the pickles numba loads lived where another user can swap them."""
+    from catzilla_tasks.compiler import TaskCompiler
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)                      # others may rename and replace what is in it
+    elsewhere = shared / "pyc"
+    elsewhere.mkdir(mode=0o700)
+    d = tmp_path / "cache"
+    d.mkdir(mode=0o700)
+    os.symlink(elsewhere, d / "__pycache__")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        spec = TaskCompiler(str(d)).compile(_poly, "fi")
+    assert spec.address and not spec.cache_hit
+    assert _tree(str(elsewhere)) == []          # nothing written to (or read from) there
+    msgs = [str(w.message) for w in _cache_warnings(rec)]
+    assert len(msgs) == 1 and "symlink" in msgs[0], msgs
+
+
+@pytest.mark.timeout(120)
+def test_fifo_in_the_cache_does_not_hang_compilation(numba, tmp_path):
+    """A FIFO where the manifest should be (a leftover of a shared cache): reading it blocked
+    the compiling thread for ever (open() before the fstat check)."""
+    from catzilla_tasks.compiler import TaskCompiler
+
+    d = tmp_path / "cache"
+    d.mkdir(mode=0o700)
+    c = TaskCompiler(str(d))
+    fifo = d / f"ct_{c._key(_poly, 'fi')}.json"
+    os.mkfifo(fifo, 0o600)
+    done = threading.Event()
+    result = {}
+
+    def run():
+        try:
+            result["spec"] = c.compile(_poly, "fi")
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    finished = done.wait(60)
+    if not finished:  # unblock the reader so the thread ends
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        done.wait(30)
+    assert finished, "compile() blocked on a FIFO in the cache directory"
+    assert "error" not in result, result
+    assert result["spec"].address
+    assert stat.S_ISREG(os.lstat(fifo).st_mode)  # replaced by our manifest
