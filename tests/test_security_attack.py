@@ -122,3 +122,67 @@ def test_fifo_in_the_cache_does_not_hang_compilation(numba, tmp_path):
     assert "error" not in result, result
     assert result["spec"].address
     assert stat.S_ISREG(os.lstat(fifo).st_mode)  # replaced by our manifest
+
+
+# ---- redaction ----------------------------------------------------------------------------
+
+# Passwords written into a URL without percent-encoding one of '/', '?', '#' (a base64
+# password has '/'): the RFC 3986 parse ends the authority there, finds no '@' in it and showed
+# the password (all of it, or the part before the character).
+UNENCODED = [
+    ("redis://:Zm9v/YmFy+cXV4==@cache.internal:6379/0", ["Zm9v", "YmFy", "cXV4"], "cache.internal:6379/0"),
+    ("redis://alice:p#ss-W0rd@cache.internal:6379/0", ["p#ss", "W0rd"], "cache.internal:6379/0"),
+    ("rediss://alice:p?ss-W0rd@cache.internal:6380/1", ["p?ss", "W0rd"], "cache.internal:6380/1"),
+    ("redis+sentinel://:Zm9v/YmFy@s1:26379,s2:26379/mymaster", ["Zm9v", "YmFy"], "s1:26379,s2:26379/mymaster"),
+    # no host at all: what follows ':' is no port
+    ("redis://:hunter2-Pw", ["hunter2"], "redis://:"),
+]
+
+
+@pytest.mark.parametrize("url,secrets,kept", UNENCODED)
+def test_unencoded_reserved_characters_in_a_password_are_masked(url, secrets, kept):
+    for shown in (redact_url(url), redact_text(f"cannot connect to {url} (refused)")):
+        assert not [s for s in secrets if s in shown], shown
+        assert kept in shown and "***" in shown
+    assert redact_url(redact_url(url)) == redact_url(url)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis://[::1]:6379/0", "unix:///tmp/r.sock?db=1",
+                                 "redis+sentinel://s1:26379,s2:26379/m", "https://h.example/@me/x?q=a@b",
+                                 "http://h.example:8080", "redis://host/0#a/b@c"])
+def test_urls_without_userinfo_are_left_alone(url):
+    assert redact_url(url) == url
+
+
+def test_broker_errors_from_redis_py_do_not_quote_the_password():
+    """redis-py's own parse error quoted the piece of the password it took for a port."""
+    pytest.importorskip("redis")
+    from catzilla_tasks.brokers.redis import RedisBroker
+
+    for url in ("redis://:Zm9v/YmFy@localhost:6379/0", "redis://u:p#ss-W0rd@localhost:6379/0",
+                "foo://:Zm9v/YmFy@localhost/0"):
+        with pytest.raises(ValueError) as ei:
+            RedisBroker(url)
+        msg = str(ei.value)
+        assert "Zm9v" not in msg and "YmFy" not in msg and "p#ss" not in msg and "'p'" not in msg, msg
+        assert "broker URL" in msg
+
+
+def test_secret_query_parameters_outside_a_full_url_are_masked():
+    """An HTTP client's error quotes the request path without scheme and host
+    ("Max retries exceeded with url: /v1/x?auth=..."): the parameters named like secrets in
+    a URL were masked only when one of the words of the libpq-style pairs matched."""
+    msg = "Max retries exceeded with url: /v1/jobs?auth=AAA111&sig=BBB222&key=CCC333&session=DDD444&page=2"
+    out = redact_text(msg)
+    assert not [s for s in ("AAA111", "BBB222", "CCC333", "DDD444") if s in out], out
+    assert "page=2" in out and "/v1/jobs?" in out
+
+
+def test_secrets_in_a_dict_or_json_repr_are_masked():
+    """An error that quotes its settings: {'password': '...'} or {"token": "..."}."""
+    for text in ("cannot connect with {'host': 'db', 'password': 'hunter2-Pw'}",
+                 'bad config {"host": "db", "api_key": "hunter2-Pw", "port": 5432}',
+                 "kwargs={'token': b'hunter2-Pw'}"):
+        out = redact_text(text)
+        assert "hunter2" not in out and "***" in out, out
+    assert redact_text("{'host': 'db', 'port': 1}") == "{'host': 'db', 'port': 1}"
