@@ -186,3 +186,70 @@ def test_secrets_in_a_dict_or_json_repr_are_masked():
         out = redact_text(text)
         assert "hunter2" not in out and "***" in out, out
     assert redact_text("{'host': 'db', 'port': 1}") == "{'host': 'db', 'port': 1}"
+
+
+# ---- the dashboard ------------------------------------------------------------------------
+
+def _raw_request(server, request: bytes) -> tuple[int, bytes]:
+    import socket
+
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _stats():
+    return {"engine": {"name": "attack-test"}, "queue_metrics": {}, "totals": {}, "recent_failures": []}
+
+
+def test_absolute_form_request_target_is_the_host_that_counts():
+    """RFC 9112 3.2.2: with an absolute-form target the server uses its authority, not Host.
+    The loopback rule looked only at the Host header, and the handler routed on the target's
+    path: `GET http://attacker.example/stats.json` with `Host: 127.0.0.1` was served."""
+    from catzilla_tasks.dashboard import serve
+
+    srv, _ = serve(_stats)
+    try:
+        port = srv.server_address[1]
+        status, body = _raw_request(srv, b"GET http://attacker.example/stats.json HTTP/1.1\r\n"
+                                         b"Host: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % port)
+        assert status == 403 and b"attack-test" not in body
+        # an absolute-form target naming the loopback server itself is fine
+        status, body = _raw_request(srv, b"GET http://127.0.0.1:%d/stats.json HTTP/1.1\r\n"
+                                         b"Host: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % (port, port))
+        assert status == 200 and b"attack-test" in body
+    finally:
+        srv.stop()
+
+
+def test_token_rule_is_decided_by_the_address_bound_not_the_name(monkeypatch):
+    """serve(host="localhost") needed no token because of the name; what it binds is what the
+    resolver says (a *.localhost name is looked up in DNS by glibc). Here the bind lands on
+    every interface, as a resolver mapping the name elsewhere would make it: no token, no server."""
+    import socketserver
+
+    from catzilla_tasks.dashboard import serve
+
+    real_bind = socketserver.TCPServer.server_bind
+
+    def bind_everywhere(self):
+        self.server_address = ("0.0.0.0", 0)
+        real_bind(self)
+
+    monkeypatch.setattr(socketserver.TCPServer, "server_bind", bind_everywhere)
+    srv = None
+    try:
+        with pytest.raises(ValueError, match="token"):
+            srv, _ = serve(_stats, host="localhost")
+    finally:
+        if srv is not None:
+            srv.stop()
+    srv, _ = serve(_stats, host="localhost", token="tok-3")   # with a token it may
+    try:
+        assert srv.server_address[0] == "0.0.0.0" and not srv.loopback
+    finally:
+        srv.stop()
