@@ -253,3 +253,41 @@ def test_token_rule_is_decided_by_the_address_bound_not_the_name(monkeypatch):
         assert srv.server_address[0] == "0.0.0.0" and not srv.loopback
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(180)
+def test_cli_proxy_prints_a_url_whose_token_works():
+    """--serve-token with characters a query gives another meaning ('+' is a space, '&' ends
+    the value, '#' starts the fragment) was printed unencoded: the URL shown, opened, sent
+    another token and got 401."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    from urllib.parse import parse_qs, urlsplit
+
+    from http_helpers import get
+
+    from catzilla_tasks.dashboard import serve
+
+    remote, _ = serve(_stats, token="remote-tok")
+    tok = "a+b&c=d#e f%"
+    proc = subprocess.Popen([sys.executable, "-m", "catzilla_tasks.cli", "dashboard", remote.url, "--port", "0",
+                             "--token", "remote-tok", "--serve-token", tok], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        first = lines.get(timeout=60)
+        url = first.split(" at ", 1)[1].split()[0]
+        parts = urlsplit(url)
+        assert not parts.fragment and parse_qs(parts.query) == {"token": [tok]}, url
+        status, _, _ = get(f"{parts.scheme}://{parts.netloc}/stats.json?{parts.query}")
+        assert status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        remote.stop()

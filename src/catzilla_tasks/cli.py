@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
 
@@ -394,7 +394,7 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     except StatsError as exc:  # serve anyway: the page says what is wrong and retries
         print(f"catzilla-tasks: warning: {exc}", file=sys.stderr)
     server, _ = serve(remote, host="127.0.0.1", port=args.port, token=local_token)  # loopback only
-    local = server.url + (f"?token={local_token}" if local_token else "")
+    local = server.url + (f"?token={quote(local_token, safe='')}" if local_token else "")  # '+', '&', '#' as given
     out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
