@@ -291,3 +291,61 @@ def test_cli_proxy_prints_a_url_whose_token_works():
         except subprocess.TimeoutExpired:
             proc.kill()
         remote.stop()
+
+
+# ---- the worker's import path -------------------------------------------------------------
+
+_SHARED_APP = """
+import os, sys
+os.chdir({d!r})
+from catzilla_tasks.brokers.commands import UsageError, load_app
+try:
+    load_app("sharedjobs:tasks")
+except UsageError as exc:
+    print("refused", exc)
+    raise SystemExit(0)
+try:
+    import catzilla_optional_extra  # an optional dependency that is not installed, imported later
+except ImportError:
+    pass
+print("loaded")
+"""
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o1770])
+def test_worker_refuses_to_import_from_a_directory_others_can_add_files_to(tmp_path, mode):
+    """cwd appended last shadows nothing installed, but it still supplies every module that is
+    not installed: an optional dependency a library tries (uvloop, for the engine's event loop)
+    planted in a shared directory such as /tmp ran in the worker."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "shared"
+    d.mkdir()
+    marker = tmp_path / "PLANTED-RAN"
+    (d / "sharedjobs.py").write_text("tasks = 'the app'\n")
+    (d / "catzilla_optional_extra.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    os.chmod(d, mode)
+    p = subprocess.run([sys.executable, "-P", "-c", _SHARED_APP.format(d=str(d))], capture_output=True, text=True,
+                       timeout=120, cwd=str(d))
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert not marker.exists(), p.stdout
+    assert p.stdout.startswith("refused") and "PYTHONPATH" in p.stdout, p.stdout
+    # the explicit way still works: PYTHONPATH names the directory
+    p = subprocess.run([sys.executable, "-P", "-c", _SHARED_APP.format(d=str(d))], capture_output=True, text=True,
+                       timeout=120, cwd=str(d),
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])))
+    assert p.stdout.strip() == "loaded", p.stderr + p.stdout
+
+
+def test_worker_imports_from_a_directory_of_its_own(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "mine"
+    d.mkdir(mode=0o775)   # group-writable, no sticky bit: the group could edit the app itself
+    os.chmod(d, 0o775)
+    (d / "sharedjobs.py").write_text("tasks = 'the app'\n")
+    p = subprocess.run([sys.executable, "-P", "-c", _SHARED_APP.format(d=str(d))], capture_output=True, text=True,
+                       timeout=120, cwd=str(d))
+    assert p.stdout.strip() == "loaded", p.stderr + p.stdout
