@@ -349,3 +349,42 @@ def test_worker_imports_from_a_directory_of_its_own(tmp_path):
     p = subprocess.run([sys.executable, "-P", "-c", _SHARED_APP.format(d=str(d))], capture_output=True, text=True,
                        timeout=120, cwd=str(d))
     assert p.stdout.strip() == "loaded", p.stderr + p.stdout
+
+
+def test_cache_path_through_another_users_symlink_is_refused(numba, tmp_path):
+    """CATZILLA_TASKS_CACHE_DIR=/tmp/x (a shared, sticky directory): another user creates
+    /tmp/x first, as a symlink to a directory of ours they chose. realpath() resolved it and
+    every check passed on the target (ours, 0700), so they decided where we write (the kernel's
+    protected_symlinks, when on, stops only the kernel's own following, not realpath's)."""
+    if not ROOT:
+        pytest.skip("needs root to create a symlink owned by another user")
+    from catzilla_tasks.compiler import TaskCompiler
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    chosen = tmp_path / "one-of-ours"
+    chosen.mkdir(mode=0o700)
+    link = shared / "ctcache"
+    os.symlink(chosen, link)
+    os.lchown(link, 65534, 65534)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        spec = TaskCompiler(str(link)).compile(_poly, "fi")
+    assert spec.address and not spec.cache_hit
+    assert _tree(str(chosen)) == []
+    msgs = [str(w.message) for w in _cache_warnings(rec)]
+    assert len(msgs) == 1 and "symlink" in msgs[0], msgs
+
+
+def test_cache_path_through_our_own_symlink_is_used(numba, tmp_path):
+    from catzilla_tasks.compiler import TaskCompiler
+
+    real = tmp_path / "real-cache"
+    real.mkdir(mode=0o700)
+    os.symlink(real, tmp_path / "link")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        TaskCompiler(str(tmp_path / "link" / "sub")).compile(_poly, "fi")
+    assert not _cache_warnings(rec)
+    assert any(n.endswith(".nbi") for n in _tree(str(real)))

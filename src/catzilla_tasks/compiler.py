@@ -227,6 +227,45 @@ def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
     return None
 
 
+def _path_problem(path: str, uid: int, created: bool) -> str | None:
+    """Why the way to path cannot be trusted, or None: each directory it goes through must pass
+    the ancestors' rule (others cannot rename what is in it), and each symlink on the way (or on
+    the way of a symlink's target) must belong to this user or root. Otherwise another user
+    chose where the cache is (a /tmp/name planted before we created it, a link in a directory
+    they may write to); the checks after realpath() see only the target. A missing part is one
+    we are about to create, unless ``created``."""
+    todo = [c for c in os.path.abspath(path).split(os.sep) if c]
+    cur, hops = os.sep, 0
+    while todo:
+        comp = todo.pop(0)
+        if comp in (".", ""):
+            continue
+        if comp == "..":
+            cur = os.path.dirname(cur)
+            continue
+        why = _dir_problem(cur, uid, leaf=False)
+        if why:
+            return why
+        nxt = os.path.join(cur, comp)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return f"{nxt} vanished while it was being created" if created else None
+        if not stat_mod.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        if st.st_uid not in (0, uid):
+            return f"{nxt} is a symlink of another user (uid {st.st_uid})"
+        hops += 1
+        if hops > 40:
+            return f"{path} has too many levels of symlinks"
+        target = os.readlink(nxt)
+        if os.path.isabs(target):
+            cur = os.sep
+        todo[:0] = target.split(os.sep)
+    return None
+
+
 def _trusted_dir(d: str) -> str | None:
     """The real path of cache directory d, created 0700, when it passes the trust rules and is
     writable; None otherwise (with a warning, once per directory and process)."""
@@ -237,10 +276,14 @@ def _trusted_dir(d: str) -> str | None:
         try:
             why = _numba_cache_redirected()
             if why is None:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                real = os.path.realpath(d)
                 uid = os.geteuid()
-                why = _dir_problem(real, uid, leaf=True)
+                why = _path_problem(d, uid, created=False)  # before makedirs follows the way
+                if why is None:
+                    os.makedirs(d, mode=0o700, exist_ok=True)
+                    why = _path_problem(d, uid, created=True)
+                if why is None:
+                    real = os.path.realpath(d)
+                    why = _dir_problem(real, uid, leaf=True)
                 parent = real
                 while why is None and os.path.dirname(parent) != parent:
                     parent = os.path.dirname(parent)
