@@ -388,3 +388,24 @@ def test_cache_path_through_our_own_symlink_is_used(numba, tmp_path):
         TaskCompiler(str(tmp_path / "link" / "sub")).compile(_poly, "fi")
     assert not _cache_warnings(rec)
     assert any(n.endswith(".nbi") for n in _tree(str(real)))
+
+
+def test_cache_directories_created_are_private_whatever_the_umask(numba, tmp_path):
+    """os.makedirs(d, 0o700) gives only the last directory 0700; the parents it creates get the
+    umask's mode: 0775 under umask 002 (Ubuntu's default for users with their own group), which
+    the ancestors' rule then refuses, so ~/.cache/catzilla_tasks/compiled never worked there."""
+    from catzilla_tasks.compiler import TaskCompiler
+
+    d = tmp_path / "home" / ".cache" / "catzilla_tasks" / "compiled"
+    old = os.umask(0o002)
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            spec = TaskCompiler(str(d)).compile(_poly, "fi")
+    finally:
+        os.umask(old)
+    assert spec.address
+    assert not _cache_warnings(rec), [str(w.message) for w in rec]
+    for p in (d, d.parent, d.parent.parent, d.parent.parent.parent):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o700, p
+    assert TaskCompiler(str(d)).compile(_poly, "fi").cache_hit

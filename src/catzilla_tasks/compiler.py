@@ -227,6 +227,20 @@ def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
     return None
 
 
+def _makedirs_private(path: str) -> None:
+    """os.makedirs(path), every directory it creates 0700: os.makedirs gives the parents it
+    creates the umask's mode (0775 under umask 002), which the ancestors' rule then refuses."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _makedirs_private(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 def _path_problem(path: str, uid: int, created: bool) -> str | None:
     """Why the way to path cannot be trusted, or None: each directory it goes through must pass
     the ancestors' rule (others cannot rename what is in it), and each symlink on the way (or on
@@ -279,7 +293,7 @@ def _trusted_dir(d: str) -> str | None:
                 uid = os.geteuid()
                 why = _path_problem(d, uid, created=False)  # before makedirs follows the way
                 if why is None:
-                    os.makedirs(d, mode=0o700, exist_ok=True)
+                    _makedirs_private(d)
                     why = _path_problem(d, uid, created=True)
                 if why is None:
                     real = os.path.realpath(d)
