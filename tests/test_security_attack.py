@@ -409,3 +409,27 @@ def test_cache_directories_created_are_private_whatever_the_umask(numba, tmp_pat
     for p in (d, d.parent, d.parent.parent, d.parent.parent.parent):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o700, p
     assert TaskCompiler(str(d)).compile(_poly, "fi").cache_hit
+
+
+def test_failure_names_in_stats_carry_no_credentials(caplog):
+    """A task given as functools.partial(send, url) is named by its repr in
+    get_stats()["recent_failures"], bound arguments included: the error text was redacted,
+    the name beside it was not (json_stats masked it when served, get_stats() did not)."""
+    import functools
+
+    from catzilla_tasks import BackgroundTasks
+
+    def send(url, x):
+        raise ValueError("boom")
+
+    with BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False) as t:
+        r = t.add_task(functools.partial(send, "redis://:hunter2-Pw@db:6379/0"), 1)
+        with pytest.raises(ValueError):
+            r.wait(30)
+        failures = t.monitor.get_stats()["recent_failures"]
+        t.add_task(functools.partial(send, "redis://:hunter2-Pw@db:6379/0"), 2)  # handle dropped: logged
+        t.join(30)
+    assert failures and "hunter2" not in repr(failures), failures
+    assert "partial" in failures[0]["name"] and "redis://:***@db:6379/0" in failures[0]["name"]
+    logged = [rec.getMessage() for rec in caplog.records if "partial" in rec.getMessage()]
+    assert logged and not [m for m in logged if "hunter2" in m], logged
