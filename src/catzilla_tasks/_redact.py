@@ -34,7 +34,6 @@ _URI = re.compile(r"^(?P<scheme>[^:/?#]+:)?(?://(?P<authority>[^/?#]*))?(?P<path
 _SECRET_NAME = re.compile(r"pass|pwd|token|secret|api[-_]?key|auth|credential|signature|session|private"
                           r"|^key$|^sig$|^code$", re.I)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
-# name=value, or 'name': value / "name": value (a dict's or JSON's quoted key)
 # name=value, or 'name': value / "name": value (a dict's or JSON's quoted key); the name is
 # tested by _PAIR_NAME afterwards (one regex with the words inside would backtrack on every word)
 _PAIR_IN_TEXT = re.compile(r"(?P<name>(?P<q>['\"]?)\b[\w.-]+(?P=q))(?P<sep>\s*=\s*|(?<=['\"])\s*:\s*)"
