@@ -7,8 +7,16 @@ parameter whose name says it is a secret (``password``, ``token``, ``secret``, `
 validation), so it never raises and keeps everything else as written: IPv6 brackets, the
 ``unix:///path`` form, the order and spelling of the other parameters.
 
+A password written without percent-encoding a ``/``, ``?`` or ``#`` (``redis://:ab/cd@host``)
+ends the RFC 3986 authority early, where no ``@`` is left: an authority that is then no
+``host[:port]`` list is taken as cut short, and the userinfo runs to the URL's last ``@``
+(with no ``@`` at all, what follows the first ``:`` is masked: it is no port).
+
 ``redact_text(text)`` does the same to every URL in a free text (an exception message, a
-connection error) and to ``password=...``-style pairs outside URLs (libpq-style DSNs).
+connection error), to secret-named parameters of a query written without scheme and host
+(``/v1/x?auth=...``, as HTTP clients quote the request), to ``password=...``-style pairs
+(libpq-style DSNs) and to the same names as quoted keys of a dict or JSON text
+(``{'password': '...'}``).
 """
 
 from __future__ import annotations
@@ -26,8 +34,16 @@ _URI = re.compile(r"^(?P<scheme>[^:/?#]+:)?(?://(?P<authority>[^/?#]*))?(?P<path
 _SECRET_NAME = re.compile(r"pass|pwd|token|secret|api[-_]?key|auth|credential|signature|session|private"
                           r"|^key$|^sig$|^code$", re.I)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
-_PAIR_IN_TEXT = re.compile(r"(?P<name>\b[\w.-]*(?:pass|pwd|token|secret|api[-_]?key|credential)[\w.-]*)"
-                           r"(?P<sep>\s*=\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^\s&,;'\"]+)", re.I)
+# name=value, or 'name': value / "name": value (a dict's or JSON's quoted key); the name is
+# tested by _PAIR_NAME afterwards (one regex with the words inside would backtrack on every word)
+_PAIR_IN_TEXT = re.compile(r"(?P<name>(?P<q>['\"]?)\b[\w.-]+(?P=q))(?P<sep>\s*=\s*|(?<=['\"])\s*:\s*)"
+                           r"(?P<value>b?'[^']*'|b?\"[^\"]*\"|[^\s&,;'\"}]+)")
+_PAIR_NAME = re.compile(r"pass|pwd|token|secret|api[-_]?key|credential", re.I)
+_PAIR_WORDS = ("pass", "pwd", "token", "secret", "key", "credential")  # words of _PAIR_IN_TEXT's names
+# a query's parameter where no URL was seen: after '?', '&' or ';' (a path-only request line)
+_QUERY_PAIR_IN_TEXT = re.compile(r"(?<=[?&;])(?P<name>[^=&;#?\s'\"<>]+)=(?P<value>[^&;#\s'\"<>]+)")
+# what an authority without userinfo looks like: host[:port], comma-separated for redis+sentinel://
+_HOSTPORT = re.compile(r"(?:\[[^\]]*\]|[^:@\[\]]*)(?::\d*)?")
 
 
 def _secret_name(name: str) -> bool:
@@ -58,9 +74,13 @@ def redact_url(url: str) -> str:
     if authority is not None:
         userinfo, at, hostport = authority.rpartition("@")  # a raw '@' in a password: the last one ends it
         if at:
-            user, colon, _ = userinfo.partition(":")
-            userinfo = f"{user}:{MASK}" if colon else MASK
-            authority = f"{userinfo}@{hostport}"
+            authority = f"{_mask_userinfo(userinfo)}@{hostport}"
+        elif not all(_HOSTPORT.fullmatch(a) for a in authority.split(",")):
+            # no host[:port]: a raw '/', '?' or '#' in a password ended the authority early
+            userinfo, at, rest = url[m.start("authority"):].rpartition("@")
+            if at:
+                return f"{scheme or ''}//{_mask_userinfo(userinfo)}@" + redact_url("//" + rest)[2:]
+            authority = authority.partition(":")[0] + ":" + MASK  # no '@' at all: no port, maybe a password
         out.append("//" + authority)
     out.append(path)
     if query is not None:
@@ -70,13 +90,36 @@ def redact_url(url: str) -> str:
     return "".join(out)
 
 
+def _mask_userinfo(userinfo: str) -> str:
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:{MASK}" if colon else MASK
+
+
+def _mask_query_pair(m: re.Match[str]) -> str:
+    if m.group("value") == MASK or not _secret_name(m.group("name")):
+        return m.group(0)
+    return f"{m.group('name')}={MASK}"
+
+
+def _mask_pair(m: re.Match[str]) -> str:
+    if m.group("value") == MASK or not _PAIR_NAME.search(m.group("name")):
+        return m.group(0)
+    return f"{m.group('name')}{m.group('sep')}{MASK}"
+
+
 def redact_text(text: str) -> str:
-    """``text`` with every URL in it redacted, and ``password=...``-style pairs masked."""
+    """``text`` with every URL in it redacted, secret query parameters without a URL around
+    them, ``password=...``-style pairs and ``'password': ...`` dict/JSON items masked."""
     if not isinstance(text, str):
         text = str(text)
     if "://" in text:
         text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    if "=" not in text:  # the common case, at the cost of one scan
+    if "=" in text and ("?" in text or "&" in text or ";" in text):
+        text = _QUERY_PAIR_IN_TEXT.sub(_mask_query_pair, text)
+    # the common case (no separator of a pair, or none of its words) at the cost of a few substring scans
+    if "=" not in text and "':" not in text and '":' not in text:
         return text
-    return _PAIR_IN_TEXT.sub(lambda m: f"{m.group('name')}{m.group('sep')}{MASK}"
-                             if m.group("value") != MASK else m.group(0), text)
+    lower = text.lower()
+    if not any(w in lower for w in _PAIR_WORDS):
+        return text
+    return _PAIR_IN_TEXT.sub(_mask_pair, text)

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
 
@@ -394,7 +394,7 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     except StatsError as exc:  # serve anyway: the page says what is wrong and retries
         print(f"catzilla-tasks: warning: {exc}", file=sys.stderr)
     server, _ = serve(remote, host="127.0.0.1", port=args.port, token=local_token)  # loopback only
-    local = server.url + (f"?token={local_token}" if local_token else "")
+    local = server.url + (f"?token={quote(local_token, safe='')}" if local_token else "")  # '+', '&', '#' as given
     out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
@@ -528,7 +528,8 @@ def _add_url_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", metavar="URL",
                    help="a running engine's stats: a dashboard server (http://127.0.0.1:8765/) "
                         "or a route returning tasks.monitor.get_stats() as JSON")
-    p.add_argument("--token", help=f"bearer token of the engine's stats (default: ${TOKEN_ENV})")
+    p.add_argument("--token", help=f"bearer token of the engine's stats (default: ${TOKEN_ENV}, which other "
+                                   "users cannot read in the process list, as they can this option)")
     p.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout in seconds (default: 5)")
 
 
@@ -556,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.")
     _add_url_args(p)
     p.add_argument("--serve-token", help="token the local page requires (default: "
-                                         f"${SERVE_TOKEN_ENV}; a random one when the engine's stats need a token)")
+                                         f"${SERVE_TOKEN_ENV}, which stays out of the process list; a random one when the "
+                                         "engine's stats need a token)")
     p.add_argument("--port", type=int, default=8765, help="local port (default: 8765; 0: any free port)")
     p.set_defaults(func=cmd_dashboard)
 

@@ -208,7 +208,9 @@ def _warn_cache(d: str, why: str) -> None:
 
 
 def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
-    st = os.stat(path)
+    st = os.lstat(path)  # not stat: a symlink (``__pycache__`` -> elsewhere) leads out of what was checked
+    if stat_mod.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink (to {os.readlink(path)!r})"
     if not stat_mod.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
     mode = stat_mod.S_IMODE(st.st_mode)
@@ -226,6 +228,59 @@ def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
     return None
 
 
+def _makedirs_private(path: str) -> None:
+    """os.makedirs(path), every directory it creates 0700: os.makedirs gives the parents it
+    creates the umask's mode (0775 under umask 002), which the ancestors' rule then refuses."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _makedirs_private(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
+def _path_problem(path: str, uid: int, created: bool) -> str | None:
+    """Why the way to path cannot be trusted, or None: each directory it goes through must pass
+    the ancestors' rule (others cannot rename what is in it), and each symlink on the way (or on
+    the way of a symlink's target) must belong to this user or root. Otherwise another user
+    chose where the cache is (a /tmp/name planted before we created it, a link in a directory
+    they may write to); the checks after realpath() see only the target. A missing part is one
+    we are about to create, unless ``created``."""
+    todo = [c for c in os.path.abspath(path).split(os.sep) if c]
+    cur, hops = os.sep, 0
+    while todo:
+        comp = todo.pop(0)
+        if comp in (".", ""):
+            continue
+        if comp == "..":
+            cur = os.path.dirname(cur)
+            continue
+        why = _dir_problem(cur, uid, leaf=False)
+        if why:
+            return why
+        nxt = os.path.join(cur, comp)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return f"{nxt} vanished while it was being created" if created else None
+        if not stat_mod.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        if st.st_uid not in (0, uid):
+            return f"{nxt} is a symlink of another user (uid {st.st_uid})"
+        hops += 1
+        if hops > 40:
+            return f"{path} has too many levels of symlinks"
+        target = os.readlink(nxt)
+        if os.path.isabs(target):
+            cur = os.sep
+        todo[:0] = target.split(os.sep)
+    return None
+
+
 def _trusted_dir(d: str) -> str | None:
     """The real path of cache directory d, created 0700, when it passes the trust rules and is
     writable; None otherwise (with a warning, once per directory and process)."""
@@ -236,10 +291,14 @@ def _trusted_dir(d: str) -> str | None:
         try:
             why = _numba_cache_redirected()
             if why is None:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                real = os.path.realpath(d)
                 uid = os.geteuid()
-                why = _dir_problem(real, uid, leaf=True)
+                why = _path_problem(d, uid, created=False)  # before makedirs follows the way
+                if why is None:
+                    _makedirs_private(d)
+                    why = _path_problem(d, uid, created=True)
+                if why is None:
+                    real = os.path.realpath(d)
+                    why = _dir_problem(real, uid, leaf=True)
                 parent = real
                 while why is None and os.path.dirname(parent) != parent:
                     parent = os.path.dirname(parent)
@@ -307,7 +366,8 @@ def _install_locator() -> None:
 def _trusted_read(path: str) -> bytes | None:
     """The bytes of path when it is a regular file of ours that nobody else may write, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in the cache would block open() before fstat could refuse it
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
@@ -423,7 +483,11 @@ def _fingerprint_global(what: str, value: Any, h: Any, seen: set[int]) -> str | 
         return None
     if _is_numba_dispatcher(value):
         opts = getattr(value, "targetoptions", {})
-        h.update(f"dispatcher {sorted(opts.items())!r}".encode())
+        # A dispatcher given explicit signatures (@njit("int64(float64)")) compiles only those,
+        # converting its arguments and result to them: they are part of what it computes. (The
+        # signatures of a lazy one are what this process happened to call, so not hashed.)
+        sigs = [] if getattr(value, "_can_compile", True) else sorted(map(str, value.nopython_signatures))
+        h.update(f"dispatcher {sorted(opts.items())!r} {sigs!r}".encode())
         return _fingerprint(value.py_func, h, seen)
     if isinstance(value, type) and value.__module__ == "builtins":
         h.update(f"builtin {value.__qualname__}".encode())

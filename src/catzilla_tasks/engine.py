@@ -49,7 +49,7 @@ class ShutdownTimeout(TimeoutError):
 
 
 def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
-    name = getattr(subject, "__qualname__", None) or repr(subject)
+    name = getattr(subject, "__qualname__", None) or redact_text(repr(subject))  # a partial's arguments
     if what == "stuck":
         log.warning("%s", exc)  # exc is the message here
     elif what == "task":
@@ -114,8 +114,9 @@ def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, k
 def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:
     engine._failures.append({
         "task_id": task_id,
-        "name": getattr(func, "__qualname__", None) or repr(func),
-        # shown by get_stats() and the dashboard: no credentials (a connection string in a message)
+        # shown by get_stats() and the dashboard: no credentials (a connection string in a message,
+        # or in the repr of a partial that names a task without a __qualname__)
+        "name": getattr(func, "__qualname__", None) or redact_text(repr(func)),
         "error": redact_text(f"{type(exc).__name__}: {exc}") if exc is not None else "",
         "finished_at": time.time(),
     })

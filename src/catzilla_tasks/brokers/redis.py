@@ -23,6 +23,7 @@ import builtins
 import contextlib
 import itertools
 import os
+import re
 import threading
 import time
 import weakref
@@ -254,7 +255,14 @@ class RedisBroker:
             if info is not None:
                 client_options = {"driver_info": info, **client_options}
         self._client_options = client_options
-        self.redis = _redis.Redis.from_url(url, **client_options)
+        try:
+            self.redis = _redis.Redis.from_url(url, **client_options)
+        except ValueError as exc:
+            # redis-py quotes the piece it could not parse ("... as 'ab'"), which may be a piece
+            # of a password holding a raw '/', '?' or '#': its quoted values are not shown
+            detail = re.sub(r"'[^']*'|\"[^\"]*\"", "'***'", str(exc))
+            raise ValueError(f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
+                             "'#', '@' and ':' must be percent-encoded") from None
         # blocked waiters hold a connection each: their own pool, not capped, so they never
         # starve publishing and acknowledging
         # (and no socket timeout: a wait blocks in Redis as long as it was asked to)

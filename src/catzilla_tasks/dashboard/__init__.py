@@ -18,8 +18,10 @@ Routes: ``/`` (the page), ``/stats.json`` (``tasks.monitor.get_stats()`` as JSON
 needs ``?token=...`` or ``Authorization: Bearer ...`` (401 otherwise); serving beyond the
 loopback interface needs a token. A server on the loopback interface answers only requests
 whose ``Host`` is a loopback name or address (403 otherwise): a web page the user visits cannot
-read it through a DNS name rebound to 127.0.0.1. Credentials in URLs inside the served stats
-(error texts that quote a connection string) are masked (see ``catzilla_tasks._redact``).
+read it through a DNS name rebound to 127.0.0.1 (an absolute-form target's host counts, as
+HTTP says). "Loopback" is the address bound, not the name given. Credentials in URLs inside
+the served stats (error texts that quote a connection string) are masked (see
+``catzilla_tasks._redact``).
 """
 
 from __future__ import annotations
@@ -184,7 +186,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         its name rebound to 127.0.0.1, sends ``Host: attacker.example``)."""
         if not self.server.loopback:
             return True
-        host = self.headers.get("Host")
+        target = urlsplit(self.path)
+        # an absolute-form target (GET http://name/...) names the host itself; Host is then
+        # ignored (RFC 9112, 3.2.2), so that is the name to check
+        host = target.netloc.rpartition("@")[2] if target.scheme else self.headers.get("Host")
         if host is None:  # HTTP/1.0 without a Host header: no browser sends that
             return True
         host = host.strip()
@@ -297,6 +302,11 @@ def serve(
         )
     cls = _DashboardServer6 if ":" in host else DashboardServer
     server = cls((host.strip("[]"), port), fn, token)
+    if token is None and not server.loopback:  # the name said loopback, the resolver did not
+        bound = server.server_address[0]
+        server.server_close()
+        raise ValueError(f"serving the dashboard beyond localhost needs a token: host={host!r} is bound to {bound!r}, "
+                         "not a loopback address; pass token=...")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
                               name=f"catzilla-tasks-dashboard:{server.server_address[1]}", daemon=True)
     server.thread = thread
