@@ -231,8 +231,10 @@ class RedisBroker:
         for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
             if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
                 raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
-        if isinstance(dead_letter_maxlen, bool) or not isinstance(dead_letter_maxlen, int) or dead_letter_maxlen < 1:
-            raise ValueError(f"dead_letter_maxlen: must be an integer >= 1, got {dead_letter_maxlen!r}")
+        # XADD MAXLEN takes a signed 64-bit count: past it every dead-letter XADD would fail
+        if (isinstance(dead_letter_maxlen, bool) or not isinstance(dead_letter_maxlen, int)
+                or not 1 <= dead_letter_maxlen <= 2**63 - 1):
+            raise ValueError(f"dead_letter_maxlen: must be an integer from 1 to 2**63 - 1, got {dead_letter_maxlen!r:.40}")
         if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
                                            or max_deliveries < 1):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")

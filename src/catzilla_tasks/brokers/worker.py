@@ -147,6 +147,7 @@ class Worker:
         self._idem_renew = r.register_script(scripts.IDEM_RENEW)
         self._idem_done = r.register_script(scripts.IDEM_DONE)
         self._idem_release = r.register_script(scripts.IDEM_RELEASE)
+        self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
@@ -212,6 +213,16 @@ class Worker:
             self._committer_exit = True
             self._done_event.set()
             self._committer.join()
+            self._leave()
+
+    def _leave(self) -> None:
+        """Remove this worker's consumer from the groups where nothing is pending for it (see
+        scripts.LEAVE_GROUPS): a process's consumer name is never used again, and left there it
+        would stay in Redis for good. Best effort: a consumer left behind costs a few bytes."""
+        try:
+            self._leave_groups(keys=list(self.broker.streams), args=[GROUP, self.consumer])
+        except Exception as exc:  # Redis away, or a server without the command: the consumer stays
+            log.warning("could not remove consumer %s from the groups: %s", self.consumer, exc)
 
     def _retrying(self, fn: Any, *args: Any) -> Any:
         delay = 0.05

@@ -1,0 +1,68 @@
+"""A reviewer's attacks on issue 13, items 6, 7, 9 and 10 (idempotency claims, re-drives,
+bounds): each test is a defect found by trying to break them. Against a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+
+from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
+
+import redis_tasks as rt
+from catzilla_tasks.brokers import RedisBroker
+from test_redis_broker import Cluster
+
+
+@pytest.fixture
+def cluster(redis_url, prefix, monkeypatch):
+    c = Cluster(redis_url, prefix, monkeypatch)
+    yield c
+    c.close()
+
+
+# -- item 10: bounds ---------------------------------------------------------------------------
+def test_dead_letter_maxlen_past_what_redis_takes_is_refused(redis_url):
+    # XADD MAXLEN takes a signed 64-bit count: a larger one made every dead-letter XADD fail
+    # ("value is not an integer or out of range"), so no task could ever be dead-lettered
+    for bad in (2**63, 2**64, 10**30):
+        with pytest.raises(ValueError, match="dead_letter_maxlen"):
+            RedisBroker(redis_url, dead_letter_maxlen=bad)
+    b = RedisBroker(redis_url, dead_letter_maxlen=2**63 - 1)  # the largest Redis takes
+    b.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_worker_leaves_no_consumer_behind(cluster):
+    # every worker process is a consumer of the four groups under a fresh name; a worker that
+    # stopped cleanly (nothing pending) must not leave it there, or each restart adds four
+    # entries to Redis for ever
+    b = cluster.broker
+    for _ in range(3):
+        w = cluster.worker(concurrency=2)
+        assert cluster.producer.add_task(rt.add, 1, 1).wait(20) == 2
+        cluster.stop_workers()
+    for s in b.streams:
+        for g in cluster.r.xinfo_groups(s):
+            assert g["consumers"] == 0, (s, g)
+    del w
+
+
+@pytest.mark.timeout(120)
+def test_a_stopping_worker_keeps_a_consumer_that_still_has_pending_entries(cluster):
+    # only a consumer with nothing pending is removed (XGROUP DELCONSUMER drops its pending
+    # entries: they would never be redelivered). Here an entry was delivered to the worker's
+    # name but never seen by it (a reply lost with the connection) when it stops.
+    b, r = cluster.broker, cluster.r
+    started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
+    w = cluster.worker(concurrency=1)
+    held = cluster.producer.add_task(rt.held, started, gate, "a")
+    assert r.blpop([started], timeout=20) == (started.encode(), b"a")  # full: it fetches no more
+    r.xadd(b.streams[3], {"m": b"delivered, never seen"})
+    assert r.xreadgroup("workers", w.consumer, {b.streams[3]: ">"}, count=1)
+    w.stop()
+    r.rpush(gate, 1)
+    assert held.wait(20) == "a"
+    cluster.stop_workers()
+    pending = {c["name"]: c["pending"] for c in r.xinfo_consumers(b.streams[3], "workers")}
+    assert pending.get(w.consumer.encode()) == 1  # still there: reclaimed by a worker after the lease
+    for s in b.streams[:3]:  # the groups where it had nothing pending: gone
+        assert r.xinfo_groups(s)[0]["consumers"] == 0
