@@ -66,3 +66,51 @@ def test_a_stopping_worker_keeps_a_consumer_that_still_has_pending_entries(clust
     assert pending.get(w.consumer.encode()) == 1  # still there: reclaimed by a worker after the lease
     for s in b.streams[:3]:  # the groups where it had nothing pending: gone
         assert r.xinfo_groups(s)[0]["consumers"] == 0
+
+
+# -- item 9: re-drives -------------------------------------------------------------------------
+def _dead_letter(b: RedisBroker, i: int, prio: object = 2) -> str:
+    payload = b.serializer.dumps([f"t{i}", "redis_tasks.add", [i, "x"], {}, 0, None])
+    return b.redis.xadd(b.dead_key, {"m": payload, "e": "TypeError: no", "n": "redis_tasks.add", "i": f"t{i}",
+                                     "p": prio, "t": 0, "w": "w1"}).decode()
+
+
+@pytest.mark.timeout(60)
+def test_redrive_all_moves_only_what_was_dead_when_called(redis_url, prefix):
+    # a worker that fails a re-driven task again dead-letters it anew, after the ones being
+    # re-driven: redrive(None) read those too and sent them round again, for as long as the
+    # worker kept up (a poison task and a slow link: it never returned)
+    b = RedisBroker(redis_url, prefix=prefix)
+    try:
+        for i in range(3):
+            _dead_letter(b, i)
+        read = b.redis.xrange
+        again = iter(range(100, 200))
+
+        def xrange(*args, **kwargs):
+            got = read(*args, **kwargs)
+            _dead_letter(b, next(again))  # meanwhile, a worker dead-letters a task again
+            return got
+
+        b.redis.xrange = xrange
+        assert b.redrive(None) == 3
+        b.redis.xrange = read
+        left = [d["task_id"] for d in b.dead_letters()]
+        assert left and all(int(t[1:]) >= 100 for t in left)  # the newer ones stay, for the next call
+    finally:
+        b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_letter_with_a_bad_priority_field_neither_breaks_listing_nor_redrive(redis_url, prefix):
+    # the priority field is read back from Redis: one that is not 0-3 made dead_letters() (and
+    # `dead-letters list`) raise for the whole stream, and redrive() raise half-way
+    b = RedisBroker(redis_url, prefix=prefix)
+    try:
+        for i, prio in enumerate([b"x", b"", b"9", b"-1", b"1"]):
+            _dead_letter(b, i, prio)
+        assert [d["priority"] for d in b.dead_letters()] == ["NORMAL", "NORMAL", "NORMAL", "NORMAL", "HIGH"]
+        assert b.redrive(None) == 5
+        assert b.redis.xlen(b.streams[2]) == 4 and b.redis.xlen(b.streams[1]) == 1
+    finally:
+        b.close()

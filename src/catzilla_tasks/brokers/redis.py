@@ -527,7 +527,7 @@ class RedisBroker:
                 "task_id": f.get("i", b"").decode(errors="replace"),
                 "name": f.get("n", b"").decode(errors="replace"),
                 "error": f.get("e", b"").decode(errors="replace"),
-                "priority": TaskPriority(int(f.get("p", b"2"))).name,
+                "priority": TaskPriority(_dead_priority(f.get("p"))).name,
                 "at": int(f.get("t", b"0")) / 1000,
                 "payload": f.get("m", b""),
             })
@@ -537,15 +537,22 @@ class RedisBroker:
         return int(self.redis.xlen(self.dead_key))
 
     def redrive(self, ids: Iterable[str] | None = None) -> int:
-        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None), with
-        a fresh count of retries; returns how many this call moved. Each move is one Lua script
+        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None: those
+        dead when it is called, not those dead-lettered meanwhile), with a fresh count of
+        retries; returns how many this call moved. Each move is one Lua script
         that queues the task only if it deleted the dead letter, so concurrent re-drives move
         each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
         moved = 0
         start = "-"
+        # only what is dead now: a re-driven task that fails again is dead-lettered anew, after
+        # these; read on, a worker failing it at once would keep this loop going for ever
+        last = self.redis.xrevrange(self.dead_key, count=1)
+        if not last:
+            return 0
+        end = last[0][0]
         while True:
-            batch = self.redis.xrange(self.dead_key, min=start, count=500)
+            batch = self.redis.xrange(self.dead_key, min=start, max=end, count=500)
             if not batch:
                 break
             pipe = self.redis.pipeline(transaction=False)  # each script is atomic on its own
@@ -555,7 +562,7 @@ class RedisBroker:
                 if wanted is not None and eid not in wanted:
                     continue
                 payload = fields.get(b"m", b"")
-                prio = int(fields.get(b"p", b"2"))
+                prio = _dead_priority(fields.get(b"p"))
                 try:
                     msg = self.serializer.loads(payload)
                     if isinstance(msg, list) and len(msg) >= 5:
@@ -563,7 +570,7 @@ class RedisBroker:
                         payload = self.serializer.same_format(payload).dumps(msg)
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
-                self._redrive(keys=[self.dead_key, self.streams[prio if 0 <= prio <= 3 else 2]],
+                self._redrive(keys=[self.dead_key, self.streams[prio]],
                               args=[entry_id, payload], client=pipe)
                 n += 1
             if n:
@@ -597,6 +604,12 @@ class RedisBroker:
 
     def __repr__(self) -> str:
         return f"<RedisBroker {redact_url(self.url)} queue={self.queue!r}>"
+
+
+def _dead_priority(field: bytes | None) -> int:
+    """A dead letter's priority field, as read back from Redis: 0-3, or NORMAL for anything else
+    (one bad field must not break the listing or a re-drive of the whole stream)."""
+    return int(field) if field in (b"0", b"1", b"2", b"3") else int(TaskPriority.NORMAL)
 
 
 def _is_workflow_error(exc: BaseException) -> bool:
