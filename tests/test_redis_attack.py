@@ -114,3 +114,63 @@ def test_a_dead_letter_with_a_bad_priority_field_neither_breaks_listing_nor_redr
         assert b.redis.xlen(b.streams[2]) == 4 and b.redis.xlen(b.streams[1]) == 1
     finally:
         b.close()
+
+
+# -- item 7: idempotency claims ----------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_live_holder_takes_its_lapsed_claim_back(cluster):
+    # the claim's lease ran out while its copy still ran (its worker stalled past the lease: a
+    # task holding the GIL in C code for seconds, a Redis outage); nobody took the key
+    # meanwhile. The heartbeat renewed only a claim still present, so the holder ran on with no
+    # claim and a copy sent later ran alongside it: two effects with the holder alive
+    w = cluster.worker(concurrency=4, visibility_timeout=1.0)
+    p, r, b = cluster.producer, cluster.r, cluster.broker
+    started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
+    key = f"{cluster.prefix}-lapsed"
+    first = p.options(idempotency_key=key).add_task(rt.held, started, gate, "a")
+    assert r.blpop([started], timeout=20) == (started.encode(), b"a")
+    token = r.get(b.claim_key(key))
+    assert token is not None
+    r.delete(b.claim_key(key))  # the lease ran out (what a stall past it does)
+    wait_until(lambda: r.get(b.claim_key(key)) == token, 20, "the holder's heartbeat to take its claim back")
+    assert 0 < r.pttl(b.claim_key(key)) <= 1000
+    second = p.options(idempotency_key=key).add_task(rt.held, started, gate, "b")
+    wait_until(lambda: w.counts["deferred_idempotent"] >= 1, 20, "the second copy to wait")
+    assert r.llen(started) == 0  # it did not run alongside the holder
+    r.rpush(gate, 1)
+    assert first.wait(20) == second.wait(20) == "a"
+    assert r.llen(started) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluster):
+    # a heartbeat takes its list of claims, then the copy's commit drops the claim, then the
+    # heartbeat's renewal reaches Redis: it must not set a claim for a copy that has ended
+    # (that claim would make the key's next copy wait a whole lease)
+    import threading
+
+    w = cluster.worker(concurrency=4, visibility_timeout=1.0)
+    p, r, b = cluster.producer, cluster.r, cluster.broker
+    started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
+    key = f"{cluster.prefix}-stale"
+    real = w._idem_renew
+    in_renew, go, renewed = threading.Event(), threading.Event(), threading.Event()
+    got = []
+
+    def held_renew(keys, args, client=None):
+        in_renew.set()
+        assert go.wait(30)
+        got.append(real(keys=keys, args=args))  # at once, after the commit (its reply is not used)
+        renewed.set()
+        w._idem_renew = real
+
+    first = p.options(idempotency_key=key).add_task(rt.held, started, gate, "a")
+    assert r.blpop([started], timeout=20) == (started.encode(), b"a")
+    w._idem_renew = held_renew
+    assert in_renew.wait(20)  # a heartbeat has its list of claims (the copy's among them)
+    r.rpush(gate, 1)
+    assert first.wait(20) == "a"  # committed: done, claim dropped
+    assert not r.exists(b.claim_key(key))
+    go.set()
+    assert renewed.wait(20)
+    assert got == [0] and not r.exists(b.claim_key(key))

@@ -381,7 +381,7 @@ class Worker:
         """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
         with self._cv:
             owned = list(self._owned.items())
-            claims = list(self._claims.values()) if self._claims else None
+            claims = [(eid, *c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
         if not owned:
             return
         by_prio: dict[int, list[bytes]] = {}
@@ -393,9 +393,15 @@ class Worker:
                 pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i:i + 1000], justid=True)
         if claims:  # and the leases of the idempotency keys of the copies running here
             lease = int(self.broker.visibility_timeout * 1000)
-            for i in range(0, len(claims), 1000):
-                part = claims[i:i + 1000]
-                self._idem_renew(keys=[c[0] for c in part], args=[lease, *(c[1] for c in part)], client=pipe)
+            streams = self.broker.streams
+            prios = dict(owned)
+            for i in range(0, len(claims), 500):
+                keys: list[str] = []
+                args: list[Any] = [lease, GROUP, self.consumer]
+                for eid, claim_key, token in claims[i:i + 500]:
+                    keys += (claim_key, streams[prios[eid]])
+                    args += (token, eid)
+                self._idem_renew(keys=keys, args=args, client=pipe)
         pipe.execute()
 
     # -- dispatch --------------------------------------------------------------------------
