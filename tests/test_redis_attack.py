@@ -174,3 +174,24 @@ def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluste
     go.set()
     assert renewed.wait(20)
     assert got == [0] and not r.exists(b.claim_key(key))
+
+
+@pytest.mark.timeout(120)
+def test_consumers_of_killed_workers_are_removed_once_nothing_is_pending(cluster):
+    # a worker killed with kill -9 never removes its consumer; once its entries are reclaimed
+    # (nothing pending) and it has been idle for ten visibility timeouts, a live worker does
+    b, r = cluster.broker, cluster.r
+    for s in b.streams:
+        r.xgroup_create(s, "workers", id="0", mkstream=True)
+        r.xgroup_createconsumer(s, "workers", "killed-1")  # nothing pending
+    r.xadd(b.streams[2], {"m": b.serializer.dumps(["t1", "redis_tasks.add", [1, 2], {}])})
+    r.xgroup_createconsumer(b.streams[2], "workers", "killed-2")
+    assert r.xreadgroup("workers", "killed-2", {b.streams[2]: ">"}, count=1)  # killed holding t1
+    w = cluster.worker(concurrency=4, visibility_timeout=0.3)
+    assert b.result("t1").wait(30) == 3  # reclaimed from killed-2 and run
+
+    def names():
+        return {c["name"] for s in b.streams for c in r.xinfo_consumers(s, "workers")}
+
+    wait_until(lambda: not names() & {b"killed-1", b"killed-2"}, 30, "the dead consumers to be removed")
+    assert w.consumer.encode() in names()

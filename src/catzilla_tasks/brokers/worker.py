@@ -56,6 +56,12 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return _ERRORS
 
 
+def _redis_response_error() -> type[BaseException]:
+    import redis
+
+    return redis.ResponseError
+
+
 def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
     """The wait before retry ``attempt`` (1 = the first retry), as the local engine computes it."""
     base, cap, _ = cfg._retry_ms
@@ -148,6 +154,8 @@ class Worker:
         self._idem_done = r.register_script(scripts.IDEM_DONE)
         self._idem_release = r.register_script(scripts.IDEM_RELEASE)
         self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
+        self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
+        self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
@@ -351,6 +359,15 @@ class Worker:
         """Take over tasks of workers that stopped acknowledging (idle past the visibility
         timeout), at most ``free``; returns how many."""
         idle_ms = int(self.broker.visibility_timeout * 1000)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            # the consumers they leave behind, once nothing is pending for them (rarely: each
+            # look costs one XINFO CONSUMERS per stream)
+            self._next_prune = now + 10 * self.broker.visibility_timeout
+            try:
+                self._prune_consumers(keys=list(self.broker.streams), args=[GROUP, self.consumer, 10 * idle_ms])
+            except _redis_response_error() as exc:  # housekeeping: never a reason to stop
+                log.warning("could not remove dead workers' consumers: %s", exc)
         taken = 0
         for prio, s in enumerate(self.broker.streams):
             if taken >= free:
