@@ -195,3 +195,13 @@ def test_consumers_of_killed_workers_are_removed_once_nothing_is_pending(cluster
 
     wait_until(lambda: not names() & {b"killed-1", b"killed-2"}, 30, "the dead consumers to be removed")
     assert w.consumer.encode() in names()
+
+
+def test_queue_names_that_share_the_keys_of_results_and_idempotency_are_refused(redis_url):
+    # P:<queue>:q0 is also P:done:<key> for queue "done" and key "q0": an idempotency key (a
+    # value users often take from a request) could name a stream, and the claim script's GET
+    # of it failed (WRONGTYPE) with the task counted in flight: the worker hung for good
+    for queue in ("done", "claim", "r", "wf"):
+        with pytest.raises(ValueError, match="queue"):
+            RedisBroker(redis_url, queue=queue)
+    RedisBroker(redis_url, queue="done-jobs").close()

@@ -114,6 +114,9 @@ def task_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
+# the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
+# of one of these names would share its keys with them
+_KEY_KINDS = ("r", "done", "claim", "wf")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -184,7 +187,8 @@ class RedisBroker:
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
-    * ``queue``: the name of this set of streams; producers and workers of one queue share them.
+    * ``queue``: the name of this set of streams; producers and workers of one queue share them
+      (not ``r``, ``done``, ``claim`` or ``wf``: those name other keys under the prefix).
     * ``serializer``: ``"msgpack"`` (default) or ``"json"``; ``"pickle"`` only together with
       ``allow_pickle=True`` (anyone who can write to the Redis could then run code in workers).
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
@@ -226,6 +230,9 @@ class RedisBroker:
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
+        if queue in _KEY_KINDS:  # P:done:q0 would be both a stream and the done key of "q0"
+            raise ValueError(f"queue: {queue!r} is the name of a kind of key under the prefix "
+                             f"({', '.join(_KEY_KINDS)}); choose another queue name")
         if not _seconds(result_ttl):
             raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
         for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
