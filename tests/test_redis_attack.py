@@ -205,3 +205,29 @@ def test_queue_names_that_share_the_keys_of_results_and_idempotency_are_refused(
         with pytest.raises(ValueError, match="queue"):
             RedisBroker(redis_url, queue=queue)
     RedisBroker(redis_url, queue="done-jobs").close()
+
+
+def test_broker_numbers_of_any_real_type_are_taken_as_task_options_are(redis_url):
+    # TaskConfig takes any real number (numpy, Fraction); the broker refused numpy.float32 and
+    # numpy.int64 ("must be a number"), and NaN of those types must still be refused
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+
+    b = RedisBroker(redis_url, result_ttl=np.float32(5.5), visibility_timeout=np.int64(30),
+                    idempotency_ttl=Fraction(1, 2), workflow_ttl=np.float16(60), dead_letter_maxlen=np.int64(7),
+                    max_deliveries=np.int32(3))
+    try:
+        assert (b.result_ttl, b.visibility_timeout, b.idempotency_ttl, b.workflow_ttl) == (5.5, 30.0, 0.5, 60.0)
+        assert (b.dead_letter_maxlen, b.max_deliveries) == (7, 3)
+        assert all(type(v) is float for v in (b.result_ttl, b.visibility_timeout, b.idempotency_ttl, b.workflow_ttl))
+        assert type(b.dead_letter_maxlen) is int and type(b.max_deliveries) is int
+    finally:
+        b.close()
+    for field in ("result_ttl", "visibility_timeout", "idempotency_ttl", "workflow_ttl"):
+        for bad in (np.float32("nan"), np.float64("inf"), np.bool_(True), True):
+            with pytest.raises(ValueError, match=field):
+                RedisBroker(redis_url, **{field: bad})
+    for field in ("dead_letter_maxlen", "max_deliveries"):
+        for bad in (np.float64(3), np.bool_(True), np.int64(0)):
+            with pytest.raises(ValueError, match=field):
+                RedisBroker(redis_url, **{field: bad})

@@ -22,6 +22,7 @@ import base64
 import builtins
 import contextlib
 import itertools
+import numbers
 import os
 import threading
 import time
@@ -121,9 +122,21 @@ _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's l
 
 
 def _seconds(value: Any, low: float = 0) -> bool:
-    """A broker time in seconds: a number from ``low`` to _MAX_S (NaN and infinity fail the
-    comparison; these end up as PEXPIRE milliseconds, where they would fail every commit)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= _MAX_S
+    """A broker time in seconds: a real number (any type, as TaskConfig takes) from ``low`` to
+    _MAX_S (NaN and infinity fail the comparison; these end up as PEXPIRE milliseconds, where
+    they would fail every commit)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        value = float(value)  # compared as a float: a numpy float16 would not hold _MAX_S
+    except OverflowError:  # an int past a float's range
+        return False
+    return low <= value <= _MAX_S
+
+
+def _count(value: Any, high: float = float("inf")) -> bool:
+    """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= high
 
 
 def _plain(field: str, value: Any) -> Any:
@@ -239,11 +252,9 @@ class RedisBroker:
             if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
                 raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
         # XADD MAXLEN takes a signed 64-bit count: past it every dead-letter XADD would fail
-        if (isinstance(dead_letter_maxlen, bool) or not isinstance(dead_letter_maxlen, int)
-                or not 1 <= dead_letter_maxlen <= 2**63 - 1):
+        if not _count(dead_letter_maxlen, 2**63 - 1):
             raise ValueError(f"dead_letter_maxlen: must be an integer from 1 to 2**63 - 1, got {dead_letter_maxlen!r:.40}")
-        if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
-                                           or max_deliveries < 1):
+        if max_deliveries is not None and not _count(max_deliveries):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
         if not _seconds(visibility_timeout, 0.001):
             raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
@@ -252,12 +263,13 @@ class RedisBroker:
         self.queue = queue
         self.prefix = prefix
         self.serializer = Serializer(serializer, allow_pickle=allow_pickle)
-        self.result_ttl = result_ttl
+        # plain Python numbers from here (a numpy scalar in a command would be sent as its repr)
+        self.result_ttl = float(result_ttl)
         self.visibility_timeout = float(visibility_timeout)
-        self.idempotency_ttl = idempotency_ttl
-        self.max_deliveries = max_deliveries
-        self.dead_letter_maxlen = dead_letter_maxlen
-        self.workflow_ttl = workflow_ttl
+        self.idempotency_ttl = float(idempotency_ttl)
+        self.max_deliveries = None if max_deliveries is None else int(max_deliveries)
+        self.dead_letter_maxlen = int(dead_letter_maxlen)
+        self.workflow_ttl = float(workflow_ttl)
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
