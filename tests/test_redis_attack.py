@@ -231,3 +231,21 @@ def test_broker_numbers_of_any_real_type_are_taken_as_task_options_are(redis_url
         for bad in (np.float64(3), np.bool_(True), np.int64(0)):
             with pytest.raises(ValueError, match=field):
                 RedisBroker(redis_url, **{field: bad})
+
+
+@pytest.mark.timeout(120)
+def test_a_redriven_tasks_new_outcome_is_what_its_waiters_get(cluster):
+    # the dead-lettered task's failure stayed in its result list, and the re-run's outcome was
+    # pushed behind it: status stayed FAILED and wait() raised the old error until result_ttl
+    w = cluster.worker(concurrency=4)
+    b = cluster.broker
+    res = cluster.producer.add_task(rt.flaky, cluster.prefix, 4)  # fails 4 times: all its attempts
+    with pytest.raises(ConnectionError, match="attempt 4"):
+        res.wait(20)
+    wait_until(lambda: b.dead_letter_count() == 1, 20, "the dead letter")
+    assert b.redrive(None) == 1
+    again = b.result(res.task_id)
+    assert again.wait(20) == 5  # the fifth attempt succeeds
+    assert again.status.name == "SUCCEEDED"
+    assert cluster.r.llen(b.result_key(res.task_id)) == 1
+    assert w.counts["succeeded"] == 1

@@ -558,7 +558,8 @@ class RedisBroker:
     def redrive(self, ids: Iterable[str] | None = None) -> int:
         """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None: those
         dead when it is called, not those dead-lettered meanwhile), with a fresh count of
-        retries; returns how many this call moved. Each move is one Lua script
+        retries and no recorded outcome (its waiters get the re-run's); returns how many this
+        call moved. Each move is one Lua script
         that queues the task only if it deleted the dead letter, so concurrent re-drives move
         each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
@@ -582,15 +583,20 @@ class RedisBroker:
                     continue
                 payload = fields.get(b"m", b"")
                 prio = _dead_priority(fields.get(b"p"))
+                task_id = fields.get(b"i", b"").decode(errors="replace")
                 try:
                     msg = self.serializer.loads(payload)
                     if isinstance(msg, list) and len(msg) >= 5:
                         msg[4] = 0  # a fresh count of attempts
                         payload = self.serializer.same_format(payload).dumps(msg)
+                    if isinstance(msg, list) and msg and isinstance(msg[0], str):
+                        task_id = msg[0]
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
-                self._redrive(keys=[self.dead_key, self.streams[prio]],
-                              args=[entry_id, payload], client=pipe)
+                keys = [self.dead_key, self.streams[prio]]
+                if task_id:
+                    keys.append(self.result_key(task_id))  # its recorded failure goes (see REDRIVE)
+                self._redrive(keys=keys, args=[entry_id, payload], client=pipe)
                 n += 1
             if n:
                 moved += sum(pipe.execute())

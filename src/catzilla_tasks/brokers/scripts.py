@@ -139,16 +139,18 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in. ARGV:
-# the dead letter's id, the payload to queue (with a fresh count of attempts). Queues it only if
-# this call deleted the dead letter: of several re-drives at once, one moves it (1), the others
-# find it gone (0), so no dead letter is queued twice.
+# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in,
+# KEYS[3] (when the task id is known): the task's result key. ARGV: the dead letter's id, the
+# payload to queue (with a fresh count of attempts). Queues it only if this call deleted the
+# dead letter: of several re-drives at once, one moves it (1), the others find it gone (0), so
+# no dead letter is queued twice. The failure recorded for the task goes with it: its waiters
+# get the re-run's outcome (pushed behind the old record, it would never be read).
 REDRIVE = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
 return 1
 """
-
 # KEYS: the priority streams. ARGV: group, consumer. A worker that stopped removes its consumer
 # from each group where nothing is pending for it (else every worker process ever started would
 # stay listed in the groups). XGROUP DELCONSUMER would drop pending entries, never to be
