@@ -102,16 +102,19 @@ def test_redrive_all_moves_only_what_was_dead_when_called(redis_url, prefix):
 
 
 @pytest.mark.timeout(60)
-def test_a_dead_letter_with_a_bad_priority_field_neither_breaks_listing_nor_redrive(redis_url, prefix):
+def test_a_dead_letter_with_a_bad_priority_or_time_field_neither_breaks_listing_nor_redrive(redis_url, prefix):
     # the priority field is read back from Redis: one that is not 0-3 made dead_letters() (and
     # `dead-letters list`) raise for the whole stream, and redrive() raise half-way
     b = RedisBroker(redis_url, prefix=prefix)
     try:
         for i, prio in enumerate([b"x", b"", b"9", b"-1", b"1"]):
             _dead_letter(b, i, prio)
-        assert [d["priority"] for d in b.dead_letters()] == ["NORMAL", "NORMAL", "NORMAL", "NORMAL", "HIGH"]
-        assert b.redrive(None) == 5
-        assert b.redis.xlen(b.streams[2]) == 4 and b.redis.xlen(b.streams[1]) == 1
+        b.redis.xadd(b.dead_key, {"m": b"", "p": b"3", "t": b"soon"})  # nor a bad time
+        got = b.dead_letters()
+        assert [d["priority"] for d in got] == ["NORMAL", "NORMAL", "NORMAL", "NORMAL", "HIGH", "LOW"]
+        assert got[-1]["at"] == 0.0
+        assert b.redrive(None) == 6
+        assert [b.redis.xlen(s) for s in b.streams] == [0, 1, 4, 1]
     finally:
         b.close()
 

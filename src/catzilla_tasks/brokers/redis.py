@@ -547,7 +547,7 @@ class RedisBroker:
                 "name": f.get("n", b"").decode(errors="replace"),
                 "error": f.get("e", b"").decode(errors="replace"),
                 "priority": TaskPriority(_dead_priority(f.get("p"))).name,
-                "at": int(f.get("t", b"0")) / 1000,
+                "at": int(f["t"]) / 1000 if f.get("t", b"").isdigit() else 0.0,
                 "payload": f.get("m", b""),
             })
         return out
