@@ -559,9 +559,8 @@ class RedisBroker:
         """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None: those
         dead when it is called, not those dead-lettered meanwhile), with a fresh count of
         retries and no recorded outcome (its waiters get the re-run's); returns how many this
-        call moved. Each move is one Lua script
-        that queues the task only if it deleted the dead letter, so concurrent re-drives move
-        each dead letter once."""
+        call moved. Each move is one Lua script that queues the task only if it deleted the dead
+        letter, so concurrent re-drives move each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
         moved = 0
         start = "-"

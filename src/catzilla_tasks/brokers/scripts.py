@@ -151,6 +151,7 @@ redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 if KEYS[3] then redis.call('DEL', KEYS[3]) end
 return 1
 """
+
 # KEYS: the priority streams. ARGV: group, consumer. A worker that stopped removes its consumer
 # from each group where nothing is pending for it (else every worker process ever started would
 # stay listed in the groups). XGROUP DELCONSUMER would drop pending entries, never to be
