@@ -22,6 +22,7 @@ import base64
 import builtins
 import contextlib
 import itertools
+import numbers
 import os
 import re
 import threading
@@ -115,13 +116,28 @@ def task_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
+# the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
+# of one of these names would share its keys with them
+_KEY_KINDS = ("r", "done", "claim", "wf")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
 def _seconds(value: Any, low: float = 0) -> bool:
-    """A broker time in seconds: a number from ``low`` to _MAX_S (NaN and infinity fail the
-    comparison; these end up as PEXPIRE milliseconds, where they would fail every commit)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= _MAX_S
+    """A broker time in seconds: a real number (any type, as TaskConfig takes) from ``low`` to
+    _MAX_S (NaN and infinity fail the comparison; these end up as PEXPIRE milliseconds, where
+    they would fail every commit)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        value = float(value)  # compared as a float: a numpy float16 would not hold _MAX_S
+    except OverflowError:  # an int past a float's range
+        return False
+    return low <= value <= _MAX_S
+
+
+def _count(value: Any, high: float = float("inf")) -> bool:
+    """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= high
 
 
 def _plain(field: str, value: Any) -> Any:
@@ -185,7 +201,8 @@ class RedisBroker:
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
-    * ``queue``: the name of this set of streams; producers and workers of one queue share them.
+    * ``queue``: the name of this set of streams; producers and workers of one queue share them
+      (not ``r``, ``done``, ``claim`` or ``wf``: those name other keys under the prefix).
     * ``serializer``: ``"msgpack"`` (default) or ``"json"``; ``"pickle"`` only together with
       ``allow_pickle=True`` (anyone who can write to the Redis could then run code in workers).
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
@@ -227,15 +244,18 @@ class RedisBroker:
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
+        if queue in _KEY_KINDS:  # P:done:q0 would be both a stream and the done key of "q0"
+            raise ValueError(f"queue: {queue!r} is the name of a kind of key under the prefix "
+                             f"({', '.join(_KEY_KINDS)}); choose another queue name")
         if not _seconds(result_ttl):
             raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
         for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
             if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
                 raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
-        if isinstance(dead_letter_maxlen, bool) or not isinstance(dead_letter_maxlen, int) or dead_letter_maxlen < 1:
-            raise ValueError(f"dead_letter_maxlen: must be an integer >= 1, got {dead_letter_maxlen!r}")
-        if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
-                                           or max_deliveries < 1):
+        # XADD MAXLEN takes a signed 64-bit count: past it every dead-letter XADD would fail
+        if not _count(dead_letter_maxlen, 2**63 - 1):
+            raise ValueError(f"dead_letter_maxlen: must be an integer from 1 to 2**63 - 1, got {dead_letter_maxlen!r:.40}")
+        if max_deliveries is not None and not _count(max_deliveries):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
         if not _seconds(visibility_timeout, 0.001):
             raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
@@ -244,12 +264,13 @@ class RedisBroker:
         self.queue = queue
         self.prefix = prefix
         self.serializer = Serializer(serializer, allow_pickle=allow_pickle)
-        self.result_ttl = result_ttl
+        # plain Python numbers from here (a numpy scalar in a command would be sent as its repr)
+        self.result_ttl = float(result_ttl)
         self.visibility_timeout = float(visibility_timeout)
-        self.idempotency_ttl = idempotency_ttl
-        self.max_deliveries = max_deliveries
-        self.dead_letter_maxlen = dead_letter_maxlen
-        self.workflow_ttl = workflow_ttl
+        self.idempotency_ttl = float(idempotency_ttl)
+        self.max_deliveries = None if max_deliveries is None else int(max_deliveries)
+        self.dead_letter_maxlen = int(dead_letter_maxlen)
+        self.workflow_ttl = float(workflow_ttl)
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
@@ -533,8 +554,8 @@ class RedisBroker:
                 "task_id": f.get("i", b"").decode(errors="replace"),
                 "name": f.get("n", b"").decode(errors="replace"),
                 "error": f.get("e", b"").decode(errors="replace"),
-                "priority": TaskPriority(int(f.get("p", b"2"))).name,
-                "at": int(f.get("t", b"0")) / 1000,
+                "priority": TaskPriority(_dead_priority(f.get("p"))).name,
+                "at": int(f["t"]) / 1000 if f.get("t", b"").isdigit() else 0.0,
                 "payload": f.get("m", b""),
             })
         return out
@@ -543,15 +564,22 @@ class RedisBroker:
         return int(self.redis.xlen(self.dead_key))
 
     def redrive(self, ids: Iterable[str] | None = None) -> int:
-        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None), with
-        a fresh count of retries; returns how many this call moved. Each move is one Lua script
-        that queues the task only if it deleted the dead letter, so concurrent re-drives move
-        each dead letter once."""
+        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None: those
+        dead when it is called, not those dead-lettered meanwhile), with a fresh count of
+        retries and no recorded outcome (its waiters get the re-run's); returns how many this
+        call moved. Each move is one Lua script that queues the task only if it deleted the dead
+        letter, so concurrent re-drives move each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
         moved = 0
         start = "-"
+        # only what is dead now: a re-driven task that fails again is dead-lettered anew, after
+        # these; read on, a worker failing it at once would keep this loop going for ever
+        last = self.redis.xrevrange(self.dead_key, count=1)
+        if not last:
+            return 0
+        end = last[0][0]
         while True:
-            batch = self.redis.xrange(self.dead_key, min=start, count=500)
+            batch = self.redis.xrange(self.dead_key, min=start, max=end, count=500)
             if not batch:
                 break
             pipe = self.redis.pipeline(transaction=False)  # each script is atomic on its own
@@ -561,16 +589,21 @@ class RedisBroker:
                 if wanted is not None and eid not in wanted:
                     continue
                 payload = fields.get(b"m", b"")
-                prio = int(fields.get(b"p", b"2"))
+                prio = _dead_priority(fields.get(b"p"))
+                task_id = fields.get(b"i", b"").decode(errors="replace")
                 try:
                     msg = self.serializer.loads(payload)
                     if isinstance(msg, list) and len(msg) >= 5:
                         msg[4] = 0  # a fresh count of attempts
                         payload = self.serializer.same_format(payload).dumps(msg)
+                    if isinstance(msg, list) and msg and isinstance(msg[0], str):
+                        task_id = msg[0]
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
-                self._redrive(keys=[self.dead_key, self.streams[prio if 0 <= prio <= 3 else 2]],
-                              args=[entry_id, payload], client=pipe)
+                keys = [self.dead_key, self.streams[prio]]
+                if task_id:
+                    keys.append(self.result_key(task_id))  # its recorded failure goes (see REDRIVE)
+                self._redrive(keys=keys, args=[entry_id, payload], client=pipe)
                 n += 1
             if n:
                 moved += sum(pipe.execute())
@@ -603,6 +636,12 @@ class RedisBroker:
 
     def __repr__(self) -> str:
         return f"<RedisBroker {redact_url(self.url)} queue={self.queue!r}>"
+
+
+def _dead_priority(field: bytes | None) -> int:
+    """A dead letter's priority field, as read back from Redis: 0-3, or NORMAL for anything else
+    (one bad field must not break the listing or a re-drive of the whole stream)."""
+    return int(field) if field in (b"0", b"1", b"2", b"3") else int(TaskPriority.NORMAL)
 
 
 def _is_workflow_error(exc: BaseException) -> bool:

@@ -85,14 +85,28 @@ end
 return out
 """
 
-# KEYS: claim keys. ARGV: lease ms, then the token of each. Extends each claim still held by
-# that token (a claim that expired meanwhile and was taken by another copy is left alone).
+# KEYS: for each copy running here, its claim key and the stream of its entry. ARGV: lease ms,
+# group, consumer, then each copy's claim token and entry id. Extends each claim still held by
+# that token. A claim that is gone (its lease ran out while the worker stalled: a task holding
+# the GIL, a Redis outage) is taken back if the copy is still ours, i.e. its entry is still
+# pending for this consumer: a copy whose commit already acknowledged it (the heartbeat read its
+# list of claims before the commit) gets no claim again. A claim taken meanwhile by another copy
+# is left alone (that copy runs too: the lapse the guarantee excepts). Returns how many it holds.
 IDEM_RENEW = """
 local n = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ARGV[1])
+for i = 1, #KEYS, 2 do
+  local token = ARGV[i + 3]
+  local holder = redis.call('GET', KEYS[i])
+  if holder == token then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
     n = n + 1
+  elseif not holder then
+    local eid = ARGV[i + 4]
+    local p = redis.pcall('XPENDING', KEYS[i + 1], ARGV[2], eid, eid, 1, ARGV[3])
+    if type(p) == 'table' and p.err == nil and #p == 1 then
+      redis.call('SET', KEYS[i], token, 'PX', ARGV[1])
+      n = n + 1
+    end
   end
 end
 return n
@@ -125,14 +139,58 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in. ARGV:
-# the dead letter's id, the payload to queue (with a fresh count of attempts). Queues it only if
-# this call deleted the dead letter: of several re-drives at once, one moves it (1), the others
-# find it gone (0), so no dead letter is queued twice.
+# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in,
+# KEYS[3] (when the task id is known): the task's result key. ARGV: the dead letter's id, the
+# payload to queue (with a fresh count of attempts). Queues it only if this call deleted the
+# dead letter: of several re-drives at once, one moves it (1), the others find it gone (0), so
+# no dead letter is queued twice. The failure recorded for the task goes with it: its waiters
+# get the re-run's outcome (pushed behind the old record, it would never be read).
 REDRIVE = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
 return 1
+"""
+
+# KEYS: the priority streams. ARGV: group, consumer. A worker that stopped removes its consumer
+# from each group where nothing is pending for it (else every worker process ever started would
+# stay listed in the groups). XGROUP DELCONSUMER would drop pending entries, never to be
+# redelivered, hence the check in the same atomic step; a group where some are pending keeps it
+# (a live worker reclaims them after the visibility timeout). Returns how many groups it left.
+LEAVE_GROUPS = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local p = redis.pcall('XPENDING', key, ARGV[1], '-', '+', 1, ARGV[2])
+  if type(p) == 'table' and p.err == nil and #p == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], ARGV[2])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: the priority streams. ARGV: group, this worker's consumer, least idle time in ms. Removes
+# the other consumers with nothing pending that have not been seen for that long: those of
+# workers killed (kill -9, a lost machine), which never leave themselves, once their entries were
+# reclaimed. Safe for a live worker too: its next read creates its consumer again. Returns how
+# many it removed.
+PRUNE_CONSUMERS = """
+local n = 0
+local idle = tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  local cs = redis.pcall('XINFO', 'CONSUMERS', key, ARGV[1])
+  if type(cs) == 'table' and cs.err == nil then
+    for _, c in ipairs(cs) do
+      local f = {}
+      for i = 1, #c - 1, 2 do f[c[i]] = c[i + 1] end
+      if f.name ~= ARGV[2] and f.pending == 0 and f.idle and f.idle > idle then
+        redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], f.name)
+        n = n + 1
+      end
+    end
+  end
+end
+return n
 """
 
 # KEYS[1]: a priority stream; ARGV: payloads. One XADD each, in one call: a batch of producer

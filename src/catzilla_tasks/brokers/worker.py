@@ -56,6 +56,12 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return _ERRORS
 
 
+def _redis_response_error() -> type[BaseException]:
+    import redis
+
+    return redis.ResponseError
+
+
 def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
     """The wait before retry ``attempt`` (1 = the first retry), as the local engine computes it."""
     base, cap, _ = cfg._retry_ms
@@ -147,6 +153,9 @@ class Worker:
         self._idem_renew = r.register_script(scripts.IDEM_RENEW)
         self._idem_done = r.register_script(scripts.IDEM_DONE)
         self._idem_release = r.register_script(scripts.IDEM_RELEASE)
+        self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
+        self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
+        self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
@@ -212,6 +221,16 @@ class Worker:
             self._committer_exit = True
             self._done_event.set()
             self._committer.join()
+            self._leave()
+
+    def _leave(self) -> None:
+        """Remove this worker's consumer from the groups where nothing is pending for it (see
+        scripts.LEAVE_GROUPS): a process's consumer name is never used again, and left there it
+        would stay in Redis for good. Best effort: a consumer left behind costs a few bytes."""
+        try:
+            self._leave_groups(keys=list(self.broker.streams), args=[GROUP, self.consumer])
+        except Exception as exc:  # Redis away, or a server without the command: the consumer stays
+            log.warning("could not remove consumer %s from the groups: %s", self.consumer, exc)
 
     def _retrying(self, fn: Any, *args: Any) -> Any:
         delay = 0.05
@@ -340,6 +359,15 @@ class Worker:
         """Take over tasks of workers that stopped acknowledging (idle past the visibility
         timeout), at most ``free``; returns how many."""
         idle_ms = int(self.broker.visibility_timeout * 1000)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            # the consumers they leave behind, once nothing is pending for them (rarely: each
+            # look costs one XINFO CONSUMERS per stream)
+            self._next_prune = now + 10 * self.broker.visibility_timeout
+            try:
+                self._prune_consumers(keys=list(self.broker.streams), args=[GROUP, self.consumer, 10 * idle_ms])
+            except _redis_response_error() as exc:  # housekeeping: never a reason to stop
+                log.warning("could not remove dead workers' consumers: %s", exc)
         taken = 0
         for prio, s in enumerate(self.broker.streams):
             if taken >= free:
@@ -370,7 +398,7 @@ class Worker:
         """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
         with self._cv:
             owned = list(self._owned.items())
-            claims = list(self._claims.values()) if self._claims else None
+            claims = [(eid, *c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
         if not owned:
             return
         by_prio: dict[int, list[bytes]] = {}
@@ -382,9 +410,15 @@ class Worker:
                 pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i:i + 1000], justid=True)
         if claims:  # and the leases of the idempotency keys of the copies running here
             lease = int(self.broker.visibility_timeout * 1000)
-            for i in range(0, len(claims), 1000):
-                part = claims[i:i + 1000]
-                self._idem_renew(keys=[c[0] for c in part], args=[lease, *(c[1] for c in part)], client=pipe)
+            streams = self.broker.streams
+            prios = dict(owned)
+            for i in range(0, len(claims), 500):
+                keys: list[str] = []
+                args: list[Any] = [lease, GROUP, self.consumer]
+                for eid, claim_key, token in claims[i:i + 500]:
+                    keys += (claim_key, streams[prios[eid]])
+                    args += (token, eid)
+                self._idem_renew(keys=keys, args=args, client=pipe)
         pipe.execute()
 
     # -- dispatch --------------------------------------------------------------------------
