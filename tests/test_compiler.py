@@ -114,8 +114,14 @@ def wants_str(s: str) -> int:
     return 1
 
 
-def numba_rejects(a: int) -> int:
+def calls_method(a: int) -> int:
     return a.bit_length()
+
+
+def numba_rejects(a: int) -> int:
+    if a:
+        return a
+    return (a, a)  # numba cannot unify an int and a tuple
 
 
 # ---- eligibility ----------------------------------------------------------------------
@@ -132,6 +138,7 @@ def numba_rejects(a: int) -> int:
         (wants_str, "parameter 's' is annotated str"),
         (abs, "not a plain Python function"),
         (numba_rejects, "numba cannot compile it for (int)"),
+        (calls_method, "calls the method .bit_length()"),
     ],
 )
 def test_ineligible_functions_say_why(func, reason):

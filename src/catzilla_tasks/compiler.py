@@ -30,6 +30,7 @@ the compiler is missing.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import dis
 import hashlib
@@ -42,6 +43,7 @@ import os
 import struct
 import sys
 import tempfile
+import textwrap
 import threading
 import types
 import weakref
@@ -54,7 +56,13 @@ __all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "ex
 log = logging.getLogger("catzilla_tasks.compiler")
 
 MAX_ARGS = 8
-_TEMPLATE_VERSION = "1"
+def _template_version() -> str:
+    # the generated code calls _checked.py's operations: a change there is a new cache entry
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checked.py"), "rb") as f:
+        return "2-" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+_TEMPLATE_VERSION = _template_version()
 _CODES = {int: "i", float: "f", bool: "b"}
 _TYPE_NAMES = {"i": "int", "f": "float", "b": "bool"}
 _SLOT_FORMAT = {"i": "q", "f": "d", "b": "?7x"}
@@ -64,7 +72,7 @@ _DTYPES = {"i": "int64", "f": "float64", "b": "bool_"}
 # Builtins numba compiles for numbers; anything else named here is refused with its reason.
 _ALLOWED_BUILTINS = frozenset({"range", "abs", "min", "max", "int", "float", "bool", "round", "divmod", "pow"})
 _IO_BUILTINS = frozenset({"print", "open", "input", "exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars"})
-_ALLOWED_MODULES = frozenset({"math", "cmath"})
+_ALLOWED_MODULES = frozenset({"math"})
 _OBJECT_OPS = {
     "BUILD_LIST": "builds a list", "BUILD_SET": "builds a set", "BUILD_MAP": "builds a dict",
     "BUILD_CONST_KEY_MAP": "builds a dict", "BUILD_STRING": "builds a string", "FORMAT_VALUE": "formats a string",
@@ -136,11 +144,13 @@ def _static_reason(func: Any) -> str | None:
                 if isinstance(val, types.ModuleType):
                     if val.__name__ not in _ALLOWED_MODULES:
                         return f"it uses the module {val.__name__!r} (only {', '.join(sorted(_ALLOWED_MODULES))} are compiled)"
-                elif not _is_numba_dispatcher(val):
+                elif not _is_numba_dispatcher(val) and val is not func:
                     return (
                         f"it reads the global {name!r} ({type(val).__name__}): pass it as an argument (a compiled task "
                         "cannot see later changes of a global, and calls only numba-compiled helpers)"
                     )
+            elif name == code.co_name:
+                pass  # recursion: the decorator runs before the module binds the name
             elif name in _IO_BUILTINS:
                 return f"it calls {name}() (no I/O or introspection in compiled tasks)"
             elif name not in _ALLOWED_BUILTINS and not _is_exception_class(getattr(builtins, name, None)):
@@ -157,7 +167,302 @@ def _static_reason(func: Any) -> str | None:
                 return f"it is annotated to return {getattr(hint, '__name__', hint)!s} (only int, float and bool results are compiled)"
         elif hint not in _CODES:
             return f"parameter {name!r} is annotated {getattr(hint, '__name__', hint)!s} (only int, float and bool are compiled)"
+    try:
+        _rewrite(func)
+    except _Cannot as exc:
+        return str(exc)
     return None
+
+
+# ---- the rewrite: every operation checked -------------------------------------------------
+# A compiled task runs a rewritten copy of its source: each arithmetic operator, comparison,
+# numeric builtin and math call becomes a call of a checked operation (_checked.py) that gives
+# Python's exact value and type or raises, and the trampoline then runs the Python function for
+# that call. What cannot be checked that way is refused here, from the source alone (no numba).
+
+_BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv", ast.FloorDiv: "floordiv",
+           ast.Mod: "mod", ast.Pow: "pow", ast.LShift: "lshift", ast.RShift: "rshift", ast.BitAnd: "and",
+           ast.BitOr: "or", ast.BitXor: "xor"}
+_CMPOPS = {ast.Eq: "eq", ast.NotEq: "ne", ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge"}
+_UNOPS = {ast.USub: "neg", ast.UAdd: "pos", ast.Invert: "inv"}
+# builtin -> (allowed numbers of positional arguments)
+_CHECKED_BUILTINS = {"int": (1,), "float": (1,), "abs": (1,), "round": (1,), "divmod": (2,), "pow": (2,),
+                     "min": tuple(range(2, 9)), "max": tuple(range(2, 9)), "range": (1, 2, 3), "bool": (1,)}
+# kept in step with _checked.MATH1/MATH2/MATH_INT/MATH_PRED (that module imports numba)
+_MATH_CALLS = {**{n: 1 for n in ("sqrt", "exp", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "tan",
+                                 "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh", "atanh",
+                                 "fabs", "erf", "erfc", "floor", "ceil", "trunc")},
+               **{n: 2 for n in ("atan2", "copysign", "pow")}}
+_MATH_PREDICATES = frozenset({"isnan", "isinf", "isfinite"})
+_MATH_CONSTANTS = frozenset({"pi", "e", "tau", "inf", "nan"})
+_REFUSED_NODES = {
+    ast.Try: "catches exceptions (try): a compiled task signals what it cannot compute exactly with an exception",
+    ast.With: "uses a with statement", ast.ClassDef: "defines a class", ast.Lambda: "defines a lambda",
+    ast.FunctionDef: "defines a function", ast.AsyncFunctionDef: "defines a function", ast.Global: "declares a global",
+    ast.Nonlocal: "declares a nonlocal", ast.Import: "imports a module", ast.ImportFrom: "imports a module",
+    ast.Delete: "deletes a variable", ast.Starred: "unpacks with *", ast.Dict: "builds a dict", ast.Set: "builds a set",
+    ast.List: "builds a list", ast.ListComp: "builds a list", ast.SetComp: "builds a set", ast.DictComp: "builds a dict",
+    ast.GeneratorExp: "is a generator expression", ast.JoinedStr: "formats a string", ast.Subscript: "indexes a value",
+    ast.Assert: "asserts (python -O removes the check)", ast.MatMult: "uses @",
+}
+if hasattr(ast, "TryStar"):
+    _REFUSED_NODES[ast.TryStar] = _REFUSED_NODES[ast.Try]
+
+
+_MAX_DEPTH = 200
+
+
+class _Rewriter(ast.NodeTransformer):
+    """Rewrites one function body to checked operations; _Cannot says what cannot be."""
+
+    def __init__(self, func: types.FunctionType) -> None:
+        self.func = func
+        self.locals = set(func.__code__.co_varnames)
+        self.in_raise = False
+        self.recursive = False
+
+    def fail(self, node: ast.AST, what: str) -> None:
+        raise _Cannot(f"it {what} (line {getattr(node, 'lineno', '?')})")
+
+    def call(self, node: ast.AST, name: str, args: list) -> ast.Call:
+        return ast.copy_location(ast.Call(ast.Name(f"_ct_ck_{name}", ast.Load()), args, []), node)
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        what = _REFUSED_NODES.get(type(node))
+        if what:
+            self.fail(node, what)
+        return super().generic_visit(node)
+
+    def visit_Raise(self, node: ast.Raise) -> ast.AST:
+        self.in_raise, was = True, self.in_raise
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.in_raise = was
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        v = node.value
+        if type(v) is int and not -(2**63) <= v < 2**63:
+            self.fail(node, f"uses the int constant {v}, beyond int64")
+        if not (v is None or type(v) in (int, float, bool) or self.in_raise):
+            self.fail(node, f"uses the {type(v).__name__} constant {v!r} (only int, float and bool values are compiled)")
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        name = _BINOPS.get(type(node.op))
+        if name is None:
+            self.fail(node, f"uses the operator {type(node.op).__name__}")
+        return self.call(node, name, [node.left, node.right])
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+        if not isinstance(node.target, ast.Name):
+            self.fail(node, "assigns to an item or attribute")
+        value = self.visit_BinOp(ast.copy_location(
+            ast.BinOp(ast.Name(node.target.id, ast.Load()), node.op, node.value), node))
+        return ast.copy_location(ast.Assign([node.target], value), node)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        name = _UNOPS.get(type(node.op))
+        return node if name is None else self.call(node, name, [node.operand])
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        self.generic_visit(node)
+        parts, left = [], node.left
+        for op, right in zip(node.ops, node.comparators):
+            name = _CMPOPS.get(type(op))
+            if name is None:
+                self.fail(node, f"compares with {type(op).__name__} (is, in)")
+            parts.append(self.call(node, name, [left, right]))
+            left = right  # a chain evaluates its middle operands twice: pure expressions only
+        if len(parts) == 1:
+            return parts[0]
+        return ast.copy_location(ast.BoolOp(ast.And(), parts), node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        mod = self.module_of(node.value)
+        if mod is None or not isinstance(node.ctx, ast.Load):
+            self.fail(node, f"reads the attribute .{node.attr}")
+        if node.attr not in _MATH_CONSTANTS:
+            self.fail(node, f"uses math.{node.attr} other than in a call")
+        return node
+
+    def module_of(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Name) and node.id not in self.locals:
+            val = self.func.__globals__.get(node.id)
+            if isinstance(val, types.ModuleType) and val.__name__ == "math":
+                return val
+        return None
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if node.keywords:
+            self.fail(node, "passes keyword arguments")
+        f = node.func
+        args = [self.visit(a) for a in node.args]
+        node.args = args
+        if isinstance(f, ast.Attribute) and self.module_of(f.value) is not None:
+            if f.attr in _MATH_PREDICATES and len(args) == 1:
+                return node
+            if _MATH_CALLS.get(f.attr) != len(args):
+                self.fail(node, f"calls math.{f.attr} with {len(args)} argument(s) (compiled: "
+                                f"{', '.join(sorted(_MATH_CALLS) + sorted(_MATH_PREDICATES))}; math.log with one)")
+            return self.call(node, f"math_{f.attr}", args)
+        if isinstance(f, ast.Attribute):
+            self.fail(node, f"calls the method .{f.attr}()")
+        if not isinstance(f, ast.Name) or f.id in self.locals:
+            self.fail(node, "calls something other than a builtin, a math function or a numba helper")
+        g = self.func.__globals__
+        if f.id == self.func.__code__.co_name:  # recursion: one level deeper (see _MAX_DEPTH)
+            self.recursive = True
+            node.args.append(ast.BinOp(ast.Name("_ct_depth", ast.Load()), ast.Add(), ast.Constant(1)))
+            return node
+        if f.id in g:
+            return node  # a numba helper: _static_reason checked
+        if self.in_raise and _is_exception_class(getattr(builtins, f.id, None)):
+            return node
+        counts = _CHECKED_BUILTINS.get(f.id)
+        if counts is None:
+            self.fail(node, f"calls {f.id}()")
+        if len(args) not in counts:
+            self.fail(node, f"calls {f.id}() with {len(args)} argument(s)")
+        if f.id == "bool":
+            return node
+        if f.id == "range":
+            if len(args) == 1:
+                return ast.copy_location(ast.Call(f, [self.call(node, "index", args)], []), node)
+            step = args[2] if len(args) == 3 else ast.Constant(1)
+            return ast.copy_location(ast.Call(f, [self.call(node, "span", [args[0], args[1], step]),
+                                                  self.call(node, "index", [args[1]]),
+                                                  self.call(node, "step", [step])], []), node)
+        if f.id in ("min", "max"):  # Python keeps the first of equal values: fold left
+            acc = self.call(node, f.id, args[:2])
+            for a in args[2:]:
+                acc = self.call(node, f.id, [acc, a])
+            return acc
+        return self.call(node, f.id, args)
+
+
+_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def _rewrite(func: types.FunctionType) -> Any:
+    """The code object of func's body rewritten to checked operations (cached per function);
+    _Cannot with the reason when its source is unavailable or uses what cannot be checked."""
+    hit = _REWRITTEN.get(func)
+    if hit is None:
+        try:
+            hit = (_rewrite_source(func), None)
+        except _Cannot as exc:
+            hit = (None, str(exc))
+        _REWRITTEN[func] = hit
+    if hit[1] is not None:
+        raise _Cannot(hit[1])
+    return hit[0]
+
+
+def _rewrite_source(func: types.FunctionType) -> Any:
+    code = func.__code__
+    try:
+        lines, first = inspect.getsourcelines(func)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError, IndentationError) as exc:
+        raise _Cannot(f"its source cannot be read ({type(exc).__name__}): a compiled task runs a checked copy "
+                      "of its source") from None
+    if code.co_name == "<lambda>":
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
+        if len(found) != 1:
+            raise _Cannot("its source line holds several lambdas: define it with def to compile it")
+        lam = found[0]
+        fdef = ast.FunctionDef("_ct_lambda", lam.args, [ast.Return(lam.body)], [], None)
+        ast.copy_location(fdef, lam)
+        ast.fix_missing_locations(fdef)
+    else:
+        fdef = tree.body[0] if tree.body else None
+        if not isinstance(fdef, ast.FunctionDef) or fdef.name != code.co_name:
+            raise _Cannot("its source cannot be found (defined by exec?): a compiled task runs a checked copy of its source")
+        fdef.decorator_list = []
+    ast.increment_lineno(fdef, first - 1)
+    # the source must be the code that runs (not a file edited since it was imported)
+    if _function_code(fdef, code, func.__globals__) is None:
+        raise _Cannot("its source file differs from the code that runs (edited since it was imported?)")
+    for a in (*fdef.args.posonlyargs, *fdef.args.args, *fdef.args.kwonlyargs):
+        a.annotation = None
+    fdef.returns = None
+    body = fdef.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:] or [ast.Pass()]
+    fdef.args.defaults = []
+    fdef.args.kw_defaults = []
+    rw = _Rewriter(func)
+    fdef.body = [rw.visit(st) for st in body]
+    if rw.recursive:
+        # native recursion past Python's depth would overflow the worker's stack: deeper than
+        # _MAX_DEPTH the call runs as Python (which gives the result or its RecursionError)
+        fdef.args.args.append(ast.arg("_ct_depth"))
+        fdef.body.insert(0, ast.parse(f"if _ct_depth > {_MAX_DEPTH}: raise ArithmeticError").body[0])
+    mod = ast.fix_missing_locations(ast.Module([fdef], []))
+    return compile(mod, code.co_filename, "exec", dont_inherit=True)
+
+
+def _function_code(fdef: ast.FunctionDef, code: types.CodeType, globals_of: dict) -> Any:
+    """The code object compiled from fdef when it is the same as code, else None."""
+    import copy
+
+    plain = copy.deepcopy(fdef)
+    plain.args.defaults = [ast.Constant(0) for _ in plain.args.defaults]
+    plain.args.kw_defaults = [None for _ in plain.args.kw_defaults]
+    for a in (*plain.args.posonlyargs, *plain.args.args, *plain.args.kwonlyargs):
+        a.annotation = None
+    plain.returns = None
+    # CPython compiles `m.f(x)` differently when its module imports m: import them as it does
+    imports = [ast.Import([ast.alias(val.__name__, n)]) for n in code.co_names
+               if isinstance(val := globals_of.get(n), types.ModuleType)]
+    try:
+        mod = compile(ast.fix_missing_locations(ast.Module([*imports, plain], [])), code.co_filename, "exec",
+                      dont_inherit=True)
+    except SyntaxError:
+        return None
+    for c in mod.co_consts:
+        if isinstance(c, types.CodeType):
+            if (c.co_code, c.co_names, c.co_varnames, c.co_argcount) == \
+                    (code.co_code, code.co_names, code.co_varnames, code.co_argcount) and \
+                    [k for k in c.co_consts if not isinstance(k, types.CodeType)] == \
+                    [k for k in code.co_consts if not isinstance(k, types.CodeType)]:
+                return c
+    return None
+
+
+def _checked_function(func: types.FunctionType) -> types.FunctionType:
+    """The rewritten function, in a namespace of the names it uses (needs numba)."""
+    from . import _checked
+
+    module_code = _rewrite(func)
+    ns: dict[str, Any] = {"__builtins__": builtins, **_checked.helpers()}
+    for name in func.__code__.co_names:
+        if name in func.__globals__:
+            ns[name] = func.__globals__[name]
+        elif name == func.__code__.co_name:
+            raise _Cannot(f"it calls {name}, which its module has not defined (a recursive function defined "
+                          "inside another is not compiled)")
+    own = ns.get(func.__code__.co_name)
+    if own is not None and func.__code__.co_name in func.__code__.co_names and own is not func \
+            and not _is_numba_dispatcher(own):
+        raise _Cannot(f"it calls {func.__code__.co_name}, which is no longer this function")
+    exec(module_code, ns)
+    new = ns[func.__code__.co_name if func.__code__.co_name != "<lambda>" else "_ct_lambda"]
+    if "_ct_depth" in new.__code__.co_varnames:  # recursive: an entry point starts the depth at 0
+        import numba
+
+        ns[new.__name__] = numba.njit(nogil=True)(new)
+        params = ", ".join(func.__code__.co_varnames[: func.__code__.co_argcount])
+        exec(f"def _ct_entry({params}):\n    return {new.__name__}({params}{', ' if params else ''}0)\n", ns)
+        inner = ns[new.__name__]
+        new = ns["_ct_entry"]
+        new._ct_inner = inner  # type: ignore[attr-defined]  # its typing is checked too
+    new.__defaults__ = func.__defaults__
+    return new
 
 
 def _annotated_codes(func: types.FunctionType) -> str | None:
@@ -325,7 +630,8 @@ class TaskCompiler:
             raise _Cannot(f"cannot create the compile cache directory {d!r}: {exc}") from None
         path = os.path.join(d, f"ct_{key}.py")
         meta = os.path.join(d, f"ct_{key}.json")
-        dispatcher = numba.njit(nogil=True)(func)
+        checked = _checked_function(func)
+        dispatcher = numba.njit(nogil=True)(checked)
         _REGISTRY[key] = dispatcher
         rcode = None
         try:
@@ -340,7 +646,12 @@ class TaskCompiler:
                 dispatcher.compile(argtypes)
             except Exception as exc:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
-            rt = dispatcher.overloads[argtypes].signature.return_type
+            cres = dispatcher.overloads[argtypes]
+            inner = getattr(checked, "_ct_inner", None)
+            why = next(filter(None, map(_mixed_kinds, [cres, *(inner.overloads.values() if inner else ())])), None)
+            if why:
+                raise _Cannot(f"for ({_names(codes)}) {why}")
+            rt = cres.signature.return_type
             if isinstance(rt, nt.Boolean):
                 rcode = "b"
             elif isinstance(rt, nt.Integer) and rt.signed:
@@ -378,6 +689,50 @@ class TaskCompiler:
         log.debug("compiled %s(%s) -> %s%s", func.__qualname__, _names(codes), _TYPE_NAMES[rcode],
                   " (from the disk cache)" if hit else "")
         return _Spec(codes, rcode, cf, hit, key)
+
+
+def _kinds(t: Any) -> Any:
+    """The kinds of numbers in a numba type ("b", "i", "f", per tuple item), None otherwise."""
+    from numba.core import types as nt
+
+    if isinstance(t, nt.Boolean):
+        return "b"
+    if isinstance(t, nt.Integer):
+        return "i"
+    if isinstance(t, nt.Float):
+        return "f"
+    if isinstance(t, nt.BaseTuple):
+        return tuple(_kinds(x) for x in t)
+    return None
+
+
+def _mixed_kinds(cres: Any) -> str | None:
+    """Where numba's typing merges a bool, an int or a float into another kind (a variable
+    assigned an int on one path and a float on another, a result of mixed types, `a or b`
+    of an int and a float): Python keeps each value's own type there, so the compiled code
+    cannot give Python's result. None when there is no such place."""
+    from numba.core import ir
+
+    ann = cres.type_annotation
+    tm = ann.typemap
+    for block in ann.blocks.values():
+        for st in block.body:
+            if not isinstance(st, ir.Assign):
+                continue
+            v = st.value
+            src = v if isinstance(v, ir.Var) else v.value if isinstance(v, ir.Expr) and v.op == "cast" else None
+            if src is None or src.name not in tm or st.target.name not in tm:
+                continue
+            a, b = _kinds(tm[src.name]), _kinds(tm[st.target.name])
+            if a is not None and b is not None and a != b:
+                what = "its result" if isinstance(v, ir.Expr) else "a value"
+                name = st.target.name.split(".")[0]
+                if not name.startswith("$"):
+                    what = f"the variable {name!r}"
+                return (f"{what} is {tm[src.name]} on one path and {tm[st.target.name]} on another (line "
+                        f"{st.loc.line}): Python keeps each value's type, numba would convert it (write 0.0 "
+                        f"for a float that starts at 0, float(x) where a float is meant)")
+    return None
 
 
 def _load_trampoline(path: str, key: str) -> Any:
