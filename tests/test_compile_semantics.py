@@ -431,6 +431,7 @@ def test_native_code_ran_for_ordinary_inputs():
 def test_task_equals_python(compile_engine, func, args_st, data):
     args = data.draw(args_st)
     want = outcome(func, args)
+    assert compiler.precompile(func) is None
     r = compile_engine.add_task(func, *args)
     try:
         got = r.wait(60)
@@ -522,6 +523,7 @@ def i_range(a: int, b: int) -> int:
 def test_issue_examples_give_pythons_answer(compile_engine, func, args):
     """Each returned a different value natively before (nan, -inf, inf, INT64_MIN, 0, 1.0, a
     wrapped int, True, a count of 2**63)."""
+    assert compiler.precompile(func) is None
     want = outcome(func, args)
     r = compile_engine.add_task(func, *args)
     try:

@@ -40,6 +40,7 @@ import json
 import logging
 import marshal
 import os
+import queue
 import struct
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import _engine
 
-__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "default_compiler"]
+__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile", "default_compiler"]
 
 log = logging.getLogger("catzilla_tasks.compiler")
 
@@ -802,11 +803,45 @@ def explain(func: Callable[..., Any], arg_types: Sequence[type] | None = None) -
 # Tasks: what @task(compile_to_c=...) attaches, and the engine's hook
 
 
+class _BackgroundCompiler:
+    """One daemon thread that compiles native versions queued by add_task, in order, so that
+    importing numba and compiling (0.5-1 s) never blocks a caller."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[tuple[NativeTask, tuple[type, ...]]]" = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, native: "NativeTask", key: tuple[type, ...]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="catzilla_tasks-compile", daemon=True)
+                self._thread.start()
+        self._queue.put((native, key))
+
+    def _run(self) -> None:
+        while True:
+            native, key = self._queue.get()
+            try:
+                native.spec_for(key, wait=True)
+            except Exception:  # recorded in native.fallbacks; never kills the thread
+                log.debug("background compile of %s failed", native.func.__qualname__, exc_info=True)
+
+
+_background = _BackgroundCompiler()
+
+
 class NativeTask:
     """The compiled side of one task function: its native versions, one per argument types.
 
     ``reason`` is None while the function can be compiled, else why it runs as Python;
     ``fallbacks`` maps argument types that could not be compiled to the reason.
+
+    ``add_task`` never compiles on the caller's thread (``prepare``): a signature not compiled
+    yet is queued for the background compile thread and the call runs as Python meanwhile.
+    ``tasks.map`` and ``precompile()`` wait for it (``spec_for(key, wait=True)``).
+    ``compile_to_c="require"`` always compiles before the call and raises CompileError at
+    every call whose arguments cannot run natively.
     """
 
     def __init__(self, func: types.FunctionType, require: bool, compiler: TaskCompiler | None = None) -> None:
@@ -818,61 +853,105 @@ class NativeTask:
         self.nparams = func.__code__.co_argcount
         self._specs: dict[tuple[type, ...], _Spec | None] = {}
         self.fallbacks: dict[tuple[type, ...], str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while compiling
+        self._pending: dict[tuple[type, ...], int] = {}  # queued for the background thread -> pid
+        self.ran_while_compiling = False
 
-    def spec_for(self, key: tuple[type, ...]) -> _Spec | None:
+    def spec_for(self, key: tuple[type, ...], wait: bool = True) -> _Spec | None:
+        """The native version for these argument types, or None (the call runs as Python).
+        wait=False: never compile here; queue the compile in the background instead."""
         spec = self._specs.get(key, False)
         if spec is not False:
+            if spec is None and self.require:
+                self._refuse(self.fallbacks.get(key, "it cannot be compiled for these arguments"))
             return spec  # type: ignore[return-value]
+        reason = self._type_reason(key)
+        if reason is not None:
+            return self._cannot(key, reason)
+        if wait or self.require:
+            return self._compile(key)
+        if self._pending.get(key) != os.getpid():  # (a fork's child has no compile thread yet)
+            self._pending[key] = os.getpid()
+            _background.submit(self, key)
+        self.ran_while_compiling = True
+        return None
+
+    def _type_reason(self, key: tuple[type, ...]) -> str | None:
+        try:
+            codes = "".join(_CODES[t] for t in key)
+        except KeyError:
+            return f"arguments of types ({', '.join(t.__name__ for t in key)}) (only int, float and bool are compiled)"
+        if self.annotated is not None and codes != self.annotated:
+            return f"argument types ({_names(codes)}) do not match the annotations ({_names(self.annotated)})"
+        return None
+
+    def _compile(self, key: tuple[type, ...]) -> _Spec | None:
         with self._lock:
             if key in self._specs:
-                return self._specs[key]
-            spec, reason = None, None
+                return self.spec_for(key)
             try:
-                codes = "".join(_CODES[t] for t in key)
-            except KeyError:
-                reason = f"arguments of types ({', '.join(t.__name__ for t in key)}) (only int, float and bool are compiled)"
-            else:
-                if self.annotated is not None and codes != self.annotated:
-                    reason = f"argument types ({_names(codes)}) do not match the annotations ({_names(self.annotated)})"
-                else:
-                    try:
-                        spec = self.compiler.compile(self.func, codes)
-                    except _Cannot as exc:
-                        reason = str(exc)
-            if reason:
-                self.fallbacks[key] = reason
-                log.debug("task %s runs as Python for these arguments: %s", self.func.__qualname__, reason)
-                if self.require:
-                    self._specs[key] = None
-                    raise CompileError(f"compile_to_c='require': {self.func.__qualname__} cannot be compiled: {reason}")
+                spec = self.compiler.compile(self.func, "".join(_CODES[t] for t in key))
+            except _Cannot as exc:
+                return self._cannot(key, str(exc))
             self._specs[key] = spec
             return spec
+
+    def _cannot(self, key: tuple[type, ...], reason: str) -> None:
+        if key not in self.fallbacks:
+            log.debug("task %s runs as Python for these arguments: %s", self.func.__qualname__, reason)
+        self.fallbacks[key] = reason
+        self._specs[key] = None
+        if self.require:
+            self._refuse(reason)
+        return None
+
+    def _refuse(self, reason: str) -> None:
+        raise CompileError(f"compile_to_c='require': {self.func.__qualname__} cannot be compiled: {reason}")
 
     def bind(self, args: tuple, kwargs: dict | None) -> tuple | None:
         """Positional arguments for a call, or None when they do not bind (Python reports)."""
         if kwargs or len(args) != self.nparams:
             try:
                 ba = inspect.signature(self.func).bind(*args, **(kwargs or {}))
-            except TypeError:
+            except TypeError as exc:
+                if self.require:
+                    self._refuse(f"the arguments do not bind to its parameters ({exc})")
                 return None
             ba.apply_defaults()
             return tuple(ba.args)
         return args
 
-    def prepare(self, args: tuple, kwargs: dict | None) -> tuple[bytearray, tuple] | None:
+    def prepare(self, args: tuple, kwargs: dict | None, wait: bool = False) -> tuple[bytearray, tuple] | None:
+        """add_task's call block for these arguments, or None: the task runs as Python."""
         pos = self.bind(args, kwargs)
         if pos is None:
             return None
-        spec = self.spec_for(tuple(map(type, pos)))
+        spec = self.spec_for(tuple(map(type, pos)), wait)
         if spec is None:
             return None
         try:
             block = bytearray(spec.packer.pack(spec.address, len(pos), ord(spec.rcode), *pos))
         except struct.error:  # an int beyond int64: Python computes it exactly
-            self.fallbacks.setdefault(("int beyond int64",), "an int argument does not fit in 64 bits")  # type: ignore[arg-type]
+            reason = "an int argument does not fit in 64 bits"
+            if self.require:
+                self._refuse(reason)
+            self.fallbacks.setdefault(("int beyond int64",), reason)  # type: ignore[arg-type]
             return None
         return block, pos
+
+    def refuse_batch(self, inp: "MapInput", plain: bool) -> None:
+        """compile_to_c="require" and tasks.map could not run the batch natively: the
+        CompileError that says why (a map never runs a required task as Python)."""
+        if not plain:
+            self._refuse("tasks.map runs a task with retries, a timeout or hooks as one Python task per item")
+        for i in range(len(inp)):
+            item = inp.item(i)
+            try:
+                self.prepare(item if isinstance(item, tuple) else (item,), None, wait=True)
+            except CompileError as exc:
+                exc.add_note(f"tasks.map({self.func.__qualname__}): item {i} {item!r}")
+                raise
+        self._refuse("the batch's items do not all fit one compiled signature")
 
     def __repr__(self) -> str:
         state = "compiles" if self.reason is None else f"runs as Python: {self.reason}"
@@ -900,6 +979,9 @@ def _task_reason(func: Any, ran_native: bool) -> str | None:
         return "only functions decorated with @task (compile_to_c=True) are compiled"
     if native.reason:
         return native.reason
+    if native.ran_while_compiling and not native.fallbacks:
+        return ("its native version was being compiled in the background: calls meanwhile run as Python "
+                "(compiler.precompile(func) compiles it ahead of time)")
     if native.fallbacks:
         return "its arguments did not fit a compiled signature; the cases seen: " + "; ".join(
             f"({', '.join(getattr(t, '__name__', str(t)) for t in k)}): {why}" for k, why in native.fallbacks.items())
@@ -939,6 +1021,26 @@ def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:
     own = cfg.replace()
     own._native = native
     return own
+
+
+def precompile(func: Callable[..., Any], arg_types: Sequence[type] | None = None) -> str | None:
+    """Compile (or load from the disk cache) the native version of a @task for arg_types (by
+    default its annotations) now, on this thread, so that add_task runs it natively from the
+    first call. None when it is ready, else the reason the task runs as Python."""
+    native = native_of(func)
+    if native is None:
+        return _task_reason(func, False)
+    if native.reason:
+        return native.reason
+    if arg_types is None:
+        if native.annotated is None:
+            raise TypeError(f"precompile({func.__qualname__}): its parameters are not all annotated: pass arg_types, "
+                            "e.g. precompile(func, (int, float))")
+        arg_types = [{"i": int, "f": float, "b": bool}[c] for c in native.annotated]
+    key = tuple(arg_types)
+    if len(key) != native.nparams:
+        raise TypeError(f"precompile({func.__qualname__}): {len(key)} argument types for {native.nparams} parameters")
+    return None if native.spec_for(key, wait=True) is not None else native.fallbacks.get(key)
 
 
 def native_of(func: Any) -> NativeTask | None:
