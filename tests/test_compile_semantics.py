@@ -580,3 +580,20 @@ def test_constructs_that_cannot_be_checked_are_refused():
     assert "round() with 2 argument(s)" in compiler.explain(rounds)
     assert "math.gamma" in compiler.explain(gamma)
     assert "beyond int64" in compiler.explain(huge)
+
+
+def test_a_source_file_edited_after_import_is_not_compiled(tmp_path, monkeypatch):
+    """The native code comes from the source: when the file no longer matches the function's
+    bytecode (a deploy edited it), the function runs as Python rather than the new source."""
+    import importlib
+    import linecache
+
+    mod = tmp_path / "edited_task_mod.py"
+    mod.write_text("def f(a: int, b: int) -> int:\n    return a + b\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module("edited_task_mod")
+    assert compiler.explain(m.f) is None
+    mod.write_text("def f(a: int, b: int) -> int:\n    return a - b\n")
+    linecache.checkcache(str(mod))
+    g = type(m.f)(m.f.__code__, m.f.__globals__, "f")   # a new function object: no cached rewrite
+    assert "source file differs" in compiler.explain(g)

@@ -5,7 +5,15 @@ arguments and result, loops and ``math`` where numba handles them; no I/O, no gl
 than modules (``math``) and numba-compiled helpers, no closures, no Python objects (lists,
 dicts, sets, strings built at run time). Its signature comes from its annotations when every
 parameter is annotated, otherwise from the argument types of each call (one native version per
-type combination, compiled on its first use).
+type combination). ``add_task`` never compiles on the caller's thread: a signature not compiled
+yet is compiled by one background thread and calls meanwhile run as Python; ``tasks.map`` and
+``precompile(func)`` wait for it.
+
+What runs natively is a checked rewrite of the function's source (``_rewrite``, ``_checked.py``):
+every operation gives Python's exact value and type or raises, and that call then runs as
+Python, so a compiled task returns what the Python function returns, for every input. What
+cannot be checked that way (a variable that is an int on one path and a float on another,
+``try``, ``round(x, n)``...) is not compiled, and ``explain(func)`` names the rule.
 
 How it runs: numba compiles the function inside a *trampoline*, a C-callable function (a numba
 ``cfunc``) with one fixed signature::
