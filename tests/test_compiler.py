@@ -593,7 +593,11 @@ def test_precompile_and_explain_without_argument_types():
     def greet(name):
         return "hi " + name
 
+    def bump(user_id: int):
+        x = user_id + 1  # noqa: F841
+
     assert "str constant 'hi '" in compiler.explain(greet)
+    assert "returns no value" in compiler.explain(bump)     # decided without numba
     assert compiler.explain(fresh_unannotated) is None       # types come from the calls
     assert "only functions decorated with @task" in compiler.precompile(greet)
     with pytest.raises(TypeError, match="pass arg_types"):

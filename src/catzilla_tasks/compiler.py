@@ -404,6 +404,9 @@ def _rewrite_source(func: types.FunctionType) -> Any:
         body = body[1:] or [ast.Pass()]
     fdef.args.defaults = []
     fdef.args.kw_defaults = []
+    if not any(isinstance(n, ast.Return) and n.value is not None and not
+               (isinstance(n.value, ast.Constant) and n.value.value is None) for n in ast.walk(fdef)):
+        raise _Cannot("it returns no value (None): only int, float and bool results are compiled")
     rw = _Rewriter(func)
     fdef.body = [rw.visit(st) for st in body]
     if rw.recursive:
