@@ -309,6 +309,18 @@ def c_poly(x: float, n: int) -> float:
     return s
 
 
+@task
+def c_truth(x: float, a: int) -> int:
+    r = 0
+    if x:
+        r += 1
+    if not x:
+        r += 2
+    if bool(x) and a:
+        r += 4
+    return r + (3 if x and a else 5)
+
+
 def _args(*strategies):
     return st.tuples(*strategies)
 
@@ -330,7 +342,7 @@ CORPUS = [
     (c_loop_sum, _args(INTS)), (c_range_count, _args(INTS, INTS)), (c_range_step, _args(INTS, INTS, INTS)),
     (c_fib, _args(INTS)), (c_fact, _args(st.one_of(INTS, SMALL_INTS))), (c_collatz, _args(INTS)),
     (c_helper, _args(FLOATS, FLOATS)), (c_divmod, _args(INTS, INTS)), (c_conditional, _args(INTS)),
-    (c_poly, _args(FLOATS, INTS)),
+    (c_poly, _args(FLOATS, INTS)), (c_truth, _args(FLOATS, INTS)),
 ]
 IDS = [f.__name__ for f, _ in CORPUS]
 
