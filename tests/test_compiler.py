@@ -594,7 +594,7 @@ def test_precompile_and_explain_without_argument_types():
         return "hi " + name
 
     def bump(user_id: int):
-        x = user_id + 1  # noqa: F841
+        user_id += 1
 
     assert "str constant 'hi '" in compiler.explain(greet)
     assert "returns no value" in compiler.explain(bump)     # decided without numba
@@ -603,3 +603,38 @@ def test_precompile_and_explain_without_argument_types():
     with pytest.raises(TypeError, match="pass arg_types"):
         compiler.precompile(task(_copy(fresh_unannotated)))
     assert compiler.precompile(task(_copy(fresh_unannotated)), (float, int)) is None
+
+
+def test_fork_during_a_background_compile(tmp_path):
+    """A fork while the compile thread imports numba or compiles must not leave the child's
+    compiler locked: the fork waits for the compile, and the child compiles on its own."""
+    code = textwrap.dedent(
+        """
+        import os
+        from catzilla_tasks import BackgroundTasks, task, compiler
+
+        @task
+        def f(a: int, b: int) -> int:
+            return a * b + 1
+
+        with BackgroundTasks(workers=1, min_workers=1) as t:
+            t.add_task(f, 2, 3).wait(10)          # queues the compile, which starts at once
+        pid = os.fork()
+        if pid == 0:
+            import faulthandler
+            faulthandler.dump_traceback_later(60, exit=True)   # a hung child does not outlive the test
+            with BackgroundTasks(workers=1, min_workers=1) as t:
+                ready = compiler.precompile(f)
+                r = t.add_task(f, 2, 3)
+                print(ready, r.wait(10), r.get_stats()["native"], flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", status)
+        """
+    )
+    script = tmp_path / "fork_compile.py"   # a file: a compiled task needs its source
+    script.write_text(code)
+    env = dict(os.environ, CATZILLA_TASKS_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                         check=True).stdout
+    assert out.split("\n")[:2] == ["None 7 True", "child exit 0"], out

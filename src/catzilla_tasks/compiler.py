@@ -602,8 +602,8 @@ class TaskCompiler:
         reason = _numba_missing() or _static_reason(func)
         if reason:
             raise _Cannot(reason)
-        key = self._key(func, codes)  # type: ignore[arg-type]
-        with self._lock:
+        with self._lock:  # (also around _key: it imports numba, which a fork must not interrupt)
+            key = self._key(func, codes)  # type: ignore[arg-type]
             spec = self._specs.get(key)
             if spec is not None:
                 return spec
@@ -835,11 +835,35 @@ class _BackgroundCompiler:
             native, key = self._queue.get()
             try:
                 native.spec_for(key, wait=True)
-            except Exception:  # recorded in native.fallbacks; never kills the thread
-                log.debug("background compile of %s failed", native.func.__qualname__, exc_info=True)
+            except Exception as exc:  # an unexpected error: that signature runs as Python
+                log.warning("compiling %s failed; it runs as Python", native.func.__qualname__, exc_info=True)
+                native._cannot(key, f"compiling it failed ({type(exc).__name__}: {exc})")
 
 
 _background = _BackgroundCompiler()
+
+
+def _before_fork() -> None:
+    # a fork waits for a compile in progress: numba's own lock, held by the compile thread,
+    # would stay locked in the child forever
+    default_compiler._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    default_compiler._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # a fork's child has no compile thread: what it had queued is queued again on demand
+    global _background
+    _background = _BackgroundCompiler()
+    default_compiler._lock = threading.RLock()
+    for native in list(_NATIVE.values()):
+        native._lock = threading.Lock()
+        native._pending.clear()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class NativeTask:
@@ -865,7 +889,7 @@ class NativeTask:
         self._specs: dict[tuple[type, ...], _Spec | None] = {}
         self.fallbacks: dict[tuple[type, ...], str] = {}
         self._lock = threading.Lock()  # held while compiling
-        self._pending: dict[tuple[type, ...], int] = {}  # queued for the background thread -> pid
+        self._pending: set[tuple[type, ...]] = set()  # queued for the background compile thread
         self.ran_while_compiling = False
 
     def spec_for(self, key: tuple[type, ...], wait: bool = True) -> _Spec | None:
@@ -881,8 +905,8 @@ class NativeTask:
             return self._cannot(key, reason)
         if wait or self.require:
             return self._compile(key)
-        if self._pending.get(key) != os.getpid():  # (a fork's child has no compile thread yet)
-            self._pending[key] = os.getpid()
+        if key not in self._pending:
+            self._pending.add(key)
             _background.submit(self, key)
         self.ran_while_compiling = True
         return None
