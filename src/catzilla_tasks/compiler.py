@@ -60,11 +60,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import _engine
 
-__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile", "default_compiler"]
+__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile", "wait_for_background",
+           "default_compiler"]
 
 log = logging.getLogger("catzilla_tasks.compiler")
 
 MAX_ARGS = 8
+
+
 def _template_version() -> str:
     # the generated code calls _checked.py's operations: a change there is a new cache entry
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checked.py"), "rb") as f:
@@ -821,14 +824,20 @@ class _BackgroundCompiler:
     def __init__(self) -> None:
         self._queue: "queue.SimpleQueue[tuple[NativeTask, tuple[type, ...]]]" = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._outstanding = 0  # queued or compiling
 
     def submit(self, native: "NativeTask", key: tuple[type, ...]) -> None:
-        with self._lock:
+        with self._idle:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="catzilla_tasks-compile", daemon=True)
                 self._thread.start()
+            self._outstanding += 1
         self._queue.put((native, key))
+
+    def wait(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
 
     def _run(self) -> None:
         while True:
@@ -838,6 +847,10 @@ class _BackgroundCompiler:
             except Exception as exc:  # an unexpected error: that signature runs as Python
                 log.warning("compiling %s failed; it runs as Python", native.func.__qualname__, exc_info=True)
                 native._cannot(key, f"compiling it failed ({type(exc).__name__}: {exc})")
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
 
 
 _background = _BackgroundCompiler()
@@ -1076,6 +1089,12 @@ def precompile(func: Callable[..., Any], arg_types: Sequence[type] | None = None
     if len(key) != native.nparams:
         raise TypeError(f"precompile({func.__qualname__}): {len(key)} argument types for {native.nparams} parameters")
     return None if native.spec_for(key, wait=True) is not None else native.fallbacks.get(key)
+
+
+def wait_for_background(timeout: float | None = None) -> bool:
+    """Block until the background compile thread has nothing queued or compiling (e.g. before
+    measuring, or before a pre-fork server forks); False if timeout seconds passed first."""
+    return _background.wait(timeout)
 
 
 def native_of(func: Any) -> NativeTask | None:
