@@ -61,10 +61,11 @@ def compile_engine():
         yield t
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _background_compiles_end_with_their_module():
-    """add_task compiles numeric tasks in a background thread: what a module queued finishes
-    before the next module runs (its CPU and timing measurements)."""
+@pytest.fixture(autouse=True)
+def _background_compiles_end_with_their_test():
+    """add_task compiles numeric tasks in a background thread (numba holds the GIL most of a
+    second): what a test queued finishes before the next test runs (its CPU and timing
+    measurements)."""
     yield
     compiler = sys.modules.get("catzilla_tasks.compiler")
     if compiler is not None:
