@@ -42,6 +42,9 @@ SMALL_INTS = st.one_of(st.sampled_from([0, 1, -1, 2, 62, 63, 64, -64]), st.integ
 FLOATS = st.one_of(st.sampled_from(SPECIAL_FLOATS), st.floats(allow_nan=True, allow_infinity=True),
                    st.floats(-1e4, 1e4))
 BOOLS = st.booleans()
+# recursion: not near Python's limit (1000), where the test's own stack depth decides whether
+# Python raises RecursionError here while a worker's fresh stack does not
+FACT_N = st.one_of(st.integers(-10, 400), st.integers(3000, I64_MAX), st.sampled_from([I64_MIN, I64_MAX, 2**63]))
 
 
 @numba.njit
@@ -340,7 +343,7 @@ CORPUS = [
     (c_eq_mixed, _args(INTS, FLOATS)), (c_chain, _args(INTS, FLOATS, INTS)),
     (c_bool_logic, _args(BOOLS, BOOLS, INTS)), (c_bool_arith, _args(BOOLS, BOOLS)),
     (c_loop_sum, _args(INTS)), (c_range_count, _args(INTS, INTS)), (c_range_step, _args(INTS, INTS, INTS)),
-    (c_fib, _args(INTS)), (c_fact, _args(st.one_of(INTS, SMALL_INTS))), (c_collatz, _args(INTS)),
+    (c_fib, _args(INTS)), (c_fact, _args(FACT_N)), (c_collatz, _args(INTS)),
     (c_helper, _args(FLOATS, FLOATS)), (c_divmod, _args(INTS, INTS)), (c_conditional, _args(INTS)),
     (c_poly, _args(FLOATS, INTS)), (c_truth, _args(FLOATS, INTS)),
 ]
