@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -58,3 +59,14 @@ def compile_engine():
     """One engine per compiled-task test module: 2 workers, no auto-scaling."""
     with BackgroundTasks(workers=2, min_workers=1, enable_auto_scaling=False) as t:
         yield t
+
+
+@pytest.fixture(autouse=True)
+def _background_compiles_end_with_their_test():
+    """add_task compiles numeric tasks in a background thread (numba holds the GIL most of a
+    second): what a test queued finishes before the next test runs (its CPU and timing
+    measurements)."""
+    yield
+    compiler = sys.modules.get("catzilla_tasks.compiler")
+    if compiler is not None:
+        compiler.wait_for_background(300)

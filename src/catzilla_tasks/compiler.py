@@ -5,7 +5,15 @@ arguments and result, loops and ``math`` where numba handles them; no I/O, no gl
 than modules (``math``) and numba-compiled helpers, no closures, no Python objects (lists,
 dicts, sets, strings built at run time). Its signature comes from its annotations when every
 parameter is annotated, otherwise from the argument types of each call (one native version per
-type combination, compiled on its first use).
+type combination). ``add_task`` never compiles on the caller's thread: a signature not compiled
+yet is compiled by one background thread and calls meanwhile run as Python; ``tasks.map`` and
+``precompile(func)`` wait for it.
+
+What runs natively is a checked rewrite of the function's source (``_rewrite``, ``_checked.py``):
+every operation gives Python's exact value and type or raises, and that call then runs as
+Python, so a compiled task returns what the Python function returns, for every input. What
+cannot be checked that way (a variable that is an int on one path and a float on another,
+``try``, ``round(x, n)``...) is not compiled, and ``explain(func)`` names the rule.
 
 How it runs: numba compiles the function inside a *trampoline*, a C-callable function (a numba
 ``cfunc``) with one fixed signature::
@@ -34,6 +42,7 @@ the compiler is missing.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import dis
 import hashlib
@@ -43,24 +52,35 @@ import json
 import logging
 import marshal
 import os
+import queue
 import stat as stat_mod
 import struct
 import sys
 import tempfile
+import textwrap
 import threading
 import types
 import weakref
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _engine
 
-__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "default_compiler"]
+__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile", "wait_for_background",
+           "default_compiler"]
 
 log = logging.getLogger("catzilla_tasks.compiler")
 
 MAX_ARGS = 8
-_TEMPLATE_VERSION = "1"
+
+
+def _template_version() -> str:
+    # the generated code calls _checked.py's operations: a change there is a new cache entry
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checked.py"), "rb") as f:
+        return "2-" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+_TEMPLATE_VERSION = _template_version()
 _CODES = {int: "i", float: "f", bool: "b"}
 _TYPE_NAMES = {"i": "int", "f": "float", "b": "bool"}
 _SLOT_FORMAT = {"i": "q", "f": "d", "b": "?7x"}
@@ -70,7 +90,7 @@ _DTYPES = {"i": "int64", "f": "float64", "b": "bool_"}
 # Builtins numba compiles for numbers; anything else named here is refused with its reason.
 _ALLOWED_BUILTINS = frozenset({"range", "abs", "min", "max", "int", "float", "bool", "round", "divmod", "pow"})
 _IO_BUILTINS = frozenset({"print", "open", "input", "exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars"})
-_ALLOWED_MODULES = frozenset({"math", "cmath"})
+_ALLOWED_MODULES = frozenset({"math"})
 _OBJECT_OPS = {
     "BUILD_LIST": "builds a list", "BUILD_SET": "builds a set", "BUILD_MAP": "builds a dict",
     "BUILD_CONST_KEY_MAP": "builds a dict", "BUILD_STRING": "builds a string", "FORMAT_VALUE": "formats a string",
@@ -142,11 +162,13 @@ def _static_reason(func: Any) -> str | None:
                 if isinstance(val, types.ModuleType):
                     if val.__name__ not in _ALLOWED_MODULES:
                         return f"it uses the module {val.__name__!r} (only {', '.join(sorted(_ALLOWED_MODULES))} are compiled)"
-                elif not _is_numba_dispatcher(val):
+                elif not _is_numba_dispatcher(val) and val is not func:
                     return (
                         f"it reads the global {name!r} ({type(val).__name__}): pass it as an argument (a compiled task "
                         "cannot see later changes of a global, and calls only numba-compiled helpers)"
                     )
+            elif name == code.co_name:
+                pass  # recursion: the decorator runs before the module binds the name
             elif name in _IO_BUILTINS:
                 return f"it calls {name}() (no I/O or introspection in compiled tasks)"
             elif name not in _ALLOWED_BUILTINS and not _is_exception_class(getattr(builtins, name, None)):
@@ -163,7 +185,305 @@ def _static_reason(func: Any) -> str | None:
                 return f"it is annotated to return {getattr(hint, '__name__', hint)!s} (only int, float and bool results are compiled)"
         elif hint not in _CODES:
             return f"parameter {name!r} is annotated {getattr(hint, '__name__', hint)!s} (only int, float and bool are compiled)"
+    try:
+        _rewrite(func)
+    except _Cannot as exc:
+        return str(exc)
     return None
+
+
+# ---- the rewrite: every operation checked -------------------------------------------------
+# A compiled task runs a rewritten copy of its source: each arithmetic operator, comparison,
+# numeric builtin and math call becomes a call of a checked operation (_checked.py) that gives
+# Python's exact value and type or raises, and the trampoline then runs the Python function for
+# that call. What cannot be checked that way is refused here, from the source alone (no numba).
+
+_BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv", ast.FloorDiv: "floordiv",
+           ast.Mod: "mod", ast.Pow: "pow", ast.LShift: "lshift", ast.RShift: "rshift", ast.BitAnd: "and",
+           ast.BitOr: "or", ast.BitXor: "xor"}
+_CMPOPS = {ast.Eq: "eq", ast.NotEq: "ne", ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge"}
+_UNOPS = {ast.USub: "neg", ast.UAdd: "pos", ast.Invert: "inv"}
+# builtin -> (allowed numbers of positional arguments)
+_CHECKED_BUILTINS = {"int": (1,), "float": (1,), "abs": (1,), "round": (1,), "divmod": (2,), "pow": (2,),
+                     "min": tuple(range(2, 9)), "max": tuple(range(2, 9)), "range": (1, 2, 3), "bool": (1,)}
+# kept in step with _checked.MATH1/MATH2/MATH_INT/MATH_PRED (that module imports numba)
+_MATH_CALLS = {**{n: 1 for n in ("sqrt", "exp", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "tan",
+                                 "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh", "atanh",
+                                 "fabs", "erf", "erfc", "floor", "ceil", "trunc")},
+               **{n: 2 for n in ("atan2", "copysign", "pow")}}
+_MATH_PREDICATES = frozenset({"isnan", "isinf", "isfinite"})
+_MATH_CONSTANTS = frozenset({"pi", "e", "tau", "inf", "nan"})
+_REFUSED_NODES = {
+    ast.Try: "catches exceptions (try): a compiled task signals what it cannot compute exactly with an exception",
+    ast.With: "uses a with statement", ast.ClassDef: "defines a class", ast.Lambda: "defines a lambda",
+    ast.FunctionDef: "defines a function", ast.AsyncFunctionDef: "defines a function", ast.Global: "declares a global",
+    ast.Nonlocal: "declares a nonlocal", ast.Import: "imports a module", ast.ImportFrom: "imports a module",
+    ast.Delete: "deletes a variable", ast.Starred: "unpacks with *", ast.Dict: "builds a dict", ast.Set: "builds a set",
+    ast.List: "builds a list", ast.ListComp: "builds a list", ast.SetComp: "builds a set", ast.DictComp: "builds a dict",
+    ast.GeneratorExp: "is a generator expression", ast.JoinedStr: "formats a string", ast.Subscript: "indexes a value",
+    ast.Assert: "asserts (python -O removes the check)", ast.MatMult: "uses @",
+}
+if hasattr(ast, "TryStar"):
+    _REFUSED_NODES[ast.TryStar] = _REFUSED_NODES[ast.Try]
+
+
+_MAX_DEPTH = 200
+
+
+class _Rewriter(ast.NodeTransformer):
+    """Rewrites one function body to checked operations; _Cannot says what cannot be."""
+
+    def __init__(self, func: types.FunctionType) -> None:
+        self.func = func
+        self.locals = set(func.__code__.co_varnames)
+        self.in_raise = False
+        self.recursive = False
+
+    def fail(self, node: ast.AST, what: str) -> None:
+        raise _Cannot(f"it {what} (line {getattr(node, 'lineno', '?')})")
+
+    def call(self, node: ast.AST, name: str, args: list) -> ast.Call:
+        return ast.copy_location(ast.Call(ast.Name(f"_ct_ck_{name}", ast.Load()), args, []), node)
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        what = _REFUSED_NODES.get(type(node))
+        if what:
+            self.fail(node, what)
+        return super().generic_visit(node)
+
+    def visit_Raise(self, node: ast.Raise) -> ast.AST:
+        self.in_raise, was = True, self.in_raise
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.in_raise = was
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        v = node.value
+        if type(v) is int and not -(2**63) <= v < 2**63:
+            self.fail(node, f"uses the int constant {v}, beyond int64")
+        if not (v is None or type(v) in (int, float, bool) or self.in_raise):
+            self.fail(node, f"uses the {type(v).__name__} constant {v!r} (only int, float and bool values are compiled)")
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        name = _BINOPS.get(type(node.op))
+        if name is None:
+            self.fail(node, f"uses the operator {type(node.op).__name__}")
+        return self.call(node, name, [node.left, node.right])
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+        if not isinstance(node.target, ast.Name):
+            self.fail(node, "assigns to an item or attribute")
+        value = self.visit_BinOp(ast.copy_location(
+            ast.BinOp(ast.Name(node.target.id, ast.Load()), node.op, node.value), node))
+        return ast.copy_location(ast.Assign([node.target], value), node)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        name = _UNOPS.get(type(node.op))
+        return node if name is None else self.call(node, name, [node.operand])
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        self.generic_visit(node)
+        parts, left = [], node.left
+        for op, right in zip(node.ops, node.comparators):
+            name = _CMPOPS.get(type(op))
+            if name is None:
+                self.fail(node, f"compares with {type(op).__name__} (is, in)")
+            parts.append(self.call(node, name, [left, right]))
+            left = right  # a chain evaluates its middle operands twice: pure expressions only
+        if len(parts) == 1:
+            return parts[0]
+        return ast.copy_location(ast.BoolOp(ast.And(), parts), node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        mod = self.module_of(node.value)
+        if mod is None or not isinstance(node.ctx, ast.Load):
+            self.fail(node, f"reads the attribute .{node.attr}")
+        if node.attr not in _MATH_CONSTANTS:
+            self.fail(node, f"uses math.{node.attr} other than in a call")
+        return node
+
+    def module_of(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Name) and node.id not in self.locals:
+            val = self.func.__globals__.get(node.id)
+            if isinstance(val, types.ModuleType) and val.__name__ == "math":
+                return val
+        return None
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if node.keywords:
+            self.fail(node, "passes keyword arguments")
+        f = node.func
+        args = [self.visit(a) for a in node.args]
+        node.args = args
+        if isinstance(f, ast.Attribute) and self.module_of(f.value) is not None:
+            if f.attr in _MATH_PREDICATES and len(args) == 1:
+                return node
+            if _MATH_CALLS.get(f.attr) != len(args):
+                self.fail(node, f"calls math.{f.attr} with {len(args)} argument(s) (compiled: "
+                                f"{', '.join(sorted(_MATH_CALLS) + sorted(_MATH_PREDICATES))}; math.log with one)")
+            return self.call(node, f"math_{f.attr}", args)
+        if isinstance(f, ast.Attribute):
+            self.fail(node, f"calls the method .{f.attr}()")
+        if not isinstance(f, ast.Name) or f.id in self.locals:
+            self.fail(node, "calls something other than a builtin, a math function or a numba helper")
+        g = self.func.__globals__
+        if f.id == self.func.__code__.co_name:  # recursion: one level deeper (see _MAX_DEPTH)
+            self.recursive = True
+            node.args.append(ast.BinOp(ast.Name("_ct_depth", ast.Load()), ast.Add(), ast.Constant(1)))
+            return node
+        if f.id in g:
+            return node  # a numba helper: _static_reason checked
+        if self.in_raise and _is_exception_class(getattr(builtins, f.id, None)):
+            return node
+        counts = _CHECKED_BUILTINS.get(f.id)
+        if counts is None:
+            self.fail(node, f"calls {f.id}()")
+        if len(args) not in counts:
+            self.fail(node, f"calls {f.id}() with {len(args)} argument(s)")
+        if f.id == "bool":
+            return node
+        if f.id == "range":
+            if len(args) == 1:
+                return ast.copy_location(ast.Call(f, [self.call(node, "index", args)], []), node)
+            step = args[2] if len(args) == 3 else ast.Constant(1)
+            return ast.copy_location(ast.Call(f, [self.call(node, "span", [args[0], args[1], step]),
+                                                  self.call(node, "index", [args[1]]),
+                                                  self.call(node, "step", [step])], []), node)
+        if f.id in ("min", "max"):  # Python keeps the first of equal values: fold left
+            acc = self.call(node, f.id, args[:2])
+            for a in args[2:]:
+                acc = self.call(node, f.id, [acc, a])
+            return acc
+        return self.call(node, f.id, args)
+
+
+_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def _rewrite(func: types.FunctionType) -> Any:
+    """The code object of func's body rewritten to checked operations (cached per function);
+    _Cannot with the reason when its source is unavailable or uses what cannot be checked."""
+    hit = _REWRITTEN.get(func)
+    if hit is None:
+        try:
+            hit = (_rewrite_source(func), None)
+        except _Cannot as exc:
+            hit = (None, str(exc))
+        _REWRITTEN[func] = hit
+    if hit[1] is not None:
+        raise _Cannot(hit[1])
+    return hit[0]
+
+
+def _rewrite_source(func: types.FunctionType) -> Any:
+    code = func.__code__
+    try:
+        lines, first = inspect.getsourcelines(func)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError, IndentationError) as exc:
+        raise _Cannot(f"its source cannot be read ({type(exc).__name__}): a compiled task runs a checked copy "
+                      "of its source") from None
+    if code.co_name == "<lambda>":
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
+        if len(found) != 1:
+            raise _Cannot("its source line holds several lambdas: define it with def to compile it")
+        lam = found[0]
+        fdef = ast.FunctionDef("_ct_lambda", lam.args, [ast.Return(lam.body)], [], None)
+        ast.copy_location(fdef, lam)
+        ast.fix_missing_locations(fdef)
+    else:
+        fdef = tree.body[0] if tree.body else None
+        if not isinstance(fdef, ast.FunctionDef) or fdef.name != code.co_name:
+            raise _Cannot("its source cannot be found (defined by exec?): a compiled task runs a checked copy of its source")
+        fdef.decorator_list = []
+    ast.increment_lineno(fdef, first - 1)
+    # the source must be the code that runs (not a file edited since it was imported)
+    if _function_code(fdef, code, func.__globals__) is None:
+        raise _Cannot("its source file differs from the code that runs (edited since it was imported?)")
+    for a in (*fdef.args.posonlyargs, *fdef.args.args, *fdef.args.kwonlyargs):
+        a.annotation = None
+    fdef.returns = None
+    body = fdef.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:] or [ast.Pass()]
+    fdef.args.defaults = []
+    fdef.args.kw_defaults = []
+    if not any(isinstance(n, ast.Return) and n.value is not None and not
+               (isinstance(n.value, ast.Constant) and n.value.value is None) for n in ast.walk(fdef)):
+        raise _Cannot("it returns no value (None): only int, float and bool results are compiled")
+    rw = _Rewriter(func)
+    fdef.body = [rw.visit(st) for st in body]
+    if rw.recursive:
+        # native recursion past Python's depth would overflow the worker's stack: deeper than
+        # _MAX_DEPTH the call runs as Python (which gives the result or its RecursionError)
+        fdef.args.args.append(ast.arg("_ct_depth"))
+        fdef.body.insert(0, ast.parse(f"if _ct_depth > {_MAX_DEPTH}: raise ArithmeticError").body[0])
+    mod = ast.fix_missing_locations(ast.Module([fdef], []))
+    return compile(mod, code.co_filename, "exec", dont_inherit=True)
+
+
+def _function_code(fdef: ast.FunctionDef, code: types.CodeType, globals_of: dict) -> Any:
+    """The code object compiled from fdef when it is the same as code, else None."""
+    import copy
+
+    plain = copy.deepcopy(fdef)
+    plain.args.defaults = [ast.Constant(0) for _ in plain.args.defaults]
+    plain.args.kw_defaults = [None for _ in plain.args.kw_defaults]
+    for a in (*plain.args.posonlyargs, *plain.args.args, *plain.args.kwonlyargs):
+        a.annotation = None
+    plain.returns = None
+    # CPython compiles `m.f(x)` differently when its module imports m: import them as it does
+    imports = [ast.Import([ast.alias(val.__name__, n)]) for n in code.co_names
+               if isinstance(val := globals_of.get(n), types.ModuleType)]
+    try:
+        mod = compile(ast.fix_missing_locations(ast.Module([*imports, plain], [])), code.co_filename, "exec",
+                      dont_inherit=True)
+    except SyntaxError:
+        return None
+    for c in mod.co_consts:
+        if isinstance(c, types.CodeType):
+            if (c.co_code, c.co_names, c.co_varnames, c.co_argcount) == \
+                    (code.co_code, code.co_names, code.co_varnames, code.co_argcount) and \
+                    [k for k in c.co_consts if not isinstance(k, types.CodeType)] == \
+                    [k for k in code.co_consts if not isinstance(k, types.CodeType)]:
+                return c
+    return None
+
+
+def _checked_function(func: types.FunctionType) -> types.FunctionType:
+    """The rewritten function, in a namespace of the names it uses (needs numba)."""
+    from . import _checked
+
+    module_code = _rewrite(func)
+    ns: dict[str, Any] = {"__builtins__": builtins, **_checked.helpers()}
+    for name in func.__code__.co_names:
+        if name in func.__globals__:
+            ns[name] = func.__globals__[name]
+        elif name == func.__code__.co_name:
+            raise _Cannot(f"it calls {name}, which its module has not defined (a recursive function defined "
+                          "inside another is not compiled)")
+    own = ns.get(func.__code__.co_name)
+    if own is not None and func.__code__.co_name in func.__code__.co_names and own is not func \
+            and not _is_numba_dispatcher(own):
+        raise _Cannot(f"it calls {func.__code__.co_name}, which is no longer this function")
+    exec(module_code, ns)
+    new = ns[func.__code__.co_name if func.__code__.co_name != "<lambda>" else "_ct_lambda"]
+    if "_ct_depth" in new.__code__.co_varnames:  # recursive: an entry point starts the depth at 0
+        import numba
+
+        ns[new.__name__] = numba.njit(nogil=True)(new)
+        params = ", ".join(func.__code__.co_varnames[: func.__code__.co_argcount])
+        exec(f"def _ct_entry({params}):\n    return {new.__name__}({params}{', ' if params else ''}0)\n", ns)
+        inner = ns[new.__name__]
+        new = ns["_ct_entry"]
+        new._ct_inner = inner  # type: ignore[attr-defined]  # its typing is checked too
+    new.__defaults__ = func.__defaults__
+    return new
 
 
 def _annotated_codes(func: types.FunctionType) -> str | None:
@@ -622,8 +942,8 @@ class TaskCompiler:
         reason = _numba_missing() or _static_reason(func)
         if reason:
             raise _Cannot(reason)
-        key = self._key(func, codes)  # type: ignore[arg-type]
-        with self._lock:
+        with self._lock:  # (also around _key: it imports numba, which a fork must not interrupt)
+            key = self._key(func, codes)  # type: ignore[arg-type]
             spec = self._specs.get(key)
             if spec is not None:
                 return spec
@@ -663,7 +983,8 @@ class TaskCompiler:
         from numba.core import types as nt
 
         d = None if key.startswith(_MEMORY) else _trusted_dir(self.cache_dir or _cache_dir())
-        dispatcher = numba.njit(nogil=True)(func)
+        checked = _checked_function(func)
+        dispatcher = numba.njit(nogil=True)(checked)
         _REGISTRY[key] = dispatcher
         meta = _read_meta(d, key) if d is not None else {}
         rcode = meta.get("result")
@@ -674,7 +995,12 @@ class TaskCompiler:
                 dispatcher.compile(argtypes)
             except Exception as exc:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
-            rt = dispatcher.overloads[argtypes].signature.return_type
+            cres = dispatcher.overloads[argtypes]
+            inner = getattr(checked, "_ct_inner", None)
+            why = next(filter(None, map(_mixed_kinds, [cres, *(inner.overloads.values() if inner else ())])), None)
+            if why:
+                raise _Cannot(f"for ({_names(codes)}) {why}")
+            rt = cres.signature.return_type
             if isinstance(rt, nt.Boolean):
                 rcode = "b"
             elif isinstance(rt, nt.Integer) and rt.signed:
@@ -703,6 +1029,50 @@ class TaskCompiler:
         log.debug("compiled %s(%s) -> %s%s", func.__qualname__, _names(codes), _TYPE_NAMES[rcode],
                   " (from the disk cache)" if hit else "")
         return _Spec(codes, rcode, cf, hit, key)
+
+
+def _kinds(t: Any) -> Any:
+    """The kinds of numbers in a numba type ("b", "i", "f", per tuple item), None otherwise."""
+    from numba.core import types as nt
+
+    if isinstance(t, nt.Boolean):
+        return "b"
+    if isinstance(t, nt.Integer):
+        return "i"
+    if isinstance(t, nt.Float):
+        return "f"
+    if isinstance(t, nt.BaseTuple):
+        return tuple(_kinds(x) for x in t)
+    return None
+
+
+def _mixed_kinds(cres: Any) -> str | None:
+    """Where numba's typing merges a bool, an int or a float into another kind (a variable
+    assigned an int on one path and a float on another, a result of mixed types, `a or b`
+    of an int and a float): Python keeps each value's own type there, so the compiled code
+    cannot give Python's result. None when there is no such place."""
+    from numba.core import ir
+
+    ann = cres.type_annotation
+    tm = ann.typemap
+    for block in ann.blocks.values():
+        for st in block.body:
+            if not isinstance(st, ir.Assign):
+                continue
+            v = st.value
+            src = v if isinstance(v, ir.Var) else v.value if isinstance(v, ir.Expr) and v.op == "cast" else None
+            if src is None or src.name not in tm or st.target.name not in tm:
+                continue
+            a, b = _kinds(tm[src.name]), _kinds(tm[st.target.name])
+            if a is not None and b is not None and a != b:
+                what = "its result" if isinstance(v, ir.Expr) else "a value"
+                name = st.target.name.split(".")[0]
+                if not name.startswith("$"):
+                    what = f"the variable {name!r}"
+                return (f"{what} is {tm[src.name]} on one path and {tm[st.target.name]} on another (line "
+                        f"{st.loc.line}): Python keeps each value's type, numba would convert it (write 0.0 "
+                        f"for a float that starts at 0, float(x) where a float is meant)")
+    return None
 
 
 def _load_trampoline(path: str | None, key: str, src: str) -> Any:
@@ -818,11 +1188,79 @@ def explain(func: Callable[..., Any], arg_types: Sequence[type] | None = None) -
 # Tasks: what @task(compile_to_c=...) attaches, and the engine's hook
 
 
+class _BackgroundCompiler:
+    """One daemon thread that compiles native versions queued by add_task, in order, so that
+    importing numba and compiling (0.5-1 s) never blocks a caller."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[tuple[NativeTask, tuple[type, ...]]]" = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Condition()
+        self._outstanding = 0  # queued or compiling
+
+    def submit(self, native: "NativeTask", key: tuple[type, ...]) -> None:
+        with self._idle:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="catzilla_tasks-compile", daemon=True)
+                self._thread.start()
+            self._outstanding += 1
+        self._queue.put((native, key))
+
+    def wait(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            native, key = self._queue.get()
+            try:
+                native.spec_for(key, wait=True)
+            except Exception as exc:  # an unexpected error: that signature runs as Python
+                log.warning("compiling %s failed; it runs as Python", native.func.__qualname__, exc_info=True)
+                native._cannot(key, f"compiling it failed ({type(exc).__name__}: {exc})")
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+
+_background = _BackgroundCompiler()
+
+
+def _before_fork() -> None:
+    # a fork waits for a compile in progress: numba's own lock, held by the compile thread,
+    # would stay locked in the child forever
+    default_compiler._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    default_compiler._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # a fork's child has no compile thread: what it had queued is queued again on demand
+    global _background
+    _background = _BackgroundCompiler()
+    default_compiler._lock = threading.RLock()
+    for native in list(_NATIVE.values()):
+        native._lock = threading.Lock()
+        native._pending.clear()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
 class NativeTask:
     """The compiled side of one task function: its native versions, one per argument types.
 
     ``reason`` is None while the function can be compiled, else why it runs as Python;
     ``fallbacks`` maps argument types that could not be compiled to the reason.
+
+    ``add_task`` never compiles on the caller's thread (``prepare``): a signature not compiled
+    yet is queued for the background compile thread and the call runs as Python meanwhile.
+    ``tasks.map`` and ``precompile()`` wait for it (``spec_for(key, wait=True)``).
+    ``compile_to_c="require"`` always compiles before the call and raises CompileError at
+    every call whose arguments cannot run natively.
     """
 
     def __init__(self, func: types.FunctionType, require: bool, compiler: TaskCompiler | None = None) -> None:
@@ -834,61 +1272,105 @@ class NativeTask:
         self.nparams = func.__code__.co_argcount
         self._specs: dict[tuple[type, ...], _Spec | None] = {}
         self.fallbacks: dict[tuple[type, ...], str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while compiling
+        self._pending: set[tuple[type, ...]] = set()  # queued for the background compile thread
+        self.ran_while_compiling = False
 
-    def spec_for(self, key: tuple[type, ...]) -> _Spec | None:
+    def spec_for(self, key: tuple[type, ...], wait: bool = True) -> _Spec | None:
+        """The native version for these argument types, or None (the call runs as Python).
+        wait=False: never compile here; queue the compile in the background instead."""
         spec = self._specs.get(key, False)
         if spec is not False:
+            if spec is None and self.require:
+                self._refuse(self.fallbacks.get(key, "it cannot be compiled for these arguments"))
             return spec  # type: ignore[return-value]
+        reason = self._type_reason(key)
+        if reason is not None:
+            return self._cannot(key, reason)
+        if wait or self.require:
+            return self._compile(key)
+        if key not in self._pending:
+            self._pending.add(key)
+            _background.submit(self, key)
+        self.ran_while_compiling = True
+        return None
+
+    def _type_reason(self, key: tuple[type, ...]) -> str | None:
+        try:
+            codes = "".join(_CODES[t] for t in key)
+        except KeyError:
+            return f"arguments of types ({', '.join(t.__name__ for t in key)}) (only int, float and bool are compiled)"
+        if self.annotated is not None and codes != self.annotated:
+            return f"argument types ({_names(codes)}) do not match the annotations ({_names(self.annotated)})"
+        return None
+
+    def _compile(self, key: tuple[type, ...]) -> _Spec | None:
         with self._lock:
             if key in self._specs:
-                return self._specs[key]
-            spec, reason = None, None
+                return self.spec_for(key)
             try:
-                codes = "".join(_CODES[t] for t in key)
-            except KeyError:
-                reason = f"arguments of types ({', '.join(t.__name__ for t in key)}) (only int, float and bool are compiled)"
-            else:
-                if self.annotated is not None and codes != self.annotated:
-                    reason = f"argument types ({_names(codes)}) do not match the annotations ({_names(self.annotated)})"
-                else:
-                    try:
-                        spec = self.compiler.compile(self.func, codes)
-                    except _Cannot as exc:
-                        reason = str(exc)
-            if reason:
-                self.fallbacks[key] = reason
-                log.debug("task %s runs as Python for these arguments: %s", self.func.__qualname__, reason)
-                if self.require:
-                    self._specs[key] = None
-                    raise CompileError(f"compile_to_c='require': {self.func.__qualname__} cannot be compiled: {reason}")
+                spec = self.compiler.compile(self.func, "".join(_CODES[t] for t in key))
+            except _Cannot as exc:
+                return self._cannot(key, str(exc))
             self._specs[key] = spec
             return spec
+
+    def _cannot(self, key: tuple[type, ...], reason: str) -> None:
+        if key not in self.fallbacks:
+            log.debug("task %s runs as Python for these arguments: %s", self.func.__qualname__, reason)
+        self.fallbacks[key] = reason
+        self._specs[key] = None
+        if self.require:
+            self._refuse(reason)
+        return None
+
+    def _refuse(self, reason: str) -> None:
+        raise CompileError(f"compile_to_c='require': {self.func.__qualname__} cannot be compiled: {reason}")
 
     def bind(self, args: tuple, kwargs: dict | None) -> tuple | None:
         """Positional arguments for a call, or None when they do not bind (Python reports)."""
         if kwargs or len(args) != self.nparams:
             try:
                 ba = inspect.signature(self.func).bind(*args, **(kwargs or {}))
-            except TypeError:
+            except TypeError as exc:
+                if self.require:
+                    self._refuse(f"the arguments do not bind to its parameters ({exc})")
                 return None
             ba.apply_defaults()
             return tuple(ba.args)
         return args
 
-    def prepare(self, args: tuple, kwargs: dict | None) -> tuple[bytearray, tuple] | None:
+    def prepare(self, args: tuple, kwargs: dict | None, wait: bool = False) -> tuple[bytearray, tuple] | None:
+        """add_task's call block for these arguments, or None: the task runs as Python."""
         pos = self.bind(args, kwargs)
         if pos is None:
             return None
-        spec = self.spec_for(tuple(map(type, pos)))
+        spec = self.spec_for(tuple(map(type, pos)), wait)
         if spec is None:
             return None
         try:
             block = bytearray(spec.packer.pack(spec.address, len(pos), ord(spec.rcode), *pos))
         except struct.error:  # an int beyond int64: Python computes it exactly
-            self.fallbacks.setdefault(("int beyond int64",), "an int argument does not fit in 64 bits")  # type: ignore[arg-type]
+            reason = "an int argument does not fit in 64 bits"
+            if self.require:
+                self._refuse(reason)
+            self.fallbacks.setdefault(("int beyond int64",), reason)  # type: ignore[arg-type]
             return None
         return block, pos
+
+    def refuse_batch(self, inp: "MapInput", plain: bool) -> None:
+        """compile_to_c="require" and tasks.map could not run the batch natively: the
+        CompileError that says why (a map never runs a required task as Python)."""
+        if not plain:
+            self._refuse("tasks.map runs a task with retries, a timeout or hooks as one Python task per item")
+        for i in range(len(inp)):
+            item = inp.item(i)
+            try:
+                self.prepare(item if isinstance(item, tuple) else (item,), None, wait=True)
+            except CompileError as exc:
+                exc.add_note(f"tasks.map({self.func.__qualname__}): item {i} {item!r}")
+                raise
+        self._refuse("the batch's items do not all fit one compiled signature")
 
     def __repr__(self) -> str:
         state = "compiles" if self.reason is None else f"runs as Python: {self.reason}"
@@ -916,6 +1398,9 @@ def _task_reason(func: Any, ran_native: bool) -> str | None:
         return "only functions decorated with @task (compile_to_c=True) are compiled"
     if native.reason:
         return native.reason
+    if native.ran_while_compiling and not native.fallbacks:
+        return ("its native version was being compiled in the background: calls meanwhile run as Python "
+                "(compiler.precompile(func) compiles it ahead of time)")
     if native.fallbacks:
         return "its arguments did not fit a compiled signature; the cases seen: " + "; ".join(
             f"({', '.join(getattr(t, '__name__', str(t)) for t in k)}): {why}" for k, why in native.fallbacks.items())
@@ -955,6 +1440,32 @@ def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:
     own = cfg.replace()
     own._native = native
     return own
+
+
+def precompile(func: Callable[..., Any], arg_types: Sequence[type] | None = None) -> str | None:
+    """Compile (or load from the disk cache) the native version of a @task for arg_types (by
+    default its annotations) now, on this thread, so that add_task runs it natively from the
+    first call. None when it is ready, else the reason the task runs as Python."""
+    native = native_of(func)
+    if native is None:
+        return _task_reason(func, False)
+    if native.reason:
+        return native.reason
+    if arg_types is None:
+        if native.annotated is None:
+            raise TypeError(f"precompile({func.__qualname__}): its parameters are not all annotated: pass arg_types, "
+                            "e.g. precompile(func, (int, float))")
+        arg_types = [{"i": int, "f": float, "b": bool}[c] for c in native.annotated]
+    key = tuple(arg_types)
+    if len(key) != native.nparams:
+        raise TypeError(f"precompile({func.__qualname__}): {len(key)} argument types for {native.nparams} parameters")
+    return None if native.spec_for(key, wait=True) is not None else native.fallbacks.get(key)
+
+
+def wait_for_background(timeout: float | None = None) -> bool:
+    """Block until the background compile thread has nothing queued or compiling (e.g. before
+    measuring, or before a pre-fork server forks); False if timeout seconds passed first."""
+    return _background.wait(timeout)
 
 
 def native_of(func: Any) -> NativeTask | None:

@@ -587,6 +587,8 @@ class BackgroundTasks(_engine.Engine):
                 res = compiler.map_native(self, native, inp, chunk_size, int(cfg.priority), return_exceptions, out=out)
                 if res is not None:
                     return res
+            if native is not None and native.require:  # never as Python: CompileError says why
+                native.refuse_batch(inp, plain)
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
                 def submit(part: Any) -> list[Any]:
