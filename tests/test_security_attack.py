@@ -61,6 +61,10 @@ def test_key_covers_a_helpers_explicit_signature(numba, tmp_path, monkeypatch):
     monkeypatch.setenv("CATZILLA_TASKS_CACHE_DIR", str(tmp_path / "cache"))
     task(as_int)
     task(as_float)
+    from catzilla_tasks import compiler
+
+    assert compiler.precompile(as_int, (float,)) is None
+    assert compiler.precompile(as_float, (float,)) is None
     with BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False) as t:
         first = t.add_task(as_int, 3.0)
         assert first.wait(120) == 4 and first.get_stats()["native"]
