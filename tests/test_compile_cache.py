@@ -1,6 +1,7 @@
 """The compile cache on disk: what it trusts (issue 14, item 1), what its key covers (issue 16,
 item 2) and what happens when it cannot be written (issue 16, item 3)."""
 
+import importlib.util
 import json
 import os
 import pickle
@@ -51,6 +52,18 @@ class _Payload:
 
 def _cache_warnings(record):
     return [w for w in record if issubclass(w.category, RuntimeWarning) and "compile cache" in str(w.message)]
+
+
+def _module(folder, name, text):
+    """A module imported from folder/name.py: a compiled task runs a checked copy of its source,
+    so the functions under test live in a file (exec'd code has none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ---- item 1: trust ----------------------------------------------------------------------
@@ -204,13 +217,12 @@ def test_unwritable_cache_directory_falls_back_and_warns_once(tmp_path, monkeypa
         (tmp_path / "a-file").write_text("")
         d = str(tmp_path / "a-file" / "compiled")
     monkeypatch.setenv("CATZILLA_TASKS_CACHE_DIR", d)
-    # functions of their own (the process-wide compiler remembers what it compiled)
-    ns = {}
-    exec(f"def scale(x: int) -> int:\n    return x * 3 + 1  # {where}\n"
-         f"def shift(x: float) -> float:\n    return x - 0.5  # {where}\n", ns)
-    scale, shift = ns["scale"], ns["shift"]
-    scale.__code__ = scale.__code__.replace(co_filename=f"<{where}>")
-    shift.__code__ = shift.__code__.replace(co_filename=f"<{where}>")
+    # functions of their own, in a file of this test (the process-wide compiler remembers what
+    # it compiled, by a key that covers the file name)
+    m = _module(tmp_path / "src", f"unwritable_{where.replace('-', '_')}",
+                "def scale(x: int) -> int:\n    return x * 3 + 1\n"
+                "def shift(x: float) -> float:\n    return x - 0.5\n")
+    scale, shift = m.scale, m.shift
 
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -284,36 +296,62 @@ def test_new_process_sees_changed_globals_and_callees(tmp_path):
     assert back["value"] == first["value"] and back["hit"] is True
 
 
-def test_key_covers_callees_globals_and_closures():
-    import types
-
+def test_key_covers_callees_globals_and_closures(tmp_path):
     c = TaskCompiler()
+    m = _module(tmp_path, "key_tree", "import numba\n"
+                "def make(k):\n    return numba.njit(lambda x: x * k)\n"   # a closure numba freezes
+                "def top(x: int) -> int:\n    return leaf(x)\n"
+                "K = 2\n@numba.njit\ndef h(x):\n    return x + K\n"
+                "def top2(x):\n    return h(x)\n")
+    m.leaf = m.make(2)
+    k1 = c._key(m.top, "i")
+    m.leaf = m.make(3)
+    assert c._key(m.top, "i") != k1
 
-    def make(k):
-        g = {"leaf": numba.njit(lambda x: x * k)}                 # a closure numba freezes
-        exec("def top(x: int) -> int:\n    return leaf(x)\n", g)
-        return g["top"]
-
-    assert c._key(make(2), "i") != c._key(make(3), "i")
-
-    g = {"K": 2}
-    exec("import numba\n@numba.njit\ndef h(x):\n    return x + K\n", g)
-    top = types.FunctionType(compile("def top(x):\n    return h(x)\n", "m", "exec").co_consts[0], g, "top")
-    k1 = c._key(top, "i")
-    g["K"] = 3
-    assert c._key(top, "i") != k1
+    k1 = c._key(m.top2, "i")
+    m.K = 3
+    assert c._key(m.top2, "i") != k1
 
 
 def test_functions_reading_what_cannot_be_hashed_are_not_cached_on_disk(tmp_path):
     """A helper reading another module's attribute (numba freezes it): compiled, never from disk."""
-    import types
-
-    cfg = types.ModuleType("deploy_cfg")
-    cfg.K = 7
-    g = {"cfg": cfg}
-    exec("import numba\n@numba.njit\ndef h(x):\n    return x * cfg.K\n", g)
-    top = types.FunctionType(compile("def top(x):\n    return h(x)\n", "m", "exec").co_consts[0], g, "top")
+    m = _module(tmp_path / "src", "reads_cfg", "import types\nimport numba\n"
+                "cfg = types.ModuleType('deploy_cfg')\ncfg.K = 7\n"
+                "@numba.njit\ndef h(x):\n    return x * cfg.K\n"
+                "def top(x):\n    return h(x)\n")
+    top = m.top
     d = tmp_path / "cache"
     spec = TaskCompiler(str(d)).compile(top, "i")
     assert spec.address and not spec.cache_hit
     assert not [n for n in _files(str(d)) if ".nbi" in n or ".nbc" in n or n.endswith(".py")]
+
+
+def test_disk_cache_follows_the_source(tmp_path, monkeypatch):
+    """The native code is built from the checked rewrite of the function's source, so the key
+    covers it: two sources of one bytecode are two entries (before: the second loaded the
+    first's machine code from disk), and a source edited since the import is refused before the
+    disk cache is looked at."""
+    import linecache
+    import marshal
+
+    from catzilla_tasks.compiler import _Cannot
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each import reads the file's text
+    src, d = tmp_path / "src", str(tmp_path / "cache")
+    a = _module(src, "deployed_a", "def f(x: int) -> int:\n    return x + 2**62\n").f
+    key_a = TaskCompiler(d)._key(a, "i")
+    assert TaskCompiler(d).compile(a, "i").cache_hit is False
+    b = _module(src, "deployed_a", "def f(x: int) -> int:\n    return x + 4**31\n").f   # same length
+    assert marshal.dumps(a.__code__, 0) == marshal.dumps(b.__code__, 0)   # the same bytecode
+    assert TaskCompiler(d)._key(b, "i") != key_a
+    assert TaskCompiler(d).compile(b, "i").cache_hit is False
+
+    again = _module(src, "deployed_c", "def f(x: int) -> int:\n    return x + 1\n").f
+    assert TaskCompiler(d).compile(again, "i").cache_hit is False
+    again = _module(src, "deployed_c", "def f(x: int) -> int:\n    return x + 1\n").f
+    assert TaskCompiler(d).compile(again, "i").cache_hit is True           # the disk cache serves it
+    stale = _module(src, "deployed_c", "def f(x: int) -> int:\n    return x + 1\n").f
+    (src / "deployed_c.py").write_text("def f(x: int) -> int:\n    return x - 1\n")   # a deploy
+    linecache.checkcache(str(src / "deployed_c.py"))
+    with pytest.raises(_Cannot, match="source file differs"):
+        TaskCompiler(d).compile(stale, "i")

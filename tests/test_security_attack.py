@@ -38,12 +38,17 @@ def _poly(x: float, n: int) -> float:
 _SIG_APP = "import numba\n@numba.njit({sig})\ndef h(x):\n    return x * 1.5\ndef top(x: float):\n    return h(x)\n"
 
 
-def _sig_variant(sig, module):
+def _sig_variant(sig, module, path):
     """top(x) calling a helper compiled eagerly for an explicit signature: the same code, file
-    and line whatever the signature (a deploy that changes only the decorator's argument)."""
-    g = {"__name__": module}
-    exec(compile(_SIG_APP.format(sig=sig), "sig_app.py", "exec"), g)
-    return g["top"]
+    and line whatever the signature (a deploy that changes only the decorator's argument: the
+    file is rewritten, and imported again as another module)."""
+    import importlib.util
+
+    path.write_text(_SIG_APP.format(sig=sig))
+    spec = importlib.util.spec_from_file_location(module, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.top
 
 
 def test_key_covers_a_helpers_explicit_signature(numba, tmp_path, monkeypatch):
@@ -53,8 +58,12 @@ def test_key_covers_a_helpers_explicit_signature(numba, tmp_path, monkeypatch):
     from catzilla_tasks import BackgroundTasks, task
     from catzilla_tasks.compiler import TaskCompiler
 
-    as_int = _sig_variant('"int64(float64)"', "sig_app_int")
-    as_float = _sig_variant('"float64(float64)"', "sig_app_float")
+    import sys
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # the second import reads the new text
+    app = tmp_path / "sig_app.py"
+    as_int = _sig_variant('"int64(float64)"', "sig_app_int", app)
+    as_float = _sig_variant('"float64(float64)"', "sig_app_float", app)
     assert (as_int(3.0), as_float(3.0)) == (4, 4.5)
     assert TaskCompiler()._key(as_int, "f") != TaskCompiler()._key(as_float, "f")
 

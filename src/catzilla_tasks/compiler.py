@@ -75,9 +75,13 @@ MAX_ARGS = 8
 
 
 def _template_version() -> str:
-    # the generated code calls _checked.py's operations: a change there is a new cache entry
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checked.py"), "rb") as f:
-        return "2-" + hashlib.sha256(f.read()).hexdigest()[:16]
+    # the generated code calls _checked.py's operations, and this module decides how a function
+    # is rewritten and compiled: a change in either is a new cache entry
+    h = hashlib.sha256()
+    for name in ("_checked.py", "compiler.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            h.update(f.read())
+    return "3-" + h.hexdigest()[:16]
 
 
 _TEMPLATE_VERSION = _template_version()
@@ -471,14 +475,17 @@ def _checked_function(func: types.FunctionType) -> types.FunctionType:
     if own is not None and func.__code__.co_name in func.__code__.co_names and own is not func \
             and not _is_numba_dispatcher(own):
         raise _Cannot(f"it calls {func.__code__.co_name}, which is no longer this function")
-    exec(module_code, ns)
+    # module_code only defines the function (no decorators, defaults or annotations left), from
+    # its own source, which _function_code checked compiles to the bytecode this process runs
+    exec(module_code, ns)  # noqa: S102 - defines the checked rewrite of the task's own source
     new = ns[func.__code__.co_name if func.__code__.co_name != "<lambda>" else "_ct_lambda"]
     if "_ct_depth" in new.__code__.co_varnames:  # recursive: an entry point starts the depth at 0
         import numba
 
         ns[new.__name__] = numba.njit(nogil=True)(new)
         params = ", ".join(func.__code__.co_varnames[: func.__code__.co_argcount])
-        exec(f"def _ct_entry({params}):\n    return {new.__name__}({params}{', ' if params else ''}0)\n", ns)
+        entry = f"def _ct_entry({params}):\n    return {new.__name__}({params}{', ' if params else ''}0)\n"
+        exec(entry, ns)  # noqa: S102 - our one-line template, filled with the code object's identifiers
         inner = ns[new.__name__]
         new = ns["_ct_entry"]
         new._ct_inner = inner  # type: ignore[attr-defined]  # its typing is checked too
@@ -959,9 +966,10 @@ class TaskCompiler:
 
     def _key(self, func: types.FunctionType, codes: str) -> str:
         """The cache key of func's trampoline for these argument types: a hash of everything
-        numba compiles into it (the function, every numba helper it reaches, callees of callees
-        included, and every global and closure value numba freezes as a constant), the
-        trampoline's template and the numba, numpy and Python versions. A function reaching a
+        numba compiles into it (the checked rewrite of the function's source, its code, every
+        numba helper it reaches, callees of callees included, and every global and closure
+        value numba freezes as a constant), the trampoline's template, this module and
+        _checked.py, and the numba, numpy and Python versions. A function reaching a
         value that cannot be hashed gets a key of this process only (prefix _MEMORY): it is
         compiled, never loaded from or stored on disk."""
         import numba
@@ -971,6 +979,9 @@ class TaskCompiler:
         for part in (_TEMPLATE_VERSION, _TRAMPOLINE, codes, numba.__version__, numpy.__version__, sys.version):
             h.update(part.encode())
             h.update(b"\0")
+        # numba compiles the checked rewrite of func's source, not its bytecode: two sources of
+        # the same bytecode (2**62 and 4**31) are rewritten differently (_Cannot: no source)
+        h.update(marshal.dumps(_rewrite(func), 0))
         why = _fingerprint(func, h, set())
         if why is None:
             return h.hexdigest()[:32]
