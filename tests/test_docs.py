@@ -278,6 +278,23 @@ def test_shell_block_names_what_exists(where: str, cmd: str):
         assert not missing, f"{where}: `{cmd}` names {missing}, not in the repository"
 
 
+_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", [*DOCS, ROOT / "benchmarks" / "README.md", ROOT / "benchmarks" / "RESULTS.md"],
+                         ids=lambda d: str(d.relative_to(ROOT)))
+def test_relative_links_exist(doc: Path):
+    """A link to a file of the repository names one that exists (and nothing outside it)."""
+    bad = []
+    for target in _LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s)://, mailto:
+        path = (doc.parent / target).resolve()
+        if not path.exists() or ROOT not in path.parents:
+            bad.append(target)
+    assert not bad, f"{doc.relative_to(ROOT)} links to {bad}, not files of the repository"
+
+
 def test_conventions_are_checked():
     """The parser refuses what the conventions do not allow (so a typo cannot skip a block)."""
     import tempfile
