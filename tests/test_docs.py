@@ -212,7 +212,7 @@ def test_python_block_runs(program: Program, doc_dirs, redis_server_url, tmp_pat
         )
     try:
         proc = subprocess.run([sys.executable, script.name], cwd=workdir, env=env, capture_output=True,
-                              text=True, timeout=RUN_TIMEOUT_S)
+                              text=True, timeout=RUN_TIMEOUT_S, check=False)
     finally:
         worker_out = ""
         if worker is not None:
@@ -256,7 +256,7 @@ SHELL = _shell_commands()
 
 def _make_targets() -> set[str]:
     text = (ROOT / "Makefile").read_text(encoding="utf-8")
-    return {m.group(1) for m in re.finditer(r"^([A-Za-z][\w-]*)\s*:(?!=)", text, re.M)}
+    return {m.group(1) for m in re.finditer(r"^([A-Za-z][\w-]*)\s*:(?!=)", text, re.MULTILINE)}
 
 
 @pytest.mark.parametrize("where,cmd", SHELL, ids=[w for w, _ in SHELL])
