@@ -1,94 +1,11 @@
 """Task chains and workflows: a DAG of steps that the engine runs, each step a task.
 
-Building a workflow
--------------------
-A workflow is a named set of *steps*; each step is one call ``func(*args, **kwargs)`` that runs
-as an ordinary task of the engine (its ``@task`` config applies: priority, retries, timeout).
-Steps are added with :meth:`TaskChain.add_task` (returns the chain, for chaining calls) or
-:meth:`TaskChain.step` (returns a :class:`Step` handle)::
-
-    wf = TaskChain("etl")
-    raw = wf.step(extract, "s3://bucket/day")     # id "etl_0"
-    a = wf.step(clean, raw)                        # gets extract's value as its argument
-    b = wf.step(enrich, raw, step_name="enrich")   # id "enrich"
-    wf.step(load, a, b, table="events")            # runs once clean and enrich succeeded
-    print(wf.execute().wait(60))                   # {"etl_0": ..., "etl_1": ..., "enrich": ..., "etl_3": ...}
-
-* **Step ids.** A step's id is ``f"{name}_{index}"`` (index: its position in the workflow),
-  unless it is given ``step_name=``. Two steps with one id are an error (``ValueError``).
-* **Reserved keywords.** ``add_task`` and ``step`` pass every keyword to ``func`` except the
-  two keyword-only ones they own: ``depends_on`` and ``step_name``. (A function that takes a
-  parameter of that name can be bound with ``functools.partial`` first.)
-* **Dependencies.** ``depends_on=[...]`` lists step ids or :class:`Step` handles (a step may
-  name steps added after it). A step also depends on every step whose result it receives.
-* **Passing results: one rule.** An argument that is a :class:`Step` handle,
-  ``result_of("step_id")``, or ``results_of(step, ...)`` (a list of results, in the order given)
-  is replaced by that step's return value when the step runs, and makes the step depend on it.
-  Only top-level positional arguments and keyword values are replaced (not values nested in a
-  list: use ``results_of``).
-* **Checked before anything runs.** :meth:`TaskChain.validate` (called by ``execute()`` and by
-  ``@workflow``) raises ``ValueError`` naming the steps for an unknown step in a dependency and
-  for a dependency cycle (``'a' -> 'b' -> 'a'``).
-
-Running it
-----------
-``execute()`` returns at once a :class:`~catzilla_tasks.TaskResult` for the whole workflow
-(``wait()``, ``await``, ``cancel()``, callbacks); its value is a dict of every step's value by
-step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskFuture`.
-
-* **Which engine.** ``TaskChain(name, tasks=engine)`` (or ``chain_for(engine, name)``) runs on
-  that engine. Without one, on the default engine, resolved at ``execute()`` (not when
-  built): the most recently created ``BackgroundTasks`` that is still running, else one this
-  module creates on first use (shut down at interpreter exit, like any engine). An
-  application with several engines should name the engine.
-* **Distributed mode.** On an engine created with ``broker="redis://..."`` the run is published
-  to Redis (``RedisBroker.run_workflow``) and ``execute()`` returns its ``RemoteResult``: the
-  steps run on the workers as tasks of their registered names, and a worker that finishes a
-  step releases its dependents in the transaction that acknowledges it (see
-  ``brokers/scripts.py`` and docs/architecture.md). The rest of this section is about local runs.
-* **Scheduling lives in the engine.** Each execution turns the steps into *gates* of the C
-  engine (one ``Engine._gates`` call): a gate is a task held back until its dependencies have
-  succeeded. ``execute()`` queues the steps without dependencies; when a step's task
-  succeeds, the worker that ran it counts down the gates that depend on it, in C, and queues
-  each one it completes, filling in the results it takes: no Python code and no thread waits
-  between steps. A last gate, released by the steps nothing depends on, collects the values
-  and ends the workflow. Python hears only of failures and of a full engine.
-* **Failure.** A step that fails (after the retries of its own TaskConfig), times out or is
-  cancelled by someone else fails the workflow at once with :class:`WorkflowError` (``.step``:
-  its id, ``__cause__``: its exception, ``.results``: the values of the steps that had
-  succeeded). Steps that depend on it are never queued; steps queued but not started are
-  cancelled; steps already running finish (their values are dropped).
-* **Cancellation.** ``cancel()`` on the workflow's TaskResult (or :meth:`TaskChain.cancel`,
-  every running execution of that chain) ends it CANCELLED: no further step is queued, queued
-  steps are cancelled, running async steps are cancelled and running sync steps are asked to
-  stop (``current_task().cancel_requested``).
-* **A full engine.** A step the engine has no room for (``QueueFull``) is not lost: its gate
-  reports it, and it is parked and queued again by a callback of the engine's timer
-  (``_call_later``) as room frees, retried after 1 ms, doubling up to 50 ms. ``execute()``
-  itself never raises ``QueueFull``.
-* **join() and shutdown.** ``tasks.join()`` counts queued and running tasks only, and the
-  engine counts a task done just before its worker queues the next steps: in that instant
-  ``join()`` can return with a workflow unfinished. Wait on the workflow's own
-  result. Once ``shutdown()`` starts the engine takes no new task, so a workflow that still
-  had steps to queue fails with WorkflowError (``__cause__``: RuntimeError).
-
-Authoring styles
-----------------
-``@workflow("name")`` turns a function that declares steps into a reusable workflow; the
-function gets the builder (a TaskChain) plus the arguments given to ``execute``::
-
-    @workflow("report")
-    def report(wf, day):
-        rows = [wf.step(fetch, day, shard) for shard in range(8)]
-        wf.step(summarise, results_of(*rows), step_name="summary")
-
-    report.execute("2024-05-01").wait()["summary"]
-
-Celery-style helpers build the same thing from calls (``call(func, *args, **kwargs)``, a
-``(func, *args)`` tuple, or a bare function): ``chain(c1, c2, c3)`` runs them one after the
-other, each later call getting the previous value as its first argument; ``group(c1, c2)``
-runs them in parallel; ``chord(group(...), callback)`` runs the group, then ``callback`` with
-the list of the group's values as its first argument.
+``TaskChain`` (``step``, ``add_task``, ``validate``, ``execute``, ``cancel``), ``Step``,
+``result_of`` / ``results_of`` (a step's value as another's argument), ``WorkflowError``,
+``@workflow`` and the Celery-style ``call``, ``chain``, ``group``, ``chord``. Each execution
+becomes gates of the C engine (``Engine._gates``): a step's dependents are released by the
+worker that ran it, in C; Python hears only of failures and of a full engine. The user's guide
+is docs/workflows.md; the design is in docs/architecture.md (Workflows).
 """
 
 from __future__ import annotations
