@@ -250,7 +250,7 @@ def test_constructor_validation():
         BackgroundTasks(workers=0)
     with pytest.raises(ValueError, match="min_workers"):
         BackgroundTasks(workers=2, min_workers=3, max_workers=4)
-    with pytest.raises(ValueError, match="memory_pool_mb"):
+    with pytest.raises(TypeError, match="memory_pool_mb was removed"):
         BackgroundTasks(queue_size=10_000_000, memory_pool_mb=10)
 
 
@@ -316,6 +316,8 @@ def test_public_surface():
             "results_of",
             "workflow",
             "CompileError",
+            "TaskMonitor",
+            "AutoScaler",
         ]
     )
     for name in catzilla_tasks.__all__:

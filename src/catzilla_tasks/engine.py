@@ -32,9 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_ATTR = "__catzilla_task__"
 _DEFAULT_CONFIG = TaskConfig()
-# Bytes a queued task costs at most (node + result handle + argument tuple of a few values);
-# used to check queue_size against memory_pool_mb.
-_BYTES_PER_QUEUED_TASK_BOUND = 256
+_REMOVED: Any = object()  # default of a removed keyword: passing it at all is an error
 
 
 class ShutdownTimeout(TimeoutError):
@@ -318,11 +316,11 @@ class BackgroundTasks(_engine.Engine):
     def __init__(
         self,
         workers: int | None = None,
-        min_workers: int = 2,
+        min_workers: int | None = None,
         max_workers: int | None = None,
         queue_size: int = 10000,
         enable_auto_scaling: bool = True,
-        memory_pool_mb: float = 500,
+        memory_pool_mb: Any = _REMOVED,
         *,
         aging_ms: float = 100.0,
         exit_timeout: float | None = 30.0,
@@ -334,8 +332,17 @@ class BackgroundTasks(_engine.Engine):
         if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
             workers, min_workers, max_workers, enable_auto_scaling = 1, 1, 1, False
+        if memory_pool_mb is not _REMOVED:
+            raise TypeError(
+                "memory_pool_mb was removed: it never limited memory (the engine holds references to "
+                "the queued tasks' arguments, not copies, so it cannot bound their size); the bound on "
+                "queued work is queue_size. Drop the argument."
+            )
         if workers is None:
             workers = min(32, cpus * 2)
+        if min_workers is None:
+            # up to 2 by default, never more than asked for: BackgroundTasks(workers=1) is one worker
+            min_workers = min(2, workers) if isinstance(workers, int) and not isinstance(workers, bool) else 2
         for field, value in (("workers", workers), ("min_workers", min_workers), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field}: must be an integer >= 1, got {value!r}")
@@ -349,14 +356,6 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(
                 f"workers ({workers}) must be between min_workers ({min_workers}) and max_workers ({max_workers})"
             )
-        if isinstance(memory_pool_mb, bool) or not isinstance(memory_pool_mb, (int, float)) or memory_pool_mb <= 0:
-            raise ValueError(f"memory_pool_mb: must be a number > 0, got {memory_pool_mb!r}")
-        need_mb = queue_size * _BYTES_PER_QUEUED_TASK_BOUND / 2**20
-        if need_mb > memory_pool_mb:
-            raise ValueError(
-                f"queue_size={queue_size} may hold up to {need_mb:.0f} MB of queued tasks, more than "
-                f"memory_pool_mb={memory_pool_mb}; raise memory_pool_mb or lower queue_size"
-            )
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
@@ -364,7 +363,6 @@ class BackgroundTasks(_engine.Engine):
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.enable_auto_scaling = bool(enable_auto_scaling)
-        self.memory_pool_mb = memory_pool_mb
         self.exit_timeout = exit_timeout
         self._registered: dict[str, Callable[..., Any]] = {}
         self._runner: _LoopRunner | None = None
