@@ -38,3 +38,112 @@ def test_monitor_and_autoscaler_at_the_package_root():
     assert catzilla_tasks.AutoScaler is AutoScaler
     assert {"TaskMonitor", "AutoScaler"} <= set(catzilla_tasks.__all__)
     from catzilla_tasks import AutoScaler as A, TaskMonitor as M  # noqa: F401
+
+
+# -- item 13: smaller lifecycle defects -------------------------------------------------------
+
+
+def _until(pred, timeout=10.0):
+    """Poll pred() until true or timeout (for states with no event to wait on); returns pred()."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pred()
+
+
+@pytest.mark.timeout(60)
+def test_task_id_from_stats_repr_or_failures_finds_the_task(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    gate = threading.Event()
+    h = eng.add_task(gate.wait, 30)
+    tid = h.get_stats()["task_id"]  # .task_id never read
+    assert TaskResult(tid).status in (TaskStatus.PENDING, TaskStatus.RUNNING)
+    h2 = eng.add_task(int)
+    rid = repr(h2).split()[1]
+    assert TaskResult(rid).wait(10) == 0
+
+    def boom():
+        raise ValueError("x")
+
+    h3 = eng.add_task(boom)
+    with pytest.raises(ValueError):
+        h3.wait(10)
+    fid = eng.monitor.get_stats()["recent_failures"][0]["task_id"]
+    assert TaskResult(fid).status is TaskStatus.FAILED
+    gate.set()
+    assert TaskResult(tid).wait(10) is True
+
+
+def _slow_then_fast(state):
+    state["n"] += 1
+    if state["n"] == 1:
+        for _ in range(1000):  # Python-level sleep: the TaskTimeout is raised in here
+            time.sleep(0.01)
+    return "ok"
+
+
+@pytest.mark.timeout(60)
+def test_timed_out_counts_tasks_that_ended_timed_out(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    cfg = TaskConfig(timeout_ms=100, max_retries=1, retry_on_timeout=True, retry_base_ms=1, retry_jitter=False)
+    a, b = {"n": 0}, {"n": 0}
+    hs = [eng.options(config=cfg).add_task(_slow_then_fast, s) for s in (a, b)]
+    assert [h.wait(30) for h in hs] == ["ok", "ok"]
+    st = eng.monitor.get_stats()
+    assert st["totals"]["timed_out"] == 0 and st["error_metrics"]["error_rate"] == 0.0
+    assert st["totals"]["retried"] == 2
+    h = eng.options(timeout_ms=100).add_task(_slow_then_fast, {"n": 0})
+    with pytest.raises(catzilla_tasks.TaskTimeout):
+        h.wait(30)
+    assert h.status is TaskStatus.TIMED_OUT
+    assert eng.stats()["timed_out"] == 1
+
+
+def test_monitor_handle_size_is_the_real_one(tasks):
+    from catzilla_tasks import monitor
+
+    h = tasks.add_task(int)
+    assert monitor.HANDLE_BYTES == sys.getsizeof(h)
+    h.wait(10)
+
+
+def _engine_threads(name):
+    return [t for t in threading.enumerate() if t.name.startswith(name)]
+
+
+@pytest.mark.timeout(60)
+def test_timed_out_shutdown_stops_everything_once_tasks_end():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False, name="lc-timedout-a")
+    gate = threading.Event()
+    started = threading.Event()
+
+    async def async_blocker():
+        started.set()
+        await asyncio.sleep(0)
+        return 1
+
+    eng.add_task(async_blocker).wait(10)  # the loop thread exists
+    eng.add_task(gate.wait, 30)
+    with pytest.raises(ShutdownTimeout):
+        eng.shutdown(timeout=0.2)
+    assert eng.is_shutdown
+    assert eng.stats()["workers"] == 2  # still running the blocked task
+    gate.set()
+    # nobody calls shutdown() again: the engine stops its threads by itself
+    assert _until(lambda: eng.stats()["workers"] == 0)
+    assert _until(lambda: not _engine_threads("lc-timedout-a"))
+
+
+@pytest.mark.timeout(60)
+def test_second_shutdown_after_a_timeout_waits_again():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False, name="lc-timedout-b")
+    gate = threading.Event()
+    eng.add_task(gate.wait, 30)
+    with pytest.raises(ShutdownTimeout):
+        eng.shutdown(timeout=0.2)
+    with pytest.raises(ShutdownTimeout, match="still running"):
+        eng.shutdown(timeout=0.2)  # not silently nothing: the task still runs
+    gate.set()
+    eng.shutdown(timeout=10)
+    assert eng.stats()["workers"] == 0
+    eng.shutdown()  # stopped: nothing to do

@@ -378,7 +378,9 @@ class BackgroundTasks(_engine.Engine):
         if self.enable_auto_scaling:
             self.autoscaler.enable_auto_scaling()
         self.process_workers = os.cpu_count() or 1
-        self._shutdown_done = False
+        self._shutdown_done = False  # threads stopped
+        self._closing = False  # shutdown() called
+        self._finisher: threading.Thread | None = None  # stops the threads after a timed-out shutdown
         self._created_seq = next(_created)
         _live.add(self)
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
@@ -603,11 +605,25 @@ class BackgroundTasks(_engine.Engine):
         With ``wait_for_completion`` (the default) every task already queued runs before this
         returns; otherwise queued tasks are cancelled and only running ones finish. If that
         takes longer than ``timeout`` seconds, what is still queued is cancelled and
-        ShutdownTimeout says how many tasks were cancelled and how many still run (their
-        threads finish them in the background). Calling it again does nothing.
+        ShutdownTimeout says how many tasks were cancelled and how many still run: the engine
+        stops its threads by itself once those end, and calling shutdown() again waits up to
+        its own ``timeout`` for that. Once the engine has stopped, calling it again does nothing.
         """
         if self._shutdown_done:
             return
+        if self._finisher is not None:
+            # an earlier shutdown timed out: its running tasks end, then the finisher stops all
+            self._finisher.join(timeout)
+            if self._finisher.is_alive():
+                running = self._stats()["running"]
+                raise ShutdownTimeout(
+                    f"shutdown(): {running} tasks were still running after {timeout} s more (they finish "
+                    "in the background; the engine stops when they end)",
+                    0,
+                    running,
+                )
+            return
+        self._closing = True
         for p in self._periodic:
             p.cancel()
         self.autoscaler.disable()
@@ -621,25 +637,35 @@ class BackgroundTasks(_engine.Engine):
             running = self._stats()["running"]
             if self._pool is not None:
                 self._pool.shutdown(wait=False)  # process tasks still running are killed
-            self._shutdown_done = True
             _live.discard(self)
+            # The workers, the timer and the event loop stop once the running tasks end.
+            self._finisher = threading.Thread(target=self._finish_stop, name=f"{self.name}-shutdown", daemon=True)
+            self._finisher.start()
             raise ShutdownTimeout(
                 f"shutdown(): not finished within {timeout} s: {cancelled} queued tasks were cancelled, "
-                f"{running} were still running (they finish in the background)",
+                f"{running} were still running (they finish in the background, then the engine stops)",
                 cancelled,
                 running,
             )
+        self._stop_threads()
+        _live.discard(self)
+
+    def _finish_stop(self) -> None:
+        self._drain(None)
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
         if self._runner is not None:
             self._runner.stop()
         self._stop_workers()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._shutdown_done = True
-        _live.discard(self)
 
     @property
     def is_shutdown(self) -> bool:
-        return self._shutdown_done
+        """True once shutdown() was called (the engine accepts no more tasks)."""
+        return self._closing
 
     def __enter__(self) -> "BackgroundTasks":
         return self
@@ -687,7 +713,7 @@ class BackgroundTasks(_engine.Engine):
 
     def __repr__(self) -> str:
         s = self._stats()
-        state = "shut down" if self._shutdown_done else "running"
+        state = "shut down" if self._shutdown_done else "shutting down" if self._closing else "running"
         return (
             f"<BackgroundTasks {self.name!r} {state} workers={s['workers']} queued={s['queued_total']} "
             f"running={s['running']}>"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ __all__ = ["TaskMonitor", "AutoScaler"]
 log = logging.getLogger("catzilla_tasks.scaling")
 
 RATE_WINDOW_S = 5  # tasks_per_second: the last 5 seconds (the current one pro rata)
-HANDLE_BYTES = 32   # a TaskResult handle (pymalloc object) next to each node
+HANDLE_BYTES = sys.getsizeof(_engine.detached())  # a TaskResult handle next to each node (GC header included)
 
 
 def _percentile(hist: dict[str, Any], bounds_ns: list[int], q: float) -> float | None:

@@ -128,7 +128,8 @@ uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status) {
             atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
         else if (status == CT_FAILED)
             atomic_fetch_add_explicit(&e->failed, 1, memory_order_relaxed);
-        /* TIMED_OUT: counted in timed_out when the timeout fired */
+        else if (status == CT_TIMED_OUT)   /* tasks that ended so, not timeouts that fired */
+            atomic_fetch_add_explicit(&e->timed_out, 1, memory_order_relaxed);
     }
     ct_engine_running_done(e, 1);
     return old;

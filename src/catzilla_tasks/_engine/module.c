@@ -109,6 +109,30 @@ static void atfork_child(void) { new_prefix(); }
 
 static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", g_prefix, (unsigned long long)id); }
 
+/* Make a node findable by TaskResult(task_id) while it lives (hook_release forgets it). Done
+ * wherever its id leaves the engine (task_id, get_stats(), repr, error messages, the failures
+ * list), so an id copied from any of them finds the task; tasks whose id nobody sees pay
+ * nothing. GIL held. Best effort: a failure to register leaves no exception set. */
+static void register_id(EngineObject *eng, ct_task *t) {
+    if (t->kind == CT_KIND_C || (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_REGISTERED)) return;
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t, (unsigned long long)(uintptr_t)eng);
+    int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    if (rc < 0) {
+        PyErr_Clear();
+        return;
+    }
+    atomic_fetch_or(&t->state, CT_F_REGISTERED);
+}
+
+/* The id of a node as users see it (registered: see register_id). */
+static PyObject *node_id(EngineObject *eng, ct_task *t) {
+    register_id(eng, t);
+    return format_id(t->id);
+}
+
 static PyObject *status_member(uint32_t code) {
     if (g_status_members && PyTuple_Check(g_status_members) && code < (uint32_t)PyTuple_GET_SIZE(g_status_members)) {
         PyObject *m = PyTuple_GET_ITEM(g_status_members, code);
@@ -254,7 +278,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     }
     if (eng && g_failed && failed) {
         /* the monitor's recent failures (rare path: failures only) */
-        PyObject *id = format_id(t->id);
+        PyObject *id = node_id(eng, t);
         PyObject *r = id ? PyObject_CallFunctionObjArgs(g_failed, (PyObject *)eng, id, (PyObject *)t->fn,
                                                         value ? value : Py_None, NULL)
                          : NULL;
@@ -508,6 +532,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         if (!res) {
             out = fetch_exception();
             if (out && PyErr_GivenExceptionMatches(out, g_task_timeout)) {
+                register_id(eng, t);   /* the message carries the id */
                 PyObject *msg = PyUnicode_FromFormat("task %s-%llu ran longer than timeout_ms=%lld", g_prefix,
                                                      (unsigned long long)t->id,
                                                      (long long)(cfg ? cfg->timeout_ns / 1000000 : 0));
@@ -595,7 +620,6 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
             atomic_fetch_or(&t->state, CT_F_TIMEDOUT);
-            atomic_fetch_add_explicit(&e->timed_out, 1, memory_order_relaxed);
             if (st & CT_F_ASYNC) {
                 ResultObject *h = result_wrap(eng, t);
                 PyObject *r = h && g_cancel_async
@@ -617,6 +641,7 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             if (!atomic_exchange(&w->retire, 1)) {
                 atomic_fetch_add_explicit(&e->replaced, 1, memory_order_relaxed);
                 int added = ct_engine_add_worker(e) == CT_OK;
+                register_id(eng, t);   /* the message carries the id */
                 PyObject *msg = PyUnicode_FromFormat(
                     "task %s-%llu is past its timeout and cannot be interrupted (it is inside C code); it is left "
                     "to finish, and worker %d is %s",
@@ -822,7 +847,7 @@ static PyObject *node_outcome(ResultObject *self) {
         Py_INCREF(v);
         return v;
     case CT_CANCELLED: {
-        PyObject *id = format_id(t->id);
+        PyObject *id = node_id(self->engine, t);
         PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
         Py_XDECREF(id);
         return NULL;
@@ -832,7 +857,7 @@ static PyObject *node_outcome(ResultObject *self) {
             result_track(self);
             PyErr_SetObject((PyObject *)Py_TYPE(v), v);
         } else {
-            PyObject *id = format_id(t->id);
+            PyObject *id = node_id(self->engine, t);
             PyErr_Format(PyExc_RuntimeError, "task %U failed", id);
             Py_XDECREF(id);
         }
@@ -849,7 +874,7 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
     if (rc > 0) {
-        PyObject *id = format_id(self->t->id);
+        PyObject *id = node_id(self->engine, self->t);
         PyObject *st = status_member(ct_task_status(self->t));
         PyErr_Format(PyExc_TimeoutError,
                      "task %U did not finish within %R s (status %S); call wait() again with a longer "
@@ -1011,6 +1036,7 @@ static PyObject *Result_settle(ResultObject *self, PyObject *args, PyObject *kw)
         /* cancelled by its timeout, not by a user */
         status = CT_TIMED_OUT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
+        register_id(self->engine, t);   /* the message carries the id */
         v = PyObject_CallFunction(g_task_timeout, "s", "");
         PyObject *msg = PyUnicode_FromFormat("task %s-%llu ran longer than timeout_ms=%lld", g_prefix,
                                              (unsigned long long)t->id,
@@ -1050,7 +1076,7 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     PyObject *d = PyDict_New();
     if (!d) return NULL;
 #define NUM_OR_NONE(cond, expr) ((cond) ? PyFloat_FromDouble(expr) : (Py_INCREF(Py_None), Py_None))
-    if (dict_set_steal(d, "task_id", format_id(t->id)) < 0 ||
+    if (dict_set_steal(d, "task_id", node_id(self->engine, t)) < 0 ||
         dict_set_steal(d, "status", status_member(st & CT_STATUS_MASK)) < 0 ||
         dict_set_steal(d, "priority", priority_member(t->priority)) < 0 ||
         dict_set_steal(d, "queued_at", NUM_OR_NONE(q, wall_of(q))) < 0 ||
@@ -1086,22 +1112,7 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     return d;
 }
 
-static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
-    ct_task *t = self->t;
-    if (!(atomic_load(&t->state) & CT_F_REGISTERED)) {
-        /* Remember the node so TaskResult(task_id) / TaskFuture(task_id) can find it while it
-         * lives. Only tasks whose id was read pay for this. */
-        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t,
-                                      (unsigned long long)(uintptr_t)self->engine);
-        int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
-        Py_XDECREF(key);
-        Py_XDECREF(val);
-        if (rc < 0) return NULL;
-        atomic_fetch_or(&t->state, CT_F_REGISTERED);
-    }
-    return format_id(t->id);
-}
+static PyObject *Result_get_task_id(ResultObject *self, void *unused) { return node_id(self->engine, self->t); }
 
 static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
 static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
@@ -1119,7 +1130,7 @@ static PyObject *Result_get_priority(ResultObject *self, void *unused) { return 
 
 static PyObject *Result_repr(ResultObject *self) {
     PyObject *st = status_member(ct_task_status(self->t));
-    PyObject *id = format_id(self->t->id);
+    PyObject *id = node_id(self->engine, self->t);
     PyObject *r = PyUnicode_FromFormat("<TaskResult %U %S>", id, st);
     Py_XDECREF(st);
     Py_XDECREF(id);
