@@ -147,3 +147,44 @@ def test_second_shutdown_after_a_timeout_waits_again():
     eng.shutdown(timeout=10)
     assert eng.stats()["workers"] == 0
     eng.shutdown()  # stopped: nothing to do
+
+
+# -- item 7: an async task cannot kill the engine's event loop ---------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt, "sys.exit"])
+def test_async_task_raising_systemexit_fails_and_the_loop_lives(make_tasks, exc):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    other_started = threading.Event()
+    box = {}
+
+    async def other():
+        box["ev"] = asyncio.Event()
+        other_started.set()
+        await box["ev"].wait()
+        return "other done"
+
+    async def killer():
+        await asyncio.sleep(0)
+        if exc == "sys.exit":
+            sys.exit(3)
+        raise exc()
+
+    h_other = eng.add_task(other)
+    assert other_started.wait(10)
+    h = eng.add_task(killer)
+    expected = SystemExit if exc in (SystemExit, "sys.exit") else KeyboardInterrupt
+    with pytest.raises(expected):
+        h.wait(10)
+    assert h.status is TaskStatus.FAILED
+    # the loop still runs: the waiting coroutine settles, later async tasks run
+    eng.loop.call_soon_threadsafe(box["ev"].set)
+    assert h_other.wait(10) == "other done"
+
+    async def later():
+        await asyncio.sleep(0)
+        return 5
+
+    assert eng.add_task(later).wait(10) == 5
+    eng.shutdown(timeout=10)  # does not time out

@@ -156,7 +156,15 @@ class _LoopRunner:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         try:
-            self.loop.run_forever()
+            while True:
+                try:
+                    self.loop.run_forever()
+                except (SystemExit, KeyboardInterrupt):
+                    # A task raised it (sys.exit() in a coroutine): asyncio ends that task with
+                    # the exception, then lets it out of the loop. It is the task's failure
+                    # (settled by its done callback on the next turn), not the loop's: go on.
+                    continue
+                break  # stop() was called
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
