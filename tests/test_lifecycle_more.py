@@ -188,3 +188,78 @@ def test_async_task_raising_systemexit_fails_and_the_loop_lives(make_tasks, exc)
 
     assert eng.add_task(later).wait(10) == 5
     eng.shutdown(timeout=10)  # does not time out
+
+
+# -- item 15: tasks waiting in a worker's batch are waiting --------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_batched_tasks_count_as_queued_not_running(make_tasks):
+    eng = make_tasks(workers=4, enable_auto_scaling=False)
+    gate = threading.Event()
+    lock = threading.Lock()
+    started = {"n": 0}
+    four = threading.Event()
+
+    def blocker():
+        with lock:
+            started["n"] += 1
+            if started["n"] == 4:
+                four.set()
+        gate.wait(30)
+
+    hs = [eng.add_task(blocker) for _ in range(40)]
+    assert four.wait(10)
+    try:
+        # the 36 not started sit in queues or in workers' batches: either way they wait
+        assert _until(lambda: eng.stats()["running"] == 4)
+        st = eng.stats()
+        assert st["queued_total"] == 36 and st["running"] == 4
+        q = eng.monitor.get_stats()["queue_metrics"]
+        assert q["total_queued"] == 36
+        assert 0 <= q["in_worker_batches"] <= 36
+    finally:
+        gate.set()
+    for h in hs:
+        h.wait(30)
+
+
+@pytest.mark.timeout(60)
+def test_burst_of_blocking_tasks_scales_up(make_tasks):
+    eng = make_tasks(workers=4, min_workers=4, max_workers=40)
+    eng.autoscaler.enable_auto_scaling(cooldown_seconds=60)
+    t0 = time.monotonic()
+    hs = [eng.add_task(time.sleep, 0.5) for _ in range(40)]
+    for h in hs:
+        h.wait(30)
+    elapsed = time.monotonic() - t0
+    ups = [d for d in eng.autoscaler.decisions if d["action"] == "up"]
+    assert ups, f"no scaling decision in {elapsed:.2f} s"
+    # without scaling: 10 rounds of 0.5 s on 4 workers, 5 s
+    assert elapsed < 4.0, f"40 x 0.5 s sleeps took {elapsed:.2f} s ({eng.autoscaler.decisions})"
+    assert ups[0]["at"] - (time.time() - elapsed) < 1.5
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_running_async_task_says_so(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    running = threading.Event()
+
+    async def forever():
+        running.set()
+        await asyncio.sleep(60)
+
+    h = eng.add_task(forever)
+    assert running.wait(10)
+    assert h.cancel()
+    with pytest.raises(TaskCancelled, match="while it ran") as info:
+        h.wait(10)
+    assert "before it ran" not in str(info.value)
+    gate = threading.Event()
+    eng2 = make_tasks(workers=1, enable_auto_scaling=False)
+    eng2.add_task(gate.wait, 30)
+    queued = eng2.add_task(int)
+    assert queued.cancel()
+    gate.set()
+    with pytest.raises(TaskCancelled, match="before it ran"):
+        queued.wait(10)

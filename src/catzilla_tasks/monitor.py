@@ -103,7 +103,8 @@ class TaskMonitor:
                 "high_queue_size": q[1],
                 "normal_queue_size": q[2],
                 "low_queue_size": q[3],
-                "total_queued": total_queued,
+                "total_queued": total_queued,  # in_worker_batches included
+                "in_worker_batches": st["batched"],  # taken by a worker, not started yet
                 "scheduled": st["scheduled"],
                 "queue_pressure": total_queued / st["queue_size"],
             },

@@ -548,7 +548,16 @@ void ct_worker_begin_batch(ct_worker *w, uint64_t now) {
      * them, in case that task blocks (not coalesced with the queue wakes: those may be
      * consumed by a worker that never looks at batches). */
     uint64_t r = atomic_load_explicit(&w->range, memory_order_acquire);
-    if (CT_HEAD(r) < CT_TAIL(r)) ct_wake_sibling(w->engine);
+    if (CT_HEAD(r) < CT_TAIL(r)) {
+        ct_engine *e = w->engine;
+        ct_wake_sibling(e);
+        /* No sibling idle to take them either: the pool may be too small (blocking tasks),
+         * let the auto-scaler look (it counts batched tasks as waiting). */
+        if (atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) &&
+            !atomic_load_explicit(&e->scaler_armed, memory_order_relaxed) &&
+            atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0)
+            ct_engine_scaler_arm(e);
+    }
 }
 
 /* Returns 0 when the worker should exit. Sleeps until signalled, or until a sibling's batch
@@ -714,6 +723,16 @@ int ct_engine_add_worker(ct_engine *e) {
     }
     pthread_mutex_unlock(&e->grow_lock);
     return rc;
+}
+
+int64_t ct_engine_batched(ct_engine *e) {
+    int64_t n = 0;
+    int nw = atomic_load(&e->nworkers);
+    for (int i = 0; i < nw; i++) {
+        uint64_t r = atomic_load_explicit(&e->workers[i].range, memory_order_relaxed);
+        if (CT_HEAD(r) < CT_TAIL(r)) n += CT_TAIL(r) - CT_HEAD(r);
+    }
+    return n;
 }
 
 int ct_engine_live_workers(ct_engine *e) {
@@ -1055,8 +1074,13 @@ void ct_engine_get_stats(ct_engine *e, ct_stats *s) {
         s->queued[p] = q > 0 ? q : 0;
     }
     int64_t q = atomic_load(&e->queued);
-    s->queued_total = q > 0 ? q : 0;
-    s->running = atomic_load(&e->running);
+    /* A task a worker has taken into its batch but not started still waits: it is counted
+     * as queued, not running (the engine's own running counter includes it, for drain). */
+    int64_t running = atomic_load(&e->running), batched = ct_engine_batched(e);
+    if (batched > running) batched = running > 0 ? running : 0;
+    s->batched = batched;
+    s->queued_total = (q > 0 ? q : 0) + batched;
+    s->running = running - batched;
     s->submitted = atomic_load(&e->submitted);
     s->succeeded = atomic_load(&e->succeeded);
     s->failed = atomic_load(&e->failed);

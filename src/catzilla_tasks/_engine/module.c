@@ -848,7 +848,14 @@ static PyObject *node_outcome(ResultObject *self) {
         return v;
     case CT_CANCELLED: {
         PyObject *id = node_id(self->engine, t);
-        PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
+        uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+        if (st & CT_F_ASYNC)   /* its coroutine was cancelled on the loop */
+            PyErr_Format(TaskCancelledError, "task %U was cancelled while it ran", id);
+        else if (t->attempt > 0)
+            PyErr_Format(TaskCancelledError, "task %U was cancelled after attempt %d, before its retry", id,
+                         (int)t->attempt);
+        else
+            PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
         Py_XDECREF(id);
         return NULL;
     }
@@ -2333,7 +2340,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         processed += atomic_load(&self->e->workers[i].processed);
         busy += atomic_load(&self->e->workers[i].busy_ns);
     }
-    return Py_BuildValue(
+    PyObject *d = Py_BuildValue(
         "{s:(LLLL),s:L,s:L,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:d,s:O,s:O,s:K,s:d,s:L,s:L,s:K,s:K,s:K}", "queued", (long long)s.queued[0],
         (long long)s.queued[1], (long long)s.queued[2], (long long)s.queued[3], "queued_total",
         (long long)s.queued_total, "running", (long long)s.running, "submitted", (unsigned long long)s.submitted,
@@ -2345,6 +2352,8 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         (long long)self->e->cfg.queue_size, "scheduled", (long long)s.scheduled, "retried",
         (unsigned long long)s.retried, "timed_out", (unsigned long long)s.timed_out, "replaced",
         (unsigned long long)s.replaced);
+    if (d && dict_set_steal(d, "batched", PyLong_FromLongLong(s.batched)) < 0) Py_CLEAR(d);
+    return d;
 }
 
 /* _workers() -> [dict]: per-worker figures (batch left, current task's start, counts). */
