@@ -263,3 +263,61 @@ def test_cancelled_running_async_task_says_so(make_tasks):
     gate.set()
     with pytest.raises(TaskCancelled, match="before it ran"):
         queued.wait(10)
+
+
+# -- item 11: waiting on a task from inside a task ----------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_tasks_waiting_on_queued_tasks_get_stand_in_workers(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    both = threading.Barrier(2, timeout=20)
+
+    def child(x):
+        return x * 10
+
+    def parent(x):
+        both.wait()  # both workers are now busy with a parent
+        return eng.add_task(child, x).wait(5)  # the child is queued behind nobody
+
+    hs = [eng.add_task(parent, x) for x in (1, 2)]
+    assert [h.wait(20) for h in hs] == [10, 20]
+    assert _until(lambda: eng.stats()["workers"] == 2)  # the stand-ins are gone
+
+
+@pytest.mark.timeout(60)
+def test_task_waiting_for_itself_is_an_error(tasks):
+    from catzilla_tasks import current_task
+
+    def me():
+        return current_task().wait(5)
+
+    with pytest.raises(RuntimeError, match="cannot wait\\(\\) for itself"):
+        tasks.add_task(me).wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_join_inside_a_task_is_an_error(tasks):
+    with pytest.raises(RuntimeError, match="join\\(\\) inside a task"):
+        tasks.add_task(tasks.join, 5).wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_async_task_calling_wait_is_told_to_await(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    gate = threading.Event()
+
+    async def waits_wrongly():
+        h = eng.add_task(gate.wait, 30)
+        try:
+            return h.wait()
+        finally:
+            gate.set()
+
+    with pytest.raises(RuntimeError, match="await"):
+        eng.add_task(waits_wrongly).wait(10)
+
+    async def waits_rightly():
+        return await eng.add_task(int, "7")
+
+    assert eng.add_task(waits_rightly).wait(10) == 7

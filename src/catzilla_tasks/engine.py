@@ -142,18 +142,22 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 class _LoopRunner:
     """The engine's event-loop thread: async tasks run here, many at once."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, engine: "BackgroundTasks") -> None:
         self.loop = _new_event_loop()
         self._tasks: dict[int, asyncio.Task[Any]] = {}
         started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), name=f"{name}-asyncio", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(started, engine), name=f"{engine.name}-asyncio", daemon=True
+        )
         self._thread.start()
         started.wait()
 
-    def _run(self, started: threading.Event) -> None:
+    def _run(self, started: threading.Event, engine: "BackgroundTasks") -> None:
         import asyncio
 
         asyncio.set_event_loop(self.loop)
+        engine._adopt_loop_thread()  # a blocking wait() here is refused (use await)
+        del engine
         self.loop.call_soon(started.set)
         try:
             while True:
@@ -601,6 +605,11 @@ class BackgroundTasks(_engine.Engine):
 
     def join(self, timeout: float | None = None) -> None:
         """Block until nothing is queued or running (tasks added meanwhile count too)."""
+        if self._in_own_task():
+            raise RuntimeError(
+                "join() inside a task of this engine would wait for that task itself, forever: wait "
+                "for the tasks it needs with their TaskResult.wait() (or await them) instead"
+            )
         if not self._drain(timeout):
             s = self._stats()
             raise TimeoutError(
@@ -699,7 +708,7 @@ class BackgroundTasks(_engine.Engine):
         if runner is None:
             with self._runner_lock:
                 if self._runner is None:
-                    self._runner = _LoopRunner(self.name)
+                    self._runner = _LoopRunner(self)
                 runner = self._runner
         return runner
 

@@ -725,6 +725,17 @@ int ct_engine_add_worker(ct_engine *e) {
     return rc;
 }
 
+int ct_engine_block_begin(ct_engine *e) {
+    /* an idle sibling runs what the wait needs (queued work wakes it; the waiter's own batch
+     * is stolen from it once the waiter has been at its task for the batch budget) */
+    if (atomic_load(&e->sleepers) > 0) return 0;
+    return ct_engine_add_worker(e) == CT_OK;
+}
+
+void ct_engine_block_end(ct_engine *e, int added) {
+    if (added) ct_engine_retire_worker(e);
+}
+
 int64_t ct_engine_batched(ct_engine *e) {
     int64_t n = 0;
     int nw = atomic_load(&e->nworkers);

@@ -196,7 +196,13 @@ static void hook_release(ct_task *t) {
     }
 }
 
+/* The worker this thread is (NULL on other threads), and the engine whose event-loop thread
+ * this is (engine.py's _LoopRunner says so): a wait() there must not block as elsewhere. */
+static _Thread_local ct_worker *tl_worker;
+static _Thread_local EngineObject *tl_loop_engine;
+
 static void hook_thread_start(ct_worker *w) {
+    tl_worker = w;
     PyGILState_Ensure();                 /* creates this thread's state, kept for its life */
     w->thread_ident = PyThread_get_thread_ident();
     w->py_state = PyEval_SaveThread();
@@ -813,11 +819,33 @@ static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fnam
     return 0;
 }
 
+/* A worker blocks on another task (a task waiting for a task): the engine starts a stand-in
+ * worker for as long as it waits, so the task it waits for (queued, or in this worker's own
+ * batch, which the stand-in steals) can run even when every worker waits so. A wait that
+ * cannot finish at all is refused: a task waiting for itself. */
+static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
+    if (t == tl_current) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "a task cannot wait() for itself: it would never finish (return its value instead)");
+        return -1;
+    }
+    ct_engine *e = tl_worker->engine;
+    int added, rc;
+    Py_BEGIN_ALLOW_THREADS   /* starting and retiring threads: never with the GIL held */
+    added = ct_engine_block_begin(e);
+    rc = ct_task_wait(t, deadline);
+    ct_engine_block_end(e, added);
+    Py_END_ALLOW_THREADS
+    return rc == CT_OK ? 0 : 1;
+}
+
 /* Wait for the node with the GIL released. On the main thread the wait is cut into slices so
  * Ctrl-C (a signal handled by Python only between bytecodes) still interrupts it. Returns 0,
  * 1 on timeout, -1 with an exception set (interrupted). */
 static int wait_node(ct_task *t, uint64_t deadline) {
     if (CT_IS_TERMINAL(atomic_load_explicit(&t->state, memory_order_acquire))) return 0;
+    /* (a poll, wait(0), needs no stand-in) */
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000)) return wait_node_in_worker(t, deadline);
     int main_thread = _PyOS_IsMainThread();
     for (;;) {
         uint64_t until = deadline;
@@ -878,6 +906,15 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:wait", kwlist, &timeout)) return NULL;
     uint64_t deadline;
     if (parse_timeout(timeout, &deadline, "wait") < 0) return NULL;
+    if (tl_loop_engine && !CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)) &&
+        !(timeout != Py_None && PyFloat_AsDouble(timeout) == 0.0)) {
+        /* on the engine's event loop: blocking here stops every async task (the one waited
+         * for may be one of them) */
+        PyErr_SetString(PyExc_RuntimeError,
+                        "wait() would block the engine's event loop (an async task is running here): use "
+                        "`await result` instead");
+        return NULL;
+    }
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
     if (rc > 0) {
@@ -2319,6 +2356,20 @@ static PyObject *Engine_stop_workers(EngineObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* _in_own_task() -> bool: this thread runs work of this engine (one of its workers, or its
+ * event-loop thread), where join() would wait for its own task. */
+static PyObject *Engine_in_own_task(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    return PyBool_FromLong((tl_worker && tl_worker->engine == self->e) || tl_loop_engine == self);
+}
+
+/* _adopt_loop_thread(): the calling thread is this engine's event-loop thread. */
+static PyObject *Engine_adopt_loop_thread(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    tl_loop_engine = self;   /* borrowed: the loop thread stops before the engine goes */
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_pause(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_engine_pause(self->e, 1);
@@ -2947,6 +2998,8 @@ static PyMethodDef Engine_methods[] = {
     {"_close", (PyCFunction)Engine_close, METH_NOARGS, NULL},
     {"_call_later", (PyCFunction)Engine_call_later, METH_VARARGS, NULL},
     {"_drain", (PyCFunction)Engine_drain, METH_VARARGS, NULL},
+    {"_in_own_task", (PyCFunction)Engine_in_own_task, METH_NOARGS, NULL},
+    {"_adopt_loop_thread", (PyCFunction)Engine_adopt_loop_thread, METH_NOARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
     {"pause", (PyCFunction)Engine_pause, METH_NOARGS, "Stop starting queued tasks (running ones finish)."},
