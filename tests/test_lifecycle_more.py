@@ -321,3 +321,95 @@ def test_async_task_calling_wait_is_told_to_await(make_tasks):
         return await eng.add_task(int, "7")
 
     assert eng.add_task(waits_rightly).wait(10) == 7
+
+
+# -- item 12: shutdown finishes work in flight, including the work it creates -------------------
+
+
+def _shutdown_in_thread(eng, **kw):
+    box = {}
+
+    def run():
+        try:
+            eng.shutdown(**kw)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            box["exc"] = exc
+
+    th = threading.Thread(target=run)
+    th.start()
+    assert _until(lambda: eng.is_shutdown or not eng.stats()["accepting"])
+    return th, box
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_runs_tasks_that_running_tasks_add():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    gate = threading.Event()
+    children = []
+
+    def child(x):
+        return x + 1
+
+    def parent():
+        gate.wait(30)
+        children.append(eng.add_task(child, 41))
+        return "parent"
+
+    h = eng.add_task(parent)
+    th, box = _shutdown_in_thread(eng, timeout=30)
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.add_task(child, 0)  # from outside: refused
+    gate.set()
+    th.join(30)
+    assert not th.is_alive() and "exc" not in box, box
+    assert h.wait(0) == "parent"
+    assert children and children[0].wait(0) == 42
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.add_task(child, 0)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_finishes_workflows_in_flight():
+    from catzilla_tasks import TaskChain, result_of
+
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    gate = threading.Event()
+
+    def first():
+        gate.wait(30)
+        return 1
+
+    def plus(x):
+        return x + 1
+
+    wf = TaskChain("lifecycle-shutdown", tasks=eng)
+    wf.add_task(first, step_name="a")
+    wf.add_task(plus, result_of("a"), step_name="b")
+    wf.add_task(plus, result_of("b"), step_name="c")
+    r = wf.execute()
+    th, box = _shutdown_in_thread(eng, timeout=30)
+    gate.set()
+    th.join(30)
+    assert not th.is_alive() and "exc" not in box, box
+    assert r.wait(0)["c"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_waiting_refuses_spawned_work():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    gate = threading.Event()
+    errors = []
+
+    def parent():
+        gate.wait(30)
+        try:
+            eng.add_task(int)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    h = eng.add_task(parent)
+    th, box = _shutdown_in_thread(eng, wait_for_completion=False, timeout=30)
+    gate.set()
+    th.join(30)
+    h.wait(0)
+    assert len(errors) == 1 and "shut down" in str(errors[0])

@@ -644,11 +644,19 @@ class BackgroundTasks(_engine.Engine):
         for p in self._periodic:
             p.cancel()
         self.autoscaler.disable()
-        self._close()
+        if wait_for_completion:
+            # Work in flight finishes, with what it creates (a task adding tasks, workflow steps
+            # released by finished ones): only work from outside is refused until it is done.
+            self._close_to_outside()
+        else:
+            self._close()
         self.resume()
         if not wait_for_completion:
             self._cancel_queued()
         done = self._drain(timeout)
+        # Nothing is in flight once the drain ends (a completion counts as running until its
+        # callbacks ran), so nothing can create work any more: refuse it from everywhere.
+        self._close()
         if not done:
             cancelled = self._cancel_queued()
             running = self._stats()["running"]

@@ -66,11 +66,13 @@ step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskF
   reports it, and it is parked and queued again by a callback of the engine's timer
   (``_call_later``) as room frees, retried after 1 ms, doubling up to 50 ms. ``execute()``
   itself never raises ``QueueFull``.
-* **join() and shutdown.** ``tasks.join()`` counts queued and running tasks only, and the
-  engine counts a task done just before its worker queues the next steps: in that instant
-  ``join()`` can return with a workflow unfinished. Wait on the workflow's own
-  result. Once ``shutdown()`` starts the engine takes no new task, so a workflow that still
-  had steps to queue fails with WorkflowError (``__cause__``: RuntimeError).
+* **join() and shutdown.** A finished step counts as running until its worker has queued the
+  next steps, so ``tasks.join()`` and ``shutdown()`` see a workflow in flight until its last
+  step ends (a step parked on a full engine is not counted: wait on the workflow's own result).
+  ``shutdown()`` (``wait_for_completion=True``) refuses work from outside but takes what work
+  in flight creates, so workflows in flight finish within its timeout; with
+  ``wait_for_completion=False``, or once the timeout passed, the engine takes no new task and a
+  workflow that still had steps to queue fails with WorkflowError (``__cause__``: RuntimeError).
 
 Authoring styles
 ----------------
@@ -502,7 +504,10 @@ class TaskChain:
         and this returns its RemoteResult."""
         plan = self._compile()
         engine = self.tasks if self.tasks is not None else default_engine()
-        if getattr(engine, "is_shutdown", False):
+        accepts = getattr(engine, "_accepts_here", None)
+        # (a step of a workflow in flight may start another while its engine shuts down)
+        refused = (not accepts()) if accepts is not None else getattr(engine, "is_shutdown", False)
+        if refused:
             raise RuntimeError(
                 f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; "
                 "create a new one"

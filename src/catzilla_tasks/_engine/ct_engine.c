@@ -725,6 +725,9 @@ int ct_engine_add_worker(ct_engine *e) {
     return rc;
 }
 
+void ct_engine_hold(ct_engine *e) { atomic_fetch_add(&e->running, 1); }
+void ct_engine_unhold(ct_engine *e) { ct_engine_running_done(e, 1); }
+
 int ct_engine_block_begin(ct_engine *e) {
     /* an idle sibling runs what the wait needs (queued work wakes it; the waiter's own batch
      * is stolen from it once the waiter has been at its task for the batch budget) */

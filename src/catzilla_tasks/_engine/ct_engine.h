@@ -228,6 +228,10 @@ int ct_engine_retire_worker(ct_engine *e);
  * (it retires one worker again). Never call with the GIL held (threads start and stop). */
 int ct_engine_block_begin(ct_engine *e);
 void ct_engine_block_end(ct_engine *e, int added);
+/* Count one more task as running / one less (a completion whose callbacks may still submit
+ * work: a drain must not end before they ran). */
+void ct_engine_hold(ct_engine *e);
+void ct_engine_unhold(ct_engine *e);
 /* Tasks taken into workers' batches and not started yet (a snapshot; no lock). */
 int64_t ct_engine_batched(ct_engine *e);
 /* Live workers (started, not exited, not retiring). */

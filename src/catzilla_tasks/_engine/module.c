@@ -73,6 +73,7 @@ struct EngineObject {
     int started;
     int stopped;            /* workers joined */
     int holds_self;         /* a strong reference to self while workers run */
+    _Atomic int closing;    /* shutdown(wait_for_completion=True) drains: see closed_to_caller */
 };
 
 enum { BACKOFF_EXPONENTIAL = 0, BACKOFF_LINEAR = 1, BACKOFF_FIXED = 2 };
@@ -200,9 +201,20 @@ static void hook_release(ct_task *t) {
  * this is (engine.py's _LoopRunner says so): a wait() there must not block as elsewhere. */
 static _Thread_local ct_worker *tl_worker;
 static _Thread_local EngineObject *tl_loop_engine;
+/* The engine whose thread this is: a worker, the hook (timer) thread or the event-loop thread.
+ * Work submitted there comes from work in flight. */
+static _Thread_local ct_engine *tl_own_engine;
+
+/* While shutdown(wait_for_completion=True) drains, work from outside is refused but work that
+ * in-flight tasks create (a task adding a task, a finished step releasing the next, a
+ * coroutine's follow-up: all on the engine's own threads) is accepted, so it finishes too. */
+static inline int closed_to_caller(EngineObject *self) {
+    return CT_UNLIKELY(atomic_load_explicit(&self->closing, memory_order_relaxed)) && tl_own_engine != self->e;
+}
 
 static void hook_thread_start(ct_worker *w) {
     tl_worker = w;
+    tl_own_engine = w->engine;
     PyGILState_Ensure();                 /* creates this thread's state, kept for its life */
     w->thread_ident = PyThread_get_thread_ident();
     w->py_state = PyEval_SaveThread();
@@ -310,6 +322,9 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         cbs = (PyObject *)t->value;
         t->value = NULL;
     }
+    /* Callbacks may submit work (a workflow step releases the next): until they ran, this
+     * completion counts as running, so a drain cannot end in between. */
+    if (eng && cbs) ct_engine_hold(eng->e);
     int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
     PyObject *drop = NULL;
     if (observed) {
@@ -327,6 +342,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_DECREF(cbs);
     }
     Py_XDECREF(drop);
+    if (eng && cbs) ct_engine_unhold(eng->e);
     if (eng) ct_task_decref(&eng->e->hooks, t);
 }
 
@@ -595,6 +611,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
 /* ---- the timer thread's Python side ---- */
 
 static void hook_timer_thread_start(ct_engine *e) {
+    tl_own_engine = e;
     PyGILState_Ensure();
     e->timer_py_state = PyEval_SaveThread();
 }
@@ -1582,6 +1599,10 @@ fail_node:
 
 /* Submit a prepared Python-visible node (its cfg not yet set) and return its TaskResult. */
 static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int64_t block_ns) {
+    if (closed_to_caller(self)) {
+        ct_task_decref(&self->e->hooks, t);
+        return submit_error(self, CT_ESHUTDOWN);
+    }
     /* Only a config that changes how the task runs is kept on the node (priority alone is
      * used here and needs nothing later). */
     if (cfg && (cfg->max_retries || cfg->timeout_ns || cfg->on_success || cfg->on_failure || cfg->isolation)) {
@@ -1751,6 +1772,7 @@ static PyObject *Engine_submit_c(EngineObject *self, PyObject *args) {
     int priority = 2;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "KK|i:submit_c", &fn, &data, &priority)) return NULL;
+    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
     if (!fn) {
         PyErr_SetString(PyExc_ValueError, "submit_c(): the function address is NULL");
         return NULL;
@@ -2072,6 +2094,7 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ks#s#OL|idO:_map_native", &tramp, &codes, &ncodes, &restype, &nres, &items, &chunk,
                           &priority, &hold_gil, &out))
         return NULL;
+    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
     if (map_native_args("_map_native", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
     if (!(PyList_CheckExact(items) || PyTuple_CheckExact(items))) {
         PyErr_SetString(PyExc_ValueError, "_map_native(): items must be a list or a tuple");
@@ -2118,6 +2141,7 @@ static PyObject *Engine_map_native_buffers(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ks#s#O!L|iOd:_map_native_buffers", &tramp, &codes, &ncodes, &restype, &nres,
                           &PyTuple_Type, &columns, &chunk, &priority, &out, &hold_gil))
         return NULL;
+    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
     if (map_native_args("_map_native_buffers", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
     if (ncodes < 1 || PyTuple_GET_SIZE(columns) != ncodes) {
         PyErr_SetString(PyExc_ValueError, "_map_native_buffers(): one column per type code");
@@ -2185,6 +2209,7 @@ static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
     PyObject *func, *items, *config;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "OOO:_submit_batch", &func, &items, &config)) return NULL;
+    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
     if (!PyCallable_Check(func)) return not_callable(func), NULL;
     ConfigObject *cfg = config != Py_None ? (ConfigObject *)config : lookup_config(func);
     if (cfg && !PyObject_TypeCheck((PyObject *)cfg, &Config_Type)) {
@@ -2363,10 +2388,25 @@ static PyObject *Engine_in_own_task(EngineObject *self, PyObject *unused) {
     return PyBool_FromLong((tl_worker && tl_worker->engine == self->e) || tl_loop_engine == self);
 }
 
+/* _close_to_outside(): refuse new work except from the engine's own threads (see
+ * closed_to_caller); _close() later refuses it all. */
+static PyObject *Engine_close_to_outside(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    atomic_store(&self->closing, 1);
+    Py_RETURN_NONE;
+}
+
+/* _accepts_here() -> bool: would a task submitted from this thread be accepted now? */
+static PyObject *Engine_accepts_here(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    return PyBool_FromLong(atomic_load(&self->e->accepting) && !closed_to_caller(self));
+}
+
 /* _adopt_loop_thread(): the calling thread is this engine's event-loop thread. */
 static PyObject *Engine_adopt_loop_thread(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     tl_loop_engine = self;   /* borrowed: the loop thread stops before the engine goes */
+    tl_own_engine = self->e;
     Py_RETURN_NONE;
 }
 
@@ -3000,6 +3040,8 @@ static PyMethodDef Engine_methods[] = {
     {"_drain", (PyCFunction)Engine_drain, METH_VARARGS, NULL},
     {"_in_own_task", (PyCFunction)Engine_in_own_task, METH_NOARGS, NULL},
     {"_adopt_loop_thread", (PyCFunction)Engine_adopt_loop_thread, METH_NOARGS, NULL},
+    {"_close_to_outside", (PyCFunction)Engine_close_to_outside, METH_NOARGS, NULL},
+    {"_accepts_here", (PyCFunction)Engine_accepts_here, METH_NOARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
     {"pause", (PyCFunction)Engine_pause, METH_NOARGS, "Stop starting queued tasks (running ones finish)."},
@@ -3033,6 +3075,7 @@ static CatzillaTasks_Engine *capi_get_engine(PyObject *obj) {
 static int capi_submit(CatzillaTasks_Engine *engine, void (*fn)(void *), void *data, int priority, int64_t block_ns,
                        uint64_t *id_out) {
     if (!engine || !fn || priority < 0 || priority >= CT_NPRIO) return CT_EINVAL;
+    if (closed_to_caller((EngineObject *)((ct_engine *)engine)->hooks.ctx)) return CT_ESHUTDOWN;
     ct_task *t = ct_task_new();
     if (!t) return CT_ENOMEM;
     t->fn = (void *)fn;
@@ -3052,6 +3095,7 @@ static int capi_submit(CatzillaTasks_Engine *engine, void (*fn)(void *), void *d
 static int capi_submit_many(CatzillaTasks_Engine *engine, void (*fn)(void *), void *const *data, size_t n,
                             int priority, int64_t block_ns) {
     if (!engine || !fn || priority < 0 || priority >= CT_NPRIO) return CT_EINVAL;
+    if (closed_to_caller((EngineObject *)((ct_engine *)engine)->hooks.ctx)) return CT_ESHUTDOWN;
     ct_task *stack[256];
     ct_task **ts = n <= 256 ? stack : malloc(n * sizeof(ct_task *));
     if (!ts) return CT_ENOMEM;
