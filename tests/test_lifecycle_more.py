@@ -413,3 +413,127 @@ def test_shutdown_without_waiting_refuses_spawned_work():
     th.join(30)
     h.wait(0)
     assert len(errors) == 1 and "shut down" in str(errors[0])
+
+
+# -- item 10: fork ---------------------------------------------------------------------------------
+
+
+def _double(x):
+    return 2 * x
+
+
+def _in_child(eng, queued):
+    """What a forked child sees of an engine its parent made (and whether a new one works)."""
+    out = {}
+    try:
+        eng.add_task(_double, 1)
+        out["add_task"] = "accepted"
+    except RuntimeError as exc:
+        out["add_task"] = str(exc)
+    out["workers"] = eng.stats()["workers"]
+    out["monitor_workers"] = eng.monitor.get_stats()["worker_metrics"]["total_workers"]
+    try:
+        queued.wait(5)
+        out["wait"] = "returned"
+    except RuntimeError as exc:
+        out["wait"] = str(exc)
+    except TimeoutError:
+        out["wait"] = "timed out"
+    try:
+        eng.join(5)
+        out["join"] = "returned"
+    except RuntimeError as exc:
+        out["join"] = str(exc)
+    except TimeoutError:
+        out["join"] = "timed out"
+    eng.shutdown(timeout=5)  # nothing to stop here: returns at once
+    with BackgroundTasks(workers=2, enable_auto_scaling=False) as fresh:
+        out["fresh"] = fresh.add_task(_double, 21).wait(10)
+    return out
+
+
+def _check_child_report(out):
+    assert "forked" in out["add_task"] and "Create a new BackgroundTasks in the child" in out["add_task"]
+    assert "forked" in out["wait"] and "forked" in out["join"]
+    assert out["workers"] == 0 and out["monitor_workers"] == 0
+    assert out["fresh"] == 42
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_engine_in_a_forked_child_fails_clearly_and_a_new_one_works():
+    import json
+
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    try:
+        eng.pause()
+        queued = eng.add_task(_double, 5)  # queued in the parent: the parent runs it, once
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.close(r)
+                os.write(w, json.dumps(_in_child(eng, queued)).encode())
+                code = 0
+            except BaseException as exc:  # noqa: BLE001
+                os.write(w, json.dumps({"error": repr(exc)}).encode())
+            finally:
+                os._exit(code)
+        os.close(w)
+        deadline = time.monotonic() + 40
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            time.sleep(0.02)
+        with os.fdopen(r, "rb") as f:
+            out = json.loads(f.read() or b"{}")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, out
+        _check_child_report(out)
+        eng.resume()
+        assert queued.wait(10) == 10  # the parent's engine is untouched
+        assert eng.stats()["succeeded"] == 1  # run once, in the parent
+    finally:
+        eng.shutdown(timeout=10)
+
+
+def _mp_child(eng, queued, q):
+    try:
+        q.put(_in_child(eng, queued))
+    except BaseException as exc:  # noqa: BLE001
+        q.put({"error": repr(exc)})
+
+
+@pytest.mark.timeout(90)
+def test_multiprocessing_fork_child():
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method")
+    ctx = mp.get_context("fork")
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    try:
+        eng.pause()
+        queued = eng.add_task(_double, 5)
+        q = ctx.Queue()
+        p = ctx.Process(target=_mp_child, args=(eng, queued, q))
+        p.start()
+        try:
+            out = q.get(timeout=40)
+        finally:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        assert "error" not in out, out
+        _check_child_report(out)
+        assert p.exitcode == 0
+        eng.resume()
+        assert queued.wait(10) == 10
+    finally:
+        eng.shutdown(timeout=10)

@@ -304,6 +304,20 @@ _live: "weakref.WeakSet[BackgroundTasks]" = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
 
 
+def _after_fork_in_child() -> None:
+    """An engine belongs to the process that made it: in a forked child its worker threads do
+    not exist, and the tasks queued in it are the parent's (the parent runs them; the child must
+    not run them again). Every engine copied into the child refuses work with a clear error and
+    reports no workers; the child creates its own engine."""
+    for eng in list(_live):
+        eng._forget_after_fork()
+        eng._forked = True
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _shutdown_all() -> None:
     """Interpreter exit: run what is queued (each engine's exit_timeout), then stop."""
@@ -392,6 +406,7 @@ class BackgroundTasks(_engine.Engine):
         self.process_workers = os.cpu_count() or 1
         self._shutdown_done = False  # threads stopped
         self._closing = False  # shutdown() called
+        self._forked = False  # this process is a fork of the one that made the engine
         self._finisher: threading.Thread | None = None  # stops the threads after a timed-out shutdown
         self._created_seq = next(_created)
         _live.add(self)
@@ -627,6 +642,9 @@ class BackgroundTasks(_engine.Engine):
         its own ``timeout`` for that. Once the engine has stopped, calling it again does nothing.
         """
         if self._shutdown_done:
+            return
+        if self._forked:  # a forked child: this engine's threads are the parent's
+            self._closing = self._shutdown_done = True
             return
         if self._finisher is not None:
             # an earlier shutdown timed out: its running tasks end, then the finisher stops all

@@ -48,7 +48,25 @@ static void ct_tl_register(void) {
     ct_tl_registered = 1;
 }
 
+/* fork(): no slab lock may be held by another thread at that instant, or the child (which
+ * has only the forking thread) would wait for it forever on its first refill. */
+static void ct_slab_fork_prepare(void) {
+    int n = atomic_load(&ct_nslabs);
+    for (int i = 0; i < n && i < CT_SLAB_MAX; i++)
+        if (ct_slabs[i]) pthread_mutex_lock(&ct_slabs[i]->lock);
+}
+
+static void ct_slab_fork_done(void) {
+    int n = atomic_load(&ct_nslabs);
+    for (int i = (n < CT_SLAB_MAX ? n : CT_SLAB_MAX) - 1; i >= 0; i--)
+        if (ct_slabs[i]) pthread_mutex_unlock(&ct_slabs[i]->lock);
+}
+
+static pthread_once_t ct_fork_once = PTHREAD_ONCE_INIT;
+static void ct_fork_register(void) { pthread_atfork(ct_slab_fork_prepare, ct_slab_fork_done, ct_slab_fork_done); }
+
 int ct_slab_init(ct_slab *slab, size_t obj_size) {
+    pthread_once(&ct_fork_once, ct_fork_register);
     int idx = atomic_fetch_add(&ct_nslabs, 1);
     if (idx >= CT_SLAB_MAX) return CT_EINVAL;
     memset(slab, 0, sizeof *slab);

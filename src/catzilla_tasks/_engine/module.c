@@ -73,8 +73,10 @@ struct EngineObject {
     int started;
     int stopped;            /* workers joined */
     int holds_self;         /* a strong reference to self while workers run */
-    _Atomic int closing;    /* shutdown(wait_for_completion=True) drains: see closed_to_caller */
+    _Atomic int closing;    /* ENGINE_OPEN, ENGINE_OUTSIDE_CLOSED (shutdown drains: see
+                             * closed_to_caller) or ENGINE_FORKED (this process is a fork) */
 };
+enum { ENGINE_OPEN = 0, ENGINE_OUTSIDE_CLOSED = 1, ENGINE_FORKED = 2 };
 
 enum { BACKOFF_EXPONENTIAL = 0, BACKOFF_LINEAR = 1, BACKOFF_FIXED = 2 };
 
@@ -105,8 +107,6 @@ static void new_prefix(void) {
     snprintf(g_prefix, sizeof g_prefix, "%08x", r);
 }
 
-/* A forked child must not hand out ids its parent also hands out. */
-static void atfork_child(void) { new_prefix(); }
 
 static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", g_prefix, (unsigned long long)id); }
 
@@ -209,7 +209,40 @@ static _Thread_local ct_engine *tl_own_engine;
  * in-flight tasks create (a task adding a task, a finished step releasing the next, a
  * coroutine's follow-up: all on the engine's own threads) is accepted, so it finishes too. */
 static inline int closed_to_caller(EngineObject *self) {
-    return CT_UNLIKELY(atomic_load_explicit(&self->closing, memory_order_relaxed)) && tl_own_engine != self->e;
+    int c = atomic_load_explicit(&self->closing, memory_order_relaxed);
+    return CT_UNLIKELY(c != ENGINE_OPEN) && (c == ENGINE_FORKED || tl_own_engine != self->e);
+}
+
+static inline int engine_forked(EngineObject *self) {
+    return self && atomic_load_explicit(&self->closing, memory_order_relaxed) == ENGINE_FORKED;
+}
+
+/* An engine belongs to the process that made it: after fork() its threads exist only in the
+ * parent (engine.py marks every engine so in the child, _forget_after_fork). */
+static PyObject *forked_error(void) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "this BackgroundTasks engine was created before this process was forked (pid %ld is the "
+                 "child): its worker threads exist only in the parent, which runs the tasks queued there. "
+                 "Create a new BackgroundTasks in the child",
+                 (long)getpid());
+    return NULL;
+}
+
+/* The error of a refused submission (closed_to_caller). */
+static PyObject *refused(EngineObject *self) {
+    if (engine_forked(self)) return forked_error();
+    PyErr_SetString(PyExc_RuntimeError,
+                    "cannot add a task: this BackgroundTasks engine has been shut down; create a new one");
+    return NULL;
+}
+
+/* A forked child must not hand out ids its parent also hands out, and the thread that forked
+ * is no worker (nor loop thread) of any engine here. */
+static void atfork_child(void) {
+    new_prefix();
+    tl_worker = NULL;
+    tl_loop_engine = NULL;
+    tl_own_engine = NULL;
 }
 
 static void hook_thread_start(ct_worker *w) {
@@ -923,6 +956,8 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:wait", kwlist, &timeout)) return NULL;
     uint64_t deadline;
     if (parse_timeout(timeout, &deadline, "wait") < 0) return NULL;
+    if (engine_forked(self->engine) && !CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)))
+        return forked_error();   /* nothing in this process will ever end it */
     if (tl_loop_engine && !CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)) &&
         !(timeout != Py_None && PyFloat_AsDouble(timeout) == 0.0)) {
         /* on the engine's event loop: blocking here stops every async task (the one waited
@@ -1601,7 +1636,7 @@ fail_node:
 static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int64_t block_ns) {
     if (closed_to_caller(self)) {
         ct_task_decref(&self->e->hooks, t);
-        return submit_error(self, CT_ESHUTDOWN);
+        return refused(self);
     }
     /* Only a config that changes how the task runs is kept on the node (priority alone is
      * used here and needs nothing later). */
@@ -1772,7 +1807,7 @@ static PyObject *Engine_submit_c(EngineObject *self, PyObject *args) {
     int priority = 2;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "KK|i:submit_c", &fn, &data, &priority)) return NULL;
-    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
+    if (closed_to_caller(self)) return refused(self);
     if (!fn) {
         PyErr_SetString(PyExc_ValueError, "submit_c(): the function address is NULL");
         return NULL;
@@ -2094,7 +2129,7 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ks#s#OL|idO:_map_native", &tramp, &codes, &ncodes, &restype, &nres, &items, &chunk,
                           &priority, &hold_gil, &out))
         return NULL;
-    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
+    if (closed_to_caller(self)) return refused(self);
     if (map_native_args("_map_native", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
     if (!(PyList_CheckExact(items) || PyTuple_CheckExact(items))) {
         PyErr_SetString(PyExc_ValueError, "_map_native(): items must be a list or a tuple");
@@ -2141,7 +2176,7 @@ static PyObject *Engine_map_native_buffers(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ks#s#O!L|iOd:_map_native_buffers", &tramp, &codes, &ncodes, &restype, &nres,
                           &PyTuple_Type, &columns, &chunk, &priority, &out, &hold_gil))
         return NULL;
-    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
+    if (closed_to_caller(self)) return refused(self);
     if (map_native_args("_map_native_buffers", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
     if (ncodes < 1 || PyTuple_GET_SIZE(columns) != ncodes) {
         PyErr_SetString(PyExc_ValueError, "_map_native_buffers(): one column per type code");
@@ -2209,7 +2244,7 @@ static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
     PyObject *func, *items, *config;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "OOO:_submit_batch", &func, &items, &config)) return NULL;
-    if (closed_to_caller(self)) return submit_error(self, CT_ESHUTDOWN);
+    if (closed_to_caller(self)) return refused(self);
     if (!PyCallable_Check(func)) return not_callable(func), NULL;
     ConfigObject *cfg = config != Py_None ? (ConfigObject *)config : lookup_config(func);
     if (cfg && !PyObject_TypeCheck((PyObject *)cfg, &Config_Type)) {
@@ -2332,6 +2367,7 @@ static PyObject *Engine_drain(EngineObject *self, PyObject *args) {
     PyObject *timeout = Py_None;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "|O:_drain", &timeout)) return NULL;
+    if (engine_forked(self)) return forked_error();
     uint64_t deadline;
     if (parse_timeout(timeout, &deadline, "join") < 0) return NULL;
     int main_thread = _PyOS_IsMainThread();
@@ -2392,7 +2428,8 @@ static PyObject *Engine_in_own_task(EngineObject *self, PyObject *unused) {
  * closed_to_caller); _close() later refuses it all. */
 static PyObject *Engine_close_to_outside(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
-    atomic_store(&self->closing, 1);
+    int open = ENGINE_OPEN;
+    atomic_compare_exchange_strong(&self->closing, &open, ENGINE_OUTSIDE_CLOSED);
     Py_RETURN_NONE;
 }
 
@@ -2400,6 +2437,14 @@ static PyObject *Engine_close_to_outside(EngineObject *self, PyObject *unused) {
 static PyObject *Engine_accepts_here(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     return PyBool_FromLong(atomic_load(&self->e->accepting) && !closed_to_caller(self));
+}
+
+/* _forget_after_fork(): this process is a fork of the one that made the engine (engine.py's
+ * after-fork hook): refuse everything with a clear error, report no workers. */
+static PyObject *Engine_forget_after_fork(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    atomic_store(&self->closing, ENGINE_FORKED);
+    Py_RETURN_NONE;
 }
 
 /* _adopt_loop_thread(): the calling thread is this engine's event-loop thread. */
@@ -2444,6 +2489,9 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         (unsigned long long)s.retried, "timed_out", (unsigned long long)s.timed_out, "replaced",
         (unsigned long long)s.replaced);
     if (d && dict_set_steal(d, "batched", PyLong_FromLongLong(s.batched)) < 0) Py_CLEAR(d);
+    if (d && engine_forked(self) &&   /* the copied counters say the parent's threads live */
+        (dict_set_steal(d, "workers", PyLong_FromLong(0)) < 0 || dict_set_steal(d, "sleeping", PyLong_FromLong(0)) < 0))
+        Py_CLEAR(d);
     return d;
 }
 
@@ -2494,6 +2542,7 @@ static PyObject *hist_to_py(ct_hist *const *hs, int nh) {
 static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_engine *e = self->e;
+    int forked = engine_forked(self);   /* the slots describe the parent's threads */
     int n = atomic_load(&e->nworkers);
     ct_hist *execs[n + 1], *waits[n];
     uint64_t now = ct_now_ns(), sec_now = now / 1000000000ull;
@@ -2509,7 +2558,7 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
             if (ep <= sec_now && sec_now - ep < CT_RATE_SLOTS)
                 rate[sec_now - ep] += atomic_load_explicit(&w->rate.count[s], memory_order_relaxed);
         }
-        int live = w->started && !atomic_load(&w->exited) && !atomic_load(&w->retire);
+        int live = !forked && w->started && !atomic_load(&w->exited) && !atomic_load(&w->retire);
         double cpu_s = -1;
         if (live) {
             clockid_t cid;
@@ -2548,12 +2597,13 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
     double frac = (double)(now % 1000000000ull) / 1e9;
     return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N,s:d,s:d,s:i,s:i}", "workers", workers, "exec", hist_to_py(execs, n + 1),
                          "wait", hist_to_py(waits, n), "bounds_ns", bounds, "rate", rates, "second_fraction", frac,
-                         "uptime_s", (double)(now - g_mono0) / 1e9, "sleeping", atomic_load(&e->sleepers),
-                         "live_workers", ct_engine_live_workers(e));
+                         "uptime_s", (double)(now - g_mono0) / 1e9, "sleeping", forked ? 0 : atomic_load(&e->sleepers),
+                         "live_workers", forked ? 0 : ct_engine_live_workers(e));
 }
 
 static PyObject *Engine_add_worker(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
+    if (engine_forked(self)) return forked_error();
     return PyBool_FromLong(ct_engine_add_worker(self->e) == CT_OK);
 }
 
@@ -3041,6 +3091,7 @@ static PyMethodDef Engine_methods[] = {
     {"_in_own_task", (PyCFunction)Engine_in_own_task, METH_NOARGS, NULL},
     {"_adopt_loop_thread", (PyCFunction)Engine_adopt_loop_thread, METH_NOARGS, NULL},
     {"_close_to_outside", (PyCFunction)Engine_close_to_outside, METH_NOARGS, NULL},
+    {"_forget_after_fork", (PyCFunction)Engine_forget_after_fork, METH_NOARGS, NULL},
     {"_accepts_here", (PyCFunction)Engine_accepts_here, METH_NOARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
