@@ -398,9 +398,11 @@ def test_shutdown_finishes_workflows_in_flight():
 def test_shutdown_without_waiting_refuses_spawned_work():
     eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
     gate = threading.Event()
+    started = threading.Event()
     errors = []
 
     def parent():
+        started.set()
         gate.wait(30)
         try:
             eng.add_task(int)
@@ -408,6 +410,7 @@ def test_shutdown_without_waiting_refuses_spawned_work():
             errors.append(exc)
 
     h = eng.add_task(parent)
+    assert started.wait(10)  # running: shutdown(wait_for_completion=False) lets it finish
     th, box = _shutdown_in_thread(eng, wait_for_completion=False, timeout=30)
     gate.set()
     th.join(30)
@@ -537,3 +540,43 @@ def test_multiprocessing_fork_child():
         assert queued.wait(10) == 10
     finally:
         eng.shutdown(timeout=10)
+
+
+# -- item 9: node memory of threads that only drop handles -----------------------------------------
+
+
+def _drop_on_short_lived_threads(handles, per_thread):
+    chunks = [handles[i : i + per_thread] for i in range(0, len(handles), per_thread)]
+    handles.clear()
+    threads = []
+    for c in chunks:
+        t = threading.Thread(target=c.clear)  # the last reference of each node dies here
+        threads.append(t)
+    del chunks
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
+@pytest.mark.timeout(120)
+def test_nodes_freed_by_short_lived_threads_are_not_stranded(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False, queue_size=100_000)
+
+    def round_():
+        hs = [eng.add_task(int) for _ in range(10_000)]
+        eng.join(60)
+        _drop_on_short_lived_threads(hs, 100)  # 100 threads, 100 nodes each: below a cache batch
+
+    round_()  # warm up: the slab grows to what the workload needs
+    slab0 = eng.memory_stats()["slab_bytes"]
+    for _ in range(3):
+        round_()
+    grown = eng.memory_stats()["slab_bytes"] - slab0
+    # stranded: 10,000 nodes (~1 MiB) per round, for good
+    assert grown <= 256 * 1024, f"the slab grew by {grown} bytes over 3 identical rounds"
+    m = eng.memory_stats()
+    assert m["nodes_cached"] >= 0 and m["nodes_free"] >= 0
+    assert (m["nodes_in_use"] + m["nodes_cached"] + m["nodes_free"]) * m["node_size"] <= m["slab_bytes"]
+    perf = eng.monitor.get_stats()["performance_metrics"]
+    assert perf["memory_cached_mb"] == pytest.approx(m["nodes_cached"] * m["node_size"] / 2**20, rel=0.5, abs=0.1)

@@ -124,6 +124,8 @@ class TaskMonitor:
                 "p99_queue_wait_ms": _percentile(wt, bounds, 0.99),
                 "memory_usage_mb": mem["slab_bytes"] / 2**20,
                 "memory_in_use_mb": in_use / 2**20,
+                # free nodes held in threads' caches (the rest of memory_usage_mb is free for anyone)
+                "memory_cached_mb": mem["nodes_cached"] * mem["node_size"] / 2**20,
                 "memory_efficiency": (mem["nodes_in_use"] * mem["node_size"] / mem["slab_bytes"]) if mem["slab_bytes"] else 1.0,
             },
             "error_metrics": {

@@ -3218,9 +3218,11 @@ static PyObject *mod_set_hooks(PyObject *m, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *mod_memory_stats(PyObject *m, PyObject *unused) {
-    return Py_BuildValue("{s:n,s:L,s:n}", "slab_bytes", (Py_ssize_t)atomic_load(&ct_task_slab.chunk_bytes),
-                         "nodes_in_use", (long long)atomic_load(&ct_task_slab.in_use), "node_size",
-                         (Py_ssize_t)ct_task_slab.obj_size);
+    ct_slab_stats st;
+    ct_slab_get_stats(&ct_task_slab, &st);
+    return Py_BuildValue("{s:n,s:L,s:n,s:L,s:L}", "slab_bytes", (Py_ssize_t)st.chunk_bytes, "nodes_in_use",
+                         (long long)st.in_use, "node_size", (Py_ssize_t)ct_task_slab.obj_size, "nodes_cached",
+                         (long long)st.cached, "nodes_free", (long long)st.free_global);
 }
 
 static PyObject *mod_live_ids(PyObject *m, PyObject *unused) { return PyLong_FromSsize_t(PyDict_GET_SIZE(g_registry)); }
