@@ -248,6 +248,27 @@ class AutoScaler:
         finally:
             self._engine._scaler_rearm(keep and self.enabled)
 
+    @staticmethod
+    def _measure(
+        prev: tuple[float, dict[int, tuple[float, float, float, float]]],
+        now: float,
+        cur: dict[int, tuple[float, float, float, float]],
+        live: int,
+    ) -> tuple[float, float, float]:
+        """Utilization, blocked share and CPU cores of the workers since the baseline prev."""
+        t0, base = prev
+        dt = now - t0
+        d_busy = d_gil = d_cpu = d_rq = 0.0
+        for wid, (b, g, c, r) in cur.items():
+            pb, pg, pc, pr = base.get(wid, (b, g, c, r))
+            d_busy += max(0.0, b - pb)
+            d_gil += max(0.0, g - pg)
+            d_cpu += max(0.0, c - pc)
+            d_rq += max(0.0, r - pr)
+        util = min(1.0, d_busy / (dt * max(live, 1)))
+        blocked = max(0.0, d_busy - d_gil - d_cpu - d_rq) / d_busy if d_busy > 0 else 0.0
+        return util, blocked, d_cpu / dt
+
     def evaluate(self, apply: bool = True) -> dict[str, Any]:
         eng = self._engine
         raw = eng._monitor_raw()
@@ -261,20 +282,14 @@ class AutoScaler:
         live = raw["live_workers"]
         backlog = max(0, st["queued_total"] - st["scheduled"])
         util = blocked = cores = 0.0
-        if self._prev is not None and now - self._prev[0] > 0:
-            t0, prev = self._prev
-            dt = now - t0
-            d_busy = d_gil = d_cpu = d_rq = 0.0
-            for wid, (b, g, c, r) in cur.items():
-                pb, pg, pc, pr = prev.get(wid, (b, g, c, r))
-                d_busy += max(0.0, b - pb)
-                d_gil += max(0.0, g - pg)
-                d_cpu += max(0.0, c - pc)
-                d_rq += max(0.0, r - pr)
-            util = min(1.0, d_busy / (dt * max(live, 1)))
-            blocked = max(0.0, d_busy - d_gil - d_cpu - d_rq) / d_busy if d_busy > 0 else 0.0
-            cores = d_cpu / dt
-        self._prev = (now, cur)
+        if self._prev is not None and now - self._prev[0] < self.interval_s / 2:
+            # Too short a window to measure (the tick that wakes the scaler comes at once after
+            # it stood down): no decision, and the older baseline stays for the next tick.
+            pass
+        else:
+            if self._prev is not None:
+                util, blocked, cores = self._measure(self._prev, now, cur, live)
+            self._prev = (now, cur)
         if backlog > 0 or util > self.scale_down_threshold:
             self._last_active = now
         lo, hi = eng.min_workers, eng.max_workers

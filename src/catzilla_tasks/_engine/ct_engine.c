@@ -162,6 +162,7 @@ int ct_task_wait(ct_task *t, uint64_t deadline_ns) {
 /* ------------------------------------------------------------------ engine */
 
 static void ct_wake_one(ct_engine *e);
+static void ct_engine_scaler_wake(ct_engine *e);
 static void ct_engine_hookq_push(ct_engine *e, ct_timer_entry *en);
 
 /* Timer thread: a due entry. READY entries carry the engine's reference of a SCHEDULED node
@@ -556,7 +557,7 @@ void ct_worker_begin_batch(ct_worker *w, uint64_t now) {
         if (atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) &&
             !atomic_load_explicit(&e->scaler_armed, memory_order_relaxed) &&
             atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0)
-            ct_engine_scaler_arm(e);
+            ct_engine_scaler_wake(e);
     }
 }
 
@@ -678,7 +679,7 @@ static void *ct_worker_main(void *arg) {
         if (atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) &&
             !atomic_load_explicit(&e->scaler_armed, memory_order_relaxed) &&
             atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0 && ct_engine_visible_work(e))
-            ct_engine_scaler_arm(e);
+            ct_engine_scaler_wake(e);
     }
     atomic_store(&w->exited, 1);
     if (e->hooks.thread_stop) e->hooks.thread_stop(w);
@@ -785,17 +786,23 @@ int ct_engine_retire_worker(ct_engine *e) {
     return rc;
 }
 
-void ct_engine_scaler_arm(ct_engine *e) {
+static void ct_engine_scaler_arm_in(ct_engine *e, uint64_t delay_ns) {
     if (!atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) || !e->scaler_tick) return;
     int expected = 0;
     if (!atomic_compare_exchange_strong(&e->scaler_armed, &expected, 1)) return;
     ct_task_incref(e->scaler_tick);
-    uint64_t due = ct_now_ns() + atomic_load(&e->scaler_interval_ns);
+    uint64_t due = ct_now_ns() + delay_ns;
     if (ct_timer_add(&e->timer, due, e->scaler_tick, CT_TIMER_CALL, 0) != CT_OK) {
         atomic_fetch_sub(&e->scaler_tick->refs, 1);
         atomic_store(&e->scaler_armed, 0);
     }
 }
+
+void ct_engine_scaler_arm(ct_engine *e) { ct_engine_scaler_arm_in(e, atomic_load(&e->scaler_interval_ns)); }
+
+/* A worker saw work wait with no idle sibling: the first tick comes at once, so the scaler
+ * takes its baseline now and decides one interval later (not two). */
+static void ct_engine_scaler_wake(ct_engine *e) { ct_engine_scaler_arm_in(e, 0); }
 
 /* Take room for n tasks if it is there. A compare-and-swap, not add-then-undo: a failed
  * attempt never shows a transient count to anyone (a drain or a blocked producer reading the
