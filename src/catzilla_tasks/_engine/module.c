@@ -2471,6 +2471,9 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_stats s;
     ct_engine_get_stats(self->e, &s);
+    /* "accepting" is for new work from outside: none once a shutdown began, even while work
+     * in flight may still add its own */
+    if (atomic_load(&self->closing) != ENGINE_OPEN) s.accepting = 0;
     uint64_t processed = 0, busy = 0;
     for (int i = 0; i < atomic_load(&self->e->nworkers); i++) {
         processed += atomic_load(&self->e->workers[i].processed);
