@@ -26,9 +26,35 @@ def test_one_worker_is_one_worker():
         assert eng.add_task(lambda: 7).wait(10) == 7
 
 
-def test_memory_pool_mb_is_refused_with_the_reason():
-    with pytest.raises(TypeError, match="memory_pool_mb was removed.*queue_size"):
-        BackgroundTasks(workers=1, memory_pool_mb=1)
+@pytest.mark.timeout(60)
+def test_memory_pool_mb_caps_the_bytes_queued_arguments_hold(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False, memory_pool_mb=1)
+    blob = b"x" * 300_000
+    eng.pause()
+    hs = [eng.add_task(len, blob + bytes([i])) for i in range(3)]  # 3 x ~300 kB: fits in 1 MiB
+    held = eng.stats()["queued_arg_bytes"]
+    assert 3 * 300_000 < held <= 2**20
+    with pytest.raises(catzilla_tasks.QueueFull, match="memory_pool_mb=1 reached"):
+        eng.add_task(len, blob + b"!")
+    with pytest.raises(catzilla_tasks.QueueFull, match="memory_pool_mb"):
+        eng.map(len, [blob, blob])  # all or nothing: none of the batch is queued
+    assert eng.stats()["queued_arg_bytes"] == held and eng.stats()["queued_total"] == 3
+    q = eng.monitor.get_stats()["queue_metrics"]
+    assert q["queued_argument_bytes"] == held and q["memory_pool_bytes"] == 2**20
+    eng.resume()
+    assert [h.wait(10) for h in hs] == [300_001] * 3
+    assert eng.stats()["queued_arg_bytes"] == 0  # given back when the tasks started
+    assert eng.add_task(len, blob).wait(10) == 300_000
+    small = make_tasks(workers=1, enable_auto_scaling=False, memory_pool_mb=0.001)
+    with pytest.raises(catzilla_tasks.QueueFull, match="memory_pool_mb"):
+        small.add_task(len, blob)
+    assert small.add_task(int).wait(10) == 0  # no arguments, nothing to hold
+
+
+def test_memory_pool_mb_validation():
+    for bad in (0, -1, float("nan"), "10"):
+        with pytest.raises(ValueError, match="memory_pool_mb"):
+            BackgroundTasks(workers=1, memory_pool_mb=bad)
 
 
 def test_monitor_and_autoscaler_at_the_package_root():

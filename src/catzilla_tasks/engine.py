@@ -32,7 +32,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_ATTR = "__catzilla_task__"
 _DEFAULT_CONFIG = TaskConfig()
-_REMOVED: Any = object()  # default of a removed keyword: passing it at all is an error
 
 
 class ShutdownTimeout(TimeoutError):
@@ -346,7 +345,7 @@ class BackgroundTasks(_engine.Engine):
         max_workers: int | None = None,
         queue_size: int = 10000,
         enable_auto_scaling: bool = True,
-        memory_pool_mb: Any = _REMOVED,
+        memory_pool_mb: float | None = None,
         *,
         aging_ms: float = 100.0,
         exit_timeout: float | None = 30.0,
@@ -358,12 +357,10 @@ class BackgroundTasks(_engine.Engine):
         if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
             workers, min_workers, max_workers, enable_auto_scaling = 1, 1, 1, False
-        if memory_pool_mb is not _REMOVED:
-            raise TypeError(
-                "memory_pool_mb was removed: it never limited memory (the engine holds references to "
-                "the queued tasks' arguments, not copies, so it cannot bound their size); the bound on "
-                "queued work is queue_size. Drop the argument."
-            )
+        if memory_pool_mb is not None and (
+            isinstance(memory_pool_mb, bool) or not isinstance(memory_pool_mb, (int, float)) or not memory_pool_mb > 0
+        ):
+            raise ValueError(f"memory_pool_mb: must be a number > 0 (megabytes) or None, got {memory_pool_mb!r}")
         if workers is None:
             workers = min(32, cpus * 2)
         if min_workers is None:
@@ -386,6 +383,11 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
+        # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
+        # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
+        self.memory_pool_mb = memory_pool_mb
+        if memory_pool_mb is not None and memory_pool_mb != float("inf"):
+            self._set_memory_cap(min(int(memory_pool_mb * 2**20), 2**62))
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.enable_auto_scaling = bool(enable_auto_scaling)

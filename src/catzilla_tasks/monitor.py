@@ -105,6 +105,9 @@ class TaskMonitor:
                 "low_queue_size": q[3],
                 "total_queued": total_queued,  # in_worker_batches included
                 "in_worker_batches": st["batched"],  # taken by a worker, not started yet
+                # memory_pool_mb: bytes the queued tasks' arguments hold (measured only with a cap)
+                "queued_argument_bytes": st["queued_arg_bytes"],
+                "memory_pool_bytes": st["memory_cap_bytes"] or None,
                 "scheduled": st["scheduled"],
                 "queue_pressure": total_queued / st["queue_size"],
             },

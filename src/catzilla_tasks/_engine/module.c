@@ -54,6 +54,9 @@ static PyObject *g_registry;          /* {id: (node address, engine address)} of
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *g_native_prepare;    /* f(native, args, kwargs) -> (call block, args) | None (compiler.py) */
 static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
+static PyObject *g_charges;           /* {node address: (engine address, bytes)}: queued tasks of engines
+                                       * with a memory cap, and the bytes their arguments hold */
+static PyObject *g_getsizeof;         /* sys.getsizeof */
 static PyObject *QueueFullError, *TaskCancelledError;
 static char g_prefix[16];
 static uint64_t g_mono0;
@@ -73,6 +76,8 @@ struct EngineObject {
     int started;
     int stopped;            /* workers joined */
     int holds_self;         /* a strong reference to self while workers run */
+    int64_t mem_cap;        /* memory_pool_mb in bytes: bound on arg_bytes (0 = none) */
+    int64_t arg_bytes;      /* bytes of the arguments of its queued tasks (GIL), while mem_cap */
     _Atomic int closing;    /* ENGINE_OPEN, ENGINE_OUTSIDE_CLOSED (shutdown drains: see
                              * closed_to_caller) or ENGINE_FORKED (this process is a fork) */
 };
@@ -177,8 +182,11 @@ static PyObject *fetch_exception(void) {
 
 /* ------------------------------------------------------------------ hooks */
 
+static void uncharge(ct_task *t);
+
 static void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
+    if (CT_UNLIKELY(PyDict_GET_SIZE(g_charges) > 0)) uncharge(t);   /* queued, never ran */
     if (st & CT_F_REGISTERED) {
         PyObject *key = PyLong_FromUnsignedLongLong(t->id);
         if (!key || PyDict_DelItem(g_registry, key) < 0) PyErr_Clear();
@@ -532,6 +540,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     }
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
+    if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued */
     if (!ct_task_begin(t, w->id)) {
         ts_store(&t->t_start, 0);
         ct_task_finish(eng->e, t, CT_CANCELLED);  /* already cancelled: only counts it out */
@@ -1632,6 +1641,82 @@ fail_node:
     return NULL;
 }
 
+/* ---- memory_pool_mb: a cap on the bytes queued tasks' arguments hold ----
+ *
+ * A task's charge is the size of its argument tuple plus each argument's own size, as
+ * sys.getsizeof reports them (an object's own storage: a bytes or str its text, a numpy array
+ * its buffer, a list its item array, not the items). It is taken when the task is queued and
+ * given back when it starts (or is dropped unstarted); a task whose charge does not fit is
+ * refused with QueueFull. Only engines with a cap measure (the default has none): the side
+ * table and the sizes cost ~0.3 us per task. GIL held throughout. */
+
+static int64_t args_bytes(PyObject *a) {
+    if (!a) return 0;
+    int64_t total = 0;
+    Py_ssize_t n = PyTuple_Check(a) ? PyTuple_GET_SIZE(a) : 0;
+    for (Py_ssize_t i = -1; i < n; i++) {
+        PyObject *o = i < 0 ? a : PyTuple_GET_ITEM(a, i);
+        PyObject *sz = PyObject_CallOneArg(g_getsizeof, o);
+        if (!sz) return -1;
+        long long v = PyLong_AsLongLong(sz);
+        Py_DECREF(sz);
+        if (v < 0) return PyErr_Occurred() ? -1 : 0;
+        total += v;
+    }
+    return total;
+}
+
+/* Record a charge before the node is submitted (a worker may start it at once). */
+static int charge(EngineObject *self, ct_task *t, int64_t bytes) {
+    PyObject *key = PyLong_FromVoidPtr(t);
+    PyObject *val = Py_BuildValue("(KL)", (unsigned long long)(uintptr_t)self, (long long)bytes);
+    int rc = key && val ? PyDict_SetItem(g_charges, key, val) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    if (rc == 0) self->arg_bytes += bytes;
+    return rc;
+}
+
+/* Give back the charge of a node (no-op if it has none). Never leaves an exception set. */
+static void uncharge(ct_task *t) {
+    PyObject *et, *ev, *etb;   /* a pending exception (a release during unwinding) is kept */
+    PyErr_Fetch(&et, &ev, &etb);
+    PyObject *key = PyLong_FromVoidPtr(t);
+    PyObject *val = key ? PyDict_GetItemWithError(g_charges, key) : NULL;
+    if (val) {
+        EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(val, 0));
+        eng->arg_bytes -= PyLong_AsLongLong(PyTuple_GET_ITEM(val, 1));
+        if (PyDict_DelItem(g_charges, key) < 0) PyErr_Clear();
+    }
+    PyErr_Clear();
+    Py_XDECREF(key);
+    PyErr_Restore(et, ev, etb);
+}
+
+static PyObject *memory_full(EngineObject *self, int64_t need) {
+    char mb[32];   /* (PyErr_Format has no %g) */
+    snprintf(mb, sizeof mb, "%.6g", (double)self->mem_cap / 1048576.0);
+    PyErr_Format(QueueFullError,
+                 "memory_pool_mb=%s reached: the arguments of the queued tasks hold %lld bytes and these "
+                 "need %lld more; wait for some to run (join()), pass smaller arguments, or raise "
+                 "memory_pool_mb",
+                 mb, (long long)self->arg_bytes, (long long)need);
+    return NULL;
+}
+
+/* Measure and charge a node about to be queued (mem_cap set). 0, or -1 with an exception
+ * (QueueFull when it does not fit). */
+static int charge_node(EngineObject *self, ct_task *t) {
+    int64_t bytes = args_bytes((PyObject *)t->arg);
+    if (bytes < 0) return -1;
+    if (self->arg_bytes + bytes > self->mem_cap) {
+        atomic_fetch_add_explicit(&self->e->rejected, 1, memory_order_relaxed);
+        memory_full(self, bytes);
+        return -1;
+    }
+    return charge(self, t, bytes);
+}
+
 /* Submit a prepared Python-visible node (its cfg not yet set) and return its TaskResult. */
 static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int64_t block_ns) {
     if (closed_to_caller(self)) {
@@ -1643,6 +1728,10 @@ static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cf
     if (cfg && (cfg->max_retries || cfg->timeout_ns || cfg->on_success || cfg->on_failure || cfg->isolation)) {
         Py_INCREF(cfg);
         t->cfg = cfg;
+    }
+    if (CT_UNLIKELY(self->mem_cap > 0) && charge_node(self, t) < 0) {
+        ct_task_decref(&self->e->hooks, t);
+        return NULL;
     }
     ResultObject *r = result_wrap(self, t);   /* refs: 2 (ours, handed to the engine, + handle) */
     if (!r) {
@@ -2294,6 +2383,22 @@ static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
         PyList_SET_ITEM(results, made, (PyObject *)r);
         nodes[made] = t;
     }
+    if (CT_UNLIKELY(self->mem_cap > 0)) {
+        /* all or nothing: the whole batch's arguments must fit */
+        int64_t need = 0;
+        for (Py_ssize_t i = 0; i < made; i++) {
+            int64_t b = args_bytes((PyObject *)nodes[i]->arg);
+            if (b < 0) goto fail;
+            need += b;
+        }
+        if (self->arg_bytes + need > self->mem_cap) {
+            atomic_fetch_add_explicit(&self->e->rejected, (uint64_t)made, memory_order_relaxed);
+            memory_full(self, need);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < made; i++)
+            if (charge(self, nodes[i], args_bytes((PyObject *)nodes[i]->arg)) < 0) goto fail;
+    }
     int rc = CT_OK;
     Py_ssize_t slice = (Py_ssize_t)(self->e->cfg.queue_size / 2);
     if (slice < 1) slice = 1;
@@ -2439,6 +2544,15 @@ static PyObject *Engine_accepts_here(EngineObject *self, PyObject *unused) {
     return PyBool_FromLong(atomic_load(&self->e->accepting) && !closed_to_caller(self));
 }
 
+/* _set_memory_cap(bytes): memory_pool_mb (0: no cap). */
+static PyObject *Engine_set_memory_cap(EngineObject *self, PyObject *arg) {
+    if (engine_check(self) < 0) return NULL;
+    long long cap = PyLong_AsLongLong(arg);
+    if (cap == -1 && PyErr_Occurred()) return NULL;
+    self->mem_cap = cap > 0 ? cap : 0;
+    Py_RETURN_NONE;
+}
+
 /* _forget_after_fork(): this process is a fork of the one that made the engine (engine.py's
  * after-fork hook): refuse everything with a clear error, report no workers. */
 static PyObject *Engine_forget_after_fork(EngineObject *self, PyObject *unused) {
@@ -2492,6 +2606,9 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         (unsigned long long)s.retried, "timed_out", (unsigned long long)s.timed_out, "replaced",
         (unsigned long long)s.replaced);
     if (d && dict_set_steal(d, "batched", PyLong_FromLongLong(s.batched)) < 0) Py_CLEAR(d);
+    if (d && (dict_set_steal(d, "queued_arg_bytes", PyLong_FromLongLong(self->arg_bytes)) < 0 ||
+              dict_set_steal(d, "memory_cap_bytes", PyLong_FromLongLong(self->mem_cap)) < 0))
+        Py_CLEAR(d);
     if (d && engine_forked(self) &&   /* the copied counters say the parent's threads live */
         (dict_set_steal(d, "workers", PyLong_FromLong(0)) < 0 || dict_set_steal(d, "sleeping", PyLong_FromLong(0)) < 0))
         Py_CLEAR(d);
@@ -3095,6 +3212,7 @@ static PyMethodDef Engine_methods[] = {
     {"_adopt_loop_thread", (PyCFunction)Engine_adopt_loop_thread, METH_NOARGS, NULL},
     {"_close_to_outside", (PyCFunction)Engine_close_to_outside, METH_NOARGS, NULL},
     {"_forget_after_fork", (PyCFunction)Engine_forget_after_fork, METH_NOARGS, NULL},
+    {"_set_memory_cap", (PyCFunction)Engine_set_memory_cap, METH_O, NULL},
     {"_accepts_here", (PyCFunction)Engine_accepts_here, METH_NOARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
@@ -3268,6 +3386,11 @@ PyMODINIT_FUNC PyInit__engine(void) {
     g_wall0 = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
     g_registry = PyDict_New();
     g_history = PyDict_New();
+    g_charges = PyDict_New();
+    PyObject *sysmod = PyImport_ImportModule("sys");
+    g_getsizeof = sysmod ? PyObject_GetAttrString(sysmod, "getsizeof") : NULL;
+    Py_XDECREF(sysmod);
+    if (!g_charges || !g_getsizeof) goto fail;
     g_config_attr = PyUnicode_InternFromString("__catzilla_task__");
     QueueFullError = PyErr_NewExceptionWithDoc(
         "catzilla_tasks.QueueFull", "The engine already holds queue_size queued tasks.", NULL, NULL);

@@ -111,7 +111,7 @@ def enable_background_tasks(
     ``app.get_task_stats``, and mount the stats routes under ``prefix`` (None: no routes).
 
     ``config`` goes to ``BackgroundTasks`` (``min_workers``, ``max_workers``, ``queue_size``,
-    ``enable_auto_scaling``, ``exit_timeout``, ...). If ``app.tasks`` is
+    ``enable_auto_scaling``, ``memory_pool_mb``, ``exit_timeout``, ...). If ``app.tasks`` is
     already a ``BackgroundTasks`` (the plain pattern), that engine is used (give no config then).
 
     - ``app.add_task(func, *args, priority=, delay_ms=, max_retries=, timeout_ms=, **kwargs)``:
