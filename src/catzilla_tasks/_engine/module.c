@@ -112,7 +112,6 @@ static void new_prefix(void) {
     snprintf(g_prefix, sizeof g_prefix, "%08x", r);
 }
 
-
 static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", g_prefix, (unsigned long long)id); }
 
 /* Make a node findable by TaskResult(task_id) while it lives (hook_release forgets it). Done
