@@ -730,9 +730,8 @@ void ct_engine_hold(ct_engine *e) { atomic_fetch_add(&e->running, 1); }
 void ct_engine_unhold(ct_engine *e) { ct_engine_running_done(e, 1); }
 
 int ct_engine_block_begin(ct_engine *e) {
-    /* an idle sibling runs what the wait needs (queued work wakes it; the waiter's own batch
-     * is stolen from it once the waiter has been at its task for the batch budget) */
-    if (atomic_load(&e->sleepers) > 0) return 0;
+    /* Always a stand-in, even when a sibling sleeps: that sibling may be retiring, or take
+     * other work that blocks too; a thread start is small next to a wait that blocks. */
     return ct_engine_add_worker(e) == CT_OK;
 }
 

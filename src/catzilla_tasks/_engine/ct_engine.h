@@ -223,8 +223,7 @@ int ct_engine_add_worker(ct_engine *e);
 /* Ask one live worker (preferably an idle one) to exit. CT_OK, or CT_EINVAL if only one is left. */
 int ct_engine_retire_worker(ct_engine *e);
 /* A worker is about to block until other work of the engine is done (a task waiting for a
- * task): unless a sibling is idle, start a stand-in worker so the pool keeps its size while it
- * waits. Returns 1 if one was started; pass that to ct_engine_block_end when the wait is over
+ * task): start a stand-in worker so the pool keeps its size while it waits. Returns 1 if one was started; pass that to ct_engine_block_end when the wait is over
  * (it retires one worker again). Never call with the GIL held (threads start and stop). */
 int ct_engine_block_begin(ct_engine *e);
 void ct_engine_block_end(ct_engine *e, int added);

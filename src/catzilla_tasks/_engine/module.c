@@ -2723,7 +2723,13 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
 static PyObject *Engine_add_worker(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     if (engine_forked(self)) return forked_error();
-    return PyBool_FromLong(ct_engine_add_worker(self->e) == CT_OK);
+    int rc;
+    /* Reusing an exited worker's slot joins its thread, whose exit needs the GIL: never with it
+     * held (stand-ins of waiting workers retire, so exited slots are common). */
+    Py_BEGIN_ALLOW_THREADS
+    rc = ct_engine_add_worker(self->e);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == CT_OK);
 }
 
 static PyObject *Engine_retire_worker(EngineObject *self, PyObject *unused) {
