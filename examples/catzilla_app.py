@@ -25,10 +25,11 @@ from catzilla_tasks.integrations.catzilla import mount_routes
 
 app = Catzilla(production=True, show_banner=False)
 
-# Initialize background task system (the seed's numbers)
+# Initialize background task system (the seed's numbers: at most 1000 MB of queued arguments)
 app.tasks = BackgroundTasks(
     workers=16,
     enable_auto_scaling=True,
+    memory_pool_mb=1000,
 )
 
 # The app's "database": notifications per user, and processed results (in memory here).

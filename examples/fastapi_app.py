@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from catzilla_tasks import TaskPriority, task
 from catzilla_tasks.integrations.fastapi import BackgroundTasks, lifespan, routes
 
-app = FastAPI(lifespan=lifespan(workers=16, enable_auto_scaling=True))
+app = FastAPI(lifespan=lifespan(workers=16, enable_auto_scaling=True, memory_pool_mb=1000))
 app.mount("/tasks", routes())  # /tasks/stats, /tasks/dashboard/, /tasks/metrics
 
 _lock = threading.Lock()
