@@ -12,7 +12,14 @@ import time
 import pytest
 
 import catzilla_tasks
-from catzilla_tasks import BackgroundTasks, ShutdownTimeout, TaskCancelled, TaskConfig, TaskResult, TaskStatus
+from catzilla_tasks import (
+    BackgroundTasks,
+    ShutdownTimeout,
+    TaskCancelled,
+    TaskConfig,
+    TaskResult,
+    TaskStatus,
+)
 
 
 # -- item 14: options that do nothing or refuse the obvious -------------------------------------
@@ -63,7 +70,9 @@ def test_monitor_and_autoscaler_at_the_package_root():
     assert catzilla_tasks.TaskMonitor is TaskMonitor
     assert catzilla_tasks.AutoScaler is AutoScaler
     assert {"TaskMonitor", "AutoScaler"} <= set(catzilla_tasks.__all__)
-    from catzilla_tasks import AutoScaler as A, TaskMonitor as M  # noqa: F401
+    ns: dict = {}
+    exec("from catzilla_tasks import AutoScaler, TaskMonitor", ns)  # the import statement works
+    assert ns["AutoScaler"] is AutoScaler and ns["TaskMonitor"] is TaskMonitor
 
 
 # -- item 13: smaller lifecycle defects -------------------------------------------------------
@@ -437,7 +446,7 @@ def test_shutdown_without_waiting_refuses_spawned_work():
 
     h = eng.add_task(parent)
     assert started.wait(10)  # running: shutdown(wait_for_completion=False) lets it finish
-    th, box = _shutdown_in_thread(eng, wait_for_completion=False, timeout=30)
+    th, _ = _shutdown_in_thread(eng, wait_for_completion=False, timeout=30)
     gate.set()
     th.join(30)
     h.wait(0)

@@ -141,7 +141,7 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 class _LoopRunner:
     """The engine's event-loop thread: async tasks run here, many at once."""
 
-    def __init__(self, engine: "BackgroundTasks") -> None:
+    def __init__(self, engine: BackgroundTasks) -> None:
         self.loop = _new_event_loop()
         self._tasks: dict[int, asyncio.Task[Any]] = {}
         started = threading.Event()
@@ -151,7 +151,7 @@ class _LoopRunner:
         self._thread.start()
         started.wait()
 
-    def _run(self, started: threading.Event, engine: "BackgroundTasks") -> None:
+    def _run(self, started: threading.Event, engine: BackgroundTasks) -> None:
         import asyncio
 
         asyncio.set_event_loop(self.loop)
