@@ -21,7 +21,6 @@ from catzilla_tasks import (
     TaskStatus,
 )
 
-
 # -- item 14: options that do nothing or refuse the obvious -------------------------------------
 
 
@@ -70,9 +69,10 @@ def test_monitor_and_autoscaler_at_the_package_root():
     assert catzilla_tasks.TaskMonitor is TaskMonitor
     assert catzilla_tasks.AutoScaler is AutoScaler
     assert {"TaskMonitor", "AutoScaler"} <= set(catzilla_tasks.__all__)
-    ns: dict = {}
-    exec("from catzilla_tasks import AutoScaler, TaskMonitor", ns)  # the import statement works
-    assert ns["AutoScaler"] is AutoScaler and ns["TaskMonitor"] is TaskMonitor
+    from catzilla_tasks import AutoScaler as RootScaler
+    from catzilla_tasks import TaskMonitor as RootMonitor
+
+    assert RootScaler is AutoScaler and RootMonitor is TaskMonitor
 
 
 # -- item 13: smaller lifecycle defects -------------------------------------------------------
