@@ -12,7 +12,7 @@ STRESS_N = int(os.environ.get("CATZILLA_TASKS_STRESS_N", "1000000"))
 
 @pytest.fixture
 def tasks():
-    eng = BackgroundTasks(workers=4, queue_size=100_000, memory_pool_mb=100)
+    eng = BackgroundTasks(workers=4, queue_size=100_000)
     try:
         yield eng
     finally:
@@ -24,7 +24,6 @@ def make_tasks():
     made = []
 
     def make(**kw):
-        kw.setdefault("memory_pool_mb", 1000)
         eng = BackgroundTasks(**kw)
         made.append(eng)
         return eng

@@ -250,8 +250,9 @@ def test_constructor_validation():
         BackgroundTasks(workers=0)
     with pytest.raises(ValueError, match="min_workers"):
         BackgroundTasks(workers=2, min_workers=3, max_workers=4)
-    with pytest.raises(ValueError, match="memory_pool_mb"):
-        BackgroundTasks(queue_size=10_000_000, memory_pool_mb=10)
+    for bad in (0, -1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="memory_pool_mb"):
+            BackgroundTasks(memory_pool_mb=bad)
 
 
 def test_pause_resume_and_stats(tasks):
@@ -320,6 +321,8 @@ def test_public_surface():
             "results_of",
             "workflow",
             "CompileError",
+            "TaskMonitor",
+            "AutoScaler",
         ]
     )
     for name in catzilla_tasks.__all__:

@@ -420,7 +420,10 @@ class TaskChain:
         and this returns its RemoteResult."""
         plan = self._compile()
         engine = self.tasks if self.tasks is not None else default_engine()
-        if getattr(engine, "is_shutdown", False):
+        accepts = getattr(engine, "_accepts_here", None)
+        # (a step of a workflow in flight may start another while its engine shuts down)
+        refused = (not accepts()) if accepts is not None else getattr(engine, "is_shutdown", False)
+        if refused:
             raise RuntimeError(
                 f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; "
                 "create a new one"
