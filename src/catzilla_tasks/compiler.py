@@ -1223,10 +1223,11 @@ MAP_STEP = 1024
 MAP_WINDOW = 4 * MAP_STEP
 
 
-def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any], func: Any,
+def map_python(submit: Callable[[Sequence[Any], list[Any]], None], items: Sequence[Any], func: Any,
                return_exceptions: bool) -> list[Any]:
-    """The results, in order, of ``func`` over items run as Python tasks: ``submit(part)`` queues
-    a slice of items and returns their handles. As concurrent.futures' map: when this raises
+    """The results, in order, of ``func`` over items run as Python tasks: ``submit(part, handles)``
+    queues a slice of items, appending each one's handle to ``handles`` as it is queued (so what
+    a submission that fails part-way queued is known, and cancelled). As concurrent.futures' map: when this raises
     (the first failure without return_exceptions, Ctrl-C, a failed submission), what has not
     started is cancelled and what has not been queued never is."""
     n = len(items)
@@ -1237,7 +1238,9 @@ def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any
     def more() -> None:
         nonlocal queued
         hi = min(n, queued + MAP_STEP)
-        inflight.append(submit(items[queued:hi]))
+        part: list[Any] = []
+        inflight.append(part)  # first: a submission that fails part-way has queued some of it
+        submit(items[queued:hi], part)
         queued = hi
 
     try:

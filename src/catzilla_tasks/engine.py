@@ -588,11 +588,12 @@ class BackgroundTasks(_engine.Engine):
                     return res
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
-                def submit(part: Any) -> list[Any]:
-                    return [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in part]
+                def submit(part: Any, handles: list[Any]) -> None:
+                    for a in part:  # an item may fail (e.g. not picklable) after others were queued
+                        handles.append(self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0))
             else:
-                def submit(part: Any) -> list[Any]:
-                    return self._submit_batch(func, part, None)
+                def submit(part: Any, handles: list[Any]) -> None:
+                    handles.extend(self._submit_batch(func, part, None))
             results = compiler.map_python(submit, items, func, return_exceptions)
         return results if out is None else compiler.python_out(results, out)
 
