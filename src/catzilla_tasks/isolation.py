@@ -90,6 +90,7 @@ _READY = b"+"   # handshake after start
 _VALUE = b"R"   # + pickle of the task's return value
 _ERROR = b"E"   # + pickle of a dict describing the failure (see _error_reply)
 _CRASH_TEXT_MAX = 16 * 1024
+_RLIM_MAX = 2**63 - 1  # the largest limit resource.setrlimit takes (a C long long)
 _RETIRE_GRACE_S = 2.0    # an idle child told to exit (EOF) gets this long before SIGKILL
 _REAP_WAIT_S = 5.0       # after SIGKILL, how long to wait for the exit status
 _START_METHODS = ("forkserver", "spawn")
@@ -389,7 +390,7 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
             old_limit = resource.getrlimit(resource.RLIMIT_AS)
             soft, hard = old_limit
             new_soft = _address_space_bytes() + int(limit_mb * _MiB)
-            for cap in (soft, hard):
+            for cap in (soft, hard, _RLIM_MAX):  # a limit setrlimit cannot take is none at all
                 if cap != resource.RLIM_INFINITY:
                     new_soft = min(new_soft, cap)
             resource.setrlimit(resource.RLIMIT_AS, (new_soft, hard))
