@@ -498,7 +498,9 @@ class BackgroundTasks(_engine.Engine):
         key: Any = None
         if eta is None:
             try:
-                key = (tuple(sorted(fields.items())), id(config) if config is not None else None, block_timeout)
+                # the values' types too: True == 1 (and 1.0 == 1) must not find options validated for 1
+                key = (tuple(sorted((k, type(v), v) for k, v in fields.items())),
+                       id(config) if config is not None else None, type(block_timeout), block_timeout)
                 hit = self._options_cache.get(key)
             except TypeError:  # an unhashable value: no caching
                 key = hit = None
