@@ -24,3 +24,20 @@ def append_line(path, i):
     with open(path, "a") as f:
         f.write(f"{i}\n")
     return i
+
+
+async def async_sleep(s):
+    import asyncio
+
+    await asyncio.sleep(s)
+    return s
+
+
+async def async_unpicklable():
+    import threading
+
+    return threading.Lock()
+
+
+def allocate(mib):
+    return len(bytearray(int(mib * 1024 * 1024)))

@@ -514,7 +514,7 @@ def _child_main(conn: Any, crash_w: Any) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 class _Child:
-    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped", "pidfd", "death")
+    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped", "pidfd", "death", "leader")
 
     def __init__(self, process: Any, conn: Any, crash_r: Any, pidfd: int | None) -> None:
         self.process = process
@@ -523,6 +523,7 @@ class _Child:
         self.pid: int = process.pid
         self.tasks = 0
         self.reaped = False  # set under _MP_LOCK once the process is joined and closed
+        self.leader = False  # it leads a process group of its own (set once it has started)
         # A pidfd (Linux) is readable exactly when the process has exited, whoever its parent
         # is: a dead forkserver does not make a live child look dead (the forkserver's
         # sentinel reports EOF then), and signals through it never reach a reused pid.
@@ -954,6 +955,7 @@ class ProcessPool:
             self._end_children([child], kill=True)
             raise
         if hello == _READY:
+            child.leader = True  # it called setpgid before saying so
             return child
         timed_out = not ready
         exitcode, crash_text = self._end_children([child], kill=True)[0]
@@ -1048,18 +1050,23 @@ class ProcessPool:
     def _kill(child: _Child) -> None:
         """SIGKILL a child and its process group (the task's own subprocesses).
 
-        Never signal a child whose exit is already known (its pid may be reused), nor one
-        another thread has reaped: reaping happens under _MP_LOCK too. While the child lives,
-        its pid, and so its group id, cannot be reused."""
+        Never signal anything once the child is reaped here (reaping happens under _MP_LOCK
+        too), nor a child whose exit is already known (its pid may be reused). Its group is
+        signalled even then, if it leads one (it started): a child that crashed leaves the
+        task's subprocesses in its group, and an id in use as a process group (or by the
+        unreaped child) is never given to a new process; only an empty group's id may be,
+        once the pid counter has wrapped around, and then killpg finds no such group."""
         with _MP_LOCK:
             if child.reaped:
                 return
             try:
-                if not child.dead():
+                dead = child.dead()
+                if child.leader or not dead:
                     try:
                         os.killpg(child.pid, signal.SIGKILL)
-                    except OSError:  # not a group leader yet (still starting)
+                    except OSError:  # no such group: still starting, or every member is gone
                         pass
+                if not dead:
                     if child.pidfd is not None:
                         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
                     else:
@@ -1119,7 +1126,8 @@ class ProcessPool:
             raise _cancelled_error(child.pid)
 
         if data is None or data[:1] not in (_VALUE, _ERROR):
-            exitcode, crash_text = self._discard(child, kill=data is not None)
+            # (killed even if dead: the task's subprocesses are left in its process group)
+            exitcode, crash_text = self._discard(child, kill=True)
             with self._lock:
                 self._lost += 1
                 shutting_down = self._terminating

@@ -1,0 +1,85 @@
+"""Process isolation under attack: limits at their extremes, a child that dies by itself with
+subprocesses of its own, cancel() racing the task's end."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+import pytest
+
+import isolation_attack_helpers as h
+from catzilla_tasks.errors import WorkerLost
+from catzilla_tasks.isolation import ProcessPool
+
+
+@pytest.fixture
+def pool1():
+    p = ProcessPool(1)
+    try:
+        yield p
+    finally:
+        p.shutdown(wait=False)
+
+
+def _wait_dead(pid, timeout=30.0):
+    """Whether process pid (not necessarily our child) exits within timeout (its pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def _kill_quietly(*pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---- memory_limit_mb at its extremes ------------------------------------------------------
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("limit", [1e300, 2**70, 2**63 / 2**20])
+def test_a_limit_beyond_any_address_space_is_no_limit(pool1, limit):
+    """setrlimit cannot take it (OverflowError in the child: it died, the task was WorkerLost)."""
+    assert pool1.run(h.allocate, (1,), memory_limit_mb=limit) == 1024 * 1024
+    assert pool1.stats()["children_lost"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_options_cache_does_not_let_an_invalid_value_through(make_tasks):
+    """options(memory_limit_mb=True) is refused; a cached options(memory_limit_mb=1) (True == 1,
+    same hash) used to be returned for it, unchecked."""
+    t = make_tasks(workers=2)
+    t.options(isolation="process", memory_limit_mb=1)
+    t.options(max_retries=1)
+    with pytest.raises(ValueError, match="memory_limit_mb: expected a number, got bool"):
+        t.options(isolation="process", memory_limit_mb=True)
+    with pytest.raises(ValueError, match="max_retries"):
+        t.options(max_retries=True)
+
+
+# ---- a child that dies by itself: its subprocesses die with it ---------------------------
+
+@pytest.mark.timeout(180)
+def test_a_dead_childs_subprocesses_are_killed(pool1, tmp_path):
+    """A task's child that crashes (here os._exit) leaves its process group: the task's own
+    subprocesses used to outlive it, orphaned."""
+    pid_file = str(tmp_path / "pids")
+    with pytest.raises(WorkerLost, match="exited with code 3"):
+        pool1.run(h.spawn_sleeper_then_exit, (pid_file,))
+    with open(pid_file) as f:
+        child, grandchild = map(int, f.read().split())
+    try:
+        assert _wait_dead(grandchild), "the task's subprocess outlived its child's death"
+    finally:
+        _kill_quietly(grandchild)
+
