@@ -83,3 +83,25 @@ def test_a_dead_childs_subprocesses_are_killed(pool1, tmp_path):
     finally:
         _kill_quietly(grandchild)
 
+
+# ---- cancel() racing the hard timeout ----------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_cancel_that_lands_as_the_deadline_passes_wins(pool1, monkeypatch):
+    """cancel() returned True, so the call must end TaskCancelled (CANCELLED, never retried),
+    not TaskTimeout (TIMED_OUT, retried with retry_on_timeout). The interleaving is forced: the
+    wait for the reply is replaced by one whose deadline passes right after cancel() ran."""
+    from catzilla_tasks import TaskCancelled, isolation
+
+    token = isolation.CancelToken()
+    took = []
+
+    def receive(child, deadline):
+        took.append(token.cancel())
+        raise isolation._Deadline
+
+    monkeypatch.setattr(pool1, "_receive", receive)
+    with pytest.raises(TaskCancelled, match="while it ran"):
+        pool1.run_pickled(isolation.pickle_task(h.allocate, (1,)), timeout_s=30, cancel=token)
+    assert took == [True]
+    assert pool1.stats()["timeouts"] == 0

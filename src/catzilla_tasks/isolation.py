@@ -1105,9 +1105,10 @@ class ProcessPool:
         try:
             data = self._receive(child, deadline)
         except _Deadline:
-            if cancel is not None:
-                cancel._settle()
+            cancelled = cancel is not None and not cancel._settle()
             self._discard(child, kill=True)
+            if cancelled:  # cancel() came first and said True: the task ends cancelled, not timed out
+                raise _cancelled_error(child.pid) from None
             with self._lock:
                 self._timeouts += 1
             raise TaskTimeout(
