@@ -41,3 +41,36 @@ async def async_unpicklable():
 
 def allocate(mib):
     return len(bytearray(int(mib * 1024 * 1024)))
+
+
+def raise_value_error():
+    raise ValueError("isolated boom")
+
+
+async def async_sleep_forever():
+    import asyncio
+
+    await asyncio.sleep(300)
+
+
+def sleep_then(s, value):
+    import time as _time
+
+    _time.sleep(s)
+    return value
+
+
+def import_module(name):
+    """Import a module the child has not loaded yet (mapping its shared objects)."""
+    import importlib
+
+    importlib.import_module(name)
+    return name
+
+
+def dlopen(path):
+    """Load a shared library with ctypes (imported by an earlier task of the same child)."""
+    import ctypes
+
+    ctypes.CDLL(path)
+    return path

@@ -105,3 +105,97 @@ def test_cancel_that_lands_as_the_deadline_passes_wins(pool1, monkeypatch):
         pool1.run_pickled(isolation.pickle_task(h.allocate, (1,)), timeout_s=30, cancel=token)
     assert took == [True]
     assert pool1.stats()["timeouts"] == 0
+
+
+# ---- random sequences of submit / cancel / timeout on a small pool -----------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.sampled_from(["quick", "slow", "fail", "async"]), st.booleans()),
+        st.tuples(st.just("cancel"), st.integers(0, 7), st.floats(0, 0.3)),
+    ),
+    min_size=1, max_size=8,
+)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_random_submit_cancel_timeout_sequences(make_tasks, ops):
+    """Whatever the interleaving: a task whose cancel() said True ends CANCELLED; every other
+    ends with its own outcome (value, its error, TaskTimeout); the pool ends with no busy child."""
+    from catzilla_tasks import TaskCancelled, TaskStatus
+    from catzilla_tasks.errors import TaskTimeout
+
+    t = make_tasks(workers=4, min_workers=4, enable_auto_scaling=False)
+    t.process_workers = 2
+    added, cancelled = [], {}
+    for op in ops:
+        if op[0] == "add":
+            kind, timed = op[1], op[2]
+            opts = t.options(isolation="process", max_retries=1, retry_on_timeout=True, retry_base_ms=1,
+                             **({"timeout_ms": 300} if timed else {}))
+            func, args = {"quick": (h.allocate, (0.01,)), "slow": (h.sleep_then, (0.6, "slept")),
+                          "fail": (h.raise_value_error, ()), "async": (h.async_sleep, (0.2,))}[kind]
+            added.append((kind, timed, opts.add_task(func, *args)))
+        elif added:
+            i = op[1] % len(added)
+            time.sleep(op[2])
+            took = added[i][2].cancel()
+            cancelled[i] = cancelled.get(i, False) or took
+    for i, (kind, timed, res) in enumerate(added):
+        try:
+            value = res.wait(120)
+        except TaskCancelled:
+            assert res.status is TaskStatus.CANCELLED
+            continue
+        except TaskTimeout:
+            assert timed and not cancelled.get(i), (i, kind, res.status)
+            continue
+        except ValueError:
+            assert kind == "fail" and not cancelled.get(i)
+            continue
+        finally:
+            if cancelled.get(i):
+                assert res.status is TaskStatus.CANCELLED, (i, kind, timed, res.status)
+        assert not cancelled.get(i)
+        assert value == {"quick": 10485, "slow": "slept", "async": 0.2}[kind]
+    t.join(60)
+    pool = t._process_pool()
+    assert pool.busy == 0 and pool.alive <= 2
+
+
+# ---- memory_limit_mb: a shared library that cannot be mapped under the limit -------------
+
+@pytest.mark.timeout(120)
+def test_extension_module_that_cannot_be_mapped_is_a_limit_hit(pool1):
+    """dlopen fails under RLIMIT_AS ('failed to map segment from shared object'): the import
+    raised ImportError, not MemoryLimitExceeded."""
+    from catzilla_tasks.errors import MemoryLimitExceeded
+
+    with pytest.raises(MemoryLimitExceeded, match="virtual memory"):
+        pool1.run(h.import_module, ("_decimal",), memory_limit_mb=0.1)
+    assert pool1.run(h.import_module, ("_decimal",)) == "_decimal"  # fine without the limit
+
+
+@pytest.mark.timeout(120)
+def test_ctypes_library_that_cannot_be_mapped_is_a_limit_hit(pool1):
+    import ctypes.util
+
+    from catzilla_tasks.errors import MemoryLimitExceeded
+
+    lib = ctypes.util.find_library("sqlite3") or ctypes.util.find_library("ssl")
+    if lib is None:
+        pytest.skip("no shared library to load")
+    pool1.run(h.import_module, ("ctypes",))  # ctypes itself loaded before the limit
+    with pytest.raises(MemoryLimitExceeded, match="virtual memory"):
+        pool1.run(h.dlopen, (lib,), memory_limit_mb=0.1)
+    assert pool1.run(h.dlopen, (lib,)) == lib
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_extension_under_a_limit_stays_an_import_error(pool1):
+    with pytest.raises(ImportError, match="No module named"):
+        pool1.run(h.import_module, ("no_such_module_anywhere",), memory_limit_mb=500)

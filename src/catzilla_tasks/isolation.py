@@ -361,10 +361,22 @@ def _limit_hit(exc: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno == errno.ENOMEM:
             return True
+        if isinstance(e, (ImportError, OSError)) and _dl_out_of_memory(e):
+            return True
         if getattr(e, "_catzilla_tasks_limit_hit", False):  # see _guard_thread_starts
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# What the dynamic loader (glibc's dlerror) says when it cannot map a shared library: the
+# error of an import (ImportError) or of ctypes/cffi (OSError, no errno) that failed that way.
+_DL_NO_MEMORY = ("failed to map segment from shared object", "cannot map zero-fill pages", "cannot allocate memory")
+
+
+def _dl_out_of_memory(exc: BaseException) -> bool:
+    text = _safe_text(exc).lower()
+    return any(mark in text for mark in _DL_NO_MEMORY) and "static tls" not in text
 
 
 def _run_coroutine(coro: Any) -> Any:
