@@ -26,3 +26,32 @@ def test_a_failed_submission_cancels_what_its_part_already_queued(make_tasks, tm
     t.join(60)
     assert not os.path.exists(ran), f"items ran after map raised: {open(ran).read().split()}"
     assert t.stats()["cancelled"] == 2
+
+
+class _NoRepr:
+    def __repr__(self):
+        raise RuntimeError("repr is broken")
+
+
+def _fail(x):
+    raise ValueError("the item's own failure")
+
+
+@pytest.mark.timeout(120)
+def test_an_item_whose_repr_fails_does_not_replace_the_tasks_error(make_tasks):
+    """The note naming the failed item repr()s it: a repr that raised replaced the task's
+    error with its own (RuntimeError, the ValueError only as its context)."""
+    t = make_tasks(workers=2)
+    with pytest.raises(ValueError, match="own failure") as ei:
+        t.map(_fail, [_NoRepr()])
+    assert any("item 0" in note for note in ei.value.__notes__)
+
+
+@pytest.mark.timeout(120)
+def test_the_note_of_a_huge_failed_item_is_short(make_tasks):
+    """A 10 MB item made a 10 MB note (printed with every traceback)."""
+    t = make_tasks(workers=2)
+    with pytest.raises(ValueError) as ei:
+        t.map(_fail, [b"x" * 10_000_000])
+    (note,) = ei.value.__notes__
+    assert "item 0" in note and len(note) < 500

@@ -43,6 +43,7 @@ import json
 import logging
 import marshal
 import os
+import reprlib
 import stat as stat_mod
 import struct
 import sys
@@ -1173,7 +1174,7 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
             if return_exceptions:
                 results[i] = errors[i]
             else:
-                errors[i].add_note(f"tasks.map({func.__qualname__}): item {i} {inp.item(i)!r} failed")
+                errors[i].add_note(_item_note(func, i, inp.item(i)))
                 raise errors[i]
     return results if target is None else target
 
@@ -1215,6 +1216,20 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
     return native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in codes))
 
 
+_NOTE_REPR = reprlib.Repr()
+_NOTE_REPR.maxstring = _NOTE_REPR.maxother = 120
+
+
+def _item_note(func: Any, i: int, item: Any) -> str:
+    """The note a failed item's error gets. Its repr is shortened (a 10 MB item must not make
+    a 10 MB note), and one that raises must not replace the task's own error."""
+    try:
+        text = _NOTE_REPR.repr(item)
+    except Exception:  # noqa: BLE001 - any broken __repr__
+        text = f"<{type(item).__qualname__} object: repr() failed>"
+    return f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {text} failed"
+
+
 # Python tasks of one map are queued MAP_STEP at a time with at most MAP_WINDOW in flight: the
 # nodes and handles of a huge batch are never all alive at once (the node slab keeps what it
 # grows to), and the workers always have MAP_WINDOW - MAP_STEP items queued ahead of the one
@@ -1253,8 +1268,7 @@ def map_python(submit: Callable[[Sequence[Any], list[Any]], None], items: Sequen
                     out.append(h.wait())
                 except Exception as exc:
                     if not return_exceptions:
-                        i = len(out)
-                        exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
+                        exc.add_note(_item_note(func, len(out), items[len(out)]))
                         raise
                     out.append(exc)
                 part[k] = None  # the node goes back to the slab once its value is taken
