@@ -74,3 +74,21 @@ def dlopen(path):
 
     ctypes.CDLL(path)
     return path
+
+
+def fail_once_file_exists(path):
+    """Raise once another task has created path (it is running)."""
+    while not os.path.exists(path):  # another process writes it: nothing to wait on but the file
+        time.sleep(0.01)
+    raise ValueError("the other step failed")
+
+
+def write_pid_then_sleep_and_mark(pid_file, mark_file, block_s):
+    tmp = pid_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, pid_file)
+    time.sleep(block_s)
+    with open(mark_file, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return "done"

@@ -199,3 +199,24 @@ def test_ctypes_library_that_cannot_be_mapped_is_a_limit_hit(pool1):
 def test_a_missing_extension_under_a_limit_stays_an_import_error(pool1):
     with pytest.raises(ImportError, match="No module named"):
         pool1.run(h.import_module, ("no_such_module_anywhere",), memory_limit_mb=500)
+
+
+# ---- a failed workflow lets its running isolated steps finish ----------------------------
+
+@pytest.mark.timeout(180)
+def test_a_failed_workflow_lets_its_running_isolated_steps_finish(make_tasks, tmp_path):
+    """As documented (and as for thread steps): when a step fails, steps already running
+    finish. Cancelling the unfinished steps killed the running isolated one's child."""
+    from catzilla_tasks import TaskChain, task
+    from catzilla_tasks.workflows import WorkflowError
+
+    t = make_tasks(workers=4)
+    pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
+    chain = TaskChain("wf", tasks=t)
+    chain.step(task(isolation="process")(h.write_pid_then_sleep_and_mark), pid_file, mark, 2)
+    chain.step(h.fail_once_file_exists, pid_file)
+    with pytest.raises(WorkflowError, match="the other step failed"):
+        chain.execute().wait(60)
+    t.join(60)
+    with open(mark) as f:  # it ran to its end, once
+        assert len(f.read().split()) == 1

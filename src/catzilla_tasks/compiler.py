@@ -1278,12 +1278,9 @@ def map_python(submit: Callable[[Sequence[Any], list[Any]], None], items: Sequen
     except BaseException:
         for part in inflight:
             for h in part:
-                # not a running one: a thread task would see cancel_requested, an isolated
-                # one would be killed
-                if h is not None and h.status.value != _RUNNING:
-                    h.cancel()
+                # not a running one (a thread task would see cancel_requested, an isolated one
+                # would be killed): _cancel_queued decides that atomically
+                if h is not None:
+                    h._cancel_queued()
         raise
     return out
-
-
-_RUNNING = 2  # TaskStatus.RUNNING.value
