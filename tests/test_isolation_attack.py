@@ -220,3 +220,56 @@ def test_a_failed_workflow_lets_its_running_isolated_steps_finish(make_tasks, tm
     t.join(60)
     with open(mark) as f:  # it ran to its end, once
         assert len(f.read().split()) == 1
+
+
+# ---- no pidfd (Linux < 5.3, other systems): a dead forkserver --------------------------
+
+def _state(pid):
+    """'gone', 'exiting' (a zombie, or the kernel tearing it down: PF_EXITING in its flags) or
+    its state letter (R, S...) while it still runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return "gone"
+    return "exiting" if fields[0] in "ZX" or int(fields[6]) & 0x4 else fields[0]
+
+
+@pytest.mark.timeout(180)
+def test_without_pidfd_a_task_is_reported_lost_only_once_its_child_is_killed(monkeypatch, tmp_path):
+    """Without a pidfd the forkserver's EOF cannot be told from the child's death: the task is
+    reported lost, but its child must be dead by then (it kept running the task: with retries,
+    twice at once)."""
+    import threading
+    from multiprocessing import forkserver
+
+    from catzilla_tasks import isolation
+
+    monkeypatch.setattr(isolation, "_pidfd_open", lambda pid: None)
+    pool = ProcessPool(1)
+    pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
+    out = {}
+
+    def run():
+        try:
+            out["r"] = pool.run(h.write_pid_then_sleep_and_mark, (pid_file, mark, 30))
+        except BaseException as exc:  # noqa: BLE001
+            out["r"] = exc
+            out["state"] = _state(child)
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(pid_file):  # written by the child
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with open(pid_file) as f:
+            child = int(f.read())
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+        th.join(120)
+        assert isinstance(out["r"], WorkerLost), out
+        assert out["state"] in ("gone", "exiting"), f"the child still ran ({out['state']}) when its task was reported lost"
+    finally:
+        pool.shutdown(wait=False)
+        _kill_quietly(child)

@@ -665,6 +665,20 @@ def _check_limit(name: str, value: Any) -> float | None:
     return None if math.isinf(value) else float(value)
 
 
+def _wait_exit_without_pidfd(child: _Child) -> None:
+    """After SIGKILL to a child whose death no pidfd reports: wait (at most _REAP_WAIT_S) until
+    its end of the task pipe closes, i.e. it has exited. Its sentinel says nothing here: the
+    forkserver's EOF looks the same when the forkserver died and the child lives on. (A late
+    reply on the pipe is dropped.)"""
+    deadline = time.monotonic() + _REAP_WAIT_S
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            if mp_connection.wait([child.conn], remaining):
+                child.conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+
+
 def _read_crash_text(crash_r: Any) -> str:
     """What the dead child's faulthandler wrote (non-blocking: the writer is gone or silent)."""
     chunks: list[bytes] = []
@@ -1012,15 +1026,18 @@ class ProcessPool:
     def _end_children(self, children: list[_Child], *, kill: bool) -> list[tuple[int | None, str]]:
         """Stop children and reap them. ``kill``: SIGKILL now; otherwise close their pipe (an
         idle child exits on EOF) and SIGKILL only those still alive after a grace period."""
+        if kill:
+            for child in children:
+                self._kill(child)
+            for child in children:
+                if child.pidfd is None:
+                    _wait_exit_without_pidfd(child)
         for child in children:
             try:
                 child.conn.close()
             except OSError:
                 pass
-        if kill:
-            for child in children:
-                self._kill(child)
-        else:
+        if not kill:
             deadline = time.monotonic() + _RETIRE_GRACE_S
             pending = {child.death: child for child in children}
             while pending:
