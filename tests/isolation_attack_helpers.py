@@ -92,3 +92,10 @@ def write_pid_then_sleep_and_mark(pid_file, mark_file, block_s):
     with open(mark_file, "a") as f:
         f.write(f"{os.getpid()}\n")
     return "done"
+
+
+class InterruptWhenPickled:
+    """An argument whose pickling raises KeyboardInterrupt (Ctrl-C while map queues items)."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt

@@ -55,3 +55,19 @@ def test_the_note_of_a_huge_failed_item_is_short(make_tasks):
         t.map(_fail, [b"x" * 10_000_000])
     (note,) = ei.value.__notes__
     assert "item 0" in note and len(note) < 500
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_while_queueing_one_by_one_cancels_what_was_queued(make_tasks, tmp_path):
+    """Ctrl-C in the middle of a part queued one by one (isolated tasks): the items of that
+    part already queued are cancelled too."""
+    t = make_tasks(workers=2)
+    ran = str(tmp_path / "ran")
+    iso = task(isolation="process")(h.append_line)
+    t.pause()
+    with pytest.raises(KeyboardInterrupt):
+        t.map(iso, [(ran, 1), (ran, 2), (ran, h.InterruptWhenPickled()), (ran, 4)])
+    t.resume()
+    t.join(60)
+    assert not os.path.exists(ran)
+    assert t.stats()["cancelled"] == 2
