@@ -71,3 +71,46 @@ def test_ctrl_c_while_queueing_one_by_one_cancels_what_was_queued(make_tasks, tm
     t.join(60)
     assert not os.path.exists(ran)
     assert t.stats()["cancelled"] == 2
+
+
+# ---- random batches through a tiny window ------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fails=st.lists(st.booleans(), max_size=40), step=st.integers(1, 5), extra=st.integers(0, 8),
+       return_exceptions=st.booleans())
+def test_random_batches_through_a_small_window(make_tasks, monkeypatch, fails, step, extra, return_exceptions):
+    """Whatever the window: results in order; without return_exceptions the first failure in
+    order is raised and every item after it either ran or was cancelled, none lost or run twice."""
+    import threading
+
+    from catzilla_tasks import compiler
+
+    monkeypatch.setattr(compiler, "MAP_STEP", step)
+    monkeypatch.setattr(compiler, "MAP_WINDOW", step + extra)
+    t = make_tasks(workers=2, min_workers=2, enable_auto_scaling=False)
+    lock, ran = threading.Lock(), []
+
+    def job(i):
+        with lock:
+            ran.append(i)
+        if fails[i]:
+            raise ValueError(i)
+        return i * 10
+
+    if return_exceptions or not any(fails):
+        res = t.map(job, range(len(fails)), return_exceptions=return_exceptions)
+        assert [r.args[0] if isinstance(r, ValueError) else r for r in res] == \
+            [i if f else i * 10 for i, f in enumerate(fails)]
+        assert sorted(ran) == list(range(len(fails)))
+        return
+    first = fails.index(True)
+    with pytest.raises(ValueError) as ei:
+        t.map(job, range(len(fails)))
+    assert ei.value.args == (first,)
+    t.join(60)
+    assert len(set(ran)) == len(ran) and set(range(first + 1)) <= set(ran)
+    assert t.stats()["cancelled"] + len(ran) <= len(fails)
