@@ -8,9 +8,11 @@ import select
 import signal
 import time
 
-import pytest
-
 import isolation_attack_helpers as h
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from catzilla_tasks.errors import WorkerLost
 from catzilla_tasks.isolation import ProcessPool
 
@@ -77,7 +79,7 @@ def test_a_dead_childs_subprocesses_are_killed(pool1, tmp_path):
     with pytest.raises(WorkerLost, match="exited with code 3"):
         pool1.run(h.spawn_sleeper_then_exit, (pid_file,))
     with open(pid_file) as f:
-        child, grandchild = map(int, f.read().split())
+        _, grandchild = map(int, f.read().split())
     try:
         assert _wait_dead(grandchild), "the task's subprocess outlived its child's death"
     finally:
@@ -108,8 +110,6 @@ def test_cancel_that_lands_as_the_deadline_passes_wins(pool1, monkeypatch):
 
 
 # ---- random sequences of submit / cancel / timeout on a small pool -----------------------
-
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 _OPS = st.lists(
     st.one_of(
