@@ -114,3 +114,15 @@ def test_random_batches_through_a_small_window(make_tasks, monkeypatch, fails, s
     t.join(60)
     assert len(set(ran)) == len(ran) and set(range(first + 1)) <= set(ran)
     assert t.stats()["cancelled"] + len(ran) <= len(fails)
+
+
+@pytest.mark.timeout(120)
+def test_a_numpy_integer_chunk_size_is_an_integer(make_tasks):
+    """chunk_size=np.int64(4) was refused: 'must be an integer >= 1 or None, got 4'."""
+    np = pytest.importorskip("numpy")
+    t = make_tasks(workers=2)
+    assert t.map(abs, [-1, -2, -3], chunk_size=np.int64(4)) == [1, 2, 3]
+    with pytest.raises(ValueError, match="chunk_size"):
+        t.map(abs, [-1], chunk_size=np.int64(0))
+    with pytest.raises(ValueError, match="chunk_size"):
+        t.map(abs, [-1], chunk_size=np.float64(4))

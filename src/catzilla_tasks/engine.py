@@ -8,6 +8,7 @@ import datetime
 import functools
 import itertools
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -576,8 +577,11 @@ class BackgroundTasks(_engine.Engine):
         """
         if not callable(func):
             raise TypeError(f"map() needs a callable as its first argument, got {type(func).__name__} {func!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            # any integer type (a numpy integer too), not a bool
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+                raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+            chunk_size = int(chunk_size)
         compiler = _compiler()
         with compiler.MapInput(iterable_of_args, more_iterables) as inp:
             compiler.check_out(out, len(inp), return_exceptions)
