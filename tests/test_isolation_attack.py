@@ -273,3 +273,33 @@ def test_without_pidfd_a_task_is_reported_lost_only_once_its_child_is_killed(mon
     finally:
         pool.shutdown(wait=False)
         _kill_quietly(child)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_workflow_does_not_ask_its_running_thread_steps_to_stop(make_tasks):
+    """The same for a step in a thread: it used to see current_task().cancel_requested."""
+    import threading
+
+    from catzilla_tasks import TaskChain, current_task
+    from catzilla_tasks.workflows import WorkflowError
+
+    t = make_tasks(workers=4)
+    started, release, asked = threading.Event(), threading.Event(), []
+
+    def slow():
+        started.set()
+        release.wait(60)
+        asked.append(current_task().cancel_requested)
+
+    def fail():
+        started.wait(60)
+        raise ValueError("the other step failed")
+
+    chain = TaskChain("wf", tasks=t)
+    chain.step(slow)
+    chain.step(fail)
+    with pytest.raises(WorkflowError, match="the other step failed"):
+        chain.execute().wait(60)
+    release.set()
+    t.join(60)
+    assert asked == [False]
