@@ -1,5 +1,7 @@
-"""Process isolation under attack: limits at their extremes, a child that dies by itself with
-subprocesses of its own, cancel() racing the task's end."""
+"""Process isolation under attack: limits at their extremes (huge values, a shared library that
+cannot be mapped), a child that dies by itself with subprocesses of its own, cancel() racing
+the hard timeout, random submit/cancel/timeout sequences, no pidfd with a dead forkserver, and
+a failed workflow's running steps (they finish)."""
 
 from __future__ import annotations
 
