@@ -53,6 +53,7 @@ import logging
 import marshal
 import os
 import queue
+import reprlib
 import stat as stat_mod
 import struct
 import sys
@@ -1759,7 +1760,7 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
             if return_exceptions:
                 results[i] = errors[i]
             else:
-                errors[i].add_note(f"tasks.map({func.__qualname__}): item {i} {inp.item(i)!r} failed")
+                errors[i].add_note(_item_note(func, i, inp.item(i)))
                 raise errors[i]
     return results if target is None else target
 
@@ -1801,6 +1802,20 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
     return native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in codes))
 
 
+_NOTE_REPR = reprlib.Repr()
+_NOTE_REPR.maxstring = _NOTE_REPR.maxother = 120
+
+
+def _item_note(func: Any, i: int, item: Any) -> str:
+    """The note a failed item's error gets. Its repr is shortened (a 10 MB item must not make
+    a 10 MB note), and one that raises must not replace the task's own error."""
+    try:
+        text = _NOTE_REPR.repr(item)
+    except Exception:  # noqa: BLE001 - any broken __repr__
+        text = f"<{type(item).__qualname__} object: repr() failed>"
+    return f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {text} failed"
+
+
 # Python tasks of one map are queued MAP_STEP at a time with at most MAP_WINDOW in flight: the
 # nodes and handles of a huge batch are never all alive at once (the node slab keeps what it
 # grows to), and the workers always have MAP_WINDOW - MAP_STEP items queued ahead of the one
@@ -1809,10 +1824,11 @@ MAP_STEP = 1024
 MAP_WINDOW = 4 * MAP_STEP
 
 
-def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any], func: Any,
+def map_python(submit: Callable[[Sequence[Any], list[Any]], None], items: Sequence[Any], func: Any,
                return_exceptions: bool) -> list[Any]:
-    """The results, in order, of ``func`` over items run as Python tasks: ``submit(part)`` queues
-    a slice of items and returns their handles. As concurrent.futures' map: when this raises
+    """The results, in order, of ``func`` over items run as Python tasks: ``submit(part, handles)``
+    queues a slice of items, appending each one's handle to ``handles`` as it is queued (so what
+    a submission that fails part-way queued is known, and cancelled). As concurrent.futures' map: when this raises
     (the first failure without return_exceptions, Ctrl-C, a failed submission), what has not
     started is cancelled and what has not been queued never is."""
     n = len(items)
@@ -1823,7 +1839,9 @@ def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any
     def more() -> None:
         nonlocal queued
         hi = min(n, queued + MAP_STEP)
-        inflight.append(submit(items[queued:hi]))
+        part: list[Any] = []
+        inflight.append(part)  # first: a submission that fails part-way has queued some of it
+        submit(items[queued:hi], part)
         queued = hi
 
     try:
@@ -1836,8 +1854,7 @@ def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any
                     out.append(h.wait())
                 except Exception as exc:
                     if not return_exceptions:
-                        i = len(out)
-                        exc.add_note(f"tasks.map({getattr(func, '__qualname__', func)}): item {i} {items[i]!r} failed")
+                        exc.add_note(_item_note(func, len(out), items[len(out)]))
                         raise
                     out.append(exc)
                 part[k] = None  # the node goes back to the slab once its value is taken
@@ -1847,12 +1864,9 @@ def map_python(submit: Callable[[Sequence[Any]], list[Any]], items: Sequence[Any
     except BaseException:
         for part in inflight:
             for h in part:
-                # not a running one: a thread task would see cancel_requested, an isolated
-                # one would be killed
-                if h is not None and h.status.value != _RUNNING:
-                    h.cancel()
+                # not a running one (a thread task would see cancel_requested, an isolated one
+                # would be killed): _cancel_queued decides that atomically
+                if h is not None:
+                    h._cancel_queued()
         raise
     return out
-
-
-_RUNNING = 2  # TaskStatus.RUNNING.value

@@ -8,6 +8,7 @@ import datetime
 import functools
 import itertools
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -528,7 +529,9 @@ class BackgroundTasks(_engine.Engine):
         key: Any = None
         if eta is None:
             try:
-                key = (tuple(sorted(fields.items())), id(config) if config is not None else None, block_timeout)
+                # the values' types too: True == 1 (and 1.0 == 1) must not find options validated for 1
+                key = (tuple(sorted((k, type(v), v) for k, v in fields.items())),
+                       id(config) if config is not None else None, type(block_timeout), block_timeout)
                 hit = self._options_cache.get(key)
             except TypeError:  # an unhashable value: no caching
                 key = hit = None
@@ -604,8 +607,11 @@ class BackgroundTasks(_engine.Engine):
         """
         if not callable(func):
             raise TypeError(f"map() needs a callable as its first argument, got {type(func).__name__} {func!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            # any integer type (a numpy integer too), not a bool
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+                raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+            chunk_size = int(chunk_size)
         compiler = _compiler()
         with compiler.MapInput(iterable_of_args, more_iterables) as inp:
             compiler.check_out(out, len(inp), return_exceptions)
@@ -620,11 +626,12 @@ class BackgroundTasks(_engine.Engine):
                 native.refuse_batch(inp, plain)
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
-                def submit(part: Any) -> list[Any]:
-                    return [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in part]
+                def submit(part: Any, handles: list[Any]) -> None:
+                    for a in part:  # an item may fail (e.g. not picklable) after others were queued
+                        handles.append(self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0))
             else:
-                def submit(part: Any) -> list[Any]:
-                    return self._submit_batch(func, part, None)
+                def submit(part: Any, handles: list[Any]) -> None:
+                    handles.extend(self._submit_batch(func, part, None))
             results = compiler.map_python(submit, items, func, return_exceptions)
         return results if out is None else compiler.python_out(results, out)
 

@@ -37,7 +37,7 @@ Design (see also the class docstrings):
   (the process sentinel where there is no pidfd), i.e. ``poll(2)`` with the real deadline,
   which releases the GIL; a dead child wakes the caller at once through its pidfd or EOF.
 * Process groups: each child leads its own; killing a child (timeout, ``cancel()``,
-  shutdown, the parent's death) kills its group, so a task's subprocesses go with it. Callers waiting for a free child wait
+  shutdown, the parent's death) or its own death (a crash) kills its group, so a task's subprocesses go with it. Callers waiting for a free child wait
   on a ``threading.Condition``. Nothing polls or sleeps.
 """
 
@@ -90,6 +90,7 @@ _READY = b"+"   # handshake after start
 _VALUE = b"R"   # + pickle of the task's return value
 _ERROR = b"E"   # + pickle of a dict describing the failure (see _error_reply)
 _CRASH_TEXT_MAX = 16 * 1024
+_RLIM_MAX = 2**63 - 1  # the largest limit resource.setrlimit takes (a C long long)
 _RETIRE_GRACE_S = 2.0    # an idle child told to exit (EOF) gets this long before SIGKILL
 _REAP_WAIT_S = 5.0       # after SIGKILL, how long to wait for the exit status
 _START_METHODS = ("forkserver", "spawn")
@@ -360,10 +361,22 @@ def _limit_hit(exc: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno == errno.ENOMEM:
             return True
+        if isinstance(e, (ImportError, OSError)) and _dl_out_of_memory(e):
+            return True
         if getattr(e, "_catzilla_tasks_limit_hit", False):  # see _guard_thread_starts
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# What the dynamic loader (glibc's dlerror) says when it cannot map a shared library: the
+# error of an import (ImportError) or of ctypes/cffi (OSError, no errno) that failed that way.
+_DL_NO_MEMORY = ("failed to map segment from shared object", "cannot map zero-fill pages", "cannot allocate memory")
+
+
+def _dl_out_of_memory(exc: BaseException) -> bool:
+    text = _safe_text(exc).lower()
+    return any(mark in text for mark in _DL_NO_MEMORY) and "static tls" not in text
 
 
 def _run_coroutine(coro: Any) -> Any:
@@ -389,7 +402,7 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
             old_limit = resource.getrlimit(resource.RLIMIT_AS)
             soft, hard = old_limit
             new_soft = _address_space_bytes() + int(limit_mb * _MiB)
-            for cap in (soft, hard):
+            for cap in (soft, hard, _RLIM_MAX):  # a limit setrlimit cannot take is none at all
                 if cap != resource.RLIM_INFINITY:
                     new_soft = min(new_soft, cap)
             resource.setrlimit(resource.RLIMIT_AS, (new_soft, hard))
@@ -513,7 +526,7 @@ def _child_main(conn: Any, crash_w: Any) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 class _Child:
-    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped", "pidfd", "death")
+    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped", "pidfd", "death", "leader")
 
     def __init__(self, process: Any, conn: Any, crash_r: Any, pidfd: int | None) -> None:
         self.process = process
@@ -522,6 +535,7 @@ class _Child:
         self.pid: int = process.pid
         self.tasks = 0
         self.reaped = False  # set under _MP_LOCK once the process is joined and closed
+        self.leader = False  # it leads a process group of its own (set once it has started)
         # A pidfd (Linux) is readable exactly when the process has exited, whoever its parent
         # is: a dead forkserver does not make a live child look dead (the forkserver's
         # sentinel reports EOF then), and signals through it never reach a reused pid.
@@ -649,6 +663,20 @@ def _check_limit(name: str, value: Any) -> float | None:
     if value <= 0:
         raise ValueError(f"{name}: must be > 0 (or None for no limit), got {value!r}")
     return None if math.isinf(value) else float(value)
+
+
+def _wait_exit_without_pidfd(child: _Child) -> None:
+    """After SIGKILL to a child whose death no pidfd reports: wait (at most _REAP_WAIT_S) until
+    its end of the task pipe closes, i.e. it has exited. Its sentinel says nothing here: the
+    forkserver's EOF looks the same when the forkserver died and the child lives on. (A late
+    reply on the pipe is dropped.)"""
+    deadline = time.monotonic() + _REAP_WAIT_S
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            if mp_connection.wait([child.conn], remaining):
+                child.conn.recv_bytes()
+        except (EOFError, OSError):
+            return
 
 
 def _read_crash_text(crash_r: Any) -> str:
@@ -953,6 +981,7 @@ class ProcessPool:
             self._end_children([child], kill=True)
             raise
         if hello == _READY:
+            child.leader = True  # it called setpgid before saying so
             return child
         timed_out = not ready
         exitcode, crash_text = self._end_children([child], kill=True)[0]
@@ -997,15 +1026,18 @@ class ProcessPool:
     def _end_children(self, children: list[_Child], *, kill: bool) -> list[tuple[int | None, str]]:
         """Stop children and reap them. ``kill``: SIGKILL now; otherwise close their pipe (an
         idle child exits on EOF) and SIGKILL only those still alive after a grace period."""
+        if kill:
+            for child in children:
+                self._kill(child)
+            for child in children:
+                if child.pidfd is None:
+                    _wait_exit_without_pidfd(child)
         for child in children:
             try:
                 child.conn.close()
             except OSError:
                 pass
-        if kill:
-            for child in children:
-                self._kill(child)
-        else:
+        if not kill:
             deadline = time.monotonic() + _RETIRE_GRACE_S
             pending = {child.death: child for child in children}
             while pending:
@@ -1047,18 +1079,23 @@ class ProcessPool:
     def _kill(child: _Child) -> None:
         """SIGKILL a child and its process group (the task's own subprocesses).
 
-        Never signal a child whose exit is already known (its pid may be reused), nor one
-        another thread has reaped: reaping happens under _MP_LOCK too. While the child lives,
-        its pid, and so its group id, cannot be reused."""
+        Never signal anything once the child is reaped here (reaping happens under _MP_LOCK
+        too), nor a child whose exit is already known (its pid may be reused). Its group is
+        signalled even then, if it leads one (it started): a child that crashed leaves the
+        task's subprocesses in its group, and an id in use as a process group (or by the
+        unreaped child) is never given to a new process; only an empty group's id may be,
+        once the pid counter has wrapped around, and then killpg finds no such group."""
         with _MP_LOCK:
             if child.reaped:
                 return
             try:
-                if not child.dead():
+                dead = child.dead()
+                if child.leader or not dead:
                     try:
                         os.killpg(child.pid, signal.SIGKILL)
-                    except OSError:  # not a group leader yet (still starting)
+                    except OSError:  # no such group: still starting, or every member is gone
                         pass
+                if not dead:
                     if child.pidfd is not None:
                         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
                     else:
@@ -1097,9 +1134,10 @@ class ProcessPool:
         try:
             data = self._receive(child, deadline)
         except _Deadline:
-            if cancel is not None:
-                cancel._settle()
+            cancelled = cancel is not None and not cancel._settle()
             self._discard(child, kill=True)
+            if cancelled:  # cancel() came first and said True: the task ends cancelled, not timed out
+                raise _cancelled_error(child.pid) from None
             with self._lock:
                 self._timeouts += 1
             raise TaskTimeout(
@@ -1118,7 +1156,8 @@ class ProcessPool:
             raise _cancelled_error(child.pid)
 
         if data is None or data[:1] not in (_VALUE, _ERROR):
-            exitcode, crash_text = self._discard(child, kill=data is not None)
+            # (killed even if dead: the task's subprocesses are left in its process group)
+            exitcode, crash_text = self._discard(child, kill=True)
             with self._lock:
                 self._lost += 1
                 shutting_down = self._terminating

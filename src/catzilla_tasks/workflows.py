@@ -608,18 +608,27 @@ class _Run:
         have not finished."""
         self.done = True
         self.chain._runs.discard(self)
-        if result.status.value != _SUCCEEDED:
-            self._cancel_unfinished()
+        status = result.status.value
+        if status != _SUCCEEDED:
+            # someone's cancel() stops running steps too; a failure lets them finish
+            self._cancel_unfinished(running=status == _CANCELLED)
         # The finish gate's task holds self._finish, and the engine's nodes are invisible to
         # the cycle collector: drop the gates here, or run -> gates -> node -> run would leak.
         self.gates = ()
 
-    def _cancel_unfinished(self) -> None:
+    def _cancel_unfinished(self, running: bool) -> None:
+        """Cancel the steps not finished: those waiting or queued, and with ``running`` those
+        running too (async ones cancelled, isolated ones killed, sync ones asked)."""
         for g in self.gates:
-            g.cancel()
+            r = None if running else g.result  # None: the gate has not fired its task yet
+            if r is None:
+                g.cancel()
+            else:
+                r._cancel_queued()
 
 
 _SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value
+_CANCELLED = 5  # TaskStatus.CANCELLED.value
 
 
 def _without_own_frames(exc: BaseException, keep: bool) -> BaseException:

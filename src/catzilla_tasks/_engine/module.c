@@ -1009,10 +1009,12 @@ static PyObject *Result_is_ready(ResultObject *self, PyObject *unused) {
     return PyBool_FromLong(CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)));
 }
 
-static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
+/* Cancel the task if it has not started (queued, delayed; a detached result not settled):
+ * 1 if it is now CANCELLED, 0 otherwise (running or final). Its done callbacks run. */
+static int result_cancel_not_started(ResultObject *self) {
     ct_task *t = self->t;
     if (t->kind == CT_KIND_DETACHED) {
-        if (!ct_task_settle(t, CT_CANCELLED, NULL)) Py_RETURN_FALSE;
+        if (!ct_task_settle(t, CT_CANCELLED, NULL)) return 0;
         uint32_t st = atomic_load(&t->state);
         if (st & CT_F_CALLBACKS) {
             PyObject *cbs = (PyObject *)t->value;
@@ -1020,38 +1022,9 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
             run_callbacks(NULL, t, cbs, CT_CANCELLED, NULL);
             Py_DECREF(cbs);
         }
-        Py_RETURN_TRUE;
+        return 1;
     }
-    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) {
-        uint32_t st = atomic_load(&t->state);
-        if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
-        /* Running: an async task's coroutine is cancelled (it ends CANCELLED), so is a
-         * process-isolated one (its child is killed); a sync task
-         * in a thread cannot be stopped safely from outside, so it is asked: it sees
-         * current_task().cancel_requested and may stop early. */
-        atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
-        if (t->kind == CT_KIND_PY && t->cfg && ((ConfigObject *)t->cfg)->isolation && !(st & CT_F_ASYNC)) {
-            /* A process-isolated task: its call (isolation.IsolatedCall) kills its child; the
-             * task then ends CANCELLED. False if its outcome was already in. */
-            PyObject *r = PyObject_CallMethod((PyObject *)t->fn, "cancel", NULL);
-            if (!r && PyErr_ExceptionMatches(PyExc_AttributeError)) {  /* not one of ours */
-                PyErr_Clear();
-                Py_RETURN_FALSE;
-            }
-            if (!r) return NULL;
-            int took = PyObject_IsTrue(r);
-            Py_DECREF(r);
-            if (took < 0) return NULL;
-            return PyBool_FromLong(took);
-        }
-        if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
-            PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
-            if (!r) return NULL;
-            Py_DECREF(r);
-            Py_RETURN_TRUE;
-        }
-        Py_RETURN_FALSE;
-    }
+    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) return 0;
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
     uint32_t st = atomic_load(&t->state);
@@ -1062,7 +1035,47 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
         run_callbacks(self->engine, t, cbs, CT_CANCELLED, NULL);
         Py_DECREF(cbs);
     }
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+/* _cancel_queued(): cancel() for what has not started only, decided atomically (a status
+ * check then cancel() could find the task started in between and kill or ask it). */
+static PyObject *Result_cancel_queued(ResultObject *self, PyObject *unused) {
+    return PyBool_FromLong(result_cancel_not_started(self));
+}
+
+static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
+    ct_task *t = self->t;
+    if (result_cancel_not_started(self)) Py_RETURN_TRUE;
+    if (t->kind == CT_KIND_DETACHED) Py_RETURN_FALSE;
+    uint32_t st = atomic_load(&t->state);
+    if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
+    /* Running: an async task's coroutine is cancelled (it ends CANCELLED), so is a
+     * process-isolated one (its child is killed); a sync task
+     * in a thread cannot be stopped safely from outside, so it is asked: it sees
+     * current_task().cancel_requested and may stop early. */
+    atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
+    if (t->kind == CT_KIND_PY && t->cfg && ((ConfigObject *)t->cfg)->isolation && !(st & CT_F_ASYNC)) {
+        /* A process-isolated task: its call (isolation.IsolatedCall) kills its child; the
+         * task then ends CANCELLED. False if its outcome was already in. */
+        PyObject *r = PyObject_CallMethod((PyObject *)t->fn, "cancel", NULL);
+        if (!r && PyErr_ExceptionMatches(PyExc_AttributeError)) {  /* not one of ours */
+            PyErr_Clear();
+            Py_RETURN_FALSE;
+        }
+        if (!r) return NULL;
+        int took = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (took < 0) return NULL;
+        return PyBool_FromLong(took);
+    }
+    if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
+        PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
+        if (!r) return NULL;
+        Py_DECREF(r);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
 }
 
 /* Append (fn, mode) to the node's callbacks, or return 1 if the node is already final.
@@ -1339,6 +1352,8 @@ static PyMethodDef Result_methods[] = {
     {"done", (PyCFunction)Result_is_ready, METH_NOARGS, "Same as is_ready()."},
     {"cancel", (PyCFunction)Result_cancel, METH_NOARGS,
      "Cancel the task if it has not started. Returns whether it took effect."},
+    {"_cancel_queued", (PyCFunction)Result_cancel_queued, METH_NOARGS,
+     "Cancel the task only if it has not started (a running one is neither asked nor killed)."},
     {"add_callback", (PyCFunction)Result_add_callback, METH_O,
      "add_callback(cb): call cb(value) when the task succeeds (in the worker thread; at once, in this "
      "thread, if it already has)."},
