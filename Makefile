@@ -4,12 +4,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
 
-.PHONY: venv build demo test test-quick bench chaos asan-test tsan-test clean
+.PHONY: venv build demo test test-quick bench chaos asan-test tsan-test wheel clean
 
 # Re-installs when pyproject.toml changes (a new test dependency reaches existing venvs too).
 $(VPY): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(VPY)
 
@@ -47,5 +47,10 @@ asan-test: $(VPY)
 tsan-test:
 	scripts/sanitizer-tests tsan
 
+# An sdist and a manylinux wheel in dist/, checked with twine, then installed into a new
+# virtualenv with no compiler on PATH and run (quickstart + smoke test): scripts/wheel.
+wheel:
+	PY=$(PY) scripts/wheel
+
 clean:
-	rm -rf build $(VENV) src/catzilla_tasks/*.so .pytest_cache
+	rm -rf build dist $(VENV) src/catzilla_tasks/*.so .pytest_cache

@@ -7,9 +7,13 @@ Contenders (each a real server in its own process, on a free 127.0.0.1 port):
 - ``ours_catzilla``: Catzilla 0.2.3 + ``enable_background_tasks(app, workers=4)`` (our engine),
   the route calls ``app.add_task(noop)``;
 - ``catzilla``: Catzilla 0.2.3 + its own ``app.enable_background_tasks(workers=4)``, same route;
-- ``fastapi``: FastAPI on uvicorn with ``fastapi.BackgroundTasks`` (runs after the response);
-- ``ours_fastapi``: FastAPI on uvicorn with our ``BackgroundTasks`` route parameter (queues
-  into our engine, workers=4).
+- ``fastapi``: FastAPI on uvicorn with ``fastapi.BackgroundTasks`` (runs after the response,
+  in the server's thread pool; the request ends when it has run);
+- ``ours_fastapi``: FastAPI on uvicorn with our drop-in ``BackgroundTasks`` route parameter, the
+  same route code (FastAPI's semantics: runs after the response, on our engine's workers=4; the
+  request ends when it has run);
+- ``ours_fastapi_detached``: FastAPI on uvicorn with our ``DetachedBackgroundTasks`` (queued into
+  our engine, workers=4, at once; the route returns its id and does not wait).
 
 The load comes from wrk (Debian's ``wrk``) in a separate process: ``wrk -t1 -c32 -d<S>s
 --latency``, after a 1 s warm-up run. Reported: requests/s and p99 latency (wrk's), and the
@@ -35,12 +39,13 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-CONTENDERS = ("ours_catzilla", "catzilla", "fastapi", "ours_fastapi")
+CONTENDERS = ("ours_catzilla", "catzilla", "fastapi", "ours_fastapi", "ours_fastapi_detached")
 LABELS = {
     "ours_catzilla": "catzilla_tasks on Catzilla",
     "catzilla": "Catzilla 0.2.3 built-in tasks",
     "fastapi": "FastAPI BackgroundTasks (uvicorn)",
-    "ours_fastapi": "catzilla_tasks on FastAPI (uvicorn)",
+    "ours_fastapi": "catzilla_tasks drop-in on FastAPI (uvicorn)",
+    "ours_fastapi_detached": "catzilla_tasks detached on FastAPI (uvicorn)",
 }
 CONNECTIONS = 32
 DRAIN_LIMIT_S = 60.0
@@ -99,10 +104,16 @@ def serve(contender: str, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    if contender == "fastapi":
-        from fastapi import BackgroundTasks
+    if contender in ("fastapi", "ours_fastapi"):
+        # the same route for both: only the import differs
+        if contender == "fastapi":
+            from fastapi import BackgroundTasks
 
-        app = FastAPI()
+            app = FastAPI()
+        else:
+            from catzilla_tasks.integrations.fastapi import BackgroundTasks, lifespan
+
+            app = FastAPI(lifespan=lifespan(workers=4))
 
         @app.get("/enqueue")
         async def enqueue(background_tasks: BackgroundTasks):
@@ -110,13 +121,12 @@ def serve(contender: str, port: int) -> None:
             background_tasks.add_task(count.noop)
             return {"task_id": n}
     else:
-        from catzilla_tasks.integrations.fastapi import BackgroundTasks as OurTasks
-        from catzilla_tasks.integrations.fastapi import lifespan
+        from catzilla_tasks.integrations.fastapi import DetachedBackgroundTasks, lifespan
 
         app = FastAPI(lifespan=lifespan(workers=4))
 
         @app.get("/enqueue")
-        async def enqueue(background_tasks: OurTasks):
+        async def enqueue(background_tasks: DetachedBackgroundTasks):
             count.next_id()
             return {"task_id": background_tasks.add_task(count.noop).task_id}
 
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 errors[c] = f"{type(exc).__name__}: {exc}"
                 sys.stderr.write(f"[http run {run}] {c}: ERROR {errors[c]}\n")
                 continue
+            r["run"] = run
             raw[c].append(r)
             sys.stderr.write(f"[http run {run}] {c}: {r['requests_per_s']:,.0f} req/s, p99 {r['p99_ms']:.2f} ms, "
                              f"drain {fmt(r['drain_s'], '.3f')} s\n")
@@ -270,24 +281,37 @@ def main(argv: list[str] | None = None) -> int:
     summary = {c: {k: median(c, k) for k in ("requests_per_s", "p50_ms", "p99_ms", "drain_s", "lost", "enqueued",
                                              "tasks_ran", "non_2xx", "socket_errors")} for c in chosen}
     base = summary.get("ours_catzilla", {}).get("requests_per_s")
+    # this contender's req/s over FastAPI's own in the same run (they ran back to back), then the median:
+    # steadier than a ratio of medians on a loaded machine
+    fastapi_rps = {r["run"]: r["requests_per_s"] for r in raw.get("fastapi", [])}
+
+    def vs_fastapi(c: str) -> float | None:
+        vals = [r["requests_per_s"] / fastapi_rps[r["run"]] for r in raw[c] if fastapi_rps.get(r["run"])]
+        return statistics.median(vals) if vals else None
+
+    for c in chosen:
+        summary[c]["vs_fastapi"] = vs_fastapi(c)
     print(f"HTTP: GET /enqueue queues one no-op task and returns its id; wrk -t1 -c{CONNECTIONS} -d{seconds:g}s "
           f"--latency after a 1 s warm-up; median of {args.runs} runs, contenders interleaved")
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; server and wrk share the machine")
-    rows = [["contender", "req/s", "p50 ms", "p99 ms", "drain s", "lost", "tasks/run", "req/s ours_catzilla / this"]]
+    rows = [["contender", "req/s", "p50 ms", "p99 ms", "drain s", "lost", "tasks/run", "req/s ours_catzilla / this",
+             "req/s this / FastAPI's"]]
     for c in chosen:
         s = summary[c]
         if c in errors and not raw[c]:
-            rows.append([LABELS[c], "failed: " + errors[c]] + [""] * 6)
+            rows.append([LABELS[c], "failed: " + errors[c]] + [""] * 7)
             continue
         ratio = base / s["requests_per_s"] if base and s["requests_per_s"] else None
         rows.append([LABELS[c], fmt(s["requests_per_s"], ",.0f"), fmt(s["p50_ms"], ".2f"), fmt(s["p99_ms"], ".2f"),
                      fmt(s["drain_s"], ".3f"), fmt(s["lost"], ".0f"), fmt(s["enqueued"], ",.0f"),
-                     "" if c == "ours_catzilla" else fmt(ratio, ".2f") + "x"])
+                     "" if c == "ours_catzilla" else fmt(ratio, ".2f") + "x",
+                     "" if c == "fastapi" else fmt(s["vs_fastapi"], ".2f") + "x"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
-    print("drain s: from the end of the load until every enqueued task had run (FastAPI's own run after each "
-          "response, in the server's thread pool); lost: never ran within 60 s.")
+    print("drain s: from the end of the load until every enqueued task had run (FastAPI's own and our drop-in run "
+          "after each response, before the request ends); lost: never ran within 60 s; this / FastAPI's: median over "
+          "runs of the ratio within one run.")
     print(json.dumps({"suite": "http", "seconds": seconds, "connections": CONNECTIONS, "runs": args.runs,
                       "summary": summary, "raw": raw, "errors": errors}, allow_nan=False))
     return 0

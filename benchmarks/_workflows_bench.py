@@ -205,7 +205,7 @@ def main() -> int:
     kw: dict[str, Any] = {}
     if a.workers is not None:
         kw = {"workers": a.workers, "min_workers": min(2, a.workers), "max_workers": max(2, a.workers)}
-    tasks = BackgroundTasks(queue_size=max(100_000, 2 * a.steps), enable_auto_scaling=False, memory_pool_mb=1000, **kw)
+    tasks = BackgroundTasks(queue_size=max(100_000, 2 * a.steps), enable_auto_scaling=False, **kw)
     try:
         shape = dag_shape(a.steps, seed=1)
         dag = build_dag(tasks, shape)

@@ -25,7 +25,7 @@ from catzilla_tasks.integrations.catzilla import mount_routes
 
 app = Catzilla(production=True, show_banner=False)
 
-# Initialize background task system (the seed's numbers; queue_size fits memory_pool_mb)
+# Initialize background task system (the seed's numbers: at most 1000 MB of queued arguments)
 app.tasks = BackgroundTasks(
     workers=16,
     enable_auto_scaling=True,

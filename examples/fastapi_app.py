@@ -3,13 +3,23 @@
     .venv/bin/python examples/fastapi_app.py [--port 8000]
 
     curl -X POST 'http://127.0.0.1:8000/users/7/notify?message=hello'
+    curl -X POST 'http://127.0.0.1:8000/users/7/welcome?q=docs'
     curl -X POST http://127.0.0.1:8000/data -H 'content-type: application/json' -d '{"values": [3, 1, 4, 1, 5]}'
     curl http://127.0.0.1:8000/users/7/notifications
     curl http://127.0.0.1:8000/tasks/stats          # also /tasks/dashboard/ in a browser
 
-The only changes from a plain FastAPI app: ``BackgroundTasks`` is imported from
-catzilla_tasks.integrations.fastapi (add_task queues into the engine and returns a TaskResult),
-and the app's lifespan starts the engine and, at shutdown (Ctrl-C, SIGTERM), runs what is queued.
+Two ways to take the background tasks of a route:
+
+- ``BackgroundTasks`` (``/users/{id}/welcome``): the drop-in for ``fastapi.BackgroundTasks``,
+  the only change from a plain FastAPI app is the import. FastAPI's semantics: the tasks of the
+  request (its dependencies' and its own) run after the response, in the order added, each on
+  the engine's workers.
+- ``DetachedBackgroundTasks`` (``/users/{id}/notify``, ``/data``): the detached mode. add_task
+  queues into the engine at once and returns a TaskResult (its id goes back to the client); the
+  response does not wait, and tasks run by priority.
+
+The app's lifespan starts the engine and, at shutdown (Ctrl-C, SIGTERM), runs what is queued
+(without it, the drop-ins use a process-wide engine, drained at exit).
 """
 
 import argparse
@@ -18,11 +28,11 @@ import threading
 from collections import Counter, defaultdict
 from typing import Any, Dict, List
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from catzilla_tasks import TaskPriority, task
-from catzilla_tasks.integrations.fastapi import BackgroundTasks, lifespan, routes
+from catzilla_tasks.integrations.fastapi import BackgroundTasks, DetachedBackgroundTasks, lifespan, routes
 
 app = FastAPI(lifespan=lifespan(workers=16, enable_auto_scaling=True, memory_pool_mb=1000))
 app.mount("/tasks", routes())  # /tasks/stats, /tasks/dashboard/, /tasks/metrics
@@ -58,13 +68,25 @@ class Data(BaseModel):
 
 
 @app.post("/users/{user_id}/notify")
-def send_user_notification(user_id: int, background_tasks: BackgroundTasks, message: str = "hello"):
+def send_user_notification(user_id: int, background_tasks: DetachedBackgroundTasks, message: str = "hello"):
     result = background_tasks.add_task(send_notification, user_id, message)
     return {"task_id": result.task_id, "status": "queued"}
 
 
+def note_query(background_tasks: BackgroundTasks, user_id: int, q: str = ""):
+    if q:
+        background_tasks.add_task(send_notification, user_id, f"found query: {q}")
+
+
+@app.post("/users/{user_id}/welcome", dependencies=[Depends(note_query)])
+def welcome(user_id: int, background_tasks: BackgroundTasks):
+    # runs after the response and after note_query's task, as with fastapi.BackgroundTasks
+    background_tasks.add_task(send_notification, user_id, "welcome")
+    return {"status": "sent"}
+
+
 @app.post("/data")
-def process_data(data: Data, background_tasks: BackgroundTasks):
+def process_data(data: Data, background_tasks: DetachedBackgroundTasks):
     result = background_tasks.add_task(complex_data_processing, data.values)
     return {"task_id": result.task_id, "status": "queued"}
 

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -11,7 +12,7 @@ STRESS_N = int(os.environ.get("CATZILLA_TASKS_STRESS_N", "1000000"))
 
 @pytest.fixture
 def tasks():
-    eng = BackgroundTasks(workers=4, queue_size=100_000, memory_pool_mb=100)
+    eng = BackgroundTasks(workers=4, queue_size=100_000)
     try:
         yield eng
     finally:
@@ -23,7 +24,6 @@ def make_tasks():
     made = []
 
     def make(**kw):
-        kw.setdefault("memory_pool_mb", 1000)
         eng = BackgroundTasks(**kw)
         made.append(eng)
         return eng
@@ -58,3 +58,14 @@ def compile_engine():
     """One engine per compiled-task test module: 2 workers, no auto-scaling."""
     with BackgroundTasks(workers=2, min_workers=1, enable_auto_scaling=False) as t:
         yield t
+
+
+@pytest.fixture(autouse=True)
+def _background_compiles_end_with_their_test():
+    """add_task compiles numeric tasks in a background thread (numba holds the GIL most of a
+    second): what a test queued finishes before the next test runs (its CPU and timing
+    measurements)."""
+    yield
+    compiler = sys.modules.get("catzilla_tasks.compiler")
+    if compiler is not None:
+        compiler.wait_for_background(300)

@@ -1,7 +1,7 @@
 """A TCP proxy between Redis clients and a redis-server, which a test commands to break the
 connections: reset them (RST), blackhole them (bytes swallowed, the sockets stay open), delay
 them, refuse new ones, or do one of these when a chosen command goes by (MULTI/EXEC of a
-commit, XCLAIM of a lease renewal, the fetch script, the MGET of the idempotency lookup...),
+commit, XCLAIM of a lease renewal, the fetch script, the idempotency claim...),
 before it reaches Redis or after it did (the reply is lost). 127.0.0.1 only.
 
     proxy = FaultProxy(redis_port)

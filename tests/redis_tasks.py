@@ -36,7 +36,9 @@ def _sync_client():
     with _lock:
         c = _clients.get(url)
         if c is None:
-            c = _clients[url] = redis.Redis.from_url(url)
+            # no socket timeout: tasks here block in Redis (held: up to 30 s), and redis-py 8
+            # reads with a 5 s timeout by default (a held task failed with TimeoutError at 5 s)
+            c = _clients[url] = redis.Redis.from_url(url, socket_timeout=None)
     return c
 
 

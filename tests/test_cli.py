@@ -255,19 +255,21 @@ def test_dashboard_command_proxies_a_running_engine(engine):
     try:
         proc, first, _ = _start(["dashboard", srv_token.url, "--port", "0", "--token", "remote-tok"])
         try:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+/)", first)
+            m = re.search(r"at (http://127\.0\.0\.1:\d+/)\?token=(\S+)", first)
             assert m, first
             assert "remote-tok" not in first
-            local = m.group(1)
-            status, ctype, body = get(local)
+            local, local_token = m.groups()
+            auth = {"Authorization": f"Bearer {local_token}"}
+            assert get(local)[0] == 401          # the re-served stats need the local token
+            status, ctype, body = get(local, auth)
             assert status == 200 and b"data-metric" in body
-            status, ctype, body = get(local + "stats.json")
+            status, ctype, body = get(local + "stats.json", auth)
             assert status == 200
             shown, truth = json.loads(body), engine.monitor.get_stats()
             assert shown["totals"] == truth["totals"]
             assert shown["queue_metrics"]["total_queued"] == 10
             assert shown["recent_failures"] == json.loads(json.dumps(truth["recent_failures"]))
-            status, _, body = get(local + "metrics")
+            status, _, body = get(local + "metrics", auth)
             assert status == 200 and b'catzilla_tasks_tasks_submitted_total{engine="cli-test"} 22.0' in body
         finally:
             assert _stop(proc) == 0

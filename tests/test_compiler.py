@@ -28,6 +28,11 @@ pytestmark = pytest.mark.usefixtures("compile_cache_dir")
 
 @pytest.fixture(scope="module")
 def tasks(compile_engine):
+    # add_task compiles in the background (its first calls run as Python): compile ahead
+    for f in (add, fmath, logic, loop, checked_sqrt, div_retried):
+        assert compiler.precompile(f) is None, f
+    for types_ in ((int, int), (float, float)):
+        assert compiler.precompile(arith, types_) is None
     return compile_engine
 
 
@@ -114,8 +119,14 @@ def wants_str(s: str) -> int:
     return 1
 
 
-def numba_rejects(a: int) -> int:
+def calls_method(a: int) -> int:
     return a.bit_length()
+
+
+def numba_rejects(a: int) -> int:
+    if a:
+        return a
+    return (a, a)  # numba cannot unify an int and a tuple
 
 
 # ---- eligibility ----------------------------------------------------------------------
@@ -132,6 +143,7 @@ def numba_rejects(a: int) -> int:
         (wants_str, "parameter 's' is annotated str"),
         (abs, "not a plain Python function"),
         (numba_rejects, "numba cannot compile it for (int)"),
+        (calls_method, "calls the method .bit_length()"),
     ],
 )
 def test_ineligible_functions_say_why(func, reason):
@@ -492,3 +504,137 @@ def test_map_cancelled_by_shutdown():
     stopper.join(30)
     th.join(30)
     assert isinstance(result.get("exc"), TaskCancelled), result
+
+
+# ---- compile_to_c="require" raises at every call that cannot run natively -------------------
+
+def test_require_raises_every_time(tasks):
+    """Before: only the first call per argument types raised; later calls and a map batch with
+    one item that does not fit ran as Python."""
+    g = task(compile_to_c="require")(_copy(add))
+    for _ in range(3):
+        with pytest.raises(CompileError, match="do not match the annotations"):
+            tasks.add_task(g, 1.5, 2)
+        with pytest.raises(CompileError, match="does not fit in 64 bits"):
+            tasks.add_task(g, 2**70, 1)
+    with pytest.raises(CompileError, match="do not match the annotations") as info:
+        tasks.map(g, [(1, 2), (1.5, 2), (3, 4)])
+    assert "item 1 (1.5, 2)" in "".join(info.value.__notes__)
+    with pytest.raises(CompileError, match="64 bits"):
+        tasks.map(g, [(1, 2), (2**70, 1)])
+    assert tasks.map(g, [(1, 2), (3, 4)]) == [3, 7]
+    r = tasks.add_task(g, 1, 2)
+    assert r.wait(10) == 3 and r.get_stats()["native"]
+
+    h = task(compile_to_c="require")(_copy(arith))
+    assert tasks.add_task(h, 7, 2).wait(10) == arith(7, 2)
+    for _ in range(2):
+        with pytest.raises(CompileError, match="only int, float and bool"):
+            tasks.add_task(h, "a", "b")
+        with pytest.raises(CompileError, match="do not bind"):
+            tasks.add_task(h, 1)
+
+
+def test_require_refuses_a_map_that_would_run_as_python(tasks):
+    g = task(compile_to_c="require", max_retries=1)(_copy(add))
+    with pytest.raises(CompileError, match="retries, a timeout or hooks"):
+        tasks.map(g, [(1, 2)])
+
+
+# ---- add_task never compiles on the caller's thread -----------------------------------------
+
+def fresh_poly(x: float, n: int) -> float:
+    s = 0.5
+    for k in range(n):
+        s = s * x + k
+    return s
+
+
+def fresh_unannotated(a, b):
+    return a * 3 + b
+
+
+def test_add_task_never_compiles_on_the_callers_thread(tasks, monkeypatch):
+    """Before: the first add_task imported numba and compiled on the caller's thread (0.7-1 s)."""
+    gate, started = threading.Event(), threading.Event()
+    threads = []
+    real = TaskCompiler._build
+
+    def slow_build(self, func, codes, key):
+        threads.append(threading.current_thread())
+        started.set()
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(60)   # the compile is "slow" until the test lets it finish
+        return real(self, func, codes, key)
+
+    monkeypatch.setattr(TaskCompiler, "_build", slow_build)
+    f = task(fresh_poly)
+    r = tasks.add_task(f, 2.0, 3)           # returns while the compile is held
+    assert r.wait(10) == fresh_poly(2.0, 3) and not r.get_stats()["native"]
+    assert "compiled in the background" in r.get_stats()["compile_reason"]
+    assert started.wait(30)
+    assert threads and threads[0] is not threading.main_thread()
+    assert threads[0].name == "catzilla_tasks-compile"
+    gate.set()
+    assert compiler.precompile(f) is None    # waits for the background compile
+    r = tasks.add_task(f, 2.0, 3)
+    assert r.wait(10) == fresh_poly(2.0, 3) and r.get_stats()["native"]
+    assert len(threads) == 1                 # compiled once
+
+
+def test_map_waits_for_the_native_version(tasks):
+    f = task(fresh_unannotated)
+    assert tasks.map(f, [(1, 2), (3, 4)]) == [5, 13]
+    r = tasks.add_task(f, 5, 6)              # compiled by the map: native from its first call
+    assert r.wait(10) == 21 and r.get_stats()["native"]
+
+
+def test_precompile_and_explain_without_argument_types():
+    def greet(name):
+        return "hi " + name
+
+    def bump(user_id: int):
+        user_id += 1
+
+    assert "str constant 'hi '" in compiler.explain(greet)
+    assert "returns no value" in compiler.explain(bump)     # decided without numba
+    assert compiler.explain(fresh_unannotated) is None       # types come from the calls
+    assert "only functions decorated with @task" in compiler.precompile(greet)
+    with pytest.raises(TypeError, match="pass arg_types"):
+        compiler.precompile(task(_copy(fresh_unannotated)))
+    assert compiler.precompile(task(_copy(fresh_unannotated)), (float, int)) is None
+
+
+def test_fork_during_a_background_compile(tmp_path):
+    """A fork while the compile thread imports numba or compiles must not leave the child's
+    compiler locked: the fork waits for the compile, and the child compiles on its own."""
+    code = textwrap.dedent(
+        """
+        import os
+        from catzilla_tasks import BackgroundTasks, task, compiler
+
+        @task
+        def f(a: int, b: int) -> int:
+            return a * b + 1
+
+        with BackgroundTasks(workers=1, min_workers=1) as t:
+            t.add_task(f, 2, 3).wait(10)          # queues the compile, which starts at once
+        pid = os.fork()
+        if pid == 0:
+            import faulthandler
+            faulthandler.dump_traceback_later(60, exit=True)   # a hung child does not outlive the test
+            with BackgroundTasks(workers=1, min_workers=1) as t:
+                ready = compiler.precompile(f)
+                r = t.add_task(f, 2, 3)
+                print(ready, r.wait(10), r.get_stats()["native"], flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", status)
+        """
+    )
+    script = tmp_path / "fork_compile.py"   # a file: a compiled task needs its source
+    script.write_text(code)
+    env = dict(os.environ, CATZILLA_TASKS_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                         check=True).stdout
+    assert out.split("\n")[:2] == ["None 7 True", "child exit 0"], out

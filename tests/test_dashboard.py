@@ -93,7 +93,7 @@ def stable(stats):
     keep = {g: dict(stats[g]) for g in ("queue_metrics", "error_metrics", "totals", "histograms")}
     # (the node slab is process-wide: nodes in use move with other engines and other tests' garbage)
     keep["perf"] = {k: v for k, v in stats["performance_metrics"].items()
-                    if k not in ("tasks_per_second", "memory_in_use_mb", "memory_efficiency")}
+                    if k not in ("tasks_per_second", "memory_in_use_mb", "memory_cached_mb", "memory_efficiency")}
     keep["workers"] = stats["worker_metrics"]["total_workers"]
     keep["failures"] = stats["recent_failures"]
     keep["engine"] = {k: v for k, v in stats["engine"].items() if k != "uptime_s"}

@@ -250,8 +250,9 @@ def test_constructor_validation():
         BackgroundTasks(workers=0)
     with pytest.raises(ValueError, match="min_workers"):
         BackgroundTasks(workers=2, min_workers=3, max_workers=4)
-    with pytest.raises(ValueError, match="memory_pool_mb"):
-        BackgroundTasks(queue_size=10_000_000, memory_pool_mb=10)
+    for bad in (0, -1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="memory_pool_mb"):
+            BackgroundTasks(memory_pool_mb=bad)
 
 
 def test_pause_resume_and_stats(tasks):
@@ -277,6 +278,10 @@ def test_join_timeout(tasks):
 
 
 def test_idle_engine_costs_no_cpu():
+    from catzilla_tasks import compiler
+
+    # compiled tasks of earlier tests may still be compiling in the background: not the engine
+    assert compiler.wait_for_background(120)
     eng = BackgroundTasks(workers=16, min_workers=2)
     try:
         eng.add_task(int).wait(5)  # workers started and gone idle
@@ -316,6 +321,8 @@ def test_public_surface():
             "results_of",
             "workflow",
             "CompileError",
+            "TaskMonitor",
+            "AutoScaler",
         ]
     )
     for name in catzilla_tasks.__all__:

@@ -110,7 +110,7 @@ def test_lifespan_starts_the_engine_and_runs_what_is_queued_at_shutdown():
         ran.append(i)
 
     async def enqueue(request):
-        bg = st.background_tasks(request)
+        bg = st.detached_background_tasks(request)
         r = bg.add_task(slow, int(request.path_params["i"]))
         return JSONResponse({"task_id": r.task_id, "queued": len(bg.results)})
 
@@ -130,23 +130,28 @@ def test_lifespan_starts_the_engine_and_runs_what_is_queued_at_shutdown():
     assert engine.is_shutdown and sorted(ran) == [0, 1, 2, 3]
 
 
-def test_fastapi_route_parameter_is_the_engines_drop_in():
+def test_fastapi_detached_route_parameter_queues_into_the_apps_engine():
     engine = BackgroundTasks(**ENGINE)
     seen = {}
     app = FastAPI(lifespan=fa.lifespan(engine))
 
     @app.post("/add/{x}")
-    def route(x: int, background_tasks: fa.BackgroundTasks):
+    def route(x: int, background_tasks: fa.DetachedBackgroundTasks):
         seen["bg"] = background_tasks
         r = background_tasks.add_task(add, x, y=1)
         return {"task_id": r.task_id}
 
-    with TestClient(app) as client:
-        task_id = client.post("/add/41").json()["task_id"]
-        bg = seen["bg"]
-        assert isinstance(bg, st.EngineBackgroundTasks) and bg.engine is engine
-        assert [r.task_id for r in bg.results] == [task_id] and bg.results[0].wait(10) == 42
-    assert engine.is_shutdown and bg.results[0].status is TaskStatus.SUCCEEDED
+    try:
+        with TestClient(app) as client:
+            task_id = client.post("/add/41").json()["task_id"]
+            bg = seen["bg"]
+            assert isinstance(bg, st.DetachedBackgroundTasks) and bg.engine is engine
+            assert [r.task_id for r in bg.results] == [task_id] and bg.results[0].wait(10) == 42
+        # an engine given to the lifespan is drained at its end, not shut down (the next one uses it)
+        assert not engine.is_shutdown and bg.results[0].status is TaskStatus.SUCCEEDED
+        assert st.EngineBackgroundTasks is st.DetachedBackgroundTasks   # the earlier name
+    finally:
+        engine.shutdown()
 
 
 def test_install_wraps_the_apps_own_lifespan():
@@ -182,7 +187,7 @@ def test_starlette_bad_input():
     with pytest.raises(ValueError, match="shutdown_timeout"):
         st.lifespan(shutdown_timeout=-1)
     with pytest.raises(TypeError, match="BackgroundTasks"):
-        st.EngineBackgroundTasks(object())
+        st.DetachedBackgroundTasks(object())
     with pytest.raises(TypeError, match="Starlette or FastAPI"):
         st.install(object())
     with pytest.raises(ValueError, match="root"):

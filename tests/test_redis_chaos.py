@@ -1,6 +1,6 @@
 """Fault injection against real redis-servers (issue 13, "Must show"): workers talk to Redis
 through a proxy of ours (fault_proxy.py) that resets, blackholes or delays their connections at
-chosen moments (the fetch, the hand-off lookups, the commit, the lease renewal) or at random;
+chosen moments (the fetch, the hand-off's idempotency claim, the commit, the lease renewal) or at random;
 mixed with kill -9 of worker processes, Redis restarts with append-only persistence, poison
 messages and oversized results.
 
@@ -220,7 +220,7 @@ def sha(script: str) -> bytes:
 # the moments a fault can hit, by what the worker sends then
 MOMENTS = {
     "fetch": sha(scripts.FETCH),   # the fetch script's EVALSHA
-    "hand-off": b"MGET",           # the idempotency lookup between fetch and hand-off
+    "hand-off": sha(scripts.IDEM_CLAIM),  # the idempotency claim between fetch and hand-off
     "commit": b"EXEC",             # the end of the commit transaction
     "renewal": b"XCLAIM",          # the lease renewal of held tasks
 }

@@ -217,7 +217,7 @@ def test_timeouts_are_retried_only_when_asked(tasks):
 
 
 def test_a_task_stuck_in_c_code_is_reported_and_its_worker_replaced(make_tasks, caplog):
-    eng = make_tasks(workers=2, min_workers=1)
+    eng = make_tasks(workers=2, min_workers=1, enable_auto_scaling=False)  # the replacement alone adds room
     gate = threading.Event()
 
     @task(timeout_ms=50)

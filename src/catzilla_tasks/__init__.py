@@ -36,6 +36,8 @@ _LAZY = {
     "results_of": "workflows",
     "workflow": "workflows",
     "CompileError": "compiler",
+    "TaskMonitor": "monitor",
+    "AutoScaler": "monitor",
 }
 
 __version__ = "0.1.0"
@@ -65,6 +67,8 @@ __all__ = [
     "results_of",
     "workflow",
     "CompileError",
+    "TaskMonitor",
+    "AutoScaler",
 ]
 
 

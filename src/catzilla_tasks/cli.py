@@ -1,7 +1,7 @@
 """The ``catzilla-tasks`` command: look at a running engine from a terminal or a browser.
 
     catzilla-tasks stats URL [--token T] [--watch SECONDS [--count N]]
-    catzilla-tasks dashboard URL [--port P] [--token T]
+    catzilla-tasks dashboard URL [--port P] [--token T] [--serve-token S]
     catzilla-tasks metrics URL [--token T]
     catzilla-tasks demo-server [--port P]
     catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
@@ -31,11 +31,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "stats_url"]
+__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
 
-TOKEN_ENV = "CATZILLA_TASKS_TOKEN"
+TOKEN_ENV = "CATZILLA_TASKS_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
+SERVE_TOKEN_ENV = "CATZILLA_TASKS_SERVE_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
 DASH = "\u2013"
 
 
@@ -77,13 +78,14 @@ class RemoteStats:
     def _get(self, url: str) -> tuple[str, bytes]:
         # urllib.request (http.client, email) is imported here: `catzilla-tasks worker` never needs it
         from urllib.error import HTTPError, URLError
-        from urllib.request import Request, urlopen
+        from urllib.request import Request, build_opener
 
         headers = {"Accept": "application/json", "User-Agent": "catzilla-tasks-cli"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        opener = build_opener(_redirect_handler(bool(self.token) or _has_credentials(url)))
         try:
-            with urlopen(Request(url, headers=headers), timeout=self.timeout) as resp:  # noqa: S310 - http(s) only
+            with opener.open(Request(url, headers=headers), timeout=self.timeout) as resp:  # noqa: S310 - http(s) only (stats_url), redirects checked
                 return resp.headers.get_content_type(), resp.read()
         except HTTPError as exc:
             if exc.code == 401:
@@ -117,13 +119,58 @@ class RemoteStats:
         return stats
 
 
-def _redact(url: str) -> str:
-    """``url`` without a token in its query string (for messages)."""
+def _origin(url: str) -> tuple[str, str, int | None]:
     p = urlsplit(url)
-    if "token=" not in p.query:
-        return url
-    q = "&".join("token=***" if kv.startswith("token=") else kv for kv in p.query.split("&"))
-    return urlunsplit((p.scheme, p.netloc, p.path, q, ""))
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _has_credentials(url: str) -> bool:
+    from ._redact import redact_url
+
+    return redact_url(url) != url
+
+
+def redirect_allowed(old: str, new: str, credentials: bool) -> str | None:
+    """None when a redirect from ``old`` to ``new`` may be followed, else why not: never from
+    https to anything else, and with credentials (a token, a password or a token parameter in
+    the URL) only to the same origin (scheme, host and port), where they were meant to go."""
+    o, n = _origin(old), _origin(new)
+    if n[0] not in ("http", "https"):
+        return f"it points to a {n[0] or 'relative'}: URL"
+    if o[0] == "https" and n[0] != "https":
+        return "it leaves https for plain http"
+    if credentials and o != n:
+        return "it points to another origin and the request carries credentials"
+    return None
+
+
+def _redirect_handler(credentials: bool) -> Any:
+    from urllib.request import HTTPRedirectHandler
+
+    class _Redirects(HTTPRedirectHandler):
+        """Follows a redirect only where redirect_allowed says, before anything is sent there."""
+
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            why = redirect_allowed(req.full_url, newurl, credentials)
+            if why is not None:
+                fp.close()
+                raise StatsError(f"{_redact(req.full_url)} redirects ({code}) to {_redact(newurl)}: not followed, "
+                                 f"{why}; use the final URL directly")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return _Redirects()
+
+
+def _redact(url: str) -> str:
+    """``url`` without credentials (userinfo, token and password parameters), for messages."""
+    from ._redact import redact_url
+
+    return redact_url(url)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -206,6 +253,8 @@ def _side_by_side(left: list[str], right: list[str], gap: int = 6, width: int = 
 def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failures: int = 10,
                  columns: int | None = None) -> str:
     """A readable plain-text table of an engine's stats (what ``catzilla-tasks stats`` prints)."""
+    from ._redact import redact_text
+
     g = lambda path: _get(stats, path)  # noqa: E731
     columns = columns or shutil.get_terminal_size((100, 24)).columns
     state = "paused" if g("engine.paused") else "running"
@@ -262,7 +311,7 @@ def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failur
         id_w = max(len(str(f.get("task_id", ""))) for f in shown)
         for f in shown:
             prefix = f"  {fmt_time(f.get('finished_at'))}  {str(f.get('name', ''))[:name_w]:<{name_w}}  {str(f.get('task_id', '')):<{id_w}}  "
-            err = " ".join(str(f.get("error", "")).split())
+            err = " ".join(redact_text(str(f.get("error", ""))).split())
             room = max(20, columns - len(prefix) - 1)
             out.append(prefix + (err if len(err) <= room else err[: room - 1] + "\u2026"))
     return "\n".join(out) + "\n"
@@ -333,12 +382,20 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     from .dashboard import serve
 
     remote = RemoteStats(args.url, _token(args), timeout=args.timeout)
+    # Stats that need a credential are not re-served without one: the local server gets its own
+    # token (--serve-token, $CATZILLA_TASKS_SERVE_TOKEN, or a random one printed in its URL).
+    local_token = args.serve_token or os.environ.get(SERVE_TOKEN_ENV) or None
+    if local_token is None and (remote.token or _has_credentials(remote.url)):
+        import secrets
+
+        local_token = secrets.token_urlsafe(24)
     try:
         remote()
     except StatsError as exc:  # serve anyway: the page says what is wrong and retries
         print(f"catzilla-tasks: warning: {exc}", file=sys.stderr)
-    server, _ = serve(remote, host="127.0.0.1", port=args.port)
-    out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {server.url}  (Ctrl-C to stop)\n")
+    server, _ = serve(remote, host="127.0.0.1", port=args.port, token=local_token)  # loopback only
+    local = server.url + (f"?token={quote(local_token, safe='')}" if local_token else "")  # '+', '&', '#' as given
+    out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
         _wait_for_stop()
@@ -349,7 +406,7 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
 
 # The demo: a few kinds of work at every priority, some failing, retrying or timing out.
 
-_demo_rnd = random.Random()
+_demo_rnd = random.Random()  # noqa: S311 - the demo's sample load, not a secret
 
 
 def _busy(seconds: float) -> None:
@@ -471,7 +528,8 @@ def _add_url_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", metavar="URL",
                    help="a running engine's stats: a dashboard server (http://127.0.0.1:8765/) "
                         "or a route returning tasks.monitor.get_stats() as JSON")
-    p.add_argument("--token", help=f"bearer token of the engine's stats (default: ${TOKEN_ENV})")
+    p.add_argument("--token", help=f"bearer token of the engine's stats (default: ${TOKEN_ENV}, which other "
+                                   "users cannot read in the process list, as they can this option)")
     p.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout in seconds (default: 5)")
 
 
@@ -494,8 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("dashboard", help="serve the live dashboard of a running engine locally",
-                       description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL.")
+                       description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL. "
+                                   "When those need a token, the local page needs one too: --serve-token, "
+                                   f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.")
     _add_url_args(p)
+    p.add_argument("--serve-token", help="token the local page requires (default: "
+                                         f"${SERVE_TOKEN_ENV}, which stays out of the process list; a random one when the "
+                                         "engine's stats need a token)")
     p.add_argument("--port", type=int, default=8765, help="local port (default: 8765; 0: any free port)")
     p.set_defaults(func=cmd_dashboard)
 

@@ -59,15 +59,36 @@ def _priority(value: Any) -> TaskPriority:
     )
 
 
+# The engine keeps times as int64 nanoseconds: the longest time in ms any option can name
+# (~292 years). Past it the conversion would overflow (a far-future task would run at once).
+MAX_MS = (2**63 - 1) // 1_000_000
+
+
 def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive: bool = False) -> Any:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{field}: expected a number, got {type(value).__name__} {value!r}")
+    if value != value:  # noqa: PLR0124  NaN, of any Real type (float, numpy, Decimal); math.isnan overflows on huge ints
+        raise ValueError(f"{field}: expected a number, got NaN")
     if positive and value <= 0:
         raise ValueError(f"{field}: must be > 0, got {value!r}" + (" (or None for no limit)" if allow_none else ""))
     if value < 0:
         raise ValueError(f"{field}: must be >= 0, got {value!r}")
+    return value
+
+
+def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool = False) -> Any:
+    """A time in ms the engine can hold: infinity is "no limit" where None is one (a timeout),
+    refused elsewhere (a task delayed forever would never run); a finite value past MAX_MS is
+    refused (not clamped: a silently shorter wait is a surprise)."""
+    value = _non_negative(field, value, allow_none=allow_none, positive=positive)
+    if value is not None and value > MAX_MS:
+        if value == float("inf"):
+            if allow_none:
+                return None
+            raise ValueError(f"{field}: must be finite (at most {MAX_MS} ms, ~292 years), got inf")
+        raise ValueError(f"{field}: {value!r:.40} ms is past the longest time the engine can hold ({MAX_MS} ms, ~292 years)")
     return value
 
 
@@ -130,14 +151,14 @@ class TaskConfig(_engine.ConfigBase):
         on_retry: Any = None,
     ) -> None:
         prio = _priority(priority)
-        delay = _non_negative("delay_ms", delay_ms)
+        delay = _time_ms("delay_ms", delay_ms)
         if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or not 0 <= max_retries <= 200:
             raise ValueError(f"max_retries: must be an integer from 0 to 200, got {max_retries!r}")
-        timeout = _non_negative("timeout_ms", timeout_ms, allow_none=True, positive=True)
+        timeout = _time_ms("timeout_ms", timeout_ms, allow_none=True, positive=True)
         if retry_backoff not in _BACKOFFS:
             raise ValueError(f"retry_backoff: must be one of {', '.join(map(repr, _BACKOFFS))}, got {retry_backoff!r}")
-        base = _non_negative("retry_base_ms", retry_base_ms)
-        cap = _non_negative("retry_max_ms", retry_max_ms)
+        base = _time_ms("retry_base_ms", retry_base_ms)
+        cap = _time_ms("retry_max_ms", retry_max_ms)
         if cap < base:
             raise ValueError(f"retry_max_ms: must be >= retry_base_ms ({base}), got {cap!r}")
         if retry_jitter is not None and not isinstance(retry_jitter, bool):

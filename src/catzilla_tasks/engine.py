@@ -8,6 +8,7 @@ import datetime
 import functools
 import itertools
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -17,7 +18,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
 
 from . import _engine, _signals
-from .config import TaskConfig, TaskPriority, TaskStatus
+from ._redact import redact_text
+from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from .errors import TaskTimeout
 from .results import TaskResult, _await_impl
 
@@ -32,9 +34,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_ATTR = "__catzilla_task__"
 _DEFAULT_CONFIG = TaskConfig()
-# Bytes a queued task costs at most (node + result handle + argument tuple of a few values);
-# used to check queue_size against memory_pool_mb.
-_BYTES_PER_QUEUED_TASK_BOUND = 256
 
 
 class ShutdownTimeout(TimeoutError):
@@ -48,7 +47,7 @@ class ShutdownTimeout(TimeoutError):
 
 
 def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
-    name = getattr(subject, "__qualname__", None) or repr(subject)
+    name = getattr(subject, "__qualname__", None) or redact_text(repr(subject))  # a partial's arguments
     if what == "stuck":
         log.warning("%s", exc)  # exc is the message here
     elif what == "task":
@@ -106,14 +105,17 @@ def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, k
     payload = isolation.pickle_task(func, args, kwargs)  # TypeError here, at add_task, if it cannot go
     pool = engine._process_pool()
     timeout = cfg.timeout_ms / 1000 if cfg.timeout_ms else None
-    return functools.partial(pool.run_pickled, payload, timeout_s=timeout, memory_limit_mb=cfg.memory_limit_mb)
+    name = getattr(func, "__qualname__", None) or repr(func)
+    return isolation.IsolatedCall(pool, payload, name, timeout, cfg.memory_limit_mb)
 
 
 def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:
     engine._failures.append({
         "task_id": task_id,
-        "name": getattr(func, "__qualname__", None) or repr(func),
-        "error": f"{type(exc).__name__}: {exc}" if exc is not None else "",
+        # shown by get_stats() and the dashboard: no credentials (a connection string in a message,
+        # or in the repr of a partial that names a task without a __qualname__)
+        "name": getattr(func, "__qualname__", None) or redact_text(repr(func)),
+        "error": redact_text(f"{type(exc).__name__}: {exc}") if exc is not None else "",
         "finished_at": time.time(),
     })
 
@@ -144,21 +146,33 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 class _LoopRunner:
     """The engine's event-loop thread: async tasks run here, many at once."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, engine: BackgroundTasks) -> None:
         self.loop = _new_event_loop()
         self._tasks: dict[int, asyncio.Task[Any]] = {}
         started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), name=f"{name}-asyncio", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(started, engine), name=f"{engine.name}-asyncio", daemon=True
+        )
         self._thread.start()
         started.wait()
 
-    def _run(self, started: threading.Event) -> None:
+    def _run(self, started: threading.Event, engine: BackgroundTasks) -> None:
         import asyncio
 
         asyncio.set_event_loop(self.loop)
+        engine._adopt_loop_thread()  # a blocking wait() here is refused (use await)
+        del engine
         self.loop.call_soon(started.set)
         try:
-            self.loop.run_forever()
+            while True:
+                try:
+                    self.loop.run_forever()
+                except (SystemExit, KeyboardInterrupt):
+                    # A task raised it (sys.exit() in a coroutine): asyncio ends that task with
+                    # the exception, then lets it out of the loop. It is the task's failure
+                    # (settled by its done callback on the next turn), not the loop's: go on.
+                    continue
+                break  # stop() was called
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
@@ -294,6 +308,20 @@ _live: "weakref.WeakSet[BackgroundTasks]" = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
 
 
+def _after_fork_in_child() -> None:
+    """An engine belongs to the process that made it: in a forked child its worker threads do
+    not exist, and the tasks queued in it are the parent's (the parent runs them; the child must
+    not run them again). Every engine copied into the child refuses work with a clear error and
+    reports no workers; the child creates its own engine."""
+    for eng in list(_live):
+        eng._forget_after_fork()
+        eng._forked = True
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _shutdown_all() -> None:
     """Interpreter exit: run what is queued (each engine's exit_timeout), then stop."""
@@ -318,11 +346,11 @@ class BackgroundTasks(_engine.Engine):
     def __init__(
         self,
         workers: int | None = None,
-        min_workers: int = 2,
+        min_workers: int | None = None,
         max_workers: int | None = None,
         queue_size: int = 10000,
         enable_auto_scaling: bool = True,
-        memory_pool_mb: float = 500,
+        memory_pool_mb: float | None = None,
         *,
         aging_ms: float = 100.0,
         exit_timeout: float | None = 30.0,
@@ -334,8 +362,15 @@ class BackgroundTasks(_engine.Engine):
         if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
             workers, min_workers, max_workers, enable_auto_scaling = 1, 1, 1, False
+        if memory_pool_mb is not None and (
+            isinstance(memory_pool_mb, bool) or not isinstance(memory_pool_mb, (int, float)) or not memory_pool_mb > 0
+        ):
+            raise ValueError(f"memory_pool_mb: must be a number > 0 (megabytes) or None, got {memory_pool_mb!r}")
         if workers is None:
             workers = min(32, cpus * 2)
+        if min_workers is None:
+            # up to 2 by default, never more than asked for: BackgroundTasks(workers=1) is one worker
+            min_workers = min(2, workers) if isinstance(workers, int) and not isinstance(workers, bool) else 2
         for field, value in (("workers", workers), ("min_workers", min_workers), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field}: must be an integer >= 1, got {value!r}")
@@ -349,22 +384,18 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(
                 f"workers ({workers}) must be between min_workers ({min_workers}) and max_workers ({max_workers})"
             )
-        if isinstance(memory_pool_mb, bool) or not isinstance(memory_pool_mb, (int, float)) or memory_pool_mb <= 0:
-            raise ValueError(f"memory_pool_mb: must be a number > 0, got {memory_pool_mb!r}")
-        need_mb = queue_size * _BYTES_PER_QUEUED_TASK_BOUND / 2**20
-        if need_mb > memory_pool_mb:
-            raise ValueError(
-                f"queue_size={queue_size} may hold up to {need_mb:.0f} MB of queued tasks, more than "
-                f"memory_pool_mb={memory_pool_mb}; raise memory_pool_mb or lower queue_size"
-            )
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
+        # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
+        # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
+        self.memory_pool_mb = memory_pool_mb
+        if memory_pool_mb is not None and memory_pool_mb != float("inf"):
+            self._set_memory_cap(min(int(memory_pool_mb * 2**20), 2**62))
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.enable_auto_scaling = bool(enable_auto_scaling)
-        self.memory_pool_mb = memory_pool_mb
         self.exit_timeout = exit_timeout
         self._registered: dict[str, Callable[..., Any]] = {}
         self._runner: _LoopRunner | None = None
@@ -380,7 +411,10 @@ class BackgroundTasks(_engine.Engine):
         if self.enable_auto_scaling:
             self.autoscaler.enable_auto_scaling()
         self.process_workers = os.cpu_count() or 1
-        self._shutdown_done = False
+        self._shutdown_done = False  # threads stopped
+        self._closing = False  # shutdown() called
+        self._forked = False  # this process is a fork of the one that made the engine
+        self._finisher: threading.Thread | None = None  # stops the threads after a timed-out shutdown
         self._created_seq = next(_created)
         _live.add(self)
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
@@ -495,7 +529,9 @@ class BackgroundTasks(_engine.Engine):
         key: Any = None
         if eta is None:
             try:
-                key = (tuple(sorted(fields.items())), id(config) if config is not None else None, block_timeout)
+                # the values' types too: True == 1 (and 1.0 == 1) must not find options validated for 1
+                key = (tuple(sorted((k, type(v), v) for k, v in fields.items())),
+                       id(config) if config is not None else None, type(block_timeout), block_timeout)
                 hit = self._options_cache.get(key)
             except TypeError:  # an unhashable value: no caching
                 key = hit = None
@@ -508,6 +544,8 @@ class BackgroundTasks(_engine.Engine):
                 raise ValueError(f"eta: expected a datetime, got {type(eta).__name__} {eta!r}")
             now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
             fields["delay_ms"] = max(0.0, (eta - now).total_seconds() * 1000.0)
+            if fields["delay_ms"] > MAX_MS:
+                raise ValueError(f"eta: {eta} is further ahead than the engine can wait (~292 years)")
         unknown = set(fields) - set(_DEFAULT_CONFIG.as_dict())
         if unknown:
             raise TypeError(
@@ -556,9 +594,11 @@ class BackgroundTasks(_engine.Engine):
         A compiled task (``@task``, ``compile_to_c``) runs as native code on the workers with no
         GIL, ``chunk_size`` items per engine node (default: at least 8 nodes per worker, at most
         4096 items per node; a config with retries, a timeout or hooks makes it one task per item,
-        as Python); other functions run one Python task per item. A failed item raises
-        its exception (with a note naming the item) after the batch ran, or, with
-        ``return_exceptions=True``, takes its place in the list.
+        as Python); other functions run one Python task per item, at most a few thousand queued
+        at a time (a batch of millions never holds a node per item). A failed item raises its
+        exception (with a note naming the item), or, with ``return_exceptions=True``, takes its
+        place in the list. As ``concurrent.futures``: when ``map`` raises (a Python task's
+        failure, reached in order; Ctrl-C) the items not started yet are cancelled.
 
         ``out``: None (a list of results), ``"array"`` (an ``array.array`` of the result type:
         'q' int64, 'd' float64, 'B' for bool results) or a writable, contiguous 1-D buffer of n
@@ -567,8 +607,11 @@ class BackgroundTasks(_engine.Engine):
         """
         if not callable(func):
             raise TypeError(f"map() needs a callable as its first argument, got {type(func).__name__} {func!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            # any integer type (a numpy integer too), not a bool
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+                raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
+            chunk_size = int(chunk_size)
         compiler = _compiler()
         with compiler.MapInput(iterable_of_args, more_iterables) as inp:
             compiler.check_out(out, len(inp), return_exceptions)
@@ -579,12 +622,17 @@ class BackgroundTasks(_engine.Engine):
                 res = compiler.map_native(self, native, inp, chunk_size, int(cfg.priority), return_exceptions, out=out)
                 if res is not None:
                     return res
+            if native is not None and native.require:  # never as Python: CompileError says why
+                native.refuse_batch(inp, plain)
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
-                handles = [self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0) for a in items]
+                def submit(part: Any, handles: list[Any]) -> None:
+                    for a in part:  # an item may fail (e.g. not picklable) after others were queued
+                        handles.append(self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0))
             else:
-                handles = self._submit_batch(func, items, None)
-            results = compiler.collect(handles, items, func, return_exceptions)
+                def submit(part: Any, handles: list[Any]) -> None:
+                    handles.extend(self._submit_batch(func, part, None))
+            results = compiler.map_python(submit, items, func, return_exceptions)
         return results if out is None else compiler.python_out(results, out)
 
     def _live_workers(self) -> int:
@@ -593,6 +641,11 @@ class BackgroundTasks(_engine.Engine):
 
     def join(self, timeout: float | None = None) -> None:
         """Block until nothing is queued or running (tasks added meanwhile count too)."""
+        if self._in_own_task():
+            raise RuntimeError(
+                "join() inside a task of this engine would wait for that task itself, forever: wait "
+                "for the tasks it needs with their TaskResult.wait() (or await them) instead"
+            )
         if not self._drain(timeout):
             s = self._stats()
             raise TimeoutError(
@@ -605,43 +658,78 @@ class BackgroundTasks(_engine.Engine):
         With ``wait_for_completion`` (the default) every task already queued runs before this
         returns; otherwise queued tasks are cancelled and only running ones finish. If that
         takes longer than ``timeout`` seconds, what is still queued is cancelled and
-        ShutdownTimeout says how many tasks were cancelled and how many still run (their
-        threads finish them in the background). Calling it again does nothing.
+        ShutdownTimeout says how many tasks were cancelled and how many still run: the engine
+        stops its threads by itself once those end, and calling shutdown() again waits up to
+        its own ``timeout`` for that. Once the engine has stopped, calling it again does nothing.
         """
         if self._shutdown_done:
             return
+        if self._forked:  # a forked child: this engine's threads are the parent's
+            self._closing = self._shutdown_done = True
+            return
+        if self._finisher is not None:
+            # an earlier shutdown timed out: its running tasks end, then the finisher stops all
+            self._finisher.join(timeout)
+            if self._finisher.is_alive():
+                running = self._stats()["running"]
+                raise ShutdownTimeout(
+                    f"shutdown(): {running} tasks were still running after {timeout} s more (they finish "
+                    "in the background; the engine stops when they end)",
+                    0,
+                    running,
+                )
+            return
+        self._closing = True
         for p in self._periodic:
             p.cancel()
         self.autoscaler.disable()
-        self._close()
+        if wait_for_completion:
+            # Work in flight finishes, with what it creates (a task adding tasks, workflow steps
+            # released by finished ones): only work from outside is refused until it is done.
+            self._close_to_outside()
+        else:
+            self._close()
         self.resume()
         if not wait_for_completion:
             self._cancel_queued()
         done = self._drain(timeout)
+        # Nothing is in flight once the drain ends (a completion counts as running until its
+        # callbacks ran), so nothing can create work any more: refuse it from everywhere.
+        self._close()
         if not done:
             cancelled = self._cancel_queued()
             running = self._stats()["running"]
             if self._pool is not None:
                 self._pool.shutdown(wait=False)  # process tasks still running are killed
-            self._shutdown_done = True
             _live.discard(self)
+            # The workers, the timer and the event loop stop once the running tasks end.
+            self._finisher = threading.Thread(target=self._finish_stop, name=f"{self.name}-shutdown", daemon=True)
+            self._finisher.start()
             raise ShutdownTimeout(
                 f"shutdown(): not finished within {timeout} s: {cancelled} queued tasks were cancelled, "
-                f"{running} were still running (they finish in the background)",
+                f"{running} were still running (they finish in the background, then the engine stops)",
                 cancelled,
                 running,
             )
+        self._stop_threads()
+        _live.discard(self)
+
+    def _finish_stop(self) -> None:
+        self._drain(None)
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
         if self._runner is not None:
             self._runner.stop()
         self._stop_workers()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._shutdown_done = True
-        _live.discard(self)
 
     @property
     def is_shutdown(self) -> bool:
-        return self._shutdown_done
+        """True once shutdown() was called (the engine accepts no more tasks)."""
+        return self._closing
 
     def __enter__(self) -> "BackgroundTasks":
         return self
@@ -667,7 +755,7 @@ class BackgroundTasks(_engine.Engine):
         if runner is None:
             with self._runner_lock:
                 if self._runner is None:
-                    self._runner = _LoopRunner(self.name)
+                    self._runner = _LoopRunner(self)
                 runner = self._runner
         return runner
 
@@ -689,7 +777,7 @@ class BackgroundTasks(_engine.Engine):
 
     def __repr__(self) -> str:
         s = self._stats()
-        state = "shut down" if self._shutdown_done else "running"
+        state = "shut down" if self._shutdown_done else "shutting down" if self._closing else "running"
         return (
             f"<BackgroundTasks {self.name!r} {state} workers={s['workers']} queued={s['queued_total']} "
             f"running={s['running']}>"

@@ -25,22 +25,28 @@ Design (see also the class docstrings):
   reach a child. A child still imports the application's main module (Python 3.11's
   forkserver does not preload it) and this package, so a start costs ~0.1 s here either
   way, paid once per child: at first use and after a timeout or crash.
-* One task at a time per child; children are started lazily up to ``size`` and reused.
-* Memory limit: per task, in the child: ``RLIMIT_AS`` is set to the child's current address
+* One task at a time per child; children are started lazily up to ``size`` and reused. An
+  ``async def`` task runs to its end in the child on an event loop of its own (``asyncio.run``).
+* Memory limit: per task, in the child: ``RLIMIT_AS`` (virtual memory, not resident memory:
+  a thread's whole stack counts) is set to the child's current address
   space + ``memory_limit_mb`` just before the call and restored just after, so the limit
   bounds what the task itself maps, whatever the child's baseline (an interpreter with
   numpy mapped is hundreds of MB of address space before any task runs). A child whose task
   hit its limit is retired, not reused.
-* Waiting: the caller blocks in ``multiprocessing.connection.wait([conn, process.sentinel],
-  timeout)``, i.e. ``poll(2)`` with the real deadline, which releases the GIL; a dead child
-  wakes the caller at once through its sentinel or EOF. Callers waiting for a free child wait
+* Waiting: the caller blocks in ``multiprocessing.connection.wait([conn, pidfd], timeout)``
+  (the process sentinel where there is no pidfd), i.e. ``poll(2)`` with the real deadline,
+  which releases the GIL; a dead child wakes the caller at once through its pidfd or EOF.
+* Process groups: each child leads its own; killing a child (timeout, ``cancel()``,
+  shutdown, the parent's death) or its own death (a crash) kills its group, so a task's subprocesses go with it. Callers waiting for a free child wait
   on a ``threading.Condition``. Nothing polls or sleeps.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import faulthandler
+import inspect
 import io
 import itertools
 import math
@@ -84,6 +90,7 @@ _READY = b"+"   # handshake after start
 _VALUE = b"R"   # + pickle of the task's return value
 _ERROR = b"E"   # + pickle of a dict describing the failure (see _error_reply)
 _CRASH_TEXT_MAX = 16 * 1024
+_RLIM_MAX = 2**63 - 1  # the largest limit resource.setrlimit takes (a C long long)
 _RETIRE_GRACE_S = 2.0    # an idle child told to exit (EOF) gets this long before SIGKILL
 _REAP_WAIT_S = 5.0       # after SIGKILL, how long to wait for the exit status
 _START_METHODS = ("forkserver", "spawn")
@@ -284,7 +291,7 @@ def _error_reply(exc: BaseException, stage: str, *, memory: bool = False) -> byt
     problem = ""
     try:
         exc_bytes = pickle.dumps(exc, protocol=_PROTOCOL)
-        pickle.loads(exc_bytes)  # an exception whose __init__ needs more args fails only here
+        pickle.loads(exc_bytes)  # noqa: S301 - our own bytes, just made: an exception whose __init__ needs more args fails only here
     except BaseException as pickling_exc:  # noqa: BLE001
         exc_bytes = None
         problem = _why(pickling_exc)
@@ -301,40 +308,124 @@ def _error_reply(exc: BaseException, stage: str, *, memory: bool = False) -> byt
     return _ERROR + pickle.dumps(info, protocol=_PROTOCOL)
 
 
+def _thread_stack_bytes() -> int:
+    """The address space a new thread maps for its stack (glibc: RLIMIT_STACK's soft limit,
+    8 MiB by default, or 2 MiB when unlimited; threading.stack_size() when set)."""
+    size = threading.stack_size()
+    if not size:
+        soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+        size = soft if soft != resource.RLIM_INFINITY else 2 * _MiB
+    return size
+
+
+_active_limit = 0  # in a child: the RLIMIT_AS set for the running task, or 0
+
+
+def _guard_thread_starts() -> None:
+    """In a child: a thread that cannot start ("can't start new thread") because its stack
+    would not fit under the task's memory limit marks its RuntimeError as a limit hit, checked
+    at the moment it fails (the threads started before it may be gone by the time the task's
+    error reaches _limit_hit)."""
+    import _thread
+
+    def guarded(start: Callable[..., Any]) -> Callable[..., Any]:
+        def start_thread(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return start(*args, **kwargs)
+            except RuntimeError as exc:
+                limit = _active_limit
+                if limit and _address_space_bytes() + _thread_stack_bytes() > limit:
+                    exc._catzilla_tasks_limit_hit = True  # type: ignore[attr-defined]
+                raise
+
+        return start_thread
+
+    # threading keeps its own reference (3.11-3.12: _start_new_thread; 3.13: _start_joinable_thread)
+    for mod, name in ((_thread, "start_new_thread"), (_thread, "start_joinable_thread"),
+                      (threading, "_start_new_thread"), (threading, "_start_joinable_thread")):
+        start = getattr(mod, name, None)
+        if start is not None:
+            setattr(mod, name, guarded(start))
+
+
+def _limit_hit(exc: BaseException) -> bool:
+    """Whether a task's failure under its RLIMIT_AS comes from that limit: a MemoryError,
+    an allocation refused with ENOMEM (mmap, fork), or a thread that could not map its stack
+    while near the limit -- the failure itself or anything in its cause/context chain (a task
+    that turned a MemoryError into its own error still hit its limit)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError):
+            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+            return True
+        if isinstance(e, (ImportError, OSError)) and _dl_out_of_memory(e):
+            return True
+        if getattr(e, "_catzilla_tasks_limit_hit", False):  # see _guard_thread_starts
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# What the dynamic loader (glibc's dlerror) says when it cannot map a shared library: the
+# error of an import (ImportError) or of ctypes/cffi (OSError, no errno) that failed that way.
+_DL_NO_MEMORY = ("failed to map segment from shared object", "cannot map zero-fill pages", "cannot allocate memory")
+
+
+def _dl_out_of_memory(exc: BaseException) -> bool:
+    text = _safe_text(exc).lower()
+    return any(mark in text for mark in _DL_NO_MEMORY) and "static tls" not in text
+
+
+def _run_coroutine(coro: Any) -> Any:
+    import asyncio  # only children that run async tasks pay for it
+
+    return asyncio.run(coro)
+
+
 def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     """Run one task message; return (reply, retire this child)."""
+    global _active_limit
     (limit_mb,) = _HEADER.unpack_from(message)
     try:
-        func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size:])
+        func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size:])  # noqa: S301 - from the parent over a private pipe
     except BaseException as exc:  # noqa: BLE001
         return _error_reply(exc, "load"), False
     del message
 
     old_limit = None
+    new_soft = 0  # RLIMIT_AS for the task (0: none)
     if limit_mb > 0:
         try:
             old_limit = resource.getrlimit(resource.RLIMIT_AS)
             soft, hard = old_limit
             new_soft = _address_space_bytes() + int(limit_mb * _MiB)
-            for cap in (soft, hard):
+            for cap in (soft, hard, _RLIM_MAX):  # a limit setrlimit cannot take is none at all
                 if cap != resource.RLIM_INFINITY:
                     new_soft = min(new_soft, cap)
             resource.setrlimit(resource.RLIMIT_AS, (new_soft, hard))
         except (OSError, ValueError) as exc:
             return _error_reply(exc, "limit"), False
+    _active_limit = new_soft
     failure: BaseException | None = None
+    memory = False
     value: Any = None
     try:
         value = func(*args, **kwargs)
+        if inspect.iscoroutine(value):  # an async def task: run to its end on a loop of its own
+            value = _run_coroutine(value)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         failure = exc
+        memory = old_limit is not None and _limit_hit(exc)
     finally:
+        _active_limit = 0
         if old_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
     del func, args, kwargs
 
     if failure is not None:
-        memory = old_limit is not None and isinstance(failure, MemoryError)
         reply = _error_reply(failure, "call", memory=memory)
         del failure
         return reply, memory  # a child that ran out of memory is not reused
@@ -362,9 +453,25 @@ def _watch_parent() -> None:
         try:
             mp_connection.wait([sentinel])
         finally:
+            _kill_own_group()
             os._exit(70)
 
     threading.Thread(target=watch, name="catzilla-tasks-parent-watch", daemon=True).start()
+
+
+def _kill_own_group() -> None:
+    """SIGKILL this child's process group (the task's own subprocesses, and this process),
+    if this child leads one; never the group it was started in."""
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """SIGTERM in a pool child: the parent drains (or kills) it; a handler rather than SIG_IGN,
+    so a task's own subprocesses start with the default action (exec resets handlers)."""
 
 
 _IN_CHILD = False
@@ -383,9 +490,18 @@ def _child_main(conn: Any, crash_w: Any) -> None:
     """Body of a pool child: answer task messages on ``conn`` until EOF."""
     global _IN_CHILD
     _IN_CHILD = True
-    # Ctrl-C in a terminal reaches the whole process group: the parent decides what happens
-    # to running tasks (shutdown), the children do not die under them.
+    # A process group of its own: a hard timeout, cancel() or the parent's death kills the
+    # task's subprocesses with it (the parent signals the group), and a signal for the
+    # parent's group (Ctrl-C in a terminal, kill -TERM -pgid) does not reach it.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    # Ctrl-C and SIGTERM (systemd signals every process of the service): the parent decides
+    # what happens to running tasks (a drain, or shutdown), the children do not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_signal)
+    _guard_thread_starts()
     try:  # a crash (SIGSEGV, SIGABRT, ...) writes the task's Python stack here for WorkerLost
         faulthandler.enable(file=crash_w, all_threads=False)
     except (OSError, ValueError, RuntimeError):
@@ -410,15 +526,133 @@ def _child_main(conn: Any, crash_w: Any) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 class _Child:
-    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped")
+    __slots__ = ("process", "conn", "crash_r", "pid", "tasks", "reaped", "pidfd", "death", "leader")
 
-    def __init__(self, process: Any, conn: Any, crash_r: Any) -> None:
+    def __init__(self, process: Any, conn: Any, crash_r: Any, pidfd: int | None) -> None:
         self.process = process
         self.conn = conn
         self.crash_r = crash_r
         self.pid: int = process.pid
         self.tasks = 0
         self.reaped = False  # set under _MP_LOCK once the process is joined and closed
+        self.leader = False  # it leads a process group of its own (set once it has started)
+        # A pidfd (Linux) is readable exactly when the process has exited, whoever its parent
+        # is: a dead forkserver does not make a live child look dead (the forkserver's
+        # sentinel reports EOF then), and signals through it never reach a reused pid.
+        self.pidfd = pidfd
+        self.death: Any = pidfd if pidfd is not None else process.sentinel
+
+    def dead(self) -> bool:
+        return bool(mp_connection.wait([self.death], 0))
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        return None
+
+
+_FORKSERVER_INIT = f"{__package__}._forkserver_init"
+
+
+def _forkserver_preload() -> None:
+    """Have the forkserver import _forkserver_init (it then ignores SIGTERM), besides what the
+    application preloads. Takes effect when the forkserver starts: not for one already
+    running (the application started it first), which then dies on a SIGTERM; the pool's
+    children are not affected either way (they know their own deaths through pidfds)."""
+    from multiprocessing import forkserver
+
+    mods = list(getattr(forkserver._forkserver, "_preload_modules", None) or [])
+    if _FORKSERVER_INIT not in mods:
+        forkserver.set_forkserver_preload(mods + [_FORKSERVER_INIT])
+
+
+class CancelToken:
+    """Lets another thread cancel a :meth:`ProcessPool.run_pickled` call (``cancel=token``):
+    before the task reaches a child it never does; while it runs, its child and the child's
+    process group are killed. Either way the call raises ``TaskCancelled``. A token serves
+    one call at a time (a retried task makes its calls one after the other)."""
+
+    __slots__ = ("_lock", "_pool", "_child", "_finished", "cancelled")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ProcessPool | None = None
+        self._child: _Child | None = None
+        self._finished = False  # the last call has its outcome: too late to cancel it
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        """True if the call is (or will be) cancelled; False once it has its outcome."""
+        with self._lock:
+            if self._finished:
+                return False
+            self.cancelled = True
+            pool, child = self._pool, self._child
+        if child is not None:
+            ProcessPool._kill(child)  # the waiting caller sees the death and raises TaskCancelled
+        elif pool is not None:
+            with pool._lock:  # a caller waiting for a free child gives up
+                pool._child_free.notify_all()
+        return True
+
+    def _begin(self, pool: ProcessPool) -> None:
+        with self._lock:
+            if self.cancelled:
+                raise _cancelled_error(None)
+            self._pool, self._finished = pool, False
+
+    def _attach(self, child: _Child) -> bool:
+        """Give the call its child; False if cancelled meanwhile (the task was not sent)."""
+        with self._lock:
+            if self.cancelled:
+                return False
+            self._child = child
+            return True
+
+    def _settle(self) -> bool:
+        """The call has its outcome: True to keep it, False if cancelled first."""
+        with self._lock:
+            self._child = None
+            if self.cancelled:
+                return False
+            self._finished = True
+            return True
+
+
+def _cancelled_error(pid: int | None) -> BaseException:
+    from ._engine import TaskCancelled
+
+    if pid is None:
+        return TaskCancelled("the process-isolated task was cancelled before it started")
+    return TaskCancelled(f"the process-isolated task was cancelled while it ran: its child process (pid {pid}) "
+                         "and the child's process group were killed")
+
+
+class IsolatedCall:
+    """What the engine queues for a process-isolated task (``engine._isolate``): calling it
+    runs the pickled task in the pool (blocking the worker thread); ``cancel()``, which
+    ``TaskResult.cancel()`` of the running task calls, kills it (the task ends CANCELLED)."""
+
+    def __init__(self, pool: "ProcessPool", payload: bytes, name: str, timeout_s: float | None,
+                 memory_limit_mb: float | None) -> None:
+        self._pool = pool
+        self._payload = payload
+        self._timeout_s = timeout_s
+        self._memory_limit_mb = memory_limit_mb
+        self._token = CancelToken()
+        self.__qualname__ = name  # what the monitor's failure list shows
+
+    def __call__(self) -> Any:
+        return self._pool.run_pickled(self._payload, timeout_s=self._timeout_s,
+                                      memory_limit_mb=self._memory_limit_mb, cancel=self._token)
+
+    def cancel(self) -> bool:
+        return self._token.cancel()
+
+    def __repr__(self) -> str:
+        return f"<IsolatedCall {self.__qualname__} in {self._pool!r}>"
 
 
 def _check_limit(name: str, value: Any) -> float | None:
@@ -429,6 +663,20 @@ def _check_limit(name: str, value: Any) -> float | None:
     if value <= 0:
         raise ValueError(f"{name}: must be > 0 (or None for no limit), got {value!r}")
     return None if math.isinf(value) else float(value)
+
+
+def _wait_exit_without_pidfd(child: _Child) -> None:
+    """After SIGKILL to a child whose death no pidfd reports: wait (at most _REAP_WAIT_S) until
+    its end of the task pipe closes, i.e. it has exited. Its sentinel says nothing here: the
+    forkserver's EOF looks the same when the forkserver died and the child lives on. (A late
+    reply on the pipe is dropped.)"""
+    deadline = time.monotonic() + _REAP_WAIT_S
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            if mp_connection.wait([child.conn], remaining):
+                child.conn.recv_bytes()
+        except (EOFError, OSError):
+            return
 
 
 def _read_crash_text(crash_r: Any) -> str:
@@ -499,6 +747,8 @@ class ProcessPool:
         self._name = str(name)
         self._start_method = mp_context
         self._ctx = multiprocessing.get_context(mp_context)
+        if mp_context == "forkserver":
+            _forkserver_preload()
         self._start_timeout = start_timeout_f
         self._lock = threading.Lock()
         self._child_free = threading.Condition(self._lock)  # an idle child or a free slot
@@ -604,15 +854,24 @@ class ProcessPool:
         *,
         timeout_s: float | None = None,
         memory_limit_mb: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> Any:
-        """:meth:`run` for a task already pickled by :func:`pickle_task`."""
+        """:meth:`run` for a task already pickled by :func:`pickle_task`. ``cancel``: a
+        :class:`CancelToken` another thread may use to cancel this call."""
         timeout_s = _check_limit("timeout_s", timeout_s)
         memory_limit_mb = _check_limit("memory_limit_mb", memory_limit_mb)
         message = _HEADER.pack(memory_limit_mb or 0.0) + payload
+        if cancel is not None:
+            cancel._begin(self)
         self._enter()
         try:
             for _attempt in range(3):
-                child = self._acquire()
+                if cancel is not None and cancel.cancelled:
+                    raise _cancelled_error(None)
+                child = self._acquire(cancel)
+                if cancel is not None and not cancel._attach(child):
+                    self._release(child, ran=False)
+                    raise _cancelled_error(None)
                 try:
                     if child.conn.poll(0):
                         # An idle child never speaks first: this is EOF, it died while idle
@@ -626,7 +885,7 @@ class ProcessPool:
                 except BaseException:
                     self._discard(child, kill=True)
                     raise
-                return self._outcome(child, timeout_s, memory_limit_mb)
+                return self._outcome(child, timeout_s, memory_limit_mb, cancel)
             raise WorkerLost("the task could not be handed to a child process: three children in a row died before it started")
         finally:
             self._leave()
@@ -650,12 +909,14 @@ class ProcessPool:
             if self._inflight == 0:
                 self._all_done.notify_all()
 
-    def _acquire(self) -> _Child:
+    def _acquire(self, cancel: CancelToken | None = None) -> _Child:
         """An idle child (marked busy), a newly started one, or wait for either."""
         with self._lock:
             while True:
                 if self._terminating:
                     raise RuntimeError(f"{self!r} was shut down before the task could start")
+                if cancel is not None and cancel.cancelled:
+                    raise _cancelled_error(None)
                 if self._idle:
                     child = self._idle.pop()
                     self._busy.add(child)
@@ -696,6 +957,7 @@ class ProcessPool:
             try:
                 with _MP_LOCK:
                     process.start()
+                    pidfd = _pidfd_open(process.pid)  # before anything reaps it (it cannot exit yet: it waits for us)
             finally:
                 # the child has its own copies now; ours would hide its EOF from us
                 child_end.close()
@@ -705,13 +967,13 @@ class ProcessPool:
             crash_r.close()
             raise
         os.set_blocking(crash_r.fileno(), False)
-        child = _Child(process, parent_end, crash_r)
+        child = _Child(process, parent_end, crash_r, pidfd)
         with self._lock:
             self._started += 1
         # Handshake: the child is ready once it has imported everything, so a task's timeout
         # never includes a start-up, and a child that cannot start says so here.
         try:
-            ready = mp_connection.wait([parent_end, process.sentinel], self._start_timeout)
+            ready = mp_connection.wait([parent_end, child.death], self._start_timeout)
             hello = parent_end.recv_bytes() if parent_end in ready else None
         except (EOFError, OSError):
             hello = None
@@ -719,6 +981,7 @@ class ProcessPool:
             self._end_children([child], kill=True)
             raise
         if hello == _READY:
+            child.leader = True  # it called setpgid before saying so
             return child
         timed_out = not ready
         exitcode, crash_text = self._end_children([child], kill=True)[0]
@@ -738,11 +1001,11 @@ class ProcessPool:
             msg += "\n" + crash_text
         raise WorkerLost(msg, pid=child.pid, exitcode=exitcode)
 
-    def _release(self, child: _Child) -> None:
+    def _release(self, child: _Child, ran: bool = True) -> None:
         """Return a healthy child to the idle list (or end it if the pool is terminating)."""
-        child.tasks += 1
+        child.tasks += ran
         with self._lock:
-            self._tasks += 1
+            self._tasks += ran
             self._busy.discard(child)
             if not self._terminating:
                 self._idle.append(child)
@@ -763,17 +1026,20 @@ class ProcessPool:
     def _end_children(self, children: list[_Child], *, kill: bool) -> list[tuple[int | None, str]]:
         """Stop children and reap them. ``kill``: SIGKILL now; otherwise close their pipe (an
         idle child exits on EOF) and SIGKILL only those still alive after a grace period."""
+        if kill:
+            for child in children:
+                self._kill(child)
+            for child in children:
+                if child.pidfd is None:
+                    _wait_exit_without_pidfd(child)
         for child in children:
             try:
                 child.conn.close()
             except OSError:
                 pass
-        if kill:
-            for child in children:
-                self._kill(child)
-        else:
+        if not kill:
             deadline = time.monotonic() + _RETIRE_GRACE_S
-            pending = {child.process.sentinel: child for child in children}
+            pending = {child.death: child for child in children}
             while pending:
                 remaining = deadline - time.monotonic()
                 ready = mp_connection.wait(list(pending), max(0.0, remaining)) if remaining > 0 else []
@@ -781,18 +1047,22 @@ class ProcessPool:
                     for child in pending.values():
                         self._kill(child)
                     break
-                for sentinel in ready:
-                    pending.pop(sentinel, None)
+                for death in ready:
+                    pending.pop(death, None)
         results = []
         for child in children:
             exitcode = None
             process = child.process
-            if mp_connection.wait([process.sentinel], _REAP_WAIT_S):
+            if mp_connection.wait([child.death], _REAP_WAIT_S):
                 with _MP_LOCK:
                     process.join(1.0)
                     exitcode = process.exitcode
-                    if exitcode is not None:
+                    if exitcode is not None or child.pidfd is not None:
                         child.reaped = True
+                        if child.pidfd is not None:
+                            os.close(child.pidfd)
+                            child.pidfd = None
+                    if exitcode is not None:
                         try:
                             process.close()
                         except ValueError:
@@ -807,21 +1077,36 @@ class ProcessPool:
 
     @staticmethod
     def _kill(child: _Child) -> None:
-        # Never signal a child whose exit is already known (its pid may be reused), nor one
-        # another thread has reaped: reaping happens under _MP_LOCK too.
+        """SIGKILL a child and its process group (the task's own subprocesses).
+
+        Never signal anything once the child is reaped here (reaping happens under _MP_LOCK
+        too), nor a child whose exit is already known (its pid may be reused). Its group is
+        signalled even then, if it leads one (it started): a child that crashed leaves the
+        task's subprocesses in its group, and an id in use as a process group (or by the
+        unreaped child) is never given to a new process; only an empty group's id may be,
+        once the pid counter has wrapped around, and then killpg finds no such group."""
         with _MP_LOCK:
             if child.reaped:
                 return
             try:
-                if not mp_connection.wait([child.process.sentinel], 0):
-                    child.process.kill()
+                dead = child.dead()
+                if child.leader or not dead:
+                    try:
+                        os.killpg(child.pid, signal.SIGKILL)
+                    except OSError:  # no such group: still starting, or every member is gone
+                        pass
+                if not dead:
+                    if child.pidfd is not None:
+                        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+                    else:
+                        child.process.kill()
             except (OSError, ValueError):
                 pass
 
     def _receive(self, child: _Child, deadline: float | None) -> bytes | None:
         """The child's reply; None if it died first; raises _Deadline when time is up."""
         conn = child.conn
-        sentinel = child.process.sentinel
+        death = child.death
         while True:
             if deadline is None:
                 remaining = None
@@ -831,7 +1116,7 @@ class ProcessPool:
                     if conn.poll(0):  # the answer came in at the last moment
                         break
                     raise _Deadline
-            ready = mp_connection.wait([conn, sentinel], remaining)
+            ready = mp_connection.wait([conn, death], remaining)
             if conn in ready:
                 break
             if ready:  # the child exited; nothing (not even EOF) on its pipe
@@ -841,14 +1126,18 @@ class ProcessPool:
         except (EOFError, OSError):
             return None
 
-    def _outcome(self, child: _Child, timeout_s: float | None, memory_limit_mb: float | None) -> Any:
+    def _outcome(self, child: _Child, timeout_s: float | None, memory_limit_mb: float | None,
+                 cancel: CancelToken | None = None) -> Any:
         """Wait for the task sent to ``child`` and turn the reply into a value or an error."""
         oom_before = _oom_kill_count() if memory_limit_mb is not None else None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             data = self._receive(child, deadline)
         except _Deadline:
+            cancelled = cancel is not None and not cancel._settle()
             self._discard(child, kill=True)
+            if cancelled:  # cancel() came first and said True: the task ends cancelled, not timed out
+                raise _cancelled_error(child.pid) from None
             with self._lock:
                 self._timeouts += 1
             raise TaskTimeout(
@@ -858,11 +1147,17 @@ class ProcessPool:
         except BaseException:
             # e.g. KeyboardInterrupt while waiting: the child's answer can no longer be
             # collected, so it cannot be reused
+            if cancel is not None:
+                cancel._settle()
             self._discard(child, kill=True)
             raise
+        if cancel is not None and not cancel._settle():
+            self._discard(child, kill=True)  # killed by cancel(), or about to be
+            raise _cancelled_error(child.pid)
 
         if data is None or data[:1] not in (_VALUE, _ERROR):
-            exitcode, crash_text = self._discard(child, kill=data is not None)
+            # (killed even if dead: the task's subprocesses are left in its process group)
+            exitcode, crash_text = self._discard(child, kill=True)
             with self._lock:
                 self._lost += 1
                 shutting_down = self._terminating
@@ -879,13 +1174,13 @@ class ProcessPool:
         if data[:1] == _VALUE:
             self._release(child)
             try:
-                return pickle.loads(memoryview(data)[1:])
+                return pickle.loads(memoryview(data)[1:])  # noqa: S301 - from our child over a private pipe
             except Exception as exc:  # noqa: BLE001
                 raise TypeError(
                     f"the task's result could not be unpickled in the parent process ({_why(exc)})"
                 ) from exc
 
-        info = pickle.loads(memoryview(data)[1:])
+        info = pickle.loads(memoryview(data)[1:])  # noqa: S301 - from our child over a private pipe
         del data
         if info["memory"]:
             self._discard(child, kill=False)  # the child exits by itself after such a failure
@@ -965,7 +1260,8 @@ def _rebuild_error(info: dict, memory_limit_mb: float | None) -> BaseException:
     stage = info["stage"]
     if info["memory"]:
         exc: BaseException = MemoryLimitExceeded(
-            f"the task exceeded its memory limit (memory_limit_mb={memory_limit_mb:g}): "
+            f"the task exceeded its memory limit (memory_limit_mb={memory_limit_mb:g} of virtual memory: "
+            f"address space mapped during the task, thread stacks included): "
             f"{info['type']}: {info['text']}".rstrip(": ")
         )
         exc.__cause__ = tb
@@ -979,7 +1275,7 @@ def _rebuild_error(info: dict, memory_limit_mb: float | None) -> BaseException:
     original = None
     if info["exc"] is not None:
         try:
-            original = pickle.loads(info["exc"])
+            original = pickle.loads(info["exc"])  # noqa: S301 - from our child over a private pipe
         except Exception as exc_:  # noqa: BLE001 - e.g. its class does not exist in the parent
             info["problem"] = _why(exc_)
     if not isinstance(original, BaseException):
@@ -1017,7 +1313,7 @@ def _shutdown_all_at_exit() -> None:
     for pool in list(_POOLS):
         try:
             pool.shutdown(wait=False)
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:  # noqa: BLE001, S110 - exiting anyway
             pass
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ __all__ = ["TaskMonitor", "AutoScaler"]
 log = logging.getLogger("catzilla_tasks.scaling")
 
 RATE_WINDOW_S = 5  # tasks_per_second: the last 5 seconds (the current one pro rata)
-HANDLE_BYTES = 32   # a TaskResult handle (pymalloc object) next to each node
+HANDLE_BYTES = sys.getsizeof(_engine.detached())  # a TaskResult handle next to each node (GC header included)
 
 
 def _percentile(hist: dict[str, Any], bounds_ns: list[int], q: float) -> float | None:
@@ -102,7 +103,11 @@ class TaskMonitor:
                 "high_queue_size": q[1],
                 "normal_queue_size": q[2],
                 "low_queue_size": q[3],
-                "total_queued": total_queued,
+                "total_queued": total_queued,  # in_worker_batches included
+                "in_worker_batches": st["batched"],  # taken by a worker, not started yet
+                # memory_pool_mb: bytes the queued tasks' arguments hold (measured only with a cap)
+                "queued_argument_bytes": st["queued_arg_bytes"],
+                "memory_pool_bytes": st["memory_cap_bytes"] or None,
                 "scheduled": st["scheduled"],
                 "queue_pressure": total_queued / st["queue_size"],
             },
@@ -122,6 +127,8 @@ class TaskMonitor:
                 "p99_queue_wait_ms": _percentile(wt, bounds, 0.99),
                 "memory_usage_mb": mem["slab_bytes"] / 2**20,
                 "memory_in_use_mb": in_use / 2**20,
+                # free nodes held in threads' caches (the rest of memory_usage_mb is free for anyone)
+                "memory_cached_mb": mem["nodes_cached"] * mem["node_size"] / 2**20,
                 "memory_efficiency": (mem["nodes_in_use"] * mem["node_size"] / mem["slab_bytes"]) if mem["slab_bytes"] else 1.0,
             },
             "error_metrics": {
@@ -244,6 +251,27 @@ class AutoScaler:
         finally:
             self._engine._scaler_rearm(keep and self.enabled)
 
+    @staticmethod
+    def _measure(
+        prev: tuple[float, dict[int, tuple[float, float, float, float]]],
+        now: float,
+        cur: dict[int, tuple[float, float, float, float]],
+        live: int,
+    ) -> tuple[float, float, float]:
+        """Utilization, blocked share and CPU cores of the workers since the baseline prev."""
+        t0, base = prev
+        dt = now - t0
+        d_busy = d_gil = d_cpu = d_rq = 0.0
+        for wid, (b, g, c, r) in cur.items():
+            pb, pg, pc, pr = base.get(wid, (b, g, c, r))
+            d_busy += max(0.0, b - pb)
+            d_gil += max(0.0, g - pg)
+            d_cpu += max(0.0, c - pc)
+            d_rq += max(0.0, r - pr)
+        util = min(1.0, d_busy / (dt * max(live, 1)))
+        blocked = max(0.0, d_busy - d_gil - d_cpu - d_rq) / d_busy if d_busy > 0 else 0.0
+        return util, blocked, d_cpu / dt
+
     def evaluate(self, apply: bool = True) -> dict[str, Any]:
         eng = self._engine
         raw = eng._monitor_raw()
@@ -257,20 +285,14 @@ class AutoScaler:
         live = raw["live_workers"]
         backlog = max(0, st["queued_total"] - st["scheduled"])
         util = blocked = cores = 0.0
-        if self._prev is not None and now - self._prev[0] > 0:
-            t0, prev = self._prev
-            dt = now - t0
-            d_busy = d_gil = d_cpu = d_rq = 0.0
-            for wid, (b, g, c, r) in cur.items():
-                pb, pg, pc, pr = prev.get(wid, (b, g, c, r))
-                d_busy += max(0.0, b - pb)
-                d_gil += max(0.0, g - pg)
-                d_cpu += max(0.0, c - pc)
-                d_rq += max(0.0, r - pr)
-            util = min(1.0, d_busy / (dt * max(live, 1)))
-            blocked = max(0.0, d_busy - d_gil - d_cpu - d_rq) / d_busy if d_busy > 0 else 0.0
-            cores = d_cpu / dt
-        self._prev = (now, cur)
+        if self._prev is not None and now - self._prev[0] < self.interval_s / 2:
+            # Too short a window to measure (the tick that wakes the scaler comes at once after
+            # it stood down): no decision, and the older baseline stays for the next tick.
+            pass
+        else:
+            if self._prev is not None:
+                util, blocked, cores = self._measure(self._prev, now, cur, live)
+            self._prev = (now, cur)
         if backlog > 0 or util > self.scale_down_threshold:
             self._last_active = now
         lo, hi = eng.min_workers, eng.max_workers

@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "pip install 'catzilla-tasks[prometheus]'"
     ) from exc
 
+from ._redact import redact_text
 from .dashboard import StatsSource, stats_function
 
 __all__ = [
@@ -157,8 +158,10 @@ class TasksCollector:
         for source, fn in sources:
             try:
                 snapshots.append(fn())
-            except Exception:  # one broken engine must not break the whole scrape
-                log.exception("catzilla_tasks: could not read the stats of %r", source)
+            except Exception as exc:  # one broken engine must not break the whole scrape
+                # the message only, credentials masked: it may quote a connection string
+                log.error("catzilla_tasks: could not read the stats of %r: %s", source,
+                          redact_text(f"{type(exc).__name__}: {exc}"))
         fams = {m.name: m for m in self._families()}
 
         def fam(name: str) -> Any:

@@ -20,15 +20,25 @@ def _resolve(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
+def _wake(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> None:
+    """In the thread that ends the task: hand over to the awaiting loop's thread. If that loop
+    has closed meanwhile (the awaiting coroutine was cancelled, its server stopped), nobody is
+    left to wake."""
+    try:
+        loop.call_soon_threadsafe(_resolve, fut)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
+
+
 async def _await_result(handle: TaskResult) -> Any:
     if not handle.is_ready():
         import asyncio  # loaded already: something is awaiting (imported here so plain use never loads it)
 
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        # Called in the thread that ends the task; hands over to this loop's thread. Cancelling
-        # the awaiting coroutine does not cancel the task (use handle.cancel()).
-        handle._on_done(lambda _h: loop.call_soon_threadsafe(_resolve, fut))
+        # Cancelling the awaiting coroutine does not cancel the task (use handle.cancel()).
+        handle._on_done(lambda _h: _wake(loop, fut))
         await fut
     return handle.wait(0)
 

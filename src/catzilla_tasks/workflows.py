@@ -1,99 +1,17 @@
 """Task chains and workflows: a DAG of steps that the engine runs, each step a task.
 
-Building a workflow
--------------------
-A workflow is a named set of *steps*; each step is one call ``func(*args, **kwargs)`` that runs
-as an ordinary task of the engine (its ``@task`` config applies: priority, retries, timeout).
-Steps are added with :meth:`TaskChain.add_task` (returns the chain, for chaining calls) or
-:meth:`TaskChain.step` (returns a :class:`Step` handle)::
-
-    wf = TaskChain("etl")
-    raw = wf.step(extract, "s3://bucket/day")     # id "etl_0"
-    a = wf.step(clean, raw)                        # gets extract's value as its argument
-    b = wf.step(enrich, raw, step_name="enrich")   # id "enrich"
-    wf.step(load, a, b, table="events")            # runs once clean and enrich succeeded
-    print(wf.execute().wait(60))                   # {"etl_0": ..., "etl_1": ..., "enrich": ..., "etl_3": ...}
-
-* **Step ids.** A step's id is ``f"{name}_{index}"`` (index: its position in the workflow),
-  unless it is given ``step_name=``. Two steps with one id are an error (``ValueError``).
-* **Reserved keywords.** ``add_task`` and ``step`` pass every keyword to ``func`` except the
-  two keyword-only ones they own: ``depends_on`` and ``step_name``. (A function that takes a
-  parameter of that name can be bound with ``functools.partial`` first.)
-* **Dependencies.** ``depends_on=[...]`` lists step ids or :class:`Step` handles (a step may
-  name steps added after it). A step also depends on every step whose result it receives.
-* **Passing results: one rule.** An argument that is a :class:`Step` handle,
-  ``result_of("step_id")``, or ``results_of(step, ...)`` (a list of results, in the order given)
-  is replaced by that step's return value when the step runs, and makes the step depend on it.
-  Only top-level positional arguments and keyword values are replaced (not values nested in a
-  list: use ``results_of``).
-* **Checked before anything runs.** :meth:`TaskChain.validate` (called by ``execute()`` and by
-  ``@workflow``) raises ``ValueError`` naming the steps for an unknown step in a dependency and
-  for a dependency cycle (``'a' -> 'b' -> 'a'``).
-
-Running it
-----------
-``execute()`` returns at once a :class:`~catzilla_tasks.TaskResult` for the whole workflow
-(``wait()``, ``await``, ``cancel()``, callbacks); its value is a dict of every step's value by
-step id. ``execute_async()`` returns the same as a :class:`~catzilla_tasks.TaskFuture`.
-
-* **Which engine.** ``TaskChain(name, tasks=engine)`` (or ``chain_for(engine, name)``) runs on
-  that engine. Without one, on the default engine, resolved at ``execute()`` (not when
-  built): the most recently created ``BackgroundTasks`` that is still running, else one this
-  module creates on first use (shut down at interpreter exit, like any engine). An
-  application with several engines should name the engine.
-* **Distributed mode.** On an engine created with ``broker="redis://..."`` the run is published
-  to Redis (``RedisBroker.run_workflow``) and ``execute()`` returns its ``RemoteResult``: the
-  steps run on the workers as tasks of their registered names, and a worker that finishes a
-  step releases its dependents in the transaction that acknowledges it (see
-  ``brokers/scripts.py`` and docs/architecture.md). The rest of this section is about local runs.
-* **Scheduling lives in the engine.** Each execution turns the steps into *gates* of the C
-  engine (one ``Engine._gates`` call): a gate is a task held back until its dependencies have
-  succeeded. ``execute()`` queues the steps without dependencies; when a step's task
-  succeeds, the worker that ran it counts down the gates that depend on it, in C, and queues
-  each one it completes, filling in the results it takes: no Python code and no thread waits
-  between steps. A last gate, released by the steps nothing depends on, collects the values
-  and ends the workflow. Python hears only of failures and of a full engine.
-* **Failure.** A step that fails (after the retries of its own TaskConfig), times out or is
-  cancelled by someone else fails the workflow at once with :class:`WorkflowError` (``.step``:
-  its id, ``__cause__``: its exception, ``.results``: the values of the steps that had
-  succeeded). Steps that depend on it are never queued; steps queued but not started are
-  cancelled; steps already running finish (their values are dropped).
-* **Cancellation.** ``cancel()`` on the workflow's TaskResult (or :meth:`TaskChain.cancel`,
-  every running execution of that chain) ends it CANCELLED: no further step is queued, queued
-  steps are cancelled, running async steps are cancelled and running sync steps are asked to
-  stop (``current_task().cancel_requested``).
-* **A full engine.** A step the engine has no room for (``QueueFull``) is not lost: its gate
-  reports it, and it is parked and queued again by a callback of the engine's timer
-  (``_call_later``) as room frees, retried after 1 ms, doubling up to 50 ms. ``execute()``
-  itself never raises ``QueueFull``.
-* **join() and shutdown.** ``tasks.join()`` counts queued and running tasks only, and the
-  engine counts a task done just before its worker queues the next steps: in that instant
-  ``join()`` can return with a workflow unfinished. Wait on the workflow's own
-  result. Once ``shutdown()`` starts the engine takes no new task, so a workflow that still
-  had steps to queue fails with WorkflowError (``__cause__``: RuntimeError).
-
-Authoring styles
-----------------
-``@workflow("name")`` turns a function that declares steps into a reusable workflow; the
-function gets the builder (a TaskChain) plus the arguments given to ``execute``::
-
-    @workflow("report")
-    def report(wf, day):
-        rows = [wf.step(fetch, day, shard) for shard in range(8)]
-        wf.step(summarise, results_of(*rows), step_name="summary")
-
-    report.execute("2024-05-01").wait()["summary"]
-
-Celery-style helpers build the same thing from calls (``call(func, *args, **kwargs)``, a
-``(func, *args)`` tuple, or a bare function): ``chain(c1, c2, c3)`` runs them one after the
-other, each later call getting the previous value as its first argument; ``group(c1, c2)``
-runs them in parallel; ``chord(group(...), callback)`` runs the group, then ``callback`` with
-the list of the group's values as its first argument.
+``TaskChain`` (``step``, ``add_task``, ``validate``, ``execute``, ``cancel``), ``Step``,
+``result_of`` / ``results_of`` (a step's value as another's argument), ``WorkflowError``,
+``@workflow`` and the Celery-style ``call``, ``chain``, ``group``, ``chord``. Each execution
+becomes gates of the C engine (``Engine._gates``): a step's dependents are released by the
+worker that ran it, in C; Python hears only of failures and of a full engine. The user's guide
+is docs/workflows.md; the design is in docs/architecture.md (Workflows).
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -502,7 +420,10 @@ class TaskChain:
         and this returns its RemoteResult."""
         plan = self._compile()
         engine = self.tasks if self.tasks is not None else default_engine()
-        if getattr(engine, "is_shutdown", False):
+        accepts = getattr(engine, "_accepts_here", None)
+        # (a step of a workflow in flight may start another while its engine shuts down)
+        refused = (not accepts()) if accepts is not None else getattr(engine, "is_shutdown", False)
+        if refused:
             raise RuntimeError(
                 f"cannot execute workflow {self.name!r}: its BackgroundTasks engine has been shut down; "
                 "create a new one"
@@ -673,6 +594,7 @@ class _Run:
         step = plan.ids[j] if j < len(plan.ids) else "(the workflow's end)"
         results = {plan.ids[i]: g.value for i, g in enumerate(self.gates[: len(plan.ids)])
                    if g.result is not None and g.result.status.value == _SUCCEEDED}
+        exc = _without_own_frames(exc, keep=how != "could not be queued")
         detail = f": {type(exc).__name__}: {exc}" if how != "was cancelled" else ""
         err = WorkflowError(
             f"workflow {plan.name!r}: step {step!r} {how}{detail}", workflow=plan.name, step=step, results=results
@@ -686,18 +608,52 @@ class _Run:
         have not finished."""
         self.done = True
         self.chain._runs.discard(self)
-        if result.status.value != _SUCCEEDED:
-            self._cancel_unfinished()
+        status = result.status.value
+        if status != _SUCCEEDED:
+            # someone's cancel() stops running steps too; a failure lets them finish
+            self._cancel_unfinished(running=status == _CANCELLED)
         # The finish gate's task holds self._finish, and the engine's nodes are invisible to
         # the cycle collector: drop the gates here, or run -> gates -> node -> run would leak.
         self.gates = ()
 
-    def _cancel_unfinished(self) -> None:
+    def _cancel_unfinished(self, running: bool) -> None:
+        """Cancel the steps not finished: those waiting or queued, and with ``running`` those
+        running too (async ones cancelled, isolated ones killed, sync ones asked)."""
         for g in self.gates:
-            g.cancel()
+            r = None if running else g.result  # None: the gate has not fired its task yet
+            if r is None:
+                g.cancel()
+            else:
+                r._cancel_queued()
 
 
 _SUCCEEDED = 3  # TaskStatus.SUCCEEDED.value
+_CANCELLED = 5  # TaskStatus.CANCELLED.value
+
+
+def _without_own_frames(exc: BaseException, keep: bool) -> BaseException:
+    """exc without the frames of this run in its traceback: the frame that caught it
+    (_on_fail, _start, _retry) holds the run and a gate, so the plan, every gate and every
+    step's arguments would live as long as anyone holds the workflow's error.
+
+    keep: exc is the step's own error, raised in a worker; its traceback minus the catching
+    frame at its head is where the step raised. Otherwise exc was raised while queueing a
+    step, by code this run called (its frames lead back to ours through f_back): the
+    traceback is kept as text, in a note, and the frames are let go."""
+    if not keep:
+        seen: set[int] = set()
+        e: BaseException | None = exc
+        while e is not None and id(e) not in seen:  # its causes were raised in those frames too
+            seen.add(id(e))
+            if e.__traceback__ is not None:
+                e.add_note("".join(traceback.format_tb(e.__traceback__)).rstrip())
+                e.with_traceback(None)
+            e = e.__cause__ or e.__context__
+        return exc
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return exc.with_traceback(tb)
 
 
 # -- @workflow ---------------------------------------------------------------------------------

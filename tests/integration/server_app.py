@@ -108,7 +108,7 @@ elif MODE in ("fastapi", "fastapi_plain"):
     import uvicorn
     from fastapi import Depends, FastAPI
 
-    from catzilla_tasks.integrations.fastapi import BackgroundTasks as RouteTasks
+    from catzilla_tasks.integrations.fastapi import DetachedBackgroundTasks as RouteTasks  # queued at once: priority order
     from catzilla_tasks.integrations.fastapi import EngineBackgroundTasks, lifespan, routes
 
     if MODE == "fastapi":  # the lifespan starts the engine and drains it at shutdown

@@ -20,11 +20,34 @@ static inline uint64_t ct_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Absolute CLOCK_MONOTONIC deadline for pthread_cond_timedwait (condvars are set to that clock). */
+/* Portability. Linux has everything the core wants; elsewhere (macOS has no
+ * pthread_condattr_setclock and no gettid) small fallbacks take over. -DCT_FORCE_PORTABLE selects
+ * the fallbacks on Linux too: scripts/sanitizer-tests builds the C stress test that way, so the
+ * portable paths are compiled and exercised on every CI run. */
+#if defined(__linux__) && !defined(CT_FORCE_PORTABLE)
+#define CT_COND_MONOTONIC 1 /* condvars wait on CLOCK_MONOTONIC (ct_cond_init) */
+#define CT_HAVE_GETTID 1
+#else
+#define CT_COND_MONOTONIC 0 /* condvars wait on CLOCK_REALTIME, the POSIX default */
+#define CT_HAVE_GETTID 0
+#endif
+
+/* The absolute deadline for pthread_cond_timedwait on a condvar made by ct_cond_init, from a
+ * ct_now_ns() deadline. Without a monotonic condvar clock the remaining time is added to the
+ * wall clock: a wall-clock jump can then end a wait early (every caller re-checks ct_now_ns()
+ * and waits again) or late (by the size of a backward jump, the portable build's limit). */
 static inline struct timespec ct_deadline_ts(uint64_t deadline_ns) {
     struct timespec ts;
+#if CT_COND_MONOTONIC
     ts.tv_sec = (time_t)(deadline_ns / 1000000000ull);
     ts.tv_nsec = (long)(deadline_ns % 1000000000ull);
+#else
+    uint64_t now = ct_now_ns(), left = deadline_ns > now ? deadline_ns - now : 0;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t nsec = (uint64_t)ts.tv_nsec + left % 1000000000ull;
+    ts.tv_sec += (time_t)(left / 1000000000ull + nsec / 1000000000ull);
+    ts.tv_nsec = (long)(nsec % 1000000000ull);
+#endif
     return ts;
 }
 

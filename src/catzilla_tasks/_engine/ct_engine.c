@@ -17,7 +17,9 @@
 #include "ct_sync.h"
 
 #include <sched.h>
+#if CT_HAVE_GETTID
 #include <sys/syscall.h>
+#endif
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -128,7 +130,8 @@ uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status) {
             atomic_fetch_add_explicit(&e->cancelled, 1, memory_order_relaxed);
         else if (status == CT_FAILED)
             atomic_fetch_add_explicit(&e->failed, 1, memory_order_relaxed);
-        /* TIMED_OUT: counted in timed_out when the timeout fired */
+        else if (status == CT_TIMED_OUT)   /* tasks that ended so, not timeouts that fired */
+            atomic_fetch_add_explicit(&e->timed_out, 1, memory_order_relaxed);
     }
     ct_engine_running_done(e, 1);
     return old;
@@ -161,6 +164,7 @@ int ct_task_wait(ct_task *t, uint64_t deadline_ns) {
 /* ------------------------------------------------------------------ engine */
 
 static void ct_wake_one(ct_engine *e);
+static void ct_engine_scaler_wake(ct_engine *e);
 static void ct_engine_hookq_push(ct_engine *e, ct_timer_entry *en);
 
 /* Timer thread: a due entry. READY entries carry the engine's reference of a SCHEDULED node
@@ -547,7 +551,16 @@ void ct_worker_begin_batch(ct_worker *w, uint64_t now) {
      * them, in case that task blocks (not coalesced with the queue wakes: those may be
      * consumed by a worker that never looks at batches). */
     uint64_t r = atomic_load_explicit(&w->range, memory_order_acquire);
-    if (CT_HEAD(r) < CT_TAIL(r)) ct_wake_sibling(w->engine);
+    if (CT_HEAD(r) < CT_TAIL(r)) {
+        ct_engine *e = w->engine;
+        ct_wake_sibling(e);
+        /* No sibling idle to take them either: the pool may be too small (blocking tasks),
+         * let the auto-scaler look (it counts batched tasks as waiting). */
+        if (atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) &&
+            !atomic_load_explicit(&e->scaler_armed, memory_order_relaxed) &&
+            atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0)
+            ct_engine_scaler_wake(e);
+    }
 }
 
 /* Returns 0 when the worker should exit. Sleeps until signalled, or until a sibling's batch
@@ -625,7 +638,11 @@ void ct_engine_run_c(ct_worker *w, ct_task *t) {
 static void *ct_worker_main(void *arg) {
     ct_worker *w = arg;
     ct_engine *e = w->engine;
+#if CT_HAVE_GETTID
     atomic_store(&w->tid, (int)syscall(SYS_gettid));
+#else
+    atomic_store(&w->tid, 0); /* unknown: no per-thread CPU figures from /proc */
+#endif
     if (e->hooks.thread_start) e->hooks.thread_start(w);
     int empty_pops = 0;
     ct_task *got[CT_BATCH_HARD_MAX];
@@ -668,7 +685,7 @@ static void *ct_worker_main(void *arg) {
         if (atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) &&
             !atomic_load_explicit(&e->scaler_armed, memory_order_relaxed) &&
             atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0 && ct_engine_visible_work(e))
-            ct_engine_scaler_arm(e);
+            ct_engine_scaler_wake(e);
     }
     atomic_store(&w->exited, 1);
     if (e->hooks.thread_stop) e->hooks.thread_stop(w);
@@ -715,6 +732,29 @@ int ct_engine_add_worker(ct_engine *e) {
     return rc;
 }
 
+void ct_engine_hold(ct_engine *e) { atomic_fetch_add(&e->running, 1); }
+void ct_engine_unhold(ct_engine *e) { ct_engine_running_done(e, 1); }
+
+int ct_engine_block_begin(ct_engine *e) {
+    /* Always a stand-in, even when a sibling sleeps: that sibling may be retiring, or take
+     * other work that blocks too; a thread start is small next to a wait that blocks. */
+    return ct_engine_add_worker(e) == CT_OK;
+}
+
+void ct_engine_block_end(ct_engine *e, int added) {
+    if (added) ct_engine_retire_worker(e);
+}
+
+int64_t ct_engine_batched(ct_engine *e) {
+    int64_t n = 0;
+    int nw = atomic_load(&e->nworkers);
+    for (int i = 0; i < nw; i++) {
+        uint64_t r = atomic_load_explicit(&e->workers[i].range, memory_order_relaxed);
+        if (CT_HEAD(r) < CT_TAIL(r)) n += CT_TAIL(r) - CT_HEAD(r);
+    }
+    return n;
+}
+
 int ct_engine_live_workers(ct_engine *e) {
     int live = 0, n = atomic_load(&e->nworkers);
     for (int i = 0; i < n; i++) {
@@ -751,17 +791,23 @@ int ct_engine_retire_worker(ct_engine *e) {
     return rc;
 }
 
-void ct_engine_scaler_arm(ct_engine *e) {
+static void ct_engine_scaler_arm_in(ct_engine *e, uint64_t delay_ns) {
     if (!atomic_load_explicit(&e->scaler_enabled, memory_order_relaxed) || !e->scaler_tick) return;
     int expected = 0;
     if (!atomic_compare_exchange_strong(&e->scaler_armed, &expected, 1)) return;
     ct_task_incref(e->scaler_tick);
-    uint64_t due = ct_now_ns() + atomic_load(&e->scaler_interval_ns);
+    uint64_t due = ct_now_ns() + delay_ns;
     if (ct_timer_add(&e->timer, due, e->scaler_tick, CT_TIMER_CALL, 0) != CT_OK) {
         atomic_fetch_sub(&e->scaler_tick->refs, 1);
         atomic_store(&e->scaler_armed, 0);
     }
 }
+
+void ct_engine_scaler_arm(ct_engine *e) { ct_engine_scaler_arm_in(e, atomic_load(&e->scaler_interval_ns)); }
+
+/* A worker saw work wait with no idle sibling: the first tick comes at once, so the scaler
+ * takes its baseline now and decides one interval later (not two). */
+static void ct_engine_scaler_wake(ct_engine *e) { ct_engine_scaler_arm_in(e, 0); }
 
 /* Take room for n tasks if it is there. A compare-and-swap, not add-then-undo: a failed
  * attempt never shows a transient count to anyone (a drain or a blocked producer reading the
@@ -1054,8 +1100,13 @@ void ct_engine_get_stats(ct_engine *e, ct_stats *s) {
         s->queued[p] = q > 0 ? q : 0;
     }
     int64_t q = atomic_load(&e->queued);
-    s->queued_total = q > 0 ? q : 0;
-    s->running = atomic_load(&e->running);
+    /* A task a worker has taken into its batch but not started still waits: it is counted
+     * as queued, not running (the engine's own running counter includes it, for drain). */
+    int64_t running = atomic_load(&e->running), batched = ct_engine_batched(e);
+    if (batched > running) batched = running > 0 ? running : 0;
+    s->batched = batched;
+    s->queued_total = (q > 0 ? q : 0) + batched;
+    s->running = running - batched;
     s->submitted = atomic_load(&e->submitted);
     s->succeeded = atomic_load(&e->succeeded);
     s->failed = atomic_load(&e->failed);

@@ -136,8 +136,9 @@ typedef struct ct_config {
 typedef struct ct_stats {
     int64_t queued[CT_NPRIO];
     int64_t queued_total;
-    int64_t running;
+    int64_t running;             /* started and not finished */
     int64_t scheduled;
+    int64_t batched;             /* taken by a worker, not started (counted in queued_total) */
     uint64_t submitted, succeeded, failed, cancelled, rejected, retried, timed_out, replaced;
     int workers, sleeping;
     uint64_t avg_exec_ns;
@@ -221,6 +222,17 @@ int ct_engine_watch(ct_engine *e, ct_task *t, uint64_t due_ns, uint32_t kind, ui
 int ct_engine_add_worker(ct_engine *e);
 /* Ask one live worker (preferably an idle one) to exit. CT_OK, or CT_EINVAL if only one is left. */
 int ct_engine_retire_worker(ct_engine *e);
+/* A worker is about to block until other work of the engine is done (a task waiting for a
+ * task): start a stand-in worker so the pool keeps its size while it waits. Returns 1 if one was started; pass that to ct_engine_block_end when the wait is over
+ * (it retires one worker again). Never call with the GIL held (threads start and stop). */
+int ct_engine_block_begin(ct_engine *e);
+void ct_engine_block_end(ct_engine *e, int added);
+/* Count one more task as running / one less (a completion whose callbacks may still submit
+ * work: a drain must not end before they ran). */
+void ct_engine_hold(ct_engine *e);
+void ct_engine_unhold(ct_engine *e);
+/* Tasks taken into workers' batches and not started yet (a snapshot; no lock). */
+int64_t ct_engine_batched(ct_engine *e);
 /* Live workers (started, not exited, not retiring). */
 int ct_engine_live_workers(ct_engine *e);
 /* Arm the scaler tick now if auto-scaling is on and it is not armed (any thread). */

@@ -48,7 +48,25 @@ static void ct_tl_register(void) {
     ct_tl_registered = 1;
 }
 
+/* fork(): no slab lock may be held by another thread at that instant, or the child (which
+ * has only the forking thread) would wait for it forever on its first refill. */
+static void ct_slab_fork_prepare(void) {
+    int n = atomic_load(&ct_nslabs);
+    for (int i = 0; i < n && i < CT_SLAB_MAX; i++)
+        if (ct_slabs[i]) pthread_mutex_lock(&ct_slabs[i]->lock);
+}
+
+static void ct_slab_fork_done(void) {
+    int n = atomic_load(&ct_nslabs);
+    for (int i = (n < CT_SLAB_MAX ? n : CT_SLAB_MAX) - 1; i >= 0; i--)
+        if (ct_slabs[i]) pthread_mutex_unlock(&ct_slabs[i]->lock);
+}
+
+static pthread_once_t ct_fork_once = PTHREAD_ONCE_INIT;
+static void ct_fork_register(void) { pthread_atfork(ct_slab_fork_prepare, ct_slab_fork_done, ct_slab_fork_done); }
+
 int ct_slab_init(ct_slab *slab, size_t obj_size) {
+    pthread_once(&ct_fork_once, ct_fork_register);
     int idx = atomic_fetch_add(&ct_nslabs, 1);
     if (idx >= CT_SLAB_MAX) return CT_EINVAL;
     memset(slab, 0, sizeof *slab);
@@ -93,6 +111,7 @@ static void ct_slab_refill(ct_slab *slab, ct_cache *c) {
             }
             ct_free *o = (ct_free *)slab->carve_ptr;
             slab->carve_ptr += slab->obj_size;
+            slab->carved++;
             o->next = head;
             CT_POISON(o, slab->obj_size);
             head = o;
@@ -136,15 +155,15 @@ static void ct_slab_give_batch(ct_slab *slab, ct_cache *c) {
 void ct_slab_free(ct_slab *slab, void *obj) {
     ct_cache *c = &ct_tl_cache[slab->index];
     ct_free *o = obj;
+    /* A thread that only frees (it drops the last handle of tasks it never made) holds objects
+     * too: its cache must be handed back when it exits, like an allocating thread's. */
+    if (CT_UNLIKELY(!ct_tl_registered)) ct_tl_register();
     CT_POISON(o, slab->obj_size);
     o->next = c->head;
     c->head = o;
     c->count++;
     atomic_fetch_sub_explicit(&slab->in_use, 1, memory_order_relaxed);
-    if (CT_UNLIKELY(c->count >= CT_SLAB_CACHE_MAX)) {
-        if (!ct_tl_registered) ct_tl_register();
-        ct_slab_give_batch(slab, c);
-    }
+    if (CT_UNLIKELY(c->count >= CT_SLAB_CACHE_MAX)) ct_slab_give_batch(slab, c);
 }
 
 void ct_slab_flush_thread(void) {
@@ -167,4 +186,18 @@ void ct_slab_flush_thread(void) {
         c->head = NULL;
         c->count = 0;
     }
+}
+
+void ct_slab_get_stats(ct_slab *slab, ct_slab_stats *out) {
+    pthread_mutex_lock(&slab->lock);
+    int64_t carved = (int64_t)slab->carved;
+    int64_t free_global = (int64_t)(slab->nbatches * CT_SLAB_BATCH + slab->nspare);
+    size_t bytes = atomic_load_explicit(&slab->chunk_bytes, memory_order_relaxed);
+    pthread_mutex_unlock(&slab->lock);
+    int64_t in_use = atomic_load_explicit(&slab->in_use, memory_order_relaxed);
+    int64_t cached = carved - free_global - in_use;   /* (in_use moves meanwhile: clamp) */
+    out->chunk_bytes = bytes;
+    out->in_use = in_use > 0 ? in_use : 0;
+    out->free_global = free_global;
+    out->cached = cached > 0 ? cached : 0;
 }

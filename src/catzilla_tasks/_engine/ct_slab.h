@@ -24,6 +24,7 @@ typedef struct ct_slab {
     void *spare;                        /* loose objects from exited threads (guarded by lock) */
     size_t nspare;
     void *chunks;                       /* every chunk ever carved (guarded by lock) */
+    size_t carved;                      /* objects carved from chunks so far (guarded by lock) */
     char *carve_ptr, *carve_end;        /* rest of the newest chunk (guarded by lock) */
     _Atomic size_t chunk_bytes;         /* memory taken from the system */
     _Atomic int64_t in_use;             /* objects handed out and not yet freed */
@@ -33,7 +34,16 @@ typedef struct ct_slab {
 int ct_slab_init(ct_slab *slab, size_t obj_size);
 void *ct_slab_alloc(ct_slab *slab);
 void ct_slab_free(ct_slab *slab, void *obj);
-/* Give this thread's cached objects back to the global stacks (also done at thread exit). */
+/* Give this thread's cached objects back to the global stacks (also done at thread exit of
+ * every thread that allocated or freed an object). */
 void ct_slab_flush_thread(void);
+
+/* Where the slab's objects are: handed out, free in threads' caches, free on the global
+ * stacks (a snapshot: in_use and the caches move without the lock). */
+typedef struct ct_slab_stats {
+    size_t chunk_bytes;
+    int64_t in_use, cached, free_global;
+} ct_slab_stats;
+void ct_slab_get_stats(ct_slab *slab, ct_slab_stats *out);
 
 #endif

@@ -11,11 +11,15 @@ static ct_stripe ct_stripes[CT_PARK_STRIPES];
 static pthread_once_t ct_stripes_once = PTHREAD_ONCE_INIT;
 
 void ct_cond_init(pthread_cond_t *c) {
+#if CT_COND_MONOTONIC
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(c, &attr);
     pthread_condattr_destroy(&attr);
+#else
+    pthread_cond_init(c, NULL); /* CLOCK_REALTIME: ct_deadline_ts converts */
+#endif
 }
 
 static void ct_stripes_init(void) {

@@ -12,7 +12,8 @@
 
 #define CT_PARK_STRIPES 64
 
-/* Init a condvar on CLOCK_MONOTONIC (deadlines everywhere use ct_now_ns). */
+/* Init a condvar whose timed waits take ct_deadline_ts() deadlines (CLOCK_MONOTONIC on Linux;
+ * see ct_common.h for the portable build). */
 void ct_cond_init(pthread_cond_t *c);
 
 typedef int (*ct_park_ready_fn)(uint32_t state);

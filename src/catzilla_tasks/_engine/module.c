@@ -29,7 +29,9 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#ifdef __linux__
 #include <sys/random.h>
+#endif
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -54,6 +56,9 @@ static PyObject *g_registry;          /* {id: (node address, engine address)} of
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *g_native_prepare;    /* f(native, args, kwargs) -> (call block, args) | None (compiler.py) */
 static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
+static PyObject *g_charges;           /* {node address: (engine address, bytes)}: queued tasks of engines
+                                       * with a memory cap, and the bytes their arguments hold */
+static PyObject *g_getsizeof;         /* sys.getsizeof */
 static PyObject *QueueFullError, *TaskCancelledError;
 static char g_prefix[16];
 static uint64_t g_mono0;
@@ -73,7 +78,12 @@ struct EngineObject {
     int started;
     int stopped;            /* workers joined */
     int holds_self;         /* a strong reference to self while workers run */
+    int64_t mem_cap;        /* memory_pool_mb in bytes: bound on arg_bytes (0 = none) */
+    int64_t arg_bytes;      /* bytes of the arguments of its queued tasks (GIL), while mem_cap */
+    _Atomic int closing;    /* ENGINE_OPEN, ENGINE_OUTSIDE_CLOSED (shutdown drains: see
+                             * closed_to_caller) or ENGINE_FORKED (this process is a fork) */
 };
+enum { ENGINE_OPEN = 0, ENGINE_OUTSIDE_CLOSED = 1, ENGINE_FORKED = 2 };
 
 enum { BACKOFF_EXPONENTIAL = 0, BACKOFF_LINEAR = 1, BACKOFF_FIXED = 2 };
 
@@ -100,14 +110,39 @@ static inline void ts_store(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __
 
 static void new_prefix(void) {
     uint32_t r = 0;
+#ifdef __linux__
     if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) r = (uint32_t)(getpid() * 2654435761u ^ ct_now_ns());
+#else
+    r = arc4random(); /* macOS and the BSDs */
+#endif
     snprintf(g_prefix, sizeof g_prefix, "%08x", r);
 }
 
-/* A forked child must not hand out ids its parent also hands out. */
-static void atfork_child(void) { new_prefix(); }
-
 static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", g_prefix, (unsigned long long)id); }
+
+/* Make a node findable by TaskResult(task_id) while it lives (hook_release forgets it). Done
+ * wherever its id leaves the engine (task_id, get_stats(), repr, error messages, the failures
+ * list), so an id copied from any of them finds the task; tasks whose id nobody sees pay
+ * nothing. GIL held. Best effort: a failure to register leaves no exception set. */
+static void register_id(EngineObject *eng, ct_task *t) {
+    if (t->kind == CT_KIND_C || (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_REGISTERED)) return;
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t, (unsigned long long)(uintptr_t)eng);
+    int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    if (rc < 0) {
+        PyErr_Clear();
+        return;
+    }
+    atomic_fetch_or(&t->state, CT_F_REGISTERED);
+}
+
+/* The id of a node as users see it (registered: see register_id). */
+static PyObject *node_id(EngineObject *eng, ct_task *t) {
+    register_id(eng, t);
+    return format_id(t->id);
+}
 
 static PyObject *status_member(uint32_t code) {
     if (g_status_members && PyTuple_Check(g_status_members) && code < (uint32_t)PyTuple_GET_SIZE(g_status_members)) {
@@ -152,8 +187,11 @@ static PyObject *fetch_exception(void) {
 
 /* ------------------------------------------------------------------ hooks */
 
+static void uncharge(ct_task *t);
+
 static void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
+    if (CT_UNLIKELY(PyDict_GET_SIZE(g_charges) > 0)) uncharge(t);   /* queued, never ran */
     if (st & CT_F_REGISTERED) {
         PyObject *key = PyLong_FromUnsignedLongLong(t->id);
         if (!key || PyDict_DelItem(g_registry, key) < 0) PyErr_Clear();
@@ -172,7 +210,57 @@ static void hook_release(ct_task *t) {
     }
 }
 
+/* The worker this thread is (NULL on other threads), and the engine whose event-loop thread
+ * this is (engine.py's _LoopRunner says so): a wait() there must not block as elsewhere. */
+static _Thread_local ct_worker *tl_worker;
+static _Thread_local EngineObject *tl_loop_engine;
+/* The engine whose thread this is: a worker, the hook (timer) thread or the event-loop thread.
+ * Work submitted there comes from work in flight. */
+static _Thread_local ct_engine *tl_own_engine;
+
+/* While shutdown(wait_for_completion=True) drains, work from outside is refused but work that
+ * in-flight tasks create (a task adding a task, a finished step releasing the next, a
+ * coroutine's follow-up: all on the engine's own threads) is accepted, so it finishes too. */
+static inline int closed_to_caller(EngineObject *self) {
+    int c = atomic_load_explicit(&self->closing, memory_order_relaxed);
+    return CT_UNLIKELY(c != ENGINE_OPEN) && (c == ENGINE_FORKED || tl_own_engine != self->e);
+}
+
+static inline int engine_forked(EngineObject *self) {
+    return self && atomic_load_explicit(&self->closing, memory_order_relaxed) == ENGINE_FORKED;
+}
+
+/* An engine belongs to the process that made it: after fork() its threads exist only in the
+ * parent (engine.py marks every engine so in the child, _forget_after_fork). */
+static PyObject *forked_error(void) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "this BackgroundTasks engine was created before this process was forked (pid %ld is the "
+                 "child): its worker threads exist only in the parent, which runs the tasks queued there. "
+                 "Create a new BackgroundTasks in the child",
+                 (long)getpid());
+    return NULL;
+}
+
+/* The error of a refused submission (closed_to_caller). */
+static PyObject *refused(EngineObject *self) {
+    if (engine_forked(self)) return forked_error();
+    PyErr_SetString(PyExc_RuntimeError,
+                    "cannot add a task: this BackgroundTasks engine has been shut down; create a new one");
+    return NULL;
+}
+
+/* A forked child must not hand out ids its parent also hands out, and the thread that forked
+ * is no worker (nor loop thread) of any engine here. */
+static void atfork_child(void) {
+    new_prefix();
+    tl_worker = NULL;
+    tl_loop_engine = NULL;
+    tl_own_engine = NULL;
+}
+
 static void hook_thread_start(ct_worker *w) {
+    tl_worker = w;
+    tl_own_engine = w->engine;
     PyGILState_Ensure();                 /* creates this thread's state, kept for its life */
     w->thread_ident = PyThread_get_thread_ident();
     w->py_state = PyEval_SaveThread();
@@ -254,7 +342,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     }
     if (eng && g_failed && failed) {
         /* the monitor's recent failures (rare path: failures only) */
-        PyObject *id = format_id(t->id);
+        PyObject *id = node_id(eng, t);
         PyObject *r = id ? PyObject_CallFunctionObjArgs(g_failed, (PyObject *)eng, id, (PyObject *)t->fn,
                                                         value ? value : Py_None, NULL)
                          : NULL;
@@ -280,6 +368,9 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         cbs = (PyObject *)t->value;
         t->value = NULL;
     }
+    /* Callbacks may submit work (a workflow step releases the next): until they ran, this
+     * completion counts as running, so a drain cannot end in between. */
+    if (eng && cbs) ct_engine_hold(eng->e);
     int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
     PyObject *drop = NULL;
     if (observed) {
@@ -297,6 +388,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_DECREF(cbs);
     }
     Py_XDECREF(drop);
+    if (eng && cbs) ct_engine_unhold(eng->e);
     if (eng) ct_task_decref(&eng->e->hooks, t);
 }
 
@@ -365,7 +457,7 @@ fail:
  * then the timer's). Returns 0 when the task must end with this outcome. */
 static int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc, uint64_t start, uint64_t end) {
     ConfigObject *c = (ConfigObject *)t->cfg;
-    if (!c || !eng) return 0;
+    if (!c || !eng || status == CT_CANCELLED) return 0;
     if (c->max_retries > 0 || t->attempt > 1) record_attempt(t, status, exc, start, end);
     if ((int)t->attempt > c->max_retries) return 0;
     if (status == CT_TIMED_OUT && !c->retry_on_timeout) return 0;
@@ -453,6 +545,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     }
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
+    if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued */
     if (!ct_task_begin(t, w->id)) {
         ts_store(&t->t_start, 0);
         ct_task_finish(eng->e, t, CT_CANCELLED);  /* already cancelled: only counts it out */
@@ -508,6 +601,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         if (!res) {
             out = fetch_exception();
             if (out && PyErr_GivenExceptionMatches(out, g_task_timeout)) {
+                register_id(eng, t);   /* the message carries the id */
                 PyObject *msg = PyUnicode_FromFormat("task %s-%llu ran longer than timeout_ms=%lld", g_prefix,
                                                      (unsigned long long)t->id,
                                                      (long long)(cfg ? cfg->timeout_ns / 1000000 : 0));
@@ -525,8 +619,11 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         }
     } else if (!res) {
         out = fetch_exception();
-        status = cfg && cfg->isolation && out && PyErr_GivenExceptionMatches(out, g_task_timeout) ? CT_TIMED_OUT
-                                                                                                : CT_FAILED;
+        status = CT_FAILED;
+        if (cfg && cfg->isolation && out) {  /* its pool killed the child: the timeout, or cancel() */
+            if (PyErr_GivenExceptionMatches(out, g_task_timeout)) status = CT_TIMED_OUT;
+            else if (PyErr_GivenExceptionMatches(out, TaskCancelledError)) status = CT_CANCELLED;
+        }
     }
     if (status != CT_SUCCEEDED) {
         if (maybe_retry(eng, t, status, out, now, end)) {
@@ -564,6 +661,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
 /* ---- the timer thread's Python side ---- */
 
 static void hook_timer_thread_start(ct_engine *e) {
+    tl_own_engine = e;
     PyGILState_Ensure();
     e->timer_py_state = PyEval_SaveThread();
 }
@@ -595,7 +693,6 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
             atomic_fetch_or(&t->state, CT_F_TIMEDOUT);
-            atomic_fetch_add_explicit(&e->timed_out, 1, memory_order_relaxed);
             if (st & CT_F_ASYNC) {
                 ResultObject *h = result_wrap(eng, t);
                 PyObject *r = h && g_cancel_async
@@ -617,6 +714,7 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             if (!atomic_exchange(&w->retire, 1)) {
                 atomic_fetch_add_explicit(&e->replaced, 1, memory_order_relaxed);
                 int added = ct_engine_add_worker(e) == CT_OK;
+                register_id(eng, t);   /* the message carries the id */
                 PyObject *msg = PyUnicode_FromFormat(
                     "task %s-%llu is past its timeout and cannot be interrupted (it is inside C code); it is left "
                     "to finish, and worker %d is %s",
@@ -788,11 +886,33 @@ static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fnam
     return 0;
 }
 
+/* A worker blocks on another task (a task waiting for a task): the engine starts a stand-in
+ * worker for as long as it waits, so the task it waits for (queued, or in this worker's own
+ * batch, which the stand-in steals) can run even when every worker waits so. A wait that
+ * cannot finish at all is refused: a task waiting for itself. */
+static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
+    if (t == tl_current) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "a task cannot wait() for itself: it would never finish (return its value instead)");
+        return -1;
+    }
+    ct_engine *e = tl_worker->engine;
+    int added, rc;
+    Py_BEGIN_ALLOW_THREADS   /* starting and retiring threads: never with the GIL held */
+    added = ct_engine_block_begin(e);
+    rc = ct_task_wait(t, deadline);
+    ct_engine_block_end(e, added);
+    Py_END_ALLOW_THREADS
+    return rc == CT_OK ? 0 : 1;
+}
+
 /* Wait for the node with the GIL released. On the main thread the wait is cut into slices so
  * Ctrl-C (a signal handled by Python only between bytecodes) still interrupts it. Returns 0,
  * 1 on timeout, -1 with an exception set (interrupted). */
 static int wait_node(ct_task *t, uint64_t deadline) {
     if (CT_IS_TERMINAL(atomic_load_explicit(&t->state, memory_order_acquire))) return 0;
+    /* (a poll, wait(0), needs no stand-in) */
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000)) return wait_node_in_worker(t, deadline);
     int main_thread = _PyOS_IsMainThread();
     for (;;) {
         uint64_t until = deadline;
@@ -822,8 +942,20 @@ static PyObject *node_outcome(ResultObject *self) {
         Py_INCREF(v);
         return v;
     case CT_CANCELLED: {
-        PyObject *id = format_id(t->id);
-        PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
+        if (v && PyExceptionInstance_Check(v)) {  /* cancelled while it ran (an isolated task) */
+            result_track(self);
+            PyErr_SetObject((PyObject *)Py_TYPE(v), v);
+            return NULL;
+        }
+        PyObject *id = node_id(self->engine, t);
+        uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+        if (st & CT_F_ASYNC)   /* its coroutine was cancelled on the loop */
+            PyErr_Format(TaskCancelledError, "task %U was cancelled while it ran", id);
+        else if (t->attempt > 0)
+            PyErr_Format(TaskCancelledError, "task %U was cancelled after attempt %d, before its retry", id,
+                         (int)t->attempt);
+        else
+            PyErr_Format(TaskCancelledError, "task %U was cancelled before it ran", id);
         Py_XDECREF(id);
         return NULL;
     }
@@ -832,7 +964,7 @@ static PyObject *node_outcome(ResultObject *self) {
             result_track(self);
             PyErr_SetObject((PyObject *)Py_TYPE(v), v);
         } else {
-            PyObject *id = format_id(t->id);
+            PyObject *id = node_id(self->engine, t);
             PyErr_Format(PyExc_RuntimeError, "task %U failed", id);
             Py_XDECREF(id);
         }
@@ -846,10 +978,21 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:wait", kwlist, &timeout)) return NULL;
     uint64_t deadline;
     if (parse_timeout(timeout, &deadline, "wait") < 0) return NULL;
+    if (engine_forked(self->engine) && !CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)))
+        return forked_error();   /* nothing in this process will ever end it */
+    if (tl_loop_engine && !CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)) &&
+        !(timeout != Py_None && PyFloat_AsDouble(timeout) == 0.0)) {
+        /* on the engine's event loop: blocking here stops every async task (the one waited
+         * for may be one of them) */
+        PyErr_SetString(PyExc_RuntimeError,
+                        "wait() would block the engine's event loop (an async task is running here): use "
+                        "`await result` instead");
+        return NULL;
+    }
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
     if (rc > 0) {
-        PyObject *id = format_id(self->t->id);
+        PyObject *id = node_id(self->engine, self->t);
         PyObject *st = status_member(ct_task_status(self->t));
         PyErr_Format(PyExc_TimeoutError,
                      "task %U did not finish within %R s (status %S); call wait() again with a longer "
@@ -866,10 +1009,12 @@ static PyObject *Result_is_ready(ResultObject *self, PyObject *unused) {
     return PyBool_FromLong(CT_IS_TERMINAL(atomic_load_explicit(&self->t->state, memory_order_acquire)));
 }
 
-static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
+/* Cancel the task if it has not started (queued, delayed; a detached result not settled):
+ * 1 if it is now CANCELLED, 0 otherwise (running or final). Its done callbacks run. */
+static int result_cancel_not_started(ResultObject *self) {
     ct_task *t = self->t;
     if (t->kind == CT_KIND_DETACHED) {
-        if (!ct_task_settle(t, CT_CANCELLED, NULL)) Py_RETURN_FALSE;
+        if (!ct_task_settle(t, CT_CANCELLED, NULL)) return 0;
         uint32_t st = atomic_load(&t->state);
         if (st & CT_F_CALLBACKS) {
             PyObject *cbs = (PyObject *)t->value;
@@ -877,23 +1022,9 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
             run_callbacks(NULL, t, cbs, CT_CANCELLED, NULL);
             Py_DECREF(cbs);
         }
-        Py_RETURN_TRUE;
+        return 1;
     }
-    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) {
-        uint32_t st = atomic_load(&t->state);
-        if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
-        /* Running: an async task's coroutine is cancelled (it ends CANCELLED); a sync task
-         * in a thread cannot be stopped safely from outside, so it is asked: it sees
-         * current_task().cancel_requested and may stop early. */
-        atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
-        if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
-            PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
-            if (!r) return NULL;
-            Py_DECREF(r);
-            Py_RETURN_TRUE;
-        }
-        Py_RETURN_FALSE;
-    }
+    if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) return 0;
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
     uint32_t st = atomic_load(&t->state);
@@ -904,7 +1035,47 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
         run_callbacks(self->engine, t, cbs, CT_CANCELLED, NULL);
         Py_DECREF(cbs);
     }
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+/* _cancel_queued(): cancel() for what has not started only, decided atomically (a status
+ * check then cancel() could find the task started in between and kill or ask it). */
+static PyObject *Result_cancel_queued(ResultObject *self, PyObject *unused) {
+    return PyBool_FromLong(result_cancel_not_started(self));
+}
+
+static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
+    ct_task *t = self->t;
+    if (result_cancel_not_started(self)) Py_RETURN_TRUE;
+    if (t->kind == CT_KIND_DETACHED) Py_RETURN_FALSE;
+    uint32_t st = atomic_load(&t->state);
+    if ((st & CT_STATUS_MASK) != CT_RUNNING) Py_RETURN_FALSE;
+    /* Running: an async task's coroutine is cancelled (it ends CANCELLED), so is a
+     * process-isolated one (its child is killed); a sync task
+     * in a thread cannot be stopped safely from outside, so it is asked: it sees
+     * current_task().cancel_requested and may stop early. */
+    atomic_fetch_or(&t->state, CT_F_CANCEL_REQ);
+    if (t->kind == CT_KIND_PY && t->cfg && ((ConfigObject *)t->cfg)->isolation && !(st & CT_F_ASYNC)) {
+        /* A process-isolated task: its call (isolation.IsolatedCall) kills its child; the
+         * task then ends CANCELLED. False if its outcome was already in. */
+        PyObject *r = PyObject_CallMethod((PyObject *)t->fn, "cancel", NULL);
+        if (!r && PyErr_ExceptionMatches(PyExc_AttributeError)) {  /* not one of ours */
+            PyErr_Clear();
+            Py_RETURN_FALSE;
+        }
+        if (!r) return NULL;
+        int took = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (took < 0) return NULL;
+        return PyBool_FromLong(took);
+    }
+    if ((st & CT_F_ASYNC) && g_cancel_async && self->engine) {
+        PyObject *r = PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
+        if (!r) return NULL;
+        Py_DECREF(r);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
 }
 
 /* Append (fn, mode) to the node's callbacks, or return 1 if the node is already final.
@@ -1011,6 +1182,7 @@ static PyObject *Result_settle(ResultObject *self, PyObject *args, PyObject *kw)
         /* cancelled by its timeout, not by a user */
         status = CT_TIMED_OUT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
+        register_id(self->engine, t);   /* the message carries the id */
         v = PyObject_CallFunction(g_task_timeout, "s", "");
         PyObject *msg = PyUnicode_FromFormat("task %s-%llu ran longer than timeout_ms=%lld", g_prefix,
                                              (unsigned long long)t->id,
@@ -1050,7 +1222,7 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     PyObject *d = PyDict_New();
     if (!d) return NULL;
 #define NUM_OR_NONE(cond, expr) ((cond) ? PyFloat_FromDouble(expr) : (Py_INCREF(Py_None), Py_None))
-    if (dict_set_steal(d, "task_id", format_id(t->id)) < 0 ||
+    if (dict_set_steal(d, "task_id", node_id(self->engine, t)) < 0 ||
         dict_set_steal(d, "status", status_member(st & CT_STATUS_MASK)) < 0 ||
         dict_set_steal(d, "priority", priority_member(t->priority)) < 0 ||
         dict_set_steal(d, "queued_at", NUM_OR_NONE(q, wall_of(q))) < 0 ||
@@ -1086,22 +1258,7 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     return d;
 }
 
-static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
-    ct_task *t = self->t;
-    if (!(atomic_load(&t->state) & CT_F_REGISTERED)) {
-        /* Remember the node so TaskResult(task_id) / TaskFuture(task_id) can find it while it
-         * lives. Only tasks whose id was read pay for this. */
-        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t,
-                                      (unsigned long long)(uintptr_t)self->engine);
-        int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
-        Py_XDECREF(key);
-        Py_XDECREF(val);
-        if (rc < 0) return NULL;
-        atomic_fetch_or(&t->state, CT_F_REGISTERED);
-    }
-    return format_id(t->id);
-}
+static PyObject *Result_get_task_id(ResultObject *self, void *unused) { return node_id(self->engine, self->t); }
 
 static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
 static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
@@ -1119,7 +1276,7 @@ static PyObject *Result_get_priority(ResultObject *self, void *unused) { return 
 
 static PyObject *Result_repr(ResultObject *self) {
     PyObject *st = status_member(ct_task_status(self->t));
-    PyObject *id = format_id(self->t->id);
+    PyObject *id = node_id(self->engine, self->t);
     PyObject *r = PyUnicode_FromFormat("<TaskResult %U %S>", id, st);
     Py_XDECREF(st);
     Py_XDECREF(id);
@@ -1195,6 +1352,8 @@ static PyMethodDef Result_methods[] = {
     {"done", (PyCFunction)Result_is_ready, METH_NOARGS, "Same as is_ready()."},
     {"cancel", (PyCFunction)Result_cancel, METH_NOARGS,
      "Cancel the task if it has not started. Returns whether it took effect."},
+    {"_cancel_queued", (PyCFunction)Result_cancel_queued, METH_NOARGS,
+     "Cancel the task only if it has not started (a running one is neither asked nor killed)."},
     {"add_callback", (PyCFunction)Result_add_callback, METH_O,
      "add_callback(cb): call cb(value) when the task succeeds (in the worker thread; at once, in this "
      "thread, if it already has)."},
@@ -1525,13 +1684,97 @@ fail_node:
     return NULL;
 }
 
+/* ---- memory_pool_mb: a cap on the bytes queued tasks' arguments hold ----
+ *
+ * A task's charge is the size of its argument tuple plus each argument's own size, as
+ * sys.getsizeof reports them (an object's own storage: a bytes or str its text, a numpy array
+ * its buffer, a list its item array, not the items). It is taken when the task is queued and
+ * given back when it starts (or is dropped unstarted); a task whose charge does not fit is
+ * refused with QueueFull. Only engines with a cap measure (the default has none): the side
+ * table and the sizes cost ~0.3 us per task. GIL held throughout. */
+
+static int64_t args_bytes(PyObject *a) {
+    if (!a) return 0;
+    int64_t total = 0;
+    Py_ssize_t n = PyTuple_Check(a) ? PyTuple_GET_SIZE(a) : 0;
+    for (Py_ssize_t i = -1; i < n; i++) {
+        PyObject *o = i < 0 ? a : PyTuple_GET_ITEM(a, i);
+        PyObject *sz = PyObject_CallOneArg(g_getsizeof, o);
+        if (!sz) return -1;
+        long long v = PyLong_AsLongLong(sz);
+        Py_DECREF(sz);
+        if (v < 0) return PyErr_Occurred() ? -1 : 0;
+        total += v;
+    }
+    return total;
+}
+
+/* Record a charge before the node is submitted (a worker may start it at once). */
+static int charge(EngineObject *self, ct_task *t, int64_t bytes) {
+    PyObject *key = PyLong_FromVoidPtr(t);
+    PyObject *val = Py_BuildValue("(KL)", (unsigned long long)(uintptr_t)self, (long long)bytes);
+    int rc = key && val ? PyDict_SetItem(g_charges, key, val) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    if (rc == 0) self->arg_bytes += bytes;
+    return rc;
+}
+
+/* Give back the charge of a node (no-op if it has none). Never leaves an exception set. */
+static void uncharge(ct_task *t) {
+    PyObject *et, *ev, *etb;   /* a pending exception (a release during unwinding) is kept */
+    PyErr_Fetch(&et, &ev, &etb);
+    PyObject *key = PyLong_FromVoidPtr(t);
+    PyObject *val = key ? PyDict_GetItemWithError(g_charges, key) : NULL;
+    if (val) {
+        EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(val, 0));
+        eng->arg_bytes -= PyLong_AsLongLong(PyTuple_GET_ITEM(val, 1));
+        if (PyDict_DelItem(g_charges, key) < 0) PyErr_Clear();
+    }
+    PyErr_Clear();
+    Py_XDECREF(key);
+    PyErr_Restore(et, ev, etb);
+}
+
+static PyObject *memory_full(EngineObject *self, int64_t need) {
+    char mb[32];   /* (PyErr_Format has no %g) */
+    snprintf(mb, sizeof mb, "%.6g", (double)self->mem_cap / 1048576.0);
+    PyErr_Format(QueueFullError,
+                 "memory_pool_mb=%s reached: the arguments of the queued tasks hold %lld bytes and these "
+                 "need %lld more; wait for some to run (join()), pass smaller arguments, or raise "
+                 "memory_pool_mb",
+                 mb, (long long)self->arg_bytes, (long long)need);
+    return NULL;
+}
+
+/* Measure and charge a node about to be queued (mem_cap set). 0, or -1 with an exception
+ * (QueueFull when it does not fit). */
+static int charge_node(EngineObject *self, ct_task *t) {
+    int64_t bytes = args_bytes((PyObject *)t->arg);
+    if (bytes < 0) return -1;
+    if (self->arg_bytes + bytes > self->mem_cap) {
+        atomic_fetch_add_explicit(&self->e->rejected, 1, memory_order_relaxed);
+        memory_full(self, bytes);
+        return -1;
+    }
+    return charge(self, t, bytes);
+}
+
 /* Submit a prepared Python-visible node (its cfg not yet set) and return its TaskResult. */
 static PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int64_t block_ns) {
+    if (closed_to_caller(self)) {
+        ct_task_decref(&self->e->hooks, t);
+        return refused(self);
+    }
     /* Only a config that changes how the task runs is kept on the node (priority alone is
      * used here and needs nothing later). */
     if (cfg && (cfg->max_retries || cfg->timeout_ns || cfg->on_success || cfg->on_failure || cfg->isolation)) {
         Py_INCREF(cfg);
         t->cfg = cfg;
+    }
+    if (CT_UNLIKELY(self->mem_cap > 0) && charge_node(self, t) < 0) {
+        ct_task_decref(&self->e->hooks, t);
+        return NULL;
     }
     ResultObject *r = result_wrap(self, t);   /* refs: 2 (ours, handed to the engine, + handle) */
     if (!r) {
@@ -1696,6 +1939,7 @@ static PyObject *Engine_submit_c(EngineObject *self, PyObject *args) {
     int priority = 2;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "KK|i:submit_c", &fn, &data, &priority)) return NULL;
+    if (closed_to_caller(self)) return refused(self);
     if (!fn) {
         PyErr_SetString(PyExc_ValueError, "submit_c(): the function address is NULL");
         return NULL;
@@ -1846,6 +2090,7 @@ static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t
                                  int64_t chunk, int priority, double hold_gil, int box) {
     PyObject *ret = NULL, *results = NULL, *failed = NULL, *cancelled = NULL;
     int owned[NATIVE_MAXARGS] = {0}, own_out = job->out == NULL;
+    if (chunk > n) chunk = n ? n : 1; /* a node never covers more than the batch: no overflow below */
     int64_t nchunks = n ? (n + chunk - 1) / chunk : 0;
     native_chunk *chunks = PyMem_Malloc((size_t)(nchunks ? nchunks : 1) * sizeof(native_chunk));
     ct_task **nodes = PyMem_Calloc((size_t)(nchunks ? nchunks : 1), sizeof(ct_task *));
@@ -1865,7 +2110,7 @@ static PyObject *map_native_core(EngineObject *self, native_job *job, Py_ssize_t
     int rc = CT_OK;
     Py_ssize_t bad = -1;
     for (; submitted < nchunks; submitted++) {
-        int64_t start = submitted * chunk, stop = start + chunk < n ? start + chunk : n;
+        int64_t start = submitted * chunk, stop = chunk < n - start ? start + chunk : n;
         if (items) {
             /* (the list's length is re-read: a callback of another task may have shrunk it) */
             if (PySequence_Fast_GET_SIZE(items) != n) {
@@ -2017,6 +2262,7 @@ static PyObject *Engine_map_native(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ks#s#OL|idO:_map_native", &tramp, &codes, &ncodes, &restype, &nres, &items, &chunk,
                           &priority, &hold_gil, &out))
         return NULL;
+    if (closed_to_caller(self)) return refused(self);
     if (map_native_args("_map_native", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
     if (!(PyList_CheckExact(items) || PyTuple_CheckExact(items))) {
         PyErr_SetString(PyExc_ValueError, "_map_native(): items must be a list or a tuple");
@@ -2063,6 +2309,7 @@ static PyObject *Engine_map_native_buffers(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ks#s#O!L|iOd:_map_native_buffers", &tramp, &codes, &ncodes, &restype, &nres,
                           &PyTuple_Type, &columns, &chunk, &priority, &out, &hold_gil))
         return NULL;
+    if (closed_to_caller(self)) return refused(self);
     if (map_native_args("_map_native_buffers", tramp, codes, ncodes, restype, nres, chunk, priority) < 0) return NULL;
     if (ncodes < 1 || PyTuple_GET_SIZE(columns) != ncodes) {
         PyErr_SetString(PyExc_ValueError, "_map_native_buffers(): one column per type code");
@@ -2130,6 +2377,7 @@ static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
     PyObject *func, *items, *config;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "OOO:_submit_batch", &func, &items, &config)) return NULL;
+    if (closed_to_caller(self)) return refused(self);
     if (!PyCallable_Check(func)) return not_callable(func), NULL;
     ConfigObject *cfg = config != Py_None ? (ConfigObject *)config : lookup_config(func);
     if (cfg && !PyObject_TypeCheck((PyObject *)cfg, &Config_Type)) {
@@ -2178,6 +2426,22 @@ static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
         }
         PyList_SET_ITEM(results, made, (PyObject *)r);
         nodes[made] = t;
+    }
+    if (CT_UNLIKELY(self->mem_cap > 0)) {
+        /* all or nothing: the whole batch's arguments must fit */
+        int64_t need = 0;
+        for (Py_ssize_t i = 0; i < made; i++) {
+            int64_t b = args_bytes((PyObject *)nodes[i]->arg);
+            if (b < 0) goto fail;
+            need += b;
+        }
+        if (self->arg_bytes + need > self->mem_cap) {
+            atomic_fetch_add_explicit(&self->e->rejected, (uint64_t)made, memory_order_relaxed);
+            memory_full(self, need);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < made; i++)
+            if (charge(self, nodes[i], args_bytes((PyObject *)nodes[i]->arg)) < 0) goto fail;
     }
     int rc = CT_OK;
     Py_ssize_t slice = (Py_ssize_t)(self->e->cfg.queue_size / 2);
@@ -2252,6 +2516,7 @@ static PyObject *Engine_drain(EngineObject *self, PyObject *args) {
     PyObject *timeout = Py_None;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "|O:_drain", &timeout)) return NULL;
+    if (engine_forked(self)) return forked_error();
     uint64_t deadline;
     if (parse_timeout(timeout, &deadline, "join") < 0) return NULL;
     int main_thread = _PyOS_IsMainThread();
@@ -2301,6 +2566,53 @@ static PyObject *Engine_stop_workers(EngineObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* _in_own_task() -> bool: this thread runs work of this engine (one of its workers, or its
+ * event-loop thread), where join() would wait for its own task. */
+static PyObject *Engine_in_own_task(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    return PyBool_FromLong((tl_worker && tl_worker->engine == self->e) || tl_loop_engine == self);
+}
+
+/* _close_to_outside(): refuse new work except from the engine's own threads (see
+ * closed_to_caller); _close() later refuses it all. */
+static PyObject *Engine_close_to_outside(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    int open = ENGINE_OPEN;
+    atomic_compare_exchange_strong(&self->closing, &open, ENGINE_OUTSIDE_CLOSED);
+    Py_RETURN_NONE;
+}
+
+/* _accepts_here() -> bool: would a task submitted from this thread be accepted now? */
+static PyObject *Engine_accepts_here(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    return PyBool_FromLong(atomic_load(&self->e->accepting) && !closed_to_caller(self));
+}
+
+/* _set_memory_cap(bytes): memory_pool_mb (0: no cap). */
+static PyObject *Engine_set_memory_cap(EngineObject *self, PyObject *arg) {
+    if (engine_check(self) < 0) return NULL;
+    long long cap = PyLong_AsLongLong(arg);
+    if (cap == -1 && PyErr_Occurred()) return NULL;
+    self->mem_cap = cap > 0 ? cap : 0;
+    Py_RETURN_NONE;
+}
+
+/* _forget_after_fork(): this process is a fork of the one that made the engine (engine.py's
+ * after-fork hook): refuse everything with a clear error, report no workers. */
+static PyObject *Engine_forget_after_fork(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    atomic_store(&self->closing, ENGINE_FORKED);
+    Py_RETURN_NONE;
+}
+
+/* _adopt_loop_thread(): the calling thread is this engine's event-loop thread. */
+static PyObject *Engine_adopt_loop_thread(EngineObject *self, PyObject *unused) {
+    if (engine_check(self) < 0) return NULL;
+    tl_loop_engine = self;   /* borrowed: the loop thread stops before the engine goes */
+    tl_own_engine = self->e;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_pause(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_engine_pause(self->e, 1);
@@ -2317,12 +2629,15 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_stats s;
     ct_engine_get_stats(self->e, &s);
+    /* "accepting" is for new work from outside: none once a shutdown began, even while work
+     * in flight may still add its own */
+    if (atomic_load(&self->closing) != ENGINE_OPEN) s.accepting = 0;
     uint64_t processed = 0, busy = 0;
     for (int i = 0; i < atomic_load(&self->e->nworkers); i++) {
         processed += atomic_load(&self->e->workers[i].processed);
         busy += atomic_load(&self->e->workers[i].busy_ns);
     }
-    return Py_BuildValue(
+    PyObject *d = Py_BuildValue(
         "{s:(LLLL),s:L,s:L,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:d,s:O,s:O,s:K,s:d,s:L,s:L,s:K,s:K,s:K}", "queued", (long long)s.queued[0],
         (long long)s.queued[1], (long long)s.queued[2], (long long)s.queued[3], "queued_total",
         (long long)s.queued_total, "running", (long long)s.running, "submitted", (unsigned long long)s.submitted,
@@ -2334,6 +2649,14 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         (long long)self->e->cfg.queue_size, "scheduled", (long long)s.scheduled, "retried",
         (unsigned long long)s.retried, "timed_out", (unsigned long long)s.timed_out, "replaced",
         (unsigned long long)s.replaced);
+    if (d && dict_set_steal(d, "batched", PyLong_FromLongLong(s.batched)) < 0) Py_CLEAR(d);
+    if (d && (dict_set_steal(d, "queued_arg_bytes", PyLong_FromLongLong(self->arg_bytes)) < 0 ||
+              dict_set_steal(d, "memory_cap_bytes", PyLong_FromLongLong(self->mem_cap)) < 0))
+        Py_CLEAR(d);
+    if (d && engine_forked(self) &&   /* the copied counters say the parent's threads live */
+        (dict_set_steal(d, "workers", PyLong_FromLong(0)) < 0 || dict_set_steal(d, "sleeping", PyLong_FromLong(0)) < 0))
+        Py_CLEAR(d);
+    return d;
 }
 
 /* _workers() -> [dict]: per-worker figures (batch left, current task's start, counts). */
@@ -2383,6 +2706,7 @@ static PyObject *hist_to_py(ct_hist *const *hs, int nh) {
 static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
     ct_engine *e = self->e;
+    int forked = engine_forked(self);   /* the slots describe the parent's threads */
     int n = atomic_load(&e->nworkers);
     ct_hist *execs[n + 1], *waits[n];
     uint64_t now = ct_now_ns(), sec_now = now / 1000000000ull;
@@ -2398,7 +2722,7 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
             if (ep <= sec_now && sec_now - ep < CT_RATE_SLOTS)
                 rate[sec_now - ep] += atomic_load_explicit(&w->rate.count[s], memory_order_relaxed);
         }
-        int live = w->started && !atomic_load(&w->exited) && !atomic_load(&w->retire);
+        int live = !forked && w->started && !atomic_load(&w->exited) && !atomic_load(&w->retire);
         double cpu_s = -1;
         if (live) {
             clockid_t cid;
@@ -2437,13 +2761,20 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
     double frac = (double)(now % 1000000000ull) / 1e9;
     return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N,s:d,s:d,s:i,s:i}", "workers", workers, "exec", hist_to_py(execs, n + 1),
                          "wait", hist_to_py(waits, n), "bounds_ns", bounds, "rate", rates, "second_fraction", frac,
-                         "uptime_s", (double)(now - g_mono0) / 1e9, "sleeping", atomic_load(&e->sleepers),
-                         "live_workers", ct_engine_live_workers(e));
+                         "uptime_s", (double)(now - g_mono0) / 1e9, "sleeping", forked ? 0 : atomic_load(&e->sleepers),
+                         "live_workers", forked ? 0 : ct_engine_live_workers(e));
 }
 
 static PyObject *Engine_add_worker(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
-    return PyBool_FromLong(ct_engine_add_worker(self->e) == CT_OK);
+    if (engine_forked(self)) return forked_error();
+    int rc;
+    /* Reusing an exited worker's slot joins its thread, whose exit needs the GIL: never with it
+     * held (stand-ins of waiting workers retire, so exited slots are common). */
+    Py_BEGIN_ALLOW_THREADS
+    rc = ct_engine_add_worker(self->e);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == CT_OK);
 }
 
 static PyObject *Engine_retire_worker(EngineObject *self, PyObject *unused) {
@@ -2927,6 +3258,12 @@ static PyMethodDef Engine_methods[] = {
     {"_close", (PyCFunction)Engine_close, METH_NOARGS, NULL},
     {"_call_later", (PyCFunction)Engine_call_later, METH_VARARGS, NULL},
     {"_drain", (PyCFunction)Engine_drain, METH_VARARGS, NULL},
+    {"_in_own_task", (PyCFunction)Engine_in_own_task, METH_NOARGS, NULL},
+    {"_adopt_loop_thread", (PyCFunction)Engine_adopt_loop_thread, METH_NOARGS, NULL},
+    {"_close_to_outside", (PyCFunction)Engine_close_to_outside, METH_NOARGS, NULL},
+    {"_forget_after_fork", (PyCFunction)Engine_forget_after_fork, METH_NOARGS, NULL},
+    {"_set_memory_cap", (PyCFunction)Engine_set_memory_cap, METH_O, NULL},
+    {"_accepts_here", (PyCFunction)Engine_accepts_here, METH_NOARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
     {"pause", (PyCFunction)Engine_pause, METH_NOARGS, "Stop starting queued tasks (running ones finish)."},
@@ -2960,6 +3297,7 @@ static CatzillaTasks_Engine *capi_get_engine(PyObject *obj) {
 static int capi_submit(CatzillaTasks_Engine *engine, void (*fn)(void *), void *data, int priority, int64_t block_ns,
                        uint64_t *id_out) {
     if (!engine || !fn || priority < 0 || priority >= CT_NPRIO) return CT_EINVAL;
+    if (closed_to_caller((EngineObject *)((ct_engine *)engine)->hooks.ctx)) return CT_ESHUTDOWN;
     ct_task *t = ct_task_new();
     if (!t) return CT_ENOMEM;
     t->fn = (void *)fn;
@@ -2979,6 +3317,7 @@ static int capi_submit(CatzillaTasks_Engine *engine, void (*fn)(void *), void *d
 static int capi_submit_many(CatzillaTasks_Engine *engine, void (*fn)(void *), void *const *data, size_t n,
                             int priority, int64_t block_ns) {
     if (!engine || !fn || priority < 0 || priority >= CT_NPRIO) return CT_EINVAL;
+    if (closed_to_caller((EngineObject *)((ct_engine *)engine)->hooks.ctx)) return CT_ESHUTDOWN;
     ct_task *stack[256];
     ct_task **ts = n <= 256 ? stack : malloc(n * sizeof(ct_task *));
     if (!ts) return CT_ENOMEM;
@@ -3050,9 +3389,11 @@ static PyObject *mod_set_hooks(PyObject *m, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *mod_memory_stats(PyObject *m, PyObject *unused) {
-    return Py_BuildValue("{s:n,s:L,s:n}", "slab_bytes", (Py_ssize_t)atomic_load(&ct_task_slab.chunk_bytes),
-                         "nodes_in_use", (long long)atomic_load(&ct_task_slab.in_use), "node_size",
-                         (Py_ssize_t)ct_task_slab.obj_size);
+    ct_slab_stats st;
+    ct_slab_get_stats(&ct_task_slab, &st);
+    return Py_BuildValue("{s:n,s:L,s:n,s:L,s:L}", "slab_bytes", (Py_ssize_t)st.chunk_bytes, "nodes_in_use",
+                         (long long)st.in_use, "node_size", (Py_ssize_t)ct_task_slab.obj_size, "nodes_cached",
+                         (long long)st.cached, "nodes_free", (long long)st.free_global);
 }
 
 static PyObject *mod_live_ids(PyObject *m, PyObject *unused) { return PyLong_FromSsize_t(PyDict_GET_SIZE(g_registry)); }
@@ -3095,6 +3436,11 @@ PyMODINIT_FUNC PyInit__engine(void) {
     g_wall0 = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
     g_registry = PyDict_New();
     g_history = PyDict_New();
+    g_charges = PyDict_New();
+    PyObject *sysmod = PyImport_ImportModule("sys");
+    g_getsizeof = sysmod ? PyObject_GetAttrString(sysmod, "getsizeof") : NULL;
+    Py_XDECREF(sysmod);
+    if (!g_charges || !g_getsizeof) goto fail;
     g_config_attr = PyUnicode_InternFromString("__catzilla_task__");
     QueueFullError = PyErr_NewExceptionWithDoc(
         "catzilla_tasks.QueueFull", "The engine already holds queue_size queued tasks.", NULL, NULL);

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import logging
 import os
+import stat
 import sys
 from typing import Any, TextIO
 
@@ -24,12 +26,20 @@ class UsageError(Exception):
 
 
 def load_app(spec: str) -> Any:
-    """Import ``module:attribute`` (the current directory is on the path, as for ``python -m``)."""
+    """Import ``module:attribute``.
+
+    The module is looked up on the path as it is (installed packages, ``PYTHONPATH``); only
+    when its top-level package is not found there is the current directory *appended* to
+    ``sys.path``, after the standard library and the installed packages, so a file in the
+    directory the worker starts from can never shadow a module imported later (``json.py``,
+    ``redis.py``...). A directory other users may add files to (``/tmp``) is not added at all:
+    a file there could stand for a module that is not installed. To import from a directory
+    first, or from such a directory, set ``PYTHONPATH`` explicitly.
+    """
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise UsageError(f"expected MODULE:TASKS (e.g. myapp.jobs:tasks), got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _add_cwd_if_needed(mod_name)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -41,6 +51,41 @@ def load_app(spec: str) -> Any:
         except AttributeError:
             raise UsageError(f"module {mod_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _add_cwd_if_needed(mod_name: str) -> None:
+    top = mod_name.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    cwd = os.getcwd()
+    if not found and cwd not in sys.path and "" not in sys.path:
+        why = _others_add_files(cwd)
+        if why:
+            raise UsageError(
+                f"{mod_name!r} is not installed, and the current directory is not put on the import path: {why}, "
+                "so any module imported later that is not installed (an optional dependency) could be theirs. "
+                f"Start the worker elsewhere, or name the directory explicitly: PYTHONPATH={cwd}"
+            )
+        sys.path.append(cwd)  # last: it adds the app's modules, it replaces none
+        importlib.invalidate_caches()
+
+
+def _others_add_files(d: str) -> str | None:
+    """Why other users may create files in d while the app's own files stay out of their reach
+    (a world-writable or a sticky group-writable directory: /tmp), else None. (Where they can
+    also replace the app's files, a group-writable directory without the sticky bit, the path
+    gives them nothing more.)"""
+    try:
+        st = os.stat(d)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o002 or (mode & 0o020 and mode & stat.S_ISVTX):
+        who = "every user" if mode & 0o002 else "its group"
+        return f"{d} (mode {mode:o}) lets {who} add files"
+    return None
 
 
 def _broker(args: argparse.Namespace) -> Any:

@@ -6,8 +6,9 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:delayed        sorted set of delayed tasks and retry back-offs (score: due time, ms)
     P:Q:dead           dead-letter Stream (tasks that exhausted their retries, garbage, unknown names)
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
-    P:done:<key>       idempotency keys of tasks that finished
-    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py)
+    P:done:<key>       idempotency keys of tasks that succeeded (the id of the task that did it)
+    P:claim:<key>      the claim of the copy of a keyed task running now (a lease its worker renews)
+    P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
 priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
@@ -21,14 +22,16 @@ import base64
 import builtins
 import contextlib
 import itertools
-import math
+import numbers
 import os
+import re
 import threading
 import time
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
-from ..config import TaskConfig, TaskPriority, TaskStatus
+from .._redact import redact_url
+from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from . import scripts
 from .serialization import DecodeError, Serializer
 
@@ -119,9 +122,28 @@ def task_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
-def _finite_backoff(cfg: TaskConfig) -> bool:
-    base, cap, _ = cfg._retry_ms
-    return math.isfinite(base) and (math.isfinite(cap) or math.isfinite(base * 2.0 ** 60))
+# the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
+# of one of these names would share its keys with them
+_KEY_KINDS = ("r", "done", "claim", "wf")
+_MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
+
+
+def _seconds(value: Any, low: float = 0) -> bool:
+    """A broker time in seconds: a real number (any type, as TaskConfig takes) from ``low`` to
+    _MAX_S (NaN and infinity fail the comparison; these end up as PEXPIRE milliseconds, where
+    they would fail every commit)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        value = float(value)  # compared as a float: a numpy float16 would not hold _MAX_S
+    except OverflowError:  # an int past a float's range
+        return False
+    return low <= value <= _MAX_S
+
+
+def _count(value: Any, high: float = float("inf")) -> bool:
+    """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= high
 
 
 def _plain(field: str, value: Any) -> Any:
@@ -131,17 +153,6 @@ def _plain(field: str, value: Any) -> Any:
         f"options(): {field}={value!r} cannot travel to a remote worker; set it in the task's decorator "
         "(the worker imports the same module) instead of per call"
     )
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password (for logs and reprs)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    p = urlsplit(url)
-    if p.password is None:
-        return url
-    netloc = f"{p.username or ''}:***@{p.hostname or ''}" + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
 
 
 def encode_error(exc: BaseException) -> list[str]:
@@ -212,19 +223,25 @@ class RedisBroker:
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
-    * ``queue``: the name of this set of streams; producers and workers of one queue share them.
+    * ``queue``: the name of this set of streams; producers and workers of one queue share them
+      (not ``r``, ``done``, ``claim`` or ``wf``: those name other keys under the prefix).
     * ``serializer``: ``"msgpack"`` (default) or ``"json"``; ``"pickle"`` only together with
       ``allow_pickle=True`` (anyone who can write to the Redis could then run code in workers).
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
     * ``visibility_timeout``: seconds after which a task of a worker that stopped
       acknowledging (it died) is handed to another worker. A live worker keeps its long tasks.
-    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered.
+    * ``idempotency_ttl``: seconds a finished task's idempotency key is remembered (> 0: every
+      key expires).
     * ``max_deliveries``: a task reclaimed from dead workers this many times (it may be what
       kills them) goes to the dead letters instead of another worker; None: no limit.
     * ``max_result_bytes``: the largest result record a worker stores (default 32 MiB; also kept
       under the server's ``proto-max-bulk-len`` when the worker can read it). A task whose
       encoded return value is bigger fails with ValueError saying so (dead-lettered as any
       failure); the other tasks of its batch are not affected.
+    * ``dead_letter_maxlen``: most dead letters kept (a worker's XADD trims the oldest).
+    * ``workflow_ttl``: seconds a workflow run's data is kept while no step finishes (the
+      countdown restarts at each step that succeeds; a step's ``delay_ms`` is added); a run
+      idle that long is dropped. An ended run is kept ``result_ttl``.
 
     Nothing is sent anywhere but the configured server.
     """
@@ -242,24 +259,34 @@ class RedisBroker:
         idempotency_ttl: float = 86400,
         max_deliveries: int | None = 10,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        dead_letter_maxlen: int = 10_000,
+        workflow_ttl: float = 7 * 86400,
         **client_options: Any,
     ) -> None:
         _require_redis()
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
-                f"broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., got {url!r}"
+                f"broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., got {redact_url(url)!r}"
             )
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
-        for field, value in (("result_ttl", result_ttl), ("idempotency_ttl", idempotency_ttl)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{field}: must be a number of seconds >= 0, got {value!r}")
-        if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
-                                           or max_deliveries < 1):
+        if queue in _KEY_KINDS:  # P:done:q0 would be both a stream and the done key of "q0"
+            raise ValueError(f"queue: {queue!r} is the name of a kind of key under the prefix "
+                             f"({', '.join(_KEY_KINDS)}); choose another queue name")
+        if not _seconds(result_ttl):
+            raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
+        for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
+            if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
+                raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
+        # XADD MAXLEN takes a signed 64-bit count: past it every dead-letter XADD would fail
+        if not _count(dead_letter_maxlen, 2**63 - 1):
+            raise ValueError(f"dead_letter_maxlen: must be an integer from 1 to 2**63 - 1, got {dead_letter_maxlen!r:.40}")
+        if max_deliveries is not None and not _count(max_deliveries):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
-        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float)) or visibility_timeout <= 0:
-            raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
+        if not _seconds(visibility_timeout, 0.001):
+            raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
+                             f"got {visibility_timeout!r}")
         if (isinstance(max_result_bytes, bool) or not isinstance(max_result_bytes, int)
                 or not 1024 <= max_result_bytes <= _REDIS_BULK_MAX):
             raise ValueError(f"max_result_bytes: must be an integer from 1024 to {_REDIS_BULK_MAX} (Redis's own "
@@ -268,20 +295,30 @@ class RedisBroker:
         self.queue = queue
         self.prefix = prefix
         self.serializer = Serializer(serializer, allow_pickle=allow_pickle)
-        self.result_ttl = result_ttl
+        # plain Python numbers from here (a numpy scalar in a command would be sent as its repr)
+        self.result_ttl = float(result_ttl)
         self.visibility_timeout = float(visibility_timeout)
-        self.idempotency_ttl = idempotency_ttl
-        self.max_deliveries = max_deliveries
+        self.idempotency_ttl = float(idempotency_ttl)
+        self.max_deliveries = None if max_deliveries is None else int(max_deliveries)
+        self.dead_letter_maxlen = int(dead_letter_maxlen)
+        self.workflow_ttl = float(workflow_ttl)
         self.max_result_bytes = max_result_bytes
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
                 client_options = {"driver_info": info, **client_options}
         self._client_options = client_options
-        # a silent connection (a network partition: no reset, no reply) raises after
-        # socket_timeout instead of blocking the worker for good; the worker's blocking reads
-        # are far shorter (block_ms). Blocked waiters have their own pool, without a timeout.
-        self.redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, **client_options})
+        try:
+            # a silent connection (a network partition: no reset, no reply) raises after
+            # socket_timeout instead of blocking the worker for good; the worker's blocking
+            # reads are far shorter (block_ms). Blocked waiters have their own pool, without one.
+            self.redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, **client_options})
+        except ValueError as exc:
+            # redis-py quotes the piece it could not parse ("... as 'ab'"), which may be a piece
+            # of a password holding a raw '/', '?' or '#': its quoted values are not shown
+            detail = re.sub(r"'[^']*'|\"[^\"]*\"", "'***'", str(exc))
+            raise ValueError(f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
+                             "'#', '@' and ':' must be percent-encoded") from None
         # blocked waiters hold a connection each: their own pool, not capped, so they never
         # starve publishing and acknowledging
         # (and no socket timeout: a wait blocks in Redis as long as it was asked to)
@@ -293,10 +330,12 @@ class RedisBroker:
         self.dead_key = f"{base}:dead"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
+        self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
+        self._redrive = self.redis.register_script(scripts.REDRIVE)
         self._local = threading.local()
         self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
@@ -312,6 +351,9 @@ class RedisBroker:
 
     def done_key(self, idempotency_key: str) -> str:
         return self._done_prefix + idempotency_key
+
+    def claim_key(self, idempotency_key: str) -> str:
+        return self._claim_prefix + idempotency_key
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
@@ -361,10 +403,6 @@ class RedisBroker:
             cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
             if not isinstance(cfg, TaskConfig):
                 cfg = _DEFAULT_CONFIG
-        if cfg._max_retries and not _finite_backoff(cfg):
-            base, cap, _ = cfg._retry_ms
-            raise ValueError(f"add_task: retry_base_ms={base!r}, retry_max_ms={cap!r}: a retry back-off must be a finite "
-                             "number of milliseconds (a worker schedules each retry at that wait)")
         opts = None if isinstance(func, str) else self._overrides(func, cfg)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
@@ -456,6 +494,7 @@ class RedisBroker:
             fields.update(head=b"j[0,{", sep=b",", colon=b":", tail=b"}]")
             enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
         roots: list[tuple[int, bytes]] = []
+        longest_delay = 0
         for j in range(n):
             func = plan.funcs[j]
             sid = plan.ids[j]
@@ -494,9 +533,15 @@ class RedisBroker:
             delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
             if delay:
                 fields[f"y:{j}"] = delay  # released into the delayed set (scripts.WF_STEP_DONE)
+                longest_delay = max(longest_delay, delay)
             if plan.pending[j] == 0:
                 roots.append((prio, payload, delay))
+        # a run that never ends (a step lost with the data of a Redis without persistence, say)
+        # must not keep its hash for ever: it expires once no step finished for this long
+        idle_ms = int(self.workflow_ttl * 1000) + longest_delay
+        fields["ttl"] = idle_ms  # each step that succeeds restarts the countdown (WF_STEP_DONE)
         pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, idle_ms)
         for prio, payload, delay in roots:
             if delay:
                 self._add_delayed(keys=[self.delayed_key], args=[delay, b"%d" % prio + payload], client=pipe)
@@ -546,8 +591,8 @@ class RedisBroker:
                 "task_id": f.get("i", b"").decode(errors="replace"),
                 "name": f.get("n", b"").decode(errors="replace"),
                 "error": f.get("e", b"").decode(errors="replace"),
-                "priority": TaskPriority(int(f.get("p", b"2"))).name,
-                "at": int(f.get("t", b"0")) / 1000,
+                "priority": TaskPriority(_dead_priority(f.get("p"))).name,
+                "at": int(f["t"]) / 1000 if f.get("t", b"").isdigit() else 0.0,
                 "payload": f.get("m", b""),
             })
         return out
@@ -556,36 +601,49 @@ class RedisBroker:
         return int(self.redis.xlen(self.dead_key))
 
     def redrive(self, ids: Iterable[str] | None = None) -> int:
-        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None), with
-        a fresh count of retries. Each move is atomic (XADD and XDEL in one transaction)."""
+        """Put dead-lettered tasks back in their streams (all of them when ``ids`` is None: those
+        dead when it is called, not those dead-lettered meanwhile), with a fresh count of
+        retries and no recorded outcome (its waiters get the re-run's); returns how many this
+        call moved. Each move is one Lua script that queues the task only if it deleted the dead
+        letter, so concurrent re-drives move each dead letter once."""
         wanted = None if ids is None else {str(i) for i in ids}
         moved = 0
         start = "-"
+        # only what is dead now: a re-driven task that fails again is dead-lettered anew, after
+        # these; read on, a worker failing it at once would keep this loop going for ever
+        last = self.redis.xrevrange(self.dead_key, count=1)
+        if not last:
+            return 0
+        end = last[0][0]
         while True:
-            batch = self.redis.xrange(self.dead_key, min=start, count=500)
+            batch = self.redis.xrange(self.dead_key, min=start, max=end, count=500)
             if not batch:
                 break
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)  # each script is atomic on its own
             n = 0
             for entry_id, fields in batch:
                 eid = entry_id.decode()
                 if wanted is not None and eid not in wanted:
                     continue
                 payload = fields.get(b"m", b"")
-                prio = int(fields.get(b"p", b"2"))
+                prio = _dead_priority(fields.get(b"p"))
+                task_id = fields.get(b"i", b"").decode(errors="replace")
                 try:
                     msg = self.serializer.loads(payload)
                     if isinstance(msg, list) and len(msg) >= 5:
                         msg[4] = 0  # a fresh count of attempts
                         payload = self.serializer.same_format(payload).dumps(msg)
+                    if isinstance(msg, list) and msg and isinstance(msg[0], str):
+                        task_id = msg[0]
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
-                pipe.xadd(self.streams[prio if 0 <= prio <= 3 else 2], {"m": payload})
-                pipe.xdel(self.dead_key, entry_id)
+                keys = [self.dead_key, self.streams[prio]]
+                if task_id:
+                    keys.append(self.result_key(task_id))  # its recorded failure goes (see REDRIVE)
+                self._redrive(keys=keys, args=[entry_id, payload], client=pipe)
                 n += 1
             if n:
-                pipe.execute()
-                moved += n
+                moved += sum(pipe.execute())
             last = batch[-1][0].decode()
             ms, seq = last.split("-")
             start = f"{ms}-{int(seq) + 1}"
@@ -624,6 +682,12 @@ class RedisBroker:
 
     def __repr__(self) -> str:
         return f"<RedisBroker {redact_url(self.url)} queue={self.queue!r}>"
+
+
+def _dead_priority(field: bytes | None) -> int:
+    """A dead letter's priority field, as read back from Redis: 0-3, or NORMAL for anything else
+    (one bad field must not break the listing or a re-drive of the whole stream)."""
+    return int(field) if field in (b"0", b"1", b"2", b"3") else int(TaskPriority.NORMAL)
 
 
 def _is_workflow_error(exc: BaseException) -> bool:

@@ -51,6 +51,83 @@ if nxt[2] then n = nxt[2] end
 return {#due, n, now}
 """
 
+# -- idempotency keys ----------------------------------------------------------------------
+# Per key K two strings: P:done:K, the id of the task that succeeded with it (TTL:
+# idempotency_ttl), and P:run:K, the claim of the copy running now: "<consumer> <entry id>",
+# a lease of visibility_timeout that its worker renews while the copy runs (IDEM_RENEW, with
+# its heartbeat). A copy runs only after claiming the key; a copy that finds it claimed by
+# another waits in the delayed set and looks again; one that finds it done adopts the result.
+
+# KEYS: done key, claim key, for each keyed copy fetched. ARGV: lease ms, then each copy's
+# claim token. Returns one reply per copy: 0 claimed (run it), a positive number the ms left on
+# another copy's claim (wait), or the id of the task that succeeded with the key (do not run).
+# Atomic: of copies fetched at once (by one worker or several), exactly one gets 0.
+IDEM_CLAIM = """
+local lease = ARGV[1]
+local out = {}
+for i = 1, #KEYS, 2 do
+  local done = redis.call('GET', KEYS[i])
+  if done then
+    out[#out + 1] = done
+  else
+    local token = ARGV[(i + 1) / 2 + 1]
+    local holder = redis.call('GET', KEYS[i + 1])
+    if not holder or holder == token then
+      redis.call('SET', KEYS[i + 1], token, 'PX', lease)
+      out[#out + 1] = 0
+    else
+      local left = redis.call('PTTL', KEYS[i + 1])
+      if left < 1 then left = 1 end
+      out[#out + 1] = left
+    end
+  end
+end
+return out
+"""
+
+# KEYS: for each copy running here, its claim key and the stream of its entry. ARGV: lease ms,
+# group, consumer, then each copy's claim token and entry id. Extends each claim still held by
+# that token. A claim that is gone (its lease ran out while the worker stalled: a task holding
+# the GIL, a Redis outage) is taken back if the copy is still ours, i.e. its entry is still
+# pending for this consumer: a copy whose commit already acknowledged it (the heartbeat read its
+# list of claims before the commit) gets no claim again. A claim taken meanwhile by another copy
+# is left alone (that copy runs too: the lapse the guarantee excepts). Returns how many it holds.
+IDEM_RENEW = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  local token = ARGV[i + 3]
+  local holder = redis.call('GET', KEYS[i])
+  if holder == token then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    n = n + 1
+  elseif not holder then
+    local eid = ARGV[i + 4]
+    local p = redis.pcall('XPENDING', KEYS[i + 1], ARGV[2], eid, eid, 1, ARGV[3])
+    if type(p) == 'table' and p.err == nil and #p == 1 then
+      redis.call('SET', KEYS[i], token, 'PX', ARGV[1])
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# KEYS[1]: done key, KEYS[2]: claim key. ARGV: the task id, done TTL ms, the claim token.
+# A copy succeeded: the key is done (the first success stays, if a copy whose lease had expired
+# also succeeded), and its claim is dropped if it still holds it.
+IDEM_DONE = """
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+return 1
+"""
+
+# KEYS[1]: claim key. ARGV[1]: the claim token. A copy ended without success (it failed, will
+# be retried, or never started): its claim goes, so a waiting copy may run.
+IDEM_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS[1]: the result of the task that first finished with an idempotency key, KEYS[2]: the
 # result key of a duplicate of it. ARGV: TTL in ms, a record to store if the first has expired.
 # The duplicate's waiters get the first run's outcome.
@@ -60,6 +137,60 @@ if not v then v = ARGV[2] end
 redis.call('RPUSH', KEYS[2], v)
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
+"""
+
+# KEYS[1]: the dead-letter stream, KEYS[2]: the priority stream to put the task back in,
+# KEYS[3] (when the task id is known): the task's result key. ARGV: the dead letter's id, the
+# payload to queue (with a fresh count of attempts). Queues it only if this call deleted the
+# dead letter: of several re-drives at once, one moves it (1), the others find it gone (0), so
+# no dead letter is queued twice. The failure recorded for the task goes with it: its waiters
+# get the re-run's outcome (pushed behind the old record, it would never be read).
+REDRIVE = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+# KEYS: the priority streams. ARGV: group, consumer. A worker that stopped removes its consumer
+# from each group where nothing is pending for it (else every worker process ever started would
+# stay listed in the groups). XGROUP DELCONSUMER would drop pending entries, never to be
+# redelivered, hence the check in the same atomic step; a group where some are pending keeps it
+# (a live worker reclaims them after the visibility timeout). Returns how many groups it left.
+LEAVE_GROUPS = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local p = redis.pcall('XPENDING', key, ARGV[1], '-', '+', 1, ARGV[2])
+  if type(p) == 'table' and p.err == nil and #p == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], ARGV[2])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: the priority streams. ARGV: group, this worker's consumer, least idle time in ms. Removes
+# the other consumers with nothing pending that have not been seen for that long: those of
+# workers killed (kill -9, a lost machine), which never leave themselves, once their entries were
+# reclaimed. Safe for a live worker too: its next read creates its consumer again. Returns how
+# many it removed.
+PRUNE_CONSUMERS = """
+local n = 0
+local idle = tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  local cs = redis.pcall('XINFO', 'CONSUMERS', key, ARGV[1])
+  if type(cs) == 'table' and cs.err == nil then
+    for _, c in ipairs(cs) do
+      local f = {}
+      for i = 1, #c - 1, 2 do f[c[i]] = c[i + 1] end
+      if f.name ~= ARGV[2] and f.pending == 0 and f.idle and f.idle > idle then
+        redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], f.name)
+        n = n + 1
+      end
+    end
+  end
+end
+return n
 """
 
 # KEYS[1]: a priority stream; ARGV: payloads. One XADD each, in one call: a batch of producer
@@ -84,6 +215,8 @@ return #ARGV
 #   v:<j>     step j's value, as a result payload (format byte + value), once it succeeded
 #   head, sep, colon, tail: the pieces that make {step id: value, ...} a result record in the
 #             workflow's format (so the record is built by concatenation, byte-exact)
+#   ttl       ms the hash lives while no step succeeds (its PEXPIRE, set by the producer and
+#             restarted by each step that succeeds: a run that never ends does not stay forever)
 # Run by a worker in the MULTI transaction that acknowledges the step.
 
 # KEYS[1]: the run's hash, KEYS[2]: the run's result key, KEYS[3..6]: the priority streams,
@@ -96,6 +229,8 @@ local h = KEYS[1]
 if redis.call('HGET', h, 'state') ~= 'run' then return -1 end
 local j = ARGV[1]
 if redis.call('HSETNX', h, 'v:' .. j, ARGV[2]) == 0 then return -2 end
+local ttl = redis.call('HGET', h, 'ttl')
+if ttl then redis.call('PEXPIRE', h, ttl) end
 local released = 0
 local deps = redis.call('HGET', h, 'd:' .. j)
 if deps and deps ~= '' then

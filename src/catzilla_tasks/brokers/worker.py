@@ -108,6 +108,12 @@ def _step_sources(opts: dict) -> list[int] | str:
     return list(dict.fromkeys(srcs))
 
 
+def _redis_response_error() -> type[BaseException]:
+    import redis
+
+    return redis.ResponseError
+
+
 def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
     """The wait before retry ``attempt`` (1 = the first retry), as the local engine computes it."""
     base, cap, _ = cfg._retry_ms
@@ -120,7 +126,7 @@ def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
         d = base
     d = min(d, cap)
     jitter = cfg.retry_jitter if cfg.retry_jitter is not None else kind == "exponential"
-    return random.uniform(0, d) if jitter else d
+    return random.uniform(0, d) if jitter else d  # noqa: S311 - retry jitter, not a secret
 
 
 class _Job:
@@ -131,7 +137,7 @@ class _Job:
     done-callback of its task (``__call__``), which saves a bound callback object per task."""
 
     __slots__ = ("worker", "prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first", "wf",
-                 "call")
+                 "call", "claim", "defer")
 
     def __init__(self, worker: "Worker", prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
@@ -147,6 +153,8 @@ class _Job:
         self.first = ""                # then: the id of the task that did it
         self.wf: list | None = None    # a workflow step: [run id, step index, step id, workflow name]
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
+        self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
+        self.defer = 0                 # > 0: another copy holds its key: back to the delayed set, ms
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -197,9 +205,17 @@ class Worker:
         self._copy_result = r.register_script(scripts.COPY_RESULT)
         self._wf_done = r.register_script(scripts.WF_STEP_DONE)
         self._wf_failed = r.register_script(scripts.WF_STEP_FAILED)
+        self._idem_claim = r.register_script(scripts.IDEM_CLAIM)
+        self._idem_renew = r.register_script(scripts.IDEM_RENEW)
+        self._idem_done = r.register_script(scripts.IDEM_DONE)
+        self._idem_release = r.register_script(scripts.IDEM_RELEASE)
+        self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
+        self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
+        self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
+        self._claims: dict[bytes, tuple[str, str]] = {}  # entry id -> its key's (claim key, token), renewed too
         # entries delivered to this consumer that it never saw (a reply lost when the connection
         # dropped; or an earlier process under the same consumer name): looked for at start and
         # after every dropped connection
@@ -213,8 +229,8 @@ class Worker:
         self._registry = getattr(tasks, "_registered", {})
         self._names: dict[str, str] = {}
         self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
-                       "skipped_idempotent": 0, "reclaimed": 0, "workflow_steps_skipped": 0,
-                       "recovered": 0, "not_stored": 0}
+                       "skipped_idempotent": 0, "deferred_idempotent": 0, "reclaimed": 0,
+                       "workflow_steps_skipped": 0, "recovered": 0, "not_stored": 0}
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
@@ -297,6 +313,16 @@ class Worker:
             self._fetch_loop()
         finally:
             self._finish_held()
+            self._leave()
+
+    def _leave(self) -> None:
+        """Remove this worker's consumer from the groups where nothing is pending for it (see
+        scripts.LEAVE_GROUPS): a process's consumer name is never used again, and left there it
+        would stay in Redis for good. Best effort: a consumer left behind costs a few bytes."""
+        try:
+            self._leave_groups(keys=list(self.broker.streams), args=[GROUP, self.consumer])
+        except Exception as exc:  # Redis away, or a server without the command: the consumer stays
+            log.warning("could not remove consumer %s from the groups: %s", self.consumer, exc)
 
     def _finish_held(self) -> None:
         """After the fetch loop: let the held tasks finish and be committed (heartbeats go on so
@@ -386,7 +412,9 @@ class Worker:
                     self._run_jobs(jobs)
                     del jobs
                     continue
-                wait_ms = self.block_ms
+                # no longer than the next heartbeat either: with a short visibility timeout, a
+                # held task's entry and its key's claim must be renewed before they run out
+                wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
                     wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
                 got = self._r.xreadgroup(GROUP, self.consumer, {s: ">" for s in self.broker.streams},
@@ -463,6 +491,15 @@ class Worker:
         """Take over tasks of workers that stopped acknowledging (idle past the visibility
         timeout), at most ``free``; returns how many."""
         idle_ms = int(self.broker.visibility_timeout * 1000)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            # the consumers they leave behind, once nothing is pending for them (rarely: each
+            # look costs one XINFO CONSUMERS per stream)
+            self._next_prune = now + 10 * self.broker.visibility_timeout
+            try:
+                self._prune_consumers(keys=list(self.broker.streams), args=[GROUP, self.consumer, 10 * idle_ms])
+            except _redis_response_error() as exc:  # housekeeping: never a reason to stop
+                log.warning("could not remove dead workers' consumers: %s", exc)
         if time.monotonic() < self._reclaim_after:
             return 0
         taken = 0
@@ -495,6 +532,7 @@ class Worker:
         """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
         with self._cv:
             owned = list(self._owned.items())
+            claims = [(eid, *c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
         if not owned:
             return
         by_prio: dict[int, list[bytes]] = {}
@@ -504,6 +542,17 @@ class Worker:
         for prio, ids in by_prio.items():
             for i in range(0, len(ids), 1000):
                 pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i:i + 1000], justid=True)
+        if claims:  # and the leases of the idempotency keys of the copies running here
+            lease = int(self.broker.visibility_timeout * 1000)
+            streams = self.broker.streams
+            prios = dict(owned)
+            for i in range(0, len(claims), 500):
+                keys: list[str] = []
+                args: list[Any] = [lease, GROUP, self.consumer]
+                for eid, claim_key, token in claims[i:i + 500]:
+                    keys += (claim_key, streams[prios[eid]])
+                    args += (token, eid)
+                self._idem_renew(keys=keys, args=args, client=pipe)
         pipe.execute()
 
     # -- dispatch --------------------------------------------------------------------------
@@ -617,6 +666,7 @@ class Worker:
         with self._cv:
             for j in jobs:
                 self._owned.pop(j.eid, None)
+                self._claims.pop(j.eid, None)  # (its claim lapses; the same copy taken again re-claims it)
             self._inflight -= len(jobs)
             self._cv.notify_all()
         self.counts["fetched"] -= len(jobs)
@@ -626,18 +676,14 @@ class Worker:
         """What Redis knows before the jobs run: finished idempotency keys, workflow runs."""
         keyed = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "k" in j.msg[5]]
         if keyed:
-            done = self._r.mget([self.broker.done_key(str(j.msg[5]["k"])) for j in keyed])
-            for j, d in zip(keyed, done):
-                if d is not None:
-                    j.skip = True
-                    j.first = d.decode(errors="replace")
+            self._claim(keyed)
         steps = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "w" in j.msg[5]]
         if steps:
             self._prepare_steps(steps)
 
     def _start(self, j: _Job) -> None:
         """Hand one job to the engine (or, when it does not run, to the committer)."""
-        if j.error is not None or j.skip:
+        if j.error is not None or j.skip or j.defer:
             self._finished(j, None)
             return
         try:
@@ -654,6 +700,32 @@ class Worker:
         msg[2] = msg[3] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
         h._on_done(j)
+
+    def _claim(self, keyed: list[_Job]) -> None:
+        """Claim the idempotency keys of fetched copies (one script, atomic): a copy runs only
+        if it got its key's claim; one whose key is done is acknowledged with the first run's
+        result; one whose key another copy holds waits in the delayed set (``defer``)."""
+        b = self.broker
+        keys: list[str] = []
+        tokens: list[str] = []
+        for j in keyed:
+            k = str(j.msg[5]["k"])
+            keys += (b.done_key(k), b.claim_key(k))
+            tokens.append(f"{self.consumer} {j.eid.decode()}")
+        replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
+        claimed = {}
+        for i, (j, got) in enumerate(zip(keyed, replies)):
+            if isinstance(got, bytes):
+                j.skip = True
+                j.first = got.decode(errors="replace")
+            elif got:
+                # looked at again after the holder's lease (if it died) or 1 s (it may finish)
+                j.defer = min(max(int(got), 20), 1000)
+            else:
+                j.claim = claimed[j.eid] = (keys[2 * i + 1], tokens[i])
+        if claimed:
+            with self._cv:
+                self._claims.update(claimed)
 
     def _prepare_steps(self, steps: list[_Job]) -> None:
         """Workflow steps: skip those whose run already ended (a step failed), and fill in the
@@ -742,9 +814,13 @@ class Worker:
                 pass
             if jobs:
                 try:
-                    acks = self._retrying(self._commit, jobs, committing=True)
+                    acks, counts = self._retrying(self._commit, jobs, committing=True)
                     if acks:
                         self._retrying(self._ack, acks, committing=True)
+                    # counted once acknowledged (tests and stats() see what Redis holds)
+                    for k, v in counts.items():
+                        if v:
+                            self.counts[k] += v
                 except Exception:
                     log.exception("committing %d task outcomes failed; they stay pending in Redis and will be "
                                   "redelivered", len(jobs))
@@ -752,6 +828,9 @@ class Worker:
                 with self._cv:
                     for j in jobs:
                         self._owned.pop(j.eid, None)
+                    if self._claims:
+                        for j in jobs:
+                            self._claims.pop(j.eid, None)
                 # freed before the capacity is: kept while the fetch loop refills it, these
                 # jobs (messages, payloads, handles) would double what a worker holds at its peak
                 del jobs, j
@@ -761,7 +840,7 @@ class Worker:
             elif self._committer_exit:
                 return
 
-    def _commit(self, jobs: list[_Job]) -> list[list[bytes]] | None:
+    def _commit(self, jobs: list[_Job]) -> tuple[list[list[bytes]] | None, dict[str, int]]:
         """Write the outcomes of ``jobs`` in one MULTI transaction. A job whose outcome is
         nothing to write (no result stored, no key, no retry) is acknowledged in it; the others
         are returned, by priority, to be acknowledged once every reply of their commands was
@@ -776,6 +855,7 @@ class Worker:
         counts = dict.fromkeys(self.counts, 0)
         ctx = self._commit_context()
         self._largest = 0
+        all_kinds: list[tuple[str, ...]] = []
         for j in jobs:
             start = len(stack)
             try:
@@ -783,12 +863,18 @@ class Worker:
             except Exception as exc:
                 del stack[start:]
                 kinds = self._outcome_lost(pipe, j, ctx, exc)
+            all_kinds.append(kinds)
             if len(stack) == start:
                 acks[j.prio].append(j.eid)
                 for k in kinds:
-                    counts[k] += 1
+                    if k in counts:
+                        counts[k] += 1
             else:
                 written.append((j, start, len(stack), kinds))
+        if self._claims:  # copies that did not succeed give their key's claim back (best effort)
+            for j, kinds in zip(jobs, all_kinds):
+                if j.claim is not None and "settled" not in kinds:
+                    self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
         self._queue_acks(pipe, acks)
         try:
             replies = pipe.execute(raise_on_error=False)
@@ -807,13 +893,10 @@ class Worker:
                 continue
             later[j.prio].append(j.eid)
             for k in kinds:
-                counts[k] += 1
-        for k, v in counts.items():
-            if v:
-                self.counts[k] += v
-        if lost:
-            self.counts["not_stored"] += lost
-        return later if any(later) else None
+                if k in counts:
+                    counts[k] += 1
+        counts["not_stored"] += lost
+        return (later if any(later) else None), counts
 
     def _ack(self, acks: list[list[bytes]]) -> None:
         pipe = self._r.pipeline(transaction=True)
@@ -826,10 +909,10 @@ class Worker:
                 pipe.xack(self.broker.streams[prio], GROUP, *ids)
                 pipe.xdel(self.broker.streams[prio], *ids)
 
-    def _commit_context(self) -> tuple[int, int | None, int, int]:
+    def _commit_context(self) -> tuple[int, int, int, int]:
         b = self.broker
         ttl_ms = int(b.result_ttl * 1000)
-        return ttl_ms, int(b.idempotency_ttl * 1000) or None, ttl_ms or 3_600_000, self._max_result
+        return ttl_ms, max(1, int(b.idempotency_ttl * 1000)), ttl_ms or 3_600_000, self._max_result
 
     @staticmethod
     def _task_id(j: _Job) -> str:
@@ -871,10 +954,14 @@ class Worker:
         log.warning("redis reset the connection twice on a commit holding a %d-byte record while it answers otherwise; "
                     "results of that size are now refused (its proto-max-bulk-len is lower)", self._largest)
 
-    def _outcome(self, pipe: Any, j: _Job, ctx: tuple[int, int | None, int, int]) -> tuple[str, ...]:
+    def _outcome(self, pipe: Any, j: _Job, ctx: tuple[int, int, int, int]) -> tuple[str, ...]:
         """Queue the commands that record one job's outcome; return the counters it moves."""
         b = self.broker
         ttl_ms, idem_ms, wf_ttl, limit = ctx
+        if j.defer:  # its key is claimed by another copy: it waits in the delayed set, unrun
+            self._add_delayed(keys=[b.delayed_key], args=[j.defer, b"%d" % j.prio + j.payload], client=pipe)
+            self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
+            return ("deferred_idempotent",)
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
         if j.skip:
@@ -914,9 +1001,10 @@ class Worker:
                 key = b.result_key(j.msg[0])
                 pipe.rpush(key, rec)
                 pipe.pexpire(key, ttl_ms)
-            opts = j.msg[5] if len(j.msg) > 5 else None
-            if opts and "k" in opts:
-                pipe.set(b.done_key(str(opts["k"])), j.msg[0], px=idem_ms)
+            if j.claim is not None:  # (last: once queued, this job's claim goes with the done key)
+                self._idem_done(keys=[b.done_key(str(j.msg[5]["k"])), j.claim[0]],
+                                args=[j.msg[0], idem_ms, j.claim[1]], client=pipe)
+                return ("succeeded", "settled")
             return ("succeeded",)
         try:
             h.wait(0)
@@ -961,7 +1049,7 @@ class Worker:
             out = ser.dumps(rec)
         return out
 
-    def _dead_job(self, pipe: Any, j: _Job, error: str, ctx: tuple[int, int | None, int, int],
+    def _dead_job(self, pipe: Any, j: _Job, error: str, ctx: tuple[int, int, int, int],
                   cause: list | None = None, result: bool = True) -> tuple[str, ...]:
         """Dead-letter ``j`` with ``error``; its waiters (or its workflow run) learn why."""
         b = self.broker
@@ -979,7 +1067,7 @@ class Worker:
             pipe.pexpire(key, ttl_ms)
         return ("dead_lettered",)
 
-    def _outcome_lost(self, pipe: Any, j: _Job, ctx: tuple[int, int | None, int, int], exc: BaseException) -> tuple[str, ...]:
+    def _outcome_lost(self, pipe: Any, j: _Job, ctx: tuple[int, int, int, int], exc: BaseException) -> tuple[str, ...]:
         """Recording the outcome of ``j`` raised (only this job's commands were dropped): record
         that as its failure. Built from plain strings, so this cannot fail the same way."""
         log.error("recording the outcome of task %s (%s) failed: %s", self._task_id(j), self._task_name(j),
@@ -1015,7 +1103,7 @@ class Worker:
             "p": j.prio,
             "t": int(time.time() * 1000),
             "w": self.consumer,
-        })
+        }, maxlen=self.broker.dead_letter_maxlen, approximate=False)  # bounded: the oldest go
 
     def stats(self) -> dict[str, Any]:
         with self._cv:

@@ -16,7 +16,12 @@ prefix that ends with ``/``: ``GET <prefix>/`` → ``html()``, ``GET <prefix>/st
 Routes: ``/`` (the page), ``/stats.json`` (``tasks.monitor.get_stats()`` as JSON), ``/metrics``
 (Prometheus text when prometheus-client is installed, else 404). With ``token=...`` every route
 needs ``?token=...`` or ``Authorization: Bearer ...`` (401 otherwise); serving beyond the
-loopback interface needs a token.
+loopback interface needs a token. A server on the loopback interface answers only requests
+whose ``Host`` is a loopback name or address (403 otherwise): a web page the user visits cannot
+read it through a DNS name rebound to 127.0.0.1 (an absolute-form target's host counts, as
+HTTP says). "Loopback" is the address bound, not the name given. Credentials in URLs inside
+the served stats (error texts that quote a connection string) are masked (see
+``catzilla_tasks._redact``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from .._redact import redact_text
 
 __all__ = ["DashboardServer", "html", "json_safe", "json_stats", "serve", "stats_function"]
 
@@ -93,13 +100,26 @@ def json_safe(value: Any) -> Any:
 
 
 def json_stats(source: Any) -> bytes:
-    """The stats of ``source`` (engine, monitor or function) as UTF-8 JSON, read now."""
-    stats = stats_function(source)()
-    return json.dumps(json_safe(stats), allow_nan=False, separators=(",", ":")).encode()
+    """The stats of ``source`` (engine, monitor or function) as UTF-8 JSON, read now, with
+    credentials in the error texts masked."""
+    stats = json_safe(stats_function(source)())
+    failures = stats.get("recent_failures") if isinstance(stats, dict) else None
+    if isinstance(failures, list):
+        stats["recent_failures"] = [
+            {k: redact_text(v) if isinstance(v, str) else v for k, v in f.items()} if isinstance(f, dict) else f
+            for f in failures
+        ]
+    return json.dumps(stats, allow_nan=False, separators=(",", ":")).encode()
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, with credentials masked (for 503 answers and logs)."""
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -161,7 +181,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             ok |= hmac.compare_digest(o.encode(), want)
         return ok
 
+    def _host_allowed(self) -> bool:
+        """On a loopback server, only a loopback Host (DNS rebinding: a page of attacker.example,
+        its name rebound to 127.0.0.1, sends ``Host: attacker.example``)."""
+        if not self.server.loopback:
+            return True
+        target = urlsplit(self.path)
+        # an absolute-form target (GET http://name/...) names the host itself; Host is then
+        # ignored (RFC 9112, 3.2.2), so that is the name to check
+        host = target.netloc.rpartition("@")[2] if target.scheme else self.headers.get("Host")
+        if host is None:  # HTTP/1.0 without a Host header: no browser sends that
+            return True
+        host = host.strip()
+        if host.startswith("["):
+            name = host[1:host.find("]")] if "]" in host else ""
+        else:
+            name = host.rpartition(":")[0] if ":" in host else host
+        return bool(name) and _is_loopback(name)
+
     def do_GET(self) -> None:
+        if not self._host_allowed():
+            self._send(403, "text/plain; charset=utf-8",
+                       b"403 Forbidden: this dashboard answers only to a loopback Host (localhost, 127.0.0.1, [::1])\n")
+            return
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         if not self._authorized(query):
@@ -176,8 +218,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 body = json_stats(self.server.stats_fn)
             except Exception as exc:
-                log.warning("dashboard: could not read the stats: %s: %s", type(exc).__name__, exc)
-                msg = json.dumps({"error": f"could not read the stats: {type(exc).__name__}: {exc}"}).encode()
+                log.warning("dashboard: could not read the stats: %s", error_text(exc))
+                msg = json.dumps({"error": f"could not read the stats: {error_text(exc)}"}).encode()
                 self._send(503, "application/json", msg)
                 return
             self._send(200, "application/json", body)
@@ -185,8 +227,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 status, ctype, body = _metrics(self.server.stats_fn)
             except Exception as exc:
-                log.warning("dashboard: could not build the metrics: %s: %s", type(exc).__name__, exc)
-                self._send(503, "text/plain; charset=utf-8", f"could not read the stats: {exc}\n".encode())
+                log.warning("dashboard: could not build the metrics: %s", error_text(exc))
+                self._send(503, "text/plain; charset=utf-8", f"could not read the stats: {error_text(exc)}\n".encode())
                 return
             self._send(status, ctype, body)
         else:
@@ -213,6 +255,8 @@ class DashboardServer(http.server.ThreadingHTTPServer):
         self.token = token
         self.thread: threading.Thread | None = None
         super().__init__(address, _Handler)
+        host = self.server_address[0]
+        self.loopback = _is_loopback(host.decode() if isinstance(host, bytes) else host)
 
     @property
     def url(self) -> str:
@@ -258,6 +302,11 @@ def serve(
         )
     cls = _DashboardServer6 if ":" in host else DashboardServer
     server = cls((host.strip("[]"), port), fn, token)
+    if token is None and not server.loopback:  # the name said loopback, the resolver did not
+        bound = server.server_address[0]
+        server.server_close()
+        raise ValueError(f"serving the dashboard beyond localhost needs a token: host={host!r} is bound to {bound!r}, "
+                         "not a loopback address; pass token=...")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
                               name=f"catzilla-tasks-dashboard:{server.server_address[1]}", daemon=True)
     server.thread = thread

@@ -6,6 +6,9 @@ Each integration serves the same read-only routes under a prefix (``/tasks`` by 
 - ``GET <prefix>/dashboard/``: the live dashboard page (it polls ``<prefix>/dashboard/stats.json``),
 - ``GET <prefix>/metrics``: Prometheus text (404 with the reason when prometheus-client is missing).
 
+The Starlette and FastAPI modules also give drop-ins for their ``BackgroundTasks`` that keep the
+framework's semantics and run the tasks on the engine (see ``.starlette``).
+
 Nothing here imports a framework: each module imports its own on first use.
 """
 
@@ -40,7 +43,7 @@ def stats_response(stats_fn: Callable[[], Any]) -> Reply:
     try:
         body = dashboard.json_stats(stats_fn)
     except Exception as exc:  # the route reports it; the server goes on
-        msg = {"error": f"could not read the stats: {type(exc).__name__}: {exc}"}
+        msg = {"error": f"could not read the stats: {dashboard.error_text(exc)}"}
         return 503, "application/json", json.dumps(msg).encode(), dict(_NO_STORE)
     return 200, "application/json", body, dict(_NO_STORE)
 
@@ -50,7 +53,7 @@ def metrics_response(stats_fn: Callable[[], Any]) -> Reply:
     try:
         status, ctype, body = dashboard._metrics(stats_fn)
     except Exception as exc:
-        return 503, "text/plain; charset=utf-8", f"could not read the stats: {exc}\n".encode(), dict(_NO_STORE)
+        return 503, "text/plain; charset=utf-8", f"could not read the stats: {dashboard.error_text(exc)}\n".encode(), dict(_NO_STORE)
     return status, ctype, body, dict(_NO_STORE)
 
 

@@ -11,6 +11,11 @@ Two ways, both as in the seed:
    ``app.tasks``, ``app.add_task``, ``app.task`` and ``app.get_task_stats`` (replacing its
    built-in system, which is never started), plus the routes under ``/tasks``.
 
+Order: Catzilla's own ``app.add_task`` queues at once onto its workers and returns a
+``TaskResult``; a request's tasks have no order between them and the response never waits for
+them. Ours keeps exactly that (it is the detached mode of the Starlette/FastAPI drop-ins): there
+is no per-request order in Catzilla's pattern to preserve.
+
 Routes (see ``catzilla_tasks.integrations``): ``/tasks/stats``, ``/tasks/dashboard/``,
 ``/tasks/dashboard/stats.json``, ``/tasks/metrics``. They are public: put them behind your
 own authentication middleware (or ``prefix=None``) on a server others can reach.

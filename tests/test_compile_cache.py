@@ -1,0 +1,357 @@
+"""The compile cache on disk: what it trusts (issue 14, item 1), what its key covers (issue 16,
+item 2) and what happens when it cannot be written (issue 16, item 3)."""
+
+import importlib.util
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from catzilla_tasks import BackgroundTasks, compiler, task  # noqa: E402
+from catzilla_tasks.compiler import TaskCompiler  # noqa: E402
+
+ROOT = os.geteuid() == 0
+
+pytestmark = pytest.mark.usefixtures("compile_cache_dir")
+
+
+def poly(x: float, n: int) -> float:
+    s = 0.0
+    for k in range(n):
+        s = s * x + k
+    return s
+
+
+def _files(d):
+    out = {}
+    for folder in (d, os.path.join(d, "__pycache__")):
+        if os.path.isdir(folder):
+            for fn in os.listdir(folder):
+                p = os.path.join(folder, fn)
+                if os.path.isfile(p):
+                    out[os.path.relpath(p, d)] = p
+    return out
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a planted pickle would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _cache_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "compile cache" in str(w.message)]
+
+
+def _module(folder, name, text):
+    """A module imported from folder/name.py: a compiled task runs a checked copy of its source,
+    so the functions under test live in a file (exec'd code has none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---- item 1: trust ----------------------------------------------------------------------
+
+def test_cache_directory_and_files_are_private(tmp_path):
+    d = tmp_path / "fresh" / "compiled"
+    spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert spec.address and not spec.cache_hit
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    files = _files(str(d))
+    assert any(n.endswith(".nbi") for n in files) and any(n.endswith(".nbc") for n in files)
+    assert any(n.endswith(".py") for n in files) and any(n.endswith(".json") for n in files)
+    for name, p in files.items():
+        st = os.stat(p)
+        assert st.st_uid == os.geteuid() and not st.st_mode & 0o077, (name, oct(st.st_mode))
+    # no bytecode cache of the trampoline module: it is compiled from the text we generate
+    assert not [n for n in files if n.endswith(".pyc")]
+    # a second compiler (a new process, as far as the cache goes) loads it
+    again = TaskCompiler(str(d)).compile(poly, "fi")
+    assert again.cache_hit
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_group_or_world_writable_directory_is_refused(tmp_path, mode):
+    d = tmp_path / f"shared{mode:o}"
+    d.mkdir()
+    os.chmod(d, mode)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert spec.address and not spec.cache_hit           # compiled, in memory
+    msgs = [str(w.message) for w in _cache_warnings(rec)]
+    assert len(msgs) == 1 and "writable by" in msgs[0] and str(d) in msgs[0], msgs
+    assert _files(str(d)) == {}                           # nothing written there, nothing read
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give the directory to another user")
+def test_directory_owned_by_another_user_is_refused(tmp_path):
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o755)
+    os.chown(d, 65534, 65534)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert spec.address and not spec.cache_hit
+    msgs = [str(w.message) for w in _cache_warnings(rec)]
+    assert len(msgs) == 1 and "owned by" in msgs[0]
+    assert _files(str(d)) == {}
+
+
+def _planted_key(d):
+    """The key of poly(float, int): computable by anyone from public inputs."""
+    return TaskCompiler(str(d))._key(poly, "fi")
+
+
+def test_planted_trampoline_is_not_executed(tmp_path):
+    d = tmp_path / "cache"
+    d.mkdir(mode=0o700)
+    key = _planted_key(d)
+    marker = tmp_path / "pwned-py"
+    planted = d / f"ct_{key}.py"
+    planted.write_text(f"open({str(marker)!r}, 'w').close()\n"
+                       "from numba import cfunc, types\n"
+                       "@cfunc(types.int64(*([types.voidptr] * 10), types.int64, types.int64))\n"
+                       "def trampoline(*a):\n    return 0\n")
+    os.chmod(planted, 0o600)
+    spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert spec.address and not marker.exists()
+    assert planted.read_text().startswith("# Generated by catzilla_tasks.compiler")   # replaced by ours
+    assert TaskCompiler(str(d)).compile(poly, "fi").cache_hit
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", [".nbi", ".nbc"])
+def test_planted_numba_index_or_data_is_not_unpickled(tmp_path, target):
+    d = tmp_path / "cache"
+    TaskCompiler(str(d)).compile(poly, "fi")               # a real entry, so the names are right
+    marker = tmp_path / f"pwned{target}"
+    victims = [p for n, p in _files(str(d)).items() if n.endswith(target)]
+    assert victims
+    for p in victims:                                       # replaced with a pickle that runs code
+        with open(p, "wb") as f:
+            if target == ".nbi":
+                pickle.dump(numba.__version__, f)
+            f.write(pickle.dumps(_Payload(str(marker))))
+    spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert not marker.exists()
+    assert not spec.cache_hit                               # compiled again, not loaded
+    assert TaskCompiler(str(d)).compile(poly, "fi").cache_hit   # and the rewritten entry is good
+
+
+def test_tampered_manifest_or_loose_modes_are_not_trusted(tmp_path):
+    d = tmp_path / "cache"
+    TaskCompiler(str(d)).compile(poly, "fi")
+    files = _files(str(d))
+    # a numba file others may write: not loaded (recompiled, and the new file is private)
+    nbc = next(p for n, p in files.items() if n.endswith(".nbc"))
+    os.chmod(nbc, 0o666)
+    assert not TaskCompiler(str(d)).compile(poly, "fi").cache_hit
+    assert not os.stat(nbc).st_mode & 0o077
+    # a manifest others may write: not believed
+    manifest = next(p for n, p in files.items() if n.endswith(".json"))
+    os.chmod(manifest, 0o646)
+    assert not TaskCompiler(str(d)).compile(poly, "fi").cache_hit
+    assert TaskCompiler(str(d)).compile(poly, "fi").cache_hit
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give a file to another user")
+def test_cache_files_owned_by_another_user_are_not_used(tmp_path):
+    d = tmp_path / "cache"
+    TaskCompiler(str(d)).compile(poly, "fi")
+    for p in _files(str(d)).values():
+        os.chown(p, 65534, 65534)
+    spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert not spec.cache_hit
+    assert all(os.stat(p).st_uid == os.geteuid() for p in _files(str(d)).values())
+
+
+def test_numba_cache_locator_override_means_no_disk_cache(tmp_path, monkeypatch):
+    """NUMBA_CACHE_LOCATOR_CLASSES would put numba's files where we cannot check them."""
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CACHE_LOCATOR_CLASSES", "UserWideCacheLocator")
+    d = tmp_path / "cache"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        spec = TaskCompiler(str(d)).compile(poly, "fi")
+    assert spec.address and not spec.cache_hit
+    assert _cache_warnings(rec)
+    assert not [n for n in _files(str(d)) if n.endswith((".nbi", ".nbc"))]
+
+
+# ---- issue 16 item 3: an unwritable directory -------------------------------------------
+
+def _unwritable(tmp_path):
+    if ROOT:
+        if not os.path.isdir("/sys"):
+            pytest.skip("no /sys to stand for a directory root cannot write")
+        return "/sys"   # root may write anywhere else; sysfs refuses new files (EACCES)
+    d = tmp_path / "readonly"
+    d.mkdir()
+    os.chmod(d, 0o500)
+    return str(d)
+
+
+@pytest.mark.parametrize("where", ["readonly", "below-a-file"])
+def test_unwritable_cache_directory_falls_back_and_warns_once(tmp_path, monkeypatch, where):
+    if where == "readonly":
+        d = _unwritable(tmp_path)
+    else:
+        (tmp_path / "a-file").write_text("")
+        d = str(tmp_path / "a-file" / "compiled")
+    monkeypatch.setenv("CATZILLA_TASKS_CACHE_DIR", d)
+    # functions of their own, in a file of this test (the process-wide compiler remembers what
+    # it compiled, by a key that covers the file name)
+    m = _module(tmp_path / "src", f"unwritable_{where.replace('-', '_')}",
+                "def scale(x: int) -> int:\n    return x * 3 + 1\n"
+                "def shift(x: float) -> float:\n    return x - 0.5\n")
+    scale, shift = m.scale, m.shift
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with BackgroundTasks(workers=2, min_workers=1, enable_auto_scaling=False) as t:
+            task(scale)
+            task(shift)
+            for i in range(3):
+                r = t.add_task(scale, 4)
+                assert r.wait(60) == 13
+                compiler.wait_for_background()  # add_task compiles in the background
+                assert i == 0 or r.get_stats()["native"]
+                assert t.map(scale, list(range(50))) == [x * 3 + 1 for x in range(50)]
+                assert t.map(shift, [1.0, 2.0]) == [0.5, 1.5]
+    msgs = [str(w.message) for w in _cache_warnings(rec)]
+    assert len(msgs) == 1, msgs
+    assert d in msgs[0]
+
+
+# ---- issue 16 item 2: the key covers the whole call tree and every frozen global ------------
+
+APP = """
+import json, sys
+import numba
+from catzilla_tasks import BackgroundTasks, task, compiler
+
+K = {k}
+OFFSET = (1, {off})
+
+@numba.njit
+def leaf(x):
+    return x * K + OFFSET[1]
+
+@numba.njit
+def middle(x):
+    return leaf(x) {op} 1
+
+@task
+def top(x: int) -> int:
+    return middle(x) + 10
+
+spec = compiler.native_of(top).spec_for((int,))
+with BackgroundTasks(workers=1, min_workers=1) as t:
+    r = t.add_task(top, 2)
+    print(json.dumps({{"value": r.wait(30), "native": r.get_stats()["native"], "hit": spec.cache_hit}}))
+"""
+
+
+def _run(mod, env):
+    p = subprocess.run([sys.executable, str(mod)], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(600)
+def test_new_process_sees_changed_globals_and_callees(tmp_path):
+    mod = tmp_path / "deployed_app.py"
+    env = dict(os.environ, CATZILLA_TASKS_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+    def deploy(k, off, op):
+        mod.write_text(APP.format(k=k, off=off, op=op))
+        return _run(mod, env)
+
+    first = deploy(2, 0, "+")
+    assert first == {"value": 2 * 2 + 0 + 1 + 10, "native": True, "hit": False}
+    assert deploy(2, 0, "+")["hit"] is True                       # unchanged: loaded from the cache
+    assert deploy(3, 0, "+")["value"] == 2 * 3 + 0 + 1 + 10         # a global of a callee's callee
+    assert deploy(3, 5, "+")["value"] == 2 * 3 + 5 + 1 + 10         # a global tuple's item
+    assert deploy(3, 5, "-")["value"] == 2 * 3 + 5 - 1 + 10         # the body of a callee
+    back = deploy(2, 0, "+")
+    assert back["value"] == first["value"] and back["hit"] is True
+
+
+def test_key_covers_callees_globals_and_closures(tmp_path):
+    c = TaskCompiler()
+    m = _module(tmp_path, "key_tree", "import numba\n"
+                "def make(k):\n    return numba.njit(lambda x: x * k)\n"   # a closure numba freezes
+                "def top(x: int) -> int:\n    return leaf(x)\n"
+                "K = 2\n@numba.njit\ndef h(x):\n    return x + K\n"
+                "def top2(x):\n    return h(x)\n")
+    m.leaf = m.make(2)
+    k1 = c._key(m.top, "i")
+    m.leaf = m.make(3)
+    assert c._key(m.top, "i") != k1
+
+    k1 = c._key(m.top2, "i")
+    m.K = 3
+    assert c._key(m.top2, "i") != k1
+
+
+def test_functions_reading_what_cannot_be_hashed_are_not_cached_on_disk(tmp_path):
+    """A helper reading another module's attribute (numba freezes it): compiled, never from disk."""
+    m = _module(tmp_path / "src", "reads_cfg", "import types\nimport numba\n"
+                "cfg = types.ModuleType('deploy_cfg')\ncfg.K = 7\n"
+                "@numba.njit\ndef h(x):\n    return x * cfg.K\n"
+                "def top(x):\n    return h(x)\n")
+    top = m.top
+    d = tmp_path / "cache"
+    spec = TaskCompiler(str(d)).compile(top, "i")
+    assert spec.address and not spec.cache_hit
+    assert not [n for n in _files(str(d)) if ".nbi" in n or ".nbc" in n or n.endswith(".py")]
+
+
+def test_disk_cache_follows_the_source(tmp_path, monkeypatch):
+    """The native code is built from the checked rewrite of the function's source, so the key
+    covers it: two sources of one bytecode are two entries (before: the second loaded the
+    first's machine code from disk), and a source edited since the import is refused before the
+    disk cache is looked at."""
+    import linecache
+    import marshal
+
+    from catzilla_tasks.compiler import _Cannot
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each import reads the file's text
+    src, d = tmp_path / "src", str(tmp_path / "cache")
+    a = _module(src, "deployed_a", "def f(x: int) -> int:\n    return x + 2**62\n").f
+    key_a = TaskCompiler(d)._key(a, "i")
+    assert TaskCompiler(d).compile(a, "i").cache_hit is False
+    b = _module(src, "deployed_a", "def f(x: int) -> int:\n    return x + 4**31\n").f   # same length
+    assert marshal.dumps(a.__code__, 0) == marshal.dumps(b.__code__, 0)   # the same bytecode
+    assert TaskCompiler(d)._key(b, "i") != key_a
+    assert TaskCompiler(d).compile(b, "i").cache_hit is False
+
+    again = _module(src, "deployed_c", "def f(x: int) -> int:\n    return x + 1\n").f
+    assert TaskCompiler(d).compile(again, "i").cache_hit is False
+    again = _module(src, "deployed_c", "def f(x: int) -> int:\n    return x + 1\n").f
+    assert TaskCompiler(d).compile(again, "i").cache_hit is True           # the disk cache serves it
+    stale = _module(src, "deployed_c", "def f(x: int) -> int:\n    return x + 1\n").f
+    (src / "deployed_c.py").write_text("def f(x: int) -> int:\n    return x - 1\n")   # a deploy
+    linecache.checkcache(str(src / "deployed_c.py"))
+    with pytest.raises(_Cannot, match="source file differs"):
+        TaskCompiler(d).compile(stale, "i")

@@ -1,0 +1,46 @@
+"""The package's eager imports form no cycle (scripts/import_graph.py --check)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "import_graph.py"
+spec = importlib.util.spec_from_file_location("import_graph", SCRIPT)
+import_graph = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(import_graph)
+
+
+def test_the_package_has_no_eager_import_cycle():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "catzilla_tasks.engine:" in run.stdout
+
+
+def _package(tmp_path, files):
+    for rel, text in files.items():
+        p = tmp_path / "catzilla_tasks" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return import_graph.graph(tmp_path)
+
+
+def test_a_module_level_cycle_is_found(tmp_path):
+    g = _package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from . import b\n",
+        "b.py": "from .a import thing\n",
+    })
+    assert g["catzilla_tasks.a"] == {"catzilla_tasks.b": "eager"}
+    assert import_graph.eager_cycles(g) == [["catzilla_tasks.a", "catzilla_tasks.b", "catzilla_tasks.a"]]
+
+
+def test_imports_inside_functions_and_type_checking_are_lazy(tmp_path):
+    g = _package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from . import b\n",
+        "b.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import T\n"
+                 "def f():\n    from . import a\n"),
+    })
+    assert g["catzilla_tasks.b"] == {"catzilla_tasks.a": "lazy"}
+    assert import_graph.eager_cycles(g) == []
