@@ -66,6 +66,7 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 from . import _engine
+from .errors import CompileError
 
 __all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile", "wait_for_background",
            "default_compiler"]
@@ -105,10 +106,6 @@ _OBJECT_OPS = {
     "IMPORT_NAME": "imports a module inside the task", "MAKE_FUNCTION": "defines a function or comprehension inside the task",
     "YIELD_VALUE": "is a generator", "STORE_ATTR": "sets an attribute", "STORE_SUBSCR": "stores into a container",
 }
-
-
-class CompileError(TypeError):
-    """``compile_to_c="require"`` and the task cannot be compiled (the message says why)."""
 
 
 class _Cannot(Exception):

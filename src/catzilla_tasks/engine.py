@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
 from . import _engine, _signals
 from ._redact import redact_text
 from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .errors import TaskTimeout
+from .errors import ShutdownTimeout, TaskTimeout
 from .results import TaskResult, _await_impl
 
 if TYPE_CHECKING:
@@ -34,16 +34,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_ATTR = "__catzilla_task__"
 _DEFAULT_CONFIG = TaskConfig()
-
-
-class ShutdownTimeout(TimeoutError):
-    """shutdown() ran out of time: ``cancelled`` queued tasks were cancelled and ``running``
-    tasks were still running when it returned."""
-
-    def __init__(self, message: str, cancelled: int, running: int) -> None:
-        super().__init__(message)
-        self.cancelled = cancelled
-        self.running = running
 
 
 def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:

@@ -67,7 +67,7 @@ import types
 import weakref
 from typing import Any, Callable
 
-from .errors import MemoryLimitExceeded, TaskExceptionNotPicklable, TaskTimeout, WorkerLost
+from .errors import ChildTraceback, MemoryLimitExceeded, TaskExceptionNotPicklable, TaskTimeout, WorkerLost
 
 __all__ = [
     "ProcessPool",
@@ -178,20 +178,6 @@ def check_picklable(func: Callable[..., Any], args: tuple, kwargs: dict) -> None
 
 
 # ----------------------------------------------------------------------------- errors
-
-class ChildTraceback(Exception):
-    """The traceback text of an exception raised in a child process. A re-raised task
-    exception carries it as its ``__cause__``, so a printed traceback shows both sides."""
-
-    def __init__(self, text: str, pid: int | None = None) -> None:
-        super().__init__(text)
-        self.text = text
-        self.pid = pid
-
-    def __str__(self) -> str:
-        where = f" (pid {self.pid})" if self.pid is not None else ""
-        return f"traceback in the child process{where}:\n{self.text.rstrip()}"
-
 
 def _exit_description(exitcode: int | None) -> str:
     if exitcode is None:
