@@ -117,7 +117,7 @@ def _ours_native(figure: str, n: int, f, plain, decorate_s: float) -> dict:
     import array
     import statistics
 
-    from catzilla_tasks import compiler
+    from catzilla_tasks import compiler, mapping
 
     items = _items(n)
     col_a = array.array("q", [a for a, _ in items])
@@ -145,8 +145,8 @@ def _ours_native(figure: str, n: int, f, plain, decorate_s: float) -> dict:
             out[f"{pre}tasks_per_s_w{w}"] = n / statistics.median(ts)
             out[f"{pre}per_rep_w{w}"] = [round(n / t) for t in ts]
         for w in (1, 2):
-            out["items_per_node_w%d" % w] = compiler._auto_chunk(n, w)
-        out["items_per_node"] = compiler._auto_chunk(n, 2)
+            out["items_per_node_w%d" % w] = mapping._auto_chunk(n, w)
+        out["items_per_node"] = mapping._auto_chunk(n, 2)
         if figure == "compile_add":
             tasks = engines[2]
             k = max(1000, n // 10)

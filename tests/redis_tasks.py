@@ -192,6 +192,32 @@ def pair(a, b=None):
     return [a, b]
 
 
+def our_error(name: str) -> BaseException:
+    """An instance of catzilla_tasks.errors.<name> with every attribute set to a non-default value."""
+    from catzilla_tasks import errors
+
+    kind = getattr(errors, name)
+    if kind is errors.ShutdownTimeout:
+        return kind("shutdown ran out of time", cancelled=3, running=2)
+    if kind is errors.WorkerLost:
+        return kind("the child died", pid=4242, exitcode=-9)
+    if kind is errors.TaskExceptionNotPicklable:
+        return kind("cannot pickle", type_name="mod.Weird", child_traceback="Traceback: weird")
+    if kind is errors.ChildTraceback:
+        return kind("Traceback (most recent call last): boom", pid=4243)
+    if kind is errors.WorkflowError:
+        return kind("step failed", workflow="etl", step="load", results={})
+    if kind is errors.RemoteTaskError:
+        return kind("mod.Odd: odd", type_name="mod.Odd", remote_traceback="Traceback: odd")
+    return kind(f"a {name}")
+
+
+@_reg
+@task(max_retries=0)
+def raises_ours(name):
+    raise our_error(name)
+
+
 def __getattr__(name: str) -> Any:
     if name == "tasks":
         from catzilla_tasks.brokers import RedisBroker

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from catzilla_tasks import BackgroundTasks, TaskCancelled, TaskStatus, task
-from catzilla_tasks import compiler
+from catzilla_tasks import compiler, mapping
 from catzilla_tasks.compiler import CompileError, TaskCompiler
 
 numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
@@ -281,7 +281,7 @@ def test_native_error_path_needs_no_gil(tasks):
     waiting thread HOLDS the GIL (hold_gil_s: a test-only wait that does not release it)."""
     native = compiler.native_of(checked_sqrt)
     items = [(-1.0,) if i % 3 else (float(i),) for i in range(20_000)]
-    out = compiler.map_native(tasks, native, items, 64, 2, True, _hold_gil=5.0)
+    out = mapping.map_native(tasks, native, items, 64, 2, True, _hold_gil=5.0)
     assert isinstance(out[1], ValueError) and out[3] == math.sqrt(3.0)
 
 

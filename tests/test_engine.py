@@ -298,6 +298,7 @@ def test_public_surface():
     assert sorted(catzilla_tasks.__all__) == sorted(
         [
             "BackgroundTasks",
+            "CatzillaTasksError",
             "QueueFull",
             "ShutdownTimeout",
             "TaskCancelled",

@@ -245,9 +245,9 @@ def test_without_pidfd_a_task_is_reported_lost_only_once_its_child_is_killed(mon
     import threading
     from multiprocessing import forkserver
 
-    from catzilla_tasks import isolation
+    from catzilla_tasks.isolation import _children
 
-    monkeypatch.setattr(isolation, "_pidfd_open", lambda pid: None)
+    monkeypatch.setattr(_children, "_pidfd_open", lambda pid: None)
     pool = ProcessPool(1)
     pid_file, mark = str(tmp_path / "pid"), str(tmp_path / "mark")
     out = {}

@@ -139,3 +139,16 @@ def test_tasks_decorated_with_compile_to_c_false_do_not_load_the_compiler():
         print(json.dumps({"without": before, "with": "catzilla_tasks.compiler" in sys.modules}))
     """)
     assert got == {"without": False, "with": True}
+
+
+def test_mapping_plain_functions_does_not_load_the_compiler():
+    # tasks.map's plumbing is mapping.py; only a compiled task needs compiler.py
+    got = run("""
+        import json, sys
+        from catzilla_tasks import BackgroundTasks
+        t = BackgroundTasks()
+        assert t.map(abs, [-1, 2, -3]) == [1, 2, 3]
+        assert list(t.map(pow, [2, 3], [3, 2], out="array")) == [8, 9]
+        print(json.dumps({m: m in sys.modules for m in ["catzilla_tasks.compiler", "catzilla_tasks.mapping"]}))
+    """)
+    assert got == {"catzilla_tasks.compiler": False, "catzilla_tasks.mapping": True}

@@ -87,10 +87,10 @@ def test_random_batches_through_a_small_window(make_tasks, monkeypatch, fails, s
     order is raised and every item after it either ran or was cancelled, none lost or run twice."""
     import threading
 
-    from catzilla_tasks import compiler
+    from catzilla_tasks import mapping
 
-    monkeypatch.setattr(compiler, "MAP_STEP", step)
-    monkeypatch.setattr(compiler, "MAP_WINDOW", step + extra)
+    monkeypatch.setattr(mapping, "MAP_STEP", step)
+    monkeypatch.setattr(mapping, "MAP_WINDOW", step + extra)
     t = make_tasks(workers=2, min_workers=2, enable_auto_scaling=False)
     lock, ran = threading.Lock(), []
 

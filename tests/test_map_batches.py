@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from catzilla_tasks import BackgroundTasks, compiler, task
+from catzilla_tasks import BackgroundTasks, mapping, task
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="the [compile] extra (numba) is part of the test extra")
@@ -147,7 +147,7 @@ def test_python_map_keeps_a_bounded_window_of_nodes(make_tasks):
 
     res = t.map(job, range(n))
     assert res == [2 * i for i in range(n)]
-    assert peak[0] - base <= compiler.MAP_WINDOW + 100, f"{peak[0] - base} nodes in flight at once"
+    assert peak[0] - base <= mapping.MAP_WINDOW + 100, f"{peak[0] - base} nodes in flight at once"
     del res
     gc.collect()
     assert BackgroundTasks.memory_stats()["nodes_in_use"] - base <= 10

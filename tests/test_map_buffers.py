@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from catzilla_tasks import BackgroundTasks, task
-from catzilla_tasks import compiler
+from catzilla_tasks import compiler, mapping
 
 numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
 
@@ -266,8 +266,8 @@ def test_native_error_path_with_buffers_needs_no_gil(tasks):
     n = 20_000
     a = array.array("q", range(n))
     b = array.array("q", [i % 7 for i in range(n)])
-    with compiler.MapInput(a, (b,)) as inp:
-        out = compiler.map_native(tasks, compiler.native_of(div), inp, 64, 2, True, _hold_gil=5.0)
+    with mapping.MapInput(a, (b,)) as inp:
+        out = mapping.map_native(tasks, compiler.native_of(div), inp, 64, 2, True, _hold_gil=5.0)
     assert sum(isinstance(v, ZeroDivisionError) for v in out) == sum(1 for v in b if v == 0)
 
 

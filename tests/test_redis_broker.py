@@ -423,3 +423,21 @@ def test_a_worker_keeps_nothing_of_the_tasks_it_has_committed(cluster):
         wait_until(lambda: not any(type(o) is _Job for o in gc.get_objects()), 5, "no job left")
     finally:
         gc.enable()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["ShutdownTimeout", "WorkerLost", "CompileError", "TaskCancelled", "WorkflowError"])
+def test_a_remote_error_of_our_types_comes_back_as_the_same_class(cluster, name):
+    # decoded by one lookup in errors.py: CompileError and ShutdownTimeout came back as
+    # RemoteTaskError before, and WorkerLost without its pid/exitcode
+    from catzilla_tasks import errors
+
+    cluster.worker()
+    sent = rt.our_error(name)
+    with pytest.raises(type(sent)) as ei:
+        cluster.producer.add_task(rt.raises_ours, name).wait(10)
+    got = ei.value
+    assert type(got) is type(sent) and str(got) == str(sent)
+    assert {k: getattr(got, k) for k in type(sent)._remote_fields} == {
+        k: getattr(sent, k) for k in type(sent)._remote_fields}
+    assert isinstance(got, errors.CatzillaTasksError) and "raises_ours" in got.remote_traceback

@@ -8,16 +8,19 @@ chord). This module is the whole public API.
 
 from typing import Any
 
-from ._engine import QueueFull as QueueFull
-from ._engine import TaskCancelled as TaskCancelled
 from .config import TaskConfig as TaskConfig
 from .config import TaskPriority as TaskPriority
 from .config import TaskStatus as TaskStatus
+from .errors import CatzillaTasksError as CatzillaTasksError
+from .errors import CompileError as CompileError
 from .errors import MemoryLimitExceeded as MemoryLimitExceeded
+from .errors import QueueFull as QueueFull
+from .errors import ShutdownTimeout as ShutdownTimeout
+from .errors import TaskCancelled as TaskCancelled
 from .errors import TaskTimeout as TaskTimeout
 from .errors import WorkerLost as WorkerLost
+from .errors import WorkflowError as WorkflowError
 from .engine import BackgroundTasks as BackgroundTasks
-from .engine import ShutdownTimeout as ShutdownTimeout
 from .engine import current_task as current_task
 from .engine import task as task
 from .results import TaskFuture as TaskFuture
@@ -27,7 +30,6 @@ from .results import TaskResult as TaskResult
 # distributed worker, never pays for the workflow builder or the compiler's module.
 _LAZY = {
     "TaskChain": "workflows",
-    "WorkflowError": "workflows",
     "call": "workflows",
     "chain": "workflows",
     "chord": "workflows",
@@ -35,7 +37,6 @@ _LAZY = {
     "result_of": "workflows",
     "results_of": "workflows",
     "workflow": "workflows",
-    "CompileError": "compiler",
     "TaskMonitor": "monitor",
     "AutoScaler": "monitor",
 }
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackgroundTasks",
+    "CatzillaTasksError",
     "QueueFull",
     "ShutdownTimeout",
     "TaskCancelled",

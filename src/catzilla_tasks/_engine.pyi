@@ -7,8 +7,8 @@ T = TypeVar("T")
 
 NODE_SIZE: int
 
-class QueueFull(Exception): ...
-class TaskCancelled(Exception): ...
+from .errors import QueueFull as QueueFull
+from .errors import TaskCancelled as TaskCancelled
 
 class TaskResult(Generic[T]):
     def __new__(cls, task_id: str) -> TaskResult[Any]: ...

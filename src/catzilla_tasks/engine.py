@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
 from . import _engine, _signals
 from ._redact import redact_text
 from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .errors import TaskTimeout
+from .errors import ShutdownTimeout, TaskTimeout
 from .results import TaskResult, _await_impl
 
 if TYPE_CHECKING:
@@ -34,16 +34,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_ATTR = "__catzilla_task__"
 _DEFAULT_CONFIG = TaskConfig()
-
-
-class ShutdownTimeout(TimeoutError):
-    """shutdown() ran out of time: ``cancelled`` queued tasks were cancelled and ``running``
-    tasks were still running when it returned."""
-
-    def __init__(self, message: str, cancelled: int, running: int) -> None:
-        super().__init__(message)
-        self.cancelled = cancelled
-        self.running = running
 
 
 def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
@@ -84,6 +74,13 @@ def _compiler() -> Any:
     from . import compiler
 
     return compiler
+
+
+def _native_of(func: Any) -> Any:
+    """compiler.native_of(func) without importing the compiler: only it attaches native tasks,
+    so a map of plain functions in a process that never compiles does not load it."""
+    compiler = sys.modules.get(f"{__package__}.compiler")
+    return compiler.native_of(func) if compiler is not None else None
 
 
 def _in_pool_child() -> bool:
@@ -612,14 +609,15 @@ class BackgroundTasks(_engine.Engine):
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
                 raise ValueError(f"chunk_size: must be an integer >= 1 or None, got {chunk_size!r}")
             chunk_size = int(chunk_size)
-        compiler = _compiler()
-        with compiler.MapInput(iterable_of_args, more_iterables) as inp:
-            compiler.check_out(out, len(inp), return_exceptions)
+        from . import mapping
+
+        with mapping.MapInput(iterable_of_args, more_iterables) as inp:
+            mapping.check_out(out, len(inp), return_exceptions)
             cfg = getattr(func, CONFIG_ATTR, None)
-            native = compiler.native_of(func)
+            native = _native_of(func)
             plain = cfg is not None and not cfg.max_retries and not cfg.timeout_ms and not any(cfg._hooks)
             if native is not None and plain and getattr(cfg, "_native", None) is native:
-                res = compiler.map_native(self, native, inp, chunk_size, int(cfg.priority), return_exceptions, out=out)
+                res = mapping.map_native(self, native, inp, chunk_size, int(cfg.priority), return_exceptions, out=out)
                 if res is not None:
                     return res
             if native is not None and native.require:  # never as Python: CompileError says why
@@ -632,8 +630,8 @@ class BackgroundTasks(_engine.Engine):
             else:
                 def submit(part: Any, handles: list[Any]) -> None:
                     handles.extend(self._submit_batch(func, part, None))
-            results = compiler.map_python(submit, items, func, return_exceptions)
-        return results if out is None else compiler.python_out(results, out)
+            results = mapping.map_python(submit, items, func, return_exceptions)
+        return results if out is None else mapping.python_out(results, out)
 
     def _live_workers(self) -> int:
         """Worker threads running now."""

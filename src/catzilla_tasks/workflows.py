@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 from . import _engine
 from ._engine import QueueFull, TaskCancelled
+from .errors import WorkflowError
 from .engine import BackgroundTasks, _live
 from .results import TaskFuture, TaskResult
 
@@ -37,22 +38,6 @@ __all__ = [
     "results_of",
     "workflow",
 ]
-
-
-class WorkflowError(Exception):
-    """A step of a workflow failed, so the workflow did.
-
-    ``step`` is the failing step's id, ``workflow`` the workflow's name, ``__cause__`` the
-    step's own exception (TaskCancelled if someone cancelled the step, RuntimeError if the
-    engine shut down before the step could be queued), and ``results`` the values of the steps
-    that had succeeded when it failed, by step id.
-    """
-
-    def __init__(self, message: str, *, workflow: str, step: str, results: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.workflow = workflow
-        self.step = step
-        self.results = results
 
 
 # -- references to results ------------------------------------------------------------------

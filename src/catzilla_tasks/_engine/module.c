@@ -3442,10 +3442,13 @@ PyMODINIT_FUNC PyInit__engine(void) {
     Py_XDECREF(sysmod);
     if (!g_charges || !g_getsizeof) goto fail;
     g_config_attr = PyUnicode_InternFromString("__catzilla_task__");
-    QueueFullError = PyErr_NewExceptionWithDoc(
-        "catzilla_tasks.QueueFull", "The engine already holds queue_size queued tasks.", NULL, NULL);
-    TaskCancelledError = PyErr_NewExceptionWithDoc("catzilla_tasks.TaskCancelled",
-                                                   "The task was cancelled before it ran.", NULL, NULL);
+    /* The exception classes are defined once, in catzilla_tasks/errors.py (a leaf module, so
+       importing it here, while the package itself is still importing, cannot cycle). */
+    PyObject *errors = PyImport_ImportModule("catzilla_tasks.errors");
+    if (!errors) goto fail;
+    QueueFullError = PyObject_GetAttrString(errors, "QueueFull");
+    TaskCancelledError = PyObject_GetAttrString(errors, "TaskCancelled");
+    Py_DECREF(errors);
     if (!g_registry || !g_history || !g_config_attr || !QueueFullError || !TaskCancelledError) goto fail;
     Py_INCREF(&Engine_Type);
     Py_INCREF(&Result_Type);

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import builtins
 import contextlib
 import itertools
 import numbers
@@ -32,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
+from ..errors import RemoteTaskError, WorkflowError, decode_error
 from . import scripts
 from .serialization import DecodeError, Serializer
 
@@ -85,17 +85,6 @@ def _driver_info() -> Any:
 def _require_redis() -> None:
     if _redis is None:
         raise ImportError("distributed mode needs the redis client: pip install 'catzilla-tasks[redis]'")
-
-
-class RemoteTaskError(Exception):
-    """A task run by a remote worker raised an exception that cannot be rebuilt here (not a
-    built-in exception type). ``type_name`` names its class, ``remote_traceback`` is its
-    traceback as text."""
-
-    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.remote_traceback = remote_traceback
 
 
 def task_name(func: Any) -> str:
@@ -153,70 +142,6 @@ def _plain(field: str, value: Any) -> Any:
         f"options(): {field}={value!r} cannot travel to a remote worker; set it in the task's decorator "
         "(the worker imports the same module) instead of per call"
     )
-
-
-def encode_error(exc: BaseException) -> list[str]:
-    """[type name, message, traceback] of an exception, as plain strings. Never raises: an
-    exception whose ``__str__`` (or traceback formatting) raises is described by its type
-    name and ``repr`` instead."""
-    import traceback
-
-    kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    try:
-        message = str(exc)
-        if not isinstance(message, str):
-            raise TypeError("__str__ returned a non-string")
-    except Exception as bad:
-        try:
-            shown = repr(exc)
-        except Exception:
-            shown = f"<{kind.__qualname__} object>"
-        message = f"{shown} (its str() raised {type(bad).__name__})"
-    try:
-        tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
-    except Exception:
-        tb = ""
-    return [name, message, tb]
-
-
-def decode_error(err: Any) -> BaseException:
-    """Rebuild a remote task's exception: built-in types and ours come back as themselves."""
-    try:
-        name, message, tb = (list(err) + ["", "", ""])[:3]
-    except TypeError:
-        name, message, tb = "Exception", repr(err), ""
-    name = str(name)
-    if name == "catzilla_tasks.workflows.WorkflowError":
-        from ..workflows import WorkflowError
-
-        extra = err[3] if isinstance(err, (list, tuple)) and len(err) > 3 and isinstance(err[3], dict) else {}
-        wf_err = WorkflowError(str(message), workflow=str(extra.get("workflow", "")), step=str(extra.get("step", "")),
-                               results={})
-        if extra.get("cause") is not None:
-            wf_err.__cause__ = decode_error(extra["cause"])
-        wf_err.remote_traceback = tb  # type: ignore[attr-defined]
-        return wf_err
-    kind: Any = None
-    if "." not in name:
-        kind = getattr(builtins, name, None)
-    elif name == "catzilla_tasks.TaskCancelled":
-        from .. import _engine
-
-        kind = _engine.TaskCancelled
-    elif name.startswith("catzilla_tasks."):
-        from .. import errors
-
-        kind = getattr(errors, name.rsplit(".", 1)[1], None)
-    if isinstance(kind, type) and issubclass(kind, Exception):
-        try:
-            exc = kind(message)
-        except Exception:
-            exc = None
-        if exc is not None:
-            exc.remote_traceback = tb  # type: ignore[attr-defined]
-            return exc
-    return RemoteTaskError(f"{name}: {message}", type_name=name, remote_traceback=tb)
 
 
 class RedisBroker:
@@ -690,10 +615,6 @@ def _dead_priority(field: bytes | None) -> int:
     return int(field) if field in (b"0", b"1", b"2", b"3") else int(TaskPriority.NORMAL)
 
 
-def _is_workflow_error(exc: BaseException) -> bool:
-    return type(exc).__name__ == "WorkflowError" and type(exc).__module__ == "catzilla_tasks.workflows"
-
-
 def _parse_result(broker: RedisBroker, raw: bytes) -> tuple[TaskStatus, Any]:
     rec = broker.serializer.loads(raw)
     code = rec[0]
@@ -748,7 +669,7 @@ class RemoteResult:
         if status is TaskStatus.SUCCEEDED:
             return value
         exc = decode_error(value)
-        if _is_workflow_error(exc):
+        if isinstance(exc, WorkflowError):
             if run is None:
                 run = self._broker.redis.hgetall(self._broker.workflow_key(self.task_id))
             exc.results = self._broker._step_values(run)  # type: ignore[attr-defined]
@@ -794,7 +715,7 @@ class RemoteResult:
                 except (_redis.ConnectionError, _redis.TimeoutError):
                     await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
-        if self._final[0] is not TaskStatus.SUCCEEDED and _is_workflow_error(decode_error(self._final[1])):
+        if self._final[0] is not TaskStatus.SUCCEEDED and isinstance(decode_error(self._final[1]), WorkflowError):
             run = await self._broker._aclient().hgetall(self._broker.workflow_key(self.task_id))
         return self._outcome(run)
 

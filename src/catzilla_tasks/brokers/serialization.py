@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import DecodeError
+
 __all__ = ["Serializer", "DecodeError", "SERIALIZERS"]
 
 SERIALIZERS = ("msgpack", "json", "pickle")
-
-
-class DecodeError(ValueError):
-    """A payload that cannot be decoded (garbage, an unknown format, or pickle not allowed)."""
 
 
 def _msgpack() -> Any:

@@ -32,8 +32,9 @@ from typing import Any
 
 from .. import _engine
 from ..config import TaskConfig, TaskStatus
+from ..errors import WorkflowError, encode_error, wire_name
 from . import scripts
-from .redis import _STATUS_CODES, CONFIG_ATTR, GROUP, RedisBroker, encode_error
+from .redis import _STATUS_CODES, CONFIG_ATTR, GROUP, RedisBroker
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
@@ -1089,7 +1090,7 @@ class Worker:
         run_id, _, step, name = (str(x) for x in wf)
         message = f"workflow {name!r}: step {step!r} failed: {cause[0]}: {cause[1]}"
         ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j") else b.serializer
-        rec = ser.dumps([1, ["catzilla_tasks.workflows.WorkflowError", message, cause[2] if len(cause) > 2 else "",
+        rec = ser.dumps([1, [wire_name(WorkflowError), message, cause[2] if len(cause) > 2 else "",
                              {"workflow": name, "step": step, "cause": cause}]])
         self._wf_failed(keys=[b.workflow_key(run_id), b.result_key(run_id)], args=[rec, ttl_ms], client=pipe)
 
