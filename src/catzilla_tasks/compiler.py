@@ -75,9 +75,14 @@ MAX_ARGS = 8
 
 
 def _template_version() -> str:
-    # the generated code calls _checked.py's operations: a change there is a new cache entry
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checked.py"), "rb") as f:
-        return "2-" + hashlib.sha256(f.read()).hexdigest()[:16]
+    # the generated code calls _checked.py's operations, and a cache hit skips the checks of
+    # numba's typing that this module makes (_maybe_unbound, _mixed_kinds): a change in either
+    # file is a new cache entry
+    h = hashlib.sha256()
+    for name in ("_checked.py", "compiler.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            h.update(f.read())
+    return "3-" + h.hexdigest()[:16]
 
 
 _TEMPLATE_VERSION = _template_version()
@@ -997,7 +1002,8 @@ class TaskCompiler:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
             cres = dispatcher.overloads[argtypes]
             inner = getattr(checked, "_ct_inner", None)
-            why = next(filter(None, map(_mixed_kinds, [cres, *(inner.overloads.values() if inner else ())])), None)
+            why = next(filter(None, (check(c) for c in [cres, *(inner.overloads.values() if inner else ())]
+                                     for check in (_maybe_unbound, _mixed_kinds))), None)
             if why:
                 raise _Cannot(f"for ({_names(codes)}) {why}")
             rt = cres.signature.return_type
@@ -1043,6 +1049,22 @@ def _kinds(t: Any) -> Any:
         return "f"
     if isinstance(t, nt.BaseTuple):
         return tuple(_kinds(x) for x in t)
+    return None
+
+
+def _maybe_unbound(cres: Any) -> str | None:
+    """Where a variable may be read before it is assigned (``return i`` after an empty loop, a
+    variable set in one branch of an if): Python raises UnboundLocalError there, while numba's
+    SSA form starts such a variable as a null value (0) and reads that. numba marks them with
+    a ``null()`` definition. None when there is none."""
+    from numba.core import ir
+
+    for block in cres.type_annotation.blocks.values():
+        for st in block.body:
+            if isinstance(st, ir.Assign) and isinstance(st.value, ir.Expr) and st.value.op == "null":
+                name = st.target.name.split(".")[0]
+                return (f"the variable {name!r} may be read before it is assigned (line {st.loc.line}): Python "
+                        "raises UnboundLocalError there, numba would read 0 (assign it on every path first)")
     return None
 
 

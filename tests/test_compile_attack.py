@@ -1,0 +1,86 @@
+"""Attacks on compiled tasks (issue 16, items 1, 4, 5): inputs and constructs for which a
+compiled task could return something the Python function does not.
+
+Each function is defined at module level (its source is what gets compiled) and compiled once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from catzilla_tasks import task
+from catzilla_tasks import compiler
+
+numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
+
+pytestmark = pytest.mark.usefixtures("compile_cache_dir")
+
+
+def outcome(f, args):
+    try:
+        return f(*args)
+    except Exception as exc:
+        return exc
+
+
+def run_task(engine, f, args):
+    r = engine.add_task(f, *args)
+    try:
+        got = r.wait(60)
+    except Exception as exc:
+        got = exc
+    return got, r.get_stats()
+
+
+def same(a, b):
+    if isinstance(a, BaseException) or isinstance(b, BaseException):
+        return type(a) is type(b)
+    return type(a) is type(b) and a == b
+
+
+# ---- a variable read before it is assigned: Python raises UnboundLocalError --------------------
+
+@task
+def unbound_after_if(a: int) -> int:
+    if a > 0:
+        y = a * 2
+    return y  # noqa: F821 - unbound when a <= 0, on purpose
+
+
+@task
+def unbound_loop_var(n: int) -> int:
+    for i in range(n):
+        pass
+    return i  # noqa: F821 - unbound when the range is empty, on purpose
+
+
+@task
+def bound_on_every_path(a: int) -> int:
+    if a > 0:
+        y = a * 2
+    else:
+        y = -a
+    for i in range(3):
+        y += i
+    return y
+
+
+@pytest.mark.parametrize("func, args", [(unbound_after_if, (-1,)), (unbound_loop_var, (0,))],
+                         ids=lambda v: getattr(v, "__name__", None))
+def test_a_variable_maybe_unbound_is_not_compiled(compile_engine, func, args):
+    """numba reads an unassigned variable as 0 (its SSA form starts it as null): the task
+    returned 0 natively where Python raises UnboundLocalError."""
+    assert isinstance(outcome(func, args), UnboundLocalError)
+    why = compiler.explain(func)
+    assert why is not None and "before it is assigned" in why, why
+    assert compiler.precompile(func) is not None
+    got, stats = run_task(compile_engine, func, args)
+    assert isinstance(got, UnboundLocalError), got
+    assert not stats["native"]
+
+
+def test_a_variable_assigned_on_every_path_still_compiles(compile_engine):
+    assert compiler.explain(bound_on_every_path) is None
+    assert compiler.precompile(bound_on_every_path) is None
+    got, stats = run_task(compile_engine, bound_on_every_path, (-4,))
+    assert got == 7 and stats["native"]
