@@ -6,6 +6,8 @@ Each function is defined at module level (its source is what gets compiled) and 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from catzilla_tasks import task
@@ -84,3 +86,51 @@ def test_a_variable_assigned_on_every_path_still_compiles(compile_engine):
     assert compiler.precompile(bound_on_every_path) is None
     got, stats = run_task(compile_engine, bound_on_every_path, (-4,))
     assert got == 7 and stats["native"]
+
+
+# ---- a global the task reads is rebound after it was compiled ----------------------------------
+
+@numba.njit
+def att_helper(x):
+    return x + 1
+
+
+@task
+def uses_att_helper(a: int) -> int:
+    return att_helper(a) * 2
+
+
+@task
+def uses_abs(a: int) -> int:
+    return abs(a) + 1
+
+
+def test_a_helper_rebound_after_compiling_is_followed(compile_engine, monkeypatch):
+    """The native version called the helper it was compiled with: after the module rebound
+    the name (a deploy's reload, a test's monkeypatch), Python called the new helper and the
+    task still returned the old one's answer (4 instead of 202)."""
+    assert compiler.precompile(uses_att_helper) is None
+    got, stats = run_task(compile_engine, uses_att_helper, (1,))
+    assert got == 4 and stats["native"]
+    monkeypatch.setattr(sys.modules[__name__], "att_helper", numba.njit(lambda x: x + 100))
+    assert uses_att_helper(1) == 202
+    got, _ = run_task(compile_engine, uses_att_helper, (1,))
+    assert got == 202
+    assert compiler.precompile(uses_att_helper) is None  # compiled again, for the new helper
+    got, stats = run_task(compile_engine, uses_att_helper, (1,))
+    assert got == 202 and stats["native"]
+
+
+def test_a_builtin_shadowed_after_compiling_is_followed(compile_engine, monkeypatch):
+    """abs() was compiled as the builtin; a module global named abs defined later (a numba
+    function, which a task may call) is what Python then calls."""
+    assert compiler.precompile(uses_abs) is None
+    got, stats = run_task(compile_engine, uses_abs, (-3,))
+    assert got == 4 and stats["native"]
+    monkeypatch.setattr(sys.modules[__name__], "abs", numba.njit(lambda x: 40), raising=False)
+    assert uses_abs(-3) == 41
+    got, _ = run_task(compile_engine, uses_abs, (-3,))
+    assert got == 41
+    assert compiler.precompile(uses_abs) is None
+    got, stats = run_task(compile_engine, uses_abs, (-3,))
+    assert got == 41 and stats["native"]

@@ -1297,11 +1297,19 @@ class NativeTask:
         self._lock = threading.Lock()  # held while compiling
         self._pending: set[tuple[type, ...]] = set()  # queued for the background compile thread
         self.ran_while_compiling = False
+        # The global names the function loads (helpers, math, builtins it calls, itself) and,
+        # per compiled signature, what they were bound to when it was compiled: the native
+        # code keeps what it was compiled with, the Python function follows a rebinding.
+        self._gnames = tuple(sorted(_global_names(func.__code__))) if self.reason is None else ()
+        self._bound: dict[tuple[type, ...], tuple] = {}
 
     def spec_for(self, key: tuple[type, ...], wait: bool = True) -> _Spec | None:
         """The native version for these argument types, or None (the call runs as Python).
         wait=False: never compile here; queue the compile in the background instead."""
         spec = self._specs.get(key, False)
+        if spec and self._gnames and self._rebound(key):
+            self._forget(key)
+            spec = False
         if spec is not False:
             if spec is None and self.require:
                 self._refuse(self.fallbacks.get(key, "it cannot be compiled for these arguments"))
@@ -1317,6 +1325,27 @@ class NativeTask:
         self.ran_while_compiling = True
         return None
 
+    def _globals_now(self) -> tuple:
+        g = self.func.__globals__
+        # its own name is not bound yet while @task runs (a recursive task compiled then)
+        own = self.func.__code__.co_name
+        return tuple(g.get(n, self.func if n == own else _ABSENT) for n in self._gnames)
+
+    def _rebound(self, key: tuple[type, ...]) -> bool:
+        bound = self._bound.get(key)
+        return bound is None or any(a is not b for a, b in zip(bound, self._globals_now()))
+
+    def _forget(self, key: tuple[type, ...]) -> None:
+        # a global it reads was rebound since this version was compiled (a helper replaced, a
+        # builtin shadowed): compile again from the current globals (the rewrite depends on
+        # them; the compiler's cache key covers them). No lock: the caller must not wait for
+        # a compile in progress; a version compiled meanwhile from old globals is caught here
+        # again at its first call.
+        _REWRITTEN.pop(self.func, None)
+        self._specs.pop(key, None)
+        self._pending.discard(key)
+        self.fallbacks.pop(key, None)
+
     def _type_reason(self, key: tuple[type, ...]) -> str | None:
         try:
             codes = "".join(_CODES[t] for t in key)
@@ -1330,10 +1359,12 @@ class NativeTask:
         with self._lock:
             if key in self._specs:
                 return self.spec_for(key)
+            bound = self._globals_now()  # before compiling: a rebinding meanwhile is seen at the next call
             try:
                 spec = self.compiler.compile(self.func, "".join(_CODES[t] for t in key))
             except _Cannot as exc:
                 return self._cannot(key, str(exc))
+            self._bound[key] = bound
             self._specs[key] = spec
             return spec
 
@@ -1398,6 +1429,8 @@ class NativeTask:
         state = "compiles" if self.reason is None else f"runs as Python: {self.reason}"
         return f"<NativeTask {self.func.__qualname__} {state}>"
 
+
+_ABSENT = object()  # a global name not bound in the module (a builtin, or not defined yet)
 
 _NATIVE: "weakref.WeakKeyDictionary[Callable[..., Any], NativeTask]" = weakref.WeakKeyDictionary()
 
