@@ -1307,9 +1307,14 @@ class NativeTask:
         """The native version for these argument types, or None (the call runs as Python).
         wait=False: never compile here; queue the compile in the background instead."""
         spec = self._specs.get(key, False)
-        if spec and self._gnames and self._rebound(key):
-            self._forget(key)
-            spec = False
+        if spec and self._gnames:
+            # a global it loads rebound since compiling? (inline: on every call of such a task)
+            get = self.func.__globals__.get
+            for name, value in self._bound.get(key, ((None, None),)):
+                if get(name, _ABSENT) is not value:
+                    self._forget(key)
+                    spec = False
+                    break
         if spec is not False:
             if spec is None and self.require:
                 self._refuse(self.fallbacks.get(key, "it cannot be compiled for these arguments"))
@@ -1326,14 +1331,11 @@ class NativeTask:
         return None
 
     def _globals_now(self) -> tuple:
+        """(name, value) of each global name the function loads, as now."""
         g = self.func.__globals__
         # its own name is not bound yet while @task runs (a recursive task compiled then)
         own = self.func.__code__.co_name
-        return tuple(g.get(n, self.func if n == own else _ABSENT) for n in self._gnames)
-
-    def _rebound(self, key: tuple[type, ...]) -> bool:
-        bound = self._bound.get(key)
-        return bound is None or any(a is not b for a, b in zip(bound, self._globals_now()))
+        return tuple((n, g.get(n, self.func if n == own else _ABSENT)) for n in self._gnames)
 
     def _forget(self, key: tuple[type, ...]) -> None:
         # a global it reads was rebound since this version was compiled (a helper replaced, a
