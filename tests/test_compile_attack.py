@@ -134,3 +134,27 @@ def test_a_builtin_shadowed_after_compiling_is_followed(compile_engine, monkeypa
     assert compiler.precompile(uses_abs) is None
     got, stats = run_task(compile_engine, uses_abs, (-3,))
     assert got == 41 and stats["native"]
+
+
+# ---- tasks.map(out="array"): a result Python gives of another type ------------------------------
+
+@task
+def int_pow(a: int, b: int):
+    return a ** b
+
+
+def int_pow_python(a, b):
+    return a ** b
+
+
+def test_map_out_array_takes_the_type_python_gives(compile_engine):
+    """out='array' sized for the compiled result (int64): an item whose Python result is a
+    float (2 ** -1, run as Python) made map raise memoryview's TypeError, where the same map of
+    the Python function returns array('d', [8.0, 0.5])."""
+    items = [(2, 3), (2, -1)]
+    want = compile_engine.map(int_pow_python, items, out="array")
+    assert compiler.precompile(int_pow, (int, int)) is None
+    got = compile_engine.map(int_pow, items, out="array")
+    assert got.typecode == want.typecode == "d" and list(got) == list(want) == [8.0, 0.5]
+    # results that fit stay in the compiled result's array
+    assert compile_engine.map(int_pow, [(2, 3), (3, 2)], out="array").typecode == "q"
