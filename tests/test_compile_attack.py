@@ -158,3 +158,23 @@ def test_map_out_array_takes_the_type_python_gives(compile_engine):
     assert got.typecode == want.typecode == "d" and list(got) == list(want) == [8.0, 0.5]
     # results that fit stay in the compiled result's array
     assert compile_engine.map(int_pow, [(2, 3), (3, 2)], out="array").typecode == "q"
+
+
+# ---- a source file edited after import ---------------------------------------------------------
+
+@pytest.mark.parametrize("old, new", [("1", "1.0"), ("1", "True"), ("0.0", "-0.0")])
+def test_an_edit_to_a_constant_of_another_type_is_seen(tmp_path, monkeypatch, old, new):
+    """The check that the source is the code that runs compared the constants with ==, and
+    1 == 1.0 == True, 0.0 == -0.0: a file edited from `a + 1` to `a + 1.0` after import was
+    compiled from the new text (returning 3.0 where the running function returns 3)."""
+    import importlib
+    import linecache
+
+    name = f"edited_const_{abs(hash((old, new)))}"
+    mod = tmp_path / f"{name}.py"
+    mod.write_text(f"def f(a: int):\n    return a + {old}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module(name)
+    mod.write_text(f"def f(a: int):\n    return a + {new}\n")
+    linecache.checkcache(str(mod))
+    assert "source file differs" in (compiler.explain(m.f) or "")

@@ -454,10 +454,15 @@ def _function_code(fdef: ast.FunctionDef, code: types.CodeType, globals_of: dict
         if isinstance(c, types.CodeType):
             if (c.co_code, c.co_names, c.co_varnames, c.co_argcount) == \
                     (code.co_code, code.co_names, code.co_varnames, code.co_argcount) and \
-                    [k for k in c.co_consts if not isinstance(k, types.CodeType)] == \
-                    [k for k in code.co_consts if not isinstance(k, types.CodeType)]:
+                    _const_keys(c) == _const_keys(code):
                 return c
     return None
+
+
+def _const_keys(code: types.CodeType) -> list:
+    # by type and repr, not ==: 1 == 1.0 == True and 0.0 == -0.0, but an edit between them
+    # changes what the function computes
+    return [(type(k), repr(k)) for k in code.co_consts if not isinstance(k, types.CodeType)]
 
 
 def _checked_function(func: types.FunctionType) -> types.FunctionType:
