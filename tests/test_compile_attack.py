@@ -178,3 +178,41 @@ def test_an_edit_to_a_constant_of_another_type_is_seen(tmp_path, monkeypatch, ol
     mod.write_text(f"def f(a: int):\n    return a + {new}\n")
     linecache.checkcache(str(mod))
     assert "source file differs" in (compiler.explain(m.f) or "")
+
+
+# ---- compile_to_c="require" on a recursive task ---------------------------------------------------
+
+REQUIRED_RECURSIVE = '''
+from catzilla_tasks import task
+
+
+@task(compile_to_c="require")
+def fact(n: int) -> int:
+    if n <= 1:
+        return 1
+    return n * fact(n - 1)
+
+
+class Holder:
+    @task
+    def method_like(n: int) -> int:  # its name is not a global: Python raises NameError
+        return 1 if n <= 1 else method_like(n - 1)  # noqa: F821
+'''
+
+
+def test_require_compiles_a_recursive_task_at_decoration(compile_engine, tmp_path, monkeypatch):
+    """@task(compile_to_c="require") compiles an annotated task while the decorator runs,
+    before the module binds its name: a recursive one raised CompileError ("its module has
+    not defined" it) at import, though it compiles."""
+    import importlib
+
+    (tmp_path / "required_recursive_mod.py").write_text(REQUIRED_RECURSIVE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module("required_recursive_mod")
+    got, stats = run_task(compile_engine, m.fact, (10,))
+    assert got == 3628800 and stats["native"]
+    got, stats = run_task(compile_engine, m.fact, (25,))  # beyond int64: run as Python
+    assert got == 15511210043330985984000000
+    # a function whose name is not a module global still runs as Python (NameError)
+    assert compiler.explain(m.Holder.method_like) is not None
+    assert isinstance(run_task(compile_engine, m.Holder.method_like, (3,))[0], NameError)

@@ -474,9 +474,12 @@ def _checked_function(func: types.FunctionType) -> types.FunctionType:
     for name in func.__code__.co_names:
         if name in func.__globals__:
             ns[name] = func.__globals__[name]
-        elif name == func.__code__.co_name:
-            raise _Cannot(f"it calls {name}, which its module has not defined (a recursive function defined "
-                          "inside another is not compiled)")
+        # (a module-level function's own name is bound only once @task has returned, and
+        # compile_to_c="require" compiles it before: the rewrite calls itself natively, and
+        # NativeTask sees a later rebinding of the name)
+        elif name == func.__code__.co_name and func.__qualname__ != func.__name__:
+            raise _Cannot(f"it calls {name}, which is not a global of its module (a recursive function defined "
+                          "inside another function or a class is not compiled)")
     own = ns.get(func.__code__.co_name)
     if own is not None and func.__code__.co_name in func.__code__.co_names and own is not func \
             and not _is_numba_dispatcher(own):
