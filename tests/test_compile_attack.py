@@ -136,6 +136,26 @@ def test_a_builtin_shadowed_after_compiling_is_followed(compile_engine, monkeypa
     assert got == 41 and stats["native"]
 
 
+@task
+def uses_round(x: float) -> int:
+    return round(x) * 2
+
+
+def test_explain_after_a_rebinding_compiles_the_current_globals(compile_engine, monkeypatch):
+    """explain() compiled from the rewrite cached before the rebinding (round() as the
+    builtin), and the task's next compile found that version in the compiler's cache."""
+    assert compiler.precompile(uses_round) is None
+    assert run_task(compile_engine, uses_round, (2.5,))[0] == 4
+    monkeypatch.setattr(sys.modules[__name__], "round", numba.njit(lambda x: 7), raising=False)
+    assert uses_round(2.5) == 14
+    assert compiler.explain(uses_round) is None
+    got, stats = run_task(compile_engine, uses_round, (2.5,))
+    assert got == 14, stats
+    assert compiler.precompile(uses_round) is None
+    got, stats = run_task(compile_engine, uses_round, (2.5,))
+    assert got == 14 and stats["native"]
+
+
 # ---- tasks.map(out="array"): a result Python gives of another type ------------------------------
 
 @task

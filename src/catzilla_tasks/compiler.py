@@ -366,18 +366,31 @@ class _Rewriter(ast.NodeTransformer):
         return self.call(node, f.id, args)
 
 
-_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None]]" = weakref.WeakKeyDictionary()
+_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None, tuple]]" = \
+    weakref.WeakKeyDictionary()
+_ABSENT = object()  # a global name not bound in the module (a builtin, or not defined yet)
+
+
+def _globals_of(func: types.FunctionType, names: Sequence[str]) -> tuple:
+    """What each of these global names of func is bound to now; its own name counts as bound
+    to func while @task runs (the module binds it once the decorator returns)."""
+    g, own = func.__globals__, func.__code__.co_name
+    return tuple(g.get(n, func if n == own else _ABSENT) for n in names)
 
 
 def _rewrite(func: types.FunctionType) -> Any:
-    """The code object of func's body rewritten to checked operations (cached per function);
-    _Cannot with the reason when its source is unavailable or uses what cannot be checked."""
+    """The code object of func's body rewritten to checked operations (cached per function,
+    while the globals it loads are bound as they were: the rewrite tells a builtin from a
+    module global of that name and math from another module); _Cannot with the reason when
+    its source is unavailable or uses what cannot be checked."""
+    names = sorted(_global_names(func.__code__))
+    bound = _globals_of(func, names)
     hit = _REWRITTEN.get(func)
-    if hit is None:
+    if hit is None or any(a is not b for a, b in zip(hit[2], bound)):
         try:
-            hit = (_rewrite_source(func), None)
+            hit = (_rewrite_source(func), None, bound)
         except _Cannot as exc:
-            hit = (None, str(exc))
+            hit = (None, str(exc), bound)
         _REWRITTEN[func] = hit
     if hit[1] is not None:
         raise _Cannot(hit[1])
@@ -1340,18 +1353,14 @@ class NativeTask:
 
     def _globals_now(self) -> tuple:
         """(name, value) of each global name the function loads, as now."""
-        g = self.func.__globals__
-        # its own name is not bound yet while @task runs (a recursive task compiled then)
-        own = self.func.__code__.co_name
-        return tuple((n, g.get(n, self.func if n == own else _ABSENT)) for n in self._gnames)
+        return tuple(zip(self._gnames, _globals_of(self.func, self._gnames)))
 
     def _forget(self, key: tuple[type, ...]) -> None:
         # a global it reads was rebound since this version was compiled (a helper replaced, a
-        # builtin shadowed): compile again from the current globals (the rewrite depends on
-        # them; the compiler's cache key covers them). No lock: the caller must not wait for
-        # a compile in progress; a version compiled meanwhile from old globals is caught here
-        # again at its first call.
-        _REWRITTEN.pop(self.func, None)
+        # builtin shadowed): compile again from the current globals (the compiler's cache key
+        # and _rewrite's cache follow them). No lock: the caller must not wait for a compile in
+        # progress; a version compiled meanwhile from old globals is caught here again at its
+        # first call.
         self._specs.pop(key, None)
         self._pending.discard(key)
         self.fallbacks.pop(key, None)
@@ -1439,8 +1448,6 @@ class NativeTask:
         state = "compiles" if self.reason is None else f"runs as Python: {self.reason}"
         return f"<NativeTask {self.func.__qualname__} {state}>"
 
-
-_ABSENT = object()  # a global name not bound in the module (a builtin, or not defined yet)
 
 _NATIVE: "weakref.WeakKeyDictionary[Callable[..., Any], NativeTask]" = weakref.WeakKeyDictionary()
 
