@@ -6,6 +6,7 @@ Each function is defined at module level (its source is what gets compiled) and 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -236,3 +237,93 @@ def test_require_compiles_a_recursive_task_at_decoration(compile_engine, tmp_pat
     # a function whose name is not a module global still runs as Python (NameError)
     assert compiler.explain(m.Holder.method_like) is not None
     assert isinstance(run_task(compile_engine, m.Holder.method_like, (3,))[0], NameError)
+
+
+# ---- the hostile list: edge inputs through add_task, each compared with Python ----------------
+
+@task
+def h_bool_arith(p: bool, q: bool):
+    return (p + q) * 10 + (-p) + (p / 2) + (p // 1) - (q % 2) + (p ** q) + (~q)
+
+
+@task
+def h_chain(a: int, x: float, b: int) -> bool:
+    return a < x <= b != a == a
+
+
+@task
+def h_float_signs(x: float, y: float) -> float:
+    return (x % y) * 1000.0 + (x // y) + abs(x) - math.copysign(math.fabs(y), x)
+
+
+@task
+def h_int_signs(a: int, b: int) -> int:
+    q, r = divmod(a, b)
+    a //= b
+    return q * 1000 + r + a
+
+
+@task
+def h_round(x: float) -> int:
+    return round(x) * 10 + int(x) + math.floor(x) - math.ceil(x)
+
+
+@task
+def h_atan2(y: float, x: float) -> float:
+    return math.atan2(y, x) + math.pow(x, y)
+
+
+@task
+def h_float_counter(x: float) -> int:
+    t = 0.0
+    n = 0
+    while t < x and n < 100:
+        t += 0.1
+        n += 1
+    return n
+
+
+@task
+def h_early_exit(n: int) -> int:
+    for i in range(n):
+        if i * i >= n:
+            return i
+    return -1
+
+
+@task
+def h_not_ternary(a: int, x: float) -> float:
+    return (-x if not a else x * 2.0) if x != x or a else x / 3.0
+
+
+I64 = 2**63 - 1
+HOSTILE = [
+    (h_bool_arith, [(True, True), (True, False), (False, True), (False, False)]),
+    (h_chain, [(1, 1.5, 2), (2**53 + 1, 2.0**53, 2**53 + 1), (I64, 2.0**63, I64), (0, -0.0, 0), (1, math.nan, 2)]),
+    (h_float_signs, [(-7.5, 2.0), (7.5, -2.0), (-0.0, 1.0), (0.0, -1.0), (-1e-300, 1.0), (5.0, math.inf),
+                     (1.0, 0.0), (math.nan, 1.0), (-0.0, -0.0)]),
+    (h_int_signs, [(-7, 2), (7, -2), (-7, -2), (0, -3), (-(2**63), -1), (5, 0), (I64, 1), (-(2**63), 3)]),
+    (h_round, [(2.5,), (-0.5,), (0.5,), (-2.5,), (1.5,), (-0.0,), (0.49999999999999994,), (4503599627370497.0,),
+               (math.inf,), (math.nan,), (2.0**63,), (-(2.0**63),), (1e300,)]),
+    (h_atan2, [(0.0, 0.0), (-0.0, 0.0), (0.0, -0.0), (-0.0, -0.0), (1.0, -math.inf), (math.nan, 1.0), (-1.0, -8.0)]),
+    (h_float_counter, [(0.0,), (0.3,), (1.0,), (math.inf,), (math.nan,), (-1.0,)]),
+    (h_early_exit, [(0,), (1,), (10,), (-5,), (99,)]),
+    (h_not_ternary, [(0, 1.0), (1, 1.0), (0, math.nan), (0, -0.0), (2, math.inf), (0, 0.0)]),
+]
+
+
+@pytest.mark.parametrize("func, inputs", HOSTILE, ids=[f.__name__ for f, _ in HOSTILE])
+def test_hostile_inputs_give_pythons_answer(compile_engine, func, inputs):
+    assert compiler.precompile(func) is None, compiler.explain(func)
+    for args in inputs:
+        want = outcome(func, args)
+        got, stats = run_task(compile_engine, func, args)
+        assert same_value(got, want), (func.__name__, args, got, want)
+
+
+def same_value(a, b):
+    if isinstance(a, float) and isinstance(b, float) and (a != a or b != b):
+        return a != a and b != b
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return same(a, b)
