@@ -326,3 +326,40 @@ def same_value(a, b):
             return math.isnan(a) and math.isnan(b)
         return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
     return same(a, b)
+
+
+# ---- a bound method of a compiled task ------------------------------------------------------------
+
+class Scaler:
+    @task
+    def scaled(self, a):
+        return a * 2
+
+
+@task(compile_to_c="require")
+def _required_double(a: int) -> int:
+    return a * 2
+
+
+class RequiredHolder:
+    double = _required_double
+
+
+def test_a_bound_method_never_runs_the_functions_native_code(compile_engine):
+    """add_task(obj.method, 5, 6): the engine found the function's compiled version through
+    the method and ran it with the arguments as given (self=5, a=6 -> 12), where Python raises
+    TypeError (obj.method takes one argument)."""
+    assert compiler.precompile(Scaler.scaled, (int, int)) is None
+    obj = Scaler()
+    assert isinstance(outcome(obj.scaled, (5, 6)), TypeError)
+    got, stats = run_task(compile_engine, obj.scaled, (5, 6))
+    assert isinstance(got, TypeError), got
+    got, stats = run_task(compile_engine, obj.scaled, (21,))
+    assert got == 42 and not stats["native"]
+
+
+def test_require_refuses_a_bound_method(compile_engine):
+    """A method runs as Python (self is an object): "require" says so at every call."""
+    for _ in range(2):
+        with pytest.raises(compiler.CompileError, match="bound method"):
+            compile_engine.add_task(RequiredHolder().double)

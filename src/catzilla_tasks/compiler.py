@@ -1452,7 +1452,13 @@ class NativeTask:
 _NATIVE: "weakref.WeakKeyDictionary[Callable[..., Any], NativeTask]" = weakref.WeakKeyDictionary()
 
 
-def _prepare(native: NativeTask, args: tuple, kwargs: dict | None) -> tuple[bytearray, tuple] | None:
+def _prepare(native: NativeTask, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
+    if func is not native.func:
+        # a bound method of the task (the engine finds the function's config through it): its
+        # arguments lack self, which is an object; the native code never sees it
+        if native.require:
+            native._refuse(f"{func!r} is a bound method (self is an object): it runs as Python")
+        return None
     return native.prepare(args, kwargs)
 
 
