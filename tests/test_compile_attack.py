@@ -363,3 +363,5 @@ def test_require_refuses_a_bound_method(compile_engine):
     for _ in range(2):
         with pytest.raises(compiler.CompileError, match="bound method"):
             compile_engine.add_task(RequiredHolder().double)
+        with pytest.raises(compiler.CompileError, match="bound method"):
+            compile_engine.map(RequiredHolder().double, [(), ()])

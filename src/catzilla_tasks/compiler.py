@@ -1430,6 +1430,12 @@ class NativeTask:
             return None
         return block, pos
 
+    def refuse_method(self, method: Any) -> None:
+        """A bound method of the task is called (add_task, map): it runs as Python, since
+        self is an object; with compile_to_c="require", CompileError."""
+        if self.require:
+            self._refuse(f"{method!r} is a bound method (self is an object): it runs as Python")
+
     def refuse_batch(self, inp: "MapInput", plain: bool) -> None:
         """compile_to_c="require" and tasks.map could not run the batch natively: the
         CompileError that says why (a map never runs a required task as Python)."""
@@ -1456,8 +1462,7 @@ def _prepare(native: NativeTask, args: tuple, kwargs: dict | None, func: Any) ->
     if func is not native.func:
         # a bound method of the task (the engine finds the function's config through it): its
         # arguments lack self, which is an object; the native code never sees it
-        if native.require:
-            native._refuse(f"{func!r} is a bound method (self is an object): it runs as Python")
+        native.refuse_method(func)
         return None
     return native.prepare(args, kwargs)
 
