@@ -78,8 +78,9 @@ MAX_ARGS = 8
 
 
 def _template_version() -> str:
-    # the generated code calls _checked.py's operations, and this module decides how a function
-    # is rewritten and compiled: a change in either is a new cache entry
+    # the generated code calls _checked.py's operations, and a cache hit skips the checks of
+    # numba's typing that this module makes (_maybe_unbound, _mixed_kinds): a change in either
+    # file is a new cache entry
     h = hashlib.sha256()
     for name in ("_checked.py", "compiler.py"):
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
@@ -364,18 +365,31 @@ class _Rewriter(ast.NodeTransformer):
         return self.call(node, f.id, args)
 
 
-_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None]]" = weakref.WeakKeyDictionary()
+_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None, tuple]]" = \
+    weakref.WeakKeyDictionary()
+_ABSENT = object()  # a global name not bound in the module (a builtin, or not defined yet)
+
+
+def _globals_of(func: types.FunctionType, names: Sequence[str]) -> tuple:
+    """What each of these global names of func is bound to now; its own name counts as bound
+    to func while @task runs (the module binds it once the decorator returns)."""
+    g, own = func.__globals__, func.__code__.co_name
+    return tuple(g.get(n, func if n == own else _ABSENT) for n in names)
 
 
 def _rewrite(func: types.FunctionType) -> Any:
-    """The code object of func's body rewritten to checked operations (cached per function);
-    _Cannot with the reason when its source is unavailable or uses what cannot be checked."""
+    """The code object of func's body rewritten to checked operations (cached per function,
+    while the globals it loads are bound as they were: the rewrite tells a builtin from a
+    module global of that name and math from another module); _Cannot with the reason when
+    its source is unavailable or uses what cannot be checked."""
+    names = sorted(_global_names(func.__code__))
+    bound = _globals_of(func, names)
     hit = _REWRITTEN.get(func)
-    if hit is None:
+    if hit is None or any(a is not b for a, b in zip(hit[2], bound)):
         try:
-            hit = (_rewrite_source(func), None)
+            hit = (_rewrite_source(func), None, bound)
         except _Cannot as exc:
-            hit = (None, str(exc))
+            hit = (None, str(exc), bound)
         _REWRITTEN[func] = hit
     if hit[1] is not None:
         raise _Cannot(hit[1])
@@ -452,10 +466,15 @@ def _function_code(fdef: ast.FunctionDef, code: types.CodeType, globals_of: dict
         if isinstance(c, types.CodeType):
             if (c.co_code, c.co_names, c.co_varnames, c.co_argcount) == \
                     (code.co_code, code.co_names, code.co_varnames, code.co_argcount) and \
-                    [k for k in c.co_consts if not isinstance(k, types.CodeType)] == \
-                    [k for k in code.co_consts if not isinstance(k, types.CodeType)]:
+                    _const_keys(c) == _const_keys(code):
                 return c
     return None
+
+
+def _const_keys(code: types.CodeType) -> list:
+    # by type and repr, not ==: 1 == 1.0 == True and 0.0 == -0.0, but an edit between them
+    # changes what the function computes
+    return [(type(k), repr(k)) for k in code.co_consts if not isinstance(k, types.CodeType)]
 
 
 def _checked_function(func: types.FunctionType) -> types.FunctionType:
@@ -467,9 +486,12 @@ def _checked_function(func: types.FunctionType) -> types.FunctionType:
     for name in func.__code__.co_names:
         if name in func.__globals__:
             ns[name] = func.__globals__[name]
-        elif name == func.__code__.co_name:
-            raise _Cannot(f"it calls {name}, which its module has not defined (a recursive function defined "
-                          "inside another is not compiled)")
+        # (a module-level function's own name is bound only once @task has returned, and
+        # compile_to_c="require" compiles it before: the rewrite calls itself natively, and
+        # NativeTask sees a later rebinding of the name)
+        elif name == func.__code__.co_name and func.__qualname__ != func.__name__:
+            raise _Cannot(f"it calls {name}, which is not a global of its module (a recursive function defined "
+                          "inside another function or a class is not compiled)")
     own = ns.get(func.__code__.co_name)
     if own is not None and func.__code__.co_name in func.__code__.co_names and own is not func \
             and not _is_numba_dispatcher(own):
@@ -1007,7 +1029,8 @@ class TaskCompiler:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
             cres = dispatcher.overloads[argtypes]
             inner = getattr(checked, "_ct_inner", None)
-            why = next(filter(None, map(_mixed_kinds, [cres, *(inner.overloads.values() if inner else ())])), None)
+            why = next(filter(None, (check(c) for c in [cres, *(inner.overloads.values() if inner else ())]
+                                     for check in (_maybe_unbound, _mixed_kinds))), None)
             if why:
                 raise _Cannot(f"for ({_names(codes)}) {why}")
             rt = cres.signature.return_type
@@ -1053,6 +1076,22 @@ def _kinds(t: Any) -> Any:
         return "f"
     if isinstance(t, nt.BaseTuple):
         return tuple(_kinds(x) for x in t)
+    return None
+
+
+def _maybe_unbound(cres: Any) -> str | None:
+    """Where a variable may be read before it is assigned (``return i`` after an empty loop, a
+    variable set in one branch of an if): Python raises UnboundLocalError there, while numba's
+    SSA form starts such a variable as a null value (0) and reads that. numba marks them with
+    a ``null()`` definition. None when there is none."""
+    from numba.core import ir
+
+    for block in cres.type_annotation.blocks.values():
+        for st in block.body:
+            if isinstance(st, ir.Assign) and isinstance(st.value, ir.Expr) and st.value.op == "null":
+                name = st.target.name.split(".")[0]
+                return (f"the variable {name!r} may be read before it is assigned (line {st.loc.line}): Python "
+                        "raises UnboundLocalError there, numba would read 0 (assign it on every path first)")
     return None
 
 
@@ -1285,11 +1324,24 @@ class NativeTask:
         self._lock = threading.Lock()  # held while compiling
         self._pending: set[tuple[type, ...]] = set()  # queued for the background compile thread
         self.ran_while_compiling = False
+        # The global names the function loads (helpers, math, builtins it calls, itself) and,
+        # per compiled signature, what they were bound to when it was compiled: the native
+        # code keeps what it was compiled with, the Python function follows a rebinding.
+        self._gnames = tuple(sorted(_global_names(func.__code__))) if self.reason is None else ()
+        self._bound: dict[tuple[type, ...], tuple] = {}
 
     def spec_for(self, key: tuple[type, ...], wait: bool = True) -> _Spec | None:
         """The native version for these argument types, or None (the call runs as Python).
         wait=False: never compile here; queue the compile in the background instead."""
         spec = self._specs.get(key, False)
+        if spec and self._gnames:
+            # a global it loads rebound since compiling? (inline: on every call of such a task)
+            get = self.func.__globals__.get
+            for name, value in self._bound.get(key, ((None, None),)):
+                if get(name, _ABSENT) is not value:
+                    self._forget(key)
+                    spec = False
+                    break
         if spec is not False:
             if spec is None and self.require:
                 self._refuse(self.fallbacks.get(key, "it cannot be compiled for these arguments"))
@@ -1305,6 +1357,20 @@ class NativeTask:
         self.ran_while_compiling = True
         return None
 
+    def _globals_now(self) -> tuple:
+        """(name, value) of each global name the function loads, as now."""
+        return tuple(zip(self._gnames, _globals_of(self.func, self._gnames)))
+
+    def _forget(self, key: tuple[type, ...]) -> None:
+        # a global it reads was rebound since this version was compiled (a helper replaced, a
+        # builtin shadowed): compile again from the current globals (the compiler's cache key
+        # and _rewrite's cache follow them). No lock: the caller must not wait for a compile in
+        # progress; a version compiled meanwhile from old globals is caught here again at its
+        # first call.
+        self._specs.pop(key, None)
+        self._pending.discard(key)
+        self.fallbacks.pop(key, None)
+
     def _type_reason(self, key: tuple[type, ...]) -> str | None:
         try:
             codes = "".join(_CODES[t] for t in key)
@@ -1318,10 +1384,12 @@ class NativeTask:
         with self._lock:
             if key in self._specs:
                 return self.spec_for(key)
+            bound = self._globals_now()  # before compiling: a rebinding meanwhile is seen at the next call
             try:
                 spec = self.compiler.compile(self.func, "".join(_CODES[t] for t in key))
             except _Cannot as exc:
                 return self._cannot(key, str(exc))
+            self._bound[key] = bound
             self._specs[key] = spec
             return spec
 
@@ -1368,6 +1436,12 @@ class NativeTask:
             return None
         return block, pos
 
+    def refuse_method(self, method: Any) -> None:
+        """A bound method of the task is called (add_task, map): it runs as Python, since
+        self is an object; with compile_to_c="require", CompileError."""
+        if self.require:
+            self._refuse(f"{method!r} is a bound method (self is an object): it runs as Python")
+
     def refuse_batch(self, inp: "MapInput", plain: bool) -> None:
         """compile_to_c="require" and tasks.map could not run the batch natively: the
         CompileError that says why (a map never runs a required task as Python)."""
@@ -1390,7 +1464,12 @@ class NativeTask:
 _NATIVE: "weakref.WeakKeyDictionary[Callable[..., Any], NativeTask]" = weakref.WeakKeyDictionary()
 
 
-def _prepare(native: NativeTask, args: tuple, kwargs: dict | None) -> tuple[bytearray, tuple] | None:
+def _prepare(native: NativeTask, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
+    if func is not native.func:
+        # a bound method of the task (the engine finds the function's config through it): its
+        # arguments lack self, which is an object; the native code never sees it
+        native.refuse_method(func)
+        return None
     return native.prepare(args, kwargs)
 
 

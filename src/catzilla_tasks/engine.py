@@ -622,6 +622,9 @@ class BackgroundTasks(_engine.Engine):
                     return res
             if native is not None and native.require:  # never as Python: CompileError says why
                 native.refuse_batch(inp, plain)
+            method_of = _native_of(getattr(func, "__func__", None))
+            if native is None and method_of is not None:
+                method_of.refuse_method(func)
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
                 def submit(part: Any, handles: list[Any]) -> None:

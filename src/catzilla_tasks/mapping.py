@@ -295,9 +295,7 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
                 for i, v in fixed.items():
                     results[i] = v
             else:
-                with memoryview(target) as mv:
-                    for i, v in fixed.items():
-                        mv[i] = v
+                target = _fix_out(target, fixed, out, spec.rcode)
         for i in sorted(errors):
             if return_exceptions:
                 results[i] = errors[i]
@@ -305,6 +303,25 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
                 errors[i].add_note(_item_note(func, i, inp.item(i)))
                 raise errors[i]
     return results if target is None else target
+
+
+def _fix_out(target: Any, fixed: dict[int, Any], out: Any, rcode: str) -> Any:
+    """Write the results the Python function gave (items native code could not compute) into
+    the output buffer. With out='array', one that the compiled result's array cannot hold (0.5
+    from an int task, an int beyond int64) gives the array Python tasks get (python_out); a
+    buffer of the caller's raises as it does for Python tasks."""
+    try:
+        with memoryview(target) as mv:
+            for i, v in fixed.items():
+                mv[i] = v
+        return target
+    except (TypeError, ValueError):
+        if not isinstance(out, str):
+            raise
+    values = [bool(v) for v in target] if rcode == "b" else list(target)
+    for i, v in fixed.items():
+        values[i] = v
+    return python_out(values, out)
 
 
 def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]]) -> _Spec | None:

@@ -54,7 +54,7 @@ static PyObject *g_isolate;           /* f(engine, func, args, kwargs, config) -
 static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
 static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
-static PyObject *g_native_prepare;    /* f(native, args, kwargs) -> (call block, args) | None (compiler.py) */
+static PyObject *g_native_prepare;    /* f(native, args, kwargs, func) -> (call block, args) | None (compiler.py) */
 static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
 static PyObject *g_charges;           /* {node address: (engine address, bytes)}: queued tasks of engines
                                        * with a memory cap, and the bytes their arguments hold */
@@ -1814,7 +1814,7 @@ static PyObject *enqueue_native(EngineObject *self, PyObject *func, PyObject *co
     }
     for (Py_ssize_t i = 0; i < nkw; i++)
         if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
-    prep = PyObject_CallFunctionObjArgs(g_native_prepare, native, pos, kw, NULL);
+    prep = PyObject_CallFunctionObjArgs(g_native_prepare, native, pos, kw, func, NULL);
     if (!prep) goto done;
     if (prep == Py_None) {
         Py_CLEAR(prep);
