@@ -11,6 +11,9 @@ from typing import Any
 from .config import TaskConfig as TaskConfig
 from .config import TaskPriority as TaskPriority
 from .config import TaskStatus as TaskStatus
+from .engine import BackgroundTasks as BackgroundTasks
+from .engine import current_task as current_task
+from .engine import task as task
 from .errors import CatzillaTasksError as CatzillaTasksError
 from .errors import CompileError as CompileError
 from .errors import MemoryLimitExceeded as MemoryLimitExceeded
@@ -20,9 +23,6 @@ from .errors import TaskCancelled as TaskCancelled
 from .errors import TaskTimeout as TaskTimeout
 from .errors import WorkerLost as WorkerLost
 from .errors import WorkflowError as WorkflowError
-from .engine import BackgroundTasks as BackgroundTasks
-from .engine import current_task as current_task
-from .engine import task as task
 from .results import TaskFuture as TaskFuture
 from .results import TaskResult as TaskResult
 
@@ -87,4 +87,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
-

@@ -39,8 +39,9 @@ def _overflow_op(method: str):
 
         def codegen(context, builder, signature, args):
             pair = getattr(builder, method)(args[0], args[1])
-            return context.make_tuple(builder, signature.return_type,
-                                      [builder.extract_value(pair, 0), builder.extract_value(pair, 1)])
+            return context.make_tuple(
+                builder, signature.return_type, [builder.extract_value(pair, 0), builder.extract_value(pair, 1)]
+            )
 
         return sig, codegen
 
@@ -379,10 +380,12 @@ _unary(ck_index, lambda a: _i(a))  # range() arguments: ints only (a float is Py
 @overload(ck_step)
 def _ol_step(a):
     if _kind(a) in ("i", "b"):
+
         def impl(a):
             if a == 0:  # ValueError in Python
                 raise ArithmeticError
             return _i(a)
+
         return impl
     return None
 
@@ -390,12 +393,14 @@ def _ol_step(a):
 @overload(ck_span)
 def _ol_span(start, stop, step):
     if all(_kind(t) in ("i", "b") for t in (start, stop, step)):
+
         def impl(start, stop, step):
             # numba counts the items as (stop - start) / step: refuse a span beyond int64
             d = _sub(_i(stop), _i(start))
             if d == INT_MIN and step == -1:
                 raise ArithmeticError
             return _i(start)
+
         return impl
     return None
 
@@ -414,16 +419,19 @@ def _minmax(stub, pick_b):
             return lambda a, b: b if pick_b(b, a) else a
         rank = {"b": 0, "i": 1, "f": 2}
         if rank[kb] > rank[ka]:
+
             def impl(a, b):
                 if pick_b(b, a):
                     return b
                 raise ArithmeticError
+
             return impl
 
         def impl2(a, b):
             if pick_b(b, a):
                 raise ArithmeticError
             return a
+
         return impl2
 
 
@@ -443,37 +451,61 @@ def _ol_divmod(a, b):
 
 def _math1(name: str):
     g = {"math": math}
-    exec(f"""
+    src = f"""
 def f(a):
     x = float(a)
     r = math.{name}(x)
     if (r != r and x == x) or (math.isinf(r) and math.isfinite(x)):
         raise ArithmeticError
     return r
-""", g)  # noqa: S102 - our template; name is from this module's MATH1/MATH2 tuples
-    stub = globals()[f"ck_math_{name}"] = (lambda a: None)
+"""
+    exec(src, g)  # noqa: S102 - our template; name is from this module's MATH1/MATH2 tuples
+    stub = globals()[f"ck_math_{name}"] = lambda a: None
     _unary(stub, g["f"], g["f"], g["f"])
 
 
 def _math2(name: str):
     g = {"math": math}
-    exec(f"""
+    src = f"""
 def f(a, b):
     x, y = float(a), float(b)
     r = math.{name}(x, y)
     if (r != r and x == x and y == y) or (math.isinf(r) and math.isfinite(x) and math.isfinite(y)):
         raise ArithmeticError
     return r
-""", g)  # noqa: S102 - our template; name is from this module's MATH1/MATH2 tuples
-    stub = globals()[f"ck_math_{name}"] = (lambda a, b: None)
+"""
+    exec(src, g)  # noqa: S102 - our template; name is from this module's MATH1/MATH2 tuples
+    stub = globals()[f"ck_math_{name}"] = lambda a, b: None
     _binary(stub, g["f"], g["f"], g["f"])
 
 
 # The math functions whose CPython implementation is the C library's (glibc) function plus
 # error checks, as numba's: the same double. Others (hypot, gamma, fsum, log(x, base), ...)
 # are computed differently by CPython and are not compiled.
-MATH1 = ("sqrt", "exp", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "tan", "asin", "acos", "atan",
-         "sinh", "cosh", "tanh", "asinh", "acosh", "atanh", "fabs", "erf", "erfc")
+MATH1 = (
+    "sqrt",
+    "exp",
+    "expm1",
+    "log",
+    "log2",
+    "log10",
+    "log1p",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "fabs",
+    "erf",
+    "erfc",
+)
 MATH2 = ("atan2", "copysign", "pow")
 MATH_INT = ("floor", "ceil", "trunc")
 MATH_PRED = ("isnan", "isinf", "isfinite")

@@ -28,16 +28,24 @@ __all__ = ["redact_url", "redact_text"]
 MASK = "***"
 
 # RFC 3986, appendix B: scheme, authority, path, query, fragment (always matches)
-_URI = re.compile(r"^(?P<scheme>[^:/?#]+:)?(?://(?P<authority>[^/?#]*))?(?P<path>[^?#]*)"
-                  r"(?:\?(?P<query>[^#]*))?(?:#(?P<fragment>.*))?$", re.S)
+_URI = re.compile(
+    r"^(?P<scheme>[^:/?#]+:)?(?://(?P<authority>[^/?#]*))?(?P<path>[^?#]*)"
+    r"(?:\?(?P<query>[^#]*))?(?:#(?P<fragment>.*))?$",
+    re.S,
+)
 # parameter names that carry secrets (matched against the lower-cased, unquoted name)
-_SECRET_NAME = re.compile(r"pass|pwd|token|secret|api[-_]?key|auth|credential|signature|session|private"
-                          r"|^key$|^sig$|^code$", re.I)
+_SECRET_NAME = re.compile(
+    r"pass|pwd|token|secret|api[-_]?key|auth|credential|signature|session|private"
+    r"|^key$|^sig$|^code$",
+    re.I,
+)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 # name=value, or 'name': value / "name": value (a dict's or JSON's quoted key); the name is
 # tested by _PAIR_NAME afterwards (one regex with the words inside would backtrack on every word)
-_PAIR_IN_TEXT = re.compile(r"(?P<name>(?P<q>['\"]?)\b[\w.-]+(?P=q))(?P<sep>\s*=\s*|(?<=['\"])\s*:\s*)"
-                           r"(?P<value>b?'[^']*'|b?\"[^\"]*\"|[^\s&,;'\"}]+)")
+_PAIR_IN_TEXT = re.compile(
+    r"(?P<name>(?P<q>['\"]?)\b[\w.-]+(?P=q))(?P<sep>\s*=\s*|(?<=['\"])\s*:\s*)"
+    r"(?P<value>b?'[^']*'|b?\"[^\"]*\"|[^\s&,;'\"}]+)"
+)
 _PAIR_NAME = re.compile(r"pass|pwd|token|secret|api[-_]?key|credential", re.I)
 _PAIR_WORDS = ("pass", "pwd", "token", "secret", "key", "credential")  # words of _PAIR_IN_TEXT's names
 # a query's parameter where no URL was seen: after '?', '&' or ';' (a path-only request line)
@@ -77,7 +85,7 @@ def redact_url(url: str) -> str:
             authority = f"{_mask_userinfo(userinfo)}@{hostport}"
         elif not all(_HOSTPORT.fullmatch(a) for a in authority.split(",")):
             # no host[:port]: a raw '/', '?' or '#' in a password ended the authority early
-            userinfo, at, rest = url[m.start("authority"):].rpartition("@")
+            userinfo, at, rest = url[m.start("authority") :].rpartition("@")
             if at:
                 return f"{scheme or ''}//{_mask_userinfo(userinfo)}@" + redact_url("//" + rest)[2:]
             authority = authority.partition(":")[0] + ":" + MASK  # no '@' at all: no port, maybe a password

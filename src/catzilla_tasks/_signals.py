@@ -87,8 +87,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             unfinished += st["queued_total"] + st["running"] + st["scheduled"]
         except Exception:
             log.exception("catzilla_tasks: SIGTERM: could not close %r", eng)
-    log.warning("catzilla_tasks: SIGTERM: finishing %d unfinished task(s) of %d engine(s) before exit",
-                unfinished, len(live))
+    log.warning(
+        "catzilla_tasks: SIGTERM: finishing %d unfinished task(s) of %d engine(s) before exit", unfinished, len(live)
+    )
     for eng in live:
         try:
             eng.shutdown(wait_for_completion=True, timeout=eng.exit_timeout)

@@ -92,7 +92,9 @@ class RemoteStats:
                 hint = "the token was refused" if self.token else f"it needs a token: --token or {TOKEN_ENV}"
                 raise StatsError(f"{_redact(url)}: 401 Unauthorized ({hint})") from None
             detail = exc.read(300).decode("utf-8", "replace").strip()
-            raise StatsError(f"{_redact(url)}: HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else "")) from None
+            raise StatsError(
+                f"{_redact(url)}: HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else "")
+            ) from None
         except URLError as exc:
             raise StatsError(f"cannot reach {_redact(url)}: {exc.reason}") from None
         except (TimeoutError, OSError) as exc:
@@ -159,8 +161,10 @@ def _redirect_handler(credentials: bool) -> Any:
             why = redirect_allowed(req.full_url, newurl, credentials)
             if why is not None:
                 fp.close()
-                raise StatsError(f"{_redact(req.full_url)} redirects ({code}) to {_redact(newurl)}: not followed, "
-                                 f"{why}; use the final URL directly")
+                raise StatsError(
+                    f"{_redact(req.full_url)} redirects ({code}) to {_redact(newurl)}: not followed, "
+                    f"{why}; use the final URL directly"
+                )
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
     return _Redirects()
@@ -247,11 +251,12 @@ def _side_by_side(left: list[str], right: list[str], gap: int = 6, width: int = 
     n = max(len(left), len(right))
     left = left + [""] * (n - len(left))
     right = right + [""] * (n - len(right))
-    return [f"{a:<{width + gap}}{b}".rstrip() for a, b in zip(left, right)]
+    return [f"{a:<{width + gap}}{b}".rstrip() for a, b in zip(left, right, strict=True)]
 
 
-def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failures: int = 10,
-                 columns: int | None = None) -> str:
+def format_stats(
+    stats: Mapping[str, Any], source: str | None = None, max_failures: int = 10, columns: int | None = None
+) -> str:
     """A readable plain-text table of an engine's stats (what ``catzilla-tasks stats`` prints)."""
     from ._redact import redact_text
 
@@ -259,27 +264,34 @@ def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failur
     columns = columns or shutil.get_terminal_size((100, 24)).columns
     state = "paused" if g("engine.paused") else "running"
     accepting = "accepting" if g("engine.accepting") else "not accepting"
-    head = f"catzilla-tasks \u00b7 {g('engine.name') or '?'} \u00b7 {state} \u00b7 {accepting} \u00b7 up {fmt_duration(g('engine.uptime_s'))}"
+    up = fmt_duration(g("engine.uptime_s"))
+    head = f"catzilla-tasks \u00b7 {g('engine.name') or '?'} \u00b7 {state} \u00b7 {accepting} \u00b7 up {up}"
     out = [head]
     if source:
         out.append(f"  from {_redact(source)}")
     out.append("")
     out.append(f"Throughput  {fmt_num(g('performance_metrics.tasks_per_second'))} tasks/s")
     out.append("")
-    queues = _block("Queues", [
-        ("critical", fmt_int(g("queue_metrics.critical_queue_size"))),
-        ("high", fmt_int(g("queue_metrics.high_queue_size"))),
-        ("normal", fmt_int(g("queue_metrics.normal_queue_size"))),
-        ("low", fmt_int(g("queue_metrics.low_queue_size"))),
-        ("total", fmt_int(g("queue_metrics.total_queued"))),
-        ("pressure", fmt_pct(g("queue_metrics.queue_pressure"))),
-    ])
-    workers = _block("Workers", [
-        ("active", fmt_int(g("worker_metrics.active_workers"))),
-        ("idle", fmt_int(g("worker_metrics.idle_workers"))),
-        ("total", fmt_int(g("worker_metrics.total_workers"))),
-        ("utilization", fmt_pct(g("worker_metrics.avg_worker_utilization"))),
-    ])
+    queues = _block(
+        "Queues",
+        [
+            ("critical", fmt_int(g("queue_metrics.critical_queue_size"))),
+            ("high", fmt_int(g("queue_metrics.high_queue_size"))),
+            ("normal", fmt_int(g("queue_metrics.normal_queue_size"))),
+            ("low", fmt_int(g("queue_metrics.low_queue_size"))),
+            ("total", fmt_int(g("queue_metrics.total_queued"))),
+            ("pressure", fmt_pct(g("queue_metrics.queue_pressure"))),
+        ],
+    )
+    workers = _block(
+        "Workers",
+        [
+            ("active", fmt_int(g("worker_metrics.active_workers"))),
+            ("idle", fmt_int(g("worker_metrics.idle_workers"))),
+            ("total", fmt_int(g("worker_metrics.total_workers"))),
+            ("utilization", fmt_pct(g("worker_metrics.avg_worker_utilization"))),
+        ],
+    )
     out += _side_by_side(queues, workers)
     out.append("")
     out.append(f"Latency{'avg':>19}{'p95':>12}{'p99':>12}")
@@ -287,17 +299,25 @@ def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failur
         vals = [fmt_ms(g(f"performance_metrics.{p}_{key}")) for p in ("avg", "p95", "p99")]
         out.append(f"  {label:<12}{vals[0]:>12}{vals[1]:>12}{vals[2]:>12}")
     out.append("")
-    errors = _block("Errors", [
-        ("error rate", fmt_pct(g("error_metrics.error_rate"))),
-        ("failed tasks", fmt_int(g("error_metrics.failed_tasks"))),
-        ("retries", fmt_int(g("error_metrics.retry_count"))),
-        ("timeouts", fmt_int(g("error_metrics.timeout_count"))),
-        ("", ""),
-        ("memory", fmt_mb(g("performance_metrics.memory_usage_mb"))),
-        ("efficiency", fmt_pct(g("performance_metrics.memory_efficiency"))),
-    ])
-    totals = _block("Totals", [(k.replace("_", " "), fmt_int(g(f"totals.{k}"))) for k in
-                               ("submitted", "succeeded", "failed", "cancelled", "retried", "timed_out", "rejected")])
+    errors = _block(
+        "Errors",
+        [
+            ("error rate", fmt_pct(g("error_metrics.error_rate"))),
+            ("failed tasks", fmt_int(g("error_metrics.failed_tasks"))),
+            ("retries", fmt_int(g("error_metrics.retry_count"))),
+            ("timeouts", fmt_int(g("error_metrics.timeout_count"))),
+            ("", ""),
+            ("memory", fmt_mb(g("performance_metrics.memory_usage_mb"))),
+            ("efficiency", fmt_pct(g("performance_metrics.memory_efficiency"))),
+        ],
+    )
+    totals = _block(
+        "Totals",
+        [
+            (k.replace("_", " "), fmt_int(g(f"totals.{k}")))
+            for k in ("submitted", "succeeded", "failed", "cancelled", "retried", "timed_out", "rejected")
+        ],
+    )
     out += _side_by_side(errors, totals)
     failures = g("recent_failures") or []
     out.append("")
@@ -310,7 +330,8 @@ def format_stats(stats: Mapping[str, Any], source: str | None = None, max_failur
         name_w = min(28, max(len(str(f.get("name", ""))) for f in shown))
         id_w = max(len(str(f.get("task_id", ""))) for f in shown)
         for f in shown:
-            prefix = f"  {fmt_time(f.get('finished_at'))}  {str(f.get('name', ''))[:name_w]:<{name_w}}  {str(f.get('task_id', '')):<{id_w}}  "
+            name, tid = str(f.get("name", ""))[:name_w], str(f.get("task_id", ""))
+            prefix = f"  {fmt_time(f.get('finished_at'))}  {name:<{name_w}}  {tid:<{id_w}}  "
             err = " ".join(redact_text(str(f.get("error", ""))).split())
             room = max(20, columns - len(prefix) - 1)
             out.append(prefix + (err if len(err) <= room else err[: room - 1] + "\u2026"))
@@ -508,8 +529,9 @@ def cmd_demo_server(args: argparse.Namespace, out: TextIO) -> int:
         close()
         raise
     url = server.url
-    out.write(f"catzilla-tasks demo: dashboard at {url}  (stats: {url}stats.json, metrics: {url}metrics)  "
-              "Ctrl-C to stop\n")
+    out.write(
+        f"catzilla-tasks demo: dashboard at {url}  (stats: {url}stats.json, metrics: {url}metrics)  Ctrl-C to stop\n"
+    )
     out.flush()
     try:
         _wait_for_stop()
@@ -525,11 +547,17 @@ def cmd_demo_server(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _add_url_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", metavar="URL",
-                   help="a running engine's stats: a dashboard server (http://127.0.0.1:8765/) "
-                        "or a route returning tasks.monitor.get_stats() as JSON")
-    p.add_argument("--token", help=f"bearer token of the engine's stats (default: ${TOKEN_ENV}, which other "
-                                   "users cannot read in the process list, as they can this option)")
+    p.add_argument(
+        "url",
+        metavar="URL",
+        help="a running engine's stats: a dashboard server (http://127.0.0.1:8765/) "
+        "or a route returning tasks.monitor.get_stats() as JSON",
+    )
+    p.add_argument(
+        "--token",
+        help=f"bearer token of the engine's stats (default: ${TOKEN_ENV}, which other "
+        "users cannot read in the process list, as they can this option)",
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout in seconds (default: 5)")
 
 
@@ -539,37 +567,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catzilla-tasks",
         description="Look at a running catzilla_tasks engine: figures in the terminal, a live dashboard, "
-                    "Prometheus metrics.",
+        "Prometheus metrics.",
     )
     parser.add_argument("--version", action="version", version=f"catzilla-tasks {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("stats", help="print an engine's figures as a table",
-                       description="Print an engine's figures as a table.")
+    p = sub.add_parser(
+        "stats", help="print an engine's figures as a table", description="Print an engine's figures as a table."
+    )
     _add_url_args(p)
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N tables")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("dashboard", help="serve the live dashboard of a running engine locally",
-                       description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL. "
-                                   "When those need a token, the local page needs one too: --serve-token, "
-                                   f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.")
+    p = sub.add_parser(
+        "dashboard",
+        help="serve the live dashboard of a running engine locally",
+        description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL. "
+        "When those need a token, the local page needs one too: --serve-token, "
+        f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.",
+    )
     _add_url_args(p)
-    p.add_argument("--serve-token", help="token the local page requires (default: "
-                                         f"${SERVE_TOKEN_ENV}, which stays out of the process list; a random one when the "
-                                         "engine's stats need a token)")
+    p.add_argument(
+        "--serve-token",
+        help="token the local page requires (default: "
+        f"${SERVE_TOKEN_ENV}, which stays out of the process list; a random one when the "
+        "engine's stats need a token)",
+    )
     p.add_argument("--port", type=int, default=8765, help="local port (default: 8765; 0: any free port)")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("metrics", help="print an engine's figures in the Prometheus text format",
-                       description="Print an engine's figures in the Prometheus text format "
-                                   "(needs prometheus-client).")
+    p = sub.add_parser(
+        "metrics",
+        help="print an engine's figures in the Prometheus text format",
+        description="Print an engine's figures in the Prometheus text format (needs prometheus-client).",
+    )
     _add_url_args(p)
     p.set_defaults(func=cmd_metrics)
 
-    p = sub.add_parser("demo-server", help="run a demo engine with sample load and serve its dashboard",
-                       description="Run an in-process engine with sample load and serve its dashboard on 127.0.0.1.")
+    p = sub.add_parser(
+        "demo-server",
+        help="run a demo engine with sample load and serve its dashboard",
+        description="Run an in-process engine with sample load and serve its dashboard on 127.0.0.1.",
+    )
     p.add_argument("--port", type=int, default=8765, help="local port (default: 8765; 0: any free port)")
     p.add_argument("--rate", type=float, default=60.0, help="average tasks submitted per second (default: 60)")
     p.set_defaults(func=cmd_demo_server)

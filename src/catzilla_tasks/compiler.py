@@ -61,7 +61,8 @@ import textwrap
 import threading
 import types
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import _engine
 from .errors import CompileError
@@ -69,8 +70,16 @@ from .errors import CompileError
 if TYPE_CHECKING:
     from .mapping import MapInput
 
-__all__ = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile", "wait_for_background",
-           "default_compiler"]
+__all__ = [
+    "TaskCompiler",
+    "CompileError",
+    "NativeTask",
+    "can_compile_to_c",
+    "explain",
+    "precompile",
+    "wait_for_background",
+    "default_compiler",
+]
 
 log = logging.getLogger("catzilla_tasks.compiler")
 
@@ -97,16 +106,30 @@ _DTYPES = {"i": "int64", "f": "float64", "b": "bool_"}
 
 # Builtins numba compiles for numbers; anything else named here is refused with its reason.
 _ALLOWED_BUILTINS = frozenset({"range", "abs", "min", "max", "int", "float", "bool", "round", "divmod", "pow"})
-_IO_BUILTINS = frozenset({"print", "open", "input", "exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars"})
+_IO_BUILTINS = frozenset(
+    {"print", "open", "input", "exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals", "vars"}
+)
 _ALLOWED_MODULES = frozenset({"math"})
 _OBJECT_OPS = {
-    "BUILD_LIST": "builds a list", "BUILD_SET": "builds a set", "BUILD_MAP": "builds a dict",
-    "BUILD_CONST_KEY_MAP": "builds a dict", "BUILD_STRING": "builds a string", "FORMAT_VALUE": "formats a string",
-    "LIST_APPEND": "builds a list", "SET_ADD": "builds a set", "MAP_ADD": "builds a dict",
-    "LIST_EXTEND": "builds a list", "DICT_UPDATE": "builds a dict", "DICT_MERGE": "builds a dict",
-    "STORE_GLOBAL": "assigns a global variable", "DELETE_GLOBAL": "deletes a global variable",
-    "IMPORT_NAME": "imports a module inside the task", "MAKE_FUNCTION": "defines a function or comprehension inside the task",
-    "YIELD_VALUE": "is a generator", "STORE_ATTR": "sets an attribute", "STORE_SUBSCR": "stores into a container",
+    "BUILD_LIST": "builds a list",
+    "BUILD_SET": "builds a set",
+    "BUILD_MAP": "builds a dict",
+    "BUILD_CONST_KEY_MAP": "builds a dict",
+    "BUILD_STRING": "builds a string",
+    "FORMAT_VALUE": "formats a string",
+    "LIST_APPEND": "builds a list",
+    "SET_ADD": "builds a set",
+    "MAP_ADD": "builds a dict",
+    "LIST_EXTEND": "builds a list",
+    "DICT_UPDATE": "builds a dict",
+    "DICT_MERGE": "builds a dict",
+    "STORE_GLOBAL": "assigns a global variable",
+    "DELETE_GLOBAL": "deletes a global variable",
+    "IMPORT_NAME": "imports a module inside the task",
+    "MAKE_FUNCTION": "defines a function or comprehension inside the task",
+    "YIELD_VALUE": "is a generator",
+    "STORE_ATTR": "sets an attribute",
+    "STORE_SUBSCR": "stores into a container",
 }
 
 
@@ -158,14 +181,16 @@ def _static_reason(func: Any) -> str | None:
     for ins in dis.get_instructions(code):
         what = _OBJECT_OPS.get(ins.opname)
         if what:
-            return f"it {what} (line {ins.positions.lineno if ins.positions else '?'}): no Python objects, I/O or globals in compiled tasks"
+            line = ins.positions.lineno if ins.positions else "?"
+            return f"it {what} (line {line}): no Python objects, I/O or globals in compiled tasks"
         if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
             name = ins.argval
             if name in func.__globals__:
                 val = func.__globals__[name]
                 if isinstance(val, types.ModuleType):
                     if val.__name__ not in _ALLOWED_MODULES:
-                        return f"it uses the module {val.__name__!r} (only {', '.join(sorted(_ALLOWED_MODULES))} are compiled)"
+                        allowed = ", ".join(sorted(_ALLOWED_MODULES))
+                        return f"it uses the module {val.__name__!r} (only {allowed} are compiled)"
                 elif not _is_numba_dispatcher(val) and val is not func:
                     return (
                         f"it reads the global {name!r} ({type(val).__name__}): pass it as an argument (a compiled task "
@@ -186,9 +211,15 @@ def _static_reason(func: Any) -> str | None:
     for name, hint in hints.items():
         if name == "return":
             if hint not in (int, float, bool, None, type(None)):
-                return f"it is annotated to return {getattr(hint, '__name__', hint)!s} (only int, float and bool results are compiled)"
+                return (
+                    f"it is annotated to return {getattr(hint, '__name__', hint)!s} "
+                    "(only int, float and bool results are compiled)"
+                )
         elif hint not in _CODES:
-            return f"parameter {name!r} is annotated {getattr(hint, '__name__', hint)!s} (only int, float and bool are compiled)"
+            return (
+                f"parameter {name!r} is annotated {getattr(hint, '__name__', hint)!s} "
+                "(only int, float and bool are compiled)"
+            )
     try:
         _rewrite(func)
     except _Cannot as exc:
@@ -202,30 +233,95 @@ def _static_reason(func: Any) -> str | None:
 # Python's exact value and type or raises, and the trampoline then runs the Python function for
 # that call. What cannot be checked that way is refused here, from the source alone (no numba).
 
-_BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv", ast.FloorDiv: "floordiv",
-           ast.Mod: "mod", ast.Pow: "pow", ast.LShift: "lshift", ast.RShift: "rshift", ast.BitAnd: "and",
-           ast.BitOr: "or", ast.BitXor: "xor"}
+_BINOPS = {
+    ast.Add: "add",
+    ast.Sub: "sub",
+    ast.Mult: "mul",
+    ast.Div: "truediv",
+    ast.FloorDiv: "floordiv",
+    ast.Mod: "mod",
+    ast.Pow: "pow",
+    ast.LShift: "lshift",
+    ast.RShift: "rshift",
+    ast.BitAnd: "and",
+    ast.BitOr: "or",
+    ast.BitXor: "xor",
+}
 _CMPOPS = {ast.Eq: "eq", ast.NotEq: "ne", ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge"}
 _UNOPS = {ast.USub: "neg", ast.UAdd: "pos", ast.Invert: "inv"}
 # builtin -> (allowed numbers of positional arguments)
-_CHECKED_BUILTINS = {"int": (1,), "float": (1,), "abs": (1,), "round": (1,), "divmod": (2,), "pow": (2,),
-                     "min": tuple(range(2, 9)), "max": tuple(range(2, 9)), "range": (1, 2, 3), "bool": (1,)}
+_CHECKED_BUILTINS = {
+    "int": (1,),
+    "float": (1,),
+    "abs": (1,),
+    "round": (1,),
+    "divmod": (2,),
+    "pow": (2,),
+    "min": tuple(range(2, 9)),
+    "max": tuple(range(2, 9)),
+    "range": (1, 2, 3),
+    "bool": (1,),
+}
 # kept in step with _checked.MATH1/MATH2/MATH_INT/MATH_PRED (that module imports numba)
-_MATH_CALLS = {**{n: 1 for n in ("sqrt", "exp", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "tan",
-                                 "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh", "atanh",
-                                 "fabs", "erf", "erfc", "floor", "ceil", "trunc")},
-               **{n: 2 for n in ("atan2", "copysign", "pow")}}
+_MATH_CALLS = {
+    **{
+        n: 1
+        for n in (
+            "sqrt",
+            "exp",
+            "expm1",
+            "log",
+            "log2",
+            "log10",
+            "log1p",
+            "sin",
+            "cos",
+            "tan",
+            "asin",
+            "acos",
+            "atan",
+            "sinh",
+            "cosh",
+            "tanh",
+            "asinh",
+            "acosh",
+            "atanh",
+            "fabs",
+            "erf",
+            "erfc",
+            "floor",
+            "ceil",
+            "trunc",
+        )
+    },
+    **{n: 2 for n in ("atan2", "copysign", "pow")},
+}
 _MATH_PREDICATES = frozenset({"isnan", "isinf", "isfinite"})
 _MATH_CONSTANTS = frozenset({"pi", "e", "tau", "inf", "nan"})
 _REFUSED_NODES = {
     ast.Try: "catches exceptions (try): a compiled task signals what it cannot compute exactly with an exception",
-    ast.With: "uses a with statement", ast.ClassDef: "defines a class", ast.Lambda: "defines a lambda",
-    ast.FunctionDef: "defines a function", ast.AsyncFunctionDef: "defines a function", ast.Global: "declares a global",
-    ast.Nonlocal: "declares a nonlocal", ast.Import: "imports a module", ast.ImportFrom: "imports a module",
-    ast.Delete: "deletes a variable", ast.Starred: "unpacks with *", ast.Dict: "builds a dict", ast.Set: "builds a set",
-    ast.List: "builds a list", ast.ListComp: "builds a list", ast.SetComp: "builds a set", ast.DictComp: "builds a dict",
-    ast.GeneratorExp: "is a generator expression", ast.JoinedStr: "formats a string", ast.Subscript: "indexes a value",
-    ast.Assert: "asserts (python -O removes the check)", ast.MatMult: "uses @",
+    ast.With: "uses a with statement",
+    ast.ClassDef: "defines a class",
+    ast.Lambda: "defines a lambda",
+    ast.FunctionDef: "defines a function",
+    ast.AsyncFunctionDef: "defines a function",
+    ast.Global: "declares a global",
+    ast.Nonlocal: "declares a nonlocal",
+    ast.Import: "imports a module",
+    ast.ImportFrom: "imports a module",
+    ast.Delete: "deletes a variable",
+    ast.Starred: "unpacks with *",
+    ast.Dict: "builds a dict",
+    ast.Set: "builds a set",
+    ast.List: "builds a list",
+    ast.ListComp: "builds a list",
+    ast.SetComp: "builds a set",
+    ast.DictComp: "builds a dict",
+    ast.GeneratorExp: "is a generator expression",
+    ast.JoinedStr: "formats a string",
+    ast.Subscript: "indexes a value",
+    ast.Assert: "asserts (python -O removes the check)",
+    ast.MatMult: "uses @",
 }
 if hasattr(ast, "TryStar"):
     _REFUSED_NODES[ast.TryStar] = _REFUSED_NODES[ast.Try]
@@ -267,7 +363,9 @@ class _Rewriter(ast.NodeTransformer):
         if type(v) is int and not -(2**63) <= v < 2**63:
             self.fail(node, f"uses the int constant {v}, beyond int64")
         if not (v is None or type(v) in (int, float, bool) or self.in_raise):
-            self.fail(node, f"uses the {type(v).__name__} constant {v!r} (only int, float and bool values are compiled)")
+            self.fail(
+                node, f"uses the {type(v).__name__} constant {v!r} (only int, float and bool values are compiled)"
+            )
         return node
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
@@ -280,8 +378,9 @@ class _Rewriter(ast.NodeTransformer):
     def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
         if not isinstance(node.target, ast.Name):
             self.fail(node, "assigns to an item or attribute")
-        value = self.visit_BinOp(ast.copy_location(
-            ast.BinOp(ast.Name(node.target.id, ast.Load()), node.op, node.value), node))
+        value = self.visit_BinOp(
+            ast.copy_location(ast.BinOp(ast.Name(node.target.id, ast.Load()), node.op, node.value), node)
+        )
         return ast.copy_location(ast.Assign([node.target], value), node)
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
@@ -292,7 +391,7 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
         parts, left = [], node.left
-        for op, right in zip(node.ops, node.comparators):
+        for op, right in zip(node.ops, node.comparators, strict=True):
             name = _CMPOPS.get(type(op))
             if name is None:
                 self.fail(node, f"compares with {type(op).__name__} (is, in)")
@@ -327,8 +426,11 @@ class _Rewriter(ast.NodeTransformer):
             if f.attr in _MATH_PREDICATES and len(args) == 1:
                 return node
             if _MATH_CALLS.get(f.attr) != len(args):
-                self.fail(node, f"calls math.{f.attr} with {len(args)} argument(s) (compiled: "
-                                f"{', '.join(sorted(_MATH_CALLS) + sorted(_MATH_PREDICATES))}; math.log with one)")
+                self.fail(
+                    node,
+                    f"calls math.{f.attr} with {len(args)} argument(s) (compiled: "
+                    f"{', '.join(sorted(_MATH_CALLS) + sorted(_MATH_PREDICATES))}; math.log with one)",
+                )
             return self.call(node, f"math_{f.attr}", args)
         if isinstance(f, ast.Attribute):
             self.fail(node, f"calls the method .{f.attr}()")
@@ -354,9 +456,18 @@ class _Rewriter(ast.NodeTransformer):
             if len(args) == 1:
                 return ast.copy_location(ast.Call(f, [self.call(node, "index", args)], []), node)
             step = args[2] if len(args) == 3 else ast.Constant(1)
-            return ast.copy_location(ast.Call(f, [self.call(node, "span", [args[0], args[1], step]),
-                                                  self.call(node, "index", [args[1]]),
-                                                  self.call(node, "step", [step])], []), node)
+            return ast.copy_location(
+                ast.Call(
+                    f,
+                    [
+                        self.call(node, "span", [args[0], args[1], step]),
+                        self.call(node, "index", [args[1]]),
+                        self.call(node, "step", [step]),
+                    ],
+                    [],
+                ),
+                node,
+            )
         if f.id in ("min", "max"):  # Python keeps the first of equal values: fold left
             acc = self.call(node, f.id, args[:2])
             for a in args[2:]:
@@ -365,8 +476,7 @@ class _Rewriter(ast.NodeTransformer):
         return self.call(node, f.id, args)
 
 
-_REWRITTEN: "weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None, tuple]]" = \
-    weakref.WeakKeyDictionary()
+_REWRITTEN: weakref.WeakKeyDictionary[types.FunctionType, tuple[Any, str | None, tuple]] = weakref.WeakKeyDictionary()
 _ABSENT = object()  # a global name not bound in the module (a builtin, or not defined yet)
 
 
@@ -385,7 +495,7 @@ def _rewrite(func: types.FunctionType) -> Any:
     names = sorted(_global_names(func.__code__))
     bound = _globals_of(func, names)
     hit = _REWRITTEN.get(func)
-    if hit is None or any(a is not b for a, b in zip(hit[2], bound)):
+    if hit is None or any(a is not b for a, b in zip(hit[2], bound, strict=True)):
         try:
             hit = (_rewrite_source(func), None, bound)
         except _Cannot as exc:
@@ -402,8 +512,9 @@ def _rewrite_source(func: types.FunctionType) -> Any:
         lines, first = inspect.getsourcelines(func)
         tree = ast.parse(textwrap.dedent("".join(lines)))
     except (OSError, TypeError, SyntaxError, IndentationError) as exc:
-        raise _Cannot(f"its source cannot be read ({type(exc).__name__}): a compiled task runs a checked copy "
-                      "of its source") from None
+        raise _Cannot(
+            f"its source cannot be read ({type(exc).__name__}): a compiled task runs a checked copy of its source"
+        ) from None
     if code.co_name == "<lambda>":
         found = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
         if len(found) != 1:
@@ -415,7 +526,9 @@ def _rewrite_source(func: types.FunctionType) -> Any:
     else:
         fdef = tree.body[0] if tree.body else None
         if not isinstance(fdef, ast.FunctionDef) or fdef.name != code.co_name:
-            raise _Cannot("its source cannot be found (defined by exec?): a compiled task runs a checked copy of its source")
+            raise _Cannot(
+                "its source cannot be found (defined by exec?): a compiled task runs a checked copy of its source"
+            )
         fdef.decorator_list = []
     ast.increment_lineno(fdef, first - 1)
     # the source must be the code that runs (not a file edited since it was imported)
@@ -425,13 +538,21 @@ def _rewrite_source(func: types.FunctionType) -> Any:
         a.annotation = None
     fdef.returns = None
     body = fdef.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         body = body[1:] or [ast.Pass()]
     fdef.args.defaults = []
     fdef.args.kw_defaults = []
-    if not any(isinstance(n, ast.Return) and n.value is not None and not
-               (isinstance(n.value, ast.Constant) and n.value.value is None) for n in ast.walk(fdef)):
+    if not any(
+        isinstance(n, ast.Return)
+        and n.value is not None
+        and not (isinstance(n.value, ast.Constant) and n.value.value is None)
+        for n in ast.walk(fdef)
+    ):
         raise _Cannot("it returns no value (None): only int, float and bool results are compiled")
     rw = _Rewriter(func)
     fdef.body = [rw.visit(st) for st in body]
@@ -455,18 +576,25 @@ def _function_code(fdef: ast.FunctionDef, code: types.CodeType, globals_of: dict
         a.annotation = None
     plain.returns = None
     # CPython compiles `m.f(x)` differently when its module imports m: import them as it does
-    imports = [ast.Import([ast.alias(val.__name__, n)]) for n in code.co_names
-               if isinstance(val := globals_of.get(n), types.ModuleType)]
+    imports = [
+        ast.Import([ast.alias(val.__name__, n)])
+        for n in code.co_names
+        if isinstance(val := globals_of.get(n), types.ModuleType)
+    ]
     try:
-        mod = compile(ast.fix_missing_locations(ast.Module([*imports, plain], [])), code.co_filename, "exec",
-                      dont_inherit=True)
+        mod = compile(
+            ast.fix_missing_locations(ast.Module([*imports, plain], [])), code.co_filename, "exec", dont_inherit=True
+        )
     except SyntaxError:
         return None
     for c in mod.co_consts:
         if isinstance(c, types.CodeType):
-            if (c.co_code, c.co_names, c.co_varnames, c.co_argcount) == \
-                    (code.co_code, code.co_names, code.co_varnames, code.co_argcount) and \
-                    _const_keys(c) == _const_keys(code):
+            if (c.co_code, c.co_names, c.co_varnames, c.co_argcount) == (
+                code.co_code,
+                code.co_names,
+                code.co_varnames,
+                code.co_argcount,
+            ) and _const_keys(c) == _const_keys(code):
                 return c
     return None
 
@@ -490,11 +618,17 @@ def _checked_function(func: types.FunctionType) -> types.FunctionType:
         # compile_to_c="require" compiles it before: the rewrite calls itself natively, and
         # NativeTask sees a later rebinding of the name)
         elif name == func.__code__.co_name and func.__qualname__ != func.__name__:
-            raise _Cannot(f"it calls {name}, which is not a global of its module (a recursive function defined "
-                          "inside another function or a class is not compiled)")
+            raise _Cannot(
+                f"it calls {name}, which is not a global of its module (a recursive function defined "
+                "inside another function or a class is not compiled)"
+            )
     own = ns.get(func.__code__.co_name)
-    if own is not None and func.__code__.co_name in func.__code__.co_names and own is not func \
-            and not _is_numba_dispatcher(own):
+    if (
+        own is not None
+        and func.__code__.co_name in func.__code__.co_names
+        and own is not func
+        and not _is_numba_dispatcher(own)
+    ):
         raise _Cannot(f"it calls {func.__code__.co_name}, which is no longer this function")
     # module_code only defines the function (no decorators, defaults or annotations left), from
     # its own source, which _function_code checked compiles to the bytecode this process runs
@@ -551,8 +685,12 @@ _cache_lock = threading.Lock()
 def _warn_cache(d: str, why: str) -> None:
     import warnings
 
-    warnings.warn(f"catzilla_tasks: the compile cache {d!r} is not used: {why}; compiled tasks are compiled "
-                  "in memory by this process (see SECURITY.md)", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"catzilla_tasks: the compile cache {d!r} is not used: {why}; compiled tasks are compiled "
+        "in memory by this process (see SECURITY.md)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
@@ -571,8 +709,10 @@ def _dir_problem(path: str, uid: int, leaf: bool) -> str | None:
         return None
     # an ancestor: others must not be able to rename our directory away and plant another one
     if st.st_uid not in (0, uid) or (mode & 0o022 and not mode & stat_mod.S_ISVTX):
-        return (f"its parent {path} (owner uid {st.st_uid}, mode {mode:o}) can be changed by other users "
-                "(it must belong to this user or root, and be sticky if others may write to it)")
+        return (
+            f"its parent {path} (owner uid {st.st_uid}, mode {mode:o}) can be changed by other users "
+            "(it must belong to this user or root, and be sticky if others may write to it)"
+        )
     return None
 
 
@@ -795,7 +935,7 @@ def _fingerprint(func: types.FunctionType, h: Any, seen: set[int]) -> str | None
     why = _fingerprint_value("a default", (func.__defaults__, tuple(sorted((func.__kwdefaults__ or {}).items()))), h)
     if why:
         return why
-    for name, cell in zip(code.co_freevars, func.__closure__ or ()):
+    for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=True):
         try:
             value = cell.cell_contents
         except ValueError:
@@ -887,7 +1027,7 @@ def _registered(key: str) -> Any:
     return _REGISTRY[key]
 
 
-_TRAMPOLINE = '''\
+_TRAMPOLINE = """\
 # Generated by catzilla_tasks.compiler for {qualname} ({where}); numba caches its machine code
 # next to this file. Do not edit: the file name is a hash of the function and its signature.
 import numpy as _np
@@ -911,7 +1051,7 @@ def trampoline(c0, c1, c2, c3, c4, c5, c6, c7, out, status, start, stop):
             s[i] = 1
             failed += 1
     return failed
-'''
+"""
 
 
 class TaskCompiler:
@@ -1029,8 +1169,17 @@ class TaskCompiler:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
             cres = dispatcher.overloads[argtypes]
             inner = getattr(checked, "_ct_inner", None)
-            why = next(filter(None, (check(c) for c in [cres, *(inner.overloads.values() if inner else ())]
-                                     for check in (_maybe_unbound, _mixed_kinds))), None)
+            why = next(
+                filter(
+                    None,
+                    (
+                        check(c)
+                        for c in [cres, *(inner.overloads.values() if inner else ())]
+                        for check in (_maybe_unbound, _mixed_kinds)
+                    ),
+                ),
+                None,
+            )
             if why:
                 raise _Cannot(f"for ({_names(codes)}) {why}")
             rt = cres.signature.return_type
@@ -1046,9 +1195,8 @@ class TaskCompiler:
             qualname=func.__qualname__,
             where=f"{func.__code__.co_filename}:{func.__code__.co_firstlineno}",
             key=key,
-            columns="\n".join(
-                f"    a{j} = _carray(c{j}, (stop,), _np.{_DTYPES[c]})" for j, c in enumerate(codes)
-            ) or "    pass",
+            columns="\n".join(f"    a{j} = _carray(c{j}, (stop,), _np.{_DTYPES[c]})" for j, c in enumerate(codes))
+            or "    pass",
             rdtype=_DTYPES[rcode],
             call=", ".join(f"a{j}[i]" for j in range(len(codes))),
         )
@@ -1059,8 +1207,13 @@ class TaskCompiler:
             except Exception as exc:
                 raise _Cannot(f"numba cannot compile it for ({_names(codes)}): {_first_lines(exc)}") from None
         hit = bool(getattr(cf, "cache_hits", 0))
-        log.debug("compiled %s(%s) -> %s%s", func.__qualname__, _names(codes), _TYPE_NAMES[rcode],
-                  " (from the disk cache)" if hit else "")
+        log.debug(
+            "compiled %s(%s) -> %s%s",
+            func.__qualname__,
+            _names(codes),
+            _TYPE_NAMES[rcode],
+            " (from the disk cache)" if hit else "",
+        )
         return _Spec(codes, rcode, cf, hit, key)
 
 
@@ -1090,8 +1243,10 @@ def _maybe_unbound(cres: Any) -> str | None:
         for st in block.body:
             if isinstance(st, ir.Assign) and isinstance(st.value, ir.Expr) and st.value.op == "null":
                 name = st.target.name.split(".")[0]
-                return (f"the variable {name!r} may be read before it is assigned (line {st.loc.line}): Python "
-                        "raises UnboundLocalError there, numba would read 0 (assign it on every path first)")
+                return (
+                    f"the variable {name!r} may be read before it is assigned (line {st.loc.line}): Python "
+                    "raises UnboundLocalError there, numba would read 0 (assign it on every path first)"
+                )
     return None
 
 
@@ -1118,9 +1273,11 @@ def _mixed_kinds(cres: Any) -> str | None:
                 name = st.target.name.split(".")[0]
                 if not name.startswith("$"):
                     what = f"the variable {name!r}"
-                return (f"{what} is {tm[src.name]} on one path and {tm[st.target.name]} on another (line "
-                        f"{st.loc.line}): Python keeps each value's type, numba would convert it (write 0.0 "
-                        f"for a float that starts at 0, float(x) where a float is meant)")
+                return (
+                    f"{what} is {tm[src.name]} on one path and {tm[st.target.name]} on another (line "
+                    f"{st.loc.line}): Python keeps each value's type, numba would convert it (write 0.0 "
+                    f"for a float that starts at 0, float(x) where a float is meant)"
+                )
     return None
 
 
@@ -1242,12 +1399,12 @@ class _BackgroundCompiler:
     importing numba and compiling (0.5-1 s) never blocks a caller."""
 
     def __init__(self) -> None:
-        self._queue: "queue.SimpleQueue[tuple[NativeTask, tuple[type, ...]]]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[NativeTask, tuple[type, ...]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._outstanding = 0  # queued or compiling
 
-    def submit(self, native: "NativeTask", key: tuple[type, ...]) -> None:
+    def submit(self, native: NativeTask, key: tuple[type, ...]) -> None:
         with self._idle:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="catzilla_tasks-compile", daemon=True)
@@ -1359,7 +1516,7 @@ class NativeTask:
 
     def _globals_now(self) -> tuple:
         """(name, value) of each global name the function loads, as now."""
-        return tuple(zip(self._gnames, _globals_of(self.func, self._gnames)))
+        return tuple(zip(self._gnames, _globals_of(self.func, self._gnames), strict=True))
 
     def _forget(self, key: tuple[type, ...]) -> None:
         # a global it reads was rebound since this version was compiled (a helper replaced, a
@@ -1442,7 +1599,7 @@ class NativeTask:
         if self.require:
             self._refuse(f"{method!r} is a bound method (self is an object): it runs as Python")
 
-    def refuse_batch(self, inp: "MapInput", plain: bool) -> None:
+    def refuse_batch(self, inp: MapInput, plain: bool) -> None:
         """compile_to_c="require" and tasks.map could not run the batch natively: the
         CompileError that says why (a map never runs a required task as Python)."""
         if not plain:
@@ -1461,7 +1618,7 @@ class NativeTask:
         return f"<NativeTask {self.func.__qualname__} {state}>"
 
 
-_NATIVE: "weakref.WeakKeyDictionary[Callable[..., Any], NativeTask]" = weakref.WeakKeyDictionary()
+_NATIVE: weakref.WeakKeyDictionary[Callable[..., Any], NativeTask] = weakref.WeakKeyDictionary()
 
 
 def _prepare(native: NativeTask, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
@@ -1488,11 +1645,14 @@ def _task_reason(func: Any, ran_native: bool) -> str | None:
     if native.reason:
         return native.reason
     if native.ran_while_compiling and not native.fallbacks:
-        return ("its native version was being compiled in the background: calls meanwhile run as Python "
-                "(compiler.precompile(func) compiles it ahead of time)")
+        return (
+            "its native version was being compiled in the background: calls meanwhile run as Python "
+            "(compiler.precompile(func) compiles it ahead of time)"
+        )
     if native.fallbacks:
         return "its arguments did not fit a compiled signature; the cases seen: " + "; ".join(
-            f"({', '.join(getattr(t, '__name__', str(t)) for t in k)}): {why}" for k, why in native.fallbacks.items())
+            f"({', '.join(getattr(t, '__name__', str(t)) for t in k)}): {why}" for k, why in native.fallbacks.items()
+        )
     return "its arguments did not fit a compiled signature (keywords that do not bind, or an int beyond int64)"
 
 
@@ -1515,7 +1675,9 @@ def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:
     native = NativeTask(func, require)
     _NATIVE[func] = native
     if native.reason is None and native.annotated is not None and require:
-        native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in native.annotated))  # compile now: errors here
+        native.spec_for(
+            tuple({"i": int, "f": float, "b": bool}[c] for c in native.annotated)
+        )  # compile now: errors here
     if native.reason is not None:
         log.debug("task %s runs as Python: %s", func.__qualname__, native.reason)
         if require:
@@ -1542,8 +1704,10 @@ def precompile(func: Callable[..., Any], arg_types: Sequence[type] | None = None
         return native.reason
     if arg_types is None:
         if native.annotated is None:
-            raise TypeError(f"precompile({func.__qualname__}): its parameters are not all annotated: pass arg_types, "
-                            "e.g. precompile(func, (int, float))")
+            raise TypeError(
+                f"precompile({func.__qualname__}): its parameters are not all annotated: pass arg_types, "
+                "e.g. precompile(func, (int, float))"
+            )
         arg_types = [{"i": int, "f": float, "b": bool}[c] for c in native.annotated]
     key = tuple(arg_types)
     if len(key) != native.nparams:

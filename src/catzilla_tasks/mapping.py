@@ -13,7 +13,8 @@ import logging
 import reprlib
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .compiler import NativeTask, _Spec
@@ -30,7 +31,6 @@ def _names(codes: str) -> str:
     return ", ".join(_TYPE_NAMES[c] for c in codes)
 
 
-
 def _auto_chunk(n: int, workers: int) -> int:
     # at least 8 nodes per worker (balance), at most 4096 items per node
     return max(1, min(4096, -(-n // (8 * max(1, workers)))))
@@ -39,9 +39,24 @@ def _auto_chunk(n: int, workers: int) -> int:
 # Buffer inputs and outputs: the item formats a compiled task reads from a buffer (native byte
 # order; numpy's int64 is "l"), and the array.array type codes of its results.
 _BUFFER_CODES = {"q": "i", "l": "i", "n": "i", "d": "f", "?": "b"}
-_FORMAT_NAMES = {"b": "int8", "B": "uint8", "h": "int16", "H": "uint16", "i": "int32", "I": "uint32", "l": "long",
-                 "L": "unsigned long", "q": "int64", "Q": "uint64", "n": "ssize_t", "N": "size_t", "e": "float16",
-                 "f": "float32", "d": "float64", "?": "bool"}
+_FORMAT_NAMES = {
+    "b": "int8",
+    "B": "uint8",
+    "h": "int16",
+    "H": "uint16",
+    "i": "int32",
+    "I": "uint32",
+    "l": "long",
+    "L": "unsigned long",
+    "q": "int64",
+    "Q": "uint64",
+    "n": "ssize_t",
+    "N": "size_t",
+    "e": "float16",
+    "f": "float32",
+    "d": "float64",
+    "?": "bool",
+}
 _CODE_FORMATS = {"i": "int64 (format 'q')", "f": "float64 (format 'd')", "b": "bool (format '?')"}
 _ARRAY_TYPECODES = {"i": "q", "f": "d", "b": "B"}
 _ITEMSIZES = {"i": 8, "f": 8, "b": 1}
@@ -102,26 +117,36 @@ class MapInput:
             elif mv.ndim == 2 and mv.shape[1]:  # type: ignore[index]
                 self.columns = [(first, j, mv) for j in range(mv.shape[1])]  # type: ignore[index]
             else:
-                raise TypeError(f"tasks.map(): a buffer of arguments must be 1-D (one value per item) or 2-D "
-                                f"(one row of arguments per item), got {mv.ndim} dimensions, shape {mv.shape}")
+                raise TypeError(
+                    f"tasks.map(): a buffer of arguments must be 1-D (one value per item) or 2-D "
+                    f"(one row of arguments per item), got {mv.ndim} dimensions, shape {mv.shape}"
+                )
             return
         cols = (first, *more)
         views = [self._view(c) for c in cols]
         for k, mv in enumerate(views):
             if mv is not None and mv.ndim != 1:
-                raise TypeError(f"tasks.map(): with one iterable per argument each is one argument's column; "
-                                f"argument {k} is a buffer of {mv.ndim} dimensions")
+                raise TypeError(
+                    f"tasks.map(): with one iterable per argument each is one argument's column; "
+                    f"argument {k} is a buffer of {mv.ndim} dimensions"
+                )
         if all(mv is not None for mv in views):
             lens = {len(mv) for mv in views}  # type: ignore[arg-type]
             if len(lens) > 1:
-                raise ValueError(f"tasks.map(): the argument columns differ in length ({', '.join(str(len(mv)) for mv in views)})")  # type: ignore[arg-type]
-            self.columns = [(c, -1, mv) for c, mv in zip(cols, views)]  # type: ignore[misc]
+                raise ValueError(
+                    f"tasks.map(): the argument columns differ in length ({', '.join(str(len(mv)) for mv in views)})"
+                )  # type: ignore[arg-type]
+            self.columns = [(c, -1, mv) for c, mv in zip(cols, views, strict=True)]  # type: ignore[misc]
             return
-        lists = [_tolist(c, mv) if mv is not None else (c if isinstance(c, (list, tuple)) else list(c))
-                 for c, mv in zip(cols, views)]
+        lists = [
+            _tolist(c, mv) if mv is not None else (c if isinstance(c, (list, tuple)) else list(c))
+            for c, mv in zip(cols, views, strict=True)
+        ]
         if len({len(x) for x in lists}) > 1:
-            raise ValueError(f"tasks.map(): the argument columns differ in length ({', '.join(str(len(x)) for x in lists)})")
-        self.items = list(zip(*lists))
+            raise ValueError(
+                f"tasks.map(): the argument columns differ in length ({', '.join(str(len(x)) for x in lists)})"
+            )
+        self.items = list(zip(*lists, strict=True))
 
     def __len__(self) -> int:
         if self.items is not None:
@@ -137,7 +162,7 @@ class MapInput:
             elif cols[0][1] >= 0:
                 self.items = [tuple(row) for row in _tolist(cols[0][0], cols[0][2])]
             else:
-                self.items = list(zip(*(_tolist(obj, mv) for obj, _, mv in cols)))
+                self.items = list(zip(*(_tolist(obj, mv) for obj, _, mv in cols), strict=True))
         return self.items
 
     def item(self, i: int) -> Any:
@@ -154,7 +179,7 @@ class MapInput:
             mv.release()
         self._views.clear()
 
-    def __enter__(self) -> "MapInput":
+    def __enter__(self) -> MapInput:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -175,8 +200,10 @@ def check_out(out: Any, n: int, return_exceptions: bool) -> None:
     if out is None:
         return
     if return_exceptions:
-        raise ValueError("tasks.map(): return_exceptions=True needs the results as a list (out=None): "
-                         "an array cannot hold exceptions")
+        raise ValueError(
+            "tasks.map(): return_exceptions=True needs the results as a list (out=None): "
+            "an array cannot hold exceptions"
+        )
     if isinstance(out, str):
         if out != "array":
             raise ValueError(f"tasks.map(): out must be None, 'array' or a writable buffer, got {out!r}")
@@ -184,13 +211,17 @@ def check_out(out: Any, n: int, return_exceptions: bool) -> None:
     try:
         mv = memoryview(out)
     except TypeError:
-        raise TypeError(f"tasks.map(): out must be None, 'array' or a writable buffer (array.array, numpy array, "
-                        f"memoryview), got {type(out).__name__}") from None
+        raise TypeError(
+            f"tasks.map(): out must be None, 'array' or a writable buffer (array.array, numpy array, "
+            f"memoryview), got {type(out).__name__}"
+        ) from None
     with mv:
         if mv.readonly or mv.ndim != 1 or len(mv) != n or not mv.c_contiguous:
-            raise TypeError(f"tasks.map(): out must be a writable, contiguous 1-D buffer of {n} items, got "
-                            f"{'a read-only ' if mv.readonly else ''}{mv.ndim}-D buffer of "
-                            f"{len(mv) if mv.ndim else 1} items{'' if mv.c_contiguous else ' (not contiguous)'}")
+            raise TypeError(
+                f"tasks.map(): out must be a writable, contiguous 1-D buffer of {n} items, got "
+                f"{'a read-only ' if mv.readonly else ''}{mv.ndim}-D buffer of "
+                f"{len(mv) if mv.ndim else 1} items{'' if mv.c_contiguous else ' (not contiguous)'}"
+            )
 
 
 def _native_out(out: Any, rcode: str, n: int, func: Any) -> Any:
@@ -204,9 +235,11 @@ def _native_out(out: Any, rcode: str, n: int, func: Any) -> Any:
         if _buffer_code(mv, for_out=True) != rcode:
             want = _CODE_FORMATS[rcode] + (" or uint8 (format 'B')" if rcode == "b" else "")
             tc = _ARRAY_TYPECODES[rcode]
-            raise TypeError(f"tasks.map({func.__qualname__}): its compiled result is {_TYPE_NAMES[rcode]}, so out= "
-                            f"must hold {want}; the buffer given has format {_format_name(mv)}: pass e.g. "
-                            f"array.array({tc!r}, bytes({_ITEMSIZES[rcode]} * n)) or out='array'")
+            raise TypeError(
+                f"tasks.map({func.__qualname__}): its compiled result is {_TYPE_NAMES[rcode]}, so out= "
+                f"must hold {want}; the buffer given has format {_format_name(mv)}: pass e.g. "
+                f"array.array({tc!r}, bytes({_ITEMSIZES[rcode]} * n)) or out='array'"
+            )
     return out
 
 
@@ -231,8 +264,16 @@ def python_out(results: list[Any], out: Any) -> Any:
     return out
 
 
-def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput", chunk_size: int | None,
-               priority: int, return_exceptions: bool, _hold_gil: float = 0, out: Any = None) -> Any:
+def map_native(
+    engine: Any,
+    native: NativeTask,
+    items: Sequence[Any] | MapInput,
+    chunk_size: int | None,
+    priority: int,
+    return_exceptions: bool,
+    _hold_gil: float = 0,
+    out: Any = None,
+) -> Any:
     """Run func over items (a list or tuple, or a MapInput) as native code, ``chunk_size``
     items per engine node; None when list items do not all fit the signature of the first (the
     caller then runs them as Python tasks). Buffer columns must match the signature exactly
@@ -252,8 +293,11 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
             if out is None:
                 return []
             if isinstance(out, str):
-                spec = native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in native.annotated)) \
-                    if native.annotated else None
+                spec = (
+                    native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in native.annotated))
+                    if native.annotated
+                    else None
+                )
                 return _native_out(out, spec.rcode if spec else "i", 0, func)
             return out
         first = lst[0]
@@ -272,8 +316,12 @@ def map_native(engine: Any, native: NativeTask, items: "Sequence[Any] | MapInput
     else:
         r = engine._map_native(spec.address, spec.codes, spec.rcode, inp.items, chunk, priority, _hold_gil, target)
     if isinstance(r, int):
-        log.debug("tasks.map(%s): item %d does not match (%s); the batch runs as Python tasks",
-                  func.__qualname__, r, _names(spec.codes))
+        log.debug(
+            "tasks.map(%s): item %d does not match (%s); the batch runs as Python tasks",
+            func.__qualname__,
+            r,
+            _names(spec.codes),
+        )
         return None
     results, failed, cancelled = r
     if failed or cancelled:
@@ -335,10 +383,12 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
         shape = "a 1-D buffer gives" if columns[0][1] < 0 else f"a 2-D buffer of {len(columns)} columns gives"
         if len(columns) > 1 and columns[0][1] < 0:
             shape = f"{len(columns)} 1-D buffers give"
-        raise TypeError(f"tasks.map({name}): {name} takes {native.nparams} arguments, {shape} "
-                        f"{len(columns)} per item: pass a 2-D buffer of shape (n, {native.nparams}) (one row of "
-                        f"arguments per item) or one 1-D buffer per argument, tasks.map({name}, "
-                        f"{', '.join(params) or '...'})")
+        raise TypeError(
+            f"tasks.map({name}): {name} takes {native.nparams} arguments, {shape} "
+            f"{len(columns)} per item: pass a 2-D buffer of shape (n, {native.nparams}) (one row of "
+            f"arguments per item) or one 1-D buffer per argument, tasks.map({name}, "
+            f"{', '.join(params) or '...'})"
+        )
     codes = ""
     for k, (_, j, mv) in enumerate(columns):
         c = _buffer_code(mv)
@@ -347,16 +397,20 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
             where = f"argument {k} ({params[k]!r})" + (f", column {j} of the 2-D buffer" if j >= 0 else "")
             if want is not None:
                 need = f"is compiled for {_CODE_FORMATS[want]}"
-                fix = {"i": "array.array('q', ...) or arr.astype(numpy.int64)",
-                       "f": "array.array('d', ...) or arr.astype(numpy.float64)",
-                       "b": "arr.astype(numpy.bool_)"}[want]
+                fix = {
+                    "i": "array.array('q', ...) or arr.astype(numpy.int64)",
+                    "f": "array.array('d', ...) or arr.astype(numpy.float64)",
+                    "b": "arr.astype(numpy.bool_)",
+                }[want]
             else:
                 need = "reads int64 (format 'q'), float64 ('d') or bool ('?') buffers"
                 fix = "array.array('q' or 'd', ...) or arr.astype(numpy.int64 or numpy.float64)"
             if j >= 0 and want is not None and c is not None:
                 fix += "; for arguments of different types pass one 1-D buffer per argument"
-            raise TypeError(f"tasks.map({name}): {where}: the buffer holds {_format_name(mv)} items, {name} {need}: "
-                            f"convert it, e.g. {fix}")
+            raise TypeError(
+                f"tasks.map({name}): {where}: the buffer holds {_format_name(mv)} items, {name} {need}: "
+                f"convert it, e.g. {fix}"
+            )
         codes += c
     return native.spec_for(tuple({"i": int, "f": float, "b": bool}[c] for c in codes))
 
@@ -383,8 +437,9 @@ MAP_STEP = 1024
 MAP_WINDOW = 4 * MAP_STEP
 
 
-def map_python(submit: Callable[[Sequence[Any], list[Any]], None], items: Sequence[Any], func: Any,
-               return_exceptions: bool) -> list[Any]:
+def map_python(
+    submit: Callable[[Sequence[Any], list[Any]], None], items: Sequence[Any], func: Any, return_exceptions: bool
+) -> list[Any]:
     """The results, in order, of ``func`` over items run as Python tasks: ``submit(part, handles)``
     queues a slice of items, appending each one's handle to ``handles`` as it is queued (so what
     a submission that fails part-way queued is known, and cancelled). As concurrent.futures' map: when this raises

@@ -34,7 +34,7 @@ def _percentile(hist: dict[str, Any], bounds_ns: list[int], q: float) -> float |
     rank = q * n
     seen = 0
     lower = 0
-    for count, upper in zip(hist["counts"], bounds_ns):
+    for count, upper in zip(hist["counts"], bounds_ns, strict=False):  # the loop may stop early
         if count and seen + count >= rank:
             frac = (rank - seen) / count
             return (lower + frac * (upper - lower)) / 1e6
@@ -47,7 +47,7 @@ def _cumulative(hist: dict[str, Any], bounds_ns: list[int]) -> dict[str, Any]:
     buckets = []
     total = 0
     last = max((i for i, c in enumerate(hist["counts"]) if c), default=-1)
-    for i, (count, upper) in enumerate(zip(hist["counts"], bounds_ns)):
+    for i, (count, upper) in enumerate(zip(hist["counts"], bounds_ns, strict=False)):
         if i > last + 1:
             break
         total += count
@@ -58,14 +58,17 @@ def _cumulative(hist: dict[str, Any], bounds_ns: list[int]) -> dict[str, Any]:
 class TaskMonitor:
     """Live figures of one engine: ``TaskMonitor(tasks).get_stats()`` (also ``tasks.monitor``)."""
 
-    def __init__(self, engine: "BackgroundTasks") -> None:
+    def __init__(self, engine: BackgroundTasks) -> None:
         self._engine = engine
         self._last: tuple[float, dict[int, float]] | None = None
 
     def _utilization(self, raw: dict[str, Any]) -> tuple[float, dict[int, float]]:
         now = time.monotonic()
-        busy = {w["worker_id"]: w["busy_s"] + (w["current_task_ms"] / 1000 if w["busy"] else 0.0)
-                for w in raw["workers"] if w["live"]}
+        busy = {
+            w["worker_id"]: w["busy_s"] + (w["current_task_ms"] / 1000 if w["busy"] else 0.0)
+            for w in raw["workers"]
+            if w["live"]
+        }
         per: dict[int, float] = {}
         if self._last is not None and now - self._last[0] > 0.05:
             t0, prev = self._last
@@ -129,7 +132,9 @@ class TaskMonitor:
                 "memory_in_use_mb": in_use / 2**20,
                 # free nodes held in threads' caches (the rest of memory_usage_mb is free for anyone)
                 "memory_cached_mb": mem["nodes_cached"] * mem["node_size"] / 2**20,
-                "memory_efficiency": (mem["nodes_in_use"] * mem["node_size"] / mem["slab_bytes"]) if mem["slab_bytes"] else 1.0,
+                "memory_efficiency": (mem["nodes_in_use"] * mem["node_size"] / mem["slab_bytes"])
+                if mem["slab_bytes"]
+                else 1.0,
             },
             "error_metrics": {
                 "failed_tasks": st["failed"],
@@ -137,7 +142,9 @@ class TaskMonitor:
                 "timeout_count": st["timed_out"],
                 "error_rate": (st["failed"] + st["timed_out"]) / finished if finished else 0.0,
             },
-            "totals": {k: st[k] for k in ("submitted", "succeeded", "failed", "cancelled", "retried", "timed_out", "rejected")},
+            "totals": {
+                k: st[k] for k in ("submitted", "succeeded", "failed", "cancelled", "retried", "timed_out", "rejected")
+            },
             "histograms": {
                 "execution_time_seconds": _cumulative(ex, bounds),
                 "queue_wait_seconds": _cumulative(wt, bounds),
@@ -159,17 +166,19 @@ class TaskMonitor:
             if not w["live"]:
                 continue
             busy = w["busy_s"]
-            out.append({
-                "worker_id": w["worker_id"],
-                "busy": w["busy"],
-                "current_task_ms": w["current_task_ms"],
-                "tasks_processed": w["processed"],
-                "tasks_stolen": w["stolen"],
-                "utilization": per.get(w["worker_id"], 0.0),
-                "busy_s": busy,
-                "gil_wait_s": w["gil_wait_s"],
-                "cpu_s": w["cpu_s"],
-            })
+            out.append(
+                {
+                    "worker_id": w["worker_id"],
+                    "busy": w["busy"],
+                    "current_task_ms": w["current_task_ms"],
+                    "tasks_processed": w["processed"],
+                    "tasks_stolen": w["stolen"],
+                    "utilization": per.get(w["worker_id"], 0.0),
+                    "busy_s": busy,
+                    "gil_wait_s": w["gil_wait_s"],
+                    "cpu_s": w["cpu_s"],
+                }
+            )
         return out
 
     def optimize_workers(self) -> dict[str, Any]:
@@ -199,7 +208,7 @@ class AutoScaler:
     the first one; an idle engine at ``min_workers`` has none.
     """
 
-    def __init__(self, engine: "BackgroundTasks", monitor: TaskMonitor | None = None) -> None:
+    def __init__(self, engine: BackgroundTasks, monitor: TaskMonitor | None = None) -> None:
         self._engine = engine
         self._monitor = monitor or TaskMonitor(engine)
         self.scale_up_threshold = 0.8
@@ -296,19 +305,36 @@ class AutoScaler:
         if backlog > 0 or util > self.scale_down_threshold:
             self._last_active = now
         lo, hi = eng.min_workers, eng.max_workers
-        decision: dict[str, Any] = {"at": time.time(), "workers": live, "utilization": round(util, 3),
-                                    "blocked": round(blocked, 3), "cpu_cores": round(cores, 3), "backlog": backlog,
-                                    "action": "none"}
-        if (backlog > 0 and util >= self.scale_up_threshold and blocked >= self.blocked_threshold
-                and cores < self.cpu_saturation and live < hi):
+        decision: dict[str, Any] = {
+            "at": time.time(),
+            "workers": live,
+            "utilization": round(util, 3),
+            "blocked": round(blocked, 3),
+            "cpu_cores": round(cores, 3),
+            "backlog": backlog,
+            "action": "none",
+        }
+        if (
+            backlog > 0
+            and util >= self.scale_up_threshold
+            and blocked >= self.blocked_threshold
+            and cores < self.cpu_saturation
+            and live < hi
+        ):
             target = min(hi, max(live + 1, math.ceil(live * self.scale_factor)))
-            decision.update(action="up", target=target,
-                            reason=f"{backlog} tasks wait, workers {util:.0%} busy and {blocked:.0%} of that blocked "
-                                   f"(using {cores:.2f} cores)")
+            decision.update(
+                action="up",
+                target=target,
+                reason=f"{backlog} tasks wait, workers {util:.0%} busy and {blocked:.0%} of that blocked "
+                f"(using {cores:.2f} cores)",
+            )
         elif backlog == 0 and live > lo and now - self._last_active >= self.cooldown_seconds:
             target = max(lo, math.floor(live / self.scale_factor))
-            decision.update(action="down", target=target,
-                            reason=f"idle for {now - self._last_active:.1f} s (utilization {util:.0%})")
+            decision.update(
+                action="down",
+                target=target,
+                reason=f"idle for {now - self._last_active:.1f} s (utilization {util:.0%})",
+            )
         if apply and decision["action"] != "none":
             if decision["action"] == "up":
                 for _ in range(decision["target"] - live):
@@ -318,7 +344,13 @@ class AutoScaler:
                 for _ in range(live - decision["target"]):
                     if not eng._retire_worker():
                         break
-            log.debug("auto-scaling %s: %d -> %d workers: %s", decision["action"], live, decision["target"], decision["reason"])
+            log.debug(
+                "auto-scaling %s: %d -> %d workers: %s",
+                decision["action"],
+                live,
+                decision["target"],
+                decision["reason"],
+            )
             self.decisions.append(decision)
             del self.decisions[:-100]
         decision["keep_watching"] = backlog > 0 or eng._stats()["workers"] > lo

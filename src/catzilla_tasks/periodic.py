@@ -16,7 +16,8 @@ from __future__ import annotations
 import datetime
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .engine import BackgroundTasks
@@ -29,11 +30,9 @@ def _cron(expr: str) -> Any:
     try:
         from cronsim import CronSim, CronSimError
     except ImportError:
-        raise ImportError(
-            "cron schedules need the 'cronsim' package: pip install 'catzilla-tasks[cron]'"
-        ) from None
+        raise ImportError("cron schedules need the 'cronsim' package: pip install 'catzilla-tasks[cron]'") from None
     try:
-        CronSim(expr, datetime.datetime.now(datetime.timezone.utc))
+        CronSim(expr, datetime.datetime.now(datetime.UTC))
     except CronSimError as exc:
         raise ValueError(f"cron: {expr!r} is not a valid cron expression ({exc})") from None
     return CronSim
@@ -44,7 +43,7 @@ class PeriodicTask:
 
     def __init__(
         self,
-        engine: "BackgroundTasks",
+        engine: BackgroundTasks,
         func: Callable[..., Any],
         *,
         every: datetime.timedelta | float | None = None,
@@ -69,7 +68,7 @@ class PeriodicTask:
             self.every = None
             self._cron_cls = _cron(cron)
         self.cron = cron
-        self.tz = tz or datetime.timezone.utc
+        self.tz = tz or datetime.UTC
         self.engine = engine
         self.func = func
         self.args = args
@@ -78,7 +77,7 @@ class PeriodicTask:
         self.runs = 0
         self.skipped = 0
         self.missed = 0
-        self.last: "TaskResult | None" = None
+        self.last: TaskResult | None = None
         self._lock = threading.Lock()
         self._cancelled = False
         self._due_mono: float | None = None
@@ -107,7 +106,7 @@ class PeriodicTask:
         if self._cancelled:
             return
         now_mono = time.monotonic()
-        now_wall = datetime.datetime.now(datetime.timezone.utc)
+        now_wall = datetime.datetime.now(datetime.UTC)
         if initial and first_run_now:
             delay = 0.0
             self._due_mono = now_mono

@@ -40,8 +40,7 @@ try:
     from prometheus_client.utils import floatToGoString
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "catzilla_tasks.prometheus needs the prometheus-client package: "
-        "pip install 'catzilla-tasks[prometheus]'"
+        "catzilla_tasks.prometheus needs the prometheus-client package: pip install 'catzilla-tasks[prometheus]'"
     ) from exc
 
 from ._redact import redact_text
@@ -73,7 +72,6 @@ _COUNTERS = (  # (key in stats["totals"], metric name without _total, help)
     ("rejected", "tasks_rejected", "Submits refused because the engine was full (QueueFull)."),
 )
 _PRIORITIES = ("critical", "high", "normal", "low")
-
 
 
 def _num(value: Any) -> float:
@@ -160,8 +158,11 @@ class TasksCollector:
                 snapshots.append(fn())
             except Exception as exc:  # one broken engine must not break the whole scrape
                 # the message only, credentials masked: it may quote a connection string
-                log.error("catzilla_tasks: could not read the stats of %r: %s", source,
-                          redact_text(f"{type(exc).__name__}: {exc}"))
+                log.error(
+                    "catzilla_tasks: could not read the stats of %r: %s",
+                    source,
+                    redact_text(f"{type(exc).__name__}: {exc}"),
+                )
         fams = {m.name: m for m in self._families()}
 
         def fam(name: str) -> Any:
@@ -190,7 +191,7 @@ class TasksCollector:
 
 
 # One collector per registry, so several engines can share a registry without name clashes.
-_by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, TasksCollector]" = weakref.WeakKeyDictionary()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, TasksCollector] = weakref.WeakKeyDictionary()
 _by_registry_lock = threading.Lock()
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import threading
 import traceback
 import weakref
-from typing import Any, Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from . import _engine
 from ._engine import QueueFull, TaskCancelled
-from .errors import WorkflowError
 from .engine import BackgroundTasks, _live
+from .errors import WorkflowError
 from .results import TaskFuture, TaskResult
 
 __all__ = [
@@ -51,7 +52,7 @@ class Step:
 
     __slots__ = ("chain", "index", "id")
 
-    def __init__(self, chain: "TaskChain", index: int, step_id: str) -> None:
+    def __init__(self, chain: TaskChain, index: int, step_id: str) -> None:
         self.chain = chain
         self.index = index
         self.id = step_id
@@ -113,8 +114,15 @@ def default_engine() -> BackgroundTasks:
 class _StepDef:
     __slots__ = ("id", "func", "args", "kwargs", "depends_on", "refs")
 
-    def __init__(self, step_id: str, func: Callable[..., Any], args: tuple, kwargs: dict | None,
-                 depends_on: tuple[str, ...], refs: tuple[tuple[int | None, str | None, _ResultRef], ...]) -> None:
+    def __init__(
+        self,
+        step_id: str,
+        func: Callable[..., Any],
+        args: tuple,
+        kwargs: dict | None,
+        depends_on: tuple[str, ...],
+        refs: tuple[tuple[int | None, str | None, _ResultRef], ...],
+    ) -> None:
         self.id = step_id
         self.func = func
         self.args = args
@@ -136,7 +144,7 @@ class _Plan:
     # per step: the call's values (positional, then keyword values) and keyword names
     values: tuple[tuple, ...]
     kwnames: tuple[tuple[str, ...] | None, ...]
-    pending: tuple[int, ...]                # dependencies to succeed before a step is queued
+    pending: tuple[int, ...]  # dependencies to succeed before a step is queued
     dependents: tuple[tuple[int, ...], ...]  # steps counted down by a step's success
     # per step: None, or ((index into values, source), ...): a value to replace by a result,
     # the source being a step index or a tuple of them (results_of: a list)
@@ -195,7 +203,7 @@ class TaskChain:
         depends_on: str | Step | Sequence[str | Step] | None = None,
         step_name: str | None = None,
         **kwargs: Any,
-    ) -> "TaskChain":
+    ) -> TaskChain:
         """Add the step ``func(*args, **kwargs)``; return the chain (its id is
         ``f"{name}_{index}"`` unless ``step_name`` is given)."""
         self._add(func, args, kwargs, depends_on, step_name)
@@ -255,9 +263,7 @@ class TaskChain:
             return dep.id
         if isinstance(dep, str):
             return dep
-        raise TypeError(
-            f"workflow {self.name!r}: step {step_id!r} {what} {dep!r}; expected a step id (str) or a Step"
-        )
+        raise TypeError(f"workflow {self.name!r}: step {step_id!r} {what} {dep!r}; expected a step id (str) or a Step")
 
     def _dep_ids(self, step_id: str, depends_on: Any) -> tuple[str, ...]:
         if depends_on is None:
@@ -272,10 +278,12 @@ class TaskChain:
                 f"{type(depends_on).__name__}"
             ) from None
         own = self._own_id
-        return tuple([
-            d.id if type(d) is Step and d.chain is self else d if type(d) is str else own(step_id, d, "depends on")
-            for d in items
-        ])
+        return tuple(
+            [
+                d.id if type(d) is Step and d.chain is self else d if type(d) is str else own(step_id, d, "depends on")
+                for d in items
+            ]
+        )
 
     def _as_ref(self, step_id: str, value: Any) -> _ResultRef | None:
         """The step results an argument stands for, or None (a container is checked not to hide
@@ -297,7 +305,7 @@ class TaskChain:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def validate(self) -> "TaskChain":
+    def validate(self) -> TaskChain:
         """Check the dependencies (ValueError naming the steps: an unknown step, a cycle);
         return the chain. ``execute()`` does it too."""
         self._compile()
@@ -327,11 +335,13 @@ class TaskChain:
             if s.refs:
                 pos_subs = tuple(
                     (pos, tuple(index[i] for i in ref.ids) if ref.many else index[ref.ids[0]])
-                    for pos, key, ref in s.refs if key is None
+                    for pos, key, ref in s.refs
+                    if key is None
                 )
                 kw_subs = tuple(
                     (key, tuple(index[i] for i in ref.ids) if ref.many else index[ref.ids[0]])
-                    for pos, key, ref in s.refs if key is not None
+                    for pos, key, ref in s.refs
+                    if key is not None
                 )
                 subs.append((pos_subs, kw_subs))
             else:
@@ -364,7 +374,7 @@ class TaskChain:
         values: list[tuple] = []
         kwnames: list[tuple[str, ...] | None] = []
         fills: list[Any] = []
-        for s, sub in zip(steps, subs):
+        for s, sub in zip(steps, subs, strict=True):
             kw = s.kwargs or {}
             names = tuple(kw)
             values.append((*s.args, *kw.values()) if kw else s.args)
@@ -395,7 +405,7 @@ class TaskChain:
             at[j] = len(path)
             path.append(j)
             j = next(d for d in deps[j] if left[d])
-        loop = path[at[j]:] + [j]
+        loop = path[at[j] :] + [j]
         return " -> ".join(repr(self._steps[k].id) for k in loop)
 
     # -- running -------------------------------------------------------------------------------
@@ -480,8 +490,19 @@ class _Run:
     The lock guards only the queue-full overflow list.
     """
 
-    __slots__ = ("plan", "engine", "result", "chain", "gates", "done", "lock", "overflow", "retry_armed",
-                 "retry_s", "__weakref__")
+    __slots__ = (
+        "plan",
+        "engine",
+        "result",
+        "chain",
+        "gates",
+        "done",
+        "lock",
+        "overflow",
+        "retry_armed",
+        "retry_s",
+        "__weakref__",
+    )
 
     def __init__(self, plan: _Plan, engine: BackgroundTasks, result: TaskResult, chain: TaskChain) -> None:
         self.plan = plan
@@ -493,8 +514,15 @@ class _Run:
         self.overflow: list[Any] = []
         self.retry_armed = False
         self.retry_s = _RETRY_FIRST_S
-        self.gates: list[Any] = engine._gates((*plan.funcs, self._finish), plan.values, plan.kwnames, plan.pending,
-                                              plan.dependents, plan.fills, self._on_fail)
+        self.gates: list[Any] = engine._gates(
+            (*plan.funcs, self._finish),
+            plan.values,
+            plan.kwnames,
+            plan.pending,
+            plan.dependents,
+            plan.fills,
+            self._on_fail,
+        )
 
     def start(self) -> None:
         """Queue the steps without dependencies (in the caller of execute())."""
@@ -536,7 +564,8 @@ class _Run:
             return
         self.done = True
         gates = self.gates
-        self.result._settle(value={sid: g.value for sid, g in zip(self.plan.ids, gates)})
+        # gates has one more entry than ids: the finish gate, which is no step
+        self.result._settle(value={sid: g.value for sid, g in zip(self.plan.ids, gates, strict=False)})
 
     # -- a full engine -----------------------------------------------------------------------
     def _defer(self, gates: list[Any]) -> None:
@@ -577,8 +606,11 @@ class _Run:
         self.done = True
         plan = self.plan
         step = plan.ids[j] if j < len(plan.ids) else "(the workflow's end)"
-        results = {plan.ids[i]: g.value for i, g in enumerate(self.gates[: len(plan.ids)])
-                   if g.result is not None and g.result.status.value == _SUCCEEDED}
+        results = {
+            plan.ids[i]: g.value
+            for i, g in enumerate(self.gates[: len(plan.ids)])
+            if g.result is not None and g.result.status.value == _SUCCEEDED
+        }
         exc = _without_own_frames(exc, keep=how != "could not be queued")
         detail = f": {type(exc).__name__}: {exc}" if how != "was cancelled" else ""
         err = WorkflowError(
@@ -674,7 +706,7 @@ class Workflow:
     def execute_async(self, *args: Any, **kwargs: Any) -> TaskFuture:
         return self.build(*args, **kwargs).execute_async()
 
-    def on(self, tasks: BackgroundTasks) -> "Workflow":
+    def on(self, tasks: BackgroundTasks) -> Workflow:
         return Workflow(self.name, self.fn, tasks)
 
     def __repr__(self) -> str:
@@ -720,7 +752,7 @@ def call(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Call:
     return Call(func, args, kwargs)
 
 
-CallLike = Union[Call, tuple, Callable[..., Any]]
+CallLike = Call | tuple | Callable[..., Any]
 
 
 def _as_call(c: Any) -> Call:
@@ -761,8 +793,9 @@ def group(*calls: CallLike, name: str = "group", tasks: BackgroundTasks | None =
     return Group([_as_call(x) for x in calls], name, tasks)
 
 
-def chord(header: Group | Iterable[CallLike], callback: CallLike, *, name: str = "chord",
-          tasks: BackgroundTasks | None = None) -> TaskChain:
+def chord(
+    header: Group | Iterable[CallLike], callback: CallLike, *, name: str = "chord", tasks: BackgroundTasks | None = None
+) -> TaskChain:
     """Run the header's calls in parallel, then ``callback`` with the list of their values
     (in the header's order) as its first argument; its id is ``c.step_ids[-1]``."""
     calls = header.calls if isinstance(header, Group) else tuple(_as_call(x) for x in header)

@@ -49,9 +49,7 @@ log = logging.getLogger("catzilla_tasks.dashboard")
 
 StatsSource = Callable[[], Mapping[str, Any]]
 
-PROMETHEUS_MISSING = (
-    "Prometheus metrics need the prometheus-client package: pip install 'catzilla-tasks[prometheus]'\n"
-)
+PROMETHEUS_MISSING = "Prometheus metrics need the prometheus-client package: pip install 'catzilla-tasks[prometheus]'\n"
 
 
 def stats_function(source: Any) -> StatsSource:
@@ -142,7 +140,7 @@ _PAGE_CSP = (
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    server: "DashboardServer"
+    server: DashboardServer
     server_version = "catzilla-tasks-dashboard"
     sys_version = ""
     # HTTP/1.0: one request per connection, so stop() leaves no kept-alive connection being served
@@ -194,22 +192,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return True
         host = host.strip()
         if host.startswith("["):
-            name = host[1:host.find("]")] if "]" in host else ""
+            name = host[1 : host.find("]")] if "]" in host else ""
         else:
             name = host.rpartition(":")[0] if ":" in host else host
         return bool(name) and _is_loopback(name)
 
     def do_GET(self) -> None:
         if not self._host_allowed():
-            self._send(403, "text/plain; charset=utf-8",
-                       b"403 Forbidden: this dashboard answers only to a loopback Host (localhost, 127.0.0.1, [::1])\n")
+            self._send(
+                403,
+                "text/plain; charset=utf-8",
+                b"403 Forbidden: this dashboard answers only to a loopback Host (localhost, 127.0.0.1, [::1])\n",
+            )
             return
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         if not self._authorized(query):
-            self._send(401, "text/plain; charset=utf-8",
-                       b"401 Unauthorized: this dashboard needs ?token=... or Authorization: Bearer ...\n",
-                       {"WWW-Authenticate": 'Bearer realm="catzilla-tasks"'})
+            self._send(
+                401,
+                "text/plain; charset=utf-8",
+                b"401 Unauthorized: this dashboard needs ?token=... or Authorization: Bearer ...\n",
+                {"WWW-Authenticate": 'Bearer realm="catzilla-tasks"'},
+            )
             return
         path = parts.path
         if path in ("/", "/index.html"):
@@ -238,8 +242,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def _read_only(self) -> None:
-        self._send(405, "text/plain; charset=utf-8", b"405 Method Not Allowed: the dashboard is read-only\n",
-                   {"Allow": "GET, HEAD"})
+        self._send(
+            405,
+            "text/plain; charset=utf-8",
+            b"405 Method Not Allowed: the dashboard is read-only\n",
+            {"Allow": "GET, HEAD"},
+        )
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _read_only
 
@@ -305,10 +313,16 @@ def serve(
     if token is None and not server.loopback:  # the name said loopback, the resolver did not
         bound = server.server_address[0]
         server.server_close()
-        raise ValueError(f"serving the dashboard beyond localhost needs a token: host={host!r} is bound to {bound!r}, "
-                         "not a loopback address; pass token=...")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
-                              name=f"catzilla-tasks-dashboard:{server.server_address[1]}", daemon=True)
+        raise ValueError(
+            f"serving the dashboard beyond localhost needs a token: host={host!r} is bound to {bound!r}, "
+            "not a loopback address; pass token=..."
+        )
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.25},
+        name=f"catzilla-tasks-dashboard:{server.server_address[1]}",
+        daemon=True,
+    )
     server.thread = thread
     thread.start()
     return server, thread

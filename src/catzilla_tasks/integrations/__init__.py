@@ -23,8 +23,12 @@ from .. import dashboard
 __all__ = ["ROUTES", "stats_response", "metrics_response", "dashboard_response", "normalise_prefix"]
 
 # path below the prefix -> what it serves
-ROUTES = {"/stats": "stats JSON", "/dashboard/": "dashboard page", "/dashboard/stats.json": "stats JSON",
-          "/metrics": "Prometheus text"}
+ROUTES = {
+    "/stats": "stats JSON",
+    "/dashboard/": "dashboard page",
+    "/dashboard/stats.json": "stats JSON",
+    "/metrics": "Prometheus text",
+}
 
 Reply = tuple[int, str, bytes, dict[str, str]]
 _NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -53,7 +57,12 @@ def metrics_response(stats_fn: Callable[[], Any]) -> Reply:
     try:
         status, ctype, body = dashboard._metrics(stats_fn)
     except Exception as exc:
-        return 503, "text/plain; charset=utf-8", f"could not read the stats: {dashboard.error_text(exc)}\n".encode(), dict(_NO_STORE)
+        return (
+            503,
+            "text/plain; charset=utf-8",
+            f"could not read the stats: {dashboard.error_text(exc)}\n".encode(),
+            dict(_NO_STORE),
+        )
     return status, ctype, body, dict(_NO_STORE)
 
 

@@ -27,6 +27,8 @@ from starlette.requests import HTTPConnection
 from . import starlette as _st
 from .starlette import (
     DetachedBackgroundTasks as _Detached,
+)
+from .starlette import (
     current_engine,
     default_engine,
     detached_background_tasks,
@@ -38,8 +40,16 @@ from .starlette import (
 )
 
 __all__ = [
-    "BackgroundTasks", "DetachedBackgroundTasks", "current_engine", "default_engine", "detached_background_tasks",
-    "engine_of", "install", "lifespan", "request_background_tasks", "routes",
+    "BackgroundTasks",
+    "DetachedBackgroundTasks",
+    "current_engine",
+    "default_engine",
+    "detached_background_tasks",
+    "engine_of",
+    "install",
+    "lifespan",
+    "request_background_tasks",
+    "routes",
 ]
 
 

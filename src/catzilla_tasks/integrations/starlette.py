@@ -56,8 +56,17 @@ from ..results import TaskResult
 from . import Reply, dashboard_response, metrics_response, normalise_prefix, stats_response
 
 __all__ = [
-    "BackgroundTask", "BackgroundTasks", "DetachedBackgroundTasks", "current_engine", "default_engine",
-    "detached_background_tasks", "engine_of", "install", "lifespan", "request_background_tasks", "routes",
+    "BackgroundTask",
+    "BackgroundTasks",
+    "DetachedBackgroundTasks",
+    "current_engine",
+    "default_engine",
+    "detached_background_tasks",
+    "engine_of",
+    "install",
+    "lifespan",
+    "request_background_tasks",
+    "routes",
 ]
 
 STATE_KEY = "catzilla_tasks"
@@ -124,6 +133,7 @@ def _check_engine(engine: Any) -> Engine | None:
 
 
 # --------------------------------------------------------------------------- compatible mode
+
 
 async def _outcome(result: TaskResult) -> Any:
     """Wait for the task without blocking the server's event loop or using its threads."""
@@ -264,6 +274,7 @@ class BackgroundTasks(_starlette.BackgroundTasks):
 
 # --------------------------------------------------------------------------- detached mode
 
+
 class DetachedBackgroundTasks:
     """Detached mode: ``add_task(func, *args, **kwargs)`` queues into the engine now and returns the ``TaskResult``.
 
@@ -305,11 +316,15 @@ def engine_of(request: HTTPConnection) -> Engine:
 
 
 def detached_background_tasks(request: HTTPConnection) -> DetachedBackgroundTasks:
-    """A ``DetachedBackgroundTasks`` on the app's engine (``current_engine()`` without one); a FastAPI dependency too."""
+    """A ``DetachedBackgroundTasks`` on the app's engine (``current_engine()`` without one).
+
+    A FastAPI dependency too."""
     return DetachedBackgroundTasks(_app_engine(request))
 
 
-async def request_background_tasks(connection: HTTPConnection, collected: _starlette.BackgroundTasks) -> BackgroundTasks:
+async def request_background_tasks(
+    connection: HTTPConnection, collected: _starlette.BackgroundTasks
+) -> BackgroundTasks:
     """The request's tasks as our ``BackgroundTasks``, adding to ``collected``: FastAPI's dependency
     behind its ``BackgroundTasks`` drop-in (``collected`` is FastAPI's per-request instance, the one
     it runs after the response). On the app's engine (``current_engine()`` when they run, without one).
@@ -413,8 +428,10 @@ def routes(tasks: Engine | None = None, *, dashboard: bool = True, metrics: bool
 
     table = [Route("/stats", stats, methods=["GET", "HEAD"])]
     if dashboard:
-        table += [Route("/dashboard/", page, methods=["GET", "HEAD"]),
-                  Route("/dashboard/stats.json", stats, methods=["GET", "HEAD"])]
+        table += [
+            Route("/dashboard/", page, methods=["GET", "HEAD"]),
+            Route("/dashboard/stats.json", stats, methods=["GET", "HEAD"]),
+        ]
     if metrics:
         table.append(Route("/metrics", prometheus, methods=["GET", "HEAD"]))
     return Router(routes=table)

@@ -37,7 +37,8 @@ Design (see also the class docstrings):
   (the process sentinel where there is no pidfd), i.e. ``poll(2)`` with the real deadline,
   which releases the GIL; a dead child wakes the caller at once through its pidfd or EOF.
 * Process groups: each child leads its own; killing a child (timeout, ``cancel()``,
-  shutdown, the parent's death) or its own death (a crash) kills its group, so a task's subprocesses go with it. Callers waiting for a free child wait
+  shutdown, the parent's death) or its own death (a crash) kills its group, so a task's
+  subprocesses go with it. Callers waiting for a free child wait
   on a ``threading.Condition``. Nothing polls or sleeps.
 
 The package, by concern:

@@ -15,8 +15,8 @@ from ..errors import WorkerLost
 from ._in_child import _child_main
 from ._wire import _READY, _exit_description, _read_crash_text
 
-_RETIRE_GRACE_S = 2.0    # an idle child told to exit (EOF) gets this long before SIGKILL
-_REAP_WAIT_S = 5.0       # after SIGKILL, how long to wait for the exit status
+_RETIRE_GRACE_S = 2.0  # an idle child told to exit (EOF) gets this long before SIGKILL
+_REAP_WAIT_S = 5.0  # after SIGKILL, how long to wait for the exit status
 
 # multiprocessing reads a forkserver child's exit status from its sentinel on the first
 # poll(); two threads polling the same child at once could split that read. Every start

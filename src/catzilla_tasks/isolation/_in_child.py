@@ -15,7 +15,8 @@ import pickle
 import resource
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._pickling import _PROTOCOL
 from ._wire import _HEADER, _READY, _VALUE, _error_reply, _safe_text
@@ -66,8 +67,12 @@ def _guard_thread_starts() -> None:
         return start_thread
 
     # threading keeps its own reference (3.11-3.12: _start_new_thread; 3.13: _start_joinable_thread)
-    for mod, name in ((_thread, "start_new_thread"), (_thread, "start_joinable_thread"),
-                      (threading, "_start_new_thread"), (threading, "_start_joinable_thread")):
+    for mod, name in (
+        (_thread, "start_new_thread"),
+        (_thread, "start_joinable_thread"),
+        (threading, "_start_new_thread"),
+        (threading, "_start_joinable_thread"),
+    ):
         start = getattr(mod, name, None)
         if start is not None:
             setattr(mod, name, guarded(start))
@@ -115,7 +120,7 @@ def _run_one(message: bytes) -> tuple[bytes | memoryview, bool]:
     global _active_limit
     (limit_mb,) = _HEADER.unpack_from(message)
     try:
-        func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size:])  # noqa: S301 - from the parent over a private pipe
+        func, args, kwargs = pickle.loads(memoryview(message)[_HEADER.size :])  # noqa: S301 - from the parent over a private pipe
     except BaseException as exc:  # noqa: BLE001
         return _error_reply(exc, "load"), False
     del message

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pickle
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -50,9 +51,7 @@ def _unpicklable_error(func: Any, args: tuple, kwargs: dict, exc: BaseException)
         try:
             pickle.dumps(obj, protocol=_PROTOCOL)
         except Exception as part_exc:  # noqa: BLE001 - pickling raises many types
-            return TypeError(
-                f"{label} ({_describe(obj)}) cannot be pickled ({_why(part_exc)}): {_NEED}; {_hint(obj)}"
-            )
+            return TypeError(f"{label} ({_describe(obj)}) cannot be pickled ({_why(part_exc)}): {_NEED}; {_hint(obj)}")
     return TypeError(f"the task's function and arguments cannot be pickled together ({_why(exc)}): {_NEED}")
 
 

@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import TaskCancelled, TaskTimeout, WorkerLost
 from ._children import (
@@ -40,7 +41,7 @@ from ._wire import (
 )
 
 _START_METHODS = ("forkserver", "spawn")
-_POOLS: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
+_POOLS: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
 
 class CancelToken:
@@ -99,8 +100,10 @@ class CancelToken:
 def _cancelled_error(pid: int | None) -> BaseException:
     if pid is None:
         return TaskCancelled("the process-isolated task was cancelled before it started")
-    return TaskCancelled(f"the process-isolated task was cancelled while it ran: its child process (pid {pid}) "
-                         "and the child's process group were killed")
+    return TaskCancelled(
+        f"the process-isolated task was cancelled while it ran: its child process (pid {pid}) "
+        "and the child's process group were killed"
+    )
 
 
 class IsolatedCall:
@@ -108,8 +111,9 @@ class IsolatedCall:
     runs the pickled task in the pool (blocking the worker thread); ``cancel()``, which
     ``TaskResult.cancel()`` of the running task calls, kills it (the task ends CANCELLED)."""
 
-    def __init__(self, pool: "ProcessPool", payload: bytes, name: str, timeout_s: float | None,
-                 memory_limit_mb: float | None) -> None:
+    def __init__(
+        self, pool: ProcessPool, payload: bytes, name: str, timeout_s: float | None, memory_limit_mb: float | None
+    ) -> None:
         self._pool = pool
         self._payload = payload
         self._timeout_s = timeout_s
@@ -118,8 +122,9 @@ class IsolatedCall:
         self.__qualname__ = name  # what the monitor's failure list shows
 
     def __call__(self) -> Any:
-        return self._pool.run_pickled(self._payload, timeout_s=self._timeout_s,
-                                      memory_limit_mb=self._memory_limit_mb, cancel=self._token)
+        return self._pool.run_pickled(
+            self._payload, timeout_s=self._timeout_s, memory_limit_mb=self._memory_limit_mb, cancel=self._token
+        )
 
     def cancel(self) -> bool:
         return self._token.cancel()
@@ -159,6 +164,27 @@ class ProcessPool:
     children also exit on their own when the parent process dies.
     """
 
+    # Declared here so the type checker knows them before it has read __init__ (CancelToken,
+    # defined above, uses the pool's lock).
+    _size: int
+    _name: str
+    _start_method: str
+    _ctx: multiprocessing.context.BaseContext
+    _start_timeout: float
+    _lock: threading.Lock
+    _child_free: threading.Condition
+    _all_done: threading.Condition
+    _slots: int  # children alive or being started (<= size)
+    _inflight: int  # callers inside run()
+    _closing: bool
+    _terminating: bool
+    _forked: bool
+    _ids: itertools.count[int]
+    _started: int
+    _lost: int
+    _timeouts: int
+    _tasks: int
+
     def __init__(
         self,
         size: int | None = None,
@@ -190,14 +216,14 @@ class ProcessPool:
         self._start_timeout = start_timeout_f
         self._lock = threading.Lock()
         self._child_free = threading.Condition(self._lock)  # an idle child or a free slot
-        self._all_done = threading.Condition(self._lock)    # no caller inside run() any more
-        self._idle: list[_Child] = []   # LIFO: the most recently used child runs the next task
+        self._all_done = threading.Condition(self._lock)  # no caller inside run() any more
+        self._idle: list[_Child] = []  # LIFO: the most recently used child runs the next task
         self._busy: set[_Child] = set()
-        self._slots = 0                 # children alive or being started (<= size)
-        self._inflight = 0              # callers inside run()
-        self._closing = False           # shutdown() called: new run() calls are refused
-        self._terminating = False       # running tasks are being killed, waiting callers refused
-        self._forked = False            # this is a copy of the pool in an os.fork() child
+        self._slots = 0  # children alive or being started (<= size)
+        self._inflight = 0  # callers inside run()
+        self._closing = False  # shutdown() called: new run() calls are refused
+        self._terminating = False  # running tasks are being killed, waiting callers refused
+        self._forked = False  # this is a copy of the pool in an os.fork() child
         self._ids = itertools.count(1)
         self._started = 0
         self._lost = 0
@@ -324,7 +350,9 @@ class ProcessPool:
                     self._discard(child, kill=True)
                     raise
                 return self._outcome(child, timeout_s, memory_limit_mb, cancel)
-            raise WorkerLost("the task could not be handed to a child process: three children in a row died before it started")
+            raise WorkerLost(
+                "the task could not be handed to a child process: three children in a row died before it started"
+            )
         finally:
             self._leave()
 
@@ -434,8 +462,9 @@ class ProcessPool:
         except (EOFError, OSError):
             return None
 
-    def _outcome(self, child: _Child, timeout_s: float | None, memory_limit_mb: float | None,
-                 cancel: CancelToken | None = None) -> Any:
+    def _outcome(
+        self, child: _Child, timeout_s: float | None, memory_limit_mb: float | None, cancel: CancelToken | None = None
+    ) -> Any:
         """Wait for the task sent to ``child`` and turn the reply into a value or an error."""
         oom_before = _oom_kill_count() if memory_limit_mb is not None else None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -28,9 +28,9 @@ from ._pickling import _NEED, _PROTOCOL, _why
 # parent -> child: header (memory_limit_mb as a double, 0.0 = none) + pickle of (func, args, kwargs)
 _HEADER = struct.Struct("<d")
 # child -> parent: the first byte says what follows
-_READY = b"+"   # handshake after start
-_VALUE = b"R"   # + pickle of the task's return value
-_ERROR = b"E"   # + pickle of a dict describing the failure (see _error_reply)
+_READY = b"+"  # handshake after start
+_VALUE = b"R"  # + pickle of the task's return value
+_ERROR = b"E"  # + pickle of a dict describing the failure (see _error_reply)
 _CRASH_TEXT_MAX = 16 * 1024
 
 
@@ -63,7 +63,7 @@ def _error_reply(exc: BaseException, stage: str, *, memory: bool = False) -> byt
         exc_bytes = None
         problem = _why(pickling_exc)
     info = {
-        "stage": stage,         # "load" (unpickling the task), "call", "result" (pickling the value)
+        "stage": stage,  # "load" (unpickling the task), "call", "result" (pickling the value)
         "type": _type_name(exc),
         "text": _safe_text(exc),
         "traceback": tb,
@@ -88,9 +88,7 @@ def _rebuild_error(info: dict, memory_limit_mb: float | None) -> BaseException:
         exc.__cause__ = tb
         return exc
     if stage == "result":
-        exc = TypeError(
-            f"the task's result cannot be pickled ({info['type']}: {info['text']}): {_NEED}"
-        )
+        exc = TypeError(f"the task's result cannot be pickled ({info['type']}: {info['text']}): {_NEED}")
         exc.__cause__ = tb
         return exc
     original = None
