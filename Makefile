@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SRC := $(wildcard src/catzilla_tasks/_engine/*.c src/catzilla_tasks/_engine/*.h)
 
-.PHONY: venv build demo test test-quick bench chaos asan-test tsan-test wheel clean
+.PHONY: venv build demo test test-quick lint bench chaos asan-test tsan-test wheel clean
 
 # Re-installs when pyproject.toml changes (a new test dependency reaches existing venvs too).
 $(VPY): pyproject.toml
@@ -28,6 +28,11 @@ test: build
 
 test-quick: build
 	$(VPY) -m pytest -q -m 'not stress and not slow'
+
+# The code checks alone (configured in pyproject.toml; also part of the suite: tests/test_lint.py):
+# ruff lint and format check, mypy over src/, stubtest of the extension's _engine.pyi.
+lint: build
+	$(VPY) -m pytest -q tests/test_lint.py
 
 bench: build
 	$(VPY) -m pip install -q -e '.[bench]' >/dev/null 2>&1 || $(VPY) -m pip install -q 'catzilla==0.2.3' psutil

@@ -15,8 +15,7 @@ import time
 import pytest
 from http_helpers import get
 
-from catzilla_tasks import BackgroundTasks, TaskPriority
-from catzilla_tasks import cli
+from catzilla_tasks import BackgroundTasks, TaskPriority, cli
 from catzilla_tasks.dashboard import json_safe, serve
 
 PY = sys.executable
@@ -36,7 +35,7 @@ def engine():
     eng.join(30)
     assert [r.status.name for r in results].count("FAILED") == 2
     eng.pause()
-    for prio, n in zip(TaskPriority, (1, 2, 3, 4)):
+    for prio, n in zip(TaskPriority, (1, 2, 3, 4), strict=True):
         for _ in range(n):
             eng.options(priority=prio).add_task(int)
     yield eng
@@ -156,7 +155,8 @@ def test_stats_with_a_token(engine, capsys, monkeypatch):
         rc, out, err = run(["stats", srv.url], capsys)
         assert rc == 0, err
         monkeypatch.delenv(cli.TOKEN_ENV)
-        for url in (srv.url + "?token=tok-42", srv.url + "index.html?token=tok-42", srv.url.rstrip("/") + "?token=tok-42"):
+        query = "?token=tok-42"
+        for url in (srv.url + query, srv.url + "index.html" + query, srv.url.rstrip("/") + query):
             rc, out, err = run(["stats", url], capsys)
             assert rc == 0, (url, err)
             assert "token=***" in out and "tok-42" not in out

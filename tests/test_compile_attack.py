@@ -51,7 +51,7 @@ def unbound_after_if(a: int) -> int:
 
 @task
 def unbound_loop_var(n: int) -> int:
-    for i in range(n):
+    for i in range(n):  # noqa: B007 - i is read after the loop: the case under test
         pass
     return i  # unbound when the range is empty, on purpose
 

@@ -18,10 +18,10 @@ import ctypes
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from catzilla_tasks import task
-from catzilla_tasks import compiler
+from catzilla_tasks import compiler, task
 
 numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
 
@@ -380,7 +380,7 @@ _TRAMPOLINE = ctypes.CFUNCTYPE(ctypes.c_int64, *([ctypes.c_void_p] * 10), ctypes
 
 def native_call(spec, args):
     """One item through the trampoline: (status, value)."""
-    cols = [_CTYPE[c](a) for c, a in zip(spec.codes, args)]
+    cols = [_CTYPE[c](a) for c, a in zip(spec.codes, args, strict=True)]
     ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in cols] + [None] * (8 - len(cols))
     out, status = _CTYPE[spec.rcode](), ctypes.c_uint8(0)
     fn = _TRAMPOLINE(spec.address)
@@ -390,7 +390,7 @@ def native_call(spec, args):
 
 
 def fits(spec, args):
-    return all(not (c == "i" and not I64_MIN <= a <= I64_MAX) for c, a in zip(spec.codes, args))
+    return all(not (c == "i" and not I64_MIN <= a <= I64_MAX) for c, a in zip(spec.codes, args, strict=True))
 
 
 NATIVE_OK: dict[str, int] = {}

@@ -12,10 +12,10 @@ import textwrap
 import threading
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from catzilla_tasks import BackgroundTasks, TaskCancelled, TaskStatus, task
-from catzilla_tasks import compiler, mapping
+from catzilla_tasks import BackgroundTasks, TaskCancelled, TaskStatus, compiler, mapping, task
 from catzilla_tasks.compiler import CompileError, TaskCompiler
 
 numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
@@ -415,7 +415,8 @@ def test_second_process_loads_from_disk_cache(tmp_path):
         took = time.perf_counter() - t0
         with BackgroundTasks(workers=1, min_workers=1) as t:
             r = t.add_task(poly, 0.5, 10)
-            print(json.dumps({"hit": spec.cache_hit, "value": r.wait(10), "native": r.get_stats()["native"], "s": took}))
+            value = r.wait(10)
+            print(json.dumps({"hit": spec.cache_hit, "value": value, "native": r.get_stats()["native"], "s": took}))
         """
     ))
     env = dict(os.environ, CATZILLA_TASKS_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path))

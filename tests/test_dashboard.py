@@ -1,15 +1,14 @@
 """The dashboard page and its standalone server; the browser test drives headless Chromium."""
 
 import datetime as dt
-from html.parser import HTMLParser
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import threading
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -17,8 +16,7 @@ import pytest
 from http_helpers import get
 
 import catzilla_tasks
-from catzilla_tasks import BackgroundTasks, TaskPriority
-from catzilla_tasks import dashboard
+from catzilla_tasks import BackgroundTasks, TaskPriority, dashboard
 from catzilla_tasks.dashboard import html, json_safe, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +81,7 @@ def load(eng, ok=12, failing=("first", "second <b>bold</b> & 'quoted'")):
 
 def pause_with_queue(eng, sizes=(1, 2, 3, 4)):
     eng.pause()
-    for prio, n in zip(TaskPriority, sizes):
+    for prio, n in zip(TaskPriority, sizes, strict=True):
         for _ in range(n):
             eng.options(priority=prio).add_task(int)
 
@@ -328,7 +326,7 @@ def _check_figure(metric, fmt, text, el, value):
     if said[0] == "none":
         assert value is None, where
     elif fmt == "time":
-        assert text == dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%H:%M:%S"), where
+        assert text == dt.datetime.fromtimestamp(value, dt.UTC).strftime("%H:%M:%S"), where
     elif fmt == "text":
         assert text == str(value), where
     elif said[0] == "exact":

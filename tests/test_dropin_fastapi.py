@@ -11,7 +11,7 @@ and the detached mode.
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations, some of them local
 import threading
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated
 
 import fastapi
 import pytest
@@ -58,7 +58,7 @@ def tutorial002_app(lifespan=None) -> FastAPI:
         with open("log.txt", mode="a") as log:
             log.write(message)
 
-    def get_query(background_tasks: BackgroundTasks, q: Union[str, None] = None):
+    def get_query(background_tasks: BackgroundTasks, q: str | None = None):
         if q:
             background_tasks.add_task(write_log, f"found query: {q}\n")
         return q

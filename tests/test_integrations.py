@@ -14,9 +14,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from catzilla_tasks import BackgroundTasks, TaskPriority, TaskResult, TaskStatus
-from catzilla_tasks.integrations import normalise_prefix
 from catzilla_tasks.integrations import catzilla as cz
 from catzilla_tasks.integrations import fastapi as fa
+from catzilla_tasks.integrations import normalise_prefix
 from catzilla_tasks.integrations import starlette as st
 
 ENGINE = dict(workers=2, handle_sigterm=False)

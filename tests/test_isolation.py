@@ -17,9 +17,9 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 
+import isolation_helpers as h
 import pytest
 
-import isolation_helpers as h
 from catzilla_tasks.errors import MemoryLimitExceeded, TaskExceptionNotPicklable, TaskTimeout, WorkerLost
 from catzilla_tasks.isolation import ChildTraceback, ProcessPool, check_picklable, pickle_task
 
@@ -201,7 +201,8 @@ def test_check_picklable_names_the_offending_argument():
     def inner():
         return 1
 
-    with pytest.raises(TypeError, match=r"^the task function \(a local function '.*<locals>\.inner'\) cannot be pickled"):
+    local_fn = r"^the task function \(a local function '.*<locals>\.inner'\) cannot be pickled"
+    with pytest.raises(TypeError, match=local_fn):
         check_picklable(inner, (), {})
 
     with pytest.raises(TypeError, match=r"^keyword argument 'guard' \(a _thread\.lock\) cannot be pickled.*plain data"):
@@ -378,7 +379,7 @@ def test_many_callers_share_two_children():
         # per child, its tasks never overlap in time
         for pid in pids:
             spans = sorted((r[2], r[3]) for r in runs if r[1] == pid)
-            for (_, end), (start, _) in zip(spans, spans[1:]):
+            for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
                 assert start >= end
         # 24 tasks of 50 ms on 2 children: ~0.6 s; the 8 callers block without polling
         assert wall >= n_threads * per_thread * task_s / 2
@@ -516,7 +517,7 @@ def test_children_exit_when_the_parent_is_killed(channel):
 
         if __name__ == "__main__":
             main()
-        """
+        """  # noqa: UP031 - a script template: %r leaves its braces alone
         % TESTS_DIR
     )
     path = os.path.join(channel.dir, "parent.py")
@@ -566,7 +567,7 @@ def test_os_fork_child_leaves_the_parents_pool_alone():
 
         if __name__ == "__main__":
             main()
-        """
+        """  # noqa: UP031 - a script template: %r leaves its braces alone
         % TESTS_DIR
     )
     assert proc.returncode == 0, proc.stderr
@@ -598,7 +599,7 @@ def test_in_pool_child_while_the_child_imports_the_main_module():
         if __name__ == "__main__":
             with ProcessPool(1) as pool:
                 print(AT_IMPORT, pool.run(flag_at_import))
-        """
+        """  # noqa: UP031 - a script template: %r leaves its braces alone
         % TESTS_DIR,
         as_file=True,
     )

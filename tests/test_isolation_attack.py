@@ -271,7 +271,8 @@ def test_without_pidfd_a_task_is_reported_lost_only_once_its_child_is_killed(mon
         os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
         th.join(120)
         assert isinstance(out["r"], WorkerLost), out
-        assert out["state"] in ("gone", "exiting"), f"the child still ran ({out['state']}) when its task was reported lost"
+        state = out["state"]
+        assert state in ("gone", "exiting"), f"the child still ran ({state}) when its task was reported lost"
     finally:
         pool.shutdown(wait=False)
         _kill_quietly(child)

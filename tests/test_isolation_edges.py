@@ -12,9 +12,9 @@ import textwrap
 import threading
 import time
 
+import isolation_edge_helpers as h
 import pytest
 
-import isolation_edge_helpers as h
 from catzilla_tasks import TaskStatus
 from catzilla_tasks.errors import MemoryLimitExceeded, TaskTimeout
 from catzilla_tasks.isolation import ProcessPool

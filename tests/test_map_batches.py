@@ -48,7 +48,9 @@ def test_engine_clamps_a_chunk_larger_than_the_batch(compile_engine):
     for n in (1, 7, 5000):
         items = [(i, 2) for i in range(n)]
         for chunk in (2**63 - 1, 2**63 - 1000, n + 1):
-            results, failed, cancelled = compile_engine._map_native(spec.address, spec.codes, spec.rcode, items, chunk, 2)
+            results, failed, cancelled = compile_engine._map_native(
+                spec.address, spec.codes, spec.rcode, items, chunk, 2
+            )
             assert results == [i + 2 for i in range(n)] and not failed and not cancelled
 
 

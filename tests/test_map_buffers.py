@@ -10,8 +10,7 @@ import threading
 
 import pytest
 
-from catzilla_tasks import BackgroundTasks, task
-from catzilla_tasks import compiler, mapping
+from catzilla_tasks import BackgroundTasks, compiler, mapping, task
 
 numba = pytest.importorskip("numba", reason="the [compile] extra (numba) is part of the test extra")
 
@@ -89,8 +88,8 @@ def _resizable(arr: array.array) -> None:
 @pytest.mark.parametrize("n", [0, 1, 7, 4096, 10_001])
 def test_columns_equal_list_input(tasks, n):
     a, b = _ints(n, n), _ints(n, n + 1)
-    expect = tasks.map(add, list(zip(a, b)))
-    assert expect == [x + y for x, y in zip(a, b)]
+    expect = tasks.map(add, list(zip(a, b, strict=True)))
+    assert expect == [x + y for x, y in zip(a, b, strict=True)]
     ca, cb = array.array("q", a), array.array("q", b)
     assert tasks.map(add, ca, cb) == expect
     assert tasks.map(add, ca, cb, chunk_size=3) == expect
@@ -109,11 +108,11 @@ def test_floats_bools_and_mixed_columns(tasks):
     x, y = _floats(n, 1), _floats(n, 2)
     flags = [v > 0 for v in _floats(n, 3)]
     a = _ints(n, 4, -1000, 1000)
-    assert tasks.map(hyp, array.array("d", x), array.array("d", y)) == tasks.map(hyp, list(zip(x, y)))
+    assert tasks.map(hyp, array.array("d", x), array.array("d", y)) == tasks.map(hyp, list(zip(x, y, strict=True)))
     got = tasks.map(hyp, array.array("d", x), array.array("d", y), out="array")
-    assert got.typecode == "d" and got.tolist() == [hyp(*p) for p in zip(x, y)]
+    assert got.typecode == "d" and got.tolist() == [hyp(*p) for p in zip(x, y, strict=True)]
     fl = memoryview(bytes(flags)).cast("?")        # a bool buffer without numpy
-    expect = [mixed(*t) for t in zip(a, x, flags)]
+    expect = [mixed(*t) for t in zip(a, x, flags, strict=True)]
     assert tasks.map(mixed, array.array("q", a), array.array("d", x), fl) == expect
     assert tasks.map(mixed, array.array("q", a), array.array("d", x), fl, out="array").tolist() == expect
     odd = tasks.map(is_odd, array.array("q", a), out="array")   # bool results: 'B' (0/1)
@@ -123,21 +122,21 @@ def test_floats_bools_and_mixed_columns(tasks):
 
 def test_unannotated_function_takes_the_buffers_types(tasks):
     a, b = _ints(300, 5, -1000, 1000), _ints(300, 6, -1000, 1000)
-    assert tasks.map(arith, array.array("q", a), array.array("q", b)) == [arith(*p) for p in zip(a, b)]
+    assert tasks.map(arith, array.array("q", a), array.array("q", b)) == [arith(*p) for p in zip(a, b, strict=True)]
     fa, fb = [float(v) for v in a], [float(v) for v in b]
     got = tasks.map(arith, array.array("d", fa), array.array("d", fb), out="array")
-    assert got.typecode == "d" and got.tolist() == [arith(*p) for p in zip(fa, fb)]
+    assert got.typecode == "d" and got.tolist() == [arith(*p) for p in zip(fa, fb, strict=True)]
 
 
 def test_two_dimensional_and_strided_buffers(tasks):
     n = 3000
     a, b = _ints(n, 7), _ints(n, 8)
-    expect = [x + y for x, y in zip(a, b)]
-    rows = array.array("q", [v for p in zip(a, b) for v in p])
+    expect = [x + y for x, y in zip(a, b, strict=True)]
+    rows = array.array("q", [v for p in zip(a, b, strict=True) for v in p])
     m2 = memoryview(rows).cast("B").cast("q", (n, 2))                # 2-D, one row per item
     assert tasks.map(add, m2) == expect
     assert tasks.map(add, m2, out="array").tolist() == expect
-    both = array.array("q", [v for p in zip(a, a) for v in p])
+    both = array.array("q", [v for p in zip(a, a, strict=True) for v in p])
     even = memoryview(both)[::2]                                       # strided 1-D columns
     assert tasks.map(add, even, memoryview(array.array("q", b))) == expect
     even.release()
@@ -163,7 +162,7 @@ def test_numpy_arrays_if_installed(tasks):
     flags = x > 0.5
     got = np.empty(n, np.float64)
     tasks.map(mixed, a % 1000, x, flags, out=got)
-    assert got.tolist() == [mixed(int(i), float(f), bool(g)) for i, f, g in zip(a % 1000, x, flags)]
+    assert got.tolist() == [mixed(int(i), float(f), bool(g)) for i, f, g in zip(a % 1000, x, flags, strict=True)]
     res = np.empty(n, np.bool_)
     tasks.map(is_odd, a, out=res)
     assert (res == (a % 2 == 1)).all()
@@ -185,12 +184,15 @@ def _submitted(t):
 
 
 @pytest.mark.parametrize("cols, match", [
-    ((array.array("i", [1, 2]), array.array("q", [1, 2])), r"argument 0 \('a'\).*'i' \(int32, 4 bytes\).*int64.*array.array\('q'"),
-    ((array.array("q", [1, 2]), array.array("d", [1.0, 2.0])), r"argument 1 \('b'\).*'d' \(float64.*compiled for int64"),
+    ((array.array("i", [1, 2]), array.array("q", [1, 2])),
+     r"argument 0 \('a'\).*'i' \(int32, 4 bytes\).*int64.*array.array\('q'"),
+    ((array.array("q", [1, 2]), array.array("d", [1.0, 2.0])),
+     r"argument 1 \('b'\).*'d' \(float64.*compiled for int64"),
     ((array.array("q", [1, 2]),), r"add takes 2 arguments, a 1-D buffer gives 1 per item.*shape \(n, 2\)"),
     ((array.array("q", [1, 2]),) * 3, r"add takes 2 arguments, 3 1-D buffers give 3 per item"),
     ((memoryview(array.array("q", range(6))).cast("B").cast("q", (2, 3)),), r"a 2-D buffer of 3 columns"),
-    ((memoryview(array.array("d", range(4))).cast("B").cast("d", (2, 2)),), r"column 0 of the 2-D buffer.*one 1-D buffer per argument"),
+    ((memoryview(array.array("d", range(4))).cast("B").cast("d", (2, 2)),),
+     r"column 0 of the 2-D buffer.*one 1-D buffer per argument"),
 ])
 def test_wrong_formats_and_shapes_raise_type_error(tasks, cols, match):
     before = _submitted(tasks)
@@ -252,7 +254,7 @@ def test_failures_with_buffer_input(tasks):
     assert mine[6] == 6 // b[6]                 # the other items' results are written
     for arr in (a, b, mine):
         _resizable(arr)                           # released, also after an error
-    rows = array.array("q", [v for p in zip(a, b) for v in p])
+    rows = array.array("q", [v for p in zip(a, b, strict=True) for v in p])
     with memoryview(rows).cast("B").cast("q", (n, 2)) as m2:
         with pytest.raises(ZeroDivisionError) as ei:
             tasks.map(div, m2)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from catzilla_tasks import BackgroundTasks, TaskPriority, task
+from catzilla_tasks import BackgroundTasks, TaskPriority, TaskTimeout, task
 from catzilla_tasks.monitor import AutoScaler, TaskMonitor
 
 
@@ -29,7 +29,7 @@ def test_the_four_groups_and_their_keys(quiet):
 
 def test_queue_sizes_and_pressure(quiet):
     quiet.pause()
-    for prio, n in ((TaskPriority.CRITICAL, 1), (TaskPriority.HIGH, 2), (TaskPriority.NORMAL, 3), (TaskPriority.LOW, 4)):
+    for prio, n in zip(TaskPriority, (1, 2, 3, 4), strict=True):  # CRITICAL, HIGH, NORMAL, LOW
         for _ in range(n):
             quiet.options(priority=prio).add_task(int)
     q = quiet.monitor.get_stats()["queue_metrics"]
@@ -73,9 +73,10 @@ def test_retry_and_timeout_counts(quiet):
         while True:
             pass
 
-    for r in (quiet.add_task(fails), quiet.add_task(spins)):
-        with pytest.raises(Exception):
-            r.wait(5)
+    with pytest.raises(KeyError):
+        quiet.add_task(fails).wait(5)
+    with pytest.raises(TaskTimeout):
+        quiet.add_task(spins).wait(5)
     e = quiet.monitor.get_stats()["error_metrics"]
     assert e["retry_count"] == 2 and e["timeout_count"] == 1
 

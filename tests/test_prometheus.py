@@ -178,7 +178,8 @@ def test_a_real_engine_exposes_its_own_figures():
         assert values[("catzilla_tasks_queue_wait_seconds_count", L(engine=e))] == 23
         assert values[("catzilla_tasks_execution_time_seconds_sum", L(engine=e))] == pytest.approx(
             st["histograms"]["execution_time_seconds"]["sum"])
-        assert values[("catzilla_tasks_memory_bytes", L(engine=e))] == st["performance_metrics"]["memory_usage_mb"] * 2**20
+        memory_mb = st["performance_metrics"]["memory_usage_mb"]
+        assert values[("catzilla_tasks_memory_bytes", L(engine=e))] == memory_mb * 2**20
         assert 0 <= values[("catzilla_tasks_worker_utilization", L(engine=e))] <= 1
         eng.resume()
         eng.join(30)

@@ -24,8 +24,8 @@ def test_delay_runs_after_the_delay_and_is_scheduled_meanwhile(tasks):
 
 
 def test_eta(tasks):
-    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(milliseconds=120)
-    r = tasks.options(eta=eta).add_task(lambda: datetime.datetime.now(datetime.timezone.utc))
+    eta = datetime.datetime.now(datetime.UTC) + datetime.timedelta(milliseconds=120)
+    r = tasks.options(eta=eta).add_task(lambda: datetime.datetime.now(datetime.UTC))
     assert r.wait(5) >= eta - datetime.timedelta(milliseconds=2)
     with pytest.raises(TypeError, match="eta or delay_ms"):
         tasks.options(eta=eta, delay_ms=5)
@@ -71,7 +71,7 @@ def test_retries_with_exponential_backoff_then_success(tasks):
 
     r = tasks.add_task(flaky)
     assert r.wait(5) == "ok"
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert 0.019 <= gaps[0] < 0.2 and 0.039 <= gaps[1] < 0.3  # 20 ms, then 40 ms
     s = r.get_stats()
     assert s["attempts"] == 3
@@ -94,9 +94,9 @@ def test_backoff_schedules(tasks, backoff, expected_ms):
 
     with pytest.raises(ValueError):
         tasks.add_task(always_fails).wait(5)
-    gaps_ms = [(b - a) * 1000 for a, b in zip(calls, calls[1:])]
+    gaps_ms = [(b - a) * 1000 for a, b in zip(calls, calls[1:], strict=False)]
     assert len(gaps_ms) == 4
-    for got, want in zip(gaps_ms, expected_ms):
+    for got, want in zip(gaps_ms, expected_ms, strict=False):
         assert want - 1 <= got <= want + 25, (backoff, gaps_ms)
 
 
@@ -110,9 +110,9 @@ def test_backoff_cap_and_full_jitter_bounds(tasks):
 
     with pytest.raises(ValueError):
         tasks.add_task(fails).wait(5)
-    gaps_ms = [(b - a) * 1000 for a, b in zip(calls, calls[1:])]
+    gaps_ms = [(b - a) * 1000 for a, b in zip(calls, calls[1:], strict=False)]
     caps = [10, 20, 30, 30, 30, 30]
-    for got, cap in zip(gaps_ms, caps):
+    for got, cap in zip(gaps_ms, caps, strict=False):
         assert 0 <= got <= cap + 25
     assert TaskConfig(retry_backoff="linear").retry_jitter is None
 
@@ -231,7 +231,8 @@ def test_a_task_stuck_in_c_code_is_reported_and_its_worker_replaced(make_tasks, 
     waits = [eng.add_task(barrier.wait) for _ in range(2)]
     assert sorted(w.wait(10) for w in waits) == [0, 1]
     assert eng.stats()["replaced"] == 1
-    assert any("cannot be interrupted" in str(rec.args) or "cannot be interrupted" in rec.getMessage() for rec in caplog.records)
+    said = "cannot be interrupted"
+    assert any(said in str(rec.args) or said in rec.getMessage() for rec in caplog.records)
     gate.set()
     with pytest.raises(TaskTimeout):
         r.wait(5)  # the pending TaskTimeout lands as soon as the C call returns
@@ -257,7 +258,7 @@ def test_periodic_every_fires_on_schedule(tasks):
 
     assert enough.wait(5)
     tick.periodic.cancel()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert all(0.025 <= g <= 0.12 for g in gaps), gaps
     assert sum(gaps) / len(gaps) == pytest.approx(0.040, abs=0.012)
     tasks.join(5)  # periodic ticks are not tasks: join returns
@@ -298,7 +299,7 @@ def test_periodic_skips_missed_runs():
     t0 = p._due_mono  # the first run's due time
     # its tick comes 4.5 periods late (the process was paused): the runs due at t0+1..t0+4
     # are skipped, not piled up, and the next is the next slot on the grid, t0+5
-    delay = p.next_delay(t0 + 4.5, datetime.datetime.now(datetime.timezone.utc))
+    delay = p.next_delay(t0 + 4.5, datetime.datetime.now(datetime.UTC))
     assert delay == pytest.approx(0.5) and p.missed == 4
 
 
@@ -312,7 +313,7 @@ def test_periodic_cron_schedule():
             return True
 
     p = PeriodicTask(FakeEngine(), print, cron="*/5 * * * *")
-    now = datetime.datetime(2026, 1, 1, 12, 3, 30, tzinfo=datetime.timezone.utc)
+    now = datetime.datetime(2026, 1, 1, 12, 3, 30, tzinfo=datetime.UTC)
     assert p.next_delay(0.0, now) == pytest.approx(90.0)
     with pytest.raises(ValueError, match="not a valid cron"):
         PeriodicTask(FakeEngine(), print, cron="61 * * * *")
@@ -366,8 +367,9 @@ def test_current_task_in_async_task(tasks):
 
 
 def test_process_isolated_tasks_through_the_engine(tasks):
-    from catzilla_tasks import MemoryLimitExceeded
     import isolation_helpers as h
+
+    from catzilla_tasks import MemoryLimitExceeded
 
     r = tasks.options(isolation="process").add_task(pow, 3, 4)
     assert r.wait(30) == 81

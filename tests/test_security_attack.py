@@ -55,10 +55,10 @@ def test_key_covers_a_helpers_explicit_signature(numba, tmp_path, monkeypatch):
     """A helper declared @njit("int64(float64)") truncates; @njit("float64(float64)") does
     not. Same bytecode, so before: the same key, and the second function got the first's
     machine code (4 instead of 4.5), in this process and from the disk cache in the next."""
+    import sys
+
     from catzilla_tasks import BackgroundTasks, task
     from catzilla_tasks.compiler import TaskCompiler
-
-    import sys
 
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # the second import reads the new text
     app = tmp_path / "sig_app.py"

@@ -772,7 +772,7 @@ def test_a_failing_gate_reports_and_releases_nothing(make_tasks):
     eng.join(T)
     assert gates[1].state == 0 and gates[1].result is None and gates[1].pending == 1 and ran["child"] == 0
     with pytest.raises(RuntimeError, match="has not succeeded"):
-        gates[0].value
+        _ = gates[0].value
     assert gates[1].cancel() is True and gates[1].state == 2
     with pytest.raises(RuntimeError, match="cancelled"):
         gates[1]._fire()

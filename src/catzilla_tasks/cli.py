@@ -480,7 +480,12 @@ def _demo_engine(rate: float) -> tuple[Any, Callable[[], None]]:
     task(priority=TaskPriority.NORMAL)(resize_image)
     task(priority=TaskPriority.LOW, timeout_ms=120)(rebuild_index)
 
-    kinds = [(charge_card, 0.15), (send_email, 0.30), (resize_image, 0.40), (rebuild_index, 0.15)]
+    kinds: list[tuple[Callable[[Any], object], float]] = [
+        (charge_card, 0.15),
+        (send_email, 0.30),
+        (resize_image, 0.40),
+        (rebuild_index, 0.15),
+    ]
     stop = threading.Event()
 
     def load() -> None:

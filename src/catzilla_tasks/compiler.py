@@ -62,7 +62,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _engine
 from .errors import CompileError
@@ -339,7 +339,7 @@ class _Rewriter(ast.NodeTransformer):
         self.in_raise = False
         self.recursive = False
 
-    def fail(self, node: ast.AST, what: str) -> None:
+    def fail(self, node: ast.AST, what: str) -> NoReturn:
         raise _Cannot(f"it {what} (line {getattr(node, 'lineno', '?')})")
 
     def call(self, node: ast.AST, name: str, args: list) -> ast.Call:
@@ -368,7 +368,7 @@ class _Rewriter(ast.NodeTransformer):
             )
         return node
 
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+    def visit_BinOp(self, node: ast.BinOp) -> ast.expr:
         self.generic_visit(node)
         name = _BINOPS.get(type(node.op))
         if name is None:
@@ -390,7 +390,8 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
-        parts, left = [], node.left
+        parts: list[ast.expr] = []
+        left = node.left
         for op, right in zip(node.ops, node.comparators, strict=True):
             name = _CMPOPS.get(type(op))
             if name is None:
@@ -524,11 +525,12 @@ def _rewrite_source(func: types.FunctionType) -> Any:
         ast.copy_location(fdef, lam)
         ast.fix_missing_locations(fdef)
     else:
-        fdef = tree.body[0] if tree.body else None
-        if not isinstance(fdef, ast.FunctionDef) or fdef.name != code.co_name:
+        top = tree.body[0] if tree.body else None
+        if not isinstance(top, ast.FunctionDef) or top.name != code.co_name:
             raise _Cannot(
                 "its source cannot be found (defined by exec?): a compiled task runs a checked copy of its source"
             )
+        fdef = top
         fdef.decorator_list = []
     ast.increment_lineno(fdef, first - 1)
     # the source must be the code that runs (not a file edited since it was imported)
@@ -643,7 +645,7 @@ def _checked_function(func: types.FunctionType) -> types.FunctionType:
         exec(entry, ns)  # noqa: S102 - our one-line template, filled with the code object's identifiers
         inner = ns[new.__name__]
         new = ns["_ct_entry"]
-        new._ct_inner = inner  # type: ignore[attr-defined]  # its typing is checked too
+        new._ct_inner = inner  # its typing is checked too
     new.__defaults__ = func.__defaults__
     return new
 
@@ -775,7 +777,7 @@ def _trusted_dir(d: str) -> str | None:
     with _cache_lock:
         if d in _DIR_VERDICTS:
             return _DIR_VERDICTS[d]
-        real: str | None = None
+        real = ""  # set (and used) only while why is None
         try:
             why = _numba_cache_redirected()
             if why is None:
@@ -801,10 +803,10 @@ def _trusted_dir(d: str) -> str | None:
             why = f"it cannot be created or written ({type(exc).__name__}: {exc})"
         if why is not None:
             _warn_cache(d, why)
-            real = None
-        else:
-            _TRUSTED_DIRS.add(real)  # type: ignore[arg-type]
-            _install_locator()
+            _DIR_VERDICTS[d] = None
+            return None
+        _TRUSTED_DIRS.add(real)
+        _install_locator()
         _DIR_VERDICTS[d] = real
         return real
 
@@ -829,7 +831,7 @@ def _install_locator() -> None:
         return
     from numba.core import caching
 
-    class _TrustedLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):  # type: ignore[misc,name-defined]
+    class _TrustedLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
         def __init__(self, py_func: Any, py_file: str) -> None:
             self._py_file = py_file
             self._lineno = py_func.__code__.co_firstlineno
@@ -1082,8 +1084,8 @@ class TaskCompiler:
                 codes = "".join(_CODES[t] for t in arg_types)
             except KeyError:
                 return f"argument types ({', '.join(t.__name__ for t in arg_types)}) are not all int, float or bool"
-            if len(codes) != func.__code__.co_argcount:  # type: ignore[attr-defined]
-                return f"{len(codes)} argument types given for {func.__code__.co_argcount} parameters"  # type: ignore[attr-defined]
+            if len(codes) != func.__code__.co_argcount:
+                return f"{len(codes)} argument types given for {func.__code__.co_argcount} parameters"
             ann = _annotated_codes(func)  # type: ignore[arg-type]
             if ann is not None and ann != codes:
                 return f"argument types ({_names(codes)}) do not match the annotations ({_names(ann)})"
@@ -1185,7 +1187,7 @@ class TaskCompiler:
             rt = cres.signature.return_type
             if isinstance(rt, nt.Boolean):
                 rcode = "b"
-            elif isinstance(rt, nt.Integer) and rt.signed:
+            elif isinstance(rt, nt.Integer) and rt.signed:  # type: ignore[attr-defined]  # numba's .pyi lacks it
                 rcode = "i"
             elif isinstance(rt, nt.Float):
                 rcode = "f"
@@ -1227,7 +1229,7 @@ def _kinds(t: Any) -> Any:
         return "i"
     if isinstance(t, nt.Float):
         return "f"
-    if isinstance(t, nt.BaseTuple):
+    if isinstance(t, nt.BaseTuple):  # type: ignore[attr-defined]  # numba's types .pyi lacks it
         return tuple(_kinds(x) for x in t)
     return None
 
@@ -1311,7 +1313,8 @@ def _load_cached(d: str, key: str, src: str, rcode: str, qualname: str, meta: di
     try:
         if _trusted_read(path) != src.encode():
             _atomic_write(path, src)
-        _check_numba_files(pyc, key, meta.get("numba") if isinstance(meta.get("numba"), dict) else {})
+        files = meta.get("numba")
+        _check_numba_files(pyc, key, files if isinstance(files, dict) else {})
         try:
             cf = _load_trampoline(path, key, src)
         except OSError:
@@ -1505,7 +1508,8 @@ class NativeTask:
             return spec  # type: ignore[return-value]
         reason = self._type_reason(key)
         if reason is not None:
-            return self._cannot(key, reason)
+            self._cannot(key, reason)
+            return None
         if wait or self.require:
             return self._compile(key)
         if key not in self._pending:
@@ -1545,7 +1549,8 @@ class NativeTask:
             try:
                 spec = self.compiler.compile(self.func, "".join(_CODES[t] for t in key))
             except _Cannot as exc:
-                return self._cannot(key, str(exc))
+                self._cannot(key, str(exc))
+                return None
             self._bound[key] = bound
             self._specs[key] = spec
             return spec

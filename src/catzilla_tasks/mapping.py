@@ -130,13 +130,13 @@ class MapInput:
                     f"tasks.map(): with one iterable per argument each is one argument's column; "
                     f"argument {k} is a buffer of {mv.ndim} dimensions"
                 )
-        if all(mv is not None for mv in views):
-            lens = {len(mv) for mv in views}  # type: ignore[arg-type]
-            if len(lens) > 1:
+        present = [mv for mv in views if mv is not None]
+        if len(present) == len(views):
+            if len({len(mv) for mv in present}) > 1:
                 raise ValueError(
-                    f"tasks.map(): the argument columns differ in length ({', '.join(str(len(mv)) for mv in views)})"
-                )  # type: ignore[arg-type]
-            self.columns = [(c, -1, mv) for c, mv in zip(cols, views, strict=True)]  # type: ignore[misc]
+                    f"tasks.map(): the argument columns differ in length ({', '.join(str(len(mv)) for mv in present)})"
+                )
+            self.columns = [(c, -1, mv) for c, mv in zip(cols, present, strict=True)]
             return
         lists = [
             _tolist(c, mv) if mv is not None else (c if isinstance(c, (list, tuple)) else list(c))
@@ -151,7 +151,7 @@ class MapInput:
     def __len__(self) -> int:
         if self.items is not None:
             return len(self.items)
-        return len(self.columns[0][2]) if self.columns else 0  # type: ignore[index]
+        return len(self.columns[0][2]) if self.columns else 0
 
     def as_items(self) -> Sequence[Any]:
         """The items as Python objects (tuples of arguments, or single values)."""

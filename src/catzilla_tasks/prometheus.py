@@ -206,7 +206,7 @@ def register(tasks: Any, registry: CollectorRegistry | None = None) -> TasksColl
         collector = _by_registry.get(reg)
         if collector is None:
             collector = TasksCollector(tasks)
-            reg.register(collector)  # type: ignore[arg-type]
+            reg.register(collector)
             _by_registry[reg] = collector
         else:
             collector.add(tasks)
@@ -221,7 +221,7 @@ def unregister(tasks: Any, registry: CollectorRegistry | None = None) -> bool:
         if collector is None or not collector.remove(tasks):
             return False
         if not len(collector):
-            reg.unregister(collector)  # type: ignore[arg-type]
+            reg.unregister(collector)
             del _by_registry[reg]
         return True
 
@@ -232,5 +232,5 @@ def metrics_text(tasks: Any) -> bytes:
     ``tasks``: a BackgroundTasks, a TaskMonitor or a function returning the stats dict.
     """
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(TasksCollector(tasks))  # type: ignore[arg-type]
+    reg.register(TasksCollector(tasks))
     return generate_latest(reg)

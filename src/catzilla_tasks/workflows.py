@@ -118,8 +118,8 @@ class _StepDef:
         self,
         step_id: str,
         func: Callable[..., Any],
-        args: tuple,
-        kwargs: dict | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
         depends_on: tuple[str, ...],
         refs: tuple[tuple[int | None, str | None, _ResultRef], ...],
     ) -> None:
@@ -142,7 +142,7 @@ class _Plan:
     ids: tuple[str, ...]
     funcs: tuple[Callable[..., Any], ...]
     # per step: the call's values (positional, then keyword values) and keyword names
-    values: tuple[tuple, ...]
+    values: tuple[tuple[Any, ...], ...]
     kwnames: tuple[tuple[str, ...] | None, ...]
     pending: tuple[int, ...]  # dependencies to succeed before a step is queued
     dependents: tuple[tuple[int, ...], ...]  # steps counted down by a step's success
@@ -222,7 +222,7 @@ class TaskChain:
         later step can take as an argument (it receives this step's value)."""
         return self._add(func, args, kwargs, depends_on, step_name)
 
-    def _add(self, func: Any, args: tuple, kwargs: dict, depends_on: Any, step_name: Any) -> Step:
+    def _add(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], depends_on: Any, step_name: Any) -> Step:
         index = len(self._steps)
         if not callable(func):
             raise TypeError(
@@ -371,7 +371,7 @@ class TaskChain:
         plan.name = self.name
         plan.ids = tuple(s.id for s in steps)
         plan.funcs = tuple(s.func for s in steps)
-        values: list[tuple] = []
+        values: list[tuple[Any, ...]] = []
         kwnames: list[tuple[str, ...] | None] = []
         fills: list[Any] = []
         for s, sub in zip(steps, subs, strict=True):
@@ -409,7 +409,7 @@ class TaskChain:
         return " -> ".join(repr(self._steps[k].id) for k in loop)
 
     # -- running -------------------------------------------------------------------------------
-    def execute(self) -> TaskResult:
+    def execute(self) -> TaskResult[Any]:
         """Start the workflow; return its TaskResult at once (value: each step's value by id).
         On an engine with a Redis broker the workers run it (see :meth:`RedisBroker.run_workflow`)
         and this returns its RemoteResult."""
@@ -426,7 +426,7 @@ class TaskChain:
         broker = getattr(engine, "broker", None)
         if broker is not None:
             # distributed mode: the workers run the steps and release the dependents
-            remote = broker.run_workflow(plan)
+            remote: TaskResult[Any] = broker.run_workflow(plan)
             self._remote_runs.add(remote)
             return remote
         result = _engine.detached()
@@ -504,7 +504,7 @@ class _Run:
         "__weakref__",
     )
 
-    def __init__(self, plan: _Plan, engine: BackgroundTasks, result: TaskResult, chain: TaskChain) -> None:
+    def __init__(self, plan: _Plan, engine: BackgroundTasks, result: TaskResult[Any], chain: TaskChain) -> None:
         self.plan = plan
         self.engine = engine
         self.result = result
@@ -549,10 +549,9 @@ class _Run:
             return
         if exc is None:
             try:
-                g.result.wait()
+                g.result.wait()  # raises: the task ended unsuccessfully
             except BaseException as e:  # noqa: BLE001 - the step's own error
-                exc = e
-            self._fail(g.step, exc, "was cancelled" if isinstance(exc, TaskCancelled) else "failed")
+                self._fail(g.step, e, "was cancelled" if isinstance(e, TaskCancelled) else "failed")
         elif isinstance(exc, QueueFull):
             self._defer([g])
         else:
@@ -619,7 +618,7 @@ class _Run:
         err.__cause__ = exc
         self.result._settle(exc=err)
 
-    def _ended(self, result: TaskResult) -> None:
+    def _ended(self, result: TaskResult[Any]) -> None:
         """Done-callback of the workflow's own result: however it ended (success, failure, or
         someone's cancel()), stop queueing and, unless it succeeded, cancel the steps that
         have not finished."""
@@ -631,7 +630,7 @@ class _Run:
             self._cancel_unfinished(running=status == _CANCELLED)
         # The finish gate's task holds self._finish, and the engine's nodes are invisible to
         # the cycle collector: drop the gates here, or run -> gates -> node -> run would leak.
-        self.gates = ()
+        self.gates = []
 
     def _cancel_unfinished(self, running: bool) -> None:
         """Cancel the steps not finished: those waiting or queued, and with ``running`` those
@@ -700,7 +699,7 @@ class Workflow:
         self.fn(c, *args, **kwargs)
         return c.validate()
 
-    def execute(self, *args: Any, **kwargs: Any) -> TaskResult:
+    def execute(self, *args: Any, **kwargs: Any) -> TaskResult[Any]:
         return self.build(*args, **kwargs).execute()
 
     def execute_async(self, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -734,7 +733,9 @@ class Call:
 
     __slots__ = ("func", "args", "kwargs")
 
-    def __init__(self, func: Callable[..., Any], args: tuple = (), kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, func: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> None:
         if not callable(func):
             raise TypeError(f"call() needs a callable first, got {type(func).__name__} {func!r}")
         self.func = func
@@ -752,7 +753,7 @@ def call(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Call:
     return Call(func, args, kwargs)
 
 
-CallLike = Call | tuple | Callable[..., Any]
+CallLike = Call | tuple[Any, ...] | Callable[..., Any]
 
 
 def _as_call(c: Any) -> Call:

@@ -63,7 +63,9 @@ class Server:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise AssertionError(f"server not listening after {READY_TIMEOUT_S} s:\n{self.output()}")
+                    raise AssertionError(
+                        f"server not listening after {READY_TIMEOUT_S} s:\n{self.output()}"
+                    ) from None
                 time.sleep(0.02)
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, str, bytes]:

@@ -4,8 +4,9 @@
 
 MODE: ``catzilla_plain`` (the seed's ``app.tasks = BackgroundTasks(...)``), ``catzilla_enable``
 (``enable_background_tasks(app)``), ``fastapi`` (lifespan + the ``BackgroundTasks`` route
-parameter, on uvicorn), ``fastapi_plain`` (a module-level engine, no lifespan, on uvicorn). One worker, no auto-scaling and no ageing, so the order in which
-queued tasks run is the priority order. Routes:
+parameter, on uvicorn), ``fastapi_plain`` (a module-level engine, no lifespan, on uvicorn).
+One worker, no auto-scaling and no ageing, so the order in which queued tasks run is the
+priority order. Routes:
 
 - ``POST /jobs/{priority}/{key}``: queue ``record(priority, key)`` with that priority; it
   appends ``"<priority> <key>"`` to OUT_FILE (one line, one write).
@@ -108,7 +109,9 @@ elif MODE in ("fastapi", "fastapi_plain"):
     import uvicorn
     from fastapi import Depends, FastAPI
 
-    from catzilla_tasks.integrations.fastapi import DetachedBackgroundTasks as RouteTasks  # queued at once: priority order
+    from catzilla_tasks.integrations.fastapi import (
+        DetachedBackgroundTasks as RouteTasks,  # queued at once: priority order
+    )
     from catzilla_tasks.integrations.fastapi import EngineBackgroundTasks, lifespan, routes
 
     if MODE == "fastapi":  # the lifespan starts the engine and drains it at shutdown

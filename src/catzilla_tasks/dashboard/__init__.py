@@ -60,11 +60,11 @@ def stats_function(source: Any) -> StatsSource:
     """
     monitor = getattr(source, "monitor", None)
     if monitor is not None and callable(getattr(monitor, "get_stats", None)):
-        return monitor.get_stats  # type: ignore[no-any-return]
+        return monitor.get_stats
     if callable(getattr(source, "get_stats", None)):
-        return source.get_stats  # type: ignore[no-any-return]
+        return source.get_stats
     if callable(source):
-        return source  # type: ignore[no-any-return]
+        return source
     raise TypeError(
         f"expected a BackgroundTasks, a TaskMonitor or a function returning the stats, got {type(source).__name__}"
     )
@@ -264,7 +264,7 @@ class DashboardServer(http.server.ThreadingHTTPServer):
         self.thread: threading.Thread | None = None
         super().__init__(address, _Handler)
         host = self.server_address[0]
-        self.loopback = _is_loopback(host.decode() if isinstance(host, bytes) else host)
+        self.loopback = _is_loopback(host.decode() if isinstance(host, (bytes, bytearray)) else host)
 
     @property
     def url(self) -> str:

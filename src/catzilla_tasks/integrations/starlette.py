@@ -258,7 +258,8 @@ class BackgroundTasks(_starlette.BackgroundTasks):
         super().__init__(tasks)
         self.engine = _check_engine(engine)
 
-    def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+    # func is positional-only (Starlette's is not), so a task's own keyword `func` reaches the task.
+    def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         task = BackgroundTask(func, *args, **kwargs)
         task.engine = self.engine
         self.tasks.append(task)
@@ -415,7 +416,7 @@ def routes(tasks: Engine | None = None, *, dashboard: bool = True, metrics: bool
 
     def stats_source(request: Request) -> Callable[[], Any]:
         eng = tasks if tasks is not None else engine_of(request)
-        return eng.monitor.get_stats  # type: ignore[no-any-return]
+        return eng.monitor.get_stats
 
     async def stats(request: Request) -> Response:
         return _response(stats_response(stats_source(request)))

@@ -47,7 +47,7 @@ class _Child:
 
 def _pidfd_open(pid: int) -> int | None:
     try:
-        return os.pidfd_open(pid)  # type: ignore[attr-defined]
+        return os.pidfd_open(pid)
     except (AttributeError, OSError):  # not Linux >= 5.3
         return None
 
@@ -147,7 +147,7 @@ def kill_child(child: _Child) -> None:
                     pass
             if not dead:
                 if child.pidfd is not None:
-                    signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+                    signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
                 else:
                     child.process.kill()
         except (OSError, ValueError):
