@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -132,6 +133,22 @@ def c_cbrt(x: float) -> float:
 @task
 def c_square(x: float) -> float:
     return x ** 2
+
+
+@task
+def c_float_int_pow(x: float, n: int) -> float:
+    return x ** n
+
+
+@task
+def c_const_pows(x: float) -> float:
+    # constant exponents: what a compiler is tempted to turn into multiplications or sqrt
+    return x ** 3 + x ** -1 + x ** 0.5 + x ** 2.0 + math.pow(x, 2.0) + math.pow(x, 3)
+
+
+@task
+def c_two_pow(x: float) -> float:
+    return 2.0 ** x  # LLVM: pow(2.0, x) -> exp2(x)
 
 
 @task
@@ -335,6 +352,8 @@ CORPUS = [
     (c_shifts, _args(INTS, SMALL_INTS)), (c_bits, _args(INTS, INTS)),
     (c_fadd, _args(FLOATS, FLOATS)), (c_fdiv, _args(FLOATS, FLOATS)), (c_ffloordiv_mod, _args(FLOATS, FLOATS)),
     (c_fpow, _args(FLOATS, FLOATS)), (c_cbrt, _args(FLOATS)), (c_square, _args(FLOATS)),
+    (c_float_int_pow, _args(FLOATS, SMALL_INTS)), (c_const_pows, _args(FLOATS)),
+    (c_two_pow, _args(FLOATS)),
     (c_mixed, _args(INTS, FLOATS)), (c_sqrt, _args(FLOATS)), (c_log, _args(FLOATS)),
     (c_log1p_expm1, _args(FLOATS)), (c_exp, _args(FLOATS)), (c_trig, _args(FLOATS)),
     (c_inverse_trig, _args(FLOATS)), (c_hyperbolic, _args(FLOATS)), (c_atan2, _args(FLOATS, FLOATS)),
@@ -437,6 +456,55 @@ def test_native_code_ran_for_ordinary_inputs():
         failed, got = native_call(spec, _example(f))
         assert not failed, f.__name__
         assert same(got, f(*_example(f))), f.__name__
+
+
+def _native_or_none(f, args):
+    spec = compiler.native_of(f).spec_for(tuple(type(a) for a in args))
+    failed, got = native_call(spec, args)
+    return None if failed else got
+
+
+def test_float_pow_is_c_pow():
+    """float ** int and float ** float give CPython's float_pow result: C's pow of the exponent
+    as a double. Natively x ** 2 was x*x (numba's powi; LLVM's pow(x, 2.0) -> x*x), one last bit
+    off for x = 7831.298680487489, and 2.0 ** x was exp2(x) (-262.21667613550926)."""
+    x = 7831.298680487489
+    assert _native_or_none(c_square, [x]) == x ** 2 == 61329239.02300509
+    assert _native_or_none(c_two_pow, [-262.21667613550926]) == 2.0 ** -262.21667613550926
+    rng = random.Random(16)
+    xs = [rng.uniform(-1e4, 1e4) for _ in range(3000)] + [rng.lognormvariate(0, 30) for _ in range(1000)]
+    native = 0
+    for x in xs:
+        for f, args in ((c_square, [x]), (c_const_pows, [x]), (c_two_pow, [x / 20]), (c_float_int_pow, [x, rng.randint(-9, 9)]),
+                        (c_fpow, [x, rng.choice([2.0, 3.0, -1.0, 0.5, 7.0, -2.0, 1 / 3])]),
+                        (c_math_pow, [x, rng.choice([2.0, 3.0, -1.0, 0.5])])):
+            got, want = _native_or_none(f, args), outcome(f, args)
+            if got is not None:
+                native += 1
+                assert same(got, want), (f.__name__, args, got, want)
+    assert native > 12000  # the native code gave the answers, not the Python fallback
+
+
+def test_float_pow_special_cases_are_cpythons():
+    """CPython's special cases (x**0, 1**nan, nan, inf, signed zeros, negative bases with
+    integral and fractional exponents, overflow, underflow): the native result where it gives one."""
+    specials = [*SPECIAL_FLOATS, -1.5, -3.0, 2.0, -2.0, 7.0, -7.0, 1e-200, -1e-200, 1e200]
+    native = 0
+    for x in specials:
+        for y in specials:
+            for f, args in ((c_fpow, [x, y]), (c_math_pow, [x, y])):
+                got, want = _native_or_none(f, args), outcome(f, args)
+                if got is not None:
+                    native += 1
+                    assert not isinstance(want, BaseException), (f.__name__, args, got, want)
+                    assert same(got, want), (f.__name__, args, got, want)
+        for n in (0, 1, -1, 2, -2, 3, -3, 1023, -1075, 2**53 + 1, I64_MAX, I64_MIN):
+            got, want = _native_or_none(c_float_int_pow, [x, n]), outcome(c_float_int_pow, [x, n])
+            if got is not None:
+                native += 1
+                assert not isinstance(want, BaseException), (x, n, got, want)
+                assert same(got, want), (x, n, got, want)
+    assert native > 2000
 
 
 @pytest.mark.timeout(600)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 INT_MIN = -(2**63)
@@ -209,9 +211,30 @@ def _pow_i(a, b):
     return r
 
 
+@intrinsic
+def _libm_pow(typingctx, x, y):
+    """The C library's pow(x, y), as CPython calls it. Not numba's math.pow: LLVM treats a call
+    of ``pow`` as the exact function and rewrites pow(x, 2.0) to x*x and pow(x, (double)n) to
+    powi (repeated multiplication), which differ from the C library's pow in the last bit. A
+    declaration marked nobuiltin is an ordinary external function to LLVM, called as is."""
+    sig = types.float64(types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), ir.DoubleType()])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "pow")
+        fn.attributes.add("nobuiltin")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
 def _pow_f(a, b):
+    # CPython's float_pow: the exponent (an int too) converted to double, then C's pow. Its own
+    # special cases (x**0, 1**y, nan, inf, 0 and negative bases) give what C99's pow gives, and
+    # for a negative base and an integral exponent pow(-x, y) is -pow(x, y) or pow(x, y), as
+    # CPython computes it; what pow gives and Python does not is an error in Python:
     x, y = float(a), float(b)
-    r = math.pow(x, y)
+    r = _libm_pow(x, y)
     # nan from numbers: a complex result in Python; inf from finite numbers: OverflowError or
     # ZeroDivisionError (0.0 ** -1)
     if (r != r and x == x and y == y) or (math.isinf(r) and math.isfinite(x) and math.isfinite(y)):
@@ -465,11 +488,13 @@ def f(a):
 
 
 def _math2(name: str):
-    g = {"math": math}
+    g = {"math": math, "_libm_pow": _libm_pow}
+    # math.pow is C's pow for finite operands, as ** (see _libm_pow)
+    call = "_libm_pow" if name == "pow" else f"math.{name}"
     src = f"""
 def f(a, b):
     x, y = float(a), float(b)
-    r = math.{name}(x, y)
+    r = {call}(x, y)
     if (r != r and x == x and y == y) or (math.isinf(r) and math.isfinite(x) and math.isfinite(y)):
         raise ArithmeticError
     return r
