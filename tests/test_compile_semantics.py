@@ -475,7 +475,8 @@ def test_float_pow_is_c_pow():
     xs = [rng.uniform(-1e4, 1e4) for _ in range(3000)] + [rng.lognormvariate(0, 30) for _ in range(1000)]
     native = 0
     for x in xs:
-        for f, args in ((c_square, [x]), (c_const_pows, [x]), (c_two_pow, [x / 20]), (c_float_int_pow, [x, rng.randint(-9, 9)]),
+        for f, args in ((c_square, [x]), (c_const_pows, [x]), (c_two_pow, [x / 20]),
+                        (c_float_int_pow, [x, rng.randint(-9, 9)]),
                         (c_fpow, [x, rng.choice([2.0, 3.0, -1.0, 0.5, 7.0, -2.0, 1 / 3])]),
                         (c_math_pow, [x, rng.choice([2.0, 3.0, -1.0, 0.5])])):
             got, want = _native_or_none(f, args), outcome(f, args)
