@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from . import scripts
+from .base import Broker
 from .serialization import DecodeError, Serializer
 
 try:
@@ -219,7 +220,7 @@ def decode_error(err: Any) -> BaseException:
     return RemoteTaskError(f"{name}: {message}", type_name=name, remote_traceback=tb)
 
 
-class RedisBroker:
+class RedisBroker(Broker):
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
@@ -563,6 +564,27 @@ class RedisBroker:
                     continue
         return out
 
+    def cancel_run(self, run_id: str) -> bool:
+        """Cancel a workflow run (see Broker.cancel_run): one script marks it cancelled and
+        stores its CANCELLED outcome, unless it has ended."""
+        ttl_ms = int(self.result_ttl * 1000) or 3_600_000
+        key = self.workflow_key(run_id)
+        name = self.redis.hget(key, "name")
+        label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
+        rec = self.serializer.dumps([_STATUS_CODES[TaskStatus.CANCELLED],
+                                     ["catzilla_tasks.TaskCancelled", f"{label} run {run_id} was cancelled", ""]])
+        rc = self._wf_cancel(keys=[key, self.result_key(run_id)], args=[rec, ttl_ms])
+        if rc == 1:
+            return True
+        if rc == 0:
+            return False
+        if self.result_ttl and self.redis.exists(self.result_key(run_id)):
+            return False  # a task (or a run) that has ended
+        raise NotImplementedError(
+            f"cancel() of task {run_id}: a single task published to Redis cannot be cancelled (a worker may "
+            "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
+        )
+
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
         self.redis.xadd(self.streams[prio], {"m": payload})
@@ -824,26 +846,9 @@ class RemoteResult:
         the run ends CANCELLED (``wait()`` raises TaskCancelled) for every waiter. True if this
         call cancelled it, False if the run had already ended. A single task published to Redis
         cannot be cancelled (a worker may already hold it): NotImplementedError."""
-        b = self._broker
         if self._final is not None:
             return False
-        ttl_ms = int(b.result_ttl * 1000) or 3_600_000
-        key = b.workflow_key(self.task_id)
-        name = b.redis.hget(key, "name")
-        label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
-        rec = b.serializer.dumps([_STATUS_CODES[TaskStatus.CANCELLED],
-                                  ["catzilla_tasks.TaskCancelled", f"{label} run {self.task_id} was cancelled", ""]])
-        rc = b._wf_cancel(keys=[key, b.result_key(self.task_id)], args=[rec, ttl_ms])
-        if rc == 1:
-            return True
-        if rc == 0:
-            return False
-        if b.result_ttl and b.redis.exists(b.result_key(self.task_id)):
-            return False  # a task (or a run) that has ended
-        raise NotImplementedError(
-            f"cancel() of task {self.task_id}: a single task published to Redis cannot be cancelled (a worker may "
-            "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
-        )
+        return self._broker.cancel_run(self.task_id)
 
     def __repr__(self) -> str:
         state = self._final[0].name if self._final is not None else "PENDING?"
