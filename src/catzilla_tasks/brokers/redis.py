@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import builtins
 import contextlib
 import itertools
 import numbers
@@ -34,6 +33,20 @@ from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from . import scripts
 from .base import Broker
+from .protocol import (
+    CONFIG_ATTR,
+    DEFAULT_CONFIG,
+    OPT_IDEMPOTENCY_KEY,
+    STATUS_CODES,
+    Overrides,
+    RemoteTaskError,
+    decode_error,
+    encode_error,
+    is_workflow_error,
+    message,
+    parse_result,
+    task_name,
+)
 from .serialization import DecodeError, Serializer
 
 try:
@@ -43,25 +56,15 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _redis = None  # type: ignore[assignment]
     _aredis = None  # type: ignore[assignment]
 
-__all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "task_name"]
+__all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "decode_error", "encode_error", "task_name"]
 
 GROUP = "workers"
-CONFIG_ATTR = "__catzilla_task__"
-_DEFAULT_CONFIG = TaskConfig()
 # results bigger than this are refused (the task fails saying so): far below Redis's own limit on
 # one value (proto-max-bulk-len, 512 MB by default, where the connection is reset), and a size at
 # which a result belongs in a store of its own with a reference to it in the result
 DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 _REDIS_BULK_MAX = 512 * 1024 * 1024
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
-# TaskConfig fields that travel with a task when options() overrides them (plain values only);
-# delay_ms is applied by the producer and priority picks the stream.
-_TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "retry_max_ms", "retry_jitter",
-               "retry_on_timeout", "isolation", "memory_limit_mb")
-_STATUS_CODES = {TaskStatus.SUCCEEDED: 0, TaskStatus.FAILED: 1, TaskStatus.TIMED_OUT: 2, TaskStatus.CANCELLED: 3}
-_CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
-
-
 def _msgpack_module() -> Any:
     from .serialization import _msgpack
 
@@ -88,41 +91,6 @@ def _require_redis() -> None:
         raise ImportError("distributed mode needs the redis client: pip install 'catzilla-tasks[redis]'")
 
 
-class RemoteTaskError(Exception):
-    """A task run by a remote worker raised an exception that cannot be rebuilt here (not a
-    built-in exception type). ``type_name`` names its class, ``remote_traceback`` is its
-    traceback as text."""
-
-    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.remote_traceback = remote_traceback
-
-
-def task_name(func: Any) -> str:
-    """The name a task travels by: ``module.qualname`` of the function (as ``@tasks.task``
-    registers it), or the string itself."""
-    if isinstance(func, str):
-        if not func:
-            raise ValueError("task name: must not be empty")
-        return func
-    if not callable(func):
-        raise TypeError(f"add_task: expected a task function or its registered name, got {type(func).__name__}")
-    mod = getattr(func, "__module__", None)
-    qual = getattr(func, "__qualname__", None)
-    if not mod or not qual or "<locals>" in qual or "<lambda>" in qual:
-        raise TypeError(
-            f"add_task: {func!r} has no importable name; tasks travel to workers by name, so define them "
-            "at module level (def in a module the worker imports) and register them with @tasks.task"
-        )
-    if mod == "__main__":
-        raise TypeError(
-            f"add_task: {qual} is defined in __main__, which a worker cannot import; move it to a module "
-            "that both the producer and `catzilla-tasks worker module:tasks` import"
-        )
-    return f"{mod}.{qual}"
-
-
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
 _KEY_KINDS = ("r", "done", "claim", "wf")
@@ -145,79 +113,6 @@ def _seconds(value: Any, low: float = 0) -> bool:
 def _count(value: Any, high: float = float("inf")) -> bool:
     """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= high
-
-
-def _plain(field: str, value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(
-        f"options(): {field}={value!r} cannot travel to a remote worker; set it in the task's decorator "
-        "(the worker imports the same module) instead of per call"
-    )
-
-
-def encode_error(exc: BaseException) -> list[str]:
-    """[type name, message, traceback] of an exception, as plain strings. Never raises: an
-    exception whose ``__str__`` (or traceback formatting) raises is described by its type
-    name and ``repr`` instead."""
-    import traceback
-
-    kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    try:
-        message = str(exc)
-        if not isinstance(message, str):
-            raise TypeError("__str__ returned a non-string")
-    except Exception as bad:
-        try:
-            shown = repr(exc)
-        except Exception:
-            shown = f"<{kind.__qualname__} object>"
-        message = f"{shown} (its str() raised {type(bad).__name__})"
-    try:
-        tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
-    except Exception:
-        tb = ""
-    return [name, message, tb]
-
-
-def decode_error(err: Any) -> BaseException:
-    """Rebuild a remote task's exception: built-in types and ours come back as themselves."""
-    try:
-        name, message, tb = (list(err) + ["", "", ""])[:3]
-    except TypeError:
-        name, message, tb = "Exception", repr(err), ""
-    name = str(name)
-    if name == "catzilla_tasks.workflows.WorkflowError":
-        from ..workflows import WorkflowError
-
-        extra = err[3] if isinstance(err, (list, tuple)) and len(err) > 3 and isinstance(err[3], dict) else {}
-        wf_err = WorkflowError(str(message), workflow=str(extra.get("workflow", "")), step=str(extra.get("step", "")),
-                               results={})
-        if extra.get("cause") is not None:
-            wf_err.__cause__ = decode_error(extra["cause"])
-        wf_err.remote_traceback = tb  # type: ignore[attr-defined]
-        return wf_err
-    kind: Any = None
-    if "." not in name:
-        kind = getattr(builtins, name, None)
-    elif name == "catzilla_tasks.TaskCancelled":
-        from .. import _engine
-
-        kind = _engine.TaskCancelled
-    elif name.startswith("catzilla_tasks."):
-        from .. import errors
-
-        kind = getattr(errors, name.rsplit(".", 1)[1], None)
-    if isinstance(kind, type) and issubclass(kind, Exception):
-        try:
-            exc = kind(message)
-        except Exception:
-            exc = None
-        if exc is not None:
-            exc.remote_traceback = tb  # type: ignore[attr-defined]
-            return exc
-    return RemoteTaskError(f"{name}: {message}", type_name=name, remote_traceback=tb)
 
 
 class RedisBroker(Broker):
@@ -338,7 +233,7 @@ class RedisBroker(Broker):
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
         self._redrive = self.redis.register_script(scripts.REDRIVE)
         self._local = threading.local()
-        self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
+        self._overrides = Overrides()
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
         self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
         self._id_next = itertools.count()
@@ -365,29 +260,6 @@ class RedisBroker(Broker):
         # next() of an itertools.count is atomic under the GIL
         return f"{self._id_base}{next(self._id_next):x}"
 
-    def _overrides(self, func: Any, cfg: TaskConfig) -> dict[str, Any] | None:
-        base = getattr(func, CONFIG_ATTR, None)
-        if not isinstance(base, TaskConfig):
-            base = _DEFAULT_CONFIG
-        if cfg is base:
-            return None
-        key = (id(cfg), id(base))
-        hit = self._diffs.get(key)
-        if hit is not None and hit[0] is cfg and hit[1] is base:
-            return hit[2]
-        mine, theirs = cfg.as_dict(), base.as_dict()
-        diff: dict[str, Any] = {}
-        for field, value in mine.items():
-            if field in ("priority", "delay_ms") or value == theirs[field]:
-                continue
-            if field not in _TRAVELLING:
-                _plain(field, object())  # raises: hooks and retry_on cannot travel
-            diff[field] = _plain(field, value)
-        if len(self._diffs) > 256:
-            self._diffs.clear()
-        self._diffs[key] = (cfg, base, diff or None)
-        return diff or None
-
     def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
                idempotency_key: str | None = None) -> "RemoteResult":
         """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult."""
@@ -403,18 +275,15 @@ class RedisBroker(Broker):
         if cfg is None:
             cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
             if not isinstance(cfg, TaskConfig):
-                cfg = _DEFAULT_CONFIG
+                cfg = DEFAULT_CONFIG
         opts = None if isinstance(func, str) else self._overrides(func, cfg)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError(f"idempotency_key: expected a non-empty string, got {idempotency_key!r}")
             opts = dict(opts or ())
-            opts["k"] = idempotency_key
+            opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
-        msg: list[Any] = [tid, name, list(args), kwargs or {}]
-        if opts:
-            msg += [0, opts]
-        payload = self.serializer.dumps(msg)
+        payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         self._send(int(cfg._priority), cfg.delay_ms, payload)
         return RemoteResult(tid, self)
 
@@ -518,7 +387,7 @@ class RedisBroker(Broker):
                 fills.append([where, list(src) if isinstance(src, tuple) else src])
             cfg = getattr(func, CONFIG_ATTR, None)
             if not isinstance(cfg, TaskConfig):
-                cfg = _DEFAULT_CONFIG
+                cfg = DEFAULT_CONFIG
             opts: dict[str, Any] = {"w": [run_id, j, sid, plan.name]}
             if fills:
                 opts["f"] = fills
@@ -571,7 +440,7 @@ class RedisBroker(Broker):
         key = self.workflow_key(run_id)
         name = self.redis.hget(key, "name")
         label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
-        rec = self.serializer.dumps([_STATUS_CODES[TaskStatus.CANCELLED],
+        rec = self.serializer.dumps([STATUS_CODES[TaskStatus.CANCELLED],
                                      ["catzilla_tasks.TaskCancelled", f"{label} run {run_id} was cancelled", ""]])
         rc = self._wf_cancel(keys=[key, self.result_key(run_id)], args=[rec, ttl_ms])
         if rc == 1:
@@ -712,17 +581,6 @@ def _dead_priority(field: bytes | None) -> int:
     return int(field) if field in (b"0", b"1", b"2", b"3") else int(TaskPriority.NORMAL)
 
 
-def _is_workflow_error(exc: BaseException) -> bool:
-    return type(exc).__name__ == "WorkflowError" and type(exc).__module__ == "catzilla_tasks.workflows"
-
-
-def _parse_result(broker: RedisBroker, raw: bytes) -> tuple[TaskStatus, Any]:
-    rec = broker.serializer.loads(raw)
-    code = rec[0]
-    status = _CODE_STATUS.get(code, TaskStatus.FAILED)
-    return status, rec[1]
-
-
 class RemoteResult:
     """The result of a task published to Redis, usable from any process: ``wait(timeout)``,
     ``await result``, ``status``, ``is_ready()``, ``add_callback(cb)``.
@@ -749,7 +607,7 @@ class RemoteResult:
     def _take(self, raw: bytes | None) -> tuple[TaskStatus, Any] | None:
         if raw is None:
             return None
-        self._final = _parse_result(self._broker, raw)
+        self._final = parse_result(self._broker.serializer, raw)
         return self._final
 
     @property
@@ -770,7 +628,7 @@ class RemoteResult:
         if status is TaskStatus.SUCCEEDED:
             return value
         exc = decode_error(value)
-        if _is_workflow_error(exc):
+        if is_workflow_error(exc):
             if run is None:
                 run = self._broker.redis.hgetall(self._broker.workflow_key(self.task_id))
             exc.results = self._broker._step_values(run)  # type: ignore[attr-defined]
@@ -816,7 +674,7 @@ class RemoteResult:
                 except (_redis.ConnectionError, _redis.TimeoutError):
                     await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
-        if self._final[0] is not TaskStatus.SUCCEEDED and _is_workflow_error(decode_error(self._final[1])):
+        if self._final[0] is not TaskStatus.SUCCEEDED and is_workflow_error(decode_error(self._final[1])):
             run = await self._broker._aclient().hgetall(self._broker.workflow_key(self.task_id))
         return self._outcome(run)
 
@@ -869,7 +727,7 @@ class _RemoteOptions:
         inner = self._inner
         cfg = inner._config
         if cfg is None and inner._fields:
-            cfg = inner._config_for(func) if not isinstance(func, str) else _DEFAULT_CONFIG.replace(**inner._fields)
+            cfg = inner._config_for(func) if not isinstance(func, str) else DEFAULT_CONFIG.replace(**inner._fields)
         return self._broker.submit(func, args, kwargs, cfg, self._key)
 
 

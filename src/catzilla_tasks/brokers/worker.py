@@ -33,18 +33,18 @@ from typing import Any
 from .. import _engine
 from ..config import TaskConfig, TaskStatus
 from . import scripts
-from .redis import _STATUS_CODES, CONFIG_ATTR, GROUP, RedisBroker, encode_error
+from .protocol import (CONFIG_ATTR, DEFAULT_CONFIG, OPT_FILLS, OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, STATUS_CODES,
+                       encode_error)
+from .redis import GROUP, RedisBroker
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("catzilla_tasks.worker")
 
-_DEFAULT_CONFIG = TaskConfig()
 _ERRORS = None
-# keys of a message's options that are not TaskConfig fields: idempotency key, workflow step,
-# where a step takes earlier steps' values
-_NOT_CONFIG = ("k", "w", "f")
+# keys of a message's options that are not TaskConfig fields (see protocol.py)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)
 
 
 def _redis_any() -> type[BaseException]:
@@ -563,7 +563,7 @@ class Worker:
         if cfg is None:
             base = getattr(func, CONFIG_ATTR, None)
             if not isinstance(base, TaskConfig):
-                base = _DEFAULT_CONFIG
+                base = DEFAULT_CONFIG
             fields = dict(cfg_opts or ())
             cfg = base.replace(**fields) if fields else base
             if len(self._cfgs) > 1024:
@@ -1032,7 +1032,7 @@ class Worker:
             return ("retried",)
         err = encode_error(exc)
         if j.wf is None and ttl_ms:
-            rec = self._fit(ser, [_STATUS_CODES.get(status, 1), err], limit)
+            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
             key = b.result_key(j.msg[0])
             pipe.rpush(key, rec)
             pipe.pexpire(key, ttl_ms)
