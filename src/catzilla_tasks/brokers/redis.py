@@ -713,24 +713,6 @@ class RemoteResult:
         return f"<RemoteResult {self.task_id} {state}>"
 
 
-class _RemoteOptions:
-    """``tasks.options(...)`` in distributed mode: the engine's options plus ``idempotency_key``."""
-
-    __slots__ = ("_broker", "_inner", "_key")
-
-    def __init__(self, broker: RedisBroker, inner: Any, key: str | None) -> None:
-        self._broker = broker
-        self._inner = inner
-        self._key = key
-
-    def add_task(self, func: Any, /, *args: Any, **kwargs: Any) -> RemoteResult:
-        inner = self._inner
-        cfg = inner._config
-        if cfg is None and inner._fields:
-            cfg = inner._config_for(func) if not isinstance(func, str) else DEFAULT_CONFIG.replace(**inner._fields)
-        return self._broker.submit(func, args, kwargs, cfg, self._key)
-
-
 class _Watcher:
     """The results that have callbacks (``add_callback``), for one broker: one thread and one
     connection for all of them, however many. Each round reads every watched result key in
@@ -813,36 +795,3 @@ class _Watcher:
                         entry[0]._take(raw)
                         ready.append(task_id)
         return ready
-
-
-def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:
-    """Turn a BackgroundTasks into a producer for ``broker``: add_task and options().add_task
-    publish to Redis and return RemoteResults. Its local engine stays (a worker runs tasks on it)."""
-    if isinstance(broker, str):
-        broker = RedisBroker(broker)
-    elif not isinstance(broker, RedisBroker):
-        raise TypeError(f"broker: expected a redis:// URL or a RedisBroker, got {type(broker).__name__}")
-    local_options = engine.options
-
-    def add_task(func: Any, /, *args: Any, **kwargs: Any) -> RemoteResult:
-        return broker.submit(func, args, kwargs, None)
-
-    def options(*, idempotency_key: str | None = None, **fields: Any) -> _RemoteOptions:
-        return _RemoteOptions(broker, local_options(**fields), idempotency_key)
-
-    def submit(func: Any, args: tuple, kwargs: dict | None, cfg: Any, block: Any) -> RemoteResult:
-        return broker.submit(func, args, kwargs, cfg)
-
-    def gates(*_: Any, **__: Any) -> Any:
-        raise NotImplementedError(
-            "the engine's local workflow gates are not used in distributed mode: TaskChain.execute() publishes "
-            "the workflow to Redis (RedisBroker.run_workflow)"
-        )
-
-    engine.add_task = add_task
-    engine.options = options
-    engine._gates = gates
-    engine._submit = submit
-    engine.batch = broker.batch
-    engine.result = broker.result
-    return broker
