@@ -27,10 +27,11 @@ Delivery guarantees every implementation keeps:
   ``commit`` raise too; the worker retries a commit (its messages stay pending meanwhile, so
   a lost commit means a re-run, never a lost task).
 
-The consumer side (fetch with capacity, acknowledge with the outcome, promote due delayed
-tasks, reclaim from dead consumers, release workflow steps) is not part of this class yet: for
-Redis it is :class:`~.worker.Worker`'s own (its Lua scripts read and commit the Redis streams
-directly). A new broker brings its consumer loop with it until that side is extracted too.
+The consumer side (fetch with capacity, commit of an outcome, a retry or a dead letter) is
+:class:`FetchingBroker`'s, run by :class:`~.consumer.Consumer` (the in-memory broker's). The
+Redis broker's consumer side is still :class:`~.worker.Worker`'s own: its Lua scripts fetch,
+promote delayed tasks, reclaim from dead consumers, claim idempotency keys, release workflow
+steps and commit, directly on the Redis streams.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import abc
 from typing import Any, ContextManager, Iterable, Protocol
 
 from ..config import TaskConfig, TaskStatus
+from .serialization import Serializer
 
 
 class Result(Protocol):
@@ -67,6 +69,7 @@ class Broker(abc.ABC):
     dead-lettered; None: no limit)."""
 
     queue: str
+    serializer: Serializer
     result_ttl: float
     visibility_timeout: float
     max_deliveries: int | None
@@ -146,3 +149,40 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections and threads; the broker is not used afterwards."""
+
+
+class Delivery:
+    """One fetched message, held by its consumer until ``commit``: ``token`` (the broker's
+    handle for it), ``priority`` (0 CRITICAL .. 3 LOW), ``payload`` (the encoded message,
+    :mod:`.protocol` layout) and ``deliveries`` (how many times it was handed out)."""
+
+    __slots__ = ("deliveries", "payload", "priority", "token")
+
+    def __init__(self, token: Any, priority: int, payload: bytes, deliveries: int = 1) -> None:
+        self.token = token
+        self.priority = priority
+        self.payload = payload
+        self.deliveries = deliveries
+
+
+class FetchingBroker(Broker):
+    """A broker whose consumer side is behind the interface too (the in-memory broker today;
+    the Redis broker's is :class:`~.worker.Worker`'s own), run by
+    :class:`~.consumer.Consumer`."""
+
+    @abc.abstractmethod
+    def fetch(self, capacity: int, timeout: float) -> list[Delivery]:
+        """Up to ``capacity`` messages, highest priority first (a consumer never takes more than
+        its free capacity), waiting up to ``timeout`` seconds for the first one; due delayed
+        messages are fetchable. A fetched message stays held (invisible to other consumers)
+        until committed; a holder that goes silent for ``visibility_timeout`` loses it to the
+        next fetch (at least once). A connection error raises and hands out nothing."""
+
+    @abc.abstractmethod
+    def commit(self, delivery: Delivery, record: bytes | None, *, retry_ms: float | None = None,
+               dead_error: str | None = None) -> None:
+        """End a held message, atomically: store its outcome ``record`` (:func:`.protocol`
+        outcome record, kept ``result_ttl``; None: none), and remove it from the queue — or,
+        with ``retry_ms``, queue it again after that many milliseconds (its payload as it is),
+        or with ``dead_error``, move it to the dead letters with that error. A connection error
+        raises and changes nothing: the message stays held and comes back (at least once)."""

@@ -47,7 +47,7 @@ from .protocol import (
     parse_result,
     task_name,
 )
-from .serialization import DecodeError, Serializer
+from .serialization import DecodeError, Serializer, msgpack_module
 
 try:
     import redis as _redis
@@ -65,10 +65,6 @@ GROUP = "workers"
 DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 _REDIS_BULK_MAX = 512 * 1024 * 1024
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
-def _msgpack_module() -> Any:
-    from .serialization import _msgpack
-
-    return _msgpack()
 
 
 def _driver_info() -> Any:
@@ -353,7 +349,7 @@ class RedisBroker(Broker):
             return RemoteResult(run_id, self)
         fields: dict[str, Any] = {"state": "run", "left": n, "n": n, "name": plan.name}
         if ser.name == "msgpack":
-            mp = _msgpack_module()
+            mp = msgpack_module()
             head = b"m\x92\x00" + (bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 2**16
                                     else b"\xdf" + n.to_bytes(4, "big"))
             fields.update(head=head, sep=b"", colon=b"", tail=b"")

@@ -26,7 +26,8 @@ class DecodeError(ValueError):
     """A payload that cannot be decoded (garbage, an unknown format, or pickle not allowed)."""
 
 
-def _msgpack() -> Any:
+def msgpack_module() -> Any:
+    """The msgpack package (imported on first use), or ImportError saying how to get it."""
     try:
         import msgpack
     except ImportError:  # pragma: no cover - the [redis] extra installs it
@@ -54,7 +55,7 @@ class Serializer:
         self.allow_pickle = bool(allow_pickle)
         self._mp_unpackb: Any = None
         try:
-            mp = _msgpack()
+            mp = msgpack_module()
             packer = mp.Packer(use_bin_type=True, autoreset=True)
             self._mp_unpackb = mp.unpackb
         except ImportError:

@@ -33,8 +33,15 @@ from typing import Any
 from .. import _engine
 from ..config import TaskConfig, TaskStatus
 from . import scripts
-from .protocol import (CONFIG_ATTR, DEFAULT_CONFIG, OPT_FILLS, OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, STATUS_CODES,
-                       encode_error)
+from .protocol import (
+    CONFIG_ATTR,
+    DEFAULT_CONFIG,
+    OPT_FILLS,
+    OPT_IDEMPOTENCY_KEY,
+    OPT_WORKFLOW,
+    STATUS_CODES,
+    encode_error,
+)
 from .redis import GROUP, RedisBroker
 from .serialization import DecodeError
 
