@@ -8,9 +8,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from redis_helpers import redis, redis_url, prefix  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url  # noqa: F401  (fixtures)
+
 from catzilla_tasks import BackgroundTasks, TaskPriority, TaskStatus
 from catzilla_tasks.brokers import RedisBroker, Worker
 from catzilla_tasks.brokers.base import Broker
@@ -129,3 +129,91 @@ def test_bad_input_fails_at_the_call_site(side):
         p.add_task(lambda: None)
     with pytest.raises(ValueError, match="idempotency_key"):
         p.options(idempotency_key="").add_task(rt.add, 1, 2)
+
+
+@pytest.mark.timeout(120)
+def test_a_redriven_dead_letter_runs_again(side):
+    p = side.producer
+    r = p.add_task(rt.always_fails, 3)
+    with pytest.raises(ValueError):
+        r.wait(30)
+    [entry] = side.broker.dead_letters()
+    assert side.broker.redrive([entry["id"]]) == 1
+    assert side.broker.redrive([entry["id"]]) == 0  # moved once
+    # it runs again and fails again: its waiters get the re-run's outcome, a new dead letter
+    with pytest.raises(ValueError, match="bad value 3"):
+        p.result(r.task_id).wait(30)
+    [again] = side.broker.dead_letters()
+    assert again["task_id"] == r.task_id and again["id"] != entry["id"]
+
+
+# -- the consumer side behind the interface (FetchingBroker: the in-memory broker) ------------
+
+def _memory_producer(broker):
+    eng = BackgroundTasks(workers=1, broker=broker)
+    rt.register(eng)
+    return eng
+
+
+@pytest.mark.timeout(60)
+def test_fetch_takes_no_more_than_capacity_highest_priority_first():
+    b = MemoryBroker()
+    p = _memory_producer(b)
+    try:
+        p.options(priority=TaskPriority.LOW).add_task(rt.add, 0, 0)
+        for i in range(3):
+            p.options(priority=TaskPriority.CRITICAL).add_task(rt.add, i, i)
+        got = b.fetch(2, 0)
+        assert [d.priority for d in got] == [0, 0]
+        got += b.fetch(5, 0)
+        assert [d.priority for d in got] == [0, 0, 0, 3]
+        assert b.fetch(5, 0) == []  # all held
+    finally:
+        p.shutdown(wait_for_completion=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_held_message_of_a_silent_consumer_is_handed_out_again_then_dead_lettered():
+    b = MemoryBroker(visibility_timeout=0.05, max_deliveries=2)
+    p = _memory_producer(b)
+    try:
+        r = p.add_task(rt.add, 1, 2)
+        [d1] = b.fetch(1, 0)
+        [d2] = b.fetch(1, 5)  # after the visibility timeout: at least once
+        assert d2.payload == d1.payload and d2.deliveries == 2
+        assert b.fetch(1, 0.3) == []  # its second holder went silent too: max_deliveries reached
+        [dead] = b.dead_letters()
+        assert dead["task_id"] == r.task_id and "max_deliveries" in dead["error"]
+    finally:
+        p.shutdown(wait_for_completion=False)
+
+
+@pytest.mark.timeout(60)
+def test_commit_with_retry_queues_the_message_again_after_its_delay():
+    b = MemoryBroker()
+    p = _memory_producer(b)
+    try:
+        p.add_task(rt.add, 1, 2)
+        [d] = b.fetch(1, 0)
+        b.commit(d, None, retry_ms=100)
+        assert b.queued()["delayed"] == 1 and b.fetch(1, 0) == []
+        [again] = b.fetch(1, 10)
+        assert again.payload == d.payload
+    finally:
+        p.shutdown(wait_for_completion=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_copy_of_a_keyed_task_that_succeeded_is_not_run_again():
+    b = MemoryBroker()
+    p = _memory_producer(b)
+    c = Consumer(_memory_producer(b), b, concurrency=2).start()
+    try:
+        first = p.options(idempotency_key="order-1").add_task(rt.add, 1, 2)
+        assert first.wait(30) == 3
+        copy = p.options(idempotency_key="order-1").add_task(rt.add, 100, 200)
+        assert copy.wait(10) == 3  # the first run's outcome (its waiter is woken, not timed out)
+        assert c.counts["succeeded"] == 1
+    finally:
+        c.stop(10)
+        p.shutdown(wait_for_completion=False)

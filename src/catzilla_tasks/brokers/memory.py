@@ -130,6 +130,14 @@ class MemoryBroker(FetchingBroker):
 
     # -- consuming -------------------------------------------------------------------------
     def fetch(self, capacity: int, timeout: float) -> list[Delivery]:
+        adopted: list[Callable[[], Any]] = []  # callbacks of keyed copies given a first run's outcome
+        try:
+            return self._fetch(capacity, timeout, adopted)
+        finally:
+            for cb in adopted:
+                cb()
+
+    def _fetch(self, capacity: int, timeout: float, adopted: list[Callable[[], Any]]) -> list[Delivery]:
         deadline = time.monotonic() + max(timeout, 0)
         with self._cv:
             while True:
@@ -140,7 +148,7 @@ class MemoryBroker(FetchingBroker):
                 for prio, q in enumerate(self._queues):
                     while q and len(out) < capacity:
                         payload, n = q.popleft()
-                        if self._done and self._adopt(payload):
+                        if self._done and self._adopt(payload, adopted):
                             continue  # a copy of a keyed task that succeeded: not run again
                         d = Delivery(next(self._seq), prio, payload, n + 1)
                         self._held[d.token] = (now + self.visibility_timeout, d)
@@ -187,9 +195,10 @@ class MemoryBroker(FetchingBroker):
         for cb in callbacks:
             cb()
 
-    def _adopt(self, payload: bytes) -> bool:
+    def _adopt(self, payload: bytes, adopted: list[Callable[[], Any]]) -> bool:
         """If ``payload`` is a copy of a keyed task that succeeded, give it that task's outcome
-        (its waiters get it) and report True: it is acknowledged without running."""
+        (its waiters are woken, its callbacks added to ``adopted``) and report True: it is
+        acknowledged without running."""
         task_id, key = self._identity(payload)
         first = self._done.get(key) if key else None
         if first is None:
@@ -197,6 +206,8 @@ class MemoryBroker(FetchingBroker):
         rec = self._record(first)
         if rec is not None and task_id and task_id != first:
             self._results[task_id] = (time.monotonic() + self.result_ttl, rec)
+            adopted += self._callbacks.pop(task_id, [])
+            self._cv.notify_all()
         return True
 
     def _identity(self, payload: bytes) -> tuple[str, str | None]:
