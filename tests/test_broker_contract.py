@@ -217,3 +217,31 @@ def test_a_copy_of_a_keyed_task_that_succeeded_is_not_run_again():
     finally:
         c.stop(10)
         p.shutdown(wait_for_completion=False)
+
+
+@pytest.mark.timeout(60)
+def test_from_engine_makes_an_app_engine_itself_the_producer():
+    # `catzilla-tasks worker app:tasks --broker URL` on an app created without a broker: the
+    # app's own engine object (the one its task functions refer to) must publish
+    eng = BackgroundTasks(workers=1)
+    rt.register(eng)
+    b = MemoryBroker()
+    c = Consumer(_memory_producer(b), b, concurrency=2).start()
+    try:
+        assert DistributedTasks.from_engine(eng, b) is eng
+        assert type(eng) is DistributedTasks and eng.broker is b and "add_task" not in vars(eng)
+        assert "redis_tasks.add" in eng.registered_tasks
+        assert eng.add_task(rt.add, 2, 3).wait(10) == 5
+    finally:
+        c.stop(10)
+        eng.shutdown(wait_for_completion=False)
+
+
+def test_a_subclass_of_the_engine_given_a_broker_says_what_to_subclass():
+    class Mine(BackgroundTasks):
+        pass
+
+    with pytest.raises(TypeError, match="DistributedTasks"):
+        Mine(workers=1, broker=MemoryBroker())
+    with pytest.raises(TypeError, match="redis:// URL or a Broker"):
+        BackgroundTasks(workers=1, broker=42)

@@ -380,6 +380,9 @@ class BackgroundTasks(_engine.Engine):
         handle_sigterm: bool = True,
         broker: Any = None,
     ) -> None:
+        if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
+            raise TypeError(f"{type(self).__name__}: broker= needs BackgroundTasks(broker=...) itself or a "
+                            "subclass of catzilla_tasks.brokers.producer.DistributedTasks")
         cpus = os.cpu_count() or 1
         if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
@@ -443,11 +446,7 @@ class BackgroundTasks(_engine.Engine):
         if _signals.enabled(handle_sigterm) and not _in_pool_child():
             _signals.install(lambda: list(_live))
         # Distributed mode is the DistributedTasks subclass (see __new__), which sets its broker
-        if broker is None:
-            self.broker: Any = None
-        else:  # (DistributedTasks passes broker=None here and sets its own)
-            raise TypeError(f"{type(self).__name__}: broker= needs BackgroundTasks(broker=...) itself or a "
-                            "subclass of catzilla_tasks.brokers.producer.DistributedTasks")
+        self.broker: Any = None
 
     __signature__ = _InitSignature()
 

@@ -37,8 +37,9 @@ class DistributedTasks(BackgroundTasks):
     broker: Broker
 
     def __init__(self, *args: Any, broker: Any, **kwargs: Any) -> None:
+        broker = as_broker(broker)  # before the engine starts its threads: bad input leaks nothing
         super().__init__(*args, **kwargs)
-        self.broker = as_broker(broker)
+        self.broker = broker
 
     @classmethod
     def from_engine(cls, engine: BackgroundTasks, broker: Any) -> "DistributedTasks":
