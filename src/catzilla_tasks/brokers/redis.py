@@ -36,7 +36,11 @@ from .base import Broker
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
+    MSG_ATTEMPTS,
+    MSG_ID,
+    OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_WORKFLOW,
     STATUS_CODES,
     Overrides,
     RemoteTaskError,
@@ -384,11 +388,11 @@ class RedisBroker(Broker):
             cfg = getattr(func, CONFIG_ATTR, None)
             if not isinstance(cfg, TaskConfig):
                 cfg = DEFAULT_CONFIG
-            opts: dict[str, Any] = {"w": [run_id, j, sid, plan.name]}
+            opts: dict[str, Any] = {OPT_WORKFLOW: [run_id, j, sid, plan.name]}
             if fills:
-                opts["f"] = fills
+                opts[OPT_FILLS] = fills
             try:
-                payload = ser.dumps([f"{run_id}.{j}", name, args, kwargs, 0, opts])
+                payload = ser.dumps(message(f"{run_id}.{j}", name, args, kwargs, opts))
             except TypeError as exc:
                 raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
             prio = int(cfg._priority)
@@ -518,10 +522,10 @@ class RedisBroker(Broker):
                 try:
                     msg = self.serializer.loads(payload)
                     if isinstance(msg, list) and len(msg) >= 5:
-                        msg[4] = 0  # a fresh count of attempts
+                        msg[MSG_ATTEMPTS] = 0  # a fresh count of attempts
                         payload = self.serializer.same_format(payload).dumps(msg)
-                    if isinstance(msg, list) and msg and isinstance(msg[0], str):
-                        task_id = msg[0]
+                    if isinstance(msg, list) and msg and isinstance(msg[MSG_ID], str):
+                        task_id = msg[MSG_ID]
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
                 keys = [self.dead_key, self.streams[prio]]
