@@ -294,6 +294,14 @@ class _Options:
             self._merged[id(base)] = hit
         return hit[1]
 
+    def config_for_call(self, func: Callable[..., Any] | str) -> TaskConfig | None:
+        """The config a call of ``func`` with these options runs with (None: the function's
+        own); a task name (a string) gets the defaults with these fields laid over them."""
+        cfg = self._config
+        if cfg is None and self._fields:
+            cfg = self._config_for(func)  # type: ignore[arg-type]
+        return cfg
+
     def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         cfg = self._config
         if cfg is None and self._fields:
@@ -329,6 +337,20 @@ def _shutdown_all() -> None:
             log.exception("catzilla_tasks: shutdown at exit did not complete")
 
 
+class _InitSignature:
+    """``BackgroundTasks.__signature__``: its ``__init__``'s, which inspect.signature would
+    otherwise not report because the class defines ``__new__`` (lifespan() validates an
+    engine's keywords with it). Computed on use: inspect is not imported with the engine."""
+
+    def __get__(self, obj: Any, cls: type) -> Any:
+        if obj is not None:
+            raise AttributeError("__signature__")
+        import inspect
+
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
 class BackgroundTasks(_engine.Engine):
     """An in-process task engine: four priority queues and a pool of native worker threads.
 
@@ -355,6 +377,9 @@ class BackgroundTasks(_engine.Engine):
         handle_sigterm: bool = True,
         broker: Any = None,
     ) -> None:
+        if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
+            raise TypeError(f"{type(self).__name__}: broker= needs BackgroundTasks(broker=...) itself or a "
+                            "subclass of catzilla_tasks.brokers.producer.DistributedTasks")
         cpus = os.cpu_count() or 1
         if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
@@ -417,12 +442,19 @@ class BackgroundTasks(_engine.Engine):
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
         if _signals.enabled(handle_sigterm) and not _in_pool_child():
             _signals.install(lambda: list(_live))
-        # Distributed mode: add_task publishes to Redis; a worker feeds this engine from it.
+        # Distributed mode is the DistributedTasks subclass (see __new__), which sets its broker
         self.broker: Any = None
-        if broker is not None:
-            from .brokers.redis import attach
 
-            self.broker = attach(self, broker)
+    __signature__ = _InitSignature()
+
+    def __new__(cls, *args: Any, broker: Any = None, **kwargs: Any) -> "BackgroundTasks":
+        # BackgroundTasks(broker=...) is a producer for that broker: an instance of the
+        # subclass whose add_task publishes (the plain engine keeps its C add_task)
+        if broker is not None and cls is BackgroundTasks:
+            from .brokers.producer import DistributedTasks
+
+            cls = DistributedTasks
+        return _engine.Engine.__new__(cls)
 
     # -- registration -------------------------------------------------------------------
     @overload

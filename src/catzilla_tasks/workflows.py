@@ -411,8 +411,8 @@ class TaskChain:
     # -- running -------------------------------------------------------------------------------
     def execute(self) -> TaskResult[Any]:
         """Start the workflow; return its TaskResult at once (value: each step's value by id).
-        On an engine with a Redis broker the workers run it (see :meth:`RedisBroker.run_workflow`)
-        and this returns its RemoteResult."""
+        On an engine with a broker the workers run it (see :meth:`Broker.run_workflow`) and this
+        returns the broker's result handle (a RemoteResult on Redis)."""
         plan = self._compile()
         engine = self.tasks if self.tasks is not None else default_engine()
         accepts = getattr(engine, "_accepts_here", None)

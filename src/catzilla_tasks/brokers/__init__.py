@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "Worker"]
+__all__ = ["Broker", "Consumer", "DistributedTasks", "MemoryBroker", "RedisBroker", "RemoteResult", "RemoteTaskError",
+           "Worker"]
+
+_HOMES = {"Broker": "base", "Consumer": "consumer", "DistributedTasks": "producer", "MemoryBroker": "memory"}
 
 
 def __getattr__(name: str) -> Any:  # imported on first use: redis is an optional extra
@@ -12,6 +15,10 @@ def __getattr__(name: str) -> Any:  # imported on first use: redis is an optiona
         from . import redis
 
         return getattr(redis, name)
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
     if name == "Worker":
         from .worker import Worker
 

@@ -110,14 +110,15 @@ def _broker(args: argparse.Namespace) -> Any:
 
 def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     from ..engine import BackgroundTasks
-    from .redis import RedisBroker, attach, redact_url
+    from .producer import DistributedTasks
+    from .redis import RedisBroker, redact_url
     from .worker import Worker
 
     tasks = load_app(args.app)
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
     if args.broker:
-        tasks.broker = attach(tasks, RedisBroker(args.broker))
+        tasks = DistributedTasks.from_engine(tasks, RedisBroker(args.broker))
     if not isinstance(getattr(tasks, "broker", None), RedisBroker):
         raise UsageError(f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -31,9 +31,27 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from ..errors import RemoteTaskError, WorkflowError, decode_error
 from . import scripts
-from .serialization import DecodeError, Serializer
+from .base import Broker
+from .protocol import (
+    CONFIG_ATTR,
+    DEFAULT_CONFIG,
+    MSG_ATTEMPTS,
+    MSG_ID,
+    OPT_FILLS,
+    OPT_IDEMPOTENCY_KEY,
+    OPT_WORKFLOW,
+    STATUS_CODES,
+    Overrides,
+    RemoteTaskError,
+    decode_error,
+    encode_error,
+    is_workflow_error,
+    message,
+    parse_result,
+    task_name,
+)
+from .serialization import DecodeError, Serializer, msgpack_module
 
 try:
     import redis as _redis
@@ -42,29 +60,15 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _redis = None  # type: ignore[assignment]
     _aredis = None  # type: ignore[assignment]
 
-__all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "task_name"]
+__all__ = ["RedisBroker", "RemoteResult", "RemoteTaskError", "decode_error", "encode_error", "task_name"]
 
 GROUP = "workers"
-CONFIG_ATTR = "__catzilla_task__"
-_DEFAULT_CONFIG = TaskConfig()
 # results bigger than this are refused (the task fails saying so): far below Redis's own limit on
 # one value (proto-max-bulk-len, 512 MB by default, where the connection is reset), and a size at
 # which a result belongs in a store of its own with a reference to it in the result
 DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 _REDIS_BULK_MAX = 512 * 1024 * 1024
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
-# TaskConfig fields that travel with a task when options() overrides them (plain values only);
-# delay_ms is applied by the producer and priority picks the stream.
-_TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "retry_max_ms", "retry_jitter",
-               "retry_on_timeout", "isolation", "memory_limit_mb")
-_STATUS_CODES = {TaskStatus.SUCCEEDED: 0, TaskStatus.FAILED: 1, TaskStatus.TIMED_OUT: 2, TaskStatus.CANCELLED: 3}
-_CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
-
-
-def _msgpack_module() -> Any:
-    from .serialization import _msgpack
-
-    return _msgpack()
 
 
 def _driver_info() -> Any:
@@ -85,30 +89,6 @@ def _driver_info() -> Any:
 def _require_redis() -> None:
     if _redis is None:
         raise ImportError("distributed mode needs the redis client: pip install 'catzilla-tasks[redis]'")
-
-
-def task_name(func: Any) -> str:
-    """The name a task travels by: ``module.qualname`` of the function (as ``@tasks.task``
-    registers it), or the string itself."""
-    if isinstance(func, str):
-        if not func:
-            raise ValueError("task name: must not be empty")
-        return func
-    if not callable(func):
-        raise TypeError(f"add_task: expected a task function or its registered name, got {type(func).__name__}")
-    mod = getattr(func, "__module__", None)
-    qual = getattr(func, "__qualname__", None)
-    if not mod or not qual or "<locals>" in qual or "<lambda>" in qual:
-        raise TypeError(
-            f"add_task: {func!r} has no importable name; tasks travel to workers by name, so define them "
-            "at module level (def in a module the worker imports) and register them with @tasks.task"
-        )
-    if mod == "__main__":
-        raise TypeError(
-            f"add_task: {qual} is defined in __main__, which a worker cannot import; move it to a module "
-            "that both the producer and `catzilla-tasks worker module:tasks` import"
-        )
-    return f"{mod}.{qual}"
 
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
@@ -135,16 +115,7 @@ def _count(value: Any, high: float = float("inf")) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= high
 
 
-def _plain(field: str, value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(
-        f"options(): {field}={value!r} cannot travel to a remote worker; set it in the task's decorator "
-        "(the worker imports the same module) instead of per call"
-    )
-
-
-class RedisBroker:
+class RedisBroker(Broker):
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
@@ -262,7 +233,7 @@ class RedisBroker:
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
         self._redrive = self.redis.register_script(scripts.REDRIVE)
         self._local = threading.local()
-        self._diffs: dict[tuple[int, int], tuple[TaskConfig, TaskConfig, dict[str, Any] | None]] = {}
+        self._overrides = Overrides()
         self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
         self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
         self._id_next = itertools.count()
@@ -289,29 +260,6 @@ class RedisBroker:
         # next() of an itertools.count is atomic under the GIL
         return f"{self._id_base}{next(self._id_next):x}"
 
-    def _overrides(self, func: Any, cfg: TaskConfig) -> dict[str, Any] | None:
-        base = getattr(func, CONFIG_ATTR, None)
-        if not isinstance(base, TaskConfig):
-            base = _DEFAULT_CONFIG
-        if cfg is base:
-            return None
-        key = (id(cfg), id(base))
-        hit = self._diffs.get(key)
-        if hit is not None and hit[0] is cfg and hit[1] is base:
-            return hit[2]
-        mine, theirs = cfg.as_dict(), base.as_dict()
-        diff: dict[str, Any] = {}
-        for field, value in mine.items():
-            if field in ("priority", "delay_ms") or value == theirs[field]:
-                continue
-            if field not in _TRAVELLING:
-                _plain(field, object())  # raises: hooks and retry_on cannot travel
-            diff[field] = _plain(field, value)
-        if len(self._diffs) > 256:
-            self._diffs.clear()
-        self._diffs[key] = (cfg, base, diff or None)
-        return diff or None
-
     def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
                idempotency_key: str | None = None) -> "RemoteResult":
         """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult."""
@@ -327,18 +275,15 @@ class RedisBroker:
         if cfg is None:
             cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
             if not isinstance(cfg, TaskConfig):
-                cfg = _DEFAULT_CONFIG
+                cfg = DEFAULT_CONFIG
         opts = None if isinstance(func, str) else self._overrides(func, cfg)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError(f"idempotency_key: expected a non-empty string, got {idempotency_key!r}")
             opts = dict(opts or ())
-            opts["k"] = idempotency_key
+            opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
-        msg: list[Any] = [tid, name, list(args), kwargs or {}]
-        if opts:
-            msg += [0, opts]
-        payload = self.serializer.dumps(msg)
+        payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         self._send(int(cfg._priority), cfg.delay_ms, payload)
         return RemoteResult(tid, self)
 
@@ -408,7 +353,7 @@ class RedisBroker:
             return RemoteResult(run_id, self)
         fields: dict[str, Any] = {"state": "run", "left": n, "n": n, "name": plan.name}
         if ser.name == "msgpack":
-            mp = _msgpack_module()
+            mp = msgpack_module()
             head = b"m\x92\x00" + (bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 2**16
                                     else b"\xdf" + n.to_bytes(4, "big"))
             fields.update(head=head, sep=b"", colon=b"", tail=b"")
@@ -442,12 +387,12 @@ class RedisBroker:
                 fills.append([where, list(src) if isinstance(src, tuple) else src])
             cfg = getattr(func, CONFIG_ATTR, None)
             if not isinstance(cfg, TaskConfig):
-                cfg = _DEFAULT_CONFIG
-            opts: dict[str, Any] = {"w": [run_id, j, sid, plan.name]}
+                cfg = DEFAULT_CONFIG
+            opts: dict[str, Any] = {OPT_WORKFLOW: [run_id, j, sid, plan.name]}
             if fills:
-                opts["f"] = fills
+                opts[OPT_FILLS] = fills
             try:
-                payload = ser.dumps([f"{run_id}.{j}", name, args, kwargs, 0, opts])
+                payload = ser.dumps(message(f"{run_id}.{j}", name, args, kwargs, opts))
             except TypeError as exc:
                 raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
             prio = int(cfg._priority)
@@ -487,6 +432,27 @@ class RedisBroker:
                 except (DecodeError, TypeError):
                     continue
         return out
+
+    def cancel_run(self, run_id: str) -> bool:
+        """Cancel a workflow run (see Broker.cancel_run): one script marks it cancelled and
+        stores its CANCELLED outcome, unless it has ended."""
+        ttl_ms = int(self.result_ttl * 1000) or 3_600_000
+        key = self.workflow_key(run_id)
+        name = self.redis.hget(key, "name")
+        label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
+        rec = self.serializer.dumps([STATUS_CODES[TaskStatus.CANCELLED],
+                                     ["catzilla_tasks.TaskCancelled", f"{label} run {run_id} was cancelled", ""]])
+        rc = self._wf_cancel(keys=[key, self.result_key(run_id)], args=[rec, ttl_ms])
+        if rc == 1:
+            return True
+        if rc == 0:
+            return False
+        if self.result_ttl and self.redis.exists(self.result_key(run_id)):
+            return False  # a task (or a run) that has ended
+        raise NotImplementedError(
+            f"cancel() of task {run_id}: a single task published to Redis cannot be cancelled (a worker may "
+            "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
+        )
 
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
@@ -556,10 +522,10 @@ class RedisBroker:
                 try:
                     msg = self.serializer.loads(payload)
                     if isinstance(msg, list) and len(msg) >= 5:
-                        msg[4] = 0  # a fresh count of attempts
+                        msg[MSG_ATTEMPTS] = 0  # a fresh count of attempts
                         payload = self.serializer.same_format(payload).dumps(msg)
-                    if isinstance(msg, list) and msg and isinstance(msg[0], str):
-                        task_id = msg[0]
+                    if isinstance(msg, list) and msg and isinstance(msg[MSG_ID], str):
+                        task_id = msg[MSG_ID]
                 except (DecodeError, TypeError):
                     pass  # redriven as it is: it will be dead-lettered again, with its error
                 keys = [self.dead_key, self.streams[prio]]
@@ -615,13 +581,6 @@ def _dead_priority(field: bytes | None) -> int:
     return int(field) if field in (b"0", b"1", b"2", b"3") else int(TaskPriority.NORMAL)
 
 
-def _parse_result(broker: RedisBroker, raw: bytes) -> tuple[TaskStatus, Any]:
-    rec = broker.serializer.loads(raw)
-    code = rec[0]
-    status = _CODE_STATUS.get(code, TaskStatus.FAILED)
-    return status, rec[1]
-
-
 class RemoteResult:
     """The result of a task published to Redis, usable from any process: ``wait(timeout)``,
     ``await result``, ``status``, ``is_ready()``, ``add_callback(cb)``.
@@ -648,7 +607,7 @@ class RemoteResult:
     def _take(self, raw: bytes | None) -> tuple[TaskStatus, Any] | None:
         if raw is None:
             return None
-        self._final = _parse_result(self._broker, raw)
+        self._final = parse_result(self._broker.serializer, raw)
         return self._final
 
     @property
@@ -669,7 +628,7 @@ class RemoteResult:
         if status is TaskStatus.SUCCEEDED:
             return value
         exc = decode_error(value)
-        if isinstance(exc, WorkflowError):
+        if is_workflow_error(exc):
             if run is None:
                 run = self._broker.redis.hgetall(self._broker.workflow_key(self.task_id))
             exc.results = self._broker._step_values(run)  # type: ignore[attr-defined]
@@ -715,7 +674,7 @@ class RemoteResult:
                 except (_redis.ConnectionError, _redis.TimeoutError):
                     await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
-        if self._final[0] is not TaskStatus.SUCCEEDED and isinstance(decode_error(self._final[1]), WorkflowError):
+        if self._final[0] is not TaskStatus.SUCCEEDED and is_workflow_error(decode_error(self._final[1])):
             run = await self._broker._aclient().hgetall(self._broker.workflow_key(self.task_id))
         return self._outcome(run)
 
@@ -745,48 +704,13 @@ class RemoteResult:
         the run ends CANCELLED (``wait()`` raises TaskCancelled) for every waiter. True if this
         call cancelled it, False if the run had already ended. A single task published to Redis
         cannot be cancelled (a worker may already hold it): NotImplementedError."""
-        b = self._broker
         if self._final is not None:
             return False
-        ttl_ms = int(b.result_ttl * 1000) or 3_600_000
-        key = b.workflow_key(self.task_id)
-        name = b.redis.hget(key, "name")
-        label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
-        rec = b.serializer.dumps([_STATUS_CODES[TaskStatus.CANCELLED],
-                                  ["catzilla_tasks.TaskCancelled", f"{label} run {self.task_id} was cancelled", ""]])
-        rc = b._wf_cancel(keys=[key, b.result_key(self.task_id)], args=[rec, ttl_ms])
-        if rc == 1:
-            return True
-        if rc == 0:
-            return False
-        if b.result_ttl and b.redis.exists(b.result_key(self.task_id)):
-            return False  # a task (or a run) that has ended
-        raise NotImplementedError(
-            f"cancel() of task {self.task_id}: a single task published to Redis cannot be cancelled (a worker may "
-            "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
-        )
+        return self._broker.cancel_run(self.task_id)
 
     def __repr__(self) -> str:
         state = self._final[0].name if self._final is not None else "PENDING?"
         return f"<RemoteResult {self.task_id} {state}>"
-
-
-class _RemoteOptions:
-    """``tasks.options(...)`` in distributed mode: the engine's options plus ``idempotency_key``."""
-
-    __slots__ = ("_broker", "_inner", "_key")
-
-    def __init__(self, broker: RedisBroker, inner: Any, key: str | None) -> None:
-        self._broker = broker
-        self._inner = inner
-        self._key = key
-
-    def add_task(self, func: Any, /, *args: Any, **kwargs: Any) -> RemoteResult:
-        inner = self._inner
-        cfg = inner._config
-        if cfg is None and inner._fields:
-            cfg = inner._config_for(func) if not isinstance(func, str) else _DEFAULT_CONFIG.replace(**inner._fields)
-        return self._broker.submit(func, args, kwargs, cfg, self._key)
 
 
 class _Watcher:
@@ -871,36 +795,3 @@ class _Watcher:
                         entry[0]._take(raw)
                         ready.append(task_id)
         return ready
-
-
-def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:
-    """Turn a BackgroundTasks into a producer for ``broker``: add_task and options().add_task
-    publish to Redis and return RemoteResults. Its local engine stays (a worker runs tasks on it)."""
-    if isinstance(broker, str):
-        broker = RedisBroker(broker)
-    elif not isinstance(broker, RedisBroker):
-        raise TypeError(f"broker: expected a redis:// URL or a RedisBroker, got {type(broker).__name__}")
-    local_options = engine.options
-
-    def add_task(func: Any, /, *args: Any, **kwargs: Any) -> RemoteResult:
-        return broker.submit(func, args, kwargs, None)
-
-    def options(*, idempotency_key: str | None = None, **fields: Any) -> _RemoteOptions:
-        return _RemoteOptions(broker, local_options(**fields), idempotency_key)
-
-    def submit(func: Any, args: tuple, kwargs: dict | None, cfg: Any, block: Any) -> RemoteResult:
-        return broker.submit(func, args, kwargs, cfg)
-
-    def gates(*_: Any, **__: Any) -> Any:
-        raise NotImplementedError(
-            "the engine's local workflow gates are not used in distributed mode: TaskChain.execute() publishes "
-            "the workflow to Redis (RedisBroker.run_workflow)"
-        )
-
-    engine.add_task = add_task
-    engine.options = options
-    engine._gates = gates
-    engine._submit = submit
-    engine.batch = broker.batch
-    engine.result = broker.result
-    return broker

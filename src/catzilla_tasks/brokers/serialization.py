@@ -24,7 +24,8 @@ __all__ = ["Serializer", "DecodeError", "SERIALIZERS"]
 SERIALIZERS = ("msgpack", "json", "pickle")
 
 
-def _msgpack() -> Any:
+def msgpack_module() -> Any:
+    """The msgpack package (imported on first use), or ImportError saying how to get it."""
     try:
         import msgpack
     except ImportError:  # pragma: no cover - the [redis] extra installs it
@@ -52,7 +53,7 @@ class Serializer:
         self.allow_pickle = bool(allow_pickle)
         self._mp_unpackb: Any = None
         try:
-            mp = _msgpack()
+            mp = msgpack_module()
             packer = mp.Packer(use_bin_type=True, autoreset=True)
             self._mp_unpackb = mp.unpackb
         except ImportError:

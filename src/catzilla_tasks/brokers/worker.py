@@ -34,18 +34,35 @@ from .. import _engine
 from ..config import TaskConfig, TaskStatus
 from ..errors import WorkflowError, encode_error, wire_name
 from . import scripts
-from .redis import _STATUS_CODES, CONFIG_ATTR, GROUP, RedisBroker
+from .protocol import (
+    CONFIG_ATTR,
+    DEFAULT_CONFIG,
+    MSG_ARGS,
+    MSG_ATTEMPTS,
+    MSG_ID,
+    MSG_KWARGS,
+    MSG_NAME,
+    MSG_OPTIONS,
+    OPT_FILLS,
+    OPT_IDEMPOTENCY_KEY,
+    OPT_WORKFLOW,
+    STATUS_CODES,
+)
+from .redis import GROUP, RedisBroker
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("catzilla_tasks.worker")
 
-_DEFAULT_CONFIG = TaskConfig()
 _ERRORS = None
-# keys of a message's options that are not TaskConfig fields: idempotency key, workflow step,
-# where a step takes earlier steps' values
-_NOT_CONFIG = ("k", "w", "f")
+# keys of a message's options that are not TaskConfig fields (see protocol.py)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)
+
+
+def _options(msg: list[Any]) -> Any:
+    """A decoded message's options dict (empty when it has none)."""
+    return (msg[MSG_OPTIONS] or {}) if len(msg) > MSG_OPTIONS else {}
 
 
 def _redis_any() -> type[BaseException]:
@@ -91,8 +108,8 @@ def _step_sources(opts: dict) -> list[int] | str:
     """The earlier steps whose values a step message takes, in order, or what is wrong with its
     options (a string): ``w`` is [run id, index, step id, name], ``f`` a list of
     [argument position or keyword, step index or list of step indexes]."""
-    wf = opts.get("w")
-    fills = opts.get("f") or []
+    wf = opts.get(OPT_WORKFLOW)
+    fills = opts.get(OPT_FILLS) or []
     if not (isinstance(wf, list) and len(wf) == 4):
         return "'w' is not [run, index, step, name]"
     if not isinstance(fills, list):
@@ -564,7 +581,7 @@ class Worker:
         if cfg is None:
             base = getattr(func, CONFIG_ATTR, None)
             if not isinstance(base, TaskConfig):
-                base = _DEFAULT_CONFIG
+                base = DEFAULT_CONFIG
             fields = dict(cfg_opts or ())
             cfg = base.replace(**fields) if fields else base
             if len(self._cfgs) > 1024:
@@ -598,23 +615,24 @@ class Worker:
         except DecodeError as exc:
             job.error = f"DecodeError: {exc}"
             return job
-        if (not isinstance(msg, list) or len(msg) < 4 or not isinstance(msg[0], str) or not isinstance(msg[1], str)
-                or not isinstance(msg[2], list) or not isinstance(msg[3], dict)
-                or (len(msg) > 4 and not isinstance(msg[4], int))
-                or (len(msg) > 5 and msg[5] is not None and not isinstance(msg[5], dict))):
+        if (not isinstance(msg, list) or len(msg) < 4 or not isinstance(msg[MSG_ID], str)
+                or not isinstance(msg[MSG_NAME], str)
+                or not isinstance(msg[MSG_ARGS], list) or not isinstance(msg[MSG_KWARGS], dict)
+                or (len(msg) > MSG_ATTEMPTS and not isinstance(msg[MSG_ATTEMPTS], int))
+                or (len(msg) > MSG_OPTIONS and msg[MSG_OPTIONS] is not None and not isinstance(msg[MSG_OPTIONS], dict))):
             job.error = f"DecodeError: not a task message: {msg!r:.200}"
             return job
         job.msg = msg
-        func = self._registry.get(msg[1])
+        func = self._registry.get(msg[MSG_NAME])
         if func is not None:  # one copy of each task name, not one per message held
-            msg[1] = self._names.setdefault(msg[1], msg[1])
+            msg[MSG_NAME] = self._names.setdefault(msg[MSG_NAME], msg[MSG_NAME])
         if func is None:
-            job.error = (f"LookupError: unknown task name {msg[1]!r}: this worker's engine has no task registered "
-                         "under it (register it with @tasks.task in the module the worker imports)")
+            job.error = (f"LookupError: unknown task name {msg[MSG_NAME]!r}: this worker's engine has no task "
+                         "registered under it (register it with @tasks.task in the module the worker imports)")
             return job
         job.func = func
         try:
-            job.cfg = self._config(msg[1], func, msg[5] if len(msg) > 5 else None)
+            job.cfg = self._config(msg[MSG_NAME], func, msg[MSG_OPTIONS] if len(msg) > MSG_OPTIONS else None)
         except Exception as exc:
             job.error = f"{type(exc).__name__}: bad per-task options: {_describe(exc)}"
         return job
@@ -675,10 +693,10 @@ class Worker:
 
     def _look_up(self, jobs: list[_Job]) -> None:
         """What Redis knows before the jobs run: finished idempotency keys, workflow runs."""
-        keyed = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "k" in j.msg[5]]
+        keyed = [j for j in jobs if j.error is None and OPT_IDEMPOTENCY_KEY in _options(j.msg)]
         if keyed:
             self._claim(keyed)
-        steps = [j for j in jobs if j.error is None and len(j.msg) > 5 and j.msg[5] and "w" in j.msg[5]]
+        steps = [j for j in jobs if j.error is None and OPT_WORKFLOW in _options(j.msg)]
         if steps:
             self._prepare_steps(steps)
 
@@ -691,14 +709,14 @@ class Worker:
             msg = j.msg
             cfg = j.cfg
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
-            args, kwargs = j.call if j.call is not None else (tuple(msg[2]), msg[3])
+            args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             h = self._submit(j.func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
             j.error = f"{type(exc).__name__}: could not start the task: {_describe(exc)}"
             self._finished(j, None)
             return
         del args, kwargs
-        msg[2] = msg[3] = j.call = None  # the engine holds its own references (see _Job)
+        msg[MSG_ARGS] = msg[MSG_KWARGS] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
         h._on_done(j)
 
@@ -710,7 +728,7 @@ class Worker:
         keys: list[str] = []
         tokens: list[str] = []
         for j in keyed:
-            k = str(j.msg[5]["k"])
+            k = str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY])
             keys += (b.done_key(k), b.claim_key(k))
             tokens.append(f"{self.consumer} {j.eid.decode()}")
         replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
@@ -739,11 +757,11 @@ class Worker:
         pipe = self._r.pipeline(transaction=False)
         wanted = []
         for j in steps:
-            srcs = _step_sources(j.msg[5])
+            srcs = _step_sources(j.msg[MSG_OPTIONS])
             if isinstance(srcs, str):
-                j.error = f"DecodeError: bad workflow step options ({srcs}): {j.msg[5]!r:.200}"
+                j.error = f"DecodeError: bad workflow step options ({srcs}): {j.msg[MSG_OPTIONS]!r:.200}"
                 continue
-            j.wf = j.msg[5]["w"]
+            j.wf = j.msg[MSG_OPTIONS][OPT_WORKFLOW]
             pipe.hmget(b.workflow_key(str(j.wf[0])), ["state", *(f"v:{s}" for s in srcs)])
             wanted.append((j, srcs))
         if not wanted:
@@ -764,7 +782,7 @@ class Worker:
                 j.error = f"DecodeError: workflow step {j.wf[2]!r}: {_describe(exc)}"
 
     def _fill_step(self, j: _Job, raw: dict[int, bytes | None]) -> None:
-        fills = j.msg[5].get("f") or []
+        fills = j.msg[MSG_OPTIONS].get(OPT_FILLS) or []
         if not fills:
             return
         got = {}
@@ -777,8 +795,8 @@ class Worker:
             except DecodeError as exc:
                 j.error = f"DecodeError: workflow step {j.wf[2]!r}: the value of step {s_}: {exc}"
                 return
-        args = list(j.msg[2])
-        kwargs = dict(j.msg[3])
+        args = list(j.msg[MSG_ARGS])
+        kwargs = dict(j.msg[MSG_KWARGS])
         for where, src in fills:
             value = [got[x] for x in src] if isinstance(src, list) else got[src]
             if isinstance(where, int) and 0 <= where < len(args):
@@ -917,11 +935,11 @@ class Worker:
 
     @staticmethod
     def _task_id(j: _Job) -> str:
-        return str(j.msg[0]) if j.msg else j.eid.decode(errors="replace")
+        return str(j.msg[MSG_ID]) if j.msg else j.eid.decode(errors="replace")
 
     @staticmethod
     def _task_name(j: _Job) -> str:
-        return str(j.msg[1]) if j.msg else "?"
+        return str(j.msg[MSG_NAME]) if j.msg else "?"
 
     def _sized(self, rec: bytes, limit: int, what: str) -> bytes:
         if len(rec) > limit:
@@ -966,11 +984,12 @@ class Worker:
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
         if j.skip:
-            if ttl_ms and j.first != j.msg[0]:
+            if ttl_ms and j.first != j.msg[MSG_ID]:
                 ser = b.serializer.same_format(j.payload)
-                gone = ser.dumps([1, ["DuplicateTask", f"idempotency key {j.msg[5]['k']!r} was already done by "
+                idem = j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY]
+                gone = ser.dumps([1, ["DuplicateTask", f"idempotency key {idem!r} was already done by "
                                   f"task {j.first}, whose result has expired", ""]])
-                self._copy_result(keys=[b.result_key(j.first), b.result_key(j.msg[0])], args=[ttl_ms, gone],
+                self._copy_result(keys=[b.result_key(j.first), b.result_key(j.msg[MSG_ID])], args=[ttl_ms, gone],
                                   client=pipe)
             return ("skipped_idempotent",)
         if j.error is not None:
@@ -999,12 +1018,12 @@ class Worker:
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
                         return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
                     rec = ser.dumps([1, err])
-                key = b.result_key(j.msg[0])
+                key = b.result_key(j.msg[MSG_ID])
                 pipe.rpush(key, rec)
                 pipe.pexpire(key, ttl_ms)
             if j.claim is not None:  # (last: once queued, this job's claim goes with the done key)
-                self._idem_done(keys=[b.done_key(str(j.msg[5]["k"])), j.claim[0]],
-                                args=[j.msg[0], idem_ms, j.claim[1]], client=pipe)
+                self._idem_done(keys=[b.done_key(str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY])), j.claim[0]],
+                                args=[j.msg[MSG_ID], idem_ms, j.claim[1]], client=pipe)
                 return ("succeeded", "settled")
             return ("succeeded",)
         try:
@@ -1013,7 +1032,7 @@ class Worker:
         except BaseException as e:  # the task's own exception
             exc = e
         cfg = j.cfg
-        attempt = j.msg[4] if len(j.msg) > 4 else 0
+        attempt = j.msg[MSG_ATTEMPTS] if len(j.msg) > MSG_ATTEMPTS else 0
         retry = attempt < cfg.max_retries and (
             (status is TaskStatus.FAILED and isinstance(exc, cfg.retry_on))
             or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
@@ -1022,7 +1041,7 @@ class Worker:
             msg = b.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
             if len(msg) < 6:
                 msg += [0, None][len(msg) - 4:]
-            msg[4] = attempt + 1
+            msg[MSG_ATTEMPTS] = attempt + 1
             member = b"%d" % j.prio + ser.dumps(msg)
             delay = min(backoff_ms(cfg, attempt + 1), _MAX_BACKOFF_MS)  # (inf and NaN: the cap)
             delay = delay if delay >= 0 else _MAX_BACKOFF_MS
@@ -1033,8 +1052,8 @@ class Worker:
             return ("retried",)
         err = encode_error(exc)
         if j.wf is None and ttl_ms:
-            rec = self._fit(ser, [_STATUS_CODES.get(status, 1), err], limit)
-            key = b.result_key(j.msg[0])
+            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
+            key = b.result_key(j.msg[MSG_ID])
             pipe.rpush(key, rec)
             pipe.pexpire(key, ttl_ms)
             return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err, result=False))
@@ -1062,7 +1081,7 @@ class Worker:
         if wf is not None:
             self._fail_workflow(pipe, j, wf, cause, wf_ttl)
         elif result and ttl_ms and j.msg:  # the task id is known: its waiters learn why
-            key = b.result_key(j.msg[0])
+            key = b.result_key(j.msg[MSG_ID])
             ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
             pipe.rpush(key, self._fit(ser, [1, cause], limit))
             pipe.pexpire(key, ttl_ms)
@@ -1079,8 +1098,9 @@ class Worker:
 
     @staticmethod
     def _step_of(j: _Job) -> list | None:
-        opts = j.msg[5] if j.msg and len(j.msg) > 5 and isinstance(j.msg[5], dict) else None
-        wf = opts.get("w") if opts else None
+        opts = (j.msg[MSG_OPTIONS] if j.msg and len(j.msg) > MSG_OPTIONS and isinstance(j.msg[MSG_OPTIONS], dict)
+                else None)
+        wf = opts.get(OPT_WORKFLOW) if opts else None
         return wf if isinstance(wf, list) and len(wf) == 4 else None
 
     def _fail_workflow(self, pipe: Any, j: _Job, wf: list, cause: list, ttl_ms: int) -> None:
@@ -1099,8 +1119,8 @@ class Worker:
         pipe.xadd(self.broker.dead_key, {
             "m": j.payload,
             "e": error[:8000],
-            "n": str(msg[1]) if msg else "",
-            "i": str(msg[0]) if msg else "",
+            "n": str(msg[MSG_NAME]) if msg else "",
+            "i": str(msg[MSG_ID]) if msg else "",
             "p": j.prio,
             "t": int(time.time() * 1000),
             "w": self.consumer,

@@ -1,0 +1,395 @@
+"""An in-memory broker for tests: the broker contract (:mod:`.base`) within one process.
+
+``BackgroundTasks(broker=MemoryBroker())`` publishes as with Redis (same messages, same
+:mod:`.protocol` encoding), and a :class:`~.consumer.Consumer` on an engine of the same process
+runs them. Nothing leaves the process and nothing survives it: for tests of code written for a
+broker, not for production. Not supported here: workflow runs across workers
+(``run_workflow`` raises NotImplementedError: they need the RedisBroker) and deduplication of
+keyed copies that are held at the same time (a copy fetched after one with the same
+``idempotency_key`` succeeded is acknowledged with that one's outcome, as on Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+from ..config import TaskConfig, TaskPriority, TaskStatus
+from .base import Delivery, FetchingBroker
+from .protocol import (
+    CONFIG_ATTR,
+    DEFAULT_CONFIG,
+    MSG_ATTEMPTS,
+    MSG_ID,
+    MSG_NAME,
+    MSG_OPTIONS,
+    OPT_IDEMPOTENCY_KEY,
+    Overrides,
+    decode_error,
+    message,
+    parse_result,
+    task_name,
+)
+from .serialization import DecodeError, Serializer
+
+__all__ = ["MemoryBroker", "MemoryResult"]
+
+log = logging.getLogger("catzilla_tasks.results")
+
+
+class MemoryBroker(FetchingBroker):
+    """Queues, delayed tasks, held messages, outcomes and dead letters in this process's memory
+    (see the module docstring). ``serializer``, ``result_ttl``, ``visibility_timeout`` and
+    ``max_deliveries`` mean what they mean for RedisBroker."""
+
+    def __init__(self, *, queue: str = "default", serializer: str = "msgpack", result_ttl: float = 3600,
+                 visibility_timeout: float = 60.0, max_deliveries: int | None = 10) -> None:
+        if not isinstance(result_ttl, (int, float)) or isinstance(result_ttl, bool) or not result_ttl >= 0:
+            raise ValueError(f"result_ttl: must be a number of seconds >= 0, got {result_ttl!r}")
+        if (isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float))
+                or not visibility_timeout > 0):
+            raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
+        if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
+                                           or max_deliveries < 1):
+            raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
+        self.queue = queue
+        self.serializer = Serializer(serializer)
+        self.result_ttl = float(result_ttl)
+        self.visibility_timeout = float(visibility_timeout)
+        self.max_deliveries = max_deliveries
+        self._cv = threading.Condition()
+        self._queues: list[deque[tuple[bytes, int]]] = [deque() for _ in range(4)]  # (payload, deliveries)
+        self._delayed: list[tuple[float, int, int, bytes]] = []  # heap of (due, seq, priority, payload)
+        self._held: dict[int, tuple[float, Delivery]] = {}  # token -> (deadline, delivery)
+        self._results: dict[str, tuple[float, bytes]] = {}  # task id -> (expiry, record)
+        self._done: dict[str, str] = {}  # idempotency key -> id of the task that succeeded with it
+        self._dead: dict[str, dict[str, Any]] = {}  # dead letters by id, oldest first
+        self._callbacks: dict[str, list[Callable[[], Any]]] = {}
+        self._seq = itertools.count(1)
+        self._local = threading.local()
+        self._overrides = Overrides()
+        self._ids = itertools.count()
+        self._closed = False
+
+    # -- publishing ------------------------------------------------------------------------
+    def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
+               idempotency_key: str | None = None) -> "MemoryResult":
+        name = task_name(func)
+        if cfg is None:
+            cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
+            if not isinstance(cfg, TaskConfig):
+                cfg = DEFAULT_CONFIG
+        opts = None if isinstance(func, str) else self._overrides(func, cfg)
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError(f"idempotency_key: expected a non-empty string, got {idempotency_key!r}")
+            opts = {**(opts or {}), OPT_IDEMPOTENCY_KEY: idempotency_key}
+        tid = f"m{next(self._ids):x}"
+        payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:
+            buf.append((int(cfg._priority), cfg.delay_ms, payload))
+        else:
+            self._put([(int(cfg._priority), cfg.delay_ms, payload)])
+        return MemoryResult(tid, self)
+
+    def _put(self, items: Iterable[tuple[int, float, bytes]]) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("this MemoryBroker is closed")
+            now = time.monotonic()
+            for prio, delay_ms, payload in items:
+                if delay_ms > 0:
+                    heapq.heappush(self._delayed, (now + delay_ms / 1000, next(self._seq), prio, payload))
+                else:
+                    self._queues[prio].append((payload, 0))
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        if getattr(self._local, "buf", None) is not None:
+            yield  # nested: the outer block publishes
+            return
+        buf: list[tuple[int, float, bytes]] = []
+        self._local.buf = buf
+        try:
+            yield
+        finally:
+            self._local.buf = None
+        self._put(buf)  # one lock: all of the block or (closed) none
+
+    def publish_raw(self, prio: int, payload: bytes) -> None:
+        self._put([(int(prio), 0, payload)])
+
+    # -- consuming -------------------------------------------------------------------------
+    def fetch(self, capacity: int, timeout: float) -> list[Delivery]:
+        adopted: list[Callable[[], Any]] = []  # callbacks of keyed copies given a first run's outcome
+        try:
+            return self._fetch(capacity, timeout, adopted)
+        finally:
+            for cb in adopted:
+                cb()
+
+    def _fetch(self, capacity: int, timeout: float, adopted: list[Callable[[], Any]]) -> list[Delivery]:
+        deadline = time.monotonic() + max(timeout, 0)
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                self._reclaim(now)
+                self._promote(now)
+                out: list[Delivery] = []
+                for prio, q in enumerate(self._queues):
+                    while q and len(out) < capacity:
+                        payload, n = q.popleft()
+                        if self._done and self._adopt(payload, adopted):
+                            continue  # a copy of a keyed task that succeeded: not run again
+                        d = Delivery(next(self._seq), prio, payload, n + 1)
+                        self._held[d.token] = (now + self.visibility_timeout, d)
+                        out.append(d)
+                if out or now >= deadline or self._closed:
+                    return out
+                wake = deadline
+                if self._delayed:
+                    wake = min(wake, self._delayed[0][0])
+                if self._held:
+                    wake = min(wake, min(t for t, _ in self._held.values()))
+                self._cv.wait(max(wake - now, 0.001))
+
+    def _promote(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, prio, payload = heapq.heappop(self._delayed)
+            self._queues[prio].append((payload, 0))
+
+    def _reclaim(self, now: float) -> None:
+        for token, (deadline, d) in list(self._held.items()):
+            if deadline <= now:  # its consumer went silent: the next fetch gets it
+                del self._held[token]
+                if self.max_deliveries is not None and d.deliveries >= self.max_deliveries:
+                    self._bury(d, f"reclaimed {d.deliveries} times from consumers that stopped (max_deliveries)")
+                else:
+                    self._queues[d.priority].append((d.payload, d.deliveries))
+
+    def commit(self, delivery: Delivery, record: bytes | None, *, retry_ms: float | None = None,
+               dead_error: str | None = None) -> None:
+        with self._cv:
+            self._held.pop(delivery.token, None)
+            task_id, key = self._identity(delivery.payload)
+            if record is not None and task_id and self.result_ttl:
+                self._results[task_id] = (time.monotonic() + self.result_ttl, record)
+                if key and parse_result(self.serializer, record)[0] is TaskStatus.SUCCEEDED:
+                    self._done.setdefault(key, task_id)
+            if retry_ms is not None:
+                heapq.heappush(self._delayed, (time.monotonic() + retry_ms / 1000, next(self._seq),
+                                               delivery.priority, delivery.payload))
+            elif dead_error is not None:
+                self._bury(delivery, dead_error)
+            self._cv.notify_all()
+            callbacks = self._callbacks.pop(task_id, []) if record is not None and task_id else []
+        for cb in callbacks:
+            cb()
+
+    def _adopt(self, payload: bytes, adopted: list[Callable[[], Any]]) -> bool:
+        """If ``payload`` is a copy of a keyed task that succeeded, give it that task's outcome
+        (its waiters are woken, its callbacks added to ``adopted``) and report True: it is
+        acknowledged without running."""
+        task_id, key = self._identity(payload)
+        first = self._done.get(key) if key else None
+        if first is None:
+            return False
+        rec = self._record(first)
+        if rec is not None and task_id and task_id != first:
+            self._results[task_id] = (time.monotonic() + self.result_ttl, rec)
+            adopted += self._callbacks.pop(task_id, [])
+            self._cv.notify_all()
+        return True
+
+    def _identity(self, payload: bytes) -> tuple[str, str | None]:
+        try:
+            msg = self.serializer.loads(payload)
+            opts = msg[MSG_OPTIONS] if len(msg) > MSG_OPTIONS and isinstance(msg[MSG_OPTIONS], dict) else {}
+            return str(msg[MSG_ID]), opts.get(OPT_IDEMPOTENCY_KEY)
+        except (DecodeError, TypeError, IndexError, KeyError):
+            return "", None
+
+    def _bury(self, d: Delivery, error: str) -> None:
+        task_id, _ = self._identity(d.payload)
+        name = ""
+        with contextlib.suppress(DecodeError, TypeError, IndexError, KeyError):
+            name = str(self.serializer.loads(d.payload)[MSG_NAME])
+        entry_id = f"{int(time.time() * 1000)}-{next(self._seq)}"
+        self._dead[entry_id] = {"id": entry_id, "task_id": task_id, "name": name, "error": error,
+                                "priority": TaskPriority(d.priority).name, "at": time.time(), "payload": d.payload,
+                                "_prio": d.priority}
+
+    # -- results -----------------------------------------------------------------------------
+    def result(self, task_id: str) -> "MemoryResult":
+        return MemoryResult(task_id, self)
+
+    def _record(self, task_id: str) -> bytes | None:
+        hit = self._results.get(task_id)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self._results[task_id]
+            return None
+        return hit[1]
+
+    def _wait_record(self, task_id: str, timeout: float | None) -> bytes | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while True:
+                rec = self._record(task_id)
+                if rec is not None:
+                    return rec
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cv.wait(left)
+
+    def _watch(self, task_id: str, fn: Callable[[], Any]) -> None:
+        with self._cv:
+            if self._record(task_id) is None:
+                self._callbacks.setdefault(task_id, []).append(fn)
+                return
+        fn()
+
+    # -- dead letters --------------------------------------------------------------------
+    def dead_letters(self, count: int = 100, start: str = "-") -> list[dict[str, Any]]:
+        with self._cv:
+            items = list(self._dead.values())
+        if start != "-":
+            ids = [i["id"] for i in items]
+            items = items[ids.index(start):] if start in ids else []
+        return [{k: v for k, v in i.items() if not k.startswith("_")} for i in items[:count]]
+
+    def dead_letter_count(self) -> int:
+        with self._cv:
+            return len(self._dead)
+
+    def redrive(self, ids: Iterable[str] | None = None) -> int:
+        with self._cv:
+            wanted = list(self._dead) if ids is None else [str(i) for i in ids]
+            moved = 0
+            for entry_id in wanted:
+                entry = self._dead.pop(entry_id, None)
+                if entry is None:
+                    continue
+                payload = entry["payload"]
+                with contextlib.suppress(DecodeError, TypeError, IndexError):
+                    msg = self.serializer.loads(payload)
+                    if len(msg) > MSG_ATTEMPTS:
+                        msg[MSG_ATTEMPTS] = 0  # a fresh count of attempts
+                        payload = self.serializer.same_format(payload).dumps(msg)
+                self._results.pop(entry["task_id"], None)  # its waiters get the re-run's outcome
+                self._queues[entry["_prio"]].append((payload, 0))
+                moved += 1
+            self._cv.notify_all()
+            return moved
+
+    # -- workflow runs -------------------------------------------------------------------
+    def run_workflow(self, plan: Any) -> "MemoryResult":
+        raise NotImplementedError(
+            f"workflow {plan.name!r}: workflow runs across workers need the RedisBroker (its workers release the "
+            "steps); with MemoryBroker, run the workflow on an engine without a broker"
+        )
+
+    def cancel_run(self, run_id: str) -> bool:
+        with self._cv:
+            if self._record(run_id) is not None:
+                return False  # it has ended
+        raise NotImplementedError(f"cancel() of task {run_id}: a single published task cannot be cancelled (a "
+                                  "consumer may already hold it), and MemoryBroker runs no workflows")
+
+    # -- housekeeping --------------------------------------------------------------------
+    def queued(self) -> dict[str, int]:
+        with self._cv:
+            out = {p.name: len(q) for p, q in zip(TaskPriority, self._queues)}
+            out["delayed"] = len(self._delayed)
+            out["dead"] = len(self._dead)
+            return out
+
+    def purge(self) -> None:
+        with self._cv:
+            for q in self._queues:
+                q.clear()
+            self._delayed.clear()
+            self._dead.clear()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def __repr__(self) -> str:
+        return f"<MemoryBroker queue={self.queue!r}>"
+
+
+class MemoryResult:
+    """The result handle of a task published to a MemoryBroker (the same surface as
+    RemoteResult: ``status``, ``is_ready()``, ``wait(timeout)``, ``await``, ``add_callback``)."""
+
+    __slots__ = ("_broker", "task_id")
+
+    def __init__(self, task_id: str, broker: MemoryBroker) -> None:
+        self.task_id = task_id
+        self._broker = broker
+
+    def _check_results(self) -> None:
+        if not self._broker.result_ttl:
+            raise RuntimeError("this broker stores no results (result_ttl=0); create it with result_ttl > 0")
+
+    @property
+    def status(self) -> TaskStatus:
+        self._check_results()
+        with self._broker._cv:
+            rec = self._broker._record(self.task_id)
+        return TaskStatus.PENDING if rec is None else parse_result(self._broker.serializer, rec)[0]
+
+    def is_ready(self) -> bool:
+        return self.status.is_final
+
+    done = is_ready
+
+    def wait(self, timeout: float | None = None) -> Any:
+        self._check_results()
+        rec = self._broker._wait_record(self.task_id, timeout)
+        if rec is None:
+            raise TimeoutError(f"task {self.task_id} not finished within {timeout} s")
+        status, value = parse_result(self._broker.serializer, rec)
+        if status is TaskStatus.SUCCEEDED:
+            return value
+        raise decode_error(value)
+
+    result = wait
+
+    def __await__(self) -> Any:
+        return asyncio.to_thread(self.wait).__await__()
+
+    def add_callback(self, cb: Callable[[Any], Any]) -> None:
+        """Call ``cb(value)`` when the task succeeds (from the thread that commits it)."""
+        self._check_results()
+
+        def done() -> None:
+            try:
+                value = self.wait(0)
+            except Exception:
+                return  # not a success: no call
+            try:
+                cb(value)
+            except Exception:
+                log.exception("a callback of task %s raised", self.task_id)
+
+        self._broker._watch(self.task_id, done)
+
+    def cancel(self) -> bool:
+        return self._broker.cancel_run(self.task_id)
+
+    def __repr__(self) -> str:
+        return f"<MemoryResult {self.task_id}>"

@@ -1,0 +1,100 @@
+"""The producer of distributed mode: what ``BackgroundTasks(broker=...)`` builds.
+
+:class:`DistributedTasks` is a BackgroundTasks whose submission methods publish to a
+:class:`~.base.Broker` instead of the local queues: ``add_task``, ``options(...).add_task``,
+``batch()``, ``result(task_id)`` and (through ``broker.run_workflow``) a workflow's
+``execute()``. Everything else is the engine's own: ``@tasks.task`` registers functions by name
+(a worker runs them on this same local engine), ``@tasks.periodic`` fires on its schedule and
+publishes through ``add_task``. The plain engine keeps its C ``add_task`` (no Python frame);
+only this subclass pays for a Python method, and the broker round trip dwarfs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager
+
+from ..engine import BackgroundTasks
+from .base import Broker, Result
+
+
+def as_broker(broker: Any) -> Broker:
+    """A Broker from what ``BackgroundTasks(broker=...)`` takes: a Broker, or a URL (``redis://``,
+    ``rediss://``, ``unix://``: a RedisBroker with default settings)."""
+    if isinstance(broker, Broker):
+        return broker
+    if isinstance(broker, str):
+        from .redis import RedisBroker
+
+        return RedisBroker(broker)
+    raise TypeError(f"broker: expected a redis:// URL or a Broker (RedisBroker...), got {type(broker).__name__}")
+
+
+class DistributedTasks(BackgroundTasks):
+    """A BackgroundTasks that publishes its tasks to ``broker`` (see the module docstring).
+    Built by ``BackgroundTasks(..., broker=...)``; the other arguments size the local engine a
+    worker runs the tasks on."""
+
+    broker: Broker
+
+    def __init__(self, *args: Any, broker: Any, **kwargs: Any) -> None:
+        broker = as_broker(broker)  # before the engine starts its threads: bad input leaks nothing
+        super().__init__(*args, **kwargs)
+        self.broker = broker
+
+    @classmethod
+    def from_engine(cls, engine: BackgroundTasks, broker: Any) -> "DistributedTasks":
+        """Make ``engine`` itself a producer for ``broker`` (``catzilla-tasks worker --broker URL``
+        on an app created without one): the app's task functions refer to that object, so it
+        must become the producer rather than be wrapped by one. Its local engine and registered
+        tasks are kept."""
+        broker = as_broker(broker)
+        if not isinstance(engine, cls):
+            engine.__class__ = cls  # same layout: a Python subclass adding no slots
+        engine.broker = broker  # type: ignore[union-attr]
+        return engine  # type: ignore[return-value]
+
+    # -- submission: published to the broker ------------------------------------------------
+    def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Publish ``func(*args, **kwargs)`` (a registered task function, or its name); returns
+        its result handle (``RemoteResult`` on Redis) once the broker holds it."""
+        return self.broker.submit(func, args, kwargs, None)
+
+    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> "RemoteOptions":  # type: ignore[override]
+        """As BackgroundTasks.options (validated the same way, at the call site), plus
+        ``idempotency_key``: of the copies of a task with one key, one succeeds (see the broker
+        contract)."""
+        return RemoteOptions(self.broker, super().options(**fields), idempotency_key)
+
+    def _submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, block: Any) -> Any:
+        # the engine's internal submission (periodic tasks, integrations) publishes too
+        return self.broker.submit(func, args, kwargs, cfg)
+
+    def _gates(self, *_: Any, **__: Any) -> Any:
+        raise NotImplementedError(
+            "the engine's local workflow gates are not used in distributed mode: TaskChain.execute() publishes "
+            "the workflow to the broker (Broker.run_workflow)"
+        )
+
+    def batch(self) -> ContextManager[None]:
+        """Publish every add_task of the block (in this thread) at its end, in as few round
+        trips as the broker can (see Broker.batch)."""
+        return self.broker.batch()
+
+    def result(self, task_id: str) -> Result:
+        """The result handle of a task id published by any process."""
+        return self.broker.result(task_id)
+
+
+class RemoteOptions:
+    """``tasks.options(...)`` on a DistributedTasks: the engine's validated options plus
+    ``idempotency_key``."""
+
+    __slots__ = ("_broker", "_key", "_options")
+
+    def __init__(self, broker: Broker, options: Any, key: str | None) -> None:
+        self._broker = broker
+        self._options = options
+        self._key = key
+
+    def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        return self._broker.submit(func, args, kwargs, self._options.config_for_call(func), self._key)
