@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from ..errors import RemoteTaskError, WorkflowError, decode_error
+from ..errors import RemoteTaskError, WorkflowError, decode_error, wire_name
 from . import scripts
 from .serialization import DecodeError, Serializer
 
@@ -843,6 +843,10 @@ class _Watcher:
                 log.warning("result callbacks: redis unavailable (%s); retrying", exc)
                 pause = 0.5
                 continue
+            except Exception:  # (a defect, or a server refusing us): the thread must not die
+                log.exception("result callbacks: reading the results failed; retrying")
+                pause = 1.0
+                continue
             if not ready:
                 pause = min(pause * 2, 1.0)
                 continue
@@ -863,14 +867,27 @@ class _Watcher:
             pipe = client.pipeline(transaction=False)
             for task_id in chunk:
                 pipe.lindex(self._broker.result_key(task_id), 0)
-            for task_id, raw in zip(chunk, pipe.execute()):
+            for task_id, raw in zip(chunk, pipe.execute(raise_on_error=False)):
                 if raw is not None:
                     with self._cv:
                         entry = self._watched.get(task_id)
                     if entry is not None:
-                        entry[0]._take(raw)
+                        self._settle(entry[0], raw)
                         ready.append(task_id)
         return ready
+
+    @staticmethod
+    def _settle(result: "RemoteResult", raw: Any) -> None:
+        """Take the stored record; one that cannot be read (a key of another type, a record
+        this side cannot decode) ends the result as a failure saying so, as ``wait()`` would
+        raise: its callbacks and awaiters learn it, and the other watched results go on."""
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            result._take(raw)
+        except Exception as exc:
+            result._final = (TaskStatus.FAILED, [wire_name(DecodeError),
+                                                 f"the result of task {result.task_id} cannot be read: {exc}", ""])
 
 
 def attach(engine: Any, broker: "RedisBroker | str") -> RedisBroker:

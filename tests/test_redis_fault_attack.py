@@ -1,0 +1,56 @@
+"""Distributed mode under attack (issue 13 review): each test reproduces a defect found by a
+fresh-eyes review of the fault handling, through the public API against a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
+from test_redis_worker_faults import FaultCluster
+
+import redis_tasks as rt
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def cluster(redis_url, prefix, monkeypatch):
+    c = FaultCluster(redis_url, prefix, monkeypatch)
+    yield c
+    c.close()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_one_unreadable_result_does_not_stop_the_other_callbacks(cluster):
+    # the broker's one callback thread read every watched result with one pipeline: a result
+    # key of the wrong type (WRONGTYPE) or a record it cannot decode raised out of its loop, and
+    # the thread died: no add_callback of that broker ever ran again
+    p = cluster.producer
+    b = cluster.broker
+    wrong_type = p.add_task(rt.add, 1, 1)
+    b.redis.hset(b.result_key(wrong_type.task_id), "x", "1")
+    garbage = p.add_task(rt.add, 1, 2)
+    b.redis.rpush(b.result_key(garbage.task_id), b"mnot msgpack \xc1")
+    got = []
+    called = threading.Event()
+    wrong_type.add_callback(got.append)
+    garbage.add_callback(got.append)
+    good = p.add_task(rt.add, 2, 3)
+
+    def note(v):
+        got.append(v)
+        called.set()
+
+    good.add_callback(note)
+    cluster.worker(concurrency=4)
+    assert called.wait(20), "the callback of a good result never ran"
+    later = p.add_task(rt.add, 5, 5)
+    again = threading.Event()
+    later.add_callback(lambda v: again.set())
+    assert again.wait(20), "the callback thread stopped"
+    assert 5 in got
