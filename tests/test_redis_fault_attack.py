@@ -54,3 +54,34 @@ def test_one_unreadable_result_does_not_stop_the_other_callbacks(cluster):
     later.add_callback(lambda v: again.set())
     assert again.wait(20), "the callback thread stopped"
     assert 5 in got
+
+
+def test_a_commit_whose_reply_is_lost_does_not_dead_letter_the_task_twice(redis_url, prefix, monkeypatch):
+    # the commit transaction was applied by Redis and its reply lost (connection reset): the
+    # worker retried the whole commit, and the dead letter (and the failure record) was written
+    # again: a redrive of the dead letters then ran the task twice
+    from fault_proxy import FaultProxy
+
+    with FaultProxy(_port(redis_url)) as proxy:
+        c = FaultCluster(proxy.url, prefix, monkeypatch)
+        try:
+            b = c.broker
+            lost = proxy.on_command(b.dead_key.encode(), "reset_after")
+            r = c.producer.options(max_retries=0).add_task(rt.always_fails, 7)
+            c.worker(concurrency=4)
+            with pytest.raises(ValueError):
+                r.wait(20)
+            assert lost.fired.wait(20)
+            wait_until(lambda: b.redis.xpending(b.streams[2], "workers")["pending"] == 0, 20, "the ack")
+            c.stop_workers()
+            assert b.dead_letter_count() == 1, b.dead_letters()
+        finally:
+            c.close()
+
+
+def test_a_stopped_worker_leaves_no_commit_mark_behind(cluster):
+    w = cluster.worker(concurrency=4)
+    assert cluster.producer.add_task(rt.add, 1, 2).wait(20) == 3
+    assert cluster.r.exists(cluster.broker.commit_mark_prefix + w.consumer)
+    cluster.stop_workers()
+    assert not cluster.r.exists(cluster.broker.commit_mark_prefix + w.consumer)

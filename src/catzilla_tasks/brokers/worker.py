@@ -245,6 +245,14 @@ class Worker:
         # workers need time to renew the leases that aged while nobody could reach Redis
         self._reclaim_after = 0.0
         self._outage = False
+        # each commit transaction also sets this key to the batch's token: when the connection
+        # drops during EXEC, a retry reads it to learn whether Redis applied the transaction
+        # (applying it again would write dead letters, failure records and retries twice)
+        self._mark_key = broker.commit_mark_prefix + self.consumer
+        self._mark_base = os.urandom(4).hex()  # (a restarted worker may reuse a consumer name)
+        self._batches = 0
+        self._batch_token = b""
+        self._unsure = False  # the current batch's EXEC met a connection error
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -321,6 +329,8 @@ class Worker:
         scripts.LEAVE_GROUPS): a process's consumer name is never used again, and left there it
         would stay in Redis for good. Best effort: a consumer left behind costs a few bytes."""
         try:
+            if self._committer is not None and not self._committer.is_alive():
+                self._r.delete(self._mark_key)  # (no commit of ours is left to retry)
             self._leave_groups(keys=list(self.broker.streams), args=[GROUP, self.consumer])
         except Exception as exc:  # Redis away, or a server without the command: the consumer stays
             log.warning("could not remove consumer %s from the groups: %s", self.consumer, exc)
@@ -814,6 +824,9 @@ class Worker:
             except IndexError:
                 pass
             if jobs:
+                self._batches += 1
+                self._batch_token = b"%s-%d" % (self._mark_base.encode(), self._batches)
+                self._unsure = False
                 try:
                     acks, counts = self._retrying(self._commit, jobs, committing=True)
                     if acks:
@@ -877,11 +890,22 @@ class Worker:
                 if j.claim is not None and "settled" not in kinds:
                     self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
         self._queue_acks(pipe, acks)
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except _redis_errors():
-            self._suspect_server_limit()
-            raise
+        # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
+        # another worker could by then run those tasks again anyway)
+        pipe.set(self._mark_key, self._batch_token, px=max(1000, int(self.broker.visibility_timeout * 3000)))
+        if self._unsure and self._r.get(self._mark_key) == self._batch_token:
+            # applied, its replies lost: not again. Which commands failed is not known any
+            # more; the outcomes are taken as stored (a failed command is a wrong-type key)
+            pipe.reset()
+            log.warning("a commit of %d task outcomes was applied and its reply lost; it is not sent again", len(jobs))
+            replies: list[Any] = [None] * len(stack)
+        else:
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except _redis_errors():
+                self._unsure = True
+                self._suspect_server_limit()
+                raise
         self._resets_with_large = 0
         later: list[list[bytes]] = [[], [], [], []]
         lost = 0
