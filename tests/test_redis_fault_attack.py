@@ -85,3 +85,31 @@ def test_a_stopped_worker_leaves_no_commit_mark_behind(cluster):
     assert cluster.r.exists(cluster.broker.commit_mark_prefix + w.consumer)
     cluster.stop_workers()
     assert not cluster.r.exists(cluster.broker.commit_mark_prefix + w.consumer)
+
+
+def test_stop_with_a_timeout_returns_by_then_while_redis_is_silent(redis_url, prefix, monkeypatch):
+    # with the default socket timeout (30 s), a worker whose Redis went silent (no reset, no
+    # reply: a dropped route) sat in its blocked read, then in the leave-the-groups call, for
+    # a socket timeout each: stop(timeout=2) returned after 30-60 s instead of 2
+    import time
+
+    from fault_proxy import FaultProxy
+
+    with FaultProxy(_port(redis_url)) as proxy:
+        c = FaultCluster(redis_url, prefix, monkeypatch)
+        try:
+            eng = c.engine()
+            eng.broker.__init__(proxy.url, prefix=prefix)  # the default socket_timeout
+            w = c.worker(concurrency=4, engine=eng)
+            assert c.producer.add_task(rt.add, 1, 1).wait(10) == 2
+            proxy.blackhole(120.0)
+            time.sleep(0.5)  # (the worker is now inside a silent read; not synchronisation of the outcome)
+            t0 = time.monotonic()
+            w.stop(timeout=2)
+            c.workers[0][1].join(20)
+            took = time.monotonic() - t0
+            assert not c.workers[0][1].is_alive() and took < 10, took
+            c.workers.clear()
+        finally:
+            proxy.blackhole(0)
+            c.close()

@@ -224,6 +224,8 @@ class Worker:
         self._done: deque[_Job] = deque()
         self._done_event = threading.Event()
         self._stop = threading.Event()
+        self._deadline_set = threading.Event()  # stop(timeout) was called (see _enforce_deadline)
+        self._returned = threading.Event()  # run() is over
         self._committer: threading.Thread | None = None
         self._committer_exit = False
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
@@ -266,6 +268,7 @@ class Worker:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
                 raise ValueError(f"stop(timeout): must be a number of seconds >= 0 or None, got {timeout!r}")
             self._deadline = time.monotonic() + timeout
+            self._deadline_set.set()
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
@@ -317,12 +320,35 @@ class Worker:
         self._retrying(self._ensure_groups)
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
+        threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
         self.ready.set()
         try:
             self._fetch_loop()
         finally:
-            self._finish_held()
-            self._leave()
+            try:
+                self._finish_held()
+                if not self._past_deadline():
+                    self._leave()
+            finally:
+                self._returned.set()
+                self._deadline_set.set()
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _enforce_deadline(self) -> None:
+        """After ``stop(timeout)``: at the deadline, close the worker's connections (again every
+        half second until ``run()`` returns). A Redis gone silent (a dropped route: no reset, no
+        reply) would otherwise hold a blocked read, or a reconnection's handshake, for a whole
+        socket timeout each, and ``run()`` would return long after the deadline."""
+        self._deadline_set.wait()
+        while self._deadline is not None and not self._returned.is_set():
+            left = self._deadline - time.monotonic()
+            if left > 0:
+                self._returned.wait(left)
+                continue
+            self._r.connection_pool.disconnect()
+            self._returned.wait(0.5)
 
     def _leave(self) -> None:
         """Remove this worker's consumer from the groups where nothing is pending for it (see
