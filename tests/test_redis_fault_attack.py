@@ -113,3 +113,21 @@ def test_stop_with_a_timeout_returns_by_then_while_redis_is_silent(redis_url, pr
         finally:
             proxy.blackhole(0)
             c.close()
+
+
+def test_a_callback_that_raises_system_exit_does_not_stop_the_others(cluster):
+    # callbacks run in the broker's one callback thread: one raising SystemExit (a BaseException,
+    # e.g. sys.exit() in a callback) ended that thread silently, and no other callback ran again
+    p = cluster.producer
+    first = p.add_task(rt.add, 1, 1)
+
+    def leave(_v):
+        raise SystemExit(3)
+
+    first.add_callback(leave)
+    cluster.worker(concurrency=4)
+    assert first.wait(20) == 2
+    ran = threading.Event()
+    second = p.add_task(rt.add, 2, 2)
+    second.add_callback(lambda v: ran.set())
+    assert ran.wait(20), "the callback thread stopped"

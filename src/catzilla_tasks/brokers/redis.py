@@ -859,7 +859,7 @@ class _Watcher:
                 for fn in fns:
                     try:
                         fn(result)
-                    except Exception:
+                    except BaseException:  # (SystemExit too: it would end this thread, and every callback with it)
                         log.exception("a callback of task %s raised", task_id)
 
     def _read(self, client: Any, ids: list[str]) -> list[str]:
