@@ -131,3 +131,24 @@ def test_a_callback_that_raises_system_exit_does_not_stop_the_others(cluster):
     second = p.add_task(rt.add, 2, 2)
     second.add_callback(lambda v: ran.set())
     assert ran.wait(20), "the callback thread stopped"
+
+
+@pytest.mark.parametrize("which", ["done", "claim"])
+def test_an_idempotency_key_of_the_wrong_type_fails_only_its_task(cluster, which):
+    # the key claim script raised WRONGTYPE for the whole batch: the fetched tasks were released,
+    # taken again from the worker's pending list, and the script raised again, forever: no task
+    # fetched with it ever ran, and the worker spun on them
+    p = cluster.producer
+    b = cluster.broker
+    key = f"{cluster.prefix}-wrong"
+    b.redis.hset(b.done_key(key) if which == "done" else b.claim_key(key), "x", "1")
+    with p.batch():
+        goods = [p.add_task(rt.add, i, 1) for i in range(10)]
+        bad = p.options(idempotency_key=key).add_task(rt.add, 100, 1)
+        goods += [p.options(idempotency_key=f"{key}-ok{i}").add_task(rt.add, i, 2) for i in range(5)]
+    cluster.worker(concurrency=32)
+    assert [r.wait(20) for r in goods] == [i + 1 for i in range(10)] + [i + 2 for i in range(5)]
+    with pytest.raises(Exception, match="WRONGTYPE|idempotency"):
+        bad.wait(20)
+    wait_until(lambda: b.redis.xpending(b.streams[2], "workers")["pending"] == 0, 20, "every entry acknowledged")
+    assert b.dead_letter_count() == 1

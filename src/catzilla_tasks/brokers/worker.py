@@ -752,7 +752,10 @@ class Worker:
         replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
         claimed = {}
         for i, (j, got) in enumerate(zip(keyed, replies)):
-            if isinstance(got, bytes):
+            if isinstance(got, list):  # a command on this key failed (see scripts.IDEM_CLAIM)
+                err = got[0].decode(errors="replace") if got and isinstance(got[0], bytes) else repr(got)
+                j.error = f"ResponseError: idempotency key {str(j.msg[5]['k'])!r} cannot be claimed: {err}"
+            elif isinstance(got, bytes):
                 j.skip = True
                 j.first = got.decode(errors="replace")
             elif got:
