@@ -152,3 +152,19 @@ def test_an_idempotency_key_of_the_wrong_type_fails_only_its_task(cluster, which
         bad.wait(20)
     wait_until(lambda: b.redis.xpending(b.streams[2], "workers")["pending"] == 0, 20, "every entry acknowledged")
     assert b.dead_letter_count() == 1
+
+
+def test_max_result_bytes_of_any_integer_type_is_taken_as_the_other_counts_are(redis_url):
+    # dead_letter_maxlen and max_deliveries take numpy integers; max_result_bytes refused them
+    # ("must be an integer")
+    np = pytest.importorskip("numpy")
+    from catzilla_tasks.brokers import RedisBroker
+
+    b = RedisBroker(redis_url, max_result_bytes=np.int64(1 << 20))
+    try:
+        assert b.max_result_bytes == 1 << 20 and type(b.max_result_bytes) is int
+    finally:
+        b.close()
+    for bad in (np.float64(4096), np.bool_(True), True, 1023, 0, -1, 4096.0, 2**40, np.int64(2**40)):
+        with pytest.raises(ValueError, match="max_result_bytes"):
+            RedisBroker(redis_url, max_result_bytes=bad)

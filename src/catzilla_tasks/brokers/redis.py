@@ -212,8 +212,7 @@ class RedisBroker:
         if not _seconds(visibility_timeout, 0.001):
             raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
                              f"got {visibility_timeout!r}")
-        if (isinstance(max_result_bytes, bool) or not isinstance(max_result_bytes, int)
-                or not 1024 <= max_result_bytes <= _REDIS_BULK_MAX):
+        if not (_count(max_result_bytes, _REDIS_BULK_MAX) and max_result_bytes >= 1024):
             raise ValueError(f"max_result_bytes: must be an integer from 1024 to {_REDIS_BULK_MAX} (Redis's own "
                              f"maximum), got {max_result_bytes!r}")
         self.url = url
@@ -227,7 +226,7 @@ class RedisBroker:
         self.max_deliveries = None if max_deliveries is None else int(max_deliveries)
         self.dead_letter_maxlen = int(dead_letter_maxlen)
         self.workflow_ttl = float(workflow_ttl)
-        self.max_result_bytes = max_result_bytes
+        self.max_result_bytes = int(max_result_bytes)
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
