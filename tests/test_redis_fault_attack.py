@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-from test_redis_worker_faults import FaultCluster
+from test_redis_worker_faults import FaultCluster, worker_log  # noqa: F401  (fixture)
 
 import redis_tasks as rt
 
@@ -168,3 +168,33 @@ def test_max_result_bytes_of_any_integer_type_is_taken_as_the_other_counts_are(r
     for bad in (np.float64(4096), np.bool_(True), True, 1023, 0, -1, 4096.0, 2**40, np.int64(2**40)):
         with pytest.raises(ValueError, match="max_result_bytes"):
             RedisBroker(redis_url, max_result_bytes=bad)
+
+
+def test_a_worker_stopped_while_redis_is_unreachable_at_start_returns_cleanly(prefix, worker_log):
+    # SIGTERM (stop()) to a worker that had not reached Redis yet: run() raised ConnectionError
+    # (the CLI ended with a traceback and exit status 1) instead of returning
+    from catzilla_tasks import BackgroundTasks
+    from catzilla_tasks.brokers import RedisBroker, Worker
+    from redis_helpers import free_port
+
+    eng = BackgroundTasks(workers=2, broker=RedisBroker(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix))
+    try:
+        w = Worker(eng, concurrency=2)
+        retrying = worker_log("redis unavailable")
+        raised = []
+
+        def run():
+            try:
+                w.run()
+            except BaseException as exc:
+                raised.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert retrying.event.wait(20)
+        w.stop()
+        t.join(20)
+        assert not t.is_alive() and raised == []
+    finally:
+        eng.shutdown(wait_for_completion=False, timeout=10)
+        eng.broker.close()

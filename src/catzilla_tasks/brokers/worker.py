@@ -317,7 +317,8 @@ class Worker:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        self._retrying(self._ensure_groups)
+        if not self._set_up():
+            return
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
@@ -332,6 +333,18 @@ class Worker:
             finally:
                 self._returned.set()
                 self._deadline_set.set()
+
+    def _set_up(self) -> bool:
+        """Create the groups, retried while Redis is unreachable; False if the worker was
+        stopped meanwhile (a SIGTERM during an outage is a stop, not an error)."""
+        try:
+            self._retrying(self._ensure_groups)
+        except _redis_errors() as exc:
+            if not self._stop.is_set():
+                raise
+            log.warning("stopped before redis could be reached (%s)", exc)
+            return False
+        return True
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -470,7 +483,7 @@ class Worker:
                 self._outage = True
                 next_hk = 0.0
                 if "NOGROUP" in str(exc):  # the server lost its data (no persistence): set up again
-                    self._retrying(self._ensure_groups)
+                    self._set_up()
                 else:  # a server in a state that refuses us for now (read-only replica, OOM, ...)
                     log.error("redis refused a fetch (%s); retrying in 1 s", exc)
                     self._stop.wait(1.0)
