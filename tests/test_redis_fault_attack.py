@@ -198,3 +198,26 @@ def test_a_worker_stopped_while_redis_is_unreachable_at_start_returns_cleanly(pr
     finally:
         eng.shutdown(wait_for_completion=False, timeout=10)
         eng.broker.close()
+
+
+def test_two_connection_resets_do_not_shrink_the_result_cap_when_the_servers_limit_is_known(redis_url, prefix,
+                                                                                           monkeypatch):
+    # two commits in a row holding a record over 1 MiB lost their connection (a network flap) while
+    # the server answered a PING: the worker took it as the server's proto-max-bulk-len, which it
+    # had read with CONFIG GET (512 MiB), and from then on failed every result of that size
+    import redis_fault_tasks as ft
+
+    from fault_proxy import FaultProxy
+
+    with FaultProxy(_port(redis_url)) as proxy:
+        c = FaultCluster(proxy.url, prefix, monkeypatch)
+        try:
+            flap = proxy.on_command(b"EXEC", "reset_before", times=2)
+            r = c.producer.add_task(ft.blob, 2 * 1024 * 1024)
+            c.worker(concurrency=4)
+            assert len(r.wait(30)) == 2 * 1024 * 1024
+            assert flap.fired.is_set()
+            again = c.producer.add_task(ft.blob, 2 * 1024 * 1024)
+            assert len(again.wait(30)) == 2 * 1024 * 1024
+        finally:
+            c.close()

@@ -1005,8 +1005,9 @@ class Worker:
         is below our cap (and that refused to tell us: CONFIG disabled) resets the connection on
         every such commit, and the batch would be re-sent forever. The second time in a row
         while the server answers a PING, records this large are taken as over its limit: the
-        retry fails that task and the rest of the batch goes on."""
-        if self._largest <= _SMALLEST_BULK_LIMIT:
+        retry fails that task and the rest of the batch goes on. A server that told us its
+        limit (CONFIG GET at start) is not second-guessed: there a reset is a network fault."""
+        if self._server_limit or self._largest <= _SMALLEST_BULK_LIMIT:
             self._resets_with_large = 0
             return
         self._resets_with_large += 1
