@@ -221,3 +221,32 @@ def test_two_connection_resets_do_not_shrink_the_result_cap_when_the_servers_lim
             assert len(again.wait(30)) == 2 * 1024 * 1024
         finally:
             c.close()
+
+
+@pytest.mark.timeout(60)
+def test_wait_with_a_timeout_returns_by_then_while_redis_is_silent(redis_url, prefix, monkeypatch):
+    # waiters have their own connections, with no socket timeout (a blocking BLMOVE may last as
+    # long as asked): on a Redis gone silent (a dropped route: no reset, no reply) wait(3) sat in
+    # its read for good instead of raising TimeoutError after 3 s
+    import time
+
+    from fault_proxy import FaultProxy
+
+    with FaultProxy(_port(redis_url)) as proxy:
+        c = FaultCluster(redis_url, prefix, monkeypatch)
+        try:
+            p = c.engine()
+            p.broker.__init__(proxy.url, prefix=prefix)
+            r = p.add_task(rt.add, 1, 1)  # no worker: it stays pending
+            with pytest.raises(TimeoutError):
+                r.wait(0.5)  # (the waiters' connection is open)
+            proxy.blackhole(120.0)
+            out = []
+            t = threading.Thread(target=lambda: out.append(pytest.raises(TimeoutError, r.wait, 3)), daemon=True)
+            t0 = time.monotonic()
+            t.start()
+            t.join(20)
+            assert not t.is_alive() and out, f"wait(3) still blocked after {time.monotonic() - t0:.0f} s"
+        finally:
+            proxy.blackhole(0)
+            c.close()

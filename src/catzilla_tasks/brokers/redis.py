@@ -52,6 +52,11 @@ _DEFAULT_CONFIG = TaskConfig()
 # which a result belongs in a store of its own with a reference to it in the result
 DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 _REDIS_BULK_MAX = 512 * 1024 * 1024
+# how long a blocking read waits past its block for Redis's reply before the connection is
+# taken as dead (a spurious one only costs a reconnection: the wait goes on)
+_READ_MARGIN = 2.0
+# the longest block of one read of a wait without a timeout (a silent Redis is seen by then)
+_WAIT_SLICE = 30.0
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
@@ -244,9 +249,9 @@ class RedisBroker:
             raise ValueError(f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
                              "'#', '@' and ':' must be percent-encoded") from None
         # blocked waiters hold a connection each: their own pool, not capped, so they never
-        # starve publishing and acknowledging
-        # (and no socket timeout: a wait blocks in Redis as long as it was asked to)
-        self._wait_redis = _redis.Redis.from_url(url, **{"max_connections": 2**31 - 1, "socket_timeout": None,
+        # starve publishing and acknowledging. Its socket timeout bounds the handshake and plain
+        # reads; a blocking read is given its own (_blocking_move), a little past its block
+        self._wait_redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, "max_connections": 2**31 - 1,
                                                          **client_options})
         base = f"{prefix}:{queue}"
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
@@ -593,6 +598,22 @@ class RedisBroker:
         """Delete this queue's streams, delayed set and dead letters (not results)."""
         self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
 
+    def _blocking_move(self, key: str, block: float) -> bytes | None:
+        """``BLMOVE key key LEFT LEFT block`` (the first record, left in place) on a waiters'
+        connection, whose read gives up ``_READ_MARGIN`` past the block: a Redis gone silent
+        (a dropped route: no reset, no reply) raises TimeoutError, it does not hold the waiter
+        for good."""
+        pool = self._wait_redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("BLMOVE", key, key, "LEFT", "LEFT", block)
+            return conn.read_response(timeout=block + _READ_MARGIN)
+        except BaseException:
+            conn.disconnect()  # (a reply may still come on it: never reused)
+            raise
+        finally:
+            pool.release(conn)
+
     def _watcher(self) -> "_Watcher":
         """The one thread that runs every ``add_callback`` of this broker's results."""
         with self._watcher_lock:
@@ -691,7 +712,8 @@ class RemoteResult:
                     if left is not None and left <= 0:
                         self._take(client.lindex(key, 0))
                     else:
-                        self._take(client.blmove(key, key, 0 if left is None else max(left, 0.001), "LEFT", "LEFT"))
+                        self._take(self._broker._blocking_move(key, _WAIT_SLICE if left is None else
+                                                               min(max(left, 0.001), _WAIT_SLICE)))
                 except (_redis.ConnectionError, _redis.TimeoutError):
                     if deadline is not None and time.monotonic() >= deadline:
                         raise TimeoutError(f"task {self.task_id}: Redis unreachable, not finished within {timeout} s") from None
@@ -711,9 +733,11 @@ class RemoteResult:
             self._check_results()
             key = self._broker.result_key(self.task_id)
             while self._final is None:
-                try:  # as wait(): a lost connection (Redis restarting) is re-established
-                    self._take(await self._broker._aclient().blmove(key, key, 0, "LEFT", "LEFT"))
-                except (_redis.ConnectionError, _redis.TimeoutError):
+                try:  # as wait(): a lost connection (Redis restarting) is re-established, and
+                    # a silent one (no reset, no reply) given up a little past the block
+                    move = self._broker._aclient().blmove(key, key, _WAIT_SLICE, "LEFT", "LEFT")
+                    self._take(await asyncio.wait_for(move, _WAIT_SLICE + _READ_MARGIN))
+                except (_redis.ConnectionError, _redis.TimeoutError, asyncio.TimeoutError):
                     await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
         if self._final[0] is not TaskStatus.SUCCEEDED and isinstance(decode_error(self._final[1]), WorkflowError):
