@@ -250,3 +250,17 @@ def test_wait_with_a_timeout_returns_by_then_while_redis_is_silent(redis_url, pr
         finally:
             proxy.blackhole(0)
             c.close()
+
+
+@pytest.mark.parametrize("how", ["option", "url"])
+def test_decode_responses_is_refused_at_the_call(redis_url, how):
+    # a client that decodes replies to str (a common redis-py habit, also ?decode_responses=true
+    # in the URL) was accepted: every task payload then came back as str, and every task was
+    # dead-lettered ("empty or non-bytes payload"), results unreadable
+    from catzilla_tasks.brokers import RedisBroker
+
+    with pytest.raises(ValueError, match="decode_responses"):
+        if how == "option":
+            RedisBroker(redis_url, decode_responses=True)
+        else:
+            RedisBroker(redis_url + "?decode_responses=true")

@@ -248,6 +248,10 @@ class RedisBroker:
             detail = re.sub(r"'[^']*'|\"[^\"]*\"", "'***'", str(exc))
             raise ValueError(f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
                              "'#', '@' and ':' must be percent-encoded") from None
+        if self.redis.connection_pool.connection_kwargs.get("decode_responses"):
+            self.redis.close()
+            raise ValueError("decode_responses=True (option or URL): the broker reads payloads and results as bytes; "
+                             "leave it off (with it, a worker cannot read a single task)")
         # blocked waiters hold a connection each: their own pool, not capped, so they never
         # starve publishing and acknowledging. Its socket timeout bounds the handshake and plain
         # reads; a blocking read is given its own (_blocking_move), a little past its block
