@@ -6,11 +6,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-from test_redis_worker_faults import FaultCluster, worker_log  # noqa: F401  (fixture)
-
 import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
+from test_redis_worker_faults import FaultCluster, worker_log  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -173,9 +171,10 @@ def test_max_result_bytes_of_any_integer_type_is_taken_as_the_other_counts_are(r
 def test_a_worker_stopped_while_redis_is_unreachable_at_start_returns_cleanly(prefix, worker_log):
     # SIGTERM (stop()) to a worker that had not reached Redis yet: run() raised ConnectionError
     # (the CLI ended with a traceback and exit status 1) instead of returning
+    from redis_helpers import free_port
+
     from catzilla_tasks import BackgroundTasks
     from catzilla_tasks.brokers import RedisBroker, Worker
-    from redis_helpers import free_port
 
     eng = BackgroundTasks(workers=2, broker=RedisBroker(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix))
     try:
@@ -186,7 +185,7 @@ def test_a_worker_stopped_while_redis_is_unreachable_at_start_returns_cleanly(pr
         def run():
             try:
                 w.run()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - whatever run() raises is the failure
                 raised.append(exc)
 
         t = threading.Thread(target=run, daemon=True)
@@ -206,7 +205,6 @@ def test_two_connection_resets_do_not_shrink_the_result_cap_when_the_servers_lim
     # the server answered a PING: the worker took it as the server's proto-max-bulk-len, which it
     # had read with CONFIG GET (512 MiB), and from then on failed every result of that size
     import redis_fault_tasks as ft
-
     from fault_proxy import FaultProxy
 
     with FaultProxy(_port(redis_url)) as proxy:

@@ -741,7 +741,7 @@ class RemoteResult:
                     # a silent one (no reset, no reply) given up a little past the block
                     move = self._broker._aclient().blmove(key, key, _WAIT_SLICE, "LEFT", "LEFT")
                     self._take(await asyncio.wait_for(move, _WAIT_SLICE + _READ_MARGIN))
-                except (_redis.ConnectionError, _redis.TimeoutError, asyncio.TimeoutError):
+                except (_redis.ConnectionError, _redis.TimeoutError, TimeoutError):
                     await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
         if self._final[0] is not TaskStatus.SUCCEEDED and isinstance(decode_error(self._final[1]), WorkflowError):
@@ -906,7 +906,7 @@ class _Watcher:
         return ready
 
     @staticmethod
-    def _settle(result: "RemoteResult", raw: Any) -> None:
+    def _settle(result: RemoteResult, raw: Any) -> None:
         """Take the stored record; one that cannot be read (a key of another type, a record
         this side cannot decode) ends the result as a failure saying so, as ``wait()`` would
         raise: its callbacks and awaiters learn it, and the other watched results go on."""
@@ -914,7 +914,7 @@ class _Watcher:
             if isinstance(raw, Exception):
                 raise raw
             result._take(raw)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, this one result says it
             result._final = (TaskStatus.FAILED, [wire_name(DecodeError),
                                                  f"the result of task {result.task_id} cannot be read: {exc}", ""])
 
