@@ -262,3 +262,17 @@ def test_decode_responses_is_refused_at_the_call(redis_url, how):
             RedisBroker(redis_url, decode_responses=True)
         else:
             RedisBroker(redis_url + "?decode_responses=true")
+
+
+def test_add_callback_after_the_broker_was_closed_still_runs(cluster):
+    # close() stopped the broker's callback thread but kept it as the broker's: a result's
+    # add_callback after that (the broker's clients reconnect on use) was never called
+    p = cluster.producer
+    first = p.add_task(rt.add, 1, 1)
+    first.add_callback(lambda v: None)  # the callback thread starts
+    cluster.broker.close()
+    r = p.add_task(rt.add, 2, 2)
+    ran = threading.Event()
+    r.add_callback(lambda v: ran.set())
+    cluster.worker(concurrency=4)
+    assert ran.wait(20), "the callback never ran"

@@ -626,8 +626,10 @@ class RedisBroker:
             return self._callbacks
 
     def close(self) -> None:
-        if self._callbacks is not None:
-            self._callbacks.close()
+        with self._watcher_lock:
+            watcher, self._callbacks = self._callbacks, None  # (a later add_callback starts a new one)
+        if watcher is not None:
+            watcher.close()
         self.redis.close()
         self._wait_redis.close()
 
@@ -846,9 +848,16 @@ class _Watcher:
             self._cv.notify()
 
     def close(self) -> None:
+        """Stop the thread; callbacks of results not finished by now never run (logged)."""
         with self._cv:
             self._closed = True
+            left = len(self._watched)
             self._cv.notify()
+        if left:
+            import logging
+
+            logging.getLogger("catzilla_tasks.results").warning(
+                "broker closed with %d results still watched: their callbacks will not run", left)
 
     def _loop(self) -> None:
         import logging
