@@ -443,7 +443,8 @@ def test_a_silent_connection_times_out_instead_of_hanging(redis_url, cluster):
     b = RedisBroker(redis_url)
     kw = b.redis.connection_pool.connection_kwargs
     assert kw["socket_timeout"] == 30.0 and kw["socket_keepalive"] is True  # defaults
-    assert b._wait_redis.connection_pool.connection_kwargs["socket_timeout"] is None  # blocked waits: none
+    # waiters too (a blocking read gets its own, past its block: test_redis_fault_attack.py)
+    assert b._wait_redis.connection_pool.connection_kwargs["socket_timeout"] == 30.0
     b.close()
     with pytest.raises(ValueError, match="socket_timeout"):
         Worker(cluster.engine(socket_timeout=0.1), block_ms=200)

@@ -68,6 +68,11 @@ GROUP = "workers"
 # which a result belongs in a store of its own with a reference to it in the result
 DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 _REDIS_BULK_MAX = 512 * 1024 * 1024
+# how long a blocking read waits past its block for Redis's reply before the connection is
+# taken as dead (a spurious one only costs a reconnection: the wait goes on)
+_READ_MARGIN = 2.0
+# the longest block of one read of a wait without a timeout (a silent Redis is seen by then)
+_WAIT_SLICE = 30.0
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
 
 
@@ -183,8 +188,7 @@ class RedisBroker(Broker):
         if not _seconds(visibility_timeout, 0.001):
             raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
                              f"got {visibility_timeout!r}")
-        if (isinstance(max_result_bytes, bool) or not isinstance(max_result_bytes, int)
-                or not 1024 <= max_result_bytes <= _REDIS_BULK_MAX):
+        if not (_count(max_result_bytes, _REDIS_BULK_MAX) and max_result_bytes >= 1024):
             raise ValueError(f"max_result_bytes: must be an integer from 1024 to {_REDIS_BULK_MAX} (Redis's own "
                              f"maximum), got {max_result_bytes!r}")
         self.url = url
@@ -198,7 +202,7 @@ class RedisBroker(Broker):
         self.max_deliveries = None if max_deliveries is None else int(max_deliveries)
         self.dead_letter_maxlen = int(dead_letter_maxlen)
         self.workflow_ttl = float(workflow_ttl)
-        self.max_result_bytes = max_result_bytes
+        self.max_result_bytes = int(max_result_bytes)
         if not {"driver_info", "lib_name", "lib_version"} & client_options.keys():
             info = _driver_info()
             if info is not None:
@@ -215,15 +219,21 @@ class RedisBroker(Broker):
             detail = re.sub(r"'[^']*'|\"[^\"]*\"", "'***'", str(exc))
             raise ValueError(f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
                              "'#', '@' and ':' must be percent-encoded") from None
+        if self.redis.connection_pool.connection_kwargs.get("decode_responses"):
+            self.redis.close()
+            raise ValueError("decode_responses=True (option or URL): the broker reads payloads and results as bytes; "
+                             "leave it off (with it, a worker cannot read a single task)")
         # blocked waiters hold a connection each: their own pool, not capped, so they never
-        # starve publishing and acknowledging
-        # (and no socket timeout: a wait blocks in Redis as long as it was asked to)
-        self._wait_redis = _redis.Redis.from_url(url, **{"max_connections": 2**31 - 1, "socket_timeout": None,
+        # starve publishing and acknowledging. Its socket timeout bounds the handshake and plain
+        # reads; a blocking read is given its own (_blocking_move), a little past its block
+        self._wait_redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, "max_connections": 2**31 - 1,
                                                          **client_options})
         base = f"{prefix}:{queue}"
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
         self.delayed_key = f"{base}:delayed"
         self.dead_key = f"{base}:dead"
+        # + a worker's consumer name: the token of its last commit (see Worker._commit)
+        self.commit_mark_prefix = f"{base}:commit:"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
         self._claim_prefix = f"{prefix}:claim:"
@@ -558,6 +568,22 @@ class RedisBroker(Broker):
         """Delete this queue's streams, delayed set and dead letters (not results)."""
         self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
 
+    def _blocking_move(self, key: str, block: float) -> bytes | None:
+        """``BLMOVE key key LEFT LEFT block`` (the first record, left in place) on a waiters'
+        connection, whose read gives up ``_READ_MARGIN`` past the block: a Redis gone silent
+        (a dropped route: no reset, no reply) raises TimeoutError, it does not hold the waiter
+        for good."""
+        pool = self._wait_redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("BLMOVE", key, key, "LEFT", "LEFT", block)
+            return conn.read_response(timeout=block + _READ_MARGIN)
+        except BaseException:
+            conn.disconnect()  # (a reply may still come on it: never reused)
+            raise
+        finally:
+            pool.release(conn)
+
     def _watcher(self) -> "_Watcher":
         """The one thread that runs every ``add_callback`` of this broker's results."""
         with self._watcher_lock:
@@ -566,8 +592,10 @@ class RedisBroker(Broker):
             return self._callbacks
 
     def close(self) -> None:
-        if self._callbacks is not None:
-            self._callbacks.close()
+        with self._watcher_lock:
+            watcher, self._callbacks = self._callbacks, None  # (a later add_callback starts a new one)
+        if watcher is not None:
+            watcher.close()
         self.redis.close()
         self._wait_redis.close()
 
@@ -649,7 +677,8 @@ class RemoteResult:
                     if left is not None and left <= 0:
                         self._take(client.lindex(key, 0))
                     else:
-                        self._take(client.blmove(key, key, 0 if left is None else max(left, 0.001), "LEFT", "LEFT"))
+                        self._take(self._broker._blocking_move(key, _WAIT_SLICE if left is None else
+                                                               min(max(left, 0.001), _WAIT_SLICE)))
                 except (_redis.ConnectionError, _redis.TimeoutError):
                     if deadline is not None and time.monotonic() >= deadline:
                         raise TimeoutError(f"task {self.task_id}: Redis unreachable, not finished within {timeout} s") from None
@@ -669,9 +698,11 @@ class RemoteResult:
             self._check_results()
             key = self._broker.result_key(self.task_id)
             while self._final is None:
-                try:  # as wait(): a lost connection (Redis restarting) is re-established
-                    self._take(await self._broker._aclient().blmove(key, key, 0, "LEFT", "LEFT"))
-                except (_redis.ConnectionError, _redis.TimeoutError):
+                try:  # as wait(): a lost connection (Redis restarting) is re-established, and
+                    # a silent one (no reset, no reply) given up a little past the block
+                    move = self._broker._aclient().blmove(key, key, _WAIT_SLICE, "LEFT", "LEFT")
+                    self._take(await asyncio.wait_for(move, _WAIT_SLICE + _READ_MARGIN))
+                except (_redis.ConnectionError, _redis.TimeoutError, TimeoutError):
                     await asyncio.sleep(0.05)  # back-off before reconnecting
         run = None
         if self._final[0] is not TaskStatus.SUCCEEDED and is_workflow_error(decode_error(self._final[1])):
@@ -741,9 +772,16 @@ class _Watcher:
             self._cv.notify()
 
     def close(self) -> None:
+        """Stop the thread; callbacks of results not finished by now never run (logged)."""
         with self._cv:
             self._closed = True
+            left = len(self._watched)
             self._cv.notify()
+        if left:
+            import logging
+
+            logging.getLogger("catzilla_tasks.results").warning(
+                "broker closed with %d results still watched: their callbacks will not run", left)
 
     def _loop(self) -> None:
         import logging
@@ -767,6 +805,10 @@ class _Watcher:
                 log.warning("result callbacks: redis unavailable (%s); retrying", exc)
                 pause = 0.5
                 continue
+            except Exception:  # (a defect, or a server refusing us): the thread must not die
+                log.exception("result callbacks: reading the results failed; retrying")
+                pause = 1.0
+                continue
             if not ready:
                 pause = min(pause * 2, 1.0)
                 continue
@@ -777,7 +819,7 @@ class _Watcher:
                 for fn in fns:
                     try:
                         fn(result)
-                    except Exception:
+                    except BaseException:  # (SystemExit too: it would end this thread, and every callback with it)
                         log.exception("a callback of task %s raised", task_id)
 
     def _read(self, client: Any, ids: list[str]) -> list[str]:
@@ -787,11 +829,11 @@ class _Watcher:
             pipe = client.pipeline(transaction=False)
             for task_id in chunk:
                 pipe.lindex(self._broker.result_key(task_id), 0)
-            for task_id, raw in zip(chunk, pipe.execute()):
+            for task_id, raw in zip(chunk, pipe.execute(raise_on_error=False)):
                 if raw is not None:
                     with self._cv:
                         entry = self._watched.get(task_id)
                     if entry is not None:
-                        entry[0]._take(raw)
+                        self._settle(entry[0], raw)
                         ready.append(task_id)
         return ready

@@ -241,6 +241,8 @@ class Worker:
         self._done: deque[_Job] = deque()
         self._done_event = threading.Event()
         self._stop = threading.Event()
+        self._deadline_set = threading.Event()  # stop(timeout) was called (see _enforce_deadline)
+        self._returned = threading.Event()  # run() is over
         self._committer: threading.Thread | None = None
         self._committer_exit = False
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
@@ -262,6 +264,14 @@ class Worker:
         # workers need time to renew the leases that aged while nobody could reach Redis
         self._reclaim_after = 0.0
         self._outage = False
+        # each commit transaction also sets this key to the batch's token: when the connection
+        # drops during EXEC, a retry reads it to learn whether Redis applied the transaction
+        # (applying it again would write dead letters, failure records and retries twice)
+        self._mark_key = broker.commit_mark_prefix + self.consumer
+        self._mark_base = os.urandom(4).hex()  # (a restarted worker may reuse a consumer name)
+        self._batches = 0
+        self._batch_token = b""
+        self._unsure = False  # the current batch's EXEC met a connection error
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -275,6 +285,7 @@ class Worker:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
                 raise ValueError(f"stop(timeout): must be a number of seconds >= 0 or None, got {timeout!r}")
             self._deadline = time.monotonic() + timeout
+            self._deadline_set.set()
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
@@ -323,21 +334,59 @@ class Worker:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        self._retrying(self._ensure_groups)
+        if not self._set_up():
+            return
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
+        threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
         self.ready.set()
         try:
             self._fetch_loop()
         finally:
-            self._finish_held()
-            self._leave()
+            try:
+                self._finish_held()
+                if not self._past_deadline():
+                    self._leave()
+            finally:
+                self._returned.set()
+                self._deadline_set.set()
+
+    def _set_up(self) -> bool:
+        """Create the groups, retried while Redis is unreachable; False if the worker was
+        stopped meanwhile (a SIGTERM during an outage is a stop, not an error)."""
+        try:
+            self._retrying(self._ensure_groups)
+        except _redis_errors() as exc:
+            if not self._stop.is_set():
+                raise
+            log.warning("stopped before redis could be reached (%s)", exc)
+            return False
+        return True
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _enforce_deadline(self) -> None:
+        """After ``stop(timeout)``: at the deadline, close the worker's connections (again every
+        half second until ``run()`` returns). A Redis gone silent (a dropped route: no reset, no
+        reply) would otherwise hold a blocked read, or a reconnection's handshake, for a whole
+        socket timeout each, and ``run()`` would return long after the deadline."""
+        self._deadline_set.wait()
+        while self._deadline is not None and not self._returned.is_set():
+            left = self._deadline - time.monotonic()
+            if left > 0:
+                self._returned.wait(left)
+                continue
+            self._r.connection_pool.disconnect()
+            self._returned.wait(0.5)
 
     def _leave(self) -> None:
         """Remove this worker's consumer from the groups where nothing is pending for it (see
         scripts.LEAVE_GROUPS): a process's consumer name is never used again, and left there it
         would stay in Redis for good. Best effort: a consumer left behind costs a few bytes."""
         try:
+            if self._committer is not None and not self._committer.is_alive():
+                self._r.delete(self._mark_key)  # (no commit of ours is left to retry)
             self._leave_groups(keys=list(self.broker.streams), args=[GROUP, self.consumer])
         except Exception as exc:  # Redis away, or a server without the command: the consumer stays
             log.warning("could not remove consumer %s from the groups: %s", self.consumer, exc)
@@ -451,7 +500,7 @@ class Worker:
                 self._outage = True
                 next_hk = 0.0
                 if "NOGROUP" in str(exc):  # the server lost its data (no persistence): set up again
-                    self._retrying(self._ensure_groups)
+                    self._set_up()
                 else:  # a server in a state that refuses us for now (read-only replica, OOM, ...)
                     log.error("redis refused a fetch (%s); retrying in 1 s", exc)
                     self._stop.wait(1.0)
@@ -734,7 +783,10 @@ class Worker:
         replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
         claimed = {}
         for i, (j, got) in enumerate(zip(keyed, replies)):
-            if isinstance(got, bytes):
+            if isinstance(got, list):  # a command on this key failed (see scripts.IDEM_CLAIM)
+                err = got[0].decode(errors="replace") if got and isinstance(got[0], bytes) else repr(got)
+                j.error = f"ResponseError: idempotency key {str(j.msg[5]['k'])!r} cannot be claimed: {err}"
+            elif isinstance(got, bytes):
                 j.skip = True
                 j.first = got.decode(errors="replace")
             elif got:
@@ -832,6 +884,9 @@ class Worker:
             except IndexError:
                 pass
             if jobs:
+                self._batches += 1
+                self._batch_token = b"%s-%d" % (self._mark_base.encode(), self._batches)
+                self._unsure = False
                 try:
                     acks, counts = self._retrying(self._commit, jobs, committing=True)
                     if acks:
@@ -895,11 +950,22 @@ class Worker:
                 if j.claim is not None and "settled" not in kinds:
                     self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
         self._queue_acks(pipe, acks)
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except _redis_errors():
-            self._suspect_server_limit()
-            raise
+        # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
+        # another worker could by then run those tasks again anyway)
+        pipe.set(self._mark_key, self._batch_token, px=max(1000, int(self.broker.visibility_timeout * 3000)))
+        if self._unsure and self._r.get(self._mark_key) == self._batch_token:
+            # applied, its replies lost: not again. Which commands failed is not known any
+            # more; the outcomes are taken as stored (a failed command is a wrong-type key)
+            pipe.reset()
+            log.warning("a commit of %d task outcomes was applied and its reply lost; it is not sent again", len(jobs))
+            replies: list[Any] = [None] * len(stack)
+        else:
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except _redis_errors():
+                self._unsure = True
+                self._suspect_server_limit()
+                raise
         self._resets_with_large = 0
         later: list[list[bytes]] = [[], [], [], []]
         lost = 0
@@ -957,8 +1023,9 @@ class Worker:
         is below our cap (and that refused to tell us: CONFIG disabled) resets the connection on
         every such commit, and the batch would be re-sent forever. The second time in a row
         while the server answers a PING, records this large are taken as over its limit: the
-        retry fails that task and the rest of the batch goes on."""
-        if self._largest <= _SMALLEST_BULK_LIMIT:
+        retry fails that task and the rest of the batch goes on. A server that told us its
+        limit (CONFIG GET at start) is not second-guessed: there a reset is a network fault."""
+        if self._server_limit or self._largest <= _SMALLEST_BULK_LIMIT:
             self._resets_with_large = 0
             return
         self._resets_with_large += 1
