@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
+from ..errors import wire_name
 from . import scripts
 from .base import Broker
 from .protocol import (
@@ -837,3 +838,16 @@ class _Watcher:
                         self._settle(entry[0], raw)
                         ready.append(task_id)
         return ready
+
+    @staticmethod
+    def _settle(result: RemoteResult, raw: Any) -> None:
+        """Take the stored record; one that cannot be read (a key of another type, a record
+        this side cannot decode) ends the result as a failure saying so, as ``wait()`` would
+        raise: its callbacks and awaiters learn it, and the other watched results go on."""
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            result._take(raw)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, this one result says it
+            result._final = (TaskStatus.FAILED, [wire_name(DecodeError),
+                                                 f"the result of task {result.task_id} cannot be read: {exc}", ""])
