@@ -42,7 +42,7 @@ ct_task *ct_task_new(void) {
     atomic_store_explicit(&t->link.next, NULL, memory_order_relaxed);
     t->fn = t->arg = t->value = t->cfg = NULL;
     t->attempt = 0;
-    t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed);
+    t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed) & CT_ID_MASK;
     t->t_enqueue = t->t_start = t->t_end = 0;
     atomic_store_explicit(&t->state, CT_PENDING, memory_order_relaxed);
     atomic_store_explicit(&t->refs, 1, memory_order_relaxed);
@@ -670,9 +670,12 @@ static void *ct_worker_main(void *arg) {
             atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0 && ct_engine_visible_work(e))
             ct_engine_scaler_arm(e);
     }
-    atomic_store(&w->exited, 1);
     if (e->hooks.thread_stop) e->hooks.thread_stop(w);
     ct_slab_flush_thread();
+    /* Last: the slot may be reused (and this thread joined) from now on. thread_stop may need
+     * the GIL, and whoever adds a worker may hold it: a slot marked exited before that would
+     * have it join a thread waiting for the GIL its joiner holds. */
+    atomic_store(&w->exited, 1);
     return NULL;
 }
 

@@ -61,14 +61,22 @@ typedef struct ct_task {
                                    CT_F_KWNAMES its last item is the tuple of keyword names */
     void *value;                /* PyObject*: callbacks before the end, then result or exception */
     void *cfg;                  /* PyObject* TaskConfig (owned) or NULL: retries, timeout */
-    uint64_t id;
+    /* One word for the fields set before the node is published (the attempt is written
+     * only by the thread running the task): the id keeps 48 bits (2^48 tasks take nine
+     * years at a million a second) so the count of owners can have 32 with the node still
+     * 80 bytes. */
+    uint64_t id : 48;
+    uint64_t priority : 4;
+    uint64_t kind : 4;
+    uint64_t attempt : 8;       /* 1-based attempt being run or last run */
     uint64_t t_enqueue, t_start, t_end;   /* ct_now_ns(); 0 = not yet */
     _Atomic uint32_t state;     /* status | flags | worker id */
-    _Atomic uint16_t refs;
-    uint8_t priority : 4;
-    uint8_t kind : 4;
-    uint8_t attempt;            /* 1-based attempt being run or last run */
+    /* Owners: the engine, timer entries, each TaskResult handle. 32 bits: a count that
+     * wrapped would free the node under its handles, and 2^32 handles (48 bytes each) do
+     * not fit in memory. */
+    _Atomic uint32_t refs;
 } ct_task;
+#define CT_ID_MASK ((UINT64_C(1) << 48) - 1)
 
 typedef struct ct_engine ct_engine;
 

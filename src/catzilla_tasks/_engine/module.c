@@ -265,7 +265,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
      * a detached node has no engine reference), or a callback. Nobody will: the failure is
      * reported, or it would go unseen. */
-    int base = eng ? 1 : 0;
+    uint32_t base = eng ? 1 : 0;
     if (failed && atomic_load_explicit(&t->refs, memory_order_acquire) <= base &&
         !(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_CALLBACKS))
         report_error("task", (PyObject *)t->fn, value);
@@ -616,7 +616,10 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             ct_worker *w = &e->workers[wid - 1];
             if (!atomic_exchange(&w->retire, 1)) {
                 atomic_fetch_add_explicit(&e->replaced, 1, memory_order_relaxed);
-                int added = ct_engine_add_worker(e) == CT_OK;
+                int added;
+                Py_BEGIN_ALLOW_THREADS   /* it may join a thread that left: not under the GIL */
+                added = ct_engine_add_worker(e) == CT_OK;
+                Py_END_ALLOW_THREADS
                 PyObject *msg = PyUnicode_FromFormat(
                     "task %s-%llu is past its timeout and cannot be interrupted (it is inside C code); it is left "
                     "to finish, and worker %d is %s",
@@ -2443,7 +2446,12 @@ static PyObject *Engine_monitor_raw(EngineObject *self, PyObject *unused) {
 
 static PyObject *Engine_add_worker(EngineObject *self, PyObject *unused) {
     if (engine_check(self) < 0) return NULL;
-    return PyBool_FromLong(ct_engine_add_worker(self->e) == CT_OK);
+    int rc;
+    /* it may join the thread of a worker that left: never with the GIL held */
+    Py_BEGIN_ALLOW_THREADS
+    rc = ct_engine_add_worker(self->e);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == CT_OK);
 }
 
 static PyObject *Engine_retire_worker(EngineObject *self, PyObject *unused) {

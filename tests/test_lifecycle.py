@@ -1,0 +1,73 @@
+"""Engine lifecycle: adding and retiring workers, handles, timeouts, cancellation, times.
+
+Each test here was written against a defect of issue 12 and failed before its fix."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import catzilla_tasks
+from catzilla_tasks import BackgroundTasks, TaskResult, TaskStatus
+
+
+def _run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (a hang must fail this test, not the whole run)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ---- 1: adding a worker while a retired one is leaving must not deadlock -------------------------
+
+
+@pytest.mark.timeout(120)
+def test_adding_a_worker_while_a_retired_one_leaves_does_not_hang():
+    # The retired worker leaves its loop and then needs the GIL to drop its thread state; the
+    # caller of _add_worker holds the GIL the whole time (a huge switch interval keeps it), so
+    # a join of that thread under the GIL never returns.
+    code = """
+        import sys, time
+        from catzilla_tasks import BackgroundTasks
+        eng = BackgroundTasks(workers=3, min_workers=1, enable_auto_scaling=False)
+        eng.add_task(int).wait(10)           # every worker has taken the GIL once
+        sys.setswitchinterval(1000)
+        for _ in range(20):
+            assert eng._retire_worker()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.05:   # hold the GIL while the worker leaves
+                pass
+            assert eng._add_worker()
+        sys.setswitchinterval(0.005)
+        assert eng.add_task(pow, 2, 5).wait(10) == 32
+        assert eng._live_workers() == 3
+        eng.shutdown(timeout=10)
+        print("ok")
+    """
+    try:
+        out = _run_python(code, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("adding a worker deadlocked (the process hung)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# ---- 2: more handles on one task than a 16-bit count holds ---------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_more_handles_than_a_16_bit_count_never_free_the_node(tasks):
+    first = tasks.add_task(str, "first")
+    assert first.wait(10) == "first"
+    tid = first.task_id
+    many = [TaskResult(tid) for _ in range(65_536)]  # 65,537 references with `first`
+    del many[-1]  # dropping one must not free the node the others still use
+    # a new task would reuse a freed node: the old handles must still read their own task
+    other = [tasks.add_task(str, "other") for _ in range(64)]
+    for h in other:
+        assert h.wait(10) == "other"
+    assert first.task_id == tid and first.wait(0) == "first"
+    assert many[0].task_id == tid and many[-1].wait(0) == "first"
+    del many
+    assert first.wait(0) == "first"
