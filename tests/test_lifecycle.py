@@ -71,3 +71,63 @@ def test_more_handles_than_a_16_bit_count_never_free_the_node(tasks):
     assert many[0].task_id == tid and many[-1].wait(0) == "first"
     del many
     assert first.wait(0) == "first"
+
+
+# ---- 4: every path that ends a task runs its callbacks -------------------------------------------
+
+
+def _watched(eng, n, **options):
+    """n queued tasks, each with a done-callback and a TaskFuture.then chain."""
+    from catzilla_tasks import TaskFuture
+
+    done = []
+    handles, chains = [], []
+    for i in range(n):
+        r = (eng.options(**options) if options else eng).add_task(int, i)
+        r._on_done(lambda h: done.append(h.status))
+        chains.append(TaskFuture(r).then(lambda v: v))
+        handles.append(r)
+    return handles, chains, done
+
+
+def _assert_all_released(handles, chains, done):
+    assert len(done) == len(handles)
+    assert set(done) == {TaskStatus.CANCELLED}
+    for c in chains:
+        with pytest.raises(catzilla_tasks.TaskCancelled):
+            c.wait(5)  # the chain learnt of it: it does not wait forever
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_waiting_runs_the_callbacks_of_what_it_cancels():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    eng.pause()
+    watched = _watched(eng, 50)
+    eng.shutdown(wait_for_completion=False, timeout=10)
+    _assert_all_released(*watched)
+
+
+@pytest.mark.timeout(60)
+def test_delayed_tasks_cancelled_at_shutdown_run_their_callbacks():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    watched = _watched(eng, 20, delay_ms=600_000)
+    eng.shutdown(wait_for_completion=False, timeout=10)
+    _assert_all_released(*watched)
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_shutdown_runs_the_callbacks_of_what_it_cancels():
+    import threading
+
+    eng = BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False)
+    gate, started = threading.Event(), threading.Event()
+    eng.add_task(lambda: (started.set(), gate.wait(30)))
+    assert started.wait(10)
+    watched = _watched(eng, 30)
+    try:
+        with pytest.raises(catzilla_tasks.ShutdownTimeout):
+            eng.shutdown(timeout=0.2)
+        _assert_all_released(*watched)
+    finally:
+        gate.set()
+        eng.join(10)

@@ -598,6 +598,10 @@ static int ct_worker_sleep(ct_engine *e, ct_worker *w) {
 }
 
 static void ct_engine_skip(ct_engine *e, ct_task *t) {
+    if (t->kind != CT_KIND_C && e->hooks.skip) {   /* its callbacks must learn of the end */
+        e->hooks.skip(e, t);
+        return;
+    }
     ct_engine_running_done(e, 1);
     ct_task_decref(&e->hooks, t);
 }

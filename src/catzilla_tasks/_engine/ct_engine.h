@@ -121,6 +121,11 @@ typedef struct ct_hooks {
     /* Drop the Python objects of a node whose last reference goes (called with the GIL by
      * whoever drops it; never called for CT_KIND_C). */
     void (*release)(ct_task *t);
+    /* A popped node that will not run (cancelled before it started; cancel_queued, or a
+     * worker that pops it): end it with ct_task_finish, run what waits on it, and drop the
+     * engine's reference; never called for CT_KIND_C. Same GIL rule as release. NULL: the
+     * core only counts it out and drops it. */
+    void (*skip)(ct_engine *e, ct_task *t);
     /* Hook thread: a TIMEOUT, STUCK or CALL entry is due. Must drop the entry's node
      * reference. These entries need the GIL, so the timer hands them to a thread of their
      * own: the timer thread itself never waits for the GIL, and delayed tasks are released

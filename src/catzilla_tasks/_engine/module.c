@@ -223,6 +223,17 @@ static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int stat
     Py_XDECREF(handle);
 }
 
+/* Take the callbacks out of a node that has just become final and run them (GIL held). The
+ * flag goes with the list: whichever end path comes first runs them, exactly once. */
+static void take_callbacks(EngineObject *eng, ct_task *t, int status) {
+    uint32_t st = atomic_fetch_and_explicit(&t->state, ~CT_F_CALLBACKS, memory_order_acq_rel);
+    if (!(st & CT_F_CALLBACKS)) return;
+    PyObject *cbs = (PyObject *)t->value;
+    t->value = NULL;
+    run_callbacks(eng, t, cbs, status, NULL);
+    Py_DECREF(cbs);
+}
+
 /* Call a config hook (on_success / on_failure / on_retry) in the worker; a raising hook is
  * reported, never raised. */
 static void call_hook(PyObject *fn, PyObject *arg) {
@@ -275,7 +286,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     }
     /* From here to the terminal state: no Python code, no new container. */
     PyObject *cbs = NULL;
-    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    uint32_t st = atomic_fetch_and_explicit(&t->state, ~CT_F_CALLBACKS, memory_order_acq_rel);
     if (st & CT_F_CALLBACKS) {
         cbs = (PyObject *)t->value;
         t->value = NULL;
@@ -455,8 +466,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (!ct_task_begin(t, w->id)) {
         ts_store(&t->t_start, 0);
-        ct_task_finish(eng->e, t, CT_CANCELLED);  /* already cancelled: only counts it out */
-        ct_task_decref(&eng->e->hooks, t);
+        complete_py(eng, t, CT_CANCELLED, NULL);  /* already cancelled: counted out, callbacks run */
         return now;
     }
     t->attempt++;
@@ -634,9 +644,15 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
     e->timer_py_state = PyEval_SaveThread();
 }
 
-/* Entries left in the timer when the engine stops (called with no GIL held). */
+/* A popped task cancelled before it started (ct_engine_cancel_queued). */
+static void hook_skip(ct_engine *e, ct_task *t) { complete_py((EngineObject *)e->hooks.ctx, t, CT_CANCELLED, NULL); }
+
+/* Entries left in the timer when the engine stops (called with no GIL held). A delayed task
+ * that never became due ends CANCELLED here: its callbacks learn of it. */
 static void hook_drop_entry(ct_engine *e, ct_timer_entry *en) {
     PyGILState_STATE g = PyGILState_Ensure();
+    if (en->kind == CT_TIMER_READY && ct_task_status(en->task) == CT_CANCELLED)
+        take_callbacks((EngineObject *)e->hooks.ctx, en->task, CT_CANCELLED);
     ct_task_decref(&e->hooks, en->task);
     PyGILState_Release(g);
 }
@@ -873,13 +889,7 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
     ct_task *t = self->t;
     if (t->kind == CT_KIND_DETACHED) {
         if (!ct_task_settle(t, CT_CANCELLED, NULL)) Py_RETURN_FALSE;
-        uint32_t st = atomic_load(&t->state);
-        if (st & CT_F_CALLBACKS) {
-            PyObject *cbs = (PyObject *)t->value;
-            t->value = NULL;
-            run_callbacks(NULL, t, cbs, CT_CANCELLED, NULL);
-            Py_DECREF(cbs);
-        }
+        take_callbacks(NULL, t, CT_CANCELLED);
         Py_RETURN_TRUE;
     }
     if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) {
@@ -899,14 +909,7 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
     }
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
-    uint32_t st = atomic_load(&t->state);
-    if (st & CT_F_CALLBACKS) {
-        PyObject *cbs = (PyObject *)t->value;
-        t->value = NULL;
-        atomic_fetch_and(&t->state, ~CT_F_CALLBACKS);
-        run_callbacks(self->engine, t, cbs, CT_CANCELLED, NULL);
-        Py_DECREF(cbs);
-    }
+    take_callbacks(self->engine, t, CT_CANCELLED);
     Py_RETURN_TRUE;
 }
 
@@ -1366,6 +1369,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         .release = hook_release,
         .on_timer = hook_on_timer,
         .drop_entry = hook_drop_entry,
+        .skip = hook_skip,
         .hook_thread_start = hook_timer_thread_start,
         .hook_thread_stop = hook_timer_thread_stop,
     };
