@@ -131,3 +131,58 @@ def test_a_timed_out_shutdown_runs_the_callbacks_of_what_it_cancels():
     finally:
         gate.set()
         eng.join(10)
+
+
+# ---- 3: a timeout never goes off after its task returned -----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_never_fires_inside_the_on_success_hook():
+    from catzilla_tasks import TaskConfig
+
+    hook_done, hook_errors = [], []
+
+    def on_success(value):
+        try:
+            time_sleep(0.4)  # the task's timeout (50 ms) passes while the hook runs
+            hook_done.append(value)
+        except BaseException as exc:  # a TaskTimeout raised here was meant for the task
+            hook_errors.append(exc)
+            raise
+
+    eng = BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False)
+    try:
+        r = eng.options(config=TaskConfig(timeout_ms=50, on_success=on_success)).add_task(int, 7)
+        assert r.wait(10) == 7
+        eng.join(10)
+        assert hook_errors == [] and hook_done == [7]
+        assert r.status is TaskStatus.SUCCEEDED
+    finally:
+        eng.shutdown(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_never_fires_inside_the_next_task_on_that_worker():
+    import time
+
+    from catzilla_tasks import TaskConfig
+
+    eng = BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False)
+    try:
+        # the hook is C code (no Python instruction runs in it): a TaskTimeout injected while
+        # it runs would go off at the next instruction of this worker, in the next task on
+        # it. (The hook returns before the stuck-worker check, 100 ms past the timeout, would
+        # replace the worker.)
+        cfg = TaskConfig(timeout_ms=20, on_success=time.sleep)
+        first = eng.options(config=cfg).add_task(float, 0.06)
+        nxt = [eng.add_task(lambda i=i: [i] * 3) for i in range(5)]
+        assert first.wait(10) == 0.06
+        assert [h.wait(10) for h in nxt] == [[i] * 3 for i in range(5)]
+    finally:
+        eng.shutdown(timeout=10)
+
+
+def time_sleep(s):
+    import time
+
+    time.sleep(s)

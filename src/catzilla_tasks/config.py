@@ -105,7 +105,9 @@ class TaskConfig(_engine.ConfigBase):
     * ``isolation="process"``: run in the engine's pool of child processes (hard timeouts,
       ``memory_limit_mb``, crashes contained). ``memory_limit_mb`` cannot be enforced for a
       task in a thread (threads share one address space), so it requires process isolation.
-    * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker.
+    * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker
+      once the task's call has returned; ``timeout_ms`` does not cover them (they have no time
+      limit of their own and hold the worker while they run: keep them short).
     """
 
     __slots__ = ("retry_backoff", "memory_limit_mb", "retry_on", "retry_jitter", "isolation", "_hooks", "_retry_ms")

@@ -97,6 +97,8 @@ typedef struct ct_worker {
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
     unsigned long thread_ident;         /* module.c: PyThread_get_thread_ident() of the thread */
+    _Atomic(struct ct_task *) in_call;  /* module.c: the task whose call runs now (its timeout may
+                                           interrupt it; nothing else on this thread may be) */
     _Atomic int tid;                    /* kernel thread id (for /proc/.../schedstat) */
     _Atomic int retire;                 /* replaced or scaled down: exit after the current batch */
     _Atomic int exited;

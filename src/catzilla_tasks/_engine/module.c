@@ -475,6 +475,8 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     if (cfg && cfg->timeout_ns > 0 && !cfg->isolation)
         ct_engine_watch(eng->e, t, now + (uint64_t)cfg->timeout_ns, CT_TIMER_TIMEOUT, t->attempt);
     PyObject *res;
+    /* Armed: from here to the end of the call the timeout may raise TaskTimeout in it. */
+    atomic_store_explicit(&w->in_call, t, memory_order_relaxed);
     if (t->kind == CT_KIND_PY_C) {
         Py_BEGIN_ALLOW_THREADS
         ((ct_c_func)t->fn)(t->arg);
@@ -500,6 +502,10 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         tl_current = NULL;
         tl_current_engine = NULL;
     }
+    /* Disarmed before any other Python code runs on this thread (hooks, callbacks, the next
+     * task): the GIL is held from the call's return to here, and the timer injects only into
+     * a call in progress (hook_on_timer, under the GIL too). */
+    atomic_store_explicit(&w->in_call, NULL, memory_order_relaxed);
     uint64_t end = ct_now_ns();
     ts_store(&t->t_end, end);
     atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
@@ -513,7 +519,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     if (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_TIMEDOUT) {
         /* Our timeout fired during this call. If the TaskTimeout we injected has not been
          * raised yet (the task was in C code and returned), it must not go off later in
-         * someone else's code. */
+         * someone else's code: the pending exception never outlives the call. */
         PyThreadState_SetAsyncExc(w->thread_ident, NULL);
         if (!res) {
             out = fetch_exception();
@@ -584,6 +590,12 @@ static void hook_timer_thread_stop(ct_engine *e) {
     e->timer_py_state = NULL;
 }
 
+/* Is the call of t's attempt running now on the worker of state word st? (GIL held) */
+static int attempt_in_call(ct_engine *e, ct_task *t, uint32_t st) {
+    uint32_t wid = st >> CT_WORKER_SHIFT;
+    return wid && atomic_load_explicit(&e->workers[wid - 1].in_call, memory_order_relaxed) == t;
+}
+
 /* A timeout or stuck-check is due for (task, attempt token). */
 static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
     PyEval_RestoreThread((PyThreadState *)e->timer_py_state);
@@ -599,8 +611,11 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             Py_XDECREF(exc);
         }
         Py_XDECREF(r);
-    } else if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token) {
-        /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look. */
+    } else if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token &&
+               ((st & CT_F_ASYNC) || attempt_in_call(e, t, st))) {
+        /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look.
+         * A sync attempt whose call has returned is out of the timeout's reach: its hooks
+         * (on_success, on_failure, on_retry) and callbacks run with no time limit. */
         uint32_t wid = st >> CT_WORKER_SHIFT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
