@@ -186,3 +186,101 @@ def time_sleep(s):
     import time
 
     time.sleep(s)
+
+
+# ---- 6: huge, infinite and NaN times -------------------------------------------------------------
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [1e11, 1e300, INF])
+def test_a_huge_or_infinite_wait_waits(tasks, timeout):
+    import threading
+
+    gate = threading.Event()
+    r = tasks.add_task(gate.wait, 30)
+    got, returned = [], threading.Event()
+
+    def waiter():
+        try:
+            got.append(r.wait(timeout))
+        except BaseException as exc:
+            got.append(exc)
+        returned.set()
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    try:
+        assert not returned.wait(0.3), f"wait({timeout}) returned at once: {got}"
+    finally:
+        gate.set()
+    assert returned.wait(10)
+    th.join()
+    assert got == [True]
+
+
+@pytest.mark.timeout(60)
+def test_nan_times_are_refused_at_the_call_site(tasks):
+    from catzilla_tasks import TaskConfig
+
+    r = tasks.add_task(int)
+    for call in (lambda: r.wait(NAN), lambda: tasks.join(NAN)):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+    for field in ("delay_ms", "timeout_ms", "retry_base_ms", "retry_max_ms"):
+        with pytest.raises(ValueError, match=field):
+            TaskConfig(**{field: NAN})
+        with pytest.raises(ValueError, match=field):
+            tasks.options(**{field: NAN})
+    with pytest.raises(ValueError, match="block_timeout"):
+        tasks.options(block_timeout=NAN)
+    with pytest.raises(ValueError, match="NaN"):
+        tasks.shutdown(timeout=NAN)
+    assert not tasks.is_shutdown
+
+
+@pytest.mark.timeout(60)
+def test_an_infinite_shutdown_runs_everything_queued():
+    import threading
+
+    eng = BackgroundTasks(workers=1, min_workers=1, enable_auto_scaling=False)
+    gate = threading.Event()
+    first = eng.add_task(gate.wait, 30)
+    rest = [eng.add_task(int, i) for i in range(20)]
+    threading.Timer(0.2, gate.set).start()
+    eng.shutdown(timeout=INF)
+    assert first.wait(0) is True
+    assert [h.wait(0) for h in rest] == list(range(20))
+
+
+@pytest.mark.timeout(60)
+def test_delays_past_what_the_engine_can_represent_are_refused(tasks):
+    import datetime
+
+    from catzilla_tasks import TaskConfig
+
+    for delay in (1e13, INF):
+        with pytest.raises(ValueError, match="delay_ms"):
+            TaskConfig(delay_ms=delay)
+        with pytest.raises(ValueError, match="delay_ms"):
+            tasks.options(delay_ms=delay).add_task(int)
+    with pytest.raises(ValueError, match="eta"):
+        tasks.options(eta=datetime.datetime(9999, 1, 1)).add_task(int)
+    assert tasks.stats()["submitted"] == 0
+    # the longest delay accepted is far, not run at once
+    r = tasks.options(delay_ms=3e12).add_task(int)  # ~95 years
+    assert r.status is TaskStatus.SCHEDULED
+    assert r.cancel()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout_ms", [INF, 1e300])
+def test_an_infinite_or_huge_timeout_is_no_limit(tasks, timeout_ms):
+    from catzilla_tasks import TaskConfig
+
+    cfg = TaskConfig(timeout_ms=timeout_ms)
+    assert cfg.timeout_ms is None
+    r = tasks.options(timeout_ms=timeout_ms).add_task(time_sleep, 0.05)
+    assert r.wait(10) is None and r.status is TaskStatus.SUCCEEDED
+    assert tasks.stats()["timed_out"] == 0

@@ -64,6 +64,8 @@ def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{field}: expected a number, got {type(value).__name__} {value!r}")
+    if value != value:
+        raise ValueError(f"{field}: NaN is not a number of milliseconds")
     if positive and value <= 0:
         raise ValueError(f"{field}: must be > 0, got {value!r}" + (" (or None for no limit)" if allow_none else ""))
     if value < 0:
@@ -91,7 +93,8 @@ def _hook(field: str, value: Any) -> Any:
 class TaskConfig(_engine.ConfigBase):
     """How a task runs: priority, delay, retries with back-off, timeout, isolation, hooks.
 
-    * ``delay_ms``: wait this long in the engine's timer before the task is queued.
+    * ``delay_ms``: wait this long in the engine's timer before the task is queued (at most
+      100 years: a longer delay, or an infinite one, is refused).
     * ``max_retries``: further attempts after a failure whose exception matches ``retry_on``
       (default: any ``Exception``); 0 (the default) means no retry, because re-running work
       that is not idempotent must be a decision, not a default.
@@ -101,7 +104,8 @@ class TaskConfig(_engine.ConfigBase):
       jitter"), on by default for exponential back-off only.
     * ``timeout_ms``: a thread task gets ``TaskTimeout`` raised inside it, an async task is
       cancelled, a process task's child is killed; the task ends TIMED_OUT (retried only with
-      ``retry_on_timeout=True``).
+      ``retry_on_timeout=True``). ``None``, ``inf`` or more than 100 years: no limit.
+      NaN is refused for every time.
     * ``isolation="process"``: run in the engine's pool of child processes (hard timeouts,
       ``memory_limit_mb``, crashes contained). ``memory_limit_mb`` cannot be enforced for a
       task in a thread (threads share one address space), so it requires process isolation.

@@ -507,7 +507,10 @@ class BackgroundTasks(_engine.Engine):
             if not isinstance(eta, datetime.datetime):
                 raise ValueError(f"eta: expected a datetime, got {type(eta).__name__} {eta!r}")
             now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
-            fields["delay_ms"] = max(0.0, (eta - now).total_seconds() * 1000.0)
+            delay_ms = max(0.0, (eta - now).total_seconds() * 1000.0)
+            if delay_ms * 1e6 >= _engine.MAX_TIME_NS:
+                raise ValueError(f"eta: {eta} is past the longest time the engine can wait (100 years from now)")
+            fields["delay_ms"] = delay_ms
         unknown = set(fields) - set(_DEFAULT_CONFIG.as_dict())
         if unknown:
             raise TypeError(
@@ -519,6 +522,8 @@ class BackgroundTasks(_engine.Engine):
         if block_timeout is not None:
             if isinstance(block_timeout, bool) or not isinstance(block_timeout, (int, float)):
                 raise ValueError(f"block_timeout: expected seconds (a number), got {block_timeout!r}")
+            if block_timeout != block_timeout:
+                raise ValueError("block_timeout: NaN is not a number of seconds")
             if block_timeout == float("inf"):
                 block_timeout = -1
             elif block_timeout < 0 and block_timeout != -1:
@@ -610,6 +615,8 @@ class BackgroundTasks(_engine.Engine):
         """
         if self._shutdown_done:
             return
+        if timeout is not None and timeout != timeout:  # refused before anything stops
+            raise ValueError("shutdown(): timeout is NaN; give seconds >= 0, or None to wait without limit")
         for p in self._periodic:
             p.cancel()
         self.autoscaler.disable()

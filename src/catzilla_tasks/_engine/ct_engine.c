@@ -787,7 +787,7 @@ static int ct_engine_reserve(ct_engine *e, size_t n, int64_t block_ns) {
     if ((int64_t)n > cap) return CT_EFULL;
     if (ct_try_reserve(e, (int64_t)n, cap)) return CT_OK;
     if (block_ns == 0) return CT_EFULL;
-    uint64_t deadline = block_ns > 0 ? ct_now_ns() + (uint64_t)block_ns : 0;
+    uint64_t deadline = block_ns > 0 ? ct_deadline_after((uint64_t)block_ns) : 0;
     int rc = CT_OK;
     pthread_mutex_lock(&e->idle_lock);
     /* Announce, then look (seq_cst both): a popper lowers queued, then reads space_waiters. */

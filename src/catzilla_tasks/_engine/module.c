@@ -337,6 +337,7 @@ static uint64_t backoff_ns(const ConfigObject *c, int attempt) {
     default: d = base; break;
     }
     if (d > cap) d = cap;
+    if (d > (double)CT_MAX_TIME_NS) d = (double)CT_MAX_TIME_NS;
     if (c->jitter) d *= rng_unit();
     return d > 0 ? (uint64_t)d : 0;
 }
@@ -812,13 +813,37 @@ static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fnam
                      Py_TYPE(timeout)->tp_name);
         return -1;
     }
+    if (isnan(s)) {
+        PyErr_Format(PyExc_ValueError, "%s(): timeout is NaN; give seconds >= 0, or None to wait without limit", fname);
+        return -1;
+    }
     if (s < 0) {
         PyErr_Format(PyExc_ValueError, "%s(): timeout must be >= 0 seconds (or None to wait forever), got %R", fname,
                      timeout);
         return -1;
     }
-    uint64_t ns = s > 1e11 ? (uint64_t)1e20 : (uint64_t)(s * 1e9);
+    if (s * 1e9 >= (double)CT_MAX_TIME_NS) return 0;   /* infinite, or past what the engine represents: no limit */
+    uint64_t ns = (uint64_t)(s * 1e9);
     *deadline = ct_now_ns() + (ns ? ns : 1);
+    return 0;
+}
+
+/* A time option in ms (TaskConfig) to ns. NaN and negative values are refused. Past
+ * CT_MAX_TIME_NS (infinity included): a limit (limit=1) becomes -1, "no limit"; a delay is
+ * refused, since a task that never runs would only hold its room in the queue. */
+static int ms_option(double ms, const char *field, int limit, int64_t *out) {
+    const char *why = NULL;
+    if (isnan(ms) || ms < 0)
+        why = "%s: must be a number of milliseconds >= 0, got %R";
+    else if (ms * 1e6 >= (double)CT_MAX_TIME_NS && !limit)
+        why = "%s: %R ms is past the longest time the engine can wait (100 years)";
+    if (why) {
+        PyObject *v = PyFloat_FromDouble(ms);
+        if (v) PyErr_Format(PyExc_ValueError, why, field, v);
+        Py_XDECREF(v);
+        return -1;
+    }
+    *out = ms * 1e6 >= (double)CT_MAX_TIME_NS ? -1 : (int64_t)(ms * 1e6);
     return 0;
 }
 
@@ -1279,10 +1304,14 @@ static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
     self->jitter = jitter;
     self->retry_on_timeout = retry_on_timeout;
     self->isolation = isolation;
-    self->delay_ns = (int64_t)(delay * 1e6);
-    self->timeout_ns = (int64_t)(timeout * 1e6);
-    self->retry_base_ns = (int64_t)(base * 1e6);
-    self->retry_max_ns = (int64_t)(cap * 1e6);
+    int64_t delay_ns, timeout_ns, base_ns, cap_ns;
+    if (ms_option(delay, "delay_ms", 0, &delay_ns) < 0 || ms_option(timeout, "timeout_ms", 1, &timeout_ns) < 0 ||
+        ms_option(base, "retry_base_ms", 0, &base_ns) < 0 || ms_option(cap, "retry_max_ms", 1, &cap_ns) < 0)
+        return -1;
+    self->delay_ns = delay_ns;
+    self->timeout_ns = timeout_ns < 0 ? 0 : timeout_ns;          /* no limit = no timeout */
+    self->retry_base_ns = base_ns;
+    self->retry_max_ns = cap_ns < 0 ? CT_MAX_TIME_NS : cap_ns;   /* no cap = the longest wait */
 #define SET_OPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : (Py_INCREF(obj), (obj)))
     SET_OPT(retry_on, retry_on);
     SET_OPT(on_success, on_success);
@@ -1372,9 +1401,9 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         .workers = workers,
         .max_threads = max_threads > workers ? max_threads : workers + 16,
         .queue_size = queue_size,
-        .aging_ns = (uint64_t)(aging_ms > 0 ? aging_ms * 1e6 : 1e8),
+        .aging_ns = (uint64_t)(aging_ms > 0 ? fmin(aging_ms * 1e6, (double)CT_MAX_TIME_NS) : 1e8),
         .batch_max = batch_max,
-        .batch_budget_ns = (uint64_t)(budget_us > 0 ? budget_us * 1e3 : 2e5),
+        .batch_budget_ns = (uint64_t)(budget_us > 0 ? fmin(budget_us * 1e3, (double)CT_MAX_TIME_NS) : 2e5),
     };
     ct_hooks hooks = {
         .ctx = self,
@@ -1672,7 +1701,11 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
     if (block != Py_None) {
         double s = PyFloat_AsDouble(block);
         if (s == -1.0 && PyErr_Occurred()) return NULL;
-        block_ns = s < 0 ? -1 : (int64_t)(s * 1e9);
+        if (isnan(s)) {
+            PyErr_SetString(PyExc_ValueError, "block_timeout: NaN is not a number of seconds");
+            return NULL;
+        }
+        block_ns = s < 0 || s * 1e9 >= (double)CT_MAX_TIME_NS ? -1 : (int64_t)(s * 1e9);
         if (s > 0 && block_ns == 0) block_ns = 1;
     }
     Py_ssize_t npos = PyTuple_GET_SIZE(pargs);
@@ -2249,6 +2282,11 @@ static PyObject *Engine_call_later(EngineObject *self, PyObject *args) {
     PyObject *fn;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "dO:_call_later", &secs, &fn)) return NULL;
+    if (isnan(secs)) {
+        PyErr_SetString(PyExc_ValueError, "_call_later(): NaN is not a number of seconds");
+        return NULL;
+    }
+    if (secs * 1e9 > (double)CT_MAX_TIME_NS) secs = (double)CT_MAX_TIME_NS / 1e9;
     if (!atomic_load(&self->e->accepting)) Py_RETURN_FALSE;
     ct_task *t = ct_task_new();
     if (!t) return PyErr_NoMemory();
@@ -2495,7 +2533,7 @@ static PyObject *Engine_scaler(EngineObject *self, PyObject *args) {
         t->kind = CT_KIND_DETACHED;
         e->scaler_tick = t;   /* owned by the engine object until it is freed */
     }
-    atomic_store(&e->scaler_interval_ns, (uint64_t)(interval > 0 ? interval * 1e9 : 1e8));
+    atomic_store(&e->scaler_interval_ns, (uint64_t)(interval > 0 ? fmin(interval * 1e9, (double)CT_MAX_TIME_NS) : 1e8));
     atomic_store(&e->scaler_enabled, enabled && e->scaler_tick);
     Py_RETURN_NONE;
 }
@@ -3142,6 +3180,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     PyObject *cap = PyCapsule_New((void *)&g_capi, CATZILLA_TASKS_CAPI_NAME, NULL);
     if (!cap || PyModule_AddObject(m, "_C_API", cap) < 0) goto fail;
     PyModule_AddIntConstant(m, "NODE_SIZE", (long)sizeof(ct_task));
+    PyModule_AddIntConstant(m, "MAX_TIME_NS", (long)CT_MAX_TIME_NS);
     return m;
 fail:
     Py_DECREF(m);
