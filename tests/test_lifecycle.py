@@ -284,3 +284,92 @@ def test_an_infinite_or_huge_timeout_is_no_limit(tasks, timeout_ms):
     r = tasks.options(timeout_ms=timeout_ms).add_task(time_sleep, 0.05)
     assert r.wait(10) is None and r.status is TaskStatus.SUCCEEDED
     assert tasks.stats()["timed_out"] == 0
+
+
+# ---- 5: a failure nobody reads is logged, once ------------------------------------------------
+
+
+class _Failures:
+    """Records of 'task ... failed' logged by the engine; wait_for(n) waits for n of them."""
+
+    def __init__(self):
+        import logging
+        import threading
+
+        self.records = []
+        self.cond = threading.Condition()
+        outer = self
+
+        class H(logging.Handler):
+            def emit(self, record):
+                if record.exc_info and "failed" in record.getMessage():
+                    with outer.cond:
+                        outer.records.append(record)
+                        outer.cond.notify_all()
+
+        self.handler = H(level=logging.ERROR)
+
+    def __enter__(self):
+        import logging
+
+        logging.getLogger("catzilla_tasks").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("catzilla_tasks").removeHandler(self.handler)
+
+    def wait_for(self, n, timeout=10):
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.records) >= n, timeout)
+
+    def messages(self):
+        return [str(r.exc_info[1]) for r in self.records]
+
+
+def _boom(tag):
+    raise ValueError(f"boom {tag}")
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_with_a_pending_timeout_is_logged_at_once(tasks):
+    with _Failures() as f:
+        tasks.options(timeout_ms=600_000).add_task(_boom, "timeout")
+        assert f.wait_for(1), "a failure nobody reads was not logged (its timeout entry kept it)"
+        tasks.join(10)
+    assert f.messages() == ["boom timeout"]
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_with_only_a_success_callback_is_logged(tasks):
+    with _Failures() as f:
+        r = tasks.add_task(_boom, "callback")
+        r.add_callback(print)  # called on success only: it never sees the failure
+        del r
+        assert f.wait_for(1), "a failure with only a success callback was not logged"
+        tasks.join(10)
+    assert f.messages() == ["boom callback"]
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_is_logged_once_when_its_unread_handles_go(tasks):
+    import gc
+
+    with _Failures() as f:
+        kept = tasks.add_task(_boom, "kept")
+        read = tasks.add_task(_boom, "read")
+        with pytest.raises(ValueError):
+            read.wait(10)
+        twin = TaskResult(kept.task_id)
+        tasks.join(10)
+        assert kept.status is TaskStatus.FAILED  # (reading the status is not reading the outcome)
+        assert f.records == []  # handles can still read them
+        del kept
+        assert f.records == []
+        del twin  # the last handle of an outcome nobody read
+        assert f.wait_for(1)
+        del read
+        gc.collect()
+        tasks.join(10)
+    assert f.messages() == ["boom kept"]

@@ -52,8 +52,8 @@ def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
     if what == "stuck":
         log.warning("%s", exc)  # exc is the message here
     elif what == "task":
-        # Only failures nobody can observe are logged (no TaskResult kept, no callback).
-        log.error("task %s failed (no TaskResult was kept to report it)", name, exc_info=exc)
+        # Only failures nobody read are logged (once, when the task's last handle goes).
+        log.error("task %s failed and nobody read its outcome", name, exc_info=exc)
     else:
         log.error("%s %s raised", what, name, exc_info=exc)
 

@@ -905,13 +905,17 @@ static int ct_watch_dead(const ct_timer_entry *en) {
     return (st & CT_STATUS_MASK) != CT_RUNNING || en->task->attempt != en->token;
 }
 
+void ct_engine_sweep_watches(ct_engine *e) {
+    ct_task **dead = NULL;
+    size_t k = ct_timer_remove_if(&e->timer, ct_watch_dead, &dead);
+    atomic_fetch_sub(&e->watches, (int64_t)k);
+    for (size_t i = 0; i < k; i++) ct_task_decref(&e->hooks, dead[i]);
+    free(dead);
+}
+
 int ct_engine_watch(ct_engine *e, ct_task *t, uint64_t due_ns, uint32_t kind, uint32_t token) {
     if (atomic_load(&e->watches) >= e->watch_compact_at) {
-        ct_task **dead = NULL;
-        size_t k = ct_timer_remove_if(&e->timer, ct_watch_dead, &dead);
-        atomic_fetch_sub(&e->watches, (int64_t)k);
-        for (size_t i = 0; i < k; i++) ct_task_decref(&e->hooks, dead[i]);
-        free(dead);
+        ct_engine_sweep_watches(e);
         int64_t left = atomic_load(&e->watches);
         e->watch_compact_at = left * 2 > 4096 ? left * 2 : 4096;
     }

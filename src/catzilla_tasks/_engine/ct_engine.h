@@ -41,6 +41,7 @@ enum ct_status {
 #define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
 #define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
 #define CT_F_KWNAMES   0x800u  /* module.c: arg ends with the keyword names (vectorcall style) */
+#define CT_F_OBSERVED  0x8000u /* module.c: someone read the outcome (a failure is then not logged) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
 enum ct_kind {
@@ -238,6 +239,9 @@ int ct_engine_add_worker(ct_engine *e);
 int ct_engine_retire_worker(ct_engine *e);
 /* Live workers (started, not exited, not retiring). */
 int ct_engine_live_workers(ct_engine *e);
+/* Drop the timer's watches of attempts that are over (their node references with them). The
+ * caller must be allowed to drop node references (GIL for Python nodes). O(entries). */
+void ct_engine_sweep_watches(ct_engine *e);
 /* Arm the scaler tick now if auto-scaling is on and it is not armed (any thread). */
 void ct_engine_scaler_arm(ct_engine *e);
 /* Stop the timer and hook threads (call with no GIL held); leftover entries go to

@@ -135,6 +135,21 @@ static void report_error(const char *what, PyObject *subject, PyObject *exc) {
     Py_XDECREF(r);
 }
 
+/* The last owner of a failed node lets go and nobody read its outcome: log it (once: a node
+ * is released once). Runs wherever the last reference goes (a worker, a handle's dealloc in
+ * any thread, the timer), so whatever exception is being raised there is kept aside. */
+static void report_unobserved(ct_task *t) {
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    uint32_t s = st & CT_STATUS_MASK;
+    if ((s != CT_FAILED && s != CT_TIMED_OUT) || (st & CT_F_OBSERVED) || !t->value ||
+        !PyExceptionInstance_Check((PyObject *)t->value))
+        return;
+    PyObject *type, *val, *tb;
+    PyErr_Fetch(&type, &val, &tb);
+    report_error("task", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
+    PyErr_Restore(type, val, tb);
+}
+
 /* The pending exception, normalised, with its traceback attached. */
 static PyObject *fetch_exception(void) {
 #if PY_VERSION_HEX >= 0x030C0000
@@ -154,6 +169,7 @@ static PyObject *fetch_exception(void) {
 
 static void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
+    report_unobserved(t);
     if (st & CT_F_REGISTERED) {
         PyObject *key = PyLong_FromUnsignedLongLong(t->id);
         if (!key || PyDict_DelItem(g_registry, key) < 0) PyErr_Clear();
@@ -273,13 +289,7 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_XDECREF(r);
         Py_XDECREF(id);
     }
-    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
-     * a detached node has no engine reference), or a callback. Nobody will: the failure is
-     * reported, or it would go unseen. */
     uint32_t base = eng ? 1 : 0;
-    if (failed && atomic_load_explicit(&t->refs, memory_order_acquire) <= base &&
-        !(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_CALLBACKS))
-        report_error("task", (PyObject *)t->fn, value);
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
@@ -291,9 +301,12 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         cbs = (PyObject *)t->value;
         t->value = NULL;
     }
-    int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
+    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
+     * a detached node has no engine reference), or a callback. A failure is always kept: if
+     * nobody reads it, it is logged when the node's last owner lets go (report_unobserved). */
+    int keep = failed || atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
     PyObject *drop = NULL;
-    if (observed) {
+    if (keep) {
         t->value = value;
     } else {
         drop = value;
@@ -308,6 +321,10 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_DECREF(cbs);
     }
     Py_XDECREF(drop);
+    /* The attempt's timeout entry holds the node until the timeout would have expired: a
+     * failure nobody holds must be logged (and its traceback freed) now, not then. (Failures
+     * only: O(timer entries).) */
+    if (eng && failed && cfg && cfg->timeout_ns > 0 && !cfg->isolation) ct_engine_sweep_watches(eng->e);
     if (eng) ct_task_decref(&eng->e->hooks, t);
 }
 
@@ -887,6 +904,7 @@ static PyObject *node_outcome(ResultObject *self) {
         return NULL;
     }
     default:
+        atomic_fetch_or_explicit(&t->state, CT_F_OBSERVED, memory_order_relaxed);
         if (v && PyExceptionInstance_Check(v)) {
             result_track(self);
             PyErr_SetObject((PyObject *)Py_TYPE(v), v);
@@ -2708,6 +2726,8 @@ static void gate_release(GateObject *g) {
 static void gate_done(PyObject *gobj, int status) {
     GateObject *g = (GateObject *)gobj;
     if (status != CT_SUCCEEDED) {
+        /* the workflow takes the failure over (on_fail) */
+        if (g->task) atomic_fetch_or_explicit(&g->task->state, CT_F_OBSERVED, memory_order_relaxed);
         gate_report(g, NULL);
         return;
     }
