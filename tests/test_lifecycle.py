@@ -373,3 +373,94 @@ def test_a_failure_is_logged_once_when_its_unread_handles_go(tasks):
         gc.collect()
         tasks.join(10)
     assert f.messages() == ["boom kept"]
+
+
+# ---- 8: cycles through task records are collected ------------------------------------------------
+
+
+class _Marker:
+    """Something a frame holds: alive as long as that frame is."""
+
+
+def _nodes():
+    import gc
+
+    gc.collect()
+    return catzilla_tasks._engine.memory_stats()["nodes_in_use"]
+
+
+@pytest.fixture
+def quiet_engine():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+    try:
+        yield eng
+    finally:
+        eng.shutdown(timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_task_caught_by_a_frame_with_two_handles_is_collected(quiet_engine):
+    import gc
+    import weakref
+
+    def caught(eng):
+        marker = _Marker()
+        r = eng.add_task(_boom, "two handles")
+        twin = TaskResult(r.task_id)
+        try:
+            r.wait(10)
+        except ValueError:
+            pass
+        assert twin.status is TaskStatus.FAILED
+        return weakref.ref(marker)
+
+    before = _nodes()
+    markers = [caught(quiet_engine) for _ in range(50)]
+    quiet_engine.join(10)
+    gc.collect()
+    assert sum(m() is not None for m in markers) == 0, "frames kept alive by a cycle through the task"
+    assert _nodes() == before
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_task_with_a_then_chain_leaves_no_record(quiet_engine):
+    from catzilla_tasks import TaskFuture
+
+    def chained(eng):
+        f = TaskFuture(eng.add_task(_boom, "chain")).then(lambda v: v).then(str)
+        with pytest.raises(ValueError):
+            f.wait(10)
+
+    before = _nodes()
+    for _ in range(20):
+        chained(quiet_engine)
+    quiet_engine.join(10)
+    assert _nodes() == before
+
+
+@pytest.mark.timeout(120)
+def test_a_retried_task_whose_traceback_holds_its_handle_is_collected(quiet_engine):
+    import gc
+    import weakref
+
+    from catzilla_tasks import current_task
+
+    markers = []
+
+    def flaky():
+        me = current_task()  # the frame holds the task's own handle
+        marker = _Marker()
+        markers.append(weakref.ref(marker))
+        raise ConnectionError(me.task_id)
+
+    before = _nodes()
+    rs = [quiet_engine.options(max_retries=2, retry_base_ms=1).add_task(flaky) for _ in range(10)]
+    for r in rs:
+        with pytest.raises(ConnectionError):
+            r.wait(10)
+    assert len(rs[0].get_stats()["history"]) == 3
+    del r, rs
+    quiet_engine.join(10)
+    gc.collect()
+    assert sum(m() is not None for m in markers) == 0
+    assert _nodes() == before

@@ -50,7 +50,12 @@ static PyObject *g_task_timeout;      /* catzilla_tasks.errors.TaskTimeout */
 static PyObject *g_history;           /* {id: [attempt dicts]} of tasks with failed attempts */
 static PyObject *g_isolate;           /* f(engine, func, args, kwargs, config) -> callable run in a child */
 static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
-static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
+/* {id: [node address, engine address, handle address or 0]} of tasks whose id was read. The
+ * handle is the task's shared handle: TaskResult(task_id) and every other handle the engine
+ * hands out for that task is that object while it lives (a borrowed address, cleared by its
+ * dealloc), so they all share one node reference: a cycle through the task then holds one
+ * handle, which the cycle collector can see through (node_is_ours). */
+static PyObject *g_registry;
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *g_native_prepare;    /* f(native, args, kwargs) -> (call block, args) | None (compiler.py) */
 static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
@@ -167,25 +172,31 @@ static PyObject *fetch_exception(void) {
 
 /* ------------------------------------------------------------------ hooks */
 
+/* Remove id from a module dict if it is there. The last reference of a node may go while an
+ * exception is being raised (a handle dropped by the frame that raises its outcome): that
+ * exception is kept. */
+static void forget_id(PyObject *dict, uint64_t id) {
+    PyObject *type, *val, *tb;
+    PyErr_Fetch(&type, &val, &tb);
+    PyObject *key = PyLong_FromUnsignedLongLong(id);
+    if (key && PyDict_GetItemWithError(dict, key) && PyDict_DelItem(dict, key) < 0) PyErr_Clear();
+    Py_XDECREF(key);
+    PyErr_Clear();
+    PyErr_Restore(type, val, tb);
+}
+
 static void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
     report_unobserved(t);
-    if (st & CT_F_REGISTERED) {
-        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        if (!key || PyDict_DelItem(g_registry, key) < 0) PyErr_Clear();
-        Py_XDECREF(key);
-    }
+    if (st & CT_F_REGISTERED) forget_id(g_registry, t->id);
     if (t->kind != CT_KIND_PY_C) {
         Py_CLEAR(t->fn);
         Py_CLEAR(t->arg);
     }
     Py_CLEAR(t->value);
     Py_CLEAR(t->cfg);
-    if (st & CT_F_HISTORY) {
-        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        if (!key || PyDict_DelItem(g_history, key) < 0) PyErr_Clear();
-        Py_XDECREF(key);
-    }
+    /* (a task that ended took its history into arg: complete_py) */
+    if (st & CT_F_HISTORY) forget_id(g_history, t->id);
 }
 
 static void hook_thread_start(ct_worker *w) {
@@ -201,6 +212,7 @@ static void hook_thread_stop(ct_worker *w) {
 }
 
 static ResultObject *result_wrap(EngineObject *eng, ct_task *t);
+static ResultObject *result_wrap_tracked(EngineObject *eng, ct_task *t);
 static void gate_done(PyObject *gate, int status);
 
 /* Run the callbacks list taken from a finished node (GIL held). Entries are (fn, mode):
@@ -222,7 +234,7 @@ static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int stat
             if (status != CT_SUCCEEDED) continue;
             r = PyObject_CallOneArg(fn, value ? value : Py_None);
         } else {
-            if (!handle) handle = result_wrap(eng, t);
+            if (!handle) handle = result_wrap_tracked(eng, t);
             if (!handle) {
                 PyErr_Clear();
                 continue;
@@ -263,6 +275,8 @@ static void call_hook(PyObject *fn, PyObject *arg) {
     Py_XDECREF(r);
 }
 
+static PyObject *history_take(ct_task *t);
+
 /* End a Python-visible node that was running on eng (GIL held): the config's final hook,
  * store the outcome, set the terminal state (waiters wake), then run callbacks, then drop the
  * engine's reference. Steals value.
@@ -293,6 +307,10 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
+        /* and the history of its failed attempts moves from the global dict into the node's
+         * free arg slot: held by the node alone, it is collected with it (a traceback in it
+         * may hold the task's own handle) */
+        if (atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_HISTORY) t->arg = history_take(t);
     }
     /* From here to the terminal state: no Python code, no new container. */
     PyObject *cbs = NULL;
@@ -357,6 +375,17 @@ static uint64_t backoff_ns(const ConfigObject *c, int attempt) {
     if (d > (double)CT_MAX_TIME_NS) d = (double)CT_MAX_TIME_NS;
     if (c->jitter) d *= rng_unit();
     return d > 0 ? (uint64_t)d : 0;
+}
+
+/* The history list of t out of g_history (a new reference), or NULL. */
+static PyObject *history_take(ct_task *t) {
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *lst = key ? PyDict_GetItemWithError(g_history, key) : NULL;
+    Py_XINCREF(lst);
+    if (lst && PyDict_DelItem(g_history, key) < 0) Py_CLEAR(lst);
+    Py_XDECREF(key);
+    PyErr_Clear();
+    return lst;
 }
 
 /* Remember a failed attempt for get_stats()["history"]. */
@@ -574,7 +603,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         /* An async task: its coroutine runs on the engine's event loop; the loop settles
          * the node (TaskResult._settle), which ends it like any other. */
         atomic_fetch_or_explicit(&t->state, CT_F_ASYNC, memory_order_acq_rel);
-        ResultObject *h = result_wrap(eng, t);
+        ResultObject *h = result_wrap_tracked(eng, t);
         PyObject *r = h ? PyObject_CallFunctionObjArgs(g_run_coroutine, (PyObject *)eng, (PyObject *)h, res, NULL) : NULL;
         Py_XDECREF(h);
         if (!r) {
@@ -745,7 +774,26 @@ static void hook_run_batch(ct_worker *w) {
 
 /* ------------------------------------------------------------------ TaskResult */
 
+/* The registry entry of a registered node (borrowed), or NULL (no error set). */
+static PyObject *registry_entry(ct_task *t) {
+    if (!(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_REGISTERED)) return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *entry = key ? PyDict_GetItemWithError(g_registry, key) : NULL;
+    Py_XDECREF(key);
+    if (!entry || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 3) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return entry;
+}
+
 static ResultObject *result_wrap(EngineObject *eng, ct_task *t) {
+    PyObject *entry = registry_entry(t);
+    if (entry) {   /* the task's shared handle, if it lives */
+        ResultObject *shared = (ResultObject *)PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2));
+        if (shared) return (ResultObject *)Py_NewRef((PyObject *)shared);
+        PyErr_Clear();
+    }
     ResultObject *r = PyObject_GC_New(ResultObject, &Result_Type);
     if (!r) return NULL;
     ct_task_incref(t);
@@ -761,6 +809,16 @@ static ResultObject *result_wrap(EngineObject *eng, ct_task *t) {
  * of the no-op throughput, measured. */
 static inline void result_track(ResultObject *self) {
     if (!PyObject_GC_IsTracked((PyObject *)self)) PyObject_GC_Track(self);
+}
+
+/* A handle made off the hot path, for code that may keep it where a cycle can form through
+ * the task (a callback's closure, a frame of the task itself via current_task(), a future's
+ * chain, TaskResult(task_id)): tracked from the start, since it may never read the outcome
+ * itself while another handle hands the task's exception to a frame that holds it. */
+static ResultObject *result_wrap_tracked(EngineObject *eng, ct_task *t) {
+    ResultObject *r = result_wrap(eng, t);
+    if (r) result_track(r);
+    return r;
 }
 
 /* The cycle collector sees through a handle into its node only while the handle is the node's
@@ -812,6 +870,17 @@ static ct_hooks detached_hooks = {.release = hook_release};
 
 static void Result_dealloc(ResultObject *self) {
     PyObject_GC_UnTrack(self);
+    if (self->t && (atomic_load_explicit(&self->t->state, memory_order_relaxed) & CT_F_REGISTERED)) {
+        /* No longer the task's shared handle (a small int: no allocation, no Python code, so
+         * nothing can look the dying handle up meanwhile) */
+        PyObject *type, *val, *tb;
+        PyErr_Fetch(&type, &val, &tb);
+        PyObject *entry = registry_entry(self->t);
+        if (entry && PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2)) == (void *)self)
+            PyList_SetItem(entry, 2, PyLong_FromLong(0));
+        PyErr_Clear();
+        PyErr_Restore(type, val, tb);
+    }
     if (self->t) {
         ct_task *t = self->t;
         self->t = NULL;
@@ -1136,7 +1205,9 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     }
 #undef NUM_OR_NONE
     PyObject *hist = NULL;
-    if (st & CT_F_HISTORY) {
+    if ((st & CT_F_HISTORY) && CT_IS_TERMINAL(st) && t->kind != CT_KIND_PY_C) {   /* moved into arg */
+        if (t->arg && PyList_Check((PyObject *)t->arg)) hist = PyList_GetSlice((PyObject *)t->arg, 0, PY_SSIZE_T_MAX);
+    } else if (st & CT_F_HISTORY) {
         PyObject *key = PyLong_FromUnsignedLongLong(t->id);
         PyObject *lst = key ? PyDict_GetItemWithError(g_history, key) : NULL;
         Py_XDECREF(key);
@@ -1156,8 +1227,9 @@ static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
         /* Remember the node so TaskResult(task_id) / TaskFuture(task_id) can find it while it
          * lives. Only tasks whose id was read pay for this. */
         PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t,
-                                      (unsigned long long)(uintptr_t)self->engine);
+        PyObject *val = Py_BuildValue("[KKK]", (unsigned long long)(uintptr_t)t,
+                                      (unsigned long long)(uintptr_t)self->engine,
+                                      (unsigned long long)(uintptr_t)self);
         int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
         Py_XDECREF(key);
         Py_XDECREF(val);
@@ -1177,7 +1249,7 @@ static PyObject *Result_get_cancel_requested(ResultObject *self, void *unused) {
 /* _engine.current_task(): the TaskResult of the task running in this thread, or None. */
 static PyObject *mod_current_task(PyObject *m, PyObject *unused) {
     if (!tl_current) Py_RETURN_NONE;
-    return (PyObject *)result_wrap(tl_current_engine, tl_current);
+    return (PyObject *)result_wrap_tracked(tl_current_engine, tl_current);
 }
 static PyObject *Result_get_priority(ResultObject *self, void *unused) { return priority_member(self->t->priority); }
 
@@ -1229,9 +1301,19 @@ static PyObject *Result_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                      tid);
         return NULL;
     }
-    ct_task *t = (ct_task *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 0));
-    EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 1));
-    return (PyObject *)result_wrap(eng, t);
+    ct_task *t = (ct_task *)(uintptr_t)PyLong_AsUnsignedLongLong(PyList_GET_ITEM(entry, 0));
+    EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyList_GET_ITEM(entry, 1));
+    Py_INCREF(entry);   /* result_wrap may run the collector, which may drop the entry */
+    ResultObject *r = result_wrap_tracked(eng, t);
+    if (r && PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2)) == NULL) {
+        PyErr_Clear();
+        /* the new handle is the task's shared one from now on (small ints are cached: no
+         * allocation between the lookup and here) */
+        PyObject *addr = PyLong_FromVoidPtr(r);
+        if (!addr || PyList_SetItem(entry, 2, addr) < 0) PyErr_Clear();
+    }
+    Py_DECREF(entry);
+    return (PyObject *)r;
 }
 
 /* _engine.detached(): a TaskResult no engine runs, settled later with _settle (TaskFuture). */
@@ -1248,6 +1330,7 @@ static PyObject *mod_detached(PyObject *m, PyObject *unused) {
     }
     r->t = t;   /* takes the node's only reference */
     r->engine = NULL;
+    PyObject_GC_Track(r);   /* a future: chains keep it in closures and frames (rare: no cost to add_task) */
     return (PyObject *)r;
 }
 
@@ -2949,7 +3032,7 @@ static void Gate_dealloc(GateObject *g) {
 
 static PyObject *Gate_get_result(GateObject *g, void *unused) {
     if (!g->task) Py_RETURN_NONE;
-    return (PyObject *)result_wrap(g->engine, g->task);
+    return (PyObject *)result_wrap_tracked(g->engine, g->task);
 }
 static PyObject *Gate_get_value(GateObject *g, void *unused) {
     PyObject *v = gate_value((PyObject *)g);
