@@ -53,7 +53,10 @@ def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
         log.warning("%s", exc)  # exc is the message here
     elif what == "task":
         # Only failures nobody read are logged (once, when the task's last handle goes).
-        log.error("task %s failed and nobody read its outcome", name, exc_info=exc)
+        if isinstance(exc, BaseException):
+            log.error("task %s failed and nobody read its outcome", name, exc_info=exc)
+        else:  # only a message is left (see report_unobserved)
+            log.error("%s", exc)
     else:
         log.error("%s %s raised", what, name, exc_info=exc)
 

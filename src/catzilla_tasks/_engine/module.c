@@ -143,6 +143,22 @@ static void report_error(const char *what, PyObject *subject, PyObject *exc) {
 /* The last owner of a failed node lets go and nobody read its outcome: log it (once: a node
  * is released once). Runs wherever the last reference goes (a worker, a handle's dealloc in
  * any thread, the timer), so whatever exception is being raised there is kept aside. */
+/* Can exc (its traceback, cause and context included) be formatted? Not if the cycle
+ * collector has already cleared part of it: the last owner of a node may let go inside a
+ * collection (a frame in the exception's own traceback held the handle), after the collector
+ * cleared the tracebacks of that cycle (a cleared traceback has no frame). */
+static int exc_intact(PyObject *exc, int depth) {
+    if (!exc || exc == Py_None) return 1;
+    if (depth > 16 || !PyExceptionInstance_Check(exc) || !((PyBaseExceptionObject *)exc)->args) return 0;
+    PyObject *tb = ((PyBaseExceptionObject *)exc)->traceback;
+    for (int n = 0; tb && tb != Py_None && n < 10000; n++) {
+        if (!PyTraceBack_Check(tb) || !((PyTracebackObject *)tb)->tb_frame) return 0;
+        tb = (PyObject *)((PyTracebackObject *)tb)->tb_next;
+    }
+    return exc_intact(((PyBaseExceptionObject *)exc)->cause, depth + 1) &&
+           exc_intact(((PyBaseExceptionObject *)exc)->context, depth + 1);
+}
+
 static void report_unobserved(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
     uint32_t s = st & CT_STATUS_MASK;
@@ -151,7 +167,16 @@ static void report_unobserved(ct_task *t) {
         return;
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
-    report_error("task", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
+    if (exc_intact((PyObject *)t->value, 0)) {
+        report_error("task", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
+    } else {
+        /* (torn apart by the collector: say what is known, touch nothing of it) */
+        PyObject *msg = PyUnicode_FromFormat("task %s-%llu failed with %s (its traceback went with a reference cycle)",
+                                             g_prefix, (unsigned long long)t->id, Py_TYPE((PyObject *)t->value)->tp_name);
+        report_error("task", Py_None, msg);
+        Py_XDECREF(msg);
+        PyErr_Clear();
+    }
     PyErr_Restore(type, val, tb);
 }
 
