@@ -302,7 +302,7 @@ class _Failures:
 
         class H(logging.Handler):
             def emit(self, record):
-                if record.exc_info and "failed" in record.getMessage():
+                if "failed" in record.getMessage():
                     with outer.cond:
                         outer.records.append(record)
                         outer.cond.notify_all()
@@ -325,7 +325,8 @@ class _Failures:
             return self.cond.wait_for(lambda: len(self.records) >= n, timeout)
 
     def messages(self):
-        return [str(r.exc_info[1]) for r in self.records]
+        # the exception's message: from the record's exception, or the last line of its text
+        return [str(r.exc_info[1]) if r.exc_info else r.getMessage().rsplit(": ", 1)[-1] for r in self.records]
 
 
 def _boom(tag):
@@ -464,3 +465,28 @@ def test_a_retried_task_whose_traceback_holds_its_handle_is_collected(quiet_engi
     gc.collect()
     assert sum(m() is not None for m in markers) == 0
     assert _nodes() == before
+
+
+@pytest.mark.timeout(120)
+def test_an_unread_failure_freed_by_the_cycle_collector_is_logged_without_crashing(quiet_engine):
+    # The task's own handle sits in a frame of its exception's traceback, and nobody read the
+    # failure: its last owner lets go inside a collection, where the traceback may already be
+    # torn apart. Found by the state machine (a segfault in the log call).
+    import gc
+
+    from catzilla_tasks import current_task
+
+    def fails_holding_itself(i):
+        me = current_task()
+        raise ValueError(f"self {i} {me is not None}")
+
+    n = 40
+    with _Failures() as f:
+        rs = [quiet_engine.add_task(fails_holding_itself, i) for i in range(n)]
+        quiet_engine.join(10)
+        assert all(r.status is TaskStatus.FAILED for r in rs)
+        del rs
+        for _ in range(3):
+            gc.collect()
+        assert len(f.records) == n  # each logged once, as text (its traceback, or a summary)
+        assert all(not r.exc_info and "ValueError" in r.getMessage() for r in f.records)

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
@@ -52,10 +53,15 @@ def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
     if what == "stuck":
         log.warning("%s", exc)  # exc is the message here
     elif what == "task":
-        # Only failures nobody read are logged (once, when the task's last handle goes).
+        # Only failures nobody read are logged, once: here when the task ends unheld.
+        log.error("task %s failed and nobody read its outcome", name, exc_info=exc)
+    elif what == "task_late":
+        # ...or when its last handle goes, possibly inside a garbage collection that goes on
+        # clearing the exception: logged as text, the exception is not kept in the record.
         if isinstance(exc, BaseException):
-            log.error("task %s failed and nobody read its outcome", name, exc_info=exc)
-        else:  # only a message is left (see report_unobserved)
+            text = "".join(traceback.format_exception(exc)).rstrip()
+            log.error("task %s failed and nobody read its outcome\n%s", name, text)
+        else:  # only a summary is left (see report_unobserved)
             log.error("%s", exc)
     else:
         log.error("%s %s raised", what, name, exc_info=exc)

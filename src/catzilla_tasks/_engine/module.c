@@ -140,9 +140,10 @@ static void report_error(const char *what, PyObject *subject, PyObject *exc) {
     Py_XDECREF(r);
 }
 
-/* The last owner of a failed node lets go and nobody read its outcome: log it (once: a node
- * is released once). Runs wherever the last reference goes (a worker, a handle's dealloc in
- * any thread, the timer), so whatever exception is being raised there is kept aside. */
+/* The last owner of a failed node lets go and nobody read its outcome: log it, once. The
+ * common case, a fire-and-forget task, is logged by complete_py itself; this runs wherever
+ * the last reference goes later (a handle's dealloc in any thread, the timer, the cycle
+ * collector), so whatever exception is being raised there is kept aside. */
 /* Can exc (its traceback, cause and context included) be formatted? Not if the cycle
  * collector has already cleared part of it: the last owner of a node may let go inside a
  * collection (a frame in the exception's own traceback held the handle), after the collector
@@ -167,8 +168,11 @@ static void report_unobserved(ct_task *t) {
         return;
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
+    atomic_fetch_or_explicit(&t->state, CT_F_OBSERVED, memory_order_relaxed);   /* once */
     if (exc_intact((PyObject *)t->value, 0)) {
-        report_error("task", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
+        /* "task_late": logged as text, the exception itself is not kept (this may run inside
+         * a collection that goes on clearing it) */
+        report_error("task_late", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
     } else {
         /* (torn apart by the collector: say what is known, touch nothing of it) */
         PyObject *msg = PyUnicode_FromFormat("task %s-%llu failed with %s (its traceback went with a reference cycle)",
@@ -368,6 +372,12 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
      * failure nobody holds must be logged (and its traceback freed) now, not then. (Failures
      * only: O(timer entries).) */
     if (eng && failed && cfg && cfg->timeout_ns > 0 && !cfg->isolation) ct_engine_sweep_watches(eng->e);
+    if (eng && failed && atomic_load_explicit(&t->refs, memory_order_acquire) == 1 &&
+        !(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_OBSERVED)) {
+        /* nobody else holds it: nobody can read it, logged now (with the exception itself) */
+        atomic_fetch_or_explicit(&t->state, CT_F_OBSERVED, memory_order_relaxed);
+        report_error("task", (PyObject *)t->fn, (PyObject *)t->value);
+    }
     if (eng) ct_task_decref(&eng->e->hooks, t);
 }
 
@@ -880,6 +890,8 @@ static int Result_traverse(ResultObject *self, visitproc visit, void *arg) {
 static int Result_clear(ResultObject *self) {
     if (node_is_ours(self)) {
         ct_task *t = self->t;
+        /* the outcome goes with the cycle: a failure nobody read is reported now, once */
+        report_unobserved(t);
         if (t->kind != CT_KIND_PY_C) {
             Py_CLEAR(t->fn);
             Py_CLEAR(t->arg);
