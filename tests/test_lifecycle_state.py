@@ -31,7 +31,7 @@ OPTIONS = {
     "none": {},
     "timeout": {"timeout_ms": 30},
     "retries": {"max_retries": 1, "retry_base_ms": 1, "retry_jitter": False},
-    "delay": {"delay_ms": 20},
+    "delay": {"delay_ms": 150},  # long enough to be still pending at a later step
 }
 
 
@@ -210,8 +210,15 @@ class Lifecycle(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed)
     @rule(wait=st.booleans())
     def shutdown(self, wait):
-        self._release_all()
-        self.eng.shutdown(wait_for_completion=wait, timeout=30)
+        if wait:
+            self._release_all()
+            self.eng.shutdown(wait_for_completion=True, timeout=30)
+        else:
+            # what is queued behind running tasks is cancelled; those finish a moment later
+            timer = threading.Timer(0.05, self._release_all)
+            timer.start()
+            self.eng.shutdown(wait_for_completion=False, timeout=30)
+            timer.join()
         self.closed = True
         for rec in self.records:
             for h in self._handles(rec):

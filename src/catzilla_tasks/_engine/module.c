@@ -140,10 +140,6 @@ static void report_error(const char *what, PyObject *subject, PyObject *exc) {
     Py_XDECREF(r);
 }
 
-/* The last owner of a failed node lets go and nobody read its outcome: log it, once. The
- * common case, a fire-and-forget task, is logged by complete_py itself; this runs wherever
- * the last reference goes later (a handle's dealloc in any thread, the timer, the cycle
- * collector), so whatever exception is being raised there is kept aside. */
 /* Can exc (its traceback, cause and context included) be formatted? Not if the cycle
  * collector has already cleared part of it: the last owner of a node may let go inside a
  * collection (a frame in the exception's own traceback held the handle), after the collector
@@ -160,6 +156,10 @@ static int exc_intact(PyObject *exc, int depth) {
            exc_intact(((PyBaseExceptionObject *)exc)->context, depth + 1);
 }
 
+/* The last owner of a failed node lets go and nobody read its outcome: log it, once. The
+ * common case, a fire-and-forget task, is logged by complete_py itself; this runs wherever
+ * the last reference goes later (a handle's dealloc in any thread, the timer, the cycle
+ * collector), so whatever exception is being raised there is kept aside. */
 static void report_unobserved(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
     uint32_t s = st & CT_STATUS_MASK;
