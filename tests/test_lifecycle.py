@@ -490,3 +490,46 @@ def test_an_unread_failure_freed_by_the_cycle_collector_is_logged_without_crashi
             gc.collect()
         assert len(f.records) == n  # each logged once, as text (its traceback, or a summary)
         assert all(not r.exc_info and "ValueError" in r.getMessage() for r in f.records)
+
+
+# ---- the shared handle with ids registered wherever they leave the engine (merge of i12a/i12b) ---
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shown_by", ["repr", "get_stats", "wait_timeout"])
+def test_an_id_shown_before_task_id_was_read_still_finds_the_shared_handle(tasks, shown_by):
+    # The id is registered as it leaves the engine (repr, get_stats(), an error message) with no
+    # shared handle yet; reading task_id later makes that handle the shared one.
+    import threading
+
+    gate = threading.Event()
+    r = tasks.add_task(gate.wait, 30)
+    if shown_by == "repr":
+        repr(r)
+    elif shown_by == "get_stats":
+        r.get_stats()
+    else:
+        with pytest.raises(TimeoutError):
+            r.wait(0.01)
+    tid = r.task_id
+    try:
+        assert TaskResult(tid) is r
+    finally:
+        gate.set()
+    assert r.wait(10) is True and TaskResult(tid) is r
+
+
+@pytest.mark.timeout(60)
+def test_an_id_from_the_failures_list_gives_one_shared_handle(tasks):
+    # A failure registers its id for the monitor before any handle read it; the first
+    # TaskResult(task_id) becomes the shared handle, later ones return that same object.
+    def boom():
+        raise KeyError("x")
+
+    r = tasks.add_task(boom)
+    with pytest.raises(KeyError):
+        r.wait(10)
+    tid = tasks.monitor.get_stats()["recent_failures"][0]["task_id"]
+    h = TaskResult(tid)
+    assert h is r or h.task_id == tid
+    assert TaskResult(tid) is h
