@@ -59,9 +59,9 @@ def _priority(value: Any) -> TaskPriority:
     )
 
 
-# The engine keeps times as int64 nanoseconds: the longest time in ms any option can name
-# (~292 years). Past it the conversion would overflow (a far-future task would run at once).
-MAX_MS = (2**63 - 1) // 1_000_000
+# The longest time in ms any option can name: the engine's one bound (CT_MAX_TIME_NS, 100
+# years), so now + any time never overflows its int64 nanoseconds.
+MAX_MS = _engine.MAX_TIME_NS // 1_000_000
 
 
 def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive: bool = False) -> Any:
@@ -78,17 +78,19 @@ def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive:
     return value
 
 
-def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool = False) -> Any:
-    """A time in ms the engine can hold: infinity is "no limit" where None is one (a timeout),
-    refused elsewhere (a task delayed forever would never run); a finite value past MAX_MS is
-    refused (not clamped: a silently shorter wait is a surprise)."""
+def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool = False,
+             limit: bool = False) -> Any:
+    """A time in ms the engine can hold (one rule for every entry point): NaN is refused; for a
+    *limit* (a timeout, a back-off's cap) infinity or anything past MAX_MS (100 years) means "no
+    limit" (None where None is allowed, else MAX_MS); for a *delay* it is refused with a clear
+    error (a task delayed past the engine's horizon would only hold its room in the queue)."""
     value = _non_negative(field, value, allow_none=allow_none, positive=positive)
     if value is not None and value > MAX_MS:
+        if limit:
+            return None if allow_none else MAX_MS
         if value == float("inf"):
-            if allow_none:
-                return None
-            raise ValueError(f"{field}: must be finite (at most {MAX_MS} ms, ~292 years), got inf")
-        raise ValueError(f"{field}: {value!r:.40} ms is past the longest time the engine can hold ({MAX_MS} ms, ~292 years)")
+            raise ValueError(f"{field}: must be finite (at most {MAX_MS} ms, 100 years), got inf")
+        raise ValueError(f"{field}: {value!r:.40} ms is past the longest time the engine can hold ({MAX_MS} ms, 100 years)")
     return value
 
 
@@ -112,7 +114,8 @@ def _hook(field: str, value: Any) -> Any:
 class TaskConfig(_engine.ConfigBase):
     """How a task runs: priority, delay, retries with back-off, timeout, isolation, hooks.
 
-    * ``delay_ms``: wait this long in the engine's timer before the task is queued.
+    * ``delay_ms``: wait this long in the engine's timer before the task is queued (at most
+      100 years: a longer delay, or an infinite one, is refused).
     * ``max_retries``: further attempts after a failure whose exception matches ``retry_on``
       (default: any ``Exception``); 0 (the default) means no retry, because re-running work
       that is not idempotent must be a decision, not a default.
@@ -122,11 +125,14 @@ class TaskConfig(_engine.ConfigBase):
       jitter"), on by default for exponential back-off only.
     * ``timeout_ms``: a thread task gets ``TaskTimeout`` raised inside it, an async task is
       cancelled, a process task's child is killed; the task ends TIMED_OUT (retried only with
-      ``retry_on_timeout=True``).
+      ``retry_on_timeout=True``). ``None``, ``inf`` or more than 100 years: no limit.
+      NaN is refused for every time.
     * ``isolation="process"``: run in the engine's pool of child processes (hard timeouts,
       ``memory_limit_mb``, crashes contained). ``memory_limit_mb`` cannot be enforced for a
       task in a thread (threads share one address space), so it requires process isolation.
-    * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker.
+    * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker
+      once the task's call has returned; ``timeout_ms`` does not cover them (they have no time
+      limit of their own and hold the worker while they run: keep them short).
     """
 
     __slots__ = ("retry_backoff", "memory_limit_mb", "retry_on", "retry_jitter", "isolation", "_hooks", "_retry_ms")
@@ -154,11 +160,11 @@ class TaskConfig(_engine.ConfigBase):
         delay = _time_ms("delay_ms", delay_ms)
         if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or not 0 <= max_retries <= 200:
             raise ValueError(f"max_retries: must be an integer from 0 to 200, got {max_retries!r}")
-        timeout = _time_ms("timeout_ms", timeout_ms, allow_none=True, positive=True)
+        timeout = _time_ms("timeout_ms", timeout_ms, allow_none=True, positive=True, limit=True)
         if retry_backoff not in _BACKOFFS:
             raise ValueError(f"retry_backoff: must be one of {', '.join(map(repr, _BACKOFFS))}, got {retry_backoff!r}")
         base = _time_ms("retry_base_ms", retry_base_ms)
-        cap = _time_ms("retry_max_ms", retry_max_ms)
+        cap = _time_ms("retry_max_ms", retry_max_ms, limit=True)
         if cap < base:
             raise ValueError(f"retry_max_ms: must be >= retry_base_ms ({base}), got {cap!r}")
         if retry_jitter is not None and not isinstance(retry_jitter, bool):

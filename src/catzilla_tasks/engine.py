@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
@@ -41,8 +42,16 @@ def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
     if what == "stuck":
         log.warning("%s", exc)  # exc is the message here
     elif what == "task":
-        # Only failures nobody can observe are logged (no TaskResult kept, no callback).
-        log.error("task %s failed (no TaskResult was kept to report it)", name, exc_info=exc)
+        # Only failures nobody read are logged, once: here when the task ends unheld.
+        log.error("task %s failed and nobody read its outcome", name, exc_info=exc)
+    elif what == "task_late":
+        # ...or when its last handle goes, possibly inside a garbage collection that goes on
+        # clearing the exception: logged as text, the exception is not kept in the record.
+        if isinstance(exc, BaseException):
+            text = "".join(traceback.format_exception(exc)).rstrip()
+            log.error("task %s failed and nobody read its outcome\n%s", name, text)
+        else:  # only a summary is left (see report_unobserved)
+            log.error("%s", exc)
     else:
         log.error("%s %s raised", what, name, exc_info=exc)
 
@@ -572,9 +581,10 @@ class BackgroundTasks(_engine.Engine):
             if not isinstance(eta, datetime.datetime):
                 raise ValueError(f"eta: expected a datetime, got {type(eta).__name__} {eta!r}")
             now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
-            fields["delay_ms"] = max(0.0, (eta - now).total_seconds() * 1000.0)
-            if fields["delay_ms"] > MAX_MS:
-                raise ValueError(f"eta: {eta} is further ahead than the engine can wait (~292 years)")
+            delay_ms = max(0.0, (eta - now).total_seconds() * 1000.0)
+            if delay_ms > MAX_MS:
+                raise ValueError(f"eta: {eta} is past the longest time the engine can wait (100 years from now)")
+            fields["delay_ms"] = delay_ms
         unknown = set(fields) - set(_DEFAULT_CONFIG.as_dict())
         if unknown:
             raise TypeError(
@@ -586,6 +596,8 @@ class BackgroundTasks(_engine.Engine):
         if block_timeout is not None:
             if isinstance(block_timeout, bool) or not isinstance(block_timeout, (int, float)):
                 raise ValueError(f"block_timeout: expected seconds (a number), got {block_timeout!r}")
+            if block_timeout != block_timeout:
+                raise ValueError("block_timeout: NaN is not a number of seconds")
             if block_timeout == float("inf"):
                 block_timeout = -1
             elif block_timeout < 0 and block_timeout != -1:
@@ -697,6 +709,8 @@ class BackgroundTasks(_engine.Engine):
         """
         if self._shutdown_done:
             return
+        if timeout is not None and timeout != timeout:  # refused before anything stops
+            raise ValueError("shutdown(): timeout is NaN; give seconds >= 0, or None to wait without limit")
         if self._forked:  # a forked child: this engine's threads are the parent's
             self._closing = self._shutdown_done = True
             return

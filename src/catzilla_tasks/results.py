@@ -49,16 +49,21 @@ def _await_impl(handle: TaskResult) -> Generator[Any, None, Any]:
 
 def _forward(source: TaskResult, target: TaskResult) -> None:
     """Settle target with source's outcome (source is final)."""
-    status = source.status
-    if status is TaskStatus.CANCELLED:
-        target._settle(cancelled=True)
-        return
     try:
-        value = source.wait(0)
-    except BaseException as exc:  # the task's own exception, handed on
-        target._settle(exc=exc)
-    else:
-        _settle_with(target, value)
+        status = source.status
+        if status is TaskStatus.CANCELLED:
+            target._settle(cancelled=True)
+            return
+        try:
+            value = source.wait(0)
+        except BaseException as exc:  # the task's own exception, handed on
+            target._settle(exc=exc)
+        else:
+            _settle_with(target, value)
+    finally:
+        # The exception's traceback keeps this frame: it must not keep the two tasks too
+        # (a cycle through two handles of each, which the collector cannot see through).
+        source = target = None  # type: ignore[assignment]
 
 
 def _settle_with(target: TaskResult, value: Any) -> None:
@@ -126,15 +131,18 @@ class TaskFuture:
         nxt = _engine.detached()
 
         def on_done(h: TaskResult) -> None:
-            if h.status is TaskStatus.SUCCEEDED:
-                try:
-                    value = callback(h.wait(0))
-                except BaseException as exc:
-                    nxt._settle(exc=exc)
+            try:
+                if h.status is TaskStatus.SUCCEEDED:
+                    try:
+                        value = callback(h.wait(0))
+                    except BaseException as exc:
+                        nxt._settle(exc=exc)
+                    else:
+                        _settle_with(nxt, value)
                 else:
-                    _settle_with(nxt, value)
-            else:
-                _forward(h, nxt)
+                    _forward(h, nxt)
+            finally:
+                h = None  # type: ignore[assignment]  # (see _forward)
 
         self._result._on_done(on_done)
         return TaskFuture(nxt)
@@ -149,21 +157,24 @@ class TaskFuture:
         nxt = _engine.detached()
 
         def on_done(h: TaskResult) -> None:
-            if h.status in (TaskStatus.FAILED, TaskStatus.TIMED_OUT):
-                try:
-                    h.wait(0)
-                except exception_type as exc:
+            try:
+                if h.status in (TaskStatus.FAILED, TaskStatus.TIMED_OUT):
                     try:
-                        value = handler(exc)
-                    except BaseException as exc2:
-                        nxt._settle(exc=exc2)
-                    else:
-                        _settle_with(nxt, value)
-                    return
-                except BaseException as exc:
-                    nxt._settle(exc=exc)
-                    return
-            _forward(h, nxt)
+                        h.wait(0)
+                    except exception_type as exc:
+                        try:
+                            value = handler(exc)
+                        except BaseException as exc2:
+                            nxt._settle(exc=exc2)
+                        else:
+                            _settle_with(nxt, value)
+                        return
+                    except BaseException as exc:
+                        nxt._settle(exc=exc)
+                        return
+                _forward(h, nxt)
+            finally:
+                h = None  # type: ignore[assignment]  # (see _forward)
 
         self._result._on_done(on_done)
         return TaskFuture(nxt)

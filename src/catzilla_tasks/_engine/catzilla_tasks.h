@@ -36,12 +36,17 @@ enum {
     CATZILLA_TASKS_EINVAL = -5,
 };
 
+/* The longest time the engine represents (100 years, in ns); longer waits have no limit. */
+#define CATZILLA_TASKS_MAX_TIME_NS INT64_C(3155760000000000000)
+
 typedef struct CatzillaTasks_Engine CatzillaTasks_Engine;
 
 typedef struct CatzillaTasks_CAPI {
     int version;
     CatzillaTasks_Engine *(*get_engine)(PyObject *tasks);
-    /* block_ns: 0 = fail at once when full, < 0 = wait for room, > 0 = wait up to that long.
+    /* block_ns: 0 = fail at once when full, < 0 = wait for room, > 0 = wait up to that long
+     * (past 100 years, CATZILLA_TASKS_MAX_TIME_NS: without limit, as an infinite timeout is
+     * in Python).
      * id_out (may be NULL) receives the task's numeric id. */
     int (*submit)(CatzillaTasks_Engine *engine, void (*fn)(void *data), void *data, int priority,
                   int64_t block_ns, uint64_t *id_out);

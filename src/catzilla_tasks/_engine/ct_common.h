@@ -20,6 +20,16 @@ static inline uint64_t ct_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The longest time the engine represents: 100 years. Waits, delays, timeouts and back-offs
+ * are all kept below it, so now + any of them never overflows 64 bits; a longer limit means
+ * "no limit" (a longer delay is refused by the bindings). */
+#define CT_MAX_TIME_NS INT64_C(3155760000000000000)
+
+/* Deadline ns from now for a wait; 0 (no deadline) when ns is past CT_MAX_TIME_NS. */
+static inline uint64_t ct_deadline_after(uint64_t ns) {
+    return ns > (uint64_t)CT_MAX_TIME_NS ? 0 : ct_now_ns() + ns;
+}
+
 /* Portability. Linux has everything the core wants; elsewhere (macOS has no
  * pthread_condattr_setclock and no gettid) small fallbacks take over. -DCT_FORCE_PORTABLE selects
  * the fallbacks on Linux too: scripts/sanitizer-tests builds the C stress test that way, so the

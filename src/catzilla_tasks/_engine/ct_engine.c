@@ -44,7 +44,7 @@ ct_task *ct_task_new(void) {
     atomic_store_explicit(&t->link.next, NULL, memory_order_relaxed);
     t->fn = t->arg = t->value = t->cfg = NULL;
     t->attempt = 0;
-    t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed);
+    t->id = atomic_fetch_add_explicit(&ct_next_id, 1, memory_order_relaxed) & CT_ID_MASK;
     t->t_enqueue = t->t_start = t->t_end = 0;
     atomic_store_explicit(&t->state, CT_PENDING, memory_order_relaxed);
     atomic_store_explicit(&t->refs, 1, memory_order_relaxed);
@@ -611,6 +611,10 @@ static int ct_worker_sleep(ct_engine *e, ct_worker *w) {
 }
 
 static void ct_engine_skip(ct_engine *e, ct_task *t) {
+    if (t->kind != CT_KIND_C && e->hooks.skip) {   /* its callbacks must learn of the end */
+        e->hooks.skip(e, t);
+        return;
+    }
     ct_engine_running_done(e, 1);
     ct_task_decref(&e->hooks, t);
 }
@@ -687,9 +691,12 @@ static void *ct_worker_main(void *arg) {
             atomic_load_explicit(&e->sleepers, memory_order_relaxed) == 0 && ct_engine_visible_work(e))
             ct_engine_scaler_wake(e);
     }
-    atomic_store(&w->exited, 1);
     if (e->hooks.thread_stop) e->hooks.thread_stop(w);
     ct_slab_flush_thread();
+    /* Last: the slot may be reused (and this thread joined) from now on. thread_stop may need
+     * the GIL, and whoever adds a worker may hold it: a slot marked exited before that would
+     * have it join a thread waiting for the GIL its joiner holds. */
+    atomic_store(&w->exited, 1);
     return NULL;
 }
 
@@ -826,7 +833,7 @@ static int ct_engine_reserve(ct_engine *e, size_t n, int64_t block_ns) {
     if ((int64_t)n > cap) return CT_EFULL;
     if (ct_try_reserve(e, (int64_t)n, cap)) return CT_OK;
     if (block_ns == 0) return CT_EFULL;
-    uint64_t deadline = block_ns > 0 ? ct_now_ns() + (uint64_t)block_ns : 0;
+    uint64_t deadline = block_ns > 0 ? ct_deadline_after((uint64_t)block_ns) : 0;
     int rc = CT_OK;
     pthread_mutex_lock(&e->idle_lock);
     /* Announce, then look (seq_cst both): a popper lowers queued, then reads space_waiters. */
@@ -944,13 +951,17 @@ static int ct_watch_dead(const ct_timer_entry *en) {
     return (st & CT_STATUS_MASK) != CT_RUNNING || en->task->attempt != en->token;
 }
 
+void ct_engine_sweep_watches(ct_engine *e) {
+    ct_task **dead = NULL;
+    size_t k = ct_timer_remove_if(&e->timer, ct_watch_dead, &dead);
+    atomic_fetch_sub(&e->watches, (int64_t)k);
+    for (size_t i = 0; i < k; i++) ct_task_decref(&e->hooks, dead[i]);
+    free(dead);
+}
+
 int ct_engine_watch(ct_engine *e, ct_task *t, uint64_t due_ns, uint32_t kind, uint32_t token) {
     if (atomic_load(&e->watches) >= e->watch_compact_at) {
-        ct_task **dead = NULL;
-        size_t k = ct_timer_remove_if(&e->timer, ct_watch_dead, &dead);
-        atomic_fetch_sub(&e->watches, (int64_t)k);
-        for (size_t i = 0; i < k; i++) ct_task_decref(&e->hooks, dead[i]);
-        free(dead);
+        ct_engine_sweep_watches(e);
         int64_t left = atomic_load(&e->watches);
         e->watch_compact_at = left * 2 > 4096 ? left * 2 : 4096;
     }

@@ -41,6 +41,7 @@ enum ct_status {
 #define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
 #define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
 #define CT_F_KWNAMES   0x800u  /* module.c: arg ends with the keyword names (vectorcall style) */
+#define CT_F_OBSERVED  0x8000u /* module.c: someone read the outcome (a failure is then not logged) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
 enum ct_kind {
@@ -61,14 +62,22 @@ typedef struct ct_task {
                                    CT_F_KWNAMES its last item is the tuple of keyword names */
     void *value;                /* PyObject*: callbacks before the end, then result or exception */
     void *cfg;                  /* PyObject* TaskConfig (owned) or NULL: retries, timeout */
-    uint64_t id;
+    /* One word for the fields set before the node is published (the attempt is written
+     * only by the thread running the task): the id keeps 48 bits (2^48 tasks take nine
+     * years at a million a second) so the count of owners can have 32 with the node still
+     * 80 bytes. */
+    uint64_t id : 48;
+    uint64_t priority : 4;
+    uint64_t kind : 4;
+    uint64_t attempt : 8;       /* 1-based attempt being run or last run */
     uint64_t t_enqueue, t_start, t_end;   /* ct_now_ns(); 0 = not yet */
     _Atomic uint32_t state;     /* status | flags | worker id */
-    _Atomic uint16_t refs;
-    uint8_t priority : 4;
-    uint8_t kind : 4;
-    uint8_t attempt;            /* 1-based attempt being run or last run */
+    /* Owners: the engine, timer entries, each TaskResult handle. 32 bits: a count that
+     * wrapped would free the node under its handles, and 2^32 handles (48 bytes each) do
+     * not fit in memory. */
+    _Atomic uint32_t refs;
 } ct_task;
+#define CT_ID_MASK ((UINT64_C(1) << 48) - 1)
 
 typedef struct ct_engine ct_engine;
 
@@ -89,6 +98,8 @@ typedef struct ct_worker {
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
     unsigned long thread_ident;         /* module.c: PyThread_get_thread_ident() of the thread */
+    _Atomic(struct ct_task *) in_call;  /* module.c: the task whose call runs now (its timeout may
+                                           interrupt it; nothing else on this thread may be) */
     _Atomic int tid;                    /* kernel thread id (for /proc/.../schedstat) */
     _Atomic int retire;                 /* replaced or scaled down: exit after the current batch */
     _Atomic int exited;
@@ -113,6 +124,11 @@ typedef struct ct_hooks {
     /* Drop the Python objects of a node whose last reference goes (called with the GIL by
      * whoever drops it; never called for CT_KIND_C). */
     void (*release)(ct_task *t);
+    /* A popped node that will not run (cancelled before it started; cancel_queued, or a
+     * worker that pops it): end it with ct_task_finish, run what waits on it, and drop the
+     * engine's reference; never called for CT_KIND_C. Same GIL rule as release. NULL: the
+     * core only counts it out and drops it. */
+    void (*skip)(ct_engine *e, ct_task *t);
     /* Hook thread: a TIMEOUT, STUCK or CALL entry is due. Must drop the entry's node
      * reference. These entries need the GIL, so the timer hands them to a thread of their
      * own: the timer thread itself never waits for the GIL, and delayed tasks are released
@@ -235,6 +251,9 @@ void ct_engine_unhold(ct_engine *e);
 int64_t ct_engine_batched(ct_engine *e);
 /* Live workers (started, not exited, not retiring). */
 int ct_engine_live_workers(ct_engine *e);
+/* Drop the timer's watches of attempts that are over (their node references with them). The
+ * caller must be allowed to drop node references (GIL for Python nodes). O(entries). */
+void ct_engine_sweep_watches(ct_engine *e);
 /* Arm the scaler tick now if auto-scaling is on and it is not armed (any thread). */
 void ct_engine_scaler_arm(ct_engine *e);
 /* Stop the timer and hook threads (call with no GIL held); leftover entries go to

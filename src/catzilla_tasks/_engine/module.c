@@ -52,7 +52,12 @@ static PyObject *g_task_timeout;      /* catzilla_tasks.errors.TaskTimeout */
 static PyObject *g_history;           /* {id: [attempt dicts]} of tasks with failed attempts */
 static PyObject *g_isolate;           /* f(engine, func, args, kwargs, config) -> callable run in a child */
 static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
-static PyObject *g_registry;          /* {id: (node address, engine address)} of tasks whose id was read */
+/* {id: [node address, engine address, handle address or 0]} of tasks whose id was read. The
+ * handle is the task's shared handle: TaskResult(task_id) and every other handle the engine
+ * hands out for that task is that object while it lives (a borrowed address, cleared by its
+ * dealloc), so they all share one node reference: a cycle through the task then holds one
+ * handle, which the cycle collector can see through (node_is_ours). */
+static PyObject *g_registry;
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *g_native_prepare;    /* f(native, args, kwargs, func) -> (call block, args) | None (compiler.py) */
 static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
@@ -120,14 +125,38 @@ static void new_prefix(void) {
 
 static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", g_prefix, (unsigned long long)id); }
 
+/* The registry entry of a registered node (borrowed), or NULL (no error set). */
+static PyObject *registry_entry(ct_task *t) {
+    if (!(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_REGISTERED)) return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *entry = key ? PyDict_GetItemWithError(g_registry, key) : NULL;
+    Py_XDECREF(key);
+    if (!entry || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 3) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return entry;
+}
+
 /* Make a node findable by TaskResult(task_id) while it lives (hook_release forgets it). Done
  * wherever its id leaves the engine (task_id, get_stats(), repr, error messages, the failures
  * list), so an id copied from any of them finds the task; tasks whose id nobody sees pay
- * nothing. GIL held. Best effort: a failure to register leaves no exception set. */
-static void register_id(EngineObject *eng, ct_task *t) {
-    if (t->kind == CT_KIND_C || (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_REGISTERED)) return;
+ * nothing. handle, if not NULL, becomes the task's shared handle unless a live one exists
+ * (see g_registry). GIL held. Best effort: a failure to register leaves no exception set. */
+static void register_id_as(EngineObject *eng, ct_task *t, PyObject *handle) {
+    if (t->kind == CT_KIND_C) return;
+    if (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_REGISTERED) {
+        PyObject *entry = handle ? registry_entry(t) : NULL;
+        if (entry && PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2)) == NULL) {
+            PyObject *addr = PyLong_FromVoidPtr(handle);
+            if (!addr || PyList_SetItem(entry, 2, addr) < 0) PyErr_Clear();
+        }
+        PyErr_Clear();
+        return;
+    }
     PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-    PyObject *val = Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)t, (unsigned long long)(uintptr_t)eng);
+    PyObject *val = Py_BuildValue("[KKK]", (unsigned long long)(uintptr_t)t, (unsigned long long)(uintptr_t)eng,
+                                  (unsigned long long)(uintptr_t)handle);
     int rc = key && val ? PyDict_SetItem(g_registry, key, val) : -1;
     Py_XDECREF(key);
     Py_XDECREF(val);
@@ -137,6 +166,8 @@ static void register_id(EngineObject *eng, ct_task *t) {
     }
     atomic_fetch_or(&t->state, CT_F_REGISTERED);
 }
+
+static void register_id(EngineObject *eng, ct_task *t) { register_id_as(eng, t, NULL); }
 
 /* The id of a node as users see it (registered: see register_id). */
 static PyObject *node_id(EngineObject *eng, ct_task *t) {
@@ -170,6 +201,50 @@ static void report_error(const char *what, PyObject *subject, PyObject *exc) {
     Py_XDECREF(r);
 }
 
+/* Can exc (its traceback, cause and context included) be formatted? Not if the cycle
+ * collector has already cleared part of it: the last owner of a node may let go inside a
+ * collection (a frame in the exception's own traceback held the handle), after the collector
+ * cleared the tracebacks of that cycle (a cleared traceback has no frame). */
+static int exc_intact(PyObject *exc, int depth) {
+    if (!exc || exc == Py_None) return 1;
+    if (depth > 16 || !PyExceptionInstance_Check(exc) || !((PyBaseExceptionObject *)exc)->args) return 0;
+    PyObject *tb = ((PyBaseExceptionObject *)exc)->traceback;
+    for (int n = 0; tb && tb != Py_None && n < 10000; n++) {
+        if (!PyTraceBack_Check(tb) || !((PyTracebackObject *)tb)->tb_frame) return 0;
+        tb = (PyObject *)((PyTracebackObject *)tb)->tb_next;
+    }
+    return exc_intact(((PyBaseExceptionObject *)exc)->cause, depth + 1) &&
+           exc_intact(((PyBaseExceptionObject *)exc)->context, depth + 1);
+}
+
+/* The last owner of a failed node lets go and nobody read its outcome: log it, once. The
+ * common case, a fire-and-forget task, is logged by complete_py itself; this runs wherever
+ * the last reference goes later (a handle's dealloc in any thread, the timer, the cycle
+ * collector), so whatever exception is being raised there is kept aside. */
+static void report_unobserved(ct_task *t) {
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    uint32_t s = st & CT_STATUS_MASK;
+    if ((s != CT_FAILED && s != CT_TIMED_OUT) || (st & CT_F_OBSERVED) || !t->value ||
+        !PyExceptionInstance_Check((PyObject *)t->value))
+        return;
+    PyObject *type, *val, *tb;
+    PyErr_Fetch(&type, &val, &tb);
+    atomic_fetch_or_explicit(&t->state, CT_F_OBSERVED, memory_order_relaxed);   /* once */
+    if (exc_intact((PyObject *)t->value, 0)) {
+        /* "task_late": logged as text, the exception itself is not kept (this may run inside
+         * a collection that goes on clearing it) */
+        report_error("task_late", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
+    } else {
+        /* (torn apart by the collector: say what is known, touch nothing of it) */
+        PyObject *msg = PyUnicode_FromFormat("task %s-%llu failed with %s (its traceback went with a reference cycle)",
+                                             g_prefix, (unsigned long long)t->id, Py_TYPE((PyObject *)t->value)->tp_name);
+        report_error("task", Py_None, msg);
+        Py_XDECREF(msg);
+        PyErr_Clear();
+    }
+    PyErr_Restore(type, val, tb);
+}
+
 /* The pending exception, normalised, with its traceback attached. */
 static PyObject *fetch_exception(void) {
 #if PY_VERSION_HEX >= 0x030C0000
@@ -189,25 +264,32 @@ static PyObject *fetch_exception(void) {
 
 static void uncharge(ct_task *t);
 
+/* Remove id from a module dict if it is there. The last reference of a node may go while an
+ * exception is being raised (a handle dropped by the frame that raises its outcome): that
+ * exception is kept. */
+static void forget_id(PyObject *dict, uint64_t id) {
+    PyObject *type, *val, *tb;
+    PyErr_Fetch(&type, &val, &tb);
+    PyObject *key = PyLong_FromUnsignedLongLong(id);
+    if (key && PyDict_GetItemWithError(dict, key) && PyDict_DelItem(dict, key) < 0) PyErr_Clear();
+    Py_XDECREF(key);
+    PyErr_Clear();
+    PyErr_Restore(type, val, tb);
+}
+
 static void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
     if (CT_UNLIKELY(PyDict_GET_SIZE(g_charges) > 0)) uncharge(t);   /* queued, never ran */
-    if (st & CT_F_REGISTERED) {
-        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        if (!key || PyDict_DelItem(g_registry, key) < 0) PyErr_Clear();
-        Py_XDECREF(key);
-    }
+    report_unobserved(t);
+    if (st & CT_F_REGISTERED) forget_id(g_registry, t->id);
     if (t->kind != CT_KIND_PY_C) {
         Py_CLEAR(t->fn);
         Py_CLEAR(t->arg);
     }
     Py_CLEAR(t->value);
     Py_CLEAR(t->cfg);
-    if (st & CT_F_HISTORY) {
-        PyObject *key = PyLong_FromUnsignedLongLong(t->id);
-        if (!key || PyDict_DelItem(g_history, key) < 0) PyErr_Clear();
-        Py_XDECREF(key);
-    }
+    /* (a task that ended took its history into arg: complete_py) */
+    if (st & CT_F_HISTORY) forget_id(g_history, t->id);
 }
 
 /* The worker this thread is (NULL on other threads), and the engine whose event-loop thread
@@ -273,6 +355,7 @@ static void hook_thread_stop(ct_worker *w) {
 }
 
 static ResultObject *result_wrap(EngineObject *eng, ct_task *t);
+static ResultObject *result_wrap_tracked(EngineObject *eng, ct_task *t);
 static void gate_done(PyObject *gate, int status);
 
 /* Run the callbacks list taken from a finished node (GIL held). Entries are (fn, mode):
@@ -294,7 +377,7 @@ static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int stat
             if (status != CT_SUCCEEDED) continue;
             r = PyObject_CallOneArg(fn, value ? value : Py_None);
         } else {
-            if (!handle) handle = result_wrap(eng, t);
+            if (!handle) handle = result_wrap_tracked(eng, t);
             if (!handle) {
                 PyErr_Clear();
                 continue;
@@ -311,6 +394,17 @@ static void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int stat
     Py_XDECREF(handle);
 }
 
+/* Take the callbacks out of a node that has just become final and run them (GIL held). The
+ * flag goes with the list: whichever end path comes first runs them, exactly once. */
+static void take_callbacks(EngineObject *eng, ct_task *t, int status) {
+    uint32_t st = atomic_fetch_and_explicit(&t->state, ~CT_F_CALLBACKS, memory_order_acq_rel);
+    if (!(st & CT_F_CALLBACKS)) return;
+    PyObject *cbs = (PyObject *)t->value;
+    t->value = NULL;
+    run_callbacks(eng, t, cbs, status, NULL);
+    Py_DECREF(cbs);
+}
+
 /* Call a config hook (on_success / on_failure / on_retry) in the worker; a raising hook is
  * reported, never raised. */
 static void call_hook(PyObject *fn, PyObject *arg) {
@@ -323,6 +417,8 @@ static void call_hook(PyObject *fn, PyObject *arg) {
     }
     Py_XDECREF(r);
 }
+
+static PyObject *history_take(ct_task *t);
 
 /* End a Python-visible node that was running on eng (GIL held): the config's final hook,
  * store the outcome, set the terminal state (waiters wake), then run callbacks, then drop the
@@ -350,20 +446,18 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_XDECREF(r);
         Py_XDECREF(id);
     }
-    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
-     * a detached node has no engine reference), or a callback. Nobody will: the failure is
-     * reported, or it would go unseen. */
-    int base = eng ? 1 : 0;
-    if (failed && atomic_load_explicit(&t->refs, memory_order_acquire) <= base &&
-        !(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_CALLBACKS))
-        report_error("task", (PyObject *)t->fn, value);
+    uint32_t base = eng ? 1 : 0;
     if (t->kind != CT_KIND_PY_C) {
         /* the call is over: its arguments need not live as long as the result */
         Py_CLEAR(t->arg);
+        /* and the history of its failed attempts moves from the global dict into the node's
+         * free arg slot: held by the node alone, it is collected with it (a traceback in it
+         * may hold the task's own handle) */
+        if (atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_HISTORY) t->arg = history_take(t);
     }
     /* From here to the terminal state: no Python code, no new container. */
     PyObject *cbs = NULL;
-    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    uint32_t st = atomic_fetch_and_explicit(&t->state, ~CT_F_CALLBACKS, memory_order_acq_rel);
     if (st & CT_F_CALLBACKS) {
         cbs = (PyObject *)t->value;
         t->value = NULL;
@@ -371,9 +465,12 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
     /* Callbacks may submit work (a workflow step releases the next): until they ran, this
      * completion counts as running, so a drain cannot end in between. */
     if (eng && cbs) ct_engine_hold(eng->e);
-    int observed = atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
+    /* Someone can still look at the outcome: a handle (beyond the engine's own reference;
+     * a detached node has no engine reference), or a callback. A failure is always kept: if
+     * nobody reads it, it is logged when the node's last owner lets go (report_unobserved). */
+    int keep = failed || atomic_load_explicit(&t->refs, memory_order_acquire) > base || cbs;
     PyObject *drop = NULL;
-    if (observed) {
+    if (keep) {
         t->value = value;
     } else {
         drop = value;
@@ -388,6 +485,16 @@ static void complete_py(EngineObject *eng, ct_task *t, int status, PyObject *val
         Py_DECREF(cbs);
     }
     Py_XDECREF(drop);
+    /* The attempt's timeout entry holds the node until the timeout would have expired: a
+     * failure nobody holds must be logged (and its traceback freed) now, not then. (Failures
+     * only: O(timer entries).) */
+    if (eng && failed && cfg && cfg->timeout_ns > 0 && !cfg->isolation) ct_engine_sweep_watches(eng->e);
+    if (eng && failed && atomic_load_explicit(&t->refs, memory_order_acquire) == 1 &&
+        !(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_OBSERVED)) {
+        /* nobody else holds it: nobody can read it, logged now (with the exception itself) */
+        atomic_fetch_or_explicit(&t->state, CT_F_OBSERVED, memory_order_relaxed);
+        report_error("task", (PyObject *)t->fn, (PyObject *)t->value);
+    }
     if (eng && cbs) ct_engine_unhold(eng->e);
     if (eng) ct_task_decref(&eng->e->hooks, t);
 }
@@ -418,8 +525,20 @@ static uint64_t backoff_ns(const ConfigObject *c, int attempt) {
     default: d = base; break;
     }
     if (d > cap) d = cap;
+    if (d > (double)CT_MAX_TIME_NS) d = (double)CT_MAX_TIME_NS;
     if (c->jitter) d *= rng_unit();
     return d > 0 ? (uint64_t)d : 0;
+}
+
+/* The history list of t out of g_history (a new reference), or NULL. */
+static PyObject *history_take(ct_task *t) {
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *lst = key ? PyDict_GetItemWithError(g_history, key) : NULL;
+    Py_XINCREF(lst);
+    if (lst && PyDict_DelItem(g_history, key) < 0) Py_CLEAR(lst);
+    Py_XDECREF(key);
+    PyErr_Clear();
+    return lst;
 }
 
 /* Remember a failed attempt for get_stats()["history"]. */
@@ -548,8 +667,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued */
     if (!ct_task_begin(t, w->id)) {
         ts_store(&t->t_start, 0);
-        ct_task_finish(eng->e, t, CT_CANCELLED);  /* already cancelled: only counts it out */
-        ct_task_decref(&eng->e->hooks, t);
+        complete_py(eng, t, CT_CANCELLED, NULL);  /* already cancelled: counted out, callbacks run */
         return now;
     }
     t->attempt++;
@@ -558,6 +676,8 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     if (cfg && cfg->timeout_ns > 0 && !cfg->isolation)
         ct_engine_watch(eng->e, t, now + (uint64_t)cfg->timeout_ns, CT_TIMER_TIMEOUT, t->attempt);
     PyObject *res;
+    /* Armed: from here to the end of the call the timeout may raise TaskTimeout in it. */
+    atomic_store_explicit(&w->in_call, t, memory_order_relaxed);
     if (t->kind == CT_KIND_PY_C) {
         Py_BEGIN_ALLOW_THREADS
         ((ct_c_func)t->fn)(t->arg);
@@ -583,6 +703,10 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         tl_current = NULL;
         tl_current_engine = NULL;
     }
+    /* Disarmed before any other Python code runs on this thread (hooks, callbacks, the next
+     * task): the GIL is held from the call's return to here, and the timer injects only into
+     * a call in progress (hook_on_timer, under the GIL too). */
+    atomic_store_explicit(&w->in_call, NULL, memory_order_relaxed);
     uint64_t end = ct_now_ns();
     ts_store(&t->t_end, end);
     atomic_fetch_add_explicit(&w->processed, 1, memory_order_relaxed);
@@ -596,7 +720,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     if (atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_TIMEDOUT) {
         /* Our timeout fired during this call. If the TaskTimeout we injected has not been
          * raised yet (the task was in C code and returned), it must not go off later in
-         * someone else's code. */
+         * someone else's code: the pending exception never outlives the call. */
         PyThreadState_SetAsyncExc(w->thread_ident, NULL);
         if (!res) {
             out = fetch_exception();
@@ -637,7 +761,7 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         /* An async task: its coroutine runs on the engine's event loop; the loop settles
          * the node (TaskResult._settle), which ends it like any other. */
         atomic_fetch_or_explicit(&t->state, CT_F_ASYNC, memory_order_acq_rel);
-        ResultObject *h = result_wrap(eng, t);
+        ResultObject *h = result_wrap_tracked(eng, t);
         PyObject *r = h ? PyObject_CallFunctionObjArgs(g_run_coroutine, (PyObject *)eng, (PyObject *)h, res, NULL) : NULL;
         Py_XDECREF(h);
         if (!r) {
@@ -672,6 +796,12 @@ static void hook_timer_thread_stop(ct_engine *e) {
     e->timer_py_state = NULL;
 }
 
+/* Is the call of t's attempt running now on the worker of state word st? (GIL held) */
+static int attempt_in_call(ct_engine *e, ct_task *t, uint32_t st) {
+    uint32_t wid = st >> CT_WORKER_SHIFT;
+    return wid && atomic_load_explicit(&e->workers[wid - 1].in_call, memory_order_relaxed) == t;
+}
+
 /* A timeout or stuck-check is due for (task, attempt token). */
 static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
     PyEval_RestoreThread((PyThreadState *)e->timer_py_state);
@@ -687,8 +817,11 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             Py_XDECREF(exc);
         }
         Py_XDECREF(r);
-    } else if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token) {
-        /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look. */
+    } else if ((st & CT_STATUS_MASK) == CT_RUNNING && t->attempt == en->token &&
+               ((st & CT_F_ASYNC) || attempt_in_call(e, t, st))) {
+        /* Under the GIL: a Python attempt cannot end (its end needs the GIL) while we look.
+         * A sync attempt whose call has returned is out of the timeout's reach: its hooks
+         * (on_success, on_failure, on_retry) and callbacks run with no time limit. */
         uint32_t wid = st >> CT_WORKER_SHIFT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
@@ -713,7 +846,10 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             ct_worker *w = &e->workers[wid - 1];
             if (!atomic_exchange(&w->retire, 1)) {
                 atomic_fetch_add_explicit(&e->replaced, 1, memory_order_relaxed);
-                int added = ct_engine_add_worker(e) == CT_OK;
+                int added;
+                Py_BEGIN_ALLOW_THREADS   /* it may join a thread that left: not under the GIL */
+                added = ct_engine_add_worker(e) == CT_OK;
+                Py_END_ALLOW_THREADS
                 register_id(eng, t);   /* the message carries the id */
                 PyObject *msg = PyUnicode_FromFormat(
                     "task %s-%llu is past its timeout and cannot be interrupted (it is inside C code); it is left "
@@ -729,9 +865,15 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
     e->timer_py_state = PyEval_SaveThread();
 }
 
-/* Entries left in the timer when the engine stops (called with no GIL held). */
+/* A popped task cancelled before it started (ct_engine_cancel_queued). */
+static void hook_skip(ct_engine *e, ct_task *t) { complete_py((EngineObject *)e->hooks.ctx, t, CT_CANCELLED, NULL); }
+
+/* Entries left in the timer when the engine stops (called with no GIL held). A delayed task
+ * that never became due ends CANCELLED here: its callbacks learn of it. */
 static void hook_drop_entry(ct_engine *e, ct_timer_entry *en) {
     PyGILState_STATE g = PyGILState_Ensure();
+    if (en->kind == CT_TIMER_READY && ct_task_status(en->task) == CT_CANCELLED)
+        take_callbacks((EngineObject *)e->hooks.ctx, en->task, CT_CANCELLED);
     ct_task_decref(&e->hooks, en->task);
     PyGILState_Release(g);
 }
@@ -792,6 +934,12 @@ static void hook_run_batch(ct_worker *w) {
 /* ------------------------------------------------------------------ TaskResult */
 
 static ResultObject *result_wrap(EngineObject *eng, ct_task *t) {
+    PyObject *entry = registry_entry(t);
+    if (entry) {   /* the task's shared handle, if it lives */
+        ResultObject *shared = (ResultObject *)PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2));
+        if (shared) return (ResultObject *)Py_NewRef((PyObject *)shared);
+        PyErr_Clear();
+    }
     ResultObject *r = PyObject_GC_New(ResultObject, &Result_Type);
     if (!r) return NULL;
     ct_task_incref(t);
@@ -807,6 +955,16 @@ static ResultObject *result_wrap(EngineObject *eng, ct_task *t) {
  * of the no-op throughput, measured. */
 static inline void result_track(ResultObject *self) {
     if (!PyObject_GC_IsTracked((PyObject *)self)) PyObject_GC_Track(self);
+}
+
+/* A handle made off the hot path, for code that may keep it where a cycle can form through
+ * the task (a callback's closure, a frame of the task itself via current_task(), a future's
+ * chain, TaskResult(task_id)): tracked from the start, since it may never read the outcome
+ * itself while another handle hands the task's exception to a frame that holds it. */
+static ResultObject *result_wrap_tracked(EngineObject *eng, ct_task *t) {
+    ResultObject *r = result_wrap(eng, t);
+    if (r) result_track(r);
+    return r;
 }
 
 /* The cycle collector sees through a handle into its node only while the handle is the node's
@@ -843,6 +1001,8 @@ static int Result_traverse(ResultObject *self, visitproc visit, void *arg) {
 static int Result_clear(ResultObject *self) {
     if (node_is_ours(self)) {
         ct_task *t = self->t;
+        /* the outcome goes with the cycle: a failure nobody read is reported now, once */
+        report_unobserved(t);
         if (t->kind != CT_KIND_PY_C) {
             Py_CLEAR(t->fn);
             Py_CLEAR(t->arg);
@@ -858,6 +1018,17 @@ static ct_hooks detached_hooks = {.release = hook_release};
 
 static void Result_dealloc(ResultObject *self) {
     PyObject_GC_UnTrack(self);
+    if (self->t && (atomic_load_explicit(&self->t->state, memory_order_relaxed) & CT_F_REGISTERED)) {
+        /* No longer the task's shared handle (a small int: no allocation, no Python code, so
+         * nothing can look the dying handle up meanwhile) */
+        PyObject *type, *val, *tb;
+        PyErr_Fetch(&type, &val, &tb);
+        PyObject *entry = registry_entry(self->t);
+        if (entry && PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2)) == (void *)self)
+            PyList_SetItem(entry, 2, PyLong_FromLong(0));
+        PyErr_Clear();
+        PyErr_Restore(type, val, tb);
+    }
     if (self->t) {
         ct_task *t = self->t;
         self->t = NULL;
@@ -876,12 +1047,17 @@ static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fnam
                      Py_TYPE(timeout)->tp_name);
         return -1;
     }
+    if (isnan(s)) {
+        PyErr_Format(PyExc_ValueError, "%s(): timeout is NaN; give seconds >= 0, or None to wait without limit", fname);
+        return -1;
+    }
     if (s < 0) {
         PyErr_Format(PyExc_ValueError, "%s(): timeout must be >= 0 seconds (or None to wait forever), got %R", fname,
                      timeout);
         return -1;
     }
-    uint64_t ns = s > 1e11 ? (uint64_t)1e20 : (uint64_t)(s * 1e9);
+    if (s * 1e9 >= (double)CT_MAX_TIME_NS) return 0;   /* infinite, or past what the engine represents: no limit */
+    uint64_t ns = (uint64_t)(s * 1e9);
     *deadline = ct_now_ns() + (ns ? ns : 1);
     return 0;
 }
@@ -904,6 +1080,25 @@ static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
     ct_engine_block_end(e, added);
     Py_END_ALLOW_THREADS
     return rc == CT_OK ? 0 : 1;
+}
+
+/* A time option in ms (TaskConfig) to ns. NaN and negative values are refused. Past
+ * CT_MAX_TIME_NS (infinity included): a limit (limit=1) becomes -1, "no limit"; a delay is
+ * refused, since a task that never runs would only hold its room in the queue. */
+static int ms_option(double ms, const char *field, int limit, int64_t *out) {
+    const char *why = NULL;
+    if (isnan(ms) || ms < 0)
+        why = "%s: must be a number of milliseconds >= 0, got %R";
+    else if (ms * 1e6 > (double)CT_MAX_TIME_NS && !limit)
+        why = "%s: %R ms is past the longest time the engine can wait (100 years)";
+    if (why) {
+        PyObject *v = PyFloat_FromDouble(ms);
+        if (v) PyErr_Format(PyExc_ValueError, why, field, v);
+        Py_XDECREF(v);
+        return -1;
+    }
+    *out = limit && ms * 1e6 >= (double)CT_MAX_TIME_NS ? -1 : (int64_t)(ms * 1e6);
+    return 0;
 }
 
 /* Wait for the node with the GIL released. On the main thread the wait is cut into slices so
@@ -960,6 +1155,7 @@ static PyObject *node_outcome(ResultObject *self) {
         return NULL;
     }
     default:
+        atomic_fetch_or_explicit(&t->state, CT_F_OBSERVED, memory_order_relaxed);
         if (v && PyExceptionInstance_Check(v)) {
             result_track(self);
             PyErr_SetObject((PyObject *)Py_TYPE(v), v);
@@ -1015,26 +1211,13 @@ static int result_cancel_not_started(ResultObject *self) {
     ct_task *t = self->t;
     if (t->kind == CT_KIND_DETACHED) {
         if (!ct_task_settle(t, CT_CANCELLED, NULL)) return 0;
-        uint32_t st = atomic_load(&t->state);
-        if (st & CT_F_CALLBACKS) {
-            PyObject *cbs = (PyObject *)t->value;
-            t->value = NULL;
-            run_callbacks(NULL, t, cbs, CT_CANCELLED, NULL);
-            Py_DECREF(cbs);
-        }
+        take_callbacks(NULL, t, CT_CANCELLED);
         return 1;
     }
     if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) return 0;
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
-    uint32_t st = atomic_load(&t->state);
-    if (st & CT_F_CALLBACKS) {
-        PyObject *cbs = (PyObject *)t->value;
-        t->value = NULL;
-        atomic_fetch_and(&t->state, ~CT_F_CALLBACKS);
-        run_callbacks(self->engine, t, cbs, CT_CANCELLED, NULL);
-        Py_DECREF(cbs);
-    }
+    take_callbacks(self->engine, t, CT_CANCELLED);
     return 1;
 }
 
@@ -1244,7 +1427,9 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     }
 #undef NUM_OR_NONE
     PyObject *hist = NULL;
-    if (st & CT_F_HISTORY) {
+    if ((st & CT_F_HISTORY) && CT_IS_TERMINAL(st) && t->kind != CT_KIND_PY_C) {   /* moved into arg */
+        if (t->arg && PyList_Check((PyObject *)t->arg)) hist = PyList_GetSlice((PyObject *)t->arg, 0, PY_SSIZE_T_MAX);
+    } else if (st & CT_F_HISTORY) {
         PyObject *key = PyLong_FromUnsignedLongLong(t->id);
         PyObject *lst = key ? PyDict_GetItemWithError(g_history, key) : NULL;
         Py_XDECREF(key);
@@ -1258,7 +1443,12 @@ static PyObject *Result_get_stats(ResultObject *self, PyObject *unused) {
     return d;
 }
 
-static PyObject *Result_get_task_id(ResultObject *self, void *unused) { return node_id(self->engine, self->t); }
+/* Reading the id makes this handle the task's shared one if it has none (TaskResult(task_id)
+ * then returns this very object). */
+static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
+    register_id_as(self->engine, self->t, (PyObject *)self);
+    return format_id(self->t->id);
+}
 
 static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
 static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
@@ -1270,7 +1460,7 @@ static PyObject *Result_get_cancel_requested(ResultObject *self, void *unused) {
 /* _engine.current_task(): the TaskResult of the task running in this thread, or None. */
 static PyObject *mod_current_task(PyObject *m, PyObject *unused) {
     if (!tl_current) Py_RETURN_NONE;
-    return (PyObject *)result_wrap(tl_current_engine, tl_current);
+    return (PyObject *)result_wrap_tracked(tl_current_engine, tl_current);
 }
 static PyObject *Result_get_priority(ResultObject *self, void *unused) { return priority_member(self->t->priority); }
 
@@ -1322,9 +1512,19 @@ static PyObject *Result_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                      tid);
         return NULL;
     }
-    ct_task *t = (ct_task *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 0));
-    EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 1));
-    return (PyObject *)result_wrap(eng, t);
+    ct_task *t = (ct_task *)(uintptr_t)PyLong_AsUnsignedLongLong(PyList_GET_ITEM(entry, 0));
+    EngineObject *eng = (EngineObject *)(uintptr_t)PyLong_AsUnsignedLongLong(PyList_GET_ITEM(entry, 1));
+    Py_INCREF(entry);   /* result_wrap may run the collector, which may drop the entry */
+    ResultObject *r = result_wrap_tracked(eng, t);
+    if (r && PyLong_AsVoidPtr(PyList_GET_ITEM(entry, 2)) == NULL) {
+        PyErr_Clear();
+        /* the new handle is the task's shared one from now on (small ints are cached: no
+         * allocation between the lookup and here) */
+        PyObject *addr = PyLong_FromVoidPtr(r);
+        if (!addr || PyList_SetItem(entry, 2, addr) < 0) PyErr_Clear();
+    }
+    Py_DECREF(entry);
+    return (PyObject *)r;
 }
 
 /* _engine.detached(): a TaskResult no engine runs, settled later with _settle (TaskFuture). */
@@ -1341,6 +1541,7 @@ static PyObject *mod_detached(PyObject *m, PyObject *unused) {
     }
     r->t = t;   /* takes the node's only reference */
     r->engine = NULL;
+    PyObject_GC_Track(r);   /* a future: chains keep it in closures and frames (rare: no cost to add_task) */
     return (PyObject *)r;
 }
 
@@ -1417,10 +1618,14 @@ static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
     self->jitter = jitter;
     self->retry_on_timeout = retry_on_timeout;
     self->isolation = isolation;
-    self->delay_ns = (int64_t)(delay * 1e6);
-    self->timeout_ns = (int64_t)(timeout * 1e6);
-    self->retry_base_ns = (int64_t)(base * 1e6);
-    self->retry_max_ns = (int64_t)(cap * 1e6);
+    int64_t delay_ns, timeout_ns, base_ns, cap_ns;
+    if (ms_option(delay, "delay_ms", 0, &delay_ns) < 0 || ms_option(timeout, "timeout_ms", 1, &timeout_ns) < 0 ||
+        ms_option(base, "retry_base_ms", 0, &base_ns) < 0 || ms_option(cap, "retry_max_ms", 1, &cap_ns) < 0)
+        return -1;
+    self->delay_ns = delay_ns;
+    self->timeout_ns = timeout_ns < 0 ? 0 : timeout_ns;          /* no limit = no timeout */
+    self->retry_base_ns = base_ns;
+    self->retry_max_ns = cap_ns < 0 ? CT_MAX_TIME_NS : cap_ns;   /* no cap = the longest wait */
 #define SET_OPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : (Py_INCREF(obj), (obj)))
     SET_OPT(retry_on, retry_on);
     SET_OPT(on_success, on_success);
@@ -1510,9 +1715,9 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         .workers = workers,
         .max_threads = max_threads > workers ? max_threads : workers + 16,
         .queue_size = queue_size,
-        .aging_ns = (uint64_t)(aging_ms > 0 ? aging_ms * 1e6 : 1e8),
+        .aging_ns = (uint64_t)(aging_ms > 0 ? fmin(aging_ms * 1e6, (double)CT_MAX_TIME_NS) : 1e8),
         .batch_max = batch_max,
-        .batch_budget_ns = (uint64_t)(budget_us > 0 ? budget_us * 1e3 : 2e5),
+        .batch_budget_ns = (uint64_t)(budget_us > 0 ? fmin(budget_us * 1e3, (double)CT_MAX_TIME_NS) : 2e5),
     };
     ct_hooks hooks = {
         .ctx = self,
@@ -1522,6 +1727,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         .release = hook_release,
         .on_timer = hook_on_timer,
         .drop_entry = hook_drop_entry,
+        .skip = hook_skip,
         .hook_thread_start = hook_timer_thread_start,
         .hook_thread_stop = hook_timer_thread_stop,
     };
@@ -1893,7 +2099,11 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
     if (block != Py_None) {
         double s = PyFloat_AsDouble(block);
         if (s == -1.0 && PyErr_Occurred()) return NULL;
-        block_ns = s < 0 ? -1 : (int64_t)(s * 1e9);
+        if (isnan(s)) {
+            PyErr_SetString(PyExc_ValueError, "block_timeout: NaN is not a number of seconds");
+            return NULL;
+        }
+        block_ns = s < 0 || s * 1e9 >= (double)CT_MAX_TIME_NS ? -1 : (int64_t)(s * 1e9);
         if (s > 0 && block_ns == 0) block_ns = 1;
     }
     Py_ssize_t npos = PyTuple_GET_SIZE(pargs);
@@ -2491,6 +2701,11 @@ static PyObject *Engine_call_later(EngineObject *self, PyObject *args) {
     PyObject *fn;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "dO:_call_later", &secs, &fn)) return NULL;
+    if (isnan(secs)) {
+        PyErr_SetString(PyExc_ValueError, "_call_later(): NaN is not a number of seconds");
+        return NULL;
+    }
+    if (secs * 1e9 > (double)CT_MAX_TIME_NS) secs = (double)CT_MAX_TIME_NS / 1e9;
     if (!atomic_load(&self->e->accepting)) Py_RETURN_FALSE;
     ct_task *t = ct_task_new();
     if (!t) return PyErr_NoMemory();
@@ -2799,7 +3014,7 @@ static PyObject *Engine_scaler(EngineObject *self, PyObject *args) {
         t->kind = CT_KIND_DETACHED;
         e->scaler_tick = t;   /* owned by the engine object until it is freed */
     }
-    atomic_store(&e->scaler_interval_ns, (uint64_t)(interval > 0 ? interval * 1e9 : 1e8));
+    atomic_store(&e->scaler_interval_ns, (uint64_t)(interval > 0 ? fmin(interval * 1e9, (double)CT_MAX_TIME_NS) : 1e8));
     atomic_store(&e->scaler_enabled, enabled && e->scaler_tick);
     Py_RETURN_NONE;
 }
@@ -2974,6 +3189,8 @@ static void gate_release(GateObject *g) {
 static void gate_done(PyObject *gobj, int status) {
     GateObject *g = (GateObject *)gobj;
     if (status != CT_SUCCEEDED) {
+        /* the workflow takes the failure over (on_fail) */
+        if (g->task) atomic_fetch_or_explicit(&g->task->state, CT_F_OBSERVED, memory_order_relaxed);
         gate_report(g, NULL);
         return;
     }
@@ -3195,7 +3412,7 @@ static void Gate_dealloc(GateObject *g) {
 
 static PyObject *Gate_get_result(GateObject *g, void *unused) {
     if (!g->task) Py_RETURN_NONE;
-    return (PyObject *)result_wrap(g->engine, g->task);
+    return (PyObject *)result_wrap_tracked(g->engine, g->task);
 }
 static PyObject *Gate_get_value(GateObject *g, void *unused) {
     PyObject *v = gate_value((PyObject *)g);
@@ -3464,6 +3681,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     PyObject *cap = PyCapsule_New((void *)&g_capi, CATZILLA_TASKS_CAPI_NAME, NULL);
     if (!cap || PyModule_AddObject(m, "_C_API", cap) < 0) goto fail;
     PyModule_AddIntConstant(m, "NODE_SIZE", (long)sizeof(ct_task));
+    PyModule_AddIntConstant(m, "MAX_TIME_NS", (long)CT_MAX_TIME_NS);
     return m;
 fail:
     Py_DECREF(m);
