@@ -471,7 +471,7 @@ def _ignore(result: Any) -> None:
 
 
 def _demo_engine(rate: float) -> tuple[Any, Callable[[], None]]:
-    from . import BackgroundTasks, QueueFull, TaskPriority, task
+    from . import BackgroundTasks, QueueFull, TaskFuture, TaskPriority, task
 
     tasks = BackgroundTasks(workers=4, min_workers=2, max_workers=8, name="demo", queue_size=5000)
     rnd = _demo_rnd
@@ -504,9 +504,10 @@ def _demo_engine(rate: float) -> tuple[Any, Callable[[], None]]:
                 i += 1
                 try:
                     arg = i if func in (charge_card, rebuild_index) else f"item-{i}"
-                    # a callback observes each outcome: the demo's failures show on the dashboard
-                    # instead of being logged with a traceback each
-                    tasks.add_task(func, arg).add_callback(_ignore)
+                    # catch() observes each failure: the demo's failures show on the dashboard
+                    # instead of being logged with a traceback each (a success-only
+                    # add_callback does not read a failure, which is then logged)
+                    TaskFuture(tasks.add_task(func, arg)).catch(_ignore)
                 except QueueFull:
                     pass
                 except RuntimeError:  # shutting down
