@@ -2,9 +2,9 @@ import os
 import sys
 
 import pytest
+from gc_helpers import gc_pressure_on
 
 from catzilla_tasks import BackgroundTasks
-from gc_helpers import gc_pressure_on
 
 # Stress sizes: full by default, smaller under the sanitizer build (CI sets this).
 STRESS_N = int(os.environ.get("CATZILLA_TASKS_STRESS_N", "1000000"))

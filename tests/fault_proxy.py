@@ -44,7 +44,7 @@ class Trigger:
 class _Link:
     """One client connection and its connection to the server: a pump thread per direction."""
 
-    def __init__(self, proxy: "FaultProxy", client: socket.socket, server: socket.socket) -> None:
+    def __init__(self, proxy: FaultProxy, client: socket.socket, server: socket.socket) -> None:
         self.proxy = proxy
         self.client = client
         self.server = server
@@ -216,7 +216,7 @@ class FaultProxy:
                 self._links.add(link)
             link.start()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc: Any) -> None:

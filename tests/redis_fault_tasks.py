@@ -7,6 +7,7 @@ import os
 import time
 
 import redis_tasks as rt
+
 from catzilla_tasks import task
 
 FUNCS = []

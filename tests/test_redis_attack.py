@@ -4,12 +4,11 @@ bounds): each test is a defect found by trying to break them. Against a real red
 from __future__ import annotations
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
-from catzilla_tasks.brokers import RedisBroker
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
 from test_redis_broker import Cluster
+
+from catzilla_tasks.brokers import RedisBroker
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ idempotency keys (``idempotency_ttl`` > 0: every key expires) and workflow runs 
 from __future__ import annotations
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
-from catzilla_tasks import TaskChain
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
 from test_redis_broker import Cluster
+
+from catzilla_tasks import TaskChain
 from catzilla_tasks.brokers import RedisBroker
 
 

@@ -8,12 +8,11 @@ import json
 import threading
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
+
 from catzilla_tasks import BackgroundTasks, TaskPriority, TaskStatus, WorkerLost
-from catzilla_tasks.brokers import RedisBroker, RemoteTaskError, Worker
+from catzilla_tasks.brokers import RedisBroker, Worker
 from catzilla_tasks.brokers.serialization import Serializer
 from catzilla_tasks.cli import main as cli_main
 
@@ -370,8 +369,9 @@ def test_a_task_that_keeps_losing_its_workers_is_dead_lettered(cluster):
 def test_clients_name_the_library_without_a_package_metadata_lookup(cluster, monkeypatch):
     """redis-py, left to itself, reads its version from the installed packages' metadata for
     every connection it creates (importlib.metadata: ~0.4 MiB in a worker); ours give it."""
-    import catzilla_tasks
     import redis.utils
+
+    import catzilla_tasks
 
     if not hasattr(redis, "DriverInfo"):
         pytest.skip("redis-py < 7.1 has no DriverInfo")

@@ -28,12 +28,10 @@ import threading
 import time
 
 import pytest
-
+import redis_fault_tasks as ft
 from fault_proxy import FaultProxy
 from redis_helpers import RedisServer, redis, wait_until
 
-import redis_fault_tasks as ft
-import redis_tasks as rt
 from catzilla_tasks import BackgroundTasks
 from catzilla_tasks.brokers import RedisBroker, RemoteTaskError, Worker, scripts
 

@@ -11,11 +11,9 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
-from redis_helpers import RedisServer, redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
+from redis_helpers import RedisServer, prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
+
 from catzilla_tasks import BackgroundTasks
 from catzilla_tasks.brokers import RedisBroker, Worker
 

@@ -11,10 +11,8 @@ import signal
 import time
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
 from test_redis_broker import Cluster
 from test_redis_faults import start_worker
 

@@ -9,10 +9,9 @@ import datetime
 import math
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url  # noqa: F401  (fixtures)
+
 from catzilla_tasks import BackgroundTasks, TaskConfig
 from catzilla_tasks.brokers import RedisBroker
 from catzilla_tasks.config import MAX_MS

@@ -6,8 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix  # noqa: F401  (fixtures)
+from redis_helpers import prefix, redis, redis_url  # noqa: F401  (fixtures)
 
 from catzilla_tasks.brokers import RedisBroker
 

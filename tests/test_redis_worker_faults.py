@@ -8,13 +8,11 @@ import math
 import threading
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-from test_redis_broker import Cluster
-
 import redis_fault_tasks as ft
 import redis_tasks as rt
-from catzilla_tasks import TaskStatus
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
+from test_redis_broker import Cluster
+
 from catzilla_tasks.brokers import RedisBroker, Worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -370,8 +368,7 @@ def test_await_survives_a_dropped_connection(redis_url, prefix, monkeypatch):
 def test_a_full_engine_does_not_stop_lease_renewal(cluster):
     """Issue 13, item 11, not reproduced: an engine full of local work of its own still takes
     the hand-off (the fetch loop goes on and renews), and the task runs once. Kept as a guard."""
-    from catzilla_tasks import BackgroundTasks, QueueFull
-    from catzilla_tasks import _engine
+    from catzilla_tasks import BackgroundTasks, QueueFull, _engine
 
     gate = threading.Event()
     eng = BackgroundTasks(workers=1, min_workers=1, max_workers=1, queue_size=4, broker=RedisBroker(cluster.url, prefix=cluster.prefix,

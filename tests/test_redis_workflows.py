@@ -12,14 +12,23 @@ import textwrap
 import time
 
 import pytest
-
-from redis_helpers import redis, redis_url, prefix, wait_until  # noqa: F401  (fixtures)
-
 import redis_tasks as rt
-from catzilla_tasks import (BackgroundTasks, TaskCancelled, TaskChain, WorkflowError, call, chain, chord, group, result_of,
-                            results_of)
-from catzilla_tasks.brokers import RedisBroker, RemoteResult
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
 from test_redis_broker import Cluster
+
+from catzilla_tasks import (
+    BackgroundTasks,
+    TaskCancelled,
+    TaskChain,
+    WorkflowError,
+    call,
+    chain,
+    chord,
+    group,
+    result_of,
+    results_of,
+)
+from catzilla_tasks.brokers import RedisBroker, RemoteResult
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

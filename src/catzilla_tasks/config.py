@@ -19,9 +19,9 @@ class TaskPriority(enum.IntEnum):
     a lower queue that has waited unserved for ``aging_ms`` is served once ahead of the others)."""
 
     CRITICAL = 0  # real-time work
-    HIGH = 1      # user-facing work
-    NORMAL = 2    # background processing
-    LOW = 3       # clean-up and maintenance
+    HIGH = 1  # user-facing work
+    NORMAL = 2  # background processing
+    LOW = 3  # clean-up and maintenance
 
 
 class TaskStatus(enum.Enum):
@@ -54,8 +54,7 @@ def _priority(value: Any) -> TaskPriority:
         except ValueError:
             pass
     raise ValueError(
-        f"priority: unknown priority {value!r}; use TaskPriority.CRITICAL, HIGH, NORMAL or LOW "
-        "(or their values 0-3)"
+        f"priority: unknown priority {value!r}; use TaskPriority.CRITICAL, HIGH, NORMAL or LOW (or their values 0-3)"
     )
 
 
@@ -78,8 +77,7 @@ def _non_negative(field: str, value: Any, *, allow_none: bool = False, positive:
     return value
 
 
-def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool = False,
-             limit: bool = False) -> Any:
+def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool = False, limit: bool = False) -> Any:
     """A time in ms the engine can hold (one rule for every entry point): NaN is refused; for a
     *limit* (a timeout, a back-off's cap) infinity or anything past MAX_MS (100 years) means "no
     limit" (None where None is allowed, else MAX_MS); for a *delay* it is refused with a clear
@@ -90,7 +88,9 @@ def _time_ms(field: str, value: Any, *, allow_none: bool = False, positive: bool
             return None if allow_none else MAX_MS
         if value == float("inf"):
             raise ValueError(f"{field}: must be finite (at most {MAX_MS} ms, 100 years), got inf")
-        raise ValueError(f"{field}: {value!r:.40} ms is past the longest time the engine can hold ({MAX_MS} ms, 100 years)")
+        raise ValueError(
+            f"{field}: {value!r:.40} ms is past the longest time the engine can hold ({MAX_MS} ms, 100 years)"
+        )
     return value
 
 
@@ -158,7 +158,11 @@ class TaskConfig(_engine.ConfigBase):
     ) -> None:
         prio = _priority(priority)
         delay = _time_ms("delay_ms", delay_ms)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or not 0 <= max_retries <= 200:
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, numbers.Integral)
+            or not 0 <= max_retries <= 200
+        ):
             raise ValueError(f"max_retries: must be an integer from 0 to 200, got {max_retries!r}")
         timeout = _time_ms("timeout_ms", timeout_ms, allow_none=True, positive=True, limit=True)
         if retry_backoff not in _BACKOFFS:
@@ -240,7 +244,7 @@ class TaskConfig(_engine.ConfigBase):
             "on_retry": on_retry,
         }
 
-    def replace(self, **changes: Any) -> "TaskConfig":
+    def replace(self, **changes: Any) -> TaskConfig:
         """A copy with some fields changed (validated like the constructor)."""
         fields = self.as_dict()
         unknown = set(changes) - set(fields)

@@ -16,7 +16,8 @@ import time
 import traceback
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, overload
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _engine, _signals
 from ._redact import redact_text
@@ -67,11 +68,11 @@ def current_task() -> TaskResult | None:
     return t if t is not None else _CURRENT_ASYNC.get()
 
 
-def _run_coroutine(engine: "BackgroundTasks", handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+def _run_coroutine(engine: BackgroundTasks, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
     engine._loop_runner().submit(handle, coro)
 
 
-def _cancel_async(engine: "BackgroundTasks", handle: TaskResult) -> None:
+def _cancel_async(engine: BackgroundTasks, handle: TaskResult) -> None:
     runner = engine._runner
     if runner is not None:
         runner.cancel(handle._key)
@@ -105,7 +106,9 @@ def _in_pool_child() -> bool:
     return bool(getattr(mp.current_process(), "_inheriting", False))
 
 
-def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, kwargs: dict, cfg: TaskConfig) -> Callable[[], Any]:
+def _isolate(
+    engine: BackgroundTasks, func: Callable[..., Any], args: tuple, kwargs: dict, cfg: TaskConfig
+) -> Callable[[], Any]:
     from . import isolation
 
     payload = isolation.pickle_task(func, args, kwargs)  # TypeError here, at add_task, if it cannot go
@@ -115,15 +118,17 @@ def _isolate(engine: "BackgroundTasks", func: Callable[..., Any], args: tuple, k
     return isolation.IsolatedCall(pool, payload, name, timeout, cfg.memory_limit_mb)
 
 
-def _failed(engine: "BackgroundTasks", task_id: str, func: Any, exc: BaseException | None) -> None:
-    engine._failures.append({
-        "task_id": task_id,
-        # shown by get_stats() and the dashboard: no credentials (a connection string in a message,
-        # or in the repr of a partial that names a task without a __qualname__)
-        "name": getattr(func, "__qualname__", None) or redact_text(repr(func)),
-        "error": redact_text(f"{type(exc).__name__}: {exc}") if exc is not None else "",
-        "finished_at": time.time(),
-    })
+def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException | None) -> None:
+    engine._failures.append(
+        {
+            "task_id": task_id,
+            # shown by get_stats() and the dashboard: no credentials (a connection string in a message,
+            # or in the repr of a partial that names a task without a __qualname__)
+            "name": getattr(func, "__qualname__", None) or redact_text(repr(func)),
+            "error": redact_text(f"{type(exc).__name__}: {exc}") if exc is not None else "",
+            "finished_at": time.time(),
+        }
+    )
 
 
 _engine._set_hooks(
@@ -251,7 +256,9 @@ def task(func: F, /) -> F: ...
 def task(
     func: None = None, /, *, priority: TaskPriority | int | str = ..., compile_to_c: bool | str = ..., **config: Any
 ) -> Callable[[F], F]: ...
-def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to_c: bool | str = True, **config: Any) -> Any:
+def task(
+    func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to_c: bool | str = True, **config: Any
+) -> Any:
     """Attach a task config to a function, for any engine: ``@task(priority=TaskPriority.HIGH)``.
 
     The function is returned unchanged (calling it directly still runs it here and now).
@@ -278,7 +285,7 @@ class _Options:
     __slots__ = ("_engine", "_config", "_fields", "_block", "_merged")
 
     def __init__(
-        self, engine: "BackgroundTasks", config: TaskConfig | None, fields: dict[str, Any], block: float | None
+        self, engine: BackgroundTasks, config: TaskConfig | None, fields: dict[str, Any], block: float | None
     ) -> None:
         self._engine = engine
         self._config = config
@@ -318,7 +325,7 @@ class _Options:
         return self._engine._submit(func, args, kwargs, cfg, self._block)
 
 
-_live: "weakref.WeakSet[BackgroundTasks]" = weakref.WeakSet()
+_live: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
 
 
@@ -387,8 +394,10 @@ class BackgroundTasks(_engine.Engine):
         broker: Any = None,
     ) -> None:
         if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
-            raise TypeError(f"{type(self).__name__}: broker= needs BackgroundTasks(broker=...) itself or a "
-                            "subclass of catzilla_tasks.brokers.producer.DistributedTasks")
+            raise TypeError(
+                f"{type(self).__name__}: broker= needs BackgroundTasks(broker=...) itself or a "
+                "subclass of catzilla_tasks.brokers.producer.DistributedTasks"
+            )
         cpus = os.cpu_count() or 1
         if _in_pool_child():
             # a module-level engine re-imported in a process-pool child: keep it minimal there
@@ -456,7 +465,7 @@ class BackgroundTasks(_engine.Engine):
 
     __signature__ = _InitSignature()
 
-    def __new__(cls, *args: Any, broker: Any = None, **kwargs: Any) -> "BackgroundTasks":
+    def __new__(cls, *args: Any, broker: Any = None, **kwargs: Any) -> BackgroundTasks:
         # BackgroundTasks(broker=...) is a producer for that broker: an instance of the
         # subclass whose add_task publishes (the plain engine keeps its C add_task)
         if broker is not None and cls is BackgroundTasks:
@@ -470,9 +479,23 @@ class BackgroundTasks(_engine.Engine):
     def task(self, func: F, /) -> F: ...
     @overload
     def task(
-        self, func: None = None, /, *, priority: TaskPriority | int | str = ..., compile_to_c: bool | str = ..., **config: Any
+        self,
+        func: None = None,
+        /,
+        *,
+        priority: TaskPriority | int | str = ...,
+        compile_to_c: bool | str = ...,
+        **config: Any,
     ) -> Callable[[F], F]: ...
-    def task(self, func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, compile_to_c: bool | str = True, **config: Any) -> Any:
+    def task(
+        self,
+        func: Any = None,
+        /,
+        *,
+        priority: Any = TaskPriority.NORMAL,
+        compile_to_c: bool | str = True,
+        **config: Any,
+    ) -> Any:
         """Decorator: ``@tasks.task(priority=TaskPriority.HIGH, max_retries=...)``.
 
         Attaches the config (as the module-level ``task`` does, ``compile_to_c`` included) and
@@ -494,9 +517,9 @@ class BackgroundTasks(_engine.Engine):
     def periodic(
         self,
         *,
-        every: "datetime.timedelta | float | None" = None,
+        every: datetime.timedelta | float | None = None,
         cron: str | None = None,
-        tz: "datetime.tzinfo | None" = None,
+        tz: datetime.tzinfo | None = None,
         overlap: bool = False,
         first_run_now: bool = False,
         args: tuple = (),
@@ -517,7 +540,14 @@ class BackgroundTasks(_engine.Engine):
             if config:
                 _attach(f, _make_config("periodic()", None, **config))
             p = PeriodicTask(
-                self, f, every=every, cron=cron, tz=tz, overlap=overlap, args=args, kwargs=kwargs,
+                self,
+                f,
+                every=every,
+                cron=cron,
+                tz=tz,
+                overlap=overlap,
+                args=args,
+                kwargs=kwargs,
                 first_run_now=first_run_now,
             )
             self._periodic.append(p)
@@ -548,7 +578,7 @@ class BackgroundTasks(_engine.Engine):
         priority: TaskPriority | int | str | None = None,
         config: TaskConfig | None = None,
         block_timeout: float | None = None,
-        eta: "datetime.datetime | None" = None,
+        eta: datetime.datetime | None = None,
         **fields: Any,
     ) -> _Options:
         """Per-call overrides without clashing with the task's own keywords::
@@ -568,8 +598,12 @@ class BackgroundTasks(_engine.Engine):
         if eta is None:
             try:
                 # the values' types too: True == 1 (and 1.0 == 1) must not find options validated for 1
-                key = (tuple(sorted((k, type(v), v) for k, v in fields.items())),
-                       id(config) if config is not None else None, type(block_timeout), block_timeout)
+                key = (
+                    tuple(sorted((k, type(v), v) for k, v in fields.items())),
+                    id(config) if config is not None else None,
+                    type(block_timeout),
+                    block_timeout,
+                )
                 hit = self._options_cache.get(key)
             except TypeError:  # an unhashable value: no caching
                 key = hit = None
@@ -601,7 +635,9 @@ class BackgroundTasks(_engine.Engine):
             if block_timeout == float("inf"):
                 block_timeout = -1
             elif block_timeout < 0 and block_timeout != -1:
-                raise ValueError(f"block_timeout: must be >= 0 seconds, or -1 to wait without limit; got {block_timeout!r}")
+                raise ValueError(
+                    f"block_timeout: must be >= 0 seconds, or -1 to wait without limit; got {block_timeout!r}"
+                )
         opts = _Options(self, cfg, fields, block_timeout)  # validates, at the call site
         if key is not None:
             if len(self._options_cache) >= 256:
@@ -671,12 +707,15 @@ class BackgroundTasks(_engine.Engine):
                 method_of.refuse_method(func)
             items = inp.as_items()
             if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
+
                 def submit(part: Any, handles: list[Any]) -> None:
                     for a in part:  # an item may fail (e.g. not picklable) after others were queued
                         handles.append(self._submit(func, a if isinstance(a, tuple) else (a,), None, None, -1.0))
             else:
+
                 def submit(part: Any, handles: list[Any]) -> None:
                     handles.extend(self._submit_batch(func, part, None))
+
             results = mapping.map_python(submit, items, func, return_exceptions)
         return results if out is None else mapping.python_out(results, out)
 
@@ -778,7 +817,7 @@ class BackgroundTasks(_engine.Engine):
         """True once shutdown() was called (the engine accepts no more tasks)."""
         return self._closing
 
-    def __enter__(self) -> "BackgroundTasks":
+    def __enter__(self) -> BackgroundTasks:
         return self
 
     def __exit__(self, *exc: Any) -> None:

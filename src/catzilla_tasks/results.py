@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Generator
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
 
 from . import _engine
 from .config import TaskStatus
@@ -89,7 +90,7 @@ class TaskFuture:
 
     __slots__ = ("_result",)
 
-    def __init__(self, task: "TaskResult | TaskFuture | str") -> None:
+    def __init__(self, task: TaskResult | TaskFuture | str) -> None:
         if isinstance(task, TaskFuture):
             task = task._result
         elif isinstance(task, str):
@@ -125,7 +126,7 @@ class TaskFuture:
     def __await__(self) -> Generator[Any, None, Any]:
         return self._result.__await__()
 
-    def then(self, callback: Callable[[Any], Any]) -> "TaskFuture":
+    def then(self, callback: Callable[[Any], Any]) -> TaskFuture:
         if not callable(callback):
             raise TypeError(f"then() needs a callable taking the value, got {type(callback).__name__}")
         nxt = _engine.detached()
@@ -151,7 +152,7 @@ class TaskFuture:
         self,
         handler: Callable[[BaseException], Any],
         exception_type: type[BaseException] | tuple[type[BaseException], ...] = Exception,
-    ) -> "TaskFuture":
+    ) -> TaskFuture:
         if not callable(handler):
             raise TypeError(f"catch() needs a callable taking the exception, got {type(handler).__name__}")
         nxt = _engine.detached()

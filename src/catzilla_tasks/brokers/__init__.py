@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Broker", "Consumer", "DistributedTasks", "MemoryBroker", "RedisBroker", "RemoteResult", "RemoteTaskError",
-           "Worker"]
+__all__ = [
+    "Broker",
+    "Consumer",
+    "DistributedTasks",
+    "MemoryBroker",
+    "RedisBroker",
+    "RemoteResult",
+    "RemoteTaskError",
+    "Worker",
+]
 
 _HOMES = {"Broker": "base", "Consumer": "consumer", "DistributedTasks": "producer", "MemoryBroker": "memory"}
 

@@ -37,7 +37,8 @@ steps and commit, directly on the Redis streams.
 from __future__ import annotations
 
 import abc
-from typing import Any, ContextManager, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, ContextManager, Protocol
 
 from ..config import TaskConfig, TaskStatus
 from .serialization import Serializer
@@ -76,8 +77,14 @@ class Broker(abc.ABC):
 
     # -- publishing (producer) ---------------------------------------------------------------
     @abc.abstractmethod
-    def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
-               idempotency_key: str | None = None) -> Result:
+    def submit(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> Result:
         """Publish one task: ``func`` (a task function or its registered name) with its
         arguments; ``cfg`` the per-call config (None: the function's own). A ``cfg.delay_ms``
         > 0 schedules it (it becomes fetchable once due); ``cfg.priority`` picks its queue;
@@ -179,8 +186,9 @@ class FetchingBroker(Broker):
         next fetch (at least once). A connection error raises and hands out nothing."""
 
     @abc.abstractmethod
-    def commit(self, delivery: Delivery, record: bytes | None, *, retry_ms: float | None = None,
-               dead_error: str | None = None) -> None:
+    def commit(
+        self, delivery: Delivery, record: bytes | None, *, retry_ms: float | None = None, dead_error: str | None = None
+    ) -> None:
         """End a held message, atomically: store its outcome ``record`` (:func:`.protocol`
         outcome record, kept ``result_ttl``; None: none), and remove it from the queue — or,
         with ``retry_ms``, queue it again after that many milliseconds (its payload as it is),

@@ -1,8 +1,8 @@
 """``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
 
-    catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
-    catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
-    catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
+catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
+catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
+catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
 """
 
 from __future__ import annotations
@@ -103,8 +103,13 @@ def _broker(args: argparse.Namespace) -> Any:
     if not isinstance(broker, RedisBroker):
         raise UsageError(f"{args.app} has no Redis broker: create it with BackgroundTasks(broker='redis://...')")
     if args.queue and args.queue != broker.queue:
-        broker = RedisBroker(broker.url, queue=args.queue, prefix=broker.prefix, serializer=broker.serializer.name,
-                             allow_pickle=broker.serializer.allow_pickle)
+        broker = RedisBroker(
+            broker.url,
+            queue=args.queue,
+            prefix=broker.prefix,
+            serializer=broker.serializer.name,
+            allow_pickle=broker.serializer.allow_pickle,
+        )
     return broker
 
 
@@ -120,17 +125,27 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     if args.broker:
         tasks = DistributedTasks.from_engine(tasks, RedisBroker(args.broker))
     if not isinstance(getattr(tasks, "broker", None), RedisBroker):
-        raise UsageError(f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL")
+        raise UsageError(
+            f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = Worker(tasks, concurrency=args.concurrency)
     b = tasks.broker
-    print(f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
-          f"{redact_url(b.url)}, concurrency {w.concurrency}", file=out, flush=True)
+    print(
+        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
+        f"{redact_url(b.url)}, concurrency {w.concurrency}",
+        file=out,
+        flush=True,
+    )
     w.run(install_signals=True)
     tasks.shutdown(wait_for_completion=True)
     s = w.stats()
-    print(f"worker stopped: {s['succeeded']} succeeded, {s['failed']} failed, {s['retried']} retried, "
-          f"{s['dead_lettered']} dead-lettered", file=out, flush=True)
+    print(
+        f"worker stopped: {s['succeeded']} succeeded, {s['failed']} failed, {s['retried']} retried, "
+        f"{s['dead_lettered']} dead-lettered",
+        file=out,
+        flush=True,
+    )
     return 0
 
 
@@ -144,12 +159,17 @@ def cmd_dead_list(args: argparse.Namespace, out: TextIO) -> int:
             it.pop("payload")
             print(json.dumps(it), file=out)
         return 0
-    print(f"{total} dead-lettered task(s) in queue {broker.queue!r}" + (f", showing {len(items)}" if total > len(items) else ""),
-          file=out)
+    print(
+        f"{total} dead-lettered task(s) in queue {broker.queue!r}"
+        + (f", showing {len(items)}" if total > len(items) else ""),
+        file=out,
+    )
     for it in items:
         when = _dt.datetime.fromtimestamp(it["at"]).strftime("%Y-%m-%d %H:%M:%S")
         first = it["error"].splitlines()[0] if it["error"] else ""
-        print(f"{it['id']}  {when}  {it['priority']:<8} {it['name'] or '?'} [{it['task_id'] or '?'}]  {first}", file=out)
+        print(
+            f"{it['id']}  {when}  {it['priority']:<8} {it['name'] or '?'} [{it['task_id'] or '?'}]  {first}", file=out
+        )
     return 0
 
 
@@ -192,18 +212,29 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Any) -> None:
     """Add ``worker`` and ``dead-letters`` to the CLI's subparsers."""
-    p = sub.add_parser("worker", help="run tasks from Redis on a local engine (distributed mode)",
-                       description="Run the tasks of MODULE:TASKS (a BackgroundTasks created with broker=...) "
-                                   "from Redis. SIGTERM or Ctrl-C: stop fetching, finish and acknowledge "
-                                   "what is in flight, exit.")
+    p = sub.add_parser(
+        "worker",
+        help="run tasks from Redis on a local engine (distributed mode)",
+        description="Run the tasks of MODULE:TASKS (a BackgroundTasks created with broker=...) "
+        "from Redis. SIGTERM or Ctrl-C: stop fetching, finish and acknowledge "
+        "what is in flight, exit.",
+    )
     p.add_argument("app", metavar="MODULE:TASKS", help="e.g. myapp.jobs:tasks")
-    p.add_argument("--concurrency", "-c", type=int, default=16,
-                   help="most tasks held at once (fetched, not yet acknowledged); default 16")
+    p.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=16,
+        help="most tasks held at once (fetched, not yet acknowledged); default 16",
+    )
     p.add_argument("--broker", metavar="URL", help="redis://... to use instead of the engine's own broker")
     p.set_defaults(func=_run(cmd_worker))
 
-    dl = sub.add_parser("dead-letters", help="list or re-drive tasks in the dead-letter stream",
-                        description="Tasks that exhausted their retries, or could not be decoded or found.")
+    dl = sub.add_parser(
+        "dead-letters",
+        help="list or re-drive tasks in the dead-letter stream",
+        description="Tasks that exhausted their retries, or could not be decoded or found.",
+    )
     dsub = dl.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = dsub.add_parser("list", help="list dead-lettered tasks with their errors")
     _broker_args(p)

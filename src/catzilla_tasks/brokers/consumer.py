@@ -43,8 +43,10 @@ class Consumer:
 
     def __init__(self, tasks: Any, broker: FetchingBroker, *, concurrency: int = 8) -> None:
         if not isinstance(broker, FetchingBroker):
-            raise TypeError(f"Consumer: expected a FetchingBroker (MemoryBroker...), got {type(broker).__name__}; "
-                            "a RedisBroker's tasks are run by catzilla_tasks.brokers.Worker")
+            raise TypeError(
+                f"Consumer: expected a FetchingBroker (MemoryBroker...), got {type(broker).__name__}; "
+                "a RedisBroker's tasks are run by catzilla_tasks.brokers.Worker"
+            )
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency: must be an integer >= 1, got {concurrency!r}")
         self.tasks = tasks
@@ -56,7 +58,7 @@ class Consumer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Consumer":
+    def start(self) -> Consumer:
         self._thread = threading.Thread(target=self.run, name="catzilla-consumer", daemon=True)
         self._thread.start()
         return self
@@ -91,8 +93,13 @@ class Consumer:
             msg = ser.loads(d.payload)
             task_id, name, args, kwargs = msg[MSG_ID], msg[MSG_NAME], msg[MSG_ARGS], msg[MSG_KWARGS]
             opts = msg[MSG_OPTIONS] if len(msg) > MSG_OPTIONS and msg[MSG_OPTIONS] else {}
-            if not (isinstance(task_id, str) and isinstance(name, str) and isinstance(args, list)
-                    and isinstance(kwargs, dict) and isinstance(opts, dict)):
+            if not (
+                isinstance(task_id, str)
+                and isinstance(name, str)
+                and isinstance(args, list)
+                and isinstance(kwargs, dict)
+                and isinstance(opts, dict)
+            ):
                 raise TypeError("not a task message")
         except Exception as exc:  # whatever a message holds, it is one dead letter
             self._fail(d, None, f"DecodeError: {type(exc).__name__}: {exc}")
@@ -102,8 +109,12 @@ class Consumer:
             return
         func = self.tasks.registered_tasks.get(name)
         if func is None:
-            self._fail(d, task_id, f"LookupError: unknown task name {name!r}: this engine has no task registered "
-                                   "under it (@tasks.task in a module the consumer imports)")
+            self._fail(
+                d,
+                task_id,
+                f"LookupError: unknown task name {name!r}: this engine has no task registered "
+                "under it (@tasks.task in a module the consumer imports)",
+            )
             return
         try:
             base = getattr(func, CONFIG_ATTR, None)

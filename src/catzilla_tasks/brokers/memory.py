@@ -19,7 +19,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from ..config import TaskConfig, TaskPriority, TaskStatus
 from .base import Delivery, FetchingBroker
@@ -49,15 +50,26 @@ class MemoryBroker(FetchingBroker):
     (see the module docstring). ``serializer``, ``result_ttl``, ``visibility_timeout`` and
     ``max_deliveries`` mean what they mean for RedisBroker."""
 
-    def __init__(self, *, queue: str = "default", serializer: str = "msgpack", result_ttl: float = 3600,
-                 visibility_timeout: float = 60.0, max_deliveries: int | None = 10) -> None:
+    def __init__(
+        self,
+        *,
+        queue: str = "default",
+        serializer: str = "msgpack",
+        result_ttl: float = 3600,
+        visibility_timeout: float = 60.0,
+        max_deliveries: int | None = 10,
+    ) -> None:
         if not isinstance(result_ttl, (int, float)) or isinstance(result_ttl, bool) or not result_ttl >= 0:
             raise ValueError(f"result_ttl: must be a number of seconds >= 0, got {result_ttl!r}")
-        if (isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, (int, float))
-                or not visibility_timeout > 0):
+        if (
+            isinstance(visibility_timeout, bool)
+            or not isinstance(visibility_timeout, (int, float))
+            or not visibility_timeout > 0
+        ):
             raise ValueError(f"visibility_timeout: must be a number of seconds > 0, got {visibility_timeout!r}")
-        if max_deliveries is not None and (isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int)
-                                           or max_deliveries < 1):
+        if max_deliveries is not None and (
+            isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) or max_deliveries < 1
+        ):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
         self.queue = queue
         self.serializer = Serializer(serializer)
@@ -79,8 +91,14 @@ class MemoryBroker(FetchingBroker):
         self._closed = False
 
     # -- publishing ------------------------------------------------------------------------
-    def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
-               idempotency_key: str | None = None) -> "MemoryResult":
+    def submit(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> MemoryResult:
         name = task_name(func)
         if cfg is None:
             cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
@@ -176,8 +194,9 @@ class MemoryBroker(FetchingBroker):
                 else:
                     self._queues[d.priority].append((d.payload, d.deliveries))
 
-    def commit(self, delivery: Delivery, record: bytes | None, *, retry_ms: float | None = None,
-               dead_error: str | None = None) -> None:
+    def commit(
+        self, delivery: Delivery, record: bytes | None, *, retry_ms: float | None = None, dead_error: str | None = None
+    ) -> None:
         with self._cv:
             self._held.pop(delivery.token, None)
             task_id, key = self._identity(delivery.payload)
@@ -186,8 +205,10 @@ class MemoryBroker(FetchingBroker):
                 if key and parse_result(self.serializer, record)[0] is TaskStatus.SUCCEEDED:
                     self._done.setdefault(key, task_id)
             if retry_ms is not None:
-                heapq.heappush(self._delayed, (time.monotonic() + retry_ms / 1000, next(self._seq),
-                                               delivery.priority, delivery.payload))
+                heapq.heappush(
+                    self._delayed,
+                    (time.monotonic() + retry_ms / 1000, next(self._seq), delivery.priority, delivery.payload),
+                )
             elif dead_error is not None:
                 self._bury(delivery, dead_error)
             self._cv.notify_all()
@@ -224,12 +245,19 @@ class MemoryBroker(FetchingBroker):
         with contextlib.suppress(DecodeError, TypeError, IndexError, KeyError):
             name = str(self.serializer.loads(d.payload)[MSG_NAME])
         entry_id = f"{int(time.time() * 1000)}-{next(self._seq)}"
-        self._dead[entry_id] = {"id": entry_id, "task_id": task_id, "name": name, "error": error,
-                                "priority": TaskPriority(d.priority).name, "at": time.time(), "payload": d.payload,
-                                "_prio": d.priority}
+        self._dead[entry_id] = {
+            "id": entry_id,
+            "task_id": task_id,
+            "name": name,
+            "error": error,
+            "priority": TaskPriority(d.priority).name,
+            "at": time.time(),
+            "payload": d.payload,
+            "_prio": d.priority,
+        }
 
     # -- results -----------------------------------------------------------------------------
-    def result(self, task_id: str) -> "MemoryResult":
+    def result(self, task_id: str) -> MemoryResult:
         return MemoryResult(task_id, self)
 
     def _record(self, task_id: str) -> bytes | None:
@@ -266,7 +294,7 @@ class MemoryBroker(FetchingBroker):
             items = list(self._dead.values())
         if start != "-":
             ids = [i["id"] for i in items]
-            items = items[ids.index(start):] if start in ids else []
+            items = items[ids.index(start) :] if start in ids else []
         return [{k: v for k, v in i.items() if not k.startswith("_")} for i in items[:count]]
 
     def dead_letter_count(self) -> int:
@@ -294,7 +322,7 @@ class MemoryBroker(FetchingBroker):
             return moved
 
     # -- workflow runs -------------------------------------------------------------------
-    def run_workflow(self, plan: Any) -> "MemoryResult":
+    def run_workflow(self, plan: Any) -> MemoryResult:
         raise NotImplementedError(
             f"workflow {plan.name!r}: workflow runs across workers need the RedisBroker (its workers release the "
             "steps); with MemoryBroker, run the workflow on an engine without a broker"
@@ -304,8 +332,10 @@ class MemoryBroker(FetchingBroker):
         with self._cv:
             if self._record(run_id) is not None:
                 return False  # it has ended
-        raise NotImplementedError(f"cancel() of task {run_id}: a single published task cannot be cancelled (a "
-                                  "consumer may already hold it), and MemoryBroker runs no workflows")
+        raise NotImplementedError(
+            f"cancel() of task {run_id}: a single published task cannot be cancelled (a "
+            "consumer may already hold it), and MemoryBroker runs no workflows"
+        )
 
     # -- housekeeping --------------------------------------------------------------------
     def queued(self) -> dict[str, int]:

@@ -11,7 +11,8 @@ only this subclass pays for a Python method, and the broker round trip dwarfs it
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 from ..engine import BackgroundTasks
 from .base import Broker, Result
@@ -42,7 +43,7 @@ class DistributedTasks(BackgroundTasks):
         self.broker = broker
 
     @classmethod
-    def from_engine(cls, engine: BackgroundTasks, broker: Any) -> "DistributedTasks":
+    def from_engine(cls, engine: BackgroundTasks, broker: Any) -> DistributedTasks:
         """Make ``engine`` itself a producer for ``broker`` (``catzilla-tasks worker --broker URL``
         on an app created without one): the app's task functions refer to that object, so it
         must become the producer rather than be wrapped by one. Its local engine and registered
@@ -59,7 +60,7 @@ class DistributedTasks(BackgroundTasks):
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
         return self.broker.submit(func, args, kwargs, None)
 
-    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> "RemoteOptions":  # type: ignore[override]
+    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:  # type: ignore[override]
         """As BackgroundTasks.options (validated the same way, at the call site), plus
         ``idempotency_key``: of the copies of a task with one key, one succeeds (see the broker
         contract)."""

@@ -18,12 +18,20 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import TaskConfig, TaskStatus
+
 # the errors' one home is errors.py; re-exported here as part of the wire protocol
 from ..errors import RemoteTaskError, WorkflowError, decode_error, encode_error
 from .serialization import Serializer
 
-__all__ = ["RemoteTaskError", "decode_error", "encode_error", "is_workflow_error", "message", "parse_result",
-           "task_name"]
+__all__ = [
+    "RemoteTaskError",
+    "decode_error",
+    "encode_error",
+    "is_workflow_error",
+    "message",
+    "parse_result",
+    "task_name",
+]
 
 CONFIG_ATTR = "__catzilla_task__"  # the attribute @task sets (engine.CONFIG_ATTR: the same name)
 DEFAULT_CONFIG = TaskConfig()
@@ -37,8 +45,17 @@ OPT_FILLS = "f"
 
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
-TRAVELLING = ("max_retries", "timeout_ms", "retry_backoff", "retry_base_ms", "retry_max_ms", "retry_jitter",
-               "retry_on_timeout", "isolation", "memory_limit_mb")
+TRAVELLING = (
+    "max_retries",
+    "timeout_ms",
+    "retry_backoff",
+    "retry_base_ms",
+    "retry_max_ms",
+    "retry_jitter",
+    "retry_on_timeout",
+    "isolation",
+    "memory_limit_mb",
+)
 STATUS_CODES = {TaskStatus.SUCCEEDED: 0, TaskStatus.FAILED: 1, TaskStatus.TIMED_OUT: 2, TaskStatus.CANCELLED: 3}
 CODE_STATUS = {v: k for k, v in STATUS_CODES.items()}
 
@@ -67,8 +84,14 @@ def task_name(func: Any) -> str:
     return f"{mod}.{qual}"
 
 
-def message(task_id: str, name: str, args: Any, kwargs: dict[str, Any] | None,
-            options: dict[str, Any] | None = None, attempts: int = 0) -> list[Any]:
+def message(
+    task_id: str,
+    name: str,
+    args: Any,
+    kwargs: dict[str, Any] | None,
+    options: dict[str, Any] | None = None,
+    attempts: int = 0,
+) -> list[Any]:
     """The list a message serializes (see the module docstring)."""
     msg: list[Any] = [task_id, name, list(args), kwargs or {}]
     if options or attempts:

@@ -27,7 +27,8 @@ import re
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
@@ -174,8 +175,10 @@ class RedisBroker(Broker):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
         if queue in _KEY_KINDS:  # P:done:q0 would be both a stream and the done key of "q0"
-            raise ValueError(f"queue: {queue!r} is the name of a kind of key under the prefix "
-                             f"({', '.join(_KEY_KINDS)}); choose another queue name")
+            raise ValueError(
+                f"queue: {queue!r} is the name of a kind of key under the prefix "
+                f"({', '.join(_KEY_KINDS)}); choose another queue name"
+            )
         if not _seconds(result_ttl):
             raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
         for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
@@ -183,15 +186,21 @@ class RedisBroker(Broker):
                 raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
         # XADD MAXLEN takes a signed 64-bit count: past it every dead-letter XADD would fail
         if not _count(dead_letter_maxlen, 2**63 - 1):
-            raise ValueError(f"dead_letter_maxlen: must be an integer from 1 to 2**63 - 1, got {dead_letter_maxlen!r:.40}")
+            raise ValueError(
+                f"dead_letter_maxlen: must be an integer from 1 to 2**63 - 1, got {dead_letter_maxlen!r:.40}"
+            )
         if max_deliveries is not None and not _count(max_deliveries):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
         if not _seconds(visibility_timeout, 0.001):
-            raise ValueError(f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
-                             f"got {visibility_timeout!r}")
+            raise ValueError(
+                f"visibility_timeout: must be a number of seconds >= 0.001 and at most {_MAX_S}, "
+                f"got {visibility_timeout!r}"
+            )
         if not (_count(max_result_bytes, _REDIS_BULK_MAX) and max_result_bytes >= 1024):
-            raise ValueError(f"max_result_bytes: must be an integer from 1024 to {_REDIS_BULK_MAX} (Redis's own "
-                             f"maximum), got {max_result_bytes!r}")
+            raise ValueError(
+                f"max_result_bytes: must be an integer from 1024 to {_REDIS_BULK_MAX} (Redis's own "
+                f"maximum), got {max_result_bytes!r}"
+            )
         self.url = url
         self.queue = queue
         self.prefix = prefix
@@ -218,17 +227,22 @@ class RedisBroker(Broker):
             # redis-py quotes the piece it could not parse ("... as 'ab'"), which may be a piece
             # of a password holding a raw '/', '?' or '#': its quoted values are not shown
             detail = re.sub(r"'[^']*'|\"[^\"]*\"", "'***'", str(exc))
-            raise ValueError(f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
-                             "'#', '@' and ':' must be percent-encoded") from None
+            raise ValueError(
+                f"broker URL: cannot parse {redact_url(url)!r} ({detail}); a password's '/', '?', "
+                "'#', '@' and ':' must be percent-encoded"
+            ) from None
         if self.redis.connection_pool.connection_kwargs.get("decode_responses"):
             self.redis.close()
-            raise ValueError("decode_responses=True (option or URL): the broker reads payloads and results as bytes; "
-                             "leave it off (with it, a worker cannot read a single task)")
+            raise ValueError(
+                "decode_responses=True (option or URL): the broker reads payloads and results as bytes; "
+                "leave it off (with it, a worker cannot read a single task)"
+            )
         # blocked waiters hold a connection each: their own pool, not capped, so they never
         # starve publishing and acknowledging. Its socket timeout bounds the handshake and plain
         # reads; a blocking read is given its own (_blocking_move), a little past its block
-        self._wait_redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, "max_connections": 2**31 - 1,
-                                                         **client_options})
+        self._wait_redis = _redis.Redis.from_url(
+            url, **{**_CLIENT_DEFAULTS, "max_connections": 2**31 - 1, **client_options}
+        )
         base = f"{prefix}:{queue}"
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
         self.delayed_key = f"{base}:delayed"
@@ -245,7 +259,7 @@ class RedisBroker(Broker):
         self._redrive = self.redis.register_script(scripts.REDRIVE)
         self._local = threading.local()
         self._overrides = Overrides()
-        self._aclients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
@@ -271,8 +285,14 @@ class RedisBroker(Broker):
         # next() of an itertools.count is atomic under the GIL
         return f"{self._id_base}{next(self._id_next):x}"
 
-    def submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None,
-               idempotency_key: str | None = None) -> "RemoteResult":
+    def submit(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> RemoteResult:
         """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult."""
         try:
             name = self._names[func]
@@ -328,14 +348,14 @@ class RedisBroker(Broker):
         for prio in range(4):
             items = buf[prio]
             for i in range(0, len(items), 1000):
-                self._bulk_xadd(keys=[self.streams[prio]], args=items[i:i + 1000], client=pipe)
+                self._bulk_xadd(keys=[self.streams[prio]], args=items[i : i + 1000], client=pipe)
         for delay, member in buf[4]:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
         if any(buf):
             pipe.execute()
 
     # -- workflows ---------------------------------------------------------------------------
-    def run_workflow(self, plan: Any) -> "RemoteResult":
+    def run_workflow(self, plan: Any) -> RemoteResult:
         """Start a validated workflow plan (``workflows._Plan``) on the workers: one MULTI
         writes the run's hash (every step's message, dependency counters, dependents) and
         XADDs the steps without dependencies. From then on the workers release the steps
@@ -365,8 +385,13 @@ class RedisBroker(Broker):
         fields: dict[str, Any] = {"state": "run", "left": n, "n": n, "name": plan.name}
         if ser.name == "msgpack":
             mp = msgpack_module()
-            head = b"m\x92\x00" + (bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 2**16
-                                    else b"\xdf" + n.to_bytes(4, "big"))
+            head = b"m\x92\x00" + (
+                bytes([0x80 | n])
+                if n < 16
+                else b"\xde" + n.to_bytes(2, "big")
+                if n < 2**16
+                else b"\xdf" + n.to_bytes(4, "big")
+            )
             fields.update(head=head, sep=b"", colon=b"", tail=b"")
             enc_key = mp.packb
         else:
@@ -451,8 +476,12 @@ class RedisBroker(Broker):
         key = self.workflow_key(run_id)
         name = self.redis.hget(key, "name")
         label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
-        rec = self.serializer.dumps([STATUS_CODES[TaskStatus.CANCELLED],
-                                     ["catzilla_tasks.TaskCancelled", f"{label} run {run_id} was cancelled", ""]])
+        rec = self.serializer.dumps(
+            [
+                STATUS_CODES[TaskStatus.CANCELLED],
+                ["catzilla_tasks.TaskCancelled", f"{label} run {run_id} was cancelled", ""],
+            ]
+        )
         rc = self._wf_cancel(keys=[key, self.result_key(run_id)], args=[rec, ttl_ms])
         if rc == 1:
             return True
@@ -470,7 +499,7 @@ class RedisBroker(Broker):
         self.redis.xadd(self.streams[prio], {"m": payload})
 
     # -- results -----------------------------------------------------------------------------
-    def result(self, task_id: str) -> "RemoteResult":
+    def result(self, task_id: str) -> RemoteResult:
         """The RemoteResult of a task id (from any process)."""
         return RemoteResult(task_id, self)
 
@@ -488,15 +517,17 @@ class RedisBroker(Broker):
         out = []
         for entry_id, fields in self.redis.xrange(self.dead_key, min=start, count=count):
             f = {k.decode(): v for k, v in fields.items()}
-            out.append({
-                "id": entry_id.decode(),
-                "task_id": f.get("i", b"").decode(errors="replace"),
-                "name": f.get("n", b"").decode(errors="replace"),
-                "error": f.get("e", b"").decode(errors="replace"),
-                "priority": TaskPriority(_dead_priority(f.get("p"))).name,
-                "at": int(f["t"]) / 1000 if f.get("t", b"").isdigit() else 0.0,
-                "payload": f.get("m", b""),
-            })
+            out.append(
+                {
+                    "id": entry_id.decode(),
+                    "task_id": f.get("i", b"").decode(errors="replace"),
+                    "name": f.get("n", b"").decode(errors="replace"),
+                    "error": f.get("e", b"").decode(errors="replace"),
+                    "priority": TaskPriority(_dead_priority(f.get("p"))).name,
+                    "at": int(f["t"]) / 1000 if f.get("t", b"").isdigit() else 0.0,
+                    "payload": f.get("m", b""),
+                }
+            )
         return out
 
     def dead_letter_count(self) -> int:
@@ -585,7 +616,7 @@ class RedisBroker(Broker):
         finally:
             pool.release(conn)
 
-    def _watcher(self) -> "_Watcher":
+    def _watcher(self) -> _Watcher:
         """The one thread that runs every ``add_callback`` of this broker's results."""
         with self._watcher_lock:
             if self._callbacks is None:
@@ -678,15 +709,23 @@ class RemoteResult:
                     if left is not None and left <= 0:
                         self._take(client.lindex(key, 0))
                     else:
-                        self._take(self._broker._blocking_move(key, _WAIT_SLICE if left is None else
-                                                               min(max(left, 0.001), _WAIT_SLICE)))
+                        self._take(
+                            self._broker._blocking_move(
+                                key, _WAIT_SLICE if left is None else min(max(left, 0.001), _WAIT_SLICE)
+                            )
+                        )
                 except (_redis.ConnectionError, _redis.TimeoutError):
                     if deadline is not None and time.monotonic() >= deadline:
-                        raise TimeoutError(f"task {self.task_id}: Redis unreachable, not finished within {timeout} s") from None
+                        raise TimeoutError(
+                            f"task {self.task_id}: Redis unreachable, not finished within {timeout} s"
+                        ) from None
                     time.sleep(0.05)  # back-off before reconnecting
                     continue
-                if self._final is not None or (left is not None and left <= 0.001) or (
-                        deadline is not None and time.monotonic() >= deadline):
+                if (
+                    self._final is not None
+                    or (left is not None and left <= 0.001)
+                    or (deadline is not None and time.monotonic() >= deadline)
+                ):
                     break
             if self._final is None:
                 raise TimeoutError(f"task {self.task_id} not finished within {timeout} s")
@@ -713,7 +752,7 @@ class RemoteResult:
     def __await__(self) -> Any:
         return self._await().__await__()
 
-    def _on_done(self, fn: Callable[["RemoteResult"], Any]) -> None:
+    def _on_done(self, fn: Callable[[RemoteResult], Any]) -> None:
         """Call ``fn(self)`` once the task finished (from the broker's one callback thread)."""
         if self._final is not None or not self._broker.result_ttl:  # (no results: nothing to wait for)
             fn(self)
@@ -724,7 +763,7 @@ class RemoteResult:
         """Call ``cb(value)`` when the task succeeds."""
         self._check_results()
 
-        def done(r: "RemoteResult") -> None:
+        def done(r: RemoteResult) -> None:
             if r._final is not None and r._final[0] is TaskStatus.SUCCEEDED:
                 cb(r._final[1])
 
@@ -753,16 +792,16 @@ class _Watcher:
     result that never comes costs an entry here, not a thread. Callbacks run in this thread
     (an exception in one is logged, the others still run); a lost connection is retried."""
 
-    def __init__(self, broker: "RedisBroker") -> None:
+    def __init__(self, broker: RedisBroker) -> None:
         self._broker = broker
         self._cv = threading.Condition()
-        self._watched: dict[str, tuple["RemoteResult", list[Callable[["RemoteResult"], Any]]]] = {}
+        self._watched: dict[str, tuple[RemoteResult, list[Callable[[RemoteResult], Any]]]] = {}
         self._poke = False
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="catzilla-result-callbacks", daemon=True)
         self._thread.start()
 
-    def add(self, result: "RemoteResult", fn: Callable[["RemoteResult"], Any]) -> None:
+    def add(self, result: RemoteResult, fn: Callable[[RemoteResult], Any]) -> None:
         with self._cv:
             entry = self._watched.get(result.task_id)
             if entry is None:
@@ -782,7 +821,8 @@ class _Watcher:
             import logging
 
             logging.getLogger("catzilla_tasks.results").warning(
-                "broker closed with %d results still watched: their callbacks will not run", left)
+                "broker closed with %d results still watched: their callbacks will not run", left
+            )
 
     def _loop(self) -> None:
         import logging
@@ -826,7 +866,7 @@ class _Watcher:
     def _read(self, client: Any, ids: list[str]) -> list[str]:
         ready = []
         for i in range(0, len(ids), 1000):
-            chunk = ids[i:i + 1000]
+            chunk = ids[i : i + 1000]
             pipe = client.pipeline(transaction=False)
             for task_id in chunk:
                 pipe.lindex(self._broker.result_key(task_id), 0)
@@ -849,5 +889,7 @@ class _Watcher:
                 raise raw
             result._take(raw)
         except Exception as exc:  # noqa: BLE001 - whatever it is, this one result says it
-            result._final = (TaskStatus.FAILED, [wire_name(DecodeError),
-                                                 f"the result of task {result.task_id} cannot be read: {exc}", ""])
+            result._final = (
+                TaskStatus.FAILED,
+                [wire_name(DecodeError), f"the result of task {result.task_id} cannot be read: {exc}", ""],
+            )

@@ -104,10 +104,12 @@ class Serializer:
         except DecodeError:
             raise
         except Exception as exc:
-            raise DecodeError(f"undecodable {kind.decode(errors='replace')!r} payload: {type(exc).__name__}: {exc}") from None
+            raise DecodeError(
+                f"undecodable {kind.decode(errors='replace')!r} payload: {type(exc).__name__}: {exc}"
+            ) from None
         raise DecodeError(f"unknown payload format {bytes(data[:12])!r}")
 
-    def same_format(self, data: bytes) -> "Serializer":
+    def same_format(self, data: bytes) -> Serializer:
         """A serializer writing in the format of ``data`` (results go back as the task came)."""
         kind = data[:1]
         want = {b"m": "msgpack", b"j": "json", b"p": "pickle"}.get(kind, self.name)

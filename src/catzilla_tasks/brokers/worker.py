@@ -154,10 +154,25 @@ class _Job:
     references; a retry reads them again from ``payload``). The job is the engine's
     done-callback of its task (``__call__``), which saves a bound callback object per task."""
 
-    __slots__ = ("worker", "prio", "eid", "msg", "payload", "func", "cfg", "handle", "error", "skip", "first", "wf",
-                 "call", "claim", "defer")
+    __slots__ = (
+        "worker",
+        "prio",
+        "eid",
+        "msg",
+        "payload",
+        "func",
+        "cfg",
+        "handle",
+        "error",
+        "skip",
+        "first",
+        "wf",
+        "call",
+        "claim",
+        "defer",
+    )
 
-    def __init__(self, worker: "Worker", prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
+    def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
         self.prio = prio
         self.eid = eid
@@ -167,12 +182,12 @@ class _Job:
         self.cfg: TaskConfig | None = None
         self.handle: Any = None
         self.error: str | None = None  # set: dead-letter this entry with that error, unrun
-        self.skip = False              # an idempotency key already done: acknowledge, do not run
-        self.first = ""                # then: the id of the task that did it
-        self.wf: list | None = None    # a workflow step: [run id, step index, step id, workflow name]
+        self.skip = False  # an idempotency key already done: acknowledge, do not run
+        self.first = ""  # then: the id of the task that did it
+        self.wf: list | None = None  # a workflow step: [run id, step index, step id, workflow name]
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
-        self.defer = 0                 # > 0: another copy holds its key: back to the delayed set, ms
+        self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -213,8 +228,10 @@ class Worker:
         self.block_ms = int(block_ms)
         sock_timeout = broker.redis.connection_pool.connection_kwargs.get("socket_timeout")
         if sock_timeout is not None and self.block_ms / 1000 >= sock_timeout:
-            raise ValueError(f"block_ms ({block_ms}) must be shorter than the broker's socket_timeout ({sock_timeout} s): "
-                             "a blocking read would time out")
+            raise ValueError(
+                f"block_ms ({block_ms}) must be shorter than the broker's socket_timeout ({sock_timeout} s): "
+                "a blocking read would time out"
+            )
         r = broker.redis
         self._r = r
         self._fetch = r.register_script(scripts.FETCH)
@@ -248,9 +265,19 @@ class Worker:
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
         self._registry = getattr(tasks, "_registered", {})
         self._names: dict[str, str] = {}
-        self.counts = {"fetched": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
-                       "skipped_idempotent": 0, "deferred_idempotent": 0, "reclaimed": 0,
-                       "workflow_steps_skipped": 0, "recovered": 0, "not_stored": 0}
+        self.counts = {
+            "fetched": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "retried": 0,
+            "dead_lettered": 0,
+            "skipped_idempotent": 0,
+            "deferred_idempotent": 0,
+            "reclaimed": 0,
+            "workflow_steps_skipped": 0,
+            "recovered": 0,
+            "not_stored": 0,
+        }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
         self.ready = threading.Event()  # set once the groups exist and fetching starts
@@ -399,8 +426,11 @@ class Worker:
             while self._inflight > 0:
                 left = None if self._deadline is None else self._deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    log.warning("stopping with %d tasks not finished or not committed; they stay pending in Redis and will "
-                                "be redelivered", self._inflight)
+                    log.warning(
+                        "stopping with %d tasks not finished or not committed; they stay pending in Redis and will "
+                        "be redelivered",
+                        self._inflight,
+                    )
                     break
                 self._cv.wait(hb_every if left is None else min(hb_every, left))
                 if self._inflight > 0:
@@ -484,8 +514,9 @@ class Worker:
                 wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
                     wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
-                got = self._r.xreadgroup(GROUP, self.consumer, {s: ">" for s in self.broker.streams},
-                                         count=1, block=wait_ms)
+                got = self._r.xreadgroup(
+                    GROUP, self.consumer, {s: ">" for s in self.broker.streams}, count=1, block=wait_ms
+                )
                 if got:
                     self._dispatch(self._flatten(got))
             except errors as exc:
@@ -608,7 +639,7 @@ class Worker:
         pipe = self._r.pipeline(transaction=False)
         for prio, ids in by_prio.items():
             for i in range(0, len(ids), 1000):
-                pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i:i + 1000], justid=True)
+                pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i : i + 1000], justid=True)
         if claims:  # and the leases of the idempotency keys of the copies running here
             lease = int(self.broker.visibility_timeout * 1000)
             streams = self.broker.streams
@@ -616,7 +647,7 @@ class Worker:
             for i in range(0, len(claims), 500):
                 keys: list[str] = []
                 args: list[Any] = [lease, GROUP, self.consumer]
-                for eid, claim_key, token in claims[i:i + 500]:
+                for eid, claim_key, token in claims[i : i + 500]:
                     keys += (claim_key, streams[prios[eid]])
                     args += (token, eid)
                 self._idem_renew(keys=keys, args=args, client=pipe)
@@ -664,11 +695,16 @@ class Worker:
         except DecodeError as exc:
             job.error = f"DecodeError: {exc}"
             return job
-        if (not isinstance(msg, list) or len(msg) < 4 or not isinstance(msg[MSG_ID], str)
-                or not isinstance(msg[MSG_NAME], str)
-                or not isinstance(msg[MSG_ARGS], list) or not isinstance(msg[MSG_KWARGS], dict)
-                or (len(msg) > MSG_ATTEMPTS and not isinstance(msg[MSG_ATTEMPTS], int))
-                or (len(msg) > MSG_OPTIONS and msg[MSG_OPTIONS] is not None and not isinstance(msg[MSG_OPTIONS], dict))):
+        if (
+            not isinstance(msg, list)
+            or len(msg) < 4
+            or not isinstance(msg[MSG_ID], str)
+            or not isinstance(msg[MSG_NAME], str)
+            or not isinstance(msg[MSG_ARGS], list)
+            or not isinstance(msg[MSG_KWARGS], dict)
+            or (len(msg) > MSG_ATTEMPTS and not isinstance(msg[MSG_ATTEMPTS], int))
+            or (len(msg) > MSG_OPTIONS and msg[MSG_OPTIONS] is not None and not isinstance(msg[MSG_OPTIONS], dict))
+        ):
             job.error = f"DecodeError: not a task message: {msg!r:.200}"
             return job
         job.msg = msg
@@ -676,8 +712,10 @@ class Worker:
         if func is not None:  # one copy of each task name, not one per message held
             msg[MSG_NAME] = self._names.setdefault(msg[MSG_NAME], msg[MSG_NAME])
         if func is None:
-            job.error = (f"LookupError: unknown task name {msg[MSG_NAME]!r}: this worker's engine has no task "
-                         "registered under it (register it with @tasks.task in the module the worker imports)")
+            job.error = (
+                f"LookupError: unknown task name {msg[MSG_NAME]!r}: this worker's engine has no task "
+                "registered under it (register it with @tasks.task in the module the worker imports)"
+            )
             return job
         job.func = func
         try:
@@ -699,8 +737,10 @@ class Worker:
             for j in jobs:
                 n = deliveries.get(j.eid, 0)
                 if n > limit and j.error is None:
-                    j.error = (f"catzilla_tasks.errors.WorkerLost: delivered {n} times (max_deliveries={limit}); every worker that took "
-                               "it stopped before finishing it: the task may be what kills them")
+                    j.error = (
+                        f"catzilla_tasks.errors.WorkerLost: delivered {n} times (max_deliveries={limit}); every worker that took "
+                        "it stopped before finishing it: the task may be what kills them"
+                    )
         with self._cv:
             self._inflight += len(jobs)
             for j in jobs:
@@ -896,8 +936,10 @@ class Worker:
                         if v:
                             self.counts[k] += v
                 except Exception:
-                    log.exception("committing %d task outcomes failed; they stay pending in Redis and will be "
-                                  "redelivered", len(jobs))
+                    log.exception(
+                        "committing %d task outcomes failed; they stay pending in Redis and will be redelivered",
+                        len(jobs),
+                    )
                 n = len(jobs)
                 with self._cv:
                     for j in jobs:
@@ -973,8 +1015,13 @@ class Worker:
             bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
             if bad is not None:
                 lost += 1
-                log.error("the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
-                          "redelivered", self._task_id(j), self._task_name(j), bad)
+                log.error(
+                    "the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
+                    "redelivered",
+                    self._task_id(j),
+                    self._task_name(j),
+                    bad,
+                )
                 continue
             later[j.prio].append(j.eid)
             for k in kinds:
@@ -1009,12 +1056,18 @@ class Worker:
 
     def _sized(self, rec: bytes, limit: int, what: str) -> bytes:
         if len(rec) > limit:
-            server = (f", the server's proto-max-bulk-len {self._server_limit:,}" if self._server_limit
-                      else ", the server reset the connection on a bigger one" if limit < self.broker.max_result_bytes
-                      else "")
-            raise _TooLarge(f"{what} is {len(rec):,} bytes, over the limit of {limit:,} (max_result_bytes="
-                            f"{self.broker.max_result_bytes:,}{server}); store large data elsewhere and return a "
-                            "reference to it")
+            server = (
+                f", the server's proto-max-bulk-len {self._server_limit:,}"
+                if self._server_limit
+                else ", the server reset the connection on a bigger one"
+                if limit < self.broker.max_result_bytes
+                else ""
+            )
+            raise _TooLarge(
+                f"{what} is {len(rec):,} bytes, over the limit of {limit:,} (max_result_bytes="
+                f"{self.broker.max_result_bytes:,}{server}); store large data elsewhere and return a "
+                "reference to it"
+            )
         self._largest = max(self._largest, len(rec))
         return rec
 
@@ -1037,8 +1090,11 @@ class Worker:
             return  # Redis is away: an outage, not a limit
         self._resets_with_large = 0
         self._max_result = self._largest - 1
-        log.warning("redis reset the connection twice on a commit holding a %d-byte record while it answers otherwise; "
-                    "results of that size are now refused (its proto-max-bulk-len is lower)", self._largest)
+        log.warning(
+            "redis reset the connection twice on a commit holding a %d-byte record while it answers otherwise; "
+            "results of that size are now refused (its proto-max-bulk-len is lower)",
+            self._largest,
+        )
 
     def _outcome(self, pipe: Any, j: _Job, ctx: tuple[int, int, int, int]) -> tuple[str, ...]:
         """Queue the commands that record one job's outcome; return the counters it moves."""
@@ -1054,10 +1110,19 @@ class Worker:
             if ttl_ms and j.first != j.msg[MSG_ID]:
                 ser = b.serializer.same_format(j.payload)
                 idem = j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY]
-                gone = ser.dumps([1, ["DuplicateTask", f"idempotency key {idem!r} was already done by "
-                                  f"task {j.first}, whose result has expired", ""]])
-                self._copy_result(keys=[b.result_key(j.first), b.result_key(j.msg[MSG_ID])], args=[ttl_ms, gone],
-                                  client=pipe)
+                gone = ser.dumps(
+                    [
+                        1,
+                        [
+                            "DuplicateTask",
+                            f"idempotency key {idem!r} was already done by task {j.first}, whose result has expired",
+                            "",
+                        ],
+                    ]
+                )
+                self._copy_result(
+                    keys=[b.result_key(j.first), b.result_key(j.msg[MSG_ID])], args=[ttl_ms, gone], client=pipe
+                )
             return ("skipped_idempotent",)
         if j.error is not None:
             return self._dead_job(pipe, j, j.error, ctx)
@@ -1068,20 +1133,29 @@ class Worker:
             try:
                 rec = self._sized(ser.dumps(h.wait(0)), limit, "the step's return value")
             except (TypeError, _TooLarge) as exc:
-                err = [type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
-                       f"the step's return value cannot be stored: {exc}", ""]
+                err = [
+                    type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
+                    f"the step's return value cannot be stored: {exc}",
+                    "",
+                ]
                 return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
             wf_key = b.workflow_key(str(j.wf[0]))
-            self._wf_done(keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams, b.delayed_key], args=[j.wf[1], rec, wf_ttl],
-                          client=pipe)
+            self._wf_done(
+                keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams, b.delayed_key],
+                args=[j.wf[1], rec, wf_ttl],
+                client=pipe,
+            )
             return ("succeeded",)
         if status is TaskStatus.SUCCEEDED:
             if ttl_ms:
                 try:
                     rec = self._sized(ser.dumps([0, h.wait(0)]), limit, "the task's return value")
                 except (TypeError, _TooLarge) as exc:
-                    err = [type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
-                           f"the task's return value cannot be stored: {exc}", ""]
+                    err = [
+                        type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
+                        f"the task's return value cannot be stored: {exc}",
+                        "",
+                    ]
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
                         return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
                     rec = ser.dumps([1, err])
@@ -1089,8 +1163,11 @@ class Worker:
                 pipe.rpush(key, rec)
                 pipe.pexpire(key, ttl_ms)
             if j.claim is not None:  # (last: once queued, this job's claim goes with the done key)
-                self._idem_done(keys=[b.done_key(str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY])), j.claim[0]],
-                                args=[j.msg[MSG_ID], idem_ms, j.claim[1]], client=pipe)
+                self._idem_done(
+                    keys=[b.done_key(str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY])), j.claim[0]],
+                    args=[j.msg[MSG_ID], idem_ms, j.claim[1]],
+                    client=pipe,
+                )
                 return ("succeeded", "settled")
             return ("succeeded",)
         try:
@@ -1107,7 +1184,7 @@ class Worker:
         if retry:
             msg = b.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
             if len(msg) < 6:
-                msg += [0, None][len(msg) - 4:]
+                msg += [0, None][len(msg) - 4 :]
             msg[MSG_ATTEMPTS] = attempt + 1
             member = b"%d" % j.prio + ser.dumps(msg)
             delay = min(backoff_ms(cfg, attempt + 1), _MAX_BACKOFF_MS)  # (inf and NaN: the cap)
@@ -1136,8 +1213,15 @@ class Worker:
             out = ser.dumps(rec)
         return out
 
-    def _dead_job(self, pipe: Any, j: _Job, error: str, ctx: tuple[int, int, int, int],
-                  cause: list | None = None, result: bool = True) -> tuple[str, ...]:
+    def _dead_job(
+        self,
+        pipe: Any,
+        j: _Job,
+        error: str,
+        ctx: tuple[int, int, int, int],
+        cause: list | None = None,
+        result: bool = True,
+    ) -> tuple[str, ...]:
         """Dead-letter ``j`` with ``error``; its waiters (or its workflow run) learn why."""
         b = self.broker
         ttl_ms, _, wf_ttl, limit = ctx
@@ -1157,16 +1241,22 @@ class Worker:
     def _outcome_lost(self, pipe: Any, j: _Job, ctx: tuple[int, int, int, int], exc: BaseException) -> tuple[str, ...]:
         """Recording the outcome of ``j`` raised (only this job's commands were dropped): record
         that as its failure. Built from plain strings, so this cannot fail the same way."""
-        log.error("recording the outcome of task %s (%s) failed: %s", self._task_id(j), self._task_name(j),
-                  _describe(exc), exc_info=exc)
+        log.error(
+            "recording the outcome of task %s (%s) failed: %s",
+            self._task_id(j),
+            self._task_name(j),
+            _describe(exc),
+            exc_info=exc,
+        )
         j.wf = j.wf if isinstance(j.wf, list) and len(j.wf) == 4 else None
         err = [type(exc).__name__, f"the outcome of the task could not be recorded: {_describe(exc)}", ""]
         return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
 
     @staticmethod
     def _step_of(j: _Job) -> list | None:
-        opts = (j.msg[MSG_OPTIONS] if j.msg and len(j.msg) > MSG_OPTIONS and isinstance(j.msg[MSG_OPTIONS], dict)
-                else None)
+        opts = (
+            j.msg[MSG_OPTIONS] if j.msg and len(j.msg) > MSG_OPTIONS and isinstance(j.msg[MSG_OPTIONS], dict) else None
+        )
         wf = opts.get(OPT_WORKFLOW) if opts else None
         return wf if isinstance(wf, list) and len(wf) == 4 else None
 
@@ -1177,21 +1267,35 @@ class Worker:
         run_id, _, step, name = (str(x) for x in wf)
         message = f"workflow {name!r}: step {step!r} failed: {cause[0]}: {cause[1]}"
         ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j") else b.serializer
-        rec = ser.dumps([1, [wire_name(WorkflowError), message, cause[2] if len(cause) > 2 else "",
-                             {"workflow": name, "step": step, "cause": cause}]])
+        rec = ser.dumps(
+            [
+                1,
+                [
+                    wire_name(WorkflowError),
+                    message,
+                    cause[2] if len(cause) > 2 else "",
+                    {"workflow": name, "step": step, "cause": cause},
+                ],
+            ]
+        )
         self._wf_failed(keys=[b.workflow_key(run_id), b.result_key(run_id)], args=[rec, ttl_ms], client=pipe)
 
     def _dead(self, pipe: Any, j: _Job, error: str) -> None:
         msg = j.msg
-        pipe.xadd(self.broker.dead_key, {
-            "m": j.payload,
-            "e": error[:8000],
-            "n": str(msg[MSG_NAME]) if msg else "",
-            "i": str(msg[MSG_ID]) if msg else "",
-            "p": j.prio,
-            "t": int(time.time() * 1000),
-            "w": self.consumer,
-        }, maxlen=self.broker.dead_letter_maxlen, approximate=False)  # bounded: the oldest go
+        pipe.xadd(
+            self.broker.dead_key,
+            {
+                "m": j.payload,
+                "e": error[:8000],
+                "n": str(msg[MSG_NAME]) if msg else "",
+                "i": str(msg[MSG_ID]) if msg else "",
+                "p": j.prio,
+                "t": int(time.time() * 1000),
+                "w": self.consumer,
+            },
+            maxlen=self.broker.dead_letter_maxlen,
+            approximate=False,
+        )  # bounded: the oldest go
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
