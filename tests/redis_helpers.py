@@ -71,9 +71,10 @@ class RedisServer:
             try:
                 if client.ping():
                     break
-            except (redis.ConnectionError, redis.BusyLoadingError):
+            except (redis.ConnectionError, redis.BusyLoadingError) as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {open(os.path.join(self.dir, 'redis.log')).read()}")
+                    log = open(os.path.join(self.dir, "redis.log")).read()
+                    raise RuntimeError(f"redis-server did not start: {log}") from exc
                 time.sleep(0.02)
         client.close()
 

@@ -10,16 +10,27 @@ def test_priorities_are_ordered_ints():
 
 def test_status_final_flags():
     assert not TaskStatus.PENDING.is_final and not TaskStatus.RUNNING.is_final
-    assert all(s.is_final for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT))
+    assert all(
+        s.is_final for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT)
+    )
 
 
 def test_defaults():
     c = TaskConfig()
     assert c.priority is TaskPriority.NORMAL
-    assert (c.delay_ms, c.max_retries, c.timeout_ms, c.retry_backoff, c.memory_limit_mb) == (0, 0, None, "exponential", None)
+    assert (c.delay_ms, c.max_retries, c.timeout_ms, c.retry_backoff, c.memory_limit_mb) == (
+        0,
+        0,
+        None,
+        "exponential",
+        None,
+    )
 
 
-@pytest.mark.parametrize("prio, expected", [(TaskPriority.HIGH, TaskPriority.HIGH), (0, TaskPriority.CRITICAL), ("low", TaskPriority.LOW)])
+@pytest.mark.parametrize(
+    "prio, expected",
+    [(TaskPriority.HIGH, TaskPriority.HIGH), (0, TaskPriority.CRITICAL), ("low", TaskPriority.LOW)],
+)
 def test_priority_forms(prio, expected):
     assert TaskConfig(priority=prio).priority is expected
 

@@ -232,7 +232,9 @@ def test_python_block_runs(program: Program, doc_dirs, redis_server_url, tmp_pat
         f"{program.id}: the program logged an exception\n--- stderr\n{proc.stderr}"
     )
     if worker is not None:
-        assert "Traceback (most recent call last)" not in worker_out, f"the worker for {program.id} logged an exception:\n{worker_out}"
+        assert "Traceback (most recent call last)" not in worker_out, (
+            f"the worker for {program.id} logged an exception:\n{worker_out}"
+        )
         assert worker.returncode == 0, f"the worker for {program.id} exited with {worker.returncode}:\n{worker_out}"
 
 

@@ -251,7 +251,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.records.clear()
         self.eng = None
         after = _nodes()
-        assert after == self.baseline, f"{after - self.baseline} task records left after the engine and its handles went"
+        assert after == self.baseline, (
+            f"{after - self.baseline} task records left after the engine and its handles went"
+        )
 
     def _check_all(self):
         for rec in self.records:

@@ -36,7 +36,7 @@ def test_the_dead_letter_stream_keeps_the_newest_dead_letter_maxlen(cluster):
     b = cluster.broker
     for i in range(12):  # undecodable entries: each is dead-lettered at once, in this order
         b.publish_raw(2, b"m\xc1" + str(i).encode())
-        wait_until(lambda: w.counts["dead_lettered"] == i + 1, 20, f"garbage {i} to be dead-lettered")
+        wait_until(lambda i=i: w.counts["dead_lettered"] == i + 1, 20, f"garbage {i} to be dead-lettered")
     assert b.dead_letter_count() == 5
     kept = [d["payload"] for d in b.dead_letters()]
     assert kept == [b"m\xc1" + str(i).encode() for i in range(7, 12)]  # the oldest went

@@ -51,9 +51,9 @@ class Cluster:
         return w
 
     def stop_workers(self) -> None:
-        for w, t in self.workers:
+        for w, _t in self.workers:
             w.stop()
-        for w, t in self.workers:
+        for _w, t in self.workers:
             t.join(30)
             assert not t.is_alive(), "worker did not stop"
         self.workers.clear()

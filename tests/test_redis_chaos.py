@@ -93,7 +93,8 @@ class Load:
                 secs = slow if slow and i % 10 == 0 else 0.0
                 if i % 5 == 0:
                     key = f"{self.prefix}-k{i}"
-                    items.append((i, key, self.p.options(idempotency_key=key).add_task(ft.count_run, self.log_key, i, secs)))
+                    res = self.p.options(idempotency_key=key).add_task(ft.count_run, self.log_key, i, secs)
+                    items.append((i, key, res))
                 else:
                     items.append((i, None, self.p.add_task(ft.count_run, self.log_key, i, secs)))
             if rnd.random() < 0.5:
@@ -119,7 +120,7 @@ class Load:
         pipe = self.b.redis.pipeline(transaction=False)
         for r in pending:
             pipe.lindex(self.b.result_key(r.task_id), 0)
-        for r, raw in zip(pending, pipe.execute()):
+        for r, raw in zip(pending, pipe.execute(), strict=True):  # one reply per command
             r._take(raw)
 
     def collecting(self) -> threading.Event:
@@ -263,7 +264,10 @@ def start_worker(server: RedisServer, proxy: FaultProxy, prefix: str, concurrenc
                CT_TEST_SOCKET_TIMEOUT="2",
                PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen(
-        [sys.executable, "-m", "catzilla_tasks.cli", "worker", "redis_fault_tasks:tasks", "--concurrency", str(concurrency)],
+        [
+            sys.executable, "-m", "catzilla_tasks.cli", "worker", "redis_fault_tasks:tasks",
+            "--concurrency", str(concurrency),
+        ],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -300,7 +304,9 @@ def test_a_seeded_random_fault_schedule(server, proxy):
             elif kind == "delay":
                 proxy.set_delay(rnd.choice([0.0, 0.0, 0.005, 0.05]))
             elif kind == "command":
-                proxy.on_command(rnd.choice(list(MOMENTS.values())), rnd.choice(["reset_before", "reset_after", "blackhole"]))
+                proxy.on_command(
+                    rnd.choice(list(MOMENTS.values())), rnd.choice(["reset_before", "reset_after", "blackhole"])
+                )
             elif kind == "kill":
                 victim = workers.pop(rnd.randrange(len(workers)))
                 os.kill(victim.pid, signal.SIGKILL)

@@ -85,7 +85,9 @@ def test_kill_9_worker_with_hundreds_in_flight_nothing_lost(redis_url, prefix):
         # a producer that re-sends its keyed tasks (it did not see them acknowledged, say):
         # those already finished are no-ops with the first run's result
         with p.batch():
-            again = [p.options(idempotency_key=f"{prefix}-k{i}").add_task(rt.run_once, log, i, s) for i, s in keyed.items()]
+            again = [
+                p.options(idempotency_key=f"{prefix}-k{i}").add_task(rt.run_once, log, i, s) for i, s in keyed.items()
+            ]
         assert [r.wait(30) for r in again] == list(keyed)
         after = collections.Counter(int(x) for x in b.redis.lrange(log, 0, -1))
         assert after == runs  # none of them ran again

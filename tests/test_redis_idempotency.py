@@ -58,7 +58,7 @@ def test_many_copies_on_two_workers_one_effect_per_key(cluster):
                                   .add_task(rt.record_slow, log, f"{k}:{copy}", 0.05))
     cluster.worker(concurrency=8)
     cluster.worker(concurrency=8)
-    for k, rs in results.items():
+    for _k, rs in results.items():
         values = {res.wait(60) for res in rs}
         assert len(values) == 1, values  # every copy of a key: the one outcome
     runs = collections.Counter(x.decode().split(":")[0] for x in r.lrange(log, 0, -1))

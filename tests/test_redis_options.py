@@ -106,7 +106,9 @@ def test_broker_times_must_be_finite(redis_url, field, value):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("opts", [{"timeout_ms": NAN}, {"delay_ms": 1e300}, {"retry_base_ms": INF, "retry_max_ms": INF}])
+@pytest.mark.parametrize(
+    "opts", [{"timeout_ms": NAN}, {"delay_ms": 1e300}, {"retry_base_ms": INF, "retry_max_ms": INF}]
+)
 def test_a_worker_dead_letters_a_message_whose_times_are_out_of_range(redis_url, prefix, monkeypatch, opts):
     """A message from a producer that did not check (an older version, another client): the
     worker refuses its options as add_task would, dead-letters it and goes on."""

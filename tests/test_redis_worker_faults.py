@@ -371,8 +371,13 @@ def test_a_full_engine_does_not_stop_lease_renewal(cluster):
     from catzilla_tasks import BackgroundTasks, QueueFull, _engine
 
     gate = threading.Event()
-    eng = BackgroundTasks(workers=1, min_workers=1, max_workers=1, queue_size=4, broker=RedisBroker(cluster.url, prefix=cluster.prefix,
-                                                                        visibility_timeout=1.0))
+    eng = BackgroundTasks(
+        workers=1,
+        min_workers=1,
+        max_workers=1,
+        queue_size=4,
+        broker=RedisBroker(cluster.url, prefix=cluster.prefix, visibility_timeout=1.0),
+    )
     ft.register(eng)
     cluster.engines.append(eng)
     try:  # the engine full of local work of its own

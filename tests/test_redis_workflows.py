@@ -128,9 +128,14 @@ def test_bad_workflows_are_refused_at_execute(cluster, redis_url, prefix):
     wf.step(rt.echo, object())
     with pytest.raises(TypeError, match="step 'obj_0': cannot encode"):
         wf.execute()
-    no_results = BackgroundTasks(workers=1, min_workers=1, broker=RedisBroker(redis_url, prefix=prefix, result_ttl=0))
-    pickled = BackgroundTasks(workers=1, min_workers=1, broker=RedisBroker(redis_url, prefix=prefix, serializer="pickle",
-                                                            allow_pickle=True))
+    no_results = BackgroundTasks(
+        workers=1, min_workers=1, broker=RedisBroker(redis_url, prefix=prefix, result_ttl=0)
+    )
+    pickled = BackgroundTasks(
+        workers=1,
+        min_workers=1,
+        broker=RedisBroker(redis_url, prefix=prefix, serializer="pickle", allow_pickle=True),
+    )
     try:
         with pytest.raises(ValueError, match="result_ttl=0"):
             chain(call(rt.add, 1, 2), tasks=no_results).execute()
@@ -227,7 +232,9 @@ def test_the_producer_may_exit_right_after_execute(redis_url, prefix):
         wf.step(rt.total, results_of(*xs), step_name="sum")
         print(wf.execute().task_id)
     """)
-    env = dict(os.environ, CT_TEST_REDIS_URL=redis_url, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, CT_TEST_REDIS_URL=redis_url, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     run_id = out.stdout.strip().splitlines()[-1]

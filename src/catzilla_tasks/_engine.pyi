@@ -16,6 +16,7 @@ from .errors import TaskCancelled as TaskCancelled
 _T = TypeVar("_T")
 
 NODE_SIZE: int
+MAX_TIME_NS: int  # CT_MAX_TIME_NS: the longest time (100 years) the engine holds, in ns
 _C_API: object  # PyCapsule "catzilla_tasks._engine._C_API": the C API of catzilla_tasks.h
 
 @final

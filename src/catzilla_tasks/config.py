@@ -137,6 +137,14 @@ class TaskConfig(_engine.ConfigBase):
 
     __slots__ = ("retry_backoff", "memory_limit_mb", "retry_on", "retry_jitter", "isolation", "_hooks", "_retry_ms")
 
+    retry_backoff: RetryBackoff
+    memory_limit_mb: float | None
+    retry_on: tuple[type[BaseException], ...]
+    retry_jitter: bool | None  # as given (None: on for exponential back-off only)
+    isolation: Isolation
+    _hooks: tuple[Any, Any, Any]  # (on_success, on_failure, on_retry)
+    _retry_ms: tuple[float, float, bool]  # (retry_base_ms, retry_max_ms, retry_on_timeout)
+
     def __init__(
         self,
         priority: TaskPriority | int | str = TaskPriority.NORMAL,

@@ -57,10 +57,10 @@ def _report_error(what: str, subject: Any, exc: BaseException | None) -> None:
         log.error("%s %s raised", what, name, exc_info=exc)
 
 
-_CURRENT_ASYNC: contextvars.ContextVar[TaskResult | None] = contextvars.ContextVar("catzilla_task", default=None)
+_CURRENT_ASYNC: contextvars.ContextVar[TaskResult[Any] | None] = contextvars.ContextVar("catzilla_task", default=None)
 
 
-def current_task() -> TaskResult | None:
+def current_task() -> TaskResult[Any] | None:
     """The TaskResult of the task running here (in a worker thread or on the engine's event
     loop), or None outside a task. A long task can check ``current_task().cancel_requested``
     and stop early when someone called ``cancel()`` on it."""
@@ -68,11 +68,11 @@ def current_task() -> TaskResult | None:
     return t if t is not None else _CURRENT_ASYNC.get()
 
 
-def _run_coroutine(engine: BackgroundTasks, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+def _run_coroutine(engine: BackgroundTasks, handle: TaskResult[Any], coro: Coroutine[Any, Any, Any]) -> None:
     engine._loop_runner().submit(handle, coro)
 
 
-def _cancel_async(engine: BackgroundTasks, handle: TaskResult) -> None:
+def _cancel_async(engine: BackgroundTasks, handle: TaskResult[Any]) -> None:
     runner = engine._runner
     if runner is not None:
         runner.cancel(handle._key)
@@ -107,7 +107,7 @@ def _in_pool_child() -> bool:
 
 
 def _isolate(
-    engine: BackgroundTasks, func: Callable[..., Any], args: tuple, kwargs: dict, cfg: TaskConfig
+    engine: BackgroundTasks, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], cfg: TaskConfig
 ) -> Callable[[], Any]:
     from . import isolation
 
@@ -151,7 +151,8 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         import uvloop  # optional extra: faster loop when installed
     except ImportError:
         return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 class _LoopRunner:
@@ -188,10 +189,10 @@ class _LoopRunner:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
-    def submit(self, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+    def submit(self, handle: TaskResult[Any], coro: Coroutine[Any, Any, Any]) -> None:
         self.loop.call_soon_threadsafe(self._start, handle, coro)
 
-    def _start(self, handle: TaskResult, coro: Coroutine[Any, Any, Any]) -> None:
+    def _start(self, handle: TaskResult[Any], coro: Coroutine[Any, Any, Any]) -> None:
         ctx = contextvars.copy_context()
         ctx.run(_CURRENT_ASYNC.set, handle)
         t = self.loop.create_task(coro, context=ctx)
@@ -207,7 +208,7 @@ class _LoopRunner:
         if t is not None:
             t.cancel()
 
-    def _done(self, handle: TaskResult, t: asyncio.Task[Any]) -> None:
+    def _done(self, handle: TaskResult[Any], t: asyncio.Task[Any]) -> None:
         self._tasks.pop(handle._key, None)
         if t.cancelled():
             handle._settle(cancelled=True)
@@ -318,7 +319,7 @@ class _Options:
             cfg = self._config_for(func)  # type: ignore[arg-type]
         return cfg
 
-    def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+    def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult[Any]:
         cfg = self._config
         if cfg is None and self._fields:
             cfg = self._config_for(func)
@@ -358,7 +359,7 @@ class _InitSignature:
     otherwise not report because the class defines ``__new__`` (lifespan() validates an
     engine's keywords with it). Computed on use: inspect is not imported with the engine."""
 
-    def __get__(self, obj: Any, cls: type) -> Any:
+    def __get__(self, obj: Any, cls: type[BackgroundTasks]) -> Any:
         if obj is not None:
             raise AttributeError("__signature__")
         import inspect
@@ -522,7 +523,7 @@ class BackgroundTasks(_engine.Engine):
         tz: datetime.tzinfo | None = None,
         overlap: bool = False,
         first_run_now: bool = False,
-        args: tuple = (),
+        args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         **config: Any,
     ) -> Callable[[F], F]:
@@ -696,7 +697,7 @@ class BackgroundTasks(_engine.Engine):
             cfg = getattr(func, CONFIG_ATTR, None)
             native = _native_of(func)
             plain = cfg is not None and not cfg.max_retries and not cfg.timeout_ms and not any(cfg._hooks)
-            if native is not None and plain and getattr(cfg, "_native", None) is native:
+            if native is not None and plain and cfg is not None and cfg._native is native:
                 res = mapping.map_native(self, native, inp, chunk_size, int(cfg.priority), return_exceptions, out=out)
                 if res is not None:
                     return res
@@ -827,7 +828,7 @@ class BackgroundTasks(_engine.Engine):
     def stats(self) -> dict[str, Any]:
         """Live counters of this engine (queued per priority, running, outcomes, workers)."""
         s = self._stats()
-        s["queued"] = dict(zip((p.name for p in TaskPriority), s["queued"]))
+        s["queued"] = dict(zip((p.name for p in TaskPriority), s["queued"], strict=True))
         return s
 
     @staticmethod

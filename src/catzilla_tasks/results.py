@@ -16,12 +16,12 @@ __all__ = ["TaskResult", "TaskFuture"]
 TaskResult = _engine.TaskResult
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
-def _wake(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> None:
+def _wake(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
     """In the thread that ends the task: hand over to the awaiting loop's thread. If that loop
     has closed meanwhile (the awaiting coroutine was cancelled, its server stopped), nobody is
     left to wake."""
@@ -32,7 +32,7 @@ def _wake(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> None:
             raise
 
 
-async def _await_result(handle: TaskResult) -> Any:
+async def _await_result(handle: TaskResult[Any]) -> Any:
     if not handle.is_ready():
         import asyncio  # loaded already: something is awaiting (imported here so plain use never loads it)
 
@@ -44,11 +44,11 @@ async def _await_result(handle: TaskResult) -> Any:
     return handle.wait(0)
 
 
-def _await_impl(handle: TaskResult) -> Generator[Any, None, Any]:
+def _await_impl(handle: TaskResult[Any]) -> Generator[Any, None, Any]:
     return _await_result(handle).__await__()
 
 
-def _forward(source: TaskResult, target: TaskResult) -> None:
+def _forward(source: TaskResult[Any], target: TaskResult[Any]) -> None:
     """Settle target with source's outcome (source is final)."""
     try:
         status = source.status
@@ -67,7 +67,7 @@ def _forward(source: TaskResult, target: TaskResult) -> None:
         source = target = None  # type: ignore[assignment]
 
 
-def _settle_with(target: TaskResult, value: Any) -> None:
+def _settle_with(target: TaskResult[Any], value: Any) -> None:
     # A callback that returns another task: the chain follows it (like a promise).
     if isinstance(value, TaskFuture):
         value = value._result
@@ -90,7 +90,7 @@ class TaskFuture:
 
     __slots__ = ("_result",)
 
-    def __init__(self, task: TaskResult | TaskFuture | str) -> None:
+    def __init__(self, task: TaskResult[Any] | TaskFuture | str) -> None:
         if isinstance(task, TaskFuture):
             task = task._result
         elif isinstance(task, str):
@@ -99,7 +99,7 @@ class TaskFuture:
             raise TypeError(
                 f"TaskFuture() takes a task id (str), a TaskResult or a TaskFuture, got {type(task).__name__}"
             )
-        self._result: TaskResult = task
+        self._result: TaskResult[Any] = task
 
     @property
     def task_id(self) -> str:
@@ -131,7 +131,7 @@ class TaskFuture:
             raise TypeError(f"then() needs a callable taking the value, got {type(callback).__name__}")
         nxt = _engine.detached()
 
-        def on_done(h: TaskResult) -> None:
+        def on_done(h: TaskResult[Any]) -> None:
             try:
                 if h.status is TaskStatus.SUCCEEDED:
                     try:
@@ -157,7 +157,7 @@ class TaskFuture:
             raise TypeError(f"catch() needs a callable taking the exception, got {type(handler).__name__}")
         nxt = _engine.detached()
 
-        def on_done(h: TaskResult) -> None:
+        def on_done(h: TaskResult[Any]) -> None:
             try:
                 if h.status in (TaskStatus.FAILED, TaskStatus.TIMED_OUT):
                     try:
