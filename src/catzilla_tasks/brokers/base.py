@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
-from typing import Any, ContextManager, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from ..config import TaskConfig, TaskStatus
 from .serialization import Serializer
@@ -95,7 +96,7 @@ class Broker(abc.ABC):
         sent."""
 
     @abc.abstractmethod
-    def batch(self) -> ContextManager[None]:
+    def batch(self) -> AbstractContextManager[None]:
         """A block whose ``submit`` calls (in this thread) are published at its end, all of
         them or none (if the block raises, nothing is published; if publishing fails, the
         error is raised at the end of the block). Nested blocks publish with the outer one."""

@@ -114,9 +114,10 @@ def _broker(args: argparse.Namespace) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
+    from .._redact import redact_url
     from ..engine import BackgroundTasks
     from .producer import DistributedTasks
-    from .redis import RedisBroker, redact_url
+    from .redis import RedisBroker
     from .worker import Worker
 
     tasks = load_app(args.app)

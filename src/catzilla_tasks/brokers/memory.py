@@ -340,7 +340,7 @@ class MemoryBroker(FetchingBroker):
     # -- housekeeping --------------------------------------------------------------------
     def queued(self) -> dict[str, int]:
         with self._cv:
-            out = {p.name: len(q) for p, q in zip(TaskPriority, self._queues)}
+            out = {p.name: len(q) for p, q in zip(TaskPriority, self._queues, strict=True)}
             out["delayed"] = len(self._delayed)
             out["dead"] = len(self._dead)
             return out

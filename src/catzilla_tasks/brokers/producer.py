@@ -12,7 +12,8 @@ only this subclass pays for a Python method, and the broker round trip dwarfs it
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 from ..engine import BackgroundTasks
 from .base import Broker, Result
@@ -51,11 +52,11 @@ class DistributedTasks(BackgroundTasks):
         broker = as_broker(broker)
         if not isinstance(engine, cls):
             engine.__class__ = cls  # same layout: a Python subclass adding no slots
-        engine.broker = broker  # type: ignore[union-attr]
+        engine.broker = broker
         return engine  # type: ignore[return-value]
 
     # -- submission: published to the broker ------------------------------------------------
-    def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """Publish ``func(*args, **kwargs)`` (a registered task function, or its name); returns
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
         return self.broker.submit(func, args, kwargs, None)
@@ -76,7 +77,7 @@ class DistributedTasks(BackgroundTasks):
             "the workflow to the broker (Broker.run_workflow)"
         )
 
-    def batch(self) -> ContextManager[None]:
+    def batch(self) -> AbstractContextManager[None]:
         """Publish every add_task of the block (in this thread) at its end, in as few round
         trips as the broker can (see Broker.batch)."""
         return self.broker.batch()

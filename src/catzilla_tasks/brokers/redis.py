@@ -27,8 +27,8 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast
 
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
@@ -54,6 +54,9 @@ from .protocol import (
     task_name,
 )
 from .serialization import DecodeError, Serializer, msgpack_module
+
+# a stream's entries as XRANGE returns them from a client without decode_responses
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 try:
     import redis as _redis
@@ -119,7 +122,8 @@ def _seconds(value: Any, low: float = 0) -> bool:
 
 def _count(value: Any, high: float = float("inf")) -> bool:
     """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= high
+    # Integral does not declare <=: int() is exact for any Integral (numpy's too)
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= int(value) <= high
 
 
 class RedisBroker(Broker):
@@ -169,7 +173,8 @@ class RedisBroker(Broker):
         _require_redis()
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
-                f"broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., got {redact_url(url)!r}"
+                "broker URL: expected redis://[:password@]host:port/db, rediss://... (TLS) or unix://..., "
+                f"got {redact_url(url)!r}"
             )
         for field, value in (("queue", queue), ("prefix", prefix)):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
@@ -181,9 +186,9 @@ class RedisBroker(Broker):
             )
         if not _seconds(result_ttl):
             raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
-        for field, value in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
-            if not _seconds(value, 0.001):  # 0 would keep them forever: every key must expire
-                raise ValueError(f"{field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {value!r}")
+        for ttl_field, ttl in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
+            if not _seconds(ttl, 0.001):  # 0 would keep them forever: every key must expire
+                raise ValueError(f"{ttl_field}: must be a number of seconds >= 0.001 and at most {_MAX_S}, got {ttl!r}")
         # XADD MAXLEN takes a signed 64-bit count: past it every dead-letter XADD would fail
         if not _count(dead_letter_maxlen, 2**63 - 1):
             raise ValueError(
@@ -399,7 +404,7 @@ class RedisBroker(Broker):
 
             fields.update(head=b"j[0,{", sep=b",", colon=b":", tail=b"}]")
             enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
-        roots: list[tuple[int, bytes]] = []
+        roots: list[tuple[int, bytes, int]] = []
         longest_delay = 0
         for j in range(n):
             func = plan.funcs[j]
@@ -412,7 +417,7 @@ class RedisBroker(Broker):
             kwnames = plan.kwnames[j] or ()
             nargs = len(values) - len(kwnames)
             args = list(values[:nargs])
-            kwargs = dict(zip(kwnames, values[nargs:]))
+            kwargs = dict(zip(kwnames, values[nargs:], strict=True))
             fills = []
             for idx, src in plan.fills[j] or ():
                 where: Any = idx if idx < nargs else kwnames[idx - nargs]
@@ -446,7 +451,7 @@ class RedisBroker(Broker):
         # must not keep its hash for ever: it expires once no step finished for this long
         idle_ms = int(self.workflow_ttl * 1000) + longest_delay
         fields["ttl"] = idle_ms  # each step that succeeds restarts the countdown (WF_STEP_DONE)
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=cast("Mapping[Any, Any]", fields))
         pipe.pexpire(key, idle_ms)
         for prio, payload, delay in roots:
             if delay:
@@ -463,6 +468,8 @@ class RedisBroker(Broker):
         for field, value in run.items():
             if field.startswith(b"v:"):
                 k = run.get(b"k:" + field[2:])
+                if k is None:  # a value without its step's key: not a step's
+                    continue
                 try:
                     out[self.serializer.loads(fmt + k)] = self.serializer.loads(value)
                 except (DecodeError, TypeError):
@@ -474,7 +481,7 @@ class RedisBroker(Broker):
         stores its CANCELLED outcome, unless it has ended."""
         ttl_ms = int(self.result_ttl * 1000) or 3_600_000
         key = self.workflow_key(run_id)
-        name = self.redis.hget(key, "name")
+        name = cast("bytes | None", self.redis.hget(key, "name"))
         label = f"workflow {name.decode(errors='replace')!r}" if name is not None else "workflow"
         rec = self.serializer.dumps(
             [
@@ -515,7 +522,7 @@ class RedisBroker(Broker):
     def dead_letters(self, count: int = 100, start: str = "-") -> list[dict[str, Any]]:
         """Tasks in the dead-letter stream, oldest first: id, task_id, name, error, priority, at."""
         out = []
-        for entry_id, fields in self.redis.xrange(self.dead_key, min=start, count=count):
+        for entry_id, fields in cast(_Entries, self.redis.xrange(self.dead_key, min=start, count=count)):
             f = {k.decode(): v for k, v in fields.items()}
             out.append(
                 {
@@ -544,12 +551,12 @@ class RedisBroker(Broker):
         start = "-"
         # only what is dead now: a re-driven task that fails again is dead-lettered anew, after
         # these; read on, a worker failing it at once would keep this loop going for ever
-        last = self.redis.xrevrange(self.dead_key, count=1)
-        if not last:
+        newest = cast(_Entries, self.redis.xrevrange(self.dead_key, count=1))
+        if not newest:
             return 0
-        end = last[0][0]
+        end = newest[0][0]
         while True:
-            batch = self.redis.xrange(self.dead_key, min=start, max=end, count=500)
+            batch = cast(_Entries, self.redis.xrange(self.dead_key, min=start, max=end, count=500))
             if not batch:
                 break
             pipe = self.redis.pipeline(transaction=False)  # each script is atomic on its own
@@ -591,7 +598,7 @@ class RedisBroker(Broker):
         pipe.zcard(self.delayed_key)
         pipe.xlen(self.dead_key)
         *lens, delayed, dead = pipe.execute()
-        out = {p.name: int(n) for p, n in zip(TaskPriority, lens)}
+        out = {p.name: int(n) for p, n in zip(TaskPriority, lens, strict=True)}
         out["delayed"] = int(delayed)
         out["dead"] = int(dead)
         return out
@@ -675,7 +682,7 @@ class RemoteResult:
         """PENDING until a worker stored the outcome (queued and running are not told apart)."""
         if self._final is None:
             self._check_results()
-            self._take(self._broker.redis.lindex(self._broker.result_key(self.task_id), 0))
+            self._take(cast("bytes | None", self._broker.redis.lindex(self._broker.result_key(self.task_id), 0)))
         return self._final[0] if self._final is not None else TaskStatus.PENDING
 
     def is_ready(self) -> bool:
@@ -707,7 +714,7 @@ class RemoteResult:
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
                     if left is not None and left <= 0:
-                        self._take(client.lindex(key, 0))
+                        self._take(cast("bytes | None", client.lindex(key, 0)))
                     else:
                         self._take(
                             self._broker._blocking_move(
@@ -870,7 +877,7 @@ class _Watcher:
             pipe = client.pipeline(transaction=False)
             for task_id in chunk:
                 pipe.lindex(self._broker.result_key(task_id), 0)
-            for task_id, raw in zip(chunk, pipe.execute(raise_on_error=False)):
+            for task_id, raw in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
                 if raw is not None:
                     with self._cv:
                         entry = self._watched.get(task_id)

@@ -62,7 +62,7 @@ class Serializer:
             packer = None
         if name == "msgpack":
             self._prefix = b"m"
-            self._dumps = packer.pack  # type: ignore[union-attr]
+            self._dumps = packer.pack
         elif name == "json":
             self._prefix = b"j"
             self._dumps = lambda obj: json.dumps(obj, separators=(",", ":")).encode()

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from .. import _engine
 from ..config import TaskConfig, TaskStatus
@@ -58,6 +58,9 @@ log = logging.getLogger("catzilla_tasks.worker")
 _ERRORS = None
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
 _NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)
+# XREADGROUP's reply from a client without decode_responses: [(stream, [(id, fields), ...])],
+# fields None for an entry deleted while pending
+_Read = list[tuple[bytes, list[tuple[bytes, "dict[bytes, bytes] | None"]]]]
 
 
 def _options(msg: list[Any]) -> Any:
@@ -349,7 +352,7 @@ class Worker:
 
         cap = self.broker.max_result_bytes
         try:
-            got = self._r.config_get("proto-max-bulk-len")
+            got = cast("dict[str, str]", self._r.config_get("proto-max-bulk-len"))
             server = int(got.get("proto-max-bulk-len", 0))
         except (redis.ResponseError, ValueError, TypeError):
             server = 0
@@ -444,7 +447,8 @@ class Worker:
         self._committer_exit = True
         self._done_event.set()
         left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic()) + 1.0
-        self._committer.join(left)  # (it gives up by the deadline too: _retrying)
+        committer = cast(threading.Thread, self._committer)  # started by run(), which calls this
+        committer.join(left)  # (it gives up by the deadline too: _retrying)
 
     def _retrying(self, fn: Any, *args: Any, committing: bool = False) -> Any:
         """``fn(*args)``, retried while Redis is unreachable. Once the worker stops, only
@@ -567,9 +571,9 @@ class Worker:
             held = set(self._owned)
         found: list[tuple[int, bytes, Any]] = []
         for prio, s in enumerate(self.broker.streams):
-            last = "0"
+            last: str | bytes = "0"
             while len(found) < free:
-                got = self._r.xreadgroup(GROUP, self.consumer, {s: last}, count=max(100, free))
+                got = cast(_Read, self._r.xreadgroup(GROUP, self.consumer, {s: last}, count=max(100, free)))
                 entries = got[0][1] if got else []
                 if not entries:
                     break
@@ -621,7 +625,7 @@ class Worker:
         for eid in ids:
             pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1, consumername=self.consumer)
         out = {}
-        for eid, rows in zip(ids, pipe.execute()):
+        for eid, rows in zip(ids, pipe.execute(), strict=True):
             if rows:
                 out[eid] = int(rows[0]["times_delivered"])
         return out
@@ -639,7 +643,8 @@ class Worker:
         pipe = self._r.pipeline(transaction=False)
         for prio, ids in by_prio.items():
             for i in range(0, len(ids), 1000):
-                pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, ids[i : i + 1000], justid=True)
+                chunk = cast("list[Any]", ids[i : i + 1000])  # (xclaim's list type is invariant)
+                pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, chunk, justid=True)
         if claims:  # and the leases of the idempotency keys of the copies running here
             lease = int(self.broker.visibility_timeout * 1000)
             streams = self.broker.streams
@@ -738,7 +743,8 @@ class Worker:
                 n = deliveries.get(j.eid, 0)
                 if n > limit and j.error is None:
                     j.error = (
-                        f"catzilla_tasks.errors.WorkerLost: delivered {n} times (max_deliveries={limit}); every worker that took "
+                        f"catzilla_tasks.errors.WorkerLost: delivered {n} times (max_deliveries={limit}); "
+                        "every worker that took "
                         "it stopped before finishing it: the task may be what kills them"
                     )
         with self._cv:
@@ -796,7 +802,7 @@ class Worker:
             return
         try:
             msg = j.msg
-            cfg = j.cfg
+            cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             h = self._submit(j.func, args, kwargs, run_cfg, -1)
@@ -822,7 +828,7 @@ class Worker:
             tokens.append(f"{self.consumer} {j.eid.decode()}")
         replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
         claimed = {}
-        for i, (j, got) in enumerate(zip(keyed, replies)):
+        for i, (j, got) in enumerate(zip(keyed, replies, strict=True)):
             if isinstance(got, list):  # a command on this key failed (see scripts.IDEM_CLAIM)
                 err = got[0].decode(errors="replace") if got and isinstance(got[0], bytes) else repr(got)
                 j.error = f"ResponseError: idempotency key {str(j.msg[5]['k'])!r} cannot be claimed: {err}"
@@ -853,15 +859,15 @@ class Worker:
             if isinstance(srcs, str):
                 j.error = f"DecodeError: bad workflow step options ({srcs}): {j.msg[MSG_OPTIONS]!r:.200}"
                 continue
-            j.wf = j.msg[MSG_OPTIONS][OPT_WORKFLOW]
-            pipe.hmget(b.workflow_key(str(j.wf[0])), ["state", *(f"v:{s}" for s in srcs)])
-            wanted.append((j, srcs))
+            j.wf = wf = j.msg[MSG_OPTIONS][OPT_WORKFLOW]
+            pipe.hmget(b.workflow_key(str(wf[0])), ["state", *(f"v:{s}" for s in srcs)])
+            wanted.append((j, wf, srcs))
         if not wanted:
             return
         replies = pipe.execute(raise_on_error=False)
-        for (j, srcs), reply in zip(wanted, replies):
+        for (j, wf, srcs), reply in zip(wanted, replies, strict=True):
             if isinstance(reply, redis.ResponseError):  # e.g. the run's key is not a hash
-                j.error = f"LookupError: workflow step {j.wf[2]!r}: cannot read its run: {reply}"
+                j.error = f"LookupError: workflow step {wf[2]!r}: cannot read its run: {reply}"
                 continue
             state, *vals = reply
             if state != b"run":
@@ -869,23 +875,24 @@ class Worker:
                 j.first = ""
                 continue
             try:
-                self._fill_step(j, dict(zip(srcs, vals)))
+                self._fill_step(j, dict(zip(srcs, vals, strict=True)))
             except Exception as exc:  # anything else odd about this one step
-                j.error = f"DecodeError: workflow step {j.wf[2]!r}: {_describe(exc)}"
+                j.error = f"DecodeError: workflow step {wf[2]!r}: {_describe(exc)}"
 
     def _fill_step(self, j: _Job, raw: dict[int, bytes | None]) -> None:
         fills = j.msg[MSG_OPTIONS].get(OPT_FILLS) or []
         if not fills:
             return
+        wf = cast("list[Any]", j.wf)  # a workflow step (see _fill_workflow)
         got = {}
         for s_, v in raw.items():
             if v is None:
-                j.error = f"LookupError: workflow step {j.wf[2]!r}: the value of step {s_} is not in Redis"
+                j.error = f"LookupError: workflow step {wf[2]!r}: the value of step {s_} is not in Redis"
                 return
             try:
                 got[s_] = self.broker.serializer.loads(v)
             except DecodeError as exc:
-                j.error = f"DecodeError: workflow step {j.wf[2]!r}: the value of step {s_}: {exc}"
+                j.error = f"DecodeError: workflow step {wf[2]!r}: the value of step {s_}: {exc}"
                 return
         args = list(j.msg[MSG_ARGS])
         kwargs = dict(j.msg[MSG_KWARGS])
@@ -896,16 +903,16 @@ class Worker:
             elif isinstance(where, str):
                 kwargs[where] = value
             else:
-                j.error = f"DecodeError: workflow step {j.wf[2]!r}: bad argument position {where!r}"
+                j.error = f"DecodeError: workflow step {wf[2]!r}: bad argument position {where!r}"
                 return
         j.call = (tuple(args), kwargs)
 
     def _run_config(self, cfg: TaskConfig) -> TaskConfig:
         # retries go through Redis (another worker may run them; they survive a crash)
         key = ("run", id(cfg))
-        hit = self._cfgs.get(key)  # type: ignore[arg-type]
+        hit = self._cfgs.get(key)
         if hit is None:
-            hit = self._cfgs[key] = cfg.replace(max_retries=0, delay_ms=0)  # type: ignore[index]
+            hit = self._cfgs[key] = cfg.replace(max_retries=0, delay_ms=0)
         return hit
 
     def _finished(self, job: _Job, _handle: Any) -> None:
@@ -988,7 +995,7 @@ class Worker:
             else:
                 written.append((j, start, len(stack), kinds))
         if self._claims:  # copies that did not succeed give their key's claim back (best effort)
-            for j, kinds in zip(jobs, all_kinds):
+            for j, kinds in zip(jobs, all_kinds, strict=True):
                 if j.claim is not None and "settled" not in kinds:
                     self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
         self._queue_acks(pipe, acks)
@@ -1172,13 +1179,13 @@ class Worker:
             return ("succeeded",)
         try:
             h.wait(0)
-            exc: BaseException = RuntimeError(f"task ended {status.name}")
+            failure: BaseException = RuntimeError(f"task ended {status.name}")
         except BaseException as e:  # the task's own exception
-            exc = e
-        cfg = j.cfg
+            failure = e
+        cfg = cast(TaskConfig, j.cfg)  # set for every job that ran (j.error is None)
         attempt = j.msg[MSG_ATTEMPTS] if len(j.msg) > MSG_ATTEMPTS else 0
         retry = attempt < cfg.max_retries and (
-            (status is TaskStatus.FAILED and isinstance(exc, cfg.retry_on))
+            (status is TaskStatus.FAILED and isinstance(failure, cfg.retry_on))
             or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
         )
         if retry:
@@ -1194,7 +1201,7 @@ class Worker:
             if due < self._next_due_local:
                 self._next_due_local = due  # the fetch loop blocks no longer than that
             return ("retried",)
-        err = encode_error(exc)
+        err = encode_error(failure)
         if j.wf is None and ttl_ms:
             rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
             key = b.result_key(j.msg[MSG_ID])
