@@ -19,6 +19,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ._math_names import MATH1, MATH2, MATH_INT
+
 INT_MIN = -(2**63)
 TWO53 = 2**53
 F_INT_LIMIT = 9223372036854775808.0  # 2.0**63: floats in [-2**63, 2**63) convert to int64
@@ -504,36 +506,7 @@ def f(a, b):
     _binary(stub, g["f"], g["f"], g["f"])
 
 
-# The math functions whose CPython implementation is the C library's (glibc) function plus
-# error checks, as numba's: the same double. Others (hypot, gamma, fsum, log(x, base), ...)
-# are computed differently by CPython and are not compiled.
-MATH1 = (
-    "sqrt",
-    "exp",
-    "expm1",
-    "log",
-    "log2",
-    "log10",
-    "log1p",
-    "sin",
-    "cos",
-    "tan",
-    "asin",
-    "acos",
-    "atan",
-    "sinh",
-    "cosh",
-    "tanh",
-    "asinh",
-    "acosh",
-    "atanh",
-    "fabs",
-    "erf",
-    "erfc",
-)
-MATH2 = ("atan2", "copysign", "pow")
-MATH_INT = ("floor", "ceil", "trunc")
-MATH_PRED = ("isnan", "isinf", "isfinite")
+# (the lists live in _math_names, which the compiler reads without importing numba)
 
 for _name in MATH1:
     _math1(_name)

@@ -65,6 +65,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _engine
+from ._math_names import MATH1, MATH2, MATH_INT, MATH_PRED
 from .errors import CompileError
 
 if TYPE_CHECKING:
@@ -262,41 +263,9 @@ _CHECKED_BUILTINS = {
     "range": (1, 2, 3),
     "bool": (1,),
 }
-# kept in step with _checked.MATH1/MATH2/MATH_INT/MATH_PRED (that module imports numba)
-_MATH_CALLS = {
-    **{
-        n: 1
-        for n in (
-            "sqrt",
-            "exp",
-            "expm1",
-            "log",
-            "log2",
-            "log10",
-            "log1p",
-            "sin",
-            "cos",
-            "tan",
-            "asin",
-            "acos",
-            "atan",
-            "sinh",
-            "cosh",
-            "tanh",
-            "asinh",
-            "acosh",
-            "atanh",
-            "fabs",
-            "erf",
-            "erfc",
-            "floor",
-            "ceil",
-            "trunc",
-        )
-    },
-    **{n: 2 for n in ("atan2", "copysign", "pow")},
-}
-_MATH_PREDICATES = frozenset({"isnan", "isinf", "isfinite"})
+# the math functions _checked.py compiles, by their number of arguments
+_MATH_CALLS = {**{n: 1 for n in MATH1 + MATH_INT}, **{n: 2 for n in MATH2}}
+_MATH_PREDICATES = frozenset(MATH_PRED)
 _MATH_CONSTANTS = frozenset({"pi", "e", "tau", "inf", "nan"})
 _REFUSED_NODES = {
     ast.Try: "catches exceptions (try): a compiled task signals what it cannot compute exactly with an exception",
