@@ -27,6 +27,7 @@
 #include <structmember.h>
 
 #include <pthread.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #ifdef __linux__
@@ -1491,11 +1492,16 @@ static PyObject *Result_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (!s) return NULL;
     size_t plen = strlen(g_prefix);
     unsigned long long id = 0;
-    int ok = (size_t)len > plen + 1 && strncmp(s, g_prefix, plen) == 0 && s[plen] == '-';
+    int ok = (size_t)len > plen + 1 && (size_t)len <= plen + 1 + 20 && strncmp(s, g_prefix, plen) == 0 &&
+             s[plen] == '-' && s[plen + 1] != '0';
+    /* exactly the decimal digits the engine writes: strtoull alone would take a sign, spaces,
+     * a trailing NUL or a wrapped-around negative number as some other task's id */
+    for (Py_ssize_t i = (Py_ssize_t)plen + 1; ok && i < len; i++) ok = s[i] >= '0' && s[i] <= '9';
     if (ok) {
         char *end = NULL;
+        errno = 0;
         id = strtoull(s + plen + 1, &end, 10);
-        ok = end && *end == '\0' && id > 0;
+        ok = end == s + len && errno == 0 && id > 0;
     }
     PyObject *entry = NULL;
     if (ok) {
