@@ -22,3 +22,30 @@ def test_task_result_refuses_ids_that_only_parse_like_a_live_one():
                 TaskResult(bad)
         gate.set()
         assert h.wait(10) is True
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("second_waits", [True, False])
+def test_two_threads_shutting_down_one_engine_both_return(second_waits):
+    for _ in range(8):
+        eng = BackgroundTasks(workers=2, enable_auto_scaling=False)
+        hs = [eng.add_task(sum, [i]) for i in range(20)]
+        start = threading.Barrier(2)
+        errors = []
+
+        def stop(wait, eng=eng, start=start, errors=errors):
+            start.wait()
+            try:
+                eng.shutdown(wait_for_completion=wait, timeout=20)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=stop, args=(w,), daemon=True) for w in (True, second_waits)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a concurrent shutdown() never returned"
+        assert errors == []
+        assert all(h.status.name in ("SUCCEEDED", "CANCELLED") for h in hs)
+        assert eng.stats()["workers"] == 0
