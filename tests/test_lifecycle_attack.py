@@ -49,3 +49,13 @@ def test_two_threads_shutting_down_one_engine_both_return(second_waits):
         assert errors == []
         assert all(h.status.name in ("SUCCEEDED", "CANCELLED") for h in hs)
         assert eng.stats()["workers"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_inside_a_task_of_the_engine_is_a_clear_error_not_a_wait_for_itself():
+    with BackgroundTasks(workers=2, enable_auto_scaling=False) as eng:
+        h = eng.add_task(eng.shutdown, True, 5)
+        with pytest.raises(RuntimeError, match="inside a task"):
+            h.wait(30)
+        assert not eng.is_shutdown
+        assert eng.add_task(sum, [1, 2]).wait(10) == 3

@@ -752,6 +752,12 @@ class BackgroundTasks(_engine.Engine):
             return
         if timeout is not None and timeout != timeout:  # refused before anything stops
             raise ValueError("shutdown(): timeout is NaN; give seconds >= 0, or None to wait without limit")
+        if self._in_own_task():
+            raise RuntimeError(
+                "shutdown() inside a task of this engine would wait for that task itself (it counts as "
+                "running until it returns): call it from outside the engine's tasks, e.g. the thread "
+                "that made the engine"
+            )
         # Two threads stopping the same engine at once would both stop (and join) its workers;
         # the second caller waits, within its own timeout, for the first to finish instead.
         limit = -1 if timeout is None or timeout == float("inf") else max(0.0, min(timeout, threading.TIMEOUT_MAX))
