@@ -59,3 +59,20 @@ def test_shutdown_inside_a_task_of_the_engine_is_a_clear_error_not_a_wait_for_it
             h.wait(30)
         assert not eng.is_shutdown
         assert eng.add_task(sum, [1, 2]).wait(10) == 3
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_queued_task_gives_its_memory_pool_bytes_back_at_once(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False, memory_pool_mb=1)
+    eng.pause()
+    blob = b"x" * 700_000
+    h = eng.add_task(len, blob)
+    assert eng.stats()["queued_arg_bytes"] >= 700_000
+    assert h.cancel() is True
+    # the room is back while the engine is still paused: the same arguments fit again
+    assert eng.stats()["queued_arg_bytes"] == 0
+    h2 = eng.add_task(len, blob)
+    eng.resume()
+    assert h2.wait(10) == 700_000
+    eng.join(10)
+    assert eng.stats()["queued_arg_bytes"] == 0

@@ -1216,6 +1216,9 @@ static int result_cancel_not_started(ResultObject *self) {
         return 1;
     }
     if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) return 0;
+    /* its arguments no longer count against memory_pool_mb, though the node stays queued
+     * until a worker pops it (uncharge is idempotent: run_one's call then finds nothing) */
+    if (CT_UNLIKELY(self->engine && self->engine->mem_cap > 0)) uncharge(t);
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
     take_callbacks(self->engine, t, CT_CANCELLED);
