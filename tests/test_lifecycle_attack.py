@@ -76,3 +76,15 @@ def test_cancelling_a_queued_task_gives_its_memory_pool_bytes_back_at_once(make_
     assert h2.wait(10) == 700_000
     eng.join(10)
     assert eng.stats()["queued_arg_bytes"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_wait_and_join_refuse_a_bool_timeout_as_delay_ms_and_timeout_ms_do(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    h = eng.add_task(sum, [1, 2])
+    for flag in (True, False):
+        with pytest.raises(TypeError, match="timeout must be a number"):
+            h.wait(flag)
+        with pytest.raises(TypeError, match="timeout must be a number"):
+            eng.join(flag)
+    assert h.wait(10) == 3

@@ -1042,7 +1042,8 @@ static void Result_dealloc(ResultObject *self) {
 static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fname) {
     *deadline = 0;
     if (timeout == NULL || timeout == Py_None) return 0;
-    double s = PyFloat_AsDouble(timeout);
+    /* a bool is refused as at every other time entry point (wait(True) is a mistake, not 1 s) */
+    double s = PyBool_Check(timeout) ? (PyErr_SetNone(PyExc_TypeError), -1.0) : PyFloat_AsDouble(timeout);
     if (s == -1.0 && PyErr_Occurred()) {
         PyErr_Format(PyExc_TypeError, "%s(): timeout must be a number of seconds or None, got %.100s", fname,
                      Py_TYPE(timeout)->tp_name);
