@@ -88,3 +88,15 @@ def test_wait_and_join_refuse_a_bool_timeout_as_delay_ms_and_timeout_ms_do(make_
         with pytest.raises(TypeError, match="timeout must be a number"):
             eng.join(flag)
     assert h.wait(10) == 3
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_waiting_gives_back_the_memory_pool_bytes_of_the_tasks_it_cancels():
+    eng = BackgroundTasks(workers=2, enable_auto_scaling=False, memory_pool_mb=1)
+    eng.pause()
+    held = [eng.add_task(len, b"x" * 1000) for _ in range(3)]
+    held.append(eng.options(delay_ms=60_000).add_task(len, b"y" * 1000))
+    assert eng.stats()["queued_arg_bytes"] > 4000
+    eng.shutdown(wait_for_completion=False, timeout=20)
+    assert all(h.status.name == "CANCELLED" for h in held)
+    assert eng.stats()["queued_arg_bytes"] == 0  # while the handles still live

@@ -867,12 +867,17 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
 }
 
 /* A popped task cancelled before it started (ct_engine_cancel_queued). */
-static void hook_skip(ct_engine *e, ct_task *t) { complete_py((EngineObject *)e->hooks.ctx, t, CT_CANCELLED, NULL); }
+static void hook_skip(ct_engine *e, ct_task *t) {
+    EngineObject *eng = (EngineObject *)e->hooks.ctx;
+    if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued (a handle may keep the node) */
+    complete_py(eng, t, CT_CANCELLED, NULL);
+}
 
 /* Entries left in the timer when the engine stops (called with no GIL held). A delayed task
  * that never became due ends CANCELLED here: its callbacks learn of it. */
 static void hook_drop_entry(ct_engine *e, ct_timer_entry *en) {
     PyGILState_STATE g = PyGILState_Ensure();
+    if (CT_UNLIKELY(((EngineObject *)e->hooks.ctx)->mem_cap > 0)) uncharge(en->task);   /* never queued now */
     if (en->kind == CT_TIMER_READY && ct_task_status(en->task) == CT_CANCELLED)
         take_callbacks((EngineObject *)e->hooks.ctx, en->task, CT_CANCELLED);
     ct_task_decref(&e->hooks, en->task);
