@@ -456,6 +456,7 @@ class BackgroundTasks(_engine.Engine):
         self._closing = False  # shutdown() called
         self._forked = False  # this process is a fork of the one that made the engine
         self._finisher: threading.Thread | None = None  # stops the threads after a timed-out shutdown
+        self._shutdown_lock = threading.Lock()  # one shutdown() at a time: a second one waits for it
         self._created_seq = next(_created)
         _live.add(self)
         # SIGTERM runs what is queued, then exits (main thread only; see _signals.py)
@@ -751,6 +752,30 @@ class BackgroundTasks(_engine.Engine):
             return
         if timeout is not None and timeout != timeout:  # refused before anything stops
             raise ValueError("shutdown(): timeout is NaN; give seconds >= 0, or None to wait without limit")
+        if self._in_own_task():
+            raise RuntimeError(
+                "shutdown() inside a task of this engine would wait for that task itself (it counts as "
+                "running until it returns): call it from outside the engine's tasks, e.g. the thread "
+                "that made the engine"
+            )
+        # Two threads stopping the same engine at once would both stop (and join) its workers;
+        # the second caller waits, within its own timeout, for the first to finish instead.
+        limit = -1 if timeout is None or timeout == float("inf") else max(0.0, min(timeout, threading.TIMEOUT_MAX))
+        if not self._shutdown_lock.acquire(timeout=limit):
+            running = self._stats()["running"]
+            raise ShutdownTimeout(
+                f"shutdown(): another shutdown() of this engine did not finish within {timeout} s",
+                0,
+                running,
+            )
+        try:
+            self._shutdown(wait_for_completion, timeout)
+        finally:
+            self._shutdown_lock.release()
+
+    def _shutdown(self, wait_for_completion: bool, timeout: float | None) -> None:
+        if self._shutdown_done:
+            return
         if self._forked:  # a forked child: this engine's threads are the parent's
             self._closing = self._shutdown_done = True
             return

@@ -27,6 +27,7 @@
 #include <structmember.h>
 
 #include <pthread.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #ifdef __linux__
@@ -866,12 +867,17 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
 }
 
 /* A popped task cancelled before it started (ct_engine_cancel_queued). */
-static void hook_skip(ct_engine *e, ct_task *t) { complete_py((EngineObject *)e->hooks.ctx, t, CT_CANCELLED, NULL); }
+static void hook_skip(ct_engine *e, ct_task *t) {
+    EngineObject *eng = (EngineObject *)e->hooks.ctx;
+    if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued (a handle may keep the node) */
+    complete_py(eng, t, CT_CANCELLED, NULL);
+}
 
 /* Entries left in the timer when the engine stops (called with no GIL held). A delayed task
  * that never became due ends CANCELLED here: its callbacks learn of it. */
 static void hook_drop_entry(ct_engine *e, ct_timer_entry *en) {
     PyGILState_STATE g = PyGILState_Ensure();
+    if (CT_UNLIKELY(((EngineObject *)e->hooks.ctx)->mem_cap > 0)) uncharge(en->task);   /* never queued now */
     if (en->kind == CT_TIMER_READY && ct_task_status(en->task) == CT_CANCELLED)
         take_callbacks((EngineObject *)e->hooks.ctx, en->task, CT_CANCELLED);
     ct_task_decref(&e->hooks, en->task);
@@ -1041,7 +1047,8 @@ static void Result_dealloc(ResultObject *self) {
 static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fname) {
     *deadline = 0;
     if (timeout == NULL || timeout == Py_None) return 0;
-    double s = PyFloat_AsDouble(timeout);
+    /* a bool is refused as at every other time entry point (wait(True) is a mistake, not 1 s) */
+    double s = PyBool_Check(timeout) ? (PyErr_SetNone(PyExc_TypeError), -1.0) : PyFloat_AsDouble(timeout);
     if (s == -1.0 && PyErr_Occurred()) {
         PyErr_Format(PyExc_TypeError, "%s(): timeout must be a number of seconds or None, got %.100s", fname,
                      Py_TYPE(timeout)->tp_name);
@@ -1215,6 +1222,9 @@ static int result_cancel_not_started(ResultObject *self) {
         return 1;
     }
     if (!ct_task_cancel(self->engine ? self->engine->e : NULL, t)) return 0;
+    /* its arguments no longer count against memory_pool_mb, though the node stays queued
+     * until a worker pops it (uncharge is idempotent: run_one's call then finds nothing) */
+    if (CT_UNLIKELY(self->engine && self->engine->mem_cap > 0)) uncharge(t);
     /* Callbacks of a cancelled task: done callbacks learn of it now (the node itself is
      * dropped when a worker pops it). */
     take_callbacks(self->engine, t, CT_CANCELLED);
@@ -1491,11 +1501,16 @@ static PyObject *Result_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (!s) return NULL;
     size_t plen = strlen(g_prefix);
     unsigned long long id = 0;
-    int ok = (size_t)len > plen + 1 && strncmp(s, g_prefix, plen) == 0 && s[plen] == '-';
+    int ok = (size_t)len > plen + 1 && (size_t)len <= plen + 1 + 20 && strncmp(s, g_prefix, plen) == 0 &&
+             s[plen] == '-' && s[plen + 1] != '0';
+    /* exactly the decimal digits the engine writes: strtoull alone would take a sign, spaces,
+     * a trailing NUL or a wrapped-around negative number as some other task's id */
+    for (Py_ssize_t i = (Py_ssize_t)plen + 1; ok && i < len; i++) ok = s[i] >= '0' && s[i] <= '9';
     if (ok) {
         char *end = NULL;
+        errno = 0;
         id = strtoull(s + plen + 1, &end, 10);
-        ok = end && *end == '\0' && id > 0;
+        ok = end == s + len && errno == 0 && id > 0;
     }
     PyObject *entry = NULL;
     if (ok) {
