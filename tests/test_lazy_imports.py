@@ -142,7 +142,7 @@ def test_tasks_decorated_with_compile_to_c_false_do_not_load_the_compiler():
 
 
 def test_mapping_plain_functions_does_not_load_the_compiler():
-    # tasks.map's plumbing is mapping.py; only a compiled task needs compiler.py
+    # tasks.map's plumbing is mapping.py; only a compiled task needs compiler/
     got = run("""
         import json, sys
         from catzilla_tasks import BackgroundTasks
