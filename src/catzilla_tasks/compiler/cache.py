@@ -1,7 +1,8 @@
 """The compiled trampolines' disk cache: where it is, the key of an entry (everything numba
 compiles into it), its trust rules (ownership, permissions, no symlink on the way, no FIFO
 opened, numba's files checked against our manifest), atomic writes, and loading a trampoline
-from it or in memory. See "Compiled tasks" in docs/compiling.md and SECURITY.md."""
+from it or in memory. The rules are in the comment below; docs/compiling.md ("The disk cache")
+and SECURITY.md say what they protect against."""
 
 from __future__ import annotations
 
