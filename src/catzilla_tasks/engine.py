@@ -131,6 +131,16 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
     )
 
 
+def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple, kwargs: Any, cfg: Any, block: Any) -> Any:
+    # the C add_task/_submit when tracing is on (see tracing.py): tracing is imported on first use
+    from . import tracing
+
+    if not tracing.provider_set():
+        return engine._submit_plain(func, args, kwargs, cfg, block)
+    return tracing.submit_local(engine, func, args, kwargs, cfg, block)
+
+
+_engine._set_trace_hook(_trace_submit)
 _engine._set_hooks(
     failed=_failed,
     status_members=tuple(TaskStatus),
@@ -392,6 +402,7 @@ class BackgroundTasks(_engine.Engine):
         exit_timeout: float | None = 30.0,
         name: str = "catzilla-tasks",
         handle_sigterm: bool = True,
+        tracing: bool = True,
         broker: Any = None,
     ) -> None:
         if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
@@ -425,10 +436,15 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(
                 f"workers ({workers}) must be between min_workers ({min_workers}) and max_workers ({max_workers})"
             )
+        if not isinstance(tracing, bool):
+            raise ValueError(f"tracing: expected True or False, got {tracing!r}")
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
+        # OpenTelemetry spans around add_task and the run, when a tracer provider is set (tracing.py)
+        self.tracing = tracing
+        self._set_tracing(tracing)
         # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
         # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
         self.memory_pool_mb = memory_pool_mb

@@ -41,6 +41,7 @@ enum ct_status {
 #define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
 #define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
 #define CT_F_KWNAMES   0x800u  /* module.c: arg ends with the keyword names (vectorcall style) */
+#define CT_F_CONTEXT   0x1000u /* module.c: arg ends with the submitter's contextvars.Context */
 #define CT_F_OBSERVED  0x8000u /* module.c: someone read the outcome (a failure is then not logged) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 

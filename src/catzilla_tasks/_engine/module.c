@@ -66,6 +66,10 @@ static PyObject *g_charges;           /* {node address: (engine address, bytes)}
                                        * with a memory cap, and the bytes their arguments hold */
 static PyObject *g_getsizeof;         /* sys.getsizeof */
 static PyObject *QueueFullError, *TaskCancelledError;
+/* tracing (tracing.py, see trace_wanted): f(engine, func, args, kwargs, config, block_timeout) */
+static PyObject *g_trace_submit;
+static PyObject *g_otel_dict;         /* opentelemetry.trace's globals, once it is imported */
+static PyObject *g_str_otel_trace, *g_str_tracer_provider;
 static char g_prefix[16];
 static uint64_t g_mono0;
 static double g_wall0;
@@ -88,6 +92,7 @@ struct EngineObject {
     int64_t arg_bytes;      /* bytes of the arguments of its queued tasks (GIL), while mem_cap */
     _Atomic int closing;    /* ENGINE_OPEN, ENGINE_OUTSIDE_CLOSED (shutdown drains: see
                              * closed_to_caller) or ENGINE_FORKED (this process is a fork) */
+    int tracing;            /* BackgroundTasks(tracing=...): see trace_wanted */
 };
 enum { ENGINE_OPEN = 0, ENGINE_OUTSIDE_CLOSED = 1, ENGINE_FORKED = 2 };
 
@@ -656,7 +661,61 @@ static PyObject *run_native(ct_task *t) {
 
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
  * its end (one clock read per task). */
+static uint64_t run_one_in(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
+
+/* ---- contextvars: a Python task runs in the context its add_task ran in ----
+ * enqueue_node keeps a copy of the submitter's context (PyContext_CopyCurrent: the values of
+ * its context variables, shared, not copied one by one) at the end of the node's argument
+ * tuple, flagged CT_F_CONTEXT. The worker enters it for the whole attempt: the call, the
+ * hand-off of an async task's coroutine to the event loop (which copies the context it is
+ * called in, as asyncio does), the config's hooks. What the task sets stays in that copy. */
 static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
+    PyObject *a = (PyObject *)t->arg;
+    if (!(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_CONTEXT) || !a)
+        return run_one_in(w, eng, t, now);
+    /* a copy of the snapshot (several tasks may share one, and run at once) */
+    PyObject *ctx = PyContext_Copy(PyTuple_GET_ITEM(a, PyTuple_GET_SIZE(a) - 1));
+    int entered = ctx && PyContext_Enter(ctx) == 0;
+    if (!entered) PyErr_Clear();   /* (out of memory: the task runs in the worker's context) */
+    uint64_t end = run_one_in(w, eng, t, now);
+    if (entered && PyContext_Exit(ctx) < 0) PyErr_Clear();
+    Py_XDECREF(ctx);
+    return end;
+}
+
+/* The snapshot of the calling thread's context for a task (a new reference), or NULL when it
+ * holds no variables (the task then runs in its worker's context: nothing to see). A thread
+ * that submits many tasks without changing its context variables shares one snapshot: the
+ * thread state's (context, version) pair changes on every ContextVar.set and context switch. */
+static _Thread_local PyThreadState *tl_snap_ts;
+static _Thread_local PyObject *tl_snap_ctx;   /* the context seen (identity only) */
+static _Thread_local uint64_t tl_snap_ver;
+static _Thread_local PyObject *tl_snap;       /* its snapshot (owned), or NULL if empty */
+
+static PyObject *context_snapshot(int *err) {
+    PyThreadState *ts = PyThreadState_Get();
+    *err = 0;
+    if (!ts->context) return NULL;   /* this thread never used a context variable */
+    if (ts == tl_snap_ts && ts->context == tl_snap_ctx && ts->context_ver == tl_snap_ver)
+        return Py_XNewRef(tl_snap);
+    PyObject *snap = PyContext_CopyCurrent();
+    if (!snap) {
+        *err = 1;
+        return NULL;
+    }
+    Py_ssize_t n = PyObject_Size(snap);
+    if (n <= 0) {
+        PyErr_Clear();
+        Py_CLEAR(snap);
+    }
+    Py_XSETREF(tl_snap, snap);
+    tl_snap_ts = ts;
+    tl_snap_ctx = ts->context;
+    tl_snap_ver = ts->context_ver;
+    return Py_XNewRef(snap);
+}
+
+static uint64_t run_one_in(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
     if (t->kind == CT_KIND_C) {
         Py_BEGIN_ALLOW_THREADS
         ct_engine_run_c(w, t);
@@ -694,13 +753,15 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
     } else {
         PyObject *a = (PyObject *)t->arg, *kw = NULL;
         Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0, nkw = 0;
-        if (atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_KWNAMES) {
+        uint32_t flags = atomic_load_explicit(&t->state, memory_order_relaxed);
+        if (flags & CT_F_CONTEXT) n--;   /* (entered by run_one) */
+        if (flags & CT_F_KWNAMES) {
             kw = PyTuple_GET_ITEM(a, --n);
             nkw = PyTuple_GET_SIZE(kw);
         }
         tl_current = t;
         tl_current_engine = eng;
-        res = PyObject_Vectorcall((PyObject *)t->fn, a ? &PyTuple_GET_ITEM(a, 0) : NULL, (size_t)(n - nkw), kw);
+        res = PyObject_Vectorcall((PyObject *)t->fn, n ? &PyTuple_GET_ITEM(a, 0) : NULL, (size_t)(n - nkw), kw);
         tl_current = NULL;
         tl_current_engine = NULL;
     }
@@ -1879,20 +1940,33 @@ static PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *cons
                               PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns) {
     ct_task *t = ct_task_new();
     if (!t) return PyErr_NoMemory();
-    PyObject *arg = NULL;
-    if (nvalues > 0) {
-        /* keyword names ride at the end of the values (one object less per task) */
-        arg = PyTuple_New(nvalues + (kwnames != NULL));
-        if (!arg) goto fail_node;
+    /* keyword names ride at the end of the values (one object less per task), then the
+     * snapshot of the submitter's context, if it has variables (see run_one) */
+    int err;
+    PyObject *ctx = context_snapshot(&err), *arg = NULL;
+    if (err) goto fail_node;
+    Py_ssize_t size = nvalues + (kwnames != NULL) + (ctx != NULL);
+    if (size > 0) {
+        arg = PyTuple_New(size);
+        if (!arg) {
+            Py_XDECREF(ctx);
+            goto fail_node;
+        }
         for (Py_ssize_t i = 0; i < nvalues; i++) {
             Py_INCREF(values[i]);
             PyTuple_SET_ITEM(arg, i, values[i]);
         }
+        uint32_t flags = 0;
         if (kwnames) {
             Py_INCREF(kwnames);
             PyTuple_SET_ITEM(arg, nvalues, kwnames);
-            atomic_store_explicit(&t->state, CT_PENDING | CT_F_KWNAMES, memory_order_relaxed);
+            flags |= CT_F_KWNAMES;
         }
+        if (ctx) {
+            PyTuple_SET_ITEM(arg, size - 1, ctx);
+            flags |= CT_F_CONTEXT;
+        }
+        if (flags) atomic_store_explicit(&t->state, CT_PENDING | flags, memory_order_relaxed);
     }
     Py_INCREF(func);
     t->fn = func;
@@ -2071,6 +2145,43 @@ done:
     return NULL;
 }
 
+/* ---- tracing (tracing.py) ----
+ * On for an engine made with tracing=True once opentelemetry.trace is imported and a global
+ * tracer provider is set: read here with no Python frame, as the module's _TRACER_PROVIDER
+ * global (None until set; set once per process). When it is on, add_task and _submit go
+ * through tracing.submit_local (a PRODUCER span, the task wrapped in its CONSUMER span), which
+ * queues with _submit_plain. Off, the cost is a dict lookup or two. */
+static int trace_wanted(EngineObject *self) {
+    if (!self->tracing || !g_trace_submit) return 0;
+    if (!g_otel_dict) {
+        PyObject *m = PyDict_GetItemWithError(PyImport_GetModuleDict(), g_str_otel_trace);
+        if (!m || !PyModule_Check(m)) {
+            PyErr_Clear();
+            return 0;
+        }
+        g_otel_dict = Py_NewRef(PyModule_GetDict(m));
+    }
+    PyObject *p = PyDict_GetItemWithError(g_otel_dict, g_str_tracer_provider);
+    if (p) return p != Py_None;
+    PyErr_Clear();
+    return 1;   /* an API without that global: tracing.submit_local asks it */
+}
+
+static PyObject *trace_add_task(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t npos,
+                                PyObject *kwnames) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *pos = PyTuple_New(npos), *kw = PyDict_New(), *r = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 0; i < npos; i++) PyTuple_SET_ITEM(pos, i, Py_NewRef(values[i]));
+    for (Py_ssize_t i = 0; i < nkw; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
+    r = PyObject_CallFunctionObjArgs(g_trace_submit, (PyObject *)self, func, pos, kw, Py_None, Py_None, NULL);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    return r;
+}
+
 static PyObject *Engine_add_task(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     if (CT_UNLIKELY(!self->e) && engine_check(self) < 0) return NULL;
     if (CT_UNLIKELY(nargs < 1)) {
@@ -2079,16 +2190,29 @@ static PyObject *Engine_add_task(EngineObject *self, PyObject *const *args, Py_s
     }
     PyObject *func = args[0];
     if (CT_UNLIKELY(!PyCallable_Check(func))) return not_callable(func), NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (CT_UNLIKELY(trace_wanted(self))) return trace_add_task(self, func, args + 1, nargs - 1, kwnames);
     int priority = 2;
     ConfigObject *cfg = lookup_config(func);
     if (cfg) priority = cfg->priority;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     return enqueue(self, func, args + 1, nargs - 1 + nkw, nkw ? kwnames : NULL, priority, cfg, 0,
                    cfg ? cfg->native : NULL);
 }
 
-/* _submit(func, args: tuple, kwargs: dict | None, config: ConfigBase | None, block_timeout) */
+static PyObject *Engine_submit_plain(EngineObject *self, PyObject *args);
+
+/* _submit(func, args: tuple, kwargs: dict | None, config: ConfigBase | None, block_timeout):
+ * the engine's own submissions (options().add_task, periodic runs, workflow steps), traced
+ * as add_task is. _submit_plain: the same, never traced (tracing.py, the brokers' workers). */
 static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
+    if (CT_UNLIKELY(trace_wanted(self)) && PyTuple_GET_SIZE(args) == 5 && PyCallable_Check(PyTuple_GET_ITEM(args, 0)))
+        return PyObject_CallFunctionObjArgs(g_trace_submit, (PyObject *)self, PyTuple_GET_ITEM(args, 0),
+                                            PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2),
+                                            PyTuple_GET_ITEM(args, 3), PyTuple_GET_ITEM(args, 4), NULL);
+    return Engine_submit_plain(self, args);
+}
+
+static PyObject *Engine_submit_plain(EngineObject *self, PyObject *args) {
     PyObject *func, *pargs, *kwargs, *config, *block;
     if (engine_check(self) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "OO!OOO:_submit", &func, &PyTuple_Type, &pargs, &kwargs, &config, &block)) return NULL;
@@ -2818,6 +2942,14 @@ static PyObject *Engine_accepts_here(EngineObject *self, PyObject *unused) {
     return PyBool_FromLong(atomic_load(&self->e->accepting) && !closed_to_caller(self));
 }
 
+/* _set_tracing(bool): BackgroundTasks(tracing=...) (see trace_wanted). */
+static PyObject *Engine_set_tracing(EngineObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    self->tracing = on;
+    Py_RETURN_NONE;
+}
+
 /* _set_memory_cap(bytes): memory_pool_mb (0: no cap). */
 static PyObject *Engine_set_memory_cap(EngineObject *self, PyObject *arg) {
     if (engine_check(self) < 0) return NULL;
@@ -3495,6 +3627,8 @@ static PyMethodDef Engine_methods[] = {
     {"_close_to_outside", (PyCFunction)Engine_close_to_outside, METH_NOARGS, NULL},
     {"_forget_after_fork", (PyCFunction)Engine_forget_after_fork, METH_NOARGS, NULL},
     {"_set_memory_cap", (PyCFunction)Engine_set_memory_cap, METH_O, NULL},
+    {"_set_tracing", (PyCFunction)Engine_set_tracing, METH_O, NULL},
+    {"_submit_plain", (PyCFunction)Engine_submit_plain, METH_VARARGS, NULL},
     {"_accepts_here", (PyCFunction)Engine_accepts_here, METH_NOARGS, NULL},
     {"_cancel_queued", (PyCFunction)Engine_cancel_queued, METH_NOARGS, NULL},
     {"_stop_workers", (PyCFunction)Engine_stop_workers, METH_NOARGS, NULL},
@@ -3630,7 +3764,23 @@ static PyObject *mod_memory_stats(PyObject *m, PyObject *unused) {
 
 static PyObject *mod_live_ids(PyObject *m, PyObject *unused) { return PyLong_FromSsize_t(PyDict_GET_SIZE(g_registry)); }
 
+/* _set_trace_hook(f): tracing.submit_local (see trace_wanted); set once by engine.py. */
+static PyObject *mod_set_trace_hook(PyObject *m, PyObject *fn) {
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "_set_trace_hook(): expected a callable");
+        return NULL;
+    }
+    if (!g_str_otel_trace) {
+        g_str_otel_trace = PyUnicode_InternFromString("opentelemetry.trace");
+        g_str_tracer_provider = PyUnicode_InternFromString("_TRACER_PROVIDER");
+        if (!g_str_otel_trace || !g_str_tracer_provider) return NULL;
+    }
+    Py_XSETREF(g_trace_submit, Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
+    {"_set_trace_hook", (PyCFunction)mod_set_trace_hook, METH_O, NULL},
     {"_set_hooks", (PyCFunction)(void (*)(void))mod_set_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
     {"memory_stats", (PyCFunction)mod_memory_stats, METH_NOARGS,
      "Memory of the task-node slab: bytes taken from the system, nodes in use, bytes per node."},

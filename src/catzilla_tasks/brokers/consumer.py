@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from .. import _engine
+from .. import tracing as _tracing
 from ..config import TaskConfig, TaskStatus
 from .base import Delivery, FetchingBroker
 from .protocol import (
@@ -29,6 +30,7 @@ from .protocol import (
     OPT_IDEMPOTENCY_KEY,
     OPT_WORKFLOW,
     STATUS_CODES,
+    headers_of,
     encode_error,
 )
 
@@ -124,7 +126,9 @@ class Consumer:
                 cfg = cfg.replace(**fields)
             if cfg.delay_ms:  # the broker applied the delay already
                 cfg = cfg.replace(delay_ms=0)
-            handle = _engine.Engine._submit(self.tasks, func, tuple(args), kwargs, cfg, -1)
+            if getattr(self.tasks, "tracing", True) and _tracing.provider_set():  # (tracing hook)
+                func = _tracing.consumer(func, headers_of(msg), task_id, name, f"q{int(cfg.priority)}")
+            handle = _engine.Engine._submit_plain(self.tasks, func, tuple(args), kwargs, cfg, -1)
         except Exception as exc:  # bad options or arguments, engine shut down: the task fails
             self._fail(d, task_id, f"{type(exc).__name__}: could not start the task: {exc}")
             return

@@ -15,8 +15,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from .. import tracing as _tracing
+from ..config import TaskConfig
 from ..engine import BackgroundTasks
 from .base import Broker, Result
+from .protocol import CONFIG_ATTR, DEFAULT_CONFIG, OUTGOING_HEADERS
 
 
 def as_broker(broker: Any) -> Broker:
@@ -59,16 +62,20 @@ class DistributedTasks(BackgroundTasks):
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """Publish ``func(*args, **kwargs)`` (a registered task function, or its name); returns
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
+        if self.tracing and _tracing.provider_set():  # (tracing hook: see _traced)
+            return _traced(self.broker, func, args, kwargs, None, None)
         return self.broker.submit(func, args, kwargs, None)
 
     def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:  # type: ignore[override]
         """As BackgroundTasks.options (validated the same way, at the call site), plus
         ``idempotency_key``: of the copies of a task with one key, one succeeds (see the broker
         contract)."""
-        return RemoteOptions(self.broker, super().options(**fields), idempotency_key)
+        return RemoteOptions(self, super().options(**fields), idempotency_key)
 
     def _submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, block: Any) -> Any:
         # the engine's internal submission (periodic tasks, integrations) publishes too
+        if self.tracing and _tracing.provider_set():
+            return _traced(self.broker, func, args, kwargs, cfg, None)
         return self.broker.submit(func, args, kwargs, cfg)
 
     def _gates(self, *_: Any, **__: Any) -> Any:
@@ -91,12 +98,28 @@ class RemoteOptions:
     """``tasks.options(...)`` on a DistributedTasks: the engine's validated options plus
     ``idempotency_key``."""
 
-    __slots__ = ("_broker", "_key", "_options")
+    __slots__ = ("_engine", "_broker", "_key", "_options")
 
-    def __init__(self, broker: Broker, options: Any, key: str | None) -> None:
-        self._broker = broker
+    def __init__(self, engine: DistributedTasks, options: Any, key: str | None) -> None:
+        self._engine = engine
+        self._broker = engine.broker
         self._options = options
         self._key = key
 
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
-        return self._broker.submit(func, args, kwargs, self._options.config_for_call(func), self._key)
+        cfg = self._options.config_for_call(func)
+        if self._engine.tracing and _tracing.provider_set():
+            return _traced(self._broker, func, args, kwargs, cfg, self._key)
+        return self._broker.submit(func, args, kwargs, cfg, self._key)
+
+
+# -- tracing hook (the [otel] extra; see catzilla_tasks.tracing) -------------------------------
+def _traced(broker: Broker, func: Any, args: tuple, kwargs: dict[str, Any], cfg: Any, key: str | None) -> Any:
+    """``broker.submit`` in a PRODUCER span whose trace context the message carries."""
+    own = cfg if cfg is not None else getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
+    prio = int(own.priority) if isinstance(own, TaskConfig) else int(DEFAULT_CONFIG.priority)
+    streams = getattr(broker, "streams", None)
+    destination = streams[prio] if isinstance(streams, (tuple, list)) and len(streams) > prio else f"q{prio}"
+    if key is None:
+        return _tracing.publish(lambda: broker.submit(func, args, kwargs, cfg), func, destination, OUTGOING_HEADERS)
+    return _tracing.publish(lambda: broker.submit(func, args, kwargs, cfg, key), func, destination, OUTGOING_HEADERS)

@@ -2,8 +2,11 @@
 another module's private fields.
 
 A **message** (one queued task) is a serialized list
-``[task id, task name, args, kwargs, attempts, options]``; the last two are left out when
-``attempts`` is 0 and there are no options (see the ``MSG_*`` indexes). ``options`` is a dict
+``[task id, task name, args, kwargs, attempts, options, headers]``; the last three are left out
+when ``attempts`` is 0 and there are no options or headers, ``headers`` when there are none (see
+the ``MSG_*`` indexes). ``headers`` is a dict of strings: the W3C trace context of the publish
+(:mod:`..tracing`), carried as is through retries. A reader ignores what it does not know, so
+messages with and without headers go both ways between older and newer producers and workers. ``options`` is a dict
 of the :data:`TRAVELLING` config fields a call overrode (``options(...)``), plus ``"k"``: the
 idempotency key, ``"w"``: ``[run id, step index, step id, workflow name]`` of a workflow step
 and ``"f"``: which arguments of a step are filled from the values of the steps it depends on.
@@ -15,6 +18,7 @@ An **outcome record** (a task's result) is ``[status code, value]`` with the cod
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from ..config import TaskConfig, TaskStatus
@@ -37,7 +41,7 @@ CONFIG_ATTR = "__catzilla_task__"  # the attribute @task sets (engine.CONFIG_ATT
 DEFAULT_CONFIG = TaskConfig()
 
 # the fields of a message, by index
-MSG_ID, MSG_NAME, MSG_ARGS, MSG_KWARGS, MSG_ATTEMPTS, MSG_OPTIONS = range(6)
+MSG_ID, MSG_NAME, MSG_ARGS, MSG_KWARGS, MSG_ATTEMPTS, MSG_OPTIONS, MSG_HEADERS = range(7)
 # keys of a message's options dict that are not TaskConfig fields
 OPT_IDEMPOTENCY_KEY = "k"
 OPT_WORKFLOW = "w"
@@ -92,11 +96,28 @@ def message(
     options: dict[str, Any] | None = None,
     attempts: int = 0,
 ) -> list[Any]:
-    """The list a message serializes (see the module docstring)."""
+    """The list a message serializes (see the module docstring); the headers are those of the
+    publish in progress (:data:`OUTGOING_HEADERS`)."""
     msg: list[Any] = [task_id, name, list(args), kwargs or {}]
-    if options or attempts:
+    headers = OUTGOING_HEADERS.get()
+    if options or attempts or headers:
         msg += [attempts, options or {}]
+        if headers:
+            msg.append(headers)
     return msg
+
+
+# -- trace headers (tracing.py) ----------------------------------------------------------------
+# Set by tracing.publish around a broker's submit: the W3C trace context message() adds.
+OUTGOING_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("catzilla_tasks_headers", default=None)
+
+
+def headers_of(msg: list[Any]) -> dict[str, str] | None:
+    """A decoded message's headers (None when it has none, or they are not a dict of strings)."""
+    h = msg[MSG_HEADERS] if len(msg) > MSG_HEADERS else None
+    if not isinstance(h, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
+        return None
+    return h
 
 
 class Overrides:

@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any, cast
 
 from .. import _engine
+from .. import tracing as _tracing
 from ..config import TaskConfig, TaskStatus
 from ..errors import WorkflowError, encode_error, wire_name
 from . import scripts
@@ -47,6 +48,7 @@ from .protocol import (
     OPT_IDEMPOTENCY_KEY,
     OPT_WORKFLOW,
     STATUS_CODES,
+    headers_of,
 )
 from .redis import GROUP, RedisBroker
 from .serialization import DecodeError
@@ -282,7 +284,8 @@ class Worker:
             "not_stored": 0,
         }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
-        self._submit = functools.partial(_engine.Engine._submit, tasks)
+        self._submit = functools.partial(_engine.Engine._submit_plain, tasks)
+        self._tracing = bool(getattr(tasks, "tracing", True))  # BackgroundTasks(tracing=False): no spans
         self.ready = threading.Event()  # set once the groups exist and fetching starts
         self._deadline: float | None = None  # when a stopping worker gives up (stop(timeout))
         self._commit_give_up: float | None = None  # (without one: see _shutdown_deadline)
@@ -805,7 +808,10 @@ class Worker:
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
-            h = self._submit(j.func, args, kwargs, run_cfg, -1)
+            func = j.func
+            if self._tracing and _tracing.provider_set():  # (tracing hook: its CONSUMER span)
+                func = _tracing.consumer(func, headers_of(msg), msg[MSG_ID], msg[MSG_NAME], self.broker.streams[j.prio])
+            h = self._submit(func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
             j.error = f"{type(exc).__name__}: could not start the task: {_describe(exc)}"
             self._finished(j, None)
