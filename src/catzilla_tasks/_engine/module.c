@@ -685,34 +685,46 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
 
 /* The snapshot of the calling thread's context for a task (a new reference), or NULL when it
  * holds no variables (the task then runs in its worker's context: nothing to see). A thread
- * that submits many tasks without changing its context variables shares one snapshot: the
- * thread state's (context, version) pair changes on every ContextVar.set and context switch. */
+ * that submits many tasks without changing its context variables shares one snapshot: a
+ * context's variables are an immutable mapping that every ContextVar.set replaces, so (context,
+ * mapping) identifies them. The mapping is read from CPython's context object, whose layout
+ * (3.11 to 3.13: head, ctx_prev, ctx_vars, ...) is not public: other versions copy every time. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctx_prev;
+    PyObject *ctx_vars;
+} ct_context_view;
+#define CTX_VARS(c) (((ct_context_view *)(c))->ctx_vars)
+#else
+#define CTX_VARS(c) ((PyObject *)NULL)
+#endif
 static _Thread_local PyThreadState *tl_snap_ts;
 static _Thread_local PyObject *tl_snap_ctx;   /* the context seen (identity only) */
-static _Thread_local uint64_t tl_snap_ver;
-static _Thread_local PyObject *tl_snap;       /* its snapshot (owned), or NULL if empty */
+static _Thread_local PyObject *tl_snap_vars;  /* its variables then (identity only; tl_snap shares them) */
+static _Thread_local PyObject *tl_snap;       /* its snapshot (owned) */
+static _Thread_local int tl_snap_empty;       /* ... which holds no variables */
 
 static PyObject *context_snapshot(int *err) {
     PyThreadState *ts = PyThreadState_Get();
     *err = 0;
     if (!ts->context) return NULL;   /* this thread never used a context variable */
-    if (ts == tl_snap_ts && ts->context == tl_snap_ctx && ts->context_ver == tl_snap_ver)
-        return Py_XNewRef(tl_snap);
-    PyObject *snap = PyContext_CopyCurrent();
-    if (!snap) {
-        *err = 1;
-        return NULL;
+    PyObject *vars = CTX_VARS(ts->context);
+    if (!(vars && ts == tl_snap_ts && ts->context == tl_snap_ctx && vars == tl_snap_vars)) {
+        PyObject *snap = PyContext_CopyCurrent();
+        if (!snap) {
+            *err = 1;
+            return NULL;
+        }
+        Py_ssize_t n = PyObject_Size(snap);
+        if (n < 0) PyErr_Clear();
+        Py_XSETREF(tl_snap, snap);
+        tl_snap_empty = n <= 0;
+        tl_snap_ts = ts;
+        tl_snap_ctx = ts->context;
+        tl_snap_vars = vars;
     }
-    Py_ssize_t n = PyObject_Size(snap);
-    if (n <= 0) {
-        PyErr_Clear();
-        Py_CLEAR(snap);
-    }
-    Py_XSETREF(tl_snap, snap);
-    tl_snap_ts = ts;
-    tl_snap_ctx = ts->context;
-    tl_snap_ver = ts->context_ver;
-    return Py_XNewRef(snap);
+    return tl_snap_empty ? NULL : Py_NewRef(tl_snap);
 }
 
 static uint64_t run_one_in(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {

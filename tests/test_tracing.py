@@ -1,0 +1,303 @@
+"""OpenTelemetry tracing (catzilla_tasks.tracing) with the SDK's in-memory exporter, in-process
+and through Redis (a worker on its own engine: the trace context crosses only in the message);
+and the contextvars of the submitting code inside in-process tasks."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+
+import pytest
+import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url  # noqa: F401  (fixtures)
+
+from catzilla_tasks import BackgroundTasks
+from catzilla_tasks.brokers import RedisBroker, Worker
+from catzilla_tasks.brokers.protocol import MSG_HEADERS, headers_of
+
+trace = pytest.importorskip("opentelemetry.trace")
+sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
+from opentelemetry.util._once import Once  # noqa: E402
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_tracing_var", default="unset")
+
+
+def _reset_provider() -> None:
+    # the API sets its global provider once per process; its own tests reset it this way
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+
+
+@pytest.fixture
+def no_provider():
+    _reset_provider()
+    yield
+    _reset_provider()
+
+
+@pytest.fixture
+def spans():
+    """A global SDK tracer provider exporting to memory for the test (reset after it)."""
+    _reset_provider()
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    yield exporter
+    _reset_provider()
+
+
+def by_kind(exporter, kind):
+    return [s for s in exporter.get_finished_spans() if s.kind is kind]
+
+
+def wait_for_spans(exporter, kind, n, timeout=10.0):
+    # the consumer span ends right after the task's call returns, on the worker thread
+    ev = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        got = by_kind(exporter, kind)
+        if len(got) >= n:
+            return got
+        ev.wait(0.01)
+    raise AssertionError(f"{n} {kind} spans not finished in {timeout} s: {exporter.get_finished_spans()}")
+
+
+# -- contextvars in-process -------------------------------------------------------------------
+def test_in_process_tasks_see_the_submitters_contextvars(make_tasks, no_provider):
+    tasks = make_tasks(workers=2)
+    token = VAR.set("submitter")
+    try:
+
+        async def coro():
+            return VAR.get()
+
+        def setter():
+            VAR.set("task")
+            return VAR.get()
+
+        assert tasks.add_task(VAR.get).wait(5) == "submitter"
+        assert tasks.add_task(coro).wait(5) == "submitter"
+        assert tasks.add_task(lambda a, b=0: (a, b, VAR.get()), 1, b=2).wait(5) == (1, 2, "submitter")
+        assert tasks.options(priority="HIGH").add_task(VAR.get).wait(5) == "submitter"
+        # what a task sets stays in its own copy: neither the submitter nor the next task sees it
+        assert tasks.add_task(setter).wait(5) == "task"
+        assert VAR.get() == "submitter"
+        assert tasks.add_task(VAR.get).wait(5) == "submitter"
+        # the value at add_task time, not at run time
+        VAR.set("later")
+        assert tasks.add_task(VAR.get).wait(5) == "later"
+    finally:
+        VAR.reset(token)
+
+
+# -- the option --------------------------------------------------------------------------------
+def test_tracing_option_is_a_bool(make_tasks):
+    assert make_tasks(workers=1).tracing is True
+    assert make_tasks(workers=1, tracing=False).tracing is False
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="tracing"):
+            BackgroundTasks(workers=1, tracing=bad)
+
+
+# -- in-process ---------------------------------------------------------------------------------
+def _fails():
+    raise ValueError("boom")
+
+
+def test_in_process_one_trace_producer_then_consumer(make_tasks, spans):
+    tasks = make_tasks(workers=2, name="eng-a")
+    tracer = trace.get_tracer("test")
+
+    async def coro():
+        return trace.get_current_span().get_span_context().span_id
+
+    with tracer.start_as_current_span("request") as root:
+        h = tasks.add_task(lambda: trace.get_current_span().get_span_context().span_id)
+        inner_id = h.wait(5)
+        assert tasks.add_task(coro).wait(5)
+    producers = wait_for_spans(spans, SpanKind.PRODUCER, 2)
+    consumers = wait_for_spans(spans, SpanKind.CONSUMER, 2)
+    tid = root.get_span_context().trace_id
+    for p in producers:
+        assert p.name == "send eng-a"
+        assert p.context.trace_id == tid and p.parent.span_id == root.get_span_context().span_id
+        assert p.attributes["messaging.system"] == "catzilla_tasks"
+        assert p.attributes["messaging.operation.type"] == "send"
+        assert p.attributes["messaging.destination.name"] == "eng-a"
+    by_parent = {c.parent.span_id: c for c in consumers}
+    for p in producers:
+        c = by_parent[p.context.span_id]  # the consumer span is the producer span's child
+        assert c.name == "process eng-a" and c.context.trace_id == tid
+        assert c.attributes["messaging.operation.type"] == "process"
+        assert c.attributes["messaging.message.id"] == p.attributes["messaging.message.id"]
+    assert h.task_id in {p.attributes["messaging.message.id"] for p in producers}
+    # the task itself runs inside its consumer span
+    assert inner_id in {c.context.span_id for c in consumers}
+
+
+def test_in_process_error_span(make_tasks, spans):
+    tasks = make_tasks(workers=1)
+    h = tasks.add_task(_fails)
+    with pytest.raises(ValueError):
+        h.wait(5)
+    (c,) = wait_for_spans(spans, SpanKind.CONSUMER, 1)
+    assert c.status.status_code is StatusCode.ERROR
+    assert "ValueError" in c.status.description
+    assert any(e.name == "exception" for e in c.events)
+
+
+def test_tracing_off_by_flag_makes_no_spans(make_tasks, spans):
+    tasks = make_tasks(workers=1, tracing=False)
+    assert tasks.add_task(VAR.get).wait(5) == "unset"
+    assert tasks.options(priority="HIGH").add_task(VAR.get).wait(5) == "unset"
+    assert spans.get_finished_spans() == ()
+
+
+def test_no_provider_no_spans(make_tasks, no_provider):
+    tasks = make_tasks(workers=1)
+    assert tasks.add_task(lambda: trace.get_current_span().get_span_context().is_valid).wait(5) is False
+
+
+# -- Redis: one trace from the producer into a worker ------------------------------------------
+class _Redis:
+    def __init__(self, url: str, prefix: str, tracing: bool = True) -> None:
+        self.producer = BackgroundTasks(workers=2, broker=RedisBroker(url, prefix=prefix), tracing=tracing)
+        self.worker_engine = BackgroundTasks(workers=2, broker=RedisBroker(url, prefix=prefix), tracing=tracing)
+        for eng in (self.producer, self.worker_engine):
+            rt.register(eng)
+        self.r = self.producer.broker.redis
+        self.worker: Worker | None = None
+        self.thread: threading.Thread | None = None
+
+    def start_worker(self) -> None:
+        self.worker = Worker(self.worker_engine, concurrency=8)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+        assert self.worker.ready.wait(10)
+
+    def messages(self) -> list:
+        ser = self.producer.broker.serializer
+        out = []
+        for s in self.producer.broker.streams:
+            for _eid, fields in self.r.xrange(s):
+                out.append(ser.loads(fields[b"m"]))
+        return out
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.thread.join(30)
+        for eng in (self.producer, self.worker_engine):
+            eng.shutdown(wait_for_completion=False, timeout=10)
+            eng.broker.close()
+
+
+@pytest.fixture
+def redis_pair(redis_url, prefix, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("CT_TEST_REDIS_URL", redis_url)
+    made = []
+
+    def make(**kw):
+        p = _Redis(redis_url, prefix, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.mark.timeout(60)
+def test_redis_one_trace_from_producer_into_worker(redis_pair, spans):
+    pair = redis_pair()
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("request") as root:
+        h = pair.producer.add_task(rt.add, 2, 3)
+        h2 = pair.producer.options(priority="HIGH").add_task(rt.add, 1, 1)
+    # the trace context travels in the message: W3C traceparent in its headers
+    msgs = {m[0]: m for m in pair.messages()}
+    headers = headers_of(msgs[h.task_id])
+    assert headers is not None and headers["traceparent"].split("-")[1] == f"{root.get_span_context().trace_id:032x}"
+    pair.start_worker()
+    assert h.wait(10) == 5 and h2.wait(10) == 2
+    producers = {p.attributes["messaging.message.id"]: p for p in wait_for_spans(spans, SpanKind.PRODUCER, 2)}
+    consumers = {c.attributes["messaging.message.id"]: c for c in wait_for_spans(spans, SpanKind.CONSUMER, 2)}
+    for handle in (h, h2):
+        p, c = producers[handle.task_id], consumers[handle.task_id]
+        assert p.context.trace_id == c.context.trace_id == root.get_span_context().trace_id
+        assert c.parent.span_id == p.context.span_id  # continued from the message, not from memory
+        assert p.attributes["messaging.destination.name"] == c.attributes["messaging.destination.name"]
+        assert p.name == c.name.replace("process", "send")
+        assert c.attributes["catzilla_tasks.task.name"] == "redis_tasks.add"
+    assert producers[h2.task_id].attributes["messaging.destination.name"] == pair.producer.broker.streams[1]
+
+
+@pytest.mark.timeout(60)
+def test_redis_error_spans_one_per_attempt(redis_pair, spans):
+    pair = redis_pair()
+    pair.start_worker()
+    h = pair.producer.add_task(rt.always_fails, 1)  # max_retries=2: three attempts
+    with pytest.raises(Exception):
+        h.wait(20)
+    consumers = wait_for_spans(spans, SpanKind.CONSUMER, 3)
+    (p,) = by_kind(spans, SpanKind.PRODUCER)
+    assert all(c.parent.span_id == p.context.span_id for c in consumers)
+    assert all(c.status.status_code is StatusCode.ERROR for c in consumers)
+    # a publish that fails is an error span of the producer
+    with pytest.raises(TypeError):
+        pair.producer.add_task(lambda: None)
+    failed = [s for s in by_kind(spans, SpanKind.PRODUCER) if s.status.status_code is StatusCode.ERROR]
+    assert len(failed) == 1
+
+
+@pytest.mark.timeout(60)
+def test_redis_no_provider_no_headers(redis_pair, no_provider):
+    pair = redis_pair()
+    h = pair.producer.add_task(rt.add, 1, 2)
+    (m,) = pair.messages()
+    assert len(m) == 4 and headers_of(m) is None
+    pair.start_worker()
+    assert h.wait(10) == 3
+
+
+@pytest.mark.timeout(60)
+def test_redis_tracing_off_by_flag(redis_pair, spans):
+    pair = redis_pair(tracing=False)
+    h = pair.producer.add_task(rt.add, 1, 2)
+    (m,) = pair.messages()
+    assert len(m) <= MSG_HEADERS
+    pair.start_worker()
+    assert h.wait(10) == 3
+    assert spans.get_finished_spans() == ()
+
+
+@pytest.mark.timeout(60)
+def test_redis_messages_with_and_without_headers_interoperate(redis_pair, spans):
+    """An older producer's message (no headers) runs under a new worker as a new trace; a
+    newer producer's message (headers) parses as before for a reader that ignores them."""
+    pair = redis_pair()
+    ser = pair.producer.broker.serializer
+    pair.r.xadd(pair.producer.broker.streams[2], {"m": ser.dumps(["old-1", "redis_tasks.add", [4, 5], {}])})
+    pair.r.xadd(
+        pair.producer.broker.streams[2],
+        {"m": ser.dumps(["old-2", "redis_tasks.add", [1, 1], {}, 0, {}, {"traceparent": "garbage"}])},
+    )
+    pair.start_worker()
+    assert pair.producer.result("old-1").wait(10) == 9
+    assert pair.producer.result("old-2").wait(10) == 2
+    consumers = wait_for_spans(spans, SpanKind.CONSUMER, 2)
+    assert all(c.parent is None for c in consumers)  # no (valid) context given: a new trace each
+
+
+@pytest.mark.timeout(60)
+def test_redis_noop_provider_carries_nothing(redis_pair, no_provider):
+    trace.set_tracer_provider(trace.NoOpTracerProvider())
+    pair = redis_pair()
+    h = pair.producer.add_task(rt.add, 1, 2)
+    (m,) = pair.messages()
+    assert headers_of(m) is None
+    pair.start_worker()
+    assert h.wait(10) == 3
