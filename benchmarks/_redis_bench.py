@@ -87,6 +87,12 @@ def _ready() -> None:
     _done_client().rpush(READY_KEY, b"1")
 
 
+if LIB == "ours" and os.environ.get("BENCH_OTEL") == "noop":
+    # tracing on with a no-op tracer provider (issue 20 part 6: within 5% of tracing off)
+    from opentelemetry import trace as _trace
+
+    _trace.set_tracer_provider(_trace.NoOpTracerProvider())
+
 if LIB == "ours":
     from catzilla_tasks import BackgroundTasks
     from catzilla_tasks.brokers import RedisBroker

@@ -39,17 +39,29 @@ SYSTEM = "catzilla_tasks"
 _MISSING = object()
 
 
-def provider_set() -> bool:
-    """True when OpenTelemetry is imported and a global tracer provider is set. Costs a dict
-    lookup or two: ``opentelemetry.trace`` keeps the provider in a module global, which is read
-    directly (an API without it is asked through ``get_tracer_provider()``)."""
+def _provider() -> Any:
+    """The global tracer provider once one is set, else None. Costs a dict lookup or two:
+    ``opentelemetry.trace`` keeps the provider in a module global, which is read directly (an
+    API without it is asked through ``get_tracer_provider()``)."""
     m = sys.modules.get("opentelemetry.trace")
     if m is None:
-        return False
+        return None
     p = getattr(m, "_TRACER_PROVIDER", _MISSING)
     if p is _MISSING:  # (an API version without that global: the public, slower way)
-        return not isinstance(m.get_tracer_provider(), m.ProxyTracerProvider)
-    return p is not None
+        p = m.get_tracer_provider()
+        return None if isinstance(p, m.ProxyTracerProvider) else p
+    return p
+
+
+def provider_set() -> bool:
+    """True when OpenTelemetry is imported and a global tracer provider is set."""
+    return _provider() is not None
+
+
+def _quiet(o: _Otel) -> bool:
+    """Nothing to record nor to carry: a no-op tracer, and no context of the caller's (no span,
+    no baggage) to pass on."""
+    return o.noop and not o.context.get_current()
 
 
 class _Otel:
@@ -57,12 +69,12 @@ class _Otel:
     provider (set once per process by the API: cached by identity)."""
 
     def __init__(self) -> None:
-        from opentelemetry import context, propagate, trace
+        from opentelemetry import context, trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
         self.trace = trace
         self.context = context
-        self.propagate = propagate
+        self._propagate: Any = None
         self.PRODUCER = SpanKind.PRODUCER
         self.CONSUMER = SpanKind.CONSUMER
         self.Status = Status
@@ -71,8 +83,16 @@ class _Otel:
         self.tracer: Any = None
         self.noop = False
 
+    @property
+    def propagate(self) -> Any:
+        if self._propagate is None:
+            from opentelemetry import propagate
+
+            self._propagate = propagate
+        return self._propagate
+
     def get(self) -> Any:
-        p = self.trace.get_tracer_provider()
+        p = _provider()
         if p is not self.provider:
             from . import __version__
 
@@ -126,14 +146,15 @@ def _task_id(handle: Any) -> str | None:
 
 
 # -- producer --------------------------------------------------------------------------------
-def publish(submit: Callable[[], Any], func: Any, destination: str, headers_var: Any) -> Any:
+def publish(submit: Callable[[], Any], func: Any, destination: Callable[[], str], headers_var: Any) -> Any:
     """Run ``submit()`` (a broker's publish of one task) in a PRODUCER span whose W3C context
     is injected into the message's headers: ``headers_var`` (protocol.OUTGOING_HEADERS) holds
-    them while ``submit`` builds the message."""
+    them while ``submit`` builds the message. ``destination()``: the queue's name."""
     o = _o()
     tracer = o.get()
-    if o.noop and not o.trace.get_current_span().get_span_context().is_valid:
-        return submit()  # nothing to record, nothing to carry
+    if _quiet(o):
+        return submit()
+    destination = destination()
     span = tracer.start_span(
         f"send {destination}", kind=o.PRODUCER, attributes=_attrs("send", destination, None, _name_of(func))
     )
@@ -166,7 +187,7 @@ def submit_local(engine: Any, func: Any, args: tuple, kwargs: dict | None, cfg: 
     o = _o()
     tracer = o.get()
     plain = engine._submit_plain
-    if o.noop and not o.trace.get_current_span().get_span_context().is_valid:
+    if _quiet(o):
         return plain(func, args, kwargs, cfg, block)
     destination = engine.name
     name = _name_of(func)
@@ -200,6 +221,8 @@ def consumer(func: Any, headers: Any, task_id: str, name: str, destination: str)
     a no-op tracer and no valid parent, ``func`` itself."""
     o = _o()
     o.get()
+    if o.noop and not headers:
+        return func
     parent = o.propagate.extract(headers) if isinstance(headers, dict) and headers else None
     if o.noop and (parent is None or not o.trace.get_current_span(parent).get_span_context().is_valid):
         return func

@@ -116,10 +116,13 @@ class RemoteOptions:
 # -- tracing hook (the [otel] extra; see catzilla_tasks.tracing) -------------------------------
 def _traced(broker: Broker, func: Any, args: tuple, kwargs: dict[str, Any], cfg: Any, key: str | None) -> Any:
     """``broker.submit`` in a PRODUCER span whose trace context the message carries."""
-    own = cfg if cfg is not None else getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
-    prio = int(own.priority) if isinstance(own, TaskConfig) else int(DEFAULT_CONFIG.priority)
-    streams = getattr(broker, "streams", None)
-    destination = streams[prio] if isinstance(streams, (tuple, list)) and len(streams) > prio else f"q{prio}"
+
+    def destination() -> str:  # the stream of the task's priority (asked only for a span)
+        own = cfg if cfg is not None else getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
+        prio = int(own.priority) if isinstance(own, TaskConfig) else int(DEFAULT_CONFIG.priority)
+        streams = getattr(broker, "streams", None)
+        return streams[prio] if isinstance(streams, (tuple, list)) and len(streams) > prio else f"q{prio}"
+
     if key is None:
         return _tracing.publish(lambda: broker.submit(func, args, kwargs, cfg), func, destination, OUTGOING_HEADERS)
     return _tracing.publish(lambda: broker.submit(func, args, kwargs, cfg, key), func, destination, OUTGOING_HEADERS)
