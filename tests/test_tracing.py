@@ -240,7 +240,7 @@ def test_redis_error_spans_one_per_attempt(redis_pair, spans):
     pair = redis_pair()
     pair.start_worker()
     h = pair.producer.add_task(rt.always_fails, 1)  # max_retries=2: three attempts
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="bad value"):
         h.wait(20)
     consumers = wait_for_spans(spans, SpanKind.CONSUMER, 3)
     (p,) = by_kind(spans, SpanKind.PRODUCER)

@@ -131,7 +131,7 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
     )
 
 
-def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple, kwargs: Any, cfg: Any, block: Any) -> Any:
+def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwargs: Any, cfg: Any, block: Any) -> Any:
     # the C add_task/_submit when tracing is on (see tracing.py): tracing is imported on first use
     from . import tracing
 

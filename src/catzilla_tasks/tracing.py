@@ -154,10 +154,8 @@ def publish(submit: Callable[[], Any], func: Any, destination: Callable[[], str]
     tracer = o.get()
     if _quiet(o):
         return submit()
-    destination = destination()
-    span = tracer.start_span(
-        f"send {destination}", kind=o.PRODUCER, attributes=_attrs("send", destination, None, _name_of(func))
-    )
+    dest = destination()
+    span = tracer.start_span(f"send {dest}", kind=o.PRODUCER, attributes=_attrs("send", dest, None, _name_of(func)))
     headers: dict[str, str] = {}
     ctx = o.trace.set_span_in_context(span)
     o.propagate.inject(headers, context=ctx)
@@ -191,9 +189,7 @@ def submit_local(engine: Any, func: Any, args: tuple, kwargs: dict | None, cfg: 
         return plain(func, args, kwargs, cfg, block)
     destination = engine.name
     name = _name_of(func)
-    span = tracer.start_span(
-        f"send {destination}", kind=o.PRODUCER, attributes=_attrs("send", destination, None, name)
-    )
+    span = tracer.start_span(f"send {destination}", kind=o.PRODUCER, attributes=_attrs("send", destination, None, name))
     parent = o.trace.set_span_in_context(span)
     own = cfg if cfg is not None else getattr(func, "__catzilla_task__", None)
     runs_here = own is None or (getattr(own, "isolation", "thread") == "thread" and own._native is None)

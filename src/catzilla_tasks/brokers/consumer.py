@@ -30,8 +30,8 @@ from .protocol import (
     OPT_IDEMPOTENCY_KEY,
     OPT_WORKFLOW,
     STATUS_CODES,
-    headers_of,
     encode_error,
+    headers_of,
 )
 
 log = logging.getLogger("catzilla_tasks.consumer")

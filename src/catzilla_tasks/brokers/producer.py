@@ -114,7 +114,7 @@ class RemoteOptions:
 
 
 # -- tracing hook (the [otel] extra; see catzilla_tasks.tracing) -------------------------------
-def _traced(broker: Broker, func: Any, args: tuple, kwargs: dict[str, Any], cfg: Any, key: str | None) -> Any:
+def _traced(broker: Broker, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, key: str | None) -> Any:
     """``broker.submit`` in a PRODUCER span whose trace context the message carries."""
 
     def destination() -> str:  # the stream of the task's priority (asked only for a span)
