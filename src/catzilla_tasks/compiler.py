@@ -64,7 +64,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import _engine
 from ._math_names import MATH1, MATH2, MATH_INT, MATH_PRED
 from .errors import CompileError
 
@@ -1567,6 +1566,16 @@ class NativeTask:
             return None
         return block, pos
 
+    def _engine_prepare(self, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
+        """Called by the C engine (enqueue_native) when a task compiled to native code is queued:
+        the call block and the arguments, or None (the task runs as Python)."""
+        if func is not self.func:
+            # a bound method of the task (the engine finds the function's config through it): its
+            # arguments lack self, which is an object; the native code never sees it
+            self.refuse_method(func)
+            return None
+        return self.prepare(args, kwargs)
+
     def refuse_method(self, method: Any) -> None:
         """A bound method of the task is called (add_task, map): it runs as Python, since
         self is an object; with compile_to_c="require", CompileError."""
@@ -1595,17 +1604,9 @@ class NativeTask:
 _NATIVE: weakref.WeakKeyDictionary[Callable[..., Any], NativeTask] = weakref.WeakKeyDictionary()
 
 
-def _prepare(native: NativeTask, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
-    if func is not native.func:
-        # a bound method of the task (the engine finds the function's config through it): its
-        # arguments lack self, which is an object; the native code never sees it
-        native.refuse_method(func)
-        return None
-    return native.prepare(args, kwargs)
-
-
 def _task_reason(func: Any, ran_native: bool) -> str | None:
-    """For TaskResult.get_stats()["compile_reason"]: why this task ran as Python (None if native)."""
+    """For TaskResult.get_stats()["compile_reason"]: why this task ran as Python (None if native).
+    The engine's native_reason hook (_hooks.py) calls it once this module is loaded."""
     if ran_native:
         return None
     native = native_of(func)
@@ -1629,8 +1630,6 @@ def _task_reason(func: Any, ran_native: bool) -> str | None:
         )
     return "its arguments did not fit a compiled signature (keywords that do not bind, or an int beyond int64)"
 
-
-_engine._set_native_hooks(_prepare, _task_reason)
 
 
 def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _engine, _signals
 from ._redact import redact_text
-from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .errors import ShutdownTimeout, TaskTimeout
-from .results import TaskResult, _await_impl
+from .config import MAX_MS, TaskConfig, TaskPriority
+from .errors import ShutdownTimeout
+from .results import TaskResult
 
 if TYPE_CHECKING:
     import asyncio
@@ -129,19 +129,6 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
             "finished_at": time.time(),
         }
     )
-
-
-_engine._set_hooks(
-    failed=_failed,
-    status_members=tuple(TaskStatus),
-    priority_members=tuple(TaskPriority),
-    run_coroutine=_run_coroutine,
-    report_error=_report_error,
-    await_impl=_await_impl,
-    cancel_async=_cancel_async,
-    task_timeout=TaskTimeout,
-    isolate=_isolate,
-)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
