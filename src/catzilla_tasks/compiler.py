@@ -1631,7 +1631,6 @@ def _task_reason(func: Any, ran_native: bool) -> str | None:
     return "its arguments did not fit a compiled signature (keywords that do not bind, or an int beyond int64)"
 
 
-
 def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:
     """@task(compile_to_c=...): returns the config to attach (a copy carrying the NativeTask when
     func compiles). compile_to_c: True (compile when it can, else Python), False, or "require"
