@@ -115,11 +115,6 @@ static PyObject *mod_install_hooks(PyObject *m, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "_install_hooks() takes keyword arguments only");
         return NULL;
     }
-    if (py_mod.hooks_installed) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "_install_hooks(): the hooks are already installed (once, by catzilla_tasks._hooks)");
-        return NULL;
-    }
     if (kw) {   /* an unknown name is a mistake, not something to ignore */
         PyObject *key, *val;
         Py_ssize_t pos = 0;
@@ -152,6 +147,11 @@ static PyObject *mod_install_hooks(PyObject *m, PyObject *args, PyObject *kw) {
             return NULL;
         }
         got[i] = v;
+    }
+    if (py_mod.hooks_installed) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "_install_hooks(): the hooks are already installed (once, by catzilla_tasks._hooks)");
+        return NULL;
     }
     for (size_t i = 0; i < NHOOKS; i++)
         *(PyObject **)((char *)&py_mod.hooks + hook_specs[i].offset) = Py_NewRef(got[i]);
