@@ -416,7 +416,7 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
-        # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
+        # A cap on the bytes the queued tasks' arguments hold (see _engine/py_memory.c, memory_pool_mb):
         # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
         self.memory_pool_mb = memory_pool_mb
         if memory_pool_mb is not None and memory_pool_mb != float("inf"):

@@ -12,7 +12,7 @@
  *
  * Build and run (plain; scripts/sanitizer-tests does the same under TSan and ASan+UBSan):
  *   gcc -std=c11 -O2 -g -pthread -D_GNU_SOURCE -Isrc/catzilla_tasks/_engine tests/c/stress_engine.c \
- *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not module.c)
+ *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not the py_*.c bindings)
  *   build/stress_engine [N [TESTS]]     N tasks (default 1000000), TESTS a subset of "abcdef"
  *                                       (default "abcdef"; e runs last whatever the order)
  * Environment: STRESS_TIMEOUT seconds per test before the watchdog aborts (default 600).
