@@ -47,7 +47,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     if (!py_mod.hooks_installed) {   /* import catzilla_tasks installs them (_hooks.py) */
-        PyErr_SetString(PyExc_RuntimeError, "catzilla_tasks._engine: the Python hooks are not installed (import catzilla_tasks)");
+        PyErr_SetString(PyExc_RuntimeError,
+                        "catzilla_tasks._engine: the Python hooks are not installed (import catzilla_tasks)");
         return -1;
     }
     if (workers < 1 || workers > 1024) {

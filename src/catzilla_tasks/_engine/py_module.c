@@ -167,7 +167,9 @@ static PyObject *mod_memory_stats(PyObject *m, PyObject *unused) {
                          (long long)st.cached, "nodes_free", (long long)st.free_global);
 }
 
-static PyObject *mod_live_ids(PyObject *m, PyObject *unused) { return PyLong_FromSsize_t(PyDict_GET_SIZE(py_mod.registry)); }
+static PyObject *mod_live_ids(PyObject *m, PyObject *unused) {
+    return PyLong_FromSsize_t(PyDict_GET_SIZE(py_mod.registry));
+}
 
 static PyMethodDef mod_methods[] = {
     {"_install_hooks", (PyCFunction)(void (*)(void))mod_install_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
@@ -220,7 +222,9 @@ PyMODINIT_FUNC PyInit__engine(void) {
     py_mod.queue_full = PyObject_GetAttrString(errors, "QueueFull");
     py_mod.task_cancelled = PyObject_GetAttrString(errors, "TaskCancelled");
     Py_DECREF(errors);
-    if (!py_mod.registry || !py_mod.history || !py_mod.config_attr || !py_mod.native_prepare || !py_mod.queue_full || !py_mod.task_cancelled) goto fail;
+    if (!py_mod.registry || !py_mod.history || !py_mod.config_attr || !py_mod.native_prepare || !py_mod.queue_full ||
+        !py_mod.task_cancelled)
+        goto fail;
     Py_INCREF(&Engine_Type);
     Py_INCREF(&Result_Type);
     Py_INCREF(&Config_Type);

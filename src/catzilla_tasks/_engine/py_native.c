@@ -70,7 +70,7 @@ PyObject *run_native(ct_task *t) {
  * signature (compiling it on first use) and gives back the call block, or None: the task then
  * runs as Python (arguments of other types, a value that does not fit, no compiler). */
 PyObject *enqueue_native(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
-                                PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
+                         PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, npos = nvalues - nkw;
     PyObject *pos = PyTuple_New(npos), *kw = nkw ? PyDict_New() : (Py_INCREF(Py_None), Py_None), *prep = NULL;
     if (!pos || !kw) goto done;

@@ -13,7 +13,9 @@ void new_prefix(void) {
     snprintf(py_mod.prefix, sizeof py_mod.prefix, "%08x", r);
 }
 
-static PyObject *format_id(uint64_t id) { return PyUnicode_FromFormat("%s-%llu", py_mod.prefix, (unsigned long long)id); }
+static PyObject *format_id(uint64_t id) {
+    return PyUnicode_FromFormat("%s-%llu", py_mod.prefix, (unsigned long long)id);
+}
 
 
 /* Make a node findable by TaskResult(task_id) while it lives (hook_release forgets it). Done
@@ -54,8 +56,9 @@ PyObject *node_id(EngineObject *eng, ct_task *t) {
 }
 
 PyObject *status_member(uint32_t code) {
-    if (py_mod.hooks.status_members && PyTuple_Check(py_mod.hooks.status_members) && code < (uint32_t)PyTuple_GET_SIZE(py_mod.hooks.status_members)) {
-        PyObject *m = PyTuple_GET_ITEM(py_mod.hooks.status_members, code);
+    PyObject *members = py_mod.hooks.status_members;
+    if (members && code < (uint32_t)PyTuple_GET_SIZE(members)) {   /* a tuple: _install_hooks checks */
+        PyObject *m = PyTuple_GET_ITEM(members, code);
         Py_INCREF(m);
         return m;
     }
@@ -63,8 +66,9 @@ PyObject *status_member(uint32_t code) {
 }
 
 static PyObject *priority_member(int p) {
-    if (py_mod.hooks.priority_members && PyTuple_Check(py_mod.hooks.priority_members) && p < PyTuple_GET_SIZE(py_mod.hooks.priority_members)) {
-        PyObject *m = PyTuple_GET_ITEM(py_mod.hooks.priority_members, p);
+    PyObject *members = py_mod.hooks.priority_members;
+    if (members && p < PyTuple_GET_SIZE(members)) {   /* a tuple: _install_hooks checks */
+        PyObject *m = PyTuple_GET_ITEM(members, p);
         Py_INCREF(m);
         return m;
     }
@@ -382,7 +386,8 @@ static PyObject *Result_cancel(ResultObject *self, PyObject *unused) {
         return PyBool_FromLong(took);
     }
     if ((st & CT_F_ASYNC) && py_mod.hooks.cancel_async && self->engine) {
-        PyObject *r = PyObject_CallFunctionObjArgs(py_mod.hooks.cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
+        PyObject *r =
+            PyObject_CallFunctionObjArgs(py_mod.hooks.cancel_async, (PyObject *)self->engine, (PyObject *)self, NULL);
         if (!r) return NULL;
         Py_DECREF(r);
         Py_RETURN_TRUE;

@@ -10,7 +10,8 @@
 /* Call the error reporter (logging in engine.py); never lets an exception escape. */
 void report_error(const char *what, PyObject *subject, PyObject *exc) {
     if (!py_mod.hooks.report_error) return;
-    PyObject *r = PyObject_CallFunction(py_mod.hooks.report_error, "sOO", what, subject ? subject : Py_None, exc ? exc : Py_None);
+    PyObject *r = PyObject_CallFunction(py_mod.hooks.report_error, "sOO", what, subject ? subject : Py_None,
+                                        exc ? exc : Py_None);
     if (!r) PyErr_WriteUnraisable(py_mod.hooks.report_error);
     Py_XDECREF(r);
 }
@@ -50,8 +51,9 @@ void report_unobserved(ct_task *t) {
         report_error("task_late", t->fn ? (PyObject *)t->fn : Py_None, (PyObject *)t->value);
     } else {
         /* (torn apart by the collector: say what is known, touch nothing of it) */
-        PyObject *msg = PyUnicode_FromFormat("task %s-%llu failed with %s (its traceback went with a reference cycle)",
-                                             py_mod.prefix, (unsigned long long)t->id, Py_TYPE((PyObject *)t->value)->tp_name);
+        PyObject *msg =
+            PyUnicode_FromFormat("task %s-%llu failed with %s (its traceback went with a reference cycle)", py_mod.prefix,
+                                 (unsigned long long)t->id, Py_TYPE((PyObject *)t->value)->tp_name);
         report_error("task", Py_None, msg);
         Py_XDECREF(msg);
         PyErr_Clear();
@@ -470,7 +472,8 @@ uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
          * the node (TaskResult._settle), which ends it like any other. */
         atomic_fetch_or_explicit(&t->state, CT_F_ASYNC, memory_order_acq_rel);
         ResultObject *h = result_wrap_tracked(eng, t);
-        PyObject *r = h ? PyObject_CallFunctionObjArgs(py_mod.hooks.run_coroutine, (PyObject *)eng, (PyObject *)h, res, NULL) : NULL;
+        PyObject *r =
+            h ? PyObject_CallFunctionObjArgs(py_mod.hooks.run_coroutine, (PyObject *)eng, (PyObject *)h, res, NULL) : NULL;
         Py_XDECREF(h);
         if (!r) {
             atomic_fetch_and_explicit(&t->state, ~CT_F_ASYNC, memory_order_acq_rel);

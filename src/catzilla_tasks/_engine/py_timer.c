@@ -48,9 +48,8 @@ void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
             atomic_fetch_or(&t->state, CT_F_TIMEDOUT);
             if (st & CT_F_ASYNC) {
                 ResultObject *h = result_wrap(eng, t);
-                PyObject *r = h && py_mod.hooks.cancel_async
-                                  ? PyObject_CallFunctionObjArgs(py_mod.hooks.cancel_async, (PyObject *)eng, (PyObject *)h, NULL)
-                                  : NULL;
+                PyObject *cancel = py_mod.hooks.cancel_async;
+                PyObject *r = h && cancel ? PyObject_CallFunctionObjArgs(cancel, (PyObject *)eng, (PyObject *)h, NULL) : NULL;
                 if (!r) PyErr_Clear();
                 Py_XDECREF(r);
                 Py_XDECREF(h);
