@@ -25,10 +25,10 @@ def _native_reason(func: Any, ran_native: bool) -> str | None:
     """TaskResult.get_stats()["compile_reason"]: why the task ran as Python, or None. Only the
     compiler knows, and it is imported on first use: a process that never loaded it compiled
     nothing, and has no reason to give."""
-    compiler = sys.modules.get(f"{__package__}.compiler")
-    if compiler is None:
+    native = sys.modules.get(f"{__package__}.compiler.native")
+    if native is None:
         return None
-    reason: str | None = compiler._task_reason(func, ran_native)
+    reason: str | None = native._task_reason(func, ran_native)
     return reason
 
 
