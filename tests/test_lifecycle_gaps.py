@@ -160,3 +160,24 @@ def test_failed_step_holding_its_own_handle_is_collected(make_tasks, read_id):
     gc.collect()
     alive = sum(r() is not None for r in refs)
     assert alive == 0, f"{alive} of {len(refs)} runs leaked"
+
+
+@pytest.mark.timeout(120)
+def test_wait_timeout_never_names_a_final_status(make_tasks):
+    # The task ends right as the wait gives up (the collector's pressure lets it end while the
+    # error is built): the error must name a status the task had when the wait ended, never a
+    # final one; a task that ended meanwhile gives its outcome.
+    from gc_helpers import gc_pressure_on
+
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    wrong, outcomes = [], 0
+    with gc_pressure_on(pause=0.004):
+        for _ in range(40):
+            h = eng.add_task(time.sleep, 0.003)
+            try:
+                h.wait(0.001)
+                outcomes += 1
+            except TimeoutError as exc:
+                if any(s in str(exc) for s in ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")):
+                    wrong.append(str(exc))
+    assert not wrong, wrong[:3]
