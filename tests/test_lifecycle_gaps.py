@@ -181,3 +181,37 @@ def test_wait_timeout_never_names_a_final_status(make_tasks):
                 if any(s in str(exc) for s in ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")):
                     wrong.append(str(exc))
     assert not wrong, wrong[:3]
+
+
+@pytest.mark.timeout(60)
+def test_a_poll_from_a_task_runs_nothing(make_tasks):
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+    ran = threading.Event()
+
+    def parent():
+        h = eng.add_task(ran.set)
+        try:
+            h.wait(0)
+        except TimeoutError:
+            return ran.is_set()
+        return "returned"
+
+    assert eng.add_task(parent).wait(10) is False
+    assert ran.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_with_retries_is_left_to_a_stand_in(make_tasks):
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+    tries = []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 2:
+            raise ValueError("once")
+        return len(tries)
+
+    def parent():
+        return eng.options(max_retries=2, retry_base_ms=1).add_task(flaky).wait(20)
+
+    assert eng.add_task(parent).wait(30) == 2

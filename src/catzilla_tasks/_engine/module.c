@@ -1267,7 +1267,8 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
                         "`await result` instead");
         return NULL;
     }
-    if (tl_worker) help_run(self->engine, self->t);
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */
+        help_run(self->engine, self->t);
     tl_no_standin = 0;
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
