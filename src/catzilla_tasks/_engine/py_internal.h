@@ -219,6 +219,7 @@ void report_error(const char *what, PyObject *subject, PyObject *exc);
 void report_unobserved(ct_task *t);
 void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int status, PyObject *value);
 uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
+void help_run(EngineObject *eng, ct_task *t);   /* a worker runs the task it is about to wait for */
 void take_callbacks(EngineObject *eng, ct_task *t, int status);
 
 /* py_timer.c */

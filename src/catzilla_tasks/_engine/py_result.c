@@ -195,7 +195,10 @@ int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fname) {
 /* A worker blocks on another task (a task waiting for a task): the engine starts a stand-in
  * worker for as long as it waits, so the task it waits for (queued, or in this worker's own
  * batch, which the stand-in steals) can run even when every worker waits so. A wait that
- * cannot finish at all is refused: a task waiting for itself. */
+ * cannot finish at all is refused: a task waiting for itself. The running task's timeout_ms
+ * bounds the wait too: past it, the wait raises the task's TaskTimeout (the timer cannot
+ * interrupt a thread blocked here). */
+static _Thread_local int tl_no_standin;   /* the last wait here could not start a stand-in */
 static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
     if (t == tl_current) {
         PyErr_SetString(PyExc_RuntimeError,
@@ -203,13 +206,36 @@ static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
         return -1;
     }
     ct_engine *e = tl_worker->engine;
-    int added, rc;
+    ct_task *me = tl_current;
+    ConfigObject *mc = me && tl_current_engine && tl_current_engine->e == e ? (ConfigObject *)me->cfg : NULL;
+    uint64_t mine = mc && mc->timeout_ns > 0 && !mc->isolation ? ts_load(&me->t_start) + (uint64_t)mc->timeout_ns : 0;
+    int added, rc, over = 0;
     Py_BEGIN_ALLOW_THREADS   /* starting and retiring threads: never with the GIL held */
     added = ct_engine_block_begin(e);
-    rc = ct_task_wait(t, deadline);
+    for (;;) {
+        uint64_t until = mine && (!deadline || mine < deadline) ? mine : deadline;
+        rc = ct_task_wait(t, until);
+        if (rc == CT_OK) break;
+        uint64_t now = ct_now_ns();
+        if (mine && now >= mine) {
+            over = 1;
+            break;
+        }
+        if (deadline && now >= deadline) break;
+    }
     ct_engine_block_end(e, added);
     Py_END_ALLOW_THREADS
-    return rc == CT_OK ? 0 : 1;
+    tl_no_standin = !added;
+    if (rc == CT_OK) return 0;
+    if (over && py_mod.hooks.task_timeout) {
+        /* as the timer would have: this attempt timed out (the timer, when it fires, sees the
+         * flag and injects nothing; what it injected if it came first is withdrawn) */
+        atomic_fetch_or(&me->state, CT_F_TIMEDOUT);
+        PyThreadState_SetAsyncExc(tl_worker->thread_ident, NULL);
+        PyErr_SetNone(py_mod.hooks.task_timeout);
+        return -1;
+    }
+    return 1;
 }
 
 /* A time option in ms (TaskConfig) to ns. NaN and negative values are refused. Past
@@ -315,15 +341,24 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
                         "`await result` instead");
         return NULL;
     }
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */
+        help_run(self->engine, self->t);
+    tl_no_standin = 0;
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
     if (rc > 0) {
+        uint32_t s = ct_task_status(self->t);   /* read once: the message says what it was */
+        if (CT_IS_TERMINAL(s)) return node_outcome(self);   /* it ended just as the wait did */
         PyObject *id = node_id(self->engine, self->t);
-        PyObject *st = status_member(ct_task_status(self->t));
+        PyObject *st = status_member(s);
         PyErr_Format(PyExc_TimeoutError,
                      "task %U did not finish within %R s (status %S); call wait() again with a longer "
-                     "timeout, or cancel() it",
-                     id, timeout, st);
+                     "timeout, or cancel() it%s",
+                     id, timeout, st,
+                     tl_no_standin ? " (this task waits in a worker and no stand-in worker could be started: "
+                                     "every thread the engine may have is taken, possibly by tasks waiting on "
+                                     "each other, a deadlock; raise max_workers or do not wait on tasks in tasks)"
+                                   : "");
         Py_XDECREF(id);
         Py_XDECREF(st);
         return NULL;

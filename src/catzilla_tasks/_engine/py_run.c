@@ -363,6 +363,8 @@ int maybe_retry(EngineObject *eng, ct_task *t, int status, PyObject *exc, uint64
 }
 
 
+static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
+
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
  * its end (one clock read per task). */
 uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
@@ -372,14 +374,25 @@ uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
         Py_END_ALLOW_THREADS
         return ct_now_ns();
     }
+    /* run by a worker that waited for it (help_run): only dropped here */
+    if (CT_UNLIKELY(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_INLINE) &&
+        ct_engine_drop_claimed(eng->e, t))
+        return now;
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued */
     if (!ct_task_begin(t, w->id)) {
+        if (ct_engine_drop_claimed(eng->e, t)) return now;   /* claimed just now */
         ts_store(&t->t_start, 0);
         complete_py(eng, t, CT_CANCELLED, NULL);  /* already cancelled: counted out, callbacks run */
         return now;
     }
+    return run_attempt(w, eng, t, now);
+}
+
+/* An attempt of a task this worker has started (RUNNING for it): the call, its outcome, the
+ * retry or the end. */
+static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
     t->attempt++;
     ConfigObject *cfg = (ConfigObject *)t->cfg;
     /* (a process-isolated task's timeout is enforced by its pool, which kills the child) */
@@ -547,3 +560,37 @@ void hook_run_batch(ct_worker *w) {
     }
 }
 
+/* Help while waiting: a worker about to wait for a task of its own engine that nobody has
+ * started yet runs it itself, now, on this thread (ct_task_claim takes it out of its queue or
+ * batch atomically; the worker that pops it later only drops it), as a popper would: its
+ * priority's place is skipped, its stats, callbacks, timeout and outcome are the same. So a
+ * chain of tasks waiting on tasks needs no thread per link. Not when the running task has a
+ * timeout_ms (its wait must stay interruptible), when the waited task may retry (a retry
+ * queues the node again, which may still sit in a queue), when the engine is paused, or past
+ * HELP_MAX_DEPTH nested runs (the C stack): the wait then gets a stand-in worker. */
+#define HELP_MAX_DEPTH 48
+static _Thread_local int tl_help_depth;
+void help_run(EngineObject *eng, ct_task *t) {
+    ct_worker *w = tl_worker;
+    if (!eng || w->engine != eng->e || t == tl_current || tl_help_depth >= HELP_MAX_DEPTH) return;
+    if (t->kind != CT_KIND_PY && t->kind != CT_KIND_NATIVE && t->kind != CT_KIND_PY_C) return;
+    ConfigObject *c = (ConfigObject *)t->cfg, *mc = tl_current ? (ConfigObject *)tl_current->cfg : NULL;
+    if ((c && c->max_retries > 0) || (mc && mc->timeout_ns > 0) || atomic_load(&eng->e->paused)) return;
+    if (ct_task_status(t) != CT_PENDING || !ct_task_claim(t, w->id)) return;
+    /* this thread's task (its call is suspended in this wait) is put back afterwards */
+    ct_task *cur = tl_current, *in_call = atomic_load_explicit(&w->in_call, memory_order_relaxed);
+    EngineObject *cur_eng = tl_current_engine;
+    uint64_t since = atomic_load_explicit(&w->current_since, memory_order_relaxed), now = ct_now_ns();
+    ct_task_incref(t);          /* dropped by its end, as a popper's */
+    ct_engine_hold(eng->e);     /* counted out by its end; the popper counts out its own */
+    ts_store(&t->t_start, now);
+    atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
+    if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);
+    tl_help_depth++;
+    run_attempt(w, eng, t, now);
+    tl_help_depth--;
+    tl_current = cur;
+    tl_current_engine = cur_eng;
+    atomic_store_explicit(&w->in_call, in_call, memory_order_relaxed);
+    atomic_store_explicit(&w->current_since, since, memory_order_relaxed);
+}

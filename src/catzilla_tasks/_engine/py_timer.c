@@ -45,8 +45,9 @@ void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
         uint32_t wid = st >> CT_WORKER_SHIFT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
-            atomic_fetch_or(&t->state, CT_F_TIMEDOUT);
-            if (st & CT_F_ASYNC) {
+            if (atomic_fetch_or(&t->state, CT_F_TIMEDOUT) & CT_F_TIMEDOUT) {
+                /* its own wait() for a task already raised its TaskTimeout (wait_node_in_worker) */
+            } else if (st & CT_F_ASYNC) {
                 ResultObject *h = result_wrap(eng, t);
                 PyObject *cancel = py_mod.hooks.cancel_async;
                 PyObject *r = h && cancel ? PyObject_CallFunctionObjArgs(cancel, (PyObject *)eng, (PyObject *)h, NULL) : NULL;
