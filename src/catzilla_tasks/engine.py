@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _engine, _signals
 from ._redact import redact_text
-from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .errors import ShutdownTimeout, TaskTimeout
-from .results import TaskResult, _await_impl
+from .config import MAX_MS, TaskConfig, TaskPriority
+from .errors import ShutdownTimeout
+from .results import TaskResult
 
 if TYPE_CHECKING:
     import asyncio
@@ -141,17 +141,6 @@ def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwa
 
 
 _engine._set_trace_hook(_trace_submit)
-_engine._set_hooks(
-    failed=_failed,
-    status_members=tuple(TaskStatus),
-    priority_members=tuple(TaskPriority),
-    run_coroutine=_run_coroutine,
-    report_error=_report_error,
-    await_impl=_await_impl,
-    cancel_async=_cancel_async,
-    task_timeout=TaskTimeout,
-    isolate=_isolate,
-)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -445,7 +434,7 @@ class BackgroundTasks(_engine.Engine):
         # OpenTelemetry spans around add_task and the run, when a tracer provider is set (tracing.py)
         self.tracing = tracing
         self._set_tracing(tracing)
-        # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
+        # A cap on the bytes the queued tasks' arguments hold (see _engine/py_memory.c, memory_pool_mb):
         # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
         self.memory_pool_mb = memory_pool_mb
         if memory_pool_mb is not None and memory_pool_mb != float("inf"):
