@@ -93,6 +93,65 @@ def test_in_process_tasks_see_the_submitters_contextvars(make_tasks, no_provider
         VAR.reset(token)
 
 
+@pytest.mark.timeout(30)
+def test_a_task_run_by_the_worker_that_waits_for_it_sees_its_own_snapshot(make_tasks, no_provider):
+    # workers=1: the waiting task's worker runs the waited-for task itself (help while waiting)
+    tasks = make_tasks(workers=1)
+
+    def setter():
+        VAR.set("inner-task")
+        return VAR.get()
+
+    def outer():
+        VAR.set("at-submit")
+        seen = tasks.add_task(VAR.get)
+        changed = tasks.add_task(setter)
+        VAR.set("after-submit")
+        return seen.wait(5), changed.wait(5), VAR.get()
+
+    assert tasks.add_task(outer).wait(10) == ("at-submit", "inner-task", "after-submit")
+
+
+@pytest.mark.timeout(30)
+def test_each_attempt_of_a_retried_task_starts_from_the_submitters_values(make_tasks, no_provider):
+    tasks = make_tasks(workers=1)
+    seen = []
+
+    def flaky():
+        seen.append(VAR.get())
+        VAR.set("set-by-attempt")
+        if len(seen) < 3:
+            raise ValueError("again")
+        return VAR.get()
+
+    token = VAR.set("submitter")
+    try:
+        h = tasks.options(max_retries=2, retry_base_ms=1, retry_backoff="fixed").add_task(flaky)
+        assert h.wait(10) == "set-by-attempt"
+    finally:
+        VAR.reset(token)
+    assert seen == ["submitter"] * 3
+
+
+def test_a_thread_that_never_used_contextvars_submits_and_the_task_sets_freely(make_tasks, no_provider):
+    # a fresh thread has no context yet: its task runs in a context of its own all the same
+    tasks = make_tasks(workers=1)
+    out = []
+
+    def setter():
+        VAR.set("task")
+        return VAR.get()
+
+    def submit():
+        out.append(tasks.add_task(setter).wait(5))
+        out.append(VAR.get())
+
+    th = threading.Thread(target=submit)
+    th.start()
+    th.join(10)
+    assert out == ["task", "unset"]
+
+
 # -- the option --------------------------------------------------------------------------------
 def test_tracing_option_is_a_bool(make_tasks):
     assert make_tasks(workers=1).tracing is True
