@@ -203,82 +203,42 @@ PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, P
     return enqueue_node(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
 }
 
-/* The snapshot of the calling thread's context for a task (a new reference), or NULL when it
- * holds no variables (the task then runs in its worker's context: nothing to see). A thread
- * that submits many tasks without changing its context variables shares one snapshot: a
- * context's variables are an immutable mapping that every ContextVar.set replaces, so (context,
- * mapping) identifies them. The mapping is read from CPython's context object, whose layout
- * (3.11 to 3.13: head, ctx_prev, ctx_vars, ...) is not public: other versions copy every time. */
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
-typedef struct {
-    PyObject_HEAD
-    PyObject *ctx_prev;
-    PyObject *ctx_vars;
-} ct_context_view;
-#define CTX_VARS(c) (((ct_context_view *)(c))->ctx_vars)
-#else
-#define CTX_VARS(c) ((PyObject *)NULL)
-#endif
-static _Thread_local PyThreadState *tl_snap_ts;
-static _Thread_local PyObject *tl_snap_ctx;   /* the context seen (identity only) */
-static _Thread_local PyObject *tl_snap_vars;  /* its variables then (identity only; tl_snap shares them) */
-static _Thread_local PyObject *tl_snap;       /* its snapshot (owned) */
-static _Thread_local int tl_snap_empty;       /* ... which holds no variables */
-
-static PyObject *context_snapshot(int *err) {
-    PyThreadState *ts = PyThreadState_Get();
-    *err = 0;
-    if (!ts->context) return NULL;   /* this thread never used a context variable */
-    PyObject *vars = CTX_VARS(ts->context);
-    if (!(vars && ts == tl_snap_ts && ts->context == tl_snap_ctx && vars == tl_snap_vars)) {
-        PyObject *snap = PyContext_CopyCurrent();
-        if (!snap) {
-            *err = 1;
-            return NULL;
-        }
-        Py_ssize_t n = PyObject_Size(snap);
-        if (n < 0) PyErr_Clear();
-        Py_XSETREF(tl_snap, snap);
-        tl_snap_empty = n <= 0;
-        tl_snap_ts = ts;
-        tl_snap_ctx = ts->context;
-        tl_snap_vars = vars;
-    }
-    return tl_snap_empty ? NULL : Py_NewRef(tl_snap);
-}
-
 PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
                               PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns) {
     ct_task *t = ct_task_new();
     if (!t) return PyErr_NoMemory();
+    /* The submitter's context (contextvars), kept for the run (see run_attempt in py_run.c):
+     * PyContext_CopyCurrent makes one small object that shares the context's immutable
+     * mapping of variables (nothing is copied one by one). A context without variables is not
+     * kept (the task then runs in its worker's context: nothing of the submitter's to see),
+     * nor is one for a task run in a child process (nothing of it crosses). */
+    PyObject *ctx = NULL, *arg = NULL;
+    if (!(cfg && cfg->isolation)) {
+        ctx = PyContext_CopyCurrent();
+        if (!ctx) goto fail_node;
+        Py_ssize_t nvars = PyObject_Size(ctx);
+        if (nvars <= 0) {
+            if (nvars < 0) PyErr_Clear();
+            Py_CLEAR(ctx);
+        }
+    }
     /* keyword names ride at the end of the values (one object less per task), then the
-     * snapshot of the submitter's context, if it has variables (see run_one) */
-    int err;
-    PyObject *ctx = context_snapshot(&err), *arg = NULL;
-    if (err) goto fail_node;
-    Py_ssize_t size = nvalues + (kwnames != NULL) + (ctx != NULL);
+     * context; a task without arguments keeps the context alone (no tuple) */
+    uint32_t flags = (kwnames ? CT_F_KWNAMES : 0) | (ctx ? CT_F_CONTEXT : 0);
+    Py_ssize_t size = nvalues + (kwnames != NULL);
     if (size > 0) {
-        arg = PyTuple_New(size);
+        arg = PyTuple_New(size + (ctx != NULL));
         if (!arg) {
             Py_XDECREF(ctx);
             goto fail_node;
         }
-        for (Py_ssize_t i = 0; i < nvalues; i++) {
-            Py_INCREF(values[i]);
-            PyTuple_SET_ITEM(arg, i, values[i]);
-        }
-        uint32_t flags = 0;
-        if (kwnames) {
-            Py_INCREF(kwnames);
-            PyTuple_SET_ITEM(arg, nvalues, kwnames);
-            flags |= CT_F_KWNAMES;
-        }
-        if (ctx) {
-            PyTuple_SET_ITEM(arg, size - 1, ctx);
-            flags |= CT_F_CONTEXT;
-        }
-        if (flags) atomic_store_explicit(&t->state, CT_PENDING | flags, memory_order_relaxed);
+        for (Py_ssize_t i = 0; i < nvalues; i++) PyTuple_SET_ITEM(arg, i, Py_NewRef(values[i]));
+        if (kwnames) PyTuple_SET_ITEM(arg, nvalues, Py_NewRef(kwnames));
+        if (ctx) PyTuple_SET_ITEM(arg, size, ctx);
+    } else {
+        arg = ctx;
     }
+    if (flags) atomic_store_explicit(&t->state, CT_PENDING | flags, memory_order_relaxed);
     Py_INCREF(func);
     t->fn = func;
     t->arg = arg;

@@ -367,29 +367,7 @@ static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_
 
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
  * its end (one clock read per task). */
-static uint64_t run_one_in(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
-
-/* ---- contextvars: a Python task runs in the context its add_task ran in ----
- * enqueue_node keeps a copy of the submitter's context (PyContext_CopyCurrent: the values of
- * its context variables, shared, not copied one by one) at the end of the node's argument
- * tuple, flagged CT_F_CONTEXT. The worker enters it for the whole attempt: the call, the
- * hand-off of an async task's coroutine to the event loop (which copies the context it is
- * called in, as asyncio does), the config's hooks. What the task sets stays in that copy. */
 uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
-    PyObject *a = (PyObject *)t->arg;
-    if (!(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_CONTEXT) || !a)
-        return run_one_in(w, eng, t, now);
-    /* a copy of the snapshot (several tasks may share one, and run at once) */
-    PyObject *ctx = PyContext_Copy(PyTuple_GET_ITEM(a, PyTuple_GET_SIZE(a) - 1));
-    int entered = ctx && PyContext_Enter(ctx) == 0;
-    if (!entered) PyErr_Clear();   /* (out of memory: the task runs in the worker's context) */
-    uint64_t end = run_one_in(w, eng, t, now);
-    if (entered && PyContext_Exit(ctx) < 0) PyErr_Clear();
-    Py_XDECREF(ctx);
-    return end;
-}
-
-static uint64_t run_one_in(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
     if (t->kind == CT_KIND_C) {
         Py_BEGIN_ALLOW_THREADS
         ct_engine_run_c(w, t);
@@ -412,9 +390,45 @@ static uint64_t run_one_in(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t
     return run_attempt(w, eng, t, now);
 }
 
-/* An attempt of a task this worker has started (RUNNING for it): the call, its outcome, the
- * retry or the end. */
+/* ---- contextvars: a Python task runs in the context its add_task ran in ----
+ * enqueue_node (py_engine.c) keeps a copy of the submitter's context (PyContext_CopyCurrent),
+ * flagged CT_F_CONTEXT: the last item of the node's argument tuple, or the argument itself
+ * when the task has no arguments. Each task has its own copy, so an attempt enters that
+ * object itself (a context is entered by one thread at a time: only the thread running the
+ * task does). A task that may be retried enters a fresh copy per attempt instead, so that
+ * every attempt starts from the submitter's values. The context is entered for the whole
+ * attempt: the call, the hand-off of an async task's coroutine to the event loop (which copies
+ * the context it is called in, as asyncio does), the config's hooks, the callbacks at the end.
+ * What the task sets stays in its copy. Only public C API (PyContext_*) is used. */
+static PyObject *node_context(ct_task *t) {   /* borrowed */
+    PyObject *a = (PyObject *)t->arg;
+    return PyTuple_CheckExact(a) ? PyTuple_GET_ITEM(a, PyTuple_GET_SIZE(a) - 1) : a;
+}
+
+static uint64_t attempt_in_context(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
+
+/* An attempt of a task this worker has started (RUNNING for it), in the task's context: the
+ * call, its outcome, the retry or the end. */
 static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
+    if (t->kind != CT_KIND_PY || !(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_CONTEXT))
+        return attempt_in_context(w, eng, t, now);
+    ConfigObject *cfg = (ConfigObject *)t->cfg;
+    PyObject *ctx = node_context(t);
+    /* (a reference of our own: the attempt's end may drop the node's arguments) */
+    ctx = cfg && cfg->max_retries > 0 ? PyContext_Copy(ctx) : Py_NewRef(ctx);
+    if (ctx && PyContext_Enter(ctx) < 0) {   /* (entered already: never expected) a copy then */
+        PyErr_Clear();
+        Py_SETREF(ctx, PyContext_Copy(ctx));
+        if (ctx && PyContext_Enter(ctx) < 0) Py_CLEAR(ctx);
+    }
+    if (!ctx) PyErr_Clear();   /* (out of memory: the attempt runs in the worker's context) */
+    uint64_t end = attempt_in_context(w, eng, t, now);
+    if (ctx && PyContext_Exit(ctx) < 0) PyErr_Clear();
+    Py_XDECREF(ctx);
+    return end;
+}
+
+static uint64_t attempt_in_context(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
     t->attempt++;
     ConfigObject *cfg = (ConfigObject *)t->cfg;
     /* (a process-isolated task's timeout is enforced by its pool, which kills the child) */
@@ -437,9 +451,10 @@ static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_
         tl_current_engine = NULL;
     } else {
         PyObject *a = (PyObject *)t->arg, *kw = NULL;
-        Py_ssize_t n = a ? PyTuple_GET_SIZE(a) : 0, nkw = 0;
         uint32_t flags = atomic_load_explicit(&t->state, memory_order_relaxed);
-        if (flags & CT_F_CONTEXT) n--;   /* (entered by run_one) */
+        Py_ssize_t n = 0, nkw = 0;
+        /* (the context, the last item or the whole argument, was entered by run_attempt) */
+        if (a && PyTuple_CheckExact(a)) n = PyTuple_GET_SIZE(a) - ((flags & CT_F_CONTEXT) != 0);
         if (flags & CT_F_KWNAMES) {
             kw = PyTuple_GET_ITEM(a, --n);
             nkw = PyTuple_GET_SIZE(kw);
