@@ -19,6 +19,7 @@ def _valid_hooks():
         "isolate": print,
         "failed": print,
         "native_reason": _hooks._native_reason,
+        "trace_submit": print,
     }
 
 
@@ -36,11 +37,25 @@ def test_an_unknown_hook_is_refused():
 
 @pytest.mark.parametrize(
     ("name", "value", "what"),
-    [("status_members", [1], "a tuple"), ("task_timeout", 3, "an exception class"), ("failed", None, "callable")],
+    [
+        ("status_members", [1], "a tuple"),
+        ("task_timeout", 3, "an exception class"),
+        ("failed", None, "callable"),
+        ("trace_submit", "tracing.submit_local", "callable"),
+    ],
 )
 def test_an_ill_typed_hook_is_refused(name, value, what):
     with pytest.raises(TypeError, match=f"hook {name} must be {what}"):
         _engine._install_hooks(**{**_valid_hooks(), name: value})
+
+
+def test_the_trace_hook_is_one_of_them():
+    # installed with the others (no setter of its own)
+    hooks = _valid_hooks()
+    del hooks["trace_submit"]
+    with pytest.raises(TypeError, match="missing hook trace_submit"):
+        _engine._install_hooks(**hooks)
+    assert not hasattr(_engine, "_set_trace_hook")
 
 
 def test_positional_arguments_are_refused():

@@ -152,6 +152,36 @@ def test_a_thread_that_never_used_contextvars_submits_and_the_task_sets_freely(m
     assert out == ["task", "unset"]
 
 
+# -- is a provider set? ------------------------------------------------------------------------
+def test_without_the_apis_private_global_the_public_getter_decides(make_tasks, spans, monkeypatch):
+    # the C gate reads opentelemetry.trace._TRACER_PROVIDER as a fast "no"; an API without it
+    # is asked through the public get_tracer_provider() (a ProxyTracerProvider until one is set)
+    provider = trace.get_tracer_provider()
+    tasks = make_tasks(workers=1, name="eng-fallback")
+    monkeypatch.delattr(trace, "_TRACER_PROVIDER")
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
+    assert tasks.add_task(lambda: 1).wait(5) == 1
+    assert spans.get_finished_spans() == ()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    assert tasks.add_task(lambda: 2).wait(5) == 2
+    assert [s.name for s in wait_for_spans(spans, SpanKind.CONSUMER, 1)] == ["process eng-fallback"]
+    assert [s.name for s in by_kind(spans, SpanKind.PRODUCER)] == ["send eng-fallback"]
+
+
+def test_the_gate_sees_opentelemetry_leave_and_come_back(make_tasks, spans, monkeypatch):
+    # the gate caches opentelemetry.trace's globals while sys.modules keeps its size
+    import sys
+
+    tasks = make_tasks(workers=1, name="eng-modules")
+    otel = sys.modules["opentelemetry.trace"]
+    monkeypatch.delitem(sys.modules, "opentelemetry.trace")
+    assert tasks.add_task(lambda: 1).wait(5) == 1
+    assert spans.get_finished_spans() == ()
+    sys.modules["opentelemetry.trace"] = otel
+    assert tasks.add_task(lambda: 2).wait(5) == 2
+    assert len(wait_for_spans(spans, SpanKind.CONSUMER, 1)) == 1
+
+
 # -- the option --------------------------------------------------------------------------------
 def test_tracing_option_is_a_bool(make_tasks):
     assert make_tasks(workers=1).tracing is True

@@ -132,15 +132,14 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
 
 
 def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwargs: Any, cfg: Any, block: Any) -> Any:
-    # the C add_task/_submit when tracing is on (see tracing.py): tracing is imported on first use
+    # the C add_task/_submit when tracing may be wanted (the trace_submit hook, installed by _hooks.py;
+    # see trace_wanted in _engine/py_engine.c): tracing is imported on first use
     from . import tracing
 
     if not tracing.provider_set():
         return engine._submit_plain(func, args, kwargs, cfg, block)
     return tracing.submit_local(engine, func, args, kwargs, cfg, block)
 
-
-_engine._set_trace_hook(_trace_submit)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

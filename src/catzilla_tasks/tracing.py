@@ -40,15 +40,23 @@ _MISSING = object()
 
 
 def _provider() -> Any:
-    """The global tracer provider once one is set, else None. Costs a dict lookup or two:
-    ``opentelemetry.trace`` keeps the provider in a module global, which is read directly (an
-    API without it is asked through ``get_tracer_provider()``)."""
+    """The global tracer provider once one is set, else None.
+
+    ``opentelemetry.trace`` keeps it in a module global, ``_TRACER_PROVIDER`` (None until
+    ``set_tracer_provider``), read here (and by the C gate, ``trace_wanted``) as a fast answer:
+    the public ``get_tracer_provider()`` is a Python call that also looks up an environment
+    variable each time, ~1 us per task against a dict lookup. That global is the API's private
+    state, so an API without it is asked the public way: a ``ProxyTracerProvider`` means none
+    is set."""
     m = sys.modules.get("opentelemetry.trace")
     if m is None:
         return None
     p = getattr(m, "_TRACER_PROVIDER", _MISSING)
     if p is _MISSING:  # (an API version without that global: the public, slower way)
-        p = m.get_tracer_provider()
+        get = getattr(m, "get_tracer_provider", None)
+        if get is None:  # (the module is still being imported by another thread)
+            return None
+        p = get()
         return None if isinstance(p, m.ProxyTracerProvider) else p
     return p
 

@@ -291,31 +291,35 @@ PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int6
     return (PyObject *)r;
 }
 
-/* tracing (tracing.py, see trace_wanted): f(engine, func, args, kwargs, config, block_timeout) */
-static PyObject *g_trace_submit;
-static PyObject *g_otel_dict;         /* opentelemetry.trace's globals, once it is imported */
-static PyObject *g_str_otel_trace, *g_str_tracer_provider;
-
 /* ---- tracing (tracing.py) ----
  * On for an engine made with tracing=True once opentelemetry.trace is imported and a global
- * tracer provider is set: read here with no Python frame, as the module's _TRACER_PROVIDER
- * global (None until set; set once per process). When it is on, add_task and _submit go
- * through tracing.submit_local (a PRODUCER span, the task wrapped in its CONSUMER span), which
- * queues with _submit_plain. Off, the cost is a dict lookup or two. */
+ * tracer provider is set. When it is on, add_task and _submit go through the trace_submit
+ * hook (engine._trace_submit -> tracing.submit_local: a PRODUCER span, the task wrapped in its
+ * CONSUMER span), which queues with _submit_plain. Off, this costs a compare while
+ * sys.modules keeps its size, and a dict lookup once OpenTelemetry is imported.
+ *
+ * "A provider is set" is read, with no Python frame, as opentelemetry.trace's module global
+ * _TRACER_PROVIDER (None until set_tracer_provider; set once per process). That global is
+ * the API's private state: the public question, trace.get_tracer_provider() (a ProxyTracerProvider
+ * until one is set), is a Python call that also looks up an environment variable each time
+ * (~1 us per add_task against ~20 ns; see docs/architecture.md). So the private global is read
+ * only as a fast "no": an API without it makes this answer yes, and the hook then asks the
+ * public function (tracing.provider_set). sys.modules is looked up again only when its size
+ * changed since the last look (an import adds to it). */
 static int trace_wanted(EngineObject *self) {
-    if (!self->tracing || !g_trace_submit) return 0;
-    if (!g_otel_dict) {
-        PyObject *m = PyDict_GetItemWithError(PyImport_GetModuleDict(), g_str_otel_trace);
-        if (!m || !PyModule_Check(m)) {
-            PyErr_Clear();
-            return 0;
-        }
-        g_otel_dict = Py_NewRef(PyModule_GetDict(m));
+    if (!self->tracing) return 0;
+    PyObject *mods = PyImport_GetModuleDict();
+    if (CT_UNLIKELY(PyDict_GET_SIZE(mods) != py_mod.otel_modules_seen)) {
+        py_mod.otel_modules_seen = PyDict_GET_SIZE(mods);
+        PyObject *m = PyDict_GetItemWithError(mods, py_mod.str_otel_trace);
+        if (!m && PyErr_Occurred()) PyErr_Clear();
+        Py_XSETREF(py_mod.otel_trace_globals, m && PyModule_Check(m) ? Py_NewRef(PyModule_GetDict(m)) : NULL);
     }
-    PyObject *p = PyDict_GetItemWithError(g_otel_dict, g_str_tracer_provider);
+    if (!py_mod.otel_trace_globals) return 0;
+    PyObject *p = PyDict_GetItemWithError(py_mod.otel_trace_globals, py_mod.str_tracer_provider);
     if (p) return p != Py_None;
-    PyErr_Clear();
-    return 1;   /* an API without that global: tracing.submit_local asks it */
+    if (PyErr_Occurred()) PyErr_Clear();
+    return 1;   /* an API without that global: the hook asks get_tracer_provider() */
 }
 
 static PyObject *trace_add_task(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t npos,
@@ -326,26 +330,11 @@ static PyObject *trace_add_task(EngineObject *self, PyObject *func, PyObject *co
     for (Py_ssize_t i = 0; i < npos; i++) PyTuple_SET_ITEM(pos, i, Py_NewRef(values[i]));
     for (Py_ssize_t i = 0; i < nkw; i++)
         if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
-    r = PyObject_CallFunctionObjArgs(g_trace_submit, (PyObject *)self, func, pos, kw, Py_None, Py_None, NULL);
+    r = PyObject_CallFunctionObjArgs(py_mod.hooks.trace_submit, (PyObject *)self, func, pos, kw, Py_None, Py_None, NULL);
 done:
     Py_XDECREF(pos);
     Py_XDECREF(kw);
     return r;
-}
-
-/* _set_trace_hook(f): tracing.submit_local (see trace_wanted); set once by engine.py. */
-PyObject *mod_set_trace_hook(PyObject *m, PyObject *fn) {
-    if (!PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "_set_trace_hook(): expected a callable");
-        return NULL;
-    }
-    if (!g_str_otel_trace) {
-        g_str_otel_trace = PyUnicode_InternFromString("opentelemetry.trace");
-        g_str_tracer_provider = PyUnicode_InternFromString("_TRACER_PROVIDER");
-        if (!g_str_otel_trace || !g_str_tracer_provider) return NULL;
-    }
-    Py_XSETREF(g_trace_submit, Py_NewRef(fn));
-    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_add_task(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
@@ -372,7 +361,7 @@ static PyObject *Engine_submit_plain(EngineObject *self, PyObject *args);
  * as add_task is. _submit_plain: the same, never traced (tracing.py, the brokers' workers). */
 static PyObject *Engine_submit(EngineObject *self, PyObject *args) {
     if (CT_UNLIKELY(trace_wanted(self)) && PyTuple_GET_SIZE(args) == 5 && PyCallable_Check(PyTuple_GET_ITEM(args, 0)))
-        return PyObject_CallFunctionObjArgs(g_trace_submit, (PyObject *)self, PyTuple_GET_ITEM(args, 0),
+        return PyObject_CallFunctionObjArgs(py_mod.hooks.trace_submit, (PyObject *)self, PyTuple_GET_ITEM(args, 0),
                                             PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2),
                                             PyTuple_GET_ITEM(args, 3), PyTuple_GET_ITEM(args, 4), NULL);
     return Engine_submit_plain(self, args);

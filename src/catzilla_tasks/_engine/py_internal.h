@@ -69,6 +69,8 @@ typedef struct py_hooks {
     PyObject *isolate;          /* f(engine, func, args, kwargs, config) -> callable run in a child */
     PyObject *failed;           /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
     PyObject *native_reason;    /* f(func, ran_native) -> why the task ran as Python, or None */
+    PyObject *trace_submit;     /* f(engine, func, args, kwargs, config, block_timeout): add_task
+                                 * and _submit while tracing is wanted (trace_wanted, py_engine.c) */
 } py_hooks;
 
 typedef struct py_state {
@@ -90,6 +92,11 @@ typedef struct py_state {
                                  * checks a call's arguments (see enqueue_native) */
     PyObject *queue_full;       /* catzilla_tasks.errors.QueueFull */
     PyObject *task_cancelled;   /* catzilla_tasks.errors.TaskCancelled */
+    /* trace_wanted (py_engine.c): "opentelemetry.trace" and "_TRACER_PROVIDER" (interned), that
+     * module's globals once it is imported (else NULL), and the size of sys.modules when they
+     * were last looked up (they are looked up again only when it changes) */
+    PyObject *str_otel_trace, *str_tracer_provider, *otel_trace_globals;
+    Py_ssize_t otel_modules_seen;
     char prefix[16];            /* of task ids: random per process (new after fork) */
     uint64_t mono0;             /* ct_now_ns() and the wall clock at import: stats' timestamps */
     double wall0;
@@ -117,7 +124,8 @@ struct EngineObject {
     int64_t mem_cap;        /* memory_pool_mb in bytes: bound on arg_bytes (0 = none) */
     int64_t arg_bytes;      /* bytes of the arguments of its queued tasks (GIL), while mem_cap */
     _Atomic int closing;    /* ENGINE_OPEN, ENGINE_OUTSIDE_CLOSED (shutdown drains: see
-                             * closed_to_caller) or ENGINE_FORKED (this process is a fork) */    int tracing;            /* BackgroundTasks(tracing=...): see trace_wanted (py_engine.c) */
+                             * closed_to_caller) or ENGINE_FORKED (this process is a fork) */
+    int tracing;            /* BackgroundTasks(tracing=...): see trace_wanted (py_engine.c) */
 };
 enum { ENGINE_OPEN = 0, ENGINE_OUTSIDE_CLOSED = 1, ENGINE_FORKED = 2 };
 
@@ -219,7 +227,6 @@ void report_error(const char *what, PyObject *subject, PyObject *exc);
 void report_unobserved(ct_task *t);
 void run_callbacks(EngineObject *eng, ct_task *t, PyObject *cbs, int status, PyObject *value);
 uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
-PyObject *mod_set_trace_hook(PyObject *m, PyObject *fn);   /* py_engine.c: tracing */
 void help_run(EngineObject *eng, ct_task *t);   /* a worker runs the task it is about to wait for */
 void take_callbacks(EngineObject *eng, ct_task *t, int status);
 

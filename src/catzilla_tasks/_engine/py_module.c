@@ -105,7 +105,7 @@ static const hook_spec hook_specs[] = {
     HOOK(status_members, HOOK_TUPLE),   HOOK(priority_members, HOOK_TUPLE), HOOK(run_coroutine, HOOK_CALLABLE),
     HOOK(report_error, HOOK_CALLABLE),  HOOK(await_impl, HOOK_CALLABLE),    HOOK(cancel_async, HOOK_CALLABLE),
     HOOK(task_timeout, HOOK_EXC_CLASS), HOOK(isolate, HOOK_CALLABLE),       HOOK(failed, HOOK_CALLABLE),
-    HOOK(native_reason, HOOK_CALLABLE),
+    HOOK(native_reason, HOOK_CALLABLE), HOOK(trace_submit, HOOK_CALLABLE),
 };
 #undef HOOK
 #define NHOOKS (sizeof hook_specs / sizeof hook_specs[0])
@@ -173,7 +173,6 @@ static PyObject *mod_live_ids(PyObject *m, PyObject *unused) {
 
 static PyMethodDef mod_methods[] = {
     {"_install_hooks", (PyCFunction)(void (*)(void))mod_install_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
-    {"_set_trace_hook", (PyCFunction)mod_set_trace_hook, METH_O, NULL},
     {"memory_stats", (PyCFunction)mod_memory_stats, METH_NOARGS,
      "Memory of the task-node slab: bytes taken from the system, nodes in use, bytes per node."},
     {"detached", (PyCFunction)mod_detached, METH_NOARGS, NULL},
@@ -216,6 +215,9 @@ PyMODINIT_FUNC PyInit__engine(void) {
     if (!py_mod.charges || !py_mod.getsizeof) goto fail;
     py_mod.config_attr = PyUnicode_InternFromString("__catzilla_task__");
     py_mod.native_prepare = PyUnicode_InternFromString("_engine_prepare");
+    py_mod.str_otel_trace = PyUnicode_InternFromString("opentelemetry.trace");
+    py_mod.str_tracer_provider = PyUnicode_InternFromString("_TRACER_PROVIDER");
+    py_mod.otel_modules_seen = -1;
     /* The exception classes are defined once, in catzilla_tasks/errors.py (a leaf module, so
        importing it here, while the package itself is still importing, cannot cycle). */
     PyObject *errors = PyImport_ImportModule("catzilla_tasks.errors");
@@ -224,7 +226,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     py_mod.task_cancelled = PyObject_GetAttrString(errors, "TaskCancelled");
     Py_DECREF(errors);
     if (!py_mod.registry || !py_mod.history || !py_mod.config_attr || !py_mod.native_prepare || !py_mod.queue_full ||
-        !py_mod.task_cancelled)
+        !py_mod.task_cancelled || !py_mod.str_otel_trace || !py_mod.str_tracer_provider)
         goto fail;
     Py_INCREF(&Engine_Type);
     Py_INCREF(&Result_Type);
