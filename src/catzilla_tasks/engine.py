@@ -141,7 +141,6 @@ def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwa
     return tracing.submit_local(engine, func, args, kwargs, cfg, block)
 
 
-
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     import asyncio  # only once an async task runs: asyncio is ~10 MiB of a process that has none
 
