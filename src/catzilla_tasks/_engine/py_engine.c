@@ -302,7 +302,7 @@ PyObject *enqueue_submit(EngineObject *self, ct_task *t, ConfigObject *cfg, int6
  * _TRACER_PROVIDER (None until set_tracer_provider; set once per process). That global is
  * the API's private state: the public question, trace.get_tracer_provider() (a ProxyTracerProvider
  * until one is set), is a Python call that also looks up an environment variable each time
- * (~1 us per add_task against ~20 ns; see docs/architecture.md). So the private global is read
+ * (~1.6 us per add_task against ~25 ns: benchmarks/RESULTS.md). So the private global is read
  * only as a fast "no": an API without it makes this answer yes, and the hook then asks the
  * public function (tracing.provider_set). sys.modules is looked up again only when its size
  * changed since the last look (an import adds to it). */
