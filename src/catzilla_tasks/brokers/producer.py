@@ -1,9 +1,9 @@
 """The producer of distributed mode: what ``BackgroundTasks(broker=...)`` builds.
 
 :class:`DistributedTasks` is a BackgroundTasks whose submission methods publish to a
-:class:`~.base.Broker` instead of the local queues: ``add_task``, ``options(...).add_task``,
-``batch()``, ``result(task_id)`` and (through ``broker.run_workflow``) a workflow's
-``execute()``. Everything else is the engine's own: ``@tasks.task`` registers functions by name
+:class:`~.base.Broker` instead of the local queues: ``add_task``, ``add_task_async``,
+``options(...).add_task`` / ``.add_task_async``, ``batch()``, ``result(task_id)`` and
+(through ``broker.run_workflow``) a workflow's ``execute()``. Everything else is the engine's own: ``@tasks.task`` registers functions by name
 (a worker runs them on this same local engine), ``@tasks.periodic`` fires on its schedule and
 publishes through ``add_task``. The plain engine keeps its C ``add_task`` (no Python frame);
 only this subclass pays for a Python method, and the broker round trip dwarfs it.
@@ -61,6 +61,13 @@ class DistributedTasks(BackgroundTasks):
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
         return self.broker.submit(func, args, kwargs, None)
 
+    async def add_task_async(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """``add_task`` for ``async def`` code: publishes without blocking the event loop
+        (``redis.asyncio``) and returns the same handle once the broker holds the task.
+        Concurrent calls of one loop share round trips (group commit), as threads' ``add_task``
+        calls do. Bad input raises here, before anything is sent."""
+        return await _submit_async(self.broker, func, args, kwargs, None, None)
+
     def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:  # type: ignore[override]
         """As BackgroundTasks.options (validated the same way, at the call site), plus
         ``idempotency_key``: of the copies of a task with one key, one succeeds (see the broker
@@ -100,3 +107,25 @@ class RemoteOptions:
 
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         return self._broker.submit(func, args, kwargs, self._options.config_for_call(func), self._key)
+
+    async def add_task_async(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """``add_task`` with these options, for ``async def`` code (see DistributedTasks.add_task_async)."""
+        return await _submit_async(self._broker, func, args, kwargs, self._options.config_for_call(func), self._key)
+
+
+async def _submit_async(
+    broker: Broker, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, key: str | None
+) -> Any:
+    """Publish from a coroutine: the broker's own ``submit_async`` (RedisBroker's), an
+    in-process broker's ``submit`` (no I/O to wait for), or else ``submit`` in a thread: a
+    broker without an async client never blocks the event loop."""
+    submit_async = getattr(broker, "submit_async", None)
+    if submit_async is not None:
+        return await submit_async(func, args, kwargs, cfg, key)
+    from .memory import MemoryBroker
+
+    if isinstance(broker, MemoryBroker):
+        return broker.submit(func, args, kwargs, cfg, key)
+    import asyncio
+
+    return await asyncio.to_thread(broker.submit, func, args, kwargs, cfg, key)

@@ -35,6 +35,7 @@ from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from ..errors import wire_name
 from . import scripts
 from .base import Broker
+from .group_commit import AsyncGroupCommit, GroupCommit, PerLoop
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
@@ -262,6 +263,10 @@ class RedisBroker(Broker):
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
         self._redrive = self.redis.register_script(scripts.REDRIVE)
+        self._publish = self.redis.register_script(scripts.PUBLISH)
+        # group commit of concurrent publishes: across threads, and per event loop (add_task_async)
+        self._group = GroupCommit(self._send_flush)
+        self._agroups = PerLoop(self._new_agroup)
         self._local = threading.local()
         self._overrides = Overrides()
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
@@ -290,15 +295,12 @@ class RedisBroker(Broker):
         # next() of an itertools.count is atomic under the GIL
         return f"{self._id_base}{next(self._id_next):x}"
 
-    def submit(
-        self,
-        func: Any,
-        args: tuple,
-        kwargs: dict[str, Any] | None,
-        cfg: TaskConfig | None,
-        idempotency_key: str | None = None,
-    ) -> RemoteResult:
-        """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult."""
+    def _prepare(
+        self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None, idempotency_key: str | None
+    ) -> tuple[str, tuple[int, int, bytes]]:
+        """A task's id and what publishing it sends: (priority, delay in ms, payload). Bad input
+        (an unnamed function, options or arguments that cannot travel) raises here, at the
+        caller's site, before its message joins a flush of others."""
         try:
             name = self._names[func]
         except (KeyError, TypeError):
@@ -320,20 +322,106 @@ class RedisBroker(Broker):
             opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
-        self._send(int(cfg._priority), cfg.delay_ms, payload)
-        return RemoteResult(tid, self)
+        delay = cfg.delay_ms
+        return tid, (int(cfg._priority), int(delay) if delay > 0 else 0, payload)
 
-    def _send(self, prio: int, delay_ms: float, payload: bytes) -> None:
+    def submit(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> RemoteResult:
+        """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult
+        once Redis holds it. Concurrent calls from several threads are group-committed: one
+        flush (one round trip) carries every message queued while the previous one was in
+        flight (see :mod:`.group_commit`)."""
+        tid, item = self._prepare(func, args, kwargs, cfg, idempotency_key)
         buf = getattr(self._local, "buf", None)
         if buf is not None:  # inside batch(): sent at its end
-            if delay_ms > 0:
-                buf[4].append((int(delay_ms), b"%d" % prio + payload))
-            else:
-                buf[prio].append(payload)
-        elif delay_ms > 0:
-            self._add_delayed(keys=[self.delayed_key], args=[int(delay_ms), b"%d" % prio + payload])
+            self._buffer(buf, item)
         else:
-            self.redis.xadd(self.streams[prio], {"m": payload})
+            self._group.publish(item)
+        return RemoteResult(tid, self)
+
+    async def submit_async(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> RemoteResult:
+        """``submit`` for a coroutine: published on ``redis.asyncio`` without blocking the event
+        loop, group-committed with the other coroutines of this loop (one connection per loop
+        publishing). Inside a ``batch()`` block of this thread the task is held as ``submit``
+        holds it."""
+        tid, item = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:
+            self._buffer(buf, item)
+        else:
+            await self._agroups.get()[0].publish(item)
+        return RemoteResult(tid, self)
+
+    @staticmethod
+    def _buffer(buf: list[list[Any]], item: tuple[int, int, bytes]) -> None:
+        prio, delay_ms, payload = item
+        if delay_ms > 0:
+            buf[4].append((delay_ms, b"%d" % prio + payload))
+        else:
+            buf[prio].append(payload)
+
+    def _flush_command(self, items: list[tuple[int, int, bytes]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``scripts.PUBLISH`` for one flush (all of it or nothing)."""
+        by_stream: list[list[bytes]] = [[], [], [], []]
+        delayed: list[Any] = []
+        for prio, delay_ms, payload in items:
+            if delay_ms > 0:
+                delayed += (delay_ms, b"%d" % prio + payload)
+            else:
+                by_stream[prio].append(payload)
+        args: list[Any] = [len(x) for x in by_stream]
+        args.append(len(delayed) // 2)
+        for x in by_stream:
+            args += x
+        args += delayed
+        return [*self.streams, self.delayed_key], args
+
+    def _send_flush(self, items: list[tuple[int, int, bytes]]) -> None:
+        """One flush of the threads' group commit, in one round trip and atomically: a lone
+        message is one XADD (or the delayed script) as it always was; several are one call of
+        ``scripts.PUBLISH``, which checks every key it writes before writing any."""
+        if len(items) == 1:
+            prio, delay_ms, payload = items[0]
+            if delay_ms > 0:
+                self._add_delayed(keys=[self.delayed_key], args=[delay_ms, b"%d" % prio + payload])
+            else:
+                self.redis.xadd(self.streams[prio], {"m": payload})
+            return
+        keys, args = self._flush_command(items)
+        self._publish(keys=keys, args=args)
+
+    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any]:
+        # this loop's publishing client: one flush in flight at a time, so one connection in use;
+        # the broker's socket timeouts (a silent Redis fails the flush, it does not hang it)
+        client = _aredis.Redis.from_url(self.url, **{**_CLIENT_DEFAULTS, **self._client_options})
+        publish = client.register_script(scripts.PUBLISH)
+        add_delayed = client.register_script(scripts.ADD_DELAYED)
+
+        async def send(items: list[tuple[int, int, bytes]]) -> None:
+            if len(items) == 1:
+                prio, delay_ms, payload = items[0]
+                if delay_ms > 0:
+                    await add_delayed(keys=[self.delayed_key], args=[delay_ms, b"%d" % prio + payload])
+                else:
+                    await client.xadd(self.streams[prio], {"m": payload})
+                return
+            keys, args = self._flush_command(items)
+            await publish(keys=keys, args=args)
+
+        return AsyncGroupCommit(send), client
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

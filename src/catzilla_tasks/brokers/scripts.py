@@ -65,3 +65,6 @@ WF_STEP_DONE = _load("wf_step_done.lua")
 WF_STEP_FAILED = _load("wf_step_failed.lua")
 
 WF_CANCEL = _load("wf_cancel.lua")
+
+# one flush of a producer's group commit: every message of it, or none (brokers/group_commit.py)
+PUBLISH = _load("publish.lua")

@@ -1,0 +1,242 @@
+"""Group commit for a producer: concurrent publishes coalesce into one round trip.
+
+A caller that finds no flush in progress becomes the *leader*: it sends what is queued (its
+own message first, alone if nobody else is publishing: no timer, no added latency for a lone
+caller) in one call of ``send``. Callers that arrive while a flush is in flight queue their
+message and wait; when the flush ends, the leader wakes the callers of its flush with its
+outcome and hands the lead to the first caller still queued, whose thread sends everything
+queued by then. Each thread sends at most one flush, so no caller is kept flushing for others.
+
+* :class:`GroupCommit` coalesces threads (one lock, one wait lock per waiting caller).
+* :class:`AsyncGroupCommit` coalesces the coroutines of one event loop (a flusher task per
+  burst; a caller awaits a future of its own, so cancelling it never cancels the flush of
+  others). :class:`PerLoop` keeps one per running loop.
+
+A caller returns only once ``send`` returned for its flush (the broker holds its message: at
+least once), or raises the flush's error (every caller of a failed flush gets it; the broker's
+``send`` makes a flush atomic, so none of its messages is stored). Nothing here knows Redis:
+``send`` is the broker's. State is per process: a forked child starts with none of the
+parent's (its threads are not there to finish a flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["AsyncGroupCommit", "GroupCommit", "PerLoop"]
+
+# the most messages one flush sends (the rest go with the next flush): bounds one round trip
+MAX_FLUSH = 4096
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    """The flush's error for one more caller: a copy (one instance raised in several threads
+    would share its traceback), or the error itself when it cannot be copied. An interruption of
+    the leader (KeyboardInterrupt, SystemExit) is the leader's own: its followers learn that the
+    flush was interrupted, which may or may not have reached the broker."""
+    if not isinstance(exc, Exception):
+        return ConnectionError(
+            f"the flush carrying this publish was interrupted in another thread ({type(exc).__name__}); "
+            "it may or may not have been stored"
+        )
+    try:
+        dup = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt: share it
+        return exc
+    return dup if type(dup) is type(exc) else exc
+
+
+class _Waiter:
+    """A caller queued behind a flush: its message, and a lock it blocks on until woken."""
+
+    __slots__ = ("error", "item", "lead", "sem")
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.lead = False  # woken to lead the next flush
+        self.error: BaseException | None = None
+        self.sem = threading.Lock()
+        self.sem.acquire()
+
+
+class GroupCommit:
+    """Group commit across the threads of one process, for one ``send(items)`` (see the module
+    docstring). ``publish(item)`` returns once ``send`` stored ``item`` or raises its error."""
+
+    def __init__(self, send: Callable[[list[Any]], None], max_flush: int = MAX_FLUSH) -> None:
+        self._send = send
+        self._max = max_flush
+        self._reset()
+        _live.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._busy = False  # a flush is in progress (its leader will hand the lead on)
+
+    def publish(self, item: Any) -> None:
+        lock = self._lock
+        with lock:
+            if not self._busy:
+                self._busy = True
+                w = None
+            else:
+                w = _Waiter(item)
+                self._queue.append(w)
+        if w is None:
+            self._lead([item], ())  # alone: sent on this thread now
+            return
+        try:
+            w.sem.acquire()
+        except BaseException:  # interrupted while waiting (KeyboardInterrupt in the main thread)
+            self._abandon(w)
+            raise
+        if w.lead:
+            with lock:
+                batch = self._queue[: self._max]  # w is the first of them
+                del self._queue[: self._max]
+            self._lead([b.item for b in batch], batch[1:])
+        elif w.error is not None:
+            raise w.error
+
+    def _lead(self, items: list[Any], followers: Any) -> None:
+        error: BaseException | None = None
+        try:
+            self._send(items)
+        except BaseException as exc:
+            error = exc
+        finally:
+            for f in followers:
+                if error is not None:
+                    f.error = _copy_error(error)
+                f.sem.release()
+            with self._lock:
+                if self._queue:  # the next flush is sent by the first caller queued meanwhile
+                    nxt = self._queue[0]
+                    nxt.lead = True
+                    nxt.sem.release()
+                else:
+                    self._busy = False
+        if error is not None:
+            raise error
+
+    def _abandon(self, w: _Waiter) -> None:
+        """A waiter that will not wait any more: out of the queue if no flush took it (then it
+        is not published); a lead it was handed goes to the next caller queued."""
+        with self._lock:
+            if w in self._queue:
+                self._queue.remove(w)
+                if w.lead:
+                    if self._queue:
+                        nxt = self._queue[0]
+                        nxt.lead = True
+                        nxt.sem.release()
+                    else:
+                        self._busy = False
+
+
+_live: weakref.WeakSet[GroupCommit] = weakref.WeakSet()
+_per_loop: weakref.WeakSet[PerLoop] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # the parent's flushes, their leaders and waiters are not in the child: start empty
+    for gc in list(_live):
+        gc._reset()
+    for pl in list(_per_loop):
+        pl._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class AsyncGroupCommit:
+    """Group commit among the coroutines of one event loop, for one ``send(items)`` coroutine
+    function. ``await publish(item)`` returns once ``send`` stored ``item`` or raises its error.
+
+    The first caller of a burst starts a flusher task; it sends what is queued, then what was
+    queued during that send, until nothing is. A caller cancelled before its message was taken
+    by a flush withdraws it (it is not published); once taken, it is published whatever
+    happens to the caller (at least once). If the flusher itself is cancelled (the loop shuts
+    down), the callers still waiting get ConnectionError; the messages of the flush it was
+    sending may or may not have been stored."""
+
+    def __init__(self, send: Callable[[list[Any]], Awaitable[Any]], max_flush: int = MAX_FLUSH) -> None:
+        self._send = send
+        self._max = max_flush
+        self._queue: list[tuple[Any, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def publish(self, item: Any) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.append((item, fut))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_all())
+        await fut
+
+    async def _flush_all(self) -> None:
+        live: list[tuple[Any, asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                batch = self._queue[: self._max]
+                del self._queue[: self._max]
+                live = [(item, fut) for item, fut in batch if not fut.done()]  # cancelled callers withdraw
+                if not live:
+                    continue
+                try:
+                    await self._send([item for item, _ in live])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every caller of this flush gets it
+                    for i, (_, fut) in enumerate(live):
+                        if not fut.done():
+                            fut.set_exception(exc if i == 0 else _copy_error(exc))
+                else:
+                    for _, fut in live:
+                        if not fut.done():
+                            fut.set_result(None)
+                live = []
+        except BaseException:
+            # cancelled (the loop is shutting down) or interrupted: nobody may wait for ever
+            left, self._queue = live + self._queue, []
+            for _, fut in left:
+                if not fut.done():
+                    fut.set_exception(
+                        ConnectionError("publish interrupted: the event loop's flusher was cancelled (loop shutdown)")
+                    )
+            raise
+        finally:
+            self._flusher = None
+
+
+class PerLoop:
+    """One :class:`AsyncGroupCommit` (and whatever the broker keeps with it: ``make(loop)``'s
+    value) per event loop, dropped with its loop."""
+
+    def __init__(self, make: Callable[[asyncio.AbstractEventLoop], Any]) -> None:
+        self._make = make
+        self._reset()
+        _per_loop.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+    def get(self) -> Any:
+        """This running loop's value (made on first use)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return self._by_loop[loop]
+        except KeyError:
+            with self._lock:
+                value = self._by_loop.get(loop)
+                if value is None:
+                    value = self._by_loop[loop] = self._make(loop)
+                return value
