@@ -55,22 +55,36 @@ def _copy_error(exc: BaseException) -> BaseException:
 class _Waiter:
     """A caller queued behind a flush: its message, and a lock it blocks on until woken."""
 
-    __slots__ = ("error", "item", "lead", "sem")
+    __slots__ = ("error", "followers", "item", "lead", "sem", "token")
 
     def __init__(self, item: Any) -> None:
         self.item = item
-        self.lead = False  # woken to lead the next flush
+        self.lead = False  # woken to read the reply of the flush carrying it (it is its first)
+        self.token: Any = None  # that flush, as ``begin`` returned it
+        self.followers: list[_Waiter] = []  # the other callers of that flush
         self.error: BaseException | None = None
         self.sem = threading.Lock()
         self.sem.acquire()
 
 
 class GroupCommit:
-    """Group commit across the threads of one process, for one ``send(items)`` (see the module
-    docstring). ``publish(item)`` returns once ``send`` stored ``item`` or raises its error."""
+    """Group commit across the threads of one process (see the module docstring), for a flush
+    sent in two steps: ``begin(items)`` sends it (it returns a token; raising, it sent nothing
+    that could be applied) and ``end(token)`` waits for its reply (raising, the flush failed as
+    a whole). ``publish(item)`` returns once ``end`` returned for the flush carrying ``item``,
+    or raises its error.
 
-    def __init__(self, send: Callable[[list[Any]], None], max_flush: int = MAX_FLUSH) -> None:
-        self._send = send
+    The flushes form a chain with one in flight at a time: the thread that read a flush's reply
+    sends the next one (everything queued meanwhile) *before* waking the callers of its own, so
+    the round trip of the next flush overlaps their wake-ups; it hands the next flush's reply
+    to that flush's first caller, whose thread reads it and goes on the same way. Each thread
+    reads at most one reply, so no caller is kept waiting for others' flushes."""
+
+    def __init__(
+        self, begin: Callable[[list[Any]], Any], end: Callable[[Any], None], max_flush: int = MAX_FLUSH
+    ) -> None:
+        self._begin = begin
+        self._end = end
         self._max = max_flush
         self._reset()
         _live.add(self)
@@ -78,19 +92,23 @@ class GroupCommit:
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._queue: list[_Waiter] = []
-        self._busy = False  # a flush is in progress (its leader will hand the lead on)
+        self._busy = False  # a flush is in flight (its reader sends the next one)
 
     def publish(self, item: Any) -> None:
-        lock = self._lock
-        with lock:
+        with self._lock:
             if not self._busy:
                 self._busy = True
                 w = None
             else:
                 w = _Waiter(item)
                 self._queue.append(w)
-        if w is None:
-            self._lead([item], ())  # alone: sent on this thread now
+        if w is None:  # alone: sent and read on this thread now
+            try:
+                token = self._begin([item])
+            except BaseException:
+                self._next()  # callers may have queued meanwhile: the chain goes on without us
+                raise
+            self._read(token, ())
             return
         try:
             w.sem.acquire()
@@ -98,47 +116,63 @@ class GroupCommit:
             self._abandon(w)
             raise
         if w.lead:
-            with lock:
-                batch = self._queue[: self._max]  # w is the first of them
-                del self._queue[: self._max]
-            self._lead([b.item for b in batch], batch[1:])
+            self._read(w.token, w.followers)
         elif w.error is not None:
             raise w.error
 
-    def _lead(self, items: list[Any], followers: Any) -> None:
+    def _read(self, token: Any, followers: Any) -> None:
+        """Read the reply of a flush, send the next one, then wake this flush's callers."""
         error: BaseException | None = None
         try:
-            self._send(items)
+            self._end(token)
         except BaseException as exc:
             error = exc
         finally:
+            self._next()
             for f in followers:
                 if error is not None:
                     f.error = _copy_error(error)
                 f.sem.release()
-            with self._lock:
-                if self._queue:  # the next flush is sent by the first caller queued meanwhile
-                    nxt = self._queue[0]
-                    nxt.lead = True
-                    nxt.sem.release()
-                else:
-                    self._busy = False
         if error is not None:
             raise error
 
+    def _next(self) -> None:
+        """Send what is queued as the next flush and hand its reply to its first caller, or
+        end the chain when nothing is queued. A flush that cannot be sent fails its callers
+        (none of its messages was applied), and the chain goes on with what queued after."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._busy = False
+                    return
+                batch = self._queue[: self._max]
+                del self._queue[: self._max]
+            try:
+                token = self._begin([b.item for b in batch])
+            except BaseException as exc:  # noqa: BLE001 - the callers of that flush get it
+                for b in batch:
+                    b.error = _copy_error(exc)
+                    b.sem.release()
+                continue
+            first = batch[0]
+            first.lead = True
+            first.token = token
+            first.followers = batch[1:]
+            first.sem.release()
+            return
+
     def _abandon(self, w: _Waiter) -> None:
         """A waiter that will not wait any more: out of the queue if no flush took it (then it
-        is not published); a lead it was handed goes to the next caller queued."""
+        is not published). A flush it was to read is read here, for its other callers."""
         with self._lock:
             if w in self._queue:
                 self._queue.remove(w)
-                if w.lead:
-                    if self._queue:
-                        nxt = self._queue[0]
-                        nxt.lead = True
-                        nxt.sem.release()
-                    else:
-                        self._busy = False
+                return
+        if w.lead:  # woken to read a flush (the wake came with the interruption)
+            try:
+                self._read(w.token, w.followers)
+            except BaseException:  # noqa: BLE001 - its callers have it; this caller raises its own
+                pass
 
 
 _live: weakref.WeakSet[GroupCommit] = weakref.WeakSet()
@@ -173,13 +207,17 @@ class AsyncGroupCommit:
         self._queue: list[tuple[Any, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def publish(self, item: Any) -> None:
-        loop = asyncio.get_running_loop()
+    def enqueue(self, loop: asyncio.AbstractEventLoop, item: Any) -> asyncio.Future[None]:
+        """Queue ``item`` (``loop`` is the running loop, this object's); the future is done when
+        its flush is (awaiting it is ``publish``)."""
         fut: asyncio.Future[None] = loop.create_future()
         self._queue.append((item, fut))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_all())
-        await fut
+        return fut
+
+    async def publish(self, item: Any) -> None:
+        await self.enqueue(asyncio.get_running_loop(), item)
 
     async def _flush_all(self) -> None:
         live: list[tuple[Any, asyncio.Future[None]]] = []
@@ -228,15 +266,16 @@ class PerLoop:
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], Any] | None = None  # the last one asked for
 
-    def get(self) -> Any:
-        """This running loop's value (made on first use)."""
-        loop = asyncio.get_running_loop()
-        try:
-            return self._by_loop[loop]
-        except KeyError:
-            with self._lock:
-                value = self._by_loop.get(loop)
-                if value is None:
-                    value = self._by_loop[loop] = self._make(loop)
-                return value
+    def get(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """The value of ``loop`` (the running loop; made on first use)."""
+        last = self._last
+        if last is not None and last[0]() is loop:
+            return last[1]
+        with self._lock:
+            value = self._by_loop.get(loop)
+            if value is None:
+                value = self._by_loop[loop] = self._make(loop)
+            self._last = (weakref.ref(loop), value)
+            return value

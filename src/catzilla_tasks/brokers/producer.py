@@ -66,7 +66,11 @@ class DistributedTasks(BackgroundTasks):
         (``redis.asyncio``) and returns the same handle once the broker holds the task.
         Concurrent calls of one loop share round trips (group commit), as threads' ``add_task``
         calls do. Bad input raises here, before anything is sent."""
-        return await _submit_async(self.broker, func, args, kwargs, None, None)
+        try:
+            submit = self.broker.submit_async  # type: ignore[attr-defined]
+        except AttributeError:
+            return await _submit_async(self.broker, func, args, kwargs, None, None)
+        return await submit(func, args, kwargs, None)
 
     def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:  # type: ignore[override]
         """As BackgroundTasks.options (validated the same way, at the call site), plus
