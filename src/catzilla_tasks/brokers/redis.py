@@ -427,9 +427,9 @@ class RedisBroker(Broker):
         return conn, plan
 
     def _flush_end(self, token: tuple[Any, Any]) -> None:
-        """Read the reply of a flush sent by ``_flush_begin``. A lost connection (its reply is
-        lost: the flush may have been applied) or a script Redis does not have cached yet sends
-        it again through the client, as a plain call of it would (at least once)."""
+        """Read the reply of a flush sent by ``_flush_begin`` (its error is the flush's). A flush
+        that could not be sent, or a script Redis does not have cached yet, is sent again
+        through the client (which loads the script); nothing of it was applied."""
         conn, (script, keys, args) = token
         if conn is not None:
             pool = self.redis.connection_pool
@@ -438,12 +438,12 @@ class RedisBroker(Broker):
                 return
             except _redis.exceptions.NoScriptError:
                 pass  # (the connection is fine) loaded and sent again below
-            except (_redis.ConnectionError, _redis.TimeoutError):
-                conn.disconnect()
             except _redis.ResponseError:
                 raise  # the flush was refused as a whole (see scripts.PUBLISH)
             except BaseException:
-                conn.disconnect()  # (a reply may still come on it: never reused)
+                # its reply is lost (the flush may have been applied): every caller of the
+                # flush gets the error (at least once: they may publish again)
+                conn.disconnect()
                 raise
             finally:
                 pool.release(conn)
@@ -467,20 +467,23 @@ class RedisBroker(Broker):
             else:
                 command = ("EVALSHA", script.sha, len(keys), *keys, *args)
             # straight on a connection of the pool (a call through the client costs ~30 us more);
-            # as in _flush_end, a lost connection or an uncached script goes through the client
+            # as in _flush_end: an uncached script goes through the client, which loads it
             conn = await pool.get_connection()
             try:
-                await conn.send_command(*command)
-                await conn.read_response()
-                return
+                try:
+                    await conn.send_command(*command)
+                except (_redis.ConnectionError, _redis.TimeoutError, OSError):
+                    await conn.disconnect()  # not sent: sent again through the client below
+                else:
+                    await conn.read_response()
+                    return
             except _redis.exceptions.NoScriptError:
                 pass
-            except (_redis.ConnectionError, _redis.TimeoutError, OSError):
-                await conn.disconnect()
             except _redis.ResponseError:
                 raise  # the flush was refused as a whole (see scripts.PUBLISH)
             except BaseException:
-                await asyncio.shield(conn.disconnect())  # (cancelled: a reply may still come on it)
+                # reply lost (maybe applied), or cancelled with a reply still to come: never reused
+                await asyncio.shield(conn.disconnect())
                 raise
             finally:
                 await pool.release(conn)
