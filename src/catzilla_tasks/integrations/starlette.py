@@ -10,7 +10,10 @@
 - ``DetachedBackgroundTasks`` (opt-in, the "detached mode"): ``add_task`` queues into the engine
   at once and returns the ``TaskResult``; the response does not wait for it, there is no order
   between tasks, and a failure never reaches the request. ``detached_background_tasks(request)``
-  gives one bound to the app's engine.
+  gives one bound to the app's engine. In an ``async def`` route on a broker engine, use
+  ``await tasks.add_task_async(...)``: it publishes without blocking the event loop.
+- On a broker engine (``BackgroundTasks(broker=...)``) the drop-ins publish after the response
+  with ``add_task_async`` (the event loop is never blocked on Redis; on trio, from a thread).
 - Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs (the
   FastAPI dependency binds the request's app's; Starlette's classes never see the request, so
   they take the newest lifespan engine running in the process, as does an app without one:
@@ -197,11 +200,24 @@ async def _with_values(context: contextvars.Context, coro: Coroutine[Any, Any, A
 async def _run(engine: Engine | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     eng = engine if engine is not None and not engine.is_shutdown else current_engine()
     func = _in_request_context(eng, func)
-    try:
-        result = eng.add_task(func, *args, **kwargs)
-    except QueueFull:
-        result = await _add_when_room(eng, func, args, kwargs)
+    if eng.broker is not None:
+        result = await _publish(eng, func, args, kwargs)
+    else:
+        try:
+            result = eng.add_task(func, *args, **kwargs)
+        except QueueFull:
+            result = await _add_when_room(eng, func, args, kwargs)
     await _outcome(result)
+
+
+async def _publish(eng: Engine, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A broker engine's publish from a request: ``add_task_async`` on asyncio (the event loop
+    goes on while Redis answers); on trio, ``add_task`` in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: Starlette (anyio) on trio
+        return await anyio.to_thread.run_sync(functools.partial(eng.add_task, func, *args, **kwargs))
+    return await eng.add_task_async(func, *args, **kwargs)
 
 
 async def _add_when_room(eng: Engine, func: Callable[..., Any], args: tuple, kwargs: dict) -> TaskResult:
@@ -295,6 +311,17 @@ class DetachedBackgroundTasks:
 
     def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         result = self.engine.add_task(func, *args, **kwargs)
+        self.results.append(result)
+        return result
+
+    async def add_task_async(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+        """``add_task`` for an ``async def`` route: on a broker engine (``BackgroundTasks(broker=...)``)
+        it publishes without blocking the event loop (``add_task`` would hold it for the round
+        trip to Redis); on the in-process engine it is ``add_task``."""
+        if self.engine.broker is not None:
+            result = await _publish(self.engine, func, args, kwargs)
+        else:
+            result = self.engine.add_task(func, *args, **kwargs)
         self.results.append(result)
         return result
 
