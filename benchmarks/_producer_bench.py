@@ -77,16 +77,23 @@ def child_threads(lib: str, n: int, c: int) -> dict:
     elif lib == "huey":
         call = m.noop
         call_warm = m.ping
+        # its pool refuses more than 100 connections (MaxConnectionsError): room for every thread
+        pool = m.huey.storage.pool
+        pool.max_connections = max(pool.max_connections, c)
     else:
         raise SystemExit(f"{lib}: no thread producer")
     call_warm()  # connections made, modules loaded: not timed
     go = threading.Event()
     ends: list[float] = []
+    failed: list[BaseException] = []
 
     def work(k: int) -> None:
         go.wait()
-        for _ in range(k):
-            call()
+        try:
+            for _ in range(k):
+                call()
+        except BaseException as exc:  # a lost call would leave the worker short of N: say so
+            failed.append(exc)
         ends.append(time.time())
 
     ts = [threading.Thread(target=work, args=(k,)) for k in _split(n, c)]
@@ -96,6 +103,8 @@ def child_threads(lib: str, n: int, c: int) -> dict:
     go.set()
     for t in ts:
         t.join()
+    if failed:
+        raise SystemExit(f"{len(failed)} of {c} threads failed: {failed[0]!r}")
     return {"t0": t0, "published": max(ends)}
 
 
@@ -128,6 +137,10 @@ def child_coroutines(lib: str, n: int, c: int) -> dict:
             from arq.connections import RedisSettings
 
             pool = await create_pool(RedisSettings.from_dsn(m.URL))
+            # its client's pool refuses more connections than its max (MaxConnectionsError):
+            # room for one per coroutine, the most it can use
+            cp = pool.connection_pool
+            cp.max_connections = max(cp.max_connections, c)
 
             async def call() -> None:
                 await pool.enqueue_job("noop")
@@ -244,9 +257,9 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
         for mode, c in PLAN[lib]:
             r.delete(rb.DONE_KEY)
             res = run_child(lib, url, n, mode, c)
-            got = r.blpop(rb.DONE_KEY, timeout=600)
+            got = r.blpop(rb.DONE_KEY, timeout=300)
             if not got:
-                raise RuntimeError(f"{lib} {mode} x{c}: {n} tasks not done in 600 s")
+                raise RuntimeError(f"{lib} {mode} x{c}: {n} tasks not done in 300 s")
             out[f"{mode}:{c}"] = {"publish_per_s": n / (res["published"] - res["t0"]),
                                   "end_to_end_per_s": n / (float(got[1]) - res["t0"])}
             r.delete(rb.READY_KEY)
