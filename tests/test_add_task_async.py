@@ -345,3 +345,96 @@ def test_sync_and_async_publishers_at_once(redis_url, prefix):
         t.join(60)
     stored = published(tasks.broker)
     assert len(stored) == 4 * 200 + 300 and all(h.task_id in stored for h in hs + out)
+
+
+def _no_sync_publish(broker: RedisBroker) -> None:
+    """From an async handler the integrations must not use the blocking publish."""
+
+    def refuse(*a, **k):
+        raise AssertionError("submit (blocking) called from an async handler")
+
+    broker.submit = refuse
+
+
+def test_starlette_detached_add_task_async_on_a_broker_engine(redis_url, prefix):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from catzilla_tasks.integrations.starlette import DetachedBackgroundTasks
+
+    tasks = producer(redis_url, prefix)
+    _no_sync_publish(tasks.broker)
+
+    async def route(request):
+        bt = DetachedBackgroundTasks(engine=tasks)
+        h = await bt.add_task_async(rt.echo, "from-route")
+        return JSONResponse({"id": h.task_id, "n": len(bt.results)})
+
+    with TestClient(Starlette(routes=[Route("/", route)])) as client:
+        body = client.get("/").json()
+    assert body["n"] == 1 and body["id"] in published(tasks.broker)
+
+    # the in-process engine: the same call, a TaskResult, at once
+    with BackgroundTasks(workers=1) as local:
+        async def local_route(request):
+            h = await DetachedBackgroundTasks(engine=local).add_task_async(rt.add, 2, 2)
+            return JSONResponse({"v": await h})
+
+        with TestClient(Starlette(routes=[Route("/", local_route)])) as client:
+            assert client.get("/").json() == {"v": 4}
+
+
+def test_starlette_dropin_publishes_with_add_task_async_on_a_broker_engine(redis_url, prefix):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from catzilla_tasks.integrations import starlette as st
+
+    tasks = producer(redis_url, prefix, result_ttl=60)
+    _no_sync_publish(tasks.broker)
+    waited = threading.Event()
+
+    async def route(request):
+        bt = st.BackgroundTasks(engine=tasks)
+        bt.add_task(rt.echo, "after-response")
+        return JSONResponse({"ok": True}, background=bt)
+
+    def fake_worker():  # stores the outcome the drop-in waits for, once the task is in Redis
+        wait_until(lambda: published(tasks.broker), 30, "the task published")
+        (task_id,) = published(tasks.broker)
+        tasks.broker.redis.rpush(tasks.broker.result_key(task_id), tasks.broker.serializer.dumps([0, "done"]))
+        waited.set()
+
+    t = threading.Thread(target=fake_worker, daemon=True)
+    t.start()
+    with TestClient(Starlette(routes=[Route("/", route)])) as client:
+        assert client.get("/").json() == {"ok": True}
+    assert waited.is_set()
+
+
+def test_catzilla_app_add_task_async_takes_catzillas_option_keywords(redis_url, prefix):
+    pytest.importorskip("catzilla")
+    from catzilla import Catzilla
+
+    from catzilla_tasks.integrations.catzilla import enable_background_tasks
+
+    app = Catzilla(production=True, show_banner=False, log_requests=False)
+    app.tasks = producer(redis_url, prefix)
+    enable_background_tasks(app, prefix=None)
+    _no_sync_publish(app.tasks.broker)
+
+    async def handler():
+        a = await app.add_task_async(rt.echo, "crit", priority=TaskPriority.CRITICAL)
+        b = await app.add_task_async(rt.echo, "later", delay_ms=60_000)
+        c = await app.tasks.add_task_async(rt.echo, "plain")
+        return a, b, c
+
+    a, b, c = asyncio.run(handler())
+    stored = published(app.tasks.broker)
+    assert stored[a.task_id][0][0] == int(TaskPriority.CRITICAL)
+    assert stored[b.task_id][0][0] == "delayed"
+    assert stored[c.task_id][0][0] == int(TaskPriority.NORMAL)

@@ -22,6 +22,7 @@ parent's (its threads are not there to finish a flush).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import threading
@@ -169,10 +170,9 @@ class GroupCommit:
                 self._queue.remove(w)
                 return
         if w.lead:  # woken to read a flush (the wake came with the interruption)
-            try:
+            # its callers get the flush's outcome; this caller raises its own interruption
+            with contextlib.suppress(BaseException):
                 self._read(w.token, w.followers)
-            except BaseException:  # noqa: BLE001 - its callers have it; this caller raises its own
-                pass
 
 
 _live: weakref.WeakSet[GroupCommit] = weakref.WeakSet()

@@ -3,10 +3,11 @@
 :class:`DistributedTasks` is a BackgroundTasks whose submission methods publish to a
 :class:`~.base.Broker` instead of the local queues: ``add_task``, ``add_task_async``,
 ``options(...).add_task`` / ``.add_task_async``, ``batch()``, ``result(task_id)`` and
-(through ``broker.run_workflow``) a workflow's ``execute()``. Everything else is the engine's own: ``@tasks.task`` registers functions by name
-(a worker runs them on this same local engine), ``@tasks.periodic`` fires on its schedule and
-publishes through ``add_task``. The plain engine keeps its C ``add_task`` (no Python frame);
-only this subclass pays for a Python method, and the broker round trip dwarfs it.
+(through ``broker.run_workflow``) a workflow's ``execute()``. Everything else is the engine's
+own: ``@tasks.task`` registers functions by name (a worker runs them on this same local
+engine), ``@tasks.periodic`` fires on its schedule and publishes through ``add_task``. The
+plain engine keeps its C ``add_task`` (no Python frame); only this subclass pays for a Python
+method, and the broker round trip dwarfs it.
 """
 
 from __future__ import annotations

@@ -172,12 +172,12 @@ def enable_background_tasks(
     def add_task(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         """Catzilla's ``app.add_task``: ``priority=``, ``delay_ms=``, ``max_retries=``, ``timeout_ms=``
         (and ``compile_to_c=``) are options; every other keyword goes to ``func``."""
-        return submitter(kwargs).add_task(func, *args, **kwargs)  # type: ignore[no-any-return]
+        return submitter(kwargs).add_task(func, *args, **kwargs)
 
     async def add_task_async(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         """``app.add_task`` for ``async def`` handlers (same keywords): on a broker engine it
         publishes without blocking the event loop; on the in-process engine it is ``add_task``."""
-        return await submitter(kwargs).add_task_async(func, *args, **kwargs)  # type: ignore[no-any-return]
+        return await submitter(kwargs).add_task_async(func, *args, **kwargs)
 
     def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, **task_config: Any) -> Any:
         """Catzilla's ``@app.task(priority=...)``: ``tasks.task``, Catzilla's TaskPriority accepted."""
