@@ -86,8 +86,10 @@ def test_in_process_engine_full_with_block_timeout_waits_off_the_loop():
 
             t = asyncio.create_task(ticker())
             waiting = asyncio.create_task(tasks.options(block_timeout=30).add_task_async(rt.add, 1, 1))
-            await asyncio.sleep(0.2)
-            assert not waiting.done() and ticks >= 10  # waiting for room, the loop goes on
+            await asyncio.sleep(0.05)
+            before = ticks
+            await until(lambda: ticks >= before + 10, "10 ticks of the loop")  # waiting for room, the loop goes on
+            assert not waiting.done()
             tasks.resume()
             gate.set()
             second = await asyncio.wait_for(waiting, 30)
@@ -162,8 +164,8 @@ def test_the_event_loop_is_not_blocked_while_a_publish_waits_for_redis(redis_url
         pub = asyncio.create_task(tasks.add_task_async(rt.echo, "x"))
         await gate.holding.wait()
         before = ticks
-        await asyncio.sleep(0.1)
-        assert ticks - before >= 10 and not pub.done()
+        await until(lambda: ticks >= before + 10, "10 ticks of the loop")  # the publish waits, the loop goes on
+        assert not pub.done()
         gate.open.set()
         h = await pub
         t.cancel()

@@ -201,10 +201,17 @@ class AsyncGroupCommit:
     down), the callers still waiting get ConnectionError; the messages of the flush it was
     sending may or may not have been stored."""
 
-    def __init__(self, send: Callable[[list[Any]], Awaitable[Any]], max_flush: int = MAX_FLUSH) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[Any]], Awaitable[Any]],
+        idle: Callable[[], Awaitable[Any]] | None = None,
+        max_flush: int = MAX_FLUSH,
+    ) -> None:
         self._send = send
+        self._idle = idle  # awaited when a burst ends (the broker gives its connection back)
         self._max = max_flush
         self._queue: list[tuple[Any, asyncio.Future[None]]] = []
+        self._taken: list[tuple[Any, asyncio.Future[None]]] = []  # the flush being sent
         self._flusher: asyncio.Task[None] | None = None
 
     def enqueue(self, loop: asyncio.AbstractEventLoop, item: Any) -> asyncio.Future[None]:
@@ -220,30 +227,14 @@ class AsyncGroupCommit:
         await self.enqueue(asyncio.get_running_loop(), item)
 
     async def _flush_all(self) -> None:
-        live: list[tuple[Any, asyncio.Future[None]]] = []
         try:
             while self._queue:
-                batch = self._queue[: self._max]
-                del self._queue[: self._max]
-                live = [(item, fut) for item, fut in batch if not fut.done()]  # cancelled callers withdraw
-                if not live:
-                    continue
-                try:
-                    await self._send([item for item, _ in live])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - every caller of this flush gets it
-                    for i, (_, fut) in enumerate(live):
-                        if not fut.done():
-                            fut.set_exception(exc if i == 0 else _copy_error(exc))
-                else:
-                    for _, fut in live:
-                        if not fut.done():
-                            fut.set_result(None)
-                live = []
+                await self._flush_queued()
+                if self._idle is not None:
+                    await self._idle()  # (callers queued meanwhile: the loop goes on)
         except BaseException:
             # cancelled (the loop is shutting down) or interrupted: nobody may wait for ever
-            left, self._queue = live + self._queue, []
+            left, self._queue = self._taken + self._queue, []
             for _, fut in left:
                 if not fut.done():
                     fut.set_exception(
@@ -251,7 +242,30 @@ class AsyncGroupCommit:
                     )
             raise
         finally:
+            self._taken = []
             self._flusher = None
+
+    async def _flush_queued(self) -> None:
+        """Send what is queued, flush after flush, until nothing is."""
+        while self._queue:
+            batch = self._queue[: self._max]
+            del self._queue[: self._max]
+            live = self._taken = [(item, fut) for item, fut in batch if not fut.done()]  # cancelled: withdrawn
+            if not live:
+                continue
+            try:
+                await self._send([item for item, _ in live])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every caller of this flush gets it
+                for i, (_, fut) in enumerate(live):
+                    if not fut.done():
+                        fut.set_exception(exc if i == 0 else _copy_error(exc))
+            else:
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_result(None)
+            self._taken = []
 
 
 class PerLoop:
