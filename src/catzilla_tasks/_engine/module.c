@@ -1224,6 +1224,7 @@ static PyObject *node_outcome(ResultObject *self) {
  * queues the node again, which may still sit in a queue), when the engine is paused, or past
  * HELP_MAX_DEPTH nested runs (the C stack): the wait then gets a stand-in worker. */
 #define HELP_MAX_DEPTH 48
+
 static _Thread_local int tl_help_depth;
 static void help_run(EngineObject *eng, ct_task *t) {
     ct_worker *w = tl_worker;
@@ -1250,6 +1251,16 @@ static void help_run(EngineObject *eng, ct_task *t) {
     atomic_store_explicit(&w->current_since, since, memory_order_relaxed);
 }
 
+/* t (of this worker's engine) is a sync task this worker thread started and has not finished:
+ * its call is suspended below the caller on this thread's stack (help_run ran the caller's task
+ * while t waited), so it can resume only after the caller returns. (An async task runs on the
+ * event loop; a worker's slot is reused only once its thread has exited.) */
+static int held_below(ct_task *t) {
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    return (st & CT_STATUS_MASK) == CT_RUNNING && !(st & CT_F_ASYNC) && t != tl_current &&
+           (st >> CT_WORKER_SHIFT) == (uint32_t)tl_worker->id + 1u;
+}
+
 static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"timeout", NULL};
     PyObject *timeout = Py_None;
@@ -1265,6 +1276,16 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError,
                         "wait() would block the engine's event loop (an async task is running here): use "
                         "`await result` instead");
+        return NULL;
+    }
+    if (tl_worker && self->engine && tl_worker->engine == self->engine->e && held_below(self->t)) {
+        PyObject *id = node_id(self->engine, self->t);
+        PyErr_Format(PyExc_RuntimeError,
+                     "task %U is suspended further up this worker's thread, waiting (directly or through other "
+                     "tasks) for the task now waiting for it, which this worker ran while it waited: a cycle of "
+                     "tasks waiting on each other, so this wait can never finish",
+                     id);
+        Py_XDECREF(id);
         return NULL;
     }
     if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */

@@ -1,0 +1,133 @@
+"""Attacks on "help while waiting" (issue 12 item 11): a worker waiting for a task nobody has
+started runs it itself. Each defect test failed before its fix; the stress test is a guard."""
+
+import collections
+import random
+import threading
+import time
+
+import pytest
+
+from catzilla_tasks import TaskStatus, current_task
+
+# ---- a wait that can never finish: the task waited for sits below the waiter on this thread --
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("links", [2, 3])
+def test_a_cycle_through_a_task_run_inline_is_an_error_at_once(make_tasks, links):
+    # a runs b inline (one worker: b is queued), b (or c) waits for a: a is suspended further
+    # up the same thread and can only resume once the wait returns, so the wait can never end.
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+    box = {}
+
+    def first():
+        box["first"] = current_task()
+        return box["next"][0].wait(20)
+
+    def link(k):
+        target = box["first"] if k == links - 1 else box["next"][k]
+        try:
+            return target.wait(5)
+        except Exception as exc:
+            return (type(exc).__name__, str(exc))
+
+    def make_next():
+        return [eng.add_task(link, k) for k in range(1, links)]
+
+    gate = threading.Event()
+    eng.add_task(gate.wait, 10)  # the worker is busy: every link is queued when first starts
+    h = eng.add_task(first)
+    box["next"] = make_next()
+    t0 = time.monotonic()
+    gate.set()
+    kind, msg = h.wait(30)
+    took = time.monotonic() - t0
+    assert kind == "RuntimeError", msg
+    assert "cycle" in msg and "can never finish" in msg, msg
+    assert took < 3, took
+    eng.join(10)
+    st = eng.stats()
+    assert (st["running"], st["queued_total"]) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_a_task_running_on_another_worker_is_no_cycle(make_tasks):
+    eng = make_tasks(workers=2, enable_auto_scaling=False)
+    started, gate = threading.Event(), threading.Event()
+
+    def long():
+        started.set()
+        gate.wait(10)
+        return "long"
+
+    lh = eng.add_task(long)
+    assert started.wait(10)
+
+    def waiter():
+        threading.Timer(0.2, gate.set).start()
+        return lh.wait(10)
+
+    assert eng.add_task(waiter).wait(20) == "long"
+
+
+# ---- guard: each task runs once or is cancelled, never both, under claims/pops/cancels -----------
+
+
+@pytest.mark.timeout(240)
+def test_claims_pops_and_cancels_run_each_task_at_most_once(make_tasks):
+    runs = collections.Counter()
+    lock = threading.Lock()
+
+    def child(i):
+        with lock:
+            runs[i] += 1
+        return i
+
+    for rep in range(3):
+        eng = make_tasks(workers=3, enable_auto_scaling=False)
+        handles, hl = {}, threading.Lock()
+
+        def parent(base, eng=eng, handles=handles, hl=hl):
+            for k in range(5):
+                i = base * 10 + k
+                h = eng.add_task(child, i)
+                with hl:
+                    handles[i] = h
+                if random.random() < 0.7:
+                    try:
+                        h.wait(10)
+                    except Exception:
+                        pass
+
+        stop = threading.Event()
+
+        def canceller(hl=hl, handles=handles, stop=stop):
+            while not stop.is_set():
+                with hl:
+                    hs = list(handles.values())
+                if hs:
+                    random.choice(hs).cancel()
+                time.sleep(0)
+
+        cs = [threading.Thread(target=canceller) for _ in range(2)]
+        for c in cs:
+            c.start()
+        ps = [eng.add_task(parent, b) for b in range(rep * 1000, rep * 1000 + 200)]
+        try:
+            for p in ps:
+                p.wait(60)
+        finally:
+            stop.set()
+            for c in cs:
+                c.join()
+        eng.join(30)
+        bad = []
+        for i, h in handles.items():
+            s, r = h.status, runs[i]
+            if not ((s == TaskStatus.CANCELLED and r == 0) or (s == TaskStatus.SUCCEEDED and r == 1)):
+                bad.append((i, s, r))
+        assert not bad, bad[:5]
+        st = eng.stats()
+        assert (st["running"], st["queued_total"]) == (0, 0)
+        assert st["succeeded"] + st["cancelled"] == st["submitted"]
