@@ -3,6 +3,7 @@ started runs it itself. Each defect test failed before its fix; the stress test 
 
 import collections
 import random
+import sys
 import threading
 import time
 
@@ -69,6 +70,33 @@ def test_waiting_for_a_task_running_on_another_worker_is_no_cycle(make_tasks):
         return lh.wait(10)
 
     assert eng.add_task(waiter).wait(20) == "long"
+
+
+# ---- the task run inline starts as it would on a worker: no exception being handled -----------
+
+
+@pytest.mark.timeout(60)
+def test_a_task_run_inline_does_not_see_its_waiters_handled_exception(make_tasks):
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+
+    def child():
+        seen = sys.exc_info()[1]
+        try:
+            raise ValueError("child")
+        except ValueError as exc:
+            return (repr(seen), repr(exc.__context__))
+
+    def parent():
+        try:
+            raise RuntimeError("the parent's own")
+        except RuntimeError:
+            seen = eng.add_task(child).wait(10)
+            after = repr(sys.exc_info()[1])  # the parent's is back once the child ran
+        return seen, after
+
+    seen, after = eng.add_task(parent).wait(20)
+    assert seen == ("None", "None")
+    assert after == "RuntimeError(\"the parent's own\")"
 
 
 # ---- guard: each task runs once or is cancelled, never both, under claims/pops/cancels -----------

@@ -1242,9 +1242,15 @@ static void help_run(EngineObject *eng, ct_task *t) {
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);
+    /* it starts as on a worker: no exception being handled (the waiter may wait in an except
+     * block; the task would see it in sys.exc_info() and chain it to its own) */
+    PyObject *handled = PyErr_GetHandledException();
+    PyErr_SetHandledException(NULL);
     tl_help_depth++;
     run_attempt(w, eng, t, now);
     tl_help_depth--;
+    PyErr_SetHandledException(handled);
+    Py_XDECREF(handled);
     tl_current = cur;
     tl_current_engine = cur_eng;
     atomic_store_explicit(&w->in_call, in_call, memory_order_relaxed);
