@@ -99,6 +99,28 @@ def test_a_task_run_inline_does_not_see_its_waiters_handled_exception(make_tasks
     assert after == "RuntimeError(\"the parent's own\")"
 
 
+# ---- the task run inline gets a recursion budget like a worker's ---------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_deep_waiter_does_not_take_the_recursion_budget_of_the_task_it_waits_for(make_tasks):
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+    limit = sys.getrecursionlimit()
+
+    def deep(n):
+        return 0 if n == 0 else deep(n - 1) + 1
+
+    need = int(limit * 0.7)
+    assert eng.add_task(deep, need).wait(10) == need  # fine on a worker
+
+    def parent(n):
+        if n:
+            return parent(n - 1)
+        return eng.add_task(deep, need).wait(10)
+
+    assert eng.add_task(parent, limit // 2).wait(20) == need
+
+
 # ---- guard: each task runs once or is cancelled, never both, under claims/pops/cancels -----------
 
 

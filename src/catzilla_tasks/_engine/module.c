@@ -1225,6 +1225,16 @@ static PyObject *node_outcome(ResultObject *self) {
  * HELP_MAX_DEPTH nested runs (the C stack): the wait then gets a stand-in worker. */
 #define HELP_MAX_DEPTH 48
 
+/* Python frames this thread has open (the recursion budget it has used). A task run inline sits
+ * on its waiter's frames: only a shallow waiter runs one, so it keeps nearly all of a worker's. */
+static int recursion_used(void) {
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030C0000
+    return ts->py_recursion_limit - ts->py_recursion_remaining;
+#else
+    return ts->recursion_limit - ts->recursion_remaining;
+#endif
+}
 static _Thread_local int tl_help_depth;
 static void help_run(EngineObject *eng, ct_task *t) {
     ct_worker *w = tl_worker;
@@ -1232,6 +1242,7 @@ static void help_run(EngineObject *eng, ct_task *t) {
     if (t->kind != CT_KIND_PY && t->kind != CT_KIND_NATIVE && t->kind != CT_KIND_PY_C) return;
     ConfigObject *c = (ConfigObject *)t->cfg, *mc = tl_current ? (ConfigObject *)tl_current->cfg : NULL;
     if ((c && c->max_retries > 0) || (mc && mc->timeout_ns > 0) || atomic_load(&eng->e->paused)) return;
+    if (recursion_used() > Py_GetRecursionLimit() / 8) return;   /* its budget: nearly a worker's */
     if (ct_task_status(t) != CT_PENDING || !ct_task_claim(t, w->id)) return;
     /* this thread's task (its call is suspended in this wait) is put back afterwards */
     ct_task *cur = tl_current, *in_call = atomic_load_explicit(&w->in_call, memory_order_relaxed);
