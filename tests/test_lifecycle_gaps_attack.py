@@ -2,6 +2,7 @@
 started runs it itself. Each defect test failed before its fix; the stress test is a guard."""
 
 import collections
+import contextvars
 import random
 import sys
 import threading
@@ -96,7 +97,7 @@ def test_a_task_run_inline_does_not_see_its_waiters_handled_exception(make_tasks
 
     seen, after = eng.add_task(parent).wait(20)
     assert seen == ("None", "None")
-    assert after == "RuntimeError(\"the parent's own\")"
+    assert after == 'RuntimeError("the parent\'s own")'
 
 
 # ---- the task run inline gets a recursion budget like a worker's ---------------------------------
@@ -181,3 +182,24 @@ def test_claims_pops_and_cancels_run_each_task_at_most_once(make_tasks):
         st = eng.stats()
         assert (st["running"], st["queued_total"]) == (0, 0)
         assert st["succeeded"] + st["cancelled"] == st["submitted"]
+
+
+# ---- the task run inline cannot change its waiter's context variables ---------------------------
+
+_CV: "contextvars.ContextVar[str]" = contextvars.ContextVar("att12_cv", default="unset")
+
+
+@pytest.mark.timeout(60)
+def test_a_task_run_inline_does_not_change_its_waiters_contextvars(make_tasks):
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+
+    def child():
+        _CV.set("child")
+        return _CV.get()
+
+    def parent():
+        _CV.set("parent")
+        inner = eng.add_task(child).wait(10)
+        return inner, _CV.get()
+
+    assert eng.add_task(parent).wait(20) == ("child", "parent")

@@ -1243,7 +1243,18 @@ static void help_run(EngineObject *eng, ct_task *t) {
     ConfigObject *c = (ConfigObject *)t->cfg, *mc = tl_current ? (ConfigObject *)tl_current->cfg : NULL;
     if ((c && c->max_retries > 0) || (mc && mc->timeout_ns > 0) || atomic_load(&eng->e->paused)) return;
     if (recursion_used() > Py_GetRecursionLimit() / 8) return;   /* its budget: nearly a worker's */
-    if (ct_task_status(t) != CT_PENDING || !ct_task_claim(t, w->id)) return;
+    if (ct_task_status(t) != CT_PENDING) return;
+    /* it runs in a copy of this thread's context: what it sets in contextvars stays its own,
+     * as on another worker, and does not change its waiter's values under it */
+    PyObject *ctx = PyContext_CopyCurrent();
+    if (!ctx) {
+        PyErr_Clear();
+        return;
+    }
+    if (!ct_task_claim(t, w->id)) {
+        Py_DECREF(ctx);
+        return;
+    }
     /* this thread's task (its call is suspended in this wait) is put back afterwards */
     ct_task *cur = tl_current, *in_call = atomic_load_explicit(&w->in_call, memory_order_relaxed);
     EngineObject *cur_eng = tl_current_engine;
@@ -1257,9 +1268,13 @@ static void help_run(EngineObject *eng, ct_task *t) {
      * block; the task would see it in sys.exc_info() and chain it to its own) */
     PyObject *handled = PyErr_GetHandledException();
     PyErr_SetHandledException(NULL);
+    int entered = PyContext_Enter(ctx) == 0;
+    if (!entered) PyErr_Clear();
     tl_help_depth++;
     run_attempt(w, eng, t, now);
     tl_help_depth--;
+    if (entered && PyContext_Exit(ctx) < 0) PyErr_Clear();
+    Py_DECREF(ctx);
     PyErr_SetHandledException(handled);
     Py_XDECREF(handled);
     tl_current = cur;
