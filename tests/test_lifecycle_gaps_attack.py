@@ -203,3 +203,27 @@ def test_a_task_run_inline_does_not_change_its_waiters_contextvars(make_tasks):
         return inner, _CV.get()
 
     assert eng.add_task(parent).wait(20) == ("child", "parent")
+
+
+# ---- a task run inline gives its room in the queue back at once -------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("block", [False, True])
+def test_tasks_run_inline_do_not_hold_room_in_a_small_queue(make_tasks, block):
+    # The only worker runs each child itself while its parent waits; the child's node stays in
+    # the queue until a worker pops it, but it is no queued work: it must not fill queue_size
+    # (QueueFull, or a submit blocking for room only this worker could make).
+    eng = make_tasks(workers=1, enable_auto_scaling=False, queue_size=4)
+    sub = eng.options(block_timeout=5) if block else eng
+
+    def child(i):
+        return i
+
+    def parent():
+        return [sub.add_task(child, i).wait(10) for i in range(12)]
+
+    assert eng.add_task(parent).wait(30) == list(range(12))
+    eng.join(10)
+    st = eng.stats()
+    assert (st["running"], st["queued_total"], st["succeeded"], st["rejected"]) == (0, 0, 13, 0)

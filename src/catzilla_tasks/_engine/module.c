@@ -1251,7 +1251,7 @@ static void help_run(EngineObject *eng, ct_task *t) {
         PyErr_Clear();
         return;
     }
-    if (!ct_task_claim(t, w->id)) {
+    if (!ct_engine_claim(eng->e, t, w->id)) {   /* (counted running; its queue room given back) */
         Py_DECREF(ctx);
         return;
     }
@@ -1260,7 +1260,6 @@ static void help_run(EngineObject *eng, ct_task *t) {
     EngineObject *cur_eng = tl_current_engine;
     uint64_t since = atomic_load_explicit(&w->current_since, memory_order_relaxed), now = ct_now_ns();
     ct_task_incref(t);          /* dropped by its end, as a popper's */
-    ct_engine_hold(eng->e);     /* counted out by its end; the popper counts out its own */
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);
