@@ -227,3 +227,26 @@ def test_tasks_run_inline_do_not_hold_room_in_a_small_queue(make_tasks, block):
     eng.join(10)
     st = eng.stats()
     assert (st["running"], st["queued_total"], st["succeeded"], st["rejected"]) == (0, 0, 13, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_poll_of_a_task_suspended_below_is_a_timeout_not_an_error(make_tasks):
+    # wait(0) never blocks: polling the task that runs this one inline just says "not yet"
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+    box = {}
+
+    def child():
+        try:
+            box["parent"].wait(0)
+        except TimeoutError as exc:
+            return "TimeoutError", str(exc)
+        except Exception as exc:
+            return type(exc).__name__, str(exc)
+        return "returned", ""
+
+    def parent():
+        box["parent"] = current_task()
+        return eng.add_task(child).wait(10)
+
+    kind, msg = eng.add_task(parent).wait(20)
+    assert kind == "TimeoutError", msg

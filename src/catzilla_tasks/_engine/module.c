@@ -1309,18 +1309,19 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
                         "`await result` instead");
         return NULL;
     }
-    if (tl_worker && self->engine && tl_worker->engine == self->engine->e && held_below(self->t)) {
-        PyObject *id = node_id(self->engine, self->t);
-        PyErr_Format(PyExc_RuntimeError,
-                     "task %U is suspended further up this worker's thread, waiting (directly or through other "
-                     "tasks) for the task now waiting for it, which this worker ran while it waited: a cycle of "
-                     "tasks waiting on each other, so this wait can never finish",
-                     id);
-        Py_XDECREF(id);
-        return NULL;
-    }
-    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000)) {   /* (a poll, wait(0), runs nothing) */
+        if (self->engine && tl_worker->engine == self->engine->e && held_below(self->t)) {
+            PyObject *id = node_id(self->engine, self->t);
+            PyErr_Format(PyExc_RuntimeError,
+                         "task %U is suspended further up this worker's thread, waiting (directly or through "
+                         "other tasks) for the task now waiting for it, which this worker ran while it waited: a "
+                         "cycle of tasks waiting on each other, so this wait can never finish",
+                         id);
+            Py_XDECREF(id);
+            return NULL;
+        }
         help_run(self->engine, self->t);
+    }
     tl_no_standin = 0;
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
