@@ -250,3 +250,40 @@ def test_a_poll_of_a_task_suspended_below_is_a_timeout_not_an_error(make_tasks):
 
     kind, msg = eng.add_task(parent).wait(20)
     assert kind == "TimeoutError", msg
+
+
+# ---- running a task inline does not jump it ahead of more urgent queued work -----------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("parent_priority", ["low", "critical"])
+def test_inline_runs_keep_priority_order(make_tasks, parent_priority):
+    # A LOW parent waiting for a LOW child while a CRITICAL task is queued: the worker must not
+    # pick the LOW child over it (a stand-in takes the wait, and pops CRITICAL first). A
+    # CRITICAL parent's child runs at once (the parent's priority is what is waiting).
+    eng = make_tasks(workers=1, enable_auto_scaling=False)
+    order = []
+    started, go = threading.Event(), threading.Event()
+
+    def child():
+        order.append("child")
+
+    def urgent():
+        order.append("critical")
+
+    def parent():
+        started.set()
+        go.wait(10)
+        eng.options(priority="low").add_task(child).wait(10)
+        return list(order)
+
+    h = eng.options(priority=parent_priority).add_task(parent)
+    assert started.wait(10)
+    u = eng.options(priority="critical").add_task(urgent)
+    go.set()
+    seen = h.wait(20)
+    u.wait(10)
+    if parent_priority == "low":
+        assert seen == ["critical", "child"]
+    else:
+        assert seen[0] == "child"

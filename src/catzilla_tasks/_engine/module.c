@@ -1220,7 +1220,7 @@ static PyObject *node_outcome(ResultObject *self) {
  * batch atomically; the worker that pops it later only drops it), as a popper would: its
  * priority's place is skipped, its stats, callbacks, timeout and outcome are the same. So a
  * chain of tasks waiting on tasks needs no thread per link. Not when the running task has a
- * timeout_ms (its wait must stay interruptible), when the waited task may retry (a retry
+ * timeout_ms (its wait must stay interruptible), when more urgent work waits, when the waited task may retry (a retry
  * queues the node again, which may still sit in a queue), when the engine is paused, or past
  * HELP_MAX_DEPTH nested runs (the C stack): the wait then gets a stand-in worker. */
 #define HELP_MAX_DEPTH 48
@@ -1243,6 +1243,11 @@ static void help_run(EngineObject *eng, ct_task *t) {
     ConfigObject *c = (ConfigObject *)t->cfg, *mc = tl_current ? (ConfigObject *)tl_current->cfg : NULL;
     if ((c && c->max_retries > 0) || (mc && mc->timeout_ns > 0) || atomic_load(&eng->e->paused)) return;
     if (recursion_used() > Py_GetRecursionLimit() / 8) return;   /* its budget: nearly a worker's */
+    /* Not ahead of more urgent queued work (a stand-in pops that first): the wait runs at the
+     * priority of the task or of its waiter, whichever is more urgent. */
+    int prio = t->priority, mine = tl_current ? tl_current->priority : CT_NPRIO;
+    if (mine < prio) prio = mine;
+    if (prio > 0 && ct_engine_has_urgent(eng->e, prio)) return;
     if (ct_task_status(t) != CT_PENDING) return;
     /* it runs in a copy of this thread's context: what it sets in contextvars stays its own,
      * as on another worker, and does not change its waiter's values under it */
