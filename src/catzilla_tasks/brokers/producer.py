@@ -71,6 +71,16 @@ class DistributedTasks(BackgroundTasks):
         # the engine's internal submission (periodic tasks, integrations) publishes too
         return self.broker.submit(func, args, kwargs, cfg)
 
+    def _periodic_type(self) -> type:
+        # on Redis a schedule fires once per tick however many processes declare it
+        from .redis import RedisBroker
+
+        if isinstance(self.broker, RedisBroker):
+            from .schedules import ClusterPeriodicTask
+
+            return ClusterPeriodicTask
+        return super()._periodic_type()
+
     def _gates(self, *_: Any, **__: Any) -> Any:
         raise NotImplementedError(
             "the engine's local workflow gates are not used in distributed mode: TaskChain.execute() publishes "
