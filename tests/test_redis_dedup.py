@@ -80,7 +80,7 @@ def test_100_concurrent_add_tasks_with_one_key_from_4_processes_queue_one_task(c
 
 @pytest.mark.timeout(120)
 def test_a_second_add_task_gets_the_first_task_when_queued_running_or_finished(cluster):
-    p, r, b = cluster.producer, cluster.r, cluster.broker
+    p, r = cluster.producer, cluster.r
     started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
     key = f"{cluster.prefix}-k"
     first = p.options(idempotency_key=key).add_task(rt.held, started, gate, "a")

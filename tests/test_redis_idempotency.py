@@ -38,7 +38,7 @@ def cluster(redis_url, prefix, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_two_copies_fetched_together_by_one_worker_run_once(cluster):
-    p, r = cluster.producer, cluster.r
+    r = cluster.r
     started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
     key = f"{cluster.prefix}-order-1"
     # both queued before the worker starts: one fetch takes them together
@@ -60,7 +60,7 @@ def test_two_copies_fetched_together_by_one_worker_run_once(cluster):
 
 @pytest.mark.timeout(180)
 def test_many_copies_on_two_workers_one_effect_per_key(cluster):
-    p, r = cluster.producer, cluster.r
+    r = cluster.r
     log = f"{cluster.prefix}:log"
     results = collections.defaultdict(list)
     for n in range(6):
@@ -79,7 +79,7 @@ def test_many_copies_on_two_workers_one_effect_per_key(cluster):
 def test_the_claim_is_renewed_while_a_long_copy_runs(cluster):
     # visibility timeout (and lease) 1 s; the first copy runs until the gate opens
     w = cluster.worker(concurrency=4, visibility_timeout=1.0)
-    p, r = cluster.producer, cluster.r
+    r = cluster.r
     started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
     key = f"{cluster.prefix}-long"
     first = copy(cluster, key, rt.held, started, gate, "a")
@@ -98,7 +98,7 @@ def test_the_claim_is_renewed_while_a_long_copy_runs(cluster):
 @pytest.mark.timeout(120)
 def test_a_copy_that_fails_gives_the_key_back(cluster):
     w = cluster.worker(concurrency=4)
-    p, r = cluster.producer, cluster.r
+    r = cluster.r
     key = f"{cluster.prefix}-fails"
     with pytest.raises(ValueError):
         copy(cluster, key, rt.always_fails, 1).wait(20)
@@ -112,7 +112,7 @@ def test_a_copy_that_fails_gives_the_key_back(cluster):
 def test_a_killed_holder_loses_its_claim_after_the_lease_and_one_copy_takes_over(redis_url, prefix, monkeypatch):
     c = Cluster(redis_url, prefix, monkeypatch)
     try:
-        p, r, b = c.producer, c.r, c.broker
+        r, b = c.r, c.broker
         started, gate = f"{prefix}:started", f"{prefix}:gate"
         key = f"{prefix}-killed"
         first = copy(c, key, rt.held, started, gate, "a")

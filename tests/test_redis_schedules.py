@@ -122,7 +122,7 @@ def test_overlap_false_skips_ticks_while_the_last_run_is_running_cluster_wide(cl
     finally:
         os.environ.pop("CT_TEST_SLEEP", None)
     spans = sorted(tuple(map(float, x.decode().split(":")[:2])) for x in r.lrange(f"{prefix}:beats", 0, -1))
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end - 0.01, spans       # never two runs at once, though 8 could run
     s = schedule(r, prefix)
     assert int(s["skipped"]) >= 2 * len(spans) - 4, s   # ~4 ticks skipped per run
@@ -215,3 +215,27 @@ def test_a_periodic_task_on_redis_must_be_importable_by_workers(redis_url, prefi
     finally:
         eng.shutdown(wait_for_completion=False)
         eng.broker.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_app_made_a_producer_by_worker_broker_turns_its_periodic_tasks_into_schedules(redis_url, prefix):
+    from catzilla_tasks.brokers.producer import DistributedTasks
+    from catzilla_tasks.brokers.schedules import ClusterPeriodicTask, _declaring
+
+    assert _declaring
+    eng = BackgroundTasks(workers=1)
+
+    def beat():
+        pass
+
+    beat.__module__, beat.__qualname__ = "redis_periodic_tasks", "beat"
+    eng.periodic(every=3600)(beat)
+    old = beat.periodic
+    prod = DistributedTasks.from_engine(eng, RedisBroker(redis_url, prefix=prefix))
+    try:
+        assert old.cancelled and isinstance(beat.periodic, ClusterPeriodicTask)
+        assert prod.periodic_tasks == [beat.periodic]
+        wait_until(lambda: list_schedules(prod.broker), 20, "the schedule to be declared")
+    finally:
+        prod.shutdown(wait_for_completion=False)
+        prod.broker.close()

@@ -618,12 +618,11 @@ class BackgroundTasks(_engine.Engine):
         if idempotency_key is not None:
             from . import _dedup
 
-            key = _dedup.check_key(idempotency_key)
             plain = self.options(priority=priority, config=config, block_timeout=block_timeout, eta=eta, **fields)
             with self._runner_lock:
                 if self._dedup is None:
                     self._dedup = _dedup.Registry(self.idempotency_ttl)
-            return _dedup.KeyedOptions(self._dedup, plain, key)
+            return _dedup.KeyedOptions(self._dedup, plain, _dedup.check_key(idempotency_key))
         if priority is not None:
             fields["priority"] = priority
         # The same options again (the common case: options(priority=CRITICAL) on a request

@@ -81,7 +81,7 @@ def _unschedule(broker: RedisBroker, task_id: str) -> int:
         raw = member[0] if isinstance(member, tuple) else member
         try:
             msg = broker.serializer.loads(raw[1:])
-        except Exception:  # noqa: BLE001 - not a message of ours: left alone
+        except Exception:  # noqa: BLE001, S112 - not a message of ours: left alone
             continue
         if isinstance(msg, list) and msg and msg[MSG_ID] == task_id:
             members.append(raw)

@@ -35,7 +35,7 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..periodic import PeriodicTask
 from .protocol import CONFIG_ATTR, DEFAULT_CONFIG, OPT_SCHEDULE, message, task_name
@@ -175,7 +175,7 @@ class ClusterPeriodicTask(PeriodicTask):
             state = int(state)
             if state == 1:
                 self.runs += 1
-                self.last = _remote(b, tid)
+                self.last = _remote(b, tid)  # type: ignore[assignment]  # (a remote handle here)
             elif state == 2:
                 self.skipped += 1
             self.missed += int(missed)
@@ -189,7 +189,7 @@ class ClusterPeriodicTask(PeriodicTask):
             self._cancelled = True
         try:
             self.broker.redis.zrem(self.key + ":who", self.declarer)
-        except Exception:  # noqa: BLE001 - Redis away: the declarer drops out after 3 heartbeats
+        except Exception:  # noqa: BLE001, S110 - Redis away: the declarer drops out after 3 heartbeats
             pass
 
     def status(self) -> dict[str, Any]:
@@ -248,5 +248,6 @@ def list_schedules(broker: RedisBroker) -> list[dict[str, Any]]:
     ``last_run`` (epoch seconds, or None), ``last_task_id``, ``running`` (the task id of the run
     in progress of an overlap=False schedule), ``runs``, ``skipped``, ``missed`` and
     ``declarers`` (the processes declaring it now)."""
-    names = sorted(x.decode(errors="replace") for x in broker.redis.zrange(broker.schedules_key, 0, -1))
+    raw = cast("list[bytes]", broker.redis.zrange(broker.schedules_key, 0, -1))
+    names = sorted(x.decode(errors="replace") for x in raw)
     return [d for d in (_describe(broker, n) for n in names) if d["spec"]]
