@@ -8,6 +8,9 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
     P:done:<key>       idempotency keys of tasks that succeeded (the id of the task that did it)
     P:claim:<key>      the claim of the copy of a keyed task running now (a lease its worker renews)
+    P:idem:<key>       the first task submitted with an idempotency key (see dedup.py)
+    P:Q:sched:<name>   a cluster-wide periodic task: next due time, last run... (see schedules.py)
+    P:Q:cancelled      ids of cancelled tasks (see cancel.py), announced on channel P:Q:cancel
     P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
@@ -104,7 +107,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf")
+_KEY_KINDS = ("r", "done", "claim", "wf", "idem")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -259,6 +262,13 @@ class RedisBroker(Broker):
         self._done_prefix = f"{prefix}:done:"
         self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
+        # issue 19: schedules (schedules.py), submit-time deduplication (dedup.py), cancel (cancel.py)
+        self._idem_prefix = f"{prefix}:idem:"
+        self._sched_prefix = f"{base}:sched:"
+        self.schedules_key = f"{base}:schedules"
+        self.cancelled_key = f"{base}:cancelled"
+        self.cancel_channel = f"{base}:cancel"
+        self._dedup_submit = self.redis.register_script(scripts.DEDUP_SUBMIT)
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
@@ -288,6 +298,12 @@ class RedisBroker(Broker):
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
+
+    def dedup_key(self, idempotency_key: str) -> str:
+        return self._idem_prefix + idempotency_key
+
+    def schedule_key(self, name: str) -> str:
+        return self._sched_prefix + name
 
     # -- publishing ------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -338,6 +354,10 @@ class RedisBroker(Broker):
         flush (one round trip) carries every message queued while the previous one was in
         flight (see :mod:`.group_commit`)."""
         tid, item = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        if idempotency_key is not None:  # deduplicated at submit, one script of its own (see dedup.py)
+            from . import dedup
+
+            return dedup.submit(self, tid, idempotency_key, *item)
         buf = getattr(self._local, "buf", None)
         if buf is not None:  # inside batch(): sent at its end
             self._buffer(buf, item)
@@ -359,6 +379,22 @@ class RedisBroker(Broker):
         holds it."""
         tid, item = self._prepare(func, args, kwargs, cfg, idempotency_key)
         buf = getattr(self._local, "buf", None)
+        if idempotency_key is not None:
+            from . import dedup
+
+            if buf is not None:  # held, deduplicated when the block is published
+                return dedup.submit(self, tid, idempotency_key, *item)
+            # deduplicated at submit as submit does, on this loop's client (one round trip)
+            handle = RemoteResult(tid, self)
+            loop = asyncio.get_running_loop()
+            prio, delay_ms, payload = item
+            dedup_submit = self._agroups.get(loop)[2]
+            first = await dedup_submit(
+                keys=[self.dedup_key(idempotency_key), self.streams[prio], self.delayed_key],
+                args=dedup._args(self, tid, prio, delay_ms, payload),
+            )
+            handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
+            return handle
         if buf is not None:
             self._buffer(buf, item)
         else:
@@ -452,7 +488,7 @@ class RedisBroker(Broker):
         else:
             script(keys=keys, args=args)
 
-    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any]:
+    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any]:
         # this loop's publishing client: one flush in flight at a time, so one connection in use;
         # the broker's socket timeouts (a silent Redis fails the flush, it does not hang it)
         client = _aredis.Redis.from_url(self.url, **{**_CLIENT_DEFAULTS, **self._client_options})
@@ -501,7 +537,7 @@ class RedisBroker(Broker):
             else:
                 await scripts_of[id(script)](keys=keys, args=args)
 
-        return AsyncGroupCommit(send, release), client
+        return AsyncGroupCommit(send, release), client, client.register_script(scripts.DEDUP_SUBMIT)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -511,7 +547,8 @@ class RedisBroker(Broker):
         if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        buf: list[list[Any]] = [[], [], [], [], []]  # four priorities, then the delayed ones
+        # four priorities, the delayed ones, then the keyed ones (deduplicated: see dedup.py)
+        buf: list[list[Any]] = [[], [], [], [], [], []]
         self._local.buf = buf
         try:
             yield
@@ -524,8 +561,14 @@ class RedisBroker(Broker):
                 self._bulk_xadd(keys=[self.streams[prio]], args=items[i : i + 1000], client=pipe)
         for delay, member in buf[4]:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
+        if buf[5]:
+            from . import dedup
+
+            dedup.queue_batch(self, pipe, buf[5])
         if any(buf):
-            pipe.execute()
+            replies = pipe.execute()
+            if buf[5]:
+                dedup.settle_batch(replies, buf[5])
 
     # -- workflows ---------------------------------------------------------------------------
     def run_workflow(self, plan: Any) -> RemoteResult:
@@ -668,6 +711,16 @@ class RedisBroker(Broker):
             f"cancel() of task {run_id}: a single task published to Redis cannot be cancelled (a worker may "
             "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
         )
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task or a workflow run by id, from any process (see cancel.py and
+        ``cancel_run``): True if this call cancelled it, False if it had already ended."""
+        try:
+            return self.cancel_run(task_id)
+        except NotImplementedError:
+            from .cancel import cancel_task
+
+            return cancel_task(self, task_id)
 
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
@@ -945,14 +998,15 @@ class RemoteResult:
         self._on_done(done)
 
     def cancel(self) -> bool:
-        """Cancel a workflow run (the result of ``execute()`` on a broker engine): no step is
-        released any more, steps queued are skipped by the workers, steps running now finish;
-        the run ends CANCELLED (``wait()`` raises TaskCancelled) for every waiter. True if this
-        call cancelled it, False if the run had already ended. A single task published to Redis
-        cannot be cancelled (a worker may already hold it): NotImplementedError."""
+        """Cancel the task (see ``RedisBroker.cancel``): a queued or delayed task never runs, a
+        running one is asked to stop (``current_task().cancel_requested``; an async task is
+        cancelled); its outcome is CANCELLED (``wait()`` raises TaskCancelled) for every waiter.
+        A workflow run (the result of ``execute()``): no step is released any more, queued
+        steps are skipped, running ones finish. True if this call cancelled it, False if it had
+        already ended."""
         if self._final is not None:
             return False
-        return self._broker.cancel_run(self.task_id)
+        return self._broker.cancel(self.task_id)
 
     def __repr__(self) -> str:
         state = self._final[0].name if self._final is not None else "PENDING?"
