@@ -144,7 +144,8 @@ def test_thousand_coroutines_published_once_with_their_options_in_few_flushes(re
             assert msg[MSG_OPTIONS]["k"].startswith("k") and where == int(TaskPriority.NORMAL)
         else:
             assert where == kind
-    assert len(sizes) < 100 and sum(sizes) == 1000  # coalesced
+    # coalesced; the 100 keyed ones are deduplicated at submit, one script each
+    assert len(sizes) < 100 and sum(sizes) == 900
 
 
 def test_the_event_loop_is_not_blocked_while_a_publish_waits_for_redis(redis_url, prefix):
@@ -440,3 +441,16 @@ def test_catzilla_app_add_task_async_takes_catzillas_option_keywords(redis_url, 
     assert stored[a.task_id][0][0] == int(TaskPriority.CRITICAL)
     assert stored[b.task_id][0][0] == "delayed"
     assert stored[c.task_id][0][0] == int(TaskPriority.NORMAL)
+
+
+def test_keyed_add_task_async_is_deduplicated_at_submit_as_add_task_is(redis_url, prefix):
+    tasks = producer(redis_url, prefix)
+
+    async def main():
+        return await asyncio.gather(
+            *(tasks.options(idempotency_key="same").add_task_async(rt.echo, i) for i in range(50))
+        )
+
+    hs = asyncio.run(main())
+    assert len({h.task_id for h in hs}) == 1 and len(published(tasks.broker)) == 1
+    assert tasks.options(idempotency_key="same").add_task(rt.echo, 99).task_id == hs[0].task_id

@@ -83,6 +83,8 @@ _READ_MARGIN = 2.0
 # the longest block of one read of a wait without a timeout (a silent Redis is seen by then)
 _WAIT_SLICE = 30.0
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
+# connections of an event loop's publishing client (add_task_async): the group commit uses one
+_ASYNC_PUBLISH_CONNECTIONS = 8
 
 
 def _driver_info() -> Any:
@@ -489,9 +491,11 @@ class RedisBroker(Broker):
             script(keys=keys, args=args)
 
     def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any]:
-        # this loop's publishing client: one flush in flight at a time, so one connection in use;
-        # the broker's socket timeouts (a silent Redis fails the flush, it does not hang it)
-        client = _aredis.Redis.from_url(self.url, **{**_CLIENT_DEFAULTS, **self._client_options})
+        # this loop's publishing client: one flush in flight at a time, so one connection in use
+        # for the group commit; keyed tasks (their own script each) wait for one of a few more.
+        # The broker's socket timeouts: a silent Redis fails the flush, it does not hang it
+        opts = {**_CLIENT_DEFAULTS, "max_connections": _ASYNC_PUBLISH_CONNECTIONS, **self._client_options}
+        client = _aredis.Redis(connection_pool=_aredis.BlockingConnectionPool.from_url(self.url, **opts))
         scripts_of = {id(self._publish): client.register_script(scripts.PUBLISH)}
         scripts_of[id(self._add_delayed)] = client.register_script(scripts.ADD_DELAYED)
         pool = client.connection_pool
