@@ -144,6 +144,22 @@ _engine._set_hooks(
 )
 
 
+# -- rate limits, concurrency limits, named queues (limits.py) and progress (progress.py) ------
+def _route(engine: BackgroundTasks, func: Any, args: Any, kwargs: Any, cfg: TaskConfig, block: float) -> Any:
+    from . import limits  # only once a task with a limit or a named queue is added
+
+    return limits.route(engine, func, args, kwargs, cfg, block)
+
+
+def _make_progress(handle: TaskResult[Any], fraction: Any, message: Any) -> Any:
+    from . import progress
+
+    return progress.hook(handle, fraction, message)
+
+
+_engine._set_limit_hooks(_route, _make_progress)
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     import asyncio  # only once an async task runs: asyncio is ~10 MiB of a process that has none
 
@@ -221,6 +237,24 @@ class _LoopRunner:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
+
+
+def _check_queues(queues: Any) -> dict[str, int]:
+    """``queues={"emails": 4}``: named queues and their workers, validated."""
+    if queues is None:
+        return {}
+    if not isinstance(queues, dict):
+        raise TypeError(f"queues: expected a dict of queue name -> workers, got {type(queues).__name__}")
+    from .config import _QUEUE_NAME
+
+    for q, n in queues.items():
+        if not isinstance(q, str) or not _QUEUE_NAME.fullmatch(q) or q == "default":
+            raise ValueError(
+                f"queues: {q!r} is not a queue name (letters, digits, '_', '-', '.'; 'default' is the engine itself)"
+            )
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"queues: the workers of {q!r} must be an integer >= 1, got {n!r}")
+    return dict(queues)
 
 
 def _make_config(source: str, priority: Any = None, config: TaskConfig | None = None, **fields: Any) -> TaskConfig:
@@ -393,6 +427,7 @@ class BackgroundTasks(_engine.Engine):
         name: str = "catzilla-tasks",
         handle_sigterm: bool = True,
         broker: Any = None,
+        queues: dict[str, int] | None = None,
     ) -> None:
         if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
             raise TypeError(
@@ -427,6 +462,7 @@ class BackgroundTasks(_engine.Engine):
             )
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
+        queues = _check_queues(queues)
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
         # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
@@ -444,6 +480,22 @@ class BackgroundTasks(_engine.Engine):
         self._pool: Any = None
         self._periodic: list[Any] = []
         self._options_cache: dict[Any, _Options] = {}
+        self._limits: Any = None  # limits.Limits, made by the first task with a limit
+        # named queues: a bulkhead engine each, with its own workers (see limits.py)
+        self._queue_engines: dict[str, BackgroundTasks] = {
+            q: BackgroundTasks(
+                workers=n,
+                min_workers=n,
+                max_workers=n,
+                queue_size=queue_size,
+                enable_auto_scaling=False,
+                aging_ms=aging_ms,
+                exit_timeout=exit_timeout,
+                name=f"{name}:{q}",
+                handle_sigterm=False,
+            )
+            for q, n in queues.items()
+        }
         self._failures: deque[dict[str, Any]] = deque(maxlen=20)
         from .monitor import AutoScaler, TaskMonitor
 
@@ -708,7 +760,7 @@ class BackgroundTasks(_engine.Engine):
             if native is None and method_of is not None:
                 method_of.refuse_method(func)
             items = inp.as_items()
-            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
+            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process" or cfg._routed):
 
                 def submit(part: Any, handles: list[Any]) -> None:
                     for a in part:  # an item may fail (e.g. not picklable) after others were queued
@@ -732,7 +784,10 @@ class BackgroundTasks(_engine.Engine):
                 "join() inside a task of this engine would wait for that task itself, forever: wait "
                 "for the tasks it needs with their TaskResult.wait() (or await them) instead"
             )
-        if not self._drain(timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for sub in self._queue_engines.values():
+            sub.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not self._drain(None if deadline is None else max(0.0, deadline - time.monotonic())):
             s = self._stats()
             raise TimeoutError(
                 f"join(): {s['queued_total']} tasks still queued and {s['running']} running after {timeout} s"
@@ -801,6 +856,10 @@ class BackgroundTasks(_engine.Engine):
             self._close_to_outside()
         else:
             self._close()
+            if self._limits is not None:
+                self._limits.cancel_parked()
+        for sub in self._queue_engines.values():
+            sub.shutdown(wait_for_completion, timeout)
         self.resume()
         if not wait_for_completion:
             self._cancel_queued()

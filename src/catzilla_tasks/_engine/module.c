@@ -59,6 +59,11 @@ static PyObject *g_failed;            /* f(engine, task_id, func, exc): a task e
  * dealloc), so they all share one node reference: a cycle through the task then holds one
  * handle, which the cycle collector can see through (node_is_ours). */
 static PyObject *g_registry;
+/* ---- rate limits, concurrency limits, named queues and progress (limits.py, progress.py) ---- */
+static PyObject *g_route;             /* f(engine, func, args, kwargs, config, block_s) -> handle (limits.py) */
+static PyObject *g_make_progress;     /* f(handle, fraction, message) -> Progress (progress.py) */
+static PyObject *g_progress;          /* {task id: Progress, or the TaskResult whose progress it shows} */
+/* ---- end ---- */
 static PyObject *g_config_attr;       /* "__catzilla_task__" */
 static PyObject *g_native_prepare;    /* f(native, args, kwargs, func) -> (call block, args) | None (compiler.py) */
 static PyObject *g_native_reason;     /* f(func, ran_native) -> why the task ran as Python, or None */
@@ -101,6 +106,7 @@ typedef struct {
     int jitter;              /* full jitter: a uniform draw in [0, delay) */
     int retry_on_timeout;
     int isolation;           /* 1: run in the engine's process pool (engine.py) */
+    int routed;              /* 1: rate/concurrency limit or named queue: submitted by g_route (limits.py) */
     int64_t delay_ns;
     int64_t timeout_ns;      /* 0 = none */
     int64_t retry_base_ns, retry_max_ns;
@@ -282,7 +288,10 @@ static void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
     if (CT_UNLIKELY(PyDict_GET_SIZE(g_charges) > 0)) uncharge(t);   /* queued, never ran */
     report_unobserved(t);
-    if (st & CT_F_REGISTERED) forget_id(g_registry, t->id);
+    if (st & CT_F_REGISTERED) {
+        forget_id(g_registry, t->id);
+        if (CT_UNLIKELY(g_progress && PyDict_GET_SIZE(g_progress) > 0)) forget_id(g_progress, t->id);
+    }
     if (t->kind != CT_KIND_PY_C) {
         Py_CLEAR(t->fn);
         Py_CLEAR(t->arg);
@@ -1467,6 +1476,60 @@ static PyObject *Result_get_cancel_requested(ResultObject *self, void *unused) {
     return PyBool_FromLong((st & CT_F_CANCEL_REQ) || (st & CT_STATUS_MASK) == CT_CANCELLED);
 }
 
+/* ---- progress (progress.py): set_progress() stores what g_make_progress makes, under the
+ * task's id in g_progress, until the node is freed (hook_release); the value may be another
+ * TaskResult (_link_progress) whose progress this one shows ---- */
+static int progress_store(ResultObject *self, PyObject *value) {
+    register_id(self->engine, self->t);   /* so that hook_release forgets it */
+    PyObject *key = PyLong_FromUnsignedLongLong(self->t->id);
+    int rc = key ? PyDict_SetItem(g_progress, key, value) : -1;
+    Py_XDECREF(key);
+    return rc;
+}
+
+static PyObject *Result_set_progress(ResultObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fraction", "message", NULL};
+    PyObject *fraction, *message = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:set_progress", kwlist, &fraction, &message)) return NULL;
+    if (!g_make_progress) {
+        PyErr_SetString(PyExc_RuntimeError, "set_progress(): catzilla_tasks.progress is not loaded");
+        return NULL;
+    }
+    PyObject *p = PyObject_CallFunctionObjArgs(g_make_progress, (PyObject *)self, fraction, message, NULL);
+    if (!p) return NULL;
+    int rc = progress_store(self, p);
+    Py_DECREF(p);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Result_link_progress(ResultObject *self, PyObject *other) {
+    if (!PyObject_TypeCheck(other, &Result_Type)) {
+        PyErr_SetString(PyExc_TypeError, "_link_progress(): expected a TaskResult");
+        return NULL;
+    }
+    if (progress_store(self, other) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Result_get_progress(ResultObject *self, void *unused) {
+    for (int hops = 0; hops < 4; hops++) {
+        if (!(atomic_load_explicit(&self->t->state, memory_order_relaxed) & CT_F_REGISTERED)) break;
+        PyObject *key = PyLong_FromUnsignedLongLong(self->t->id);
+        if (!key) return NULL;
+        PyObject *v = PyDict_GetItemWithError(g_progress, key);
+        Py_DECREF(key);
+        if (!v) {
+            if (PyErr_Occurred()) return NULL;
+            break;
+        }
+        if (!PyObject_TypeCheck(v, &Result_Type)) return Py_NewRef(v);
+        self = (ResultObject *)v;
+    }
+    Py_RETURN_NONE;
+}
+/* ---- end of progress ---- */
+
 /* _engine.current_task(): the TaskResult of the task running in this thread, or None. */
 static PyObject *mod_current_task(PyObject *m, PyObject *unused) {
     if (!tl_current) Py_RETURN_NONE;
@@ -1576,6 +1639,9 @@ static PyMethodDef Result_methods[] = {
     {"get_stats", (PyCFunction)Result_get_stats, METH_NOARGS, "Timing and placement of this task, as a dict."},
     {"_on_done", (PyCFunction)Result_on_done, METH_O, NULL},
     {"_settle", (PyCFunction)(void (*)(void))Result_settle, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"set_progress", (PyCFunction)(void (*)(void))Result_set_progress, METH_VARARGS | METH_KEYWORDS,
+     "set_progress(fraction, message=None): report how far the task is (0.0 to 1.0), read as result.progress."},
+    {"_link_progress", (PyCFunction)Result_link_progress, METH_O, NULL},
     {NULL},
 };
 
@@ -1586,6 +1652,8 @@ static PyGetSetDef Result_getset[] = {
     {"_key", (getter)Result_get_key, NULL, NULL, NULL},
     {"cancel_requested", (getter)Result_get_cancel_requested, NULL,
      "True once cancel() was asked for this task (a running sync task may check it and stop).", NULL},
+    {"progress", (getter)Result_get_progress, NULL,
+     "The last set_progress() of the task: a Progress(fraction, message), or None.", NULL},
     {NULL},
 };
 
@@ -1611,13 +1679,13 @@ static PyTypeObject Result_Type = {
 static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"priority", "delay_ms", "max_retries", "timeout_ms", "backoff", "retry_base_ms",
                              "retry_max_ms", "jitter", "retry_on_timeout", "retry_on", "on_success",
-                             "on_failure", "on_retry", "isolation", NULL};
-    int priority = 2, max_retries = 0, backoff = 0, jitter = 1, retry_on_timeout = 0, isolation = 0;
+                             "on_failure", "on_retry", "isolation", "routed", NULL};
+    int priority = 2, max_retries = 0, backoff = 0, jitter = 1, retry_on_timeout = 0, isolation = 0, routed = 0;
     double delay = 0, timeout = 0, base = 100, cap = 60000;
     PyObject *retry_on = Py_None, *on_success = Py_None, *on_failure = Py_None, *on_retry = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|idididdppOOOOp:ConfigBase", kwlist, &priority, &delay, &max_retries,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|idididdppOOOOpp:ConfigBase", kwlist, &priority, &delay, &max_retries,
                                      &timeout, &backoff, &base, &cap, &jitter, &retry_on_timeout, &retry_on,
-                                     &on_success, &on_failure, &on_retry, &isolation))
+                                     &on_success, &on_failure, &on_retry, &isolation, &routed))
         return -1;
     if (priority < 0 || priority >= CT_NPRIO) {
         PyErr_Format(PyExc_ValueError, "priority must be 0..3, got %d", priority);
@@ -1633,6 +1701,7 @@ static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
     self->jitter = jitter;
     self->retry_on_timeout = retry_on_timeout;
     self->isolation = isolation;
+    self->routed = routed;
     int64_t delay_ns, timeout_ns, base_ns, cap_ns;
     if (ms_option(delay, "delay_ms", 0, &delay_ns) < 0 || ms_option(timeout, "timeout_ms", 1, &timeout_ns) < 0 ||
         ms_option(base, "retry_base_ms", 0, &base_ns) < 0 || ms_option(cap, "retry_max_ms", 1, &cap_ns) < 0)
@@ -1679,6 +1748,7 @@ static PyMemberDef Config_members[] = {
     {"_max_retries", T_INT, offsetof(ConfigObject, max_retries), READONLY, NULL},
     {"_delay_ns", T_LONGLONG, offsetof(ConfigObject, delay_ns), READONLY, NULL},
     {"_timeout_ns", T_LONGLONG, offsetof(ConfigObject, timeout_ns), READONLY, NULL},
+    {"_routed", T_INT, offsetof(ConfigObject, routed), READONLY, NULL},
     {"_native", T_OBJECT, offsetof(ConfigObject, native), 0, "compiler.NativeTask of a compiled task, or None"},
     {NULL},
 };
@@ -1865,9 +1935,32 @@ done:
     return r;
 }
 
+/* ---- a config with limits or a named queue (cfg->routed): limits.py submits the call, with a
+ * config without them, and returns its handle ---- */
+static PyObject *enqueue_routed(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                                PyObject *kwnames, ConfigObject *cfg, int64_t block_ns) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, npos = nvalues - nkw;
+    PyObject *pos = PyTuple_New(npos), *kw = PyDict_New(), *r = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 0; i < npos; i++) PyTuple_SET_ITEM(pos, i, Py_NewRef(values[i]));
+    for (Py_ssize_t i = 0; i < nkw; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
+    double block_s = block_ns < 0 ? -1.0 : (double)block_ns / 1e9;
+    PyObject *bs = PyFloat_FromDouble(block_s);
+    if (!bs) goto done;
+    r = PyObject_CallFunctionObjArgs(g_route, (PyObject *)self, func, pos, kw, (PyObject *)cfg, bs, NULL);
+    Py_DECREF(bs);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    return r;
+}
+
 /* native: the compiler.NativeTask of a compiled task (usually cfg->native), or NULL/None */
 static PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
                          PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
+    if (CT_UNLIKELY(cfg && cfg->routed && g_route))
+        return enqueue_routed(self, func, values, nvalues, kwnames, cfg, block_ns);
     if (CT_UNLIKELY(cfg && cfg->isolation))
         return enqueue_isolated(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
     if (CT_UNLIKELY(native && native != Py_None && g_native_prepare))
@@ -2609,8 +2702,8 @@ static PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "_submit_batch(): config must be a TaskConfig");
         return NULL;
     }
-    if (cfg && (cfg->isolation || cfg->delay_ns > 0)) {
-        PyErr_SetString(PyExc_ValueError, "_submit_batch(): delayed or isolated tasks are queued one by one");
+    if (cfg && (cfg->isolation || cfg->delay_ns > 0 || cfg->routed)) {
+        PyErr_SetString(PyExc_ValueError, "_submit_batch(): delayed, isolated, limited or routed tasks are queued one by one");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(items, "tasks.map() needs an iterable of argument tuples");
@@ -3620,6 +3713,15 @@ static PyObject *mod_set_hooks(PyObject *m, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+/* _set_limit_hooks(route, make_progress): limits.py and progress.py */
+static PyObject *mod_set_limit_hooks(PyObject *m, PyObject *args) {
+    PyObject *route, *mk;
+    if (!PyArg_ParseTuple(args, "OO:_set_limit_hooks", &route, &mk)) return NULL;
+    Py_XSETREF(g_route, Py_NewRef(route));
+    Py_XSETREF(g_make_progress, Py_NewRef(mk));
+    Py_RETURN_NONE;
+}
+
 static PyObject *mod_memory_stats(PyObject *m, PyObject *unused) {
     ct_slab_stats st;
     ct_slab_get_stats(&ct_task_slab, &st);
@@ -3635,6 +3737,7 @@ static PyMethodDef mod_methods[] = {
     {"memory_stats", (PyCFunction)mod_memory_stats, METH_NOARGS,
      "Memory of the task-node slab: bytes taken from the system, nodes in use, bytes per node."},
     {"detached", (PyCFunction)mod_detached, METH_NOARGS, NULL},
+    {"_set_limit_hooks", (PyCFunction)mod_set_limit_hooks, METH_VARARGS, NULL},
     {"current_task", (PyCFunction)mod_current_task, METH_NOARGS,
      "The TaskResult of the task running in this thread (a sync task), or None."},
     {"_registered_ids", (PyCFunction)mod_live_ids, METH_NOARGS, NULL},
@@ -3667,6 +3770,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     gettimeofday(&tv, NULL);
     g_wall0 = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
     g_registry = PyDict_New();
+    g_progress = PyDict_New();
     g_history = PyDict_New();
     g_charges = PyDict_New();
     PyObject *sysmod = PyImport_ImportModule("sys");
@@ -3681,7 +3785,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     QueueFullError = PyObject_GetAttrString(errors, "QueueFull");
     TaskCancelledError = PyObject_GetAttrString(errors, "TaskCancelled");
     Py_DECREF(errors);
-    if (!g_registry || !g_history || !g_config_attr || !QueueFullError || !TaskCancelledError) goto fail;
+    if (!g_registry || !g_progress || !g_history || !g_config_attr || !QueueFullError || !TaskCancelledError) goto fail;
     Py_INCREF(&Engine_Type);
     Py_INCREF(&Result_Type);
     Py_INCREF(&Config_Type);
