@@ -176,6 +176,7 @@ def route(engine: Any, func: Any, args: tuple, kwargs: dict[str, Any], cfg: Task
         return _submit_at(engine, lim, target, func, args, kwargs, cfg, block)
     ident = (task_name_of(func), limit_key(cfg, args, kwargs))
     outer = _engine.detached()
+    outer._link_progress(None)  # PENDING while parked (then the run's status: _launch links it)
     entry = (outer, target, func, args, kwargs, cfg, ident)
     if lim.acquire(ident, limit, entry):
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,8 +25,8 @@ class Progress(NamedTuple):
     message: str | None = None
 
 
-# task key (TaskResult._key) -> where a distributed worker publishes that task's reports
-_publishers: dict[int, Callable[[Progress], None]] = {}
+# distributed workers: each tells, for a task key (TaskResult._key), where that task's reports go
+_resolvers: list[weakref.WeakMethod[Callable[[int], Callable[[Progress], None] | None]]] = []
 _lock = threading.Lock()
 
 
@@ -46,21 +47,26 @@ def make(fraction: Any, message: Any = None) -> Progress:
 def hook(handle: Any, fraction: Any, message: Any) -> Progress:
     """The C engine's make_progress hook (TaskResult.set_progress)."""
     p = make(fraction, message)
-    if _publishers:
-        pub = _publishers.get(handle._key)
-        if pub is not None:
-            pub(p)
+    if _resolvers:
+        key = handle._key
+        for ref in list(_resolvers):
+            resolve = ref()
+            if resolve is None:
+                with _lock:
+                    if ref in _resolvers:
+                        _resolvers.remove(ref)
+                continue
+            pub = resolve(key)
+            if pub is not None:
+                pub(p)
+                break
     return p
 
 
-def publish_to(key: int, fn: Callable[[Progress], None]) -> None:
+def add_resolver(method: Callable[[int], Callable[[Progress], None] | None]) -> None:
+    """A worker's ``method(task key)``: the publisher of that task's reports, or None (held weakly)."""
     with _lock:
-        _publishers[key] = fn
-
-
-def stop_publishing(key: int) -> None:
-    with _lock:
-        _publishers.pop(key, None)
+        _resolvers.append(weakref.WeakMethod(method))  # type: ignore[arg-type]
 
 
 def from_wire(rec: Any) -> Progress | None:

@@ -1469,7 +1469,17 @@ static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
     return format_id(self->t->id);
 }
 
-static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
+static PyObject *progress_link(ct_task *t);
+static PyObject *Result_get_status(ResultObject *self, void *unused) {
+    if (CT_UNLIKELY(self->t->kind == CT_KIND_DETACHED) && !CT_IS_TERMINAL(atomic_load(&self->t->state))) {
+        /* the handle of a concurrency-limited call (limits.py): PENDING while it is parked (linked
+         * to None), then the status of the run (linked to its TaskResult) */
+        PyObject *link = progress_link(self->t);
+        if (link == Py_None) return status_member(CT_PENDING);
+        if (link) return Result_get_status((ResultObject *)link, NULL);
+    }
+    return status_member(ct_task_status(self->t));
+}
 static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
 static PyObject *Result_get_cancel_requested(ResultObject *self, void *unused) {
     uint32_t st = atomic_load(&self->t->state);
@@ -1503,9 +1513,21 @@ static PyObject *Result_set_progress(ResultObject *self, PyObject *args, PyObjec
     Py_RETURN_NONE;
 }
 
+/* The TaskResult (or None) a detached handle is linked to (borrowed), else NULL (no error). */
+static PyObject *progress_link(ct_task *t) {
+    if (!(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_REGISTERED) || !g_progress) return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *v = key ? PyDict_GetItemWithError(g_progress, key) : NULL;
+    Py_XDECREF(key);
+    PyErr_Clear();
+    return v && (v == Py_None || PyObject_TypeCheck(v, &Result_Type)) ? v : NULL;
+}
+
+/* _link_progress(other): this handle shows the progress (and, detached, the status) of other;
+ * None: of nothing yet (a parked call: PENDING). */
 static PyObject *Result_link_progress(ResultObject *self, PyObject *other) {
-    if (!PyObject_TypeCheck(other, &Result_Type)) {
-        PyErr_SetString(PyExc_TypeError, "_link_progress(): expected a TaskResult");
+    if (other != Py_None && !PyObject_TypeCheck(other, &Result_Type)) {
+        PyErr_SetString(PyExc_TypeError, "_link_progress(): expected a TaskResult or None");
         return NULL;
     }
     if (progress_store(self, other) < 0) return NULL;
@@ -1523,7 +1545,7 @@ static PyObject *Result_get_progress(ResultObject *self, void *unused) {
             if (PyErr_Occurred()) return NULL;
             break;
         }
-        if (!PyObject_TypeCheck(v, &Result_Type)) return Py_NewRef(v);
+        if (!PyObject_TypeCheck(v, &Result_Type)) return Py_NewRef(v);   /* a Progress, or None */
         self = (ResultObject *)v;
     }
     Py_RETURN_NONE;

@@ -6,7 +6,8 @@ A **message** (one queued task) is a serialized list
 ``attempts`` is 0 and there are no options (see the ``MSG_*`` indexes). ``options`` is a dict
 of the :data:`TRAVELLING` config fields a call overrode (``options(...)``), plus ``"k"``: the
 idempotency key, ``"w"``: ``[run id, step index, step id, workflow name]`` of a workflow step
-and ``"f"``: which arguments of a step are filled from the values of the steps it depends on.
+and ``"f"``: which arguments of a step are filled from the values of the steps it depends on, and
+``"L"``: a rate-limited task that was deferred to the slot it reserved (see ratelimit.py).
 
 An **outcome record** (a task's result) is ``[status code, value]`` with the codes of
 :data:`STATUS_CODES`; for a task that did not succeed the value is its error as
@@ -42,6 +43,7 @@ MSG_ID, MSG_NAME, MSG_ARGS, MSG_KWARGS, MSG_ATTEMPTS, MSG_OPTIONS = range(6)
 OPT_IDEMPOTENCY_KEY = "k"
 OPT_WORKFLOW = "w"
 OPT_FILLS = "f"
+OPT_RESERVED = "L"  # a rate-limited task deferred to the slot it reserved: it runs without asking again
 
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
@@ -123,7 +125,7 @@ class Overrides:
         mine, theirs = cfg.as_dict(), base.as_dict()
         diff: dict[str, Any] = {}
         for field, value in mine.items():
-            if field in ("priority", "delay_ms") or value == theirs[field]:
+            if field in ("priority", "delay_ms", "queue") or value == theirs[field]:
                 continue
             if field not in TRAVELLING:
                 plain_option(field, object())  # raises: hooks and retry_on cannot travel

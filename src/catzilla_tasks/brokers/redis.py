@@ -103,7 +103,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf")
+_KEY_KINDS = ("r", "done", "claim", "wf", "p", "rl", "cc")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -258,6 +258,8 @@ class RedisBroker(Broker):
         self._done_prefix = f"{prefix}:done:"
         self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
+        self._progress_prefix = f"{prefix}:p:"
+        self._queue_keys: dict[str, tuple[tuple[str, ...], str]] = {queue: (self.streams, self.delayed_key)}
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
@@ -283,6 +285,21 @@ class RedisBroker(Broker):
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
+
+    def progress_key(self, task_id: str) -> str:
+        return self._progress_prefix + task_id
+
+    def queue_keys(self, queue: str | None) -> tuple[tuple[str, ...], str]:
+        """(the four priority streams, the delayed set) of a named queue (None: this broker's)."""
+        if queue is None:
+            queue = self.queue
+        hit = self._queue_keys.get(queue)
+        if hit is None:
+            if queue in _KEY_KINDS:
+                raise ValueError(f"queue: {queue!r} names a kind of key under the prefix; choose another queue name")
+            base = f"{self.prefix}:{queue}"
+            hit = self._queue_keys[queue] = (tuple(f"{base}:q{p}" for p in range(4)), f"{base}:delayed")
+        return hit
 
     # -- publishing ------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -320,8 +337,21 @@ class RedisBroker(Broker):
             opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
-        self._send(int(cfg._priority), cfg.delay_ms, payload)
+        if cfg.queue is None or cfg.queue == self.queue:
+            self._send(int(cfg._priority), cfg.delay_ms, payload)
+        else:  # a named queue (routing): its own streams
+            self._send_to(cfg.queue, int(cfg._priority), cfg.delay_ms, payload)
         return RemoteResult(tid, self)
+
+    def _send_to(self, queue: str, prio: int, delay_ms: float, payload: bytes) -> None:
+        streams, delayed = self.queue_keys(queue)
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:  # inside batch(): sent at its end
+            buf[5].append((streams, delayed, prio, int(delay_ms), payload))
+        elif delay_ms > 0:
+            self._add_delayed(keys=[delayed], args=[int(delay_ms), b"%d" % prio + payload])
+        else:
+            self.redis.xadd(streams[prio], {"m": payload})
 
     def _send(self, prio: int, delay_ms: float, payload: bytes) -> None:
         buf = getattr(self._local, "buf", None)
@@ -343,7 +373,7 @@ class RedisBroker(Broker):
         if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        buf: list[list[Any]] = [[], [], [], [], []]  # four priorities, then the delayed ones
+        buf: list[list[Any]] = [[], [], [], [], [], []]  # four priorities, the delayed ones, other queues
         self._local.buf = buf
         try:
             yield
@@ -356,6 +386,11 @@ class RedisBroker(Broker):
                 self._bulk_xadd(keys=[self.streams[prio]], args=items[i : i + 1000], client=pipe)
         for delay, member in buf[4]:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
+        for streams, delayed, prio, delay, payload in buf[5]:  # named queues (routing)
+            if delay > 0:
+                self._add_delayed(keys=[delayed], args=[delay, b"%d" % prio + payload], client=pipe)
+            else:
+                pipe.xadd(streams[prio], {"m": payload})
         if any(buf):
             pipe.execute()
 
@@ -687,6 +722,20 @@ class RemoteResult:
 
     def is_ready(self) -> bool:
         return self.status.is_final
+
+    @property
+    def progress(self) -> Any:
+        """The task's last ``set_progress()`` report (a ``Progress(fraction, message)``), or None
+        before the first (kept ``result_ttl`` after it was written)."""
+        from ..progress import from_wire
+
+        raw = self._broker.redis.get(self._broker.progress_key(self.task_id))
+        if raw is None:
+            return None
+        try:
+            return from_wire(self._broker.serializer.same_format(cast(bytes, raw)).loads(raw))
+        except DecodeError:
+            return None
 
     done = is_ready
 

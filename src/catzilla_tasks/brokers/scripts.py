@@ -65,3 +65,12 @@ WF_STEP_DONE = _load("wf_step_done.lua")
 WF_STEP_FAILED = _load("wf_step_failed.lua")
 
 WF_CANCEL = _load("wf_cancel.lua")
+
+# -- rate and concurrency limits (brokers/ratelimit.py) -----------------------------------------
+# P:rl:<name>[:<key>]  a rate limit's theoretical arrival time (server us), with a TTL
+# P:cc:<name>[:<key>]  leases of the tasks of a concurrency limit running now (sorted set)
+# P:cp:<name>[:<key>]  tasks parked until one of those leases is free (sorted set)
+
+RATE_LIMIT = _load("rate_limit.lua")
+
+CONCURRENCY = _load("concurrency.lua")

@@ -1,0 +1,89 @@
+"""Tasks with rate limits, concurrency limits, named queues and progress, for the distributed
+tests (workers import them by name; see test_rate_limits.py, test_routing.py, test_progress.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from catzilla_tasks import current_task, task
+
+FUNCS = []
+
+
+def _reg(f):
+    FUNCS.append(f)
+    return f
+
+
+def register(engine) -> None:
+    for f in FUNCS:
+        engine._registered[f"{f.__module__}.{f.__qualname__}"] = f
+
+
+def _r():
+    import redis_tasks
+
+    return redis_tasks._sync_client()
+
+
+@_reg
+@task(rate_limit="20/s")
+def rated(log: str, i: int) -> int:
+    _r().rpush(log, repr(time.time()))
+    return i
+
+
+@_reg
+@task(rate_limit="1000000/s")
+def rated_far(i: int) -> int:
+    return i
+
+
+@_reg
+@task
+def unlimited(i: int) -> int:
+    return i
+
+
+@_reg
+@task(rate_limit="2/s", rate_limit_key=lambda customer, log: customer)
+def per_customer(customer: str, log: str) -> str:
+    _r().rpush(log, f"{customer} {time.time()!r}")
+    return customer
+
+
+@_reg
+@task(concurrency_limit=2)
+def limited(counter: str, log: str, seconds: float) -> int:
+    r = _r()
+    now = r.incr(counter)
+    r.rpush(log, now)
+    time.sleep(seconds)
+    r.decr(counter)
+    return int(now)
+
+
+@_reg
+@task(queue="emails")
+def email(log: str, i: int, seconds: float = 0.0) -> str:
+    time.sleep(seconds)
+    _r().rpush(log, f"email {i}")
+    return "emails"
+
+
+@_reg
+@task
+def default_job(log: str, i: int) -> str:
+    _r().rpush(log, f"default {i}")
+    return "default"
+
+
+@_reg
+@task
+def reports(gate: str) -> str:
+    t = current_task()
+    t.set_progress(0.25, "a quarter")
+    _r().blpop([gate], 30)  # held until the test has read the progress
+    t.set_progress(1.0, "done")
+    return str(os.getpid())
