@@ -65,8 +65,13 @@ def test_bad_progress_is_refused_in_the_task(make_tasks):
     def job(v, msg=None):
         current_task().set_progress(v, msg)
 
-    for bad, exc in ((1.5, ValueError), (-0.1, ValueError), (float("nan"), ValueError), ("x", TypeError),
-                     (True, TypeError)):
+    for bad, exc in (
+        (1.5, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        ("x", TypeError),
+        (True, TypeError),
+    ):
         with pytest.raises(exc, match="set_progress"):
             tasks.add_task(job, bad).wait(5)
     with pytest.raises(TypeError, match="message"):

@@ -215,7 +215,9 @@ class TaskConfig(_engine.ConfigBase):
             or not isinstance(concurrency_limit, numbers.Integral)
             or not 1 <= concurrency_limit <= 1_000_000
         ):
-            raise ValueError(f"concurrency_limit: must be an integer from 1 to 1000000 or None, got {concurrency_limit!r}")
+            raise ValueError(
+                f"concurrency_limit: must be an integer from 1 to 1000000 or None, got {concurrency_limit!r}"
+            )
         if rate_limit_key is not None:
             if not callable(rate_limit_key):
                 raise ValueError(
@@ -224,9 +226,7 @@ class TaskConfig(_engine.ConfigBase):
             if rate is None and concurrency_limit is None:
                 raise ValueError("rate_limit_key: needs a rate_limit or a concurrency_limit to key")
         if queue is not None and (not isinstance(queue, str) or not _QUEUE_NAME.fullmatch(queue)):
-            raise ValueError(
-                f"queue: expected a name of letters, digits, '_', '-' and '.' (at most 64), got {queue!r}"
-            )
+            raise ValueError(f"queue: expected a name of letters, digits, '_', '-' and '.' (at most 64), got {queue!r}")
         delay = _time_ms("delay_ms", delay_ms)
         if (
             isinstance(max_retries, bool)

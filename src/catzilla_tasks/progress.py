@@ -66,7 +66,7 @@ def hook(handle: Any, fraction: Any, message: Any) -> Progress:
 def add_resolver(method: Callable[[int], Callable[[Progress], None] | None]) -> None:
     """A worker's ``method(task key)``: the publisher of that task's reports, or None (held weakly)."""
     with _lock:
-        _resolvers.append(weakref.WeakMethod(method))  # type: ignore[arg-type]
+        _resolvers.append(weakref.WeakMethod(method))
 
 
 def from_wire(rec: Any) -> Progress | None:

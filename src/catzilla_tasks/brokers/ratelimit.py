@@ -25,9 +25,11 @@ A task with both limits is rate-limited first, then takes a lease.
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from ..config import TaskConfig
 from ..limits import limit_key
 from . import scripts
 from .protocol import MSG_ARGS, MSG_KWARGS, MSG_NAME, MSG_OPTIONS, OPT_RESERVED
@@ -68,11 +70,10 @@ class RedisLimits:
         parked (``j.parked``)."""
         w = self.w
         ser = w.broker.serializer
-        rated: list[tuple[_Job, str]] = []
+        rated: list[tuple[_Job, str, float]] = []  # (job, limit id, emission interval in us)
         leased: list[tuple[_Job, str]] = []
         for j in jobs:
-            cfg = j.cfg
-            assert cfg is not None
+            cfg = cast(TaskConfig, j.cfg)  # (limited jobs have one)
             msg = j.msg
             try:
                 key = limit_key(cfg, tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
@@ -82,15 +83,15 @@ class RedisLimits:
             ident = _ident(msg[MSG_NAME], key)
             opts = msg[MSG_OPTIONS] if len(msg) > MSG_OPTIONS and msg[MSG_OPTIONS] else None
             if cfg._rate is not None and not (opts and opts.get(OPT_RESERVED)):
-                rated.append((j, ident))
+                rated.append((j, ident, cfg._rate[1] / cfg._rate[0] * 1_000_000))
             elif cfg.concurrency_limit is not None:
                 leased.append((j, ident))
         if rated:
             waits = self._rate_script(
-                keys=[self._rl_prefix + ident for _, ident in rated],
-                args=[int(j.cfg._rate[1] / j.cfg._rate[0] * 1_000_000) or 1 for j, _ in rated],  # type: ignore[union-attr]
+                keys=[self._rl_prefix + ident for _, ident, _ in rated],
+                args=[max(1, math.ceil(us)) for _, _, us in rated],  # (rounded up: never over the rate)
             )
-            for (j, ident), wait in zip(rated, waits, strict=True):
+            for (j, ident, _), wait in zip(rated, waits, strict=True):
                 if int(wait) > 0:
                     msg = ser.loads(j.payload)  # (the payload as sent: its arguments intact)
                     while len(msg) < 6:

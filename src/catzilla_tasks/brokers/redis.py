@@ -729,11 +729,11 @@ class RemoteResult:
         before the first (kept ``result_ttl`` after it was written)."""
         from ..progress import from_wire
 
-        raw = self._broker.redis.get(self._broker.progress_key(self.task_id))
+        raw = cast("bytes | None", self._broker.redis.get(self._broker.progress_key(self.task_id)))
         if raw is None:
             return None
         try:
-            return from_wire(self._broker.serializer.same_format(cast(bytes, raw)).loads(raw))
+            return from_wire(self._broker.serializer.same_format(raw).loads(raw))
         except DecodeError:
             return None
 
