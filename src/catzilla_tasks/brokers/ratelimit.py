@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import TaskConfig
-from ..limits import limit_key
+from ..limits import Limits, limit_key
 from . import scripts
 from .protocol import MSG_ARGS, MSG_KWARGS, MSG_NAME, MSG_OPTIONS, OPT_RESERVED
 
@@ -38,6 +39,16 @@ if TYPE_CHECKING:
     from .worker import Worker, _Job
 
 __all__ = ["RedisLimits"]
+
+
+# A task whose slot is further than this is deferred through the delayed set to this much before
+# its slot, then waits the rest in the worker's engine timer (precise to the ms: the delayed set
+# is promoted with a fetch loop's latency). Holding it that long holds one of the worker's slots.
+LEAD_MS = 40
+
+
+def cfg_of(j: _Job) -> TaskConfig:
+    return cast(TaskConfig, j.cfg)  # (limited jobs have one)
 
 
 def _ident(name: str, key: str | None) -> str:
@@ -58,11 +69,19 @@ class RedisLimits:
         self._lock = threading.Lock()
         # (lease set, park set) -> (limit, {lease ids held here})
         self._leases: dict[tuple[str, str], tuple[int, set[str]]] = {}
+        self._offset_ms: float | None = None
+        self._delays = Limits()  # (its cache of configs with a delay)
 
-    @staticmethod
-    def limited(j: _Job) -> bool:
-        cfg = j.cfg
-        return cfg is not None and (cfg._rate is not None or cfg.concurrency_limit is not None)
+    def offset_ms(self) -> float:
+        """The Redis server's clock minus ours, in ms (asked once; then from each rate call)."""
+        if self._offset_ms is None:
+            t0 = time.time()
+            sec, us = self.w._r.time()
+            self._offset_ms = sec * 1000 + us / 1000 - (t0 + time.time()) * 500
+        return self._offset_ms
+
+    def delayed(self, cfg: TaskConfig, delay_ms: int) -> TaskConfig:
+        return self._delays.delayed(cfg, delay_ms)
 
     def admit(self, jobs: list[_Job]) -> None:
         """Decide for the limited ``jobs`` (no error, not skipped): run (a lease taken if it has
@@ -82,27 +101,35 @@ class RedisLimits:
                 continue
             ident = _ident(msg[MSG_NAME], key)
             opts = msg[MSG_OPTIONS] if len(msg) > MSG_OPTIONS and msg[MSG_OPTIONS] else None
-            if cfg._rate is not None and not (opts and opts.get(OPT_RESERVED)):
+            slot = opts.get(OPT_RESERVED) if opts else None
+            if cfg._rate is not None and not slot:
                 rated.append((j, ident, cfg._rate[1] / cfg._rate[0] * 1_000_000))
-            elif cfg.concurrency_limit is not None:
+                continue
+            if isinstance(slot, int) and not isinstance(slot, bool):  # back for its reserved slot
+                j.local_delay = max(0, int(slot - time.time() * 1000 - self.offset_ms()))
+            if cfg.concurrency_limit is not None:
                 leased.append((j, ident))
         if rated:
-            waits = self._rate_script(
+            *slots, now_ms = self._rate_script(
                 keys=[self._rl_prefix + ident for _, ident, _ in rated],
                 args=[max(1, math.ceil(us)) for _, _, us in rated],  # (rounded up: never over the rate)
             )
-            for (j, ident, _), wait in zip(rated, waits, strict=True):
-                if int(wait) > 0:
+            self._offset_ms = int(now_ms) - time.time() * 1000
+            for (j, ident, _), slot in zip(rated, slots, strict=True):
+                wait = int(slot) - int(now_ms)
+                if wait > LEAD_MS:
                     msg = ser.loads(j.payload)  # (the payload as sent: its arguments intact)
                     while len(msg) < 6:
                         msg.append(0 if len(msg) == 4 else None)
                     opts = dict(msg[MSG_OPTIONS] or {})
-                    opts[OPT_RESERVED] = 1
+                    opts[OPT_RESERVED] = int(slot)
                     msg[MSG_OPTIONS] = opts
                     j.payload = ser.dumps(msg)
-                    j.defer = int(wait)
+                    j.defer = wait - LEAD_MS
                     j.limit_deferred = True
-                elif j.cfg is not None and j.cfg.concurrency_limit is not None:
+                    continue
+                j.local_delay = max(0, wait)
+                if cfg_of(j).concurrency_limit is not None:
                     leased.append((j, ident))
         if leased:
             lease_ms = max(1000, int(w.broker.visibility_timeout * 1000))

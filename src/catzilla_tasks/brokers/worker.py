@@ -177,6 +177,7 @@ class _Job:
         "lease",
         "parked",
         "limit_deferred",
+        "local_delay",
     )
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
@@ -200,6 +201,7 @@ class _Job:
         self.lease: tuple[str, str, int, str] | None = None
         self.parked = False
         self.limit_deferred = False
+        self.local_delay = 0  # ms it waits in the engine's timer for its rate limit's slot
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -536,7 +538,14 @@ class Worker:
                 # held task's entry and its key's claim must be renewed before they run out
                 wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
-                    wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
+                    due_ms = int((self._next_due_local - time.monotonic()) * 1000) + 1
+                    if due_ms < 100:
+                        # Redis ends a blocked read at its `hz` tick (100 ms by default), not at
+                        # its block: a delayed task due sooner (a rate limit's next slot) would be
+                        # promoted up to 100 ms late, and several late ones at once
+                        self._stop.wait(max(0, due_ms) / 1000)
+                        continue
+                    wait_ms = max(1, min(wait_ms, due_ms))
                 got = self._r.xreadgroup(
                     GROUP, self.consumer, {s: ">" for s in self.broker.streams}, count=1, block=wait_ms
                 )
@@ -830,6 +839,8 @@ class Worker:
             if cfg._plain is not None:  # limits and queue were applied in Redis: not again locally
                 cfg = cfg._plain
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            if j.local_delay:
+                run_cfg = self._limits.delayed(run_cfg, j.local_delay)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             h = self._submit(j.func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
