@@ -73,6 +73,12 @@ def email(log: str, i: int, seconds: float = 0.0) -> str:
 
 
 @_reg
+@task(queue="emails")
+def queued_echo(x):
+    return x
+
+
+@_reg
 @task
 def default_job(log: str, i: int) -> str:
     _r().rpush(log, f"default {i}")

@@ -182,3 +182,19 @@ def test_cli_worker_queues_option(env, prefix, capsys, monkeypatch):
     assert "queues 'emails' (2), 'default' (2)" in out
     assert h.wait(5) == "emails"
     assert cli_main(["worker", "limit_app:tasks", "--queues", "a b"]) == 2
+
+
+def test_memory_broker_runs_named_queue_and_limited_tasks():
+    from catzilla_tasks.brokers import Consumer, MemoryBroker
+
+    broker = MemoryBroker()
+    tasks = BackgroundTasks(workers=2, broker=broker)
+    lt.register(tasks)
+    c = Consumer(tasks, broker)
+    c.start()
+    try:
+        assert tasks.add_task(lt.queued_echo, 7).wait(10) == 7  # one queue in memory: run, not refused
+        assert tasks.add_task(lt.rated_far, 3).wait(10) == 3
+    finally:
+        c.stop()
+        tasks.shutdown(wait_for_completion=False, timeout=10)

@@ -30,6 +30,10 @@ from .config import TaskConfig, TaskStatus
 
 __all__ = ["Limits", "route", "task_name_of"]
 
+# the engine's own C submission: a DistributedTasks overrides _submit to publish to its broker,
+# but what comes here runs locally (a consumer's engine)
+_c_submit = _engine.Engine._submit
+
 
 def task_name_of(func: Any) -> str:
     """The name a limit counts under: ``module.qualname`` (as ``@tasks.task`` registers it)."""
@@ -160,7 +164,7 @@ def _submit_at(
         wait_ms = int((slot - now) * 1000 + 0.999)
         if wait_ms > 0:
             run_cfg = lim.delayed(plain, wait_ms)
-    return target._submit(func, args, kwargs, run_cfg, block)
+    return _c_submit(target, func, args, kwargs, run_cfg, block)
 
 
 def route(engine: Any, func: Any, args: tuple, kwargs: dict[str, Any], cfg: TaskConfig, block: float) -> Any:
@@ -168,7 +172,7 @@ def route(engine: Any, func: Any, args: tuple, kwargs: dict[str, Any], cfg: Task
     queue; return its handle."""
     target = _target(engine, cfg)
     if cfg._rate is None and cfg.concurrency_limit is None:
-        return target._submit(func, args, kwargs, cfg._plain, block)
+        return _c_submit(target, func, args, kwargs, cfg._plain, block)
     lim = _limits_of(engine)
     limit = cfg.concurrency_limit
     if limit is None:
