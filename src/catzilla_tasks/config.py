@@ -150,6 +150,12 @@ class TaskConfig(_engine.ConfigBase):
     * ``isolation="process"``: run in the engine's pool of child processes (hard timeouts,
       ``memory_limit_mb``, crashes contained). ``memory_limit_mb`` cannot be enforced for a
       task in a thread (threads share one address space), so it requires process isolation.
+    * ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``, ``"N/10s"``): at most N starts per period
+      per task name (or per ``rate_limit_key(*args, **kwargs)``, a str); ``concurrency_limit``:
+      at most N running at once. A call over a limit waits (holding no worker) and is never
+      dropped: per engine in-process (limits.py), cluster-wide on Redis (brokers/ratelimit.py).
+    * ``queue``: a named queue (a bulkhead of ``BackgroundTasks(queues=...)`` in-process, its own
+      streams on Redis); None or ``"default"``: the default one.
     * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker
       once the task's call has returned; ``timeout_ms`` does not cover them (they have no time
       limit of their own and hold the worker while they run: keep them short).

@@ -409,6 +409,10 @@ class BackgroundTasks(_engine.Engine):
     returns its TaskResult at once; the engine runs it on a worker thread (an ``async def``
     runs on the engine's event-loop thread). Use it as a context manager, or call
     ``shutdown()``: queued work runs before the engine stops (also at interpreter exit).
+    ``queues={"emails": 4}``: named queues, each an engine of its own with that many workers (a
+    bulkhead: slow tasks of one queue never starve the others); ``@tasks.task(queue="emails")``
+    or ``options(queue="emails")`` routes a task there (limits.py).
+
     Created in the main thread, it also makes SIGTERM run the queued work before the process
     exits (``handle_sigterm=False`` or ``CATZILLA_TASKS_SIGTERM=0`` turns that off).
     """
