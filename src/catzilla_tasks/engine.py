@@ -788,10 +788,15 @@ class BackgroundTasks(_engine.Engine):
                 "join() inside a task of this engine would wait for that task itself, forever: wait "
                 "for the tasks it needs with their TaskResult.wait() (or await them) instead"
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for sub in self._queue_engines.values():
-            sub.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if not self._drain(None if deadline is None else max(0.0, deadline - time.monotonic())):
+        remaining = timeout
+        if self._queue_engines:  # the named queues first (see limits.py), within the one timeout
+            if timeout is not None and timeout != timeout:
+                raise ValueError("join(): timeout is NaN; give seconds >= 0, or None to wait without limit")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for sub in self._queue_engines.values():
+                sub.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._drain(remaining):
             s = self._stats()
             raise TimeoutError(
                 f"join(): {s['queued_total']} tasks still queued and {s['running']} running after {timeout} s"
