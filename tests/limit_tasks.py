@@ -30,8 +30,35 @@ def _r():
 @_reg
 @task(rate_limit="20/s")
 def rated(log: str, i: int) -> int:
-    _r().rpush(log, repr(time.time()))
+    _r().rpush(log, f"{i} {time.time()!r}")
     return i
+
+
+def log_admissions(key: str) -> None:
+    """Test instrumentation (worker processes): push ``"<i> <slot s>"`` to ``key`` for every
+    call of ``rated`` the rate limiter admits, with the slot it reserved (server clock)."""
+    from catzilla_tasks.brokers.protocol import MSG_ARGS, MSG_NAME, MSG_OPTIONS, OPT_RESERVED
+    from catzilla_tasks.brokers.ratelimit import RedisLimits
+
+    orig = RedisLimits.admit
+
+    def admit(self, jobs):
+        first = [not (len(j.msg) > MSG_OPTIONS and j.msg[MSG_OPTIONS] and OPT_RESERVED in j.msg[MSG_OPTIONS])
+                 for j in jobs]
+        orig(self, jobs)
+        rows = []
+        for j, new in zip(jobs, first):
+            if not new or j.error is not None or not j.msg[MSG_NAME].endswith(".rated"):
+                continue
+            if j.limit_deferred:
+                slot_ms = self.w.broker.serializer.loads(j.payload)[MSG_OPTIONS][OPT_RESERVED]
+            else:
+                slot_ms = time.time() * 1000 + self.offset_ms() + j.local_delay
+            rows.append(f"{j.msg[MSG_ARGS][1]} {slot_ms / 1000!r}")
+        if rows:
+            _r().rpush(key, *rows)
+
+    RedisLimits.admit = admit
 
 
 @_reg
@@ -106,6 +133,8 @@ def __getattr__(name: str):
         eng = BackgroundTasks(workers=4, broker=broker)
         redis_tasks.register(eng)
         register(eng)
+        if os.environ.get("CT_TEST_ADMISSIONS"):
+            log_admissions(os.environ["CT_TEST_ADMISSIONS"])
         globals()["tasks"] = eng
         return eng
     raise AttributeError(name)

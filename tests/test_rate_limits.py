@@ -197,9 +197,9 @@ def cluster(redis_url, prefix, monkeypatch):
     c.close()
 
 
-def start_worker_process(url: str, prefix: str, concurrency: int = 10) -> subprocess.Popen:
+def start_worker_process(url: str, prefix: str, concurrency: int = 10, **env_extra: str) -> subprocess.Popen:
     """``catzilla-tasks worker limit_tasks:tasks`` in a process of its own (its own GIL)."""
-    env = dict(os.environ, CT_TEST_REDIS_URL=url, CT_TEST_PREFIX=prefix,
+    env = dict(os.environ, CT_TEST_REDIS_URL=url, CT_TEST_PREFIX=prefix, **env_extra,
                PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "catzilla_tasks.cli", "worker", "limit_tasks:tasks", "--concurrency", str(concurrency)],
@@ -219,12 +219,15 @@ def stop_worker_process(proc: subprocess.Popen) -> str:
 
 @pytest.mark.timeout(120)
 def test_redis_rate_limit_20_per_s_over_200_tasks_on_2_workers(cluster):
-    """The must-show figure: 200 tasks of rate_limit="20/s" on two worker processes. The limiter
-    admits at most 20 per second plus the burst of one (21 in any 1 s window); a start trails its
-    admission by the worker machine's scheduling latency, so the starts measured here are allowed
-    one more (see docs/architecture.md, rate limits). All done in 10 s +- 10%."""
-    log = f"{cluster.prefix}:starts"
-    procs = [start_worker_process(cluster.url, cluster.prefix) for _ in range(2)]
+    """The must-show figure: 200 tasks of rate_limit="20/s" on two worker processes, done in
+    10 s +- 10%. The limiter admits at most 20 per second plus the burst of one: at most 21
+    admissions (reserved slots, logged by the workers) in any 1 s window, checked exactly. A task
+    starts once a worker thread gets to it, which on a loaded machine can be tens of ms after its
+    slot: a start S seconds late can fall into the next window, so the starts are checked against
+    21 plus floor(S / 50 ms), S the latest start after its slot measured per task (0 on a quiet
+    machine: exactly 21; see docs/architecture.md, rate limits)."""
+    log, adm = f"{cluster.prefix}:starts", f"{cluster.prefix}:admissions"
+    procs = [start_worker_process(cluster.url, cluster.prefix, CT_TEST_ADMISSIONS=adm) for _ in range(2)]
     try:
         p = cluster.producer
         t0 = time.time()
@@ -234,11 +237,21 @@ def test_redis_rate_limit_20_per_s_over_200_tasks_on_2_workers(cluster):
         took = time.time() - t0
     finally:
         outs = [stop_worker_process(proc) for proc in procs]
-    starts = [float(x) for x in cluster.r.lrange(log, 0, -1)]
-    assert len(starts) == 200
-    worst = max_in_window(starts)
-    print(f"200 tasks at 20/s on 2 worker processes: {took:.2f} s, at most {worst} starts in any 1 s window")
-    assert worst <= 22
+    starts = dict(x.decode().split() for x in cluster.r.lrange(log, 0, -1))
+    slots = dict(x.decode().split() for x in cluster.r.lrange(adm, 0, -1))
+    assert len(starts) == 200 and len(slots) == 200
+    worst_admitted = max_in_window([float(v) for v in slots.values()])
+    worst_started = max_in_window([float(v) for v in starts.values()])
+    lateness = [float(starts[i]) - float(slots[i]) for i in starts]
+    allowance = int(max(0.0, max(lateness)) / 0.05)
+    print(
+        f"200 tasks at 20/s on 2 worker processes: {took:.2f} s; at most {worst_admitted} admitted and "
+        f"{worst_started} started in any 1 s window; starts after their slot: median "
+        f"{sorted(lateness)[100] * 1000:.0f} ms, worst {max(lateness) * 1000:.0f} ms"
+    )
+    assert worst_admitted <= 21  # 20/s plus the burst of one
+    assert min(lateness) > -0.005  # no start ahead of its slot (the clocks agree to the ms here)
+    assert worst_started <= 21 + allowance
     assert 9.0 <= took <= 11.0, took
     ran = [int(re.search(r"(\d+) succeeded", o).group(1)) for o in outs]  # type: ignore[union-attr]
     assert sum(ran) == 200 and min(ran) > 20, outs  # both ran them
