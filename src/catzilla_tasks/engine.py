@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _engine, _signals
 from ._redact import redact_text
-from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .errors import ShutdownTimeout, TaskTimeout
-from .results import TaskResult, _await_impl
+from .config import MAX_MS, TaskConfig, TaskPriority
+from .errors import ShutdownTimeout
+from .results import TaskResult
 
 if TYPE_CHECKING:
     import asyncio
@@ -131,20 +131,8 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
     )
 
 
-_engine._set_hooks(
-    failed=_failed,
-    status_members=tuple(TaskStatus),
-    priority_members=tuple(TaskPriority),
-    run_coroutine=_run_coroutine,
-    report_error=_report_error,
-    await_impl=_await_impl,
-    cancel_async=_cancel_async,
-    task_timeout=TaskTimeout,
-    isolate=_isolate,
-)
-
-
 # -- rate limits, concurrency limits, named queues (limits.py) and progress (progress.py) ------
+# (installed with the other hooks by _hooks.py)
 def _route(engine: BackgroundTasks, func: Any, args: Any, kwargs: Any, cfg: TaskConfig, block: float) -> Any:
     from . import limits  # only once a task with a limit or a named queue is added
 
@@ -155,9 +143,6 @@ def _make_progress(handle: TaskResult[Any], fraction: Any, message: Any) -> Any:
     from . import progress
 
     return progress.hook(handle, fraction, message)
-
-
-_engine._set_limit_hooks(_route, _make_progress)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -469,7 +454,7 @@ class BackgroundTasks(_engine.Engine):
         queues = _check_queues(queues)
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
-        # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
+        # A cap on the bytes the queued tasks' arguments hold (see _engine/py_memory.c, memory_pool_mb):
         # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
         self.memory_pool_mb = memory_pool_mb
         if memory_pool_mb is not None and memory_pool_mb != float("inf"):

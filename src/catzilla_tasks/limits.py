@@ -1,7 +1,7 @@
 """Rate limits, concurrency limits and named queues of the in-process engine.
 
 A TaskConfig with ``rate_limit``, ``concurrency_limit`` or a named ``queue`` is *routed*: the C
-``add_task`` hands the call to :func:`route` (registered with ``_engine._set_limit_hooks``)
+``add_task`` hands the call to :func:`route` (the ``route`` hook, installed by ``_hooks.py``)
 instead of queueing it. Tasks without any of them never come here (no cost to them).
 
 * **rate_limit** (``"N/s"``, ``"/m"``, ``"/h"``): GCRA with reservation, per task name (and
