@@ -47,7 +47,7 @@ def log_admissions(key: str) -> None:
                  for j in jobs]
         orig(self, jobs)
         rows = []
-        for j, new in zip(jobs, first):
+        for j, new in zip(jobs, first, strict=True):
             if not new or j.error is not None or not j.msg[MSG_NAME].endswith(".rated"):
                 continue
             if j.limit_deferred:
