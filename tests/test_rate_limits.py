@@ -311,3 +311,32 @@ def test_redis_concurrency_lease_of_a_dead_worker_lapses(cluster):
     assert not any(h.is_ready() for h in hs)  # parked behind the dead leases
     for h in hs:
         assert h.wait(20) in (1, 2)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_runs_parked_calls_or_cancels_them():
+    tasks = BackgroundTasks(workers=2)
+    done: list[int] = []
+
+    @tasks.task(concurrency_limit=1)
+    def one(i):
+        time.sleep(0.01)
+        done.append(i)
+
+    hs = [tasks.add_task(one, i) for i in range(20)]
+    tasks.shutdown(wait_for_completion=True, timeout=30)  # parked calls run as their turn comes
+    assert sorted(done) == list(range(20)) and all(h.status is TaskStatus.SUCCEEDED for h in hs)
+
+    t2 = BackgroundTasks(workers=2)
+    gate = threading.Event()
+
+    @t2.task(concurrency_limit=1)
+    def held(i):
+        gate.wait(10)
+
+    hs = [t2.add_task(held, i) for i in range(5)]
+    wait_until(lambda: hs[0].status is TaskStatus.RUNNING, 10, "the first call to run")
+    threading.Timer(0.3, gate.set).start()
+    t2.shutdown(wait_for_completion=False, timeout=30)
+    assert hs[0].status is TaskStatus.SUCCEEDED
+    assert all(h.status is TaskStatus.CANCELLED for h in hs[1:])  # parked: never started
