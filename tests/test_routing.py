@@ -198,3 +198,18 @@ def test_memory_broker_runs_named_queue_and_limited_tasks():
     finally:
         c.stop()
         tasks.shutdown(wait_for_completion=False, timeout=10)
+
+
+def test_keyed_tasks_go_to_their_named_queue_once(env, prefix):
+    engine, _start = env
+    p = engine()
+    r = p.broker.redis
+    streams, _ = p.broker.queue_keys("emails")
+    a = p.options(queue="emails", idempotency_key="k1").add_task(lt.default_job, "x", 1)
+    b = p.options(queue="emails", idempotency_key="k1").add_task(lt.default_job, "x", 1)
+    with p.batch():
+        c = p.options(queue="emails", idempotency_key="k2").add_task(lt.default_job, "x", 2)
+        d = p.options(queue="emails").add_task(lt.default_job, "x", 3)
+    assert a.task_id == b.task_id and c.task_id != d.task_id
+    assert r.xlen(streams[TaskPriority.NORMAL]) == 3
+    assert r.xlen(p.broker.streams[TaskPriority.NORMAL]) == 0
