@@ -324,6 +324,16 @@ static PyObject *node_outcome(ResultObject *self) {
     }
 }
 
+/* t (of this worker's engine) is a sync task this worker thread started and has not finished:
+ * its call is suspended below the caller on this thread's stack (help_run ran the caller's task
+ * while t waited), so it can resume only after the caller returns. (An async task runs on the
+ * event loop; a worker's slot is reused only once its thread has exited.) */
+static int held_below(ct_task *t) {
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    return (st & CT_STATUS_MASK) == CT_RUNNING && !(st & CT_F_ASYNC) && t != tl_current &&
+           (st >> CT_WORKER_SHIFT) == (uint32_t)tl_worker->id + 1u;
+}
+
 static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"timeout", NULL};
     PyObject *timeout = Py_None;
@@ -341,8 +351,19 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
                         "`await result` instead");
         return NULL;
     }
-    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000)) {   /* (a poll, wait(0), runs nothing) */
+        if (self->engine && tl_worker->engine == self->engine->e && held_below(self->t)) {
+            PyObject *id = node_id(self->engine, self->t);
+            PyErr_Format(PyExc_RuntimeError,
+                         "task %U is suspended further up this worker's thread, waiting (directly or through "
+                         "other tasks) for the task now waiting for it, which this worker ran while it waited: a "
+                         "cycle of tasks waiting on each other, so this wait can never finish",
+                         id);
+            Py_XDECREF(id);
+            return NULL;
+        }
         help_run(self->engine, self->t);
+    }
     tl_no_standin = 0;
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
