@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from redis_helpers import prefix, redis, redis_url  # noqa: F401  (fixtures)
 
 from catzilla_tasks import BackgroundTasks, TaskConfig
 from catzilla_tasks.config import parse_rate
@@ -128,3 +129,39 @@ def test_shutdown_with_completion_runs_what_a_named_queue_task_puts_on_the_defau
     tasks.shutdown(wait_for_completion=True, timeout=10)
     assert errors == []
     assert done == [3]
+
+
+# -- Redis: a lapsed lease of a task still running ----------------------------------------------
+@pytest.mark.timeout(120)
+def test_redis_lease_lapsed_while_its_task_runs_is_taken_back_so_no_third_task_starts(redis_url, prefix, monkeypatch):
+    """A running task's concurrency lease lapses when its worker cannot reach Redis for the
+    visibility timeout (an outage, a stall). Its heartbeat extended only leases still present
+    (ZADD XX), so the lapsed one was gone for good: one more task than the limit then ran."""
+    import limit_tasks as lt
+    from test_rate_limits import Cluster
+
+    c = Cluster(redis_url, prefix, monkeypatch)
+    try:
+        counter, log = f"{prefix}:running", f"{prefix}:seen"
+        lease_key = f"{prefix}:cc:{lt.limited.__module__}.limited"
+        c.worker(concurrency=4, visibility_timeout=1.0)
+        p = c.producer
+        long = [p.add_task(lt.limited, counter, log, 4.0) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while int(c.r.get(counter) or 0) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # both leases lapse (as after an outage longer than the visibility timeout)
+        c.r.zadd(lease_key, dict.fromkeys(c.r.zrange(lease_key, 0, -1), 1))
+        # the next heartbeat drops them as expired: and takes them back, the tasks still run here
+        deadline = time.monotonic() + 5
+        while c.r.zcount(lease_key, 2, "+inf") < 2:
+            assert time.monotonic() < deadline, c.r.zrange(lease_key, 0, -1, withscores=True)
+            time.sleep(0.02)
+        third = p.add_task(lt.limited, counter, log, 0.01)
+        assert third.wait(30) <= 2
+        for h in long:
+            assert h.wait(30) <= 2
+        assert max(int(x) for x in c.r.lrange(log, 0, -1)) <= 2
+    finally:
+        c.close()

@@ -14,7 +14,9 @@ without limits are not looked at):
   admissions by the promotion and fetch latency (a few ms).
 * **concurrency_limit** (``lua/concurrency.lua``): a task takes a lease (a member of the sorted
   set ``P:cc:<name>``, expiring after the broker's ``visibility_timeout`` and renewed by its
-  worker's heartbeat, so a dead worker's lease lapses). Over the limit it is *parked* in the
+  worker's heartbeat, so a dead worker's lease lapses; a live worker's lease that lapsed while
+  it could not reach Redis is taken back by its next heartbeat while its task is pending there).
+  Over the limit it is *parked* in the
   sorted set ``P:<queue>:cp:<name>`` by the same script (atomically: no wake-up can be
   missed) and acknowledged; each lease released (in the transaction that commits the task's
   outcome) moves parked tasks back into their queue's streams, oldest first, while leases are
@@ -34,6 +36,7 @@ from ..config import TaskConfig
 from ..limits import Limits, limit_key
 from . import scripts
 from .protocol import MSG_ARGS, MSG_KWARGS, MSG_NAME, MSG_OPTIONS, OPT_RESERVED
+from .redis import GROUP
 
 if TYPE_CHECKING:
     from .worker import Worker, _Job
@@ -179,4 +182,8 @@ class RedisLimits:
         lease_ms = max(1000, int(self.w.broker.visibility_timeout * 1000))
         streams = self.w.broker.streams
         for (lease, park), limit, held in groups:
-            self._cc_script(keys=[lease, park, *streams], args=["renew", lease_ms, limit, *held], client=pipe)
+            self._cc_script(
+                keys=[lease, park, *streams],
+                args=["renew", lease_ms, limit, GROUP, self.w.consumer, *held],
+                client=pipe,
+            )
