@@ -185,7 +185,7 @@ def child_latency(lib: str, n: int) -> dict:
     tasks, broker = m.tasks, m.tasks.broker
 
     def old_path() -> None:  # RedisBroker.submit before group commit
-        tid, (prio, delay_ms, payload) = broker._prepare(m.noop, (), {}, None, None)
+        tid, (prio, delay_ms, payload), _queue = broker._prepare(m.noop, (), {}, None, None)
         broker.redis.xadd(broker.streams[prio], {"m": payload})
         RemoteResult(tid, broker)
 

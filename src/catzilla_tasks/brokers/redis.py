@@ -109,7 +109,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf", "idem")
+_KEY_KINDS = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -264,6 +264,9 @@ class RedisBroker(Broker):
         self._done_prefix = f"{prefix}:done:"
         self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
+        # issue 19 part 5, 6: named queues (routing.py), progress (progress.py)
+        self._progress_prefix = f"{prefix}:p:"
+        self._queue_keys: dict[str, tuple[tuple[str, ...], str]] = {queue: (self.streams, self.delayed_key)}
         # issue 19: schedules (schedules.py), submit-time deduplication (dedup.py), cancel (cancel.py)
         self._idem_prefix = f"{prefix}:idem:"
         self._sched_prefix = f"{base}:sched:"
@@ -300,6 +303,21 @@ class RedisBroker(Broker):
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
+
+    def progress_key(self, task_id: str) -> str:
+        return self._progress_prefix + task_id
+
+    def queue_keys(self, queue: str | None) -> tuple[tuple[str, ...], str]:
+        """(the four priority streams, the delayed set) of a named queue (None: this broker's)."""
+        if queue is None:
+            queue = self.queue
+        hit = self._queue_keys.get(queue)
+        if hit is None:
+            if queue in _KEY_KINDS:
+                raise ValueError(f"queue: {queue!r} names a kind of key under the prefix; choose another queue name")
+            base = f"{self.prefix}:{queue}"
+            hit = self._queue_keys[queue] = (tuple(f"{base}:q{p}" for p in range(4)), f"{base}:delayed")
+        return hit
 
     def dedup_key(self, idempotency_key: str) -> str:
         return self._idem_prefix + idempotency_key
@@ -341,7 +359,8 @@ class RedisBroker(Broker):
         tid = self._new_id()
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         delay = cfg.delay_ms
-        return tid, (int(cfg._priority), int(delay) if delay > 0 else 0, payload)
+        queue = None if cfg.queue is None or cfg.queue == self.queue else cfg.queue  # a named queue (routing)
+        return tid, (int(cfg._priority), int(delay) if delay > 0 else 0, payload), queue
 
     def submit(
         self,
@@ -354,18 +373,32 @@ class RedisBroker(Broker):
         """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult
         once Redis holds it. Concurrent calls from several threads are group-committed: one
         flush (one round trip) carries every message queued while the previous one was in
-        flight (see :mod:`.group_commit`)."""
-        tid, item = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        flight (see :mod:`.group_commit`). A keyed task (deduplicated at submit) and a task
+        routed to another queue are sent on their own, one round trip each."""
+        tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
         if idempotency_key is not None:  # deduplicated at submit, one script of its own (see dedup.py)
             from . import dedup
 
-            return dedup.submit(self, tid, idempotency_key, *item)
+            return dedup.submit(self, tid, idempotency_key, *item, queue)
+        if queue is not None:  # its own streams
+            self._send_to(queue, *item)
+            return RemoteResult(tid, self)
         buf = getattr(self._local, "buf", None)
         if buf is not None:  # inside batch(): sent at its end
             self._buffer(buf, item)
         else:
             self._group.publish(item)
         return RemoteResult(tid, self)
+
+    def _send_to(self, queue: str, prio: int, delay_ms: float, payload: bytes) -> None:
+        streams, delayed = self.queue_keys(queue)
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:  # inside batch(): sent at its end
+            buf[6].append((streams, delayed, prio, int(delay_ms), payload))
+        elif delay_ms > 0:
+            self._add_delayed(keys=[delayed], args=[int(delay_ms), b"%d" % prio + payload])
+        else:
+            self.redis.xadd(streams[prio], {"m": payload})
 
     async def submit_async(
         self,
@@ -379,24 +412,37 @@ class RedisBroker(Broker):
         loop, group-committed with the other coroutines of this loop (one connection per loop
         publishing). Inside a ``batch()`` block of this thread the task is held as ``submit``
         holds it."""
-        tid, item = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
         buf = getattr(self._local, "buf", None)
+        prio, delay_ms, payload = item
         if idempotency_key is not None:
             from . import dedup
 
             if buf is not None:  # held, deduplicated when the block is published
-                return dedup.submit(self, tid, idempotency_key, *item)
+                return dedup.submit(self, tid, idempotency_key, *item, queue)
             # deduplicated at submit as submit does, on this loop's client (one round trip)
             handle = RemoteResult(tid, self)
-            loop = asyncio.get_running_loop()
-            prio, delay_ms, payload = item
-            dedup_submit = self._agroups.get(loop)[2]
+            streams, delayed = self.queue_keys(queue)
+            dedup_submit = self._agroups.get(asyncio.get_running_loop())[2]
             first = await dedup_submit(
-                keys=[self.dedup_key(idempotency_key), self.streams[prio], self.delayed_key],
+                keys=[self.dedup_key(idempotency_key), streams[prio], delayed],
                 args=dedup._args(self, tid, prio, delay_ms, payload),
             )
             handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
             return handle
+        if queue is not None:  # another queue's streams, on their own (one round trip)
+            if buf is not None:
+                self._send_to(queue, *item)
+            else:
+                streams, delayed = self.queue_keys(queue)
+                client = self._agroups.get(asyncio.get_running_loop())[1]
+                if delay_ms > 0:
+                    await self._agroups.get(asyncio.get_running_loop())[3](
+                        keys=[delayed], args=[delay_ms, b"%d" % prio + payload]
+                    )
+                else:
+                    await client.xadd(streams[prio], {"m": payload})
+            return RemoteResult(tid, self)
         if buf is not None:
             self._buffer(buf, item)
         else:
@@ -490,7 +536,7 @@ class RedisBroker(Broker):
         else:
             script(keys=keys, args=args)
 
-    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any]:
+    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any, Any]:
         # this loop's publishing client: one flush in flight at a time, so one connection in use
         # for the group commit; keyed tasks (their own script each) wait for one of a few more.
         # The broker's socket timeouts: a silent Redis fails the flush, it does not hang it
@@ -541,7 +587,8 @@ class RedisBroker(Broker):
             else:
                 await scripts_of[id(script)](keys=keys, args=args)
 
-        return AsyncGroupCommit(send, release), client, client.register_script(scripts.DEDUP_SUBMIT)
+        dedup_submit = client.register_script(scripts.DEDUP_SUBMIT)
+        return AsyncGroupCommit(send, release), client, dedup_submit, scripts_of[id(self._add_delayed)]
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -551,8 +598,9 @@ class RedisBroker(Broker):
         if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        # four priorities, the delayed ones, then the keyed ones (deduplicated: see dedup.py)
-        buf: list[list[Any]] = [[], [], [], [], [], []]
+        # four priorities, the delayed ones, the keyed ones (deduplicated: see dedup.py), then those
+        # of named queues (routing)
+        buf: list[list[Any]] = [[], [], [], [], [], [], []]
         self._local.buf = buf
         try:
             yield
@@ -565,7 +613,12 @@ class RedisBroker(Broker):
                 self._bulk_xadd(keys=[self.streams[prio]], args=items[i : i + 1000], client=pipe)
         for delay, member in buf[4]:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
-        if buf[5]:
+        for streams, delayed, prio, delay, payload in buf[6]:  # named queues (routing)
+            if delay > 0:
+                self._add_delayed(keys=[delayed], args=[delay, b"%d" % prio + payload], client=pipe)
+            else:
+                pipe.xadd(streams[prio], {"m": payload})
+        if buf[5]:  # (last: settle_batch reads their replies at the end)
             from . import dedup
 
             dedup.queue_batch(self, pipe, buf[5])
@@ -912,6 +965,20 @@ class RemoteResult:
 
     def is_ready(self) -> bool:
         return self.status.is_final
+
+    @property
+    def progress(self) -> Any:
+        """The task's last ``set_progress()`` report (a ``Progress(fraction, message)``), or None
+        before the first (kept ``result_ttl`` after it was written)."""
+        from ..progress import from_wire
+
+        raw = cast("bytes | None", self._broker.redis.get(self._broker.progress_key(self.task_id)))
+        if raw is None:
+            return None
+        try:
+            return from_wire(self._broker.serializer.same_format(raw).loads(raw))
+        except DecodeError:
+            return None
 
     done = is_ready
 
