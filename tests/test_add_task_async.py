@@ -454,3 +454,20 @@ def test_keyed_add_task_async_is_deduplicated_at_submit_as_add_task_is(redis_url
     hs = asyncio.run(main())
     assert len({h.task_id for h in hs}) == 1 and len(published(tasks.broker)) == 1
     assert tasks.options(idempotency_key="same").add_task(rt.echo, 99).task_id == hs[0].task_id
+
+
+def test_routed_add_task_async_goes_to_its_named_queue(redis_url, prefix):
+    tasks = producer(redis_url, prefix)
+
+    async def main():
+        a = await tasks.options(queue="emails").add_task_async(rt.echo, "routed")
+        b = await tasks.options(queue="emails", delay_ms=60_000).add_task_async(rt.echo, "later")
+        c = await tasks.add_task_async(rt.echo, "own")
+        return a, b, c
+
+    a, b, c = asyncio.run(main())
+    streams, delayed = tasks.broker.queue_keys("emails")
+    (entry,) = tasks.broker.redis.xrange(streams[int(TaskPriority.NORMAL)])
+    assert tasks.broker.serializer.loads(entry[1][b"m"])[0] == a.task_id
+    assert tasks.broker.redis.zcard(delayed) == 1
+    assert set(published(tasks.broker)) == {c.task_id}  # the producer's own queue holds only its own
