@@ -333,10 +333,11 @@ class RedisBroker(Broker):
 
     def _prepare(
         self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None, idempotency_key: str | None
-    ) -> tuple[str, tuple[int, int, bytes]]:
-        """A task's id and what publishing it sends: (priority, delay in ms, payload). Bad input
-        (an unnamed function, options or arguments that cannot travel) raises here, at the
-        caller's site, before its message joins a flush of others."""
+    ) -> tuple[str, tuple[int, int, bytes], str | None]:
+        """A task's id, what publishing it sends: (priority, delay in ms, payload), and the
+        named queue it is routed to (None: this broker's). Bad input (an unnamed function,
+        options or arguments that cannot travel) raises here, at the caller's site, before its
+        message joins a flush of others."""
         try:
             name = self._names[func]
         except (KeyError, TypeError):
