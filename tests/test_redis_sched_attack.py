@@ -1,0 +1,120 @@
+"""Adversarial tests of issue 19 (cluster-wide schedules, submit-time dedup, remote cancel):
+bad schedule input, schedules that collide or change spec, cancels that must let go of what
+refers to the cancelled task. Against a real redis-server (fixtures in redis_helpers)."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import pytest
+import redis_tasks as rt
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
+from test_redis_broker import Cluster
+
+from catzilla_tasks import BackgroundTasks, TaskCancelled, TaskChain, TaskStatus
+from catzilla_tasks.brokers.schedules import list_schedules
+
+
+@pytest.fixture
+def cluster(redis_url, prefix, monkeypatch):
+    monkeypatch.setenv("CT_TEST_PREFIX", prefix)
+    c = Cluster(redis_url, prefix, monkeypatch)
+    yield c
+    c.close()
+
+
+def _fn(name="beat"):
+    def beat(*args, **kwargs):
+        return None
+
+    beat.__module__, beat.__qualname__ = "redis_periodic_tasks", name
+    return beat
+
+
+def _state(c, name):
+    return {k.decode(): v.decode() for k, v in c.r.hgetall(c.broker.schedule_key(name)).items()}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0, datetime.timedelta(0), 1e300, "5", True])
+@pytest.mark.parametrize("on_redis", [False, True])
+@pytest.mark.timeout(60)
+def test_every_nan_inf_zero_negative_or_huge_is_refused_at_the_call_site(cluster, bad, on_redis):
+    eng = cluster.engine() if on_redis else BackgroundTasks(workers=1)
+    try:
+        with pytest.raises(ValueError, match="every"):
+            eng.periodic(every=bad)(_fn())
+        assert eng.periodic_tasks == []
+    finally:
+        if not on_redis:
+            eng.shutdown(wait_for_completion=False, timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_two_specs_of_one_schedule_during_a_rolling_deploy_still_fire(cluster, monkeypatch):
+    # the old and the new version of a deploy declare the schedule with different intervals,
+    # each calling at least every heartbeat: each call used to reset the due time to its own
+    # spec's first one, so with heartbeats shorter than the interval it never came due
+    from catzilla_tasks.brokers import schedules
+
+    monkeypatch.setattr(schedules, "HEARTBEAT", 0.2)  # (the heartbeat is 10 s, the interval an hour)
+    old, new = cluster.engine(), cluster.engine()
+    old.periodic(every=1.0, overlap=True)(_fn())
+    new.periodic(every=1.5, overlap=True)(_fn())
+    name = "redis_periodic_tasks.beat"
+    wait_until(lambda: int(_state(cluster, name).get("runs", 0)) >= 2, 6, "two runs while both specs live")
+
+
+@pytest.mark.timeout(60)
+def test_one_function_scheduled_with_two_argument_sets_is_two_schedules(cluster):
+    eng = cluster.engine()
+    f = _fn("per_region")
+    eng.periodic(every=0.2, overlap=True, args=("eu",))(f)
+    eng.periodic(every=0.2, overlap=True, args=("us",))(f)
+    wait_until(lambda: len(list_schedules(cluster.broker)) == 2, 10, "two schedules")
+    wait_until(lambda: all(s["runs"] >= 3 for s in list_schedules(cluster.broker)), 10, "both to fire")
+    names = [s["name"] for s in list_schedules(cluster.broker)]
+    assert all(n.startswith("redis_periodic_tasks.per_region") for n in names), names
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_delayed_run_of_an_overlap_false_schedule_does_not_stall_it(cluster):
+    eng = cluster.engine()
+    eng.periodic(every=0.2, delay_ms=60_000)(_fn("slow_start"))
+    name = "redis_periodic_tasks.slow_start"
+    wait_until(lambda: int(_state(cluster, name).get("runs", 0)) == 1, 10, "the first run")
+    first = _state(cluster, name)["last_id"]
+    assert cluster.r.get(cluster.broker.schedule_key(name) + ":run").decode() == first
+    assert eng.result(first).cancel() is True  # it waits in the delayed set: it never runs
+    # its marker must go with it, else the schedule skips every tick for MARKER_TTL (a day)
+    wait_until(lambda: int(_state(cluster, name).get("runs", 0)) >= 2, 5, "the next run after the cancel")
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_delayed_keyed_task_is_remembered_no_longer_than_its_outcome(cluster):
+    p = cluster.engine(result_ttl=1, idempotency_ttl=3600)
+    key = f"{cluster.prefix}-cancelled"
+    first = p.options(idempotency_key=key, delay_ms=60_000).add_task(rt.add, 1, 1)
+    assert first.cancel() is True
+    with pytest.raises(TaskCancelled):
+        first.wait(5)
+    # the CANCELLED outcome is kept result_ttl (1 s): the key must not give its handle out longer
+    wait_until(lambda: 0 < cluster.r.pttl(p.broker.dedup_key(key)) <= 1000 or not cluster.r.exists(
+        p.broker.dedup_key(key)), 5, "the key's TTL to be the outcome's")
+    time.sleep(1.2)
+    again = p.options(idempotency_key=key).add_task(rt.add, 2, 2)
+    assert again.task_id != first.task_id
+
+
+@pytest.mark.timeout(60)
+def test_cancel_of_a_workflow_step_id_is_refused_not_a_hung_run(cluster):
+    cluster.worker()
+    p = cluster.producer
+    wf = TaskChain("two", tasks=p)
+    a = wf.step(rt.add, 1, 2, delay_ms=300)
+    wf.step(rt.add, a, 10)
+    run = wf.execute()
+    with pytest.raises(ValueError, match="step"):
+        p.result(f"{run.task_id}.0").cancel()
+    assert run.wait(20) == {"two_0": 3, "two_1": 13}
+    assert run.status is TaskStatus.SUCCEEDED
