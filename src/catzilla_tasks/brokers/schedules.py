@@ -22,8 +22,10 @@ Rules, as in-process (``periodic.py``):
 * ``first_run_now``: the first declarer of a schedule fires it at once; later declarers find
   its state and follow it.
 
-A schedule whose spec changes (a new deploy) starts again from the new spec. The schedule's keys
-expire ``KEEP`` seconds after the last declarer's last call.
+A schedule whose spec changes (a new deploy) follows the new spec from its next run; its next
+due time moves to the new spec's first one only if that is sooner (never later: while the old
+and the new version both declare it, each call would otherwise push it back and it would never
+come due). The schedule's keys expire ``KEEP`` seconds after the last declarer's last call.
 """
 
 from __future__ import annotations
