@@ -111,10 +111,24 @@ def test_cancel_of_a_workflow_step_id_is_refused_not_a_hung_run(cluster):
     cluster.worker()
     p = cluster.producer
     wf = TaskChain("two", tasks=p)
-    a = wf.step(rt.add, 1, 2, delay_ms=300)
+    a = wf.step(rt.add, 1, 2)
     wf.step(rt.add, a, 10)
     run = wf.execute()
     with pytest.raises(ValueError, match="step"):
         p.result(f"{run.task_id}.0").cancel()
     assert run.wait(20) == {"two_0": 3, "two_1": 13}
     assert run.status is TaskStatus.SUCCEEDED
+
+
+@pytest.mark.timeout(60)
+def test_the_cancel_command_refuses_a_step_id_or_a_blank_one_with_a_message(cluster):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    for bad in ("AAAAAAAA1.0", " x"):
+        got = subprocess.run([sys.executable, "-m", "catzilla_tasks.cli", "cancel", bad, "--broker", cluster.url,
+                              "--prefix", cluster.prefix], env=env, capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2, (got.stdout, got.stderr)
+        assert "Traceback" not in got.stderr and "task" in got.stderr, got.stderr

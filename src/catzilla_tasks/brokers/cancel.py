@@ -15,7 +15,10 @@ loaded from the set when it subscribes, then pushed on the channel), so:
 
 A task fetched in the moment between the cancel and the announcement reaching its worker starts,
 then is asked to stop at once. ``cancel()`` returns True if it cancelled the task, False if the
-task had already ended (or was cancelled before).
+task had already ended (or was cancelled before). An id Redis knows nothing of (never published,
+or its result expired) cannot be told from a queued task without scanning the streams: it is
+recorded as cancelled (True). A workflow step's id (``<run id>.<n>``) is refused: a step is
+cancelled with its run.
 """
 
 from __future__ import annotations
@@ -50,8 +53,12 @@ def _glob_escape(s: str) -> str:
 def cancel_task(broker: RedisBroker, task_id: str) -> bool:
     """Cancel the task ``task_id`` (see the module docstring): True if this call cancelled it,
     False if it had ended already."""
-    if not isinstance(task_id, str) or not task_id:
-        raise ValueError(f"task_id: expected a non-empty string, got {task_id!r}")
+    if not isinstance(task_id, str) or not task_id or not task_id.isprintable() or task_id != task_id.strip():
+        raise ValueError(f"task_id: expected a task id (a non-empty string), got {task_id!r}")
+    run, dot, step = task_id.rpartition(".")
+    if dot and run and step.isdigit():
+        # a step's id (<run id>.<n>): its worker would drop it and its run would wait forever
+        raise ValueError(f"task {task_id} is a step of workflow run {run}: cancel the run ({run}) instead")
     rec = broker.serializer.dumps(
         [STATUS_CODES[TaskStatus.CANCELLED], [wire_name(TaskCancelled), f"task {task_id} was cancelled", ""]]
     )
