@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import TaskStatus
 from ..errors import TaskCancelled, wire_name
-from .protocol import MSG_ID, STATUS_CODES
+from .protocol import MSG_ID, MSG_OPTIONS, OPT_IDEMPOTENCY_KEY, OPT_SCHEDULE, STATUS_CODES
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
@@ -81,9 +81,12 @@ def _scripts() -> Any:
 
 def _unschedule(broker: RedisBroker, task_id: str) -> int:
     """Remove a cancelled task from the delayed set, if it waits there (a scan of the set for
-    members holding its id, each one decoded to be sure): it never comes back to a stream."""
+    members holding its id, each one decoded to be sure): it never comes back to a stream, and
+    no worker settles it, so its idempotency key's record and its schedule's marker are settled
+    here (``lua/task_settled.lua``)."""
     r = broker.redis
     members = []
+    opts: dict[str, Any] = {}
     for member in r.zscan_iter(broker.delayed_key, match=f"*{_glob_escape(task_id)}*", count=1000):
         raw = member[0] if isinstance(member, tuple) else member
         try:
@@ -92,9 +95,24 @@ def _unschedule(broker: RedisBroker, task_id: str) -> int:
             continue
         if isinstance(msg, list) and msg and msg[MSG_ID] == task_id:
             members.append(raw)
+            if len(msg) > MSG_OPTIONS and isinstance(msg[MSG_OPTIONS], dict):
+                opts = msg[MSG_OPTIONS]
     if not members:
         return 0
-    return int(r.register_script(_scripts().UNSCHEDULE)(keys=[broker.delayed_key], args=members))
+    n = int(r.register_script(_scripts().UNSCHEDULE)(keys=[broker.delayed_key], args=members))
+    key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
+    if n and (key is not None or sched is not None):
+        # no worker will see it: what refers to it lets go here, as a worker does at a task's end
+        # (its idempotency key's submit record keeps no longer than its CANCELLED outcome, its
+        # schedule's run-in-progress marker goes: an overlap=False schedule fires again)
+        r.register_script(_scripts().TASK_SETTLED)(
+            keys=[
+                broker.dedup_key(str(key)) if key is not None else "",
+                broker.schedule_key(str(sched)) + ":run" if sched is not None else "",
+            ],
+            args=[task_id, int(broker.result_ttl * 1000)],
+        )
+    return n
 
 
 class CancelWatch:
