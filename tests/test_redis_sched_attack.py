@@ -132,3 +132,11 @@ def test_the_cancel_command_refuses_a_step_id_or_a_blank_one_with_a_message(clus
                               "--prefix", cluster.prefix], env=env, capture_output=True, text=True, timeout=60)
         assert got.returncode == 2, (got.stdout, got.stderr)
         assert "Traceback" not in got.stderr and "task" in got.stderr, got.stderr
+
+
+@pytest.mark.timeout(60)
+def test_arguments_workers_cannot_receive_are_refused_at_the_declaration(cluster):
+    eng = cluster.engine()
+    with pytest.raises(TypeError, match="args"):
+        eng.periodic(every=0.2, args=(object(),))(_fn("unsendable"))
+    assert eng.periodic_tasks == [] and list_schedules(cluster.broker) == []

@@ -2,7 +2,9 @@
 
 Every process that imports the module declaring the schedule (web processes, workers) declares
 it; each tick must still fire once. The state lives in Redis, per schedule (its name is the
-task's name, ``module.qualname``), under ``P:Q:sched:<name>``: the spec, the next due time (ms,
+task's name, ``module.qualname``, followed by ``#`` and a digest of its ``args``/``kwargs`` when
+it has any: one function scheduled with two argument sets is two schedules), under
+``P:Q:sched:<name>``: the spec, the next due time (ms,
 the Redis server's clock), the last run (time, due time, task id) and counters (runs, skipped,
 missed). Each declaring process runs a ticker (one thread per process, for all of its
 schedules) that calls one Lua script (``lua/sched_claim.lua``) at each due time, and at least
@@ -107,7 +109,8 @@ class ClusterPeriodicTask(PeriodicTask):
         broker: RedisBroker = engine.broker
         self.broker = broker
         self.task = task_name(func)  # TypeError here for a function workers cannot import
-        self.key = broker.schedule_key(self.task)
+        self.schedule = _schedule_name(broker, self.task, kwargs.get("args") or (), kwargs.get("kwargs") or {})
+        self.key = broker.schedule_key(self.schedule)
         self.declarer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._first_run_now = bool(kwargs.get("first_run_now"))
         self._script = broker.redis.register_script(_scripts().SCHED_CLAIM)
@@ -138,7 +141,7 @@ class ClusterPeriodicTask(PeriodicTask):
                 return
             b = self.broker
             tid = b._new_id()
-            opts = {OPT_SCHEDULE: self.task}
+            opts = {OPT_SCHEDULE: self.schedule}
             try:
                 payload = b.serializer.dumps(message(tid, self.task, self.args, self.kwargs, opts))
                 every_ms = int(self.every * 1000) if self.every is not None else 0
@@ -153,7 +156,7 @@ class ClusterPeriodicTask(PeriodicTask):
                     ],
                     args=[
                         self.declarer,
-                        self.task,
+                        self.schedule,
                         self.spec,
                         max(1, every_ms) if self.every is not None else 0,
                         int(self._first_run_now),
@@ -196,10 +199,27 @@ class ClusterPeriodicTask(PeriodicTask):
 
     def status(self) -> dict[str, Any]:
         """The schedule's cluster-wide state (see :func:`list_schedules`)."""
-        return _describe(self.broker, self.task)
+        return _describe(self.broker, self.schedule)
 
     def __repr__(self) -> str:
-        return f"<ClusterPeriodicTask {self.task} {self.spec} runs={self.runs} skipped={self.skipped}>"
+        return f"<ClusterPeriodicTask {self.schedule} {self.spec} runs={self.runs} skipped={self.skipped}>"
+
+
+def _schedule_name(broker: RedisBroker, task: str, args: Any, kwargs: Any) -> str:
+    """A schedule's name: its task's, and for a schedule given arguments a digest of them too
+    (one function scheduled with two argument sets is two schedules, in every process alike).
+    Arguments the broker's serializer cannot encode are refused here, at the declaration."""
+    if not args and not kwargs:
+        return task
+    import hashlib
+
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+        raise TypeError(f"periodic(): args must be a tuple and kwargs a dict, got {args!r} and {kwargs!r}")
+    try:
+        raw = broker.serializer.dumps([list(args), sorted(kwargs.items())])
+    except Exception as exc:
+        raise TypeError(f"periodic({task}): its args/kwargs cannot be sent to workers: {exc}") from None
+    return f"{task}#{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def _scripts() -> Any:
