@@ -140,3 +140,21 @@ def test_arguments_workers_cannot_receive_are_refused_at_the_declaration(cluster
     with pytest.raises(TypeError, match="args"):
         eng.periodic(every=0.2, args=(object(),))(_fn("unsendable"))
     assert eng.periodic_tasks == [] and list_schedules(cluster.broker) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_cron_declarer_whose_clock_is_an_hour_behind_does_not_fire_every_second(cluster, monkeypatch):
+    # cron due times are computed in the declaring process; with its clock more than 8 periods
+    # behind the server's they were all in the past and the script fell back to now + 1 s
+    from catzilla_tasks.brokers import schedules
+
+    monkeypatch.setattr(schedules, "_wall", lambda: time.time() - 3600)
+    eng = cluster.engine()
+    eng.periodic(cron="* * * * *", overlap=True)(_fn("minutely"))
+    name = "redis_periodic_tasks.minutely"
+    wait_until(lambda: "next" in _state(cluster, name), 10, "the schedule to be declared")
+    time.sleep(3.0)  # the passage of time is what is tested
+    s = _state(cluster, name)
+    assert int(s.get("runs", 0)) <= 1, s  # (one if a minute begins meanwhile)
+    sec, usec = cluster.r.time()
+    assert int(s["next"]) > sec * 1000 + 1000, s  # the next minute by the server's clock

@@ -56,6 +56,8 @@ MARKER_TTL = 86400.0  # the longest a run can keep an overlap=False schedule fro
 KEEP = 7 * 86400.0  # a schedule nobody declares any more is forgotten after this
 _CRON_AHEAD = 8  # cron due times sent with each call (the script picks the first past now)
 
+_wall = time.time  # this process's clock (cron due times are computed on the server's: see _cron_times)
+
 # declaring is switched off while a command only reads the schedules (`catzilla-tasks schedules
 # --app`: importing the app must not make the command a declarer)
 _declaring = True
@@ -120,6 +122,7 @@ class ClusterPeriodicTask(PeriodicTask):
         self._delay = int(cfg.delay_ms) if cfg is not None and cfg.delay_ms > 0 else 0
         self.spec = f"every={self.every!r}" if self.every is not None else f"cron={self.cron!r} tz={self.tz}"
         self.next_run_at = time.time()
+        self._offset: float | None = None  # the Redis server's clock minus ours (seconds), for cron
         if _declaring:  # the first call at once: it declares the schedule (and may fire it)
             _Ticker.get().at(time.monotonic(), self)
 
@@ -128,9 +131,15 @@ class ClusterPeriodicTask(PeriodicTask):
         pass
 
     def _cron_times(self) -> list[int]:
+        # due times after the Redis server's now (this clock plus the offset the last call saw:
+        # a declarer whose clock is off by more than _CRON_AHEAD periods would give only times
+        # the server has passed)
         import datetime
 
-        now = datetime.datetime.now(datetime.UTC).astimezone(self.tz) - datetime.timedelta(seconds=2)
+        if self._offset is None:
+            sec, usec = self.broker.redis.time()
+            self._offset = sec + usec / 1e6 - _wall()
+        now = datetime.datetime.fromtimestamp(_wall() + self._offset - 2, datetime.UTC).astimezone(self.tz)
         it = self._cron_cls(self.cron, now)  # type: ignore[misc]
         return [int(next(it).timestamp() * 1000) for _ in range(_CRON_AHEAD)]
 
@@ -178,6 +187,7 @@ class ClusterPeriodicTask(PeriodicTask):
                 _Ticker.get().at(time.monotonic() + delay, self)
                 return
             state = int(state)
+            self._offset = int(now) / 1000 - _wall()
             if state == 1:
                 self.runs += 1
                 self.last = _remote(b, tid)  # type: ignore[assignment]  # (a remote handle here)
