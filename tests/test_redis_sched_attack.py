@@ -158,3 +158,25 @@ def test_a_cron_declarer_whose_clock_is_an_hour_behind_does_not_fire_every_secon
     assert int(s.get("runs", 0)) <= 1, s  # (one if a minute begins meanwhile)
     sec, usec = cluster.r.time()
     assert int(s["next"]) > sec * 1000 + 1000, s  # the next minute by the server's clock
+
+
+@pytest.mark.timeout(60)
+def test_an_engine_s_idempotency_ttl_is_the_broker_s_or_refused_never_ignored(redis_url, prefix):
+    from catzilla_tasks.brokers import MemoryBroker, RedisBroker
+
+    eng = BackgroundTasks(workers=1, broker=redis_url, idempotency_ttl=5)
+    try:
+        assert eng.broker.idempotency_ttl == 5.0     # the broker made from the URL takes it
+    finally:
+        eng.shutdown(wait_for_completion=False, timeout=5)
+        eng.broker.close()
+    b = RedisBroker(redis_url, prefix=prefix, idempotency_ttl=5)
+    try:
+        with pytest.raises(ValueError, match="idempotency_ttl"):
+            BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix), idempotency_ttl=5)
+        same = BackgroundTasks(workers=1, broker=b, idempotency_ttl=5)  # (the same: fine)
+        same.shutdown(wait_for_completion=False, timeout=5)
+    finally:
+        b.close()
+    with pytest.raises(ValueError, match="idempotency_ttl"):
+        BackgroundTasks(workers=1, broker=MemoryBroker(), idempotency_ttl=5)

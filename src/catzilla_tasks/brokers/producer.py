@@ -39,9 +39,24 @@ class DistributedTasks(BackgroundTasks):
     broker: Broker
 
     def __init__(self, *args: Any, broker: Any, **kwargs: Any) -> None:
+        given = broker
         broker = as_broker(broker)  # before the engine starts its threads: bad input leaks nothing
+        ttl = kwargs.get("idempotency_ttl")
+        if ttl is not None and not isinstance(given, str):
+            # the broker deduplicates keyed tasks with its own TTL: an engine's that differs from
+            # it would be an option doing nothing
+            have = getattr(broker, "idempotency_ttl", None)
+            if have is None:
+                raise ValueError(f"idempotency_ttl: {type(broker).__name__} does not deduplicate keyed tasks at submit")
+            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and float(ttl) != have:
+                raise ValueError(
+                    f"idempotency_ttl={ttl!r} differs from the broker's ({have!r}): on a broker engine it is the "
+                    f"broker's option ({type(broker).__name__}(..., idempotency_ttl=...))"
+                )
         super().__init__(*args, **kwargs)
         self.broker = broker
+        if ttl is not None and isinstance(given, str):  # (a broker made here from the URL: validated above)
+            broker.idempotency_ttl = self.idempotency_ttl  # type: ignore[attr-defined]
 
     @classmethod
     def from_engine(cls, engine: BackgroundTasks, broker: Any) -> DistributedTasks:
