@@ -180,3 +180,32 @@ def test_an_engine_s_idempotency_ttl_is_the_broker_s_or_refused_never_ignored(re
         b.close()
     with pytest.raises(ValueError, match="idempotency_ttl"):
         BackgroundTasks(workers=1, broker=MemoryBroker(), idempotency_ttl=5)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_the_ticker_holds_its_locks_can_declare_and_cancel(cluster):
+    # the ticker thread takes _Ticker._lock at every tick: a fork at that moment gave the child a
+    # lock nobody would release, and its first schedule hung in _Ticker.get()
+    import os
+
+    from catzilla_tasks.brokers import schedules
+
+    f = _fn("parent_side")
+    cluster.engine().periodic(every=0.2, overlap=True)(f)
+    # (as the ticker thread holds them at each tick: the schedule's for its whole Redis call)
+    with schedules._Ticker._lock, f.periodic._lock:
+        pid = os.fork()
+        if pid == 0:  # the child: at most 5 s to get a ticker of its own
+            import signal
+
+            signal.signal(signal.SIGALRM, lambda *_: os._exit(5))  # 5: it hung
+            signal.alarm(5)
+            try:
+                t = schedules._Ticker.get()
+                f.periodic.cancel()  # (an engine's shutdown in the child cancels its schedules)
+                os._exit(0 if t._pid == os.getpid() else 3)
+            except BaseException as exc:
+                os.write(2, repr(exc).encode())
+                os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

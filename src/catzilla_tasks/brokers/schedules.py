@@ -24,6 +24,9 @@ Rules, as in-process (``periodic.py``):
 * ``first_run_now``: the first declarer of a schedule fires it at once; later declarers find
   its state and follow it.
 
+A forked child (a pre-forking server's worker) does not declare its parent's schedules (it has
+no ticker thread; the parent goes on declaring them); the ticker's locks are new in the child.
+
 A schedule whose spec changes (a new deploy) follows the new spec from its next run; its next
 due time moves to the new spec's first one only if that is sooner (never later: while the old
 and the new version both declare it, each call would otherwise push it back and it would never
@@ -39,6 +42,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 from ..periodic import PeriodicTask
@@ -83,6 +87,17 @@ class _Ticker:
                 cls._instance = _Ticker()
             return cls._instance
 
+    _tasks: weakref.WeakSet[ClusterPeriodicTask] = weakref.WeakSet()
+
+    @classmethod
+    def _after_fork(cls) -> None:
+        # a child has no ticker thread, and the locks it takes (this class's, a schedule's for
+        # the whole of its Redis call) may have been held at the fork: nobody would release them
+        cls._lock = threading.Lock()
+        cls._instance = None
+        for p in list(cls._tasks):
+            p._lock = threading.Lock()
+
     def at(self, when: float, p: ClusterPeriodicTask) -> None:
         with self._cv:
             heapq.heappush(self._heap, (when, next(self._seq), p))
@@ -102,6 +117,10 @@ class _Ticker:
                     self.at(time.monotonic() + 1.0, p)
 
 
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Ticker._after_fork)
+
+
 class ClusterPeriodicTask(PeriodicTask):
     """A periodic task fired once per tick across every process that declares it (see the
     module docstring). ``runs``, ``skipped`` and ``missed`` count what this process saw (the
@@ -117,6 +136,7 @@ class ClusterPeriodicTask(PeriodicTask):
         self._first_run_now = bool(kwargs.get("first_run_now"))
         self._script = broker.redis.register_script(_scripts().SCHED_CLAIM)
         super().__init__(engine, func, **kwargs)
+        _Ticker._tasks.add(self)
         cfg = getattr(func, CONFIG_ATTR, None)
         self._prio = int(cfg._priority) if cfg is not None else int(DEFAULT_CONFIG._priority)
         self._delay = int(cfg.delay_ms) if cfg is not None and cfg.delay_ms > 0 else 0
