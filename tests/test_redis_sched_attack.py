@@ -209,3 +209,45 @@ def test_a_child_forked_while_the_ticker_holds_its_locks_can_declare_and_cancel(
                 os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+@pytest.mark.timeout(60)
+def test_a_memory_broker_deduplicates_at_submit_as_redis_does():
+    import threading
+
+    from catzilla_tasks.brokers import Consumer, MemoryBroker
+
+    b = MemoryBroker(result_ttl=1)
+    p = BackgroundTasks(workers=2, broker=b)
+    rt.register(p)
+    try:
+        handles, go = [], threading.Event()
+
+        def submit():
+            go.wait(10)
+            handles.append(p.options(idempotency_key="one").add_task(rt.add, 1, 2))
+
+        threads = [threading.Thread(target=submit) for _ in range(20)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(10)
+        with p.batch():
+            inside = p.options(idempotency_key="one").add_task(rt.add, 5, 5)
+        assert len({h.task_id for h in [*handles, inside]}) == 1   # one task, one id
+        q = b.queued()
+        assert sum(q.values()) - q["dead"] == 1, q
+        w = BackgroundTasks(workers=2)
+        rt.register(w)
+        c = Consumer(w, b, concurrency=2).start()
+        try:
+            assert handles[0].wait(20) == 3
+            # ended: the key is kept no longer than the result (1 s), then a new task is queued
+            wait_until(lambda: p.options(idempotency_key="one").add_task(rt.add, 2, 2).task_id != handles[0].task_id,
+                       10, "a new task once the result expired")
+        finally:
+            c.stop(10)
+            w.shutdown(wait_for_completion=False, timeout=5)
+    finally:
+        p.shutdown(wait_for_completion=False, timeout=5)
