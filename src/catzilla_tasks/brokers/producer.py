@@ -56,7 +56,7 @@ class DistributedTasks(BackgroundTasks):
         super().__init__(*args, **kwargs)
         self.broker = broker
         if ttl is not None and isinstance(given, str):  # (a broker made here from the URL: validated above)
-            broker.idempotency_ttl = self.idempotency_ttl  # type: ignore[attr-defined]
+            broker.idempotency_ttl = self.idempotency_ttl
 
     @classmethod
     def from_engine(cls, engine: BackgroundTasks, broker: Any) -> DistributedTasks:
