@@ -251,3 +251,19 @@ def test_a_memory_broker_deduplicates_at_submit_as_redis_does():
             w.shutdown(wait_for_completion=False, timeout=5)
     finally:
         p.shutdown(wait_for_completion=False, timeout=5)
+
+
+@pytest.mark.parametrize("bad", [{"cron": ""}, {"cron": "61 * * * *"}, {"cron": "* * * * * * * *"}, {"cron": 5},
+                                 {"cron": "* * * * *", "tz": "Europe/Paris"}, {"every": 1, "tz": 3},
+                                 {"every": 1, "cron": "* * * * *"}, {}])
+@pytest.mark.parametrize("on_redis", [False, True])
+@pytest.mark.timeout(60)
+def test_bad_cron_or_tz_is_refused_at_the_call_site(cluster, bad, on_redis):
+    eng = cluster.engine() if on_redis else BackgroundTasks(workers=1)
+    try:
+        with pytest.raises(ValueError):
+            eng.periodic(**bad)(_fn())
+        assert eng.periodic_tasks == []
+    finally:
+        if not on_redis:
+            eng.shutdown(wait_for_completion=False, timeout=5)

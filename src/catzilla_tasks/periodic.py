@@ -62,6 +62,8 @@ class PeriodicTask:
     ) -> None:
         if (every is None) == (cron is None):
             raise ValueError("periodic(): give exactly one of every=timedelta(...) or cron='...'")
+        if tz is not None and not isinstance(tz, datetime.tzinfo):
+            raise ValueError(f"tz: expected a datetime.tzinfo (zoneinfo.ZoneInfo('Europe/Paris'), say), got {tz!r}")
         if every is not None:
             if isinstance(every, bool) or not isinstance(every, (datetime.timedelta, int, float)):
                 raise ValueError(f"every: expected a timedelta or a number of seconds, got {every!r}")
