@@ -267,3 +267,29 @@ def test_bad_cron_or_tz_is_refused_at_the_call_site(cluster, bad, on_redis):
     finally:
         if not on_redis:
             eng.shutdown(wait_for_completion=False, timeout=5)
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_is_not_held_by_schedules_while_redis_is_silent(redis_url, prefix):
+    # each schedule's cancel waited for its tick's Redis call and then made one of its own:
+    # with Redis silent, a socket timeout each
+    from fault_proxy import FaultProxy
+
+    from catzilla_tasks.brokers import RedisBroker
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy(port) as proxy:
+        eng = BackgroundTasks(workers=1, broker=RedisBroker(proxy.url, prefix=prefix, socket_timeout=4))
+        fs = [_fn(f"quiet{i}") for i in range(3)]
+        for f in fs:
+            eng.periodic(every=0.05, overlap=True)(f)
+        wait_until(lambda: all(f.periodic.runs >= 1 for f in fs), 10, "a run of each")
+        proxy.blackhole(30)
+        time.sleep(0.5)  # a tick is waiting for Redis now
+        t0 = time.monotonic()
+        eng.shutdown(wait_for_completion=False, timeout=2)
+        took = time.monotonic() - t0
+        assert all(f.periodic.cancelled for f in fs)
+        proxy.reset_all()
+        eng.broker.close()
+    assert took < 3.0, took

@@ -142,6 +142,7 @@ class ClusterPeriodicTask(PeriodicTask):
         self._delay = int(cfg.delay_ms) if cfg is not None and cfg.delay_ms > 0 else 0
         self.spec = f"every={self.every!r}" if self.every is not None else f"cron={self.cron!r} tz={self.tz}"
         self.next_run_at = time.time()
+        self._left = False  # cancelled and taken off the declarers
         self._offset: float | None = None  # the Redis server's clock minus ours (seconds), for cron
         if _declaring:  # the first call at once: it declares the schedule (and may fire it)
             _Ticker.get().at(time.monotonic(), self)
@@ -167,6 +168,12 @@ class ClusterPeriodicTask(PeriodicTask):
         # on the ticker thread
         with self._lock:
             if self._cancelled:
+                if not self._left:  # (once: a cancel queues this call)
+                    self._left = True
+                    try:
+                        self.broker.redis.zrem(self.key + ":who", self.declarer)
+                    except Exception:  # noqa: BLE001, S110 - Redis away: it drops out after 3 heartbeats
+                        pass
                 return
             b = self.broker
             tid = b._new_id()
@@ -219,13 +226,12 @@ class ClusterPeriodicTask(PeriodicTask):
             _Ticker.get().at(time.monotonic() + min(delay + 0.001, HEARTBEAT), self)
 
     def cancel(self) -> None:
-        """Stop declaring the schedule in this process (other declarers go on firing it)."""
-        with self._lock:
-            self._cancelled = True
-        try:
-            self.broker.redis.zrem(self.key + ":who", self.declarer)
-        except Exception:  # noqa: BLE001, S110 - Redis away: the declarer drops out after 3 heartbeats
-            pass
+        """Stop declaring the schedule in this process (other declarers go on firing it). Returns
+        at once, Redis or not (an engine's shutdown cancels its schedules): a tick already
+        waiting for Redis ends as it would have; the ticker then takes this process off the
+        schedule's declarers (or, Redis away, it drops out after 3 silent heartbeats)."""
+        self._cancelled = True  # (not under the lock: a tick holds it for a whole Redis call)
+        _Ticker.get().at(time.monotonic(), self)
 
     def status(self) -> dict[str, Any]:
         """The schedule's cluster-wide state (see :func:`list_schedules`)."""
