@@ -293,3 +293,28 @@ def test_shutdown_is_not_held_by_schedules_while_redis_is_silent(redis_url, pref
         proxy.reset_all()
         eng.broker.close()
     assert took < 3.0, took
+
+
+@pytest.mark.timeout(60)
+def test_first_run_now_survives_the_worker_turning_an_app_s_schedules_into_cluster_ones(cluster):
+    # `catzilla-tasks worker app:tasks --broker URL` on an app created without a broker
+    from catzilla_tasks.brokers import RedisBroker
+    from catzilla_tasks.brokers.producer import DistributedTasks
+
+    eng = BackgroundTasks(workers=1)
+    f = _fn("at_start")
+    eng.periodic(every=3600, first_run_now=True, overlap=True)(f)
+    local = f.periodic  # (its first run may fire in-process before the conversion: then that is it)
+    DistributedTasks.from_engine(eng, RedisBroker(cluster.url, prefix=cluster.prefix))
+
+    def runs():
+        return local.runs + int(_state(cluster, "redis_periodic_tasks.at_start").get("runs", 0))
+
+    try:
+        assert type(f.periodic).__name__ == "ClusterPeriodicTask"
+        wait_until(lambda: runs() >= 1, 10, "the first run at once")
+        time.sleep(0.5)
+        assert runs() == 1
+    finally:
+        eng.shutdown(wait_for_completion=False, timeout=5)
+        eng.broker.close()

@@ -93,6 +93,7 @@ class PeriodicTask:
         self._cancelled = False
         self._due_mono: float | None = None
         self.name = getattr(func, "__qualname__", repr(func))
+        self.first_run_now = bool(first_run_now)
         self._arm(initial=True, first_run_now=first_run_now)
 
     # -- schedule ------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class DistributedTasks(BackgroundTasks):
         for i, p in enumerate(self._periodic):
             if type(p) is cls or p.cancelled:
                 continue
-            p.cancel()
+            p.cancel()  # (under its lock: p.runs is final now)
             q = cls(
                 self,
                 p.func,
@@ -88,6 +88,8 @@ class DistributedTasks(BackgroundTasks):
                 overlap=p.overlap,
                 args=p.args,
                 kwargs=p.kwargs,
+                # its first run, unless the in-process schedule fired it already
+                first_run_now=p.first_run_now and p.runs == 0,
             )
             self._periodic[i] = q
             try:
