@@ -321,3 +321,36 @@ def test_first_run_now_survives_the_worker_turning_an_app_s_schedules_into_clust
     finally:
         eng.shutdown(wait_for_completion=False, timeout=5)
         eng.broker.close()
+
+
+@pytest.mark.timeout(120)
+def test_cancel_racing_fetch_and_finish_answers_what_the_outcome_is(cluster):
+    import threading
+
+    cluster.worker(concurrency=8)
+    p = cluster.producer
+    log_key = f"{cluster.prefix}:ran"
+    handles = [p.add_task(rt.record_slow, log_key, i + 1, 0.01) for i in range(300)]
+    answers: dict[str, list[bool]] = {h.task_id: [] for h in handles}
+
+    def cancel_some(offset):
+        for h in handles[offset::3]:
+            answers[h.task_id].append(p.result(h.task_id).cancel())
+            answers[h.task_id].append(p.result(h.task_id).cancel())  # a second cancel: never True
+
+    threads = [threading.Thread(target=cancel_some, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    cancelled = 0
+    for i, h in enumerate(handles):
+        first, second = answers[h.task_id]
+        assert second is False
+        if first:
+            cancelled += 1
+            with pytest.raises(TaskCancelled):
+                h.wait(20)
+        else:
+            assert h.wait(20) == i + 1
+    print(f"{cancelled} of 300 cancelled in the race")
