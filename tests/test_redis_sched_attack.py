@@ -354,3 +354,40 @@ def test_cancel_racing_fetch_and_finish_answers_what_the_outcome_is(cluster):
         else:
             assert h.wait(20) == i + 1
     print(f"{cancelled} of 300 cancelled in the race")
+
+
+@pytest.mark.timeout(60)
+def test_purge_lets_go_of_the_keys_and_schedule_markers_of_what_it_deletes(cluster):
+    # no worker: the keyed task and the schedule's run wait in the queue when it is purged
+    p = cluster.producer
+    key = f"{cluster.prefix}-purged"
+    first = p.options(idempotency_key=key).add_task(rt.add, 1, 1)
+    later = p.options(idempotency_key=key + "-d", delay_ms=60_000).add_task(rt.add, 1, 1)
+    eng = cluster.engine()
+    eng.periodic(every=0.2)(_fn("purged_run"))  # overlap=False
+    name = "redis_periodic_tasks.purged_run"
+    wait_until(lambda: int(_state(cluster, name).get("runs", 0)) == 1, 10, "the first run")
+    cluster.broker.purge()
+    # the key must not hand out the deleted task (it would never end) ...
+    again = p.options(idempotency_key=key).add_task(rt.add, 2, 2)
+    assert again.task_id != first.task_id
+    assert p.options(idempotency_key=key + "-d").add_task(rt.add, 2, 2).task_id != later.task_id
+    # ... nor the schedule wait a day for a run that is gone
+    wait_until(lambda: int(_state(cluster, name).get("runs", 0)) >= 2, 5, "a run after the purge")
+    cluster.worker()
+    assert again.wait(20) == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_memory_broker_purge_lets_go_of_the_keys_too():
+    from catzilla_tasks.brokers import MemoryBroker
+
+    b = MemoryBroker()
+    p = BackgroundTasks(workers=1, broker=b)
+    rt.register(p)
+    try:
+        first = p.options(idempotency_key="gone").add_task(rt.add, 1, 1)
+        b.purge()
+        assert p.options(idempotency_key="gone").add_task(rt.add, 1, 1).task_id != first.task_id
+    finally:
+        p.shutdown(wait_for_completion=False, timeout=5)

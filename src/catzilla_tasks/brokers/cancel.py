@@ -35,7 +35,7 @@ from .protocol import MSG_ID, MSG_OPTIONS, OPT_IDEMPOTENCY_KEY, OPT_SCHEDULE, ST
 if TYPE_CHECKING:
     from .redis import RedisBroker
 
-__all__ = ["CancelWatch", "cancel_task"]
+__all__ = ["CancelWatch", "cancel_task", "settle_dropped"]
 
 log = logging.getLogger("catzilla_tasks.worker")
 
@@ -100,19 +100,36 @@ def _unschedule(broker: RedisBroker, task_id: str) -> int:
     if not members:
         return 0
     n = int(r.register_script(_scripts().UNSCHEDULE)(keys=[broker.delayed_key], args=members))
-    key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
-    if n and (key is not None or sched is not None):
+    if n:
         # no worker will see it: what refers to it lets go here, as a worker does at a task's end
         # (its idempotency key's submit record keeps no longer than its CANCELLED outcome, its
         # schedule's run-in-progress marker goes: an overlap=False schedule fires again)
-        r.register_script(_scripts().TASK_SETTLED)(
+        settle_dropped(broker, [(task_id, opts)], int(broker.result_ttl * 1000))
+    return n
+
+
+def settle_dropped(broker: RedisBroker, tasks: list[tuple[str, Any]], keep_ms: int) -> None:
+    """Tasks taken out of the queue for good without a worker (cancelled while delayed,
+    purged), as ``(task id, message options)``: the submit records of their idempotency keys
+    are kept ``keep_ms`` more at most (-1: deleted) and the run markers of their schedules go
+    (``lua/task_settled.lua``, which touches them only if they still name that task)."""
+    script = broker.redis.register_script(_scripts().TASK_SETTLED)
+    pipe = broker.redis.pipeline(transaction=False)
+    for task_id, opts in tasks:
+        key = opts.get(OPT_IDEMPOTENCY_KEY) if isinstance(opts, dict) else None
+        sched = opts.get(OPT_SCHEDULE) if isinstance(opts, dict) else None
+        if key is None and sched is None:
+            continue
+        script(
             keys=[
                 broker.dedup_key(str(key)) if key is not None else "",
                 broker.schedule_key(str(sched)) + ":run" if sched is not None else "",
             ],
-            args=[task_id, int(broker.result_ttl * 1000)],
+            args=[task_id, keep_ms],
+            client=pipe,
         )
-    return n
+    if pipe.command_stack:
+        pipe.execute()
 
 
 class CancelWatch:

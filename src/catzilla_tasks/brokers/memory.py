@@ -380,6 +380,12 @@ class MemoryBroker(FetchingBroker):
 
     def purge(self) -> None:
         with self._cv:
+            # the tasks deleted never end: their idempotency keys let go of them (as on Redis)
+            payloads = [x[0] for q in self._queues for x in q] + [x[3] for x in self._delayed]
+            gone = {self._identity(x) for x in payloads}
+            for task_id, key in gone:
+                if key and self._keys.get(key, ("",))[0] == task_id:
+                    del self._keys[key]
             for q in self._queues:
                 q.clear()
             self._delayed.clear()

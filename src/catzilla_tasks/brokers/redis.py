@@ -43,8 +43,10 @@ from .protocol import (
     DEFAULT_CONFIG,
     MSG_ATTEMPTS,
     MSG_ID,
+    MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
     Overrides,
@@ -641,8 +643,46 @@ class RedisBroker(Broker):
         return out
 
     def purge(self) -> None:
-        """Delete this queue's streams, delayed set and dead letters (not results)."""
+        """Delete this queue's streams, delayed set and dead letters (not results). The tasks
+        deleted never end: the submit records of their idempotency keys and the run markers of
+        their schedules go with them (a keyed add_task queues a new task, an overlap=False
+        schedule fires again)."""
+        gone = [*self._queued_options()]
         self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
+        if gone:
+            from .cancel import settle_dropped
+
+            settle_dropped(self, gone, -1)  # (no outcome to keep them for: the records go)
+
+    def _queued_options(self) -> Iterator[tuple[str, Any]]:
+        """``(task id, options)`` of the keyed and scheduled tasks in the streams and the
+        delayed set (read in slices; undecodable messages are skipped)."""
+
+        def of(payload: bytes) -> tuple[str, Any] | None:
+            try:
+                msg = self.serializer.loads(payload)
+            except Exception:  # noqa: BLE001 - not a message of ours
+                return None
+            if not isinstance(msg, list) or len(msg) <= MSG_OPTIONS or not isinstance(msg[MSG_OPTIONS], dict):
+                return None
+            opts = msg[MSG_OPTIONS]
+            return (str(msg[MSG_ID]), opts) if OPT_IDEMPOTENCY_KEY in opts or OPT_SCHEDULE in opts else None
+
+        for stream in self.streams:
+            start = "-"
+            while True:
+                batch = cast("list[Any]", self.redis.xrange(stream, start, "+", count=1000))
+                for _eid, fields in batch:
+                    hit = of(fields.get(b"m", b""))
+                    if hit is not None:
+                        yield hit
+                if len(batch) < 1000:
+                    break
+                start = "(" + batch[-1][0].decode()
+        for member, _ in self.redis.zscan_iter(self.delayed_key, count=1000):
+            hit = of(member[1:])
+            if hit is not None:
+                yield hit
 
     def _blocking_move(self, key: str, block: float) -> bytes | None:
         """``BLMOVE key key LEFT LEFT block`` (the first record, left in place) on a waiters'
