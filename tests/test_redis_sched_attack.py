@@ -391,3 +391,13 @@ def test_a_memory_broker_purge_lets_go_of_the_keys_too():
         assert p.options(idempotency_key="gone").add_task(rt.add, 1, 1).task_id != first.task_id
     finally:
         p.shutdown(wait_for_completion=False, timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_the_index_of_schedules_forgets_names_nobody_declared_for_a_week(cluster):
+    # (renamed functions, argument sets that changed: their hashes expire, their names stayed)
+    cluster.r.zadd(cluster.broker.schedules_key, {"old.renamed_away": 1})
+    cluster.engine().periodic(every=0.2, overlap=True)(_fn("current"))
+    wait_until(lambda: cluster.r.zscore(cluster.broker.schedules_key, "old.renamed_away") is None, 10,
+               "the stale name to be dropped")
+    assert [s["name"] for s in list_schedules(cluster.broker)] == ["redis_periodic_tasks.current"]

@@ -30,6 +30,7 @@ end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[12]))
 redis.call('ZADD', KEYS[4], now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - keep)  -- schedules nobody declared for KEEP
 redis.call('PEXPIRE', KEYS[2], keep)
 redis.call('PEXPIRE', KEYS[4], keep)
 
