@@ -401,3 +401,19 @@ def test_the_index_of_schedules_forgets_names_nobody_declared_for_a_week(cluster
     wait_until(lambda: cluster.r.zscore(cluster.broker.schedules_key, "old.renamed_away") is None, 10,
                "the stale name to be dropped")
     assert [s["name"] for s in list_schedules(cluster.broker)] == ["redis_periodic_tasks.current"]
+
+
+@pytest.mark.timeout(60)
+def test_a_task_routed_to_another_queue_is_cancelled_from_any_queue_s_broker(cluster):
+    # cancelled ids and their channel were per queue: the other queue's workers never heard
+    p = cluster.producer                              # its broker's queue: "default"
+    log_key = f"{cluster.prefix}:log"
+    w = cluster.worker(queue="other")
+    res = p.options(queue="other", delay_ms=1500).add_task(rt.record, log_key, "x")
+    other = p.options(queue="other").add_task(rt.record, log_key, "y")
+    assert other.wait(20) == "y"
+    assert res.cancel() is True
+    with pytest.raises(TaskCancelled):
+        res.wait(5)
+    wait_until(lambda: w.counts["cancelled"] == 1, 20, "the other queue's worker to drop it")
+    assert [x.decode() for x in cluster.r.lrange(log_key, 0, -1)] == ["y"]

@@ -3,8 +3,9 @@
 
 One Lua script (``lua/cancel_task.lua``) does the cancel, unless the task has ended: it records
 the task's CANCELLED outcome (its waiters get TaskCancelled at once), adds its id to the
-queue's cancelled set ``P:Q:cancelled`` (each id kept there ``max(result_ttl, 1 day)``) and
-announces it on the channel ``P:Q:cancel``. Then the canceller removes the task from the
+prefix's cancelled set ``P:cancelled`` (each id kept there ``max(result_ttl, 1 day)``) and
+announces it on the channel ``P:cancel`` (prefix-wide, not per queue: a task routed
+to another queue is cancelled from any queue's broker). Then the canceller removes the task from the
 delayed set if it waits there. Every worker keeps the recent cancelled ids (:class:`CancelWatch`:
 loaded from the set when it subscribes, then pushed on the channel), so:
 

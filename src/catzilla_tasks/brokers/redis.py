@@ -270,8 +270,10 @@ class RedisBroker(Broker):
         self._idem_prefix = f"{prefix}:idem:"
         self._sched_prefix = f"{base}:sched:"
         self.schedules_key = f"{base}:schedules"
-        self.cancelled_key = f"{base}:cancelled"
-        self.cancel_channel = f"{base}:cancel"
+        # (prefix-wide: a task routed to another queue is cancelled from any queue's broker, and
+        # that queue's workers must hear of it; task ids are unique across queues)
+        self.cancelled_key = f"{prefix}:cancelled"
+        self.cancel_channel = f"{prefix}:cancel"
         self._dedup_submit = self.redis.register_script(scripts.DEDUP_SUBMIT)
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
