@@ -417,3 +417,21 @@ def test_a_task_routed_to_another_queue_is_cancelled_from_any_queue_s_broker(clu
         res.wait(5)
     wait_until(lambda: w.counts["cancelled"] == 1, 20, "the other queue's worker to drop it")
     assert [x.decode() for x in cluster.r.lrange(log_key, 0, -1)] == ["y"]
+
+
+@pytest.mark.timeout(60)
+def test_a_periodic_task_with_a_named_queue_fires_into_that_queue_and_its_workers_end_its_runs(cluster):
+    eng = cluster.engine()
+    f = _fn("report")
+    eng.periodic(every=0.2, queue="reports")(f)  # overlap=False: each run's end must free the next
+    streams, _ = cluster.broker.queue_keys("reports")
+    wait_until(lambda: sum(cluster.r.xlen(s) for s in streams) >= 1, 10, "a run in the reports queue")
+    assert sum(cluster.r.xlen(s) for s in cluster.broker.streams) == 0
+    weng = cluster.engine(queue="reports")
+    weng._registered["redis_periodic_tasks.report"] = f
+    w = cluster.worker(engine=weng)
+    wait_until(lambda: w.counts["succeeded"] >= 3, 10, "three runs run by the reports worker")
+    st = f.periodic.status()
+    assert st["runs"] >= 3 and st["name"] == "redis_periodic_tasks.report", st
+    listed = list_schedules(weng.broker)                # listed with the queue its runs go to
+    assert [x["name"] for x in listed] == ["redis_periodic_tasks.report"]

@@ -4,7 +4,8 @@ Every process that imports the module declaring the schedule (web processes, wor
 it; each tick must still fire once. The state lives in Redis, per schedule (its name is the
 task's name, ``module.qualname``, followed by ``#`` and a digest of its ``args``/``kwargs`` when
 it has any: one function scheduled with two argument sets is two schedules), under
-``P:Q:sched:<name>``: the spec, the next due time (ms,
+``P:Q:sched:<name>`` (Q: the queue its runs go to, the function's named queue if it has one,
+whose workers delete its run marker): the spec, the next due time (ms,
 the Redis server's clock), the last run (time, due time, task id) and counters (runs, skipped,
 missed). Each declaring process runs a ticker (one thread per process, for all of its
 schedules) that calls one Lua script (``lua/sched_claim.lua``) at each due time, and at least
@@ -131,7 +132,14 @@ class ClusterPeriodicTask(PeriodicTask):
         self.broker = broker
         self.task = task_name(func)  # TypeError here for a function workers cannot import
         self.schedule = _schedule_name(broker, self.task, kwargs.get("args") or (), kwargs.get("kwargs") or {})
-        self.key = broker.schedule_key(self.schedule)
+        # a schedule lives in the queue its runs go to (the function's named queue, routing): the
+        # workers of that queue delete its run marker, `catzilla-tasks schedules --queue` lists it
+        cfg = getattr(func, CONFIG_ATTR, None)
+        queue = getattr(cfg, "queue", None)
+        self._queue = queue if queue is not None and queue != broker.queue else None
+        self._streams, self._delayed_key = broker.queue_keys(self._queue)
+        self.key = _key(broker, self._queue, self.schedule)
+        self._index = _key(broker, self._queue, "") if self._queue is not None else broker.schedules_key
         self.declarer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._first_run_now = bool(kwargs.get("first_run_now"))
         self._script = broker.redis.register_script(_scripts().SCHED_CLAIM)
@@ -186,9 +194,9 @@ class ClusterPeriodicTask(PeriodicTask):
                         self.key,
                         self.key + ":who",
                         self.key + ":run",
-                        b.schedules_key,
-                        b.streams[self._prio],
-                        b.delayed_key,
+                        self._index,
+                        self._streams[self._prio],
+                        self._delayed_key,
                     ],
                     args=[
                         self.declarer,
@@ -235,7 +243,7 @@ class ClusterPeriodicTask(PeriodicTask):
 
     def status(self) -> dict[str, Any]:
         """The schedule's cluster-wide state (see :func:`list_schedules`)."""
-        return _describe(self.broker, self.schedule)
+        return _describe(self.broker, self.schedule, self.key)
 
     def __repr__(self) -> str:
         return f"<ClusterPeriodicTask {self.schedule} {self.spec} runs={self.runs} skipped={self.skipped}>"
@@ -270,9 +278,18 @@ def _remote(broker: RedisBroker, tid: str) -> RemoteResult:
     return RemoteResult(tid, broker)
 
 
-def _describe(broker: RedisBroker, name: str) -> dict[str, Any]:
+def _key(broker: RedisBroker, queue: str | None, name: str) -> str:
+    """The key of schedule ``name`` of ``queue`` (None: the broker's); of the queue's index of
+    schedules for the name "" (the same keys as ``broker.schedule_key``/``schedules_key`` on a
+    broker of that queue)."""
+    if queue is None:
+        return broker.schedule_key(name) if name else broker.schedules_key
+    return f"{broker.prefix}:{queue}:sched:{name}" if name else f"{broker.prefix}:{queue}:schedules"
+
+
+def _describe(broker: RedisBroker, name: str, key: str | None = None) -> dict[str, Any]:
     r = broker.redis
-    key = broker.schedule_key(name)
+    key = key or broker.schedule_key(name)
     pipe = r.pipeline(transaction=False)
     pipe.hgetall(key)
     pipe.time()
