@@ -435,3 +435,29 @@ def test_a_periodic_task_with_a_named_queue_fires_into_that_queue_and_its_worker
     assert st["runs"] >= 3 and st["name"] == "redis_periodic_tasks.report", st
     listed = list_schedules(weng.broker)                # listed with the queue its runs go to
     assert [x["name"] for x in listed] == ["redis_periodic_tasks.report"]
+
+
+@pytest.mark.timeout(60)
+def test_task_ids_never_start_with_a_dash_so_the_cancel_command_takes_them(cluster, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from catzilla_tasks.brokers import RedisBroker
+
+    real = os.urandom
+    draws = iter([b"\xf8" + bytes(5)])  # the first draw would encode to "-AAAAAAA"
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws, None) or real(n))
+    b = RedisBroker(cluster.url, prefix=cluster.prefix)
+    monkeypatch.setattr(os, "urandom", real)
+    eng = BackgroundTasks(workers=1, broker=b)
+    rt.register(eng)
+    try:
+        res = eng.options(delay_ms=60_000).add_task(rt.add, 1, 1)
+        assert not res.task_id.startswith("-"), res.task_id
+        got = subprocess.run([sys.executable, "-m", "catzilla_tasks.cli", "cancel", res.task_id, "--broker",
+                              cluster.url, "--prefix", cluster.prefix], capture_output=True, text=True, timeout=60)
+        assert got.returncode == 0, got.stderr
+    finally:
+        eng.shutdown(wait_for_completion=False, timeout=5)
+        b.close()

@@ -216,6 +216,9 @@ class ClusterPeriodicTask(PeriodicTask):
                     ],
                 )
             except Exception as exc:  # Redis away, arguments that cannot be encoded: try again
+                if self._cancelled:  # (cancelled during the call: nothing to retry)
+                    _Ticker.get().at(time.monotonic(), self)
+                    return
                 log.warning("periodic task %s: could not reach its schedule (%s); retrying", self.name, exc)
                 delay = min(self.every or 1.0, 1.0)
                 self.next_run_at = time.time() + delay
