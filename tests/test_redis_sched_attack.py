@@ -201,7 +201,7 @@ def test_a_child_forked_while_the_ticker_holds_its_locks_can_declare_and_cancel(
             signal.signal(signal.SIGALRM, lambda *_: os._exit(5))  # 5: it hung
             signal.alarm(5)
             try:
-                t = schedules._Ticker.get()
+                t = schedules._Ticker.get(f.periodic.broker)
                 f.periodic.cancel()  # (an engine's shutdown in the child cancels its schedules)
                 os._exit(0 if t._pid == os.getpid() else 3)
             except BaseException as exc:
@@ -461,3 +461,30 @@ def test_task_ids_never_start_with_a_dash_so_the_cancel_command_takes_them(clust
     finally:
         eng.shutdown(wait_for_completion=False, timeout=5)
         b.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_silent_redis_does_not_hold_another_engine_s_schedules(cluster, prefix):
+    # one ticker thread per process made every schedule wait for the silent one's calls
+    from fault_proxy import FaultProxy
+
+    from catzilla_tasks.brokers import RedisBroker
+
+    port = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy(port) as proxy:
+        quiet = BackgroundTasks(workers=1, broker=RedisBroker(proxy.url, prefix=prefix + "q", socket_timeout=10))
+        loud = cluster.engine()
+        fq, fl = _fn("behind_proxy"), _fn("direct")
+        try:
+            quiet.periodic(every=0.05, overlap=True)(fq)
+            loud.periodic(every=0.2, overlap=True)(fl)
+            wait_until(lambda: fq.periodic.runs >= 1 and fl.periodic.runs >= 1, 10, "both to fire")
+            proxy.blackhole(60)
+            time.sleep(0.3)  # the quiet one's tick is waiting for its Redis now
+            before = fl.periodic.runs
+            time.sleep(3.0)  # the passage of time is what is tested
+            assert fl.periodic.runs - before >= 8, (before, fl.periodic.runs)  # ~15 due
+        finally:
+            quiet.shutdown(wait_for_completion=False, timeout=5)
+            proxy.reset_all()
+            quiet.broker.close()

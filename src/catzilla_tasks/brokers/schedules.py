@@ -7,8 +7,8 @@ it has any: one function scheduled with two argument sets is two schedules), und
 ``P:Q:sched:<name>`` (Q: the queue its runs go to, the function's named queue if it has one,
 whose workers delete its run marker): the spec, the next due time (ms,
 the Redis server's clock), the last run (time, due time, task id) and counters (runs, skipped,
-missed). Each declaring process runs a ticker (one thread per process, for all of its
-schedules) that calls one Lua script (``lua/sched_claim.lua``) at each due time, and at least
+missed). Each declaring process runs a ticker (one thread per broker, for all of the schedules
+declared on it) that calls one Lua script (``lua/sched_claim.lua``) at each due time, and at least
 every ``HEARTBEAT`` seconds: the script fires the run only if the due time is reached, moving
 the due time on in the same atomic step, so any number of declarers race harmlessly and a tick
 fires exactly once. A declarer that dies takes nothing with it: the others go on calling.
@@ -69,46 +69,58 @@ _declaring = True
 
 
 class _Ticker:
-    """One thread per process that calls each declared schedule's claim at its times."""
+    """The thread that calls the claims of the schedules declared on one broker at their times
+    (one per broker, not per process: a Redis gone silent holds its own schedules' calls up to
+    its socket timeout, never another broker's). The thread runs while the broker has schedules
+    declared: it ends when its last one is cancelled and starts again with the next one."""
 
     _lock = threading.Lock()
-    _instance: _Ticker | None = None
+    _instances: dict[int, _Ticker] = {}  # id(broker) -> its ticker
+    _tasks: weakref.WeakSet[ClusterPeriodicTask] = weakref.WeakSet()
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._heap: list[tuple[float, int, ClusterPeriodicTask]] = []
         self._seq = itertools.count()
         self._pid = os.getpid()
-        threading.Thread(target=self._loop, name="catzilla-schedules", daemon=True).start()
+        self._running = False
 
     @classmethod
-    def get(cls) -> _Ticker:
+    def get(cls, broker: Any) -> _Ticker:
         with cls._lock:
-            if cls._instance is None or cls._instance._pid != os.getpid():  # (a fork has no thread)
-                cls._instance = _Ticker()
-            return cls._instance
-
-    _tasks: weakref.WeakSet[ClusterPeriodicTask] = weakref.WeakSet()
+            t = cls._instances.get(id(broker))
+            if t is None or t._pid != os.getpid():  # (a fork has no thread)
+                t = cls._instances[id(broker)] = _Ticker()
+            return t
 
     @classmethod
     def _after_fork(cls) -> None:
         # a child has no ticker thread, and the locks it takes (this class's, a schedule's for
         # the whole of its Redis call) may have been held at the fork: nobody would release them
         cls._lock = threading.Lock()
-        cls._instance = None
+        cls._instances = {}
         for p in list(cls._tasks):
             p._lock = threading.Lock()
 
     def at(self, when: float, p: ClusterPeriodicTask) -> None:
         with self._cv:
             heapq.heappush(self._heap, (when, next(self._seq), p))
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name="catzilla-schedules", daemon=True).start()
             self._cv.notify()
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                while True:
+                    if not self._heap:  # (every schedule of the broker cancelled: a tick re-arms first)
+                        self._running = False
+                        return
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cv.wait(wait)
                 _, _, p = heapq.heappop(self._heap)
             try:
                 p._tick()
@@ -153,7 +165,7 @@ class ClusterPeriodicTask(PeriodicTask):
         self._left = False  # cancelled and taken off the declarers
         self._offset: float | None = None  # the Redis server's clock minus ours (seconds), for cron
         if _declaring:  # the first call at once: it declares the schedule (and may fire it)
-            _Ticker.get().at(time.monotonic(), self)
+            _Ticker.get(self.broker).at(time.monotonic(), self)
 
     # PeriodicTask arms its first tick at the end of its __init__: here the ticker does (above)
     def _arm(self, *, initial: bool = False, first_run_now: bool = False) -> None:
@@ -217,12 +229,12 @@ class ClusterPeriodicTask(PeriodicTask):
                 )
             except Exception as exc:  # Redis away, arguments that cannot be encoded: try again
                 if self._cancelled:  # (cancelled during the call: nothing to retry)
-                    _Ticker.get().at(time.monotonic(), self)
+                    _Ticker.get(self.broker).at(time.monotonic(), self)
                     return
                 log.warning("periodic task %s: could not reach its schedule (%s); retrying", self.name, exc)
                 delay = min(self.every or 1.0, 1.0)
                 self.next_run_at = time.time() + delay
-                _Ticker.get().at(time.monotonic() + delay, self)
+                _Ticker.get(self.broker).at(time.monotonic() + delay, self)
                 return
             state = int(state)
             self._offset = int(now) / 1000 - _wall()
@@ -234,7 +246,7 @@ class ClusterPeriodicTask(PeriodicTask):
             self.missed += int(missed)
             delay = max(0.0, (int(nxt) - int(now)) / 1000)
             self.next_run_at = time.time() + delay
-            _Ticker.get().at(time.monotonic() + min(delay + 0.001, HEARTBEAT), self)
+            _Ticker.get(self.broker).at(time.monotonic() + min(delay + 0.001, HEARTBEAT), self)
 
     def cancel(self) -> None:
         """Stop declaring the schedule in this process (other declarers go on firing it). Returns
@@ -242,7 +254,7 @@ class ClusterPeriodicTask(PeriodicTask):
         waiting for Redis ends as it would have; the ticker then takes this process off the
         schedule's declarers (or, Redis away, it drops out after 3 silent heartbeats)."""
         self._cancelled = True  # (not under the lock: a tick holds it for a whole Redis call)
-        _Ticker.get().at(time.monotonic(), self)
+        _Ticker.get(self.broker).at(time.monotonic(), self)
 
     def status(self) -> dict[str, Any]:
         """The schedule's cluster-wide state (see :func:`list_schedules`)."""
