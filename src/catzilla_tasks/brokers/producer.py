@@ -40,9 +40,24 @@ class DistributedTasks(BackgroundTasks):
     broker: Broker
 
     def __init__(self, *args: Any, broker: Any, **kwargs: Any) -> None:
+        given = broker
         broker = as_broker(broker)  # before the engine starts its threads: bad input leaks nothing
+        ttl = kwargs.get("idempotency_ttl")
+        if ttl is not None and not isinstance(given, str):
+            # the broker deduplicates keyed tasks with its own TTL: an engine's that differs from
+            # it would be an option doing nothing
+            have = getattr(broker, "idempotency_ttl", None)
+            if have is None:
+                raise ValueError(f"idempotency_ttl: {type(broker).__name__} does not deduplicate keyed tasks at submit")
+            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and float(ttl) != have:
+                raise ValueError(
+                    f"idempotency_ttl={ttl!r} differs from the broker's ({have!r}): on a broker engine it is the "
+                    f"broker's option ({type(broker).__name__}(..., idempotency_ttl=...))"
+                )
         super().__init__(*args, **kwargs)
         self.broker = broker
+        if ttl is not None and isinstance(given, str):  # (a broker made here from the URL: validated above)
+            broker.idempotency_ttl = self.idempotency_ttl
 
     @classmethod
     def from_engine(cls, engine: BackgroundTasks, broker: Any) -> DistributedTasks:
@@ -64,7 +79,7 @@ class DistributedTasks(BackgroundTasks):
         for i, p in enumerate(self._periodic):
             if type(p) is cls or p.cancelled:
                 continue
-            p.cancel()
+            p.cancel()  # (under its lock: p.runs is final now)
             q = cls(
                 self,
                 p.func,
@@ -74,6 +89,8 @@ class DistributedTasks(BackgroundTasks):
                 overlap=p.overlap,
                 args=p.args,
                 kwargs=p.kwargs,
+                # its first run, unless the in-process schedule fired it already
+                first_run_now=p.first_run_now and p.runs == 0,
             )
             self._periodic[i] = q
             try:

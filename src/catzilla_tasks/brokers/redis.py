@@ -44,8 +44,10 @@ from .protocol import (
     DEFAULT_CONFIG,
     MSG_ATTEMPTS,
     MSG_ID,
+    MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
     Overrides,
@@ -271,8 +273,10 @@ class RedisBroker(Broker):
         self._idem_prefix = f"{prefix}:idem:"
         self._sched_prefix = f"{base}:sched:"
         self.schedules_key = f"{base}:schedules"
-        self.cancelled_key = f"{base}:cancelled"
-        self.cancel_channel = f"{base}:cancel"
+        # (prefix-wide: a task routed to another queue is cancelled from any queue's broker, and
+        # that queue's workers must hear of it; task ids are unique across queues)
+        self.cancelled_key = f"{prefix}:cancelled"
+        self.cancel_channel = f"{prefix}:cancel"
         self._dedup_submit = self.redis.register_script(scripts.DEDUP_SUBMIT)
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
@@ -285,7 +289,11 @@ class RedisBroker(Broker):
         self._local = threading.local()
         self._overrides = Overrides()
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-        self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        # never a leading "-": `catzilla-tasks cancel ID` (and any command line) would take it
+        # for an option (one process in 64 published such ids)
+        self._id_base = "-"
+        while self._id_base.startswith("-"):
+            self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
         self._callbacks: _Watcher | None = None
@@ -883,8 +891,46 @@ class RedisBroker(Broker):
         return out
 
     def purge(self) -> None:
-        """Delete this queue's streams, delayed set and dead letters (not results)."""
+        """Delete this queue's streams, delayed set and dead letters (not results). The tasks
+        deleted never end: the submit records of their idempotency keys and the run markers of
+        their schedules go with them (a keyed add_task queues a new task, an overlap=False
+        schedule fires again)."""
+        gone = [*self._queued_options()]
         self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
+        if gone:
+            from .cancel import settle_dropped
+
+            settle_dropped(self, gone, -1)  # (no outcome to keep them for: the records go)
+
+    def _queued_options(self) -> Iterator[tuple[str, Any]]:
+        """``(task id, options)`` of the keyed and scheduled tasks in the streams and the
+        delayed set (read in slices; undecodable messages are skipped)."""
+
+        def of(payload: bytes) -> tuple[str, Any] | None:
+            try:
+                msg = self.serializer.loads(payload)
+            except Exception:  # noqa: BLE001 - not a message of ours
+                return None
+            if not isinstance(msg, list) or len(msg) <= MSG_OPTIONS or not isinstance(msg[MSG_OPTIONS], dict):
+                return None
+            opts = msg[MSG_OPTIONS]
+            return (str(msg[MSG_ID]), opts) if OPT_IDEMPOTENCY_KEY in opts or OPT_SCHEDULE in opts else None
+
+        for stream in self.streams:
+            start = "-"
+            while True:
+                batch = cast("list[Any]", self.redis.xrange(stream, start, "+", count=1000))
+                for _eid, fields in batch:
+                    hit = of(fields.get(b"m", b""))
+                    if hit is not None:
+                        yield hit
+                if len(batch) < 1000:
+                    break
+                start = "(" + batch[-1][0].decode()
+        for member, _ in self.redis.zscan_iter(self.delayed_key, count=1000):
+            hit = of(member[1:])
+            if hit is not None:
+                yield hit
 
     def _blocking_move(self, key: str, block: float) -> bytes | None:
         """``BLMOVE key key LEFT LEFT block`` (the first record, left in place) on a waiters'
