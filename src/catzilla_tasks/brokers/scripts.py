@@ -65,3 +65,9 @@ WF_STEP_DONE = _load("wf_step_done.lua")
 WF_STEP_FAILED = _load("wf_step_failed.lua")
 
 WF_CANCEL = _load("wf_cancel.lua")
+
+# -- the cluster view (cluster.py): read-only scans of a stream or a delayed set, in slices ----
+
+SCAN_STREAM = _load("scan_stream.lua")
+
+SCAN_DELAYED = _load("scan_delayed.lua")

@@ -49,6 +49,7 @@ from .protocol import (
     STATUS_CODES,
 )
 from .redis import GROUP, RedisBroker
+from .registry import Heartbeat, TaskFigures
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
@@ -173,6 +174,7 @@ class _Job:
         "call",
         "claim",
         "defer",
+        "kinds",
     )
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
@@ -191,6 +193,7 @@ class _Job:
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
+        self.kinds: tuple[str, ...] = ()  # the counters its committed outcome moved (registry.TaskFigures)
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -202,6 +205,10 @@ class Worker:
     ``concurrency``: most tasks held at once (fetched and not yet acknowledged); the worker
     fetches only its free capacity. ``run()`` returns after ``stop()`` (or SIGTERM/SIGINT with
     ``install_signals=True``): it stops fetching, lets in-flight tasks finish, acknowledges them.
+
+    ``heartbeat_interval``: seconds between the worker's beats in the cluster registry (see
+    :mod:`.registry`: who it is, what it holds, its figures per task name); None: not
+    registered and no figures kept.
     """
 
     def __init__(
@@ -212,6 +219,7 @@ class Worker:
         concurrency: int = 16,
         consumer: str | None = None,
         block_ms: int = 200,
+        heartbeat_interval: float | None = 2.0,
     ) -> None:
         broker = broker if broker is not None else getattr(tasks, "broker", None)
         if not isinstance(broker, RedisBroker):
@@ -302,6 +310,22 @@ class Worker:
         self._batches = 0
         self._batch_token = b""
         self._unsure = False  # the current batch's EXEC met a connection error
+        # -- the cluster registry (registry.py): figures recorded by the committer, published by
+        # the heartbeat thread
+        self.figures: TaskFigures | None = None
+        self._heartbeat_thread: Heartbeat | None = None
+        if heartbeat_interval is not None:
+            if (
+                isinstance(heartbeat_interval, bool)
+                or not isinstance(heartbeat_interval, (int, float))
+                or not 0.01 <= heartbeat_interval <= 3600
+            ):
+                raise ValueError(
+                    "heartbeat_interval: must be a number of seconds from 0.01 to 3600 or None, "
+                    f"got {heartbeat_interval!r}"
+                )
+            self.figures = TaskFigures()
+            self._heartbeat_thread = Heartbeat(self, heartbeat_interval)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -369,12 +393,16 @@ class Worker:
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.start()
         self.ready.set()
         try:
             self._fetch_loop()
         finally:
             try:
                 self._finish_held()
+                if self._heartbeat_thread is not None:
+                    self._heartbeat_thread.stop(deregister=not self._past_deadline())
                 if not self._past_deadline():
                     self._leave()
             finally:
@@ -942,6 +970,8 @@ class Worker:
                     for k, v in counts.items():
                         if v:
                             self.counts[k] += v
+                    if self.figures is not None:
+                        self.figures.record(jobs)
                 except Exception:
                     log.exception(
                         "committing %d task outcomes failed; they stay pending in Redis and will be redelivered",
@@ -987,6 +1017,7 @@ class Worker:
                 del stack[start:]
                 kinds = self._outcome_lost(pipe, j, ctx, exc)
             all_kinds.append(kinds)
+            j.kinds = kinds
             if len(stack) == start:
                 acks[j.prio].append(j.eid)
                 for k in kinds:
@@ -1022,6 +1053,7 @@ class Worker:
             bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
             if bad is not None:
                 lost += 1
+                j.kinds = ()  # not stored: redelivered, counted then
                 log.error(
                     "the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
                     "redelivered",
@@ -1156,7 +1188,7 @@ class Worker:
         if status is TaskStatus.SUCCEEDED:
             if ttl_ms:
                 try:
-                    rec = self._sized(ser.dumps([0, h.wait(0)]), limit, "the task's return value")
+                    rec = self._sized(ser.dumps([0, h.wait(0), j.msg[MSG_NAME]]), limit, "the task's return value")
                 except (TypeError, _TooLarge) as exc:
                     err = [
                         type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
@@ -1165,7 +1197,7 @@ class Worker:
                     ]
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
                         return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
-                    rec = ser.dumps([1, err])
+                    rec = ser.dumps([1, err, j.msg[MSG_NAME]])
                 key = b.result_key(j.msg[MSG_ID])
                 pipe.rpush(key, rec)
                 pipe.pexpire(key, ttl_ms)
@@ -1203,7 +1235,7 @@ class Worker:
             return ("retried",)
         err = encode_error(failure)
         if j.wf is None and ttl_ms:
-            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
+            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err, j.msg[MSG_NAME]], limit)
             key = b.result_key(j.msg[MSG_ID])
             pipe.rpush(key, rec)
             pipe.pexpire(key, ttl_ms)
@@ -1216,7 +1248,7 @@ class Worker:
         if len(out) > limit:
             kind, message, tb = rec[1][:3]
             keep = max(100, limit // 4)
-            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]]]
+            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]], *rec[2:]]
             out = ser.dumps(rec)
         return out
 
@@ -1241,7 +1273,7 @@ class Worker:
         elif result and ttl_ms and j.msg:  # the task id is known: its waiters learn why
             key = b.result_key(j.msg[MSG_ID])
             ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
-            pipe.rpush(key, self._fit(ser, [1, cause], limit))
+            pipe.rpush(key, self._fit(ser, [1, cause, j.msg[MSG_NAME]], limit))
             pipe.pexpire(key, ttl_ms)
         return ("dead_lettered",)
 
