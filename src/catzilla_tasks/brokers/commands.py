@@ -1,6 +1,6 @@
 """``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
 
-catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
+catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL] [--heartbeat S] [--metrics-port P]
 catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
 catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
 """
@@ -130,8 +130,17 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    w = Worker(tasks, concurrency=args.concurrency)
+    if not args.heartbeat >= 0:
+        raise UsageError(f"--heartbeat: must be a number of seconds >= 0, got {args.heartbeat!r}")
+    w = Worker(tasks, concurrency=args.concurrency, heartbeat_interval=args.heartbeat or None)
     b = tasks.broker
+    if args.metrics_port is not None:  # the worker's own figures for Prometheus
+        if w.figures is None:
+            raise UsageError("--metrics-port needs the heartbeat's figures: not with --heartbeat 0")
+        from .. import prometheus
+
+        server, _ = prometheus.serve(prometheus.WorkerCollector(w), host=args.metrics_host, port=args.metrics_port)
+        print(f"metrics on http://{args.metrics_host}:{server.server_port}/metrics", file=out, flush=True)
     print(
         f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
         f"{redact_url(b.url)}, concurrency {w.concurrency}",
@@ -229,6 +238,22 @@ def add_commands(sub: Any) -> None:
         help="most tasks held at once (fetched, not yet acknowledged); default 16",
     )
     p.add_argument("--broker", metavar="URL", help="redis://... to use instead of the engine's own broker")
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between the worker's beats in the cluster registry (default 2; 0: not registered, "
+        "no figures kept)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics on http://HOST:PORT/metrics (default: not served; "
+        "needs prometheus-client)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
     p.set_defaults(func=_run(cmd_worker))
 
     dl = sub.add_parser(

@@ -234,6 +234,22 @@ class TaskFigures:
             }
         )
 
+    def totals(self) -> dict[str, Any]:
+        """Per task name: succeeded, failed, retried, the histograms and their sums (a copy;
+        for an exporter: the rates and failures stay the heartbeat's)."""
+        with self._lock:
+            return {
+                name: {
+                    **_kind_counts(f.outcomes),
+                    "rate": f.rate,
+                    "run": dict(f.run),
+                    "run_sum_ns": f.run_sum_ns,
+                    "wait": dict(f.wait),
+                    "wait_sum_ns": f.wait_sum_ns,
+                }
+                for name, f in self._names.items()
+            }
+
     def snapshot(self, dt: float) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
         """(figures per task name, failures since the last call, tasks finished since the last
         call); also updates each name's rate (tasks finished per second over ``dt``) and the
