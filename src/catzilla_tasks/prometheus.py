@@ -393,7 +393,7 @@ def serve(collector: Any, host: str = "127.0.0.1", port: int = 9808) -> tuple[An
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(collector)
-    return start_http_server(port, addr=host, registry=reg)  # type: ignore[no-any-return]
+    return start_http_server(port, addr=host, registry=reg)
 
 
 def collector_text(collector: Any) -> bytes:

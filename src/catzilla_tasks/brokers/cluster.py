@@ -401,7 +401,7 @@ class ClusterView:
             progress = progress()
         if progress is not None:
             info["progress"] = progress
-        raw = self.r.lindex(b.result_key(task_id), 0)
+        raw = cast("bytes | None", self.r.lindex(b.result_key(task_id), 0))
         if raw is not None:
             try:
                 rec = b.serializer.loads(raw)
