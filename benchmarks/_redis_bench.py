@@ -1,6 +1,8 @@
 """Distributed mode on one local Redis: catzilla_tasks against Celery, Dramatiq, RQ, arq and Huey.
 
-    python benchmarks/_redis_bench.py [--quick] [--runs N] [--contenders ours,celery,...]
+    python benchmarks/_redis_bench.py [--quick] [--tasks N] [--runs N] [--contenders ours,celery,...]
+
+``ours_off`` (only when named) is our worker with the cluster registry off (``--heartbeat 0``).
 
 For each contender, each run (contenders interleaved run by run, median of ``--runs``):
 
@@ -43,6 +45,10 @@ CHUNK = 1000
 CONTENDERS = {
     "ours": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000"],
              "catzilla-tasks worker --concurrency 1000; producer: add_task inside tasks.batch() (sent every 1,000)"),
+    # ours with the cluster registry off (no heartbeat, no figures): the registry's cost is ours - ours_off
+    "ours_off": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000",
+                  "--heartbeat", "0"],
+                 "as ours, with --heartbeat 0 (not registered, no figures per task name)"),
     "celery": ([sys.executable, "-m", "celery", "-A", MOD, "worker", "-P", "solo", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-l", "WARNING", "--prefetch-multiplier", "1000"],
                "solo pool, no gossip/mingle/heartbeat, prefetch 1000, ignore_result; producer: delay()"),
@@ -55,6 +61,9 @@ CONTENDERS = {
     "huey": ([sys.executable, "-m", "huey.bin.huey_consumer", f"{MOD}.huey", "-w", "8", "-k", "thread", "-q"],
              "RedisHuey(blocking=True, results=False), 8 worker threads; producer: call the task"),
 }
+
+VARIANT_OF = {"ours_off": "ours"}  # contenders that are another's worker with other options
+NOT_DEFAULT = ("ours_off",)  # run only when named in --contenders
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -241,7 +250,7 @@ def free_port() -> int:
 
 
 def env_for(lib: str, url: str, n: int) -> dict[str, str]:
-    env = dict(os.environ, BENCH_LIB=lib, BENCH_REDIS_URL=url, BENCH_N=str(n))
+    env = dict(os.environ, BENCH_LIB=VARIANT_OF.get(lib, lib), BENCH_REDIS_URL=url, BENCH_N=str(n))
     env.pop("LD_PRELOAD", None)
     parts = [HERE, os.path.join(REPO, "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(parts)
@@ -324,6 +333,7 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
 
 
 def available(lib: str) -> str | None:
+    lib = VARIANT_OF.get(lib, lib)
     mod = {"ours": "redis", "celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "huey": "huey"}[lib]
     try:
         __import__(mod)
@@ -344,9 +354,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2,000 tasks instead of 20,000")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(c for c in CONTENDERS if c not in NOT_DEFAULT))
+    p.add_argument("--tasks", type=int, help="tasks per run (default 20,000; 2,000 with --quick)")
     a = p.parse_args()
-    n = 2_000 if a.quick else 20_000
+    n = a.tasks or (2_000 if a.quick else 20_000)
     libs = [c for c in a.contenders.split(",") if c]
     bad = [c for c in libs if c not in CONTENDERS]
     if bad:
@@ -402,7 +413,7 @@ def main() -> None:
 
     summary = {lib: {k: med(lib, k) for k in ("seconds", "tasks_per_s", "redis_bytes_per_task", "worker_rss")}
                for lib in libs if results.get(lib)}
-    peers = [lib for lib in summary if lib != "ours"]
+    peers = [lib for lib in summary if lib != "ours" and lib not in VARIANT_OF]
     fastest = max(peers, key=lambda x: summary[x]["tasks_per_s"]) if peers else None
     leanest = min(peers, key=lambda x: summary[x]["redis_bytes_per_task"]) if peers else None
     print(f"catzilla_tasks distributed mode vs peers - {n:,} no-op tasks, one producer + one worker process, "
