@@ -15,6 +15,7 @@ from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (f
 
 from catzilla_tasks import BackgroundTasks, TaskPriority
 from catzilla_tasks.brokers import RedisBroker, Worker
+from catzilla_tasks.brokers.cluster import ClusterView
 from catzilla_tasks.cli import main
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +106,12 @@ def test_queues_lists_every_queue_with_its_depths(cluster, redis_url, prefix, ca
         assert sum(r["in_flight"] for r in rows) == 0
         rc, out = cli(capsys, "queues", "--broker", redis_url, "--prefix", prefix)
         assert "DEAD LETTERS" in out and "emails" in out and "default" in out
+        other.broker.redis.xadd(other.broker.dead_key, {"m": b"y", "e": "E: see redis://:pw@h:1/0", "n": "u", "p": 1})
+        with ClusterView(redis_url, prefix=prefix) as view:
+            newest, oldest = view.dead_letters("emails")
+        assert (newest["name"], newest["priority"]) == ("u", "high")
+        assert (oldest["name"], oldest["priority"]) == ("t", "critical")
+        assert "pw" not in newest["error"] and "***" in newest["error"]
     finally:
         other.shutdown(wait_for_completion=False)
 
@@ -154,6 +161,11 @@ def test_usage_errors(capsys, monkeypatch):
     assert "--broker" in capsys.readouterr().err
     assert main(["queues", "--broker", "http://x"]) == 2
     assert "broker URL" in capsys.readouterr().err
+    for bad in (["--heartbeat", "-1"], ["--heartbeat", "0.001"], ["--heartbeat", "nan"], ["--metrics-port", "70000"],
+                ["--heartbeat", "0", "--metrics-port", "9100"]):
+        assert main(["worker", "no_such_module:tasks", *bad]) == 2
+        err = capsys.readouterr().err
+        assert "--heartbeat" in err or "--metrics-port" in err
 
 
 @pytest.mark.timeout(60)

@@ -120,6 +120,12 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     from .redis import RedisBroker
     from .worker import Worker
 
+    if not (args.heartbeat == 0 or 0.01 <= args.heartbeat <= 3600):
+        raise UsageError(f"--heartbeat: must be 0 (off) or from 0.01 to 3600 seconds, got {args.heartbeat!r}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port: must be between 0 and 65535, got {args.metrics_port}")
+    if args.metrics_port is not None and args.heartbeat == 0:
+        raise UsageError("--metrics-port needs the figures the heartbeat keeps: not with --heartbeat 0")
     tasks = load_app(args.app)
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
@@ -130,13 +136,9 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.heartbeat >= 0:
-        raise UsageError(f"--heartbeat: must be a number of seconds >= 0, got {args.heartbeat!r}")
     w = Worker(tasks, concurrency=args.concurrency, heartbeat_interval=args.heartbeat or None)
     b = tasks.broker
     if args.metrics_port is not None:  # the worker's own figures for Prometheus
-        if w.figures is None:
-            raise UsageError("--metrics-port needs the heartbeat's figures: not with --heartbeat 0")
         from .. import prometheus
 
         server, _ = prometheus.serve(prometheus.WorkerCollector(w), host=args.metrics_host, port=args.metrics_port)

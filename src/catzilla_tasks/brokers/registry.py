@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .._redact import redact_text
 
@@ -59,6 +59,7 @@ ERRORS_KEPT = 20  # latest failures kept per task name
 ERRORS_TTL_S = 7 * 86400  # a task name's failure list lives this long after its last failure
 DEFAULT_RETENTION_S = 3600.0  # a lost worker's entry is dropped this long after its last beat
 HIST_BUCKETS = 128
+TIMED_PER_BEAT = 500  # most tasks a worker times per beat (a stride through them above that)
 _MIN_EXP = 10
 _ERROR_CHARS = 2000
 _TRACEBACK_CHARS = 8000
@@ -145,7 +146,7 @@ class TaskFigures:
     """Per task name: outcomes, run-time and queue-wait histograms, new failures. ``record``
     runs on the worker's committer thread, ``snapshot`` on the heartbeat's."""
 
-    def __init__(self, timed_per_beat: int = 1000) -> None:
+    def __init__(self, timed_per_beat: int = TIMED_PER_BEAT) -> None:
         self._lock = threading.Lock()
         self._names: dict[str, _Name] = {}
         self._timed_per_beat = timed_per_beat
@@ -159,26 +160,29 @@ class TaskFigures:
         names = self._names
         with self._lock:
             skip = self._skip
+            last: Any = None  # (consecutive jobs mostly share a name: one lookup for a run of them)
+            out: dict[tuple[str, ...], int] = {}
+            f = None
             for j in jobs:
-                kinds = j.kinds
-                if not kinds:
-                    continue
                 msg = j.msg
                 name = msg[1] if msg else "?"
-                f = names.get(name)
-                if f is None:
-                    f = names[name] = _Name()
-                out = f.outcomes
+                if name is not last:
+                    f = names.get(name)
+                    if f is None:
+                        f = names[name] = _Name()
+                    out = f.outcomes
+                    last = name
+                kinds = j.kinds
                 out[kinds] = out.get(kinds, 0) + 1
-                if kinds[0] != "succeeded" and ("dead_lettered" in kinds or "retried" in kinds):
+                if kinds and kinds[0] != "succeeded" and ("dead_lettered" in kinds or "retried" in kinds):
                     self._failure(j, name, kinds)
                 if skip:
                     skip -= 1
                     continue
                 skip = self._stride - 1
                 h = j.handle
-                if h is not None:
-                    self._time(f, j, h)
+                if h is not None and kinds:
+                    self._time(cast(_Name, f), j, h)
             self._skip = skip
 
     @staticmethod
