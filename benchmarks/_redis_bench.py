@@ -13,7 +13,9 @@ For each contender, each run (contenders interleaved run by run, median of ``--r
    the N-th pushes its time to a Redis list the runner blocks on). Results are off for every
    contender (Celery ``ignore_result``, RQ ``result_ttl=0``, arq ``keep_result=0``, Huey
    ``results=False``, Dramatiq's default, ours ``result_ttl=0``).
-2. **worker RSS**: peak RSS (VmHWM) of the worker's process tree at the end of (1).
+2. **worker RSS**: peak RSS (VmHWM) of the worker's process tree at the end of (1); **worker
+   CPU per task**: user + system CPU time of the worker process during (1) / N (less moved by
+   other jobs on the machine than the wall-clock rate; a process pool's children not included).
 3. **Redis memory per queued task**: with no worker running, the producer enqueues N tasks;
    (``used_memory`` after - before) / N. Then the database is flushed.
 
@@ -283,6 +285,13 @@ def tree_peak_rss(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included) so far, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_producer(lib: str, url: str, n: int, ping: bool = False) -> float:
     import subprocess
 
@@ -315,11 +324,13 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"{lib} worker not ready in 60 s: {tail}")
+        cpu0 = cpu_seconds(w.pid)
         t0 = run_producer(lib, url, n)
         got = r.blpop(DONE_KEY, timeout=600)
         if not got:
             raise RuntimeError(f"{lib}: {n} tasks not done in 600 s")
         seconds = float(got[1]) - t0
+        cpu = cpu_seconds(w.pid) - cpu0  # (the worker process only; a pool's children are not in it)
         rss = tree_peak_rss(w.pid)
     finally:
         w.terminate()
@@ -329,7 +340,8 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
             w.kill()
             w.wait()
         log.close()
-    return {"seconds": seconds, "tasks_per_s": n / seconds, "redis_bytes_per_task": mem_per_task, "worker_rss": rss}
+    return {"seconds": seconds, "tasks_per_s": n / seconds, "redis_bytes_per_task": mem_per_task, "worker_rss": rss,
+            "worker_cpu_us_per_task": cpu / n * 1e6}
 
 
 def available(lib: str) -> str | None:
@@ -401,7 +413,8 @@ def main() -> None:
                 results[lib].append(res)
                 sys.stderr.write(f"[run {run + 1}/{a.runs}] {lib:<9} {time.perf_counter() - t:6.1f}s  "
                                  f"{res['tasks_per_s']:8.0f} tasks/s  {res['redis_bytes_per_task']:6.0f} B/task  "
-                                 f"RSS {res['worker_rss'] / 2**20:5.1f} MiB\n")
+                                 f"RSS {res['worker_rss'] / 2**20:5.1f} MiB  "
+                                 f"CPU {res['worker_cpu_us_per_task']:5.1f} us/task\n")
     finally:
         srv.terminate()
         srv.wait()
@@ -411,21 +424,22 @@ def main() -> None:
         vals = [x[key] for x in results.get(lib, [])]
         return statistics.median(vals) if vals else None
 
-    summary = {lib: {k: med(lib, k) for k in ("seconds", "tasks_per_s", "redis_bytes_per_task", "worker_rss")}
+    keys = ("seconds", "tasks_per_s", "redis_bytes_per_task", "worker_rss", "worker_cpu_us_per_task")
+    summary = {lib: {k: med(lib, k) for k in keys}
                for lib in libs if results.get(lib)}
     peers = [lib for lib in summary if lib != "ours" and lib not in VARIANT_OF]
     fastest = max(peers, key=lambda x: summary[x]["tasks_per_s"]) if peers else None
     leanest = min(peers, key=lambda x: summary[x]["redis_bytes_per_task"]) if peers else None
     print(f"catzilla_tasks distributed mode vs peers - {n:,} no-op tasks, one producer + one worker process, "
           f"one local Redis, Python {platform.python_version()}, {os.cpu_count()} CPUs, median of {a.runs}")
-    print(f"{'contender':<10} {'tasks/s':>9} {'seconds':>8} {'Redis B/task':>13} {'worker RSS MiB':>15}  configuration")
+    print(f"{'contender':<10} {'tasks/s':>9} {'seconds':>8} {'Redis B/task':>13} {'worker RSS MiB':>15} {'CPU us/task':>12}  configuration")
     for lib in libs:
         if lib not in summary:
             print(f"{lib:<10} {'n/a':>9}  {errors.get(lib, 'no result')}")
             continue
         s = summary[lib]
         print(f"{lib:<10} {s['tasks_per_s']:>9.0f} {s['seconds']:>8.2f} {s['redis_bytes_per_task']:>13.0f} "
-              f"{s['worker_rss'] / 2**20:>15.1f}  {CONTENDERS[lib][1]}")
+              f"{s['worker_rss'] / 2**20:>15.1f} {s['worker_cpu_us_per_task']:>12.1f}  {CONTENDERS[lib][1]}")
     goals = {}
     if "ours" in summary and fastest:
         o = summary["ours"]

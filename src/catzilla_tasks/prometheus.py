@@ -285,7 +285,7 @@ class WorkerCollector:
             ),
             HistogramMetricFamily(
                 f"{PREFIX}_worker_task_run_seconds",
-                "Run time of tasks (a uniform sample of at most 500 tasks per heartbeat above that rate).",
+                "Run time of tasks (a uniform sample of at most 200 tasks per heartbeat above that rate).",
                 labels=t,
             ),
             HistogramMetricFamily(

@@ -16,7 +16,7 @@ reclaim (XAUTOCLAIM after the visibility timeout) takes it. A lost worker's hash
 ``retention`` seconds after its last beat; a worker that stops cleanly deletes its entry.
 
 What the heartbeat publishes comes from counters the worker keeps anyway: the committer hands
-each acknowledged batch to :class:`TaskFigures` (``record``: one dictionary update per task),
+each acknowledged batch to :class:`TaskFigures` (``record``: a count by name and outcome),
 which keeps, per task name, the outcome counts and two latency histograms (run time; queue wait
 from the moment the task became due in Redis, the stream entry's time, to its start) in the
 engine's bucket layout (``ct_hist.h``: 4 log-linear buckets per power of two from 1 µs), so any
@@ -35,8 +35,10 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from operator import attrgetter, itemgetter
+from typing import Any
 
 from .._redact import redact_text
 
@@ -59,7 +61,11 @@ ERRORS_KEPT = 20  # latest failures kept per task name
 ERRORS_TTL_S = 7 * 86400  # a task name's failure list lives this long after its last failure
 DEFAULT_RETENTION_S = 3600.0  # a lost worker's entry is dropped this long after its last beat
 HIST_BUCKETS = 128
-TIMED_PER_BEAT = 500  # most tasks a worker times per beat (a stride through them above that)
+TIMED_PER_BEAT = 200  # most tasks a worker times per beat (a stride through them above that)
+_SUCCEEDED = ("succeeded",)
+_KINDS = attrgetter("kinds")
+_MSG = attrgetter("msg")
+_NAME = itemgetter(1)
 _MIN_EXP = 10
 _ERROR_CHARS = 2000
 _TRACEBACK_CHARS = 8000
@@ -154,36 +160,56 @@ class TaskFigures:
         self._skip = 0
         self._errors: list[dict[str, Any]] = []  # failures since the last beat (capped)
 
-    def record(self, jobs: Iterable[Any]) -> None:
+    def record(self, jobs: Iterable[Any], succeeded: int | None = None) -> None:
         """Count acknowledged jobs (the worker's ``_Job``: ``msg``, ``kinds``, ``handle``,
-        ``error``, ``eid``); a job whose outcome was not stored has empty ``kinds``."""
-        names = self._names
+        ``error``, ``eid``); a job whose outcome was not stored has empty ``kinds`` (counted
+        under them, which no figure reads). ``succeeded``: how many of them succeeded, when
+        the caller knows (the commit counted them): all of them spares a pass over the jobs."""
+        if not isinstance(jobs, list):
+            jobs = list(jobs)
         with self._lock:
-            skip = self._skip
-            last: Any = None  # (consecutive jobs mostly share a name: one lookup for a run of them)
-            out: dict[tuple[str, ...], int] = {}
-            f = None
-            for j in jobs:
-                msg = j.msg
-                name = msg[1] if msg else "?"
-                if name is not last:
-                    f = names.get(name)
-                    if f is None:
-                        f = names[name] = _Name()
-                    out = f.outcomes
-                    last = name
-                kinds = j.kinds
-                out[kinds] = out.get(kinds, 0) + 1
-                if kinds and kinds[0] != "succeeded" and ("dead_lettered" in kinds or "retried" in kinds):
-                    self._failure(j, name, kinds)
-                if skip:
-                    skip -= 1
-                    continue
-                skip = self._stride - 1
-                h = j.handle
-                if h is not None and kinds:
-                    self._time(cast(_Name, f), j, h)
-            self._skip = skip
+            if succeeded is None:
+                kinds_seen = Counter(map(_KINDS, jobs))
+                all_ok = len(kinds_seen) == 1 and _SUCCEEDED in kinds_seen
+            else:
+                all_ok = succeeded == len(jobs)
+            if all_ok:
+                # the common batch, all succeeded: counted by name in C loops
+                try:
+                    by_name = Counter(map(_NAME, map(_MSG, jobs)))
+                except TypeError:  # a job without a message (never one that succeeded)
+                    self._count_each(jobs)
+                else:
+                    for name, n in by_name.items():
+                        out = self._name(name).outcomes
+                        out[_SUCCEEDED] = out.get(_SUCCEEDED, 0) + n
+            else:
+                self._count_each(jobs)
+            # timed: a stride through the tasks (1 when fewer than the budget finish per beat)
+            stride = self._stride
+            start = self._skip
+            for j in jobs[start::stride]:
+                if j.handle is not None and j.kinds:
+                    msg = j.msg
+                    self._time(self._name(msg[1] if msg else "?"), j, j.handle)
+            n = len(jobs)
+            self._skip = start - n if start >= n else (stride - 1 - (n - 1 - start) % stride)
+
+    def _name(self, name: str) -> _Name:
+        f = self._names.get(name)
+        if f is None:
+            f = self._names[name] = _Name()
+        return f
+
+    def _count_each(self, jobs: list[Any]) -> None:
+        for j in jobs:
+            msg = j.msg
+            name = msg[1] if msg else "?"
+            kinds = j.kinds
+            out = self._name(name).outcomes
+            out[kinds] = out.get(kinds, 0) + 1
+            if kinds and kinds[0] != "succeeded" and ("dead_lettered" in kinds or "retried" in kinds):
+                self._failure(j, name, kinds)
 
     @staticmethod
     def _time(f: _Name, j: Any, h: Any) -> None:

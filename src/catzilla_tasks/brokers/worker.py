@@ -971,7 +971,7 @@ class Worker:
                         if v:
                             self.counts[k] += v
                     if self.figures is not None:
-                        self.figures.record(jobs)
+                        self.figures.record(jobs, counts["succeeded"])
                 except Exception:
                     log.exception(
                         "committing %d task outcomes failed; they stay pending in Redis and will be redelivered",
