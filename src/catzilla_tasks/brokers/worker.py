@@ -174,7 +174,7 @@ class _Job:
         "call",
         "claim",
         "defer",
-        "kinds",
+        "kinds",  # set by _commit: the counters its outcome moved, () if not stored (registry.TaskFigures)
     )
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
@@ -193,7 +193,6 @@ class _Job:
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
-        self.kinds: tuple[str, ...] = ()  # the counters its committed outcome moved (registry.TaskFigures)
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
