@@ -174,8 +174,9 @@ class _Job:
         "call",
         "claim",
         "defer",
-        "kinds",  # set by _commit: the counters its outcome moved, () if not stored (registry.TaskFigures)
+        "kinds",
     )
+    kinds: tuple[str, ...]  # set by _commit: the counters its outcome moved, () if not stored (registry.py)
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
