@@ -112,6 +112,9 @@ def test_queues_lists_every_queue_with_its_depths(cluster, redis_url, prefix, ca
         assert (newest["name"], newest["priority"]) == ("u", "high")
         assert (oldest["name"], oldest["priority"]) == ("t", "critical")
         assert "pw" not in newest["error"] and "***" in newest["error"]
+        with ClusterView(redis_url, prefix=prefix) as view:
+            assert view.redrive("emails", [newest["id"]]) == 1
+            assert [d["id"] for d in view.dead_letters("emails")] == [oldest["id"]]
     finally:
         other.shutdown(wait_for_completion=False)
 

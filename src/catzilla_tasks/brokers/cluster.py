@@ -1,6 +1,6 @@
 """The read side of the cluster: what every worker published, and what the queues hold.
 
-``ClusterView(url_or_broker)`` reads Redis only (it never changes a queue); the CLI commands
+``ClusterView(url_or_broker)`` reads Redis (only ``redrive`` changes a queue); the CLI commands
 (``workers``, ``queues``, ``inspect``), the Prometheus exporter and the dashboard use it:
 
 * :meth:`ClusterView.workers`: every registered worker with its figures and ``state``
@@ -13,7 +13,8 @@
   (tasks finished per second, over the alive workers' last beat), run-time and queue-wait
   percentiles from the merged histograms, the latest failures;
 * :meth:`ClusterView.inspect`: one task by id (its result, or where it waits);
-* :meth:`ClusterView.dead_letters`: a queue's dead letters, newest first.
+* :meth:`ClusterView.dead_letters`: a queue's dead letters, newest first, and
+  :meth:`ClusterView.redrive` to put them back in their queue (the one method that writes).
 
 Queues are found in the registry (every queue a worker served) and by a SCAN of the keys that
 look like a queue's (``P:<queue>:q0`` ... ``P:<queue>:dead``), so a queue that only producers
@@ -381,6 +382,27 @@ class ClusterView:
                 }
             )
         return out
+
+    def redrive(self, queue: str, ids: list[str] | None = None) -> int:
+        """Put dead letters of ``queue`` back in its streams (all when ``ids`` is None; see
+        ``RedisBroker.redrive``); returns how many were moved. (The one method here that
+        changes a queue: for the dashboard's re-drive.)"""
+        from .redis import RedisBroker
+
+        b = self.broker
+        if queue == b.queue:
+            return b.redrive(ids)
+        other = RedisBroker(
+            b.url,
+            queue=queue,
+            prefix=b.prefix,
+            serializer=b.serializer.name,
+            allow_pickle=b.serializer.allow_pickle,
+        )
+        try:
+            return other.redrive(ids)
+        finally:
+            other.close()
 
     # -- one task --------------------------------------------------------------------------
     def inspect(self, task_id: str, scan_limit: int = 1_000_000) -> dict[str, Any]:
