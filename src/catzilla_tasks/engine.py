@@ -703,7 +703,7 @@ class BackgroundTasks(_engine.Engine):
                 if res is not None:
                     return res
             if native is not None and native.require:  # never as Python: CompileError says why
-                native.refuse_batch(inp, plain)
+                mapping.refuse_batch(native, inp, plain)
             method_of = _native_of(getattr(func, "__func__", None))
             if native is None and method_of is not None:
                 method_of.refuse_method(func)

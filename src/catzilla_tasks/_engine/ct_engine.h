@@ -41,6 +41,8 @@ enum ct_status {
 #define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
 #define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
 #define CT_F_KWNAMES   0x800u  /* module.c: arg ends with the keyword names (vectorcall style) */
+#define CT_F_INLINE    0x1000u /* run by a worker waiting for it (ct_task_claim), not by the one that
+                                  pops it: the popper only drops it (ct_engine_drop_claimed) */
 #define CT_F_OBSERVED  0x8000u /* module.c: someone read the outcome (a failure is then not logged) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
@@ -301,6 +303,16 @@ void ct_engine_note_exec(ct_engine *e, uint64_t ns, size_t ntasks);
 ct_task *ct_task_new(void);
 /* PENDING -> RUNNING for worker w. Returns 0 if the task was cancelled meanwhile. */
 int ct_task_begin(ct_task *t, int worker_id);
+/* A worker waiting for t runs it itself, on its own thread ("help while waiting"): PENDING ->
+ * RUNNING for worker_id, marked CT_F_INLINE, in one compare-and-swap, so neither the worker that
+ * pops it (from a queue or a batch) nor cancel() can take it too. 1 if claimed. The node stays
+ * where it is queued; the claimer runs it as a popper would, holding a node reference and one
+ * count of running of its own (ct_engine_hold). Never for a node that could be queued again
+ * while it still sits in a queue (a retry). */
+int ct_task_claim(ct_task *t, int worker_id);
+/* A popped node that its waiter claimed (CT_F_INLINE): count it out of running and drop the
+ * engine's reference; 1 if it was one (the popper must do nothing else with it), else 0. */
+int ct_engine_drop_claimed(ct_engine *e, ct_task *t);
 /* Terminal state for a task that was running on e: counters, waiters woken.
  * Returns the state word before the change (so the caller sees CT_F_CALLBACKS). */
 uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status);

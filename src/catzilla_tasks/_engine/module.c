@@ -654,6 +654,8 @@ static PyObject *run_native(ct_task *t) {
     return PyObject_CallObject((PyObject *)t->fn, PyTuple_GET_ITEM(a, 1));
 }
 
+static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
+
 /* Run one task of a batch (GIL held). now = the clock at its start; returns the clock at
  * its end (one clock read per task). */
 static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
@@ -663,14 +665,25 @@ static uint64_t run_one(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t no
         Py_END_ALLOW_THREADS
         return ct_now_ns();
     }
+    /* run by a worker that waited for it (help_run): only dropped here */
+    if (CT_UNLIKELY(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_INLINE) &&
+        ct_engine_drop_claimed(eng->e, t))
+        return now;
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);   /* no longer queued */
     if (!ct_task_begin(t, w->id)) {
+        if (ct_engine_drop_claimed(eng->e, t)) return now;   /* claimed just now */
         ts_store(&t->t_start, 0);
         complete_py(eng, t, CT_CANCELLED, NULL);  /* already cancelled: counted out, callbacks run */
         return now;
     }
+    return run_attempt(w, eng, t, now);
+}
+
+/* An attempt of a task this worker has started (RUNNING for it): the call, its outcome, the
+ * retry or the end. */
+static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
     t->attempt++;
     ConfigObject *cfg = (ConfigObject *)t->cfg;
     /* (a process-isolated task's timeout is enforced by its pool, which kills the child) */
@@ -826,8 +839,9 @@ static void hook_on_timer(ct_engine *e, ct_timer_entry *en) {
         uint32_t wid = st >> CT_WORKER_SHIFT;
         ConfigObject *cfg = (ConfigObject *)t->cfg;
         if (en->kind == CT_TIMER_TIMEOUT) {
-            atomic_fetch_or(&t->state, CT_F_TIMEDOUT);
-            if (st & CT_F_ASYNC) {
+            if (atomic_fetch_or(&t->state, CT_F_TIMEDOUT) & CT_F_TIMEDOUT) {
+                /* its own wait() for a task already raised its TaskTimeout (wait_node_in_worker) */
+            } else if (st & CT_F_ASYNC) {
                 ResultObject *h = result_wrap(eng, t);
                 PyObject *r = h && g_cancel_async
                                   ? PyObject_CallFunctionObjArgs(g_cancel_async, (PyObject *)eng, (PyObject *)h, NULL)
@@ -1072,7 +1086,10 @@ static int parse_timeout(PyObject *timeout, uint64_t *deadline, const char *fnam
 /* A worker blocks on another task (a task waiting for a task): the engine starts a stand-in
  * worker for as long as it waits, so the task it waits for (queued, or in this worker's own
  * batch, which the stand-in steals) can run even when every worker waits so. A wait that
- * cannot finish at all is refused: a task waiting for itself. */
+ * cannot finish at all is refused: a task waiting for itself. The running task's timeout_ms
+ * bounds the wait too: past it, the wait raises the task's TaskTimeout (the timer cannot
+ * interrupt a thread blocked here). */
+static _Thread_local int tl_no_standin;   /* the last wait here could not start a stand-in */
 static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
     if (t == tl_current) {
         PyErr_SetString(PyExc_RuntimeError,
@@ -1080,13 +1097,36 @@ static int wait_node_in_worker(ct_task *t, uint64_t deadline) {
         return -1;
     }
     ct_engine *e = tl_worker->engine;
-    int added, rc;
+    ct_task *me = tl_current;
+    ConfigObject *mc = me && tl_current_engine && tl_current_engine->e == e ? (ConfigObject *)me->cfg : NULL;
+    uint64_t mine = mc && mc->timeout_ns > 0 && !mc->isolation ? ts_load(&me->t_start) + (uint64_t)mc->timeout_ns : 0;
+    int added, rc, over = 0;
     Py_BEGIN_ALLOW_THREADS   /* starting and retiring threads: never with the GIL held */
     added = ct_engine_block_begin(e);
-    rc = ct_task_wait(t, deadline);
+    for (;;) {
+        uint64_t until = mine && (!deadline || mine < deadline) ? mine : deadline;
+        rc = ct_task_wait(t, until);
+        if (rc == CT_OK) break;
+        uint64_t now = ct_now_ns();
+        if (mine && now >= mine) {
+            over = 1;
+            break;
+        }
+        if (deadline && now >= deadline) break;
+    }
     ct_engine_block_end(e, added);
     Py_END_ALLOW_THREADS
-    return rc == CT_OK ? 0 : 1;
+    tl_no_standin = !added;
+    if (rc == CT_OK) return 0;
+    if (over && g_task_timeout) {
+        /* as the timer would have: this attempt timed out (the timer, when it fires, sees the
+         * flag and injects nothing; what it injected if it came first is withdrawn) */
+        atomic_fetch_or(&me->state, CT_F_TIMEDOUT);
+        PyThreadState_SetAsyncExc(tl_worker->thread_ident, NULL);
+        PyErr_SetNone(g_task_timeout);
+        return -1;
+    }
+    return 1;
 }
 
 /* A time option in ms (TaskConfig) to ns. NaN and negative values are refused. Past
@@ -1175,6 +1215,41 @@ static PyObject *node_outcome(ResultObject *self) {
     }
 }
 
+/* Help while waiting: a worker about to wait for a task of its own engine that nobody has
+ * started yet runs it itself, now, on this thread (ct_task_claim takes it out of its queue or
+ * batch atomically; the worker that pops it later only drops it), as a popper would: its
+ * priority's place is skipped, its stats, callbacks, timeout and outcome are the same. So a
+ * chain of tasks waiting on tasks needs no thread per link. Not when the running task has a
+ * timeout_ms (its wait must stay interruptible), when the waited task may retry (a retry
+ * queues the node again, which may still sit in a queue), when the engine is paused, or past
+ * HELP_MAX_DEPTH nested runs (the C stack): the wait then gets a stand-in worker. */
+#define HELP_MAX_DEPTH 48
+static _Thread_local int tl_help_depth;
+static void help_run(EngineObject *eng, ct_task *t) {
+    ct_worker *w = tl_worker;
+    if (!eng || w->engine != eng->e || t == tl_current || tl_help_depth >= HELP_MAX_DEPTH) return;
+    if (t->kind != CT_KIND_PY && t->kind != CT_KIND_NATIVE && t->kind != CT_KIND_PY_C) return;
+    ConfigObject *c = (ConfigObject *)t->cfg, *mc = tl_current ? (ConfigObject *)tl_current->cfg : NULL;
+    if ((c && c->max_retries > 0) || (mc && mc->timeout_ns > 0) || atomic_load(&eng->e->paused)) return;
+    if (ct_task_status(t) != CT_PENDING || !ct_task_claim(t, w->id)) return;
+    /* this thread's task (its call is suspended in this wait) is put back afterwards */
+    ct_task *cur = tl_current, *in_call = atomic_load_explicit(&w->in_call, memory_order_relaxed);
+    EngineObject *cur_eng = tl_current_engine;
+    uint64_t since = atomic_load_explicit(&w->current_since, memory_order_relaxed), now = ct_now_ns();
+    ct_task_incref(t);          /* dropped by its end, as a popper's */
+    ct_engine_hold(eng->e);     /* counted out by its end; the popper counts out its own */
+    ts_store(&t->t_start, now);
+    atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
+    if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);
+    tl_help_depth++;
+    run_attempt(w, eng, t, now);
+    tl_help_depth--;
+    tl_current = cur;
+    tl_current_engine = cur_eng;
+    atomic_store_explicit(&w->in_call, in_call, memory_order_relaxed);
+    atomic_store_explicit(&w->current_since, since, memory_order_relaxed);
+}
+
 static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"timeout", NULL};
     PyObject *timeout = Py_None;
@@ -1192,15 +1267,24 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
                         "`await result` instead");
         return NULL;
     }
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */
+        help_run(self->engine, self->t);
+    tl_no_standin = 0;
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
     if (rc > 0) {
+        uint32_t s = ct_task_status(self->t);   /* read once: the message says what it was */
+        if (CT_IS_TERMINAL(s)) return node_outcome(self);   /* it ended just as the wait did */
         PyObject *id = node_id(self->engine, self->t);
-        PyObject *st = status_member(ct_task_status(self->t));
+        PyObject *st = status_member(s);
         PyErr_Format(PyExc_TimeoutError,
                      "task %U did not finish within %R s (status %S); call wait() again with a longer "
-                     "timeout, or cancel() it",
-                     id, timeout, st);
+                     "timeout, or cancel() it%s",
+                     id, timeout, st,
+                     tl_no_standin ? " (this task waits in a worker and no stand-in worker could be started: "
+                                     "every thread the engine may have is taken, possibly by tasks waiting on "
+                                     "each other, a deadlock; raise max_workers or do not wait on tasks in tasks)"
+                                   : "");
         Py_XDECREF(id);
         Py_XDECREF(st);
         return NULL;
