@@ -167,7 +167,9 @@ def test_in_process_worker_registers_and_deregisters_and_bad_interval_is_refused
         w.ready.wait(10)
         view = ClusterView(b)
         wait_until(lambda: [x["id"] for x in view.workers()] == [w.consumer], 10, "registered")
-        assert b.redis.sismember(cluster_key(prefix, "queues"), "default")
+        assert view.queue_names(scan=False) == ["default"]
+        for key in b.redis.scan_iter(f"{prefix}:cluster:*"):  # every registry key expires
+            assert b.redis.pttl(key) > 0, key
     finally:
         w.stop()
         t.join(20)

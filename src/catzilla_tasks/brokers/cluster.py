@@ -16,7 +16,7 @@
 * :meth:`ClusterView.dead_letters`: a queue's dead letters, newest first, and
   :meth:`ClusterView.redrive` to put them back in their queue (the one method that writes).
 
-Queues are found in the registry (every queue a worker served) and by a SCAN of the keys that
+Queues are found in the registry (every queue a registered worker serves) and by a SCAN of the keys that
 look like a queue's (``P:<queue>:q0`` ... ``P:<queue>:dead``), so a queue that only producers
 have used shows too. The depths per priority of the delayed set and of the dead letters are
 counted by a read-only script in slices (``SCAN_SLICE`` members per call), so a big set never
@@ -216,8 +216,8 @@ class ClusterView:
 
     # -- queues ----------------------------------------------------------------------------
     def queue_names(self, scan: bool = True) -> list[str]:
-        """Queues the workers registered, and (``scan``) those whose keys exist."""
-        names = {_s(q) for q in cast("set[bytes]", self.r.smembers(cluster_key(self.prefix, "queues")))}
+        """Queues the registered workers serve, and (``scan``) those whose keys exist."""
+        names = {q for w in self._raw_workers() for q in w["queues"]}
         if scan:
             pat = _glob_escape(self.prefix) + ":*"
             start = len(self.prefix) + 1

@@ -4,16 +4,18 @@ A :class:`Heartbeat` thread per worker writes, every ``interval`` seconds, one p
 Redis (``P`` = the broker's prefix)::
 
     P:cluster:workers          sorted set: worker id -> its last beat (epoch ms)
-    P:cluster:worker:<id>      hash: the worker's figures (FIELDS below), PEXPIRE'd
-    P:cluster:queues           set: every queue a worker has served
+    P:cluster:worker:<id>      hash: the worker's figures (see Heartbeat.fields)
     P:cluster:errors:<name>    list: the latest failures of task <name> (JSON, newest first,
-                               at most ERRORS_KEPT; redacted), PEXPIRE'd ERRORS_TTL_S
+                               at most ERRORS_KEPT; redacted)
     P:cluster:errors           sorted set: task name -> its latest failure (epoch ms)
 
 A worker whose last beat is older than ``LOST_AFTER_BEATS`` of its own intervals is *lost*
 (killed, frozen, cut off): what it held stays pending in the streams, where the live workers'
-reclaim (XAUTOCLAIM after the visibility timeout) takes it. A lost worker's hash expires
-``retention`` seconds after its last beat; a worker that stops cleanly deletes its entry.
+reclaim (XAUTOCLAIM after the visibility timeout) takes it. Every key expires: a worker's
+hash and the workers' sorted set ``LOST_AFTER_BEATS`` intervals plus ``retention`` (default:
+10 visibility timeouts, as a dead worker's consumer in the streams' group) after the last beat
+that wrote them; the failures of a name ``errors_ttl`` (default: the broker's ``result_ttl``,
+at least ``retention``) after its last failure. A worker that stops cleanly deletes its entry.
 
 What the heartbeat publishes comes from counters the worker keeps anyway: the committer hands
 each acknowledged batch to :class:`TaskFigures` (``record``: a count by name and outcome),
@@ -58,8 +60,7 @@ log = logging.getLogger("catzilla_tasks.worker")
 
 LOST_AFTER_BEATS = 3  # a worker silent for this many of its intervals is lost
 ERRORS_KEPT = 20  # latest failures kept per task name
-ERRORS_TTL_S = 7 * 86400  # a task name's failure list lives this long after its last failure
-DEFAULT_RETENTION_S = 3600.0  # a lost worker's entry is dropped this long after its last beat
+RETENTION_VISIBILITY_TIMEOUTS = 10  # a lost worker's entry: dropped this many visibility timeouts after its last beat
 HIST_BUCKETS = 128
 TIMED_PER_BEAT = 200  # most tasks a worker times per beat (a stride through them above that)
 _SUCCEEDED = ("succeeded",)
@@ -319,11 +320,19 @@ class Heartbeat:
     """Registers ``worker`` in Redis and beats every ``interval`` seconds on a thread of its
     own; ``stop()`` deregisters it (``deregister=False``: leaves it to be seen as lost)."""
 
-    def __init__(self, worker: Any, interval: float = 2.0, retention: float = DEFAULT_RETENTION_S) -> None:
+    def __init__(
+        self, worker: Any, interval: float = 2.0, retention: float | None = None, errors_ttl: float | None = None
+    ) -> None:
+        broker = worker.broker
         self.worker = worker
         self.interval = float(interval)
-        self.retention = float(retention)
-        broker = worker.broker
+        vt = float(getattr(broker, "visibility_timeout", 60.0))
+        self.retention = float(retention) if retention is not None else RETENTION_VISIBILITY_TIMEOUTS * vt
+        self.errors_ttl = (
+            float(errors_ttl)
+            if errors_ttl is not None
+            else max(float(getattr(broker, "result_ttl", 0.0)), self.retention)
+        )
         self.prefix: str = broker.prefix
         self.id: str = worker.consumer
         self.queues: list[str] = list(getattr(broker, "queues", None) or [broker.queue])
@@ -400,12 +409,13 @@ class Heartbeat:
         fields, errors = self.fields()
         now_ms = int(time.time() * 1000)
         keep_ms = int((LOST_AFTER_BEATS * self.interval + self.retention) * 1000)
-        pipe = self._r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=True)  # (atomic: no key is ever left without its TTL)
         pipe.hset(self._hash, mapping=fields)
         pipe.pexpire(self._hash, keep_ms)
         pipe.zadd(self._zset, {self.id: now_ms})
         pipe.zremrangebyscore(self._zset, "-inf", now_ms - keep_ms)  # long-lost workers
-        pipe.sadd(cluster_key(self.prefix, "queues"), *self.queues)
+        pipe.pexpire(self._zset, keep_ms)  # (gone keep_ms after the last beat of any worker)
+        errors_ms = max(1, int(self.errors_ttl * 1000))
         by_name: dict[str, list[str]] = {}
         for e in errors:
             by_name.setdefault(e["task"], []).append(json.dumps({**e, "worker": self.id, "queue": self.queues[0]}))
@@ -413,11 +423,12 @@ class Heartbeat:
             key = cluster_key(self.prefix, "errors", name)
             pipe.lpush(key, *items)
             pipe.ltrim(key, 0, ERRORS_KEPT - 1)
-            pipe.pexpire(key, ERRORS_TTL_S * 1000)
+            pipe.pexpire(key, errors_ms)
         if by_name:
             zkey = cluster_key(self.prefix, "errors")
             pipe.zadd(zkey, dict.fromkeys(by_name, now_ms))
-            pipe.zremrangebyscore(zkey, "-inf", now_ms - ERRORS_TTL_S * 1000)
+            pipe.zremrangebyscore(zkey, "-inf", now_ms - errors_ms)
+            pipe.pexpire(zkey, errors_ms)
         pipe.execute()
 
     def stop(self, deregister: bool = True) -> None:
