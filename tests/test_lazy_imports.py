@@ -156,7 +156,7 @@ def test_mapping_plain_functions_does_not_load_the_compiler():
 
 def test_the_compiler_and_isolation_packages_keep_the_names_others_import():
     # compiler/ and isolation/ are packages split by concern: what users, engine.py, mapping.py,
-    # module.c's hooks and the generated trampoline modules import stays at the package level
+    # the C engine's hooks and the generated trampoline modules import stays at the package level
     got = run("""
         import json
         from catzilla_tasks import compiler, isolation

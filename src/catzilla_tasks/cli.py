@@ -6,6 +6,8 @@
     catzilla-tasks demo-server [--port P]
     catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
     catzilla-tasks dead-letters list|redrive ...
+    catzilla-tasks schedules --app MODULE:TASKS                 (cluster-wide periodic tasks)
+    catzilla-tasks cancel TASK_ID --broker URL                  (cancel remote tasks)
     catzilla-tasks workers|queues|tasks --broker URL [--json]   (the cluster, see brokers/cluster_commands.py)
     catzilla-tasks inspect TASK_ID --broker URL [--json]
     catzilla-tasks exporter --broker URL [--port P]

@@ -26,7 +26,7 @@ __all__ = ["MapInput", "check_out", "map_native", "map_python", "python_out", "r
 
 log = logging.getLogger("catzilla_tasks.mapping")
 
-# the names of the compiled type codes (as the compiler and module.c spell them)
+# the names of the compiled type codes (as the compiler and _engine/py_native.c spell them)
 _TYPE_NAMES = {"i": "int", "f": "float", "b": "bool"}
 
 
@@ -66,7 +66,7 @@ _ITEMSIZES = {"i": 8, "f": 8, "b": 1}
 
 
 def _buffer_code(mv: memoryview, for_out: bool = False) -> str | None:
-    """The type code ("i", "f", "b") of a buffer's items, or None (see buffer_code in module.c)."""
+    """The type code ("i", "f", "b") of a buffer's items, or None (see buffer_code in _engine/py_native.c)."""
     fmt = mv.format
     if fmt[:1] in ("@", "=") or (fmt[:1] == "<" and sys.byteorder == "little"):
         fmt = fmt[1:]

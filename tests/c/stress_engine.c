@@ -13,7 +13,7 @@
  *
  * Build and run (plain; scripts/sanitizer-tests does the same under TSan and ASan+UBSan):
  *   gcc -std=c11 -O2 -g -pthread -D_GNU_SOURCE -Isrc/catzilla_tasks/_engine tests/c/stress_engine.c \
- *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not module.c)
+ *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not the py_*.c bindings)
  *   build/stress_engine [N [TESTS]]     N tasks (default 1000000), TESTS a subset of "abcdefg"
  *                                       (default "abcdefg"; e runs last whatever the order)
  * Environment: STRESS_TIMEOUT seconds per test before the watchdog aborts (default 600).
@@ -412,11 +412,10 @@ static void *canceller_b(void *arg) {
         ct_task *t = b->tasks[i];
         if (!t) continue;
         if (g_b_claim && (r & 4)) {
-            /* a waiter helping: it claims the task and runs it itself, as module.c's help_run
+            /* a waiter helping: it claims the task and runs it itself, as py_run.c's help_run
              * (the worker that pops it then only drops it: ct_engine_drop_claimed) */
-            if (ct_task_claim(t, NWORKERS + c->id)) {
+            if (ct_engine_claim(c->e, t, NWORKERS + c->id)) {
                 ct_task_incref(t);
-                ct_engine_hold(c->e);
                 ((ct_c_func)t->fn)(t->arg);
                 ct_task_finish(c->e, t, CT_SUCCEEDED);
                 ct_task_decref(NULL, t);
@@ -504,7 +503,7 @@ static void test_b(void) {
 }
 
 /* (g) as (b), and the racing threads also claim queued tasks and run them themselves (a worker
- * waiting for a task runs it: ct_task_claim), against workers popping and threads cancelling:
+ * waiting for a task runs it: ct_engine_claim), against workers popping and threads cancelling:
  * each task still runs once or is cancelled, never both, and the counters add up. */
 static void test_g(void) {
     g_b_claim = 1;

@@ -27,6 +27,7 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
     encode_error,
@@ -119,7 +120,9 @@ class Consumer:
         try:
             base = getattr(func, CONFIG_ATTR, None)
             cfg = base if isinstance(base, TaskConfig) else DEFAULT_CONFIG
-            fields = {k: v for k, v in opts.items() if k not in (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)}
+            fields = {
+                k: v for k, v in opts.items() if k not in (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE)
+            }
             if fields:
                 cfg = cfg.replace(**fields)
             if cfg.delay_ms:  # the broker applied the delay already

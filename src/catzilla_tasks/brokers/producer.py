@@ -53,7 +53,32 @@ class DistributedTasks(BackgroundTasks):
         if not isinstance(engine, cls):
             engine.__class__ = cls  # same layout: a Python subclass adding no slots
         engine.broker = broker
+        engine._redeclare_periodic()  # type: ignore[attr-defined]
         return engine  # type: ignore[return-value]
+
+    def _redeclare_periodic(self) -> None:
+        """The app's periodic tasks, declared in-process before it got its broker, become the
+        broker's schedules (fired once per tick across the cluster), with the same settings."""
+        cls = self._periodic_type()
+        for i, p in enumerate(self._periodic):
+            if type(p) is cls or p.cancelled:
+                continue
+            p.cancel()
+            q = cls(
+                self,
+                p.func,
+                every=p.every,
+                cron=p.cron,
+                tz=p.tz,
+                overlap=p.overlap,
+                args=p.args,
+                kwargs=p.kwargs,
+            )
+            self._periodic[i] = q
+            try:
+                p.func.periodic = q
+            except (AttributeError, TypeError):
+                pass
 
     # -- submission: published to the broker ------------------------------------------------
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
@@ -61,7 +86,7 @@ class DistributedTasks(BackgroundTasks):
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
         return self.broker.submit(func, args, kwargs, None)
 
-    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:  # type: ignore[override]
+    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:
         """As BackgroundTasks.options (validated the same way, at the call site), plus
         ``idempotency_key``: of the copies of a task with one key, one succeeds (see the broker
         contract)."""
@@ -70,6 +95,16 @@ class DistributedTasks(BackgroundTasks):
     def _submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, block: Any) -> Any:
         # the engine's internal submission (periodic tasks, integrations) publishes too
         return self.broker.submit(func, args, kwargs, cfg)
+
+    def _periodic_type(self) -> type:
+        # on Redis a schedule fires once per tick however many processes declare it
+        from .redis import RedisBroker
+
+        if isinstance(self.broker, RedisBroker):
+            from .schedules import ClusterPeriodicTask
+
+            return ClusterPeriodicTask
+        return super()._periodic_type()
 
     def _gates(self, *_: Any, **__: Any) -> Any:
         raise NotImplementedError(

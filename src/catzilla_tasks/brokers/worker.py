@@ -45,6 +45,7 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
 )
@@ -58,7 +59,7 @@ log = logging.getLogger("catzilla_tasks.worker")
 
 _ERRORS = None
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
-_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE)
 # XREADGROUP's reply from a client without decode_responses: [(stream, [(id, fields), ...])],
 # fields None for an entry deleted while pending
 _Read = list[tuple[bytes, list[tuple[bytes, "dict[bytes, bytes] | None"]]]]
@@ -174,6 +175,7 @@ class _Job:
         "call",
         "claim",
         "defer",
+        "cancelled",
         "kinds",
     )
     kinds: tuple[str, ...]  # set by _commit: the counters its outcome moved, () if not stored (registry.py)
@@ -194,6 +196,7 @@ class _Job:
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
+        self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -256,6 +259,11 @@ class Worker:
         self._idem_done = r.register_script(scripts.IDEM_DONE)
         self._idem_release = r.register_script(scripts.IDEM_RELEASE)
         self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
+        # issue 19: cancelled tasks (cancel.py); what a task's end lets go (task_settled.lua)
+        from .cancel import CancelWatch
+
+        self._cancels = CancelWatch(broker)
+        self._task_settled = r.register_script(scripts.TASK_SETTLED)
         self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
         self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
         self._cv = threading.Condition()
@@ -288,6 +296,7 @@ class Worker:
             "workflow_steps_skipped": 0,
             "recovered": 0,
             "not_stored": 0,
+            "cancelled": 0,
         }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
@@ -390,6 +399,7 @@ class Worker:
                 signal.signal(sig, lambda *_: self.stop())
         if not self._set_up():
             return
+        self._cancels.start()
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
@@ -406,6 +416,7 @@ class Worker:
                 if not self._past_deadline():
                     self._leave()
             finally:
+                self._cancels.stop()
                 self._returned.set()
                 self._deadline_set.set()
 
@@ -828,6 +839,10 @@ class Worker:
         if j.error is not None or j.skip or j.defer:
             self._finished(j, None)
             return
+        if j.msg[MSG_ID] in self._cancels.ids:  # cancelled (cancel.py): never runs
+            j.cancelled = True
+            self._finished(j, None)
+            return
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
@@ -841,6 +856,7 @@ class Worker:
         del args, kwargs
         msg[MSG_ARGS] = msg[MSG_KWARGS] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
+        self._cancels.track(msg[MSG_ID], h)
         h._on_done(j)
 
     def _claim(self, keyed: list[_Job]) -> None:
@@ -978,6 +994,9 @@ class Worker:
                         len(jobs),
                     )
                 n = len(jobs)
+                for j in jobs:
+                    if j.handle is not None:
+                        self._cancels.untrack(j.msg[MSG_ID])
                 with self._cv:
                     for j in jobs:
                         self._owned.pop(j.eid, None)
@@ -1029,6 +1048,7 @@ class Worker:
             for j, kinds in zip(jobs, all_kinds, strict=True):
                 if j.claim is not None and "settled" not in kinds:
                     self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
+        self._settle(pipe, jobs, all_kinds, ctx[0])
         self._queue_acks(pipe, acks)
         # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
         # another worker could by then run those tasks again anyway)
@@ -1068,6 +1088,27 @@ class Worker:
                     counts[k] += 1
         counts["not_stored"] += lost
         return (later if any(later) else None), counts
+
+    def _settle(self, pipe: Any, jobs: list[_Job], all_kinds: list[tuple[str, ...]], ttl_ms: int) -> None:
+        """Tasks that ended for good (not retried, not waiting for their key) let go of what
+        refers to them: their idempotency key's submit record keeps no longer than their result
+        (dedup.py), their schedule's run-in-progress marker goes (schedules.py)."""
+        b = self.broker
+        for j, kinds in zip(jobs, all_kinds, strict=True):
+            opts = _options(j.msg) if j.msg else None
+            if not opts or not isinstance(opts, dict) or "retried" in kinds or "deferred_idempotent" in kinds:
+                continue
+            key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
+            if key is None and sched is None:
+                continue
+            self._task_settled(
+                keys=[
+                    b.dedup_key(str(key)) if key is not None else "",
+                    b.schedule_key(str(sched)) + ":run" if sched is not None else "",
+                ],
+                args=[str(j.msg[MSG_ID]), ttl_ms],
+                client=pipe,
+            )
 
     def _ack(self, acks: list[list[bytes]]) -> None:
         pipe = self._r.pipeline(transaction=True)
@@ -1145,6 +1186,8 @@ class Worker:
             return ("deferred_idempotent",)
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
+        if j.cancelled or (j.wf is None and j.msg and j.msg[MSG_ID] in self._cancels.ids):
+            return ("cancelled",)  # its CANCELLED outcome was recorded by the cancel (cancel.py)
         if j.skip:
             if ttl_ms and j.first != j.msg[MSG_ID]:
                 ser = b.serializer.same_format(j.payload)

@@ -12,8 +12,8 @@ The package, by concern:
   the checked operations it calls, ``_math_names`` the ``math`` functions they cover);
 * ``codegen``: ``TaskCompiler``, the trampoline template and one compiled signature (``_Spec``);
 * ``cache``: the on-disk cache (keys, trust rules, atomic writes, loading);
-* ``native``: ``NativeTask`` (what ``@task`` attaches), the background compile thread and the
-  hooks module.c calls (installed when this package is imported).
+* ``native``: ``NativeTask`` (what ``@task`` attaches), the background compile thread and what
+  the C engine calls (``NativeTask._engine_prepare``; ``_task_reason`` through ``_hooks.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Generating and compiling the native code: ``TaskCompiler`` (explain, compile), the trampoline
 template (a numba ``cfunc`` the engine's C workers call), and ``_Spec``, one compiled signature
-(its C address and how to pack a call block for module.c)."""
+(its C address and how to pack a call block for _engine/py_native.c)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Native tasks: what ``@task(compile_to_c=...)`` attaches (``NativeTask``, one per function,
-its compiled versions per argument types), the background compile thread, the hooks module.c
-calls (``_prepare`` builds a call's block, ``_task_reason`` says why a task ran as Python), and
+its compiled versions per argument types), the background compile thread, what the C engine
+calls (``NativeTask._engine_prepare`` builds a call's block; ``_task_reason``, through the
+``native_reason`` hook of ``_hooks.py``, says why a task ran as Python), and
 the public helpers on tasks (``precompile``, ``explain``, ``wait_for_background``, ``native_of``)."""
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .. import _engine
 from ..errors import CompileError
 from ._common import _CODES, _Cannot, _global_names, _names, log
 from .codegen import TaskCompiler, _Spec, default_compiler
@@ -214,6 +214,16 @@ class NativeTask:
             return None
         return block, pos
 
+    def _engine_prepare(self, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
+        """Called by the C engine (enqueue_native, _engine/py_native.c) when a task compiled to
+        native code is queued: the call block and the arguments, or None (it runs as Python)."""
+        if func is not self.func:
+            # a bound method of the task (the engine finds the function's config through it): its
+            # arguments lack self, which is an object; the native code never sees it
+            self.refuse_method(func)
+            return None
+        return self.prepare(args, kwargs)
+
     def refuse_method(self, method: Any) -> None:
         """A bound method of the task is called (add_task, map): it runs as Python, since
         self is an object; with compile_to_c="require", CompileError."""
@@ -228,17 +238,9 @@ class NativeTask:
 _NATIVE: weakref.WeakKeyDictionary[Callable[..., Any], NativeTask] = weakref.WeakKeyDictionary()
 
 
-def _prepare(native: NativeTask, args: tuple, kwargs: dict | None, func: Any) -> tuple[bytearray, tuple] | None:
-    if func is not native.func:
-        # a bound method of the task (the engine finds the function's config through it): its
-        # arguments lack self, which is an object; the native code never sees it
-        native.refuse_method(func)
-        return None
-    return native.prepare(args, kwargs)
-
-
 def _task_reason(func: Any, ran_native: bool) -> str | None:
-    """For TaskResult.get_stats()["compile_reason"]: why this task ran as Python (None if native)."""
+    """For TaskResult.get_stats()["compile_reason"]: why this task ran as Python (None if native).
+    The engine's native_reason hook (_hooks.py) calls it once this module is loaded."""
     if ran_native:
         return None
     native = native_of(func)
@@ -261,9 +263,6 @@ def _task_reason(func: Any, ran_native: bool) -> str | None:
             f"({', '.join(getattr(t, '__name__', str(t)) for t in k)}): {why}" for k, why in native.fallbacks.items()
         )
     return "its arguments did not fit a compiled signature (keywords that do not bind, or an int beyond int64)"
-
-
-_engine._set_native_hooks(_prepare, _task_reason)
 
 
 def attach(func: Any, cfg: Any, compile_to_c: Any) -> Any:
