@@ -12,6 +12,7 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:sched:<name>   a cluster-wide periodic task: next due time, last run... (see schedules.py)
     P:Q:cancelled      ids of cancelled tasks (see cancel.py), announced on channel P:Q:cancel
     P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
+    P:cluster:...      the cluster registry: workers, their figures, recent failures (registry.py)
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
 priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
@@ -106,7 +107,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc")
+_KEY_KINDS = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc", "cluster")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -134,7 +135,8 @@ class RedisBroker(Broker):
     password in the URL as ``redis://:secret@host:6379/0``).
 
     * ``queue``: the name of this set of streams; producers and workers of one queue share them
-      (not ``r``, ``done``, ``claim`` or ``wf``: those name other keys under the prefix).
+      (not ``r``, ``done``, ``claim``, ``wf``, ``idem``, ``p``, ``rl``, ``cc`` or ``cluster``: those name other
+      keys under the prefix).
     * ``serializer``: ``"msgpack"`` (default) or ``"json"``; ``"pickle"`` only together with
       ``allow_pickle=True`` (anyone who can write to the Redis could then run code in workers).
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).

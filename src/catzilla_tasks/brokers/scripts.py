@@ -89,3 +89,9 @@ UNSCHEDULE = _load("unschedule.lua")
 RATE_LIMIT = _load("rate_limit.lua")
 
 CONCURRENCY = _load("concurrency.lua")
+
+# -- the cluster view (cluster.py): read-only scans of a stream or a delayed set, in slices ----
+
+SCAN_STREAM = _load("scan_stream.lua")
+
+SCAN_DELAYED = _load("scan_delayed.lua")
