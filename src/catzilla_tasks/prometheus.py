@@ -260,8 +260,8 @@ def _sparse_buckets(hist: Mapping[Any, int]) -> list[tuple[str, float]]:
 class WorkerCollector:
     """The figures of one distributed-mode worker (``brokers.Worker``), read at scrape time:
     tasks by outcome, run time and queue wait per task name, tasks in flight, concurrency,
-    resident memory. Labels: ``queue``, ``worker`` (its id, as ``catzilla-tasks workers`` shows
-    it) and ``task``. The worker's engine is exposed too (TasksCollector's families)."""
+    resident memory. Labels: ``queue`` (a worker of several queues: their names joined by ","),
+    ``worker`` (its id, as ``catzilla-tasks workers`` shows it) and ``task``. The worker's engine is exposed too (TasksCollector's families)."""
 
     def __init__(self, worker: Any) -> None:
         if getattr(worker, "figures", None) is None:
@@ -303,7 +303,8 @@ class WorkerCollector:
         from .brokers.registry import _rss_bytes
 
         wk = self._worker
-        queue, wid = str(wk.broker.queue), str(wk.consumer)
+        # (a worker of several queues, brokers.routing.MultiQueueWorker: its queues joined by ",")
+        queue, wid = ",".join(getattr(wk, "weights", None) or [str(wk.broker.queue)]), str(wk.consumer)
         fams = self._families()
         for name, f in sorted(wk.figures.totals().items()):
             labels = [queue, wid, name]

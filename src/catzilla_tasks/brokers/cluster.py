@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from .._redact import redact_text, redact_url
-from ..config import TaskPriority
+from ..config import RESERVED_QUEUE_NAMES, TaskPriority
 from . import scripts
 from .registry import LOST_AFTER_BEATS, cluster_key, merge, percentile
 
@@ -41,7 +41,11 @@ SCAN_SLICE = 2000  # members or entries one script call reads
 _PRIORITIES = [p.name.lower() for p in TaskPriority]  # by index: critical, high, normal, low
 _QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99))
 # the second part of keys under the prefix that are not a queue's (redis._KEY_KINDS)
-_NOT_QUEUES = ("r", "done", "claim", "wf", "idem", "cluster")
+_NOT_QUEUES = RESERVED_QUEUE_NAMES
+# kinds of key under a queue's name that are not its streams or delayed set, though they may end
+# like one: P:<queue>:cp:<limit> is a sorted set of tasks parked by a concurrency limit
+# (ratelimit.py), its limit key perhaps "delayed"
+_NOT_QUEUE_PARTS = ("cp",)
 _STREAM_SUFFIXES = ("q0", "q1", "q2", "q3", "dead")
 
 
@@ -148,14 +152,16 @@ class ClusterView:
                 tasks = json.loads(f.get("tasks") or "{}")
                 engine = json.loads(f.get("engine") or "{}")
                 queues = json.loads(f.get("queues") or "[]")
+                weights = json.loads(f.get("weights") or "{}")
             except ValueError:
-                tasks, engine, queues = {}, {}, []
+                tasks, engine, queues, weights = {}, {}, [], {}
             out.append(
                 {
                     "id": f.get("id") or _s(m),
                     "host": f.get("host", ""),
                     "pid": _num(f.get("pid")),
                     "queues": queues,
+                    "weights": weights,
                     "concurrency": _num(f.get("concurrency")),
                     "in_flight": _num(f.get("in_flight")),
                     "processed": _num(f.get("processed")) or 0,
@@ -196,7 +202,8 @@ class ClusterView:
         return out
 
     def workers(self) -> list[dict[str, Any]]:
-        """Every registered worker, alive ones first, each a dict: id, host, pid, queues,
+        """Every registered worker, alive ones first, each a dict: id, host, pid, queues (those
+        it consumes), weights (``{queue: weight}`` of a worker of several queues, else empty),
         concurrency, in_flight, processed (every finished task, failed ones included),
         succeeded, failed, retried, reclaimed, rss_bytes, started and last_seen (epoch
         seconds), interval, state (alive/lost), pending, version, and tasks (per task name:
@@ -224,7 +231,13 @@ class ClusterView:
             for kind, suffixes in (("stream", _STREAM_SUFFIXES), ("zset", ("delayed",))):
                 for key in self.r.scan_iter(match=pat, count=1000, _type=kind):
                     queue, _, suffix = _s(key)[start:].rpartition(":")
-                    if queue and suffix in suffixes and queue.partition(":")[0] not in _NOT_QUEUES:
+                    parts = queue.split(":")
+                    if (
+                        queue
+                        and suffix in suffixes
+                        and parts[0] not in _NOT_QUEUES
+                        and not any(p in _NOT_QUEUE_PARTS for p in parts[1:])
+                    ):
                         names.add(queue)
         return sorted(names)
 
@@ -411,18 +424,17 @@ class ClusterView:
         outcome is looked for in the queues (at most ``scan_limit`` entries per key): status
         ``queued``, ``in_flight`` (with the ``worker`` holding it), ``delayed`` (with ``due``)
         or ``dead`` (its dead letter's error); ``unknown`` when it is nowhere (never
-        published, or its result expired). ``progress`` is shown when the result exposes it."""
+        published, or its result expired). ``progress`` (``{"fraction", "message"}``): the task's
+        last ``set_progress()`` report, when it made one."""
         if not isinstance(task_id, str) or not task_id:
             raise ValueError(f"task_id: expected a non-empty string, got {task_id!r}")
         from .protocol import CODE_STATUS, MSG_NAME
 
         b = self.broker
         info: dict[str, Any] = {"task_id": task_id, "name": None, "status": "unknown"}
-        progress = getattr(b.result(task_id), "progress", None)
-        if callable(progress):
-            progress = progress()
+        progress = b.result(task_id).progress  # (RemoteResult: P:p:<task id>, see progress.py)
         if progress is not None:
-            info["progress"] = progress
+            info["progress"] = {"fraction": progress.fraction, "message": progress.message}
         raw = cast("bytes | None", self.r.lindex(b.result_key(task_id), 0))
         if raw is not None:
             try:

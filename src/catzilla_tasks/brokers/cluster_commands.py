@@ -92,7 +92,7 @@ def cmd_workers(args: argparse.Namespace, out: TextIO) -> int:
             w["host"],
             w["pid"],
             w["state"],
-            ",".join(w["queues"]),
+            ",".join(f"{q}:{w['weights'][q]}" if q in w.get("weights", {}) else q for q in w["queues"]),
             w["concurrency"],
             w["in_flight"],
             w["pending"],
@@ -174,6 +174,8 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
             value = info[key]
             if key == "due":
                 value = _dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+            elif key == "progress":
+                value = f"{value['fraction']:.0%}" + (f" {value['message']}" if value.get("message") else "")
             out.write(f"{key + ':':<12}{value}\n")
     if "result" in info:
         out.write(f"{'result:':<12}{info['result']!r}\n")

@@ -4,7 +4,8 @@ A :class:`Heartbeat` thread per worker writes, every ``interval`` seconds, one p
 Redis (``P`` = the broker's prefix)::
 
     P:cluster:workers          sorted set: worker id -> its last beat (epoch ms)
-    P:cluster:worker:<id>      hash: the worker's figures (see Heartbeat.fields)
+    P:cluster:worker:<id>      hash: the worker's figures (see Heartbeat.fields); a worker of
+                               several queues (``--queues``, routing.py) has one entry for all
     P:cluster:errors:<name>    list: the latest failures of task <name> (JSON, newest first,
                                at most ERRORS_KEPT; redacted)
     P:cluster:errors           sorted set: task name -> its latest failure (epoch ms)
@@ -51,6 +52,7 @@ __all__ = [
     "TaskFigures",
     "bucket",
     "bucket_upper_ns",
+    "check_interval",
     "cluster_key",
     "merge",
     "percentile",
@@ -116,6 +118,15 @@ def percentile(hist: Mapping[int, int], q: float) -> float | None:
             return (lo + (rank - seen) / c * (hi - lo)) / 1e9
         seen += c
     return bucket_upper_ns(max(hist)) / 1e9
+
+
+def check_interval(interval: Any) -> float | None:
+    """A worker's ``heartbeat_interval``: seconds from 0.01 to 3600, or None (not registered)."""
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.01 <= interval <= 3600
+    ):
+        raise ValueError(f"heartbeat_interval: must be a number of seconds from 0.01 to 3600 or None, got {interval!r}")
+    return None if interval is None else float(interval)
 
 
 def cluster_key(prefix: str, *parts: str) -> str:
@@ -254,9 +265,11 @@ class TaskFigures:
                 except Exception:
                     kind, message = type(exc).__name__, "<the error could not be described>"
         msg = j.msg
+        broker = getattr(getattr(j, "worker", None), "broker", None)  # (the queue it came from)
         self._errors.append(
             {
                 "at": time.time(),
+                "queue": getattr(broker, "queue", None),
                 "task": name,
                 "task_id": str(msg[0]) if msg else "",
                 "retried": "retried" in kinds,
@@ -335,7 +348,9 @@ class Heartbeat:
         )
         self.prefix: str = broker.prefix
         self.id: str = worker.consumer
-        self.queues: list[str] = list(getattr(broker, "queues", None) or [broker.queue])
+        # a MultiQueueWorker (routing.py): its --queues {name: weight}; a Worker: its broker's queue
+        self.weights: dict[str, int] = dict(getattr(worker, "weights", None) or {})
+        self.queues: list[str] = list(self.weights) or [broker.queue]
         self.figures: TaskFigures = worker.figures
         self.started = time.time()
         self._r = broker.redis
@@ -349,6 +364,7 @@ class Heartbeat:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": json.dumps(self.queues),
+            "weights": json.dumps(self.weights),
             "concurrency": worker.concurrency,
             "started": repr(self.started),
             "interval": repr(self.interval),
@@ -418,7 +434,8 @@ class Heartbeat:
         errors_ms = max(1, int(self.errors_ttl * 1000))
         by_name: dict[str, list[str]] = {}
         for e in errors:
-            by_name.setdefault(e["task"], []).append(json.dumps({**e, "worker": self.id, "queue": self.queues[0]}))
+            item = {**e, "worker": self.id, "queue": e.get("queue") or self.queues[0]}
+            by_name.setdefault(e["task"], []).append(json.dumps(item))
         for name, items in by_name.items():
             key = cluster_key(self.prefix, "errors", name)
             pipe.lpush(key, *items)

@@ -51,7 +51,7 @@ from .protocol import (
     STATUS_CODES,
 )
 from .redis import GROUP, RedisBroker
-from .registry import Heartbeat, TaskFigures
+from .registry import Heartbeat, TaskFigures, check_interval
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
@@ -344,18 +344,10 @@ class Worker:
         # the heartbeat thread
         self.figures: TaskFigures | None = None
         self._heartbeat_thread: Heartbeat | None = None
-        if heartbeat_interval is not None:
-            if (
-                isinstance(heartbeat_interval, bool)
-                or not isinstance(heartbeat_interval, (int, float))
-                or not 0.01 <= heartbeat_interval <= 3600
-            ):
-                raise ValueError(
-                    "heartbeat_interval: must be a number of seconds from 0.01 to 3600 or None, "
-                    f"got {heartbeat_interval!r}"
-                )
+        interval = check_interval(heartbeat_interval)
+        if interval is not None:
             self.figures = TaskFigures()
-            self._heartbeat_thread = Heartbeat(self, heartbeat_interval)
+            self._heartbeat_thread = Heartbeat(self, interval)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
