@@ -124,6 +124,8 @@ def _reserved_queue(what: str, name: str) -> ValueError:
         f"{what}: {name!r} is reserved (the Redis broker names other keys under its prefix with "
         f"{', '.join(RESERVED_QUEUE_NAMES)}); choose another queue name"
     )
+
+
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|second|m|min|minute|h|hour)\s*")
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 

@@ -261,7 +261,8 @@ class WorkerCollector:
     """The figures of one distributed-mode worker (``brokers.Worker``), read at scrape time:
     tasks by outcome, run time and queue wait per task name, tasks in flight, concurrency,
     resident memory. Labels: ``queue`` (a worker of several queues: their names joined by ","),
-    ``worker`` (its id, as ``catzilla-tasks workers`` shows it) and ``task``. The worker's engine is exposed too (TasksCollector's families)."""
+    ``worker`` (its id, as ``catzilla-tasks workers`` shows it) and ``task``. The worker's
+    engine is exposed too (TasksCollector's families)."""
 
     def __init__(self, worker: Any) -> None:
         if getattr(worker, "figures", None) is None:
