@@ -176,3 +176,23 @@ def test_cli_worker_refuses_a_reserved_queue(redis_url, prefix, capsys, monkeypa
         limit_app.tasks.broker.close()
     err = capsys.readouterr().err
     assert "'cluster' is reserved" in err
+
+
+def test_task_ids_never_start_with_a_dash_so_the_cli_takes_them(redis_url, prefix, monkeypatch, capsys):
+    # a producer's random id base whose base64 starts with "-" (6 bits of 62): its ids would read
+    # as options to `catzilla-tasks inspect ID` / `cancel ID`
+    import catzilla_tasks.brokers.redis as redis_mod
+
+    monkeypatch.setattr(redis_mod.os, "urandom", lambda n: b"\xf8" + b"\x01" * (n - 1))
+    b = RedisBroker(redis_url, prefix=prefix)
+    monkeypatch.undo()
+    try:
+        tid = b._new_id()
+        assert not tid.startswith("-"), tid
+        rc, out = cli(capsys, "inspect", tid, "--broker", redis_url, "--prefix", prefix, "--json")
+        assert rc == 1 and json.loads(out)["status"] == "unknown"
+        # an id from before (or anyone's): after "--"
+        rc, out = cli(capsys, "inspect", "--broker", redis_url, "--prefix", prefix, "--json", "--", "-" + tid[1:])
+        assert rc == 1 and json.loads(out)["task_id"] == "-" + tid[1:]
+    finally:
+        b.close()

@@ -277,7 +277,9 @@ class RedisBroker(Broker):
         self._local = threading.local()
         self._overrides = Overrides()
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-        self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        # (never a leading "-": `catzilla-tasks inspect ID` / `cancel ID` would take it for an option)
+        base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        self._id_base = "_" + base[1:] if base[0] == "-" else base
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
         self._callbacks: _Watcher | None = None
