@@ -51,6 +51,7 @@ from .protocol import (
     STATUS_CODES,
 )
 from .redis import GROUP, RedisBroker
+from .registry import Heartbeat, TaskFigures, check_interval
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
@@ -180,7 +181,9 @@ class _Job:
         "parked",
         "limit_deferred",
         "local_delay",
+        "kinds",
     )
+    kinds: tuple[str, ...]  # set by _commit: the counters its outcome moved, () if not stored (registry.py)
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
@@ -216,6 +219,10 @@ class Worker:
     ``concurrency``: most tasks held at once (fetched and not yet acknowledged); the worker
     fetches only its free capacity. ``run()`` returns after ``stop()`` (or SIGTERM/SIGINT with
     ``install_signals=True``): it stops fetching, lets in-flight tasks finish, acknowledges them.
+
+    ``heartbeat_interval``: seconds between the worker's beats in the cluster registry (see
+    :mod:`.registry`: who it is, what it holds, its figures per task name); None: not
+    registered and no figures kept.
     """
 
     def __init__(
@@ -226,6 +233,7 @@ class Worker:
         concurrency: int = 16,
         consumer: str | None = None,
         block_ms: int = 200,
+        heartbeat_interval: float | None = 2.0,
     ) -> None:
         broker = broker if broker is not None else getattr(tasks, "broker", None)
         if not isinstance(broker, RedisBroker):
@@ -332,6 +340,14 @@ class Worker:
         from .. import progress
 
         progress.add_resolver(self._progress_target)
+        # -- the cluster registry (registry.py): figures recorded by the committer, published by
+        # the heartbeat thread
+        self.figures: TaskFigures | None = None
+        self._heartbeat_thread: Heartbeat | None = None
+        interval = check_interval(heartbeat_interval)
+        if interval is not None:
+            self.figures = TaskFigures()
+            self._heartbeat_thread = Heartbeat(self, interval)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -400,12 +416,16 @@ class Worker:
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.start()
         self.ready.set()
         try:
             self._fetch_loop()
         finally:
             try:
                 self._finish_held()
+                if self._heartbeat_thread is not None:
+                    self._heartbeat_thread.stop(deregister=not self._past_deadline())
                 if not self._past_deadline():
                     self._leave()
             finally:
@@ -1010,6 +1030,8 @@ class Worker:
                     for k, v in counts.items():
                         if v:
                             self.counts[k] += v
+                    if self.figures is not None:
+                        self.figures.record(jobs, counts["succeeded"])
                 except Exception:
                     log.exception(
                         "committing %d task outcomes failed; they stay pending in Redis and will be redelivered",
@@ -1058,6 +1080,7 @@ class Worker:
                 del stack[start:]
                 kinds = self._outcome_lost(pipe, j, ctx, exc)
             all_kinds.append(kinds)
+            j.kinds = kinds
             if len(stack) == start:
                 acks[j.prio].append(j.eid)
                 for k in kinds:
@@ -1097,6 +1120,7 @@ class Worker:
             bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
             if bad is not None:
                 lost += 1
+                j.kinds = ()  # not stored: redelivered, counted then
                 log.error(
                     "the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
                     "redelivered",
@@ -1256,7 +1280,7 @@ class Worker:
         if status is TaskStatus.SUCCEEDED:
             if ttl_ms:
                 try:
-                    rec = self._sized(ser.dumps([0, h.wait(0)]), limit, "the task's return value")
+                    rec = self._sized(ser.dumps([0, h.wait(0), j.msg[MSG_NAME]]), limit, "the task's return value")
                 except (TypeError, _TooLarge) as exc:
                     err = [
                         type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
@@ -1265,7 +1289,7 @@ class Worker:
                     ]
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
                         return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
-                    rec = ser.dumps([1, err])
+                    rec = ser.dumps([1, err, j.msg[MSG_NAME]])
                 key = b.result_key(j.msg[MSG_ID])
                 pipe.rpush(key, rec)
                 pipe.pexpire(key, ttl_ms)
@@ -1303,7 +1327,7 @@ class Worker:
             return ("retried",)
         err = encode_error(failure)
         if j.wf is None and ttl_ms:
-            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
+            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err, j.msg[MSG_NAME]], limit)
             key = b.result_key(j.msg[MSG_ID])
             pipe.rpush(key, rec)
             pipe.pexpire(key, ttl_ms)
@@ -1316,7 +1340,7 @@ class Worker:
         if len(out) > limit:
             kind, message, tb = rec[1][:3]
             keep = max(100, limit // 4)
-            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]]]
+            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]], *rec[2:]]
             out = ser.dumps(rec)
         return out
 
@@ -1341,7 +1365,7 @@ class Worker:
         elif result and ttl_ms and j.msg:  # the task id is known: its waiters learn why
             key = b.result_key(j.msg[MSG_ID])
             ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
-            pipe.rpush(key, self._fit(ser, [1, cause], limit))
+            pipe.rpush(key, self._fit(ser, [1, cause, j.msg[MSG_NAME]], limit))
             pipe.pexpire(key, ttl_ms)
         return ("dead_lettered",)
 
