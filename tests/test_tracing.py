@@ -5,6 +5,8 @@ and the contextvars of the submitting code inside in-process tasks."""
 from __future__ import annotations
 
 import contextvars
+import gc
+import sys
 import threading
 
 import pytest
@@ -152,6 +154,52 @@ def test_a_thread_that_never_used_contextvars_submits_and_the_task_sets_freely(m
     assert out == ["task", "unset"]
 
 
+def _contexts() -> int:
+    # Context objects are tracked by the GC: a thread's own context is one once made
+    return sum(1 for o in gc.get_objects() if type(o) is contextvars.Context)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="3.14's Thread.run runs in a Context of its own")
+def test_a_thread_without_a_context_submits_without_making_one(make_tasks, no_provider):
+    # the fast path: a thread that never used contextvars has no context (PyThreadState.context
+    # is NULL); add_task takes no snapshot, so it does not make one for the thread either (a
+    # PyContext_CopyCurrent would: the thread's empty context, tracked by the GC)
+    tasks = make_tasks(workers=1)
+    out = []
+
+    def submit():
+        before = _contexts()
+        handles = [tasks.add_task(lambda i=i: i * 2) for i in range(20)]
+        out.append([h.wait(5) for h in handles])
+        out.append(_contexts() - before)
+
+    th = threading.Thread(target=submit)
+    th.start()
+    th.join(20)
+    assert out == [[i * 2 for i in range(20)], 0]
+
+
+@pytest.mark.timeout(30)
+def test_a_thread_that_set_a_variable_propagates_it_and_one_that_only_read_does_not_need_to(make_tasks, no_provider):
+    tasks = make_tasks(workers=1)
+    out: dict[str, object] = {}
+
+    def setter_thread():
+        VAR.set("from-thread")
+        out["set"] = tasks.add_task(VAR.get).wait(5)
+
+    def reader_thread():
+        # a context exists now (empty): the snapshot is not kept, the task sees the default
+        out["read"] = (VAR.get(), tasks.add_task(VAR.get).wait(5))
+
+    for fn in (setter_thread, reader_thread):
+        th = threading.Thread(target=fn)
+        th.start()
+        th.join(20)
+    assert out == {"set": "from-thread", "read": ("unset", "unset")}
+
+
 # -- is a provider set? ------------------------------------------------------------------------
 def test_without_the_apis_private_global_the_public_getter_decides(make_tasks, spans, monkeypatch):
     # the C gate reads opentelemetry.trace._TRACER_PROVIDER as a fast "no"; an API without it
@@ -225,6 +273,33 @@ def test_in_process_one_trace_producer_then_consumer(make_tasks, spans):
     assert h.task_id in {p.attributes["messaging.message.id"] for p in producers}
     # the task itself runs inside its consumer span
     assert inner_id in {c.context.span_id for c in consumers}
+
+
+@pytest.mark.timeout(30)
+def test_in_process_routed_tasks_are_traced_once(make_tasks, spans):
+    # a config with a limit or a named queue is routed (limits.py): its submission is the
+    # traced one, not traced again by the route (one PRODUCER and one CONSUMER span each)
+    tasks = make_tasks(workers=1, name="eng-r", queues={"emails": 1})
+
+    def limited():
+        return VAR.get()
+
+    token = VAR.set("routed")
+    try:
+        hs = [
+            tasks.options(rate_limit="1000/s").add_task(limited),
+            tasks.options(concurrency_limit=1).add_task(limited),
+            tasks.options(queue="emails").add_task(limited),
+        ]
+        assert [h.wait(5) for h in hs] == ["routed"] * 3
+    finally:
+        VAR.reset(token)
+    assert len(wait_for_spans(spans, SpanKind.CONSUMER, 3)) == 3
+    assert len(by_kind(spans, SpanKind.PRODUCER)) == 3
+    # a limit counts a traced call under its function's own name
+    from catzilla_tasks import limits, tracing
+
+    assert limits.task_name_of(tracing.Traced(limited, None, "d", "n")) == limits.task_name_of(limited)
 
 
 def test_in_process_error_span(make_tasks, spans):
@@ -390,3 +465,43 @@ def test_redis_noop_provider_carries_nothing(redis_pair, no_provider):
     assert headers_of(m) is None
     pair.start_worker()
     assert h.wait(10) == 3
+
+
+@pytest.mark.timeout(60)
+def test_redis_add_task_async_keyed_and_routed_sends_are_traced(redis_pair, spans):
+    # every way the producer publishes gets its PRODUCER span and carries its context:
+    # add_task_async (group-committed on the loop's client), keyed (deduplicated at submit,
+    # sync and async) and routed to a named queue (its own streams)
+    import asyncio
+
+    pair = redis_pair()
+    broker = pair.producer.broker
+    tracer = trace.get_tracer("test")
+
+    async def publish():
+        with tracer.start_as_current_span("request") as root:
+            a = await pair.producer.add_task_async(rt.add, 1, 2)
+            b = await pair.producer.options(idempotency_key="k-async").add_task_async(rt.add, 2, 2)
+            c = await pair.producer.options(priority="HIGH").add_task_async(rt.add, 3, 3)
+        return root, [a, b, c]
+
+    root, handles = asyncio.run(publish())
+    with tracer.start_as_current_span("request-2") as root2:
+        handles.append(pair.producer.options(idempotency_key="k-sync").add_task(rt.add, 4, 4))
+        routed = pair.producer.options(queue="emails").add_task(rt.add, 5, 5)
+    emails = broker.queue_keys("emails")[0]
+    routed_msgs = [ser_m for _e, f in pair.r.xrange(emails[2]) for ser_m in [broker.serializer.loads(f[b"m"])]]
+    assert [m[0] for m in routed_msgs] == [routed.task_id]
+    assert headers_of(routed_msgs[0])["traceparent"].split("-")[1] == f"{root2.get_span_context().trace_id:032x}"
+    msgs = {m[0]: m for m in pair.messages()}
+    for h, r in zip(handles, (root, root, root, root2)):
+        assert headers_of(msgs[h.task_id])["traceparent"].split("-")[1] == f"{r.get_span_context().trace_id:032x}"
+    producers = {p.attributes["messaging.message.id"]: p for p in by_kind(spans, SpanKind.PRODUCER)}
+    assert set(producers) == {h.task_id for h in handles} | {routed.task_id}
+    assert producers[routed.task_id].attributes["messaging.destination.name"] == emails[2]
+    assert producers[handles[2].task_id].attributes["messaging.destination.name"] == broker.streams[1]
+    pair.start_worker()
+    assert [h.wait(10) for h in handles] == [3, 4, 6, 8]
+    consumers = {c.attributes["messaging.message.id"]: c for c in wait_for_spans(spans, SpanKind.CONSUMER, 4)}
+    for h in handles:
+        assert consumers[h.task_id].parent.span_id == producers[h.task_id].context.span_id

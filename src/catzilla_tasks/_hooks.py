@@ -2,7 +2,8 @@
 
 The C bindings call back into Python for a few things: running a coroutine on the event loop,
 logging an error, a handle's ``await``, cancelling an async task, running a task in a child
-process, recording a failure, the enum members they hand out, why a task ran as Python, and
+process, recording a failure, the enum members they hand out, why a task ran as Python, routing
+a call with limits or a named queue (limits.py), making a progress report (progress.py) and
 submitting a task with OpenTelemetry tracing (see tracing.py).
 They live in ``_engine``'s module state (one struct, ``py_hooks``: see py_internal.h) and are
 set here, by one call, when the package is imported (``catzilla_tasks/__init__.py`` imports this
@@ -17,7 +18,16 @@ from typing import Any
 
 from . import _engine
 from .config import TaskPriority, TaskStatus
-from .engine import _cancel_async, _failed, _isolate, _report_error, _run_coroutine, _trace_submit
+from .engine import (
+    _cancel_async,
+    _failed,
+    _isolate,
+    _make_progress,
+    _report_error,
+    _route,
+    _run_coroutine,
+    _trace_submit,
+)
 from .errors import TaskTimeout
 from .results import _await_impl
 
@@ -44,5 +54,7 @@ _engine._install_hooks(
     isolate=_isolate,
     failed=_failed,
     native_reason=_native_reason,
+    route=_route,
+    make_progress=_make_progress,
     trace_submit=_trace_submit,
 )

@@ -6,6 +6,11 @@
     catzilla-tasks demo-server [--port P]
     catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
     catzilla-tasks dead-letters list|redrive ...
+    catzilla-tasks schedules --app MODULE:TASKS                 (cluster-wide periodic tasks)
+    catzilla-tasks cancel TASK_ID --broker URL                  (cancel remote tasks)
+    catzilla-tasks workers|queues|tasks --broker URL [--json]   (the cluster, see brokers/cluster_commands.py)
+    catzilla-tasks inspect TASK_ID --broker URL [--json]
+    catzilla-tasks exporter --broker URL [--port P]
 
 ``URL`` is where a running engine exposes its stats: a dashboard server
 (``http://127.0.0.1:8765/``, its ``/stats.json`` is used) or a framework route that returns the
@@ -623,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .brokers.commands import add_commands  # distributed mode: worker, dead-letters
 
     add_commands(sub)
+    # -- distributed mode: the cluster's workers, queues, task names, one task, the exporter
+    from .brokers.cluster_commands import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 

@@ -141,6 +141,20 @@ def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwa
     return tracing.submit_local(engine, func, args, kwargs, cfg, block)
 
 
+# -- rate limits, concurrency limits, named queues (limits.py) and progress (progress.py) ------
+# (installed with the other hooks by _hooks.py)
+def _route(engine: BackgroundTasks, func: Any, args: Any, kwargs: Any, cfg: TaskConfig, block: float) -> Any:
+    from . import limits  # only once a task with a limit or a named queue is added
+
+    return limits.route(engine, func, args, kwargs, cfg, block)
+
+
+def _make_progress(handle: TaskResult[Any], fraction: Any, message: Any) -> Any:
+    from . import progress
+
+    return progress.hook(handle, fraction, message)
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     import asyncio  # only once an async task runs: asyncio is ~10 MiB of a process that has none
 
@@ -218,6 +232,26 @@ class _LoopRunner:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
+
+
+def _check_queues(queues: Any) -> dict[str, int]:
+    """``queues={"emails": 4}``: named queues and their workers, validated."""
+    if queues is None:
+        return {}
+    if not isinstance(queues, dict):
+        raise TypeError(f"queues: expected a dict of queue name -> workers, got {type(queues).__name__}")
+    from .config import _QUEUE_NAME, RESERVED_QUEUE_NAMES, _reserved_queue
+
+    for q, n in queues.items():
+        if not isinstance(q, str) or not _QUEUE_NAME.fullmatch(q) or q == "default":
+            raise ValueError(
+                f"queues: {q!r} is not a queue name (letters, digits, '_', '-', '.'; 'default' is the engine itself)"
+            )
+        if q in RESERVED_QUEUE_NAMES:
+            raise _reserved_queue("queues", q)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"queues: the workers of {q!r} must be an integer >= 1, got {n!r}")
+    return dict(queues)
 
 
 def _make_config(source: str, priority: Any = None, config: TaskConfig | None = None, **fields: Any) -> TaskConfig:
@@ -322,6 +356,23 @@ class _Options:
             cfg = self._config_for(func)
         return self._engine._submit(func, args, kwargs, cfg, self._block)
 
+    async def add_task_async(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult[Any]:
+        """``add_task`` for a coroutine. Queued at once (the engine is in this process); with a
+        ``block_timeout`` and a full engine, the wait for room runs in a thread, not on the
+        event loop."""
+        cfg = self._config
+        if cfg is None and self._fields:
+            cfg = self._config_for(func)
+        if not self._block:
+            return self._engine._submit(func, args, kwargs, cfg, self._block)
+        try:
+            return self._engine._submit(func, args, kwargs, cfg, None)
+        except _engine.QueueFull:
+            pass
+        import asyncio  # (loaded: this runs in a coroutine)
+
+        return await asyncio.to_thread(self._engine._submit, func, args, kwargs, cfg, self._block)
+
 
 _live: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
@@ -372,6 +423,10 @@ class BackgroundTasks(_engine.Engine):
     returns its TaskResult at once; the engine runs it on a worker thread (an ``async def``
     runs on the engine's event-loop thread). Use it as a context manager, or call
     ``shutdown()``: queued work runs before the engine stops (also at interpreter exit).
+    ``queues={"emails": 4}``: named queues, each an engine of its own with that many workers (a
+    bulkhead: slow tasks of one queue never starve the others); ``@tasks.task(queue="emails")``
+    or ``options(queue="emails")`` routes a task there (limits.py).
+
     Created in the main thread, it also makes SIGTERM run the queued work before the process
     exits (``handle_sigterm=False`` or ``CATZILLA_TASKS_SIGTERM=0`` turns that off).
     """
@@ -389,8 +444,10 @@ class BackgroundTasks(_engine.Engine):
         exit_timeout: float | None = 30.0,
         name: str = "catzilla-tasks",
         handle_sigterm: bool = True,
+        idempotency_ttl: float = 86400.0,
         tracing: bool = True,
         broker: Any = None,
+        queues: dict[str, int] | None = None,
     ) -> None:
         if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
             raise TypeError(
@@ -427,6 +484,13 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(f"tracing: expected True or False, got {tracing!r}")
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
+        if (
+            isinstance(idempotency_ttl, bool)
+            or not isinstance(idempotency_ttl, (int, float))
+            or not 0 < idempotency_ttl <= MAX_MS / 1000
+        ):
+            raise ValueError(f"idempotency_ttl: must be a number of seconds > 0, got {idempotency_ttl!r}")
+        queues = _check_queues(queues)
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
         # OpenTelemetry spans around add_task and the run, when a tracer provider is set (tracing.py)
@@ -447,6 +511,25 @@ class BackgroundTasks(_engine.Engine):
         self._pool: Any = None
         self._periodic: list[Any] = []
         self._options_cache: dict[Any, _Options] = {}
+        self._limits: Any = None  # limits.Limits, made by the first task with a limit
+        # named queues: a bulkhead engine each, with its own workers (see limits.py)
+        self._queue_engines: dict[str, BackgroundTasks] = {
+            q: BackgroundTasks(
+                workers=n,
+                min_workers=n,
+                max_workers=n,
+                queue_size=queue_size,
+                enable_auto_scaling=False,
+                aging_ms=aging_ms,
+                exit_timeout=exit_timeout,
+                name=f"{name}:{q}",
+                handle_sigterm=False,
+            )
+            for q, n in queues.items()
+        }
+        # submit-time deduplication by idempotency key (_dedup.py), made on first use
+        self.idempotency_ttl = float(idempotency_ttl)
+        self._dedup: Any = None
         self._failures: deque[dict[str, Any]] = deque(maxlen=20)
         from .monitor import AutoScaler, TaskMonitor
 
@@ -539,12 +622,12 @@ class BackgroundTasks(_engine.Engine):
         keywords are the task's config (priority, timeout_ms, ...). The PeriodicTask is at
         ``func.periodic`` (``.cancel()`` stops it) and in ``tasks.periodic_tasks``.
         """
-        from .periodic import PeriodicTask
+        cls = self._periodic_type()
 
         def decorate(f: F) -> F:
             if config:
                 _attach(f, _make_config("periodic()", None, **config))
-            p = PeriodicTask(
+            p = cls(
                 self,
                 f,
                 every=every,
@@ -556,6 +639,8 @@ class BackgroundTasks(_engine.Engine):
                 first_run_now=first_run_now,
             )
             self._periodic.append(p)
+            # a task under its name too: a worker runs the runs a broker engine publishes
+            self._registered[f"{f.__module__}.{f.__qualname__}"] = f
             try:
                 f.periodic = p  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
@@ -563,6 +648,13 @@ class BackgroundTasks(_engine.Engine):
             return f
 
         return decorate
+
+    def _periodic_type(self) -> type:
+        """The class of this engine's periodic tasks (a broker engine's fire once per tick
+        across its cluster: brokers/schedules.py)."""
+        from .periodic import PeriodicTask
+
+        return PeriodicTask
 
     @property
     def periodic_tasks(self) -> list[Any]:
@@ -577,6 +669,13 @@ class BackgroundTasks(_engine.Engine):
     # -- submission -----------------------------------------------------------------------
     # add_task(func, *args, **kwargs) is the C method of _engine.Engine (no Python frame).
 
+    async def add_task_async(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult[Any]:
+        """``add_task`` for ``async def`` code: the same TaskResult, the same errors. In this
+        in-process engine queueing never waits on I/O, so it returns at once (it is ``add_task``);
+        on a broker engine (``BackgroundTasks(broker=...)``) it publishes without blocking the
+        event loop. Code that runs under both can always await it."""
+        return self.add_task(func, *args, **kwargs)
+
     def options(
         self,
         *,
@@ -584,8 +683,9 @@ class BackgroundTasks(_engine.Engine):
         config: TaskConfig | None = None,
         block_timeout: float | None = None,
         eta: datetime.datetime | None = None,
+        idempotency_key: str | None = None,
         **fields: Any,
-    ) -> _Options:
+    ) -> Any:
         """Per-call overrides without clashing with the task's own keywords::
 
             tasks.options(priority=TaskPriority.CRITICAL).add_task(send, user_id, message="hi")
@@ -594,7 +694,18 @@ class BackgroundTasks(_engine.Engine):
         (``-1`` or ``float('inf')``: wait as long as it takes) instead of raising QueueFull.
         ``eta``: an aware or naive-local ``datetime`` at which to run (instead of ``delay_ms``).
         Any TaskConfig field may be given (``delay_ms=``, ``max_retries=``, ``timeout_ms=``...).
+        ``idempotency_key``: a second add_task with the key while the first task with it is
+        queued or running, or within ``idempotency_ttl`` seconds of its submission, returns the
+        first task's handle and queues nothing (see _dedup.py).
         """
+        if idempotency_key is not None:
+            from . import _dedup
+
+            plain = self.options(priority=priority, config=config, block_timeout=block_timeout, eta=eta, **fields)
+            with self._runner_lock:
+                if self._dedup is None:
+                    self._dedup = _dedup.Registry(self.idempotency_ttl)
+            return _dedup.KeyedOptions(self._dedup, plain, _dedup.check_key(idempotency_key))
         if priority is not None:
             fields["priority"] = priority
         # The same options again (the common case: options(priority=CRITICAL) on a request
@@ -711,7 +822,7 @@ class BackgroundTasks(_engine.Engine):
             if native is None and method_of is not None:
                 method_of.refuse_method(func)
             items = inp.as_items()
-            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
+            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process" or cfg._routed):
 
                 def submit(part: Any, handles: list[Any]) -> None:
                     for a in part:  # an item may fail (e.g. not picklable) after others were queued
@@ -735,11 +846,34 @@ class BackgroundTasks(_engine.Engine):
                 "join() inside a task of this engine would wait for that task itself, forever: wait "
                 "for the tasks it needs with their TaskResult.wait() (or await them) instead"
             )
-        if not self._drain(timeout):
+        remaining = timeout
+        if self._queue_engines:  # the named queues too (see limits.py), within the one timeout
+            if timeout is not None and timeout != timeout:
+                raise ValueError("join(): timeout is NaN; give seconds >= 0, or None to wait without limit")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for sub in self._queue_engines.values():
+                sub.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self._drain_queues(deadline)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._drain(remaining):
             s = self._stats()
             raise TimeoutError(
                 f"join(): {s['queued_total']} tasks still queued and {s['running']} running after {timeout} s"
             )
+
+    def _drain_queues(self, deadline: float | None) -> bool:
+        """Wait (until ``deadline``, monotonic s) until this engine and its named queues are all
+        idle at once: a task of one queue may add tasks to another (the default one to "emails"
+        and back), so each is drained in turn until a pass finds them all idle and nothing was
+        submitted to any of them while it looked. False: the deadline passed first."""
+        engines = [*self._queue_engines.values(), self]
+        while True:
+            for e in engines:
+                if not e._drain(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                    return False
+            before = [e._stats()["submitted"] for e in engines]
+            if all(e._drain(0) for e in engines) and before == [e._stats()["submitted"] for e in engines]:
+                return True
 
     def shutdown(self, wait_for_completion: bool = True, timeout: float | None = 30) -> None:
         """Stop accepting tasks, finish, and stop the workers.
@@ -802,8 +936,14 @@ class BackgroundTasks(_engine.Engine):
             # Work in flight finishes, with what it creates (a task adding tasks, workflow steps
             # released by finished ones): only work from outside is refused until it is done.
             self._close_to_outside()
+            if self._queue_engines:  # what the tasks in flight add to the named queues runs too
+                self._drain_queues(None if timeout is None else time.monotonic() + timeout)
         else:
             self._close()
+            if self._limits is not None:
+                self._limits.cancel_parked()
+        for sub in self._queue_engines.values():
+            sub.shutdown(wait_for_completion, timeout)
         self.resume()
         if not wait_for_completion:
             self._cancel_queued()

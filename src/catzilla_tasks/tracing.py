@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 __all__ = ["provider_set", "publish", "submit_local", "consumer", "Traced"]
@@ -162,13 +162,7 @@ def publish(submit: Callable[[], Any], func: Any, destination: Callable[[], str]
     tracer = o.get()
     if _quiet(o):
         return submit()
-    dest = destination()
-    span = tracer.start_span(f"send {dest}", kind=o.PRODUCER, attributes=_attrs("send", dest, None, _name_of(func)))
-    headers: dict[str, str] = {}
-    ctx = o.trace.set_span_in_context(span)
-    o.propagate.inject(headers, context=ctx)
-    token = o.context.attach(ctx)
-    reset = headers_var.set(headers or None)
+    span, token, reset = _send_start(o, tracer, func, destination, headers_var)
     try:
         handle = submit()
     except BaseException as exc:
@@ -178,11 +172,49 @@ def publish(submit: Callable[[], Any], func: Any, destination: Callable[[], str]
     finally:
         headers_var.reset(reset)
         o.context.detach(token)
+    _send_end(span, handle)
+    return handle
+
+
+async def publish_async(
+    submit: Callable[[], Awaitable[Any]], func: Any, destination: Callable[[], str], headers_var: Any
+) -> Any:
+    """:func:`publish` for a coroutine publish (``add_task_async``): the span stays open, and
+    the headers set, while ``submit()`` is awaited (in this task's context)."""
+    o = _o()
+    tracer = o.get()
+    if _quiet(o):
+        return await submit()
+    span, token, reset = _send_start(o, tracer, func, destination, headers_var)
+    try:
+        handle = await submit()
+    except BaseException as exc:
+        _fail(o, span, exc)
+        span.end()
+        raise
+    finally:
+        headers_var.reset(reset)
+        o.context.detach(token)
+    _send_end(span, handle)
+    return handle
+
+
+def _send_start(o: _Otel, tracer: Any, func: Any, destination: Callable[[], str], headers_var: Any) -> Any:
+    dest = destination()
+    span = tracer.start_span(f"send {dest}", kind=o.PRODUCER, attributes=_attrs("send", dest, None, _name_of(func)))
+    headers: dict[str, str] = {}
+    ctx = o.trace.set_span_in_context(span)
+    o.propagate.inject(headers, context=ctx)
+    token = o.context.attach(ctx)
+    reset = headers_var.set(headers or None)
+    return span, token, reset
+
+
+def _send_end(span: Any, handle: Any) -> None:
     tid = _task_id(handle)
     if tid is not None and span.is_recording():
         span.set_attribute("messaging.message.id", tid)
     span.end()
-    return handle
 
 
 def submit_local(engine: Any, func: Any, args: tuple, kwargs: dict | None, cfg: Any, block: Any) -> Any:
@@ -250,6 +282,12 @@ class Traced:
 
     def __getattr__(self, attr: str) -> Any:  # __qualname__, __catzilla_task__, ...
         return getattr(self.func, attr)
+
+    # __module__ is found on the class, so __getattr__ never sees it: the function's, for what
+    # names a task by module and qualname (a rate or concurrency limit's count, limits.py)
+    @property  # type: ignore[misc]
+    def __module__(self) -> Any:  # type: ignore[override]
+        return getattr(self.func, "__module__", None)
 
     def __repr__(self) -> str:
         return f"<traced {self.func!r}>"

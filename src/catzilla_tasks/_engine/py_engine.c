@@ -193,9 +193,31 @@ done:
     return r;
 }
 
+/* ---- a config with limits or a named queue (cfg->routed): limits.py submits the call, with a
+ * config without them, and returns its handle ---- */
+static PyObject *enqueue_routed(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                                PyObject *kwnames, ConfigObject *cfg, int64_t block_ns) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, npos = nvalues - nkw;
+    PyObject *pos = PyTuple_New(npos), *kw = PyDict_New(), *r = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 0; i < npos; i++) PyTuple_SET_ITEM(pos, i, Py_NewRef(values[i]));
+    for (Py_ssize_t i = 0; i < nkw; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
+    PyObject *bs = PyFloat_FromDouble(block_ns < 0 ? -1.0 : (double)block_ns / 1e9);
+    if (!bs) goto done;
+    r = PyObject_CallFunctionObjArgs(py_mod.hooks.route, (PyObject *)self, func, pos, kw, (PyObject *)cfg, bs, NULL);
+    Py_DECREF(bs);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    return r;
+}
+
 /* native: the compiler.NativeTask of a compiled task (usually cfg->native), or NULL/None */
 PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
                          PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
+    if (CT_UNLIKELY(cfg && cfg->routed))
+        return enqueue_routed(self, func, values, nvalues, kwnames, cfg, block_ns);
     if (CT_UNLIKELY(cfg && cfg->isolation))
         return enqueue_isolated(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
     if (CT_UNLIKELY(native && native != Py_None))
@@ -211,9 +233,17 @@ PyObject *enqueue_node(EngineObject *self, PyObject *func, PyObject *const *valu
      * PyContext_CopyCurrent makes one small object that shares the context's immutable
      * mapping of variables (nothing is copied one by one). A context without variables is not
      * kept (the task then runs in its worker's context: nothing of the submitter's to see),
-     * nor is one for a task run in a child process (nothing of it crosses). */
+     * nor is one for a task run in a child process (nothing of it crosses).
+     *
+     * Shortcut: a thread that never entered nor used a context (no ContextVar get/set, no
+     * Context.run, not in an asyncio task) has none yet: PyThreadState.context is NULL until
+     * the first use makes an empty one. Then there is nothing to propagate and no copy is made
+     * (the copy, its size and its free are ~150 instructions per task). That field is part of
+     * the PyThreadState struct of CPython's public header cpython/pystate.h (not the limited
+     * API; present and with this meaning in 3.7-3.14); there is no public getter that does not
+     * create the context. A thread with a context goes on to the copy and its size check. */
     PyObject *ctx = NULL, *arg = NULL;
-    if (!(cfg && cfg->isolation)) {
+    if (!(cfg && cfg->isolation) && PyThreadState_Get()->context != NULL) {
         ctx = PyContext_CopyCurrent();
         if (!ctx) goto fail_node;
         Py_ssize_t nvars = PyObject_Size(ctx);

@@ -1,8 +1,11 @@
 """``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
 
-catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
+catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL] [--queues Q[:W],...]
+    [--heartbeat S] [--metrics-port P]
 catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
 catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
+catzilla-tasks schedules (--app MODULE:TASKS | --broker URL) [--queue Q] [--json]
+catzilla-tasks cancel TASK_ID ... (--app MODULE:TASKS | --broker URL) [--queue Q]
 """
 
 from __future__ import annotations
@@ -120,6 +123,12 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     from .redis import RedisBroker
     from .worker import Worker
 
+    if not (args.heartbeat == 0 or 0.01 <= args.heartbeat <= 3600):
+        raise UsageError(f"--heartbeat: must be 0 (off) or from 0.01 to 3600 seconds, got {args.heartbeat!r}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port: must be between 0 and 65535, got {args.metrics_port}")
+    if args.metrics_port is not None and args.heartbeat == 0:
+        raise UsageError("--metrics-port needs the figures the heartbeat keeps: not with --heartbeat 0")
     tasks = load_app(args.app)
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
@@ -130,11 +139,35 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    w = Worker(tasks, concurrency=args.concurrency)
+    heartbeat = args.heartbeat or None
+    queues = None
+    if getattr(args, "queues", None):
+        from .routing import MultiQueueWorker, parse_queues
+
+        try:
+            queues = parse_queues(args.queues)
+            if len(queues) > 1 or next(iter(queues)) != tasks.broker.queue:
+                w: Any = MultiQueueWorker(tasks, queues, concurrency=args.concurrency, heartbeat_interval=heartbeat)
+            else:
+                queues = None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if queues is None:
+        w = Worker(tasks, concurrency=args.concurrency, heartbeat_interval=heartbeat)
     b = tasks.broker
+    if args.metrics_port is not None:  # the worker's own figures for Prometheus
+        from .. import prometheus
+
+        server, _ = prometheus.serve(prometheus.WorkerCollector(w), host=args.metrics_host, port=args.metrics_port)
+        print(f"metrics on http://{args.metrics_host}:{server.server_port}/metrics", file=out, flush=True)
     print(
-        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
-        f"{redact_url(b.url)}, concurrency {w.concurrency}",
+        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), "
+        + (
+            f"queue {b.queue!r}"
+            if queues is None
+            else "queues " + ", ".join(f"{q!r} ({x.concurrency})" for q, x in w.workers.items())
+        )
+        + f" on {redact_url(b.url)}, concurrency {w.concurrency}",
         file=out,
         flush=True,
     )
@@ -185,6 +218,56 @@ def cmd_dead_redrive(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if (args.all or n == len(set(args.ids))) else 1
 
 
+def _when(t: float | None) -> str:
+    return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if t is not None else "-"
+
+
+def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
+    from . import schedules
+
+    schedules._declaring = False  # importing the app must not make this command a declarer
+    try:
+        broker = _broker(args)
+    finally:
+        schedules._declaring = True
+    items = schedules.list_schedules(broker)
+    if args.json:
+        for it in items:
+            print(json.dumps(it), file=out)
+        return 0
+    print(f"{len(items)} schedule(s) in queue {broker.queue!r}", file=out)
+    for it in items:
+        print(
+            f"{it['name']}  {it['spec']}  last {_when(it['last_run'])}  next {_when(it['next_run'])}  "
+            f"runs {it['runs']}  skipped {it['skipped']}  missed {it['missed']}  "
+            f"declarers {len(it['declarers'])}" + (f"  running {it['running']}" if it["running"] else ""),
+            file=out,
+        )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
+    from . import schedules
+
+    schedules._declaring = False
+    try:
+        broker = _broker(args)
+    finally:
+        schedules._declaring = True
+    ok = True
+    for task_id in args.task_ids:
+        try:
+            done = broker.cancel(task_id)
+        except ValueError as exc:  # not an id that can be cancelled (a workflow step's, say)
+            raise UsageError(str(exc)) from None
+        if done:
+            print(f"{task_id}: cancelled", file=out)
+        else:
+            print(f"{task_id}: not cancelled (it had already ended, or was cancelled before)", file=out)
+            ok = False
+    return 0 if ok else 1
+
+
 def _run(func: Any) -> Any:
     def wrapped(args: argparse.Namespace, out: TextIO) -> int:
         try:
@@ -212,7 +295,7 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: Any) -> None:
-    """Add ``worker`` and ``dead-letters`` to the CLI's subparsers."""
+    """Add ``worker``, ``dead-letters``, ``schedules`` and ``cancel`` to the CLI's subparsers."""
     p = sub.add_parser(
         "worker",
         help="run tasks from Redis on a local engine (distributed mode)",
@@ -229,6 +312,28 @@ def add_commands(sub: Any) -> None:
         help="most tasks held at once (fetched, not yet acknowledged); default 16",
     )
     p.add_argument("--broker", metavar="URL", help="redis://... to use instead of the engine's own broker")
+    p.add_argument(
+        "--queues",
+        metavar="Q[:W],...",
+        help="named queues to consume, e.g. emails,default or emails:1,default:3 (each gets its share of "
+        "--concurrency by weight W, default 1; default: the broker's own queue)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between the worker's beats in the cluster registry (default 2; 0: not registered, "
+        "no figures kept)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics on http://HOST:PORT/metrics (default: not served; "
+        "needs prometheus-client)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
     p.set_defaults(func=_run(cmd_worker))
 
     dl = sub.add_parser(
@@ -247,3 +352,24 @@ def add_commands(sub: Any) -> None:
     p.add_argument("ids", nargs="*", metavar="ID", default=[], help="dead-letter ids from `list`")
     p.add_argument("--all", action="store_true", help="re-drive every dead letter")
     p.set_defaults(func=_run(cmd_dead_redrive))
+
+    p = sub.add_parser(
+        "schedules",
+        help="list the cluster-wide periodic tasks of a queue with their last and next run",
+        description="The periodic tasks declared on a Redis engine (@tasks.periodic): spec, last and next "
+        "run, counts of runs, skipped and missed ticks, and the processes declaring each now.",
+    )
+    _broker_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_run(cmd_schedules))
+
+    p = sub.add_parser(
+        "cancel",
+        help="cancel remote tasks by id",
+        description="Cancel tasks published to Redis: a queued or delayed one never runs, a running one is "
+        "asked to stop (current_task().cancel_requested; an async task is cancelled); waiters get "
+        "TaskCancelled. Exit status 1 if one of them had already ended.",
+    )
+    p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    _broker_args(p)
+    p.set_defaults(func=_run(cmd_cancel))

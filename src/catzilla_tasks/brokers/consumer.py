@@ -28,6 +28,7 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
     encode_error,
@@ -121,13 +122,18 @@ class Consumer:
         try:
             base = getattr(func, CONFIG_ATTR, None)
             cfg = base if isinstance(base, TaskConfig) else DEFAULT_CONFIG
-            fields = {k: v for k, v in opts.items() if k not in (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)}
+            fields = {
+                k: v for k, v in opts.items() if k not in (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE)
+            }
             if fields:
                 cfg = cfg.replace(**fields)
             if cfg.delay_ms:  # the broker applied the delay already
                 cfg = cfg.replace(delay_ms=0)
+            if cfg.queue is not None:  # one queue in memory: a named one is not routed again here
+                cfg = cfg.replace(queue=None)  # (rate and concurrency limits apply, per consumer engine)
             if getattr(self.tasks, "tracing", True) and _tracing.provider_set():  # (tracing hook)
                 func = _tracing.consumer(func, headers_of(msg), task_id, name, f"q{int(cfg.priority)}")
+            # never traced again in-process (the consumer span above is the run's)
             handle = _engine.Engine._submit_plain(self.tasks, func, tuple(args), kwargs, cfg, -1)
         except Exception as exc:  # bad options or arguments, engine shut down: the task fails
             self._fail(d, task_id, f"{type(exc).__name__}: could not start the task: {exc}")

@@ -9,11 +9,14 @@ the ``MSG_*`` indexes). ``headers`` is a dict of strings: the W3C trace context 
 messages with and without headers go both ways between older and newer producers and workers. ``options`` is a dict
 of the :data:`TRAVELLING` config fields a call overrode (``options(...)``), plus ``"k"``: the
 idempotency key, ``"w"``: ``[run id, step index, step id, workflow name]`` of a workflow step
-and ``"f"``: which arguments of a step are filled from the values of the steps it depends on.
+``"f"``: which arguments of a step are filled from the values of the steps it depends on,
+``"s"``: the name of the cluster-wide schedule whose run this is, and ``"L"``: the slot (server
+ms) a rate-limited task was deferred to (see ratelimit.py).
 
 An **outcome record** (a task's result) is ``[status code, value]`` with the codes of
 :data:`STATUS_CODES`; for a task that did not succeed the value is its error as
-:func:`encode_error` writes it, rebuilt by :func:`decode_error`.
+:func:`encode_error` writes it, rebuilt by :func:`decode_error`. Workers append the task's
+name as a third item (what ``catzilla-tasks inspect`` shows); readers take the first two.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ MSG_ID, MSG_NAME, MSG_ARGS, MSG_KWARGS, MSG_ATTEMPTS, MSG_OPTIONS, MSG_HEADERS =
 OPT_IDEMPOTENCY_KEY = "k"
 OPT_WORKFLOW = "w"
 OPT_FILLS = "f"
+OPT_SCHEDULE = "s"  # the run of a cluster-wide periodic task: its schedule's name (schedules.py)
+OPT_RESERVED = "L"  # a rate-limited task deferred to the slot it reserved: it runs without asking again
 
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
@@ -144,7 +149,7 @@ class Overrides:
         mine, theirs = cfg.as_dict(), base.as_dict()
         diff: dict[str, Any] = {}
         for field, value in mine.items():
-            if field in ("priority", "delay_ms") or value == theirs[field]:
+            if field in ("priority", "delay_ms", "queue") or value == theirs[field]:
                 continue
             if field not in TRAVELLING:
                 plain_option(field, object())  # raises: hooks and retry_on cannot travel

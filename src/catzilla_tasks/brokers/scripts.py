@@ -65,3 +65,36 @@ WF_STEP_DONE = _load("wf_step_done.lua")
 WF_STEP_FAILED = _load("wf_step_failed.lua")
 
 WF_CANCEL = _load("wf_cancel.lua")
+
+# -- schedules, submit-time deduplication, cancellation (issue 19) --------------------------
+# P:Q:sched:<name> (hash), P:Q:sched:<name>:who (declarers), P:Q:sched:<name>:run (the run in
+# progress), P:Q:schedules (index); P:idem:<key> (the first task of an idempotency key);
+# P:Q:cancelled (ids cancelled, sorted by expiry) and the channel P:Q:cancel.
+
+SCHED_CLAIM = _load("sched_claim.lua")
+
+TASK_SETTLED = _load("task_settled.lua")
+
+DEDUP_SUBMIT = _load("dedup_submit.lua")
+
+CANCEL_TASK = _load("cancel_task.lua")
+
+UNSCHEDULE = _load("unschedule.lua")
+
+# -- rate and concurrency limits (brokers/ratelimit.py) -----------------------------------------
+# P:rl:<name>[:<key>]  a rate limit's theoretical arrival time (server us), with a TTL
+# P:cc:<name>[:<key>]  leases of the tasks of a concurrency limit running now (sorted set)
+# P:Q:cp:<name>[:<key>]  tasks of queue Q parked until one of those leases is free (sorted set)
+
+RATE_LIMIT = _load("rate_limit.lua")
+
+CONCURRENCY = _load("concurrency.lua")
+
+# one flush of a producer's group commit: every message of it, or none (brokers/group_commit.py)
+PUBLISH = _load("publish.lua")
+
+# -- the cluster view (cluster.py): read-only scans of a stream or a delayed set, in slices ----
+
+SCAN_STREAM = _load("scan_stream.lua")
+
+SCAN_DELAYED = _load("scan_delayed.lua")

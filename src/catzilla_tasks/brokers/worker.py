@@ -46,11 +46,14 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_RESERVED,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
     headers_of,
 )
 from .redis import GROUP, RedisBroker
+from .registry import Heartbeat, TaskFigures, check_interval
 from .serialization import DecodeError
 
 __all__ = ["Worker"]
@@ -59,7 +62,7 @@ log = logging.getLogger("catzilla_tasks.worker")
 
 _ERRORS = None
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
-_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE, OPT_RESERVED)
 # XREADGROUP's reply from a client without decode_responses: [(stream, [(id, fields), ...])],
 # fields None for an entry deleted while pending
 _Read = list[tuple[bytes, list[tuple[bytes, "dict[bytes, bytes] | None"]]]]
@@ -175,7 +178,14 @@ class _Job:
         "call",
         "claim",
         "defer",
+        "cancelled",
+        "lease",
+        "parked",
+        "limit_deferred",
+        "local_delay",
+        "kinds",
     )
+    kinds: tuple[str, ...]  # set by _commit: the counters its outcome moved, () if not stored (registry.py)
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
@@ -193,6 +203,13 @@ class _Job:
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
+        self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
+        # limits (ratelimit.py): its concurrency lease (lease set, park set, limit, lease id), parked
+        # (over its concurrency limit: acknowledged, it waits in the park set), deferred by its rate limit
+        self.lease: tuple[str, str, int, str] | None = None
+        self.parked = False
+        self.limit_deferred = False
+        self.local_delay = 0  # ms it waits in the engine's timer for its rate limit's slot
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -204,6 +221,10 @@ class Worker:
     ``concurrency``: most tasks held at once (fetched and not yet acknowledged); the worker
     fetches only its free capacity. ``run()`` returns after ``stop()`` (or SIGTERM/SIGINT with
     ``install_signals=True``): it stops fetching, lets in-flight tasks finish, acknowledges them.
+
+    ``heartbeat_interval``: seconds between the worker's beats in the cluster registry (see
+    :mod:`.registry`: who it is, what it holds, its figures per task name); None: not
+    registered and no figures kept.
     """
 
     def __init__(
@@ -214,6 +235,7 @@ class Worker:
         concurrency: int = 16,
         consumer: str | None = None,
         block_ms: int = 200,
+        heartbeat_interval: float | None = 2.0,
     ) -> None:
         broker = broker if broker is not None else getattr(tasks, "broker", None)
         if not isinstance(broker, RedisBroker):
@@ -250,6 +272,11 @@ class Worker:
         self._idem_done = r.register_script(scripts.IDEM_DONE)
         self._idem_release = r.register_script(scripts.IDEM_RELEASE)
         self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
+        # issue 19: cancelled tasks (cancel.py); what a task's end lets go (task_settled.lua)
+        from .cancel import CancelWatch
+
+        self._cancels = CancelWatch(broker)
+        self._task_settled = r.register_script(scripts.TASK_SETTLED)
         self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
         self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
         self._cv = threading.Condition()
@@ -282,6 +309,9 @@ class Worker:
             "workflow_steps_skipped": 0,
             "recovered": 0,
             "not_stored": 0,
+            "cancelled": 0,
+            "deferred_rate_limit": 0,
+            "parked_concurrency_limit": 0,
         }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit_plain, tasks)
@@ -305,6 +335,22 @@ class Worker:
         self._batches = 0
         self._batch_token = b""
         self._unsure = False  # the current batch's EXEC met a connection error
+        # -- rate and concurrency limits, progress (ratelimit.py, progress.py) --
+        from .ratelimit import RedisLimits
+
+        self._limits = RedisLimits(self)
+        self._by_key: dict[int, _Job] = {}  # engine task key -> its job, while it runs (progress reports)
+        from .. import progress
+
+        progress.add_resolver(self._progress_target)
+        # -- the cluster registry (registry.py): figures recorded by the committer, published by
+        # the heartbeat thread
+        self.figures: TaskFigures | None = None
+        self._heartbeat_thread: Heartbeat | None = None
+        interval = check_interval(heartbeat_interval)
+        if interval is not None:
+            self.figures = TaskFigures()
+            self._heartbeat_thread = Heartbeat(self, interval)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -369,18 +415,24 @@ class Worker:
                 signal.signal(sig, lambda *_: self.stop())
         if not self._set_up():
             return
+        self._cancels.start()
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.start()
         self.ready.set()
         try:
             self._fetch_loop()
         finally:
             try:
                 self._finish_held()
+                if self._heartbeat_thread is not None:
+                    self._heartbeat_thread.stop(deregister=not self._past_deadline())
                 if not self._past_deadline():
                     self._leave()
             finally:
+                self._cancels.stop()
                 self._returned.set()
                 self._deadline_set.set()
 
@@ -520,7 +572,14 @@ class Worker:
                 # held task's entry and its key's claim must be renewed before they run out
                 wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
-                    wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
+                    due_ms = int((self._next_due_local - time.monotonic()) * 1000) + 1
+                    if due_ms < 100:
+                        # Redis ends a blocked read at its `hz` tick (100 ms by default), not at
+                        # its block: a delayed task due sooner (a rate limit's next slot) would be
+                        # promoted up to 100 ms late, and several late ones at once
+                        self._stop.wait(max(0, due_ms) / 1000)
+                        continue
+                    wait_ms = max(1, min(wait_ms, due_ms))
                 got = self._r.xreadgroup(
                     GROUP, self.consumer, {s: ">" for s in self.broker.streams}, count=1, block=wait_ms
                 )
@@ -639,6 +698,7 @@ class Worker:
             owned = list(self._owned.items())
             claims = [(eid, *c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
         if not owned:
+            self._limits.renew(None)
             return
         by_prio: dict[int, list[bytes]] = {}
         for eid, prio in owned:
@@ -659,6 +719,7 @@ class Worker:
                     keys += (claim_key, streams[prios[eid]])
                     args += (token, eid)
                 self._idem_renew(keys=keys, args=args, client=pipe)
+        self._limits.renew(pipe)
         pipe.execute()
 
     # -- dispatch --------------------------------------------------------------------------
@@ -791,6 +852,9 @@ class Worker:
 
     def _look_up(self, jobs: list[_Job]) -> None:
         """What Redis knows before the jobs run: finished idempotency keys, workflow runs."""
+        limited = [j for j in jobs if j.error is None and j.cfg is not None and j.cfg._routed]
+        if limited:
+            self._limits.admit(limited)
         keyed = [j for j in jobs if j.error is None and OPT_IDEMPOTENCY_KEY in _options(j.msg)]
         if keyed:
             self._claim(keyed)
@@ -800,13 +864,21 @@ class Worker:
 
     def _start(self, j: _Job) -> None:
         """Hand one job to the engine (or, when it does not run, to the committer)."""
-        if j.error is not None or j.skip or j.defer:
+        if j.error is not None or j.skip or j.defer or j.parked:
+            self._finished(j, None)
+            return
+        if j.msg[MSG_ID] in self._cancels.ids:  # cancelled (cancel.py): never runs
+            j.cancelled = True
             self._finished(j, None)
             return
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
+            if cfg._plain is not None:  # limits and queue were applied in Redis: not again locally
+                cfg = cfg._plain
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            if j.local_delay:
+                run_cfg = self._limits.delayed(run_cfg, j.local_delay)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             func = j.func
             if self._tracing and _tracing.provider_set():  # (tracing hook: its CONSUMER span)
@@ -819,6 +891,8 @@ class Worker:
         del args, kwargs
         msg[MSG_ARGS] = msg[MSG_KWARGS] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
+        self._cancels.track(msg[MSG_ID], h)
+        self._by_key[h._key] = j
         h._on_done(j)
 
     def _claim(self, keyed: list[_Job]) -> None:
@@ -921,7 +995,21 @@ class Worker:
             hit = self._cfgs[key] = cfg.replace(max_retries=0, delay_ms=0)
         return hit
 
+    def _progress_target(self, key: int) -> Any:
+        """Where the progress reports of the engine task ``key`` go: its result's progress key
+        in Redis (progress.py), if it is a task of this worker."""
+        j = self._by_key.get(key)
+        if j is None or j.msg is None:
+            return None
+        b = self.broker
+        pkey = b.progress_key(str(j.msg[MSG_ID]))
+        ttl_ms = int(b.result_ttl * 1000) or 3_600_000
+        ser = b.serializer.same_format(j.payload)
+        return lambda p: self._r.set(pkey, ser.dumps([p.fraction, p.message]), px=ttl_ms)
+
     def _finished(self, job: _Job, _handle: Any) -> None:
+        if _handle is not None:
+            self._by_key.pop(_handle._key, None)
         self._done.append(job)
         self._done_event.set()
 
@@ -948,12 +1036,17 @@ class Worker:
                     for k, v in counts.items():
                         if v:
                             self.counts[k] += v
+                    if self.figures is not None:
+                        self.figures.record(jobs, counts["succeeded"])
                 except Exception:
                     log.exception(
                         "committing %d task outcomes failed; they stay pending in Redis and will be redelivered",
                         len(jobs),
                     )
                 n = len(jobs)
+                for j in jobs:
+                    if j.handle is not None:
+                        self._cancels.untrack(j.msg[MSG_ID])
                 with self._cv:
                     for j in jobs:
                         self._owned.pop(j.eid, None)
@@ -993,6 +1086,7 @@ class Worker:
                 del stack[start:]
                 kinds = self._outcome_lost(pipe, j, ctx, exc)
             all_kinds.append(kinds)
+            j.kinds = kinds
             if len(stack) == start:
                 acks[j.prio].append(j.eid)
                 for k in kinds:
@@ -1000,10 +1094,14 @@ class Worker:
                         counts[k] += 1
             else:
                 written.append((j, start, len(stack), kinds))
+        for j in jobs:  # concurrency leases are given back with the outcome (ratelimit.py)
+            if j.lease is not None:
+                self._limits.release(pipe, j)
         if self._claims:  # copies that did not succeed give their key's claim back (best effort)
             for j, kinds in zip(jobs, all_kinds, strict=True):
                 if j.claim is not None and "settled" not in kinds:
                     self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
+        self._settle(pipe, jobs, all_kinds, ctx[0])
         self._queue_acks(pipe, acks)
         # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
         # another worker could by then run those tasks again anyway)
@@ -1028,6 +1126,7 @@ class Worker:
             bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
             if bad is not None:
                 lost += 1
+                j.kinds = ()  # not stored: redelivered, counted then
                 log.error(
                     "the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
                     "redelivered",
@@ -1042,6 +1141,27 @@ class Worker:
                     counts[k] += 1
         counts["not_stored"] += lost
         return (later if any(later) else None), counts
+
+    def _settle(self, pipe: Any, jobs: list[_Job], all_kinds: list[tuple[str, ...]], ttl_ms: int) -> None:
+        """Tasks that ended for good (not retried, not waiting for their key) let go of what
+        refers to them: their idempotency key's submit record keeps no longer than their result
+        (dedup.py), their schedule's run-in-progress marker goes (schedules.py)."""
+        b = self.broker
+        for j, kinds in zip(jobs, all_kinds, strict=True):
+            opts = _options(j.msg) if j.msg else None
+            if not opts or not isinstance(opts, dict) or "retried" in kinds or "deferred_idempotent" in kinds:
+                continue
+            key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
+            if key is None and sched is None:
+                continue
+            self._task_settled(
+                keys=[
+                    b.dedup_key(str(key)) if key is not None else "",
+                    b.schedule_key(str(sched)) + ":run" if sched is not None else "",
+                ],
+                args=[str(j.msg[MSG_ID]), ttl_ms],
+                client=pipe,
+            )
 
     def _ack(self, acks: list[list[bytes]]) -> None:
         pipe = self._r.pipeline(transaction=True)
@@ -1113,12 +1233,16 @@ class Worker:
         """Queue the commands that record one job's outcome; return the counters it moves."""
         b = self.broker
         ttl_ms, idem_ms, wf_ttl, limit = ctx
-        if j.defer:  # its key is claimed by another copy: it waits in the delayed set, unrun
+        if j.parked:  # over its concurrency limit: the limit script parked it (ratelimit.py)
+            return ("parked_concurrency_limit",)
+        if j.defer:  # its key is claimed by another copy (or its rate limit's slot is later): it waits
             self._add_delayed(keys=[b.delayed_key], args=[j.defer, b"%d" % j.prio + j.payload], client=pipe)
             self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
-            return ("deferred_idempotent",)
+            return ("deferred_rate_limit",) if j.limit_deferred else ("deferred_idempotent",)
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
+        if j.cancelled or (j.wf is None and j.msg and j.msg[MSG_ID] in self._cancels.ids):
+            return ("cancelled",)  # its CANCELLED outcome was recorded by the cancel (cancel.py)
         if j.skip:
             if ttl_ms and j.first != j.msg[MSG_ID]:
                 ser = b.serializer.same_format(j.payload)
@@ -1162,7 +1286,7 @@ class Worker:
         if status is TaskStatus.SUCCEEDED:
             if ttl_ms:
                 try:
-                    rec = self._sized(ser.dumps([0, h.wait(0)]), limit, "the task's return value")
+                    rec = self._sized(ser.dumps([0, h.wait(0), j.msg[MSG_NAME]]), limit, "the task's return value")
                 except (TypeError, _TooLarge) as exc:
                     err = [
                         type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
@@ -1171,7 +1295,7 @@ class Worker:
                     ]
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
                         return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
-                    rec = ser.dumps([1, err])
+                    rec = ser.dumps([1, err, j.msg[MSG_NAME]])
                 key = b.result_key(j.msg[MSG_ID])
                 pipe.rpush(key, rec)
                 pipe.pexpire(key, ttl_ms)
@@ -1209,7 +1333,7 @@ class Worker:
             return ("retried",)
         err = encode_error(failure)
         if j.wf is None and ttl_ms:
-            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
+            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err, j.msg[MSG_NAME]], limit)
             key = b.result_key(j.msg[MSG_ID])
             pipe.rpush(key, rec)
             pipe.pexpire(key, ttl_ms)
@@ -1222,7 +1346,7 @@ class Worker:
         if len(out) > limit:
             kind, message, tb = rec[1][:3]
             keep = max(100, limit // 4)
-            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]]]
+            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]], *rec[2:]]
             out = ser.dumps(rec)
         return out
 
@@ -1247,7 +1371,7 @@ class Worker:
         elif result and ttl_ms and j.msg:  # the task id is known: its waiters learn why
             key = b.result_key(j.msg[MSG_ID])
             ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
-            pipe.rpush(key, self._fit(ser, [1, cause], limit))
+            pipe.rpush(key, self._fit(ser, [1, cause, j.msg[MSG_NAME]], limit))
             pipe.pexpire(key, ttl_ms)
         return ("dead_lettered",)
 
