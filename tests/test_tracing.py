@@ -494,7 +494,7 @@ def test_redis_add_task_async_keyed_and_routed_sends_are_traced(redis_pair, span
     assert [m[0] for m in routed_msgs] == [routed.task_id]
     assert headers_of(routed_msgs[0])["traceparent"].split("-")[1] == f"{root2.get_span_context().trace_id:032x}"
     msgs = {m[0]: m for m in pair.messages()}
-    for h, r in zip(handles, (root, root, root, root2)):
+    for h, r in zip(handles, (root, root, root, root2), strict=True):
         assert headers_of(msgs[h.task_id])["traceparent"].split("-")[1] == f"{r.get_span_context().trace_id:032x}"
     producers = {p.attributes["messaging.message.id"]: p for p in by_kind(spans, SpanKind.PRODUCER)}
     assert set(producers) == {h.task_id for h in handles} | {routed.task_id}

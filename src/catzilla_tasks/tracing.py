@@ -285,7 +285,7 @@ class Traced:
 
     # __module__ is found on the class, so __getattr__ never sees it: the function's, for what
     # names a task by module and qualname (a rate or concurrency limit's count, limits.py)
-    @property  # type: ignore[misc]
+    @property
     def __module__(self) -> Any:  # type: ignore[override]
         return getattr(self.func, "__module__", None)
 
