@@ -410,11 +410,14 @@ static PyObject *node_context(ct_task *t) {   /* borrowed */
 
 static uint64_t attempt_in_context(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now);
 
-/* An attempt of a task this worker has started (RUNNING for it), in the task's context: the
- * call, its outcome, the retry or the end. */
-static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
-    if (t->kind != CT_KIND_PY || !(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_CONTEXT))
-        return attempt_in_context(w, eng, t, now);
+/* The task's context entered for an attempt: a new reference to the entered object, or NULL
+ * (out of memory: the attempt then runs in the worker's context). Out of line, as is the
+ * exit: a task without a context pays one flag test, and attempt_in_context, called once,
+ * is inlined into run_attempt. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((noinline))
+#endif
+static PyObject *enter_task_context(ct_task *t) {
     ConfigObject *cfg = (ConfigObject *)t->cfg;
     PyObject *ctx = node_context(t);
     /* (a reference of our own: the attempt's end may drop the node's arguments) */
@@ -424,10 +427,26 @@ static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_
         Py_SETREF(ctx, PyContext_Copy(ctx));
         if (ctx && PyContext_Enter(ctx) < 0) Py_CLEAR(ctx);
     }
-    if (!ctx) PyErr_Clear();   /* (out of memory: the attempt runs in the worker's context) */
+    if (!ctx) PyErr_Clear();
+    return ctx;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((noinline))
+#endif
+static void leave_task_context(PyObject *ctx) {
+    if (PyContext_Exit(ctx) < 0) PyErr_Clear();
+    Py_DECREF(ctx);
+}
+
+/* An attempt of a task this worker has started (RUNNING for it), in the task's context: the
+ * call, its outcome, the retry or the end. */
+static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_t now) {
+    PyObject *ctx = NULL;
+    if (CT_UNLIKELY(t->kind == CT_KIND_PY && (atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_CONTEXT)))
+        ctx = enter_task_context(t);
     uint64_t end = attempt_in_context(w, eng, t, now);
-    if (ctx && PyContext_Exit(ctx) < 0) PyErr_Clear();
-    Py_XDECREF(ctx);
+    if (CT_UNLIKELY(ctx != NULL)) leave_task_context(ctx);
     return end;
 }
 
