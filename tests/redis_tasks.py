@@ -92,6 +92,15 @@ def flaky(key, fail_times):
 
 
 @_reg
+@task(max_retries=0)
+def fails_until_set(flag_key, value, message="the flag is not set"):
+    """Fails (at once dead-lettered: no retries) until the test sets ``flag_key`` in Redis."""
+    if not _sync_client().exists(flag_key):
+        raise RuntimeError(message)
+    return value
+
+
+@_reg
 @task
 def record(log_key, value):
     """Side effect: appends value to a list in Redis (counts executions)."""
