@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis_tasks as rt
@@ -27,6 +28,7 @@ from catzilla_tasks.dashboard import cluster_app, serve_cluster
 from catzilla_tasks.dashboard.cluster import PAGE_CSP
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = Path(TESTS).parent
 TOKEN = "dash-tok-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BEAT = 0.2
@@ -183,7 +185,9 @@ def test_json_routes_show_workers_queues_task_names_failures_dead_letters_and_a_
     status, d = api(dash, "api/dead-letters.json?queue=default&count=10")
     assert status == 200 and d["queue"] == "default"
     mine = [x for x in d["dead_letters"] if x["task_id"] == bad.task_id]
-    assert len(mine) == 1 and mine[0]["name"] == "redis_tasks.fails_until_set" and SECRET not in mine[0]["error"]
+    assert len(mine) == 1 and mine[0]["name"] == "redis_tasks.fails_until_set" and SECRET not in json.dumps(mine)
+    assert mine[0]["error"] == "RuntimeError: cannot reach redis://:***@db.internal:6379/0"
+    assert "Traceback" in mine[0]["traceback"]
     # one task by id: a success, a failure, an unknown id
     status, t = api(dash, f"api/task.json?id={ok[3].task_id}")
     assert status == 200 and t["status"] == "succeeded" and t["result"] == 4 and t["name"] == "redis_tasks.add"
@@ -299,8 +303,8 @@ def test_cluster_app_mounts_in_starlette(cluster):
             assert len(ids) == 1
             body = {"queue": "default", "ids": ids}
             assert client.post("/ops/cluster/api/redrive", json=body, headers=AUTH).status_code == 403
-            assert client.post("/ops/cluster/api/redrive", json=body,
-                               headers={**AUTH, "X-CSRF-Token": csrf, "Origin": "http://evil.example"}).status_code == 403
+            evil = {**AUTH, "X-CSRF-Token": csrf, "Origin": "http://evil.example"}
+            assert client.post("/ops/cluster/api/redrive", json=body, headers=evil).status_code == 403
             cluster.r.set(flag, 1)
             answer = client.post("/ops/cluster/api/redrive", json=body, headers={**AUTH, "X-CSRF-Token": csrf})
             assert answer.status_code == 200 and answer.json()["moved"] == 1
@@ -324,7 +328,7 @@ def test_cli_dashboard_with_a_broker(cluster):
         proc = subprocess.Popen([sys.executable, "-m", "catzilla_tasks.cli", "dashboard", "--port", "0", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda p=proc: [lines.put(x) for x in p.stdout], daemon=True).start()
+        threading.Thread(target=lambda p=proc, q=lines: [q.put(x) for x in p.stdout], daemon=True).start()
         try:
             first = lines.get(timeout=60)
             m = re.search(r"cluster dashboard of redis://\S+ at (http://127\.0\.0\.1:\d+/)\?token=(\S+)", first)
@@ -373,9 +377,11 @@ def test_browser_shows_workers_and_a_dead_letter_and_redrive_runs_it(cluster, da
     row = f'#dead tr[data-task-id="{bad.task_id}"]'
     page.wait_for_selector(row, timeout=20000)
     # the error is shown as text: no element made from it, nothing run
-    err = page.text_content(f"{row} td.err")
+    err = page.evaluate(f"() => document.querySelector('{row} td.err').firstChild.textContent")
     assert err == f"RuntimeError: {hostile}"
-    assert page.evaluate("() => document.querySelectorAll('#dead b, #dead img, #failures b, #failures img').length") == 0
+    assert "Traceback" in page.text_content(f"{row} td.err pre.tb")
+    made = "() => document.querySelectorAll('#dead b, #dead img, #failures b, #failures img').length"
+    assert page.evaluate(made) == 0
     assert page.evaluate("() => window.pwned === undefined")
     page.wait_for_selector(f'#failures tr[data-task-id="{bad.task_id}"] details', timeout=20000)
     page.click(f'#failures tr[data-task-id="{bad.task_id}"] summary')
@@ -398,6 +404,9 @@ def test_browser_shows_workers_and_a_dead_letter_and_redrive_runs_it(cluster, da
     assert page.text_content('#task [data-field="result"]') == "42"
     assert page.text_content('#task [data-field="name"]') == "redis_tasks.fails_until_set"
     assert not page.errors, page.errors
+    out = ROOT / "build" / "cluster-dashboard.png"   # for a look (build/ is not in git)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
 
 
 @pytest.mark.browser

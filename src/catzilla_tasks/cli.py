@@ -618,8 +618,11 @@ def _add_url_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
         "--token",
         help=f"bearer token of the engine's stats (default: ${TOKEN_ENV}, which other "
         "users cannot read in the process list, as they can this option)"
-        + (f"; with --broker: the token the cluster page requires (default: ${SERVE_TOKEN_ENV}, else random)"
-           if optional else ""),
+        + (
+            f"; with --broker: the token the cluster page requires (default: ${SERVE_TOKEN_ENV}, else random)"
+            if optional
+            else ""
+        ),
     )
     p.add_argument(
         "--timeout",

@@ -168,8 +168,9 @@ class ClusterDashboard:
         return None
 
     # -- the routes ------------------------------------------------------------------------
-    def handle(self, method: str, path: str, query_string: str, headers: Mapping[str, str], body: bytes,
-               scheme: str = "http") -> Reply:
+    def handle(
+        self, method: str, path: str, query_string: str, headers: Mapping[str, str], body: bytes, scheme: str = "http"
+    ) -> Reply:
         """Answer one request. ``path`` is below the mount point (``/``, ``/api/...``);
         ``headers`` have lower-case names."""
         query = parse_qs(query_string)
@@ -178,8 +179,11 @@ class ClusterDashboard:
             return _error(405, "405 Method Not Allowed", {"Allow": "GET, HEAD, POST"})
         if not self.authorized(query, headers, allow_query=not is_post):
             hint = "Authorization: Bearer ..." if is_post else "?token=... or Authorization: Bearer ..."
-            return _error(401, f"401 Unauthorized: the dashboard needs {hint}",
-                          {"WWW-Authenticate": 'Bearer realm="catzilla-tasks"'})
+            return _error(
+                401,
+                f"401 Unauthorized: the dashboard needs {hint}",
+                {"WWW-Authenticate": 'Bearer realm="catzilla-tasks"'},
+            )
         if is_post:
             return self._post(path, headers, body, scheme)
         if path in ("/", "/index.html"):
@@ -249,7 +253,10 @@ class ClusterDashboard:
         count = int(query.get("count", ["100"])[0])
         if not 1 <= count <= 1000:
             raise ValueError("count: between 1 and 1000")
-        return _json(200, {"queue": queue, "dead_letters": self.view.dead_letters(queue, count=count)})
+        letters = self.view.dead_letters(queue, count=count)
+        for x in letters:  # "Type: message" on the first line, the traceback after it
+            x["error"], _, x["traceback"] = x["error"].partition("\n")
+        return _json(200, {"queue": queue, "dead_letters": letters})
 
     def _task(self, query: Mapping[str, list[str]]) -> Reply:
         return _json(200, self.view.inspect(self._one(query, "id")))
@@ -291,8 +298,7 @@ class ClusterDashboard:
             raise ValueError("queue: a non-empty string")
         ids = args.get("ids")
         if ids is not None and (
-            not isinstance(ids, list) or not ids or len(ids) > MAX_IDS
-            or not all(isinstance(i, str) and i for i in ids)
+            not isinstance(ids, list) or not ids or len(ids) > MAX_IDS or not all(isinstance(i, str) and i for i in ids)
         ):
             raise ValueError(f"ids: a list of 1 to {MAX_IDS} dead-letter ids (strings), or omitted for all")
         return {"queue": queue, "moved": self.view.redrive(queue, ids)}
