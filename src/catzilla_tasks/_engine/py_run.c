@@ -97,7 +97,10 @@ void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
     if (CT_UNLIKELY(PyDict_GET_SIZE(py_mod.charges) > 0)) uncharge(t);   /* queued, never ran */
     report_unobserved(t);
-    if (st & CT_F_REGISTERED) forget_id(py_mod.registry, t->id);
+    if (st & CT_F_REGISTERED) {
+        forget_id(py_mod.registry, t->id);
+        if (CT_UNLIKELY(PyDict_GET_SIZE(py_mod.progress) > 0)) forget_id(py_mod.progress, t->id);   /* set_progress */
+    }
     if (t->kind != CT_KIND_PY_C) {
         Py_CLEAR(t->fn);
         Py_CLEAR(t->arg);

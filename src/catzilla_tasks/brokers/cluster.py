@@ -42,7 +42,7 @@ SCAN_SLICE = 2000  # members or entries one script call reads
 _PRIORITIES = [p.name.lower() for p in TaskPriority]  # by index: critical, high, normal, low
 _QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99))
 # the second part of keys under the prefix that are not a queue's (redis._KEY_KINDS)
-_NOT_QUEUES = ("r", "done", "claim", "wf", "idem", "cluster")
+_NOT_QUEUES = ("r", "done", "claim", "wf", "idem", "cluster", "p", "rl", "cc")
 _STREAM_SUFFIXES = ("q0", "q1", "q2", "q3", "dead")
 
 

@@ -1,6 +1,7 @@
 """``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
 
-catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL] [--heartbeat S] [--metrics-port P]
+catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL] [--queues Q[:W],...] [--heartbeat S]
+    [--metrics-port P]
 catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
 catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
 catzilla-tasks schedules (--app MODULE:TASKS | --broker URL) [--queue Q] [--json]
@@ -138,7 +139,25 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    w = Worker(tasks, concurrency=args.concurrency, heartbeat_interval=args.heartbeat or None)
+    heartbeat = args.heartbeat or None
+    queues = None
+    if getattr(args, "queues", None):
+        from .routing import MultiQueueWorker, parse_queues
+
+        try:
+            queues = parse_queues(args.queues)
+            if len(queues) > 1 or next(iter(queues)) != tasks.broker.queue:
+                if args.metrics_port is not None:
+                    raise UsageError("--metrics-port serves one queue's worker: not with several --queues")
+                w: Any = MultiQueueWorker(
+                    tasks, queues, concurrency=args.concurrency, heartbeat_interval=heartbeat
+                )
+            else:
+                queues = None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if queues is None:
+        w = Worker(tasks, concurrency=args.concurrency, heartbeat_interval=heartbeat)
     b = tasks.broker
     if args.metrics_port is not None:  # the worker's own figures for Prometheus
         from .. import prometheus
@@ -146,8 +165,13 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         server, _ = prometheus.serve(prometheus.WorkerCollector(w), host=args.metrics_host, port=args.metrics_port)
         print(f"metrics on http://{args.metrics_host}:{server.server_port}/metrics", file=out, flush=True)
     print(
-        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
-        f"{redact_url(b.url)}, concurrency {w.concurrency}",
+        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), "
+        + (
+            f"queue {b.queue!r}"
+            if queues is None
+            else "queues " + ", ".join(f"{q!r} ({x.concurrency})" for q, x in w.workers.items())
+        )
+        + f" on {redact_url(b.url)}, concurrency {w.concurrency}",
         file=out,
         flush=True,
     )
@@ -304,6 +328,12 @@ def add_commands(sub: Any) -> None:
         "needs prometheus-client)",
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
+    p.add_argument(
+        "--queues",
+        metavar="Q[:W],...",
+        help="named queues to consume, e.g. emails,default or emails:1,default:3 (each gets its share of "
+        "--concurrency by weight W, default 1; default: the broker's own queue)",
+    )
     p.set_defaults(func=_run(cmd_worker))
 
     dl = sub.add_parser(

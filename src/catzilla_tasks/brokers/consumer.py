@@ -127,6 +127,8 @@ class Consumer:
                 cfg = cfg.replace(**fields)
             if cfg.delay_ms:  # the broker applied the delay already
                 cfg = cfg.replace(delay_ms=0)
+            if cfg.queue is not None:  # one queue in memory: a named one is not routed again here
+                cfg = cfg.replace(queue=None)  # (rate and concurrency limits apply, per consumer engine)
             handle = _engine.Engine._submit(self.tasks, func, tuple(args), kwargs, cfg, -1)
         except Exception as exc:  # bad options or arguments, engine shut down: the task fails
             self._fail(d, task_id, f"{type(exc).__name__}: could not start the task: {exc}")

@@ -45,6 +45,7 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_RESERVED,
     OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
@@ -59,7 +60,7 @@ log = logging.getLogger("catzilla_tasks.worker")
 
 _ERRORS = None
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
-_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE, OPT_RESERVED)
 # XREADGROUP's reply from a client without decode_responses: [(stream, [(id, fields), ...])],
 # fields None for an entry deleted while pending
 _Read = list[tuple[bytes, list[tuple[bytes, "dict[bytes, bytes] | None"]]]]
@@ -177,6 +178,10 @@ class _Job:
         "defer",
         "cancelled",
         "kinds",
+        "lease",
+        "parked",
+        "limit_deferred",
+        "local_delay",
     )
     kinds: tuple[str, ...]  # set by _commit: the counters its outcome moved, () if not stored (registry.py)
 
@@ -197,6 +202,12 @@ class _Job:
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
         self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
+        # limits (ratelimit.py): its concurrency lease (lease set, park set, limit, lease id), parked
+        # (over its concurrency limit: acknowledged, it waits in the park set), deferred by its rate limit
+        self.lease: tuple[str, str, int, str] | None = None
+        self.parked = False
+        self.limit_deferred = False
+        self.local_delay = 0  # ms it waits in the engine's timer for its rate limit's slot
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -297,6 +308,8 @@ class Worker:
             "recovered": 0,
             "not_stored": 0,
             "cancelled": 0,
+            "deferred_rate_limit": 0,
+            "parked_concurrency_limit": 0,
         }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
@@ -335,6 +348,15 @@ class Worker:
                 )
             self.figures = TaskFigures()
             self._heartbeat_thread = Heartbeat(self, heartbeat_interval)
+
+        # -- rate and concurrency limits, progress (ratelimit.py, progress.py) --
+        from .ratelimit import RedisLimits
+
+        self._limits = RedisLimits(self)
+        self._by_key: dict[int, _Job] = {}  # engine task key -> its job, while it runs (progress reports)
+        from .. import progress
+
+        progress.add_resolver(self._progress_target)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -556,7 +578,14 @@ class Worker:
                 # held task's entry and its key's claim must be renewed before they run out
                 wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
-                    wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
+                    due_ms = int((self._next_due_local - time.monotonic()) * 1000) + 1
+                    if due_ms < 100:
+                        # Redis ends a blocked read at its `hz` tick (100 ms by default), not at
+                        # its block: a delayed task due sooner (a rate limit's next slot) would be
+                        # promoted up to 100 ms late, and several late ones at once
+                        self._stop.wait(max(0, due_ms) / 1000)
+                        continue
+                    wait_ms = max(1, min(wait_ms, due_ms))
                 got = self._r.xreadgroup(
                     GROUP, self.consumer, {s: ">" for s in self.broker.streams}, count=1, block=wait_ms
                 )
@@ -675,6 +704,7 @@ class Worker:
             owned = list(self._owned.items())
             claims = [(eid, *c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
         if not owned:
+            self._limits.renew(None)
             return
         by_prio: dict[int, list[bytes]] = {}
         for eid, prio in owned:
@@ -695,6 +725,7 @@ class Worker:
                     keys += (claim_key, streams[prios[eid]])
                     args += (token, eid)
                 self._idem_renew(keys=keys, args=args, client=pipe)
+        self._limits.renew(pipe)
         pipe.execute()
 
     # -- dispatch --------------------------------------------------------------------------
@@ -827,6 +858,9 @@ class Worker:
 
     def _look_up(self, jobs: list[_Job]) -> None:
         """What Redis knows before the jobs run: finished idempotency keys, workflow runs."""
+        limited = [j for j in jobs if j.error is None and j.cfg is not None and j.cfg._routed]
+        if limited:
+            self._limits.admit(limited)
         keyed = [j for j in jobs if j.error is None and OPT_IDEMPOTENCY_KEY in _options(j.msg)]
         if keyed:
             self._claim(keyed)
@@ -836,7 +870,7 @@ class Worker:
 
     def _start(self, j: _Job) -> None:
         """Hand one job to the engine (or, when it does not run, to the committer)."""
-        if j.error is not None or j.skip or j.defer:
+        if j.error is not None or j.skip or j.defer or j.parked:
             self._finished(j, None)
             return
         if j.msg[MSG_ID] in self._cancels.ids:  # cancelled (cancel.py): never runs
@@ -846,7 +880,11 @@ class Worker:
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
+            if cfg._plain is not None:  # limits and queue were applied in Redis: not again locally
+                cfg = cfg._plain
             run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            if j.local_delay:
+                run_cfg = self._limits.delayed(run_cfg, j.local_delay)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             h = self._submit(j.func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
@@ -857,6 +895,7 @@ class Worker:
         msg[MSG_ARGS] = msg[MSG_KWARGS] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
         self._cancels.track(msg[MSG_ID], h)
+        self._by_key[h._key] = j
         h._on_done(j)
 
     def _claim(self, keyed: list[_Job]) -> None:
@@ -959,7 +998,21 @@ class Worker:
             hit = self._cfgs[key] = cfg.replace(max_retries=0, delay_ms=0)
         return hit
 
+    def _progress_target(self, key: int) -> Any:
+        """Where the progress reports of the engine task ``key`` go: its result's progress key
+        in Redis (progress.py), if it is a task of this worker."""
+        j = self._by_key.get(key)
+        if j is None or j.msg is None:
+            return None
+        b = self.broker
+        pkey = b.progress_key(str(j.msg[MSG_ID]))
+        ttl_ms = int(b.result_ttl * 1000) or 3_600_000
+        ser = b.serializer.same_format(j.payload)
+        return lambda p: self._r.set(pkey, ser.dumps([p.fraction, p.message]), px=ttl_ms)
+
     def _finished(self, job: _Job, _handle: Any) -> None:
+        if _handle is not None:
+            self._by_key.pop(_handle._key, None)
         self._done.append(job)
         self._done_event.set()
 
@@ -1044,6 +1097,9 @@ class Worker:
                         counts[k] += 1
             else:
                 written.append((j, start, len(stack), kinds))
+        for j in jobs:  # concurrency leases are given back with the outcome (ratelimit.py)
+            if j.lease is not None:
+                self._limits.release(pipe, j)
         if self._claims:  # copies that did not succeed give their key's claim back (best effort)
             for j, kinds in zip(jobs, all_kinds, strict=True):
                 if j.claim is not None and "settled" not in kinds:
@@ -1180,10 +1236,12 @@ class Worker:
         """Queue the commands that record one job's outcome; return the counters it moves."""
         b = self.broker
         ttl_ms, idem_ms, wf_ttl, limit = ctx
-        if j.defer:  # its key is claimed by another copy: it waits in the delayed set, unrun
+        if j.parked:  # over its concurrency limit: the limit script parked it (ratelimit.py)
+            return ("parked_concurrency_limit",)
+        if j.defer:  # its key is claimed by another copy (or its rate limit's slot is later): it waits
             self._add_delayed(keys=[b.delayed_key], args=[j.defer, b"%d" % j.prio + j.payload], client=pipe)
             self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
-            return ("deferred_idempotent",)
+            return ("deferred_rate_limit",) if j.limit_deferred else ("deferred_idempotent",)
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
         if j.cancelled or (j.wf is None and j.msg and j.msg[MSG_ID] in self._cancels.ids):
