@@ -102,6 +102,17 @@ def fails_until_set(flag_key, value, message="the flag is not set"):
 
 @_reg
 @task
+def progress_then_hold(gate_key, fraction, message):
+    """Reports its progress, then waits (in Redis, up to 30 s) until the test opens the gate."""
+    from catzilla_tasks import current_task
+
+    current_task().set_progress(fraction, message)
+    _sync_client().blpop([gate_key], timeout=30)
+    return fraction
+
+
+@_reg
+@task
 def record(log_key, value):
     """Side effect: appends value to a list in Redis (counts executions)."""
     _sync_client().rpush(log_key, value)

@@ -411,7 +411,7 @@ def test_browser_shows_workers_and_a_dead_letter_and_redrive_runs_it(cluster, da
 
 @pytest.mark.browser
 @pytest.mark.timeout(180)
-def test_browser_looks_up_a_waiting_task_and_cancels_it(cluster, dash, page):
+def test_browser_looks_up_tasks_cancels_one_and_shows_progress(cluster, dash, page):
     r = cluster.producer.options(delay_ms=600_000).add_task(rt.add, 5, 6)
     page.fill("#task-id", r.task_id)
     page.press("#task-id", "Enter")
@@ -424,6 +424,20 @@ def test_browser_looks_up_a_waiting_task_and_cancels_it(cluster, dash, page):
     assert page.evaluate("() => window.catzillaCluster.lastAction") == {"task_id": r.task_id, "cancelled": True}
     with pytest.raises(TaskCancelled):
         r.wait(10)
+    # a running task's progress, as its worker reported it (text: the message is the task's)
+    gate = f"{cluster.prefix}:gate:{uuid.uuid4().hex[:8]}"
+    running = cluster.producer.add_task(rt.progress_then_hold, gate, 0.4, "<i>step</i> 2 of 5")
+    page.fill("#task-id", running.task_id)
+    page.click("#lookup-button")
+    page.wait_for_function("() => { const t = window.catzillaCluster.task;"
+                           " return t && t.status === 'in_flight' && t.progress; }", timeout=20000)
+    assert page.text_content('#task [data-field="progress"]') == "40 % \u00b7 <i>step</i> 2 of 5"
+    assert page.evaluate("() => document.querySelectorAll('#task i').length") == 0
+    status, t = api(dash, f"api/task.json?id={running.task_id}")
+    assert t["progress"] == {"fraction": 0.4, "message": "<i>step</i> 2 of 5"} and t["worker"]
+    cluster.r.rpush(gate, 1)
+    assert running.wait(30) == 0.4
+    page.wait_for_function("() => window.catzillaCluster.task.status === 'succeeded'", timeout=20000)
     # a page whose token is wrong gets nothing and says so
     other = page.context.new_page()
     resp = other.goto(dash.url + "?token=wrong")

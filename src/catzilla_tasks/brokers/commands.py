@@ -149,9 +149,7 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             if len(queues) > 1 or next(iter(queues)) != tasks.broker.queue:
                 if args.metrics_port is not None:
                     raise UsageError("--metrics-port serves one queue's worker: not with several --queues")
-                w: Any = MultiQueueWorker(
-                    tasks, queues, concurrency=args.concurrency, heartbeat_interval=heartbeat
-                )
+                w: Any = MultiQueueWorker(tasks, queues, concurrency=args.concurrency, heartbeat_interval=heartbeat)
             else:
                 queues = None
         except ValueError as exc:

@@ -259,7 +259,12 @@ class ClusterDashboard:
         return _json(200, {"queue": queue, "dead_letters": letters})
 
     def _task(self, query: Mapping[str, list[str]]) -> Reply:
-        return _json(200, self.view.inspect(self._one(query, "id")))
+        info = self.view.inspect(self._one(query, "id"))
+        progress = info.get("progress")
+        if progress is not None:  # a Progress(fraction, message): named in the JSON
+            fraction, message = getattr(progress, "fraction", progress), getattr(progress, "message", None)
+            info["progress"] = {"fraction": fraction, "message": message}
+        return _json(200, info)
 
     def _post(self, path: str, headers: Mapping[str, str], body: bytes, scheme: str) -> Reply:
         actions = {"/api/redrive": self._redrive, "/api/cancel": self._cancel}
