@@ -364,12 +364,12 @@ class ClusterApp:
             else:
                 body += chunk
             more = msg.get("more_body", False)
-        if path == "":  # the page's relative URLs need the slash
-            reply: Reply = 307, "text/plain", b"", {"Location": root + "/"}
+        qs = scope.get("query_string", b"").decode("latin-1")
+        if path == "":  # the page's relative URLs need the slash (the query, its ?token=, is kept)
+            reply: Reply = 307, "text/plain", b"", {"Location": root + "/" + (f"?{qs}" if qs else "")}
         elif too_big:
             reply = _error(413, f"413 Payload Too Large: at most {MAX_BODY} bytes")
         else:
-            qs = scope.get("query_string", b"").decode("latin-1")
             reply = await asyncio.to_thread(
                 self.dashboard.handle, scope["method"], path, qs, headers, body, scope.get("scheme", "http")
             )
