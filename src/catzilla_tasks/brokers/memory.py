@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..config import TaskConfig, TaskPriority, TaskStatus
-from .base import Delivery, FetchingBroker
+from .base import CommitJob, ConsumerSession, Delivery, Entries, FetchingBroker, Outcome
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
@@ -40,7 +40,7 @@ from .protocol import (
 )
 from .serialization import DecodeError, Serializer
 
-__all__ = ["MemoryBroker", "MemoryResult"]
+__all__ = ["MemoryBroker", "MemoryConsumer", "MemoryResult"]
 
 log = logging.getLogger("catzilla_tasks.results")
 
@@ -85,10 +85,16 @@ class MemoryBroker(FetchingBroker):
         self._dead: dict[str, dict[str, Any]] = {}  # dead letters by id, oldest first
         self._callbacks: dict[str, list[Callable[[], Any]]] = {}
         self._seq = itertools.count(1)
+        self._woken: list[str] = []  # task ids given a record by _apply, whose callbacks are due
         self._local = threading.local()
         self._overrides = Overrides()
         self._ids = itertools.count()
+        self._claims: dict[str, tuple[str, float]] = {}  # idempotency key -> (holder's token, lease end)
         self._closed = False
+
+    def consumer(self, name: str) -> MemoryConsumer:
+        """A worker's consumer of this broker (see :class:`MemoryConsumer`)."""
+        return MemoryConsumer(self, name)
 
     # -- publishing ------------------------------------------------------------------------
     def submit(
@@ -215,6 +221,42 @@ class MemoryBroker(FetchingBroker):
             callbacks = self._callbacks.pop(task_id, []) if record is not None and task_id else []
         for cb in callbacks:
             cb()
+
+    def _apply(self, d: Delivery, ops: tuple, claim: Any) -> None:
+        """Apply a worker's outcome operations (base.Outcome) for the held ``d`` (lock held)."""
+        self._held.pop(d.token, None)
+        settled = False
+        for op in ops:
+            kind = op[0]
+            if kind == Outcome.RESULT:
+                if self.result_ttl:
+                    self._results[op[1]] = (time.monotonic() + self.result_ttl, op[2])
+                    self._woken.append(op[1])
+            elif kind == Outcome.DELAY:
+                due = time.monotonic() + op[1] / 1000
+                heapq.heappush(self._delayed, (due, next(self._seq), d.priority, op[2]))
+            elif kind == Outcome.DEAD:
+                self._bury(d, op[1])
+            elif kind == Outcome.COPY_RESULT:
+                rec = self._record(op[1])
+                self._results[op[2]] = (time.monotonic() + self.result_ttl, rec if rec is not None else op[3])
+                self._woken.append(op[2])
+            elif kind == Outcome.KEY_DONE:
+                self._done.setdefault(op[1], op[2])
+                settled = True
+            elif kind == Outcome.RUN_FAILED:
+                pass  # (no run is stored here: a step message from elsewhere is dead-lettered alone)
+            else:
+                raise NotImplementedError(f"MemoryBroker: outcome {kind!r} (workflow runs need the RedisBroker)")
+        if claim is not None and not settled:
+            self._release_claim(claim)
+        elif claim is not None:
+            self._claims.pop(claim[0], None)
+
+    def _release_claim(self, claim: tuple[str, str]) -> None:
+        held = self._claims.get(claim[0])
+        if held is not None and held[0] == claim[1]:
+            del self._claims[claim[0]]
 
     def _adopt(self, payload: bytes, adopted: list[Callable[[], Any]]) -> bool:
         """If ``payload`` is a copy of a keyed task that succeeded, give it that task's outcome
@@ -359,6 +401,104 @@ class MemoryBroker(FetchingBroker):
 
     def __repr__(self) -> str:
         return f"<MemoryBroker queue={self.queue!r}>"
+
+
+class MemoryConsumer(ConsumerSession):
+    """A worker's consumer of a :class:`MemoryBroker`: the messages it holds are renewed by its
+    heartbeat, taken by another consumer's fetch after ``visibility_timeout`` without one;
+    a batch of outcomes is applied under the broker's lock (all of it at once). Workflow steps
+    are refused (the in-memory broker runs no workflows)."""
+
+    unavailable: tuple[type[BaseException], ...] = ()
+    errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, broker: MemoryBroker, name: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.max_record = 1 << 62
+        self._held: dict[int, Delivery] = {}  # token -> delivery, while this consumer holds it
+
+    def limit_note(self, limit: int) -> str:
+        return ""
+
+    def setup(self) -> float:
+        return 0.0
+
+    def fetch(self, capacity: int, block_ms: int) -> Entries:
+        out: Entries = []
+        for d in self.broker.fetch(capacity, block_ms / 1000):
+            self._held[d.token] = d
+            out += (d.priority, d.token, d.payload)
+        return out
+
+    def promote(self) -> float:
+        return -1.0  # (fetch makes due messages fetchable, and wakes for the next one)
+
+    def recover(self, capacity: int, held: set[Any]) -> tuple[Entries, bool]:
+        return [], False  # (no reply is ever lost in memory)
+
+    def reclaim(self, capacity: int) -> tuple[Entries, dict[Any, int]]:
+        return [], {}  # (fetch hands out the messages of silent consumers; max_deliveries applies there)
+
+    def heartbeat(self, held: list[tuple[Any, int]], claims: list[tuple[Any, Any]] | None) -> None:
+        b = self.broker
+        with b._cv:
+            until = time.monotonic() + b.visibility_timeout
+            for token, _ in held:
+                hit = b._held.get(token)
+                if hit is not None:
+                    b._held[token] = (until, hit[1])
+            for _, (key, token) in claims or ():
+                holder = b._claims.get(key)
+                if holder is not None and holder[0] == token:
+                    b._claims[key] = (token, until)
+
+    def claim_keys(self, items: list[tuple[Any, str]]) -> list[tuple[str, Any]]:
+        b = self.broker
+        out: list[tuple[str, Any]] = []
+        with b._cv:
+            now = time.monotonic()
+            for token, key in items:
+                first = b._done.get(key)
+                holder = b._claims.get(key)
+                mine = f"{self.name} {token}"
+                if first is not None:
+                    out.append(("done", first))
+                elif holder is not None and holder[1] > now and holder[0] != mine:
+                    out.append(("held", max(1, int((holder[1] - now) * 1000))))
+                else:
+                    b._claims[key] = (mine, now + b.visibility_timeout)
+                    out.append(("claimed", (key, mine)))
+        return out
+
+    def step_inputs(self, items: list[tuple[str, list[int]]]) -> list[Any]:
+        return [NotImplementedError("the MemoryBroker runs no workflows") for _ in items]
+
+    def begin_batch(self, token: bytes) -> None:
+        pass
+
+    def commit(self, jobs: list[CommitJob], rescue: Any) -> tuple[Any, list[bool]]:
+        b = self.broker
+        with b._cv:
+            for j in jobs:
+                d = self._held.pop(j.eid, None) or Delivery(j.eid, j.prio, j.payload)
+                try:
+                    b._apply(d, j.ops, j.claim)
+                except Exception as exc:
+                    j.kinds = rescue(j, exc)
+                    b._apply(d, j.ops, j.claim)
+            b._cv.notify_all()
+            woken, b._woken = b._woken, []
+            callbacks = [cb for tid in woken for cb in b._callbacks.pop(tid, [])]
+        for cb in callbacks:
+            cb()
+        return None, [True] * len(jobs)
+
+    def ack(self, pending: Any) -> None:
+        pass
+
+    def leave(self, committer_done: bool) -> None:
+        pass
 
 
 class MemoryResult:

@@ -34,7 +34,7 @@ from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from ..errors import wire_name
 from . import scripts
-from .base import Broker
+from .base import ConsumerSession, FetchingBroker
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
@@ -126,7 +126,7 @@ def _count(value: Any, high: float = float("inf")) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= int(value) <= high
 
 
-class RedisBroker(Broker):
+class RedisBroker(FetchingBroker):
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
@@ -270,6 +270,12 @@ class RedisBroker(Broker):
         self._names: dict[Any, str] = {}
         self._callbacks: _Watcher | None = None
         self._watcher_lock = threading.Lock()
+
+    def consumer(self, name: str) -> ConsumerSession:
+        """A worker's consumer on this broker's streams (see :mod:`.redis_consumer`)."""
+        from .redis_consumer import RedisConsumer
+
+        return RedisConsumer(self, name)
 
     # -- keys ------------------------------------------------------------------------------
     def result_key(self, task_id: str) -> str:
