@@ -116,22 +116,21 @@ def _broker(args: argparse.Namespace) -> Any:
 def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     from .._redact import redact_url
     from ..engine import BackgroundTasks
-    from .producer import DistributedTasks
     from .redis import RedisBroker
     from .worker import Worker
 
     tasks = load_app(args.app)
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
-    if args.broker:
-        tasks = DistributedTasks.from_engine(tasks, RedisBroker(args.broker))
-    if not isinstance(getattr(tasks, "broker", None), RedisBroker):
+    # --broker: the app's engine runs the tasks of that broker (the engine object itself is left
+    # as it is: a task calling its add_task runs the call locally unless the app has a broker)
+    b = RedisBroker(args.broker) if args.broker else getattr(tasks, "broker", None)
+    if not isinstance(b, RedisBroker):
         raise UsageError(
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    w = Worker(tasks, concurrency=args.concurrency)
-    b = tasks.broker
+    w = Worker(tasks, b, concurrency=args.concurrency)
     print(
         f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
         f"{redact_url(b.url)}, concurrency {w.concurrency}",

@@ -43,18 +43,6 @@ class DistributedTasks(BackgroundTasks):
         super().__init__(*args, **kwargs)
         self.broker = broker
 
-    @classmethod
-    def from_engine(cls, engine: BackgroundTasks, broker: Any) -> DistributedTasks:
-        """Make ``engine`` itself a producer for ``broker`` (``catzilla-tasks worker --broker URL``
-        on an app created without one): the app's task functions refer to that object, so it
-        must become the producer rather than be wrapped by one. Its local engine and registered
-        tasks are kept."""
-        broker = as_broker(broker)
-        if not isinstance(engine, cls):
-            engine.__class__ = cls  # same layout: a Python subclass adding no slots
-        engine.broker = broker
-        return engine  # type: ignore[return-value]
-
     # -- submission: published to the broker ------------------------------------------------
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """Publish ``func(*args, **kwargs)`` (a registered task function, or its name); returns
