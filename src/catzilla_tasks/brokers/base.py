@@ -37,7 +37,7 @@ dead letter, result record, workflow step release); a session only stores it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -233,6 +233,10 @@ class ConsumerSession(abc.ABC):
         the seconds to wait before reclaiming other consumers' messages (a storage that just
         restarted reports idle times that include its downtime)."""
 
+    def limit_note(self, limit: int) -> str:
+        """What to add to the error of a record over ``max_record`` (where that limit comes from)."""
+        return ""
+
     def lost_state(self, exc: BaseException) -> bool:
         """True if ``exc`` (raised by a fetch) means the storage lost its state and ``setup``
         must run again."""
@@ -281,7 +285,7 @@ class ConsumerSession(abc.ABC):
         """A new batch of outcomes (``token`` unique per batch): its commit may be retried."""
 
     @abc.abstractmethod
-    def commit(self, jobs: list[CommitJob], rescue: Any) -> tuple[Any, list[bool]]:
+    def commit(self, jobs: Sequence[CommitJob], rescue: Any) -> tuple[Any, list[bool]]:
         """Apply the operations of ``jobs`` (``job.ops``, see :class:`Outcome`) and end the
         messages: acknowledged with their outcome, atomically. If queuing a job's operations
         raises, ``rescue(job, exc)`` replaces them (it sets ``job.ops`` and returns its kinds).

@@ -23,7 +23,9 @@ class Consumer(Worker):
 
     def __init__(self, tasks: Any, broker: FetchingBroker, *, concurrency: int = 8, **kwargs: Any) -> None:
         if not isinstance(broker, FetchingBroker):
-            raise TypeError(f"Consumer: expected a FetchingBroker (MemoryBroker, RedisBroker...), got {type(broker).__name__}")
+            raise TypeError(
+                f"Consumer: expected a FetchingBroker (MemoryBroker, RedisBroker...), got {type(broker).__name__}"
+            )
         super().__init__(tasks, broker, concurrency=concurrency, **kwargs)
         self._thread: threading.Thread | None = None
 

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..config import TaskConfig, TaskPriority, TaskStatus
@@ -477,7 +477,7 @@ class MemoryConsumer(ConsumerSession):
     def begin_batch(self, token: bytes) -> None:
         pass
 
-    def commit(self, jobs: list[CommitJob], rescue: Any) -> tuple[Any, list[bool]]:
+    def commit(self, jobs: Sequence[CommitJob], rescue: Any) -> tuple[Any, list[bool]]:
         b = self.broker
         with b._cv:
             for j in jobs:

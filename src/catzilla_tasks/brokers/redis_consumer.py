@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from . import scripts
@@ -276,7 +276,9 @@ class RedisConsumer(ConsumerSession):
         out: list[tuple[str, Any]] = []
         for i, got in enumerate(replies):
             if isinstance(got, list):  # a command on this key failed (see idem_claim.lua)
-                out.append(("error", got[0].decode(errors="replace") if got and isinstance(got[0], bytes) else repr(got)))
+                out.append(
+                    ("error", got[0].decode(errors="replace") if got and isinstance(got[0], bytes) else repr(got))
+                )
             elif isinstance(got, bytes):
                 out.append(("done", got.decode(errors="replace")))
             elif got:
@@ -306,7 +308,7 @@ class RedisConsumer(ConsumerSession):
         self._unsure = False
 
     def commit(
-        self, jobs: list[CommitJob], rescue: Callable[[CommitJob, BaseException], tuple[str, ...]]
+        self, jobs: Sequence[CommitJob], rescue: Callable[[CommitJob, BaseException], tuple[str, ...]]
     ) -> tuple[Any, list[bool]]:
         """Write the outcomes of ``jobs`` in one MULTI transaction. A job whose outcome is
         nothing to write (no result stored, no key, no retry) is acknowledged in it; the others

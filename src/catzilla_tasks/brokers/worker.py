@@ -331,8 +331,8 @@ class Worker:
                 left = None if self._deadline is None else self._deadline - time.monotonic()
                 if left is not None and left <= 0:
                     log.warning(
-                        "stopping with %d tasks not finished or not committed; they stay pending in the broker and will "
-                        "be redelivered",
+                        "stopping with %d tasks not finished or not committed; they stay pending in the broker and "
+                        "will be redelivered",
                         self._inflight,
                     )
                     break
