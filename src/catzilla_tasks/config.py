@@ -231,6 +231,18 @@ class TaskConfig(_engine.ConfigBase):
     def timeout_ms(self) -> float | None:
         return self._timeout_ns / 1e6 or None
 
+    @property
+    def retry_base_ms(self) -> float:
+        return self._retry_ms[0]
+
+    @property
+    def retry_max_ms(self) -> float:
+        return self._retry_ms[1]
+
+    @property
+    def retry_on_timeout(self) -> bool:
+        return self._retry_ms[2]
+
     def as_dict(self) -> dict[str, Any]:
         base, cap, on_timeout = self._retry_ms
         on_success, on_failure, on_retry = self._hooks

@@ -119,9 +119,9 @@ class MemoryBroker(FetchingBroker):
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         buf = getattr(self._local, "buf", None)
         if buf is not None:
-            buf.append((int(cfg._priority), cfg.delay_ms, payload))
+            buf.append((int(cfg.priority), cfg.delay_ms, payload))
         else:
-            self._put([(int(cfg._priority), cfg.delay_ms, payload)])
+            self._put([(int(cfg.priority), cfg.delay_ms, payload)])
         return MemoryResult(tid, self)
 
     def _put(self, items: Iterable[tuple[int, float, bytes]]) -> None:

@@ -33,16 +33,14 @@ from typing import Any, cast
 from .._redact import redact_url
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from ..errors import wire_name
-from . import scripts
+from . import scripts, workflow_runs
 from .base import ConsumerSession, FetchingBroker
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
     MSG_ATTEMPTS,
     MSG_ID,
-    OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
-    OPT_WORKFLOW,
     STATUS_CODES,
     Overrides,
     RemoteTaskError,
@@ -412,47 +410,16 @@ class RedisBroker(FetchingBroker):
             enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
         roots: list[tuple[int, bytes, int]] = []
         longest_delay = 0
-        for j in range(n):
-            func = plan.funcs[j]
-            sid = plan.ids[j]
-            try:
-                name = task_name(func)
-            except TypeError as exc:
-                raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
-            values = plan.values[j]
-            kwnames = plan.kwnames[j] or ()
-            nargs = len(values) - len(kwnames)
-            args = list(values[:nargs])
-            kwargs = dict(zip(kwnames, values[nargs:], strict=True))
-            fills = []
-            for idx, src in plan.fills[j] or ():
-                where: Any = idx if idx < nargs else kwnames[idx - nargs]
-                if isinstance(where, int):
-                    args[where] = None
-                else:
-                    kwargs[where] = None
-                fills.append([where, list(src) if isinstance(src, tuple) else src])
-            cfg = getattr(func, CONFIG_ATTR, None)
-            if not isinstance(cfg, TaskConfig):
-                cfg = DEFAULT_CONFIG
-            opts: dict[str, Any] = {OPT_WORKFLOW: [run_id, j, sid, plan.name]}
-            if fills:
-                opts[OPT_FILLS] = fills
-            try:
-                payload = ser.dumps(message(f"{run_id}.{j}", name, args, kwargs, opts))
-            except TypeError as exc:
-                raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
-            prio = int(cfg._priority)
-            fields[f"p:{j}"] = plan.pending[j]
-            fields[f"d:{j}"] = ",".join(str(d) for d in plan.dependents[j] if d < n)
-            fields[f"m:{j}"] = b"%d" % prio + payload
-            fields[f"k:{j}"] = enc_key(sid)
-            delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
-            if delay:
-                fields[f"y:{j}"] = delay  # released into the delayed set (scripts.WF_STEP_DONE)
-                longest_delay = max(longest_delay, delay)
-            if plan.pending[j] == 0:
-                roots.append((prio, payload, delay))
+        for j, step in enumerate(workflow_runs.encode_steps(plan, run_id, ser)):
+            fields[f"p:{j}"] = step.pending
+            fields[f"d:{j}"] = ",".join(str(d) for d in step.dependents)
+            fields[f"m:{j}"] = b"%d" % step.priority + step.payload
+            fields[f"k:{j}"] = enc_key(step.step_id)
+            if step.delay_ms:
+                fields[f"y:{j}"] = step.delay_ms  # released into the delayed set (wf_step_done.lua)
+                longest_delay = max(longest_delay, step.delay_ms)
+            if step.pending == 0:
+                roots.append((step.priority, step.payload, step.delay_ms))
         # a run that never ends (a step lost with the data of a Redis without persistence, say)
         # must not keep its hash for ever: it expires once no step finished for this long
         idle_ms = int(self.workflow_ttl * 1000) + longest_delay

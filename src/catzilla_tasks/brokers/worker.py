@@ -89,7 +89,7 @@ def _describe(exc: BaseException) -> str:
 
 def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
     """The wait before retry ``attempt`` (1 = the first retry), as the local engine computes it."""
-    base, cap, _ = cfg._retry_ms
+    base, cap = cfg.retry_base_ms, cfg.retry_max_ms
     kind = cfg.retry_backoff
     if kind == "exponential":
         d = base * (2 ** min(attempt - 1, 60))
@@ -183,7 +183,7 @@ class Worker:
             )
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency: must be an integer >= 1, got {concurrency!r}")
-        qsize = tasks._stats().get("queue_size") if hasattr(tasks, "_stats") else None
+        qsize = tasks.stats().get("queue_size") if hasattr(tasks, "stats") else None
         if isinstance(qsize, int) and concurrency > qsize:
             raise ValueError(f"concurrency ({concurrency}) exceeds the engine's queue_size ({qsize})")
         self.tasks = tasks
@@ -210,7 +210,7 @@ class Worker:
         self._committer: threading.Thread | None = None
         self._committer_exit = False
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
-        self._registry = getattr(tasks, "_registered", {})
+        self._registry: dict[str, Any] = dict(getattr(tasks, "registered_tasks", {}))
         self._names: dict[str, str] = {}
         self.counts = {
             "fetched": 0,
@@ -528,6 +528,9 @@ class Worker:
             return job
         job.msg = msg
         func = self._registry.get(msg[MSG_NAME])
+        if func is None:  # registered after this worker was made? (a copy: looked at again on a miss)
+            self._registry = dict(self.tasks.registered_tasks)
+            func = self._registry.get(msg[MSG_NAME])
         if func is not None:  # one copy of each task name, not one per message held
             msg[MSG_NAME] = self._names.setdefault(msg[MSG_NAME], msg[MSG_NAME])
         if func is None:
@@ -618,7 +621,7 @@ class Worker:
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
-            run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            run_cfg = cfg if not (cfg.max_retries or cfg.delay_ms) else self._run_config(cfg)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             h = self._submit(j.func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
@@ -827,7 +830,7 @@ class Worker:
         attempt = j.msg[MSG_ATTEMPTS] if len(j.msg) > MSG_ATTEMPTS else 0
         retry = attempt < cfg.max_retries and (
             (status is TaskStatus.FAILED and isinstance(failure, cfg.retry_on))
-            or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
+            or (status is TaskStatus.TIMED_OUT and cfg.retry_on_timeout)
         )
         if retry:
             msg = self.broker.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)

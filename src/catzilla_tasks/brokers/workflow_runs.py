@@ -20,12 +20,88 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from ..config import TaskConfig
 from ..errors import WorkflowError, wire_name
 from .base import ConsumerSession, Outcome
-from .protocol import MSG_ARGS, MSG_KWARGS, MSG_OPTIONS, OPT_FILLS, OPT_WORKFLOW
+from .protocol import (
+    CONFIG_ATTR,
+    DEFAULT_CONFIG,
+    MSG_ARGS,
+    MSG_KWARGS,
+    MSG_OPTIONS,
+    OPT_FILLS,
+    OPT_WORKFLOW,
+    message,
+    task_name,
+)
 from .serialization import DecodeError, Serializer
 
-__all__ = ["failed_ops", "prepare_steps", "step_of", "step_sources"]
+__all__ = ["StepMessage", "done_op", "encode_steps", "failed_ops", "prepare_steps", "step_of", "step_sources"]
+
+
+# -- the producer side: a plan as the broker stores it -------------------------------------------
+class StepMessage:
+    """One step of a run as a broker stores it: ``payload`` (its encoded message, options ``w``
+    and ``f`` included), ``priority``, ``pending`` (dependencies not yet done), ``dependents``
+    (indexes of the steps waiting for it), ``step_id`` and ``delay_ms`` (0: none)."""
+
+    __slots__ = ("delay_ms", "dependents", "payload", "pending", "priority", "step_id")
+
+    def __init__(
+        self, payload: bytes, priority: int, pending: int, dependents: list[int], step_id: str, delay_ms: int
+    ) -> None:
+        self.payload = payload
+        self.priority = priority
+        self.pending = pending
+        self.dependents = dependents
+        self.step_id = step_id
+        self.delay_ms = delay_ms
+
+
+def encode_steps(plan: Any, run_id: str, ser: Serializer) -> list[StepMessage]:
+    """The messages of a validated plan (``workflows._Plan``) for run ``run_id``: what
+    ``Broker.run_workflow`` stores (the steps with ``pending == 0`` queued at once). A step's
+    arguments taken from earlier steps are None in its message, filled in by the worker
+    (:func:`prepare_steps`). A function that cannot travel raises TypeError naming the step."""
+    n = len(plan.ids)
+    out = []
+    for j in range(n):
+        func = plan.funcs[j]
+        sid = plan.ids[j]
+        try:
+            name = task_name(func)
+        except TypeError as exc:
+            raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
+        values = plan.values[j]
+        kwnames = plan.kwnames[j] or ()
+        nargs = len(values) - len(kwnames)
+        args = list(values[:nargs])
+        kwargs = dict(zip(kwnames, values[nargs:], strict=True))
+        fills = []
+        for idx, src in plan.fills[j] or ():
+            where: Any = idx if idx < nargs else kwnames[idx - nargs]
+            if isinstance(where, int):
+                args[where] = None
+            else:
+                kwargs[where] = None
+            fills.append([where, list(src) if isinstance(src, tuple) else src])
+        cfg = getattr(func, CONFIG_ATTR, None)
+        if not isinstance(cfg, TaskConfig):
+            cfg = DEFAULT_CONFIG
+        opts: dict[str, Any] = {OPT_WORKFLOW: [run_id, j, sid, plan.name]}
+        if fills:
+            opts[OPT_FILLS] = fills
+        try:
+            payload = ser.dumps(message(f"{run_id}.{j}", name, args, kwargs, opts))
+        except TypeError as exc:
+            raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
+        delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
+        deps = [d for d in plan.dependents[j] if d < n]
+        out.append(StepMessage(payload, int(cfg.priority), plan.pending[j], deps, sid, delay))
+    return out
+
+
+# -- the worker side -------------------------------------------------------------------------
 
 
 def step_sources(opts: dict) -> list[int] | str:
