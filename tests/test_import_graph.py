@@ -44,3 +44,22 @@ def test_imports_inside_functions_and_type_checking_are_lazy(tmp_path):
     })
     assert g["catzilla_tasks.b"] == {"catzilla_tasks.a": "lazy"}
     assert import_graph.eager_cycles(g) == []
+
+
+def test_no_module_imports_another_modules_private_name():
+    assert import_graph.private_imports() == {}
+
+
+def test_a_private_name_imported_from_another_module_is_found(tmp_path):
+    for rel, text in {
+        "__init__.py": "__version__ = '1'\n",
+        "a.py": "from .b import _hidden, shown\nfrom . import __version__\n",
+        "b.py": "_hidden = shown = 1\n",
+        "sub/__init__.py": "",
+        "sub/_helpers.py": "_inner = 1\n",
+        "sub/user.py": "from ._helpers import _inner\n",  # a private helper module of its own package
+    }.items():
+        p = tmp_path / "catzilla_tasks" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    assert import_graph.private_imports(tmp_path) == {"catzilla_tasks.a": ["catzilla_tasks.b._hidden"]}

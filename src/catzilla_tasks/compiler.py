@@ -974,7 +974,7 @@ def _fingerprint_value(what: str, value: Any, h: Any) -> str | None:
     return f"{what} ({type(value).__name__}), a value numba freezes that the cache key cannot cover"
 
 
-class _Spec:
+class CompiledSignature:
     """One compiled signature: the trampoline's address and how to pack a call."""
 
     __slots__ = ("codes", "rcode", "address", "cfunc", "packer", "cache_hit", "key")
@@ -1036,7 +1036,7 @@ class TaskCompiler:
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache_dir = cache_dir
         self._lock = threading.RLock()
-        self._specs: dict[str, _Spec] = {}
+        self._specs: dict[str, CompiledSignature] = {}
         self._failures: dict[str, str] = {}
 
     # -- decisions ------------------------------------------------------------------------
@@ -1072,7 +1072,7 @@ class TaskCompiler:
         return self.explain(func, arg_types) is None
 
     # -- compiling ------------------------------------------------------------------------
-    def compile(self, func: Callable[..., Any], codes: str | Sequence[type]) -> _Spec:
+    def compile(self, func: Callable[..., Any], codes: str | Sequence[type]) -> CompiledSignature:
         """The native version of func for these argument types (type codes "i"/"f"/"b" or
         the types int/float/bool): compiled, or loaded from the disk cache. Raises
         CompileError with the reason when it cannot."""
@@ -1121,7 +1121,7 @@ class TaskCompiler:
         h.update(f"process {os.getpid()} function {id(func)}".encode())  # _REGISTRY keeps func alive
         return _MEMORY + h.hexdigest()[:31]
 
-    def _build(self, func: types.FunctionType, codes: str, key: str) -> _Spec:
+    def _build(self, func: types.FunctionType, codes: str, key: str) -> CompiledSignature:
         import numba
         from numba.core import types as nt
 
@@ -1185,7 +1185,7 @@ class TaskCompiler:
             _TYPE_NAMES[rcode],
             " (from the disk cache)" if hit else "",
         )
-        return _Spec(codes, rcode, cf, hit, key)
+        return CompiledSignature(codes, rcode, cf, hit, key)
 
 
 def _kinds(t: Any) -> Any:
@@ -1448,7 +1448,7 @@ class NativeTask:
         self.reason = _numba_missing() or _static_reason(func)
         self.annotated = _annotated_codes(func) if self.reason is None else None
         self.nparams = func.__code__.co_argcount
-        self._specs: dict[tuple[type, ...], _Spec | None] = {}
+        self._specs: dict[tuple[type, ...], CompiledSignature | None] = {}
         self.fallbacks: dict[tuple[type, ...], str] = {}
         self._lock = threading.Lock()  # held while compiling
         self._pending: set[tuple[type, ...]] = set()  # queued for the background compile thread
@@ -1459,7 +1459,7 @@ class NativeTask:
         self._gnames = tuple(sorted(_global_names(func.__code__))) if self.reason is None else ()
         self._bound: dict[tuple[type, ...], tuple] = {}
 
-    def spec_for(self, key: tuple[type, ...], wait: bool = True) -> _Spec | None:
+    def spec_for(self, key: tuple[type, ...], wait: bool = True) -> CompiledSignature | None:
         """The native version for these argument types, or None (the call runs as Python).
         wait=False: never compile here; queue the compile in the background instead."""
         spec = self._specs.get(key, False)
@@ -1510,7 +1510,7 @@ class NativeTask:
             return f"argument types ({_names(codes)}) do not match the annotations ({_names(self.annotated)})"
         return None
 
-    def _compile(self, key: tuple[type, ...]) -> _Spec | None:
+    def _compile(self, key: tuple[type, ...]) -> CompiledSignature | None:
         with self._lock:
             if key in self._specs:
                 return self.spec_for(key)

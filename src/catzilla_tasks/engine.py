@@ -23,7 +23,7 @@ from . import _engine, _signals
 from ._redact import redact_text
 from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from .errors import ShutdownTimeout, TaskTimeout
-from .results import TaskResult, _await_impl
+from .results import TaskResult, await_impl
 
 if TYPE_CHECKING:
     import asyncio
@@ -137,7 +137,7 @@ _engine._set_hooks(
     priority_members=tuple(TaskPriority),
     run_coroutine=_run_coroutine,
     report_error=_report_error,
-    await_impl=_await_impl,
+    await_impl=await_impl,
     cancel_async=_cancel_async,
     task_timeout=TaskTimeout,
     isolate=_isolate,
@@ -328,6 +328,12 @@ class _Options:
 
 _live: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
+
+
+def newest_running_engine() -> BackgroundTasks | None:
+    """The most recently created engine of this process that is not shut down (None: none is)."""
+    running = [e for e in list(_live) if not e.is_shutdown]
+    return max(running, key=lambda e: getattr(e, "_created_seq", -1)) if running else None
 
 
 def _after_fork_in_child() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .compiler import NativeTask, _Spec
+    from .compiler import NativeTask, CompiledSignature
 
 __all__ = ["MapInput", "check_out", "map_native", "map_python", "python_out"]
 
@@ -372,7 +372,7 @@ def _fix_out(target: Any, fixed: dict[int, Any], out: Any, rcode: str) -> Any:
     return python_out(values, out)
 
 
-def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]]) -> _Spec | None:
+def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]]) -> CompiledSignature | None:
     """The compiled signature that reads these buffer columns as they are, or TypeError saying
     what does not match and how to fix it; None when the function cannot be compiled for
     them (it then runs as Python)."""

@@ -44,7 +44,8 @@ async def _await_result(handle: TaskResult[Any]) -> Any:
     return handle.wait(0)
 
 
-def _await_impl(handle: TaskResult[Any]) -> Generator[Any, None, Any]:
+def await_impl(handle: TaskResult[Any]) -> Generator[Any, None, Any]:
+    """The ``__await__`` of a TaskResult (the engine installs it in the C type)."""
     return _await_result(handle).__await__()
 
 
