@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .compiler import NativeTask, CompiledSignature
+    from .compiler import CompiledSignature, NativeTask
 
 __all__ = ["MapInput", "check_out", "map_native", "map_python", "python_out"]
 
