@@ -1,12 +1,12 @@
 """An in-memory broker for tests: the broker contract (:mod:`.base`) within one process.
 
 ``BackgroundTasks(broker=MemoryBroker())`` publishes as with Redis (same messages, same
-:mod:`.protocol` encoding), and a :class:`~.consumer.Consumer` on an engine of the same process
-runs them. Nothing leaves the process and nothing survives it: for tests of code written for a
-broker, not for production. Not supported here: workflow runs across workers
-(``run_workflow`` raises NotImplementedError: they need the RedisBroker) and deduplication of
-keyed copies that are held at the same time (a copy fetched after one with the same
-``idempotency_key`` succeeded is acknowledged with that one's outcome, as on Redis).
+:mod:`.protocol` encoding), and a :class:`~.worker.Worker` (or a :class:`~.consumer.Consumer`,
+one on its own thread) on an engine of the same process runs them through
+:class:`MemoryConsumer`, as it runs a Redis broker's. Nothing leaves the process and nothing
+survives it: for tests of code written for a broker, not for production. Not supported here:
+workflow runs across workers (``run_workflow`` raises NotImplementedError: they need the
+RedisBroker).
 """
 
 from __future__ import annotations

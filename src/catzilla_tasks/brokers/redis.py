@@ -250,7 +250,7 @@ class RedisBroker(FetchingBroker):
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
         self.delayed_key = f"{base}:delayed"
         self.dead_key = f"{base}:dead"
-        # + a worker's consumer name: the token of its last commit (see Worker._commit)
+        # + a worker's consumer name: the token of its last commit (see RedisConsumer.commit)
         self.commit_mark_prefix = f"{base}:commit:"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
