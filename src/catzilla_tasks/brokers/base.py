@@ -212,8 +212,10 @@ Entries = list[Any]
 class ConsumerSession(abc.ABC):
     """One worker's consumer on a broker (``broker.consumer(name)``), what
     :class:`~.worker.Worker` runs against. Attributes: ``name``; ``unavailable`` (the
-    exception types of an unreachable storage: the worker retries); ``errors`` (every error
-    type of the storage); ``max_record`` (the largest outcome record it stores, bytes).
+    exception types of an unreachable storage: the worker retries); ``refused`` (those of a
+    storage that answers but refuses for now: a fetch waits and tries again); ``errors``
+    (every error type of the storage); ``max_record`` (the largest outcome record it stores,
+    bytes).
 
     Messages are held by the session from their fetch until their commit; a held message must
     be renewed (``heartbeat``) within the broker's ``visibility_timeout`` or another consumer
@@ -221,6 +223,7 @@ class ConsumerSession(abc.ABC):
 
     name: str
     unavailable: tuple[type[BaseException], ...]
+    refused: tuple[type[BaseException], ...]
     errors: tuple[type[BaseException], ...]
     max_record: int
 

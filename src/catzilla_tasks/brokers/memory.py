@@ -410,6 +410,7 @@ class MemoryConsumer(ConsumerSession):
     are refused (the in-memory broker runs no workflows)."""
 
     unavailable: tuple[type[BaseException], ...] = ()
+    refused: tuple[type[BaseException], ...] = ()
     errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, broker: MemoryBroker, name: str) -> None:

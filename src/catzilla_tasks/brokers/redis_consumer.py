@@ -60,6 +60,7 @@ class RedisConsumer(ConsumerSession):
         self.broker = broker
         self.name = name
         self.unavailable = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+        self.refused = (redis.ResponseError,)
         self.errors = (redis.RedisError,)
         r = broker.redis
         self._r = r

@@ -375,7 +375,7 @@ class Worker:
         next_hk = 0.0
         session = self.session
         unavailable = self._unavailable
-        errors = session.errors
+        refused = session.refused
 
         while not self._stop.is_set():
             with self._cv:
@@ -426,7 +426,7 @@ class Worker:
                 next_hk = 0.0  # renew our leases first thing once the broker answers
                 log.warning("the broker is unavailable (%s); retrying", exc)
                 time.sleep(0.2)  # back-off before reconnecting, not synchronisation
-            except errors as exc:
+            except refused as exc:
                 self._lost_replies = True
                 self._outage = True
                 next_hk = 0.0
