@@ -162,7 +162,8 @@ class RedisConsumer(ConsumerSession):
             # a worker holding N tasks holds no copy of the raw reply besides them
             for i in range(0, len(flat), 3):
                 flat[i] = int(flat[i])
-                flat[i + 2] = _payload(flat[i + 2])
+                f = flat[i + 2]  # (as the script sends them: [b"m", payload])
+                flat[i + 2] = f[1] if len(f) == 2 and f[0] == b"m" else _payload(f)
             return cast(Entries, flat)
         got = self._r.xreadgroup(GROUP, self.name, {s: ">" for s in self._streams}, count=1, block=block_ms)
         return self._flatten(got) if got else []
@@ -322,7 +323,12 @@ class RedisConsumer(ConsumerSession):
         written: list[tuple[int, int, int]] = []
         stored = [True] * len(jobs)
         self._largest = 0
+        claimed = False
         for n, j in enumerate(jobs):
+            if not j.ops:  # nothing to write (results off, no key): acknowledged in this transaction
+                acks[j.prio].append(j.eid)
+                claimed = claimed or j.claim is not None
+                continue
             start = len(stack)
             try:
                 self._queue(pipe, j)
@@ -330,13 +336,15 @@ class RedisConsumer(ConsumerSession):
                 del stack[start:]
                 j.kinds = rescue(j, exc)
                 self._queue(pipe, j)
+            claimed = claimed or j.claim is not None
             if len(stack) == start:
                 acks[j.prio].append(j.eid)
             else:
                 written.append((n, start, len(stack)))
-        for j in jobs:  # copies that did not succeed give their key's claim back (best effort)
-            if j.claim is not None and "settled" not in j.kinds:
-                self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
+        if claimed:  # copies that did not succeed give their key's claim back (best effort)
+            for j in jobs:
+                if j.claim is not None and "settled" not in j.kinds:
+                    self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
         self._queue_acks(pipe, acks)
         # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
         # another worker could by then run those tasks again anyway)
