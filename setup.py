@@ -12,11 +12,20 @@ from setuptools import Extension, setup
 ENGINE_DIR = "src/catzilla_tasks/_engine"
 SOURCES = [
     f"{ENGINE_DIR}/{name}"
-    for name in ("ct_slab.c", "ct_queue.c", "ct_sync.c", "ct_timer.c", "ct_engine.c", "module.c")
+    for name in (
+        # the pure-C core: never includes Python.h (built and stress-tested alone: tests/c)
+        "ct_slab.c", "ct_queue.c", "ct_sync.c", "ct_timer.c", "ct_engine.c",
+        # the bindings, one file per concern (py_internal.h has the map)
+        "py_module.c", "py_engine.c", "py_config.c", "py_result.c", "py_run.c", "py_timer.c",
+        "py_memory.c", "py_native.c", "py_gate.c",
+    )
 ]
 
 mode = os.environ.get("CATZILLA_TASKS_BUILD", "release")
-compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+# -fvisibility=hidden: the files' shared functions (py_internal.h) stay private to the extension,
+# so calls between them are direct and the compiler may inline within a file; only
+# PyInit__engine (PyMODINIT_FUNC) is exported.
+compile_args = ["-std=c11", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 link_args: list[str] = []
 if mode == "release":
     compile_args += ["-O2"]

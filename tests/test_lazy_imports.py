@@ -142,7 +142,7 @@ def test_tasks_decorated_with_compile_to_c_false_do_not_load_the_compiler():
 
 
 def test_mapping_plain_functions_does_not_load_the_compiler():
-    # tasks.map's plumbing is mapping.py; only a compiled task needs compiler.py
+    # tasks.map's plumbing is mapping.py; only a compiled task needs compiler/
     got = run("""
         import json, sys
         from catzilla_tasks import BackgroundTasks
@@ -152,3 +152,23 @@ def test_mapping_plain_functions_does_not_load_the_compiler():
         print(json.dumps({m: m in sys.modules for m in ["catzilla_tasks.compiler", "catzilla_tasks.mapping"]}))
     """)
     assert got == {"catzilla_tasks.compiler": False, "catzilla_tasks.mapping": True}
+
+
+def test_the_compiler_and_isolation_packages_keep_the_names_others_import():
+    # compiler/ and isolation/ are packages split by concern: what users, engine.py, mapping.py,
+    # the C engine's hooks and the generated trampoline modules import stays at the package level
+    got = run("""
+        import json
+        from catzilla_tasks import compiler, isolation
+        names = ["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain", "precompile",
+                 "wait_for_background", "default_compiler", "native_of", "attach", "_registered", "_Cannot",
+                 "_Spec", "_numba_missing"]
+        pool = ["ProcessPool", "IsolatedCall", "CancelToken", "check_picklable", "in_pool_child", "pickle_task",
+                "_Deadline", "_death_error"]
+        print(json.dumps({"compiler": [n for n in names if not hasattr(compiler, n)],
+                          "isolation": [n for n in pool if not hasattr(isolation, n)],
+                          "all": sorted(compiler.__all__)}))
+    """)
+    assert got["compiler"] == [] and got["isolation"] == []
+    assert got["all"] == sorted(["TaskCompiler", "CompileError", "NativeTask", "can_compile_to_c", "explain",
+                                 "precompile", "wait_for_background", "default_compiler"])

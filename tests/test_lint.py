@@ -8,10 +8,10 @@
   module and its types define at run time, private ones included, is declared in the stub.
 
 Dependencies on files other engineers were changing when this file was written (issue 17 items
-1-3): engine.py, config.py, results.py, _engine/module.c (the C API the stub describes) and
+1-3): engine.py, config.py, results.py, the C bindings _engine/py_*.c (the API the stub describes) and
 everything under brokers/. The three lint/type tests cover those files too, so they pass only once
 the integrator has run ``ruff format`` over the whole tree and fixed the findings left there;
-the stub tests follow module.c, so they are re-run (and the stub extended) after its split.
+the stub tests follow the bindings (split from one module.c into py_*.c files by concern).
 The import graph has its own test (tests/test_import_graph.py).
 """
 

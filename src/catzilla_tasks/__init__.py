@@ -8,6 +8,8 @@ chord). This module is the whole public API.
 
 from typing import Any
 
+# installs the C engine's hooks into the Python side, once (see _hooks.py)
+from . import _hooks as _hooks
 from .config import TaskConfig as TaskConfig
 from .config import TaskPriority as TaskPriority
 from .config import TaskStatus as TaskStatus

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _engine, _signals
 from ._redact import redact_text
-from .config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .errors import ShutdownTimeout, TaskTimeout
-from .results import TaskResult, await_impl
+from .config import MAX_MS, TaskConfig, TaskPriority
+from .errors import ShutdownTimeout
+from .results import TaskResult
 
 if TYPE_CHECKING:
     import asyncio
@@ -129,19 +129,6 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
             "finished_at": time.time(),
         }
     )
-
-
-_engine._set_hooks(
-    failed=_failed,
-    status_members=tuple(TaskStatus),
-    priority_members=tuple(TaskPriority),
-    run_coroutine=_run_coroutine,
-    report_error=_report_error,
-    await_impl=await_impl,
-    cancel_async=_cancel_async,
-    task_timeout=TaskTimeout,
-    isolate=_isolate,
-)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -435,7 +422,7 @@ class BackgroundTasks(_engine.Engine):
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
-        # A cap on the bytes the queued tasks' arguments hold (see module.c, memory_pool_mb):
+        # A cap on the bytes the queued tasks' arguments hold (see _engine/py_memory.c, memory_pool_mb):
         # a task that does not fit is refused with QueueFull. None: queue_size is the bound.
         self.memory_pool_mb = memory_pool_mb
         if memory_pool_mb is not None and memory_pool_mb != float("inf"):
@@ -709,7 +696,7 @@ class BackgroundTasks(_engine.Engine):
                 if res is not None:
                     return res
             if native is not None and native.require:  # never as Python: CompileError says why
-                native.refuse_batch(inp, plain)
+                mapping.refuse_batch(native, inp, plain)
             method_of = _native_of(getattr(func, "__func__", None))
             if native is None and method_of is not None:
                 method_of.refuse_method(func)

@@ -3,7 +3,8 @@
 ``MapInput`` reads the arguments (lists, tuples, buffers, one column per parameter),
 ``map_native`` runs a compiled task over them in chunks on the native workers (through the
 engine's ``_map_native``/``_map_native_buffers``), ``map_python`` queues Python tasks a window at
-a time, and ``check_out``/``python_out`` handle ``out=``. The compiler (``compiler.py``) only
+a time, ``check_out``/``python_out`` handle ``out=``, and ``refuse_batch`` says why a task with
+``compile_to_c="require"`` could not run natively. The compiler (``compiler/``) only
 compiles: this module is given its ``NativeTask`` and asks it for signatures (``spec_for``).
 """
 
@@ -16,14 +17,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .compiler import CompiledSignature, NativeTask
+from .errors import CompileError
 
-__all__ = ["MapInput", "check_out", "map_native", "map_python", "python_out"]
+if TYPE_CHECKING:
+    from .compiler import NativeTask, _Spec
+
+__all__ = ["MapInput", "check_out", "map_native", "map_python", "python_out", "refuse_batch"]
 
 log = logging.getLogger("catzilla_tasks.mapping")
 
-# the names of the compiled type codes (as compiler.py and module.c spell them)
+# the names of the compiled type codes (as the compiler and _engine/py_native.c spell them)
 _TYPE_NAMES = {"i": "int", "f": "float", "b": "bool"}
 
 
@@ -63,7 +66,7 @@ _ITEMSIZES = {"i": 8, "f": 8, "b": 1}
 
 
 def _buffer_code(mv: memoryview, for_out: bool = False) -> str | None:
-    """The type code ("i", "f", "b") of a buffer's items, or None (see buffer_code in module.c)."""
+    """The type code ("i", "f", "b") of a buffer's items, or None (see buffer_code in _engine/py_native.c)."""
     fmt = mv.format
     if fmt[:1] in ("@", "=") or (fmt[:1] == "<" and sys.byteorder == "little"):
         fmt = fmt[1:]
@@ -372,7 +375,7 @@ def _fix_out(target: Any, fixed: dict[int, Any], out: Any, rcode: str) -> Any:
     return python_out(values, out)
 
 
-def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]]) -> CompiledSignature | None:
+def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]]) -> _Spec | None:
     """The compiled signature that reads these buffer columns as they are, or TypeError saying
     what does not match and how to fix it; None when the function cannot be compiled for
     them (it then runs as Python)."""
@@ -417,6 +420,22 @@ def _buffer_spec(native: NativeTask, columns: list[tuple[Any, int, memoryview]])
 
 _NOTE_REPR = reprlib.Repr()
 _NOTE_REPR.maxstring = _NOTE_REPR.maxother = 120
+
+
+def refuse_batch(native: NativeTask, inp: MapInput, plain: bool) -> None:
+    """compile_to_c="require" and tasks.map could not run the batch natively: raise the
+    CompileError that says why (a map never runs a required task as Python)."""
+    name = native.func.__qualname__
+    if not plain:
+        native.refuse("tasks.map runs a task with retries, a timeout or hooks as one Python task per item")
+    for i in range(len(inp)):
+        item = inp.item(i)
+        try:
+            native.prepare(item if isinstance(item, tuple) else (item,), None, wait=True)
+        except CompileError as exc:
+            exc.add_note(f"tasks.map({name}): item {i} {item!r}")
+            raise
+    native.refuse("the batch's items do not all fit one compiled signature")
 
 
 def _item_note(func: Any, i: int, item: Any) -> str:

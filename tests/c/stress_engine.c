@@ -9,12 +9,13 @@
  *   (e) the node slab: every node handed out was given back
  *   (f) give-up submitters (CT_EFULL) must not strand a
  *       drain or a blocked producer (lost wake-up)
+ *   (g) as (b), with threads also claiming queued tasks and running them (help while waiting)
  *
  * Build and run (plain; scripts/sanitizer-tests does the same under TSan and ASan+UBSan):
  *   gcc -std=c11 -O2 -g -pthread -D_GNU_SOURCE -Isrc/catzilla_tasks/_engine tests/c/stress_engine.c \
- *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not module.c)
- *   build/stress_engine [N [TESTS]]     N tasks (default 1000000), TESTS a subset of "abcdef"
- *                                       (default "abcdef"; e runs last whatever the order)
+ *       src/catzilla_tasks/_engine/ct_*.c -o build/stress_engine        (the core: not the py_*.c bindings)
+ *   build/stress_engine [N [TESTS]]     N tasks (default 1000000), TESTS a subset of "abcdefg"
+ *                                       (default "abcdefg"; e runs last whatever the order)
  * Environment: STRESS_TIMEOUT seconds per test before the watchdog aborts (default 600).
  * Exit status 0 only if every test passed. */
 #ifndef _GNU_SOURCE
@@ -361,6 +362,7 @@ typedef struct prod_b {
 } prod_b;
 
 static _Atomic int g_b_stop;
+static int g_b_claim;   /* test g: the racing threads also claim tasks and run them (help while waiting) */
 
 static void *producer_b(void *arg) {
     prod_b *b = arg;
@@ -389,7 +391,7 @@ typedef struct canceller {
     prod_b *prods;
     slot_t *slots;
     int id;
-    uint64_t attempts, hits;
+    uint64_t attempts, hits, claims;
 } canceller;
 
 static void *canceller_b(void *arg) {
@@ -409,6 +411,19 @@ static void *canceller_b(void *arg) {
         long i = b->base + pub - 1 - back;
         ct_task *t = b->tasks[i];
         if (!t) continue;
+        if (g_b_claim && (r & 4)) {
+            /* a waiter helping: it claims the task and runs it itself, as py_run.c's help_run
+             * (the worker that pops it then only drops it: ct_engine_drop_claimed) */
+            if (ct_task_claim(t, NWORKERS + c->id)) {
+                ct_task_incref(t);
+                ct_engine_hold(c->e);
+                ((ct_c_func)t->fn)(t->arg);
+                ct_task_finish(c->e, t, CT_SUCCEEDED);
+                ct_task_decref(NULL, t);
+                c->claims++;
+            }
+            continue;
+        }
         int rc = ct_task_cancel(c->e, t);
         c->attempts++;
         if (rc == 1) {
@@ -482,9 +497,19 @@ static void test_b(void) {
         printf("  b: note: the race was one-sided this time (ran %ld, cancelled %ld)\n", ran, cancelled);
     free(tasks);
     free(slots);
-    printf("  b: %ld tasks: %ld ran, %ld cancelled (%llu cancel calls by 2 threads, %llu too late), %llu stolen: "
-           "%.2fs\n", n, ran, cancelled, (unsigned long long)attempts,
+    printf("  %s: %ld tasks: %ld ran (%llu by claimers), %ld cancelled (%llu cancel calls by 2 threads, %llu too "
+           "late), %llu stolen: %.2fs\n", g_b_claim ? "g" : "b", n, ran,
+           (unsigned long long)(cs[0].claims + cs[1].claims), cancelled, (unsigned long long)attempts,
            (unsigned long long)(attempts - (uint64_t)cancelled), (unsigned long long)stolen, dt);
+}
+
+/* (g) as (b), and the racing threads also claim queued tasks and run them themselves (a worker
+ * waiting for a task runs it: ct_task_claim), against workers popping and threads cancelling:
+ * each task still runs once or is cancelled, never both, and the counters add up. */
+static void test_g(void) {
+    g_b_claim = 1;
+    test_b();
+    g_b_claim = 0;
 }
 
 /* ------------------------------------------------------------------ (c) waiting */
@@ -1006,6 +1031,7 @@ static const test TESTS[] = {
     {'c', "c: ct_task_wait while workers finish (no lost wake-ups)", test_c},
     {'d', "d: pause/resume, full queue, cancel_queued, close, drain, stop, free", test_d},
     {'f', "f: rejected submits do not strand drain or blocked producers", test_f},
+    {'g', "g: claims by waiters race with workers and cancels (ran once xor cancelled)", test_g},
     {'e', "e: slab in_use back to 0", test_e},
 };
 
@@ -1015,11 +1041,11 @@ int main(int argc, char **argv) {
         char *end;
         g_n = strtol(argv[1], &end, 10);
         if (*end || g_n < 100) {
-            fprintf(stderr, "usage: %s [N>=100 [TESTS]]   (TESTS: subset of abcdef; default abcdef)\n", argv[0]);
+            fprintf(stderr, "usage: %s [N>=100 [TESTS]]   (TESTS: subset of abcdefg; default abcdefg)\n", argv[0]);
             return 2;
         }
     }
-    const char *which = argc > 2 ? argv[2] : "abcdef";
+    const char *which = argc > 2 ? argv[2] : "abcdefg";
     const char *to = getenv("STRESS_TIMEOUT");
     if (to && atoi(to) > 0) g_timeout_s = (unsigned)atoi(to);
     signal(SIGALRM, on_alarm);

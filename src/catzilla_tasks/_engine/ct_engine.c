@@ -60,17 +60,21 @@ void ct_task_decref(const ct_hooks *hooks, ct_task *t) {
     ct_slab_free(&ct_task_slab, t);
 }
 
-int ct_task_begin(ct_task *t, int worker_id) {
+static int ct_task_begin_as(ct_task *t, int worker_id, uint32_t flags) {
     uint32_t old = atomic_load_explicit(&t->state, memory_order_acquire);
     uint32_t wid = ((uint32_t)worker_id + 1u) << CT_WORKER_SHIFT;
     for (;;) {
         if ((old & CT_STATUS_MASK) != CT_PENDING) return 0;
-        uint32_t nw = (old & ~(CT_STATUS_MASK | (0xFFFFu << CT_WORKER_SHIFT))) | CT_RUNNING | wid;
+        uint32_t nw = (old & ~(CT_STATUS_MASK | (0xFFFFu << CT_WORKER_SHIFT))) | CT_RUNNING | wid | flags;
         if (atomic_compare_exchange_weak_explicit(&t->state, &old, nw, memory_order_acq_rel,
                                                   memory_order_acquire))
             return 1;
     }
 }
+
+int ct_task_begin(ct_task *t, int worker_id) { return ct_task_begin_as(t, worker_id, 0); }
+
+int ct_task_claim(ct_task *t, int worker_id) { return ct_task_begin_as(t, worker_id, CT_F_INLINE); }
 
 /* Move a non-terminal node to status. Returns 1 and the previous word, or 0 if terminal. */
 static int ct_task_set_terminal(ct_task *t, int status, uint32_t *old_out) {
@@ -610,7 +614,15 @@ static int ct_worker_sleep(ct_engine *e, ct_worker *w) {
     return keep;
 }
 
+int ct_engine_drop_claimed(ct_engine *e, ct_task *t) {
+    if (!(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_INLINE)) return 0;
+    ct_engine_running_done(e, 1);
+    ct_task_decref(&e->hooks, t);
+    return 1;
+}
+
 static void ct_engine_skip(ct_engine *e, ct_task *t) {
+    if (ct_engine_drop_claimed(e, t)) return;   /* its waiter ran it */
     if (t->kind != CT_KIND_C && e->hooks.skip) {   /* its callbacks must learn of the end */
         e->hooks.skip(e, t);
         return;

@@ -1,6 +1,6 @@
 /* ct_engine.h - the engine core: task nodes, four priority queues, the worker pool.
  *
- * Pure C: Python runs through ct_hooks (module.c), so the core builds and is stress-tested
+ * Pure C: Python runs through ct_hooks (the py_*.c bindings), so the core builds and is stress-tested
  * alone with C tasks (tests/c/, under ThreadSanitizer).
  *
  * Lifecycle of a node: ct_task_new (refs=1, owned by the submitter) -> ct_engine_submit (the
@@ -34,14 +34,16 @@ enum ct_status {
 
 /* Flag bits of ct_task.state above the status nibble. */
 #define CT_F_WAITERS   0x10u   /* a thread is parked on this node (ct_sync) */
-#define CT_F_CALLBACKS 0x20u   /* Python callbacks are attached (module.c) */
-#define CT_F_REGISTERED 0x40u  /* the id is in module.c's live-task registry */
+#define CT_F_CALLBACKS 0x20u   /* Python callbacks are attached (py_result.c) */
+#define CT_F_REGISTERED 0x40u  /* the id is in the live-task registry (py_result.c) */
 #define CT_F_ASYNC     0x80u   /* handed to the event loop: settled from outside */
 #define CT_F_TIMEDOUT  0x100u  /* its timeout fired during the current attempt */
-#define CT_F_HISTORY   0x200u  /* module.c keeps a history of failed attempts */
+#define CT_F_HISTORY   0x200u  /* py_run.c keeps a history of failed attempts */
 #define CT_F_CANCEL_REQ 0x400u /* cancel() was asked while it ran (cooperative for sync tasks) */
-#define CT_F_KWNAMES   0x800u  /* module.c: arg ends with the keyword names (vectorcall style) */
-#define CT_F_OBSERVED  0x8000u /* module.c: someone read the outcome (a failure is then not logged) */
+#define CT_F_KWNAMES   0x800u  /* bindings: arg ends with the keyword names (vectorcall style) */
+#define CT_F_INLINE    0x1000u /* run by a worker waiting for it (ct_task_claim), not by the one that
+                                  pops it: the popper only drops it (ct_engine_drop_claimed) */
+#define CT_F_OBSERVED  0x8000u /* bindings: someone read the outcome (a failure is then not logged) */
 #define CT_WORKER_SHIFT 16     /* bits 16..31: 1 + id of the worker that ran it (0 = none) */
 
 enum ct_kind {
@@ -49,7 +51,7 @@ enum ct_kind {
     CT_KIND_PY = 1,       /* Python callable: handed to hooks.run_batch */
     CT_KIND_PY_C = 2,     /* C function submitted from Python (has Python-side state) */
     CT_KIND_DETACHED = 3, /* never queued: settled from outside (futures, chains) */
-    CT_KIND_NATIVE = 4,   /* compiled task (module.c): Python-visible, its call runs native code
+    CT_KIND_NATIVE = 4,   /* compiled task (py_native.c): Python-visible, its call runs native code
                            * with the GIL released */
 };
 
@@ -93,17 +95,17 @@ typedef struct ct_worker {
     pthread_t thread;
     int id;
     int started;
-    void *py_state;                     /* module.c: this thread's PyThreadState */
+    void *py_state;                     /* py_run.c: this thread's PyThreadState */
     _Atomic uint64_t processed;
     _Atomic uint64_t busy_ns;
     _Atomic uint64_t stolen;            /* tasks this worker stole from siblings */
-    unsigned long thread_ident;         /* module.c: PyThread_get_thread_ident() of the thread */
-    _Atomic(struct ct_task *) in_call;  /* module.c: the task whose call runs now (its timeout may
+    unsigned long thread_ident;         /* py_run.c: PyThread_get_thread_ident() of the thread */
+    _Atomic(struct ct_task *) in_call;  /* py_run.c: the task whose call runs now (its timeout may
                                            interrupt it; nothing else on this thread may be) */
     _Atomic int tid;                    /* kernel thread id (for /proc/.../schedstat) */
     _Atomic int retire;                 /* replaced or scaled down: exit after the current batch */
     _Atomic int exited;
-    _Atomic uint64_t gil_wait_ns;       /* module.c: time spent waiting for the GIL */
+    _Atomic uint64_t gil_wait_ns;       /* py_run.c: time spent waiting for the GIL */
     ct_hist exec_hist, wait_hist;       /* per task: execution time, queue wait */
     ct_rate rate;                       /* tasks finished per second */
     _Atomic uint64_t current_since;     /* start of the task being run, 0 = none */
@@ -189,7 +191,7 @@ struct ct_engine {
     ct_timer timer;
     _Atomic int64_t watches;                      /* TIMEOUT/STUCK entries in the timer */
     int64_t watch_compact_at;                     /* when to sweep finished tasks' watches */
-    void *timer_py_state;                         /* module.c: the hook thread's PyThreadState */
+    void *timer_py_state;                         /* py_timer.c: the hook thread's PyThreadState */
     struct {                                      /* due entries waiting for the hook thread */
         pthread_mutex_t lock;
         pthread_cond_t cond;
@@ -207,7 +209,7 @@ struct ct_engine {
      * while it has something to watch. An idle engine has no ticks at all. */
     _Atomic int scaler_enabled, scaler_armed;
     _Atomic uint64_t scaler_interval_ns;
-    ct_task *scaler_tick;                         /* module.c: node holding the tick callable */
+    ct_task *scaler_tick;                         /* py_engine.c: node holding the tick callable */
 };
 
 /* The node slab of the process (initialised by ct_engine_global_init). */
@@ -301,6 +303,16 @@ void ct_engine_note_exec(ct_engine *e, uint64_t ns, size_t ntasks);
 ct_task *ct_task_new(void);
 /* PENDING -> RUNNING for worker w. Returns 0 if the task was cancelled meanwhile. */
 int ct_task_begin(ct_task *t, int worker_id);
+/* A worker waiting for t runs it itself, on its own thread ("help while waiting"): PENDING ->
+ * RUNNING for worker_id, marked CT_F_INLINE, in one compare-and-swap, so neither the worker that
+ * pops it (from a queue or a batch) nor cancel() can take it too. 1 if claimed. The node stays
+ * where it is queued; the claimer runs it as a popper would, holding a node reference and one
+ * count of running of its own (ct_engine_hold). Never for a node that could be queued again
+ * while it still sits in a queue (a retry). */
+int ct_task_claim(ct_task *t, int worker_id);
+/* A popped node that its waiter claimed (CT_F_INLINE): count it out of running and drop the
+ * engine's reference; 1 if it was one (the popper must do nothing else with it), else 0. */
+int ct_engine_drop_claimed(ct_engine *e, ct_task *t);
 /* Terminal state for a task that was running on e: counters, waiters woken.
  * Returns the state word before the change (so the caller sees CT_F_CALLBACKS). */
 uint32_t ct_task_finish(ct_engine *e, ct_task *t, int status);

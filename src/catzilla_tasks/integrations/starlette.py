@@ -1,33 +1,8 @@
 """Starlette (and FastAPI) integration (the ``[fastapi]`` extra: starlette).
 
-- ``BackgroundTask`` / ``BackgroundTasks``: the drop-ins for ``starlette.background``'s, same
-  constructors, same semantics (subclasses of Starlette's classes). Set as a response's
-  ``background``, the tasks run after the response is sent, one after the other in the order
-  added, each on the engine's workers (an ``async def`` on the engine's event loop), and the
-  ASGI call ends once they have run; the first failure stops the rest and propagates as
-  Starlette's does. The task's ``@task`` config (priority, retries, timeout, isolation) applies,
-  and the engine's monitor sees every task.
-- ``DetachedBackgroundTasks`` (opt-in, the "detached mode"): ``add_task`` queues into the engine
-  at once and returns the ``TaskResult``; the response does not wait for it, there is no order
-  between tasks, and a failure never reaches the request. ``detached_background_tasks(request)``
-  gives one bound to the app's engine.
-- Which engine: the app's lifespan's (``lifespan(...)`` / ``install(app)``) while it runs (the
-  FastAPI dependency binds the request's app's; Starlette's classes never see the request, so
-  they take the newest lifespan engine running in the process, as does an app without one:
-  ``BackgroundTasks(engine=engine_of(request))`` picks); with no lifespan running (or after it
-  ended) ``default_engine()``, a process-wide engine created on first use and drained at
-  interpreter exit (a forked child creates its own). ``current_engine()`` says which one a
-  drop-in uses now.
-- ``lifespan(tasks=None, **config)``: the app's lifespan: at startup it creates the engine (or
-  takes ``tasks``) and stores it as ``app.state.catzilla_tasks``; at shutdown it runs what is
-  queued (up to ``shutdown_timeout``, default the engine's ``exit_timeout``), then stops an engine
-  it created (an engine given to it stays usable: the next startup, e.g. the next
-  ``with TestClient(app)``, uses it again). ``wrap=`` chains the app's own lifespan inside it.
-- ``install(app, tasks=None, **config)``: the same lifespan wrapped around the one the app
-  already has, plus ``routes()`` mounted at ``/tasks``; for apps built elsewhere.
-- ``routes(tasks=None)``: a Router with ``/stats``, ``/dashboard/``, ``/dashboard/stats.json``
-  and ``/metrics``: ``app.mount("/tasks", routes())``. The routes are public: protect them with
-  your own middleware on a server others can reach.
+``BackgroundTask`` / ``BackgroundTasks`` (drop-ins for Starlette's), ``DetachedBackgroundTasks``,
+``lifespan``, ``install`` and ``routes``: their semantics, which engine a drop-in uses and the
+routes' paths are in docs/integrations.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checked operations for compiled tasks (numba, nopython): Python's result, or an exception.
 
-compiler.py rewrites a task's source so that every arithmetic operation, comparison and
+The compiler (``rewrite.py``) rewrites a task's source so that every arithmetic operation, comparison and
 numeric builtin or ``math`` call goes through one of the ``ck_*`` functions below. Each gives
 exactly the value Python gives, of the type Python gives, or raises ``ArithmeticError`` when it
 cannot be sure to: an int result beyond int64, an int/float comparison beyond 2**53, a ``math``
