@@ -192,6 +192,36 @@ def pair(a, b=None):
     return [a, b]
 
 
+@_reg
+@task(max_retries=3, retry_backoff="fixed", retry_base_ms=10)
+def until_cancelled(log_key, value):
+    """Notes that it started, then runs until its cancel is requested (up to 30 s); notes that too."""
+    from catzilla_tasks import current_task
+
+    c = _sync_client()
+    c.rpush(log_key, f"started:{value}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if current_task().cancel_requested:
+            c.rpush(log_key, f"stopped:{value}")
+            raise RuntimeError("stopped: cancel requested")  # (not retried: it was cancelled)
+        time.sleep(0.01)
+    return value
+
+
+@_reg
+@task
+async def async_until_cancelled(log_key, value):
+    c = _async_client()
+    await c.rpush(log_key, f"started:{value}")
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        await c.rpush(log_key, f"cancelled:{value}")
+        raise
+    return value
+
+
 def our_error(name: str) -> BaseException:
     """An instance of catzilla_tasks.errors.<name> with every attribute set to a non-default value."""
     from catzilla_tasks import errors

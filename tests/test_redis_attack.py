@@ -136,6 +136,7 @@ def test_a_live_holder_takes_its_lapsed_claim_back(cluster):
     r.delete(b.claim_key(key))  # the lease ran out (what a stall past it does)
     wait_until(lambda: r.get(b.claim_key(key)) == token, 20, "the holder's heartbeat to take its claim back")
     assert 0 < r.pttl(b.claim_key(key)) <= 1000
+    r.delete(b.dedup_key(key))  # a copy past submit-time deduplication (its record expired, say)
     second = p.options(idempotency_key=key).add_task(rt.held, started, gate, "b")
     wait_until(lambda: w.counts["deferred_idempotent"] >= 1, 20, "the second copy to wait")
     assert r.llen(started) == 0  # it did not run alongside the holder

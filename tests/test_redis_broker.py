@@ -242,7 +242,11 @@ def test_idempotency_key_makes_a_finished_task_a_no_op(cluster):
     log = f"{cluster.prefix}:idem"
     r1 = p.options(idempotency_key="order-17").add_task(rt.record, log, "a")
     assert r1.wait(10) == "a"
-    r2 = p.options(idempotency_key="order-17").add_task(rt.record, log, "b")  # a redelivery, say
+    same = p.options(idempotency_key="order-17").add_task(rt.record, log, "b")
+    assert same.task_id == r1.task_id  # deduplicated at submit (issue 19): nothing queued
+    cluster.r.delete(cluster.broker.dedup_key("order-17"))  # a copy past that record (a re-drive, say)
+    r2 = p.options(idempotency_key="order-17").add_task(rt.record, log, "b")
+    assert r2.task_id != r1.task_id
     assert r2.wait(10) == "a"  # the first run's result; not run again
     assert cluster.r.lrange(log, 0, -1) == [b"a"]
     # the worker counts a skip once its transaction is applied, which is also what wakes r2

@@ -321,13 +321,17 @@ def test_chain_cancel_cancels_its_runs_on_the_workers_and_queued_steps_are_skipp
             r.wait(5)
 
 
-def test_a_single_remote_task_cannot_be_cancelled_and_says_so(cluster):
+def test_a_single_remote_task_can_be_cancelled_too(cluster):
+    # (issue 19: test_redis_cancel.py has the rest)
     r = cluster.producer.add_task(rt.add, 1, 2)
-    with pytest.raises(NotImplementedError, match="single task published to Redis cannot be cancelled"):
-        r.cancel()
-    cluster.worker()
-    assert r.wait(20) == 3
-    assert r.cancel() is False            # it has ended
+    assert r.cancel() is True
+    w = cluster.worker()
+    with pytest.raises(TaskCancelled):
+        r.wait(20)
+    wait_until(lambda: w.counts["cancelled"] == 1, 20, "the worker to drop it")
+    done = cluster.producer.add_task(rt.add, 1, 2)
+    assert done.wait(20) == 3
+    assert done.cancel() is False          # it has ended
 
 
 def test_steps_with_delay_ms_wait_in_the_delayed_set_after_their_release(cluster):

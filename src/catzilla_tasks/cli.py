@@ -6,6 +6,8 @@
     catzilla-tasks demo-server [--port P]
     catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
     catzilla-tasks dead-letters list|redrive ...
+    catzilla-tasks schedules --app MODULE:TASKS                 (cluster-wide periodic tasks)
+    catzilla-tasks cancel TASK_ID --broker URL                  (cancel remote tasks)
 
 ``URL`` is where a running engine exposes its stats: a dashboard server
 (``http://127.0.0.1:8765/``, its ``/stats.json`` is used) or a framework route that returns the

@@ -385,6 +385,7 @@ class BackgroundTasks(_engine.Engine):
         exit_timeout: float | None = 30.0,
         name: str = "catzilla-tasks",
         handle_sigterm: bool = True,
+        idempotency_ttl: float = 86400.0,
         broker: Any = None,
     ) -> None:
         if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
@@ -420,6 +421,12 @@ class BackgroundTasks(_engine.Engine):
             )
         if aging_ms <= 0:
             raise ValueError(f"aging_ms: must be > 0, got {aging_ms!r}")
+        if (
+            isinstance(idempotency_ttl, bool)
+            or not isinstance(idempotency_ttl, (int, float))
+            or not 0 < idempotency_ttl <= MAX_MS / 1000
+        ):
+            raise ValueError(f"idempotency_ttl: must be a number of seconds > 0, got {idempotency_ttl!r}")
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
         # A cap on the bytes the queued tasks' arguments hold (see _engine/py_memory.c, memory_pool_mb):
@@ -437,6 +444,9 @@ class BackgroundTasks(_engine.Engine):
         self._pool: Any = None
         self._periodic: list[Any] = []
         self._options_cache: dict[Any, _Options] = {}
+        # submit-time deduplication by idempotency key (_dedup.py), made on first use
+        self.idempotency_ttl = float(idempotency_ttl)
+        self._dedup: Any = None
         self._failures: deque[dict[str, Any]] = deque(maxlen=20)
         from .monitor import AutoScaler, TaskMonitor
 
@@ -529,12 +539,12 @@ class BackgroundTasks(_engine.Engine):
         keywords are the task's config (priority, timeout_ms, ...). The PeriodicTask is at
         ``func.periodic`` (``.cancel()`` stops it) and in ``tasks.periodic_tasks``.
         """
-        from .periodic import PeriodicTask
+        cls = self._periodic_type()
 
         def decorate(f: F) -> F:
             if config:
                 _attach(f, _make_config("periodic()", None, **config))
-            p = PeriodicTask(
+            p = cls(
                 self,
                 f,
                 every=every,
@@ -546,6 +556,8 @@ class BackgroundTasks(_engine.Engine):
                 first_run_now=first_run_now,
             )
             self._periodic.append(p)
+            # a task under its name too: a worker runs the runs a broker engine publishes
+            self._registered[f"{f.__module__}.{f.__qualname__}"] = f
             try:
                 f.periodic = p  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
@@ -553,6 +565,13 @@ class BackgroundTasks(_engine.Engine):
             return f
 
         return decorate
+
+    def _periodic_type(self) -> type:
+        """The class of this engine's periodic tasks (a broker engine's fire once per tick
+        across its cluster: brokers/schedules.py)."""
+        from .periodic import PeriodicTask
+
+        return PeriodicTask
 
     @property
     def periodic_tasks(self) -> list[Any]:
@@ -574,8 +593,9 @@ class BackgroundTasks(_engine.Engine):
         config: TaskConfig | None = None,
         block_timeout: float | None = None,
         eta: datetime.datetime | None = None,
+        idempotency_key: str | None = None,
         **fields: Any,
-    ) -> _Options:
+    ) -> Any:
         """Per-call overrides without clashing with the task's own keywords::
 
             tasks.options(priority=TaskPriority.CRITICAL).add_task(send, user_id, message="hi")
@@ -584,7 +604,18 @@ class BackgroundTasks(_engine.Engine):
         (``-1`` or ``float('inf')``: wait as long as it takes) instead of raising QueueFull.
         ``eta``: an aware or naive-local ``datetime`` at which to run (instead of ``delay_ms``).
         Any TaskConfig field may be given (``delay_ms=``, ``max_retries=``, ``timeout_ms=``...).
+        ``idempotency_key``: a second add_task with the key while the first task with it is
+        queued or running, or within ``idempotency_ttl`` seconds of its submission, returns the
+        first task's handle and queues nothing (see _dedup.py).
         """
+        if idempotency_key is not None:
+            from . import _dedup
+
+            plain = self.options(priority=priority, config=config, block_timeout=block_timeout, eta=eta, **fields)
+            with self._runner_lock:
+                if self._dedup is None:
+                    self._dedup = _dedup.Registry(self.idempotency_ttl)
+            return _dedup.KeyedOptions(self._dedup, plain, _dedup.check_key(idempotency_key))
         if priority is not None:
             fields["priority"] = priority
         # The same options again (the common case: options(priority=CRITICAL) on a request

@@ -9,6 +9,10 @@ Rules (both configurable):
   new run is skipped (counted in ``skipped``), not queued behind it.
 * Missed runs are skipped, not piled up: if the process was busy or paused past one or more due
   times, the next run is the next one on the schedule after now (counted in ``missed``).
+
+On a Redis engine the engine builds :class:`~.brokers.schedules.ClusterPeriodicTask` instead
+(a subclass): the same rules, with the schedule's state in Redis, so a tick fires once however
+many processes declare it.
 """
 
 from __future__ import annotations

@@ -178,6 +178,11 @@ class Outcome:
       store it and release the dependents whose dependencies are all done;
     * ``(RUN_FAILED, run_id, record)``: the workflow run fails with that record (first failure
       only); steps not yet released never run.
+
+    Besides, ``job.settle`` (``(idempotency_key, schedule)``, either None; None: nothing) marks
+    a task that ended for good: what refers to it is let go of in the same commit (its key's
+    submit-time deduplication record keeps no longer than its result; its schedule's
+    run-in-progress marker goes). It does not make the job's outcome a write of its own.
     """
 
     RESULT = "result"
@@ -198,6 +203,7 @@ class CommitJob(Protocol):
     ops: tuple[tuple[Any, ...], ...]
     kinds: tuple[str, ...]
     claim: Any  # the idempotency claim the job holds (from ``claim_keys``), or None
+    settle: tuple | None  # (idempotency key, schedule) of a task that ended for good, or None
 
     def task_id(self) -> str: ...
 
@@ -306,6 +312,32 @@ class ConsumerSession(abc.ABC):
 
     def interrupt(self) -> None:  # noqa: B027 - optional
         """Break blocked calls (the stop deadline passed)."""
+
+    def cancel_watch(self) -> Any:
+        """The cancelled task ids this consumer learns of (``Broker.cancel_run`` of a single
+        task): an object with ``ids`` (a container of task ids: a fetched task in it is
+        acknowledged unrun), ``start()`` / ``stop()`` (with the worker), ``track(task_id,
+        handle)`` / ``untrack(task_id)`` (a running task, asked to stop if it is cancelled).
+        Default: a broker that cancels no single task learns of none."""
+        return NoCancels()
+
+
+class NoCancels:
+    """The cancel watch of a broker that cancels no single task (see ConsumerSession.cancel_watch)."""
+
+    ids: frozenset[str] = frozenset()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def track(self, task_id: str, handle: Any) -> None:
+        pass
+
+    def untrack(self, task_id: str) -> None:
+        pass
 
 
 class Delivery:

@@ -3,6 +3,8 @@
 catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
 catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
 catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
+catzilla-tasks schedules (--app MODULE:TASKS | --broker URL) [--queue Q] [--json]
+catzilla-tasks cancel TASK_ID ... (--app MODULE:TASKS | --broker URL) [--queue Q]
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def _broker(args: argparse.Namespace) -> Any:
 def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     from .._redact import redact_url
     from ..engine import BackgroundTasks
+    from .producer import DistributedTasks
     from .redis import RedisBroker
     from .worker import Worker
 
@@ -123,12 +126,17 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
     # --broker: the app's engine runs the tasks of that broker (the engine object itself is left
-    # as it is: a task calling its add_task runs the call locally unless the app has a broker)
+    # as it is: a task calling its add_task runs the call locally unless the app has a broker);
+    # its periodic tasks are declared on a producer of that broker (cluster-wide schedules)
     b = RedisBroker(args.broker) if args.broker else getattr(tasks, "broker", None)
     if not isinstance(b, RedisBroker):
         raise UsageError(
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
+    producer = None
+    if args.broker and any(not p.cancelled for p in tasks.periodic_tasks):
+        producer = DistributedTasks(workers=1, broker=b)
+        producer.take_over_periodic(tasks)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = Worker(tasks, b, concurrency=args.concurrency)
     print(
@@ -138,6 +146,8 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         flush=True,
     )
     w.run(install_signals=True)
+    if producer is not None:
+        producer.shutdown(wait_for_completion=True)
     tasks.shutdown(wait_for_completion=True)
     s = w.stats()
     print(
@@ -184,6 +194,52 @@ def cmd_dead_redrive(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if (args.all or n == len(set(args.ids))) else 1
 
 
+def _when(t: float | None) -> str:
+    return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if t is not None else "-"
+
+
+def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
+    from . import schedules
+
+    schedules._declaring = False  # importing the app must not make this command a declarer
+    try:
+        broker = _broker(args)
+    finally:
+        schedules._declaring = True
+    items = schedules.list_schedules(broker)
+    if args.json:
+        for it in items:
+            print(json.dumps(it), file=out)
+        return 0
+    print(f"{len(items)} schedule(s) in queue {broker.queue!r}", file=out)
+    for it in items:
+        print(
+            f"{it['name']}  {it['spec']}  last {_when(it['last_run'])}  next {_when(it['next_run'])}  "
+            f"runs {it['runs']}  skipped {it['skipped']}  missed {it['missed']}  "
+            f"declarers {len(it['declarers'])}" + (f"  running {it['running']}" if it["running"] else ""),
+            file=out,
+        )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
+    from . import schedules
+
+    schedules._declaring = False
+    try:
+        broker = _broker(args)
+    finally:
+        schedules._declaring = True
+    ok = True
+    for task_id in args.task_ids:
+        if broker.cancel(task_id):
+            print(f"{task_id}: cancelled", file=out)
+        else:
+            print(f"{task_id}: not cancelled (it had already ended, or was cancelled before)", file=out)
+            ok = False
+    return 0 if ok else 1
+
+
 def _run(func: Any) -> Any:
     def wrapped(args: argparse.Namespace, out: TextIO) -> int:
         try:
@@ -211,7 +267,7 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: Any) -> None:
-    """Add ``worker`` and ``dead-letters`` to the CLI's subparsers."""
+    """Add ``worker``, ``dead-letters``, ``schedules`` and ``cancel`` to the CLI's subparsers."""
     p = sub.add_parser(
         "worker",
         help="run tasks from Redis on a local engine (distributed mode)",
@@ -246,3 +302,24 @@ def add_commands(sub: Any) -> None:
     p.add_argument("ids", nargs="*", metavar="ID", default=[], help="dead-letter ids from `list`")
     p.add_argument("--all", action="store_true", help="re-drive every dead letter")
     p.set_defaults(func=_run(cmd_dead_redrive))
+
+    p = sub.add_parser(
+        "schedules",
+        help="list the cluster-wide periodic tasks of a queue with their last and next run",
+        description="The periodic tasks declared on a Redis engine (@tasks.periodic): spec, last and next "
+        "run, counts of runs, skipped and missed ticks, and the processes declaring each now.",
+    )
+    _broker_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_run(cmd_schedules))
+
+    p = sub.add_parser(
+        "cancel",
+        help="cancel remote tasks by id",
+        description="Cancel tasks published to Redis: a queued or delayed one never runs, a running one is "
+        "asked to stop (current_task().cancel_requested; an async task is cancelled); waiters get "
+        "TaskCancelled. Exit status 1 if one of them had already ended.",
+    )
+    p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    _broker_args(p)
+    p.set_defaults(func=_run(cmd_cancel))

@@ -43,13 +43,24 @@ class DistributedTasks(BackgroundTasks):
         super().__init__(*args, **kwargs)
         self.broker = broker
 
+    def take_over_periodic(self, engine: BackgroundTasks) -> None:
+        """Declare ``engine``'s periodic tasks here, with the same settings, and cancel them
+        there (``catzilla-tasks worker app:tasks --broker URL`` on an app made without a
+        broker): on Redis they become the broker's schedules, fired once per tick across the
+        cluster. ``engine`` itself is left as it is (an ordinary engine)."""
+        for p in engine.periodic_tasks:
+            if p.cancelled or p.engine is self:
+                continue
+            p.cancel()
+            self.periodic(every=p.every, cron=p.cron, tz=p.tz, overlap=p.overlap, args=p.args, kwargs=p.kwargs)(p.func)
+
     # -- submission: published to the broker ------------------------------------------------
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """Publish ``func(*args, **kwargs)`` (a registered task function, or its name); returns
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
         return self.broker.submit(func, args, kwargs, None)
 
-    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:  # type: ignore[override]
+    def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:
         """As BackgroundTasks.options (validated the same way, at the call site), plus
         ``idempotency_key``: of the copies of a task with one key, one succeeds (see the broker
         contract)."""
@@ -58,6 +69,16 @@ class DistributedTasks(BackgroundTasks):
     def _submit(self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, block: Any) -> Any:
         # the engine's internal submission (periodic tasks, integrations) publishes too
         return self.broker.submit(func, args, kwargs, cfg)
+
+    def _periodic_type(self) -> type:
+        # on Redis a schedule fires once per tick however many processes declare it
+        from .redis import RedisBroker
+
+        if isinstance(self.broker, RedisBroker):
+            from .schedules import ClusterPeriodicTask
+
+            return ClusterPeriodicTask
+        return super()._periodic_type()
 
     def _gates(self, *_: Any, **__: Any) -> Any:
         raise NotImplementedError(

@@ -6,7 +6,8 @@ A **message** (one queued task) is a serialized list
 ``attempts`` is 0 and there are no options (see the ``MSG_*`` indexes). ``options`` is a dict
 of the :data:`TRAVELLING` config fields a call overrode (``options(...)``), plus ``"k"``: the
 idempotency key, ``"w"``: ``[run id, step index, step id, workflow name]`` of a workflow step
-and ``"f"``: which arguments of a step are filled from the values of the steps it depends on.
+``"f"``: which arguments of a step are filled from the values of the steps it depends on, and
+``"s"``: the name of the cluster-wide schedule whose run this is.
 
 An **outcome record** (a task's result) is ``[status code, value]`` with the codes of
 :data:`STATUS_CODES`; for a task that did not succeed the value is its error as
@@ -42,6 +43,7 @@ MSG_ID, MSG_NAME, MSG_ARGS, MSG_KWARGS, MSG_ATTEMPTS, MSG_OPTIONS = range(6)
 OPT_IDEMPOTENCY_KEY = "k"
 OPT_WORKFLOW = "w"
 OPT_FILLS = "f"
+OPT_SCHEDULE = "s"  # the run of a cluster-wide periodic task: its schedule's name (schedules.py)
 
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.

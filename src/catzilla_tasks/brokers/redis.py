@@ -8,6 +8,9 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:r:<task id>      a task's result: a one-element list with a TTL (waiters block on it)
     P:done:<key>       idempotency keys of tasks that succeeded (the id of the task that did it)
     P:claim:<key>      the claim of the copy of a keyed task running now (a lease its worker renews)
+    P:idem:<key>       the first task submitted with an idempotency key (see dedup.py)
+    P:Q:sched:<name>   a cluster-wide periodic task: next due time, last run... (see schedules.py)
+    P:Q:cancelled      ids of cancelled tasks (see cancel.py), announced on channel P:Q:cancel
     P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
@@ -101,7 +104,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf")
+_KEY_KINDS = ("r", "done", "claim", "wf", "idem")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -256,6 +259,13 @@ class RedisBroker(FetchingBroker):
         self._done_prefix = f"{prefix}:done:"
         self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
+        # issue 19: schedules (schedules.py), submit-time deduplication (dedup.py), cancel (cancel.py)
+        self._idem_prefix = f"{prefix}:idem:"
+        self._sched_prefix = f"{base}:sched:"
+        self.schedules_key = f"{base}:schedules"
+        self.cancelled_key = f"{base}:cancelled"
+        self.cancel_channel = f"{base}:cancel"
+        self._dedup_submit = self.redis.register_script(scripts.DEDUP_SUBMIT)
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
@@ -287,6 +297,12 @@ class RedisBroker(FetchingBroker):
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
+
+    def dedup_key(self, idempotency_key: str) -> str:
+        return self._idem_prefix + idempotency_key
+
+    def schedule_key(self, name: str) -> str:
+        return self._sched_prefix + name
 
     # -- publishing ------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -324,6 +340,10 @@ class RedisBroker(FetchingBroker):
             opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
+        if idempotency_key is not None:  # deduplicated at submit (see dedup.py)
+            from . import dedup
+
+            return dedup.submit(self, tid, idempotency_key, int(cfg._priority), cfg.delay_ms, payload)
         self._send(int(cfg._priority), cfg.delay_ms, payload)
         return RemoteResult(tid, self)
 
@@ -347,7 +367,8 @@ class RedisBroker(FetchingBroker):
         if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        buf: list[list[Any]] = [[], [], [], [], []]  # four priorities, then the delayed ones
+        # four priorities, the delayed ones, then the keyed ones (deduplicated: see dedup.py)
+        buf: list[list[Any]] = [[], [], [], [], [], []]
         self._local.buf = buf
         try:
             yield
@@ -360,8 +381,14 @@ class RedisBroker(FetchingBroker):
                 self._bulk_xadd(keys=[self.streams[prio]], args=items[i : i + 1000], client=pipe)
         for delay, member in buf[4]:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
+        if buf[5]:
+            from . import dedup
+
+            dedup.queue_batch(self, pipe, buf[5])
         if any(buf):
-            pipe.execute()
+            replies = pipe.execute()
+            if buf[5]:
+                dedup.settle_batch(replies, buf[5])
 
     # -- workflows ---------------------------------------------------------------------------
     def run_workflow(self, plan: Any) -> RemoteResult:
@@ -473,6 +500,16 @@ class RedisBroker(FetchingBroker):
             f"cancel() of task {run_id}: a single task published to Redis cannot be cancelled (a worker may "
             "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
         )
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task or a workflow run by id, from any process (see cancel.py and
+        ``cancel_run``): True if this call cancelled it, False if it had already ended."""
+        try:
+            return self.cancel_run(task_id)
+        except NotImplementedError:
+            from .cancel import cancel_task
+
+            return cancel_task(self, task_id)
 
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
@@ -750,14 +787,15 @@ class RemoteResult:
         self._on_done(done)
 
     def cancel(self) -> bool:
-        """Cancel a workflow run (the result of ``execute()`` on a broker engine): no step is
-        released any more, steps queued are skipped by the workers, steps running now finish;
-        the run ends CANCELLED (``wait()`` raises TaskCancelled) for every waiter. True if this
-        call cancelled it, False if the run had already ended. A single task published to Redis
-        cannot be cancelled (a worker may already hold it): NotImplementedError."""
+        """Cancel the task (see ``RedisBroker.cancel``): a queued or delayed task never runs, a
+        running one is asked to stop (``current_task().cancel_requested``; an async task is
+        cancelled); its outcome is CANCELLED (``wait()`` raises TaskCancelled) for every waiter.
+        A workflow run (the result of ``execute()``): no step is released any more, queued
+        steps are skipped, running ones finish. True if this call cancelled it, False if it had
+        already ended."""
         if self._final is not None:
             return False
-        return self._broker.cancel_run(self.task_id)
+        return self._broker.cancel(self.task_id)
 
     def __repr__(self) -> str:
         state = self._final[0].name if self._final is not None else "PENDING?"

@@ -76,6 +76,7 @@ class RedisConsumer(ConsumerSession):
         self._idem_release = r.register_script(scripts.IDEM_RELEASE)
         self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
         self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
+        self._task_settled = r.register_script(scripts.TASK_SETTLED)
         self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
         self._streams = list(broker.streams)
         self._index = {s.encode(): p for p, s in enumerate(broker.streams)}
@@ -153,6 +154,11 @@ class RedisConsumer(ConsumerSession):
 
     def interrupt(self) -> None:
         self._r.connection_pool.disconnect()
+
+    def cancel_watch(self) -> Any:
+        from .cancel import CancelWatch  # (the cancelled set, and the channel that announces them)
+
+        return CancelWatch(self.broker)
 
     # -- fetching ----------------------------------------------------------------------------
     def fetch(self, capacity: int, block_ms: int) -> Entries:
@@ -317,6 +323,8 @@ class RedisConsumer(ConsumerSession):
         are returned, by priority, to be acknowledged once every reply of their commands was
         checked (Redis applies the rest of a transaction when one command fails: a wrong-type
         key, an error in a script). A job with a failed command stays pending, for redelivery."""
+        b = self.broker
+        ttl_ms = int(b.result_ttl * 1000)
         pipe = self._r.pipeline(transaction=True)
         stack = pipe.command_stack  # (a list of redis-py's Pipeline: one entry per queued command)
         acks: list[list[bytes]] = [[], [], [], []]
@@ -345,6 +353,17 @@ class RedisConsumer(ConsumerSession):
             for j in jobs:
                 if j.claim is not None and "settled" not in j.kinds:
                     self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
+        for j in jobs:  # tasks that ended for good let go of what refers to them (base.Outcome)
+            if j.settle is not None:
+                key, sched = j.settle
+                self._task_settled(
+                    keys=[
+                        b.dedup_key(str(key)) if key is not None else "",
+                        b.schedule_key(str(sched)) + ":run" if sched is not None else "",
+                    ],
+                    args=[j.task_id(), ttl_ms],
+                    client=pipe,
+                )
         self._queue_acks(pipe, acks)
         # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
         # another worker could by then run those tasks again anyway)

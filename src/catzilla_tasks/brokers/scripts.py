@@ -65,3 +65,18 @@ WF_STEP_DONE = _load("wf_step_done.lua")
 WF_STEP_FAILED = _load("wf_step_failed.lua")
 
 WF_CANCEL = _load("wf_cancel.lua")
+
+# -- schedules, submit-time deduplication, cancellation (issue 19) --------------------------
+# P:Q:sched:<name> (hash), P:Q:sched:<name>:who (declarers), P:Q:sched:<name>:run (the run in
+# progress), P:Q:schedules (index); P:idem:<key> (the first task of an idempotency key);
+# P:Q:cancelled (ids cancelled, sorted by expiry) and the channel P:Q:cancel.
+
+SCHED_CLAIM = _load("sched_claim.lua")
+
+TASK_SETTLED = _load("task_settled.lua")
+
+DEDUP_SUBMIT = _load("dedup_submit.lua")
+
+CANCEL_TASK = _load("cancel_task.lua")
+
+UNSCHEDULE = _load("unschedule.lua")

@@ -48,6 +48,7 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
 )
@@ -58,7 +59,7 @@ __all__ = ["Worker", "backoff_ms"]
 log = logging.getLogger("catzilla_tasks.worker")
 
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
-_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE)
 _NO_OPS: tuple = ()
 
 
@@ -127,6 +128,8 @@ class _Job:
         "defer",
         "ops",
         "kinds",
+        "settle",
+        "cancelled",
     )
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
@@ -147,6 +150,8 @@ class _Job:
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
         self.ops: tuple = _NO_OPS  # its outcome, for the session's commit (see base.Outcome)
         self.kinds: tuple[str, ...] = _NO_OPS  # the counters its outcome moves
+        self.settle: tuple | None = None  # ended for good: (idempotency key, schedule) to let go of
+        self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -194,6 +199,7 @@ class Worker:
         self.session = session = broker.consumer(self.consumer)
         session.check_block(self.block_ms)
         self._unavailable = session.unavailable
+        self._cancels = session.cancel_watch()  # ids of cancelled tasks, and asking running ones to stop
         self._cv = threading.Condition()
         self._inflight = 0
         self._owned: dict[Any, int] = {}  # token -> priority, for the heartbeat's renewal
@@ -224,6 +230,7 @@ class Worker:
             "workflow_steps_skipped": 0,
             "recovered": 0,
             "not_stored": 0,
+            "cancelled": 0,
         }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
@@ -274,6 +281,7 @@ class Worker:
                 signal.signal(sig, lambda *_: self.stop())
         if not self._set_up():
             return
+        self._cancels.start()
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
@@ -286,6 +294,7 @@ class Worker:
                 if not self._past_deadline():
                     self._leave()
             finally:
+                self._cancels.stop()
                 self._returned.set()
                 self._deadline_set.set()
 
@@ -618,6 +627,10 @@ class Worker:
         if j.error is not None or j.skip or j.defer:
             self._finished(j, None)
             return
+        if j.msg[MSG_ID] in self._cancels.ids:  # cancelled (cancel.py): never runs
+            j.cancelled = True
+            self._finished(j, None)
+            return
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
@@ -631,6 +644,7 @@ class Worker:
         del args, kwargs
         msg[MSG_ARGS] = msg[MSG_KWARGS] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
+        self._cancels.track(msg[MSG_ID], h)
         h._on_done(j)
 
     def _claim(self, keyed: list[_Job]) -> None:
@@ -702,6 +716,9 @@ class Worker:
                         len(jobs),
                     )
                 n = len(jobs)
+                for j in jobs:
+                    if j.handle is not None:
+                        self._cancels.untrack(j.msg[MSG_ID])
                 with self._cv:
                     for j in jobs:
                         self._owned.pop(j.eid, None)
@@ -730,6 +747,7 @@ class Worker:
                 j.kinds = self._outcome(j, ctx)
             except Exception as exc:
                 j.kinds = self._outcome_lost(j, ctx, exc)
+            j.settle = self._settle_of(j)
         pending, stored = self.session.commit(jobs, functools.partial(self._rescue, ctx))
         lost = 0
         for j, ok in zip(jobs, stored, strict=True):
@@ -743,7 +761,23 @@ class Worker:
         return pending, counts
 
     def _rescue(self, ctx: tuple[int, int], j: _Job, exc: BaseException) -> tuple[str, ...]:
-        return self._outcome_lost(j, ctx, exc)
+        kinds = self._outcome_lost(j, ctx, exc)
+        j.kinds = kinds
+        j.settle = self._settle_of(j)
+        return kinds
+
+    @staticmethod
+    def _settle_of(j: _Job) -> tuple | None:
+        """A task that ended for good (not retried, not waiting for its key) lets go of what
+        refers to it (``job.settle``, see base.Outcome): its idempotency key's submit record,
+        its schedule's run-in-progress marker."""
+        opts = _options(j.msg) if j.msg else None
+        if not opts or not isinstance(opts, dict) or "retried" in j.kinds or "deferred_idempotent" in j.kinds:
+            return None
+        key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
+        if key is None and sched is None:
+            return None
+        return (key, sched)
 
     def _commit_context(self) -> tuple[int, int]:
         return int(self.broker.result_ttl * 1000), self.session.max_record
@@ -768,6 +802,8 @@ class Worker:
             return ("deferred_idempotent",)
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
+        if j.cancelled or (j.wf is None and j.msg and j.msg[MSG_ID] in self._cancels.ids):
+            return ("cancelled",)  # its CANCELLED outcome was recorded by the cancel (cancel.py)
         if j.skip:
             if ttl_ms and j.first != j.msg[MSG_ID]:
                 ser = self.broker.serializer.same_format(j.payload)
