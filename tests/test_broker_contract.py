@@ -19,6 +19,7 @@ from catzilla_tasks.brokers.base import Broker, ConsumerSession, FetchingBroker
 from catzilla_tasks.brokers.consumer import Consumer
 from catzilla_tasks.brokers.memory import MemoryBroker
 from catzilla_tasks.brokers.producer import DistributedTasks
+from catzilla_tasks.brokers.protocol import OPT_IDEMPOTENCY_KEY, message
 
 
 class Side:
@@ -317,7 +318,12 @@ def test_copies_of_a_keyed_task_held_at_once_run_once(side):
     p = side.producer
     first = p.options(idempotency_key=key).add_task(wt.gated, key, "a")
     assert wt.event(wt.started, key).wait(20)
-    second = p.options(idempotency_key=key).add_task(wt.gated, key, "b")
+    # a copy as a producer whose submit-time deduplication did not see the first would send it
+    copy_id = f"copy-{key}"
+    b = side.broker
+    copy = message(copy_id, "worker_tasks.gated", [key, "b"], {}, {OPT_IDEMPOTENCY_KEY: key})
+    b.publish_raw(2, b.serializer.dumps(copy))
+    second = b.result(copy_id)
     # the second copy waits while the first holds the key's claim (it is not run alongside)
     wait_until(lambda: side.worker.counts["deferred_idempotent"] >= 1, 20, "the second copy to wait")
     assert wt.runs[key] == 1
