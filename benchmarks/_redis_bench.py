@@ -43,6 +43,10 @@ CHUNK = 1000
 CONTENDERS = {
     "ours": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000"],
              "catzilla-tasks worker --concurrency 1000; producer: add_task inside tasks.batch() (sent every 1,000)"),
+    # the same, but the task has rate_limit="1000000/s" (far above what is reached): what a limit
+    # costs end to end when it never has to wait (one Lua call per fetched batch)
+    "ours_ratelimited": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000"],
+                         "as ours, the task with rate_limit='1000000/s' (never reached)"),
     "celery": ([sys.executable, "-m", "celery", "-A", MOD, "worker", "-P", "solo", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-l", "WARNING", "--prefetch-multiplier", "1000"],
                "solo pool, no gossip/mingle/heartbeat, prefetch 1000, ignore_result; producer: delay()"),
@@ -87,13 +91,14 @@ def _ready() -> None:
     _done_client().rpush(READY_KEY, b"1")
 
 
-if LIB == "ours":
+if LIB in ("ours", "ours_ratelimited"):
     from catzilla_tasks import BackgroundTasks
     from catzilla_tasks.brokers import RedisBroker
 
     tasks = BackgroundTasks(broker=RedisBroker(URL, result_ttl=0, prefix="bench"))
+    _limit = {"rate_limit": "1000000/s"} if LIB == "ours_ratelimited" else {}
 
-    @tasks.task
+    @tasks.task(**_limit)
     def noop() -> None:
         _tick()
 
@@ -173,7 +178,7 @@ def produce(n: int, ping_only: bool = False) -> float:
     """Enqueue n no-op tasks (or one ping); returns the time of the first enqueue."""
     mod = sys.modules[__name__]
     t0 = time.time()
-    if LIB == "ours":
+    if LIB in ("ours", "ours_ratelimited"):
         if ping_only:
             tasks.add_task(mod.ping)
             return t0
@@ -324,7 +329,7 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
 
 
 def available(lib: str) -> str | None:
-    mod = {"ours": "redis", "celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "huey": "huey"}[lib]
+    mod = {"ours": "redis", "ours_ratelimited": "redis", "celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "huey": "huey"}[lib]
     try:
         __import__(mod)
     except ImportError as exc:
@@ -402,7 +407,7 @@ def main() -> None:
 
     summary = {lib: {k: med(lib, k) for k in ("seconds", "tasks_per_s", "redis_bytes_per_task", "worker_rss")}
                for lib in libs if results.get(lib)}
-    peers = [lib for lib in summary if lib != "ours"]
+    peers = [lib for lib in summary if not lib.startswith("ours")]
     fastest = max(peers, key=lambda x: summary[x]["tasks_per_s"]) if peers else None
     leanest = min(peers, key=lambda x: summary[x]["redis_bytes_per_task"]) if peers else None
     print(f"catzilla_tasks distributed mode vs peers - {n:,} no-op tasks, one producer + one worker process, "
@@ -429,6 +434,10 @@ def main() -> None:
               f"{'met' if goals['bytes_vs_leanest'] <= 1 else 'not met'})"
               + (f"; worker RSS {goals['rss_vs_celery']:.2f}x Celery's (goal < 0.6x: "
                  f"{'met' if goals['rss_vs_celery'] < 0.6 else 'not met'})" if "rss_vs_celery" in goals else ""))
+    if "ours" in summary and "ours_ratelimited" in summary:
+        goals["ratelimited_vs_unlimited"] = summary["ours_ratelimited"]["tasks_per_s"] / summary["ours"]["tasks_per_s"]
+        print(f"a task with rate_limit='1000000/s' (never reached): {goals['ratelimited_vs_unlimited']:.2f}x the "
+              "unlimited task's tasks/s end to end (goal >= 0.5x)")
     print(json.dumps({"bench": "redis", "python": platform.python_version(), "cpus": os.cpu_count(), "tasks": n,
                       "runs": a.runs, "summary": summary, "errors": errors, "ratios": goals,
                       "raw": results}))

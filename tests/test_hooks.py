@@ -19,6 +19,8 @@ def _valid_hooks():
         "isolate": print,
         "failed": print,
         "native_reason": _hooks._native_reason,
+        "route": print,
+        "make_progress": print,
     }
 
 

@@ -65,3 +65,56 @@ def slow(key: str, seconds: float) -> int:
     event(started, key).set()
     time.sleep(seconds)  # the task's own work: outlives the visibility timeout
     return n
+
+
+# -- limits and progress (the broker's, shared by its workers) --------------------------------
+running: Counter[str] = Counter()  # key -> how many run now
+most: Counter[str] = Counter()  # key -> the most that ran at once
+starts: dict[str, list[float]] = {}
+
+
+@_reg
+@task(concurrency_limit=1)
+def one_at_a_time(key: str, value: Any) -> Any:
+    """At most one runs at once across the broker's workers; waits for its gate (30 s at most)."""
+    with _lock:
+        running[key] += 1
+        most[key] = max(most[key], running[key])
+    try:
+        _count(key)
+        event(started, f"{key}:{value}").set()
+        event(gates, f"{key}:{value}").wait(30)
+        return value
+    finally:
+        with _lock:
+            running[key] -= 1
+
+
+@_reg
+@task(rate_limit="5/s")
+def five_a_second(key: str, i: int) -> int:
+    with _lock:
+        starts.setdefault(key, []).append(time.monotonic())
+    return i
+
+
+@_reg
+@task
+def reports_progress(key: str) -> str:
+    from catzilla_tasks import current_task
+
+    current_task().set_progress(0.5, "half")
+    event(started, key).set()
+    event(gates, key).wait(30)
+    current_task().set_progress(1.0, "done")
+    return "reported"
+
+
+@_reg
+@task(rate_limit="5/s", max_retries=1, retry_base_ms=10, retry_backoff="fixed")
+def five_a_second_failing_once(key: str, i: int) -> int:
+    with _lock:
+        starts.setdefault(key, []).append(time.monotonic())
+    if _count(f"{key}:{i}") == 1:
+        raise ConnectionError("the first attempt fails")
+    return i

@@ -2,7 +2,8 @@
 
 The C bindings call back into Python for a few things: running a coroutine on the event loop,
 logging an error, a handle's ``await``, cancelling an async task, running a task in a child
-process, recording a failure, the enum members they hand out, and why a task ran as Python.
+process, recording a failure, the enum members they hand out, why a task ran as Python, routing
+a call with limits or a named queue (limits.py) and making a progress report (progress.py).
 They live in ``_engine``'s module state (one struct, ``py_hooks``: see py_internal.h) and are
 set here, by one call, when the package is imported (``catzilla_tasks/__init__.py`` imports this
 module). ``_engine._install_hooks`` refuses a missing, unknown or ill-typed hook, and no engine
@@ -16,7 +17,7 @@ from typing import Any
 
 from . import _engine
 from .config import TaskPriority, TaskStatus
-from .engine import _cancel_async, _failed, _isolate, _report_error, _run_coroutine
+from .engine import _cancel_async, _failed, _isolate, _report_error, _run_coroutine, make_progress_hook, route_hook
 from .errors import TaskTimeout
 from .results import await_impl
 
@@ -43,4 +44,6 @@ _engine._install_hooks(
     isolate=_isolate,
     failed=_failed,
     native_reason=_native_reason,
+    route=route_hook,
+    make_progress=make_progress_hook,
 )

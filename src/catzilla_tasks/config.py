@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import numbers
+import re
 from typing import Any, Literal
 
 from . import _engine
@@ -111,6 +112,25 @@ def _hook(field: str, value: Any) -> Any:
     return value
 
 
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|second|m|min|minute|h|hour)\s*")
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: Any) -> tuple[float, float] | None:
+    """``"100/s"``, ``"30/m"``, ``"1000/h"`` (also ``"5/10s"``) as (tasks, per seconds); None: none."""
+    if value is None:
+        return None
+    m = _RATE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"rate_limit: expected 'N/s', 'N/m' or 'N/h' (e.g. '100/s'), got {value!r}")
+    count = float(m.group(1))
+    period = float(m.group(2) or 1) * _PERIODS[m.group(3)]
+    if not count > 0 or not period > 0 or count / period > 1e6:
+        raise ValueError(f"rate_limit: must be > 0 and at most 1000000 tasks a second, got {value!r}")
+    return count, period
+
+
 class TaskConfig(_engine.ConfigBase):
     """How a task runs: priority, delay, retries with back-off, timeout, isolation, hooks.
 
@@ -130,12 +150,32 @@ class TaskConfig(_engine.ConfigBase):
     * ``isolation="process"``: run in the engine's pool of child processes (hard timeouts,
       ``memory_limit_mb``, crashes contained). ``memory_limit_mb`` cannot be enforced for a
       task in a thread (threads share one address space), so it requires process isolation.
+    * ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``, ``"N/10s"``): at most N starts per period
+      per task name (or per ``rate_limit_key(*args, **kwargs)``, a str); ``concurrency_limit``:
+      at most N running at once. A call over a limit waits (holding no worker) and is never
+      dropped: per engine in-process (limits.py), cluster-wide on Redis (brokers/ratelimit.py).
+    * ``queue``: a named queue (a bulkhead of ``BackgroundTasks(queues=...)`` in-process, its own
+      streams on Redis); None or ``"default"``: the default one.
     * ``on_success(value)``, ``on_failure(exc)``, ``on_retry(attempt)``: called in the worker
       once the task's call has returned; ``timeout_ms`` does not cover them (they have no time
       limit of their own and hold the worker while they run: keep them short).
     """
 
-    __slots__ = ("retry_backoff", "memory_limit_mb", "retry_on", "retry_jitter", "isolation", "_hooks", "_retry_ms")
+    __slots__ = (
+        "retry_backoff",
+        "memory_limit_mb",
+        "retry_on",
+        "retry_jitter",
+        "isolation",
+        "_hooks",
+        "_retry_ms",
+        "rate_limit",
+        "concurrency_limit",
+        "rate_limit_key",
+        "queue",
+        "_rate",
+        "_plain",
+    )
 
     retry_backoff: RetryBackoff
     memory_limit_mb: float | None
@@ -144,6 +184,12 @@ class TaskConfig(_engine.ConfigBase):
     isolation: Isolation
     _hooks: tuple[Any, Any, Any]  # (on_success, on_failure, on_retry)
     _retry_ms: tuple[float, float, bool]  # (retry_base_ms, retry_max_ms, retry_on_timeout)
+    rate_limit: str | None
+    concurrency_limit: int | None
+    rate_limit_key: Any
+    queue: str | None
+    _rate: tuple[float, float] | None  # (tasks, per seconds) of rate_limit
+    _plain: TaskConfig | None  # this config without limits and queue (what limits.py submits)
 
     def __init__(
         self,
@@ -163,8 +209,30 @@ class TaskConfig(_engine.ConfigBase):
         on_success: Any = None,
         on_failure: Any = None,
         on_retry: Any = None,
+        rate_limit: str | None = None,
+        concurrency_limit: int | None = None,
+        rate_limit_key: Any = None,
+        queue: str | None = None,
     ) -> None:
         prio = _priority(priority)
+        rate = parse_rate(rate_limit)
+        if concurrency_limit is not None and (
+            isinstance(concurrency_limit, bool)
+            or not isinstance(concurrency_limit, numbers.Integral)
+            or not 1 <= concurrency_limit <= 1_000_000
+        ):
+            raise ValueError(
+                f"concurrency_limit: must be an integer from 1 to 1000000 or None, got {concurrency_limit!r}"
+            )
+        if rate_limit_key is not None:
+            if not callable(rate_limit_key):
+                raise ValueError(
+                    f"rate_limit_key: expected a callable(*args, **kwargs) -> str, got {type(rate_limit_key).__name__}"
+                )
+            if rate is None and concurrency_limit is None:
+                raise ValueError("rate_limit_key: needs a rate_limit or a concurrency_limit to key")
+        if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue)):
+            raise ValueError(f"queue: expected a name of letters, digits, '_', '-' and '.' (at most 64), got {queue!r}")
         delay = _time_ms("delay_ms", delay_ms)
         if (
             isinstance(max_retries, bool)
@@ -198,6 +266,13 @@ class TaskConfig(_engine.ConfigBase):
         self.isolation = isolation
         self._hooks = (_hook("on_success", on_success), _hook("on_failure", on_failure), _hook("on_retry", on_retry))
         self._retry_ms = (base, cap, bool(retry_on_timeout))
+        self.rate_limit = rate_limit if rate is not None else None
+        self.concurrency_limit = None if concurrency_limit is None else int(concurrency_limit)
+        self.rate_limit_key = rate_limit_key
+        self.queue = queue
+        self._rate = rate
+        routed = rate is not None or concurrency_limit is not None or (queue is not None and queue != "default")
+        self._plain = None
         super().__init__(
             priority=int(prio),
             delay_ms=float(delay),
@@ -213,7 +288,10 @@ class TaskConfig(_engine.ConfigBase):
             on_failure=on_failure,
             on_retry=on_retry,
             isolation=isolation == "process",
+            routed=routed,
         )
+        if routed:  # what limits.py submits once a task is admitted: the same config, unrouted
+            self._plain = self.replace(rate_limit=None, concurrency_limit=None, rate_limit_key=None, queue=None)
 
     @property
     def priority(self) -> TaskPriority:
@@ -262,6 +340,10 @@ class TaskConfig(_engine.ConfigBase):
             "on_success": on_success,
             "on_failure": on_failure,
             "on_retry": on_retry,
+            "rate_limit": self.rate_limit,
+            "concurrency_limit": self.concurrency_limit,
+            "rate_limit_key": self.rate_limit_key,
+            "queue": self.queue,
         }
 
     def replace(self, **changes: Any) -> TaskConfig:

@@ -131,6 +131,20 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
     )
 
 
+# -- rate limits, concurrency limits, named queues (limits.py) and progress (progress.py) ------
+# (installed with the other hooks by _hooks.py)
+def route_hook(engine: BackgroundTasks, func: Any, args: Any, kwargs: Any, cfg: TaskConfig, block: float) -> Any:
+    from . import limits  # only once a task with a limit or a named queue is added
+
+    return limits.route(engine, func, args, kwargs, cfg, block)
+
+
+def make_progress_hook(handle: TaskResult[Any], fraction: Any, message: Any) -> Any:
+    from . import progress
+
+    return progress.hook(handle, fraction, message)
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     import asyncio  # only once an async task runs: asyncio is ~10 MiB of a process that has none
 
@@ -208,6 +222,24 @@ class _LoopRunner:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
+
+
+def _check_queues(queues: Any) -> dict[str, int]:
+    """``queues={"emails": 4}``: named queues and their workers, validated."""
+    if queues is None:
+        return {}
+    if not isinstance(queues, dict):
+        raise TypeError(f"queues: expected a dict of queue name -> workers, got {type(queues).__name__}")
+    from .config import QUEUE_NAME
+
+    for q, n in queues.items():
+        if not isinstance(q, str) or not QUEUE_NAME.fullmatch(q) or q == "default":
+            raise ValueError(
+                f"queues: {q!r} is not a queue name (letters, digits, '_', '-', '.'; 'default' is the engine itself)"
+            )
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"queues: the workers of {q!r} must be an integer >= 1, got {n!r}")
+    return dict(queues)
 
 
 def _make_config(source: str, priority: Any = None, config: TaskConfig | None = None, **fields: Any) -> TaskConfig:
@@ -368,6 +400,10 @@ class BackgroundTasks(_engine.Engine):
     returns its TaskResult at once; the engine runs it on a worker thread (an ``async def``
     runs on the engine's event-loop thread). Use it as a context manager, or call
     ``shutdown()``: queued work runs before the engine stops (also at interpreter exit).
+    ``queues={"emails": 4}``: named queues, each an engine of its own with that many workers (a
+    bulkhead: slow tasks of one queue never starve the others); ``@tasks.task(queue="emails")``
+    or ``options(queue="emails")`` routes a task there (limits.py).
+
     Created in the main thread, it also makes SIGTERM run the queued work before the process
     exits (``handle_sigterm=False`` or ``CATZILLA_TASKS_SIGTERM=0`` turns that off).
     """
@@ -387,6 +423,7 @@ class BackgroundTasks(_engine.Engine):
         handle_sigterm: bool = True,
         idempotency_ttl: float = 86400.0,
         broker: Any = None,
+        queues: dict[str, int] | None = None,
     ) -> None:
         if broker is not None:  # (DistributedTasks passes broker=None here and sets its own)
             raise TypeError(
@@ -427,6 +464,7 @@ class BackgroundTasks(_engine.Engine):
             or not 0 < idempotency_ttl <= MAX_MS / 1000
         ):
             raise ValueError(f"idempotency_ttl: must be a number of seconds > 0, got {idempotency_ttl!r}")
+        queues = _check_queues(queues)
         super().__init__(workers=workers, queue_size=queue_size, aging_ms=float(aging_ms), max_threads=max_workers + 16)
         self.name = name
         # A cap on the bytes the queued tasks' arguments hold (see _engine/py_memory.c, memory_pool_mb):
@@ -444,6 +482,22 @@ class BackgroundTasks(_engine.Engine):
         self._pool: Any = None
         self._periodic: list[Any] = []
         self._options_cache: dict[Any, _Options] = {}
+        self._limits: Any = None  # limits.Limits, made by the first task with a limit
+        # named queues: a bulkhead engine each, with its own workers (see limits.py)
+        self._queue_engines: dict[str, BackgroundTasks] = {
+            q: BackgroundTasks(
+                workers=n,
+                min_workers=n,
+                max_workers=n,
+                queue_size=queue_size,
+                enable_auto_scaling=False,
+                aging_ms=aging_ms,
+                exit_timeout=exit_timeout,
+                name=f"{name}:{q}",
+                handle_sigterm=False,
+            )
+            for q, n in queues.items()
+        }
         # submit-time deduplication by idempotency key (_dedup.py), made on first use
         self.idempotency_ttl = float(idempotency_ttl)
         self._dedup: Any = None
@@ -732,7 +786,7 @@ class BackgroundTasks(_engine.Engine):
             if native is None and method_of is not None:
                 method_of.refuse_method(func)
             items = inp.as_items()
-            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process"):
+            if cfg is not None and (cfg.delay_ms or cfg.isolation == "process" or cfg._routed):
 
                 def submit(part: Any, handles: list[Any]) -> None:
                     for a in part:  # an item may fail (e.g. not picklable) after others were queued
@@ -756,7 +810,15 @@ class BackgroundTasks(_engine.Engine):
                 "join() inside a task of this engine would wait for that task itself, forever: wait "
                 "for the tasks it needs with their TaskResult.wait() (or await them) instead"
             )
-        if not self._drain(timeout):
+        remaining = timeout
+        if self._queue_engines:  # the named queues first (see limits.py), within the one timeout
+            if timeout is not None and timeout != timeout:
+                raise ValueError("join(): timeout is NaN; give seconds >= 0, or None to wait without limit")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for sub in self._queue_engines.values():
+                sub.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._drain(remaining):
             s = self._stats()
             raise TimeoutError(
                 f"join(): {s['queued_total']} tasks still queued and {s['running']} running after {timeout} s"
@@ -825,6 +887,10 @@ class BackgroundTasks(_engine.Engine):
             self._close_to_outside()
         else:
             self._close()
+            if self._limits is not None:
+                self._limits.cancel_parked()
+        for sub in self._queue_engines.values():
+            sub.shutdown(wait_for_completion, timeout)
         self.resume()
         if not wait_for_completion:
             self._cancel_queued()

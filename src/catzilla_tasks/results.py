@@ -49,7 +49,7 @@ def await_impl(handle: TaskResult[Any]) -> Generator[Any, None, Any]:
     return _await_result(handle).__await__()
 
 
-def _forward(source: TaskResult[Any], target: TaskResult[Any]) -> None:
+def forward_outcome(source: TaskResult[Any], target: TaskResult[Any]) -> None:
     """Settle target with source's outcome (source is final)."""
     try:
         status = source.status
@@ -73,7 +73,7 @@ def _settle_with(target: TaskResult[Any], value: Any) -> None:
     if isinstance(value, TaskFuture):
         value = value._result
     if isinstance(value, TaskResult):
-        value._on_done(lambda h: _forward(h, target))
+        value._on_done(lambda h: forward_outcome(h, target))
     else:
         target._settle(value=value)
 
@@ -142,9 +142,9 @@ class TaskFuture:
                     else:
                         _settle_with(nxt, value)
                 else:
-                    _forward(h, nxt)
+                    forward_outcome(h, nxt)
             finally:
-                h = None  # type: ignore[assignment]  # (see _forward)
+                h = None  # type: ignore[assignment]  # (see forward_outcome)
 
         self._result._on_done(on_done)
         return TaskFuture(nxt)
@@ -174,9 +174,9 @@ class TaskFuture:
                     except BaseException as exc:
                         nxt._settle(exc=exc)
                         return
-                _forward(h, nxt)
+                forward_outcome(h, nxt)
             finally:
-                h = None  # type: ignore[assignment]  # (see _forward)
+                h = None  # type: ignore[assignment]  # (see forward_outcome)
 
         self._result._on_done(on_done)
         return TaskFuture(nxt)

@@ -414,9 +414,8 @@ static void *canceller_b(void *arg) {
         if (g_b_claim && (r & 4)) {
             /* a waiter helping: it claims the task and runs it itself, as py_run.c's help_run
              * (the worker that pops it then only drops it: ct_engine_drop_claimed) */
-            if (ct_task_claim(t, NWORKERS + c->id)) {
+            if (ct_engine_claim(c->e, t, NWORKERS + c->id)) {
                 ct_task_incref(t);
-                ct_engine_hold(c->e);
                 ((ct_c_func)t->fn)(t->arg);
                 ct_task_finish(c->e, t, CT_SUCCEEDED);
                 ct_task_decref(NULL, t);
@@ -504,7 +503,7 @@ static void test_b(void) {
 }
 
 /* (g) as (b), and the racing threads also claim queued tasks and run them themselves (a worker
- * waiting for a task runs it: ct_task_claim), against workers popping and threads cancelling:
+ * waiting for a task runs it: ct_engine_claim), against workers popping and threads cancelling:
  * each task still runs once or is cancelled, never both, and the counters add up. */
 static void test_g(void) {
     g_b_claim = 1;

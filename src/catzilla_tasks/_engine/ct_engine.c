@@ -614,9 +614,24 @@ static int ct_worker_sleep(ct_engine *e, ct_worker *w) {
     return keep;
 }
 
+int ct_engine_claim(ct_engine *e, ct_task *t, int worker_id) {
+    if (!ct_task_claim(t, worker_id)) return 0;
+    /* Counted as a pop would count it, queued -> running (its room is free now: space waiters
+     * are woken), plus the claimer's own count of running. Running first, then out of queued:
+     * queued + running never reads 0 on the way. The node's count keeps a drain waiting until
+     * the node has left its queue too (ct_engine_drop_claimed). */
+    atomic_fetch_add(&e->running, 2);
+    ct_engine_unreserve(e, 1);
+    return 1;
+}
+
 int ct_engine_drop_claimed(ct_engine *e, ct_task *t) {
     if (!(atomic_load_explicit(&t->state, memory_order_acquire) & CT_F_INLINE)) return 0;
-    ct_engine_running_done(e, 1);
+    /* its pop counted it queued -> running once more (ct_engine_claim already had): undone,
+     * and the claim's count for the node ends. queued first, so a drain never sees 0 and 0
+     * while a count is off */
+    atomic_fetch_add(&e->queued, 1);
+    ct_engine_running_done(e, 2);
     ct_task_decref(&e->hooks, t);
     return 1;
 }

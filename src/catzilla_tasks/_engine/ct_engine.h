@@ -307,11 +307,21 @@ int ct_task_begin(ct_task *t, int worker_id);
  * RUNNING for worker_id, marked CT_F_INLINE, in one compare-and-swap, so neither the worker that
  * pops it (from a queue or a batch) nor cancel() can take it too. 1 if claimed. The node stays
  * where it is queued; the claimer runs it as a popper would, holding a node reference and one
- * count of running of its own (ct_engine_hold). Never for a node that could be queued again
- * while it still sits in a queue (a retry). */
+ * count of running of its own: use ct_engine_claim, which also counts. Never for a node that
+ * could be queued again while it still sits in a queue (a retry). */
 int ct_task_claim(ct_task *t, int worker_id);
-/* A popped node that its waiter claimed (CT_F_INLINE): count it out of running and drop the
- * engine's reference; 1 if it was one (the popper must do nothing else with it), else 0. */
+/* ct_task_claim, and the engine's counts for it: the node counted queued -> running as a pop
+ * would (its room in the queue is given back at once: it is no queued work, though it stays in
+ * its queue or batch until popped; otherwise claimed nodes waiting for busy workers to pop them
+ * fill queue_size), that count held until the node is dropped (a drain waits for that), and
+ * one count of running for the claimer (ended by its ct_task_finish). 1 if claimed. */
+int ct_engine_claim(ct_engine *e, ct_task *t, int worker_id);
+/* A popped node that its waiter claimed (ct_engine_claim, CT_F_INLINE): undo its pop's counts
+ * (queued back up, running down), end the claim's count for it, and drop the engine's
+ * reference; 1 if it was one (the popper must do nothing else with it), else 0. From the later
+ * of its claim and its pop to this, queued reads one low per such node (its room was given
+ * back by both: queue_size admits that many more for a moment; running, one high, keeps a
+ * drain waiting). */
 int ct_engine_drop_claimed(ct_engine *e, ct_task *t);
 /* Terminal state for a task that was running on e: counters, waiters woken.
  * Returns the state word before the change (so the caller sees CT_F_CALLBACKS). */

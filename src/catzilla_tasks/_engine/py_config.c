@@ -7,13 +7,13 @@
 static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"priority", "delay_ms", "max_retries", "timeout_ms", "backoff", "retry_base_ms",
                              "retry_max_ms", "jitter", "retry_on_timeout", "retry_on", "on_success",
-                             "on_failure", "on_retry", "isolation", NULL};
-    int priority = 2, max_retries = 0, backoff = 0, jitter = 1, retry_on_timeout = 0, isolation = 0;
+                             "on_failure", "on_retry", "isolation", "routed", NULL};
+    int priority = 2, max_retries = 0, backoff = 0, jitter = 1, retry_on_timeout = 0, isolation = 0, routed = 0;
     double delay = 0, timeout = 0, base = 100, cap = 60000;
     PyObject *retry_on = Py_None, *on_success = Py_None, *on_failure = Py_None, *on_retry = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|idididdppOOOOp:ConfigBase", kwlist, &priority, &delay, &max_retries,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|idididdppOOOOpp:ConfigBase", kwlist, &priority, &delay, &max_retries,
                                      &timeout, &backoff, &base, &cap, &jitter, &retry_on_timeout, &retry_on,
-                                     &on_success, &on_failure, &on_retry, &isolation))
+                                     &on_success, &on_failure, &on_retry, &isolation, &routed))
         return -1;
     if (priority < 0 || priority >= CT_NPRIO) {
         PyErr_Format(PyExc_ValueError, "priority must be 0..3, got %d", priority);
@@ -29,6 +29,7 @@ static int Config_init(ConfigObject *self, PyObject *args, PyObject *kw) {
     self->jitter = jitter;
     self->retry_on_timeout = retry_on_timeout;
     self->isolation = isolation;
+    self->routed = routed;
     int64_t delay_ns, timeout_ns, base_ns, cap_ns;
     if (ms_option(delay, "delay_ms", 0, &delay_ns) < 0 || ms_option(timeout, "timeout_ms", 1, &timeout_ns) < 0 ||
         ms_option(base, "retry_base_ms", 0, &base_ns) < 0 || ms_option(cap, "retry_max_ms", 1, &cap_ns) < 0)
@@ -75,6 +76,7 @@ static PyMemberDef Config_members[] = {
     {"_max_retries", T_INT, offsetof(ConfigObject, max_retries), READONLY, NULL},
     {"_delay_ns", T_LONGLONG, offsetof(ConfigObject, delay_ns), READONLY, NULL},
     {"_timeout_ns", T_LONGLONG, offsetof(ConfigObject, timeout_ns), READONLY, NULL},
+    {"_routed", T_INT, offsetof(ConfigObject, routed), READONLY, NULL},
     {"_native", T_OBJECT, offsetof(ConfigObject, native), 0, "compiler.NativeTask of a compiled task, or None"},
     {NULL},
 };

@@ -193,9 +193,31 @@ done:
     return r;
 }
 
+/* ---- a config with limits or a named queue (cfg->routed): limits.py submits the call, with a
+ * config without them, and returns its handle ---- */
+static PyObject *enqueue_routed(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
+                                PyObject *kwnames, ConfigObject *cfg, int64_t block_ns) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, npos = nvalues - nkw;
+    PyObject *pos = PyTuple_New(npos), *kw = PyDict_New(), *r = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 0; i < npos; i++) PyTuple_SET_ITEM(pos, i, Py_NewRef(values[i]));
+    for (Py_ssize_t i = 0; i < nkw; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), values[npos + i]) < 0) goto done;
+    PyObject *bs = PyFloat_FromDouble(block_ns < 0 ? -1.0 : (double)block_ns / 1e9);
+    if (!bs) goto done;
+    r = PyObject_CallFunctionObjArgs(py_mod.hooks.route, (PyObject *)self, func, pos, kw, (PyObject *)cfg, bs, NULL);
+    Py_DECREF(bs);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    return r;
+}
+
 /* native: the compiler.NativeTask of a compiled task (usually cfg->native), or NULL/None */
 PyObject *enqueue(EngineObject *self, PyObject *func, PyObject *const *values, Py_ssize_t nvalues,
                          PyObject *kwnames, int priority, ConfigObject *cfg, int64_t block_ns, PyObject *native) {
+    if (CT_UNLIKELY(cfg && cfg->routed))
+        return enqueue_routed(self, func, values, nvalues, kwnames, cfg, block_ns);
     if (CT_UNLIKELY(cfg && cfg->isolation))
         return enqueue_isolated(self, func, values, nvalues, kwnames, priority, cfg, block_ns);
     if (CT_UNLIKELY(native && native != Py_None))

@@ -69,6 +69,9 @@ typedef struct py_hooks {
     PyObject *isolate;          /* f(engine, func, args, kwargs, config) -> callable run in a child */
     PyObject *failed;           /* f(engine, task_id, func, exc): a task ended FAILED or TIMED_OUT */
     PyObject *native_reason;    /* f(func, ran_native) -> why the task ran as Python, or None */
+    /* rate limits, concurrency limits, named queues (limits.py) and progress (progress.py) */
+    PyObject *route;            /* f(engine, func, args, kwargs, config, block_s) -> handle: a routed config */
+    PyObject *make_progress;    /* f(handle, fraction, message) -> Progress (TaskResult.set_progress) */
 } py_hooks;
 
 typedef struct py_state {
@@ -82,6 +85,8 @@ typedef struct py_state {
      * handle, which the cycle collector can see through (node_is_ours). */
     PyObject *registry;
     PyObject *history;          /* {id: [attempt dicts]} of tasks with failed attempts */
+    PyObject *progress;         /* {id: Progress, or the TaskResult (or None) a detached handle
+                                 * shows} of registered tasks that reported progress (py_result.c) */
     PyObject *charges;          /* {node address: (engine address, bytes)}: queued tasks of engines
                                  * with a memory cap, and the bytes their arguments hold */
     PyObject *getsizeof;        /* sys.getsizeof */
@@ -131,6 +136,7 @@ typedef struct {
     int jitter;              /* full jitter: a uniform draw in [0, delay) */
     int retry_on_timeout;
     int isolation;           /* 1: run in the engine's process pool (engine.py) */
+    int routed;              /* 1: rate/concurrency limit or named queue: submitted by hooks.route (limits.py) */
     int64_t delay_ns;
     int64_t timeout_ns;      /* 0 = none */
     int64_t retry_base_ns, retry_max_ns;

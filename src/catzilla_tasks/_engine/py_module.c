@@ -105,7 +105,7 @@ static const hook_spec hook_specs[] = {
     HOOK(status_members, HOOK_TUPLE),   HOOK(priority_members, HOOK_TUPLE), HOOK(run_coroutine, HOOK_CALLABLE),
     HOOK(report_error, HOOK_CALLABLE),  HOOK(await_impl, HOOK_CALLABLE),    HOOK(cancel_async, HOOK_CALLABLE),
     HOOK(task_timeout, HOOK_EXC_CLASS), HOOK(isolate, HOOK_CALLABLE),       HOOK(failed, HOOK_CALLABLE),
-    HOOK(native_reason, HOOK_CALLABLE),
+    HOOK(native_reason, HOOK_CALLABLE), HOOK(route, HOOK_CALLABLE),          HOOK(make_progress, HOOK_CALLABLE),
 };
 #undef HOOK
 #define NHOOKS (sizeof hook_specs / sizeof hook_specs[0])
@@ -207,6 +207,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     gettimeofday(&tv, NULL);
     py_mod.wall0 = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
     py_mod.registry = PyDict_New();
+    py_mod.progress = PyDict_New();
     py_mod.history = PyDict_New();
     py_mod.charges = PyDict_New();
     PyObject *sysmod = PyImport_ImportModule("sys");
@@ -222,7 +223,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     py_mod.queue_full = PyObject_GetAttrString(errors, "QueueFull");
     py_mod.task_cancelled = PyObject_GetAttrString(errors, "TaskCancelled");
     Py_DECREF(errors);
-    if (!py_mod.registry || !py_mod.history || !py_mod.config_attr || !py_mod.native_prepare || !py_mod.queue_full ||
+    if (!py_mod.registry || !py_mod.progress || !py_mod.history || !py_mod.config_attr || !py_mod.native_prepare || !py_mod.queue_full ||
         !py_mod.task_cancelled)
         goto fail;
     Py_INCREF(&Engine_Type);

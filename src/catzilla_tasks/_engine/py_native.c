@@ -533,8 +533,9 @@ PyObject *Engine_submit_batch(EngineObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "_submit_batch(): config must be a TaskConfig");
         return NULL;
     }
-    if (cfg && (cfg->isolation || cfg->delay_ns > 0)) {
-        PyErr_SetString(PyExc_ValueError, "_submit_batch(): delayed or isolated tasks are queued one by one");
+    if (cfg && (cfg->isolation || cfg->delay_ns > 0 || cfg->routed)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_submit_batch(): delayed, isolated, limited or routed tasks are queued one by one");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(items, "tasks.map() needs an iterable of argument tuples");

@@ -324,6 +324,16 @@ static PyObject *node_outcome(ResultObject *self) {
     }
 }
 
+/* t (of this worker's engine) is a sync task this worker thread started and has not finished:
+ * its call is suspended below the caller on this thread's stack (help_run ran the caller's task
+ * while t waited), so it can resume only after the caller returns. (An async task runs on the
+ * event loop; a worker's slot is reused only once its thread has exited.) */
+static int held_below(ct_task *t) {
+    uint32_t st = atomic_load_explicit(&t->state, memory_order_acquire);
+    return (st & CT_STATUS_MASK) == CT_RUNNING && !(st & CT_F_ASYNC) && t != tl_current &&
+           (st >> CT_WORKER_SHIFT) == (uint32_t)tl_worker->id + 1u;
+}
+
 static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"timeout", NULL};
     PyObject *timeout = Py_None;
@@ -341,8 +351,19 @@ static PyObject *Result_wait(ResultObject *self, PyObject *args, PyObject *kw) {
                         "`await result` instead");
         return NULL;
     }
-    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000))   /* (a poll, wait(0), runs nothing) */
+    if (tl_worker && (!deadline || deadline > ct_now_ns() + 1000000)) {   /* (a poll, wait(0), runs nothing) */
+        if (self->engine && tl_worker->engine == self->engine->e && held_below(self->t)) {
+            PyObject *id = node_id(self->engine, self->t);
+            PyErr_Format(PyExc_RuntimeError,
+                         "task %U is suspended further up this worker's thread, waiting (directly or through "
+                         "other tasks) for the task now waiting for it, which this worker ran while it waited: a "
+                         "cycle of tasks waiting on each other, so this wait can never finish",
+                         id);
+            Py_XDECREF(id);
+            return NULL;
+        }
         help_run(self->engine, self->t);
+    }
     tl_no_standin = 0;
     int rc = wait_node(self->t, deadline);
     if (rc < 0) return NULL;
@@ -619,7 +640,79 @@ static PyObject *Result_get_task_id(ResultObject *self, void *unused) {
     return format_id(self->t->id);
 }
 
-static PyObject *Result_get_status(ResultObject *self, void *unused) { return status_member(ct_task_status(self->t)); }
+/* ---- progress (progress.py): set_progress() stores what hooks.make_progress makes, under the
+ * task's id in py_mod.progress, until the node is freed (hook_release); a detached handle of a
+ * concurrency-limited call (limits.py) holds instead the TaskResult of its run (or None while
+ * it is parked), whose progress and status it shows ---- */
+static int progress_store(ResultObject *self, PyObject *value) {
+    register_id(self->engine, self->t);   /* so that hook_release forgets it */
+    PyObject *key = PyLong_FromUnsignedLongLong(self->t->id);
+    int rc = key ? PyDict_SetItem(py_mod.progress, key, value) : -1;
+    Py_XDECREF(key);
+    return rc;
+}
+
+/* The TaskResult (or None) a detached handle is linked to (borrowed), else NULL (no error). */
+static PyObject *progress_link(ct_task *t) {
+    if (!(atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_REGISTERED)) return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    PyObject *v = key ? PyDict_GetItemWithError(py_mod.progress, key) : NULL;
+    Py_XDECREF(key);
+    PyErr_Clear();
+    return v && (v == Py_None || PyObject_TypeCheck(v, &Result_Type)) ? v : NULL;
+}
+
+static PyObject *Result_set_progress(ResultObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fraction", "message", NULL};
+    PyObject *fraction, *message = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:set_progress", kwlist, &fraction, &message)) return NULL;
+    PyObject *p = PyObject_CallFunctionObjArgs(py_mod.hooks.make_progress, (PyObject *)self, fraction, message, NULL);
+    if (!p) return NULL;
+    int rc = progress_store(self, p);
+    Py_DECREF(p);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _link_progress(other): this handle shows the progress (and, detached, the status) of other;
+ * None: of nothing yet (a parked call: PENDING). */
+static PyObject *Result_link_progress(ResultObject *self, PyObject *other) {
+    if (other != Py_None && !PyObject_TypeCheck(other, &Result_Type)) {
+        PyErr_SetString(PyExc_TypeError, "_link_progress(): expected a TaskResult or None");
+        return NULL;
+    }
+    if (progress_store(self, other) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Result_get_progress(ResultObject *self, void *unused) {
+    for (int hops = 0; hops < 4; hops++) {
+        if (!(atomic_load_explicit(&self->t->state, memory_order_relaxed) & CT_F_REGISTERED)) break;
+        PyObject *key = PyLong_FromUnsignedLongLong(self->t->id);
+        if (!key) return NULL;
+        PyObject *v = PyDict_GetItemWithError(py_mod.progress, key);
+        Py_DECREF(key);
+        if (!v) {
+            if (PyErr_Occurred()) return NULL;
+            break;
+        }
+        if (!PyObject_TypeCheck(v, &Result_Type)) return Py_NewRef(v);   /* a Progress, or None */
+        self = (ResultObject *)v;
+    }
+    Py_RETURN_NONE;
+}
+/* ---- end of progress ---- */
+
+static PyObject *Result_get_status(ResultObject *self, void *unused) {
+    if (CT_UNLIKELY(self->t->kind == CT_KIND_DETACHED) && !CT_IS_TERMINAL(atomic_load(&self->t->state))) {
+        /* the handle of a concurrency-limited call (limits.py): PENDING while it is parked (linked
+         * to None), then the status of the run (linked to its TaskResult) */
+        PyObject *link = progress_link(self->t);
+        if (link == Py_None) return status_member(CT_PENDING);
+        if (link) return Result_get_status((ResultObject *)link, NULL);
+    }
+    return status_member(ct_task_status(self->t));
+}
 static PyObject *Result_get_key(ResultObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->t->id); }
 static PyObject *Result_get_cancel_requested(ResultObject *self, void *unused) {
     uint32_t st = atomic_load(&self->t->state);
@@ -735,6 +828,9 @@ static PyMethodDef Result_methods[] = {
     {"get_stats", (PyCFunction)Result_get_stats, METH_NOARGS, "Timing and placement of this task, as a dict."},
     {"_on_done", (PyCFunction)Result_on_done, METH_O, NULL},
     {"_settle", (PyCFunction)(void (*)(void))Result_settle, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"set_progress", (PyCFunction)(void (*)(void))Result_set_progress, METH_VARARGS | METH_KEYWORDS,
+     "set_progress(fraction, message=None): report how far the task is (0.0 to 1.0), read as result.progress."},
+    {"_link_progress", (PyCFunction)Result_link_progress, METH_O, NULL},
     {NULL},
 };
 
@@ -745,6 +841,8 @@ static PyGetSetDef Result_getset[] = {
     {"_key", (getter)Result_get_key, NULL, NULL, NULL},
     {"cancel_requested", (getter)Result_get_cancel_requested, NULL,
      "True once cancel() was asked for this task (a running sync task may check it and stop).", NULL},
+    {"progress", (getter)Result_get_progress, NULL,
+     "The last set_progress() of the task: a Progress(fraction, message), or None.", NULL},
     {NULL},
 };
 

@@ -97,7 +97,10 @@ void hook_release(ct_task *t) {
     uint32_t st = atomic_load_explicit(&t->state, memory_order_relaxed);
     if (CT_UNLIKELY(PyDict_GET_SIZE(py_mod.charges) > 0)) uncharge(t);   /* queued, never ran */
     report_unobserved(t);
-    if (st & CT_F_REGISTERED) forget_id(py_mod.registry, t->id);
+    if (st & CT_F_REGISTERED) {
+        forget_id(py_mod.registry, t->id);
+        if (CT_UNLIKELY(PyDict_GET_SIZE(py_mod.progress) > 0)) forget_id(py_mod.progress, t->id);   /* set_progress */
+    }
     if (t->kind != CT_KIND_PY_C) {
         Py_CLEAR(t->fn);
         Py_CLEAR(t->arg);
@@ -561,14 +564,25 @@ void hook_run_batch(ct_worker *w) {
 }
 
 /* Help while waiting: a worker about to wait for a task of its own engine that nobody has
- * started yet runs it itself, now, on this thread (ct_task_claim takes it out of its queue or
+ * started yet runs it itself, now, on this thread (ct_engine_claim takes it out of its queue or
  * batch atomically; the worker that pops it later only drops it), as a popper would: its
  * priority's place is skipped, its stats, callbacks, timeout and outcome are the same. So a
  * chain of tasks waiting on tasks needs no thread per link. Not when the running task has a
- * timeout_ms (its wait must stay interruptible), when the waited task may retry (a retry
+ * timeout_ms (its wait must stay interruptible), when more urgent work waits, when the waited task may retry (a retry
  * queues the node again, which may still sit in a queue), when the engine is paused, or past
  * HELP_MAX_DEPTH nested runs (the C stack): the wait then gets a stand-in worker. */
 #define HELP_MAX_DEPTH 48
+
+/* Python frames this thread has open (the recursion budget it has used). A task run inline sits
+ * on its waiter's frames: only a shallow waiter runs one, so it keeps nearly all of a worker's. */
+static int recursion_used(void) {
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030C0000
+    return ts->py_recursion_limit - ts->py_recursion_remaining;
+#else
+    return ts->recursion_limit - ts->recursion_remaining;
+#endif
+}
 static _Thread_local int tl_help_depth;
 void help_run(EngineObject *eng, ct_task *t) {
     ct_worker *w = tl_worker;
@@ -576,19 +590,45 @@ void help_run(EngineObject *eng, ct_task *t) {
     if (t->kind != CT_KIND_PY && t->kind != CT_KIND_NATIVE && t->kind != CT_KIND_PY_C) return;
     ConfigObject *c = (ConfigObject *)t->cfg, *mc = tl_current ? (ConfigObject *)tl_current->cfg : NULL;
     if ((c && c->max_retries > 0) || (mc && mc->timeout_ns > 0) || atomic_load(&eng->e->paused)) return;
-    if (ct_task_status(t) != CT_PENDING || !ct_task_claim(t, w->id)) return;
+    if (recursion_used() > Py_GetRecursionLimit() / 8) return;   /* its budget: nearly a worker's */
+    /* Not ahead of more urgent queued work (a stand-in pops that first): the wait runs at the
+     * priority of the task or of its waiter, whichever is more urgent. */
+    int prio = t->priority, mine = tl_current ? tl_current->priority : CT_NPRIO;
+    if (mine < prio) prio = mine;
+    if (prio > 0 && ct_engine_has_urgent(eng->e, prio)) return;
+    if (ct_task_status(t) != CT_PENDING) return;
+    /* it runs in a copy of this thread's context: what it sets in contextvars stays its own,
+     * as on another worker, and does not change its waiter's values under it */
+    PyObject *ctx = PyContext_CopyCurrent();
+    if (!ctx) {
+        PyErr_Clear();
+        return;
+    }
+    if (!ct_engine_claim(eng->e, t, w->id)) {   /* (counted running; its queue room given back) */
+        Py_DECREF(ctx);
+        return;
+    }
     /* this thread's task (its call is suspended in this wait) is put back afterwards */
     ct_task *cur = tl_current, *in_call = atomic_load_explicit(&w->in_call, memory_order_relaxed);
     EngineObject *cur_eng = tl_current_engine;
     uint64_t since = atomic_load_explicit(&w->current_since, memory_order_relaxed), now = ct_now_ns();
     ct_task_incref(t);          /* dropped by its end, as a popper's */
-    ct_engine_hold(eng->e);     /* counted out by its end; the popper counts out its own */
     ts_store(&t->t_start, now);
     atomic_store_explicit(&w->current_since, now, memory_order_relaxed);
     if (CT_UNLIKELY(eng->mem_cap > 0)) uncharge(t);
+    /* it starts as on a worker: no exception being handled (the waiter may wait in an except
+     * block; the task would see it in sys.exc_info() and chain it to its own) */
+    PyObject *handled = PyErr_GetHandledException();
+    PyErr_SetHandledException(NULL);
+    int entered = PyContext_Enter(ctx) == 0;
+    if (!entered) PyErr_Clear();
     tl_help_depth++;
     run_attempt(w, eng, t, now);
     tl_help_depth--;
+    if (entered && PyContext_Exit(ctx) < 0) PyErr_Clear();
+    Py_DECREF(ctx);
+    PyErr_SetHandledException(handled);
+    Py_XDECREF(handled);
     tl_current = cur;
     tl_current_engine = cur_eng;
     atomic_store_explicit(&w->in_call, in_call, memory_order_relaxed);

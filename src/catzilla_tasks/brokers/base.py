@@ -182,7 +182,9 @@ class Outcome:
     Besides, ``job.settle`` (``(idempotency_key, schedule)``, either None; None: nothing) marks
     a task that ended for good: what refers to it is let go of in the same commit (its key's
     submit-time deduplication record keeps no longer than its result; its schedule's
-    run-in-progress marker goes). It does not make the job's outcome a write of its own.
+    run-in-progress marker goes). It does not make the job's outcome a write of its own. And
+    ``job.lease`` (a concurrency lease from ``acquire_leases``, or None) is given back in the
+    same commit, whatever the outcome, waking tasks parked for it.
     """
 
     RESULT = "result"
@@ -203,6 +205,7 @@ class CommitJob(Protocol):
     ops: tuple[tuple[Any, ...], ...]
     kinds: tuple[str, ...]
     claim: Any  # the idempotency claim the job holds (from ``claim_keys``), or None
+    lease: Any  # the concurrency lease the job holds (from ``acquire_leases``), or None: released in the commit
     settle: tuple | None  # (idempotency key, schedule) of a task that ended for good, or None
 
     def task_id(self) -> str: ...
@@ -232,6 +235,9 @@ class ConsumerSession(abc.ABC):
     refused: tuple[type[BaseException], ...]
     errors: tuple[type[BaseException], ...]
     max_record: int
+    # a blocking fetch may return up to this many ms after its wait (Redis: its `hz` tick); the
+    # worker waits out a delayed task due sooner itself instead of blocking in fetch
+    fetch_granularity_ms = 0
 
     def check_block(self, block_ms: int) -> None:  # noqa: B027 - optional: most storages accept any wait
         """Raise ValueError if a blocking fetch of ``block_ms`` cannot work on this storage."""
@@ -273,8 +279,10 @@ class ConsumerSession(abc.ABC):
 
     @abc.abstractmethod
     def heartbeat(self, held: list[tuple[Any, int]], claims: list[tuple[Any, Any]] | None) -> None:
-        """Renew the messages held (``(token, priority)``) and the idempotency claims of those
-        that hold one (``(token, claim)``): nobody takes them while this consumer lives."""
+        """Renew the messages held (``(token, priority)``), the idempotency claims of those
+        that hold one (``(token, claim)``) and the concurrency leases held: nobody takes them
+        while this consumer lives. Called also when nothing is held: leases that lapsed (a dead
+        consumer's) are dropped then and the tasks parked for them queued again."""
 
     @abc.abstractmethod
     def claim_keys(self, items: list[tuple[Any, str]]) -> list[tuple[str, Any]]:
@@ -288,6 +296,33 @@ class ConsumerSession(abc.ABC):
         """For workflow steps (``(run_id, indexes of the steps whose values it takes)``): per
         item ``(running, [encoded value or None, ...])``, or an exception saying why the run
         cannot be read."""
+
+    # -- limits and progress (rate_limit, concurrency_limit, set_progress) -------------------
+    @abc.abstractmethod
+    def clock_offset_ms(self) -> float:
+        """The storage's clock minus this process's wall clock (``time.time()``), in ms: the
+        slots of ``reserve_slots`` are on the storage's clock."""
+
+    @abc.abstractmethod
+    def reserve_slots(self, items: list[tuple[str, int]]) -> tuple[list[int], int]:
+        """Rate limits, shared by every consumer of the broker: for each ``(limit id, emission
+        interval in us)``, in order, reserve the next free start slot of that limit (GCRA with
+        reservation: a slot is taken even when it is later than now). Returns the slots and the
+        storage's time now (both epoch ms on the storage's clock)."""
+
+    @abc.abstractmethod
+    def acquire_leases(self, items: list[tuple[str, int, str, int, bytes]]) -> list[Any]:
+        """Concurrency limits, shared by every consumer: for each ``(limit id, limit, lease id,
+        priority, payload)`` a lease (held until the commit of the job that holds it, as
+        ``job.lease``, and renewed by ``heartbeat``; it lapses after ``visibility_timeout``
+        without one), or None when ``limit`` leases are held: the session then keeps the message
+        itself (*parked*) and queues it again at that priority once a lease is given back or
+        lapses; the worker acknowledges its copy with no outcome."""
+
+    @abc.abstractmethod
+    def write_progress(self, task_id: str, record: bytes) -> None:
+        """Store a running task's last progress report (``[fraction, message]`` encoded) where
+        its result handle reads it (``result.progress``), kept ``result_ttl``."""
 
     @abc.abstractmethod
     def begin_batch(self, token: bytes) -> None:

@@ -1,6 +1,6 @@
 """``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
 
-catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL]
+catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL] [--queues Q[:W],...]
 catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
 catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
 catzilla-tasks schedules (--app MODULE:TASKS | --broker URL) [--queue Q] [--json]
@@ -138,10 +138,28 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         producer = DistributedTasks(workers=1, broker=b)
         producer.take_over_periodic(tasks)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    w = Worker(tasks, b, concurrency=args.concurrency)
+    queues = None
+    if getattr(args, "queues", None):
+        from .routing import MultiQueueWorker, parse_queues
+
+        try:
+            queues = parse_queues(args.queues)
+            if len(queues) > 1 or next(iter(queues)) != b.queue:
+                w: Any = MultiQueueWorker(tasks, queues, broker=b, concurrency=args.concurrency)
+            else:
+                queues = None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if queues is None:
+        w = Worker(tasks, b, concurrency=args.concurrency)
     print(
-        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), queue {b.queue!r} on "
-        f"{redact_url(b.url)}, concurrency {w.concurrency}",
+        f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), "
+        + (
+            f"queue {b.queue!r}"
+            if queues is None
+            else "queues " + ", ".join(f"{q!r} ({x.concurrency})" for q, x in w.workers.items())
+        )
+        + f" on {redact_url(b.url)}, concurrency {w.concurrency}",
         file=out,
         flush=True,
     )
@@ -284,6 +302,12 @@ def add_commands(sub: Any) -> None:
         help="most tasks held at once (fetched, not yet acknowledged); default 16",
     )
     p.add_argument("--broker", metavar="URL", help="redis://... to use instead of the engine's own broker")
+    p.add_argument(
+        "--queues",
+        metavar="Q[:W],...",
+        help="named queues to consume, e.g. emails,default or emails:1,default:3 (each gets its share of "
+        "--concurrency by weight W, default 1; default: the broker's own queue)",
+    )
     p.set_defaults(func=_run(cmd_worker))
 
     dl = sub.add_parser(

@@ -30,35 +30,39 @@ def _args(broker: RedisBroker, tid: str, prio: int, delay_ms: float, payload: by
     return [tid, max(1, int(broker.idempotency_ttl * 1000)), payload, int(delay_ms) if delay_ms > 0 else 0, prio]
 
 
-def submit(broker: RedisBroker, tid: str, key: str, prio: int, delay_ms: float, payload: bytes) -> RemoteResult:
-    """Publish a keyed task (or, inside ``batch()``, hold it until the block ends); the handle
-    of the task that holds the key."""
+def submit(
+    broker: RedisBroker, tid: str, key: str, prio: int, delay_ms: float, payload: bytes, queue: str | None = None
+) -> RemoteResult:
+    """Publish a keyed task (or, inside ``batch()``, hold it until the block ends) to ``queue``
+    (None: the broker's own); the handle of the task that holds the key."""
     from .redis import RemoteResult
 
     handle = RemoteResult(tid, broker)
     buf = getattr(broker._local, "buf", None)
     if buf is not None:
-        buf[5].append((handle, key, prio, delay_ms, payload))
+        buf[5].append((handle, key, prio, delay_ms, payload, queue))
         return handle
+    streams, delayed = broker.queue_keys(queue)
     first = broker._dedup_submit(
-        keys=[broker.dedup_key(key), broker.streams[prio], broker.delayed_key],
+        keys=[broker.dedup_key(key), streams[prio], delayed],
         args=_args(broker, tid, prio, delay_ms, payload),
     )
     handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
     return handle
 
 
-def queue_batch(broker: RedisBroker, pipe: Any, items: list[tuple[Any, str, int, float, bytes]]) -> None:
+def queue_batch(broker: RedisBroker, pipe: Any, items: list[tuple[Any, str, int, float, bytes, str | None]]) -> None:
     """Queue the keyed tasks of a ``batch()`` block on its pipeline (after everything else)."""
-    for handle, key, prio, delay_ms, payload in items:
+    for handle, key, prio, delay_ms, payload, queue in items:
+        streams, delayed = broker.queue_keys(queue)
         broker._dedup_submit(
-            keys=[broker.dedup_key(key), broker.streams[prio], broker.delayed_key],
+            keys=[broker.dedup_key(key), streams[prio], delayed],
             args=_args(broker, handle.task_id, prio, delay_ms, payload),
             client=pipe,
         )
 
 
-def settle_batch(replies: list[Any], items: list[tuple[Any, str, int, float, bytes]]) -> None:
+def settle_batch(replies: list[Any], items: list[tuple[Any, str, int, float, bytes, str | None]]) -> None:
     """Give each keyed handle of a published block the id of the task that holds its key."""
     for (handle, *_), first in zip(items, replies[len(replies) - len(items) :], strict=True):
         if isinstance(first, BaseException):

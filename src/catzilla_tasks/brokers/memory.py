@@ -4,9 +4,12 @@
 :mod:`.protocol` encoding), and a :class:`~.worker.Worker` (or a :class:`~.consumer.Consumer`,
 one on its own thread) on an engine of the same process runs them through
 :class:`MemoryConsumer`, as it runs a Redis broker's. Nothing leaves the process and nothing
-survives it: for tests of code written for a broker, not for production. Not supported here:
-workflow runs across workers (``run_workflow`` raises NotImplementedError: they need the
-RedisBroker).
+survives it: for tests of code written for a broker, not for production. Rate and concurrency
+limits are kept here too, shared by every consumer of the broker (as Redis shares them across
+machines), and progress reports are stored for ``MemoryResult.progress``. A task's named queue
+(``queue=``) is not a queue of its own here: every task goes to the broker's one set of queues.
+Not supported here: workflow runs across workers (``run_workflow`` raises NotImplementedError:
+they need the RedisBroker).
 """
 
 from __future__ import annotations
@@ -90,6 +93,13 @@ class MemoryBroker(FetchingBroker):
         self._overrides = Overrides()
         self._ids = itertools.count()
         self._claims: dict[str, tuple[str, float]] = {}  # idempotency key -> (holder's token, lease end)
+        # limits (see ratelimit.py for their meaning): a rate limit's theoretical arrival time
+        # (epoch ms), a concurrency limit's leases (lease id -> expiry, monotonic) and the
+        # (priority, payload) parked until one is free, with the limit they wait for
+        self._tat: dict[str, float] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._parked: dict[str, tuple[int, deque[tuple[int, bytes]]]] = {}
+        self._progress: dict[str, tuple[float, bytes]] = {}  # task id -> (expiry, [fraction, message])
         self._closed = False
 
     def consumer(self, name: str) -> MemoryConsumer:
@@ -258,6 +268,65 @@ class MemoryBroker(FetchingBroker):
         if held is not None and held[0] == claim[1]:
             del self._claims[claim[0]]
 
+    # -- limits (lock held) ------------------------------------------------------------------
+    def _reserve(self, ident: str, interval_us: int) -> int:
+        now = time.time() * 1000
+        slot = max(now, self._tat.get(ident, 0.0))
+        self._tat[ident] = slot + interval_us / 1000
+        if len(self._tat) > 10_000:  # (forget the limits whose last slot is past)
+            self._tat = {k: v for k, v in self._tat.items() if v > now}
+        return int(slot)
+
+    def _acquire(self, ident: str, limit: int, lease_id: str, prio: int, payload: bytes) -> bool:
+        now = time.monotonic()
+        leases = self._leases.setdefault(ident, {})
+        for k in [k for k, until in leases.items() if until <= now]:
+            del leases[k]
+        if lease_id in leases or len(leases) < limit:
+            leases[lease_id] = now + self.visibility_timeout
+            return True
+        _, parked = self._parked.get(ident, (limit, deque()))
+        parked.append((prio, payload))
+        self._parked[ident] = (limit, parked)
+        return False
+
+    def _wake(self, ident: str) -> None:
+        """Queue parked tasks of ``ident`` again while fewer than their limit hold leases."""
+        hit = self._parked.get(ident)
+        if hit is None:
+            return
+        limit, parked = hit
+        free = limit - len(self._leases.get(ident, ()))
+        while free > 0 and parked:
+            prio, payload = parked.popleft()
+            self._queues[prio].append((payload, 0))
+            free -= 1
+        if not parked:
+            del self._parked[ident]
+        self._cv.notify_all()
+
+    def _release_lease(self, lease: tuple[str, str]) -> None:
+        ident, lease_id = lease
+        leases = self._leases.get(ident)
+        if leases is not None:
+            leases.pop(lease_id, None)
+            if not leases:
+                del self._leases[ident]
+        self._wake(ident)
+
+    def _renew_leases(self, mine: Iterable[tuple[str, str]]) -> None:
+        now = time.monotonic()
+        until = now + self.visibility_timeout
+        for ident, lease_id in mine:
+            leases = self._leases.get(ident)
+            if leases is not None and lease_id in leases:
+                leases[lease_id] = until
+        for ident in list(self._parked):  # leases that lapsed (a consumer that went silent)
+            leases = self._leases.get(ident, {})
+            for k in [k for k, t in leases.items() if t <= now]:
+                del leases[k]
+            self._wake(ident)
+
     def _adopt(self, payload: bytes, adopted: list[Callable[[], Any]]) -> bool:
         """If ``payload`` is a copy of a keyed task that succeeded, give it that task's outcome
         (its waiters are woken, its callbacks added to ``adopted``) and report True: it is
@@ -391,6 +460,7 @@ class MemoryBroker(FetchingBroker):
         with self._cv:
             for q in self._queues:
                 q.clear()
+            self._parked.clear()
             self._delayed.clear()
             self._dead.clear()
 
@@ -418,6 +488,7 @@ class MemoryConsumer(ConsumerSession):
         self.name = name
         self.max_record = 1 << 62
         self._held: dict[int, Delivery] = {}  # token -> delivery, while this consumer holds it
+        self._leases: set[tuple[str, str]] = set()  # concurrency leases held, renewed by heartbeat
 
     def limit_note(self, limit: int) -> str:
         return ""
@@ -453,6 +524,36 @@ class MemoryConsumer(ConsumerSession):
                 holder = b._claims.get(key)
                 if holder is not None and holder[0] == token:
                     b._claims[key] = (token, until)
+            b._renew_leases(self._leases)
+
+    def clock_offset_ms(self) -> float:
+        return 0.0  # (the broker's clock is this process's)
+
+    def reserve_slots(self, items: list[tuple[str, int]]) -> tuple[list[int], int]:
+        b = self.broker
+        with b._cv:
+            slots = [b._reserve(ident, us) for ident, us in items]
+        return slots, int(time.time() * 1000)
+
+    def acquire_leases(self, items: list[tuple[str, int, str, int, bytes]]) -> list[Any]:
+        b = self.broker
+        out: list[Any] = []
+        with b._cv:
+            for ident, limit, lease_id, prio, payload in items:
+                if b._acquire(ident, limit, lease_id, prio, payload):
+                    self._leases.add((ident, lease_id))
+                    out.append((ident, lease_id))
+                else:
+                    out.append(None)
+        return out
+
+    def write_progress(self, task_id: str, record: bytes) -> None:
+        b = self.broker
+        with b._cv:
+            now = time.monotonic()
+            if len(b._progress) > 10_000:  # (the expired ones go)
+                b._progress = {k: v for k, v in b._progress.items() if v[0] > now}
+            b._progress[task_id] = (now + (b.result_ttl or 3600), record)
 
     def claim_keys(self, items: list[tuple[Any, str]]) -> list[tuple[str, Any]]:
         b = self.broker
@@ -488,6 +589,9 @@ class MemoryConsumer(ConsumerSession):
                 except Exception as exc:
                     j.kinds = rescue(j, exc)
                     b._apply(d, j.ops, j.claim)
+                if j.lease is not None:  # given back with the outcome, waking a parked task
+                    self._leases.discard(j.lease)
+                    b._release_lease(j.lease)
             b._cv.notify_all()
             woken, b._woken = b._woken, []
             callbacks = [cb for tid in woken for cb in b._callbacks.pop(tid, [])]
@@ -527,6 +631,24 @@ class MemoryResult:
         return self.status.is_final
 
     done = is_ready
+
+    @property
+    def progress(self) -> Any:
+        """The task's last ``set_progress()`` report (a ``Progress``), or None before the first."""
+        from ..progress import from_wire
+
+        b = self._broker
+        with b._cv:
+            hit = b._progress.get(self.task_id)
+            if hit is not None and hit[0] < time.monotonic():
+                del b._progress[self.task_id]
+                hit = None
+        if hit is None:
+            return None
+        try:
+            return from_wire(b.serializer.same_format(hit[1]).loads(hit[1]))
+        except DecodeError:
+            return None
 
     def wait(self, timeout: float | None = None) -> Any:
         self._check_results()

@@ -6,8 +6,9 @@ A **message** (one queued task) is a serialized list
 ``attempts`` is 0 and there are no options (see the ``MSG_*`` indexes). ``options`` is a dict
 of the :data:`TRAVELLING` config fields a call overrode (``options(...)``), plus ``"k"``: the
 idempotency key, ``"w"``: ``[run id, step index, step id, workflow name]`` of a workflow step
-``"f"``: which arguments of a step are filled from the values of the steps it depends on, and
-``"s"``: the name of the cluster-wide schedule whose run this is.
+``"f"``: which arguments of a step are filled from the values of the steps it depends on,
+``"s"``: the name of the cluster-wide schedule whose run this is, and ``"L"``: the slot (server
+ms) a rate-limited task was deferred to (see ratelimit.py).
 
 An **outcome record** (a task's result) is ``[status code, value]`` with the codes of
 :data:`STATUS_CODES`; for a task that did not succeed the value is its error as
@@ -44,6 +45,7 @@ OPT_IDEMPOTENCY_KEY = "k"
 OPT_WORKFLOW = "w"
 OPT_FILLS = "f"
 OPT_SCHEDULE = "s"  # the run of a cluster-wide periodic task: its schedule's name (schedules.py)
+OPT_RESERVED = "L"  # a rate-limited task deferred to the slot it reserved: it runs without asking again
 
 # TaskConfig fields that travel with a task when options() overrides them (plain values only);
 # delay_ms is applied by the producer and priority picks the stream.
@@ -125,7 +127,7 @@ class Overrides:
         mine, theirs = cfg.as_dict(), base.as_dict()
         diff: dict[str, Any] = {}
         for field, value in mine.items():
-            if field in ("priority", "delay_ms") or value == theirs[field]:
+            if field in ("priority", "delay_ms", "queue") or value == theirs[field]:
                 continue
             if field not in TRAVELLING:
                 plain_option(field, object())  # raises: hooks and retry_on cannot travel

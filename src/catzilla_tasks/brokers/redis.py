@@ -104,7 +104,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf", "idem")
+_KEY_KINDS = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc")
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -259,6 +259,9 @@ class RedisBroker(FetchingBroker):
         self._done_prefix = f"{prefix}:done:"
         self._claim_prefix = f"{prefix}:claim:"
         self._wf_prefix = f"{prefix}:wf:"
+        # issue 19 part 5, 6: named queues (routing.py), progress (progress.py)
+        self._progress_prefix = f"{prefix}:p:"
+        self._queue_keys: dict[str, tuple[tuple[str, ...], str]] = {queue: (self.streams, self.delayed_key)}
         # issue 19: schedules (schedules.py), submit-time deduplication (dedup.py), cancel (cancel.py)
         self._idem_prefix = f"{prefix}:idem:"
         self._sched_prefix = f"{base}:sched:"
@@ -297,6 +300,21 @@ class RedisBroker(FetchingBroker):
 
     def workflow_key(self, run_id: str) -> str:
         return self._wf_prefix + run_id
+
+    def progress_key(self, task_id: str) -> str:
+        return self._progress_prefix + task_id
+
+    def queue_keys(self, queue: str | None) -> tuple[tuple[str, ...], str]:
+        """(the four priority streams, the delayed set) of a named queue (None: this broker's)."""
+        if queue is None:
+            queue = self.queue
+        hit = self._queue_keys.get(queue)
+        if hit is None:
+            if queue in _KEY_KINDS:
+                raise ValueError(f"queue: {queue!r} names a kind of key under the prefix; choose another queue name")
+            base = f"{self.prefix}:{queue}"
+            hit = self._queue_keys[queue] = (tuple(f"{base}:q{p}" for p in range(4)), f"{base}:delayed")
+        return hit
 
     def dedup_key(self, idempotency_key: str) -> str:
         return self._idem_prefix + idempotency_key
@@ -340,12 +358,26 @@ class RedisBroker(FetchingBroker):
             opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
+        queue = None if cfg.queue is None or cfg.queue == self.queue else cfg.queue  # a named queue (routing)
         if idempotency_key is not None:  # deduplicated at submit (see dedup.py)
             from . import dedup
 
-            return dedup.submit(self, tid, idempotency_key, int(cfg._priority), cfg.delay_ms, payload)
-        self._send(int(cfg._priority), cfg.delay_ms, payload)
+            return dedup.submit(self, tid, idempotency_key, int(cfg._priority), cfg.delay_ms, payload, queue)
+        if queue is None:
+            self._send(int(cfg._priority), cfg.delay_ms, payload)
+        else:  # its own streams
+            self._send_to(queue, int(cfg._priority), cfg.delay_ms, payload)
         return RemoteResult(tid, self)
+
+    def _send_to(self, queue: str, prio: int, delay_ms: float, payload: bytes) -> None:
+        streams, delayed = self.queue_keys(queue)
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:  # inside batch(): sent at its end
+            buf[6].append((streams, delayed, prio, int(delay_ms), payload))
+        elif delay_ms > 0:
+            self._add_delayed(keys=[delayed], args=[int(delay_ms), b"%d" % prio + payload])
+        else:
+            self.redis.xadd(streams[prio], {"m": payload})
 
     def _send(self, prio: int, delay_ms: float, payload: bytes) -> None:
         buf = getattr(self._local, "buf", None)
@@ -367,8 +399,9 @@ class RedisBroker(FetchingBroker):
         if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        # four priorities, the delayed ones, then the keyed ones (deduplicated: see dedup.py)
-        buf: list[list[Any]] = [[], [], [], [], [], []]
+        # four priorities, the delayed ones, the keyed ones (deduplicated: see dedup.py), then those
+        # of named queues (routing)
+        buf: list[list[Any]] = [[], [], [], [], [], [], []]
         self._local.buf = buf
         try:
             yield
@@ -381,7 +414,12 @@ class RedisBroker(FetchingBroker):
                 self._bulk_xadd(keys=[self.streams[prio]], args=items[i : i + 1000], client=pipe)
         for delay, member in buf[4]:
             self._add_delayed(keys=[self.delayed_key], args=[delay, member], client=pipe)
-        if buf[5]:
+        for streams, delayed, prio, delay, payload in buf[6]:  # named queues (routing)
+            if delay > 0:
+                self._add_delayed(keys=[delayed], args=[delay, b"%d" % prio + payload], client=pipe)
+            else:
+                pipe.xadd(streams[prio], {"m": payload})
+        if buf[5]:  # (last: settle_batch reads their replies at the end)
             from . import dedup
 
             dedup.queue_batch(self, pipe, buf[5])
@@ -697,6 +735,20 @@ class RemoteResult:
 
     def is_ready(self) -> bool:
         return self.status.is_final
+
+    @property
+    def progress(self) -> Any:
+        """The task's last ``set_progress()`` report (a ``Progress(fraction, message)``), or None
+        before the first (kept ``result_ttl`` after it was written)."""
+        from ..progress import from_wire
+
+        raw = cast("bytes | None", self._broker.redis.get(self._broker.progress_key(self.task_id)))
+        if raw is None:
+            return None
+        try:
+            return from_wire(self._broker.serializer.same_format(raw).loads(raw))
+        except DecodeError:
+            return None
 
     done = is_ready
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from . import scripts
 from .base import CommitJob, ConsumerSession, Entries, Outcome
+from .ratelimit import RedisLimits
 from .redis import GROUP, RedisBroker
 
 log = logging.getLogger("catzilla_tasks.worker")
@@ -53,6 +54,10 @@ def _payload(fields: Any) -> bytes | str:
 class RedisConsumer(ConsumerSession):
     """One worker's consumer on a :class:`~.redis.RedisBroker`'s streams (see the module
     docstring)."""
+
+    # Redis ends a blocked read at its `hz` tick (100 ms by default), not at its block: a delayed
+    # task due sooner (a rate limit's next slot) would be promoted up to 100 ms late
+    fetch_granularity_ms = 100
 
     def __init__(self, broker: RedisBroker, name: str) -> None:
         import redis
@@ -87,6 +92,7 @@ class RedisConsumer(ConsumerSession):
         self._mark_key = broker.commit_mark_prefix + name
         self._batch_token = b""
         self._unsure = False  # the current batch's EXEC met a connection error
+        self._limits = RedisLimits(broker)  # rate and concurrency limits (ratelimit.py)
 
     # -- set-up and leaving ------------------------------------------------------------------
     def check_block(self, block_ms: int) -> None:
@@ -270,7 +276,23 @@ class RedisConsumer(ConsumerSession):
                     keys += (claim_key, self._streams[prios[eid]])
                     args += (token, eid)
                 self._idem_renew(keys=keys, args=args, client=pipe)
-        pipe.execute()
+        self._limits.renew(pipe)  # concurrency leases held here; lapsed ones wake parked tasks
+        if pipe.command_stack:
+            pipe.execute()
+
+    # -- limits and progress -----------------------------------------------------------------
+    def clock_offset_ms(self) -> float:
+        return self._limits.offset_ms()
+
+    def reserve_slots(self, items: list[tuple[str, int]]) -> tuple[list[int], int]:
+        return self._limits.reserve(items)
+
+    def acquire_leases(self, items: list[tuple[str, int, str, int, bytes]]) -> list[Any]:
+        return self._limits.acquire(items)
+
+    def write_progress(self, task_id: str, record: bytes) -> None:
+        b = self.broker
+        self._r.set(b.progress_key(task_id), record, px=int(b.result_ttl * 1000) or 3_600_000)
 
     # -- before running ----------------------------------------------------------------------
     def claim_keys(self, items: list[tuple[Any, str]]) -> list[tuple[str, Any]]:
@@ -349,6 +371,9 @@ class RedisConsumer(ConsumerSession):
                 acks[j.prio].append(j.eid)
             else:
                 written.append((n, start, len(stack)))
+        for j in jobs:  # concurrency leases are given back with the outcome (ratelimit.py)
+            if j.lease is not None:
+                self._limits.release(pipe, j.lease)
         if claimed:  # copies that did not succeed give their key's claim back (best effort)
             for j in jobs:
                 if j.claim is not None and "settled" not in j.kinds:

@@ -80,3 +80,12 @@ DEDUP_SUBMIT = _load("dedup_submit.lua")
 CANCEL_TASK = _load("cancel_task.lua")
 
 UNSCHEDULE = _load("unschedule.lua")
+
+# -- rate and concurrency limits (brokers/ratelimit.py) -----------------------------------------
+# P:rl:<name>[:<key>]  a rate limit's theoretical arrival time (server us), with a TTL
+# P:cc:<name>[:<key>]  leases of the tasks of a concurrency limit running now (sorted set)
+# P:Q:cp:<name>[:<key>]  tasks of queue Q parked until one of those leases is free (sorted set)
+
+RATE_LIMIT = _load("rate_limit.lua")
+
+CONCURRENCY = _load("concurrency.lua")

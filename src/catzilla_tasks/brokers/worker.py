@@ -14,15 +14,21 @@ it talks to the broker only through its consumer session (:class:`~.base.Consume
   outcome, so a worker killed at any point loses nothing: what it held is reclaimed by a live
   worker after the visibility timeout.
 
+Before a fetched batch runs, the worker asks the session what the broker knows: rate and
+concurrency limits (``_admit``: a task runs, waits for its reserved slot, or is parked by the
+broker until a lease is free), idempotency keys, workflow runs. A running task's progress
+reports go to the session too (``write_progress``).
+
 Housekeeping in the fetch loop: making due delayed tasks fetchable, reclaiming tasks of dead
-workers, and renewing (heartbeat) its own long-running tasks so they are not handed to someone
-else while it is alive.
+workers, and renewing (heartbeat) its own long-running tasks (and concurrency leases) so they
+are not handed to someone else while it is alive.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 import signal
@@ -33,8 +39,9 @@ from collections import deque
 from typing import Any, cast
 
 from .. import _engine
-from ..config import TaskConfig, TaskStatus
+from ..config import TaskConfig, TaskStatus, parse_rate
 from ..errors import encode_error
+from ..limits import Limits, limit_key
 from . import workflow_runs
 from .base import Entries, FetchingBroker, Outcome
 from .protocol import (
@@ -48,10 +55,12 @@ from .protocol import (
     MSG_OPTIONS,
     OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_RESERVED,
     OPT_SCHEDULE,
     OPT_WORKFLOW,
     STATUS_CODES,
 )
+from .ratelimit import LEAD_MS
 from .serialization import DecodeError
 
 __all__ = ["Worker", "backoff_ms"]
@@ -59,7 +68,7 @@ __all__ = ["Worker", "backoff_ms"]
 log = logging.getLogger("catzilla_tasks.worker")
 
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
-_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE)
+_NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE, OPT_RESERVED)
 _NO_OPS: tuple = ()
 
 
@@ -130,6 +139,10 @@ class _Job:
         "kinds",
         "settle",
         "cancelled",
+        "lease",
+        "parked",
+        "limit_deferred",
+        "local_delay",
     )
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
@@ -152,6 +165,13 @@ class _Job:
         self.kinds: tuple[str, ...] = _NO_OPS  # the counters its outcome moves
         self.settle: tuple | None = None  # ended for good: (idempotency key, schedule) to let go of
         self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
+        # limits (see _admit): its concurrency lease (the session's, released in its commit),
+        # parked (over its concurrency limit: the session keeps it; acknowledged here), deferred
+        # by its rate limit, ms it waits in the engine's timer for its rate limit's slot
+        self.lease: Any = None
+        self.parked = False
+        self.limit_deferred = False
+        self.local_delay = 0
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
@@ -231,6 +251,8 @@ class Worker:
             "recovered": 0,
             "not_stored": 0,
             "cancelled": 0,
+            "deferred_rate_limit": 0,
+            "parked_concurrency_limit": 0,
         }
         self._next_due_local: float = 0.0  # monotonic time of the next delayed task (0: check now)
         self._submit = functools.partial(_engine.Engine._submit, tasks)
@@ -243,6 +265,12 @@ class Worker:
         self._outage = False
         self._mark_base = os.urandom(4).hex()  # batch tokens (a restarted worker may reuse a consumer name)
         self._batches = 0
+        # -- rate and concurrency limits (see _admit), progress reports (progress.py) --
+        self._delays = Limits()  # (its cache of configs with a delay)
+        self._by_key: dict[int, _Job] = {}  # engine task key -> its job, while it runs (progress reports)
+        from .. import progress
+
+        progress.add_resolver(self._progress_target)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -417,7 +445,13 @@ class Worker:
                 # held task's entry and its key's claim must be renewed before they run out
                 wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
-                    wait_ms = max(1, min(wait_ms, int((self._next_due_local - time.monotonic()) * 1000) + 1))
+                    due_ms = int((self._next_due_local - time.monotonic()) * 1000) + 1
+                    if due_ms < session.fetch_granularity_ms:
+                        # a blocking fetch could return that much late: a delayed task due sooner
+                        # (a rate limit's next slot) is waited for here, then promoted
+                        self._stop.wait(max(0, due_ms) / 1000)
+                        continue
+                    wait_ms = max(1, min(wait_ms, due_ms))
                 flat = session.fetch(free, wait_ms)
                 if flat:
                     # decoded straight from the flat list [prio, token, payload, ...], which is
@@ -481,12 +515,12 @@ class Worker:
         return n
 
     def _heartbeat(self) -> None:
-        """Renew the tasks we hold (and their idempotency claims), so no one takes them while we live."""
+        """Renew the tasks we hold (their idempotency claims, concurrency leases), so no one
+        takes them while we live; with none held too (lapsed leases wake parked tasks)."""
         with self._cv:
             owned = list(self._owned.items())
             claims = [(eid, c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
-        if owned:
-            self.session.heartbeat(owned, claims)
+        self.session.heartbeat(owned, claims)
 
     # -- dispatch --------------------------------------------------------------------------
     def _config(self, name: str, func: Any, opts: dict[str, Any] | None) -> TaskConfig:
@@ -614,7 +648,16 @@ class Worker:
         self._lost_replies = True  # the broker holds them for us: look there once it is back
 
     def _look_up(self, jobs: list[_Job]) -> None:
-        """What the broker knows before the jobs run: finished idempotency keys, workflow runs."""
+        """What the broker knows before the jobs run: rate and concurrency limits, finished
+        idempotency keys, workflow runs."""
+        limited = [
+            j
+            for j in jobs
+            if j.error is None and j.cfg is not None and (j.cfg.rate_limit is not None or j.cfg.concurrency_limit)
+        ]
+        if limited:
+            self._admit(limited)
+            jobs = [j for j in jobs if not (j.defer or j.parked)]
         keyed = [j for j in jobs if j.error is None and OPT_IDEMPOTENCY_KEY in _options(j.msg)]
         if keyed:
             self._claim(keyed)
@@ -622,9 +665,92 @@ class Worker:
         if steps:
             self._prepare_steps(steps)
 
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Rate and concurrency limits, cluster-wide through the session (see ratelimit.py):
+        decide for the limited ``jobs`` (no error) whether each runs (with its lease, if it
+        has a concurrency limit; after ``local_delay`` ms if its rate slot is that close), is
+        deferred to its rate limit's slot (``defer`` ms through the delayed set, its payload
+        marked with the slot it reserved: it does not ask again) or is parked (``parked``)."""
+        session = self.session
+        ser = self.broker.serializer
+        rated: list[tuple[_Job, str]] = []
+        leased: list[tuple[_Job, str]] = []
+        for j in jobs:
+            cfg = cast(TaskConfig, j.cfg)
+            msg = j.msg
+            try:
+                key = limit_key(cfg, tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
+            except Exception as exc:
+                j.error = f"{type(exc).__name__}: rate_limit_key failed: {_describe(exc)}"
+                continue
+            ident = msg[MSG_NAME] if key is None else f"{msg[MSG_NAME]}:{key}"
+            slot = _options(msg).get(OPT_RESERVED)
+            if cfg.rate_limit is not None and not slot:
+                rated.append((j, ident))
+                continue
+            if isinstance(slot, int) and not isinstance(slot, bool):  # back for its reserved slot
+                j.local_delay = max(0, int(slot - time.time() * 1000 - session.clock_offset_ms()))
+            if cfg.concurrency_limit is not None:
+                leased.append((j, ident))
+        if rated:
+            # (the emission interval in us, rounded up: never over the rate)
+            slots, now_ms = session.reserve_slots(
+                [(ident, self._interval_us(cast(TaskConfig, j.cfg))) for j, ident in rated]
+            )
+            for (j, ident), slot in zip(rated, slots, strict=True):
+                wait = slot - now_ms
+                if wait > LEAD_MS:
+                    msg = ser.loads(j.payload)  # (the payload as sent: its arguments intact)
+                    while len(msg) < 6:
+                        msg.append(0 if len(msg) == 4 else None)
+                    opts = dict(msg[MSG_OPTIONS] or {})
+                    opts[OPT_RESERVED] = int(slot)
+                    msg[MSG_OPTIONS] = opts
+                    j.payload = ser.same_format(j.payload).dumps(msg)
+                    j.defer = wait - LEAD_MS
+                    j.limit_deferred = True
+                    continue
+                j.local_delay = max(0, wait)
+                if cast(TaskConfig, j.cfg).concurrency_limit is not None:
+                    leased.append((j, ident))
+        if leased:
+            got = session.acquire_leases(
+                [
+                    (
+                        ident,
+                        cast(int, cast(TaskConfig, j.cfg).concurrency_limit),
+                        f"{j.msg[MSG_ID]}:{j.eid.decode() if isinstance(j.eid, bytes) else j.eid}",
+                        j.prio,
+                        j.payload,
+                    )
+                    for j, ident in leased
+                ]
+            )
+            for (j, _), lease in zip(leased, got, strict=True):
+                if lease is None:
+                    j.parked = True
+                else:
+                    j.lease = lease
+
+    @staticmethod
+    def _interval_us(cfg: TaskConfig) -> int:
+        count, per = cast("tuple[float, float]", parse_rate(cfg.rate_limit))
+        return max(1, math.ceil(per / count * 1_000_000))
+
+    def _progress_target(self, key: int) -> Any:
+        """Where the progress reports of the engine task ``key`` go: the session stores them
+        for its result handle (``result.progress``), if it is a task of this worker."""
+        j = self._by_key.get(key)
+        if j is None or j.msg is None:
+            return None
+        task_id = str(j.msg[MSG_ID])
+        ser = self.broker.serializer.same_format(j.payload)
+        session = self.session
+        return lambda p: session.write_progress(task_id, ser.dumps([p.fraction, p.message]))
+
     def _start(self, j: _Job) -> None:
         """Hand one job to the engine (or, when it does not run, to the committer)."""
-        if j.error is not None or j.skip or j.defer:
+        if j.error is not None or j.skip or j.defer or j.parked:
             self._finished(j, None)
             return
         if j.msg[MSG_ID] in self._cancels.ids:  # cancelled (cancel.py): never runs
@@ -634,7 +760,11 @@ class Worker:
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
+            if cfg._plain is not None:  # limits and queue were applied by the broker: not again locally
+                cfg = cfg._plain
             run_cfg = cfg if not (cfg.max_retries or cfg.delay_ms) else self._run_config(cfg)
+            if j.local_delay:
+                run_cfg = self._delays.delayed(run_cfg, j.local_delay)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             h = self._submit(j.func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
@@ -645,6 +775,7 @@ class Worker:
         msg[MSG_ARGS] = msg[MSG_KWARGS] = j.call = None  # the engine holds its own references (see _Job)
         j.handle = h
         self._cancels.track(msg[MSG_ID], h)
+        self._by_key[h._key] = j
         h._on_done(j)
 
     def _claim(self, keyed: list[_Job]) -> None:
@@ -684,6 +815,8 @@ class Worker:
         return hit
 
     def _finished(self, job: _Job, _handle: Any) -> None:
+        if _handle is not None:
+            self._by_key.pop(_handle._key, None)
         self._done.append(job)
         self._done_event.set()
 
@@ -772,7 +905,7 @@ class Worker:
         refers to it (``job.settle``, see base.Outcome): its idempotency key's submit record,
         its schedule's run-in-progress marker."""
         opts = _options(j.msg) if j.msg else None
-        if not opts or not isinstance(opts, dict) or "retried" in j.kinds or "deferred_idempotent" in j.kinds:
+        if not opts or not isinstance(opts, dict) or j.defer or j.parked or "retried" in j.kinds:
             return None
         key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
         if key is None and sched is None:
@@ -796,10 +929,12 @@ class Worker:
         counters it moves."""
         ttl_ms, limit = ctx
         j.ops = _NO_OPS
-        if j.defer:  # its key is claimed by another copy: it waits in the delayed set, unrun
+        if j.parked:  # over its concurrency limit: the session keeps it until a lease is free
+            return ("parked_concurrency_limit",)
+        if j.defer:  # its key is claimed by another copy (or its rate limit's slot is later): it waits
             j.ops = ((Outcome.DELAY, j.defer, j.payload),)
             self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
-            return ("deferred_idempotent",)
+            return ("deferred_rate_limit",) if j.limit_deferred else ("deferred_idempotent",)
         if j.skip and j.wf is not None:
             return ("workflow_steps_skipped",)
         if j.cancelled or (j.wf is None and j.msg and j.msg[MSG_ID] in self._cancels.ids):
@@ -873,6 +1008,8 @@ class Worker:
             if len(msg) < 6:
                 msg += [0, None][len(msg) - 4 :]
             msg[MSG_ATTEMPTS] = attempt + 1
+            if isinstance(msg[MSG_OPTIONS], dict) and OPT_RESERVED in msg[MSG_OPTIONS]:
+                del msg[MSG_OPTIONS][OPT_RESERVED]  # the slot was its first run's: a retry asks again
             delay = min(backoff_ms(cfg, attempt + 1), _MAX_BACKOFF_MS)  # (inf and NaN: the cap)
             delay = delay if delay >= 0 else _MAX_BACKOFF_MS
             j.ops = ((Outcome.DELAY, int(delay), ser.dumps(msg)),)

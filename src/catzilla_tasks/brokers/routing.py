@@ -1,0 +1,148 @@
+"""Named queues across workers: ``catzilla-tasks worker mod:tasks --queues emails,default``.
+
+A task goes to the queue of its config (``@tasks.task(queue="emails")`` or
+``options(queue=...)``; none: the broker's own, ``"default"``), whose keys are
+``P:<queue>:q0..q3`` and ``P:<queue>:delayed`` (see redis.py). A worker consuming several queues
+runs one fetch loop (a :class:`~.worker.Worker`) per queue on the one local engine, and gives each
+queue its share of the worker's concurrency, by weight (``--queues emails:1,default:3``; equal
+weights by default, at least one slot each). Inside a queue, priorities are served in order as
+ever; across queues nothing is shared, so a queue full of slow tasks never starves another: each
+queue is a bulkhead, as a named queue is in-process (``BackgroundTasks(queues=...)``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from .redis import RedisBroker
+from .worker import Worker
+
+__all__ = ["MultiQueueWorker", "broker_for_queue", "parse_queues", "split_concurrency"]
+
+
+def parse_queues(spec: str) -> dict[str, int]:
+    """``"emails,default"`` or ``"emails:1,default:3"`` as {queue: weight}."""
+    from ..config import QUEUE_NAME
+
+    out: dict[str, int] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        if not QUEUE_NAME.fullmatch(name):
+            raise ValueError(f"--queues: {name!r} is not a queue name (letters, digits, '_', '-', '.')")
+        try:
+            w = int(weight) if weight else 1
+        except ValueError:
+            w = 0
+        if w < 1:
+            raise ValueError(f"--queues: the weight of {name!r} must be an integer >= 1, got {weight!r}")
+        if name in out:
+            raise ValueError(f"--queues: {name!r} is given twice")
+        out[name] = w
+    if not out:
+        raise ValueError("--queues: give at least one queue name")
+    return out
+
+
+def split_concurrency(concurrency: int, weights: dict[str, int]) -> dict[str, int]:
+    """Each queue's share of ``concurrency`` by weight (largest remainders; at least 1 each)."""
+    if concurrency < len(weights):
+        raise ValueError(f"concurrency ({concurrency}) must be at least the number of queues ({len(weights)})")
+    total = sum(weights.values())
+    exact = {q: concurrency * w / total for q, w in weights.items()}
+    shares = {q: max(1, int(x)) for q, x in exact.items()}
+    rest = concurrency - sum(shares.values())
+    for q in sorted(exact, key=lambda q: exact[q] - int(exact[q]), reverse=True):
+        if rest <= 0:
+            break
+        shares[q] += 1
+        rest -= 1
+    while rest < 0:  # (the minimum of 1 took more than the share)
+        q = max(shares, key=lambda q: shares[q])
+        shares[q] -= 1
+        rest += 1
+    return shares
+
+
+def broker_for_queue(broker: RedisBroker, queue: str) -> RedisBroker:
+    """A RedisBroker like ``broker`` (server, prefix, serializer, TTLs) for another queue."""
+    if queue == broker.queue:
+        return broker
+    return RedisBroker(
+        broker.url,
+        queue=queue,
+        prefix=broker.prefix,
+        serializer=broker.serializer.name,
+        allow_pickle=broker.serializer.allow_pickle,
+        result_ttl=broker.result_ttl,
+        visibility_timeout=broker.visibility_timeout,
+        idempotency_ttl=broker.idempotency_ttl,
+        max_deliveries=broker.max_deliveries,
+        max_result_bytes=broker.max_result_bytes,
+        dead_letter_maxlen=broker.dead_letter_maxlen,
+        workflow_ttl=broker.workflow_ttl,
+        **broker._client_options,
+    )
+
+
+class MultiQueueWorker:
+    """Runs one :class:`Worker` per queue of ``queues`` ({name: weight}) on the engine ``tasks``,
+    splitting ``concurrency`` between them by weight (see the module docstring). ``broker``: the
+    RedisBroker whose named queues these are (default: ``tasks.broker``)."""
+
+    def __init__(
+        self,
+        tasks: Any,
+        queues: dict[str, int],
+        *,
+        broker: RedisBroker | None = None,
+        concurrency: int = 16,
+        **worker_kw: Any,
+    ) -> None:
+        broker = broker if broker is not None else getattr(tasks, "broker", None)
+        if not isinstance(broker, RedisBroker):
+            raise TypeError("MultiQueueWorker: the engine has no Redis broker (pass broker=RedisBroker(...))")
+        shares = split_concurrency(concurrency, queues)
+        self.tasks = tasks
+        self.concurrency = concurrency
+        self.workers: dict[str, Worker] = {
+            q: Worker(tasks, broker_for_queue(broker, q), concurrency=shares[q], **worker_kw) for q in queues
+        }
+        self.ready = threading.Event()
+
+    @property
+    def consumer(self) -> str:
+        return next(iter(self.workers.values())).consumer
+
+    def run(self, install_signals: bool = False) -> None:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        threads = [
+            threading.Thread(target=w.run, name=f"catzilla-queue-{q}", daemon=True) for q, w in self.workers.items()
+        ]
+        for t in threads:
+            t.start()
+        for w in self.workers.values():
+            w.ready.wait()
+        self.ready.set()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)  # (in slices: the main thread stays responsive to signals)
+
+    def stop(self, timeout: float | None = None) -> None:
+        for w in self.workers.values():
+            w.stop(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        total: dict[str, Any] = {}
+        for w in self.workers.values():
+            for k, v in w.stats().items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+        total["queues"] = {q: w.stats() for q, w in self.workers.items()}
+        return total
