@@ -6,6 +6,7 @@ a real redis-server; memory: MemoryBroker."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -432,3 +433,33 @@ def test_a_retry_of_a_rate_limited_task_asks_for_a_slot_again(side):
     # six admissions at 5/s: the last slot is 1 s after the first (a deferred task's retry does
     # not run in the slot its first run reserved)
     assert s[-1] - s[0] >= 0.98, s
+
+
+@pytest.mark.timeout(60)
+def test_memory_a_lapsed_lease_of_a_task_still_running_is_taken_back():
+    """As on Redis (test_limits_attack): a running task's lease that lapsed (a stalled
+    heartbeat) is taken back by the next heartbeat, so no second task of a limit of one starts."""
+    broker = MemoryBroker(visibility_timeout=0.6)
+    p = _memory_producer(broker)
+    wt.register(p)
+    w = Consumer(p, broker, concurrency=4).start()
+    try:
+        key = _key()
+        first = p.add_task(wt.one_at_a_time, key, "a")
+        assert wt.event(wt.started, f"{key}:a").wait(20)
+        [(ident, leases)] = [(i, ls) for i, ls in broker._leases.items() if ls]
+        with broker._cv:
+            for lease_id in leases:
+                leases[lease_id] = 0.0  # lapsed
+        wait_until(
+            lambda: any(t > time.monotonic() for t in broker._leases.get(ident, {}).values()), 5, "its lease taken back"
+        )
+        second = p.add_task(wt.one_at_a_time, key, "b")
+        wait_until(lambda: w.counts["parked_concurrency_limit"] >= 1, 10, "the second to park")
+        wt.event(wt.gates, f"{key}:a").set()
+        wt.event(wt.gates, f"{key}:b").set()
+        assert first.wait(20) == "a" and second.wait(20) == "b"
+        assert wt.most[key] == 1
+    finally:
+        w.stop(10)
+        p.shutdown(wait_for_completion=False, timeout=10)

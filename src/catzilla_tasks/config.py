@@ -113,7 +113,8 @@ def _hook(field: str, value: Any) -> Any:
 
 
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|second|m|min|minute|h|hour)\s*")
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|second|m|min|minute|h|hour)\s*", re.ASCII)
+_SLOWEST_INTERVAL = 86400.0  # s between two slots of the slowest rate limit taken (one a day)
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 
 
@@ -128,6 +129,9 @@ def parse_rate(value: Any) -> tuple[float, float] | None:
     period = float(m.group(2) or 1) * _PERIODS[m.group(3)]
     if not count > 0 or not period > 0 or count / period > 1e6:
         raise ValueError(f"rate_limit: must be > 0 and at most 1000000 tasks a second, got {value!r}")
+    if not period / count <= _SLOWEST_INTERVAL:  # (an infinite period too)
+        # one slot every century would push each call's wait past what the engine's timer holds
+        raise ValueError(f"rate_limit: must be at least one task a day ('1/24h'), got {value!r:.80}")
     return count, period
 
 

@@ -811,18 +811,33 @@ class BackgroundTasks(_engine.Engine):
                 "for the tasks it needs with their TaskResult.wait() (or await them) instead"
             )
         remaining = timeout
-        if self._queue_engines:  # the named queues first (see limits.py), within the one timeout
+        if self._queue_engines:  # the named queues too (see limits.py), within the one timeout
             if timeout is not None and timeout != timeout:
                 raise ValueError("join(): timeout is NaN; give seconds >= 0, or None to wait without limit")
             deadline = None if timeout is None else time.monotonic() + timeout
             for sub in self._queue_engines.values():
                 sub.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self._drain_queues(deadline)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._drain(remaining):
             s = self._stats()
             raise TimeoutError(
                 f"join(): {s['queued_total']} tasks still queued and {s['running']} running after {timeout} s"
             )
+
+    def _drain_queues(self, deadline: float | None) -> bool:
+        """Wait (until ``deadline``, monotonic s) until this engine and its named queues are all
+        idle at once: a task of one queue may add tasks to another (the default one to "emails"
+        and back), so each is drained in turn until a pass finds them all idle and nothing was
+        submitted to any of them while it looked. False: the deadline passed first."""
+        engines = [*self._queue_engines.values(), self]
+        while True:
+            for e in engines:
+                if not e._drain(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                    return False
+            before = [e._stats()["submitted"] for e in engines]
+            if all(e._drain(0) for e in engines) and before == [e._stats()["submitted"] for e in engines]:
+                return True
 
     def shutdown(self, wait_for_completion: bool = True, timeout: float | None = 30) -> None:
         """Stop accepting tasks, finish, and stop the workers.
@@ -885,6 +900,8 @@ class BackgroundTasks(_engine.Engine):
             # Work in flight finishes, with what it creates (a task adding tasks, workflow steps
             # released by finished ones): only work from outside is refused until it is done.
             self._close_to_outside()
+            if self._queue_engines:  # what the tasks in flight add to the named queues runs too
+                self._drain_queues(None if timeout is None else time.monotonic() + timeout)
         else:
             self._close()
             if self._limits is not None:

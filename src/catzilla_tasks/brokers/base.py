@@ -313,11 +313,14 @@ class ConsumerSession(abc.ABC):
     @abc.abstractmethod
     def acquire_leases(self, items: list[tuple[str, int, str, int, bytes]]) -> list[Any]:
         """Concurrency limits, shared by every consumer: for each ``(limit id, limit, lease id,
-        priority, payload)`` a lease (held until the commit of the job that holds it, as
+        priority, payload)`` (the lease id is ``"<task id>:<token>"``, the token of the fetched
+        message as text) a lease (held until the commit of the job that holds it, as
         ``job.lease``, and renewed by ``heartbeat``; it lapses after ``visibility_timeout``
         without one), or None when ``limit`` leases are held: the session then keeps the message
         itself (*parked*) and queues it again at that priority once a lease is given back or
-        lapses; the worker acknowledges its copy with no outcome."""
+        lapses; the worker acknowledges its copy with no outcome. A lease that lapsed while its
+        message is still held here (a heartbeat that came too late: an outage, a stall) is taken
+        back by the next heartbeat, so no more tasks run than the limit."""
 
     @abc.abstractmethod
     def write_progress(self, task_id: str, record: bytes) -> None:

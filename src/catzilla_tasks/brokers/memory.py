@@ -314,13 +314,18 @@ class MemoryBroker(FetchingBroker):
                 del self._leases[ident]
         self._wake(ident)
 
-    def _renew_leases(self, mine: Iterable[tuple[str, str]]) -> None:
+    def _renew_leases(self, mine: Iterable[tuple[tuple[str, str], int]]) -> None:
+        """Extend the leases ``mine`` (``((limit id, lease id), token of the held message)``);
+        one that lapsed while its message is still held (its task still runs: a stalled
+        heartbeat) is taken back, or one more task than the limit would start."""
         now = time.monotonic()
         until = now + self.visibility_timeout
-        for ident, lease_id in mine:
+        for (ident, lease_id), token in mine:
             leases = self._leases.get(ident)
-            if leases is not None and lease_id in leases:
+            if leases is not None and leases.get(lease_id, 0.0) > now:
                 leases[lease_id] = until
+            elif token in self._held:
+                self._leases.setdefault(ident, {})[lease_id] = until
         for ident in list(self._parked):  # leases that lapsed (a consumer that went silent)
             leases = self._leases.get(ident, {})
             for k in [k for k, t in leases.items() if t <= now]:
@@ -488,7 +493,7 @@ class MemoryConsumer(ConsumerSession):
         self.name = name
         self.max_record = 1 << 62
         self._held: dict[int, Delivery] = {}  # token -> delivery, while this consumer holds it
-        self._leases: set[tuple[str, str]] = set()  # concurrency leases held, renewed by heartbeat
+        self._leases: dict[tuple[str, str], Any] = {}  # concurrency leases held -> token, renewed by heartbeat
 
     def limit_note(self, limit: int) -> str:
         return ""
@@ -524,7 +529,7 @@ class MemoryConsumer(ConsumerSession):
                 holder = b._claims.get(key)
                 if holder is not None and holder[0] == token:
                     b._claims[key] = (token, until)
-            b._renew_leases(self._leases)
+            b._renew_leases(self._leases.items())
 
     def clock_offset_ms(self) -> float:
         return 0.0  # (the broker's clock is this process's)
@@ -541,7 +546,7 @@ class MemoryConsumer(ConsumerSession):
         with b._cv:
             for ident, limit, lease_id, prio, payload in items:
                 if b._acquire(ident, limit, lease_id, prio, payload):
-                    self._leases.add((ident, lease_id))
+                    self._leases[(ident, lease_id)] = int(lease_id.rpartition(":")[2])
                     out.append((ident, lease_id))
                 else:
                     out.append(None)
@@ -590,7 +595,7 @@ class MemoryConsumer(ConsumerSession):
                     j.kinds = rescue(j, exc)
                     b._apply(d, j.ops, j.claim)
                 if j.lease is not None:  # given back with the outcome, waking a parked task
-                    self._leases.discard(j.lease)
+                    self._leases.pop(j.lease, None)
                     b._release_lease(j.lease)
             b._cv.notify_all()
             woken, b._woken = b._woken, []

@@ -16,7 +16,9 @@ in ``commit``, the renewal in ``heartbeat``) runs the scripts through :class:`Re
   admissions by the promotion and fetch latency (a few ms).
 * **concurrency_limit** (``lua/concurrency.lua``): a task takes a lease (a member of the sorted
   set ``P:cc:<name>``, expiring after the broker's ``visibility_timeout`` and renewed by its
-  worker's heartbeat, so a dead worker's lease lapses). Over the limit it is *parked* in the
+  worker's heartbeat, so a dead worker's lease lapses; a live worker's lease that lapsed while
+  it could not reach Redis is taken back by its next heartbeat while its task is pending there).
+  Over the limit it is *parked* in the
   sorted set ``P:<queue>:cp:<name>`` by the same script (atomically: no wake-up can be
   missed) and acknowledged; each lease released (in the transaction that commits the task's
   outcome) moves parked tasks back into their queue's streams, oldest first, while leases are
@@ -33,6 +35,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import scripts
+from .redis import GROUP
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
@@ -47,11 +50,12 @@ LEAD_MS = 40
 
 
 class RedisLimits:
-    """The limit scripts of one consumer session on ``broker`` (its queue's park sets and
-    streams), and the leases it holds (renewed by its heartbeat)."""
+    """The limit scripts of the consumer session ``consumer`` on ``broker`` (its queue's park
+    sets and streams), and the leases it holds (renewed by its heartbeat)."""
 
-    def __init__(self, broker: RedisBroker) -> None:
+    def __init__(self, broker: RedisBroker, consumer: str) -> None:
         self.broker = broker
+        self.consumer = consumer
         r = self._r = broker.redis
         self._rate_script = r.register_script(scripts.RATE_LIMIT)
         self._cc_script = r.register_script(scripts.CONCURRENCY)
@@ -123,4 +127,8 @@ class RedisLimits:
         lease_ms = max(1000, int(self.broker.visibility_timeout * 1000))
         streams = self.broker.streams
         for (lease_set, park), limit, held in groups:
-            self._cc_script(keys=[lease_set, park, *streams], args=["renew", lease_ms, limit, *held], client=pipe)
+            self._cc_script(
+                keys=[lease_set, park, *streams],
+                args=["renew", lease_ms, limit, GROUP, self.consumer, *held],
+                client=pipe,
+            )

@@ -92,7 +92,7 @@ class RedisConsumer(ConsumerSession):
         self._mark_key = broker.commit_mark_prefix + name
         self._batch_token = b""
         self._unsure = False  # the current batch's EXEC met a connection error
-        self._limits = RedisLimits(broker)  # rate and concurrency limits (ratelimit.py)
+        self._limits = RedisLimits(broker, name)  # rate and concurrency limits (ratelimit.py)
 
     # -- set-up and leaving ------------------------------------------------------------------
     def check_block(self, block_ms: int) -> None:

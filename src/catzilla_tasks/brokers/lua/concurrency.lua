@@ -9,8 +9,13 @@
 --            ARGV: mode, limit, lease id. Drops the lease and wakes parked tasks into their
 --            streams while fewer than the limit hold leases. Returns the number woken.
 --   renew    KEYS: lease set, park set, 4 streams (one group per lease set). ARGV: mode,
---            lease ms, limit, lease ids...: extends the leases held, drops expired ones (a dead
---            worker's) and wakes parked tasks for the room they leave. Returns the number woken.
+--            lease ms, limit, group, consumer, lease ids...: extends the leases held, drops
+--            expired ones (a dead worker's) and wakes parked tasks for the room they leave. A
+--            lease of ours that is gone (it lapsed while the worker could not reach Redis) is
+--            taken back while its entry is still pending for this consumer (its task still runs
+--            here: without it one more task would start than the limit); one whose commit
+--            already acknowledged it (the heartbeat read its list before) is not. Returns the
+--            number woken.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -57,10 +62,20 @@ elseif mode == 'release' then
 elseif mode == 'renew' then
   local lease_ms = tonumber(ARGV[2])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
-  for i = 4, #ARGV do
-    redis.call('ZADD', KEYS[1], 'XX', now_ms + lease_ms, ARGV[i])
+  for i = 6, #ARGV do
+    local id = ARGV[i]
+    if redis.call('ZADD', KEYS[1], 'XX', 'CH', now_ms + lease_ms, id) == 0 and not redis.call('ZSCORE', KEYS[1], id) then
+      local eid = string.match(id, ':([^:]+)$')
+      for s = 3, 6 do
+        local p = eid and redis.pcall('XPENDING', KEYS[s], ARGV[4], eid, eid, 1, ARGV[5])
+        if type(p) == 'table' and p.err == nil and #p == 1 then
+          redis.call('ZADD', KEYS[1], now_ms + lease_ms, id)
+          break
+        end
+      end
+    end
   end
-  if #ARGV >= 4 then redis.call('PEXPIRE', KEYS[1], lease_ms * 2) end
+  if #ARGV >= 6 then redis.call('PEXPIRE', KEYS[1], lease_ms * 2) end
   return wake(KEYS[1], KEYS[2], 3, tonumber(ARGV[3]))
 end
 return redis.error_reply('concurrency.lua: unknown mode ' .. tostring(mode))
