@@ -15,11 +15,22 @@ Contenders (each a real server in its own process, on a free 127.0.0.1 port):
 - ``ours_fastapi_detached``: FastAPI on uvicorn with our ``DetachedBackgroundTasks`` (queued into
   our engine, workers=4, at once; the route returns its id and does not wait).
 
+Publishing to Redis from an ``async def`` route (FastAPI on uvicorn; a redis-server started
+here, no worker: the route's cost is the publish, which returns once Redis holds the task):
+
+- ``ours_redis``: ``await tasks.add_task_async(noop)`` on ``BackgroundTasks(broker=RedisBroker(...))``;
+- ``ours_redis_blocking``: the same with the plain ``tasks.add_task(noop)`` (it blocks the event
+  loop for its round trip: what ``add_task_async`` is for);
+- ``arq_redis``: ``await pool.enqueue_job("noop")`` (arq 0.25, its pool made at startup);
+- ``taskiq_redis``: ``await noop.kiq()`` (taskiq-redis ``ListQueueBroker``, started at startup).
+
+Tasks come from ``_redis_bench.py`` (each library's no-op, as its worker would run it).
+
 The load comes from wrk (Debian's ``wrk``) in a separate process: ``wrk -t1 -c32 -d<S>s
 --latency``, after a 1 s warm-up run. Reported: requests/s and p99 latency (wrk's), and the
 drain time: from the end of the load until every task enqueued has run (the server counts
 tasks enqueued and tasks that ran; polled every 5 ms); ``lost`` is enqueued - ran when the
-drain did not finish within 60 s. Medians over ``--runs`` runs, contenders interleaved in
+drain did not finish within 60 s (not for the Redis routes: no worker runs there). Medians over ``--runs`` runs, contenders interleaved in
 each run. Prints a table, then one JSON line.
 """
 
@@ -39,14 +50,21 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-CONTENDERS = ("ours_catzilla", "catzilla", "fastapi", "ours_fastapi", "ours_fastapi_detached")
+CONTENDERS = ("ours_catzilla", "catzilla", "fastapi", "ours_fastapi", "ours_fastapi_detached",
+              "ours_redis", "ours_redis_blocking", "arq_redis", "taskiq_redis")
 LABELS = {
     "ours_catzilla": "catzilla_tasks on Catzilla",
     "catzilla": "Catzilla 0.2.3 built-in tasks",
     "fastapi": "FastAPI BackgroundTasks (uvicorn)",
     "ours_fastapi": "catzilla_tasks drop-in on FastAPI (uvicorn)",
     "ours_fastapi_detached": "catzilla_tasks detached on FastAPI (uvicorn)",
+    "ours_redis": "Redis: catzilla_tasks add_task_async (FastAPI)",
+    "ours_redis_blocking": "Redis: catzilla_tasks add_task, blocking (FastAPI)",
+    "arq_redis": "Redis: arq enqueue_job (FastAPI)",
+    "taskiq_redis": "Redis: taskiq kiq (FastAPI)",
 }
+# the Redis routes: contender -> the library of _redis_bench.py whose no-op they publish
+REDIS_LIBS = {"ours_redis": "ours", "ours_redis_blocking": "ours", "arq_redis": "arq", "taskiq_redis": "taskiq"}
 CONNECTIONS = 32
 DRAIN_LIMIT_S = 60.0
 READY_LIMIT_S = 60.0
@@ -104,6 +122,9 @@ def serve(contender: str, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
+    if contender in REDIS_LIBS:
+        serve_redis(contender, port, count)
+        return
     if contender in ("fastapi", "ours_fastapi"):
         # the same route for both: only the import differs
         if contender == "fastapi":
@@ -135,6 +156,99 @@ def serve(contender: str, port: int) -> None:
         return count.as_dict()
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def serve_redis(contender: str, port: int, count: Counter) -> None:
+    """An async route publishing one task to Redis (BENCH_REDIS_URL), returning its id."""
+    import contextlib
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    import _redis_bench as m  # its tasks, for the library in BENCH_LIB
+
+    state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if contender == "arq_redis":
+            from arq import create_pool
+            from arq.connections import RedisSettings
+
+            state["pool"] = await create_pool(RedisSettings.from_dsn(m.URL))
+        elif contender == "taskiq_redis":
+            await m.taskiq_broker.startup()
+        yield
+        if contender == "arq_redis":
+            await state["pool"].aclose()
+        elif contender == "taskiq_redis":
+            await m.taskiq_broker.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+    if contender == "ours_redis":
+        @app.get("/enqueue")
+        async def enqueue():
+            count.next_id()
+            return {"task_id": (await m.tasks.add_task_async(m.noop)).task_id}
+    elif contender == "ours_redis_blocking":
+        @app.get("/enqueue")
+        async def enqueue():
+            count.next_id()
+            return {"task_id": m.tasks.add_task(m.noop).task_id}
+    elif contender == "arq_redis":
+        @app.get("/enqueue")
+        async def enqueue():
+            count.next_id()
+            return {"task_id": (await state["pool"].enqueue_job("noop")).job_id}
+    else:
+        @app.get("/enqueue")
+        async def enqueue():
+            count.next_id()
+            return {"task_id": (await m.noop.kiq()).task_id}
+
+    @app.get("/count")
+    async def counts():
+        return {**count.as_dict(), "redis": True}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class RedisServer:
+    """A private redis-server (free port, no persistence) for the Redis routes."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        self.dir = tempfile.mkdtemp(prefix="http-bench-redis-")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"FLUSHALL\r\n")
+            s.recv(64)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+REDIS: RedisServer | None = None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -202,8 +316,15 @@ def run_wrk(port: int, seconds: float) -> dict[str, float]:
 
 def measure(contender: str, seconds: float) -> dict[str, float | None]:
     port = free_port()
+    env = clean_env()
+    if contender in REDIS_LIBS:
+        global REDIS
+        if REDIS is None:
+            REDIS = RedisServer()
+        REDIS.flush()
+        env.update(BENCH_LIB=REDIS_LIBS[contender], BENCH_REDIS_URL=REDIS.url, BENCH_N="1")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", contender, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=REPO)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         wait_listening(proc, port)
         run_wrk(port, 1)  # warm-up (imports, caches, thread pools)
@@ -214,6 +335,10 @@ def measure(contender: str, seconds: float) -> dict[str, float | None]:
             raise RuntimeError(f"the load did not go through: {res}")
         while True:
             c = get_counts(port)
+            if c.get("redis"):  # published to Redis (each request returned once Redis held it); no worker
+                res["drain_s"] = res["lost"] = None
+                c["ran"] = c["enqueued"]
+                break
             if c["ran"] >= c["enqueued"]:
                 res["drain_s"] = time.perf_counter() - t_end
                 res["lost"] = 0
@@ -261,7 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.duration or (3.0 if args.quick else 10.0)
     raw: dict[str, list[dict[str, float | None]]] = {c: [] for c in chosen}
     errors: dict[str, str] = {}
-    for run in range(1, args.runs + 1):
+    try:
+        run_all(chosen, args.runs, seconds, raw, errors)
+    finally:
+        if REDIS is not None:
+            REDIS.stop()
+    return report(chosen, args.runs, seconds, raw, errors)
+
+
+def run_all(chosen: list[str], runs: int, seconds: float, raw: dict, errors: dict) -> None:
+    for run in range(1, runs + 1):
         for c in chosen:
             try:
                 r = measure(c, seconds)
@@ -274,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"[http run {run}] {c}: {r['requests_per_s']:,.0f} req/s, p99 {r['p99_ms']:.2f} ms, "
                              f"drain {fmt(r['drain_s'], '.3f')} s\n")
 
+
+def report(chosen: list[str], runs: int, seconds: float, raw: dict, errors: dict) -> int:
     def median(c: str, key: str) -> float | None:
         vals = [r[key] for r in raw[c] if r.get(key) is not None]
         return statistics.median(vals) if vals else None
@@ -292,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in chosen:
         summary[c]["vs_fastapi"] = vs_fastapi(c)
     print(f"HTTP: GET /enqueue queues one no-op task and returns its id; wrk -t1 -c{CONNECTIONS} -d{seconds:g}s "
-          f"--latency after a 1 s warm-up; median of {args.runs} runs, contenders interleaved")
+          f"--latency after a 1 s warm-up; median of {runs} runs, contenders interleaved")
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; server and wrk share the machine")
     rows = [["contender", "req/s", "p50 ms", "p99 ms", "drain s", "lost", "tasks/run", "req/s ours_catzilla / this",
              "req/s this / FastAPI's"]]
@@ -312,7 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     print("drain s: from the end of the load until every enqueued task had run (FastAPI's own and our drop-in run "
           "after each response, before the request ends); lost: never ran within 60 s; this / FastAPI's: median over "
           "runs of the ratio within one run.")
-    print(json.dumps({"suite": "http", "seconds": seconds, "connections": CONNECTIONS, "runs": args.runs,
+    ours_r = summary.get("ours_redis", {}).get("requests_per_s")
+    for peer in ("arq_redis", "taskiq_redis", "ours_redis_blocking"):
+        pr = summary.get(peer, {}).get("requests_per_s")
+        if ours_r and pr:
+            print(f"Redis route: add_task_async {ours_r / pr:.2f}x the req/s of {LABELS[peer]} (p99 "
+                  f"{fmt(summary['ours_redis']['p99_ms'], '.2f')} ms vs {fmt(summary[peer]['p99_ms'], '.2f')} ms)")
+    print(json.dumps({"suite": "http", "seconds": seconds, "connections": CONNECTIONS, "runs": runs,
                       "summary": summary, "raw": raw, "errors": errors}, allow_nan=False))
     return 0
 

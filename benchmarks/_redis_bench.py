@@ -1,4 +1,4 @@
-"""Distributed mode on one local Redis: catzilla_tasks against Celery, Dramatiq, RQ, arq and Huey.
+"""Distributed mode on one local Redis: catzilla_tasks against Celery, Dramatiq, RQ, arq, Huey and taskiq.
 
     python benchmarks/_redis_bench.py [--quick] [--runs N] [--contenders ours,celery,...]
 
@@ -58,6 +58,10 @@ CONTENDERS = {
             "max_jobs 1000, keep_result 0; producer: enqueue_job() 50 at a time with asyncio.gather"),
     "huey": ([sys.executable, "-m", "huey.bin.huey_consumer", f"{MOD}.huey", "-w", "8", "-k", "thread", "-q"],
              "RedisHuey(blocking=True, results=False), 8 worker threads; producer: call the task"),
+    "taskiq": ([sys.executable, "-m", "taskiq", "worker", f"{MOD}:taskiq_broker", "--workers", "1",
+                "--max-async-tasks", "1000", "--log-level", "WARNING"],
+               "taskiq-redis ListQueueBroker, 1 worker process, max 1000 async tasks, no result backend; "
+               "producer: kiq() 50 at a time with asyncio.gather"),
 }
 
 # ----------------------------------------------------------------------------- the tasks
@@ -82,8 +86,9 @@ def _done_client():
 
 
 def _tick() -> None:
-    """A no-op task's only work: count; the N-th run reports the time (once per process)."""
-    if next(_count) == N:
+    """A no-op task's only work: count; every N-th run reports the time (the producer suite runs
+    several rounds of N tasks through one worker)."""
+    if next(_count) % N == 0:
         _done_client().rpush(DONE_KEY, repr(time.time()))
 
 
@@ -158,6 +163,19 @@ elif LIB == "arq":
         keep_result = 0
         handle_signals = True
 
+elif LIB == "taskiq":
+    from taskiq_redis import ListQueueBroker
+
+    taskiq_broker = ListQueueBroker(URL, queue_name="bench")
+
+    @taskiq_broker.task(task_name="noop")
+    async def noop() -> None:
+        _tick()
+
+    @taskiq_broker.task(task_name="ping")
+    async def ping() -> None:
+        _ready()
+
 elif LIB == "huey":
     from huey import RedisHuey
 
@@ -217,6 +235,19 @@ def produce(n: int, ping_only: bool = False) -> float:
             await pool.aclose()
 
         asyncio.run(main())
+    elif LIB == "taskiq":
+        import asyncio
+
+        async def kiq_all() -> None:
+            await taskiq_broker.startup()
+            if ping_only:
+                await mod.ping.kiq()
+            else:
+                for i in range(0, n, 50):
+                    await asyncio.gather(*(mod.noop.kiq() for _ in range(min(50, n - i))))
+            await taskiq_broker.shutdown()
+
+        asyncio.run(kiq_all())
     elif LIB == "huey":
         f = mod.ping if ping_only else mod.noop
         for _ in range(1 if ping_only else n):
@@ -329,7 +360,8 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
 
 
 def available(lib: str) -> str | None:
-    mod = {"ours": "redis", "ours_ratelimited": "redis", "celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "huey": "huey"}[lib]
+    mod = {"ours": "redis", "ours_ratelimited": "redis", "celery": "celery", "dramatiq": "dramatiq", "rq": "rq",
+           "arq": "arq", "huey": "huey", "taskiq": "taskiq_redis"}[lib]
     try:
         __import__(mod)
     except ImportError as exc:

@@ -101,6 +101,10 @@ SUITES = {
     "http": ("_http_bench.py",
              "a route enqueueing one task under wrk: ours on Catzilla vs Catzilla's built-in tasks vs FastAPI's "
              "BackgroundTasks (and ours on FastAPI): req/s, p99, time until all tasks ran"),
+    "producer": ("_producer_bench.py",
+                 "the producer path on one local Redis, one publish per call: add_task from 1-128 threads and "
+                 "add_task_async from 1-1,000 coroutines vs arq, taskiq (coroutines), Celery, Huey (threads): "
+                 "publish and end-to-end rates; lone-caller latency vs the path before group commit"),
     "redis": ("_redis_bench.py",
               "distributed mode on one local Redis: 20,000 no-op tasks end to end (a producer process, one worker "
               "process) vs Celery, Dramatiq, RQ, arq, Huey; Redis memory per queued task; worker RSS"),

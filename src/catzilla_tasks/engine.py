@@ -344,6 +344,23 @@ class _Options:
             cfg = self._config_for(func)
         return self._engine._submit(func, args, kwargs, cfg, self._block)
 
+    async def add_task_async(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult[Any]:
+        """``add_task`` for a coroutine. Queued at once (the engine is in this process); with a
+        ``block_timeout`` and a full engine, the wait for room runs in a thread, not on the
+        event loop."""
+        cfg = self._config
+        if cfg is None and self._fields:
+            cfg = self._config_for(func)
+        if not self._block:
+            return self._engine._submit(func, args, kwargs, cfg, self._block)
+        try:
+            return self._engine._submit(func, args, kwargs, cfg, None)
+        except _engine.QueueFull:
+            pass
+        import asyncio  # (loaded: this runs in a coroutine)
+
+        return await asyncio.to_thread(self._engine._submit, func, args, kwargs, cfg, self._block)
+
 
 _live: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
@@ -639,6 +656,13 @@ class BackgroundTasks(_engine.Engine):
 
     # -- submission -----------------------------------------------------------------------
     # add_task(func, *args, **kwargs) is the C method of _engine.Engine (no Python frame).
+
+    async def add_task_async(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult[Any]:
+        """``add_task`` for ``async def`` code: the same TaskResult, the same errors. In this
+        in-process engine queueing never waits on I/O, so it returns at once (it is ``add_task``);
+        on a broker engine (``BackgroundTasks(broker=...)``) it publishes without blocking the
+        event loop. Code that runs under both can always await it."""
+        return self.add_task(func, *args, **kwargs)
 
     def options(
         self,

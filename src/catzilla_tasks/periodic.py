@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .config import MAX_MS
+
 if TYPE_CHECKING:
     from .engine import BackgroundTasks
     from .results import TaskResult
@@ -60,10 +62,15 @@ class PeriodicTask:
     ) -> None:
         if (every is None) == (cron is None):
             raise ValueError("periodic(): give exactly one of every=timedelta(...) or cron='...'")
+        if tz is not None and not isinstance(tz, datetime.tzinfo):
+            raise ValueError(f"tz: expected a datetime.tzinfo (zoneinfo.ZoneInfo('Europe/Paris'), say), got {tz!r}")
         if every is not None:
+            if isinstance(every, bool) or not isinstance(every, (datetime.timedelta, int, float)):
+                raise ValueError(f"every: expected a timedelta or a number of seconds, got {every!r}")
             seconds = every.total_seconds() if isinstance(every, datetime.timedelta) else float(every)
-            if seconds <= 0:
-                raise ValueError(f"every: must be a positive interval, got {every!r}")
+            # (NaN fails every comparison: the test is written so that it is refused too)
+            if not 0 < seconds <= MAX_MS / 1000:
+                raise ValueError(f"every: must be a positive interval of at most {MAX_MS // 1000} s, got {every!r}")
             self.every: float | None = seconds
             self._cron_cls = None
         else:
@@ -86,6 +93,7 @@ class PeriodicTask:
         self._cancelled = False
         self._due_mono: float | None = None
         self.name = getattr(func, "__qualname__", repr(func))
+        self.first_run_now = bool(first_run_now)
         self._arm(initial=True, first_run_now=first_run_now)
 
     # -- schedule ------------------------------------------------------------------------

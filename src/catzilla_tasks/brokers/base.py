@@ -152,7 +152,9 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def purge(self) -> None:
-        """Drop this queue's waiting, delayed and dead-lettered tasks (not the outcomes)."""
+        """Drop this queue's waiting, delayed and dead-lettered tasks (not the outcomes). The
+        idempotency keys (and, on Redis, the schedules' run markers) of the tasks dropped let go
+        of them: a keyed add_task queues a new task, an overlap=False schedule fires again."""
 
     @abc.abstractmethod
     def close(self) -> None:

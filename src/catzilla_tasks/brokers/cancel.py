@@ -3,8 +3,9 @@
 
 One Lua script (``lua/cancel_task.lua``) does the cancel, unless the task has ended: it records
 the task's CANCELLED outcome (its waiters get TaskCancelled at once), adds its id to the
-queue's cancelled set ``P:Q:cancelled`` (each id kept there ``max(result_ttl, 1 day)``) and
-announces it on the channel ``P:Q:cancel``. Then the canceller removes the task from the
+prefix's cancelled set ``P:cancelled`` (each id kept there ``max(result_ttl, 1 day)``) and
+announces it on the channel ``P:cancel`` (prefix-wide, not per queue: a task routed
+to another queue is cancelled from any queue's broker). Then the canceller removes the task from the
 delayed set if it waits there. Every worker keeps the recent cancelled ids (:class:`CancelWatch`:
 loaded from the set when it subscribes, then pushed on the channel), so:
 
@@ -15,7 +16,10 @@ loaded from the set when it subscribes, then pushed on the channel), so:
 
 A task fetched in the moment between the cancel and the announcement reaching its worker starts,
 then is asked to stop at once. ``cancel()`` returns True if it cancelled the task, False if the
-task had already ended (or was cancelled before).
+task had already ended (or was cancelled before). An id Redis knows nothing of (never published,
+or its result expired) cannot be told from a queued task without scanning the streams: it is
+recorded as cancelled (True). A workflow step's id (``<run id>.<n>``) is refused: a step is
+cancelled with its run.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import TaskStatus
 from ..errors import TaskCancelled, wire_name
-from .protocol import MSG_ID, STATUS_CODES
+from .protocol import MSG_ID, MSG_OPTIONS, OPT_IDEMPOTENCY_KEY, OPT_SCHEDULE, STATUS_CODES
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
 
-__all__ = ["CancelWatch", "cancel_task"]
+__all__ = ["CancelWatch", "cancel_task", "settle_dropped"]
 
 log = logging.getLogger("catzilla_tasks.worker")
 
@@ -50,8 +54,12 @@ def _glob_escape(s: str) -> str:
 def cancel_task(broker: RedisBroker, task_id: str) -> bool:
     """Cancel the task ``task_id`` (see the module docstring): True if this call cancelled it,
     False if it had ended already."""
-    if not isinstance(task_id, str) or not task_id:
-        raise ValueError(f"task_id: expected a non-empty string, got {task_id!r}")
+    if not isinstance(task_id, str) or not task_id or not task_id.isprintable() or task_id != task_id.strip():
+        raise ValueError(f"task_id: expected a task id (a non-empty string), got {task_id!r}")
+    run, dot, step = task_id.rpartition(".")
+    if dot and run and step.isdigit():
+        # a step's id (<run id>.<n>): its worker would drop it and its run would wait forever
+        raise ValueError(f"task {task_id} is a step of workflow run {run}: cancel the run ({run}) instead")
     rec = broker.serializer.dumps(
         [STATUS_CODES[TaskStatus.CANCELLED], [wire_name(TaskCancelled), f"task {task_id} was cancelled", ""]]
     )
@@ -74,9 +82,12 @@ def _scripts() -> Any:
 
 def _unschedule(broker: RedisBroker, task_id: str) -> int:
     """Remove a cancelled task from the delayed set, if it waits there (a scan of the set for
-    members holding its id, each one decoded to be sure): it never comes back to a stream."""
+    members holding its id, each one decoded to be sure): it never comes back to a stream, and
+    no worker settles it, so its idempotency key's record and its schedule's marker are settled
+    here (``lua/task_settled.lua``)."""
     r = broker.redis
     members = []
+    opts: dict[str, Any] = {}
     for member in r.zscan_iter(broker.delayed_key, match=f"*{_glob_escape(task_id)}*", count=1000):
         raw = member[0] if isinstance(member, tuple) else member
         try:
@@ -85,9 +96,41 @@ def _unschedule(broker: RedisBroker, task_id: str) -> int:
             continue
         if isinstance(msg, list) and msg and msg[MSG_ID] == task_id:
             members.append(raw)
+            if len(msg) > MSG_OPTIONS and isinstance(msg[MSG_OPTIONS], dict):
+                opts = msg[MSG_OPTIONS]
     if not members:
         return 0
-    return int(r.register_script(_scripts().UNSCHEDULE)(keys=[broker.delayed_key], args=members))
+    n = int(r.register_script(_scripts().UNSCHEDULE)(keys=[broker.delayed_key], args=members))
+    if n:
+        # no worker will see it: what refers to it lets go here, as a worker does at a task's end
+        # (its idempotency key's submit record keeps no longer than its CANCELLED outcome, its
+        # schedule's run-in-progress marker goes: an overlap=False schedule fires again)
+        settle_dropped(broker, [(task_id, opts)], int(broker.result_ttl * 1000))
+    return n
+
+
+def settle_dropped(broker: RedisBroker, tasks: list[tuple[str, Any]], keep_ms: int) -> None:
+    """Tasks taken out of the queue for good without a worker (cancelled while delayed,
+    purged), as ``(task id, message options)``: the submit records of their idempotency keys
+    are kept ``keep_ms`` more at most (-1: deleted) and the run markers of their schedules go
+    (``lua/task_settled.lua``, which touches them only if they still name that task)."""
+    script = broker.redis.register_script(_scripts().TASK_SETTLED)
+    pipe = broker.redis.pipeline(transaction=False)
+    for task_id, opts in tasks:
+        key = opts.get(OPT_IDEMPOTENCY_KEY) if isinstance(opts, dict) else None
+        sched = opts.get(OPT_SCHEDULE) if isinstance(opts, dict) else None
+        if key is None and sched is None:
+            continue
+        script(
+            keys=[
+                broker.dedup_key(str(key)) if key is not None else "",
+                broker.schedule_key(str(sched)) + ":run" if sched is not None else "",
+            ],
+            args=[task_id, keep_ms],
+            client=pipe,
+        )
+    if pipe.command_stack:
+        pipe.execute()
 
 
 class CancelWatch:

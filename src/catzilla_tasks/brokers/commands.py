@@ -250,7 +250,11 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
         schedules._declaring = True
     ok = True
     for task_id in args.task_ids:
-        if broker.cancel(task_id):
+        try:
+            done = broker.cancel(task_id)
+        except ValueError as exc:  # not an id that can be cancelled (a workflow step's, say)
+            raise UsageError(str(exc)) from None
+        if done:
             print(f"{task_id}: cancelled", file=out)
         else:
             print(f"{task_id}: not cancelled (it had already ended, or was cancelled before)", file=out)

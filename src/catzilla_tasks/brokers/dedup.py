@@ -6,7 +6,8 @@ finished within the key's TTL, nothing is queued and the caller gets a handle to
 task (same ``task_id``, same outcome); otherwise the record is set to the new task's id (TTL
 ``idempotency_ttl`` from the time the task is due) and the task queued, in the same atomic step,
 so any number of processes submitting one key at once queue one task. When the task ends for
-good (not a retry) the worker shortens the record's TTL to the result's (``lua/task_settled.lua``):
+good (not a retry) the worker shortens the record's TTL to the result's (``lua/task_settled.lua``;
+the canceller does for a delayed task it takes out of the delayed set, which no worker sees):
 a handle is never given to a task whose outcome has expired.
 
 Inside ``batch()`` a keyed task is deduplicated when the block is published: the handle returned

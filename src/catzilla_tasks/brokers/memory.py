@@ -10,6 +10,11 @@ machines), and progress reports are stored for ``MemoryResult.progress``. A task
 (``queue=``) is not a queue of its own here: every task goes to the broker's one set of queues.
 Not supported here: workflow runs across workers (``run_workflow`` raises NotImplementedError:
 they need the RedisBroker).
+
+Submit-time deduplication as on Redis (brokers/dedup.py): a keyed ``add_task`` while a task with
+the key is queued, delayed, running, or finished within ``idempotency_ttl`` of being due (once
+it ended, no longer than its result is kept) returns a handle to that task and queues nothing;
+inside ``batch()`` at the block's publication.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from ..config import TaskConfig, TaskPriority, TaskStatus
+from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from .base import CommitJob, ConsumerSession, Delivery, Entries, FetchingBroker, Outcome
 from .protocol import (
     CONFIG_ATTR,
@@ -50,8 +55,8 @@ log = logging.getLogger("catzilla_tasks.results")
 
 class MemoryBroker(FetchingBroker):
     """Queues, delayed tasks, held messages, outcomes and dead letters in this process's memory
-    (see the module docstring). ``serializer``, ``result_ttl``, ``visibility_timeout`` and
-    ``max_deliveries`` mean what they mean for RedisBroker."""
+    (see the module docstring). ``serializer``, ``result_ttl``, ``visibility_timeout``,
+    ``max_deliveries`` and ``idempotency_ttl`` mean what they mean for RedisBroker."""
 
     def __init__(
         self,
@@ -61,6 +66,7 @@ class MemoryBroker(FetchingBroker):
         result_ttl: float = 3600,
         visibility_timeout: float = 60.0,
         max_deliveries: int | None = 10,
+        idempotency_ttl: float = 86400,
     ) -> None:
         if not isinstance(result_ttl, (int, float)) or isinstance(result_ttl, bool) or not result_ttl >= 0:
             raise ValueError(f"result_ttl: must be a number of seconds >= 0, got {result_ttl!r}")
@@ -74,7 +80,16 @@ class MemoryBroker(FetchingBroker):
             isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) or max_deliveries < 1
         ):
             raise ValueError(f"max_deliveries: must be an integer >= 1 or None (no limit), got {max_deliveries!r}")
+        if (
+            isinstance(idempotency_ttl, bool)
+            or not isinstance(idempotency_ttl, (int, float))
+            or not 0 < idempotency_ttl <= MAX_MS / 1000
+        ):
+            raise ValueError(f"idempotency_ttl: must be a number of seconds > 0, got {idempotency_ttl!r}")
         self.queue = queue
+        self.idempotency_ttl = float(idempotency_ttl)
+        self._keys: dict[str, tuple[str, float]] = {}  # idempotency key -> (first task's id, expiry)
+        self._keys_sweep_at = 1024
         self.serializer = Serializer(serializer)
         self.result_ttl = float(result_ttl)
         self.visibility_timeout = float(visibility_timeout)
@@ -127,19 +142,33 @@ class MemoryBroker(FetchingBroker):
             opts = {**(opts or {}), OPT_IDEMPOTENCY_KEY: idempotency_key}
         tid = f"m{next(self._ids):x}"
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
+        handle = MemoryResult(tid, self)
+        item = (int(cfg.priority), cfg.delay_ms, payload)
         buf = getattr(self._local, "buf", None)
         if buf is not None:
-            buf.append((int(cfg.priority), cfg.delay_ms, payload))
+            buf.append(item if idempotency_key is None else (*item, idempotency_key, handle))
         else:
-            self._put([(int(cfg.priority), cfg.delay_ms, payload)])
-        return MemoryResult(tid, self)
+            self._put([item if idempotency_key is None else (*item, idempotency_key, handle)])
+        return handle
 
-    def _put(self, items: Iterable[tuple[int, float, bytes]]) -> None:
+    def _put(self, items: Iterable[tuple[Any, ...]]) -> None:
+        """Queue ``(priority, delay ms, payload)`` items; a keyed one, ``(..., key, handle)``, only
+        if no task holds its key (else its handle gets that task's id)."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("this MemoryBroker is closed")
             now = time.monotonic()
-            for prio, delay_ms, payload in items:
+            for prio, delay_ms, payload, *keyed in items:
+                if keyed:
+                    key, handle = keyed
+                    hit = self._keys.get(key)
+                    if hit is not None and now < hit[1]:
+                        handle.task_id = hit[0]
+                        continue
+                    self._keys[key] = (handle.task_id, now + self.idempotency_ttl + max(delay_ms, 0) / 1000)
+                    if len(self._keys) >= self._keys_sweep_at:  # (expired keys dropped as the table grows)
+                        self._keys = {k: v for k, v in self._keys.items() if now < v[1]}
+                        self._keys_sweep_at = max(1024, 2 * len(self._keys))
                 if delay_ms > 0:
                     heapq.heappush(self._delayed, (now + delay_ms / 1000, next(self._seq), prio, payload))
                 else:
@@ -151,7 +180,7 @@ class MemoryBroker(FetchingBroker):
         if getattr(self._local, "buf", None) is not None:
             yield  # nested: the outer block publishes
             return
-        buf: list[tuple[int, float, bytes]] = []
+        buf: list[tuple[Any, ...]] = []
         self._local.buf = buf
         try:
             yield
@@ -216,6 +245,8 @@ class MemoryBroker(FetchingBroker):
         with self._cv:
             self._held.pop(delivery.token, None)
             task_id, key = self._identity(delivery.payload)
+            if key and retry_ms is None:  # ended for good: its key is kept no longer than its result
+                self._settle_key(key, task_id)
             if record is not None and task_id and self.result_ttl:
                 self._results[task_id] = (time.monotonic() + self.result_ttl, record)
                 if key and parse_result(self.serializer, record)[0] is TaskStatus.SUCCEEDED:
@@ -262,6 +293,13 @@ class MemoryBroker(FetchingBroker):
             self._release_claim(claim)
         elif claim is not None:
             self._claims.pop(claim[0], None)
+
+    def _settle_key(self, key: str, task_id: str) -> None:
+        """A task that ended for good: its key's submit-time record keeps no longer than its
+        result (lock held)."""
+        hit = self._keys.get(key)
+        if hit is not None and hit[0] == task_id:
+            self._keys[key] = (task_id, min(hit[1], time.monotonic() + self.result_ttl))
 
     def _release_claim(self, claim: tuple[str, str]) -> None:
         held = self._claims.get(claim[0])
@@ -463,6 +501,12 @@ class MemoryBroker(FetchingBroker):
 
     def purge(self) -> None:
         with self._cv:
+            # the tasks deleted never end: their idempotency keys let go of them (as on Redis)
+            payloads = [x[0] for q in self._queues for x in q] + [x[3] for x in self._delayed]
+            gone = {self._identity(x) for x in payloads}
+            for task_id, key in gone:
+                if key and self._keys.get(key, ("",))[0] == task_id:
+                    del self._keys[key]
             for q in self._queues:
                 q.clear()
             self._parked.clear()
@@ -594,6 +638,8 @@ class MemoryConsumer(ConsumerSession):
                 except Exception as exc:
                     j.kinds = rescue(j, exc)
                     b._apply(d, j.ops, j.claim)
+                if j.settle is not None and j.settle[0] is not None:  # ended for good (base.Outcome)
+                    b._settle_key(str(j.settle[0]), j.task_id())
                 if j.lease is not None:  # given back with the outcome, waking a parked task
                     self._leases.pop(j.lease, None)
                     b._release_lease(j.lease)

@@ -1,12 +1,13 @@
 """The producer of distributed mode: what ``BackgroundTasks(broker=...)`` builds.
 
 :class:`DistributedTasks` is a BackgroundTasks whose submission methods publish to a
-:class:`~.base.Broker` instead of the local queues: ``add_task``, ``options(...).add_task``,
-``batch()``, ``result(task_id)`` and (through ``broker.run_workflow``) a workflow's
-``execute()``. Everything else is the engine's own: ``@tasks.task`` registers functions by name
-(a worker runs them on this same local engine), ``@tasks.periodic`` fires on its schedule and
-publishes through ``add_task``. The plain engine keeps its C ``add_task`` (no Python frame);
-only this subclass pays for a Python method, and the broker round trip dwarfs it.
+:class:`~.base.Broker` instead of the local queues: ``add_task``, ``add_task_async``,
+``options(...).add_task`` / ``.add_task_async``, ``batch()``, ``result(task_id)`` and
+(through ``broker.run_workflow``) a workflow's ``execute()``. Everything else is the engine's
+own: ``@tasks.task`` registers functions by name (a worker runs them on this same local
+engine), ``@tasks.periodic`` fires on its schedule and publishes through ``add_task``. The
+plain engine keeps its C ``add_task`` (no Python frame); only this subclass pays for a Python
+method, and the broker round trip dwarfs it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,24 @@ class DistributedTasks(BackgroundTasks):
     broker: Broker
 
     def __init__(self, *args: Any, broker: Any, **kwargs: Any) -> None:
+        given = broker
         broker = as_broker(broker)  # before the engine starts its threads: bad input leaks nothing
+        ttl = kwargs.get("idempotency_ttl")
+        if ttl is not None and not isinstance(given, str):
+            # the broker deduplicates keyed tasks with its own TTL: an engine's that differs from
+            # it would be an option doing nothing
+            have = getattr(broker, "idempotency_ttl", None)
+            if have is None:
+                raise ValueError(f"idempotency_ttl: {type(broker).__name__} does not deduplicate keyed tasks at submit")
+            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and float(ttl) != have:
+                raise ValueError(
+                    f"idempotency_ttl={ttl!r} differs from the broker's ({have!r}): on a broker engine it is the "
+                    f"broker's option ({type(broker).__name__}(..., idempotency_ttl=...))"
+                )
         super().__init__(*args, **kwargs)
         self.broker = broker
+        if ttl is not None and isinstance(given, str):  # (a broker made here from the URL: validated above)
+            broker.idempotency_ttl = self.idempotency_ttl
 
     def take_over_periodic(self, engine: BackgroundTasks) -> None:
         """Declare ``engine``'s periodic tasks here, with the same settings, and cancel them
@@ -51,14 +67,34 @@ class DistributedTasks(BackgroundTasks):
         for p in engine.periodic_tasks:
             if p.cancelled or p.engine is self:
                 continue
-            p.cancel()
-            self.periodic(every=p.every, cron=p.cron, tz=p.tz, overlap=p.overlap, args=p.args, kwargs=p.kwargs)(p.func)
+            p.cancel()  # (under its lock: p.runs is final now)
+            self.periodic(
+                every=p.every,
+                cron=p.cron,
+                tz=p.tz,
+                overlap=p.overlap,
+                # its first run, unless the in-process schedule fired it already
+                first_run_now=p.first_run_now and p.runs == 0,
+                args=p.args,
+                kwargs=p.kwargs,
+            )(p.func)
 
     # -- submission: published to the broker ------------------------------------------------
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """Publish ``func(*args, **kwargs)`` (a registered task function, or its name); returns
         its result handle (``RemoteResult`` on Redis) once the broker holds it."""
         return self.broker.submit(func, args, kwargs, None)
+
+    async def add_task_async(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """``add_task`` for ``async def`` code: publishes without blocking the event loop
+        (``redis.asyncio``) and returns the same handle once the broker holds the task.
+        Concurrent calls of one loop share round trips (group commit), as threads' ``add_task``
+        calls do. Bad input raises here, before anything is sent."""
+        try:
+            submit = self.broker.submit_async  # type: ignore[attr-defined]
+        except AttributeError:
+            return await _submit_async(self.broker, func, args, kwargs, None, None)
+        return await submit(func, args, kwargs, None)
 
     def options(self, *, idempotency_key: str | None = None, **fields: Any) -> RemoteOptions:
         """As BackgroundTasks.options (validated the same way, at the call site), plus
@@ -109,3 +145,25 @@ class RemoteOptions:
 
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         return self._broker.submit(func, args, kwargs, self._options.config_for_call(func), self._key)
+
+    async def add_task_async(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """``add_task`` with these options, for ``async def`` code (see DistributedTasks.add_task_async)."""
+        return await _submit_async(self._broker, func, args, kwargs, self._options.config_for_call(func), self._key)
+
+
+async def _submit_async(
+    broker: Broker, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: Any, key: str | None
+) -> Any:
+    """Publish from a coroutine: the broker's own ``submit_async`` (RedisBroker's), an
+    in-process broker's ``submit`` (no I/O to wait for), or else ``submit`` in a thread: a
+    broker without an async client never blocks the event loop."""
+    submit_async = getattr(broker, "submit_async", None)
+    if submit_async is not None:
+        return await submit_async(func, args, kwargs, cfg, key)
+    from .memory import MemoryBroker
+
+    if isinstance(broker, MemoryBroker):
+        return broker.submit(func, args, kwargs, cfg, key)
+    import asyncio
+
+    return await asyncio.to_thread(broker.submit, func, args, kwargs, cfg, key)

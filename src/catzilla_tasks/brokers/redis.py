@@ -38,12 +38,15 @@ from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
 from ..errors import wire_name
 from . import scripts, workflow_runs
 from .base import ConsumerSession, FetchingBroker
+from .group_commit import AsyncGroupCommit, GroupCommit, PerLoop
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
     MSG_ATTEMPTS,
     MSG_ID,
+    MSG_OPTIONS,
     OPT_IDEMPOTENCY_KEY,
+    OPT_SCHEDULE,
     STATUS_CODES,
     Overrides,
     RemoteTaskError,
@@ -80,6 +83,8 @@ _READ_MARGIN = 2.0
 # the longest block of one read of a wait without a timeout (a silent Redis is seen by then)
 _WAIT_SLICE = 30.0
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
+# connections of an event loop's publishing client (add_task_async): the group commit uses one
+_ASYNC_PUBLISH_CONNECTIONS = 8
 
 
 def _driver_info() -> Any:
@@ -266,17 +271,27 @@ class RedisBroker(FetchingBroker):
         self._idem_prefix = f"{prefix}:idem:"
         self._sched_prefix = f"{base}:sched:"
         self.schedules_key = f"{base}:schedules"
-        self.cancelled_key = f"{base}:cancelled"
-        self.cancel_channel = f"{base}:cancel"
+        # (prefix-wide: a task routed to another queue is cancelled from any queue's broker, and
+        # that queue's workers must hear of it; task ids are unique across queues)
+        self.cancelled_key = f"{prefix}:cancelled"
+        self.cancel_channel = f"{prefix}:cancel"
         self._dedup_submit = self.redis.register_script(scripts.DEDUP_SUBMIT)
         self._add_delayed = self.redis.register_script(scripts.ADD_DELAYED)
         self._bulk_xadd = self.redis.register_script(scripts.BULK_XADD)
         self._wf_cancel = self.redis.register_script(scripts.WF_CANCEL)
         self._redrive = self.redis.register_script(scripts.REDRIVE)
+        self._publish = self.redis.register_script(scripts.PUBLISH)
+        # group commit of concurrent publishes: across threads, and per event loop (add_task_async)
+        self._group = GroupCommit(self._flush_begin, self._flush_end)
+        self._agroups = PerLoop(self._new_agroup)
         self._local = threading.local()
         self._overrides = Overrides()
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-        self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        # never a leading "-": `catzilla-tasks cancel ID` (and any command line) would take it
+        # for an option (one process in 64 published such ids)
+        self._id_base = "-"
+        while self._id_base.startswith("-"):
+            self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
         self._callbacks: _Watcher | None = None
@@ -328,15 +343,13 @@ class RedisBroker(FetchingBroker):
         # next() of an itertools.count is atomic under the GIL
         return f"{self._id_base}{next(self._id_next):x}"
 
-    def submit(
-        self,
-        func: Any,
-        args: tuple,
-        kwargs: dict[str, Any] | None,
-        cfg: TaskConfig | None,
-        idempotency_key: str | None = None,
-    ) -> RemoteResult:
-        """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult."""
+    def _prepare(
+        self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None, idempotency_key: str | None
+    ) -> tuple[str, tuple[int, int, bytes], str | None]:
+        """A task's id, what publishing it sends: (priority, delay in ms, payload), and the
+        named queue it is routed to (None: this broker's). Bad input (an unnamed function,
+        options or arguments that cannot travel) raises here, at the caller's site, before its
+        message joins a flush of others."""
         try:
             name = self._names[func]
         except (KeyError, TypeError):
@@ -358,15 +371,36 @@ class RedisBroker(FetchingBroker):
             opts[OPT_IDEMPOTENCY_KEY] = idempotency_key
         tid = self._new_id()
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
+        delay = cfg.delay_ms
         queue = None if cfg.queue is None or cfg.queue == self.queue else cfg.queue  # a named queue (routing)
-        if idempotency_key is not None:  # deduplicated at submit (see dedup.py)
+        return tid, (int(cfg._priority), int(delay) if delay > 0 else 0, payload), queue
+
+    def submit(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> RemoteResult:
+        """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult
+        once Redis holds it. Concurrent calls from several threads are group-committed: one
+        flush (one round trip) carries every message queued while the previous one was in
+        flight (see :mod:`.group_commit`). A keyed task (deduplicated at submit) and a task
+        routed to another queue are sent on their own, one round trip each."""
+        tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        if idempotency_key is not None:  # deduplicated at submit, one script of its own (see dedup.py)
             from . import dedup
 
-            return dedup.submit(self, tid, idempotency_key, int(cfg._priority), cfg.delay_ms, payload, queue)
-        if queue is None:
-            self._send(int(cfg._priority), cfg.delay_ms, payload)
-        else:  # its own streams
-            self._send_to(queue, int(cfg._priority), cfg.delay_ms, payload)
+            return dedup.submit(self, tid, idempotency_key, *item, queue)
+        if queue is not None:  # its own streams
+            self._send_to(queue, *item)
+            return RemoteResult(tid, self)
+        buf = getattr(self._local, "buf", None)
+        if buf is not None:  # inside batch(): sent at its end
+            self._buffer(buf, item)
+        else:
+            self._group.publish(item)
         return RemoteResult(tid, self)
 
     def _send_to(self, queue: str, prio: int, delay_ms: float, payload: bytes) -> None:
@@ -379,17 +413,195 @@ class RedisBroker(FetchingBroker):
         else:
             self.redis.xadd(streams[prio], {"m": payload})
 
-    def _send(self, prio: int, delay_ms: float, payload: bytes) -> None:
+    async def submit_async(
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        cfg: TaskConfig | None,
+        idempotency_key: str | None = None,
+    ) -> RemoteResult:
+        """``submit`` for a coroutine: published on ``redis.asyncio`` without blocking the event
+        loop, group-committed with the other coroutines of this loop (one connection per loop
+        publishing). Inside a ``batch()`` block of this thread the task is held as ``submit``
+        holds it."""
+        tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
         buf = getattr(self._local, "buf", None)
-        if buf is not None:  # inside batch(): sent at its end
-            if delay_ms > 0:
-                buf[4].append((int(delay_ms), b"%d" % prio + payload))
+        prio, delay_ms, payload = item
+        if idempotency_key is not None:
+            from . import dedup
+
+            if buf is not None:  # held, deduplicated when the block is published
+                return dedup.submit(self, tid, idempotency_key, *item, queue)
+            # deduplicated at submit as submit does, on this loop's client (one round trip)
+            handle = RemoteResult(tid, self)
+            streams, delayed = self.queue_keys(queue)
+            dedup_submit = self._agroups.get(asyncio.get_running_loop())[2]
+            first = await dedup_submit(
+                keys=[self.dedup_key(idempotency_key), streams[prio], delayed],
+                args=dedup._args(self, tid, prio, delay_ms, payload),
+            )
+            handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
+            return handle
+        if queue is not None:  # another queue's streams, on their own (one round trip)
+            if buf is not None:
+                self._send_to(queue, *item)
             else:
-                buf[prio].append(payload)
-        elif delay_ms > 0:
-            self._add_delayed(keys=[self.delayed_key], args=[int(delay_ms), b"%d" % prio + payload])
+                streams, delayed = self.queue_keys(queue)
+                client = self._agroups.get(asyncio.get_running_loop())[1]
+                if delay_ms > 0:
+                    await self._agroups.get(asyncio.get_running_loop())[3](
+                        keys=[delayed], args=[delay_ms, b"%d" % prio + payload]
+                    )
+                else:
+                    await client.xadd(streams[prio], {"m": payload})
+            return RemoteResult(tid, self)
+        if buf is not None:
+            self._buffer(buf, item)
         else:
-            self.redis.xadd(self.streams[prio], {"m": payload})
+            loop = asyncio.get_running_loop()
+            await self._agroups.get(loop)[0].enqueue(loop, item)
+        return RemoteResult(tid, self)
+
+    @staticmethod
+    def _buffer(buf: list[list[Any]], item: tuple[int, int, bytes]) -> None:
+        prio, delay_ms, payload = item
+        if delay_ms > 0:
+            buf[4].append((delay_ms, b"%d" % prio + payload))
+        else:
+            buf[prio].append(payload)
+
+    def _flush_command(self, items: list[tuple[int, int, bytes]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``scripts.PUBLISH`` for one flush (all of it or nothing)."""
+        by_stream: list[list[bytes]] = [[], [], [], []]
+        delayed: list[Any] = []
+        for prio, delay_ms, payload in items:
+            if delay_ms > 0:
+                delayed += (delay_ms, b"%d" % prio + payload)
+            else:
+                by_stream[prio].append(payload)
+        args: list[Any] = [len(x) for x in by_stream]
+        args.append(len(delayed) // 2)
+        for x in by_stream:
+            args += x
+        args += delayed
+        return [*self.streams, self.delayed_key], args
+
+    def _flush_plan(self, items: list[tuple[int, int, bytes]]) -> tuple[Any, list[Any], list[Any]]:
+        """How one flush is sent, atomically: (script, KEYS, ARGV), or (None, [stream], [payload])
+        for a lone message, one XADD as it always was. Several messages are one call of
+        ``scripts.PUBLISH``, which checks every key it writes before writing any."""
+        if len(items) == 1:
+            prio, delay_ms, payload = items[0]
+            if delay_ms > 0:
+                return self._add_delayed, [self.delayed_key], [delay_ms, b"%d" % prio + payload]
+            return None, [self.streams[prio]], [payload]
+        keys, args = self._flush_command(items)
+        return self._publish, keys, args
+
+    def _flush_begin(self, items: list[tuple[int, int, bytes]]) -> tuple[Any, Any]:
+        """Send one flush of the threads' group commit on a connection of the pool (its reply is
+        read by ``_flush_end``, maybe on another thread). A connection that cannot send leaves
+        it to ``_flush_end``, which sends it again through the client (with its retries)."""
+        plan = self._flush_plan(items)
+        script, keys, args = plan
+        if script is None:
+            command: tuple[Any, ...] = ("XADD", keys[0], "*", "m", args[0])
+        else:
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*command)
+        except (_redis.ConnectionError, _redis.TimeoutError, OSError):
+            conn.disconnect()
+            pool.release(conn)
+            return None, plan
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return conn, plan
+
+    def _flush_end(self, token: tuple[Any, Any]) -> None:
+        """Read the reply of a flush sent by ``_flush_begin`` (its error is the flush's). A flush
+        that could not be sent, or a script Redis does not have cached yet, is sent again
+        through the client (which loads the script); nothing of it was applied."""
+        conn, (script, keys, args) = token
+        if conn is not None:
+            pool = self.redis.connection_pool
+            try:
+                conn.read_response()
+                return
+            except _redis.exceptions.NoScriptError:
+                pass  # (the connection is fine) loaded and sent again below
+            except _redis.ResponseError:
+                raise  # the flush was refused as a whole (see scripts.PUBLISH)
+            except BaseException:
+                # its reply is lost (the flush may have been applied): every caller of the
+                # flush gets the error (at least once: they may publish again)
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+        if script is None:
+            self.redis.xadd(keys[0], {"m": args[0]})
+        else:
+            script(keys=keys, args=args)
+
+    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any, Any]:
+        # this loop's publishing client: one flush in flight at a time, so one connection in use
+        # for the group commit; keyed tasks (their own script each) wait for one of a few more.
+        # The broker's socket timeouts: a silent Redis fails the flush, it does not hang it
+        opts = {**_CLIENT_DEFAULTS, "max_connections": _ASYNC_PUBLISH_CONNECTIONS, **self._client_options}
+        client = _aredis.Redis(connection_pool=_aredis.BlockingConnectionPool.from_url(self.url, **opts))
+        scripts_of = {id(self._publish): client.register_script(scripts.PUBLISH)}
+        scripts_of[id(self._add_delayed)] = client.register_script(scripts.ADD_DELAYED)
+        pool = client.connection_pool
+        held: list[Any] = []  # the connection of the burst of flushes in progress
+
+        async def release() -> None:  # the burst ended (or its connection failed)
+            if held:
+                await pool.release(held.pop())
+
+        async def send(items: list[tuple[int, int, bytes]]) -> None:
+            script, keys, args = self._flush_plan(items)
+            if script is None:
+                command: tuple[Any, ...] = ("XADD", keys[0], "*", "m", args[0])
+            else:
+                command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            # straight on a connection of the pool, kept for the whole burst (a call through the
+            # client costs ~30 us more per flush); as in _flush_end: an uncached script goes
+            # through the client, which loads it
+            if not held:
+                held.append(await pool.get_connection())
+            conn = held[0]
+            try:
+                try:
+                    await conn.send_command(*command)
+                except (_redis.ConnectionError, _redis.TimeoutError, OSError):
+                    await conn.disconnect()  # not sent: sent again through the client below
+                    await release()
+                else:
+                    await conn.read_response()
+                    return
+            except _redis.exceptions.NoScriptError:
+                pass
+            except _redis.ResponseError:
+                raise  # the flush was refused as a whole (see scripts.PUBLISH)
+            except BaseException:
+                # reply lost (maybe applied), or cancelled with a reply still to come: never reused
+                held.clear()
+                await asyncio.shield(conn.disconnect())
+                await asyncio.shield(pool.release(conn))
+                raise
+            if script is None:
+                await client.xadd(keys[0], {"m": args[0]})
+            else:
+                await scripts_of[id(script)](keys=keys, args=args)
+
+        dedup_submit = client.register_script(scripts.DEDUP_SUBMIT)
+        return AsyncGroupCommit(send, release), client, dedup_submit, scripts_of[id(self._add_delayed)]
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -652,8 +864,46 @@ class RedisBroker(FetchingBroker):
         return out
 
     def purge(self) -> None:
-        """Delete this queue's streams, delayed set and dead letters (not results)."""
+        """Delete this queue's streams, delayed set and dead letters (not results). The tasks
+        deleted never end: the submit records of their idempotency keys and the run markers of
+        their schedules go with them (a keyed add_task queues a new task, an overlap=False
+        schedule fires again)."""
+        gone = [*self._queued_options()]
         self.redis.delete(*self.streams, self.delayed_key, self.dead_key)
+        if gone:
+            from .cancel import settle_dropped
+
+            settle_dropped(self, gone, -1)  # (no outcome to keep them for: the records go)
+
+    def _queued_options(self) -> Iterator[tuple[str, Any]]:
+        """``(task id, options)`` of the keyed and scheduled tasks in the streams and the
+        delayed set (read in slices; undecodable messages are skipped)."""
+
+        def of(payload: bytes) -> tuple[str, Any] | None:
+            try:
+                msg = self.serializer.loads(payload)
+            except Exception:  # noqa: BLE001 - not a message of ours
+                return None
+            if not isinstance(msg, list) or len(msg) <= MSG_OPTIONS or not isinstance(msg[MSG_OPTIONS], dict):
+                return None
+            opts = msg[MSG_OPTIONS]
+            return (str(msg[MSG_ID]), opts) if OPT_IDEMPOTENCY_KEY in opts or OPT_SCHEDULE in opts else None
+
+        for stream in self.streams:
+            start = "-"
+            while True:
+                batch = cast("list[Any]", self.redis.xrange(stream, start, "+", count=1000))
+                for _eid, fields in batch:
+                    hit = of(fields.get(b"m", b""))
+                    if hit is not None:
+                        yield hit
+                if len(batch) < 1000:
+                    break
+                start = "(" + batch[-1][0].decode()
+        for member, _ in self.redis.zscan_iter(self.delayed_key, count=1000):
+            hit = of(member[1:])
+            if hit is not None:
+                yield hit
 
     def _blocking_move(self, key: str, block: float) -> bytes | None:
         """``BLMOVE key key LEFT LEFT block`` (the first record, left in place) on a waiters'

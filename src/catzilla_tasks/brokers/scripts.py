@@ -89,3 +89,6 @@ UNSCHEDULE = _load("unschedule.lua")
 RATE_LIMIT = _load("rate_limit.lua")
 
 CONCURRENCY = _load("concurrency.lua")
+
+# one flush of a producer's group commit: every message of it, or none (brokers/group_commit.py)
+PUBLISH = _load("publish.lua")

@@ -11,6 +11,10 @@ Two ways, both as in the seed:
    ``app.tasks``, ``app.add_task``, ``app.task`` and ``app.get_task_stats`` (replacing its
    built-in system, which is never started), plus the routes under ``/tasks``.
 
+In ``async def`` handlers, ``await app.tasks.add_task_async(...)`` (or ``app.add_task_async``
+after ``enable_background_tasks``): on a broker engine (``BackgroundTasks(broker=...)``) it
+publishes without blocking the event loop; on the in-process engine it is ``add_task``.
+
 Order: Catzilla's own ``app.add_task`` queues at once onto its workers and returns a
 ``TaskResult``; a request's tasks have no order between them and the response never waits for
 them. Ours keeps exactly that (it is the detached mode of the Starlette/FastAPI drop-ins): there
@@ -123,6 +127,8 @@ def enable_background_tasks(
       Catzilla's signature: those keywords are options (``compile_to_c`` per call is accepted and
       ignored: a task is compiled or not by its ``@task(compile_to_c=...)``), every other keyword
       goes to ``func``. Returns our ``TaskResult``.
+    - ``await app.add_task_async(...)``: the same from an ``async def`` handler; on a broker
+      engine (``BackgroundTasks(broker=...)``) it publishes without blocking the event loop.
     - ``app.task(priority=..., **config)``: ``tasks.task``; Catzilla's TaskPriority works too.
     - ``app.get_task_stats()``: ``tasks.monitor.get_stats()`` (a dict, not Catzilla's EngineStats).
 
@@ -152,23 +158,33 @@ def enable_background_tasks(
     app.tasks = tasks
     app._task_system_enabled = True  # Catzilla's own methods see an enabled system
 
-    def add_task(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
-        """Catzilla's ``app.add_task``: ``priority=``, ``delay_ms=``, ``max_retries=``, ``timeout_ms=``
-        (and ``compile_to_c=``) are options; every other keyword goes to ``func``."""
+    def submitter(kwargs: dict[str, Any]) -> Any:
+        """``tasks``, or ``tasks.options(...)`` for Catzilla's option keywords (taken out of ``kwargs``)."""
         if kwargs and not CATZILLA_OPTIONS.isdisjoint(kwargs):
             opts = {k: kwargs.pop(k) for k in CATZILLA_OPTIONS.intersection(kwargs)}
             opts.pop("compile_to_c", None)
             if "priority" in opts:
                 opts["priority"] = _priority(opts["priority"])
             if opts:
-                return tasks.options(**opts).add_task(func, *args, **kwargs)
-        return tasks.add_task(func, *args, **kwargs)
+                return tasks.options(**opts)
+        return tasks
+
+    def add_task(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+        """Catzilla's ``app.add_task``: ``priority=``, ``delay_ms=``, ``max_retries=``, ``timeout_ms=``
+        (and ``compile_to_c=``) are options; every other keyword goes to ``func``."""
+        return submitter(kwargs).add_task(func, *args, **kwargs)
+
+    async def add_task_async(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+        """``app.add_task`` for ``async def`` handlers (same keywords): on a broker engine it
+        publishes without blocking the event loop; on the in-process engine it is ``add_task``."""
+        return await submitter(kwargs).add_task_async(func, *args, **kwargs)
 
     def task(func: Any = None, /, *, priority: Any = TaskPriority.NORMAL, **task_config: Any) -> Any:
         """Catzilla's ``@app.task(priority=...)``: ``tasks.task``, Catzilla's TaskPriority accepted."""
         return tasks.task(func, priority=_priority(priority), **task_config)
 
     app.add_task = add_task
+    app.add_task_async = add_task_async
     app.task = task
     app.get_task_stats = tasks.monitor.get_stats
     if prefix is not None:

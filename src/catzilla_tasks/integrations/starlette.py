@@ -172,11 +172,24 @@ async def _with_values(context: contextvars.Context, coro: Coroutine[Any, Any, A
 async def _run(engine: Engine | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     eng = engine if engine is not None and not engine.is_shutdown else current_engine()
     func = _in_request_context(eng, func)
-    try:
-        result = eng.add_task(func, *args, **kwargs)
-    except QueueFull:
-        result = await _add_when_room(eng, func, args, kwargs)
+    if eng.broker is not None:
+        result = await _publish(eng, func, args, kwargs)
+    else:
+        try:
+            result = eng.add_task(func, *args, **kwargs)
+        except QueueFull:
+            result = await _add_when_room(eng, func, args, kwargs)
     await _outcome(result)
+
+
+async def _publish(eng: Engine, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A broker engine's publish from a request: ``add_task_async`` on asyncio (the event loop
+    goes on while Redis answers); on trio, ``add_task`` in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: Starlette (anyio) on trio
+        return await anyio.to_thread.run_sync(functools.partial(eng.add_task, func, *args, **kwargs))
+    return await eng.add_task_async(func, *args, **kwargs)
 
 
 async def _add_when_room(eng: Engine, func: Callable[..., Any], args: tuple, kwargs: dict) -> TaskResult:
@@ -270,6 +283,17 @@ class DetachedBackgroundTasks:
 
     def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
         result = self.engine.add_task(func, *args, **kwargs)
+        self.results.append(result)
+        return result
+
+    async def add_task_async(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskResult:
+        """``add_task`` for an ``async def`` route: on a broker engine (``BackgroundTasks(broker=...)``)
+        it publishes without blocking the event loop (``add_task`` would hold it for the round
+        trip to Redis); on the in-process engine it is ``add_task``."""
+        if self.engine.broker is not None:
+            result = await _publish(self.engine, func, args, kwargs)
+        else:
+            result = self.engine.add_task(func, *args, **kwargs)
         self.results.append(result)
         return result
 

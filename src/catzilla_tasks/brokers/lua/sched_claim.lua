@@ -30,12 +30,13 @@ end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[12]))
 redis.call('ZADD', KEYS[4], now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - keep)  -- schedules nobody declared for KEEP
 redis.call('PEXPIRE', KEYS[2], keep)
 redis.call('PEXPIRE', KEYS[4], keep)
 
 local spec = redis.call('HGET', KEYS[1], 'spec')
 local nxt = tonumber(redis.call('HGET', KEYS[1], 'next'))
-if spec ~= ARGV[3] or not nxt then  -- first declared (or its schedule changed): its first due time
+if not nxt then  -- first declared: its first due time
   if ARGV[5] == '1' then
     nxt = now
   elseif every > 0 then
@@ -43,6 +44,12 @@ if spec ~= ARGV[3] or not nxt then  -- first declared (or its schedule changed):
   else
     nxt = after(now)
   end
+  redis.call('HSET', KEYS[1], 'spec', ARGV[3], 'next', nxt, 'name', ARGV[2])
+elseif spec ~= ARGV[3] then
+  -- its spec changed (a deploy): the new spec's first due time if that is sooner, never a later
+  -- one (while the old and the new version both declare it, each call would push it back)
+  local first = every > 0 and now + every or after(now)
+  if first < nxt then nxt = first end
   redis.call('HSET', KEYS[1], 'spec', ARGV[3], 'next', nxt, 'name', ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[1], keep)
