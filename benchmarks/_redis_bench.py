@@ -1,6 +1,8 @@
 """Distributed mode on one local Redis: catzilla_tasks against Celery, Dramatiq, RQ, arq, Huey and taskiq.
 
-    python benchmarks/_redis_bench.py [--quick] [--runs N] [--contenders ours,celery,...]
+    python benchmarks/_redis_bench.py [--quick] [--tasks N] [--runs N] [--contenders ours,celery,...]
+
+``ours_off`` (only when named) is our worker with the cluster registry off (``--heartbeat 0``).
 
 For each contender, each run (contenders interleaved run by run, median of ``--runs``):
 
@@ -11,7 +13,9 @@ For each contender, each run (contenders interleaved run by run, median of ``--r
    the N-th pushes its time to a Redis list the runner blocks on). Results are off for every
    contender (Celery ``ignore_result``, RQ ``result_ttl=0``, arq ``keep_result=0``, Huey
    ``results=False``, Dramatiq's default, ours ``result_ttl=0``).
-2. **worker RSS**: peak RSS (VmHWM) of the worker's process tree at the end of (1).
+2. **worker RSS**: peak RSS (VmHWM) of the worker's process tree at the end of (1); **worker
+   CPU per task**: user + system CPU time of the worker process during (1) / N (less moved by
+   other jobs on the machine than the wall-clock rate; a process pool's children not included).
 3. **Redis memory per queued task**: with no worker running, the producer enqueues N tasks;
    (``used_memory`` after - before) / N. Then the database is flushed.
 
@@ -47,6 +51,10 @@ CONTENDERS = {
     # costs end to end when it never has to wait (one Lua call per fetched batch)
     "ours_ratelimited": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000"],
                          "as ours, the task with rate_limit='1000000/s' (never reached)"),
+    # ours with the cluster registry off (no heartbeat, no figures): the registry's cost is ours - ours_off
+    "ours_off": ([sys.executable, "-m", "catzilla_tasks.cli", "worker", f"{MOD}:tasks", "--concurrency", "1000",
+                  "--heartbeat", "0"],
+                 "as ours, with --heartbeat 0 (not registered, no figures per task name)"),
     "celery": ([sys.executable, "-m", "celery", "-A", MOD, "worker", "-P", "solo", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-l", "WARNING", "--prefetch-multiplier", "1000"],
                "solo pool, no gossip/mingle/heartbeat, prefetch 1000, ignore_result; producer: delay()"),
@@ -63,6 +71,9 @@ CONTENDERS = {
                "taskiq-redis ListQueueBroker, 1 worker process, max 1000 async tasks, no result backend; "
                "producer: kiq() 50 at a time with asyncio.gather"),
 }
+
+VARIANT_OF = {"ours_off": "ours"}  # contenders that are another's worker with other options
+NOT_DEFAULT = ("ours_off",)  # run only when named in --contenders
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -277,7 +288,7 @@ def free_port() -> int:
 
 
 def env_for(lib: str, url: str, n: int) -> dict[str, str]:
-    env = dict(os.environ, BENCH_LIB=lib, BENCH_REDIS_URL=url, BENCH_N=str(n))
+    env = dict(os.environ, BENCH_LIB=VARIANT_OF.get(lib, lib), BENCH_REDIS_URL=url, BENCH_N=str(n))
     env.pop("LD_PRELOAD", None)
     parts = [HERE, os.path.join(REPO, "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(parts)
@@ -308,6 +319,13 @@ def tree_peak_rss(pid: int) -> int:
             continue
         todo += children(p)
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included) so far, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_producer(lib: str, url: str, n: int, ping: bool = False) -> float:
@@ -342,11 +360,13 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"{lib} worker not ready in 60 s: {tail}")
+        cpu0 = cpu_seconds(w.pid)
         t0 = run_producer(lib, url, n)
         got = r.blpop(DONE_KEY, timeout=600)
         if not got:
             raise RuntimeError(f"{lib}: {n} tasks not done in 600 s")
         seconds = float(got[1]) - t0
+        cpu = cpu_seconds(w.pid) - cpu0  # (the worker process only; a pool's children are not in it)
         rss = tree_peak_rss(w.pid)
     finally:
         w.terminate()
@@ -356,10 +376,12 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
             w.kill()
             w.wait()
         log.close()
-    return {"seconds": seconds, "tasks_per_s": n / seconds, "redis_bytes_per_task": mem_per_task, "worker_rss": rss}
+    return {"seconds": seconds, "tasks_per_s": n / seconds, "redis_bytes_per_task": mem_per_task, "worker_rss": rss,
+            "worker_cpu_us_per_task": cpu / n * 1e6}
 
 
 def available(lib: str) -> str | None:
+    lib = VARIANT_OF.get(lib, lib)
     mod = {"ours": "redis", "ours_ratelimited": "redis", "celery": "celery", "dramatiq": "dramatiq", "rq": "rq",
            "arq": "arq", "huey": "huey", "taskiq": "taskiq_redis"}[lib]
     try:
@@ -381,9 +403,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2,000 tasks instead of 20,000")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(c for c in CONTENDERS if c not in NOT_DEFAULT))
+    p.add_argument("--tasks", type=int, help="tasks per run (default 20,000; 2,000 with --quick)")
     a = p.parse_args()
-    n = 2_000 if a.quick else 20_000
+    n = a.tasks or (2_000 if a.quick else 20_000)
     libs = [c for c in a.contenders.split(",") if c]
     bad = [c for c in libs if c not in CONTENDERS]
     if bad:
@@ -427,7 +450,8 @@ def main() -> None:
                 results[lib].append(res)
                 sys.stderr.write(f"[run {run + 1}/{a.runs}] {lib:<9} {time.perf_counter() - t:6.1f}s  "
                                  f"{res['tasks_per_s']:8.0f} tasks/s  {res['redis_bytes_per_task']:6.0f} B/task  "
-                                 f"RSS {res['worker_rss'] / 2**20:5.1f} MiB\n")
+                                 f"RSS {res['worker_rss'] / 2**20:5.1f} MiB  "
+                                 f"CPU {res['worker_cpu_us_per_task']:5.1f} us/task\n")
     finally:
         srv.terminate()
         srv.wait()
@@ -437,21 +461,22 @@ def main() -> None:
         vals = [x[key] for x in results.get(lib, [])]
         return statistics.median(vals) if vals else None
 
-    summary = {lib: {k: med(lib, k) for k in ("seconds", "tasks_per_s", "redis_bytes_per_task", "worker_rss")}
+    keys = ("seconds", "tasks_per_s", "redis_bytes_per_task", "worker_rss", "worker_cpu_us_per_task")
+    summary = {lib: {k: med(lib, k) for k in keys}
                for lib in libs if results.get(lib)}
-    peers = [lib for lib in summary if not lib.startswith("ours")]
+    peers = [lib for lib in summary if not lib.startswith("ours")]  # (ours and its variants)
     fastest = max(peers, key=lambda x: summary[x]["tasks_per_s"]) if peers else None
     leanest = min(peers, key=lambda x: summary[x]["redis_bytes_per_task"]) if peers else None
     print(f"catzilla_tasks distributed mode vs peers - {n:,} no-op tasks, one producer + one worker process, "
           f"one local Redis, Python {platform.python_version()}, {os.cpu_count()} CPUs, median of {a.runs}")
-    print(f"{'contender':<10} {'tasks/s':>9} {'seconds':>8} {'Redis B/task':>13} {'worker RSS MiB':>15}  configuration")
+    print(f"{'contender':<10} {'tasks/s':>9} {'seconds':>8} {'Redis B/task':>13} {'worker RSS MiB':>15} {'CPU us/task':>12}  configuration")
     for lib in libs:
         if lib not in summary:
             print(f"{lib:<10} {'n/a':>9}  {errors.get(lib, 'no result')}")
             continue
         s = summary[lib]
         print(f"{lib:<10} {s['tasks_per_s']:>9.0f} {s['seconds']:>8.2f} {s['redis_bytes_per_task']:>13.0f} "
-              f"{s['worker_rss'] / 2**20:>15.1f}  {CONTENDERS[lib][1]}")
+              f"{s['worker_rss'] / 2**20:>15.1f} {s['worker_cpu_us_per_task']:>12.1f}  {CONTENDERS[lib][1]}")
     goals = {}
     if "ours" in summary and fastest:
         o = summary["ours"]

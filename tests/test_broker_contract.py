@@ -463,3 +463,14 @@ def test_memory_a_lapsed_lease_of_a_task_still_running_is_taken_back():
     finally:
         w.stop(10)
         p.shutdown(wait_for_completion=False, timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_the_worker_keeps_its_figures_per_task_name_on_every_broker(side):
+    r = side.producer.add_task(rt.add, 1, 2)
+    assert r.wait(30) == 3
+    w = side.worker
+    name = f"{rt.add.__module__}.add"
+    wait_until(lambda: w.figures.totals().get(name, {}).get("succeeded", 0) >= 1, 10, "the batch recorded")
+    # the registry is the broker's: Redis publishes the worker, memory keeps no registry
+    assert (side.worker.session.cluster_heartbeat(w, 1.0) is None) == (side.kind == "memory")

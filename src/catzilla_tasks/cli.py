@@ -8,6 +8,9 @@
     catzilla-tasks dead-letters list|redrive ...
     catzilla-tasks schedules --app MODULE:TASKS                 (cluster-wide periodic tasks)
     catzilla-tasks cancel TASK_ID --broker URL                  (cancel remote tasks)
+    catzilla-tasks workers|queues|tasks --broker URL [--json]   (the cluster, see brokers/cluster_commands.py)
+    catzilla-tasks inspect TASK_ID --broker URL [--json]
+    catzilla-tasks exporter --broker URL [--port P]
 
 ``URL`` is where a running engine exposes its stats: a dashboard server
 (``http://127.0.0.1:8765/``, its ``/stats.json`` is used) or a framework route that returns the
@@ -35,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
+__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url", "wait_for_stop"]
 
 TOKEN_ENV = "CATZILLA_TASKS_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
 SERVE_TOKEN_ENV = "CATZILLA_TASKS_SERVE_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
@@ -347,7 +350,7 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
-def _wait_for_stop() -> None:
+def wait_for_stop() -> None:
     """Block until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     previous = None
@@ -421,7 +424,7 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
     return 0
@@ -542,7 +545,7 @@ def cmd_demo_server(args: argparse.Namespace, out: TextIO) -> int:
     )
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
         close()
@@ -625,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .brokers.commands import add_commands  # distributed mode: worker, dead-letters
 
     add_commands(sub)
+    # -- distributed mode: the cluster's workers, queues, task names, one task, the exporter
+    from .brokers.cluster_commands import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 

@@ -113,6 +113,20 @@ def _hook(field: str, value: Any) -> Any:
 
 
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# the second part of the Redis broker's keys that are not a queue's (P:r:<task id>, P:cluster:...,
+# see brokers/redis.py): a queue of one of these names would share its keys with them, so no
+# queue (in-process or on Redis) takes one
+RESERVED_QUEUE_NAMES = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc", "cluster", "cancel", "cancelled")
+
+
+def reserved_queue_error(what: str, name: str) -> ValueError:
+    """The error for a queue named after a kind of key (``RESERVED_QUEUE_NAMES``)."""
+    return ValueError(
+        f"{what}: {name!r} is reserved (the Redis broker names other keys under its prefix with "
+        f"{', '.join(RESERVED_QUEUE_NAMES)}); choose another queue name"
+    )
+
+
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|second|m|min|minute|h|hour)\s*", re.ASCII)
 _SLOWEST_INTERVAL = 86400.0  # s between two slots of the slowest rate limit taken (one a day)
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
@@ -237,6 +251,8 @@ class TaskConfig(_engine.ConfigBase):
                 raise ValueError("rate_limit_key: needs a rate_limit or a concurrency_limit to key")
         if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue)):
             raise ValueError(f"queue: expected a name of letters, digits, '_', '-' and '.' (at most 64), got {queue!r}")
+        if queue in RESERVED_QUEUE_NAMES:
+            raise reserved_queue_error("queue", queue)
         delay = _time_ms("delay_ms", delay_ms)
         if (
             isinstance(max_retries, bool)

@@ -230,13 +230,15 @@ def _check_queues(queues: Any) -> dict[str, int]:
         return {}
     if not isinstance(queues, dict):
         raise TypeError(f"queues: expected a dict of queue name -> workers, got {type(queues).__name__}")
-    from .config import QUEUE_NAME
+    from .config import QUEUE_NAME, RESERVED_QUEUE_NAMES, reserved_queue_error
 
     for q, n in queues.items():
         if not isinstance(q, str) or not QUEUE_NAME.fullmatch(q) or q == "default":
             raise ValueError(
                 f"queues: {q!r} is not a queue name (letters, digits, '_', '-', '.'; 'default' is the engine itself)"
             )
+        if q in RESERVED_QUEUE_NAMES:
+            raise reserved_queue_error("queues", q)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"queues: the workers of {q!r} must be an integer >= 1, got {n!r}")
     return dict(queues)

@@ -234,3 +234,172 @@ def metrics_text(tasks: Any) -> bytes:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(TasksCollector(tasks))
     return generate_latest(reg)
+
+
+# ----------------------------------------------------------------------------- distributed mode
+# A worker's figures with the cluster's labels (queue, task, worker), and the exporter's: the
+# depths of the queues and dead letters, which no single worker owns.
+
+
+def _sparse_buckets(hist: Mapping[Any, int]) -> list[tuple[str, float]]:
+    """A registry histogram ``{engine bucket: count}`` as cumulative counts on
+    HISTOGRAM_BOUNDS_S (exact: bound k is the upper bound of engine bucket 4k), plus ``+Inf``."""
+    counts = sorted((int(i), int(c)) for i, c in hist.items())
+    out: list[tuple[str, float]] = []
+    total = 0
+    j = 0
+    for k, bound in enumerate(HISTOGRAM_BOUNDS_S):
+        while j < len(counts) and counts[j][0] <= 4 * k:
+            total += counts[j][1]
+            j += 1
+        out.append((floatToGoString(bound), float(total)))
+    out.append(("+Inf", float(sum(c for _, c in counts))))
+    return out
+
+
+class WorkerCollector:
+    """The figures of one distributed-mode worker (``brokers.Worker``), read at scrape time:
+    tasks by outcome, run time and queue wait per task name, tasks in flight, concurrency,
+    resident memory. Labels: ``queue`` (a worker of several queues: their names joined by ","),
+    ``worker`` (its id, as ``catzilla-tasks workers`` shows it) and ``task``. The worker's
+    engine is exposed too (TasksCollector's families)."""
+
+    def __init__(self, worker: Any) -> None:
+        if getattr(worker, "figures", None) is None:
+            raise ValueError("WorkerCollector: this worker keeps no figures (created with heartbeat_interval=None)")
+        self._worker = worker
+        self._engine = TasksCollector(worker.tasks)
+
+    def describe(self) -> list[Metric]:
+        return [*self._families().values(), *self._engine.describe()]
+
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        t = ["queue", "worker", "task"]
+        w = ["queue", "worker"]
+        fams = [
+            CounterMetricFamily(
+                f"{PREFIX}_worker_tasks",
+                "Tasks this worker finished, by outcome (succeeded; failed: dead-lettered; retried: an attempt "
+                "that failed and was scheduled again).",
+                labels=[*t, "outcome"],
+            ),
+            HistogramMetricFamily(
+                f"{PREFIX}_worker_task_run_seconds",
+                "Run time of tasks (a uniform sample of at most 200 tasks per heartbeat above that rate).",
+                labels=t,
+            ),
+            HistogramMetricFamily(
+                f"{PREFIX}_worker_task_queue_wait_seconds",
+                "Time from a task being due in Redis to its start (sampled as the run time).",
+                labels=t,
+            ),
+            GaugeMetricFamily(f"{PREFIX}_worker_in_flight_tasks", "Tasks the worker holds now.", labels=w),
+            GaugeMetricFamily(f"{PREFIX}_worker_concurrency", "Most tasks the worker holds at once.", labels=w),
+            GaugeMetricFamily(f"{PREFIX}_worker_resident_memory_bytes", "Resident memory of the worker.", labels=w),
+        ]
+        return {m.name: m for m in fams}
+
+    def collect(self) -> Iterator[Metric]:
+        from .brokers.registry import rss_bytes
+
+        wk = self._worker
+        # (a worker of several queues, brokers.routing.MultiQueueWorker: its queues joined by ",")
+        queue, wid = ",".join(getattr(wk, "weights", None) or [str(wk.broker.queue)]), str(wk.consumer)
+        fams = self._families()
+        for name, f in sorted(wk.figures.totals().items()):
+            labels = [queue, wid, name]
+            for outcome in ("succeeded", "failed", "retried"):
+                fams[f"{PREFIX}_worker_tasks"].add_metric([*labels, outcome], float(f[outcome]))
+            fams[f"{PREFIX}_worker_task_run_seconds"].add_metric(
+                labels, buckets=_sparse_buckets(f["run"]), sum_value=f["run_sum_ns"] / 1e9
+            )
+            fams[f"{PREFIX}_worker_task_queue_wait_seconds"].add_metric(
+                labels, buckets=_sparse_buckets(f["wait"]), sum_value=f["wait_sum_ns"] / 1e9
+            )
+        fams[f"{PREFIX}_worker_in_flight_tasks"].add_metric([queue, wid], float(wk.stats()["in_flight"]))
+        fams[f"{PREFIX}_worker_concurrency"].add_metric([queue, wid], float(wk.concurrency))
+        fams[f"{PREFIX}_worker_resident_memory_bytes"].add_metric([queue, wid], _num(rss_bytes()))
+        yield from fams.values()
+        yield from self._engine.collect()
+
+
+class ClusterCollector:
+    """What no single worker owns, read from Redis at scrape time (``brokers.cluster.ClusterView``):
+    per queue and priority the tasks queued, delayed, in flight and dead-lettered, and the
+    registered workers by state. Queues are re-discovered by a key SCAN at most every
+    ``rescan_s`` seconds (the registry's queues are read at every scrape)."""
+
+    def __init__(self, view: Any, rescan_s: float = 60.0) -> None:
+        self._view = view
+        self._rescan_s = rescan_s
+        self._scanned: tuple[float, list[str]] = (-math.inf, [])
+        self._lock = threading.Lock()
+
+    def describe(self) -> list[Metric]:
+        return list(self._families().values())
+
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        qp = ["queue", "priority"]
+        fams = [
+            GaugeMetricFamily(f"{PREFIX}_queue_queued_tasks", "Tasks in a queue not yet read by a worker.", labels=qp),
+            GaugeMetricFamily(
+                f"{PREFIX}_queue_delayed_tasks", "Tasks waiting for their time (delay_ms, retry back-off).", labels=qp
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_queue_in_flight_tasks", "Tasks read by a worker and not acknowledged yet.", labels=qp
+            ),
+            GaugeMetricFamily(f"{PREFIX}_dead_letter_tasks", "Tasks in a queue's dead letters.", labels=qp),
+            GaugeMetricFamily(
+                f"{PREFIX}_cluster_workers", "Registered workers, by state (alive, lost).", labels=["state"]
+            ),
+        ]
+        return {m.name: m for m in fams}
+
+    def _queue_names(self) -> list[str]:
+        import time
+
+        with self._lock:
+            at, names = self._scanned
+            now = time.monotonic()
+            if now - at >= self._rescan_s:
+                names = self._view.queue_names(scan=True)
+                self._scanned = (now, names)
+        return sorted(set(names) | set(self._view.queue_names(scan=False)))
+
+    def collect(self) -> Iterator[Metric]:
+        fams = self._families()
+        try:
+            rows = self._view.queues(self._queue_names())
+            workers = self._view.workers()
+        except Exception as exc:  # Redis away: an empty scrape (Prometheus marks the target's gap)
+            log.error("catzilla_tasks: could not read the cluster: %s", redact_text(f"{type(exc).__name__}: {exc}"))
+            return
+        for row in rows:
+            labels = [row["queue"], row["priority"]]
+            fams[f"{PREFIX}_queue_queued_tasks"].add_metric(labels, float(row["queued"]))
+            fams[f"{PREFIX}_queue_delayed_tasks"].add_metric(labels, float(row["delayed"]))
+            fams[f"{PREFIX}_queue_in_flight_tasks"].add_metric(labels, float(row["in_flight"]))
+            fams[f"{PREFIX}_dead_letter_tasks"].add_metric(labels, float(row["dead_letters"]))
+        for state in ("alive", "lost"):
+            fams[f"{PREFIX}_cluster_workers"].add_metric([state], float(sum(w["state"] == state for w in workers)))
+        yield from fams.values()
+
+
+def serve(collector: Any, host: str = "127.0.0.1", port: int = 9808) -> tuple[Any, Any]:
+    """Serve ``collector`` (a WorkerCollector or ClusterCollector) on ``http://host:port/metrics``
+    with prometheus-client's server, in a thread; returns (server, thread): ``server.shutdown()``
+    stops it."""
+    from prometheus_client import start_http_server
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    return start_http_server(port, addr=host, registry=reg)
+
+
+def collector_text(collector: Any) -> bytes:
+    """The text exposition of one collector, read now."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    return generate_latest(reg)

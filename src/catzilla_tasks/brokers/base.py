@@ -353,6 +353,13 @@ class ConsumerSession(abc.ABC):
     def interrupt(self) -> None:  # noqa: B027 - optional
         """Break blocked calls (the stop deadline passed)."""
 
+    def cluster_heartbeat(self, worker: Any, interval: float) -> Any:
+        """The thread that publishes ``worker`` in the broker's cluster registry every
+        ``interval`` seconds (who it is, ``worker.stats()``, ``worker.figures``): an object with
+        ``start()`` and ``stop(deregister)``; None when the broker keeps no registry (the worker
+        still keeps its figures, for a metrics exporter). Default: none."""
+        return None
+
     def cancel_watch(self) -> Any:
         """The cancelled task ids this consumer learns of (``Broker.cancel_run`` of a single
         task): an object with ``ids`` (a container of task ids: a fetched task in it is

@@ -1,6 +1,7 @@
 """``catzilla-tasks worker`` and ``catzilla-tasks dead-letters`` (wired into :mod:`catzilla_tasks.cli`).
 
 catzilla-tasks worker MODULE:TASKS [--concurrency N] [--broker URL] [--queues Q[:W],...]
+    [--heartbeat S] [--metrics-port P]
 catzilla-tasks dead-letters list (--app MODULE:TASKS | --broker URL) [--queue Q] [--count N] [--json]
 catzilla-tasks dead-letters redrive (--app MODULE:TASKS | --broker URL) [--queue Q] (--all | ID ...)
 catzilla-tasks schedules (--app MODULE:TASKS | --broker URL) [--queue Q] [--json]
@@ -122,6 +123,12 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     from .redis import RedisBroker
     from .worker import Worker
 
+    if not (args.heartbeat == 0 or 0.01 <= args.heartbeat <= 3600):
+        raise UsageError(f"--heartbeat: must be 0 (off) or from 0.01 to 3600 seconds, got {args.heartbeat!r}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port: must be between 0 and 65535, got {args.metrics_port}")
+    if args.metrics_port is not None and args.heartbeat == 0:
+        raise UsageError("--metrics-port needs the figures the heartbeat keeps: not with --heartbeat 0")
     tasks = load_app(args.app)
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
@@ -138,6 +145,7 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         producer = DistributedTasks(workers=1, broker=b)
         producer.take_over_periodic(tasks)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    heartbeat = args.heartbeat or None
     queues = None
     if getattr(args, "queues", None):
         from .routing import MultiQueueWorker, parse_queues
@@ -145,13 +153,20 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         try:
             queues = parse_queues(args.queues)
             if len(queues) > 1 or next(iter(queues)) != b.queue:
-                w: Any = MultiQueueWorker(tasks, queues, broker=b, concurrency=args.concurrency)
+                w: Any = MultiQueueWorker(
+                    tasks, queues, broker=b, concurrency=args.concurrency, heartbeat_interval=heartbeat
+                )
             else:
                 queues = None
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if queues is None:
-        w = Worker(tasks, b, concurrency=args.concurrency)
+        w = Worker(tasks, b, concurrency=args.concurrency, heartbeat_interval=heartbeat)
+    if args.metrics_port is not None:  # the worker's own figures for Prometheus
+        from .. import prometheus
+
+        server, _ = prometheus.serve(prometheus.WorkerCollector(w), host=args.metrics_host, port=args.metrics_port)
+        print(f"metrics on http://{args.metrics_host}:{server.server_port}/metrics", file=out, flush=True)
     print(
         f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), "
         + (
@@ -312,6 +327,22 @@ def add_commands(sub: Any) -> None:
         help="named queues to consume, e.g. emails,default or emails:1,default:3 (each gets its share of "
         "--concurrency by weight W, default 1; default: the broker's own queue)",
     )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between the worker's beats in the cluster registry (default 2; 0: not registered, "
+        "no figures kept)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics on http://HOST:PORT/metrics (default: not served; "
+        "needs prometheus-client)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
     p.set_defaults(func=_run(cmd_worker))
 
     dl = sub.add_parser(

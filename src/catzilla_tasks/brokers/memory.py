@@ -8,7 +8,9 @@ survives it: for tests of code written for a broker, not for production. Rate an
 limits are kept here too, shared by every consumer of the broker (as Redis shares them across
 machines), and progress reports are stored for ``MemoryResult.progress``. A task's named queue
 (``queue=``) is not a queue of its own here: every task goes to the broker's one set of queues.
-Not supported here: workflow runs across workers (``run_workflow`` raises NotImplementedError:
+There is no cluster registry (``catzilla-tasks workers`` is Redis's): a worker on it keeps its
+figures (``worker.figures``, for a metrics exporter) and publishes nothing. Not supported
+here: workflow runs across workers (``run_workflow`` raises NotImplementedError:
 they need the RedisBroker).
 
 Submit-time deduplication as on Redis (brokers/dedup.py): a keyed ``add_task`` while a task with

@@ -12,7 +12,8 @@ ms) a rate-limited task was deferred to (see ratelimit.py).
 
 An **outcome record** (a task's result) is ``[status code, value]`` with the codes of
 :data:`STATUS_CODES`; for a task that did not succeed the value is its error as
-:func:`encode_error` writes it, rebuilt by :func:`decode_error`.
+:func:`encode_error` writes it, rebuilt by :func:`decode_error`. Workers append the task's
+name as a third item (what ``catzilla-tasks inspect`` shows); readers take the first two.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Layout in Redis (``P`` = prefix, ``Q`` = queue name)::
     P:Q:sched:<name>   a cluster-wide periodic task: next due time, last run... (see schedules.py)
     P:Q:cancelled      ids of cancelled tasks (see cancel.py), announced on channel P:Q:cancel
     P:wf:<run id>      a workflow run: its steps, counters and values (see scripts.py), with a TTL
+    P:cluster:...      the cluster registry: workers, their figures, recent failures (registry.py)
 
 A producer (``BackgroundTasks(broker="redis://...")``) XADDs each task to the stream of its
 priority; a worker (``catzilla-tasks worker module:tasks``, see :mod:`.worker`) reads with
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 from .._redact import redact_url
-from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
+from ..config import MAX_MS, RESERVED_QUEUE_NAMES, TaskConfig, TaskPriority, TaskStatus, reserved_queue_error
 from ..errors import wire_name
 from . import scripts, workflow_runs
 from .base import ConsumerSession, FetchingBroker
@@ -109,7 +110,7 @@ def _require_redis() -> None:
 
 # the second part of the keys that are not a queue's (P:r:<task id>, P:done:<key>...): a queue
 # of one of these names would share its keys with them
-_KEY_KINDS = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc")
+_KEY_KINDS = RESERVED_QUEUE_NAMES  # (config.py: no queue, in-process or here, takes one of these names)
 _MAX_S = MAX_MS // 1000  # the longest TTL or timeout in seconds: the engine's limit, well within Redis's
 
 
@@ -137,7 +138,8 @@ class RedisBroker(FetchingBroker):
     password in the URL as ``redis://:secret@host:6379/0``).
 
     * ``queue``: the name of this set of streams; producers and workers of one queue share them
-      (not ``r``, ``done``, ``claim`` or ``wf``: those name other keys under the prefix).
+      (not ``r``, ``done``, ``claim``, ``wf``, ``idem``, ``p``, ``rl``, ``cc`` or ``cluster``: those name other
+      keys under the prefix).
     * ``serializer``: ``"msgpack"`` (default) or ``"json"``; ``"pickle"`` only together with
       ``allow_pickle=True`` (anyone who can write to the Redis could then run code in workers).
     * ``result_ttl``: seconds a result is kept (0: results are not stored, ``wait()`` refuses).
@@ -186,10 +188,7 @@ class RedisBroker(FetchingBroker):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
         if queue in _KEY_KINDS:  # P:done:q0 would be both a stream and the done key of "q0"
-            raise ValueError(
-                f"queue: {queue!r} is the name of a kind of key under the prefix "
-                f"({', '.join(_KEY_KINDS)}); choose another queue name"
-            )
+            raise reserved_queue_error("queue", queue)
         if not _seconds(result_ttl):
             raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
         for ttl_field, ttl in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
@@ -326,7 +325,7 @@ class RedisBroker(FetchingBroker):
         hit = self._queue_keys.get(queue)
         if hit is None:
             if queue in _KEY_KINDS:
-                raise ValueError(f"queue: {queue!r} names a kind of key under the prefix; choose another queue name")
+                raise reserved_queue_error("queue", queue)
             base = f"{self.prefix}:{queue}"
             hit = self._queue_keys[queue] = (tuple(f"{base}:q{p}" for p in range(4)), f"{base}:delayed")
         return hit

@@ -161,6 +161,11 @@ class RedisConsumer(ConsumerSession):
     def interrupt(self) -> None:
         self._r.connection_pool.disconnect()
 
+    def cluster_heartbeat(self, worker: Any, interval: float) -> Any:
+        from .registry import Heartbeat  # (P:cluster:..., see registry.py)
+
+        return Heartbeat(worker, interval)
+
     def cancel_watch(self) -> Any:
         from .cancel import CancelWatch  # (the cancelled set, and the channel that announces them)
 

@@ -8,15 +8,25 @@ queue its share of the worker's concurrency, by weight (``--queues emails:1,defa
 weights by default, at least one slot each). Inside a queue, priorities are served in order as
 ever; across queues nothing is shared, so a queue full of slow tasks never starves another: each
 queue is a bulkhead, as a named queue is in-process (``BackgroundTasks(queues=...)``).
+
+The fetch loops share one consumer name (each reads its own queue's streams, so the name is
+unambiguous per stream) and one entry in the cluster registry (registry.py): the worker's id,
+its queues with their weights and its whole concurrency, beaten by one heartbeat thread, with
+the figures of every queue's tasks together. Each fetch loop renews its own held entries and
+concurrency-limit leases (ratelimit.py), as a single-queue worker does.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
+import time
 from typing import Any
 
 from .redis import RedisBroker
+from .registry import Heartbeat, TaskFigures, check_interval
 from .worker import Worker
 
 __all__ = ["MultiQueueWorker", "broker_for_queue", "parse_queues", "split_concurrency"]
@@ -24,7 +34,7 @@ __all__ = ["MultiQueueWorker", "broker_for_queue", "parse_queues", "split_concur
 
 def parse_queues(spec: str) -> dict[str, int]:
     """``"emails,default"`` or ``"emails:1,default:3"`` as {queue: weight}."""
-    from ..config import QUEUE_NAME
+    from ..config import QUEUE_NAME, RESERVED_QUEUE_NAMES, reserved_queue_error
 
     out: dict[str, int] = {}
     for part in spec.split(","):
@@ -34,6 +44,8 @@ def parse_queues(spec: str) -> dict[str, int]:
         name, _, weight = part.partition(":")
         if not QUEUE_NAME.fullmatch(name):
             raise ValueError(f"--queues: {name!r} is not a queue name (letters, digits, '_', '-', '.')")
+        if name in RESERVED_QUEUE_NAMES:
+            raise reserved_queue_error("--queues", name)
         try:
             w = int(weight) if weight else 1
         except ValueError:
@@ -92,7 +104,11 @@ def broker_for_queue(broker: RedisBroker, queue: str) -> RedisBroker:
 class MultiQueueWorker:
     """Runs one :class:`Worker` per queue of ``queues`` ({name: weight}) on the engine ``tasks``,
     splitting ``concurrency`` between them by weight (see the module docstring). ``broker``: the
-    RedisBroker whose named queues these are (default: ``tasks.broker``)."""
+    RedisBroker whose named queues these are (default: ``tasks.broker``).
+
+    ``heartbeat_interval``: seconds between the beats of its one entry in the cluster registry
+    (None: not registered, no figures kept); ``consumer``: its name (default: host-pid-random).
+    """
 
     def __init__(
         self,
@@ -101,22 +117,41 @@ class MultiQueueWorker:
         *,
         broker: RedisBroker | None = None,
         concurrency: int = 16,
+        heartbeat_interval: float | None = 2.0,
+        consumer: str | None = None,
         **worker_kw: Any,
     ) -> None:
         broker = broker if broker is not None else getattr(tasks, "broker", None)
         if not isinstance(broker, RedisBroker):
             raise TypeError("MultiQueueWorker: the engine has no Redis broker (pass broker=RedisBroker(...))")
         shares = split_concurrency(concurrency, queues)
+        interval = check_interval(heartbeat_interval)
         self.tasks = tasks
+        self.broker = broker
         self.concurrency = concurrency
+        self.weights: dict[str, int] = dict(queues)
+        self.consumer: str = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.workers: dict[str, Worker] = {
-            q: Worker(tasks, broker_for_queue(broker, q), concurrency=shares[q], **worker_kw) for q in queues
+            q: Worker(
+                tasks,
+                broker_for_queue(broker, q),
+                concurrency=shares[q],
+                consumer=self.consumer,
+                heartbeat_interval=None,  # (one entry for all the queues: this object's heartbeat)
+                **worker_kw,
+            )
+            for q in queues
         }
+        # the figures of every queue's tasks, recorded by each queue's committer (registry.py)
+        self.figures: TaskFigures | None = None
+        self._heartbeat: Heartbeat | None = None
+        if interval is not None:
+            self.figures = TaskFigures()
+            for w in self.workers.values():
+                w.figures = self.figures
+            self._heartbeat = Heartbeat(self, interval)
+        self._deadline: float | None = None
         self.ready = threading.Event()
-
-    @property
-    def consumer(self) -> str:
-        return next(iter(self.workers.values())).consumer
 
     def run(self, install_signals: bool = False) -> None:
         if install_signals:
@@ -129,12 +164,20 @@ class MultiQueueWorker:
             t.start()
         for w in self.workers.values():
             w.ready.wait()
+        if self._heartbeat is not None:
+            self._heartbeat.start()
         self.ready.set()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.5)  # (in slices: the main thread stays responsive to signals)
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)  # (in slices: the main thread stays responsive to signals)
+        finally:
+            if self._heartbeat is not None:  # (past a stop deadline: left to be seen as lost)
+                self._heartbeat.stop(deregister=self._deadline is None or time.monotonic() < self._deadline)
 
     def stop(self, timeout: float | None = None) -> None:
+        if timeout is not None:
+            self._deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w.stop(timeout)
 

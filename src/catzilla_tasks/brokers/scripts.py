@@ -92,3 +92,9 @@ CONCURRENCY = _load("concurrency.lua")
 
 # one flush of a producer's group commit: every message of it, or none (brokers/group_commit.py)
 PUBLISH = _load("publish.lua")
+
+# -- the cluster view (cluster.py): read-only scans of a stream or a delayed set, in slices ----
+
+SCAN_STREAM = _load("scan_stream.lua")
+
+SCAN_DELAYED = _load("scan_delayed.lua")

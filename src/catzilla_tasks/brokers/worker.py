@@ -61,6 +61,7 @@ from .protocol import (
     STATUS_CODES,
 )
 from .ratelimit import LEAD_MS
+from .registry import TaskFigures, check_interval
 from .serialization import DecodeError
 
 __all__ = ["Worker", "backoff_ms"]
@@ -162,7 +163,7 @@ class _Job:
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
         self.ops: tuple = _NO_OPS  # its outcome, for the session's commit (see base.Outcome)
-        self.kinds: tuple[str, ...] = _NO_OPS  # the counters its outcome moves
+        self.kinds: tuple[str, ...] = _NO_OPS  # the counters its outcome moves; () once not stored (registry.py)
         self.settle: tuple | None = None  # ended for good: (idempotency key, schedule) to let go of
         self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
         # limits (see _admit): its concurrency lease (the session's, released in its commit),
@@ -189,6 +190,11 @@ class Worker:
     ``concurrency``: most tasks held at once (fetched and not yet acknowledged); the worker
     fetches only its free capacity. ``run()`` returns after ``stop()`` (or SIGTERM/SIGINT with
     ``install_signals=True``): it stops fetching, lets in-flight tasks finish, acknowledges them.
+
+    ``heartbeat_interval``: seconds between the worker's beats in the broker's cluster registry
+    (see :mod:`.registry`: who it is, what it holds, its figures per task name; the session's
+    ``cluster_heartbeat``); None: not registered and no figures kept. A broker without a
+    registry (MemoryBroker) keeps the figures (``worker.figures``) and publishes nothing.
     """
 
     def __init__(
@@ -199,6 +205,7 @@ class Worker:
         concurrency: int = 16,
         consumer: str | None = None,
         block_ms: int = 200,
+        heartbeat_interval: float | None = 2.0,
     ) -> None:
         broker = broker if broker is not None else getattr(tasks, "broker", None)
         if not isinstance(broker, FetchingBroker):
@@ -271,6 +278,14 @@ class Worker:
         from .. import progress
 
         progress.add_resolver(self._progress_target)
+        # -- the cluster registry (registry.py): figures recorded by the committer, published by
+        # the session's heartbeat thread
+        self.figures: TaskFigures | None = None
+        self._heartbeat_thread: Any = None
+        interval = check_interval(heartbeat_interval)
+        if interval is not None:
+            self.figures = TaskFigures()
+            self._heartbeat_thread = session.cluster_heartbeat(self, interval)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -313,12 +328,16 @@ class Worker:
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
         self._committer.start()
         threading.Thread(target=self._enforce_deadline, name="catzilla-stop-deadline", daemon=True).start()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.start()
         self.ready.set()
         try:
             self._fetch_loop()
         finally:
             try:
                 self._finish_held()
+                if self._heartbeat_thread is not None:
+                    self._heartbeat_thread.stop(deregister=not self._past_deadline())
                 if not self._past_deadline():
                     self._leave()
             finally:
@@ -843,6 +862,8 @@ class Worker:
                     for k, v in counts.items():
                         if v:
                             self.counts[k] += v
+                    if self.figures is not None:  # (one call per acknowledged batch)
+                        self.figures.record(jobs, counts["succeeded"])
                 except Exception:
                     log.exception(
                         "committing %d task outcomes failed; the broker keeps them held and will redeliver them",
@@ -886,6 +907,7 @@ class Worker:
         for j, ok in zip(jobs, stored, strict=True):
             if not ok:
                 lost += 1
+                j.kinds = ()  # not stored: redelivered, counted then (registry.py)
                 continue
             for k in j.kinds:
                 if k in counts:
@@ -976,7 +998,7 @@ class Worker:
             ops: tuple = _NO_OPS
             if ttl_ms:
                 try:
-                    rec = self._sized(ser.dumps([0, h.wait(0)]), limit, "the task's return value")
+                    rec = self._sized(ser.dumps([0, h.wait(0), j.msg[MSG_NAME]]), limit, "the task's return value")
                 except (TypeError, _TooLarge) as exc:
                     err = [
                         type(exc).__name__ if isinstance(exc, TypeError) else "ValueError",
@@ -985,7 +1007,7 @@ class Worker:
                     ]
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
                         return ("failed", *self._dead_job(j, f"{err[0]}: {err[1]}", ctx, err))
-                    rec = ser.dumps([1, err])
+                    rec = ser.dumps([1, err, j.msg[MSG_NAME]])
                 ops = ((Outcome.RESULT, j.msg[MSG_ID], rec),)
             if j.claim is not None:  # (last: once committed, this job's claim goes with the done key)
                 j.ops = (*ops, (Outcome.KEY_DONE, str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY]), j.msg[MSG_ID]))
@@ -1019,7 +1041,7 @@ class Worker:
             return ("retried",)
         err = encode_error(failure)
         if j.wf is None and ttl_ms:
-            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err], limit)
+            rec = self._fit(ser, [STATUS_CODES.get(status, 1), err, j.msg[MSG_NAME]], limit)
             kinds = self._dead_job(j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err, result=False)
             j.ops = ((Outcome.RESULT, j.msg[MSG_ID], rec), *j.ops)
             return ("failed", *kinds)
@@ -1031,7 +1053,7 @@ class Worker:
         if len(out) > limit:
             kind, message, tb = rec[1][:3]
             keep = max(100, limit // 4)
-            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]]]
+            rec = [rec[0], [kind, message[:keep] + " [...]", tb[-keep:]], *rec[2:]]
             out = ser.dumps(rec)
         return out
 
@@ -1057,7 +1079,7 @@ class Worker:
             ops.append(workflow_runs.failed_ops(ser, wf, cause))
         elif result and ttl_ms and msg:  # the task id is known: its waiters learn why
             ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
-            ops.append((Outcome.RESULT, msg[MSG_ID], self._fit(ser, [1, cause], limit)))
+            ops.append((Outcome.RESULT, msg[MSG_ID], self._fit(ser, [1, cause, msg[MSG_NAME]], limit)))
         j.ops = tuple(ops)
         return ("dead_lettered",)
 
