@@ -286,11 +286,10 @@ class RedisBroker(FetchingBroker):
         self._local = threading.local()
         self._overrides = Overrides()
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-        # never a leading "-": `catzilla-tasks cancel ID` (and any command line) would take it
-        # for an option (one process in 64 published such ids)
-        self._id_base = "-"
-        while self._id_base.startswith("-"):
-            self._id_base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        # never a leading "-": `catzilla-tasks inspect ID` / `cancel ID` (and any command line)
+        # would take it for an option (one process in 64 published such ids)
+        base = base64.urlsafe_b64encode(os.urandom(6)).decode()
+        self._id_base = "_" + base[1:] if base[0] == "-" else base
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
         self._callbacks: _Watcher | None = None
