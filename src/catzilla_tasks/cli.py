@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
+__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url", "wait_for_stop"]
 
 TOKEN_ENV = "CATZILLA_TASKS_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
 SERVE_TOKEN_ENV = "CATZILLA_TASKS_SERVE_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
@@ -351,7 +351,7 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
-def _wait_for_stop() -> None:
+def wait_for_stop() -> None:
     """Block until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     previous = None
@@ -473,7 +473,7 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
     return 0
@@ -594,7 +594,7 @@ def cmd_demo_server(args: argparse.Namespace, out: TextIO) -> int:
     )
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
         close()
