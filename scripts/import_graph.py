@@ -9,6 +9,12 @@ under ``if``/``try``), and *lazy* when it sits inside a function or under ``if T
 (it runs on first use, or never). Eager imports must form no cycle: a reader (and the
 interpreter) can then load the package bottom-up. A lazy import that points back up the graph
 is the documented way to break a cycle, and is printed with ``(lazy)``.
+
+Modules talk through public names: ``private_imports`` lists every ``from .x import _y`` (printed
+as PRIVATE lines) unless ``x`` is itself a private helper module (``_wire``, ``_pool``...) of the
+importer's own package, whose underscore names are that package's internals. (A private
+*module*, ``from . import _engine``, is a module import, not a private name.)
+tests/test_import_graph.py holds the list to the known ones: no new one may appear.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class _Imports(ast.NodeVisitor):
         self.current, self.is_pkg, self.known = current, is_pkg, known
         self.depth = 0  # > 0 inside a function or an `if TYPE_CHECKING:` block
         self.edges: dict[str, str] = {}  # target -> "eager" | "lazy" (eager wins)
+        self.private: list[str] = []  # "module._name" imported from another module, refused
 
     def _add(self, name: str) -> None:
         # the longest known module that `name` is or lies inside
@@ -90,6 +97,15 @@ class _Imports(ast.NodeVisitor):
         for alias in node.names:
             full = f"{base}.{alias.name}"
             self._add(full if full in self.known else base)
+            dunder = alias.name.startswith("__") and alias.name.endswith("__")
+            if alias.name.startswith("_") and not dunder and full not in self.known and not self._internal(base):
+                self.private.append(full)
+
+    def _internal(self, source: str) -> bool:
+        """``source`` is a private helper module of the importer's own package."""
+        pkg = self.current if self.is_pkg else self.current.rpartition(".")[0]
+        parent, _, leaf = source.rpartition(".")
+        return leaf.startswith("_") and parent == pkg
 
 
 def graph(root: Path = ROOT) -> dict[str, dict[str, str]]:
@@ -104,6 +120,21 @@ def graph(root: Path = ROOT) -> dict[str, dict[str, str]]:
         v = _Imports(name, f.name == "__init__.py", known)
         v.visit(ast.parse(f.read_text(), str(f)))
         out[name] = v.edges
+    return out
+
+
+def private_imports(root: Path = ROOT) -> dict[str, list[str]]:
+    """{module: [another module's private name it imports, ...]} (see the module docstring)."""
+    files = sorted((root / PACKAGE).rglob("*.py"))
+    stubs = [f for f in (root / PACKAGE).rglob("*.pyi") if not f.with_suffix(".py").exists()]
+    known = {module_name(f, root) for f in files + stubs}
+    out: dict[str, list[str]] = {}
+    for f in files:
+        name = module_name(f, root)
+        v = _Imports(name, f.name == "__init__.py", known)
+        v.visit(ast.parse(f.read_text(), str(f)))
+        if v.private:
+            out[name] = v.private
     return out
 
 
@@ -147,6 +178,9 @@ def main() -> int:
     cycles = eager_cycles(g)
     for c in cycles:
         print("CYCLE: " + " -> ".join(c), file=sys.stderr)
+    private = private_imports()
+    for name, names in sorted(private.items()):
+        print(f"PRIVATE: {name} imports {', '.join(names)}", file=sys.stderr)
     if args.check and cycles:
         return 1
     return 0

@@ -38,9 +38,9 @@ def log_admissions(key: str) -> None:
     """Test instrumentation (worker processes): push ``"<i> <slot s>"`` to ``key`` for every
     call of ``rated`` the rate limiter admits, with the slot it reserved (server clock)."""
     from catzilla_tasks.brokers.protocol import MSG_ARGS, MSG_NAME, MSG_OPTIONS, OPT_RESERVED
-    from catzilla_tasks.brokers.ratelimit import RedisLimits
+    from catzilla_tasks.brokers.worker import Worker
 
-    orig = RedisLimits.admit
+    orig = Worker._admit
 
     def admit(self, jobs):
         first = [not (len(j.msg) > MSG_OPTIONS and j.msg[MSG_OPTIONS] and OPT_RESERVED in j.msg[MSG_OPTIONS])
@@ -51,14 +51,14 @@ def log_admissions(key: str) -> None:
             if not new or j.error is not None or not j.msg[MSG_NAME].endswith(".rated"):
                 continue
             if j.limit_deferred:
-                slot_ms = self.w.broker.serializer.loads(j.payload)[MSG_OPTIONS][OPT_RESERVED]
+                slot_ms = self.broker.serializer.loads(j.payload)[MSG_OPTIONS][OPT_RESERVED]
             else:
-                slot_ms = time.time() * 1000 + self.offset_ms() + j.local_delay
+                slot_ms = time.time() * 1000 + self.session.clock_offset_ms() + j.local_delay
             rows.append(f"{j.msg[MSG_ARGS][1]} {slot_ms / 1000!r}")
         if rows:
             _r().rpush(key, *rows)
 
-    RedisLimits.admit = admit
+    Worker._admit = admit
 
 
 @_reg

@@ -92,6 +92,26 @@ def flaky(key, fail_times):
 
 
 @_reg
+@task(max_retries=0)
+def fails_until_set(flag_key, value, message="the flag is not set"):
+    """Fails (at once dead-lettered: no retries) until the test sets ``flag_key`` in Redis."""
+    if not _sync_client().exists(flag_key):
+        raise RuntimeError(message)
+    return value
+
+
+@_reg
+@task
+def progress_then_hold(gate_key, fraction, message):
+    """Reports its progress, then waits (in Redis, up to 30 s) until the test opens the gate."""
+    from catzilla_tasks import current_task
+
+    current_task().set_progress(fraction, message)
+    _sync_client().blpop([gate_key], timeout=30)
+    return fraction
+
+
+@_reg
 @task
 def record(log_key, value):
     """Side effect: appends value to a list in Redis (counts executions)."""

@@ -156,7 +156,7 @@ def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluste
     p, r, b = cluster.producer, cluster.r, cluster.broker
     started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
     key = f"{cluster.prefix}-stale"
-    real = w._idem_renew
+    real = w.session._idem_renew
     in_renew, go, renewed = threading.Event(), threading.Event(), threading.Event()
     got = []
 
@@ -165,11 +165,11 @@ def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluste
         assert go.wait(30)
         got.append(real(keys=keys, args=args))  # at once, after the commit (its reply is not used)
         renewed.set()
-        w._idem_renew = real
+        w.session._idem_renew = real
 
     first = p.options(idempotency_key=key).add_task(rt.held, started, gate, "a")
     assert r.blpop([started], timeout=20) == (started.encode(), b"a")
-    w._idem_renew = held_renew
+    w.session._idem_renew = held_renew
     assert in_renew.wait(20)  # a heartbeat has its list of claims (the copy's among them)
     r.rpush(gate, 1)
     assert first.wait(20) == "a"  # committed: done, claim dropped

@@ -179,7 +179,7 @@ def test_a_worker_stopped_while_redis_is_unreachable_at_start_returns_cleanly(pr
     eng = BackgroundTasks(workers=2, broker=RedisBroker(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix))
     try:
         w = Worker(eng, concurrency=2)
-        retrying = worker_log("redis unavailable")
+        retrying = worker_log("broker is unavailable")
         raised = []
 
         def run():

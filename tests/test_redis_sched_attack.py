@@ -308,7 +308,8 @@ def test_first_run_now_survives_the_worker_turning_an_app_s_schedules_into_clust
     eng.periodic(every=3600, first_run_now=True, overlap=True)(f)
     eng._call_later = timer
     local = f.periodic  # (had its first run fired in-process before the conversion, that was it)
-    DistributedTasks.from_engine(eng, RedisBroker(cluster.url, prefix=cluster.prefix))
+    producer = DistributedTasks(workers=1, broker=RedisBroker(cluster.url, prefix=cluster.prefix))
+    producer.take_over_periodic(eng)
 
     def runs():
         return local.runs + int(_state(cluster, "redis_periodic_tasks.at_start").get("runs", 0))
@@ -319,8 +320,9 @@ def test_first_run_now_survives_the_worker_turning_an_app_s_schedules_into_clust
         time.sleep(0.5)
         assert runs() == 1
     finally:
+        producer.shutdown(wait_for_completion=False, timeout=5)
         eng.shutdown(wait_for_completion=False, timeout=5)
-        eng.broker.close()
+        producer.broker.close()
 
 
 @pytest.mark.timeout(120)

@@ -231,11 +231,14 @@ def test_an_app_made_a_producer_by_worker_broker_turns_its_periodic_tasks_into_s
     beat.__module__, beat.__qualname__ = "redis_periodic_tasks", "beat"
     eng.periodic(every=3600)(beat)
     old = beat.periodic
-    prod = DistributedTasks.from_engine(eng, RedisBroker(redis_url, prefix=prefix))
+    prod = DistributedTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix))
+    prod.take_over_periodic(eng)
     try:
+        assert type(eng) is BackgroundTasks  # the app's engine stays an ordinary engine
         assert old.cancelled and isinstance(beat.periodic, ClusterPeriodicTask)
         assert prod.periodic_tasks == [beat.periodic]
         wait_until(lambda: list_schedules(prod.broker), 20, "the schedule to be declared")
     finally:
         prod.shutdown(wait_for_completion=False)
+        eng.shutdown(wait_for_completion=False)
         prod.broker.close()

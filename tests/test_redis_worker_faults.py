@@ -80,13 +80,13 @@ class FailOnce:
 def test_a_redis_error_at_the_idempotency_lookup_releases_the_held_tasks(cluster):
     eng = cluster.engine()
     w = Worker(eng, concurrency=8)
-    w._idem_claim = FailOnce(w._idem_claim)  # the claim of the keys, between fetch and hand-off
+    w.session._idem_claim = FailOnce(w.session._idem_claim)  # the claim of the keys, between fetch and hand-off
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     p = cluster.producer
     rs = [p.options(idempotency_key=f"{cluster.prefix}-k{i}").add_task(rt.add, i, 1) for i in range(5)]
     assert [r.wait(20) for r in rs] == [i + 1 for i in range(5)]
-    assert w._idem_claim.hit.is_set()
+    assert w.session._idem_claim.hit.is_set()
     w.stop()
     t.join(30)
     assert not t.is_alive(), "stop() hung: tasks stranded as held"
@@ -98,7 +98,7 @@ def test_a_redis_error_at_the_workflow_step_lookup_releases_the_held_steps(clust
 
     eng = cluster.engine()
     w = Worker(eng, concurrency=8)
-    real = w._r.pipeline
+    real = w.session._r.pipeline
 
     class Pipe:
         left = 1
@@ -110,7 +110,7 @@ def test_a_redis_error_at_the_workflow_step_lookup_releases_the_held_steps(clust
             pipe.execute = FailOnce(pipe.execute)
         return pipe
 
-    w._r.pipeline = pipeline
+    w.session._r.pipeline = pipeline
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     wf = TaskChain("two", tasks=cluster.producer)
@@ -274,7 +274,7 @@ def test_outcomes_computed_before_shutdown_are_committed_when_redis_comes_back(p
             rs = [c.producer.add_task(rt.record_slow, log_key, i, 1.0) for i in range(4)]
             w = c.worker(concurrency=4)
             wait_until(lambda: b.redis.llen(log_key) == 4, 20, "the tasks to start")
-            retrying = worker_log("redis unavailable")
+            retrying = worker_log("broker is unavailable")
             w.stop()
             srv.kill()  # the tasks finish while Redis is away: their commit meets a connection error
             assert retrying.event.wait(20)

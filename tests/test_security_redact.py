@@ -89,7 +89,7 @@ def test_worker_start_line_is_redacted(tmp_path, monkeypatch):
     class FakeWorker:
         consumer, concurrency = "w1", 1
 
-        def __init__(self, tasks, concurrency, heartbeat_interval=None):
+        def __init__(self, tasks, broker=None, concurrency=1, heartbeat_interval=None):
             pass
 
         def run(self, install_signals):

@@ -505,3 +505,36 @@ def test_redis_add_task_async_keyed_and_routed_sends_are_traced(redis_pair, span
     consumers = {c.attributes["messaging.message.id"]: c for c in wait_for_spans(spans, SpanKind.CONSUMER, 4)}
     for h in handles:
         assert consumers[h.task_id].parent.span_id == producers[h.task_id].context.span_id
+
+
+@pytest.mark.timeout(60)
+def test_memory_broker_one_trace_through_the_worker(spans):
+    # the consumer span is the worker's (broker-agnostic): a MemoryBroker's Consumer continues
+    # the producer's trace from the message's headers as a Redis worker does
+    import asyncio
+
+    from catzilla_tasks.brokers import Consumer, MemoryBroker
+
+    b = MemoryBroker()
+    producer = BackgroundTasks(workers=1, broker=b)
+    runner = BackgroundTasks(workers=1, broker=b)
+    for eng in (producer, runner):
+        rt.register(eng)
+    c = Consumer(runner, b, concurrency=2).start()
+    try:
+        tracer = trace.get_tracer("test")
+        with tracer.start_as_current_span("request") as root:
+            h = producer.add_task(rt.add, 2, 3)
+            h2 = asyncio.run(producer.options(priority="HIGH").add_task_async(rt.add, 1, 1))
+        assert h.wait(10) == 5 and h2.wait(10) == 2
+        producers = {p.attributes["messaging.message.id"]: p for p in wait_for_spans(spans, SpanKind.PRODUCER, 2)}
+        consumers = {s.attributes["messaging.message.id"]: s for s in wait_for_spans(spans, SpanKind.CONSUMER, 2)}
+        for handle, dest in ((h, "default:q2"), (h2, "default:q1")):
+            p, s = producers[handle.task_id], consumers[handle.task_id]
+            assert p.context.trace_id == s.context.trace_id == root.get_span_context().trace_id
+            assert s.parent.span_id == p.context.span_id
+            assert p.attributes["messaging.destination.name"] == s.attributes["messaging.destination.name"] == dest
+    finally:
+        c.stop(10)
+        for eng in (producer, runner):
+            eng.shutdown(wait_for_completion=False, timeout=10)

@@ -22,14 +22,14 @@ from .engine import (
     _cancel_async,
     _failed,
     _isolate,
-    _make_progress,
     _report_error,
-    _route,
     _run_coroutine,
     _trace_submit,
+    make_progress_hook,
+    route_hook,
 )
 from .errors import TaskTimeout
-from .results import _await_impl
+from .results import await_impl
 
 
 def _native_reason(func: Any, ran_native: bool) -> str | None:
@@ -48,13 +48,13 @@ _engine._install_hooks(
     priority_members=tuple(TaskPriority),
     run_coroutine=_run_coroutine,
     report_error=_report_error,
-    await_impl=_await_impl,
+    await_impl=await_impl,
     cancel_async=_cancel_async,
     task_timeout=TaskTimeout,
     isolate=_isolate,
     failed=_failed,
     native_reason=_native_reason,
-    route=_route,
-    make_progress=_make_progress,
+    route=route_hook,
+    make_progress=make_progress_hook,
     trace_submit=_trace_submit,
 )

@@ -2,6 +2,7 @@
 
     catzilla-tasks stats URL [--token T] [--watch SECONDS [--count N]]
     catzilla-tasks dashboard URL [--port P] [--token T] [--serve-token S]
+    catzilla-tasks dashboard --broker URL [--host H] [--port P] [--token T] [--prefix P]
     catzilla-tasks metrics URL [--token T]
     catzilla-tasks demo-server [--port P]
     catzilla-tasks worker MODULE:TASKS [--concurrency N]      (distributed mode, see brokers/commands.py)
@@ -38,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url"]
+__all__ = ["RemoteStats", "StatsError", "format_stats", "main", "redirect_allowed", "stats_url", "wait_for_stop"]
 
 TOKEN_ENV = "CATZILLA_TASKS_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
 SERVE_TOKEN_ENV = "CATZILLA_TASKS_SERVE_TOKEN"  # noqa: S105 - the name of an environment variable, not a token
@@ -350,7 +351,7 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
-def _wait_for_stop() -> None:
+def wait_for_stop() -> None:
     """Block until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     previous = None
@@ -404,9 +405,57 @@ def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+BROKER_ENV = "CATZILLA_TASKS_BROKER"
+
+
+class UsageError(Exception):
+    """A command line that cannot be run (exit status 2)."""
+
+
+def cmd_cluster_dashboard(args: argparse.Namespace, out: TextIO) -> int:
+    """``dashboard --broker URL``: the cluster page of a Redis broker, with its actions."""
+    from .dashboard.cluster import serve_cluster
+
+    if args.serve_token:
+        raise UsageError("with --broker the page's token is --token (or $CATZILLA_TASKS_SERVE_TOKEN)")
+    url = args.broker or os.environ.get(BROKER_ENV)
+    # the page can re-drive and cancel: it always needs a token (a random one unless given)
+    token = args.token or os.environ.get(SERVE_TOKEN_ENV) or None
+    if token is None:
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+    try:
+        server, _ = serve_cluster(
+            url, host=args.host or "127.0.0.1", port=args.port, token=token, prefix=args.prefix or "catzilla"
+        )
+    except (TypeError, ValueError) as exc:
+        raise UsageError(_redact(str(exc))) from None
+    page = f"{server.url}?token={quote(token, safe='')}"
+    out.write(f"catzilla-tasks cluster dashboard of {_redact(str(url))} at {page}  (Ctrl-C to stop)\n")
+    out.flush()
+    try:
+        _wait_for_stop()
+    finally:
+        server.stop()
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     from .dashboard import serve
 
+    if args.broker or (args.url is None and os.environ.get(BROKER_ENV)):
+        if args.url is not None:
+            raise UsageError("give either URL (an engine's stats) or --broker (a Redis cluster), not both")
+        if args.timeout is not None:
+            raise UsageError("--timeout is the HTTP timeout of an engine's URL, not of --broker")
+        return cmd_cluster_dashboard(args, out)
+    if args.url is None:
+        raise UsageError(f"give URL (an engine's stats) or --broker redis://... (or set {BROKER_ENV})")
+    if args.host is not None or args.prefix is not None:
+        raise UsageError("--host and --prefix go with --broker (an engine's page is re-served on 127.0.0.1)")
+    if args.timeout is None:
+        args.timeout = 5.0
     remote = RemoteStats(args.url, _token(args), timeout=args.timeout)
     # Stats that need a credential are not re-served without one: the local server gets its own
     # token (--serve-token, $CATZILLA_TASKS_SERVE_TOKEN, or a random one printed in its URL).
@@ -424,7 +473,7 @@ def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"catzilla-tasks dashboard of {_redact(remote.url)} at {local}  (Ctrl-C to stop)\n")
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
     return 0
@@ -545,7 +594,7 @@ def cmd_demo_server(args: argparse.Namespace, out: TextIO) -> int:
     )
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
         close()
@@ -557,19 +606,30 @@ def cmd_demo_server(args: argparse.Namespace, out: TextIO) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _add_url_args(p: argparse.ArgumentParser) -> None:
+def _add_url_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument(
         "url",
         metavar="URL",
+        nargs="?" if optional else None,
         help="a running engine's stats: a dashboard server (http://127.0.0.1:8765/) "
         "or a route returning tasks.monitor.get_stats() as JSON",
     )
     p.add_argument(
         "--token",
         help=f"bearer token of the engine's stats (default: ${TOKEN_ENV}, which other "
-        "users cannot read in the process list, as they can this option)",
+        "users cannot read in the process list, as they can this option)"
+        + (
+            f"; with --broker: the token the cluster page requires (default: ${SERVE_TOKEN_ENV}, else random)"
+            if optional
+            else ""
+        ),
     )
-    p.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout in seconds (default: 5)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None if optional else 5.0,
+        help="HTTP timeout in seconds (default: 5)" + ("; not with --broker" if optional else ""),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -593,12 +653,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "dashboard",
-        help="serve the live dashboard of a running engine locally",
+        help="serve the live dashboard of a running engine, or of a Redis cluster (--broker)",
         description="Serve the dashboard page on 127.0.0.1, reading the stats of the engine at URL. "
         "When those need a token, the local page needs one too: --serve-token, "
-        f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.",
+        f"${SERVE_TOKEN_ENV}, or a random one shown in the printed URL. "
+        "With --broker redis://... instead of URL: the cluster's page (workers, queues, task names, "
+        "failures, dead letters with re-drive, a task by id with cancel) on --host/--port; it always "
+        f"needs a token: --token, ${SERVE_TOKEN_ENV}, or a random one shown in the printed URL.",
     )
-    _add_url_args(p)
+    _add_url_args(p, optional=True)
+    p.add_argument("--broker", metavar="URL", help=f"a Redis cluster's page instead (default: ${BROKER_ENV})")
+    p.add_argument("--prefix", help="with --broker: the brokers' key prefix (default: catzilla)")
+    p.add_argument(
+        "--host",
+        help="with --broker: the address to listen on (default: 127.0.0.1; a loopback server answers "
+        "only loopback Host names)",
+    )
     p.add_argument(
         "--serve-token",
         help="token the local page requires (default: "
@@ -650,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StatsError as exc:
         print(f"catzilla-tasks {args.command}: {exc}", file=sys.stderr)
         return 1
+    except UsageError as exc:
+        print(f"catzilla-tasks {args.command}: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is taken
         print(f"catzilla-tasks {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -112,14 +112,15 @@ def _hook(field: str, value: Any) -> Any:
     return value
 
 
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # the second part of the Redis broker's keys that are not a queue's (P:r:<task id>, P:cluster:...,
 # see brokers/redis.py): a queue of one of these names would share its keys with them, so no
 # queue (in-process or on Redis) takes one
 RESERVED_QUEUE_NAMES = ("r", "done", "claim", "wf", "idem", "p", "rl", "cc", "cluster", "cancel", "cancelled")
 
 
-def _reserved_queue(what: str, name: str) -> ValueError:
+def reserved_queue_error(what: str, name: str) -> ValueError:
+    """The error for a queue named after a kind of key (``RESERVED_QUEUE_NAMES``)."""
     return ValueError(
         f"{what}: {name!r} is reserved (the Redis broker names other keys under its prefix with "
         f"{', '.join(RESERVED_QUEUE_NAMES)}); choose another queue name"
@@ -248,10 +249,10 @@ class TaskConfig(_engine.ConfigBase):
                 )
             if rate is None and concurrency_limit is None:
                 raise ValueError("rate_limit_key: needs a rate_limit or a concurrency_limit to key")
-        if queue is not None and (not isinstance(queue, str) or not _QUEUE_NAME.fullmatch(queue)):
+        if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue)):
             raise ValueError(f"queue: expected a name of letters, digits, '_', '-' and '.' (at most 64), got {queue!r}")
         if queue in RESERVED_QUEUE_NAMES:
-            raise _reserved_queue("queue", queue)
+            raise reserved_queue_error("queue", queue)
         delay = _time_ms("delay_ms", delay_ms)
         if (
             isinstance(max_retries, bool)
@@ -327,6 +328,18 @@ class TaskConfig(_engine.ConfigBase):
     @property
     def timeout_ms(self) -> float | None:
         return self._timeout_ns / 1e6 or None
+
+    @property
+    def retry_base_ms(self) -> float:
+        return self._retry_ms[0]
+
+    @property
+    def retry_max_ms(self) -> float:
+        return self._retry_ms[1]
+
+    @property
+    def retry_on_timeout(self) -> bool:
+        return self._retry_ms[2]
 
     def as_dict(self) -> dict[str, Any]:
         base, cap, on_timeout = self._retry_ms

@@ -143,13 +143,13 @@ def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwa
 
 # -- rate limits, concurrency limits, named queues (limits.py) and progress (progress.py) ------
 # (installed with the other hooks by _hooks.py)
-def _route(engine: BackgroundTasks, func: Any, args: Any, kwargs: Any, cfg: TaskConfig, block: float) -> Any:
+def route_hook(engine: BackgroundTasks, func: Any, args: Any, kwargs: Any, cfg: TaskConfig, block: float) -> Any:
     from . import limits  # only once a task with a limit or a named queue is added
 
     return limits.route(engine, func, args, kwargs, cfg, block)
 
 
-def _make_progress(handle: TaskResult[Any], fraction: Any, message: Any) -> Any:
+def make_progress_hook(handle: TaskResult[Any], fraction: Any, message: Any) -> Any:
     from . import progress
 
     return progress.hook(handle, fraction, message)
@@ -240,15 +240,15 @@ def _check_queues(queues: Any) -> dict[str, int]:
         return {}
     if not isinstance(queues, dict):
         raise TypeError(f"queues: expected a dict of queue name -> workers, got {type(queues).__name__}")
-    from .config import _QUEUE_NAME, RESERVED_QUEUE_NAMES, _reserved_queue
+    from .config import QUEUE_NAME, RESERVED_QUEUE_NAMES, reserved_queue_error
 
     for q, n in queues.items():
-        if not isinstance(q, str) or not _QUEUE_NAME.fullmatch(q) or q == "default":
+        if not isinstance(q, str) or not QUEUE_NAME.fullmatch(q) or q == "default":
             raise ValueError(
                 f"queues: {q!r} is not a queue name (letters, digits, '_', '-', '.'; 'default' is the engine itself)"
             )
         if q in RESERVED_QUEUE_NAMES:
-            raise _reserved_queue("queues", q)
+            raise reserved_queue_error("queues", q)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"queues: the workers of {q!r} must be an integer >= 1, got {n!r}")
     return dict(queues)
@@ -376,6 +376,12 @@ class _Options:
 
 _live: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
 _created = itertools.count()  # creation order of the engines (workflows' default engine is the newest)
+
+
+def newest_running_engine() -> BackgroundTasks | None:
+    """The most recently created engine of this process that is not shut down (None: none is)."""
+    running = [e for e in list(_live) if not e.is_shutdown]
+    return max(running, key=lambda e: getattr(e, "_created_seq", -1)) if running else None
 
 
 def _after_fork_in_child() -> None:

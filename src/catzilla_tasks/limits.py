@@ -201,10 +201,10 @@ def _launch(engine: Any, lim: Limits, entry: tuple[Any, ...], block: float) -> N
 
 
 def _ended(engine: Any, lim: Limits, outer: Any, inner: Any, ident: tuple[str, str | None]) -> None:
-    from .results import _forward
+    from .results import forward_outcome
 
     try:
-        _forward(inner, outer)
+        forward_outcome(inner, outer)
     finally:
         _next(engine, lim, ident)
 

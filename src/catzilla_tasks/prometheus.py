@@ -301,7 +301,7 @@ class WorkerCollector:
         return {m.name: m for m in fams}
 
     def collect(self) -> Iterator[Metric]:
-        from .brokers.registry import _rss_bytes
+        from .brokers.registry import rss_bytes
 
         wk = self._worker
         # (a worker of several queues, brokers.routing.MultiQueueWorker: its queues joined by ",")
@@ -319,7 +319,7 @@ class WorkerCollector:
             )
         fams[f"{PREFIX}_worker_in_flight_tasks"].add_metric([queue, wid], float(wk.stats()["in_flight"]))
         fams[f"{PREFIX}_worker_concurrency"].add_metric([queue, wid], float(wk.concurrency))
-        fams[f"{PREFIX}_worker_resident_memory_bytes"].add_metric([queue, wid], _num(_rss_bytes()))
+        fams[f"{PREFIX}_worker_resident_memory_bytes"].add_metric([queue, wid], _num(rss_bytes()))
         yield from fams.values()
         yield from self._engine.collect()
 

@@ -44,11 +44,12 @@ async def _await_result(handle: TaskResult[Any]) -> Any:
     return handle.wait(0)
 
 
-def _await_impl(handle: TaskResult[Any]) -> Generator[Any, None, Any]:
+def await_impl(handle: TaskResult[Any]) -> Generator[Any, None, Any]:
+    """The ``__await__`` of a TaskResult (the engine installs it in the C type)."""
     return _await_result(handle).__await__()
 
 
-def _forward(source: TaskResult[Any], target: TaskResult[Any]) -> None:
+def forward_outcome(source: TaskResult[Any], target: TaskResult[Any]) -> None:
     """Settle target with source's outcome (source is final)."""
     try:
         status = source.status
@@ -72,7 +73,7 @@ def _settle_with(target: TaskResult[Any], value: Any) -> None:
     if isinstance(value, TaskFuture):
         value = value._result
     if isinstance(value, TaskResult):
-        value._on_done(lambda h: _forward(h, target))
+        value._on_done(lambda h: forward_outcome(h, target))
     else:
         target._settle(value=value)
 
@@ -141,9 +142,9 @@ class TaskFuture:
                     else:
                         _settle_with(nxt, value)
                 else:
-                    _forward(h, nxt)
+                    forward_outcome(h, nxt)
             finally:
-                h = None  # type: ignore[assignment]  # (see _forward)
+                h = None  # type: ignore[assignment]  # (see forward_outcome)
 
         self._result._on_done(on_done)
         return TaskFuture(nxt)
@@ -173,9 +174,9 @@ class TaskFuture:
                     except BaseException as exc:
                         nxt._settle(exc=exc)
                         return
-                _forward(h, nxt)
+                forward_outcome(h, nxt)
             finally:
-                h = None  # type: ignore[assignment]  # (see _forward)
+                h = None  # type: ignore[assignment]  # (see forward_outcome)
 
         self._result._on_done(on_done)
         return TaskFuture(nxt)

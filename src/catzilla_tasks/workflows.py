@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _engine
 from ._engine import QueueFull, TaskCancelled
-from .engine import BackgroundTasks, _live
+from .engine import BackgroundTasks, newest_running_engine
 from .errors import WorkflowError
 from .results import TaskFuture, TaskResult
 
@@ -102,9 +102,9 @@ def default_engine() -> BackgroundTasks:
     """The engine a workflow runs on when it was given none: the most recently created
     ``BackgroundTasks`` that is still running, else a new one (created once, on first use)."""
     with _default_lock:
-        running = [e for e in list(_live) if not e.is_shutdown]
-        if running:
-            return max(running, key=lambda e: getattr(e, "_created_seq", -1))
+        newest = newest_running_engine()
+        if newest is not None:
+            return newest
         return BackgroundTasks(name="catzilla-tasks-workflows")
 
 

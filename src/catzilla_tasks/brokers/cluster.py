@@ -14,7 +14,8 @@
   percentiles from the merged histograms, the latest failures;
 * :meth:`ClusterView.inspect`: one task by id (its result, or where it waits);
 * :meth:`ClusterView.dead_letters`: a queue's dead letters, newest first, and
-  :meth:`ClusterView.redrive` to put them back in their queue (the one method that writes).
+  :meth:`ClusterView.redrive` to put them back in their queue, and :meth:`ClusterView.cancel`
+  (the two methods that write).
 
 Queues are found in the registry (every queue a registered worker serves) and by a SCAN of the keys that
 look like a queue's (``P:<queue>:q0`` ... ``P:<queue>:dead``), so a queue that only producers
@@ -400,22 +401,46 @@ class ClusterView:
         """Put dead letters of ``queue`` back in its streams (all when ``ids`` is None; see
         ``RedisBroker.redrive``); returns how many were moved. (The one method here that
         changes a queue: for the dashboard's re-drive.)"""
-        from .redis import RedisBroker
-
         b = self.broker
         if queue == b.queue:
             return b.redrive(ids)
-        other = RedisBroker(
+        other = self._queue_broker(queue)
+        try:
+            return other.redrive(ids)
+        finally:
+            other.close()
+
+    def cancel(self, task_id: str, queue: str | None = None) -> bool:
+        """Cancel a task by id (see ``RedisBroker.cancel``) in ``queue``; by default the queue
+        :meth:`inspect` finds it waiting in, else the broker's. True if this call cancelled
+        it, False if it had already ended. (Writes, as ``redrive``: for the dashboard.)"""
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"task_id: expected a non-empty string, got {task_id!r}")
+        if queue is None:
+            found = self.inspect(task_id)
+            queue = found.get("queue") if isinstance(found.get("queue"), str) else None
+        b = self.broker
+        if queue is None or queue == b.queue:
+            return b.cancel(task_id)
+        other = self._queue_broker(queue)
+        try:
+            return other.cancel(task_id)
+        finally:
+            other.close()
+
+    def _queue_broker(self, queue: str) -> Any:
+        """A broker like this view's, on ``queue`` (to be closed by the caller)."""
+        from .redis import RedisBroker
+
+        b = self.broker
+        return RedisBroker(
             b.url,
             queue=queue,
             prefix=b.prefix,
             serializer=b.serializer.name,
             allow_pickle=b.serializer.allow_pickle,
+            result_ttl=b.result_ttl,
         )
-        try:
-            return other.redrive(ids)
-        finally:
-            other.close()
 
     # -- one task --------------------------------------------------------------------------
     def inspect(self, task_id: str, scan_limit: int = 1_000_000) -> dict[str, Any]:

@@ -204,10 +204,10 @@ def cmd_exporter(args: argparse.Namespace, out: TextIO) -> int:
     server, _ = prometheus.serve(collector, host=args.host, port=args.port)
     url = f"http://{args.host}:{server.server_port}/metrics"
     print(f"catzilla-tasks exporter on {url}  (Ctrl-C to stop)", file=out, flush=True)
-    from ..cli import _wait_for_stop
+    from ..cli import wait_for_stop
 
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.shutdown()
         view.close()

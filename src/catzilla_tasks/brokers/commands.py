@@ -132,12 +132,18 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     tasks = load_app(args.app)
     if not isinstance(tasks, BackgroundTasks):
         raise UsageError(f"{args.app} is a {type(tasks).__name__}, not a BackgroundTasks engine")
-    if args.broker:
-        tasks = DistributedTasks.from_engine(tasks, RedisBroker(args.broker))
-    if not isinstance(getattr(tasks, "broker", None), RedisBroker):
+    # --broker: the app's engine runs the tasks of that broker (the engine object itself is left
+    # as it is: a task calling its add_task runs the call locally unless the app has a broker);
+    # its periodic tasks are declared on a producer of that broker (cluster-wide schedules)
+    b = RedisBroker(args.broker) if args.broker else getattr(tasks, "broker", None)
+    if not isinstance(b, RedisBroker):
         raise UsageError(
             f"{args.app} has no broker: create it with BackgroundTasks(broker='redis://...') or pass --broker URL"
         )
+    producer = None
+    if args.broker and any(not p.cancelled for p in tasks.periodic_tasks):
+        producer = DistributedTasks(workers=1, broker=b)
+        producer.take_over_periodic(tasks)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     heartbeat = args.heartbeat or None
     queues = None
@@ -146,15 +152,16 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
 
         try:
             queues = parse_queues(args.queues)
-            if len(queues) > 1 or next(iter(queues)) != tasks.broker.queue:
-                w: Any = MultiQueueWorker(tasks, queues, concurrency=args.concurrency, heartbeat_interval=heartbeat)
+            if len(queues) > 1 or next(iter(queues)) != b.queue:
+                w: Any = MultiQueueWorker(
+                    tasks, queues, broker=b, concurrency=args.concurrency, heartbeat_interval=heartbeat
+                )
             else:
                 queues = None
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if queues is None:
-        w = Worker(tasks, concurrency=args.concurrency, heartbeat_interval=heartbeat)
-    b = tasks.broker
+        w = Worker(tasks, b, concurrency=args.concurrency, heartbeat_interval=heartbeat)
     if args.metrics_port is not None:  # the worker's own figures for Prometheus
         from .. import prometheus
 
@@ -172,6 +179,8 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         flush=True,
     )
     w.run(install_signals=True)
+    if producer is not None:
+        producer.shutdown(wait_for_completion=True)
     tasks.shutdown(wait_for_completion=True)
     s = w.stats()
     print(

@@ -1,12 +1,17 @@
 """An in-memory broker for tests: the broker contract (:mod:`.base`) within one process.
 
 ``BackgroundTasks(broker=MemoryBroker())`` publishes as with Redis (same messages, same
-:mod:`.protocol` encoding), and a :class:`~.consumer.Consumer` on an engine of the same process
-runs them. Nothing leaves the process and nothing survives it: for tests of code written for a
-broker, not for production. Not supported here: workflow runs across workers
-(``run_workflow`` raises NotImplementedError: they need the RedisBroker) and deduplication of
-keyed copies that are held at the same time (a copy fetched after one with the same
-``idempotency_key`` succeeded is acknowledged with that one's outcome, as on Redis).
+:mod:`.protocol` encoding), and a :class:`~.worker.Worker` (or a :class:`~.consumer.Consumer`,
+one on its own thread) on an engine of the same process runs them through
+:class:`MemoryConsumer`, as it runs a Redis broker's. Nothing leaves the process and nothing
+survives it: for tests of code written for a broker, not for production. Rate and concurrency
+limits are kept here too, shared by every consumer of the broker (as Redis shares them across
+machines), and progress reports are stored for ``MemoryResult.progress``. A task's named queue
+(``queue=``) is not a queue of its own here: every task goes to the broker's one set of queues.
+There is no cluster registry (``catzilla-tasks workers`` is Redis's): a worker on it keeps its
+figures (``worker.figures``, for a metrics exporter) and publishes nothing. Not supported
+here: workflow runs across workers (``run_workflow`` raises NotImplementedError:
+they need the RedisBroker).
 
 Submit-time deduplication as on Redis (brokers/dedup.py): a keyed ``add_task`` while a task with
 the key is queued, delayed, running, or finished within ``idempotency_ttl`` of being due (once
@@ -24,11 +29,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..config import MAX_MS, TaskConfig, TaskPriority, TaskStatus
-from .base import Delivery, FetchingBroker
+from .base import CommitJob, ConsumerSession, Delivery, Entries, FetchingBroker, Outcome
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
@@ -45,7 +50,7 @@ from .protocol import (
 )
 from .serialization import DecodeError, Serializer
 
-__all__ = ["MemoryBroker", "MemoryResult"]
+__all__ = ["MemoryBroker", "MemoryConsumer", "MemoryResult"]
 
 log = logging.getLogger("catzilla_tasks.results")
 
@@ -100,10 +105,23 @@ class MemoryBroker(FetchingBroker):
         self._dead: dict[str, dict[str, Any]] = {}  # dead letters by id, oldest first
         self._callbacks: dict[str, list[Callable[[], Any]]] = {}
         self._seq = itertools.count(1)
+        self._woken: list[str] = []  # task ids given a record by _apply, whose callbacks are due
         self._local = threading.local()
         self._overrides = Overrides()
         self._ids = itertools.count()
+        self._claims: dict[str, tuple[str, float]] = {}  # idempotency key -> (holder's token, lease end)
+        # limits (see ratelimit.py for their meaning): a rate limit's theoretical arrival time
+        # (epoch ms), a concurrency limit's leases (lease id -> expiry, monotonic) and the
+        # (priority, payload) parked until one is free, with the limit they wait for
+        self._tat: dict[str, float] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._parked: dict[str, tuple[int, deque[tuple[int, bytes]]]] = {}
+        self._progress: dict[str, tuple[float, bytes]] = {}  # task id -> (expiry, [fraction, message])
         self._closed = False
+
+    def consumer(self, name: str) -> MemoryConsumer:
+        """A worker's consumer of this broker (see :class:`MemoryConsumer`)."""
+        return MemoryConsumer(self, name)
 
     # -- publishing ------------------------------------------------------------------------
     def submit(
@@ -127,7 +145,7 @@ class MemoryBroker(FetchingBroker):
         tid = f"m{next(self._ids):x}"
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         handle = MemoryResult(tid, self)
-        item = (int(cfg._priority), cfg.delay_ms, payload)
+        item = (int(cfg.priority), cfg.delay_ms, payload)
         buf = getattr(self._local, "buf", None)
         if buf is not None:
             buf.append(item if idempotency_key is None else (*item, idempotency_key, handle))
@@ -230,9 +248,7 @@ class MemoryBroker(FetchingBroker):
             self._held.pop(delivery.token, None)
             task_id, key = self._identity(delivery.payload)
             if key and retry_ms is None:  # ended for good: its key is kept no longer than its result
-                hit = self._keys.get(key)
-                if hit is not None and hit[0] == task_id:
-                    self._keys[key] = (task_id, min(hit[1], time.monotonic() + self.result_ttl))
+                self._settle_key(key, task_id)
             if record is not None and task_id and self.result_ttl:
                 self._results[task_id] = (time.monotonic() + self.result_ttl, record)
                 if key and parse_result(self.serializer, record)[0] is TaskStatus.SUCCEEDED:
@@ -248,6 +264,113 @@ class MemoryBroker(FetchingBroker):
             callbacks = self._callbacks.pop(task_id, []) if record is not None and task_id else []
         for cb in callbacks:
             cb()
+
+    def _apply(self, d: Delivery, ops: tuple, claim: Any) -> None:
+        """Apply a worker's outcome operations (base.Outcome) for the held ``d`` (lock held)."""
+        self._held.pop(d.token, None)
+        settled = False
+        for op in ops:
+            kind = op[0]
+            if kind == Outcome.RESULT:
+                if self.result_ttl:
+                    self._results[op[1]] = (time.monotonic() + self.result_ttl, op[2])
+                    self._woken.append(op[1])
+            elif kind == Outcome.DELAY:
+                due = time.monotonic() + op[1] / 1000
+                heapq.heappush(self._delayed, (due, next(self._seq), d.priority, op[2]))
+            elif kind == Outcome.DEAD:
+                self._bury(d, op[1])
+            elif kind == Outcome.COPY_RESULT:
+                rec = self._record(op[1])
+                self._results[op[2]] = (time.monotonic() + self.result_ttl, rec if rec is not None else op[3])
+                self._woken.append(op[2])
+            elif kind == Outcome.KEY_DONE:
+                self._done.setdefault(op[1], op[2])
+                settled = True
+            elif kind == Outcome.RUN_FAILED:
+                pass  # (no run is stored here: a step message from elsewhere is dead-lettered alone)
+            else:
+                raise NotImplementedError(f"MemoryBroker: outcome {kind!r} (workflow runs need the RedisBroker)")
+        if claim is not None and not settled:
+            self._release_claim(claim)
+        elif claim is not None:
+            self._claims.pop(claim[0], None)
+
+    def _settle_key(self, key: str, task_id: str) -> None:
+        """A task that ended for good: its key's submit-time record keeps no longer than its
+        result (lock held)."""
+        hit = self._keys.get(key)
+        if hit is not None and hit[0] == task_id:
+            self._keys[key] = (task_id, min(hit[1], time.monotonic() + self.result_ttl))
+
+    def _release_claim(self, claim: tuple[str, str]) -> None:
+        held = self._claims.get(claim[0])
+        if held is not None and held[0] == claim[1]:
+            del self._claims[claim[0]]
+
+    # -- limits (lock held) ------------------------------------------------------------------
+    def _reserve(self, ident: str, interval_us: int) -> int:
+        now = time.time() * 1000
+        slot = max(now, self._tat.get(ident, 0.0))
+        self._tat[ident] = slot + interval_us / 1000
+        if len(self._tat) > 10_000:  # (forget the limits whose last slot is past)
+            self._tat = {k: v for k, v in self._tat.items() if v > now}
+        return int(slot)
+
+    def _acquire(self, ident: str, limit: int, lease_id: str, prio: int, payload: bytes) -> bool:
+        now = time.monotonic()
+        leases = self._leases.setdefault(ident, {})
+        for k in [k for k, until in leases.items() if until <= now]:
+            del leases[k]
+        if lease_id in leases or len(leases) < limit:
+            leases[lease_id] = now + self.visibility_timeout
+            return True
+        _, parked = self._parked.get(ident, (limit, deque()))
+        parked.append((prio, payload))
+        self._parked[ident] = (limit, parked)
+        return False
+
+    def _wake(self, ident: str) -> None:
+        """Queue parked tasks of ``ident`` again while fewer than their limit hold leases."""
+        hit = self._parked.get(ident)
+        if hit is None:
+            return
+        limit, parked = hit
+        free = limit - len(self._leases.get(ident, ()))
+        while free > 0 and parked:
+            prio, payload = parked.popleft()
+            self._queues[prio].append((payload, 0))
+            free -= 1
+        if not parked:
+            del self._parked[ident]
+        self._cv.notify_all()
+
+    def _release_lease(self, lease: tuple[str, str]) -> None:
+        ident, lease_id = lease
+        leases = self._leases.get(ident)
+        if leases is not None:
+            leases.pop(lease_id, None)
+            if not leases:
+                del self._leases[ident]
+        self._wake(ident)
+
+    def _renew_leases(self, mine: Iterable[tuple[tuple[str, str], int]]) -> None:
+        """Extend the leases ``mine`` (``((limit id, lease id), token of the held message)``);
+        one that lapsed while its message is still held (its task still runs: a stalled
+        heartbeat) is taken back, or one more task than the limit would start."""
+        now = time.monotonic()
+        until = now + self.visibility_timeout
+        for (ident, lease_id), token in mine:
+            leases = self._leases.get(ident)
+            if leases is not None and leases.get(lease_id, 0.0) > now:
+                leases[lease_id] = until
+            elif token in self._held:
+                self._leases.setdefault(ident, {})[lease_id] = until
+        for ident in list(self._parked):  # leases that lapsed (a consumer that went silent)
+            leases = self._leases.get(ident, {})
+            for k in [k for k, t in leases.items() if t <= now]:
+                del leases[k]
+            self._wake(ident)
 
     def _adopt(self, payload: bytes, adopted: list[Callable[[], Any]]) -> bool:
         """If ``payload`` is a copy of a keyed task that succeeded, give it that task's outcome
@@ -388,6 +511,7 @@ class MemoryBroker(FetchingBroker):
                     del self._keys[key]
             for q in self._queues:
                 q.clear()
+            self._parked.clear()
             self._delayed.clear()
             self._dead.clear()
 
@@ -398,6 +522,141 @@ class MemoryBroker(FetchingBroker):
 
     def __repr__(self) -> str:
         return f"<MemoryBroker queue={self.queue!r}>"
+
+
+class MemoryConsumer(ConsumerSession):
+    """A worker's consumer of a :class:`MemoryBroker`: the messages it holds are renewed by its
+    heartbeat, taken by another consumer's fetch after ``visibility_timeout`` without one;
+    a batch of outcomes is applied under the broker's lock (all of it at once). Workflow steps
+    are refused (the in-memory broker runs no workflows)."""
+
+    unavailable: tuple[type[BaseException], ...] = ()
+    refused: tuple[type[BaseException], ...] = ()
+    errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, broker: MemoryBroker, name: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.max_record = 1 << 62
+        self._held: dict[int, Delivery] = {}  # token -> delivery, while this consumer holds it
+        self._leases: dict[tuple[str, str], Any] = {}  # concurrency leases held -> token, renewed by heartbeat
+
+    def limit_note(self, limit: int) -> str:
+        return ""
+
+    def setup(self) -> float:
+        return 0.0
+
+    def fetch(self, capacity: int, block_ms: int) -> Entries:
+        out: Entries = []
+        for d in self.broker.fetch(capacity, block_ms / 1000):
+            self._held[d.token] = d
+            out += (d.priority, d.token, d.payload)
+        return out
+
+    def promote(self) -> float:
+        return -1.0  # (fetch makes due messages fetchable, and wakes for the next one)
+
+    def recover(self, capacity: int, held: set[Any]) -> tuple[Entries, bool]:
+        return [], False  # (no reply is ever lost in memory)
+
+    def reclaim(self, capacity: int) -> tuple[Entries, dict[Any, int]]:
+        return [], {}  # (fetch hands out the messages of silent consumers; max_deliveries applies there)
+
+    def heartbeat(self, held: list[tuple[Any, int]], claims: list[tuple[Any, Any]] | None) -> None:
+        b = self.broker
+        with b._cv:
+            until = time.monotonic() + b.visibility_timeout
+            for token, _ in held:
+                hit = b._held.get(token)
+                if hit is not None:
+                    b._held[token] = (until, hit[1])
+            for _, (key, token) in claims or ():
+                holder = b._claims.get(key)
+                if holder is not None and holder[0] == token:
+                    b._claims[key] = (token, until)
+            b._renew_leases(self._leases.items())
+
+    def clock_offset_ms(self) -> float:
+        return 0.0  # (the broker's clock is this process's)
+
+    def reserve_slots(self, items: list[tuple[str, int]]) -> tuple[list[int], int]:
+        b = self.broker
+        with b._cv:
+            slots = [b._reserve(ident, us) for ident, us in items]
+        return slots, int(time.time() * 1000)
+
+    def acquire_leases(self, items: list[tuple[str, int, str, int, bytes]]) -> list[Any]:
+        b = self.broker
+        out: list[Any] = []
+        with b._cv:
+            for ident, limit, lease_id, prio, payload in items:
+                if b._acquire(ident, limit, lease_id, prio, payload):
+                    self._leases[(ident, lease_id)] = int(lease_id.rpartition(":")[2])
+                    out.append((ident, lease_id))
+                else:
+                    out.append(None)
+        return out
+
+    def write_progress(self, task_id: str, record: bytes) -> None:
+        b = self.broker
+        with b._cv:
+            now = time.monotonic()
+            if len(b._progress) > 10_000:  # (the expired ones go)
+                b._progress = {k: v for k, v in b._progress.items() if v[0] > now}
+            b._progress[task_id] = (now + (b.result_ttl or 3600), record)
+
+    def claim_keys(self, items: list[tuple[Any, str]]) -> list[tuple[str, Any]]:
+        b = self.broker
+        out: list[tuple[str, Any]] = []
+        with b._cv:
+            now = time.monotonic()
+            for token, key in items:
+                first = b._done.get(key)
+                holder = b._claims.get(key)
+                mine = f"{self.name} {token}"
+                if first is not None:
+                    out.append(("done", first))
+                elif holder is not None and holder[1] > now and holder[0] != mine:
+                    out.append(("held", max(1, int((holder[1] - now) * 1000))))
+                else:
+                    b._claims[key] = (mine, now + b.visibility_timeout)
+                    out.append(("claimed", (key, mine)))
+        return out
+
+    def step_inputs(self, items: list[tuple[str, list[int]]]) -> list[Any]:
+        return [NotImplementedError("the MemoryBroker runs no workflows") for _ in items]
+
+    def begin_batch(self, token: bytes) -> None:
+        pass
+
+    def commit(self, jobs: Sequence[CommitJob], rescue: Any) -> tuple[Any, list[bool]]:
+        b = self.broker
+        with b._cv:
+            for j in jobs:
+                d = self._held.pop(j.eid, None) or Delivery(j.eid, j.prio, j.payload)
+                try:
+                    b._apply(d, j.ops, j.claim)
+                except Exception as exc:
+                    j.kinds = rescue(j, exc)
+                    b._apply(d, j.ops, j.claim)
+                if j.settle is not None and j.settle[0] is not None:  # ended for good (base.Outcome)
+                    b._settle_key(str(j.settle[0]), j.task_id())
+                if j.lease is not None:  # given back with the outcome, waking a parked task
+                    self._leases.pop(j.lease, None)
+                    b._release_lease(j.lease)
+            b._cv.notify_all()
+            woken, b._woken = b._woken, []
+            callbacks = [cb for tid in woken for cb in b._callbacks.pop(tid, [])]
+        for cb in callbacks:
+            cb()
+        return None, [True] * len(jobs)
+
+    def ack(self, pending: Any) -> None:
+        pass
+
+    def leave(self, committer_done: bool) -> None:
+        pass
 
 
 class MemoryResult:
@@ -425,6 +684,24 @@ class MemoryResult:
         return self.status.is_final
 
     done = is_ready
+
+    @property
+    def progress(self) -> Any:
+        """The task's last ``set_progress()`` report (a ``Progress``), or None before the first."""
+        from ..progress import from_wire
+
+        b = self._broker
+        with b._cv:
+            hit = b._progress.get(self.task_id)
+            if hit is not None and hit[0] < time.monotonic():
+                del b._progress[self.task_id]
+                hit = None
+        if hit is None:
+            return None
+        try:
+            return from_wire(b.serializer.same_format(hit[1]).loads(hit[1]))
+        except DecodeError:
+            return None
 
     def wait(self, timeout: float | None = None) -> Any:
         self._check_results()

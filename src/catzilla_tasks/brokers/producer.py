@@ -19,7 +19,7 @@ from typing import Any
 from .. import tracing as _tracing
 from ..config import TaskConfig
 from ..engine import BackgroundTasks
-from .base import Broker, Result
+from .base import Broker, Result, destination_name
 from .protocol import CONFIG_ATTR, DEFAULT_CONFIG, OUTGOING_HEADERS
 
 
@@ -62,44 +62,25 @@ class DistributedTasks(BackgroundTasks):
         if ttl is not None and isinstance(given, str):  # (a broker made here from the URL: validated above)
             broker.idempotency_ttl = self.idempotency_ttl
 
-    @classmethod
-    def from_engine(cls, engine: BackgroundTasks, broker: Any) -> DistributedTasks:
-        """Make ``engine`` itself a producer for ``broker`` (``catzilla-tasks worker --broker URL``
-        on an app created without one): the app's task functions refer to that object, so it
-        must become the producer rather than be wrapped by one. Its local engine and registered
-        tasks are kept."""
-        broker = as_broker(broker)
-        if not isinstance(engine, cls):
-            engine.__class__ = cls  # same layout: a Python subclass adding no slots
-        engine.broker = broker
-        engine._redeclare_periodic()  # type: ignore[attr-defined]
-        return engine  # type: ignore[return-value]
-
-    def _redeclare_periodic(self) -> None:
-        """The app's periodic tasks, declared in-process before it got its broker, become the
-        broker's schedules (fired once per tick across the cluster), with the same settings."""
-        cls = self._periodic_type()
-        for i, p in enumerate(self._periodic):
-            if type(p) is cls or p.cancelled:
+    def take_over_periodic(self, engine: BackgroundTasks) -> None:
+        """Declare ``engine``'s periodic tasks here, with the same settings, and cancel them
+        there (``catzilla-tasks worker app:tasks --broker URL`` on an app made without a
+        broker): on Redis they become the broker's schedules, fired once per tick across the
+        cluster. ``engine`` itself is left as it is (an ordinary engine)."""
+        for p in engine.periodic_tasks:
+            if p.cancelled or p.engine is self:
                 continue
             p.cancel()  # (under its lock: p.runs is final now)
-            q = cls(
-                self,
-                p.func,
+            self.periodic(
                 every=p.every,
                 cron=p.cron,
                 tz=p.tz,
                 overlap=p.overlap,
-                args=p.args,
-                kwargs=p.kwargs,
                 # its first run, unless the in-process schedule fired it already
                 first_run_now=p.first_run_now and p.runs == 0,
-            )
-            self._periodic[i] = q
-            try:
-                p.func.periodic = q
-            except (AttributeError, TypeError):
-                pass
+                args=p.args,
+                kwargs=p.kwargs,
+            )(p.func)
 
     # -- submission: published to the broker ------------------------------------------------
     def add_task(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
@@ -213,15 +194,7 @@ def _destination(broker: Broker, func: Any, cfg: Any) -> Callable[[], str]:
     def destination() -> str:
         own = cfg if cfg is not None else getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
         prio = int(own.priority) if isinstance(own, TaskConfig) else int(DEFAULT_CONFIG.priority)
-        queue = own.queue if isinstance(own, TaskConfig) else None
-        queue_keys = getattr(broker, "queue_keys", None)
-        if queue is not None and queue_keys is not None:
-            streams = queue_keys(queue)[0]
-        else:
-            streams = getattr(broker, "streams", None)
-        if isinstance(streams, (tuple, list)) and len(streams) > prio:
-            return str(streams[prio])
-        return f"{queue}:q{prio}" if queue is not None else f"q{prio}"
+        return destination_name(broker, own.queue if isinstance(own, TaskConfig) else None, prio)
 
     return destination
 

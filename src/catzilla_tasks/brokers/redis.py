@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 from .._redact import redact_url
-from ..config import MAX_MS, RESERVED_QUEUE_NAMES, TaskConfig, TaskPriority, TaskStatus, _reserved_queue
+from ..config import MAX_MS, RESERVED_QUEUE_NAMES, TaskConfig, TaskPriority, TaskStatus, reserved_queue_error
 from ..errors import wire_name
-from . import scripts
-from .base import Broker
+from . import scripts, workflow_runs
+from .base import ConsumerSession, FetchingBroker
 from .group_commit import AsyncGroupCommit, GroupCommit, PerLoop
 from .protocol import (
     CONFIG_ATTR,
@@ -46,10 +46,8 @@ from .protocol import (
     MSG_ATTEMPTS,
     MSG_ID,
     MSG_OPTIONS,
-    OPT_FILLS,
     OPT_IDEMPOTENCY_KEY,
     OPT_SCHEDULE,
-    OPT_WORKFLOW,
     STATUS_CODES,
     Overrides,
     RemoteTaskError,
@@ -135,7 +133,7 @@ def _count(value: Any, high: float = float("inf")) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= int(value) <= high
 
 
-class RedisBroker(Broker):
+class RedisBroker(FetchingBroker):
     """Where distributed tasks live: a Redis server (``redis://`` or ``rediss://`` for TLS,
     password in the URL as ``redis://:secret@host:6379/0``).
 
@@ -190,7 +188,7 @@ class RedisBroker(Broker):
             if not isinstance(value, str) or not value or any(c in value for c in " {}\n"):
                 raise ValueError(f"{field}: must be a non-empty name without spaces or braces, got {value!r}")
         if queue in _KEY_KINDS:  # P:done:q0 would be both a stream and the done key of "q0"
-            raise _reserved_queue("queue", queue)
+            raise reserved_queue_error("queue", queue)
         if not _seconds(result_ttl):
             raise ValueError(f"result_ttl: must be a number of seconds >= 0 and at most {_MAX_S}, got {result_ttl!r}")
         for ttl_field, ttl in (("idempotency_ttl", idempotency_ttl), ("workflow_ttl", workflow_ttl)):
@@ -259,7 +257,7 @@ class RedisBroker(Broker):
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
         self.delayed_key = f"{base}:delayed"
         self.dead_key = f"{base}:dead"
-        # + a worker's consumer name: the token of its last commit (see Worker._commit)
+        # + a worker's consumer name: the token of its last commit (see RedisConsumer.commit)
         self.commit_mark_prefix = f"{base}:commit:"
         self._result_prefix = f"{prefix}:r:"
         self._done_prefix = f"{prefix}:done:"
@@ -297,6 +295,12 @@ class RedisBroker(Broker):
         self._callbacks: _Watcher | None = None
         self._watcher_lock = threading.Lock()
 
+    def consumer(self, name: str) -> ConsumerSession:
+        """A worker's consumer on this broker's streams (see :mod:`.redis_consumer`)."""
+        from .redis_consumer import RedisConsumer
+
+        return RedisConsumer(self, name)
+
     # -- keys ------------------------------------------------------------------------------
     def result_key(self, task_id: str) -> str:
         return self._result_prefix + task_id
@@ -320,7 +324,7 @@ class RedisBroker(Broker):
         hit = self._queue_keys.get(queue)
         if hit is None:
             if queue in _KEY_KINDS:
-                raise _reserved_queue("queue", queue)
+                raise reserved_queue_error("queue", queue)
             base = f"{self.prefix}:{queue}"
             hit = self._queue_keys[queue] = (tuple(f"{base}:q{p}" for p in range(4)), f"{base}:delayed")
         return hit
@@ -681,47 +685,16 @@ class RedisBroker(Broker):
             enc_key = lambda k: json.dumps(k).encode()  # noqa: E731
         roots: list[tuple[int, bytes, int]] = []
         longest_delay = 0
-        for j in range(n):
-            func = plan.funcs[j]
-            sid = plan.ids[j]
-            try:
-                name = task_name(func)
-            except TypeError as exc:
-                raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
-            values = plan.values[j]
-            kwnames = plan.kwnames[j] or ()
-            nargs = len(values) - len(kwnames)
-            args = list(values[:nargs])
-            kwargs = dict(zip(kwnames, values[nargs:], strict=True))
-            fills = []
-            for idx, src in plan.fills[j] or ():
-                where: Any = idx if idx < nargs else kwnames[idx - nargs]
-                if isinstance(where, int):
-                    args[where] = None
-                else:
-                    kwargs[where] = None
-                fills.append([where, list(src) if isinstance(src, tuple) else src])
-            cfg = getattr(func, CONFIG_ATTR, None)
-            if not isinstance(cfg, TaskConfig):
-                cfg = DEFAULT_CONFIG
-            opts: dict[str, Any] = {OPT_WORKFLOW: [run_id, j, sid, plan.name]}
-            if fills:
-                opts[OPT_FILLS] = fills
-            try:
-                payload = ser.dumps(message(f"{run_id}.{j}", name, args, kwargs, opts))
-            except TypeError as exc:
-                raise TypeError(f"workflow {plan.name!r}, step {sid!r}: {exc}") from None
-            prio = int(cfg._priority)
-            fields[f"p:{j}"] = plan.pending[j]
-            fields[f"d:{j}"] = ",".join(str(d) for d in plan.dependents[j] if d < n)
-            fields[f"m:{j}"] = b"%d" % prio + payload
-            fields[f"k:{j}"] = enc_key(sid)
-            delay = int(cfg.delay_ms) if cfg.delay_ms > 0 else 0
-            if delay:
-                fields[f"y:{j}"] = delay  # released into the delayed set (scripts.WF_STEP_DONE)
-                longest_delay = max(longest_delay, delay)
-            if plan.pending[j] == 0:
-                roots.append((prio, payload, delay))
+        for j, step in enumerate(workflow_runs.encode_steps(plan, run_id, ser)):
+            fields[f"p:{j}"] = step.pending
+            fields[f"d:{j}"] = ",".join(str(d) for d in step.dependents)
+            fields[f"m:{j}"] = b"%d" % step.priority + step.payload
+            fields[f"k:{j}"] = enc_key(step.step_id)
+            if step.delay_ms:
+                fields[f"y:{j}"] = step.delay_ms  # released into the delayed set (wf_step_done.lua)
+                longest_delay = max(longest_delay, step.delay_ms)
+            if step.pending == 0:
+                roots.append((step.priority, step.payload, step.delay_ms))
         # a run that never ends (a step lost with the data of a Redis without persistence, say)
         # must not keep its hash for ever: it expires once no step finished for this long
         idle_ms = int(self.workflow_ttl * 1000) + longest_delay

@@ -56,6 +56,7 @@ __all__ = [
     "cluster_key",
     "merge",
     "percentile",
+    "rss_bytes",
 ]
 
 log = logging.getLogger("catzilla_tasks.worker")
@@ -320,7 +321,7 @@ class TaskFigures:
         return out, errors, finished
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -406,7 +407,7 @@ class Heartbeat:
                 }
         except Exception:  # an engine without the C figures (a test double): none published
             engine = {}
-        rss = _rss_bytes()
+        rss = rss_bytes()
         return {
             **self._static,
             "last_seen": repr(time.time()),

@@ -34,7 +34,7 @@ __all__ = ["MultiQueueWorker", "broker_for_queue", "parse_queues", "split_concur
 
 def parse_queues(spec: str) -> dict[str, int]:
     """``"emails,default"`` or ``"emails:1,default:3"`` as {queue: weight}."""
-    from ..config import _QUEUE_NAME, RESERVED_QUEUE_NAMES, _reserved_queue
+    from ..config import QUEUE_NAME, RESERVED_QUEUE_NAMES, reserved_queue_error
 
     out: dict[str, int] = {}
     for part in spec.split(","):
@@ -42,10 +42,10 @@ def parse_queues(spec: str) -> dict[str, int]:
         if not part:
             continue
         name, _, weight = part.partition(":")
-        if not _QUEUE_NAME.fullmatch(name):
+        if not QUEUE_NAME.fullmatch(name):
             raise ValueError(f"--queues: {name!r} is not a queue name (letters, digits, '_', '-', '.')")
         if name in RESERVED_QUEUE_NAMES:
-            raise _reserved_queue("--queues", name)
+            raise reserved_queue_error("--queues", name)
         try:
             w = int(weight) if weight else 1
         except ValueError:
@@ -103,7 +103,8 @@ def broker_for_queue(broker: RedisBroker, queue: str) -> RedisBroker:
 
 class MultiQueueWorker:
     """Runs one :class:`Worker` per queue of ``queues`` ({name: weight}) on the engine ``tasks``,
-    splitting ``concurrency`` between them by weight (see the module docstring).
+    splitting ``concurrency`` between them by weight (see the module docstring). ``broker``: the
+    RedisBroker whose named queues these are (default: ``tasks.broker``).
 
     ``heartbeat_interval``: seconds between the beats of its one entry in the cluster registry
     (None: not registered, no figures kept); ``consumer``: its name (default: host-pid-random).
@@ -114,14 +115,15 @@ class MultiQueueWorker:
         tasks: Any,
         queues: dict[str, int],
         *,
+        broker: RedisBroker | None = None,
         concurrency: int = 16,
         heartbeat_interval: float | None = 2.0,
         consumer: str | None = None,
         **worker_kw: Any,
     ) -> None:
-        broker = getattr(tasks, "broker", None)
+        broker = broker if broker is not None else getattr(tasks, "broker", None)
         if not isinstance(broker, RedisBroker):
-            raise TypeError("MultiQueueWorker: the engine has no Redis broker")
+            raise TypeError("MultiQueueWorker: the engine has no Redis broker (pass broker=RedisBroker(...))")
         shares = split_concurrency(concurrency, queues)
         interval = check_interval(heartbeat_interval)
         self.tasks = tasks

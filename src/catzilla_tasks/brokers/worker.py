@@ -1,26 +1,34 @@
-"""A distributed worker: the local engine (BackgroundTasks) fed from Redis.
+"""A distributed worker: the local engine (BackgroundTasks) fed from a broker.
 
-``catzilla-tasks worker module:tasks --concurrency N`` runs :class:`Worker`. Three parts:
+``catzilla-tasks worker module:tasks --concurrency N`` runs :class:`Worker`, on any broker:
+it talks to the broker only through its consumer session (:class:`~.base.ConsumerSession`,
+``broker.consumer(name)``: Redis streams for RedisBroker, memory for MemoryBroker). Three parts:
 
 * the fetch loop (the calling thread) takes at most the free capacity (``N`` minus the tasks it
-  holds) from the priority streams in priority order (one Lua script), blocks in XREADGROUP
-  when there is nothing, and hands each task to the local engine;
+  holds), highest priority first, waits in the session's fetch when there is nothing, and hands
+  each task to the local engine;
 * the engine runs tasks as it runs local ones (threads, async, timeouts, process isolation);
-* the committer thread writes outcomes in batches, each batch one MULTI transaction: results,
-  idempotency keys, retries into the delayed set, dead letters, then XACK + XDEL. A task is
-  acknowledged only in the same transaction that records its outcome, so a worker killed at
-  any point loses nothing: what it held stays pending and is reclaimed (XAUTOCLAIM) by a live
+* the committer thread turns each finished task into its outcome (:class:`~.base.Outcome`
+  operations: result, retry after its back-off, dead letter, idempotency key, workflow step)
+  and commits them in batches. A task is acknowledged only in the same commit that records its
+  outcome, so a worker killed at any point loses nothing: what it held is reclaimed by a live
   worker after the visibility timeout.
 
-Housekeeping in the fetch loop: moving due delayed tasks into the streams (Lua, atomic),
-reclaiming tasks of dead workers, and re-claiming its own long-running tasks so they are not
-handed to someone else while it is alive.
+Before a fetched batch runs, the worker asks the session what the broker knows: rate and
+concurrency limits (``_admit``: a task runs, waits for its reserved slot, or is parked by the
+broker until a lease is free), idempotency keys, workflow runs. A running task's progress
+reports go to the session too (``write_progress``).
+
+Housekeeping in the fetch loop: making due delayed tasks fetchable, reclaiming tasks of dead
+workers, and renewing (heartbeat) its own long-running tasks (and concurrency leases) so they
+are not handed to someone else while it is alive.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 import signal
@@ -32,9 +40,11 @@ from typing import Any, cast
 
 from .. import _engine
 from .. import tracing as _tracing
-from ..config import TaskConfig, TaskStatus
-from ..errors import WorkflowError, encode_error, wire_name
-from . import scripts
+from ..config import TaskConfig, TaskStatus, parse_rate
+from ..errors import encode_error
+from ..limits import Limits, limit_key
+from . import workflow_runs
+from .base import Entries, FetchingBroker, Outcome, destination_name
 from .protocol import (
     CONFIG_ATTR,
     DEFAULT_CONFIG,
@@ -52,20 +62,17 @@ from .protocol import (
     STATUS_CODES,
     headers_of,
 )
-from .redis import GROUP, RedisBroker
-from .registry import Heartbeat, TaskFigures, check_interval
+from .ratelimit import LEAD_MS
+from .registry import TaskFigures, check_interval
 from .serialization import DecodeError
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "backoff_ms"]
 
 log = logging.getLogger("catzilla_tasks.worker")
 
-_ERRORS = None
 # keys of a message's options that are not TaskConfig fields (see protocol.py)
 _NOT_CONFIG = (OPT_IDEMPOTENCY_KEY, OPT_WORKFLOW, OPT_FILLS, OPT_SCHEDULE, OPT_RESERVED)
-# XREADGROUP's reply from a client without decode_responses: [(stream, [(id, fields), ...])],
-# fields None for an entry deleted while pending
-_Read = list[tuple[bytes, list[tuple[bytes, "dict[bytes, bytes] | None"]]]]
+_NO_OPS: tuple = ()
 
 
 def _options(msg: list[Any]) -> Any:
@@ -73,28 +80,9 @@ def _options(msg: list[Any]) -> Any:
     return (msg[MSG_OPTIONS] or {}) if len(msg) > MSG_OPTIONS else {}
 
 
-def _redis_any() -> type[BaseException]:
-    import redis
-
-    return redis.RedisError
-
-
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    global _ERRORS
-    if _ERRORS is None:
-        import redis
-
-        _ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-    return _ERRORS
-
-
 # the longest retry back-off a worker schedules (a year): a bigger or non-finite one (a bad
 # option from an old producer) is capped, never an error that would spoil the commit
 _MAX_BACKOFF_MS = 365 * 86400 * 1000.0
-
-
-# Redis's smallest allowed proto-max-bulk-len: a record this small never exceeds the server's limit
-_SMALLEST_BULK_LIMIT = 1024 * 1024
 
 
 class _TooLarge(ValueError):
@@ -112,37 +100,9 @@ def _describe(exc: BaseException) -> str:
             return f"<{type(exc).__name__}: str() and repr() failed>"
 
 
-def _step_sources(opts: dict) -> list[int] | str:
-    """The earlier steps whose values a step message takes, in order, or what is wrong with its
-    options (a string): ``w`` is [run id, index, step id, name], ``f`` a list of
-    [argument position or keyword, step index or list of step indexes]."""
-    wf = opts.get(OPT_WORKFLOW)
-    fills = opts.get(OPT_FILLS) or []
-    if not (isinstance(wf, list) and len(wf) == 4):
-        return "'w' is not [run, index, step, name]"
-    if not isinstance(fills, list):
-        return "'f' is not a list"
-    srcs: list[int] = []
-    for fill in fills:
-        if not (isinstance(fill, list) and len(fill) == 2 and isinstance(fill[0], (int, str))):
-            return "an item of 'f' is not [position, source]"
-        src = fill[1]
-        for x in src if isinstance(src, list) else [src]:
-            if isinstance(x, bool) or not isinstance(x, int):
-                return "a source in 'f' is not a step index"
-            srcs.append(x)
-    return list(dict.fromkeys(srcs))
-
-
-def _redis_response_error() -> type[BaseException]:
-    import redis
-
-    return redis.ResponseError
-
-
 def backoff_ms(cfg: TaskConfig, attempt: int) -> float:
     """The wait before retry ``attempt`` (1 = the first retry), as the local engine computes it."""
-    base, cap, _ = cfg._retry_ms
+    base, cap = cfg.retry_base_ms, cfg.retry_max_ms
     kind = cfg.retry_backoff
     if kind == "exponential":
         d = base * (2 ** min(attempt - 1, 60))
@@ -178,14 +138,15 @@ class _Job:
         "call",
         "claim",
         "defer",
+        "ops",
+        "kinds",
+        "settle",
         "cancelled",
         "lease",
         "parked",
         "limit_deferred",
         "local_delay",
-        "kinds",
     )
-    kinds: tuple[str, ...]  # set by _commit: the counters its outcome moved, () if not stored (registry.py)
 
     def __init__(self, worker: Worker, prio: int, eid: bytes, msg: Any, payload: bytes) -> None:
         self.worker = worker
@@ -203,16 +164,26 @@ class _Job:
         self.call: tuple | None = None  # a step's (args, kwargs) with the values of earlier steps in
         self.claim: tuple[str, str] | None = None  # its idempotency key's claim: (claim key, token)
         self.defer = 0  # > 0: another copy holds its key: back to the delayed set, ms
+        self.ops: tuple = _NO_OPS  # its outcome, for the session's commit (see base.Outcome)
+        self.kinds: tuple[str, ...] = _NO_OPS  # the counters its outcome moves; () once not stored (registry.py)
+        self.settle: tuple | None = None  # ended for good: (idempotency key, schedule) to let go of
         self.cancelled = False  # cancelled before it started (cancel.py): acknowledged, not run
-        # limits (ratelimit.py): its concurrency lease (lease set, park set, limit, lease id), parked
-        # (over its concurrency limit: acknowledged, it waits in the park set), deferred by its rate limit
-        self.lease: tuple[str, str, int, str] | None = None
+        # limits (see _admit): its concurrency lease (the session's, released in its commit),
+        # parked (over its concurrency limit: the session keeps it; acknowledged here), deferred
+        # by its rate limit, ms it waits in the engine's timer for its rate limit's slot
+        self.lease: Any = None
         self.parked = False
         self.limit_deferred = False
-        self.local_delay = 0  # ms it waits in the engine's timer for its rate limit's slot
+        self.local_delay = 0
 
     def __call__(self, handle: Any) -> None:  # the engine's done-callback (any thread, GIL held)
         self.worker._finished(self, handle)
+
+    def task_id(self) -> str:
+        return str(self.msg[MSG_ID]) if self.msg else repr(self.eid)
+
+    def task_name(self) -> str:
+        return str(self.msg[MSG_NAME]) if self.msg else "?"
 
 
 class Worker:
@@ -222,15 +193,16 @@ class Worker:
     fetches only its free capacity. ``run()`` returns after ``stop()`` (or SIGTERM/SIGINT with
     ``install_signals=True``): it stops fetching, lets in-flight tasks finish, acknowledges them.
 
-    ``heartbeat_interval``: seconds between the worker's beats in the cluster registry (see
-    :mod:`.registry`: who it is, what it holds, its figures per task name); None: not
-    registered and no figures kept.
+    ``heartbeat_interval``: seconds between the worker's beats in the broker's cluster registry
+    (see :mod:`.registry`: who it is, what it holds, its figures per task name; the session's
+    ``cluster_heartbeat``); None: not registered and no figures kept. A broker without a
+    registry (MemoryBroker) keeps the figures (``worker.figures``) and publishes nothing.
     """
 
     def __init__(
         self,
         tasks: Any,
-        broker: RedisBroker | None = None,
+        broker: FetchingBroker | None = None,
         *,
         concurrency: int = 16,
         consumer: str | None = None,
@@ -238,14 +210,14 @@ class Worker:
         heartbeat_interval: float | None = 2.0,
     ) -> None:
         broker = broker if broker is not None else getattr(tasks, "broker", None)
-        if not isinstance(broker, RedisBroker):
+        if not isinstance(broker, FetchingBroker):
             raise TypeError(
-                "Worker: the engine has no Redis broker; create it with BackgroundTasks(broker='redis://...') "
-                "or pass broker=RedisBroker(...)"
+                "Worker: the engine has no broker; create it with BackgroundTasks(broker='redis://...') "
+                f"or pass broker=RedisBroker(...) (got {type(broker).__name__})"
             )
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency: must be an integer >= 1, got {concurrency!r}")
-        qsize = tasks._stats().get("queue_size") if hasattr(tasks, "_stats") else None
+        qsize = tasks.stats().get("queue_size") if hasattr(tasks, "stats") else None
         if isinstance(qsize, int) and concurrency > qsize:
             raise ValueError(f"concurrency ({concurrency}) exceeds the engine's queue_size ({qsize})")
         self.tasks = tasks
@@ -253,36 +225,14 @@ class Worker:
         self.concurrency = concurrency
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.block_ms = int(block_ms)
-        sock_timeout = broker.redis.connection_pool.connection_kwargs.get("socket_timeout")
-        if sock_timeout is not None and self.block_ms / 1000 >= sock_timeout:
-            raise ValueError(
-                f"block_ms ({block_ms}) must be shorter than the broker's socket_timeout ({sock_timeout} s): "
-                "a blocking read would time out"
-            )
-        r = broker.redis
-        self._r = r
-        self._fetch = r.register_script(scripts.FETCH)
-        self._promote = r.register_script(scripts.PROMOTE)
-        self._add_delayed = r.register_script(scripts.ADD_DELAYED)
-        self._copy_result = r.register_script(scripts.COPY_RESULT)
-        self._wf_done = r.register_script(scripts.WF_STEP_DONE)
-        self._wf_failed = r.register_script(scripts.WF_STEP_FAILED)
-        self._idem_claim = r.register_script(scripts.IDEM_CLAIM)
-        self._idem_renew = r.register_script(scripts.IDEM_RENEW)
-        self._idem_done = r.register_script(scripts.IDEM_DONE)
-        self._idem_release = r.register_script(scripts.IDEM_RELEASE)
-        self._leave_groups = r.register_script(scripts.LEAVE_GROUPS)
-        # issue 19: cancelled tasks (cancel.py); what a task's end lets go (task_settled.lua)
-        from .cancel import CancelWatch
-
-        self._cancels = CancelWatch(broker)
-        self._task_settled = r.register_script(scripts.TASK_SETTLED)
-        self._prune_consumers = r.register_script(scripts.PRUNE_CONSUMERS)
-        self._next_prune = 0.0  # monotonic time of the next look for dead workers' consumers
+        self.session = session = broker.consumer(self.consumer)
+        session.check_block(self.block_ms)
+        self._unavailable = session.unavailable
+        self._cancels = session.cancel_watch()  # ids of cancelled tasks, and asking running ones to stop
         self._cv = threading.Condition()
         self._inflight = 0
-        self._owned: dict[bytes, int] = {}  # entry id -> priority, for the heartbeat re-claim
-        self._claims: dict[bytes, tuple[str, str]] = {}  # entry id -> its key's (claim key, token), renewed too
+        self._owned: dict[Any, int] = {}  # token -> priority, for the heartbeat's renewal
+        self._claims: dict[Any, Any] = {}  # token -> its idempotency key's claim, renewed too
         # entries delivered to this consumer that it never saw (a reply lost when the connection
         # dropped; or an earlier process under the same consumer name): looked for at start and
         # after every dropped connection
@@ -295,7 +245,7 @@ class Worker:
         self._committer: threading.Thread | None = None
         self._committer_exit = False
         self._cfgs: dict[tuple[str, Any], TaskConfig] = {}
-        self._registry = getattr(tasks, "_registered", {})
+        self._registry: dict[str, Any] = dict(getattr(tasks, "registered_tasks", {}))
         self._names: dict[str, str] = {}
         self.counts = {
             "fetched": 0,
@@ -319,46 +269,34 @@ class Worker:
         self.ready = threading.Event()  # set once the groups exist and fetching starts
         self._deadline: float | None = None  # when a stopping worker gives up (stop(timeout))
         self._commit_give_up: float | None = None  # (without one: see _shutdown_deadline)
-        self._max_result = broker.max_result_bytes  # (and under the server's limit: _read_server_limit)
-        self._server_limit = 0
-        self._largest = 0  # the largest record of the batch being committed
-        self._resets_with_large = 0  # commits in a row holding a large record that lost the connection
         # no reclaiming of other workers' tasks before this (monotonic): after an outage, live
-        # workers need time to renew the leases that aged while nobody could reach Redis
+        # workers need time to renew the leases that aged while nobody could reach the broker
         self._reclaim_after = 0.0
         self._outage = False
-        # each commit transaction also sets this key to the batch's token: when the connection
-        # drops during EXEC, a retry reads it to learn whether Redis applied the transaction
-        # (applying it again would write dead letters, failure records and retries twice)
-        self._mark_key = broker.commit_mark_prefix + self.consumer
-        self._mark_base = os.urandom(4).hex()  # (a restarted worker may reuse a consumer name)
+        self._mark_base = os.urandom(4).hex()  # batch tokens (a restarted worker may reuse a consumer name)
         self._batches = 0
-        self._batch_token = b""
-        self._unsure = False  # the current batch's EXEC met a connection error
-        # -- rate and concurrency limits, progress (ratelimit.py, progress.py) --
-        from .ratelimit import RedisLimits
-
-        self._limits = RedisLimits(self)
+        # -- rate and concurrency limits (see _admit), progress reports (progress.py) --
+        self._delays = Limits()  # (its cache of configs with a delay)
         self._by_key: dict[int, _Job] = {}  # engine task key -> its job, while it runs (progress reports)
         from .. import progress
 
         progress.add_resolver(self._progress_target)
         # -- the cluster registry (registry.py): figures recorded by the committer, published by
-        # the heartbeat thread
+        # the session's heartbeat thread
         self.figures: TaskFigures | None = None
-        self._heartbeat_thread: Heartbeat | None = None
+        self._heartbeat_thread: Any = None
         interval = check_interval(heartbeat_interval)
         if interval is not None:
             self.figures = TaskFigures()
-            self._heartbeat_thread = Heartbeat(self, interval)
+            self._heartbeat_thread = session.cluster_heartbeat(self, interval)
 
     # -- life ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
         """Stop fetching; ``run()`` returns once the held tasks are finished and their outcomes
         committed. With ``timeout`` (seconds from now), ``run()`` returns by then in any case:
-        what is not committed by then (a task still running, Redis unreachable) stays pending in
-        Redis for redelivery, and is logged. Without it the tasks take as long as they need,
-        and a commit that meets a Redis error is retried for up to ``visibility_timeout`` (past
+        what is not committed by then (a task still running, the broker unreachable) stays held by
+        the broker for redelivery, and is logged. Without it the tasks take as long as they need,
+        and a commit that meets a broker error is retried for up to ``visibility_timeout`` (past
         it another worker takes those tasks anyway). Safe from a signal handler."""
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
@@ -379,35 +317,9 @@ class Worker:
         return self._commit_give_up
 
     def _ensure_groups(self) -> None:
-        import redis
-
-        for s in self.broker.streams:
-            try:
-                self._r.xgroup_create(s, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        self._read_server_limit()
-        uptime = self._r.info("server").get("uptime_in_seconds")
-        if isinstance(uptime, int) and uptime < self.broker.visibility_timeout:
-            # the server restarted moments ago: the idle times it reports include its downtime
-            self._reclaim_after = time.monotonic() + self.broker.visibility_timeout - uptime
-
-    def _read_server_limit(self) -> None:
-        """The server's own cap on one value (proto-max-bulk-len): a bigger one resets the
-        connection, so results are kept under it too. Managed servers may refuse CONFIG: then
-        ``max_result_bytes`` alone applies."""
-        import redis
-
-        cap = self.broker.max_result_bytes
-        try:
-            got = cast("dict[str, str]", self._r.config_get("proto-max-bulk-len"))
-            server = int(got.get("proto-max-bulk-len", 0))
-        except (redis.ResponseError, ValueError, TypeError):
-            server = 0
-        # room for the record's framing and the command's other arguments
-        self._server_limit = server
-        self._max_result = min(cap, server - 4096) if server > 8192 else cap
+        wait = self.session.setup()
+        if wait > 0:
+            self._reclaim_after = time.monotonic() + wait
 
     def run(self, install_signals: bool = False) -> None:
         if install_signals:
@@ -437,14 +349,14 @@ class Worker:
                 self._deadline_set.set()
 
     def _set_up(self) -> bool:
-        """Create the groups, retried while Redis is unreachable; False if the worker was
+        """Set up the consumer (ConsumerSession.setup), retried while the broker is unreachable; False if the worker was
         stopped meanwhile (a SIGTERM during an outage is a stop, not an error)."""
         try:
             self._retrying(self._ensure_groups)
-        except _redis_errors() as exc:
+        except self._unavailable as exc:
             if not self._stop.is_set():
                 raise
-            log.warning("stopped before redis could be reached (%s)", exc)
+            log.warning("stopped before the broker could be reached (%s)", exc)
             return False
         return True
 
@@ -453,7 +365,7 @@ class Worker:
 
     def _enforce_deadline(self) -> None:
         """After ``stop(timeout)``: at the deadline, close the worker's connections (again every
-        half second until ``run()`` returns). A Redis gone silent (a dropped route: no reset, no
+        half second until ``run()`` returns). A broker gone silent (a dropped route: no reset, no
         reply) would otherwise hold a blocked read, or a reconnection's handshake, for a whole
         socket timeout each, and ``run()`` would return long after the deadline."""
         self._deadline_set.wait()
@@ -462,19 +374,12 @@ class Worker:
             if left > 0:
                 self._returned.wait(left)
                 continue
-            self._r.connection_pool.disconnect()
+            self.session.interrupt()
             self._returned.wait(0.5)
 
     def _leave(self) -> None:
-        """Remove this worker's consumer from the groups where nothing is pending for it (see
-        scripts.LEAVE_GROUPS): a process's consumer name is never used again, and left there it
-        would stay in Redis for good. Best effort: a consumer left behind costs a few bytes."""
-        try:
-            if self._committer is not None and not self._committer.is_alive():
-                self._r.delete(self._mark_key)  # (no commit of ours is left to retry)
-            self._leave_groups(keys=list(self.broker.streams), args=[GROUP, self.consumer])
-        except Exception as exc:  # Redis away, or a server without the command: the consumer stays
-            log.warning("could not remove consumer %s from the groups: %s", self.consumer, exc)
+        """Drop what the broker keeps of this consumer (best effort, see ConsumerSession.leave)."""
+        self.session.leave(self._committer is not None and not self._committer.is_alive())
 
     def _finish_held(self) -> None:
         """After the fetch loop: let the held tasks finish and be committed (heartbeats go on so
@@ -485,8 +390,8 @@ class Worker:
                 left = None if self._deadline is None else self._deadline - time.monotonic()
                 if left is not None and left <= 0:
                     log.warning(
-                        "stopping with %d tasks not finished or not committed; they stay pending in Redis and will "
-                        "be redelivered",
+                        "stopping with %d tasks not finished or not committed; they stay pending in the broker and "
+                        "will be redelivered",
                         self._inflight,
                     )
                     break
@@ -495,8 +400,8 @@ class Worker:
                     self._cv.release()
                     try:
                         self._heartbeat()
-                    except _redis_any() as exc:
-                        log.warning("redis unavailable while stopping (%s)", exc)
+                    except self.session.errors as exc:
+                        log.warning("the broker is unavailable while stopping (%s)", exc)
                     finally:
                         self._cv.acquire()
         self._committer_exit = True
@@ -506,18 +411,18 @@ class Worker:
         committer.join(left)  # (it gives up by the deadline too: _retrying)
 
     def _retrying(self, fn: Any, *args: Any, committing: bool = False) -> Any:
-        """``fn(*args)``, retried while Redis is unreachable. Once the worker stops, only
+        """``fn(*args)``, retried while the broker is unreachable. Once the worker stops, only
         commits are retried (outcomes computed before the stop are worth writing), up to the
         stop deadline; then the error is raised (those tasks stay pending)."""
         delay = 0.05
         while True:
             try:
                 return fn(*args)
-            except _redis_errors() as exc:
+            except self._unavailable as exc:
                 if self._stop.is_set():
                     if not committing or time.monotonic() >= self._shutdown_deadline():
                         raise
-                log.warning("redis unavailable (%s); retrying in %.1f s", exc, delay)
+                log.warning("the broker is unavailable (%s); retrying in %.1f s", exc, delay)
                 if self._stop.is_set():
                     delay = min(delay, max(0.0, self._shutdown_deadline() - time.monotonic()))
                 time.sleep(delay)  # back-off before reconnecting, not synchronisation
@@ -527,8 +432,9 @@ class Worker:
     def _fetch_loop(self) -> None:
         hk_every = min(self.broker.visibility_timeout / 3, 5.0)
         next_hk = 0.0
-        errors = _redis_errors()
-        import redis
+        session = self.session
+        unavailable = self._unavailable
+        refused = session.refused
 
         while not self._stop.is_set():
             with self._cv:
@@ -557,170 +463,86 @@ class Worker:
                     taken = self._recover_own(free)
                     if taken:
                         continue
-                flat = self._fetch(keys=list(self.broker.streams), args=[GROUP, self.consumer, free])
-                if flat:
-                    # decoded straight from the flat reply [prio, id, fields, ...], which is
-                    # dropped before the tasks start: a worker holding N tasks holds no copy of
-                    # the raw reply besides them
-                    decode = self._decode
-                    jobs = [decode(int(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-                    del flat
-                    self._run_jobs(jobs)
-                    del jobs
-                    continue
                 # no longer than the next heartbeat either: with a short visibility timeout, a
                 # held task's entry and its key's claim must be renewed before they run out
                 wait_ms = max(1, min(self.block_ms, int((next_hk - time.monotonic()) * 1000) + 1))
                 if self._next_due_local:
                     due_ms = int((self._next_due_local - time.monotonic()) * 1000) + 1
-                    if due_ms < 100:
-                        # Redis ends a blocked read at its `hz` tick (100 ms by default), not at
-                        # its block: a delayed task due sooner (a rate limit's next slot) would be
-                        # promoted up to 100 ms late, and several late ones at once
+                    if due_ms < session.fetch_granularity_ms:
+                        # a blocking fetch could return that much late: a delayed task due sooner
+                        # (a rate limit's next slot) is waited for here, then promoted
                         self._stop.wait(max(0, due_ms) / 1000)
                         continue
                     wait_ms = max(1, min(wait_ms, due_ms))
-                got = self._r.xreadgroup(
-                    GROUP, self.consumer, {s: ">" for s in self.broker.streams}, count=1, block=wait_ms
-                )
-                if got:
-                    self._dispatch(self._flatten(got))
-            except errors as exc:
+                flat = session.fetch(free, wait_ms)
+                if flat:
+                    # decoded straight from the flat list [prio, token, payload, ...], which is
+                    # dropped before the tasks start: a worker holding N tasks holds no copy of
+                    # the fetched list besides them
+                    decode = self._decode
+                    jobs = [decode(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+                    del flat
+                    self._run_jobs(jobs)
+                    del jobs
+            except unavailable as exc:
                 # a fetch whose reply was lost still gave us its entries: look for them
                 self._lost_replies = True
                 self._outage = True
-                next_hk = 0.0  # renew our leases first thing once Redis answers
-                log.warning("redis unavailable (%s); retrying", exc)
+                next_hk = 0.0  # renew our leases first thing once the broker answers
+                log.warning("the broker is unavailable (%s); retrying", exc)
                 time.sleep(0.2)  # back-off before reconnecting, not synchronisation
-            except redis.ResponseError as exc:
+            except refused as exc:
                 self._lost_replies = True
                 self._outage = True
                 next_hk = 0.0
-                if "NOGROUP" in str(exc):  # the server lost its data (no persistence): set up again
+                if session.lost_state(exc):  # the server lost its data (no persistence): set up again
                     self._set_up()
                 else:  # a server in a state that refuses us for now (read-only replica, OOM, ...)
-                    log.error("redis refused a fetch (%s); retrying in 1 s", exc)
+                    log.error("the broker refused a fetch (%s); retrying in 1 s", exc)
                     self._stop.wait(1.0)
 
-    def _flatten(self, got: Any) -> list[tuple[int, bytes, Any]]:
-        index = {s.encode(): p for p, s in enumerate(self.broker.streams)}
-        out = []
-        for stream, entries in got:
-            key = stream if isinstance(stream, bytes) else str(stream).encode()
-            for eid, fields in entries:
-                if fields is not None:
-                    out.append((index.get(key, 2), eid, fields))
-        return out
-
     def _promote_due(self) -> None:
-        moved, nxt, now = self._promote(keys=[self.broker.delayed_key, *self.broker.streams], args=[1000])
-        if moved >= 1000:
-            self._next_due_local = 0.0  # more are due: again at once
-            return
-        if nxt:
-            self._next_due_local = time.monotonic() + max(0.0, (float(nxt) - int(now)) / 1000)
-        else:
-            self._next_due_local = time.monotonic() + self.block_ms / 1000
+        nxt = self.session.promote()
+        self._next_due_local = nxt if nxt >= 0 else time.monotonic() + self.block_ms / 1000
 
     def _recover_own(self, free: int) -> int:
-        """After a dropped connection: entries Redis handed to this consumer whose reply never
-        arrived (the server died between delivering and answering) sit in our pending list,
-        where only the visibility timeout would free them. Read that list (XREADGROUP from id
-        0) and run what we do not hold, at most ``free``. Entries held at the snapshot are
-        skipped; one finished meanwhile was acknowledged before it left ``_owned``, so it is
-        no longer pending. Returns how many were taken; the flag stays up until none are left."""
+        """After a dropped connection: messages the broker handed to this consumer whose reply
+        never arrived (the server died between delivering and answering) are held for us,
+        where only the visibility timeout would free them. Run what we do not hold, at most
+        ``free``. Messages held at the snapshot are skipped; one finished meanwhile was
+        acknowledged before it left ``_owned``. Returns how many were taken; the flag stays up
+        until none are left."""
         with self._cv:
             held = set(self._owned)
-        found: list[tuple[int, bytes, Any]] = []
-        for prio, s in enumerate(self.broker.streams):
-            last: str | bytes = "0"
-            while len(found) < free:
-                got = cast(_Read, self._r.xreadgroup(GROUP, self.consumer, {s: last}, count=max(100, free)))
-                entries = got[0][1] if got else []
-                if not entries:
-                    break
-                for eid, fields in entries:
-                    if eid not in held and fields is not None and len(found) < free:
-                        found.append((prio, eid, fields))
-                last = entries[-1][0]
-        if len(found) < free:
+        found, more = self.session.recover(free, held)
+        if not more:
             self._lost_replies = False  # (more: the next round takes them)
-        if found:
-            self.counts["recovered"] += len(found)
-            log.warning("%d tasks delivered to this worker while the connection dropped are run now", len(found))
+        n = len(found) // 3
+        if n:
+            self.counts["recovered"] += n
+            log.warning("%d tasks delivered to this worker while the connection dropped are run now", n)
             self._dispatch(found)
-        return len(found)
+        return n
 
     def _reclaim(self, free: int) -> int:
         """Take over tasks of workers that stopped acknowledging (idle past the visibility
         timeout), at most ``free``; returns how many."""
-        idle_ms = int(self.broker.visibility_timeout * 1000)
-        now = time.monotonic()
-        if now >= self._next_prune:
-            # the consumers they leave behind, once nothing is pending for them (rarely: each
-            # look costs one XINFO CONSUMERS per stream)
-            self._next_prune = now + 10 * self.broker.visibility_timeout
-            try:
-                self._prune_consumers(keys=list(self.broker.streams), args=[GROUP, self.consumer, 10 * idle_ms])
-            except _redis_response_error() as exc:  # housekeeping: never a reason to stop
-                log.warning("could not remove dead workers' consumers: %s", exc)
         if time.monotonic() < self._reclaim_after:
             return 0
-        taken = 0
-        for prio, s in enumerate(self.broker.streams):
-            if taken >= free:
-                break
-            res = self._r.xautoclaim(s, GROUP, self.consumer, idle_ms, "0-0", count=free - taken)
-            entries = [(prio, eid, fields) for eid, fields in res[1] if fields is not None]
-            if entries:
-                taken += len(entries)
-                self.counts["reclaimed"] += len(entries)
-                log.info("reclaimed %d tasks of a dead worker from %s", len(entries), s)
-                self._dispatch(entries, self._deliveries(s, [e[1] for e in entries]))
-        return taken
-
-    def _deliveries(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
-        """How many times each of ``ids`` (held by us) has been delivered."""
-        if not self.broker.max_deliveries:
-            return {}
-        pipe = self._r.pipeline(transaction=False)
-        for eid in ids:
-            pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1, consumername=self.consumer)
-        out = {}
-        for eid, rows in zip(ids, pipe.execute(), strict=True):
-            if rows:
-                out[eid] = int(rows[0]["times_delivered"])
-        return out
+        found, deliveries = self.session.reclaim(free)
+        n = len(found) // 3
+        if n:
+            self.counts["reclaimed"] += n
+            self._dispatch(found, deliveries)
+        return n
 
     def _heartbeat(self) -> None:
-        """Reset the idle time of the tasks we hold, so no one reclaims them while we live."""
+        """Renew the tasks we hold (their idempotency claims, concurrency leases), so no one
+        takes them while we live; with none held too (lapsed leases wake parked tasks)."""
         with self._cv:
             owned = list(self._owned.items())
-            claims = [(eid, *c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
-        if not owned:
-            self._limits.renew(None)
-            return
-        by_prio: dict[int, list[bytes]] = {}
-        for eid, prio in owned:
-            by_prio.setdefault(prio, []).append(eid)
-        pipe = self._r.pipeline(transaction=False)
-        for prio, ids in by_prio.items():
-            for i in range(0, len(ids), 1000):
-                chunk = cast("list[Any]", ids[i : i + 1000])  # (xclaim's list type is invariant)
-                pipe.xclaim(self.broker.streams[prio], GROUP, self.consumer, 0, chunk, justid=True)
-        if claims:  # and the leases of the idempotency keys of the copies running here
-            lease = int(self.broker.visibility_timeout * 1000)
-            streams = self.broker.streams
-            prios = dict(owned)
-            for i in range(0, len(claims), 500):
-                keys: list[str] = []
-                args: list[Any] = [lease, GROUP, self.consumer]
-                for eid, claim_key, token in claims[i : i + 500]:
-                    keys += (claim_key, streams[prios[eid]])
-                    args += (token, eid)
-                self._idem_renew(keys=keys, args=args, client=pipe)
-        self._limits.renew(pipe)
-        pipe.execute()
+            claims = [(eid, c) for eid, c in self._claims.items() if eid in self._owned] if self._claims else None
+        self.session.heartbeat(owned, claims)
 
     # -- dispatch --------------------------------------------------------------------------
     def _config(self, name: str, func: Any, opts: dict[str, Any] | None) -> TaskConfig:
@@ -738,27 +560,20 @@ class Worker:
             self._cfgs[key] = cfg
         return cfg
 
-    def _decode(self, prio: int, eid: bytes, fields: Any) -> _Job:
+    def _decode(self, prio: int, eid: Any, payload: Any) -> _Job:
         try:
-            return self._parse(prio, eid, fields)
-        except Exception as exc:  # whatever a stream entry holds, it is one dead letter
+            return self._parse(prio, eid, payload)
+        except Exception as exc:  # whatever a fetched entry holds, it is one dead letter
             job = _Job(self, prio, eid, None, b"")
             job.error = f"DecodeError: {_describe(exc)}"
             return job
 
-    def _parse(self, prio: int, eid: bytes, fields: Any) -> _Job:
-        if isinstance(fields, dict):
-            payload = fields.get(b"m")
-        else:
-            payload = None
-            for i in range(0, len(fields) - 1, 2):
-                if fields[i] == b"m":
-                    payload = fields[i + 1]
-                    break
-        job = _Job(self, prio, eid, None, payload or b"")
-        if payload is None:
-            job.error = f"DecodeError: stream entry without an 'm' field: {fields!r:.200}"
+    def _parse(self, prio: int, eid: Any, payload: Any) -> _Job:
+        if isinstance(payload, str):  # the session found no message there: why
+            job = _Job(self, prio, eid, None, b"")
+            job.error = payload
             return job
+        job = _Job(self, prio, eid, None, payload)
         try:
             msg = self.broker.serializer.loads(payload)
         except DecodeError as exc:
@@ -778,6 +593,9 @@ class Worker:
             return job
         job.msg = msg
         func = self._registry.get(msg[MSG_NAME])
+        if func is None:  # registered after this worker was made? (a copy: looked at again on a miss)
+            self._registry = dict(self.tasks.registered_tasks)
+            func = self._registry.get(msg[MSG_NAME])
         if func is not None:  # one copy of each task name, not one per message held
             msg[MSG_NAME] = self._names.setdefault(msg[MSG_NAME], msg[MSG_NAME])
         if func is None:
@@ -793,14 +611,15 @@ class Worker:
             job.error = f"{type(exc).__name__}: bad per-task options: {_describe(exc)}"
         return job
 
-    def _dispatch(self, entries: list[tuple[int, bytes, Any]], deliveries: dict[bytes, int] | None = None) -> None:
-        self._run_jobs([self._decode(p, e, f) for p, e, f in entries], deliveries)
+    def _dispatch(self, flat: Entries, deliveries: dict[Any, int] | None = None) -> None:
+        decode = self._decode
+        self._run_jobs([decode(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)], deliveries)
 
-    def _run_jobs(self, jobs: list[_Job], deliveries: dict[bytes, int] | None = None) -> None:
+    def _run_jobs(self, jobs: list[_Job], deliveries: dict[Any, int] | None = None) -> None:
         """Count ``jobs`` as held, then hand each one to the engine, or to the committer with
         the reason it does not run. Every job counted here leaves by one of two doors: the
         committer (through ``_finished``: run, skipped or dead-lettered) or ``_release`` (a
-        Redis error before the hand-off: un-held, still pending in Redis, run again later)."""
+        broker error before the hand-off: un-held, still held by the broker, run again later)."""
         limit = self.broker.max_deliveries
         if deliveries and limit:
             for j in jobs:
@@ -822,9 +641,9 @@ class Worker:
             for j in jobs:
                 self._start(j)
                 started += 1
-        except _redis_any():
-            # Redis went away (or refused) before these were handed over: not ours any more (they stay in
-            # our pending list; _recover_own takes them again once Redis answers)
+        except self.session.errors:
+            # the broker went away (or refused) before these were handed over: not ours any more (the
+            # broker holds them for us; _recover_own takes them again once it answers)
             self._release(jobs[started:])
             raise
         except Exception as exc:  # a defect of ours that one of these messages brings out
@@ -848,19 +667,108 @@ class Worker:
             self._inflight -= len(jobs)
             self._cv.notify_all()
         self.counts["fetched"] -= len(jobs)
-        self._lost_replies = True  # they are in our pending list: look there once Redis is back
+        self._lost_replies = True  # the broker holds them for us: look there once it is back
 
     def _look_up(self, jobs: list[_Job]) -> None:
-        """What Redis knows before the jobs run: finished idempotency keys, workflow runs."""
-        limited = [j for j in jobs if j.error is None and j.cfg is not None and j.cfg._routed]
+        """What the broker knows before the jobs run: rate and concurrency limits, finished
+        idempotency keys, workflow runs."""
+        limited = [
+            j
+            for j in jobs
+            if j.error is None and j.cfg is not None and (j.cfg.rate_limit is not None or j.cfg.concurrency_limit)
+        ]
         if limited:
-            self._limits.admit(limited)
+            self._admit(limited)
+            jobs = [j for j in jobs if not (j.defer or j.parked)]
         keyed = [j for j in jobs if j.error is None and OPT_IDEMPOTENCY_KEY in _options(j.msg)]
         if keyed:
             self._claim(keyed)
         steps = [j for j in jobs if j.error is None and OPT_WORKFLOW in _options(j.msg)]
         if steps:
             self._prepare_steps(steps)
+
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Rate and concurrency limits, cluster-wide through the session (see ratelimit.py):
+        decide for the limited ``jobs`` (no error) whether each runs (with its lease, if it
+        has a concurrency limit; after ``local_delay`` ms if its rate slot is that close), is
+        deferred to its rate limit's slot (``defer`` ms through the delayed set, its payload
+        marked with the slot it reserved: it does not ask again) or is parked (``parked``)."""
+        session = self.session
+        ser = self.broker.serializer
+        rated: list[tuple[_Job, str]] = []
+        leased: list[tuple[_Job, str]] = []
+        for j in jobs:
+            cfg = cast(TaskConfig, j.cfg)
+            msg = j.msg
+            try:
+                key = limit_key(cfg, tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
+            except Exception as exc:
+                j.error = f"{type(exc).__name__}: rate_limit_key failed: {_describe(exc)}"
+                continue
+            ident = msg[MSG_NAME] if key is None else f"{msg[MSG_NAME]}:{key}"
+            slot = _options(msg).get(OPT_RESERVED)
+            if cfg.rate_limit is not None and not slot:
+                rated.append((j, ident))
+                continue
+            if isinstance(slot, int) and not isinstance(slot, bool):  # back for its reserved slot
+                j.local_delay = max(0, int(slot - time.time() * 1000 - session.clock_offset_ms()))
+            if cfg.concurrency_limit is not None:
+                leased.append((j, ident))
+        if rated:
+            # (the emission interval in us, rounded up: never over the rate)
+            slots, now_ms = session.reserve_slots(
+                [(ident, self._interval_us(cast(TaskConfig, j.cfg))) for j, ident in rated]
+            )
+            for (j, ident), slot in zip(rated, slots, strict=True):
+                wait = slot - now_ms
+                if wait > LEAD_MS:
+                    msg = ser.loads(j.payload)  # (the payload as sent: its arguments intact)
+                    while len(msg) < 6:
+                        msg.append(0 if len(msg) == 4 else None)
+                    opts = dict(msg[MSG_OPTIONS] or {})
+                    opts[OPT_RESERVED] = int(slot)
+                    msg[MSG_OPTIONS] = opts
+                    j.payload = ser.same_format(j.payload).dumps(msg)
+                    j.defer = wait - LEAD_MS
+                    j.limit_deferred = True
+                    continue
+                j.local_delay = max(0, wait)
+                if cast(TaskConfig, j.cfg).concurrency_limit is not None:
+                    leased.append((j, ident))
+        if leased:
+            got = session.acquire_leases(
+                [
+                    (
+                        ident,
+                        cast(int, cast(TaskConfig, j.cfg).concurrency_limit),
+                        f"{j.msg[MSG_ID]}:{j.eid.decode() if isinstance(j.eid, bytes) else j.eid}",
+                        j.prio,
+                        j.payload,
+                    )
+                    for j, ident in leased
+                ]
+            )
+            for (j, _), lease in zip(leased, got, strict=True):
+                if lease is None:
+                    j.parked = True
+                else:
+                    j.lease = lease
+
+    @staticmethod
+    def _interval_us(cfg: TaskConfig) -> int:
+        count, per = cast("tuple[float, float]", parse_rate(cfg.rate_limit))
+        return max(1, math.ceil(per / count * 1_000_000))
+
+    def _progress_target(self, key: int) -> Any:
+        """Where the progress reports of the engine task ``key`` go: the session stores them
+        for its result handle (``result.progress``), if it is a task of this worker."""
+        j = self._by_key.get(key)
+        if j is None or j.msg is None:
+            return None
+        task_id = str(j.msg[MSG_ID])
+        ser = self.broker.serializer.same_format(j.payload)
+        session = self.session
+        return lambda p: session.write_progress(task_id, ser.dumps([p.fraction, p.message]))
 
     def _start(self, j: _Job) -> None:
         """Hand one job to the engine (or, when it does not run, to the committer)."""
@@ -874,15 +782,16 @@ class Worker:
         try:
             msg = j.msg
             cfg = cast(TaskConfig, j.cfg)  # set for every job without an error
-            if cfg._plain is not None:  # limits and queue were applied in Redis: not again locally
+            if cfg._plain is not None:  # limits and queue were applied by the broker: not again locally
                 cfg = cfg._plain
-            run_cfg = cfg if not (cfg.max_retries or cfg._delay_ns) else self._run_config(cfg)
+            run_cfg = cfg if not (cfg.max_retries or cfg.delay_ms) else self._run_config(cfg)
             if j.local_delay:
-                run_cfg = self._limits.delayed(run_cfg, j.local_delay)
+                run_cfg = self._delays.delayed(run_cfg, j.local_delay)
             args, kwargs = j.call if j.call is not None else (tuple(msg[MSG_ARGS]), msg[MSG_KWARGS])
             func = j.func
-            if self._tracing and _tracing.provider_set():  # (tracing hook: its CONSUMER span)
-                func = _tracing.consumer(func, headers_of(msg), msg[MSG_ID], msg[MSG_NAME], self.broker.streams[j.prio])
+            if self._tracing and _tracing.provider_set():  # (tracing hook: its CONSUMER span, any broker)
+                dest = destination_name(self.broker, None, j.prio)
+                func = _tracing.consumer(func, headers_of(msg), msg[MSG_ID], msg[MSG_NAME], dest)
             h = self._submit(func, args, kwargs, run_cfg, -1)
         except Exception as exc:  # e.g. bad arguments for isolation, engine shut down
             j.error = f"{type(exc).__name__}: could not start the task: {_describe(exc)}"
@@ -896,116 +805,40 @@ class Worker:
         h._on_done(j)
 
     def _claim(self, keyed: list[_Job]) -> None:
-        """Claim the idempotency keys of fetched copies (one script, atomic): a copy runs only
-        if it got its key's claim; one whose key is done is acknowledged with the first run's
-        result; one whose key another copy holds waits in the delayed set (``defer``)."""
-        b = self.broker
-        keys: list[str] = []
-        tokens: list[str] = []
-        for j in keyed:
-            k = str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY])
-            keys += (b.done_key(k), b.claim_key(k))
-            tokens.append(f"{self.consumer} {j.eid.decode()}")
-        replies = self._idem_claim(keys=keys, args=[int(b.visibility_timeout * 1000), *tokens])
+        """Claim the idempotency keys of fetched copies (atomically, ConsumerSession.claim_keys):
+        a copy runs only if it got its key's claim; one whose key is done is acknowledged with
+        the first run's result; one whose key another copy holds waits in the delayed set
+        (``defer``)."""
+        keys = [str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY]) for j in keyed]
+        replies = self.session.claim_keys([(j.eid, k) for j, k in zip(keyed, keys, strict=True)])
         claimed = {}
-        for i, (j, got) in enumerate(zip(keyed, replies, strict=True)):
-            if isinstance(got, list):  # a command on this key failed (see scripts.IDEM_CLAIM)
-                err = got[0].decode(errors="replace") if got and isinstance(got[0], bytes) else repr(got)
-                j.error = f"ResponseError: idempotency key {str(j.msg[5]['k'])!r} cannot be claimed: {err}"
-            elif isinstance(got, bytes):
+        for j, k, (kind, value) in zip(keyed, keys, replies, strict=True):
+            if kind == "error":
+                j.error = f"ResponseError: idempotency key {k!r} cannot be claimed: {value}"
+            elif kind == "done":
                 j.skip = True
-                j.first = got.decode(errors="replace")
-            elif got:
+                j.first = value
+            elif kind == "held":
                 # looked at again after the holder's lease (if it died) or 1 s (it may finish)
-                j.defer = min(max(int(got), 20), 1000)
+                j.defer = min(max(int(value), 20), 1000)
             else:
-                j.claim = claimed[j.eid] = (keys[2 * i + 1], tokens[i])
+                j.claim = claimed[j.eid] = value
         if claimed:
             with self._cv:
                 self._claims.update(claimed)
 
     def _prepare_steps(self, steps: list[_Job]) -> None:
-        """Workflow steps: skip those whose run already ended (a step failed), and fill in the
-        values of earlier steps that a step takes (read from the run's hash, one round trip).
-        A step whose options or stored values are not what they should be is dead-lettered
-        with the reason; a Redis connection error leaves every step to the caller."""
-        import redis
-
-        b = self.broker
-        pipe = self._r.pipeline(transaction=False)
-        wanted = []
-        for j in steps:
-            srcs = _step_sources(j.msg[MSG_OPTIONS])
-            if isinstance(srcs, str):
-                j.error = f"DecodeError: bad workflow step options ({srcs}): {j.msg[MSG_OPTIONS]!r:.200}"
-                continue
-            j.wf = wf = j.msg[MSG_OPTIONS][OPT_WORKFLOW]
-            pipe.hmget(b.workflow_key(str(wf[0])), ["state", *(f"v:{s}" for s in srcs)])
-            wanted.append((j, wf, srcs))
-        if not wanted:
-            return
-        replies = pipe.execute(raise_on_error=False)
-        for (j, wf, srcs), reply in zip(wanted, replies, strict=True):
-            if isinstance(reply, redis.ResponseError):  # e.g. the run's key is not a hash
-                j.error = f"LookupError: workflow step {wf[2]!r}: cannot read its run: {reply}"
-                continue
-            state, *vals = reply
-            if state != b"run":
-                j.skip = True  # the run failed (or is gone): acknowledged, not run
-                j.first = ""
-                continue
-            try:
-                self._fill_step(j, dict(zip(srcs, vals, strict=True)))
-            except Exception as exc:  # anything else odd about this one step
-                j.error = f"DecodeError: workflow step {wf[2]!r}: {_describe(exc)}"
-
-    def _fill_step(self, j: _Job, raw: dict[int, bytes | None]) -> None:
-        fills = j.msg[MSG_OPTIONS].get(OPT_FILLS) or []
-        if not fills:
-            return
-        wf = cast("list[Any]", j.wf)  # a workflow step (see _fill_workflow)
-        got = {}
-        for s_, v in raw.items():
-            if v is None:
-                j.error = f"LookupError: workflow step {wf[2]!r}: the value of step {s_} is not in Redis"
-                return
-            try:
-                got[s_] = self.broker.serializer.loads(v)
-            except DecodeError as exc:
-                j.error = f"DecodeError: workflow step {wf[2]!r}: the value of step {s_}: {exc}"
-                return
-        args = list(j.msg[MSG_ARGS])
-        kwargs = dict(j.msg[MSG_KWARGS])
-        for where, src in fills:
-            value = [got[x] for x in src] if isinstance(src, list) else got[src]
-            if isinstance(where, int) and 0 <= where < len(args):
-                args[where] = value
-            elif isinstance(where, str):
-                kwargs[where] = value
-            else:
-                j.error = f"DecodeError: workflow step {wf[2]!r}: bad argument position {where!r}"
-                return
-        j.call = (tuple(args), kwargs)
+        """Workflow steps (see workflow_runs.prepare_steps): skip those whose run already ended,
+        fill in the values of earlier steps that a step takes."""
+        workflow_runs.prepare_steps(self.session, self.broker.serializer, steps)
 
     def _run_config(self, cfg: TaskConfig) -> TaskConfig:
-        # retries go through Redis (another worker may run them; they survive a crash)
+        # retries go through the broker (another worker may run them; they survive a crash)
         key = ("run", id(cfg))
         hit = self._cfgs.get(key)
         if hit is None:
             hit = self._cfgs[key] = cfg.replace(max_retries=0, delay_ms=0)
         return hit
-
-    def _progress_target(self, key: int) -> Any:
-        """Where the progress reports of the engine task ``key`` go: its result's progress key
-        in Redis (progress.py), if it is a task of this worker."""
-        j = self._by_key.get(key)
-        if j is None or j.msg is None:
-            return None
-        b = self.broker
-        pkey = b.progress_key(str(j.msg[MSG_ID]))
-        ttl_ms = int(b.result_ttl * 1000) or 3_600_000
-        ser = b.serializer.same_format(j.payload)
-        return lambda p: self._r.set(pkey, ser.dumps([p.fraction, p.message]), px=ttl_ms)
 
     def _finished(self, job: _Job, _handle: Any) -> None:
         if _handle is not None:
@@ -1015,6 +848,7 @@ class Worker:
 
     # -- committing ------------------------------------------------------------------------
     def _commit_loop(self) -> None:
+        session = self.session
         while True:
             self._done_event.wait()
             self._done_event.clear()
@@ -1026,21 +860,20 @@ class Worker:
                 pass
             if jobs:
                 self._batches += 1
-                self._batch_token = b"%s-%d" % (self._mark_base.encode(), self._batches)
-                self._unsure = False
+                session.begin_batch(b"%s-%d" % (self._mark_base.encode(), self._batches))
                 try:
                     acks, counts = self._retrying(self._commit, jobs, committing=True)
                     if acks:
-                        self._retrying(self._ack, acks, committing=True)
-                    # counted once acknowledged (tests and stats() see what Redis holds)
+                        self._retrying(session.ack, acks, committing=True)
+                    # counted once acknowledged (tests and stats() see what the broker holds)
                     for k, v in counts.items():
                         if v:
                             self.counts[k] += v
-                    if self.figures is not None:
+                    if self.figures is not None:  # (one call per acknowledged batch)
                         self.figures.record(jobs, counts["succeeded"])
                 except Exception:
                     log.exception(
-                        "committing %d task outcomes failed; they stay pending in Redis and will be redelivered",
+                        "committing %d task outcomes failed; the broker keeps them held and will redeliver them",
                         len(jobs),
                     )
                 n = len(jobs)
@@ -1062,181 +895,73 @@ class Worker:
             elif self._committer_exit:
                 return
 
-    def _commit(self, jobs: list[_Job]) -> tuple[list[list[bytes]] | None, dict[str, int]]:
-        """Write the outcomes of ``jobs`` in one MULTI transaction. A job whose outcome is
-        nothing to write (no result stored, no key, no retry) is acknowledged in it; the others
-        are returned, by priority, to be acknowledged once every reply of their commands was
-        checked (Redis applies the rest of a transaction when one command fails: a wrong-type
-        key, an error in a script). A job with a failed command stays pending, for redelivery.
-        Building one job's commands can fail (a value that cannot be encoded, a result over the
-        size cap, a defect): that job alone is recorded as failed with the reason."""
-        pipe = self._r.pipeline(transaction=True)
-        stack = pipe.command_stack  # (a list of redis-py's Pipeline: one entry per queued command)
-        acks: list[list[bytes]] = [[], [], [], []]
-        written: list[tuple[_Job, int, int, tuple[str, ...]]] = []
+    def _commit(self, jobs: list[_Job]) -> tuple[Any, dict[str, int]]:
+        """Decide the outcome of each of ``jobs`` (its operations, ``_outcome``) and commit them
+        as one batch (ConsumerSession.commit). Deciding one job's outcome can fail (a value
+        that cannot be encoded, a result over the size cap, a defect): that job alone is
+        recorded as failed with the reason. Decided again on each retry of the batch (the
+        size cap may have changed: the session learnt the server's limit)."""
         counts = dict.fromkeys(self.counts, 0)
         ctx = self._commit_context()
-        self._largest = 0
-        all_kinds: list[tuple[str, ...]] = []
         for j in jobs:
-            start = len(stack)
             try:
-                kinds = self._outcome(pipe, j, ctx)
+                j.kinds = self._outcome(j, ctx)
             except Exception as exc:
-                del stack[start:]
-                kinds = self._outcome_lost(pipe, j, ctx, exc)
-            all_kinds.append(kinds)
-            j.kinds = kinds
-            if len(stack) == start:
-                acks[j.prio].append(j.eid)
-                for k in kinds:
-                    if k in counts:
-                        counts[k] += 1
-            else:
-                written.append((j, start, len(stack), kinds))
-        for j in jobs:  # concurrency leases are given back with the outcome (ratelimit.py)
-            if j.lease is not None:
-                self._limits.release(pipe, j)
-        if self._claims:  # copies that did not succeed give their key's claim back (best effort)
-            for j, kinds in zip(jobs, all_kinds, strict=True):
-                if j.claim is not None and "settled" not in kinds:
-                    self._idem_release(keys=[j.claim[0]], args=[j.claim[1]], client=pipe)
-        self._settle(pipe, jobs, all_kinds, ctx[0])
-        self._queue_acks(pipe, acks)
-        # (kept 3 visibility timeouts: a retry after a longer outage may apply it twice, as
-        # another worker could by then run those tasks again anyway)
-        pipe.set(self._mark_key, self._batch_token, px=max(1000, int(self.broker.visibility_timeout * 3000)))
-        if self._unsure and self._r.get(self._mark_key) == self._batch_token:
-            # applied, its replies lost: not again. Which commands failed is not known any
-            # more; the outcomes are taken as stored (a failed command is a wrong-type key)
-            pipe.reset()
-            log.warning("a commit of %d task outcomes was applied and its reply lost; it is not sent again", len(jobs))
-            replies: list[Any] = [None] * len(stack)
-        else:
-            try:
-                replies = pipe.execute(raise_on_error=False)
-            except _redis_errors():
-                self._unsure = True
-                self._suspect_server_limit()
-                raise
-        self._resets_with_large = 0
-        later: list[list[bytes]] = [[], [], [], []]
+                j.kinds = self._outcome_lost(j, ctx, exc)
+            j.settle = self._settle_of(j)
+        pending, stored = self.session.commit(jobs, functools.partial(self._rescue, ctx))
         lost = 0
-        for j, start, end, kinds in written:
-            bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
-            if bad is not None:
+        for j, ok in zip(jobs, stored, strict=True):
+            if not ok:
                 lost += 1
-                j.kinds = ()  # not stored: redelivered, counted then
-                log.error(
-                    "the outcome of task %s (%s) could not be stored: %s; it is not acknowledged and will be "
-                    "redelivered",
-                    self._task_id(j),
-                    self._task_name(j),
-                    bad,
-                )
+                j.kinds = ()  # not stored: redelivered, counted then (registry.py)
                 continue
-            later[j.prio].append(j.eid)
-            for k in kinds:
+            for k in j.kinds:
                 if k in counts:
                     counts[k] += 1
         counts["not_stored"] += lost
-        return (later if any(later) else None), counts
+        return pending, counts
 
-    def _settle(self, pipe: Any, jobs: list[_Job], all_kinds: list[tuple[str, ...]], ttl_ms: int) -> None:
-        """Tasks that ended for good (not retried, not waiting for their key) let go of what
-        refers to them: their idempotency key's submit record keeps no longer than their result
-        (dedup.py), their schedule's run-in-progress marker goes (schedules.py)."""
-        b = self.broker
-        for j, kinds in zip(jobs, all_kinds, strict=True):
-            opts = _options(j.msg) if j.msg else None
-            if not opts or not isinstance(opts, dict) or "retried" in kinds or "deferred_idempotent" in kinds:
-                continue
-            key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
-            if key is None and sched is None:
-                continue
-            self._task_settled(
-                keys=[
-                    b.dedup_key(str(key)) if key is not None else "",
-                    b.schedule_key(str(sched)) + ":run" if sched is not None else "",
-                ],
-                args=[str(j.msg[MSG_ID]), ttl_ms],
-                client=pipe,
-            )
-
-    def _ack(self, acks: list[list[bytes]]) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        self._queue_acks(pipe, acks)
-        pipe.execute()
-
-    def _queue_acks(self, pipe: Any, acks: list[list[bytes]]) -> None:
-        for prio, ids in enumerate(acks):
-            if ids:
-                pipe.xack(self.broker.streams[prio], GROUP, *ids)
-                pipe.xdel(self.broker.streams[prio], *ids)
-
-    def _commit_context(self) -> tuple[int, int, int, int]:
-        b = self.broker
-        ttl_ms = int(b.result_ttl * 1000)
-        return ttl_ms, max(1, int(b.idempotency_ttl * 1000)), ttl_ms or 3_600_000, self._max_result
+    def _rescue(self, ctx: tuple[int, int], j: _Job, exc: BaseException) -> tuple[str, ...]:
+        kinds = self._outcome_lost(j, ctx, exc)
+        j.kinds = kinds
+        j.settle = self._settle_of(j)
+        return kinds
 
     @staticmethod
-    def _task_id(j: _Job) -> str:
-        return str(j.msg[MSG_ID]) if j.msg else j.eid.decode(errors="replace")
+    def _settle_of(j: _Job) -> tuple | None:
+        """A task that ended for good (not retried, not waiting for its key) lets go of what
+        refers to it (``job.settle``, see base.Outcome): its idempotency key's submit record,
+        its schedule's run-in-progress marker."""
+        opts = _options(j.msg) if j.msg else None
+        if not opts or not isinstance(opts, dict) or j.defer or j.parked or "retried" in j.kinds:
+            return None
+        key, sched = opts.get(OPT_IDEMPOTENCY_KEY), opts.get(OPT_SCHEDULE)
+        if key is None and sched is None:
+            return None
+        return (key, sched)
 
-    @staticmethod
-    def _task_name(j: _Job) -> str:
-        return str(j.msg[MSG_NAME]) if j.msg else "?"
+    def _commit_context(self) -> tuple[int, int]:
+        return int(self.broker.result_ttl * 1000), self.session.max_record
 
     def _sized(self, rec: bytes, limit: int, what: str) -> bytes:
         if len(rec) > limit:
-            server = (
-                f", the server's proto-max-bulk-len {self._server_limit:,}"
-                if self._server_limit
-                else ", the server reset the connection on a bigger one"
-                if limit < self.broker.max_result_bytes
-                else ""
-            )
             raise _TooLarge(
                 f"{what} is {len(rec):,} bytes, over the limit of {limit:,} (max_result_bytes="
-                f"{self.broker.max_result_bytes:,}{server}); store large data elsewhere and return a "
-                "reference to it"
+                f"{getattr(self.broker, 'max_result_bytes', limit):,}{self.session.limit_note(limit)}); store large "
+                "data elsewhere and return a reference to it"
             )
-        self._largest = max(self._largest, len(rec))
         return rec
 
-    def _suspect_server_limit(self) -> None:
-        """A commit holding a large record lost its connection. A server whose proto-max-bulk-len
-        is below our cap (and that refused to tell us: CONFIG disabled) resets the connection on
-        every such commit, and the batch would be re-sent forever. The second time in a row
-        while the server answers a PING, records this large are taken as over its limit: the
-        retry fails that task and the rest of the batch goes on. A server that told us its
-        limit (CONFIG GET at start) is not second-guessed: there a reset is a network fault."""
-        if self._server_limit or self._largest <= _SMALLEST_BULK_LIMIT:
-            self._resets_with_large = 0
-            return
-        self._resets_with_large += 1
-        if self._resets_with_large < 2:
-            return
-        try:
-            self._r.ping()
-        except _redis_any():
-            return  # Redis is away: an outage, not a limit
-        self._resets_with_large = 0
-        self._max_result = self._largest - 1
-        log.warning(
-            "redis reset the connection twice on a commit holding a %d-byte record while it answers otherwise; "
-            "results of that size are now refused (its proto-max-bulk-len is lower)",
-            self._largest,
-        )
-
-    def _outcome(self, pipe: Any, j: _Job, ctx: tuple[int, int, int, int]) -> tuple[str, ...]:
-        """Queue the commands that record one job's outcome; return the counters it moves."""
-        b = self.broker
-        ttl_ms, idem_ms, wf_ttl, limit = ctx
-        if j.parked:  # over its concurrency limit: the limit script parked it (ratelimit.py)
+    def _outcome(self, j: _Job, ctx: tuple[int, int]) -> tuple[str, ...]:
+        """Set ``j.ops``, the operations of one job's outcome (see base.Outcome); return the
+        counters it moves."""
+        ttl_ms, limit = ctx
+        j.ops = _NO_OPS
+        if j.parked:  # over its concurrency limit: the session keeps it until a lease is free
             return ("parked_concurrency_limit",)
         if j.defer:  # its key is claimed by another copy (or its rate limit's slot is later): it waits
-            self._add_delayed(keys=[b.delayed_key], args=[j.defer, b"%d" % j.prio + j.payload], client=pipe)
+            j.ops = ((Outcome.DELAY, j.defer, j.payload),)
             self._next_due_local = min(self._next_due_local, time.monotonic() + j.defer / 1000)
             return ("deferred_rate_limit",) if j.limit_deferred else ("deferred_idempotent",)
         if j.skip and j.wf is not None:
@@ -1245,7 +970,7 @@ class Worker:
             return ("cancelled",)  # its CANCELLED outcome was recorded by the cancel (cancel.py)
         if j.skip:
             if ttl_ms and j.first != j.msg[MSG_ID]:
-                ser = b.serializer.same_format(j.payload)
+                ser = self.broker.serializer.same_format(j.payload)
                 idem = j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY]
                 gone = ser.dumps(
                     [
@@ -1257,15 +982,13 @@ class Worker:
                         ],
                     ]
                 )
-                self._copy_result(
-                    keys=[b.result_key(j.first), b.result_key(j.msg[MSG_ID])], args=[ttl_ms, gone], client=pipe
-                )
+                j.ops = ((Outcome.COPY_RESULT, j.first, j.msg[MSG_ID], gone),)
             return ("skipped_idempotent",)
         if j.error is not None:
-            return self._dead_job(pipe, j, j.error, ctx)
+            return self._dead_job(j, j.error, ctx)
         h = j.handle
         status = h.status
-        ser = b.serializer.same_format(j.payload)
+        ser = self.broker.serializer.same_format(j.payload)
         if status is TaskStatus.SUCCEEDED and j.wf is not None:
             try:
                 rec = self._sized(ser.dumps(h.wait(0)), limit, "the step's return value")
@@ -1275,15 +998,11 @@ class Worker:
                     f"the step's return value cannot be stored: {exc}",
                     "",
                 ]
-                return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
-            wf_key = b.workflow_key(str(j.wf[0]))
-            self._wf_done(
-                keys=[wf_key, b.result_key(str(j.wf[0])), *b.streams, b.delayed_key],
-                args=[j.wf[1], rec, wf_ttl],
-                client=pipe,
-            )
+                return ("failed", *self._dead_job(j, f"{err[0]}: {err[1]}", ctx, err))
+            j.ops = (workflow_runs.done_op(j.wf, rec),)
             return ("succeeded",)
         if status is TaskStatus.SUCCEEDED:
+            ops: tuple = _NO_OPS
             if ttl_ms:
                 try:
                     rec = self._sized(ser.dumps([0, h.wait(0), j.msg[MSG_NAME]]), limit, "the task's return value")
@@ -1294,18 +1013,13 @@ class Worker:
                         "",
                     ]
                     if isinstance(exc, _TooLarge):  # a failure of the task: dead-lettered as one
-                        return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
+                        return ("failed", *self._dead_job(j, f"{err[0]}: {err[1]}", ctx, err))
                     rec = ser.dumps([1, err, j.msg[MSG_NAME]])
-                key = b.result_key(j.msg[MSG_ID])
-                pipe.rpush(key, rec)
-                pipe.pexpire(key, ttl_ms)
-            if j.claim is not None:  # (last: once queued, this job's claim goes with the done key)
-                self._idem_done(
-                    keys=[b.done_key(str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY])), j.claim[0]],
-                    args=[j.msg[MSG_ID], idem_ms, j.claim[1]],
-                    client=pipe,
-                )
+                ops = ((Outcome.RESULT, j.msg[MSG_ID], rec),)
+            if j.claim is not None:  # (last: once committed, this job's claim goes with the done key)
+                j.ops = (*ops, (Outcome.KEY_DONE, str(j.msg[MSG_OPTIONS][OPT_IDEMPOTENCY_KEY]), j.msg[MSG_ID]))
                 return ("succeeded", "settled")
+            j.ops = ops
             return ("succeeded",)
         try:
             h.wait(0)
@@ -1316,17 +1030,18 @@ class Worker:
         attempt = j.msg[MSG_ATTEMPTS] if len(j.msg) > MSG_ATTEMPTS else 0
         retry = attempt < cfg.max_retries and (
             (status is TaskStatus.FAILED and isinstance(failure, cfg.retry_on))
-            or (status is TaskStatus.TIMED_OUT and cfg._retry_ms[2])
+            or (status is TaskStatus.TIMED_OUT and cfg.retry_on_timeout)
         )
         if retry:
-            msg = b.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
+            msg = self.broker.serializer.loads(j.payload)  # the arguments were dropped from j.msg (see _Job)
             if len(msg) < 6:
                 msg += [0, None][len(msg) - 4 :]
             msg[MSG_ATTEMPTS] = attempt + 1
-            member = b"%d" % j.prio + ser.dumps(msg)
+            if isinstance(msg[MSG_OPTIONS], dict) and OPT_RESERVED in msg[MSG_OPTIONS]:
+                del msg[MSG_OPTIONS][OPT_RESERVED]  # the slot was its first run's: a retry asks again
             delay = min(backoff_ms(cfg, attempt + 1), _MAX_BACKOFF_MS)  # (inf and NaN: the cap)
             delay = delay if delay >= 0 else _MAX_BACKOFF_MS
-            self._add_delayed(keys=[b.delayed_key], args=[int(delay), member], client=pipe)
+            j.ops = ((Outcome.DELAY, int(delay), ser.dumps(msg)),)
             due = time.monotonic() + delay / 1000
             if due < self._next_due_local:
                 self._next_due_local = due  # the fetch loop blocks no longer than that
@@ -1334,11 +1049,10 @@ class Worker:
         err = encode_error(failure)
         if j.wf is None and ttl_ms:
             rec = self._fit(ser, [STATUS_CODES.get(status, 1), err, j.msg[MSG_NAME]], limit)
-            key = b.result_key(j.msg[MSG_ID])
-            pipe.rpush(key, rec)
-            pipe.pexpire(key, ttl_ms)
-            return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err, result=False))
-        return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err))
+            kinds = self._dead_job(j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err, result=False)
+            j.ops = ((Outcome.RESULT, j.msg[MSG_ID], rec), *j.ops)
+            return ("failed", *kinds)
+        return ("failed", *self._dead_job(j, f"{err[0]}: {err[1]}\n{err[2]}", ctx, err))
 
     def _fit(self, ser: Any, rec: list, limit: int) -> bytes:
         """A failure record within ``limit``: the message and traceback shortened if need be."""
@@ -1352,87 +1066,44 @@ class Worker:
 
     def _dead_job(
         self,
-        pipe: Any,
         j: _Job,
         error: str,
-        ctx: tuple[int, int, int, int],
+        ctx: tuple[int, int],
         cause: list | None = None,
         result: bool = True,
     ) -> tuple[str, ...]:
-        """Dead-letter ``j`` with ``error``; its waiters (or its workflow run) learn why."""
-        b = self.broker
-        ttl_ms, _, wf_ttl, limit = ctx
-        self._dead(pipe, j, error)
+        """Dead-letter ``j`` with ``error`` (sets ``j.ops``); its waiters (or its workflow run)
+        learn why."""
+        ttl_ms, limit = ctx
+        msg = j.msg
+        ops: list[tuple] = [(Outcome.DEAD, error, str(msg[MSG_NAME]) if msg else "", str(msg[MSG_ID]) if msg else "")]
         kind, _, text = error.partition(": ")
         cause = cause if cause is not None else [kind, text, ""]
-        wf = j.wf if j.wf is not None else self._step_of(j)
+        wf = j.wf if j.wf is not None else workflow_runs.step_of(j.msg)
+        b = self.broker
         if wf is not None:
-            self._fail_workflow(pipe, j, wf, cause, wf_ttl)
-        elif result and ttl_ms and j.msg:  # the task id is known: its waiters learn why
-            key = b.result_key(j.msg[MSG_ID])
+            ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j") else b.serializer
+            ops.append(workflow_runs.failed_ops(ser, wf, cause))
+        elif result and ttl_ms and msg:  # the task id is known: its waiters learn why
             ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j", b"p") else b.serializer
-            pipe.rpush(key, self._fit(ser, [1, cause, j.msg[MSG_NAME]], limit))
-            pipe.pexpire(key, ttl_ms)
+            ops.append((Outcome.RESULT, msg[MSG_ID], self._fit(ser, [1, cause, msg[MSG_NAME]], limit)))
+        j.ops = tuple(ops)
         return ("dead_lettered",)
 
-    def _outcome_lost(self, pipe: Any, j: _Job, ctx: tuple[int, int, int, int], exc: BaseException) -> tuple[str, ...]:
-        """Recording the outcome of ``j`` raised (only this job's commands were dropped): record
-        that as its failure. Built from plain strings, so this cannot fail the same way."""
+    def _outcome_lost(self, j: _Job, ctx: tuple[int, int], exc: BaseException) -> tuple[str, ...]:
+        """Deciding or queuing the outcome of ``j`` raised (only this job's operations were
+        dropped): record that as its failure. Built from plain strings, so this cannot fail the
+        same way."""
         log.error(
             "recording the outcome of task %s (%s) failed: %s",
-            self._task_id(j),
-            self._task_name(j),
+            j.task_id(),
+            j.task_name(),
             _describe(exc),
             exc_info=exc,
         )
         j.wf = j.wf if isinstance(j.wf, list) and len(j.wf) == 4 else None
         err = [type(exc).__name__, f"the outcome of the task could not be recorded: {_describe(exc)}", ""]
-        return ("failed", *self._dead_job(pipe, j, f"{err[0]}: {err[1]}", ctx, err))
-
-    @staticmethod
-    def _step_of(j: _Job) -> list | None:
-        opts = (
-            j.msg[MSG_OPTIONS] if j.msg and len(j.msg) > MSG_OPTIONS and isinstance(j.msg[MSG_OPTIONS], dict) else None
-        )
-        wf = opts.get(OPT_WORKFLOW) if opts else None
-        return wf if isinstance(wf, list) and len(wf) == 4 else None
-
-    def _fail_workflow(self, pipe: Any, j: _Job, wf: list, cause: list, ttl_ms: int) -> None:
-        """A step failed for good: the run fails with WorkflowError naming it (first failure
-        only); steps not yet released never run."""
-        b = self.broker
-        run_id, _, step, name = (str(x) for x in wf)
-        message = f"workflow {name!r}: step {step!r} failed: {cause[0]}: {cause[1]}"
-        ser = b.serializer.same_format(j.payload) if j.payload[:1] in (b"m", b"j") else b.serializer
-        rec = ser.dumps(
-            [
-                1,
-                [
-                    wire_name(WorkflowError),
-                    message,
-                    cause[2] if len(cause) > 2 else "",
-                    {"workflow": name, "step": step, "cause": cause},
-                ],
-            ]
-        )
-        self._wf_failed(keys=[b.workflow_key(run_id), b.result_key(run_id)], args=[rec, ttl_ms], client=pipe)
-
-    def _dead(self, pipe: Any, j: _Job, error: str) -> None:
-        msg = j.msg
-        pipe.xadd(
-            self.broker.dead_key,
-            {
-                "m": j.payload,
-                "e": error[:8000],
-                "n": str(msg[MSG_NAME]) if msg else "",
-                "i": str(msg[MSG_ID]) if msg else "",
-                "p": j.prio,
-                "t": int(time.time() * 1000),
-                "w": self.consumer,
-            },
-            maxlen=self.broker.dead_letter_maxlen,
-            approximate=False,
-        )  # bounded: the oldest go
+        return ("failed", *self._dead_job(j, f"{err[0]}: {err[1]}", ctx, err))
 
     def stats(self) -> dict[str, Any]:
         with self._cv:

@@ -13,6 +13,10 @@ prefix that ends with ``/``: ``GET <prefix>/`` → ``html()``, ``GET <prefix>/st
     ...
     server.stop()
 
+The cluster of a Redis broker (workers, queues, task names, failures, dead letters with a
+re-drive, a task by id) has a page of its own: ``cluster_app(broker_url, token=...)`` (ASGI)
+and ``serve_cluster(broker_url, token=...)``, in :mod:`.cluster`.
+
 Routes: ``/`` (the page), ``/stats.json`` (``tasks.monitor.get_stats()`` as JSON), ``/metrics``
 (Prometheus text when prometheus-client is installed, else 404). With ``token=...`` every route
 needs ``?token=...`` or ``Authorization: Bearer ...`` (401 otherwise); serving beyond the
@@ -258,11 +262,13 @@ class DashboardServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    handler_class: type[http.server.BaseHTTPRequestHandler] = _Handler
+
     def __init__(self, address: tuple[str, int], stats_fn: StatsSource, token: str | None) -> None:
         self.stats_fn = stats_fn
         self.token = token
         self.thread: threading.Thread | None = None
-        super().__init__(address, _Handler)
+        super().__init__(address, self.handler_class)
         host = self.server_address[0]
         self.loopback = _is_loopback(host.decode() if isinstance(host, (bytes, bytearray)) else host)
 
@@ -284,6 +290,16 @@ class DashboardServer(http.server.ThreadingHTTPServer):
 
 class _DashboardServer6(DashboardServer):
     address_family = socket.AF_INET6
+
+
+def __getattr__(name: str) -> Any:
+    """``cluster_app`` and ``serve_cluster`` (the cluster dashboard, ``.cluster``), imported on
+    first use: the engine's dashboard needs no Redis client."""
+    if name in ("cluster_app", "serve_cluster"):
+        from . import cluster
+
+        return getattr(cluster, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def serve(
