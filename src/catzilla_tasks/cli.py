@@ -435,7 +435,7 @@ def cmd_cluster_dashboard(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"catzilla-tasks cluster dashboard of {_redact(str(url))} at {page}  (Ctrl-C to stop)\n")
     out.flush()
     try:
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         server.stop()
     return 0
