@@ -24,9 +24,9 @@ from .engine import (
     _isolate,
     _report_error,
     _run_coroutine,
-    _trace_submit,
     make_progress_hook,
     route_hook,
+    trace_submit_hook,
 )
 from .errors import TaskTimeout
 from .results import await_impl
@@ -56,5 +56,5 @@ _engine._install_hooks(
     native_reason=_native_reason,
     route=route_hook,
     make_progress=make_progress_hook,
-    trace_submit=_trace_submit,
+    trace_submit=trace_submit_hook,
 )

@@ -131,7 +131,9 @@ def _failed(engine: BackgroundTasks, task_id: str, func: Any, exc: BaseException
     )
 
 
-def _trace_submit(engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwargs: Any, cfg: Any, block: Any) -> Any:
+def trace_submit_hook(
+    engine: BackgroundTasks, func: Any, args: tuple[Any, ...], kwargs: Any, cfg: Any, block: Any
+) -> Any:
     # the C add_task/_submit when tracing may be wanted (the trace_submit hook, installed by _hooks.py;
     # see trace_wanted in _engine/py_engine.c): tracing is imported on first use
     from . import tracing

@@ -143,7 +143,7 @@ _PAGE_CSP = (
 )
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class DashboardHandler(http.server.BaseHTTPRequestHandler):
     server: DashboardServer
     server_version = "catzilla-tasks-dashboard"
     sys_version = ""
@@ -262,7 +262,7 @@ class DashboardServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    handler_class: type[http.server.BaseHTTPRequestHandler] = _Handler
+    handler_class: type[http.server.BaseHTTPRequestHandler] = DashboardHandler
 
     def __init__(self, address: tuple[str, int], stats_fn: StatsSource, token: str | None) -> None:
         self.stats_fn = stats_fn
@@ -288,7 +288,7 @@ class DashboardServer(http.server.ThreadingHTTPServer):
             self.thread.join(timeout)
 
 
-class _DashboardServer6(DashboardServer):
+class DashboardServer6(DashboardServer):
     address_family = socket.AF_INET6
 
 
@@ -324,7 +324,7 @@ def serve(
             f"serving the dashboard beyond localhost needs a token (host={host!r}): "
             "pass token=... (clients then send ?token=... or Authorization: Bearer ...)"
         )
-    cls = _DashboardServer6 if ":" in host else DashboardServer
+    cls = DashboardServer6 if ":" in host else DashboardServer
     server = cls((host.strip("[]"), port), fn, token)
     if token is None and not server.loopback:  # the name said loopback, the resolver did not
         bound = server.server_address[0]

@@ -45,7 +45,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .._redact import redact_text
-from . import DashboardServer, _DashboardServer6, _Handler, error_text, json_safe
+from . import DashboardHandler, DashboardServer, DashboardServer6, error_text, json_safe
 
 __all__ = ["ClusterApp", "ClusterDashboard", "cluster_app", "cluster_html", "serve_cluster"]
 
@@ -389,7 +389,7 @@ def cluster_app(source: Any, *, token: str, prefix: str = "catzilla", **options:
 # ----------------------------------------------------------------------------- standalone
 
 
-class _ClusterHandler(_Handler):
+class _ClusterHandler(DashboardHandler):
     server: ClusterDashboardServer
 
     def _answer(self) -> None:
@@ -430,7 +430,7 @@ class ClusterDashboardServer(DashboardServer):
         self.dashboard.close()
 
 
-class _ClusterDashboardServer6(ClusterDashboardServer, _DashboardServer6):
+class _ClusterDashboardServer6(ClusterDashboardServer, DashboardServer6):
     pass
 
 
