@@ -45,7 +45,6 @@ class Cluster:
     def start_worker(self) -> subprocess.Popen:
         env = dict(os.environ, CT_TEST_REDIS_URL=self.url, CT_TEST_PREFIX=self.prefix, CT_TEST_VT="2",
                    PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
-        env.pop("LD_PRELOAD", None)
         return subprocess.Popen(
             [sys.executable, "-m", "catzilla_tasks.cli", "worker", "redis_tasks:tasks", "--concurrency", "2",
              "--heartbeat", str(BEAT)],
@@ -323,7 +322,6 @@ def test_cluster_app_mounts_in_starlette(cluster):
 def test_cli_dashboard_with_a_broker(cluster):
     env = dict(os.environ, PYTHONUNBUFFERED="1", CATZILLA_TASKS_BROKER=cluster.url)
     env.pop("CATZILLA_TASKS_SERVE_TOKEN", None)
-    env.pop("LD_PRELOAD", None)
     for args in (["--broker", cluster.url, "--prefix", cluster.prefix], ["--prefix", cluster.prefix]):
         proc = subprocess.Popen([sys.executable, "-m", "catzilla_tasks.cli", "dashboard", "--port", "0", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
