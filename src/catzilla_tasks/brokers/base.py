@@ -143,7 +143,8 @@ class Broker(abc.ABC):
     def cancel_run(self, run_id: str) -> bool:
         """Cancel a workflow run: no step is released any more, queued steps are skipped by the
         consumers, the run ends CANCELLED for every waiter. True if this call cancelled it,
-        False if the run had already ended; NotImplementedError for the id of a single task."""
+        False if the run had already ended. A broker may refuse the id of a single task (cancel
+        that with the broker's ``cancel(task_id)`` where it has one)."""
 
     # -- housekeeping --------------------------------------------------------------------
     @abc.abstractmethod

@@ -489,8 +489,8 @@ class MemoryBroker(FetchingBroker):
             if self._record(run_id) is not None:
                 return False  # it has ended
         raise NotImplementedError(
-            f"cancel() of task {run_id}: a single published task cannot be cancelled (a "
-            "consumer may already hold it), and MemoryBroker runs no workflows"
+            f"cancel() of task {run_id}: MemoryBroker cannot cancel a single published task (the "
+            "RedisBroker can), and it runs no workflows"
         )
 
     # -- housekeeping --------------------------------------------------------------------

@@ -727,6 +727,16 @@ class RedisBroker(FetchingBroker):
     def cancel_run(self, run_id: str) -> bool:
         """Cancel a workflow run (see Broker.cancel_run): one script marks it cancelled and
         stores its CANCELLED outcome, unless it has ended."""
+        done = self._cancel_run_if_any(run_id)
+        if done is None:
+            raise ValueError(
+                f"cancel_run({run_id!r}): no workflow run has this id; cancel(task_id) cancels a single task"
+            )
+        return done
+
+    def _cancel_run_if_any(self, run_id: str) -> bool | None:
+        """cancel_run's work: True if cancelled here, False if it had ended, None if the id names
+        no workflow run (a single task's)."""
         ttl_ms = int(self.result_ttl * 1000) or 3_600_000
         key = self.workflow_key(run_id)
         name = cast("bytes | None", self.redis.hget(key, "name"))
@@ -742,22 +752,17 @@ class RedisBroker(FetchingBroker):
             return True
         if rc == 0:
             return False
-        if self.result_ttl and self.redis.exists(self.result_key(run_id)):
-            return False  # a task (or a run) that has ended
-        raise NotImplementedError(
-            f"cancel() of task {run_id}: a single task published to Redis cannot be cancelled (a worker may "
-            "already hold it); make the task check a flag of yours instead. Workflow runs can be cancelled."
-        )
+        return None
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task or a workflow run by id, from any process (see cancel.py and
         ``cancel_run``): True if this call cancelled it, False if it had already ended."""
-        try:
-            return self.cancel_run(task_id)
-        except NotImplementedError:
-            from .cancel import cancel_task
+        done = self._cancel_run_if_any(task_id)
+        if done is not None:
+            return done
+        from .cancel import cancel_task
 
-            return cancel_task(self, task_id)
+        return cancel_task(self, task_id)
 
     def publish_raw(self, prio: int, payload: bytes) -> None:
         """XADD a ready payload (used by redrive and tests)."""
