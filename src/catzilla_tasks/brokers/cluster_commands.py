@@ -60,6 +60,13 @@ def _ago(t: float | None, now: float) -> str | None:
     return f"{d:.1f} s ago" if d < 120 else f"{d / 60:.0f} min ago" if d < 7200 else f"{d / 3600:.1f} h ago"
 
 
+def _when(t: Any) -> str:
+    try:
+        return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):  # (no time, or not one)
+        return "?"
+
+
 def _mib(b: int | None) -> str | None:
     return None if b is None else f"{b / 2**20:.1f} MiB"
 
@@ -156,7 +163,7 @@ def cmd_tasks(args: argparse.Namespace, out: TextIO) -> int:
     for t in names:
         if t["errors"]:
             e = t["errors"][0]
-            when = _dt.datetime.fromtimestamp(e.get("at", 0)).strftime("%Y-%m-%d %H:%M:%S")
+            when = _when(e.get("at"))
             first = str(e.get("error", "")).splitlines()[0] if e.get("error") else ""
             out.write(f"latest failure of {t['name']} ({when}, task {e.get('task_id', '?')}): {first}\n")
     return 0
@@ -173,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         if key in info and info[key] is not None:
             value = info[key]
             if key == "due":
-                value = _dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+                value = _when(value)
             elif key == "progress":
                 value = f"{value['fraction']:.0%}" + (f" {value['message']}" if value.get("message") else "")
             out.write(f"{key + ':':<12}{value}\n")

@@ -1,0 +1,161 @@
+"""Adversarial tests of the cluster view (issue 20): what the read side does with registry
+entries it did not write (another version, another program under the same prefix, a hand
+edit), the ``--json`` contract, what reaches an operator's terminal, the exporter with Redis
+down, and the heartbeat through an outage."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
+
+from catzilla_tasks.brokers.cluster import ClusterView
+from catzilla_tasks.cli import main
+
+
+def strict_json(text: str):
+    """JSON as a strict parser (JavaScript's, jq's) reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().out
+
+
+def _good(r, prefix: str, wid: str, now: float) -> None:
+    r.zadd(f"{prefix}:cluster:workers", {wid: int(now * 1000)})
+    r.hset(
+        f"{prefix}:cluster:worker:{wid}",
+        mapping={
+            "id": wid,
+            "host": "h",
+            "pid": 7,
+            "queues": '["default"]',
+            "weights": "{}",
+            "concurrency": 4,
+            "started": repr(now - 5),
+            "interval": "2.0",
+            "last_seen": repr(now),
+            "in_flight": 0,
+            "processed": 3,
+            "succeeded": 3,
+            "failed": 0,
+            "retried": 0,
+            "reclaimed": 0,
+            "rss_bytes": 1,
+            "tasks": json.dumps(
+                {
+                    "t": {
+                        "succeeded": 3,
+                        "failed": 0,
+                        "retried": 0,
+                        "rate": 1.0,
+                        "run": {"40": 3},
+                        "run_sum_ns": 3000,
+                        "wait": {},
+                        "wait_sum_ns": 0,
+                    }
+                }
+            ),
+            "engine": "{}",
+        },
+    )
+
+
+BAD_ENTRIES = {
+    # not a hash at all (another program's key under the prefix)
+    "wrong_type": lambda r, k: r.set(k, "garbage"),
+    # JSON fields of the wrong shape (another version of the worker, a hand edit)
+    "tasks_not_a_dict": lambda r, k: r.hset(
+        k,
+        mapping={"last_seen": repr(time.time()), "tasks": "[1, 2]", "queues": '"abc"', "engine": "5", "weights": "[]"},
+    ),
+    "task_fields_garbage": lambda r, k: r.hset(
+        k,
+        mapping={
+            "last_seen": repr(time.time()),
+            "queues": "[1, null]",
+            "tasks": '{"t": {"succeeded": "x", "run": [1], "rate": "fast"}, "u": 5}',
+            "engine": '{"exec": {"counts": {"a": "b"}, "sum_ns": "z"}}',
+        },
+    ),
+    # numbers that are not finite
+    "not_finite": lambda r, k: r.hset(
+        k, mapping={"last_seen": "nan", "interval": "inf", "started": "-inf", "pid": "x", "rss_bytes": "1e400"}
+    ),
+    # fields missing
+    "empty_fields": lambda r, k: r.hset(k, mapping={"host": "h"}),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", sorted(BAD_ENTRIES))
+def test_one_malformed_registry_entry_does_not_blind_the_cluster_view(redis_url, prefix, capsys, kind):
+    """One entry the view cannot read must not take the whole cluster view down with it: before,
+    a WRONGTYPE hash, a ``tasks`` field that is a JSON list or holds strings made ``workers``,
+    ``queues``, ``tasks`` (and the dashboard and the exporter, which read the same) fail for every
+    worker; ``last_seen: nan`` came out of ``workers --json`` as ``NaN``, which is not JSON."""
+    r = redis.Redis.from_url(redis_url)
+    now = time.time()
+    _good(r, prefix, "good-1", now)
+    r.zadd(f"{prefix}:cluster:workers", {"bad-1": int(now * 1000)})
+    BAD_ENTRIES[kind](r, f"{prefix}:cluster:worker:bad-1")
+
+    rc, out = cli(capsys, "workers", "--broker", redis_url, "--prefix", prefix, "--json")
+    assert rc == 0
+    ws = {w["id"]: w for w in strict_json(out)}
+    good = ws["good-1"]
+    assert (good["state"], good["processed"], good["queues"]) == ("alive", 3, ["default"])
+    for w in ws.values():
+        assert w["state"] in ("alive", "lost")
+        assert isinstance(w["last_seen"], (int, float)) and math.isfinite(w["last_seen"])
+        assert isinstance(w["processed"], int) and isinstance(w["failed"], int)
+        assert isinstance(w["queues"], list) and all(isinstance(q, str) for q in w["queues"])
+    for argv in (["workers"], ["queues", "--json"], ["tasks"], ["tasks", "--json"]):
+        rc, out = cli(capsys, argv[0], "--broker", redis_url, "--prefix", prefix, *argv[1:])
+        assert rc == 0, argv
+        if "--json" in argv:
+            strict_json(out)
+    rc, out = cli(capsys, "tasks", "--broker", redis_url, "--prefix", prefix, "--json")
+    t = {x["name"]: x for x in strict_json(out)}["t"]
+    assert t["succeeded"] >= 3 and t["run"]["samples"] >= 3
+    with ClusterView(redis_url, prefix=prefix) as v:
+        totals = v.totals()
+    assert totals["workers_alive"] >= 1
+    r.close()
+
+
+@pytest.mark.timeout(60)
+def test_malformed_failure_records_do_not_break_tasks(redis_url, prefix, capsys):
+    """The latest failures of a name: a key of the wrong type, items that are not objects, an
+    ``at`` that is not a number: before, ``tasks`` failed on each (WRONGTYPE, then a TypeError
+    formatting the time)."""
+    r = redis.Redis.from_url(redis_url)
+    now = time.time()
+    _good(r, prefix, "good-1", now)
+    r.zadd(f"{prefix}:cluster:errors", {"t": int(now * 1000), "other": int(now * 1000)})
+    r.lpush(
+        f"{prefix}:cluster:errors:t",
+        "[1]",
+        "5",
+        "not json",
+        json.dumps({"at": "x", "task": "t", "task_id": "i1", "error": "ValueError: boom"}),
+    )
+    r.set(f"{prefix}:cluster:errors:other", "garbage")
+    for argv in (["tasks"], ["tasks", "--json"]):
+        rc, out = cli(capsys, argv[0], "--broker", redis_url, "--prefix", prefix, *argv[1:])
+        assert rc == 0, argv
+    assert "ValueError: boom" in cli(capsys, "tasks", "--broker", redis_url, "--prefix", prefix)[1]
+    with ClusterView(redis_url, prefix=prefix) as v:
+        names = {t["name"]: t for t in v.task_names()}
+    assert [e["error"] for e in names["t"]["errors"]] == ["ValueError: boom"]
+    assert names["other"]["errors"] == []
+    r.close()
