@@ -159,3 +159,72 @@ def test_malformed_failure_records_do_not_break_tasks(redis_url, prefix, capsys)
     assert [e["error"] for e in names["t"]["errors"]] == ["ValueError: boom"]
     assert names["other"]["errors"] == []
     r.close()
+
+
+# -- what reaches an operator's terminal -------------------------------------------------------
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\rover\x9b1m\u202eevil"
+
+
+def _no_control(text: str) -> None:
+    """Text for a terminal: no escape sequences, no carriage return, no C1 or bidi controls
+    (newlines only between lines)."""
+    bad = sorted({repr(c) for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0 or c == "\u202e"})
+    assert not bad, f"control characters reach the terminal: {bad}"
+
+
+@pytest.fixture
+def worker_and_producer(redis_url, prefix):
+    import os
+    import threading
+
+    import redis_tasks as rt
+
+    from catzilla_tasks import BackgroundTasks
+    from catzilla_tasks.brokers import RedisBroker, Worker
+
+    os.environ["CT_TEST_REDIS_URL"] = redis_url
+    eng = BackgroundTasks(workers=2, broker=RedisBroker(redis_url, prefix=prefix))
+    rt.register(eng)
+    w = Worker(eng, concurrency=2, heartbeat_interval=0.05)
+    t = threading.Thread(target=w.run)
+    t.start()
+    assert w.ready.wait(10)
+    p = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix))
+    try:
+        yield w, p
+    finally:
+        w.stop()
+        t.join(20)
+        eng.shutdown(wait_for_completion=False)
+        p.shutdown(wait_for_completion=False)
+
+
+@pytest.mark.timeout(60)
+def test_tables_and_inspect_do_not_pass_terminal_escapes_through(worker_and_producer, redis_url, prefix, capsys):
+    """An exception message is often made of user input (``ValueError(f"bad email {email}")``);
+    before, ``tasks`` and ``inspect`` wrote it to the operator's terminal as it was: escape
+    sequences (retitle the window, clear the screen, recolour), a carriage return that overwrites
+    the line, bidi overrides. Likewise a worker's id and host in ``workers``. ``--json`` keeps
+    the text as it is (JSON escapes it)."""
+    import redis_tasks as rt
+
+    w, p = worker_and_producer
+    r = redis.Redis.from_url(redis_url)
+    bad = p.add_task(rt.fails_until_set, f"{prefix}:never", 1, HOSTILE)
+    with pytest.raises(RuntimeError):
+        bad.wait(10)
+    _good(r, prefix, "w\x1b[2J" + HOSTILE, time.time())
+    r.hset(f"{prefix}:cluster:worker:w\x1b[2J{HOSTILE}", "host", HOSTILE)
+
+    def failure_published():
+        rc, out = cli(capsys, "tasks", "--broker", redis_url, "--prefix", prefix, "--json")
+        return any(t["errors"] for t in json.loads(out))
+
+    wait_until(failure_published, 10, "the failure in the registry")
+    for argv in (["tasks"], ["workers"], ["inspect", bad.task_id]):
+        rc, out = cli(capsys, argv[0], *argv[1:], "--broker", redis_url, "--prefix", prefix)
+        _no_control(out)
+        assert "red" in out and "evil" in out, argv  # the text itself is still shown
+    rc, out = cli(capsys, "inspect", bad.task_id, "--broker", redis_url, "--prefix", prefix, "--json")
+    assert json.loads(out)["error"]["message"] == HOSTILE
+    r.close()
