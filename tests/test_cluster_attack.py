@@ -228,3 +228,42 @@ def test_tables_and_inspect_do_not_pass_terminal_escapes_through(worker_and_prod
     rc, out = cli(capsys, "inspect", bad.task_id, "--broker", redis_url, "--prefix", prefix, "--json")
     assert json.loads(out)["error"]["message"] == HOSTILE
     r.close()
+
+
+# -- the exporter with Redis down ---------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_exporter_says_when_it_cannot_read_redis(redis_url, prefix, capsys):
+    """With Redis away the exporter answered an empty scrape: Prometheus counts that a success
+    (``up`` 1) and every queue-depth and dead-letter series just vanishes, so an alert on them
+    resolves itself during the outage, and ``--once`` printed nothing and exited 0. The exporter
+    now says so: ``catzilla_tasks_cluster_up`` is 1 when Redis was read and 0 when it was not,
+    and ``--once`` exits 1."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from catzilla_tasks import prometheus as prom
+    from catzilla_tasks.brokers import RedisBroker
+
+    def read(text):
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    with ClusterView(redis_url, prefix=prefix) as up:
+        got = read(prom.collector_text(prom.ClusterCollector(up)).decode())
+    assert got[("catzilla_tasks_cluster_up", ())] == 1
+    from redis_helpers import free_port
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    down = ClusterView(RedisBroker(nowhere, prefix=prefix, socket_connect_timeout=1, retry_on_timeout=False))
+    try:
+        got = read(prom.collector_text(prom.ClusterCollector(down)).decode())
+    finally:
+        down.close()
+    assert got[("catzilla_tasks_cluster_up", ())] == 0
+    assert not any(name.startswith("catzilla_tasks_queue_") for name, _ in got)  # no made-up depths
+    assert main(["exporter", "--broker", nowhere, "--prefix", prefix, "--once"]) == 1
+    captured = capsys.readouterr()
+    assert "catzilla_tasks_cluster_up 0.0" in captured.out and "redis" in captured.err.lower()

@@ -224,8 +224,13 @@ def cmd_exporter(args: argparse.Namespace, out: TextIO) -> int:
     view = _view(args)
     collector = prometheus.ClusterCollector(view)
     if args.once:
-        out.write(prometheus.collector_text(collector).decode())
-        view.close()
+        try:
+            out.write(prometheus.collector_text(collector).decode())
+        finally:
+            view.close()
+        if collector.last_error is not None:
+            print(f"catzilla-tasks exporter: redis: {collector.last_error}", file=sys.stderr)
+            return 1
         return 0
     server, _ = prometheus.serve(collector, host=args.host, port=args.port)
     url = f"http://{args.host}:{server.server_port}/metrics"
