@@ -267,3 +267,53 @@ def test_exporter_says_when_it_cannot_read_redis(redis_url, prefix, capsys):
     assert main(["exporter", "--broker", nowhere, "--prefix", prefix, "--once"]) == 1
     captured = capsys.readouterr()
     assert "catzilla_tasks_cluster_up 0.0" in captured.out and "redis" in captured.err.lower()
+
+
+# -- the heartbeat through an outage ------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_failures_seen_while_redis_was_away_are_published_by_the_next_beat(redis_url, prefix):
+    """The failures a worker saw since its last beat were taken out of its figures before the
+    beat was sent: a beat that could not reach Redis lost them, so the latest failures of a name
+    missed exactly those of an outage. Now the next beat that gets through publishes them."""
+    import os
+    import threading
+
+    import redis_tasks as rt
+    from redis_helpers import free_port
+
+    from catzilla_tasks import BackgroundTasks
+    from catzilla_tasks.brokers import RedisBroker, Worker
+
+    os.environ["CT_TEST_REDIS_URL"] = redis_url
+    eng = BackgroundTasks(workers=2, broker=RedisBroker(redis_url, prefix=prefix))
+    rt.register(eng)
+    w = Worker(eng, concurrency=2, heartbeat_interval=3600)  # beats at its start, then when told to
+    t = threading.Thread(target=w.run)
+    t.start()
+    p = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix))
+    away = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    try:
+        assert w.ready.wait(10)
+        bad = p.add_task(rt.fails_until_set, f"{prefix}:never", 1, "seen during the outage")
+        with pytest.raises(RuntimeError):
+            bad.wait(10)
+        name = "redis_tasks.fails_until_set"
+        wait_until(lambda: w.figures.totals().get(name, {}).get("failed") == 1, 10, "the failure counted")
+        hb = w._heartbeat_thread
+        live, hb._r = hb._r, away  # this beat does not reach Redis
+        try:
+            with pytest.raises(redis.ConnectionError):
+                hb.beat()
+        finally:
+            hb._r = live
+        hb.beat()
+        with ClusterView(redis_url, prefix=prefix) as v:
+            names = {x["name"]: x for x in v.task_names()}
+        assert [e["task_id"] for e in names[name]["errors"]] == [bad.task_id]
+        assert "seen during the outage" in names[name]["errors"][0]["error"]
+    finally:
+        away.close()
+        w.stop()
+        t.join(20)
+        eng.shutdown(wait_for_completion=False)
+        p.shutdown(wait_for_completion=False)

@@ -72,6 +72,7 @@ _MSG = attrgetter("msg")
 _NAME = itemgetter(1)
 _MIN_EXP = 10
 _ERROR_CHARS = 2000
+_ERRORS_HELD = 100  # failures a worker holds between two beats
 _TRACEBACK_CHARS = 8000
 
 
@@ -248,7 +249,7 @@ class TaskFigures:
                 f.wait_sum_ns += ns
 
     def _failure(self, j: Any, name: str, kinds: tuple[str, ...]) -> None:
-        if len(self._errors) >= 100:  # more in one beat than anyone reads: the first ones are kept
+        if len(self._errors) >= _ERRORS_HELD:  # more in one beat than anyone reads: the first ones are kept
             return
         kind, message, tb = "Error", "", ""
         h = j.handle
@@ -278,6 +279,12 @@ class TaskFigures:
                 "traceback": redact_text(tb)[-_TRACEBACK_CHARS:],
             }
         )
+
+    def unpublished(self, errors: list[dict[str, Any]]) -> None:
+        """Give back failures a beat took (``snapshot``) but could not publish (Redis away):
+        the next beat publishes them, ahead of newer ones (within the same cap)."""
+        with self._lock:
+            self._errors = [*errors, *self._errors][:_ERRORS_HELD]
 
     def totals(self) -> dict[str, Any]:
         """Per task name: succeeded, failed, retried, the histograms and their sums (a copy;
@@ -447,7 +454,12 @@ class Heartbeat:
             pipe.zadd(zkey, dict.fromkeys(by_name, now_ms))
             pipe.zremrangebyscore(zkey, "-inf", now_ms - errors_ms)
             pipe.pexpire(zkey, errors_ms)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except BaseException:
+            if errors:  # (kept for the next beat: what failed during an outage is what one looks for)
+                self.figures.unpublished(errors)
+            raise
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating. ``deregister``: publish the failures not yet published, then delete
