@@ -317,3 +317,58 @@ def test_failures_seen_while_redis_was_away_are_published_by_the_next_beat(redis
         t.join(20)
         eng.shutdown(wait_for_completion=False)
         p.shutdown(wait_for_completion=False)
+
+
+# -- clock skew ---------------------------------------------------------------------------------
+class _SkewedTime:
+    """The ``time`` module of a host whose clock is ``skew`` seconds off (monotonic clocks are
+    per host and unaffected)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.mark.timeout(60)
+def test_clock_skew_between_hosts_does_not_decide_alive_or_lost(redis_url, prefix, monkeypatch):
+    """A worker's liveness was judged by comparing the time its host wrote (``last_seen``) with
+    the reader's clock: a worker on a host 60 s behind was shown lost while it beat every 50 ms,
+    one on a host 60 s ahead stayed alive for a minute after it stopped, and dropped the other
+    workers' entries from the registry (its ``now - keep`` was past their beats). Beats and
+    reads now use Redis's clock."""
+    from catzilla_tasks import BackgroundTasks
+    from catzilla_tasks.brokers import RedisBroker, Worker
+    from catzilla_tasks.brokers import registry as registry_mod
+
+    engines, beats = [], {}
+    try:
+        for skew in (-60.0, +60.0):
+            eng = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix, visibility_timeout=1))
+            w = Worker(eng, concurrency=1, heartbeat_interval=0.05, consumer=f"skew{skew:+.0f}")
+            engines.append(eng)
+            beats[skew] = w._heartbeat_thread  # (not started: each host's beats made here, by hand)
+
+        def beat(skew: float) -> None:
+            monkeypatch.setattr(registry_mod, "time", _SkewedTime(skew))
+            beats[skew].beat()
+            monkeypatch.undo()
+
+        def states() -> dict[str, str]:
+            with ClusterView(redis_url, prefix=prefix) as v:
+                return {w["id"]: w["state"] for w in v.workers()}
+
+        for _ in range(3):
+            beat(-60.0)
+            beat(+60.0)
+        assert states() == {"skew-60": "alive", "skew+60": "alive"}
+        time.sleep(0.05 * (registry_mod.LOST_AFTER_BEATS + 1))  # both fall silent: both lost
+        assert states() == {"skew-60": "lost", "skew+60": "lost"}
+    finally:
+        monkeypatch.undo()
+        for eng in engines:
+            eng.shutdown(wait_for_completion=False)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -205,15 +204,18 @@ class ClusterView:
     # -- workers ---------------------------------------------------------------------------
     def _raw_workers(self) -> list[dict[str, Any]]:
         zkey = cluster_key(self.prefix, "workers")
-        members = cast("list[tuple[bytes, float]]", self.r.zrange(zkey, 0, -1, withscores=True))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrange(zkey, 0, -1, withscores=True)
+        pipe.time()  # (the beats are in Redis's clock: a host whose clock is off is judged rightly)
+        members, (sec, usec) = cast("tuple[list[tuple[bytes, float]], tuple[int, int]]", pipe.execute())
         if not members:
             return []
+        now = int(sec) + int(usec) / 1e6
         pipe = self.r.pipeline(transaction=False)
         for m, _ in members:
             pipe.hgetall(cluster_key(self.prefix, "worker", _s(m)))
         out = []
         gone = []
-        now = time.time()
         for (m, score), h in zip(members, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(h, Exception):  # not a hash (not a worker's entry): not one to show
                 continue
