@@ -372,3 +372,23 @@ def test_clock_skew_between_hosts_does_not_decide_alive_or_lost(redis_url, prefi
         monkeypatch.undo()
         for eng in engines:
             eng.shutdown(wait_for_completion=False)
+
+
+@pytest.mark.timeout(60)
+def test_inspect_json_is_json_for_any_result_and_an_empty_id_is_a_usage_error(
+    worker_and_producer, redis_url, prefix, capsys
+):
+    """``inspect --json`` printed a task's float result NaN or infinity as ``NaN``/``Infinity``
+    (not JSON: a strict parser, JavaScript's, refuses the whole object); now null, as the
+    dashboard's task route gives it. An empty TASK_ID ended in a Python traceback; now a usage
+    error (exit 2)."""
+    import redis_tasks as rt
+
+    w, p = worker_and_producer
+    r = p.add_task(rt.echo, float("nan"), float("inf"))
+    r.wait(10)
+    rc, out = cli(capsys, "inspect", r.task_id, "--broker", redis_url, "--prefix", prefix, "--json")
+    info = strict_json(out)
+    assert rc == 0 and info["status"] == "succeeded" and "result" in info
+    assert main(["inspect", "", "--broker", redis_url, "--prefix", prefix]) == 2
+    assert "TASK_ID" in capsys.readouterr().err

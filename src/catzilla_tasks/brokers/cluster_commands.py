@@ -189,10 +189,14 @@ def cmd_tasks(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.task_id:
+        raise _Usage("TASK_ID: give a task id (not an empty string)")
     with _view(args) as v:
         info = v.inspect(args.task_id)
     if args.json:
-        json.dump(info, out, indent=1, default=repr)
+        from ..dashboard import json_safe  # (a result is the task's: NaN and infinities as null)
+
+        json.dump(json_safe(info), out, indent=1, allow_nan=False)
         out.write("\n")
         return 0 if info["status"] != "unknown" else 1
     for key in ("task_id", "name", "status", "queue", "priority", "worker", "deliveries", "due", "progress"):
