@@ -129,3 +129,67 @@ def test_exporter_serves_queue_and_dead_letter_depths(redis_url, prefix, capsys)
     finally:
         a.shutdown(wait_for_completion=False)
         e.shutdown(wait_for_completion=False)
+
+
+def _double(x):
+    return 2 * x
+
+
+@pytest.mark.timeout(60)
+def test_worker_and_engine_collectors_coexist_in_one_registry():
+    """A worker process exports both its engine's figures (``prometheus.register(tasks)``, as the
+    README shows for an engine) and its worker figures (``WorkerCollector``): one registry, no
+    ``Duplicated timeseries`` error and no series exposed twice; the engine's series keep their
+    ``engine`` label and ``catzilla_tasks_worker_info`` ties that engine to the worker's labels."""
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
+    from catzilla_tasks.brokers import Consumer, MemoryBroker
+
+    reg, reg2 = CollectorRegistry(), CollectorRegistry()
+    with BackgroundTasks(workers=2, name="w-engine", broker=MemoryBroker()) as tasks:
+        tasks.task(_double)
+        c = Consumer(tasks, tasks.broker, concurrency=2, consumer="w-1", heartbeat_interval=0.1)
+        c2 = Consumer(tasks, tasks.broker, concurrency=1, consumer="w-2", heartbeat_interval=0.1)
+        try:
+            prom.register(tasks, reg)  # the app's module exposes its engine
+            wc = prom.WorkerCollector(c)
+            reg.register(wc)  # and the worker script its worker: no duplicate error
+            wc.add(c2)  # (a second worker of the process: one collector, one family each)
+            prom.register(tasks, reg2)  # or through the helper, which registers the engine too: harmless
+            prom.register_worker(c, reg2)
+            prom.register_worker(c2, reg2)  # a second worker in the same process and registry
+            c.start()
+            assert tasks.add_task(_double, 21).wait(20) == 42
+            wait_until(lambda: sum(f["succeeded"] for f in c.figures.totals().values()) == 1, 20, "figures")
+            texts = [generate_latest(r).decode() for r in (reg, reg2)]
+        finally:
+            c.stop(10)
+            c2.stop(10)
+            prom.unregister(tasks, reg)
+            assert prom.unregister_worker(c, reg2)
+            assert "catzilla_tasks_tasks_succeeded_total" in generate_latest(reg2).decode()  # c2 runs on it
+            assert prom.unregister_worker(c2, reg2) and not prom.unregister_worker(c2, reg2)
+            assert not list(reg2.collect())
+    for text in texts:
+        lines = [x for x in text.splitlines() if x and not x.startswith("#")]
+        assert len(lines) == len(set(lines)), "a series exposed twice"
+        got = samples(text)
+        assert sum(k[0] == "catzilla_tasks_tasks_succeeded_total" for k in got) == 1
+        assert got[("catzilla_tasks_tasks_succeeded_total", (("engine", "w-engine"),))] == 1
+        task = f"{__name__}._double"
+        lab = (("queue", "default"), ("task", task), ("worker", "w-1"))
+        assert got[("catzilla_tasks_worker_tasks_total", tuple(sorted((*lab, ("outcome", "succeeded")))))] == 1
+        for wid in ("w-1", "w-2"):
+            info = (("engine", "w-engine"), ("queue", "default"), ("worker", wid))
+            assert got[("catzilla_tasks_worker_info", info)] == 1
+    # the default registry as well (auto-described at registration)
+    with BackgroundTasks(workers=1, name="w-default", broker=MemoryBroker()) as tasks:
+        w = Consumer(tasks, tasks.broker, concurrency=1, heartbeat_interval=0.1)
+        prom.register(tasks)
+        try:
+            collector = prom.WorkerCollector(w)
+            REGISTRY.register(collector)
+            REGISTRY.unregister(collector)
+        finally:
+            prom.unregister(tasks)
+            w.stop(5)

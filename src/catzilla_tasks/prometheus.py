@@ -49,10 +49,16 @@ from .dashboard import StatsSource, stats_function
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "HISTOGRAM_BOUNDS_S",
+    "ClusterCollector",
     "TasksCollector",
+    "WorkerCollector",
+    "collector_text",
     "metrics_text",
     "register",
+    "register_worker",
+    "serve",
     "unregister",
+    "unregister_worker",
 ]
 
 log = logging.getLogger("catzilla_tasks.prometheus")
@@ -258,20 +264,41 @@ def _sparse_buckets(hist: Mapping[Any, int]) -> list[tuple[str, float]]:
 
 
 class WorkerCollector:
-    """The figures of one distributed-mode worker (``brokers.Worker``), read at scrape time:
-    tasks by outcome, run time and queue wait per task name, tasks in flight, concurrency,
-    resident memory. Labels: ``queue`` (a worker of several queues: their names joined by ","),
-    ``worker`` (its id, as ``catzilla-tasks workers`` shows it) and ``task``. The worker's
-    engine is exposed too (TasksCollector's families)."""
+    """The figures of distributed-mode workers (``brokers.Worker``), read at scrape time: tasks by
+    outcome, run time and queue wait per task name, tasks in flight, concurrency, resident memory.
+    Labels: ``queue`` (a worker of several queues: their names joined by ","), ``worker`` (its id,
+    as ``catzilla-tasks workers`` shows it) and ``task``.
 
-    def __init__(self, worker: Any) -> None:
+    A worker's engine is not exposed here (that is ``TasksCollector``, ``engine``-labelled, which
+    ``register(tasks)`` shares per registry): both go in one registry without a name twice.
+    ``catzilla_tasks_worker_info`` (always 1) ties each worker's ``queue`` and ``worker`` to its
+    engine's ``engine`` label, for a PromQL join. One WorkerCollector per registry: ``add`` more
+    workers to it, or use ``register_worker``, which does both per registry."""
+
+    def __init__(self, *workers: Any) -> None:
+        self._lock = threading.Lock()
+        self._workers: list[Any] = []
+        for w in workers:
+            self.add(w)
+
+    def add(self, worker: Any) -> None:
         if getattr(worker, "figures", None) is None:
             raise ValueError("WorkerCollector: this worker keeps no figures (created with heartbeat_interval=None)")
-        self._worker = worker
-        self._engine = TasksCollector(worker.tasks)
+        with self._lock:
+            if all(w is not worker for w in self._workers):
+                self._workers.append(worker)
+
+    def remove(self, worker: Any) -> bool:
+        with self._lock:
+            before = len(self._workers)
+            self._workers = [w for w in self._workers if w is not worker]
+            return len(self._workers) != before
+
+    def __len__(self) -> int:
+        return len(self._workers)
 
     def describe(self) -> list[Metric]:
-        return [*self._families().values(), *self._engine.describe()]
+        return list(self._families().values())
 
     @staticmethod
     def _families() -> dict[str, Any]:
@@ -297,31 +324,78 @@ class WorkerCollector:
             GaugeMetricFamily(f"{PREFIX}_worker_in_flight_tasks", "Tasks the worker holds now.", labels=w),
             GaugeMetricFamily(f"{PREFIX}_worker_concurrency", "Most tasks the worker holds at once.", labels=w),
             GaugeMetricFamily(f"{PREFIX}_worker_resident_memory_bytes", "Resident memory of the worker.", labels=w),
+            GaugeMetricFamily(
+                f"{PREFIX}_worker_info",
+                "Always 1: the engine (label engine, as the catzilla_tasks_tasks_* series) a worker runs on.",
+                labels=[*w, "engine"],
+            ),
         ]
         return {m.name: m for m in fams}
 
     def collect(self) -> Iterator[Metric]:
         from .brokers.registry import rss_bytes
 
-        wk = self._worker
-        # (a worker of several queues, brokers.routing.MultiQueueWorker: its queues joined by ",")
-        queue, wid = ",".join(getattr(wk, "weights", None) or [str(wk.broker.queue)]), str(wk.consumer)
+        with self._lock:
+            workers = list(self._workers)
         fams = self._families()
-        for name, f in sorted(wk.figures.totals().items()):
-            labels = [queue, wid, name]
-            for outcome in ("succeeded", "failed", "retried"):
-                fams[f"{PREFIX}_worker_tasks"].add_metric([*labels, outcome], float(f[outcome]))
-            fams[f"{PREFIX}_worker_task_run_seconds"].add_metric(
-                labels, buckets=_sparse_buckets(f["run"]), sum_value=f["run_sum_ns"] / 1e9
-            )
-            fams[f"{PREFIX}_worker_task_queue_wait_seconds"].add_metric(
-                labels, buckets=_sparse_buckets(f["wait"]), sum_value=f["wait_sum_ns"] / 1e9
-            )
-        fams[f"{PREFIX}_worker_in_flight_tasks"].add_metric([queue, wid], float(wk.stats()["in_flight"]))
-        fams[f"{PREFIX}_worker_concurrency"].add_metric([queue, wid], float(wk.concurrency))
-        fams[f"{PREFIX}_worker_resident_memory_bytes"].add_metric([queue, wid], _num(rss_bytes()))
-        yield from fams.values()
-        yield from self._engine.collect()
+        rss = _num(rss_bytes()) if workers else math.nan  # (one process: one figure)
+        for wk in workers:
+            # (a worker of several queues, brokers.routing.MultiQueueWorker: its queues joined by ",")
+            queue, wid = ",".join(getattr(wk, "weights", None) or [str(wk.broker.queue)]), str(wk.consumer)
+            for name, f in sorted(wk.figures.totals().items()):
+                labels = [queue, wid, name]
+                for outcome in ("succeeded", "failed", "retried"):
+                    fams[f"{PREFIX}_worker_tasks"].add_metric([*labels, outcome], float(f[outcome]))
+                fams[f"{PREFIX}_worker_task_run_seconds"].add_metric(
+                    labels, buckets=_sparse_buckets(f["run"]), sum_value=f["run_sum_ns"] / 1e9
+                )
+                fams[f"{PREFIX}_worker_task_queue_wait_seconds"].add_metric(
+                    labels, buckets=_sparse_buckets(f["wait"]), sum_value=f["wait_sum_ns"] / 1e9
+                )
+            fams[f"{PREFIX}_worker_in_flight_tasks"].add_metric([queue, wid], float(wk.stats()["in_flight"]))
+            fams[f"{PREFIX}_worker_concurrency"].add_metric([queue, wid], float(wk.concurrency))
+            fams[f"{PREFIX}_worker_resident_memory_bytes"].add_metric([queue, wid], rss)
+            engine = str(getattr(wk.tasks, "name", ""))
+            fams[f"{PREFIX}_worker_info"].add_metric([queue, wid, engine], 1.0)
+        if workers:  # (a scrape of no worker is empty, as TasksCollector's of no engine)
+            yield from fams.values()
+
+
+_workers_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, WorkerCollector] = weakref.WeakKeyDictionary()
+
+
+def register_worker(worker: Any, registry: CollectorRegistry | None = None) -> WorkerCollector:
+    """Expose ``worker`` (its cluster-labelled figures) and its engine (``register(worker.tasks)``)
+    through ``registry`` (prometheus-client's default one if None). Several workers, and
+    ``register(tasks)`` of the same engine, may share a registry. Returns the WorkerCollector."""
+    reg = REGISTRY if registry is None else registry
+    register(worker.tasks, reg)
+    with _by_registry_lock:
+        collector = _workers_by_registry.get(reg)
+        if collector is None:
+            collector = WorkerCollector(worker)
+            reg.register(collector)
+            _workers_by_registry[reg] = collector
+        else:
+            collector.add(worker)
+    return collector
+
+
+def unregister_worker(worker: Any, registry: CollectorRegistry | None = None) -> bool:
+    """Undo ``register_worker``: stop exposing ``worker``, and its engine unless another worker
+    registered there runs on it; True if it was registered."""
+    reg = REGISTRY if registry is None else registry
+    with _by_registry_lock:
+        collector = _workers_by_registry.get(reg)
+        if collector is None or not collector.remove(worker):
+            return False
+        shared = any(w.tasks is worker.tasks for w in collector._workers)  # another worker on that engine
+        if not len(collector):
+            reg.unregister(collector)
+            del _workers_by_registry[reg]
+    if not shared:
+        unregister(worker.tasks, reg)
+    return True
 
 
 class ClusterCollector:
@@ -401,14 +475,19 @@ class ClusterCollector:
         yield from fams.values()
 
 
-def serve(collector: Any, host: str = "127.0.0.1", port: int = 9808) -> tuple[Any, Any]:
-    """Serve ``collector`` (a WorkerCollector or ClusterCollector) on ``http://host:port/metrics``
-    with prometheus-client's server, in a thread; returns (server, thread): ``server.shutdown()``
+def serve(*collectors: Any, host: str = "127.0.0.1", port: int = 9808) -> tuple[Any, Any]:
+    """Serve ``collectors`` (a ClusterCollector; a WorkerCollector and its workers'
+    TasksCollector; or one whole CollectorRegistry) on ``http://host:port/metrics`` with
+    prometheus-client's server, in a thread; returns (server, thread): ``server.shutdown()``
     stops it."""
     from prometheus_client import start_http_server
 
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(collector)
+    if len(collectors) == 1 and isinstance(collectors[0], CollectorRegistry):
+        reg = collectors[0]
+    else:
+        reg = CollectorRegistry(auto_describe=False)
+        for collector in collectors:
+            reg.register(collector)
     return start_http_server(port, addr=host, registry=reg)
 
 

@@ -162,10 +162,11 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             raise UsageError(str(exc)) from None
     if queues is None:
         w = Worker(tasks, b, concurrency=args.concurrency, heartbeat_interval=heartbeat)
-    if args.metrics_port is not None:  # the worker's own figures for Prometheus
+    if args.metrics_port is not None:  # the worker's own figures for Prometheus, and its engine's
         from .. import prometheus
 
-        server, _ = prometheus.serve(prometheus.WorkerCollector(w), host=args.metrics_host, port=args.metrics_port)
+        collectors = prometheus.WorkerCollector(w), prometheus.TasksCollector(w.tasks)
+        server, _ = prometheus.serve(*collectors, host=args.metrics_host, port=args.metrics_port)
         print(f"metrics on http://{args.metrics_host}:{server.server_port}/metrics", file=out, flush=True)
     print(
         f"catzilla-tasks worker {w.consumer}: {len(tasks.registered_tasks)} task(s), "
