@@ -318,6 +318,68 @@ def test_cluster_app_mounts_in_starlette(cluster):
         cluster_app(cluster.url, token="")
 
 
+def _asgi_post(app, scheme, headers, path="/api/redrive", body=b'{"queue": "default"}'):
+    """One POST through the ASGI app with ``scope["scheme"]`` as an ASGI server behind a
+    TLS-terminating proxy sets it (uvicorn --proxy-headers): (status, JSON answer)."""
+    import asyncio
+
+    sent, msgs = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return msgs.pop(0)
+
+    async def send(m):
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "scheme": scheme, "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+@pytest.mark.timeout(60)
+def test_cluster_app_same_origin_uses_the_request_scheme_and_default_ports(redis_url):
+    """Behind a TLS-terminating proxy the page is https://host/...: its POSTs carry Origin
+    https://host, which is this dashboard's origin whatever way the Host header spells the
+    default port; http://evil, the same host over http, or another port is not."""
+    app = cluster_app(redis_url, token=TOKEN, prefix=f"cto{uuid.uuid4().hex[:8]}")
+    try:
+        base = {**AUTH, "X-CSRF-Token": app.dashboard.new_csrf(), "Content-Type": "application/json"}
+        accepted = [
+            ("https", "host", "https://host"),
+            ("https", "HOST", "https://host"),
+            ("https", "host:443", "https://host"),      # a proxy that spells out the default port
+            ("https", "host", "https://host:443"),
+            ("http", "host:80", "http://host"),
+            ("https", "host:8443", "https://host:8443"),
+            ("https", "[::1]:8443", "https://[::1]:8443"),
+        ]
+        for scheme, host, origin in accepted:
+            got = _asgi_post(app, scheme, {**base, "Host": host, "Origin": origin, "Sec-Fetch-Site": "same-origin"})
+            assert got == (200, {"queue": "default", "moved": 0}), (scheme, host, origin, got)
+        refused = [
+            ("https", "host", "http://evil"),
+            ("https", "host", "http://host"),            # the page is https: an http page is another origin
+            ("http", "host", "https://host"),
+            ("https", "host", "https://host:8443"),
+            ("https", "host:8443", "https://host"),
+            ("https", "host", "https://host.evil"),
+            ("https", "host", "https://user@host"),
+            ("https", "host", "https://host/path"),
+            ("https", "host:x", "https://host"),
+            ("https", "host", "null"),
+        ]
+        for scheme, host, origin in refused:
+            status, answer = _asgi_post(app, scheme, {**base, "Host": host, "Origin": origin})
+            assert status == 403 and "cross-origin" in answer["error"], (scheme, host, origin, answer)
+        # X-Forwarded-Proto is not trusted by the dashboard (the ASGI server decides the scheme)
+        status, _ = _asgi_post(app, "http", {**base, "Host": "host", "Origin": "https://host",
+                                             "X-Forwarded-Proto": "https"})
+        assert status == 403
+    finally:
+        app.close()
+
+
 @pytest.mark.timeout(120)
 def test_cli_dashboard_with_a_broker(cluster):
     env = dict(os.environ, PYTHONUNBUFFERED="1", CATZILLA_TASKS_BROKER=cluster.url)

@@ -17,8 +17,10 @@ POST takes it from the header only). A POST must also carry the page's CSRF toke
 (``X-CSRF-Token``: a random nonce and its HMAC under a key derived from the dashboard token,
 written into each page it serves), a JSON body (``Content-Type: application/json``: a cross-site
 form cannot send one), and, when the browser says where it comes from, come from the page's
-own origin (``Origin`` equal to the request's own scheme and host; ``Sec-Fetch-Site:
-same-origin``). GETs only read.
+own origin (``Origin`` equal to the request's own scheme and host, default ports filled in;
+``Sec-Fetch-Site: same-origin``). The scheme is the ASGI scope's (behind a TLS-terminating
+proxy, the ASGI server's proxy settings decide it; no ``X-Forwarded-*`` header is read here),
+``http`` for the standalone server. GETs only read.
 
 Two ways to run it:
 
@@ -97,6 +99,24 @@ def _error(status: int, message: str, extra: Mapping[str, str] | None = None) ->
     return status_, ctype, body, headers
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """An origin (RFC 6454) as (scheme, host, port), the default port filled in (a proxy may
+    spell ``Host: host:443``, a browser's ``Origin`` never does); None for what is not one."""
+    try:
+        parts = urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), (parts.hostname or ""), parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    if scheme not in _DEFAULT_PORTS or not host or parts.username is not None or parts.password is not None:
+        return None
+    if parts.path or parts.query or parts.fragment:
+        return None
+    return scheme, host.lower(), _DEFAULT_PORTS[scheme] if port is None else port
+
+
 class ClusterDashboard:
     """The cluster dashboard's routes, framework-free: :meth:`handle` answers one request.
 
@@ -162,8 +182,8 @@ class ClusterDashboard:
             return f"Sec-Fetch-Site is {site.strip()!r}, not 'same-origin'"
         origin = headers.get("origin")
         if origin is not None:
-            host = headers.get("host", "").strip().lower()
-            if origin.strip().lower() != f"{scheme}://{host}":
+            ours = _origin(f"{scheme}://{headers.get('host', '').strip()}")
+            if ours is None or _origin(origin.strip()) != ours:
                 return "the Origin is not this dashboard's"
         return None
 
@@ -413,7 +433,11 @@ class _ClusterHandler(DashboardHandler):
             body = self.rfile.read(n)
         headers = {k.lower(): v for k, v in self.headers.items()}
         method = "GET" if self.command == "HEAD" else self.command
-        status, ctype, payload, extra = self.server.dashboard.handle(method, parts.path, parts.query, headers, body)
+        # (this server speaks plain HTTP: behind a TLS-terminating proxy, mount cluster_app in
+        # an ASGI server that sets the scheme, e.g. uvicorn --proxy-headers)
+        status, ctype, payload, extra = self.server.dashboard.handle(
+            method, parts.path, parts.query, headers, body, "http"
+        )
         self._send(status, ctype, payload, extra)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
