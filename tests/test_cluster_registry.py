@@ -206,3 +206,96 @@ def test_timing_is_sampled_above_the_budget_and_counts_stay_exact():
     tasks, _, _ = f.snapshot(1.0)
     assert tasks["n"]["succeeded"] == 2000
     assert sum(tasks["n"]["run"].values()) == 1100
+
+
+_WORKER_WITH_ID = """
+import os, sys
+import redis_tasks as rt
+from catzilla_tasks import BackgroundTasks
+from catzilla_tasks.brokers import RedisBroker, Worker
+url, prefix = os.environ["CT_TEST_REDIS_URL"], os.environ["CT_TEST_PREFIX"]
+eng = BackgroundTasks(workers=2, broker=RedisBroker(url, prefix=prefix))
+rt.register(eng)
+if sys.argv[3:] == ["multi"]:  # a worker of several queues (routing.py): one registry entry
+    from catzilla_tasks.brokers.routing import MultiQueueWorker
+    w = MultiQueueWorker(eng, {"default": 1, "emails": 1}, concurrency=2, consumer=sys.argv[1],
+                         heartbeat_interval=float(sys.argv[2]))
+else:
+    w = Worker(eng, concurrency=2, consumer=sys.argv[1], heartbeat_interval=float(sys.argv[2]))
+try:
+    w.run(install_signals=True)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+    sys.exit(3)
+finally:
+    eng.shutdown(wait_for_completion=False)
+"""
+
+
+def worker_with_id(url: str, prefix: str, wid: str, beat: float, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, CT_TEST_REDIS_URL=url, CT_TEST_PREFIX=prefix,
+               PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", _WORKER_WITH_ID, wid, str(beat), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_id_a_live_worker_holds_fails_at_start(redis_url, prefix, monkeypatch):
+    """Two workers given the same id would share one registry entry and one consumer name (the
+    second taking over the tasks the first holds): the second fails at start, naming the id and
+    the live worker's host and pid, and runs nothing. Once the first has stopped (deregistered),
+    or when the live-looking entry is a killed process of this host, the id can be used again."""
+    import socket
+
+    monkeypatch.setenv("CT_TEST_REDIS_URL", redis_url)  # (redis_tasks.held's client, in this process)
+    b = RedisBroker(redis_url, prefix=prefix)
+    eng = BackgroundTasks(workers=2, broker=b)
+    rt.register(eng)
+    view = ClusterView(b)
+    a = Worker(eng, concurrency=2, consumer="dup-id", heartbeat_interval=0.5)
+    t = threading.Thread(target=a.run)
+    t.start()
+    try:
+        assert a.ready.wait(10)
+        wait_until(lambda: [(x["id"], x["pid"]) for x in view.workers()] == [("dup-id", os.getpid())], 10, "A")
+        held = eng.add_task(rt.held, f"{prefix}:started", f"{prefix}:gate", 1)
+        assert b.redis.blpop([f"{prefix}:started"], timeout=20)  # A holds it
+        for kind in ("single", "multi"):
+            other = worker_with_id(redis_url, prefix, "dup-id", 0.5, kind)
+            try:
+                out, _ = other.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                stop(other)  # (it started: the defect)
+                raise
+            assert other.returncode == 3, (kind, out)
+            assert "WorkerIdInUse" in out and "'dup-id'" in out, out
+            assert f"{socket.gethostname()}" in out and f"pid {os.getpid()}" in out, out
+        (entry,) = view.workers()
+        assert (entry["id"], entry["pid"], entry["state"]) == ("dup-id", os.getpid(), "alive")
+        b.redis.rpush(f"{prefix}:gate", 1)
+        assert held.wait(20) == 1
+        assert b.redis.llen(f"{prefix}:started") == 0  # run once, by A only
+    finally:
+        a.stop()
+        t.join(20)
+    assert view.workers() == []
+    # deregistered: the id is free again; a worker killed (-9) leaves a live-looking entry, which
+    # a worker of the same host takes over at once (its pid is not running)
+    k = worker_with_id(redis_url, prefix, "dup-id", 30)
+    try:
+        wait_until(lambda: [(x["id"], x["pid"]) for x in view.workers()] == [("dup-id", k.pid)], 30, "K")
+    finally:
+        stop(k)
+    (entry,) = view.workers()
+    assert entry["state"] == "alive" and entry["pid"] == k.pid
+    c = Worker(eng, concurrency=2, consumer="dup-id", heartbeat_interval=0.5)
+    t = threading.Thread(target=c.run)
+    t.start()
+    try:
+        assert c.ready.wait(10)
+        wait_until(lambda: [(x["id"], x["pid"]) for x in view.workers()] == [("dup-id", os.getpid())], 10, "C")
+    finally:
+        c.stop()
+        t.join(20)
+        view.close()
+        eng.shutdown(wait_for_completion=False)

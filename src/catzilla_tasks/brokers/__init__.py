@@ -13,6 +13,7 @@ __all__ = [
     "RemoteResult",
     "RemoteTaskError",
     "Worker",
+    "WorkerIdInUse",
 ]
 
 _HOMES = {"Broker": "base", "Consumer": "consumer", "DistributedTasks": "producer", "MemoryBroker": "memory"}
@@ -31,4 +32,8 @@ def __getattr__(name: str) -> Any:  # imported on first use: redis is an optiona
         from .worker import Worker
 
         return Worker
+    if name == "WorkerIdInUse":
+        from .registry import WorkerIdInUse
+
+        return WorkerIdInUse
     raise AttributeError(name)

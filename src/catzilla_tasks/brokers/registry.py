@@ -47,12 +47,14 @@ from operator import attrgetter, itemgetter
 from typing import Any
 
 from .._redact import redact_text
+from ..errors import CatzillaTasksError
 
 __all__ = [
     "ERRORS_KEPT",
     "LOST_AFTER_BEATS",
     "Heartbeat",
     "TaskFigures",
+    "WorkerIdInUse",
     "bucket",
     "bucket_upper_ns",
     "check_interval",
@@ -77,6 +79,31 @@ _MIN_EXP = 10
 _ERROR_CHARS = 2000
 _ERRORS_HELD = 100  # failures a worker holds between two beats
 _TRACEBACK_CHARS = 8000
+
+
+class WorkerIdInUse(CatzillaTasksError, RuntimeError):
+    """A worker's id (``Worker(consumer=...)``) is held by another live worker (another
+    process, whose beat is recent): two workers under one id would share a registry entry and
+    a consumer name in the streams (each taking over the tasks the other holds). Raised by the
+    worker's ``run()`` before it fetches anything. ``worker_id``, ``host`` and ``pid``: the id
+    and where the live worker runs."""
+
+    def __init__(self, message: str, *, worker_id: str = "", host: str = "", pid: int | None = None) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.host = host
+        self.pid = pid
+
+
+def _pid_gone(pid: int) -> bool:
+    """True if no process ``pid`` runs on this host (a worker killed before it deregistered)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (EPERM: it exists, another user's)
+        return False
+    return False
 
 
 # -- histograms (the engine's layout, ct_hist.h) ---------------------------------------------
@@ -444,14 +471,80 @@ class Heartbeat:
         sec, usec = redis_time
         self._offset = int(sec) + int(usec) / 1e6 - (sent + received) / 2
 
+    def claim(self) -> None:
+        """Register the worker (its first beat), unless another live process holds its id: then
+        raise WorkerIdInUse. Called by the worker before it fetches. Atomic (WATCH on the entry):
+        of two workers starting at once under one id, one registers, the other is refused. A
+        live-looking entry of this host whose process is gone (killed, no deregistration) is
+        taken over."""
+        import redis
+
+        sent = time.time()
+        self._measure(self._r.time(), sent, time.time())
+        me = (str(self._static["host"]), str(self._static["pid"]))
+        with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(self._hash)
+                    host, pid, interval, last = (
+                        v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                        for v in pipe.hmget(self._hash, "host", "pid", "interval", "last_seen")
+                    )
+                    if host is not None and (host, pid) != me:
+                        try:
+                            every = float(interval or "nan")
+                            seen = float(last or "nan")
+                        except ValueError:
+                            every = seen = math.nan
+                        every = every if every > 0 else 2.0  # (as the readers, cluster.py)
+                        other = int(pid) if (pid or "").isdigit() else None
+                        alive = self.clock() - seen <= LOST_AFTER_BEATS * every
+                        if alive and not (host == me[0] and other is not None and _pid_gone(other)):
+                            raise WorkerIdInUse(
+                                f"worker id {self.id!r} is in use by a live worker on host {host!r}, pid {pid} "
+                                f"(its last beat {max(0.0, self.clock() - seen):.1f} s ago): give each worker "
+                                "an id of its own (Worker(consumer=...)), or stop that one first",
+                                worker_id=self.id,
+                                host=host,
+                                pid=other,
+                            )
+                    fields, errors = self.fields()
+                    pipe.multi()
+                    self._write(pipe, fields, errors)
+                    pipe.time()
+                    sent = time.time()
+                    try:
+                        replies = pipe.execute()
+                    except BaseException:
+                        if errors:
+                            self.figures.unpublished(errors)
+                        raise
+                    self._measure(replies[-1], sent, time.time())
+                    return
+                except redis.WatchError:  # the entry changed meanwhile (a worker starting at once): look again
+                    continue
+
     def beat(self) -> None:
         if self._offset is None:  # (the first beat: Redis's clock asked first, then at each beat)
             sent = time.time()
             self._measure(self._r.time(), sent, time.time())
         fields, errors = self.fields()
+        pipe = self._r.pipeline(transaction=True)  # (atomic: no key is ever left without its TTL)
+        self._write(pipe, fields, errors)
+        pipe.time()
+        sent = time.time()
+        try:
+            replies = pipe.execute()
+        except BaseException:
+            if errors:  # (kept for the next beat: what failed during an outage is what one looks for)
+                self.figures.unpublished(errors)
+            raise
+        self._measure(replies[-1], sent, time.time())
+
+    def _write(self, pipe: Any, fields: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+        """A beat's writes, queued on ``pipe`` (a transaction)."""
         now_ms = int(self.clock() * 1000)
         keep_ms = int((LOST_AFTER_BEATS * self.interval + self.retention) * 1000)
-        pipe = self._r.pipeline(transaction=True)  # (atomic: no key is ever left without its TTL)
         pipe.hset(self._hash, mapping=fields)
         pipe.pexpire(self._hash, keep_ms)
         pipe.zadd(self._zset, {self.id: now_ms})
@@ -473,15 +566,6 @@ class Heartbeat:
             pipe.zadd(zkey, dict.fromkeys(by_name, now_ms))
             pipe.zremrangebyscore(zkey, "-inf", now_ms - errors_ms)
             pipe.pexpire(zkey, errors_ms)
-        pipe.time()
-        sent = time.time()
-        try:
-            replies = pipe.execute()
-        except BaseException:
-            if errors:  # (kept for the next beat: what failed during an outage is what one looks for)
-                self.figures.unpublished(errors)
-            raise
-        self._measure(replies[-1], sent, time.time())
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating. ``deregister``: publish the failures not yet published, then delete

@@ -18,6 +18,7 @@ concurrency-limit leases (ratelimit.py), as a single-queue worker does.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ from typing import Any
 from .redis import RedisBroker
 from .registry import Heartbeat, TaskFigures, check_interval
 from .worker import Worker
+
+log = logging.getLogger("catzilla_tasks.worker")
 
 __all__ = ["MultiQueueWorker", "broker_for_queue", "parse_queues", "split_concurrency"]
 
@@ -157,6 +160,13 @@ class MultiQueueWorker:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+        if self._heartbeat is not None:  # (registered first: an id a live worker holds is refused, WorkerIdInUse)
+            first = next(iter(self.workers.values()))
+            try:
+                first._retrying(self._heartbeat.claim)  # (retried while Redis is away, until a stop)
+            except first._unavailable as exc:
+                log.warning("stopped before the broker could be reached (%s)", exc)
+                return
         threads = [
             threading.Thread(target=w.run, name=f"catzilla-queue-{q}", daemon=True) for q, w in self.workers.items()
         ]

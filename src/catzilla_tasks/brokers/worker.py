@@ -325,7 +325,7 @@ class Worker:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        if not self._set_up():
+        if not self._set_up(claim=True):
             return
         self._cancels.start()
         self._committer = threading.Thread(target=self._commit_loop, name="catzilla-committer", daemon=True)
@@ -348,16 +348,29 @@ class Worker:
                 self._returned.set()
                 self._deadline_set.set()
 
-    def _set_up(self) -> bool:
+    def _set_up(self, claim: bool = False) -> bool:
         """Set up the consumer (ConsumerSession.setup), retried while the broker is unreachable; False if the worker was
-        stopped meanwhile (a SIGTERM during an outage is a stop, not an error)."""
+        stopped meanwhile (a SIGTERM during an outage is a stop, not an error). ``claim`` (at start): first
+        register in the cluster registry, which refuses an id a live worker holds (registry.WorkerIdInUse),
+        before anything is read under that consumer name."""
+        hb = self._heartbeat_thread
+        claimed = False
         try:
+            if claim and callable(getattr(hb, "claim", None)):
+                self._retrying(hb.claim)
+                claimed = True
             self._retrying(self._ensure_groups)
         except self._unavailable as exc:
+            if claimed:
+                hb.stop(deregister=True)
             if not self._stop.is_set():
                 raise
             log.warning("stopped before the broker could be reached (%s)", exc)
             return False
+        except BaseException:
+            if claimed:
+                hb.stop(deregister=True)
+            raise
         return True
 
     def _past_deadline(self) -> bool:
