@@ -31,7 +31,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 from .._redact import redact_url
@@ -131,6 +131,10 @@ def _count(value: Any, high: float = float("inf")) -> bool:
     """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
     # Integral does not declare <=: int() is exact for any Integral (numpy's too)
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= int(value) <= high
+
+
+# the config a task given by name has (its decorator is in the worker's process): see _prepare
+_NO_CONFIG = object()
 
 
 class RedisBroker(FetchingBroker):
@@ -292,6 +296,8 @@ class RedisBroker(FetchingBroker):
         self._id_base = "_" + base[1:] if base[0] == "-" else base
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
+        # a function -> what its plain calls send but id and payload (see _prepare)
+        self._plain: dict[Any, tuple[Any, str, int, int, str | None]] = {}
         self._callbacks: _Watcher | None = None
         self._watcher_lock = threading.Lock()
 
@@ -347,7 +353,30 @@ class RedisBroker(FetchingBroker):
         """A task's id, what publishing it sends: (priority, delay in ms, payload), and the
         named queue it is routed to (None: this broker's). Bad input (an unnamed function,
         options or arguments that cannot travel) raises here, at the caller's site, before its
-        message joins a flush of others."""
+        message joins a flush of others.
+
+        A plain call (no per-call options, no key) of a function seen before takes what it
+        sends but its id and payload from ``_plain``: (its decorator config as read then, name,
+        priority, delay, queue), valid while the function still carries that config object
+        (configs are immutable; a re-decorated function carries a new one)."""
+        if cfg is None and idempotency_key is None:
+            try:
+                hit = self._plain.get(func)
+            except TypeError:  # (an unhashable callable: the general path says what it is)
+                hit = None
+            if hit is not None and (
+                hit[0] is _NO_CONFIG if isinstance(func, str) else getattr(func, CONFIG_ATTR, None) is hit[0]
+            ):
+                tid = self._new_id()
+                payload = self.serializer.dumps(message(tid, hit[1], args, kwargs, None))
+                return tid, (hit[2], hit[3], payload), hit[4]
+        return self._prepare_general(func, args, kwargs, cfg, idempotency_key)
+
+    def _prepare_general(
+        self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None, idempotency_key: str | None
+    ) -> tuple[str, tuple[int, int, bytes], str | None]:
+        plain = cfg is None and idempotency_key is None
+        own = _NO_CONFIG if isinstance(func, str) else getattr(func, CONFIG_ATTR, None)
         try:
             name = self._names[func]
         except (KeyError, TypeError):
@@ -371,7 +400,13 @@ class RedisBroker(FetchingBroker):
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         delay = cfg.delay_ms
         queue = None if cfg.queue is None or cfg.queue == self.queue else cfg.queue  # a named queue (routing)
-        return tid, (int(cfg._priority), int(delay) if delay > 0 else 0, payload), queue
+        sent = (int(cfg._priority), int(delay) if delay > 0 else 0)
+        if plain and opts is None and len(self._plain) < 4096:
+            try:
+                self._plain[func] = (own, name, *sent, queue)
+            except TypeError:
+                pass
+        return tid, (*sent, payload), queue
 
     def submit(
         self,
@@ -411,19 +446,32 @@ class RedisBroker(FetchingBroker):
         else:
             self.redis.xadd(streams[prio], {"m": payload})
 
-    async def submit_async(
+    def submit_async(
         self,
         func: Any,
         args: tuple,
         kwargs: dict[str, Any] | None,
         cfg: TaskConfig | None,
         idempotency_key: str | None = None,
-    ) -> RemoteResult:
-        """``submit`` for a coroutine: published on ``redis.asyncio`` without blocking the event
-        loop, group-committed with the other coroutines of this loop (one connection per loop
-        publishing). Inside a ``batch()`` block of this thread the task is held as ``submit``
-        holds it."""
+    ) -> Awaitable[RemoteResult]:
+        """``submit`` for a coroutine (call it on the running loop's thread, await what it
+        returns): published on ``redis.asyncio`` without blocking the event loop,
+        group-committed with the other coroutines of this loop (one connection per loop
+        publishing). Bad input raises here, at the call. Inside a ``batch()`` block of this
+        thread the task is held as ``submit`` holds it.
+
+        A plain task returns the future of its flush itself, which gives the handle (no
+        coroutine of its own: one frame less per publish)."""
         tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        if idempotency_key is None and queue is None and getattr(self._local, "buf", None) is None:
+            loop = asyncio.get_running_loop()
+            return self._agroups.get(loop)[0].enqueue(loop, item, RemoteResult(tid, self))
+        return self._submit_async_apart(tid, item, queue, idempotency_key)
+
+    async def _submit_async_apart(
+        self, tid: str, item: tuple[int, int, bytes], queue: str | None, idempotency_key: str | None
+    ) -> RemoteResult:
+        """``submit_async`` of a task held by ``batch()``, keyed, or routed to another queue."""
         buf = getattr(self._local, "buf", None)
         prio, delay_ms, payload = item
         if idempotency_key is not None:
@@ -454,11 +502,8 @@ class RedisBroker(FetchingBroker):
                 else:
                     await client.xadd(streams[prio], {"m": payload})
             return RemoteResult(tid, self)
-        if buf is not None:
-            self._buffer(buf, item)
-        else:
-            loop = asyncio.get_running_loop()
-            await self._agroups.get(loop)[0].enqueue(loop, item)
+        # held by batch() (a plain task outside one is submit_async's own path)
+        self._buffer(cast("list[list[Any]]", buf), item)
         return RemoteResult(tid, self)
 
     @staticmethod
