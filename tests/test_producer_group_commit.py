@@ -324,3 +324,49 @@ def test_a_forked_child_does_not_share_the_parents_flush(redis_url, prefix):
     first.join(30)
     assert os.waitstatus_to_exitcode(status) == 0
     assert by_marker(tasks.broker) == {"parent": 1, "child": 1}
+
+
+def test_a_function_re_decorated_between_calls_publishes_with_its_new_config(redis_url, prefix):
+    """Plain calls reuse what a function's config sends (see RedisBroker._prepare); re-decorating
+    the function (a new config object) must be seen by the next call, in both publish paths."""
+    import asyncio
+
+    tasks = producer(redis_url, prefix)
+    broker = tasks.broker
+
+    def job(x):  # (a module-level name is what travels: give it one)
+        return x
+
+    job.__module__, job.__qualname__ = "redis_tasks", "job_redecorated"
+    try:
+        tasks.task(priority=TaskPriority.LOW)(job)
+        first = tasks.add_task(job, 1).task_id
+        asyncio.run(tasks.add_task_async(job, 2))
+        tasks.task(priority=TaskPriority.CRITICAL, delay_ms=0)(job)
+        second = tasks.add_task(job, 3).task_id
+        third = asyncio.run(tasks.add_task_async(job, 4)).task_id
+        where = {tid: copies[0][0] for tid, copies in published(broker).items()}
+        assert where[first] == int(TaskPriority.LOW)
+        assert where[second] == int(TaskPriority.CRITICAL)
+        assert where[third] == int(TaskPriority.CRITICAL)
+        tasks.task(delay_ms=60_000)(job)
+        fourth = tasks.add_task(job, 5).task_id
+        assert published(broker)[fourth][0][0] == "delayed"
+    finally:
+        tasks.shutdown()
+
+
+def test_an_unhashable_callable_gets_the_clear_error_not_a_cache_failure(redis_url, prefix):
+    tasks = producer(redis_url, prefix)
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self) -> None:
+            pass
+
+    try:
+        with pytest.raises(TypeError, match="importable name"):
+            tasks.add_task(Unhashable())
+    finally:
+        tasks.shutdown()
