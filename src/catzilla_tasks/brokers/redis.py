@@ -601,11 +601,16 @@ class RedisBroker(FetchingBroker):
         scripts_of = {id(self._publish): client.register_script(scripts.PUBLISH)}
         scripts_of[id(self._add_delayed)] = client.register_script(scripts.ADD_DELAYED)
         pool = client.connection_pool
-        held: list[Any] = []  # the connection of the burst of flushes in progress
+        # the group commit's own connection, kept while it works: its socket reads and writes
+        # carry no timeout of their own (redis-py wraps each in a task of its own for one, twice
+        # per flush); one asyncio.timeout bounds the whole flush instead
+        timeout = pool.connection_kwargs.get("socket_timeout")
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        held: list[Any] = []
 
-        async def release() -> None:  # the burst ended (or its connection failed)
+        async def drop() -> None:  # (its reply is lost or it failed: never reused)
             if held:
-                await pool.release(held.pop())
+                await asyncio.shield(held.pop().disconnect())
 
         async def send(items: list[tuple[int, int, bytes]]) -> None:
             script, keys, args = self._flush_plan(items)
@@ -613,30 +618,32 @@ class RedisBroker(FetchingBroker):
                 command: tuple[Any, ...] = ("XADD", keys[0], "*", "m", args[0])
             else:
                 command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            # straight on a connection of the pool, kept for the whole burst (a call through the
-            # client costs ~30 us more per flush); as in _flush_end: an uncached script goes
-            # through the client, which loads it
+            # as in _flush_end: a flush that could not be sent, or an uncached script, goes
+            # through the client (which loads it, with its retries)
             if not held:
-                held.append(await pool.get_connection())
+                held.append(pool.connection_class(**kwargs))
             conn = held[0]
             try:
-                try:
-                    await conn.send_command(*command)
-                except (_redis.ConnectionError, _redis.TimeoutError, OSError):
-                    await conn.disconnect()  # not sent: sent again through the client below
-                    await release()
-                else:
-                    await conn.read_response()
-                    return
+                async with asyncio.timeout(timeout):
+                    try:
+                        await conn.send_command(*command)
+                    except (_redis.ConnectionError, _redis.TimeoutError, OSError):
+                        await drop()  # not sent: sent again through the client below
+                    else:
+                        await conn.read_response()
+                        return
             except _redis.exceptions.NoScriptError:
                 pass
             except _redis.ResponseError:
                 raise  # the flush was refused as a whole (see scripts.PUBLISH)
+            except TimeoutError:  # (asyncio.timeout's): as the broker's socket timeout says it
+                await drop()
+                raise _redis.TimeoutError(
+                    f"no reply from Redis in {timeout} s (socket_timeout): the flush may or may not have been stored"
+                ) from None
             except BaseException:
-                # reply lost (maybe applied), or cancelled with a reply still to come: never reused
-                held.clear()
-                await asyncio.shield(conn.disconnect())
-                await asyncio.shield(pool.release(conn))
+                # reply lost (maybe applied), or cancelled with a reply still to come
+                await drop()
                 raise
             if script is None:
                 await client.xadd(keys[0], {"m": args[0]})
@@ -644,7 +651,7 @@ class RedisBroker(FetchingBroker):
                 await scripts_of[id(script)](keys=keys, args=args)
 
         dedup_submit = client.register_script(scripts.DEDUP_SUBMIT)
-        return AsyncGroupCommit(send, release), client, dedup_submit, scripts_of[id(self._add_delayed)]
+        return AsyncGroupCommit(send), client, dedup_submit, scripts_of[id(self._add_delayed)]
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
