@@ -335,6 +335,7 @@ class ClusterCollector:
         self._rescan_s = rescan_s
         self._scanned: tuple[float, list[str]] = (-math.inf, [])
         self._lock = threading.Lock()
+        self.last_error: str | None = None  # why the last scrape could not read Redis (None: it could)
 
     def describe(self) -> list[Metric]:
         return list(self._families().values())
@@ -354,6 +355,11 @@ class ClusterCollector:
             GaugeMetricFamily(
                 f"{PREFIX}_cluster_workers", "Registered workers, by state (alive, lost).", labels=["state"]
             ),
+            GaugeMetricFamily(
+                f"{PREFIX}_cluster_up",
+                "1 if this scrape read the cluster from Redis, 0 if Redis could not be read (then the "
+                "other series are left out).",
+            ),
         ]
         return {m.name: m for m in fams}
 
@@ -370,12 +376,20 @@ class ClusterCollector:
 
     def collect(self) -> Iterator[Metric]:
         fams = self._families()
+        up = fams[f"{PREFIX}_cluster_up"]
         try:
             rows = self._view.queues(self._queue_names())
             workers = self._view.workers()
-        except Exception as exc:  # Redis away: an empty scrape (Prometheus marks the target's gap)
-            log.error("catzilla_tasks: could not read the cluster: %s", redact_text(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:
+            # Redis away: said by cluster_up 0 (an empty scrape would be a success to Prometheus,
+            # its series gone: an alert on a queue's depth would resolve during the outage)
+            self.last_error = redact_text(f"{type(exc).__name__}: {exc}")
+            log.error("catzilla_tasks: could not read the cluster: %s", self.last_error)
+            up.add_metric([], 0.0)
+            yield up
             return
+        self.last_error = None
+        up.add_metric([], 1.0)
         for row in rows:
             labels = [row["queue"], row["priority"]]
             fams[f"{PREFIX}_queue_queued_tasks"].add_metric(labels, float(row["queued"]))

@@ -27,7 +27,7 @@ blocks Redis for long.
 from __future__ import annotations
 
 import json
-import time
+import math
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -55,10 +55,81 @@ def _s(v: Any) -> str:
 
 
 def _num(v: Any, kind: type = int) -> Any:
+    """A number read from Redis (bytes, str or a JSON number), None unless it is a finite one
+    (what strict JSON carries: the ``--json`` output and the dashboard's)."""
     try:
-        return kind(_s(v))
-    except (TypeError, ValueError):
+        x = kind(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else kind(_s(v))
+    except (TypeError, ValueError, OverflowError):
         return None
+    return x if kind is not float or math.isfinite(x) else None
+
+
+# The registry is read back as found: an entry written by another version of the worker, by
+# another program under the same prefix or by hand may hold anything, and one such entry must
+# not take the whole view (every worker, the dashboard, the exporter) down with it. The shapes
+# below are what Heartbeat.fields writes; what does not fit is left out.
+def _hist(v: Any) -> dict[int, int]:
+    out: dict[int, int] = {}
+    if isinstance(v, dict):
+        for k, c in v.items():
+            i, n = _num(k), _num(c)
+            if i is not None and n is not None and 0 <= i < 1 << 16 and n > 0:
+                out[i] = n
+    return out
+
+
+def _task_figures(v: Any) -> dict[str, Any] | None:
+    if not isinstance(v, dict):
+        return None
+    return {
+        "succeeded": _num(v.get("succeeded")) or 0,
+        "failed": _num(v.get("failed")) or 0,
+        "retried": _num(v.get("retried")) or 0,
+        "rate": _num(v.get("rate"), float) or 0.0,
+        "run": _hist(v.get("run")),
+        "run_sum_ns": _num(v.get("run_sum_ns")) or 0,
+        "wait": _hist(v.get("wait")),
+        "wait_sum_ns": _num(v.get("wait_sum_ns")) or 0,
+    }
+
+
+def _json_field(f: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(f.get(key) or "null")
+    except ValueError:
+        return None
+
+
+def _read_tasks(v: Any) -> dict[str, Any]:
+    out = {}
+    if isinstance(v, dict):
+        for name, t in v.items():
+            figures = _task_figures(t)
+            if figures is not None:
+                out[str(name)] = figures
+    return out
+
+
+def _read_engine(v: Any) -> dict[str, Any]:
+    out = {}
+    if isinstance(v, dict):
+        for key in ("exec", "wait"):
+            h = v.get(key)
+            if isinstance(h, dict):
+                out[key] = {"counts": _hist(h.get("counts")), "sum_ns": _num(h.get("sum_ns")) or 0}
+    return out
+
+
+def _read_error(v: Any) -> dict[str, Any] | None:
+    """One failure record (Heartbeat.beat's JSON), None if it is not one."""
+    if not isinstance(v, dict):
+        return None
+    out = dict(v)
+    out["at"] = _num(v.get("at"), float)
+    for k in ("error", "traceback", "task", "task_id"):
+        if k in out and not isinstance(out[k], str):
+            out[k] = "" if out[k] is None else str(out[k])
+    return out
 
 
 def _glob_escape(s: str) -> str:
@@ -133,29 +204,39 @@ class ClusterView:
     # -- workers ---------------------------------------------------------------------------
     def _raw_workers(self) -> list[dict[str, Any]]:
         zkey = cluster_key(self.prefix, "workers")
-        members = cast("list[tuple[bytes, float]]", self.r.zrange(zkey, 0, -1, withscores=True))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrange(zkey, 0, -1, withscores=True)
+        pipe.time()  # (the beats are in Redis's clock: a host whose clock is off is judged rightly)
+        members, (sec, usec) = cast("tuple[list[tuple[bytes, float]], tuple[int, int]]", pipe.execute())
         if not members:
             return []
+        now = int(sec) + int(usec) / 1e6
         pipe = self.r.pipeline(transaction=False)
         for m, _ in members:
             pipe.hgetall(cluster_key(self.prefix, "worker", _s(m)))
         out = []
         gone = []
-        now = time.time()
-        for (m, score), h in zip(members, pipe.execute(), strict=True):
+        for (m, score), h in zip(members, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(h, Exception):  # not a hash (not a worker's entry): not one to show
+                continue
             if not h:  # expired (lost long ago) or deregistered meanwhile
                 gone.append(m)
                 continue
             f = {_s(k): _s(v) for k, v in h.items()}
-            interval = _num(f.get("interval"), float) or 2.0
-            last = _num(f.get("last_seen"), float) or score / 1000
-            try:
-                tasks = json.loads(f.get("tasks") or "{}")
-                engine = json.loads(f.get("engine") or "{}")
-                queues = json.loads(f.get("queues") or "[]")
-                weights = json.loads(f.get("weights") or "{}")
-            except ValueError:
-                tasks, engine, queues, weights = {}, {}, [], {}
+            interval = _num(f.get("interval"), float)
+            interval = interval if interval is not None and interval > 0 else 2.0
+            last = _num(f.get("last_seen"), float)
+            last = last if last is not None else (score / 1000 if math.isfinite(score) else 0.0)
+            tasks = _read_tasks(_json_field(f, "tasks"))
+            engine = _read_engine(_json_field(f, "engine"))
+            queues = _json_field(f, "queues")
+            queues = [q for q in queues if isinstance(q, str)] if isinstance(queues, list) else []
+            weights = _json_field(f, "weights")
+            weights = (
+                {str(q): n for q, n in ((q, _num(n)) for q, n in weights.items()) if n is not None}
+                if isinstance(weights, dict)
+                else {}
+            )
             out.append(
                 {
                     "id": f.get("id") or _s(m),
@@ -328,17 +409,19 @@ class ClusterView:
         pipe = self.r.pipeline(transaction=False)
         for name in names:
             pipe.lrange(cluster_key(self.prefix, "errors", name), 0, max(0, errors - 1))
-        latest = pipe.execute() if names and errors > 0 else [[] for _ in names]
+        latest = pipe.execute(raise_on_error=False) if names and errors > 0 else [[] for _ in names]
         out = []
         for name, errs in zip(names, latest, strict=True):
             a = acc.get(name) or _empty_name()
             run, wait = merge(a["run"]), merge(a["wait"])
             items = []
-            for e in errs:
+            for e in errs if isinstance(errs, list) else ():  # (not a list: not the registry's key)
                 try:
-                    items.append(json.loads(e))
+                    item = _read_error(json.loads(e))
                 except ValueError:
                     continue
+                if item is not None:
+                    items.append(item)
             out.append(
                 {
                     "name": name,

@@ -43,8 +43,26 @@ def _view(args: argparse.Namespace) -> Any:
         raise _Usage(str(exc)) from None
 
 
+# What the tables and ``inspect`` print comes from Redis, much of it from outside: a task's
+# exception message is often made of user input, a task name is the producer's, a worker's id
+# and host its own. Written to a terminal as it is, an escape sequence in it would retitle the
+# window, clear the screen, recolour or hide what follows; a carriage return would overwrite the
+# line, a bidi override reorder it. So the C0 and C1 controls (but the newlines of a traceback),
+# DEL and the bidi controls are shown escaped (\x1b, \u202e); ``--json`` keeps the text as is.
+_CONTROLS = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
+_CONTROLS_KEEP_NEWLINES = {c: v for c, v in _CONTROLS.items() if c != 0x0A}
+
+
+def _safe(value: Any, newlines: bool = False) -> str:
+    """``value`` as text a terminal shows as it is (see _CONTROLS)."""
+    return str(value).translate(_CONTROLS_KEEP_NEWLINES if newlines else _CONTROLS)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: set[int]) -> str:
-    cells = [[str(c) for c in headers], *[[DASH if c is None else str(c) for c in r] for r in rows]]
+    cells = [[str(c) for c in headers], *[[DASH if c is None else _safe(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for r in cells:
@@ -58,6 +76,13 @@ def _ago(t: float | None, now: float) -> str | None:
         return None
     d = max(0.0, now - t)
     return f"{d:.1f} s ago" if d < 120 else f"{d / 60:.0f} min ago" if d < 7200 else f"{d / 3600:.1f} h ago"
+
+
+def _when(t: Any) -> str:
+    try:
+        return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):  # (no time, or not one)
+        return "?"
 
 
 def _mib(b: int | None) -> str | None:
@@ -156,34 +181,39 @@ def cmd_tasks(args: argparse.Namespace, out: TextIO) -> int:
     for t in names:
         if t["errors"]:
             e = t["errors"][0]
-            when = _dt.datetime.fromtimestamp(e.get("at", 0)).strftime("%Y-%m-%d %H:%M:%S")
-            first = str(e.get("error", "")).splitlines()[0] if e.get("error") else ""
-            out.write(f"latest failure of {t['name']} ({when}, task {e.get('task_id', '?')}): {first}\n")
+            when = _when(e.get("at"))
+            first = str(e.get("error", "")).split("\n", 1)[0] if e.get("error") else ""
+            line = f"latest failure of {t['name']} ({when}, task {e.get('task_id', '?')}): {first}"
+            out.write(_safe(line) + "\n")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.task_id:
+        raise _Usage("TASK_ID: give a task id (not an empty string)")
     with _view(args) as v:
         info = v.inspect(args.task_id)
     if args.json:
-        json.dump(info, out, indent=1, default=repr)
+        from ..dashboard import json_safe  # (a result is the task's: NaN and infinities as null)
+
+        json.dump(json_safe(info), out, indent=1, allow_nan=False)
         out.write("\n")
         return 0 if info["status"] != "unknown" else 1
     for key in ("task_id", "name", "status", "queue", "priority", "worker", "deliveries", "due", "progress"):
         if key in info and info[key] is not None:
             value = info[key]
             if key == "due":
-                value = _dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+                value = _when(value)
             elif key == "progress":
                 value = f"{value['fraction']:.0%}" + (f" {value['message']}" if value.get("message") else "")
-            out.write(f"{key + ':':<12}{value}\n")
+            out.write(f"{key + ':':<12}{_safe(value)}\n")
     if "result" in info:
-        out.write(f"{'result:':<12}{info['result']!r}\n")
+        out.write(f"{'result:':<12}{_safe(repr(info['result']))}\n")
     if "error" in info:
         err = info["error"]
-        out.write(f"{'error:':<12}{err.get('type')}: {err.get('message')}\n")
+        out.write(f"{'error:':<12}{_safe(err.get('type'))}: {_safe(err.get('message'), newlines=True)}\n")
         if err.get("traceback"):
-            out.write(str(err["traceback"]).rstrip() + "\n")
+            out.write(_safe(str(err["traceback"]).rstrip(), newlines=True) + "\n")
     if info["status"] == "unknown":
         out.write("(not found: never published, or its result expired)\n")
         return 1
@@ -198,8 +228,13 @@ def cmd_exporter(args: argparse.Namespace, out: TextIO) -> int:
     view = _view(args)
     collector = prometheus.ClusterCollector(view)
     if args.once:
-        out.write(prometheus.collector_text(collector).decode())
-        view.close()
+        try:
+            out.write(prometheus.collector_text(collector).decode())
+        finally:
+            view.close()
+        if collector.last_error is not None:
+            print(f"catzilla-tasks exporter: redis: {collector.last_error}", file=sys.stderr)
+            return 1
         return 0
     server, _ = prometheus.serve(collector, host=args.host, port=args.port)
     url = f"http://{args.host}:{server.server_port}/metrics"

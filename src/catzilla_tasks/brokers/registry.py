@@ -3,14 +3,17 @@
 A :class:`Heartbeat` thread per worker writes, every ``interval`` seconds, one pipeline to
 Redis (``P`` = the broker's prefix)::
 
-    P:cluster:workers          sorted set: worker id -> its last beat (epoch ms)
+    P:cluster:workers          sorted set: worker id -> its last beat (epoch ms, Redis's clock)
     P:cluster:worker:<id>      hash: the worker's figures (see Heartbeat.fields); a worker of
                                several queues (``--queues``, routing.py) has one entry for all
     P:cluster:errors:<name>    list: the latest failures of task <name> (JSON, newest first,
                                at most ERRORS_KEPT; redacted)
     P:cluster:errors           sorted set: task name -> its latest failure (epoch ms)
 
-A worker whose last beat is older than ``LOST_AFTER_BEATS`` of its own intervals is *lost*
+Times (the beats, ``last_seen``, ``started``, a failure's ``at``) are in Redis's clock: each beat
+asks Redis the time (TIME) and corrects this host's by it, and readers compare with Redis's
+clock too, so a host whose clock is off is neither shown lost while it beats nor alive after it
+stopped. A worker whose last beat is older than ``LOST_AFTER_BEATS`` of its own intervals is *lost*
 (killed, frozen, cut off): what it held stays pending in the streams, where the live workers'
 reclaim (XAUTOCLAIM after the visibility timeout) takes it. Every key expires: a worker's
 hash and the workers' sorted set ``LOST_AFTER_BEATS`` intervals plus ``retention`` (default:
@@ -72,6 +75,7 @@ _MSG = attrgetter("msg")
 _NAME = itemgetter(1)
 _MIN_EXP = 10
 _ERROR_CHARS = 2000
+_ERRORS_HELD = 100  # failures a worker holds between two beats
 _TRACEBACK_CHARS = 8000
 
 
@@ -248,7 +252,7 @@ class TaskFigures:
                 f.wait_sum_ns += ns
 
     def _failure(self, j: Any, name: str, kinds: tuple[str, ...]) -> None:
-        if len(self._errors) >= 100:  # more in one beat than anyone reads: the first ones are kept
+        if len(self._errors) >= _ERRORS_HELD:  # more in one beat than anyone reads: the first ones are kept
             return
         kind, message, tb = "Error", "", ""
         h = j.handle
@@ -278,6 +282,12 @@ class TaskFigures:
                 "traceback": redact_text(tb)[-_TRACEBACK_CHARS:],
             }
         )
+
+    def unpublished(self, errors: list[dict[str, Any]]) -> None:
+        """Give back failures a beat took (``snapshot``) but could not publish (Redis away):
+        the next beat publishes them, ahead of newer ones (within the same cap)."""
+        with self._lock:
+            self._errors = [*errors, *self._errors][:_ERRORS_HELD]
 
     def totals(self) -> dict[str, Any]:
         """Per task name: succeeded, failed, retried, the histograms and their sums (a copy;
@@ -358,6 +368,9 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last = time.monotonic()
+        # Redis's clock minus this host's, in seconds (None until measured): the beats' times are
+        # Redis's, as the readers' (cluster.py), so a host whose clock is off is judged rightly
+        self._offset: float | None = None
         self._zset = cluster_key(self.prefix, "workers")
         self._hash = cluster_key(self.prefix, "worker", self.id)
         self._static = {
@@ -410,7 +423,8 @@ class Heartbeat:
         rss = rss_bytes()
         return {
             **self._static,
-            "last_seen": repr(time.time()),
+            "started": repr(self.started + (self._offset or 0.0)),
+            "last_seen": repr(self.clock()),
             "in_flight": s["in_flight"],
             "processed": succeeded + failed,
             "succeeded": succeeded,
@@ -422,9 +436,20 @@ class Heartbeat:
             "engine": json.dumps(engine, separators=(",", ":")),
         }, errors
 
+    def clock(self) -> float:
+        """Now, in epoch seconds of Redis's clock (as last measured; this host's until then)."""
+        return time.time() + (self._offset or 0.0)
+
+    def _measure(self, redis_time: Any, sent: float, received: float) -> None:
+        sec, usec = redis_time
+        self._offset = int(sec) + int(usec) / 1e6 - (sent + received) / 2
+
     def beat(self) -> None:
+        if self._offset is None:  # (the first beat: Redis's clock asked first, then at each beat)
+            sent = time.time()
+            self._measure(self._r.time(), sent, time.time())
         fields, errors = self.fields()
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock() * 1000)
         keep_ms = int((LOST_AFTER_BEATS * self.interval + self.retention) * 1000)
         pipe = self._r.pipeline(transaction=True)  # (atomic: no key is ever left without its TTL)
         pipe.hset(self._hash, mapping=fields)
@@ -436,6 +461,7 @@ class Heartbeat:
         by_name: dict[str, list[str]] = {}
         for e in errors:
             item = {**e, "worker": self.id, "queue": e.get("queue") or self.queues[0]}
+            item["at"] = e["at"] + (self._offset or 0.0)  # (in Redis's clock, as the beats)
             by_name.setdefault(e["task"], []).append(json.dumps(item))
         for name, items in by_name.items():
             key = cluster_key(self.prefix, "errors", name)
@@ -447,7 +473,15 @@ class Heartbeat:
             pipe.zadd(zkey, dict.fromkeys(by_name, now_ms))
             pipe.zremrangebyscore(zkey, "-inf", now_ms - errors_ms)
             pipe.pexpire(zkey, errors_ms)
-        pipe.execute()
+        pipe.time()
+        sent = time.time()
+        try:
+            replies = pipe.execute()
+        except BaseException:
+            if errors:  # (kept for the next beat: what failed during an outage is what one looks for)
+                self.figures.unpublished(errors)
+            raise
+        self._measure(replies[-1], sent, time.time())
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating. ``deregister``: publish the failures not yet published, then delete
