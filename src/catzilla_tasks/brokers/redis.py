@@ -419,18 +419,21 @@ class RedisBroker(FetchingBroker):
         """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult
         once Redis holds it. Concurrent calls from several threads are group-committed: one
         flush (one round trip) carries every message queued while the previous one was in
-        flight (see :mod:`.group_commit`). A keyed task (deduplicated at submit) and a task
-        routed to another queue are sent on their own, one round trip each."""
+        flight (see :mod:`.group_commit`), whatever queue each is routed to. A keyed task
+        (deduplicated at submit) is sent on its own, one round trip."""
         tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
         if idempotency_key is not None:  # deduplicated at submit, one script of its own (see dedup.py)
             from . import dedup
 
             return dedup.submit(self, tid, idempotency_key, *item, queue)
-        if queue is not None:  # its own streams
-            self._send_to(queue, *item)
-            return RemoteResult(tid, self)
         buf = getattr(self._local, "buf", None)
-        if buf is not None:  # inside batch(): sent at its end
+        if queue is not None:  # routed: its queue's streams (a bad queue name raises here)
+            if buf is not None:
+                self._send_to(queue, *item)
+            else:
+                self.queue_keys(queue)
+                self._group.publish((*item, queue))
+        elif buf is not None:  # inside batch(): sent at its end
             self._buffer(buf, item)
         else:
             self._group.publish(item)
@@ -460,18 +463,22 @@ class RedisBroker(FetchingBroker):
         publishing). Bad input raises here, at the call. Inside a ``batch()`` block of this
         thread the task is held as ``submit`` holds it.
 
-        A plain task returns the future of its flush itself, which gives the handle (no
-        coroutine of its own: one frame less per publish)."""
+        A task that joins the group commit (not keyed, not held by ``batch()``) returns the
+        future of its flush itself, which gives the handle (no coroutine of its own: one frame
+        less per publish)."""
         tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
-        if idempotency_key is None and queue is None and getattr(self._local, "buf", None) is None:
+        if idempotency_key is None and getattr(self._local, "buf", None) is None:
             loop = asyncio.get_running_loop()
+            if queue is not None:  # routed: its queue's streams (a bad queue name raises here)
+                self.queue_keys(queue)
+                item = (*item, queue)
             return self._agroups.get(loop)[0].enqueue(loop, item, RemoteResult(tid, self))
         return self._submit_async_apart(tid, item, queue, idempotency_key)
 
     async def _submit_async_apart(
         self, tid: str, item: tuple[int, int, bytes], queue: str | None, idempotency_key: str | None
     ) -> RemoteResult:
-        """``submit_async`` of a task held by ``batch()``, keyed, or routed to another queue."""
+        """``submit_async`` of a task held by ``batch()``, or keyed."""
         buf = getattr(self._local, "buf", None)
         prio, delay_ms, payload = item
         if idempotency_key is not None:
@@ -489,21 +496,11 @@ class RedisBroker(FetchingBroker):
             )
             handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
             return handle
-        if queue is not None:  # another queue's streams, on their own (one round trip)
-            if buf is not None:
-                self._send_to(queue, *item)
-            else:
-                streams, delayed = self.queue_keys(queue)
-                client = self._agroups.get(asyncio.get_running_loop())[1]
-                if delay_ms > 0:
-                    await self._agroups.get(asyncio.get_running_loop())[3](
-                        keys=[delayed], args=[delay_ms, b"%d" % prio + payload]
-                    )
-                else:
-                    await client.xadd(streams[prio], {"m": payload})
-            return RemoteResult(tid, self)
-        # held by batch() (a plain task outside one is submit_async's own path)
-        self._buffer(cast("list[list[Any]]", buf), item)
+        # held by batch() (a task outside one is submit_async's own path)
+        if queue is not None:
+            self._send_to(queue, *item)
+        else:
+            self._buffer(cast("list[list[Any]]", buf), item)
         return RemoteResult(tid, self)
 
     @staticmethod
@@ -514,35 +511,50 @@ class RedisBroker(FetchingBroker):
         else:
             buf[prio].append(payload)
 
-    def _flush_command(self, items: list[tuple[int, int, bytes]]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``scripts.PUBLISH`` for one flush (all of it or nothing)."""
-        by_stream: list[list[bytes]] = [[], [], [], []]
-        delayed: list[Any] = []
-        for prio, delay_ms, payload in items:
+    def _flush_command(self, items: list[tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``scripts.PUBLISH`` for one flush (all of it or nothing): five keys
+        per queue it publishes to (an item is (priority, delay in ms, payload), plus the queue's
+        name when it is routed to another queue than this broker's)."""
+        groups: dict[str | None, list[list[Any]]] = {}
+        for it in items:
+            queue = it[3] if len(it) > 3 else None
+            g = groups.get(queue)
+            if g is None:
+                g = groups[queue] = [[], [], [], [], []]
+            prio, delay_ms, payload = it[0], it[1], it[2]
             if delay_ms > 0:
-                delayed += (delay_ms, b"%d" % prio + payload)
+                g[4] += (delay_ms, b"%d" % prio + payload)
             else:
-                by_stream[prio].append(payload)
-        args: list[Any] = [len(x) for x in by_stream]
-        args.append(len(delayed) // 2)
-        for x in by_stream:
-            args += x
-        args += delayed
-        return [*self.streams, self.delayed_key], args
+                g[prio].append(payload)
+        keys: list[str] = []
+        counts: list[Any] = []
+        rest: list[Any] = []
+        for queue, g in groups.items():
+            streams, delayed = self.queue_keys(queue)
+            keys += streams
+            keys.append(delayed)
+            for k in range(4):
+                counts.append(len(g[k]))
+                rest += g[k]
+            counts.append(len(g[4]) // 2)
+            rest += g[4]
+        return keys, counts + rest
 
-    def _flush_plan(self, items: list[tuple[int, int, bytes]]) -> tuple[Any, list[Any], list[Any]]:
+    def _flush_plan(self, items: list[tuple[Any, ...]]) -> tuple[Any, list[Any], list[Any]]:
         """How one flush is sent, atomically: (script, KEYS, ARGV), or (None, [stream], [payload])
         for a lone message, one XADD as it always was. Several messages are one call of
         ``scripts.PUBLISH``, which checks every key it writes before writing any."""
         if len(items) == 1:
-            prio, delay_ms, payload = items[0]
+            it = items[0]
+            prio, delay_ms, payload = it[0], it[1], it[2]
+            streams, delayed = self.queue_keys(it[3]) if len(it) > 3 else (self.streams, self.delayed_key)
             if delay_ms > 0:
-                return self._add_delayed, [self.delayed_key], [delay_ms, b"%d" % prio + payload]
-            return None, [self.streams[prio]], [payload]
+                return self._add_delayed, [delayed], [delay_ms, b"%d" % prio + payload]
+            return None, [streams[prio]], [payload]
         keys, args = self._flush_command(items)
         return self._publish, keys, args
 
-    def _flush_begin(self, items: list[tuple[int, int, bytes]]) -> tuple[Any, Any]:
+    def _flush_begin(self, items: list[tuple[Any, ...]]) -> tuple[Any, Any]:
         """Send one flush of the threads' group commit on a connection of the pool (its reply is
         read by ``_flush_end``, maybe on another thread). A connection that cannot send leaves
         it to ``_flush_end``, which sends it again through the client (with its retries)."""
@@ -612,7 +624,7 @@ class RedisBroker(FetchingBroker):
             if held:
                 await asyncio.shield(held.pop().disconnect())
 
-        async def send(items: list[tuple[int, int, bytes]]) -> None:
+        async def send(items: list[tuple[Any, ...]]) -> None:
             script, keys, args = self._flush_plan(items)
             if script is None:
                 command: tuple[Any, ...] = ("XADD", keys[0], "*", "m", args[0])
