@@ -11,6 +11,8 @@ over C threads or coroutines, each call waiting for its own publish (no batching
   coroutines (group commit shares round trips among concurrent callers); ``batch()`` from one
   thread for reference (the caller batches);
 * arq ``enqueue_job`` and taskiq ``kiq`` from 1, 100 and 1,000 coroutines;
+* the coroutine rows again on uvloop (100 and 1,000 coroutines; when the ``uvloop`` extra is
+  installed), the loop uvicorn runs on when it can;
 * Celery ``delay()`` and Huey's call from 1, 8, 32 and 128 threads.
 
 **publish/s**: N / (time from the start until the last call returned). **end to end/s**:
@@ -23,32 +25,46 @@ p50 and p99 per call, beside today's path as it was before group commit (the sam
 then one ``XADD`` through the client: what ``RedisBroker.submit`` did), interleaved in blocks
 of 500 in one process; and one coroutine calling ``add_task_async``.
 
+**coordination ceiling** (no worker, no Redis, no encoding): what the group commit's own
+hand-offs allow, beside ``threading.Condition.notify_all`` (see ``child_ceiling``). Threads
+waking from a lock each take the GIL back in turn; that hand-off, not Redis, bounds the thread
+rows.
+
 The Redis server is started here (free port, no persistence). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 THREADS = (1, 8, 32, 128)
 COROUTINES = (1, 100, 1000)
+UVLOOP = (100, 1000)  # the same coroutines on uvloop (uvicorn's loop when it is installed)
 # contender -> [(mode, concurrency)]
 PLAN = {
-    "ours": [("threads", c) for c in THREADS] + [("coroutines", c) for c in COROUTINES] + [("batch", 1)],
-    "arq": [("coroutines", c) for c in COROUTINES],
-    "taskiq": [("coroutines", c) for c in COROUTINES],
+    "ours": [("threads", c) for c in THREADS]
+    + [("coroutines", c) for c in COROUTINES]
+    + [("uvloop", c) for c in UVLOOP]
+    + [("batch", 1)],
+    "arq": [("coroutines", c) for c in COROUTINES] + [("uvloop", c) for c in UVLOOP],
+    "taskiq": [("coroutines", c) for c in COROUTINES] + [("uvloop", c) for c in UVLOOP],
     "celery": [("threads", c) for c in THREADS],
     "huey": [("threads", c) for c in THREADS],
 }
 CALL = {
     ("ours", "threads"): "add_task",
     ("ours", "coroutines"): "add_task_async",
+    ("ours", "uvloop"): "add_task_async",
+    ("arq", "uvloop"): "enqueue_job",
+    ("taskiq", "uvloop"): "kiq",
     ("ours", "batch"): "add_task in batch()",
     ("arq", "coroutines"): "enqueue_job",
     ("taskiq", "coroutines"): "kiq",
@@ -120,7 +136,7 @@ def child_batch(lib: str, n: int) -> dict:
     return {"t0": t0, "published": time.time()}
 
 
-def child_coroutines(lib: str, n: int, c: int) -> dict:
+def child_coroutines(lib: str, n: int, c: int, loop: str = "asyncio") -> dict:
     import asyncio
 
     import _redis_bench as m
@@ -171,7 +187,93 @@ def child_coroutines(lib: str, n: int, c: int) -> dict:
             await closing()
         return out
 
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
     return asyncio.run(main())
+
+
+def child_ceiling(n: int) -> dict:
+    """What the coordination itself allows, with no Redis and no encoding: ``n`` calls of
+    ``GroupCommit.publish`` from 32 and 128 threads whose flush is a 50 us stand-in round trip
+    (``time.sleep``, which lets go of the GIL as a socket read does); the same threads
+    woken by Python's own ``threading.Condition.notify_all`` every 50 us (no group commit code at
+    all); and ``AsyncGroupCommit`` from 1,000 coroutines with a flush that yields once. Rates
+    per second, start to last return, as in the rows above."""
+    import asyncio
+    import threading
+
+    from catzilla_tasks.brokers.group_commit import AsyncGroupCommit, GroupCommit
+
+    def threads(c: int, one_call: Callable[[], None]) -> float:
+        go = threading.Event()
+        ends: list[float] = []
+
+        def work(k: int) -> None:
+            go.wait()
+            for _ in range(k):
+                one_call()
+            ends.append(time.perf_counter())
+
+        ts = [threading.Thread(target=work, args=(k,)) for k in _split(n, c)]
+        for t in ts:
+            t.start()
+        t0 = time.perf_counter()
+        go.set()
+        for t in ts:
+            t.join()
+        return n / (max(ends) - t0)
+
+    out: dict[str, float] = {}
+    for c in (32, 128):
+        gc = GroupCommit(lambda items: None, lambda token: time.sleep(50e-6))
+        out[f"group_commit_threads:{c}"] = threads(c, lambda gc=gc: gc.publish(None))
+
+    cond = threading.Condition()
+    tick = [0]
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            time.sleep(50e-6)
+            with cond:
+                tick[0] += 1
+                cond.notify_all()
+
+    def wait_tick() -> None:
+        with cond:
+            seen = tick[0]
+            while tick[0] == seen:
+                cond.wait()
+
+    tk = threading.Thread(target=ticker)
+    tk.start()
+    try:
+        out["condition_threads:32"] = threads(32, wait_tick)
+    finally:
+        stop.set()
+        tk.join()
+
+    async def coroutines(c: int) -> float:
+        async def send(items: list) -> None:
+            await asyncio.sleep(0)
+
+        agc = AsyncGroupCommit(send)
+        ends: list[float] = []
+
+        async def work(k: int) -> None:
+            for _ in range(k):
+                await agc.publish(None)
+            ends.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(work(k) for k in _split(n, c)))
+        return n / (max(ends) - t0)
+
+    out["group_commit_coroutines:1000"] = asyncio.run(coroutines(1000))
+    return out
 
 
 def child_latency(lib: str, n: int) -> dict:
@@ -255,6 +357,8 @@ def one_run(lib: str, url: str, n: int, r) -> dict:
             log.seek(0)
             raise RuntimeError(f"{lib} worker not ready in 60 s: {log.read().decode(errors='replace')[-300:]}")
         for mode, c in PLAN[lib]:
+            if mode == "uvloop" and importlib.util.find_spec("uvloop") is None:
+                continue  # (the [uvloop] extra: these rows are left out)
             r.delete(rb.DONE_KEY)
             res = run_child(lib, url, n, mode, c)
             got = r.blpop(rb.DONE_KEY, timeout=300)
@@ -316,6 +420,7 @@ def main() -> None:
             time.sleep(0.02)
     raw: dict[str, list[dict]] = {c: [] for c in libs}
     latency: list[dict] = []
+    ceiling: list[dict] = []
     errors: dict[str, str] = {}
     try:
         for run in range(a.runs):
@@ -325,6 +430,10 @@ def main() -> None:
                     latency.append(run_child("ours", url, n, "latency", 1))
                 except Exception as exc:
                     errors["ours latency"] = f"{type(exc).__name__}: {exc}"
+                try:
+                    ceiling.append(run_child("ours", url, n, "ceiling", 1))
+                except Exception as exc:
+                    errors["ours ceiling"] = f"{type(exc).__name__}: {exc}"
             for lib in libs:
                 if lib in errors:
                     continue
@@ -374,9 +483,18 @@ def main() -> None:
             if s is None:
                 continue
             who = "1 thread" if mode == "batch" else f"{c:,} {'thread' if mode == 'threads' else 'coroutine'}" + (
-                "s" if c > 1 else "")
+                "s" if c > 1 else "") + (" (uvloop)" if mode == "uvloop" else "")
             print(f"{lib:<10} {CALL[(lib, mode)]:<20} {who:>13} {s['publish_per_s']:>10,.0f} "
                   f"{s['end_to_end_per_s']:>13,.0f}")
+    ceil = {k: med([x[k] for x in ceiling]) for k in (ceiling[0] if ceiling else {})}
+    if ceil:
+        print("coordination ceiling, no Redis and no encoding (see child_ceiling), calls/s:")
+        for k, label in (("group_commit_threads:32", "GroupCommit, 32 threads, 50 us stand-in flush"),
+                         ("group_commit_threads:128", "GroupCommit, 128 threads, 50 us stand-in flush"),
+                         ("condition_threads:32", "threading.Condition.notify_all every 50 us, 32 threads"),
+                         ("group_commit_coroutines:1000", "AsyncGroupCommit, 1,000 coroutines, flush yields once")):
+            if k in ceil:
+                print(f"  {label:<56} {ceil[k]:>10,.0f}")
     goals: dict[str, float] = {}
     if lat:
         print("lone caller latency, one thread back to back (no worker running), microseconds:")
@@ -393,6 +511,13 @@ def main() -> None:
         return s["publish_per_s"] if s else None
 
     t32, c1000 = rate("ours", "threads:32"), rate("ours", "coroutines:1000")
+    u1000 = rate("ours", "uvloop:1000")
+    if u1000:
+        goals["uvloop1000_publish_per_s"] = u1000
+        for peer in ("arq", "taskiq"):
+            pr = rate(peer, "uvloop:1000")
+            if pr:
+                goals[f"uvloop1000_vs_{peer}"] = u1000 / pr
     if t32:
         goals["threads32_publish_per_s"] = t32
     if c1000:
@@ -417,6 +542,13 @@ def main() -> None:
             k = f"coroutines1000_vs_{peer}"
             if k in goals:
                 parts.append(f"{goals[k]:.1f}x {peer} (goal >= 10x: {verdict(goals[k] >= 10)})")
+        if "uvloop1000_publish_per_s" in goals:
+            parts.append(f"1,000 coroutines on uvloop {goals['uvloop1000_publish_per_s']:,.0f}/s (goal >= 100,000: "
+                         f"{verdict(goals['uvloop1000_publish_per_s'] >= 100_000)})")
+            for peer in ("arq", "taskiq"):
+                k = f"uvloop1000_vs_{peer}"
+                if k in goals:
+                    parts.append(f"{goals[k]:.1f}x {peer} on uvloop")
         if "lone_p50_vs_before" in goals:
             parts.append(f"lone caller p50 {goals['lone_p50_vs_before']:.2f}x / p99 {goals['lone_p99_vs_before']:.2f}x "
                          f"before (goal <= 1.10x: {verdict(max(goals['lone_p50_vs_before'], goals['lone_p99_vs_before']) <= 1.10)})")
@@ -424,8 +556,8 @@ def main() -> None:
     if errors:
         print("errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     print(json.dumps({"bench": "producer", "python": platform.python_version(), "cpus": os.cpu_count(), "tasks": n,
-                      "runs": a.runs, "summary": summary, "latency": lat, "goals": goals, "errors": errors,
-                      "raw": raw, "raw_latency": latency}))
+                      "runs": a.runs, "summary": summary, "latency": lat, "ceiling": ceil, "goals": goals,
+                      "errors": errors, "raw": raw, "raw_latency": latency, "raw_ceiling": ceiling}))
 
 
 if __name__ == "__main__":
@@ -433,8 +565,10 @@ if __name__ == "__main__":
         lib, mode, c, n = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
         if mode == "threads":
             res = child_threads(lib, n, c)
-        elif mode == "coroutines":
-            res = child_coroutines(lib, n, c)
+        elif mode in ("coroutines", "uvloop"):
+            res = child_coroutines(lib, n, c, "uvloop" if mode == "uvloop" else "asyncio")
+        elif mode == "ceiling":
+            res = child_ceiling(max(n, 40_000))  # (fewer calls would time the start-up of 1,000 coroutines)
         elif mode == "batch":
             res = child_batch(lib, n)
         else:

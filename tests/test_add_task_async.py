@@ -137,7 +137,7 @@ def test_thousand_coroutines_published_once_with_their_options_in_few_flushes(re
     assert len(stored) == 1000
     for kind, h in results:
         assert isinstance(h, RemoteResult)
-        (where, msg), = stored[h.task_id]
+        ((where, msg),) = stored[h.task_id]
         if kind == "d":
             assert where == "delayed"
         elif kind == "k":
@@ -203,8 +203,9 @@ def test_script_error_mid_flush_each_coroutine_gets_its_own_flush_outcome(redis_
         assert len({id(v) for v in outcome.values()}) == 13
         # then flushes of every size, mixed
         outcome.clear()
-        await asyncio.gather(*(call(f"{'C' if i % 9 == 0 else 'N'}x{i}", TaskPriority(0 if i % 9 == 0 else 2))
-                               for i in range(500)))
+        await asyncio.gather(
+            *(call(f"{'C' if i % 9 == 0 else 'N'}x{i}", TaskPriority(0 if i % 9 == 0 else 2)) for i in range(500))
+        )
         return outcome
 
     outcome = asyncio.run(main())
@@ -381,6 +382,7 @@ def test_starlette_detached_add_task_async_on_a_broker_engine(redis_url, prefix)
 
     # the in-process engine: the same call, a TaskResult, at once
     with BackgroundTasks(workers=1) as local:
+
         async def local_route(request):
             h = await DetachedBackgroundTasks(engine=local).add_task_async(rt.add, 2, 2)
             return JSONResponse({"v": await h})
@@ -471,3 +473,35 @@ def test_routed_add_task_async_goes_to_its_named_queue(redis_url, prefix):
     assert tasks.broker.serializer.loads(entry[1][b"m"])[0] == a.task_id
     assert tasks.broker.redis.zcard(delayed) == 1
     assert set(published(tasks.broker)) == {c.task_id}  # the producer's own queue holds only its own
+
+
+def test_a_silent_redis_fails_the_flush_at_the_socket_timeout_and_the_next_publish_goes_on(redis_url, prefix):
+    """The group commit's connection has no socket timeout of its own: one deadline (the broker's
+    socket_timeout) bounds each flush. A Redis that goes silent fails the flush's callers with
+    redis.TimeoutError on time, never hangs them; the next publish uses a new connection."""
+    from fault_proxy import FaultProxy
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = FaultProxy(port)
+    try:
+        tasks = producer(proxy.url, prefix, socket_timeout=0.5, socket_connect_timeout=2)
+
+        async def main():
+            await tasks.add_task_async(rt.echo, "warm")
+            proxy.blackhole(1.5)
+            t0 = time.monotonic()
+            outs = await asyncio.gather(
+                *(tasks.add_task_async(rt.echo, f"s{i}") for i in range(5)), return_exceptions=True
+            )
+            took = time.monotonic() - t0
+            await until(lambda: time.monotonic() - t0 > 1.6, "the silence to end")
+            after = await tasks.add_task_async(rt.echo, "after")
+            return outs, took, after
+
+        outs, took, after = asyncio.run(main())
+        assert all(isinstance(e, redis.TimeoutError) for e in outs), outs
+        assert took < 1.4, took  # the socket timeout (0.5 s), not the silence (1.5 s)
+        assert isinstance(after, RemoteResult)
+        assert by_marker(tasks.broker).get("after") == 1
+    finally:
+        proxy.close()

@@ -324,3 +324,137 @@ def test_a_forked_child_does_not_share_the_parents_flush(redis_url, prefix):
     first.join(30)
     assert os.waitstatus_to_exitcode(status) == 0
     assert by_marker(tasks.broker) == {"parent": 1, "child": 1}
+
+
+def test_a_function_re_decorated_between_calls_publishes_with_its_new_config(redis_url, prefix):
+    """Plain calls reuse what a function's config sends (see RedisBroker._prepare); re-decorating
+    the function (a new config object) must be seen by the next call, in both publish paths."""
+    import asyncio
+
+    tasks = producer(redis_url, prefix)
+    broker = tasks.broker
+
+    def job(x):  # (a module-level name is what travels: give it one)
+        return x
+
+    job.__module__, job.__qualname__ = "redis_tasks", "job_redecorated"
+    try:
+        tasks.task(priority=TaskPriority.LOW)(job)
+        first = tasks.add_task(job, 1).task_id
+        asyncio.run(tasks.add_task_async(job, 2))
+        tasks.task(priority=TaskPriority.CRITICAL, delay_ms=0)(job)
+        second = tasks.add_task(job, 3).task_id
+        third = asyncio.run(tasks.add_task_async(job, 4)).task_id
+        where = {tid: copies[0][0] for tid, copies in published(broker).items()}
+        assert where[first] == int(TaskPriority.LOW)
+        assert where[second] == int(TaskPriority.CRITICAL)
+        assert where[third] == int(TaskPriority.CRITICAL)
+        tasks.task(delay_ms=60_000)(job)
+        fourth = tasks.add_task(job, 5).task_id
+        assert published(broker)[fourth][0][0] == "delayed"
+    finally:
+        tasks.shutdown()
+
+
+def test_an_unhashable_callable_gets_the_clear_error_not_a_cache_failure(redis_url, prefix):
+    tasks = producer(redis_url, prefix)
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self) -> None:
+            pass
+
+    try:
+        with pytest.raises(TypeError, match="importable name"):
+            tasks.add_task(Unhashable())
+    finally:
+        tasks.shutdown()
+
+
+def queue_published(broker: RedisBroker, queue: str) -> dict[str, object]:
+    """marker -> where (priority index or "delayed") of every echo(marker) in a named queue."""
+    streams, delayed = broker.queue_keys(queue)
+    out: dict[str, object] = {}
+    for prio, stream in enumerate(streams):
+        if broker.redis.type(stream) != b"stream":
+            continue
+        for _id, fields in broker.redis.xrange(stream):
+            out[broker.serializer.loads(fields[b"m"])[MSG_ARGS][0]] = prio
+    for member in broker.redis.zrange(delayed, 0, -1):
+        out[broker.serializer.loads(member[1:])[MSG_ARGS][0]] = "delayed"
+    return out
+
+
+def test_tasks_routed_to_named_queues_share_the_flush_of_the_others(redis_url, prefix):
+    """Callers publishing to two named queues and to the broker's own, at once: one flush
+    carries all of them (not one round trip per routed task), each task lands in its queue's
+    stream of its priority or its queue's delayed set; in the async path too."""
+    import asyncio
+
+    tasks = producer(redis_url, prefix)
+    broker = tasks.broker
+    gate = Gate(broker._group)
+    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
+    first.start()
+    assert gate.holding.wait(30)
+
+    def call(i):
+        if i % 3 == 0:
+            tasks.options(queue="emails", priority=TaskPriority.HIGH).add_task(rt.echo, f"e{i}")
+        elif i % 3 == 1:
+            tasks.options(queue="reports", delay_ms=60_000).add_task(rt.echo, f"r{i}")
+        else:
+            tasks.add_task(rt.echo, f"o{i}")
+
+    ts = run_threads(12, call)
+    wait_until(lambda: len(broker._group._queue) == 12, 30, "12 callers queued")
+    gate.release()
+    join(ts + [first])
+    assert gate.sizes == [1, 12]
+    emails, reports = queue_published(broker, "emails"), queue_published(broker, "reports")
+    assert emails == {f"e{i}": int(TaskPriority.HIGH) for i in range(0, 12, 3)}
+    assert reports == {f"r{i}": "delayed" for i in range(1, 12, 3)}
+    assert {m for m in by_marker(broker)} == {"first"} | {f"o{i}" for i in range(2, 12, 3)}
+
+    async def main():
+        await asyncio.gather(
+            *(tasks.options(queue="emails").add_task_async(rt.echo, f"ae{i}") for i in range(20)),
+            *(tasks.add_task_async(rt.echo, f"ao{i}") for i in range(20)),
+        )
+
+    asyncio.run(main())
+    emails = queue_published(broker, "emails")
+    assert all(emails.get(f"ae{i}") == int(TaskPriority.NORMAL) for i in range(20)), emails
+    assert all(by_marker(broker).get(f"ao{i}") == 1 for i in range(20))
+
+
+def test_a_named_queue_key_of_another_type_fails_the_whole_flush_and_a_bad_queue_name_its_caller(redis_url, prefix):
+    tasks = producer(redis_url, prefix)
+    broker = tasks.broker
+    streams, _ = broker.queue_keys("broken")
+    broker.redis.set(streams[int(TaskPriority.NORMAL)], b"not a stream")
+    gate = Gate(broker._group)
+    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
+    first.start()
+    assert gate.holding.wait(30)
+    outcome: dict[int, object] = {}
+
+    def call(i):
+        try:
+            if i == 0:
+                tasks.options(queue="broken").add_task(rt.echo, "b")
+            else:
+                tasks.add_task(rt.echo, f"o{i}")
+            outcome[i] = "ok"
+        except redis.ResponseError as exc:
+            outcome[i] = exc
+
+    ts = run_threads(6, call)
+    wait_until(lambda: len(broker._group._queue) == 6, 30, "6 callers queued")
+    gate.release()
+    join(ts + [first])
+    assert all(isinstance(v, redis.ResponseError) and "WRONGTYPE" in str(v) for v in outcome.values()), outcome
+    assert by_marker(broker) == {"first": 1}  # the flush is stored whole or not at all
+    with pytest.raises(ValueError):  # a reserved queue name: its own caller's error, nothing sent
+        tasks.options(queue="done").add_task(rt.echo, "x")

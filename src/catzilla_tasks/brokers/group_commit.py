@@ -210,15 +210,16 @@ class AsyncGroupCommit:
         self._send = send
         self._idle = idle  # awaited when a burst ends (the broker gives its connection back)
         self._max = max_flush
-        self._queue: list[tuple[Any, asyncio.Future[None]]] = []
-        self._taken: list[tuple[Any, asyncio.Future[None]]] = []  # the flush being sent
+        # (message, its caller's future, what that future gives once the message is stored)
+        self._queue: list[tuple[Any, asyncio.Future[Any], Any]] = []
+        self._taken: list[tuple[Any, asyncio.Future[Any], Any]] = []  # the flush being sent
         self._flusher: asyncio.Task[None] | None = None
 
-    def enqueue(self, loop: asyncio.AbstractEventLoop, item: Any) -> asyncio.Future[None]:
+    def enqueue(self, loop: asyncio.AbstractEventLoop, item: Any, result: Any = None) -> asyncio.Future[Any]:
         """Queue ``item`` (``loop`` is the running loop, this object's); the future is done when
-        its flush is (awaiting it is ``publish``)."""
-        fut: asyncio.Future[None] = loop.create_future()
-        self._queue.append((item, fut))
+        its flush is, with ``result`` (awaiting it is ``publish``)."""
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((item, fut, result))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_all())
         return fut
@@ -235,7 +236,7 @@ class AsyncGroupCommit:
         except BaseException:
             # cancelled (the loop is shutting down) or interrupted: nobody may wait for ever
             left, self._queue = self._taken + self._queue, []
-            for _, fut in left:
+            for _, fut, _ in left:
                 if not fut.done():
                     fut.set_exception(
                         ConnectionError("publish interrupted: the event loop's flusher was cancelled (loop shutdown)")
@@ -250,21 +251,21 @@ class AsyncGroupCommit:
         while self._queue:
             batch = self._queue[: self._max]
             del self._queue[: self._max]
-            live = self._taken = [(item, fut) for item, fut in batch if not fut.done()]  # cancelled: withdrawn
+            live = self._taken = [b for b in batch if not b[1].done()]  # cancelled: withdrawn
             if not live:
                 continue
             try:
-                await self._send([item for item, _ in live])
+                await self._send([b[0] for b in live])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every caller of this flush gets it
-                for i, (_, fut) in enumerate(live):
+                for i, (_, fut, _) in enumerate(live):
                     if not fut.done():
                         fut.set_exception(exc if i == 0 else _copy_error(exc))
             else:
-                for _, fut in live:
+                for _, fut, result in live:
                     if not fut.done():
-                        fut.set_result(None)
+                        fut.set_result(result)
             self._taken = []
 
 

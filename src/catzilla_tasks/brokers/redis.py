@@ -31,7 +31,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 from .._redact import redact_url
@@ -131,6 +131,10 @@ def _count(value: Any, high: float = float("inf")) -> bool:
     """A broker count: an integer of any type (numpy's too) from 1 to ``high``."""
     # Integral does not declare <=: int() is exact for any Integral (numpy's too)
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= int(value) <= high
+
+
+# the config a task given by name has (its decorator is in the worker's process): see _prepare
+_NO_CONFIG = object()
 
 
 class RedisBroker(FetchingBroker):
@@ -292,6 +296,8 @@ class RedisBroker(FetchingBroker):
         self._id_base = "_" + base[1:] if base[0] == "-" else base
         self._id_next = itertools.count()
         self._names: dict[Any, str] = {}
+        # a function -> what its plain calls send but id and payload (see _prepare)
+        self._plain: dict[Any, tuple[Any, str, int, int, str | None]] = {}
         self._callbacks: _Watcher | None = None
         self._watcher_lock = threading.Lock()
 
@@ -347,7 +353,30 @@ class RedisBroker(FetchingBroker):
         """A task's id, what publishing it sends: (priority, delay in ms, payload), and the
         named queue it is routed to (None: this broker's). Bad input (an unnamed function,
         options or arguments that cannot travel) raises here, at the caller's site, before its
-        message joins a flush of others."""
+        message joins a flush of others.
+
+        A plain call (no per-call options, no key) of a function seen before takes what it
+        sends but its id and payload from ``_plain``: (its decorator config as read then, name,
+        priority, delay, queue), valid while the function still carries that config object
+        (configs are immutable; a re-decorated function carries a new one)."""
+        if cfg is None and idempotency_key is None:
+            try:
+                hit = self._plain.get(func)
+            except TypeError:  # (an unhashable callable: the general path says what it is)
+                hit = None
+            if hit is not None and (
+                hit[0] is _NO_CONFIG if isinstance(func, str) else getattr(func, CONFIG_ATTR, None) is hit[0]
+            ):
+                tid = self._new_id()
+                payload = self.serializer.dumps(message(tid, hit[1], args, kwargs, None))
+                return tid, (hit[2], hit[3], payload), hit[4]
+        return self._prepare_general(func, args, kwargs, cfg, idempotency_key)
+
+    def _prepare_general(
+        self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None, idempotency_key: str | None
+    ) -> tuple[str, tuple[int, int, bytes], str | None]:
+        plain = cfg is None and idempotency_key is None
+        own = _NO_CONFIG if isinstance(func, str) else getattr(func, CONFIG_ATTR, None)
         try:
             name = self._names[func]
         except (KeyError, TypeError):
@@ -371,7 +400,13 @@ class RedisBroker(FetchingBroker):
         payload = self.serializer.dumps(message(tid, name, args, kwargs, opts))
         delay = cfg.delay_ms
         queue = None if cfg.queue is None or cfg.queue == self.queue else cfg.queue  # a named queue (routing)
-        return tid, (int(cfg._priority), int(delay) if delay > 0 else 0, payload), queue
+        sent = (int(cfg._priority), int(delay) if delay > 0 else 0)
+        if plain and opts is None and len(self._plain) < 4096:
+            try:
+                self._plain[func] = (own, name, *sent, queue)
+            except TypeError:
+                pass
+        return tid, (*sent, payload), queue
 
     def submit(
         self,
@@ -384,18 +419,21 @@ class RedisBroker(FetchingBroker):
         """Publish one task (held until the end of a ``batch()`` block); return its RemoteResult
         once Redis holds it. Concurrent calls from several threads are group-committed: one
         flush (one round trip) carries every message queued while the previous one was in
-        flight (see :mod:`.group_commit`). A keyed task (deduplicated at submit) and a task
-        routed to another queue are sent on their own, one round trip each."""
+        flight (see :mod:`.group_commit`), whatever queue each is routed to. A keyed task
+        (deduplicated at submit) is sent on its own, one round trip."""
         tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
         if idempotency_key is not None:  # deduplicated at submit, one script of its own (see dedup.py)
             from . import dedup
 
             return dedup.submit(self, tid, idempotency_key, *item, queue)
-        if queue is not None:  # its own streams
-            self._send_to(queue, *item)
-            return RemoteResult(tid, self)
         buf = getattr(self._local, "buf", None)
-        if buf is not None:  # inside batch(): sent at its end
+        if queue is not None:  # routed: its queue's streams (a bad queue name raises here)
+            if buf is not None:
+                self._send_to(queue, *item)
+            else:
+                self.queue_keys(queue)
+                self._group.publish((*item, queue))
+        elif buf is not None:  # inside batch(): sent at its end
             self._buffer(buf, item)
         else:
             self._group.publish(item)
@@ -411,19 +449,36 @@ class RedisBroker(FetchingBroker):
         else:
             self.redis.xadd(streams[prio], {"m": payload})
 
-    async def submit_async(
+    def submit_async(
         self,
         func: Any,
         args: tuple,
         kwargs: dict[str, Any] | None,
         cfg: TaskConfig | None,
         idempotency_key: str | None = None,
-    ) -> RemoteResult:
-        """``submit`` for a coroutine: published on ``redis.asyncio`` without blocking the event
-        loop, group-committed with the other coroutines of this loop (one connection per loop
-        publishing). Inside a ``batch()`` block of this thread the task is held as ``submit``
-        holds it."""
+    ) -> Awaitable[RemoteResult]:
+        """``submit`` for a coroutine (call it on the running loop's thread, await what it
+        returns): published on ``redis.asyncio`` without blocking the event loop,
+        group-committed with the other coroutines of this loop (one connection per loop
+        publishing). Bad input raises here, at the call. Inside a ``batch()`` block of this
+        thread the task is held as ``submit`` holds it.
+
+        A task that joins the group commit (not keyed, not held by ``batch()``) returns the
+        future of its flush itself, which gives the handle (no coroutine of its own: one frame
+        less per publish)."""
         tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
+        if idempotency_key is None and getattr(self._local, "buf", None) is None:
+            loop = asyncio.get_running_loop()
+            if queue is not None:  # routed: its queue's streams (a bad queue name raises here)
+                self.queue_keys(queue)
+                item = (*item, queue)
+            return self._agroups.get(loop)[0].enqueue(loop, item, RemoteResult(tid, self))
+        return self._submit_async_apart(tid, item, queue, idempotency_key)
+
+    async def _submit_async_apart(
+        self, tid: str, item: tuple[int, int, bytes], queue: str | None, idempotency_key: str | None
+    ) -> RemoteResult:
+        """``submit_async`` of a task held by ``batch()``, or keyed."""
         buf = getattr(self._local, "buf", None)
         prio, delay_ms, payload = item
         if idempotency_key is not None:
@@ -441,24 +496,11 @@ class RedisBroker(FetchingBroker):
             )
             handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
             return handle
-        if queue is not None:  # another queue's streams, on their own (one round trip)
-            if buf is not None:
-                self._send_to(queue, *item)
-            else:
-                streams, delayed = self.queue_keys(queue)
-                client = self._agroups.get(asyncio.get_running_loop())[1]
-                if delay_ms > 0:
-                    await self._agroups.get(asyncio.get_running_loop())[3](
-                        keys=[delayed], args=[delay_ms, b"%d" % prio + payload]
-                    )
-                else:
-                    await client.xadd(streams[prio], {"m": payload})
-            return RemoteResult(tid, self)
-        if buf is not None:
-            self._buffer(buf, item)
+        # held by batch() (a task outside one is submit_async's own path)
+        if queue is not None:
+            self._send_to(queue, *item)
         else:
-            loop = asyncio.get_running_loop()
-            await self._agroups.get(loop)[0].enqueue(loop, item)
+            self._buffer(cast("list[list[Any]]", buf), item)
         return RemoteResult(tid, self)
 
     @staticmethod
@@ -469,35 +511,50 @@ class RedisBroker(FetchingBroker):
         else:
             buf[prio].append(payload)
 
-    def _flush_command(self, items: list[tuple[int, int, bytes]]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``scripts.PUBLISH`` for one flush (all of it or nothing)."""
-        by_stream: list[list[bytes]] = [[], [], [], []]
-        delayed: list[Any] = []
-        for prio, delay_ms, payload in items:
+    def _flush_command(self, items: list[tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``scripts.PUBLISH`` for one flush (all of it or nothing): five keys
+        per queue it publishes to (an item is (priority, delay in ms, payload), plus the queue's
+        name when it is routed to another queue than this broker's)."""
+        groups: dict[str | None, list[list[Any]]] = {}
+        for it in items:
+            queue = it[3] if len(it) > 3 else None
+            g = groups.get(queue)
+            if g is None:
+                g = groups[queue] = [[], [], [], [], []]
+            prio, delay_ms, payload = it[0], it[1], it[2]
             if delay_ms > 0:
-                delayed += (delay_ms, b"%d" % prio + payload)
+                g[4] += (delay_ms, b"%d" % prio + payload)
             else:
-                by_stream[prio].append(payload)
-        args: list[Any] = [len(x) for x in by_stream]
-        args.append(len(delayed) // 2)
-        for x in by_stream:
-            args += x
-        args += delayed
-        return [*self.streams, self.delayed_key], args
+                g[prio].append(payload)
+        keys: list[str] = []
+        counts: list[Any] = []
+        rest: list[Any] = []
+        for queue, g in groups.items():
+            streams, delayed = self.queue_keys(queue)
+            keys += streams
+            keys.append(delayed)
+            for k in range(4):
+                counts.append(len(g[k]))
+                rest += g[k]
+            counts.append(len(g[4]) // 2)
+            rest += g[4]
+        return keys, counts + rest
 
-    def _flush_plan(self, items: list[tuple[int, int, bytes]]) -> tuple[Any, list[Any], list[Any]]:
+    def _flush_plan(self, items: list[tuple[Any, ...]]) -> tuple[Any, list[Any], list[Any]]:
         """How one flush is sent, atomically: (script, KEYS, ARGV), or (None, [stream], [payload])
         for a lone message, one XADD as it always was. Several messages are one call of
         ``scripts.PUBLISH``, which checks every key it writes before writing any."""
         if len(items) == 1:
-            prio, delay_ms, payload = items[0]
+            it = items[0]
+            prio, delay_ms, payload = it[0], it[1], it[2]
+            streams, delayed = self.queue_keys(it[3]) if len(it) > 3 else (self.streams, self.delayed_key)
             if delay_ms > 0:
-                return self._add_delayed, [self.delayed_key], [delay_ms, b"%d" % prio + payload]
-            return None, [self.streams[prio]], [payload]
+                return self._add_delayed, [delayed], [delay_ms, b"%d" % prio + payload]
+            return None, [streams[prio]], [payload]
         keys, args = self._flush_command(items)
         return self._publish, keys, args
 
-    def _flush_begin(self, items: list[tuple[int, int, bytes]]) -> tuple[Any, Any]:
+    def _flush_begin(self, items: list[tuple[Any, ...]]) -> tuple[Any, Any]:
         """Send one flush of the threads' group commit on a connection of the pool (its reply is
         read by ``_flush_end``, maybe on another thread). A connection that cannot send leaves
         it to ``_flush_end``, which sends it again through the client (with its retries)."""
@@ -556,42 +613,49 @@ class RedisBroker(FetchingBroker):
         scripts_of = {id(self._publish): client.register_script(scripts.PUBLISH)}
         scripts_of[id(self._add_delayed)] = client.register_script(scripts.ADD_DELAYED)
         pool = client.connection_pool
-        held: list[Any] = []  # the connection of the burst of flushes in progress
+        # the group commit's own connection, kept while it works: its socket reads and writes
+        # carry no timeout of their own (redis-py wraps each in a task of its own for one, twice
+        # per flush); one asyncio.timeout bounds the whole flush instead
+        timeout = pool.connection_kwargs.get("socket_timeout")
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        held: list[Any] = []
 
-        async def release() -> None:  # the burst ended (or its connection failed)
+        async def drop() -> None:  # (its reply is lost or it failed: never reused)
             if held:
-                await pool.release(held.pop())
+                await asyncio.shield(held.pop().disconnect())
 
-        async def send(items: list[tuple[int, int, bytes]]) -> None:
+        async def send(items: list[tuple[Any, ...]]) -> None:
             script, keys, args = self._flush_plan(items)
             if script is None:
                 command: tuple[Any, ...] = ("XADD", keys[0], "*", "m", args[0])
             else:
                 command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            # straight on a connection of the pool, kept for the whole burst (a call through the
-            # client costs ~30 us more per flush); as in _flush_end: an uncached script goes
-            # through the client, which loads it
+            # as in _flush_end: a flush that could not be sent, or an uncached script, goes
+            # through the client (which loads it, with its retries)
             if not held:
-                held.append(await pool.get_connection())
+                held.append(pool.connection_class(**kwargs))
             conn = held[0]
             try:
-                try:
-                    await conn.send_command(*command)
-                except (_redis.ConnectionError, _redis.TimeoutError, OSError):
-                    await conn.disconnect()  # not sent: sent again through the client below
-                    await release()
-                else:
-                    await conn.read_response()
-                    return
+                async with asyncio.timeout(timeout):
+                    try:
+                        await conn.send_command(*command)
+                    except (_redis.ConnectionError, _redis.TimeoutError, OSError):
+                        await drop()  # not sent: sent again through the client below
+                    else:
+                        await conn.read_response()
+                        return
             except _redis.exceptions.NoScriptError:
                 pass
             except _redis.ResponseError:
                 raise  # the flush was refused as a whole (see scripts.PUBLISH)
+            except TimeoutError:  # (asyncio.timeout's): as the broker's socket timeout says it
+                await drop()
+                raise _redis.TimeoutError(
+                    f"no reply from Redis in {timeout} s (socket_timeout): the flush may or may not have been stored"
+                ) from None
             except BaseException:
-                # reply lost (maybe applied), or cancelled with a reply still to come: never reused
-                held.clear()
-                await asyncio.shield(conn.disconnect())
-                await asyncio.shield(pool.release(conn))
+                # reply lost (maybe applied), or cancelled with a reply still to come
+                await drop()
                 raise
             if script is None:
                 await client.xadd(keys[0], {"m": args[0]})
@@ -599,7 +663,7 @@ class RedisBroker(FetchingBroker):
                 await scripts_of[id(script)](keys=keys, args=args)
 
         dedup_submit = client.register_script(scripts.DEDUP_SUBMIT)
-        return AsyncGroupCommit(send, release), client, dedup_submit, scripts_of[id(self._add_delayed)]
+        return AsyncGroupCommit(send), client, dedup_submit, scripts_of[id(self._add_delayed)]
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
