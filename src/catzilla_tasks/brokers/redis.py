@@ -103,6 +103,18 @@ def _driver_info() -> Any:
     return info(lib_version=_redis.__version__).add_upstream_driver("catzilla-tasks", __version__)
 
 
+async def _dropped(conn: Any) -> bool:
+    """Whether a kept async connection can no longer carry a command: the server closed it
+    since its last use (its end of stream arrived: CLIENT KILL, the server's idle ``timeout``, a
+    restart) or it holds bytes nobody asked for. redis-py's pools check the same before lending
+    a connection; the group commit's own connection is not lent by a pool."""
+    check = getattr(conn, "can_read", None) or conn.can_read_destructive  # (redis-py < 8: the latter)
+    try:
+        return bool(await check())
+    except (_redis.ConnectionError, _redis.TimeoutError, OSError):
+        return True
+
+
 def _require_redis() -> None:
     if _redis is None:
         raise ImportError("distributed mode needs the redis client: pip install 'catzilla-tasks[redis]'")
@@ -632,6 +644,8 @@ class RedisBroker(FetchingBroker):
                 command = ("EVALSHA", script.sha, len(keys), *keys, *args)
             # as in _flush_end: a flush that could not be sent, or an uncached script, goes
             # through the client (which loads it, with its retries)
+            if held and held[0].is_connected and await _dropped(held[0]):
+                await drop()  # closed by the server since its last flush (CLIENT KILL, idle timeout, restart)
             if not held:
                 held.append(pool.connection_class(**kwargs))
             conn = held[0]
