@@ -5,6 +5,8 @@ loops that ended, and interruptions of threads waiting in a flush chain."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 
 import pytest
 import redis_tasks as rt
@@ -75,3 +77,32 @@ def test_async_publish_after_a_redis_restart_between_bursts(prefix):
         assert h.task_id in published(tasks.broker)
     finally:
         server.stop()
+
+
+def test_event_loops_that_ended_leave_no_connection_and_no_loop_behind(redis_url, prefix):
+    """An app calling asyncio.run per job (or a test suite, a CLI) with one producer: each
+    loop's publishing connections are closed when its loop ends (no ResourceWarning), and the
+    broker keeps neither the loop nor its connections."""
+    tasks = producer(redis_url, prefix)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        base = clients(admin)
+
+        async def main(i):
+            hs = await asyncio.gather(*(tasks.add_task_async(rt.echo, f"{i}.{j}") for j in range(5)))
+            # a keyed one too: it goes through the loop's pooled client
+            hs.append(await tasks.options(idempotency_key=f"key{i}").add_task_async(rt.echo, f"k{i}"))
+            return hs
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(20):
+                asyncio.run(main(i))
+            gc.collect()
+        leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not leaked, [str(w.message) for w in leaked[:3]]
+        assert clients(admin) <= base + 1, f"{clients(admin) - base} connections left by 20 ended loops"
+        assert len(tasks.broker._agroups._by_loop) <= 1
+        assert len(by_marker(tasks.broker)) == 20 * 6
+    finally:
+        admin.close()

@@ -271,16 +271,29 @@ class AsyncGroupCommit:
 
 class PerLoop:
     """One :class:`AsyncGroupCommit` (and whatever the broker keeps with it: ``make(loop)``'s
-    value) per event loop, dropped with its loop."""
+    value) per event loop, dropped with its loop.
 
-    def __init__(self, make: Callable[[asyncio.AbstractEventLoop], Any]) -> None:
+    ``close(value)`` (a coroutine function) releases what a value holds (its connections) when
+    its loop shuts down: in ``loop.shutdown_asyncgens()``, which ``asyncio.run``, its Runner,
+    uvicorn and pytest-asyncio call before closing a loop. The values of loops closed otherwise
+    are dropped the next time a loop asks for one (a value holds its loop through its
+    connections: nothing else would ever drop it)."""
+
+    def __init__(
+        self,
+        make: Callable[[asyncio.AbstractEventLoop], Any],
+        close: Callable[[Any], Awaitable[Any]] | None = None,
+    ) -> None:
         self._make = make
+        self._close = close
         self._reset()
         _per_loop.add(self)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # a loop -> the async generator whose closing at the loop's shutdown closes its value
+        self._hooks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], Any] | None = None  # the last one asked for
 
     def get(self, loop: asyncio.AbstractEventLoop) -> Any:
@@ -291,6 +304,30 @@ class PerLoop:
         with self._lock:
             value = self._by_loop.get(loop)
             if value is None:
+                for old in [lp for lp in list(self._by_loop.keys()) if lp.is_closed()]:
+                    self._by_loop.pop(old, None)
+                    self._hooks.pop(old, None)
                 value = self._by_loop[loop] = self._make(loop)
+                if self._close is not None:
+                    self._hooks[loop] = _at_shutdown(self._close, value)
             self._last = (weakref.ref(loop), value)
             return value
+
+
+def _at_shutdown(close: Callable[[Any], Awaitable[Any]], value: Any) -> Any:
+    """An async generator of the running loop (its first step is taken here, on the loop's
+    thread, which registers it with the loop) that awaits ``close(value)`` when the loop closes
+    it: ``shutdown_asyncgens()``, or its finalizer while the loop runs. A loop closed without
+    either drops it silently."""
+
+    async def hook() -> Any:
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await close(value)
+
+    agen = hook()
+    with contextlib.suppress(StopIteration):
+        agen.asend(None).send(None)  # (runs to its yield: no await before it)
+    return agen

@@ -298,7 +298,7 @@ class RedisBroker(FetchingBroker):
         self._publish = self.redis.register_script(scripts.PUBLISH)
         # group commit of concurrent publishes: across threads, and per event loop (add_task_async)
         self._group = GroupCommit(self._flush_begin, self._flush_end)
-        self._agroups = PerLoop(self._new_agroup)
+        self._agroups = PerLoop(self._new_agroup, lambda value: value[4]())
         self._local = threading.local()
         self._overrides = Overrides()
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
@@ -616,7 +616,7 @@ class RedisBroker(FetchingBroker):
         else:
             script(keys=keys, args=args)
 
-    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any, Any]:
+    def _new_agroup(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncGroupCommit, Any, Any, Any, Any]:
         # this loop's publishing client: one flush in flight at a time, so one connection in use
         # for the group commit; keyed tasks (their own script each) wait for one of a few more.
         # The broker's socket timeouts: a silent Redis fails the flush, it does not hang it
@@ -676,8 +676,13 @@ class RedisBroker(FetchingBroker):
             else:
                 await scripts_of[id(script)](keys=keys, args=args)
 
+        async def close() -> None:  # (the loop shuts down: see PerLoop)
+            with contextlib.suppress(Exception):
+                await drop()
+            await pool.disconnect()
+
         dedup_submit = client.register_script(scripts.DEDUP_SUBMIT)
-        return AsyncGroupCommit(send), client, dedup_submit, scripts_of[id(self._add_delayed)]
+        return AsyncGroupCommit(send), client, dedup_submit, scripts_of[id(self._add_delayed)], close
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
