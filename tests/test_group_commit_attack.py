@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from redis_helpers import RedisServer, prefix, redis, redis_url, wait_until  # n
 from test_producer_group_commit import by_marker, published
 
 from catzilla_tasks import BackgroundTasks
-from catzilla_tasks.brokers import RedisBroker
+from catzilla_tasks.brokers import RedisBroker, Worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,3 +107,37 @@ def test_event_loops_that_ended_leave_no_connection_and_no_loop_behind(redis_url
         assert len(by_marker(tasks.broker)) == 20 * 6
     finally:
         admin.close()
+
+
+def test_awaiting_results_from_loops_that_ended_leaves_no_connection_behind(redis_url, prefix):
+    """``await handle`` (the results' async client of a loop) from one asyncio.run after
+    another: each loop's client is closed with its loop, and the broker keeps no loop."""
+    b = RedisBroker(redis_url, prefix=prefix)
+    eng = BackgroundTasks(workers=2, broker=b)
+    rt.register(eng)
+    w = Worker(eng, concurrency=2)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    assert w.ready.wait(10)
+    tasks = producer(redis_url, prefix)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+
+        async def main(i):
+            return await (await tasks.add_task_async(rt.add, i, 1))
+
+        asyncio.run(main(-1))
+        base = clients(admin)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert [asyncio.run(main(i)) for i in range(10)] == [i + 1 for i in range(10)]
+            gc.collect()
+        leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not leaked, [str(w.message) for w in leaked[:3]]
+        assert clients(admin) <= base, f"{clients(admin) - base} connections left by 10 ended loops"
+        assert len(tasks.broker._aclients._by_loop) <= 1
+    finally:
+        admin.close()
+        w.stop()
+        t.join(20)
+        eng.shutdown(wait_for_completion=False)

@@ -30,7 +30,6 @@ import os
 import re
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
@@ -301,7 +300,8 @@ class RedisBroker(FetchingBroker):
         self._agroups = PerLoop(self._new_agroup, lambda value: value[4]())
         self._local = threading.local()
         self._overrides = Overrides()
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # the async client of each loop's result waits (closed when its loop shuts down)
+        self._aclients = PerLoop(self._new_aclient, lambda client: client.aclose())
         # never a leading "-": `catzilla-tasks inspect ID` / `cancel ID` (and any command line)
         # would take it for an option (one process in 64 published such ids)
         base = base64.urlsafe_b64encode(os.urandom(6)).decode()
@@ -857,12 +857,11 @@ class RedisBroker(FetchingBroker):
         return RemoteResult(task_id, self)
 
     def _aclient(self) -> Any:
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            opts = {"max_connections": 2**31 - 1, "socket_timeout": None, **self._client_options}
-            client = self._aclients[loop] = _aredis.Redis.from_url(self.url, **opts)
-        return client
+        return self._aclients.get(asyncio.get_running_loop())
+
+    def _new_aclient(self, loop: asyncio.AbstractEventLoop) -> Any:
+        opts = {"max_connections": 2**31 - 1, "socket_timeout": None, **self._client_options}
+        return _aredis.Redis.from_url(self.url, **opts)
 
     # -- dead letters ---------------------------------------------------------------------
     def dead_letters(self, count: int = 100, start: str = "-") -> list[dict[str, Any]]:
