@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import threading
 import warnings
 
 import pytest
 import redis_tasks as rt
 from redis_helpers import RedisServer, prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
-from test_producer_group_commit import by_marker, published
+from test_producer_group_commit import Gate, by_marker, published
 
 from catzilla_tasks import BackgroundTasks
 from catzilla_tasks.brokers import RedisBroker, Worker
@@ -141,3 +142,56 @@ def test_awaiting_results_from_loops_that_ended_leaves_no_connection_behind(redi
         w.stop()
         t.join(20)
         eng.shutdown(wait_for_completion=False)
+
+
+def test_a_waiting_thread_interrupted_while_its_flush_is_being_sent_does_not_stall_the_chain(redis_url, prefix):
+    """KeyboardInterrupt (or a signal handler's exception) in the main thread while it waits in
+    add_task, at the moment the flush carrying its task is being sent with it first: that flush's
+    reply was handed to the interrupted thread, nobody read it, and every caller of that flush
+    and every later add_task of the producer waited for ever."""
+    tasks = producer(redis_url, prefix)
+    group = tasks.broker._group
+    gate = Gate(group)
+    main_ident = threading.get_ident()
+    interrupted = threading.Event()
+    real_begin = group._begin
+
+    def begin(items):
+        if len(gate.sizes) == 1:  # the flush carrying the main thread's task, main first
+            signal.pthread_kill(main_ident, signal.SIGINT)
+            interrupted.wait(2)  # (the interrupted caller leaves now, or waits for this send)
+        return real_begin(items)
+
+    group._begin = begin
+    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
+    first.start()
+    assert gate.holding.wait(30)
+    others: list[object] = []
+
+    def helper():
+        wait_until(lambda: len(group._queue) == 1, 30, "the main thread queued")
+        t = threading.Thread(target=lambda: others.append(tasks.add_task(rt.echo, "second")), daemon=True)
+        t.start()
+        wait_until(lambda: len(group._queue) == 2, 30, "a second caller queued")
+        gate.release()
+        t.join(30)
+
+    h = threading.Thread(target=helper, daemon=True)
+    h.start()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tasks.add_task(rt.echo, "main")
+        interrupted.set()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    h.join(30)
+    first.join(30)
+    assert gate.sizes[:2] == [1, 2]
+    assert len(others) == 1, "the other caller of the interrupted thread's flush never returned"
+    done = threading.Thread(target=lambda: others.append(tasks.add_task(rt.echo, "later")), daemon=True)
+    done.start()
+    done.join(30)
+    assert len(others) == 2, "the producer's next add_task never returned"
+    stored = by_marker(tasks.broker)
+    assert stored["first"] == stored["second"] == stored["later"] == 1 and stored.get("main", 0) <= 1

@@ -56,10 +56,11 @@ def _copy_error(exc: BaseException) -> BaseException:
 class _Waiter:
     """A caller queued behind a flush: its message, and a lock it blocks on until woken."""
 
-    __slots__ = ("error", "followers", "item", "lead", "sem", "token")
+    __slots__ = ("error", "first", "followers", "item", "lead", "sem", "token")
 
     def __init__(self, item: Any) -> None:
         self.item = item
+        self.first = False  # taken first of a flush (set with the lock held): it will be woken to lead
         self.lead = False  # woken to read the reply of the flush carrying it (it is its first)
         self.token: Any = None  # that flush, as ``begin`` returned it
         self.followers: list[_Waiter] = []  # the other callers of that flush
@@ -148,6 +149,7 @@ class GroupCommit:
                     return
                 batch = self._queue[: self._max]
                 del self._queue[: self._max]
+                batch[0].first = True
             try:
                 token = self._begin([b.item for b in batch])
             except BaseException as exc:  # noqa: BLE001 - the callers of that flush get it
@@ -156,19 +158,29 @@ class GroupCommit:
                     b.sem.release()
                 continue
             first = batch[0]
-            first.lead = True
             first.token = token
             first.followers = batch[1:]
+            first.lead = True  # (last: an interrupted first reads lead, then token and followers)
             first.sem.release()
             return
 
     def _abandon(self, w: _Waiter) -> None:
         """A waiter that will not wait any more: out of the queue if no flush took it (then it
-        is not published). A flush it was to read is read here, for its other callers."""
+        is not published). A flush it was to read is read here, for its other callers: if it
+        was taken first of a flush still being sent, the wake that hands it that flush is waited
+        for (it comes once ``begin`` returned), or nobody would ever read it."""
         with self._lock:
             if w in self._queue:
                 self._queue.remove(w)
                 return
+            first = w.first
+        if first and not w.lead and w.error is None:
+            while True:
+                try:
+                    w.sem.acquire()
+                    break
+                except BaseException:  # noqa: BLE001, S112 - interrupted again: the wake is one send away
+                    continue
         if w.lead:  # woken to read a flush (the wake came with the interruption)
             # its callers get the flush's outcome; this caller raises its own interruption
             with contextlib.suppress(BaseException):
