@@ -195,3 +195,45 @@ def test_a_waiting_thread_interrupted_while_its_flush_is_being_sent_does_not_sta
     assert len(others) == 2, "the producer's next add_task never returned"
     stored = by_marker(tasks.broker)
     assert stored["first"] == stored["second"] == stored["later"] == 1 and stored.get("main", 0) <= 1
+
+
+def test_a_unix_socket_broker_url_publishes_sync_and_async(tmp_path, prefix):
+    """``unix://`` is a documented broker URL: a TCP-only default (socket_keepalive) made every
+    connection of such a broker fail with TypeError, add_task and add_task_async alike."""
+    import shutil
+    import subprocess
+
+    from redis_helpers import clean_env
+
+    sock = str(tmp_path / "redis.sock")
+    proc = subprocess.Popen(
+        [shutil.which("redis-server"), "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        admin = redis.Redis(unix_socket_path=sock, db=2)
+
+        def up():
+            try:
+                return admin.ping()
+            except (redis.ConnectionError, FileNotFoundError):
+                return False
+
+        wait_until(up, 20, "redis-server on its unix socket")
+        tasks = producer(f"unix://{sock}?db=2", prefix)
+        h = tasks.add_task(rt.echo, "sync")
+
+        async def main():
+            hs = await asyncio.gather(*(tasks.add_task_async(rt.echo, f"a{i}") for i in range(5)))
+            hs.append(await tasks.options(idempotency_key="k").add_task_async(rt.echo, "keyed"))
+            return hs
+
+        hs = asyncio.run(main())
+        stored = published(tasks.broker)
+        assert all(x.task_id in stored for x in [h, *hs])
+        assert admin.xlen(tasks.broker.streams[2]) == 7
+        admin.close()
+    finally:
+        proc.kill()
+        proc.wait()

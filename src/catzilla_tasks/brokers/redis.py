@@ -83,6 +83,8 @@ _READ_MARGIN = 2.0
 # the longest block of one read of a wait without a timeout (a silent Redis is seen by then)
 _WAIT_SLICE = 30.0
 _CLIENT_DEFAULTS = {"socket_timeout": 30.0, "socket_connect_timeout": 10.0, "socket_keepalive": True}
+# a unix socket's connection takes no TCP keepalive (redis-py's raises TypeError when given one)
+_UNIX_CLIENT_DEFAULTS = {k: v for k, v in _CLIENT_DEFAULTS.items() if k != "socket_keepalive"}
 # connections of an event loop's publishing client (add_task_async): the group commit uses one
 _ASYNC_PUBLISH_CONNECTIONS = 8
 
@@ -243,11 +245,12 @@ class RedisBroker(FetchingBroker):
             if info is not None:
                 client_options = {"driver_info": info, **client_options}
         self._client_options = client_options
+        self._defaults = _UNIX_CLIENT_DEFAULTS if url.startswith("unix://") else _CLIENT_DEFAULTS
         try:
             # a silent connection (a network partition: no reset, no reply) raises after
             # socket_timeout instead of blocking the worker for good; the worker's blocking
             # reads are far shorter (block_ms). Blocked waiters have their own pool, without one.
-            self.redis = _redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, **client_options})
+            self.redis = _redis.Redis.from_url(url, **{**self._defaults, **client_options})
         except ValueError as exc:
             # redis-py quotes the piece it could not parse ("... as 'ab'"), which may be a piece
             # of a password holding a raw '/', '?' or '#': its quoted values are not shown
@@ -266,7 +269,7 @@ class RedisBroker(FetchingBroker):
         # starve publishing and acknowledging. Its socket timeout bounds the handshake and plain
         # reads; a blocking read is given its own (_blocking_move), a little past its block
         self._wait_redis = _redis.Redis.from_url(
-            url, **{**_CLIENT_DEFAULTS, "max_connections": 2**31 - 1, **client_options}
+            url, **{**self._defaults, "max_connections": 2**31 - 1, **client_options}
         )
         base = f"{prefix}:{queue}"
         self.streams = tuple(f"{base}:q{p}" for p in range(4))
@@ -620,7 +623,7 @@ class RedisBroker(FetchingBroker):
         # this loop's publishing client: one flush in flight at a time, so one connection in use
         # for the group commit; keyed tasks (their own script each) wait for one of a few more.
         # The broker's socket timeouts: a silent Redis fails the flush, it does not hang it
-        opts = {**_CLIENT_DEFAULTS, "max_connections": _ASYNC_PUBLISH_CONNECTIONS, **self._client_options}
+        opts = {**self._defaults, "max_connections": _ASYNC_PUBLISH_CONNECTIONS, **self._client_options}
         client = _aredis.Redis(connection_pool=_aredis.BlockingConnectionPool.from_url(self.url, **opts))
         scripts_of = {id(self._publish): client.register_script(scripts.PUBLISH)}
         scripts_of[id(self._add_delayed)] = client.register_script(scripts.ADD_DELAYED)
