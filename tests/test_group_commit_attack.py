@@ -13,7 +13,7 @@ import warnings
 import pytest
 import redis_tasks as rt
 from redis_helpers import RedisServer, prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
-from test_producer_group_commit import Gate, by_marker, published
+from test_producer_group_commit import Gate, by_marker, published, run_threads
 
 from catzilla_tasks import BackgroundTasks
 from catzilla_tasks.brokers import RedisBroker, Worker
@@ -237,3 +237,54 @@ def test_a_unix_socket_broker_url_publishes_sync_and_async(tmp_path, prefix):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_interruption_of_the_thread_sending_the_next_flush_is_raised_not_swallowed(redis_url, prefix):
+    """The thread that read a flush's reply sends the next one: a KeyboardInterrupt (Ctrl-C, a
+    signal handler's SystemExit) landing there failed the callers of that next flush and was
+    then swallowed, so the interrupted thread went on as if nothing happened. It is raised in
+    that thread once the chain is handed on; the other callers get an error, none hangs."""
+    tasks = producer(redis_url, prefix)
+    group = tasks.broker._group
+    gate = Gate(group)
+    real_begin = group._begin
+    main_ident = threading.get_ident()
+
+    shot: list[int] = []
+
+    def begin(items):
+        if len(gate.sizes) == 1 and not shot:  # the next flush, sent by the main thread after its own
+            shot.append(1)
+            signal.pthread_kill(main_ident, signal.SIGINT)  # (handled in this thread, right here)
+        return real_begin(items)
+
+    group._begin = begin
+    outcomes: dict[int, object] = {}
+
+    def caller(i):
+        try:
+            outcomes[i] = tasks.add_task(rt.echo, f"c{i}")
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcomes[i] = exc
+
+    def helper():
+        assert gate.holding.wait(30)
+        ts = run_threads(3, caller)
+        wait_until(lambda: len(group._queue) == 3, 30, "3 callers queued")
+        gate.release()
+        for t in ts:
+            t.join(30)
+
+    h = threading.Thread(target=helper, daemon=True)
+    h.start()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tasks.add_task(rt.echo, "main")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    h.join(30)
+    assert len(outcomes) == 3 and all(isinstance(o, ConnectionError) for o in outcomes.values()), outcomes
+    tasks.add_task(rt.echo, "later")
+    stored = by_marker(tasks.broker)
+    assert stored["main"] == stored["later"] == 1 and not any(f"c{i}" in stored for i in range(3))

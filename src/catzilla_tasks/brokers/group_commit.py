@@ -125,28 +125,37 @@ class GroupCommit:
     def _read(self, token: Any, followers: Any) -> None:
         """Read the reply of a flush, send the next one, then wake this flush's callers."""
         error: BaseException | None = None
+        interrupted: BaseException | None = None
         try:
             self._end(token)
         except BaseException as exc:
             error = exc
         finally:
-            self._next()
+            try:
+                self._next()
+            except BaseException as exc:  # this thread interrupted while sending it (handed on)
+                interrupted = exc
             for f in followers:
                 if error is not None:
                     f.error = _copy_error(error)
                 f.sem.release()
         if error is not None:
             raise error
+        if interrupted is not None:
+            raise interrupted
 
     def _next(self) -> None:
         """Send what is queued as the next flush and hand its reply to its first caller, or
         end the chain when nothing is queued. A flush that cannot be sent fails its callers
-        (none of its messages was applied), and the chain goes on with what queued after."""
+        (none of its messages was applied), and the chain goes on with what queued after. An
+        interruption of this thread (KeyboardInterrupt, SystemExit) while it sends fails that
+        flush's callers too, and is raised once the chain is handed on."""
+        interrupted: BaseException | None = None
         while True:
             with self._lock:
                 if not self._queue:
                     self._busy = False
-                    return
+                    break
                 batch = self._queue[: self._max]
                 del self._queue[: self._max]
                 batch[0].first = True
@@ -156,13 +165,17 @@ class GroupCommit:
                 for b in batch:
                     b.error = _copy_error(exc)
                     b.sem.release()
+                if interrupted is None and not isinstance(exc, Exception):
+                    interrupted = exc
                 continue
             first = batch[0]
             first.token = token
             first.followers = batch[1:]
             first.lead = True  # (last: an interrupted first reads lead, then token and followers)
             first.sem.release()
-            return
+            break
+        if interrupted is not None:
+            raise interrupted
 
     def _abandon(self, w: _Waiter) -> None:
         """A waiter that will not wait any more: out of the queue if no flush took it (then it
