@@ -484,10 +484,11 @@ class RedisBroker(FetchingBroker):
         tid, item, queue = self._prepare(func, args, kwargs, cfg, idempotency_key)
         if idempotency_key is None and getattr(self._local, "buf", None) is None:
             loop = asyncio.get_running_loop()
+            sent: tuple[Any, ...] = item
             if queue is not None:  # routed: its queue's streams (a bad queue name raises here)
                 self.queue_keys(queue)
-                item = (*item, queue)
-            return self._agroups.get(loop)[0].enqueue(loop, item, RemoteResult(tid, self))
+                sent = (*item, queue)
+            return self._agroups.get(loop)[0].enqueue(loop, sent, RemoteResult(tid, self))
         return self._submit_async_apart(tid, item, queue, idempotency_key)
 
     async def _submit_async_apart(
