@@ -95,6 +95,13 @@ class WorkerIdInUse(CatzillaTasksError, RuntimeError):
         self.pid = pid
 
 
+# The instances (Heartbeat.instance) of this process's heartbeats that hold their id: another
+# worker of this process claiming one of these ids is refused, although its host and pid are
+# the holder's (which, for an entry of another process, mean a killed predecessor)
+_live_lock = threading.Lock()
+_live: set[str] = set()
+
+
 def _pid_gone(pid: int) -> bool:
     """True if no process ``pid`` runs on this host (a worker killed before it deregistered)."""
     try:
@@ -400,8 +407,12 @@ class Heartbeat:
         self._offset: float | None = None
         self._zset = cluster_key(self.prefix, "workers")
         self._hash = cluster_key(self.prefix, "worker", self.id)
+        # this heartbeat's own mark in the entry (another worker of this process claiming the id is
+        # refused: see _live)
+        self.instance = os.urandom(8).hex()
         self._static = {
             "id": self.id,
+            "instance": self.instance,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": json.dumps(self.queues),
@@ -486,10 +497,21 @@ class Heartbeat:
             while True:
                 try:
                     pipe.watch(self._hash)
-                    host, pid, interval, last = (
+                    host, pid, interval, last, instance = (
                         v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                        for v in pipe.hmget(self._hash, "host", "pid", "interval", "last_seen")
+                        for v in pipe.hmget(self._hash, "host", "pid", "interval", "last_seen", "instance")
                     )
+                    with _live_lock:
+                        in_process = instance is not None and instance != self.instance and instance in _live
+                    if in_process:
+                        raise WorkerIdInUse(
+                            f"worker id {self.id!r} is in use by another worker of this process (host {host!r}, "
+                            f"pid {pid}): give each worker an id of its own (Worker(consumer=...)), or stop that "
+                            "one first",
+                            worker_id=self.id,
+                            host=str(host),
+                            pid=os.getpid(),
+                        )
                     if host is not None and (host, pid) != me:
                         try:
                             every = float(interval or "nan")
@@ -513,9 +535,13 @@ class Heartbeat:
                     self._write(pipe, fields, errors)
                     pipe.time()
                     sent = time.time()
+                    with _live_lock:  # (before the entry is ours: a worker of this process looking next sees it)
+                        _live.add(self.instance)
                     try:
                         replies = pipe.execute()
                     except BaseException:
+                        with _live_lock:
+                            _live.discard(self.instance)
                         if errors:
                             self.figures.unpublished(errors)
                         raise
@@ -573,6 +599,8 @@ class Heartbeat:
         return at once and leave the entry to age into "lost"."""
         self._stop.set()
         if not deregister:
+            with _live_lock:
+                _live.discard(self.instance)
             return
         if self._thread is not None:
             self._thread.join(self.interval + 5)
@@ -584,3 +612,6 @@ class Heartbeat:
             pipe.execute()
         except Exception as exc:  # Redis away: the entry expires on its own, shown as lost meanwhile
             log.warning("could not deregister worker %s: %s", self.id, redact_text(str(exc)))
+        finally:
+            with _live_lock:
+                _live.discard(self.instance)
