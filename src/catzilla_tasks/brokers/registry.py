@@ -407,9 +407,10 @@ class Heartbeat:
         self._offset: float | None = None
         self._zset = cluster_key(self.prefix, "workers")
         self._hash = cluster_key(self.prefix, "worker", self.id)
-        # this heartbeat's own mark in the entry (another worker of this process claiming the id is
-        # refused: see _live)
+        # this heartbeat's own mark in the entry: a beat finding another's there (a successor took the
+        # id while this worker was judged lost) leaves that entry alone and stops this worker
         self.instance = os.urandom(8).hex()
+        self._taken_over = False
         self._static = {
             "id": self.id,
             "instance": self.instance,
@@ -550,22 +551,69 @@ class Heartbeat:
                 except redis.WatchError:  # the entry changed meanwhile (a worker starting at once): look again
                     continue
 
-    def beat(self) -> None:
+    def beat(self) -> bool:
+        """Publish the figures now; False (nothing written) if the entry is another worker's."""
+        if self._taken_over:
+            return False
         if self._offset is None:  # (the first beat: Redis's clock asked first, then at each beat)
             sent = time.time()
             self._measure(self._r.time(), sent, time.time())
         fields, errors = self.fields()
-        pipe = self._r.pipeline(transaction=True)  # (atomic: no key is ever left without its TTL)
-        self._write(pipe, fields, errors)
-        pipe.time()
-        sent = time.time()
         try:
-            replies = pipe.execute()
+            replies = self._owned(lambda pipe: (self._write(pipe, fields, errors), pipe.time()))
         except BaseException:
             if errors:  # (kept for the next beat: what failed during an outage is what one looks for)
                 self.figures.unpublished(errors)
             raise
-        self._measure(replies[-1], sent, time.time())
+        if replies is None:
+            return False
+        self._measure(replies[-1][0], replies[-1][1], time.time())
+        return True
+
+    def _owned(self, queue: Any) -> list[Any] | None:
+        """Run the writes ``queue(pipe)`` queues in one transaction, unless the entry holds
+        another heartbeat's instance (a successor that claimed the id while this worker was
+        judged lost: frozen, cut off): then write nothing, say so, stop beating and stop the
+        worker (two workers under one id must not both run), and return None. The replies, the
+        last one a (Redis TIME, time sent) pair."""
+        import redis
+
+        with self._r.pipeline(transaction=True) as pipe:  # (atomic: no key is ever left without its TTL)
+            while True:
+                try:
+                    pipe.watch(self._hash)
+                    host, pid, instance = (
+                        v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                        for v in pipe.hmget(self._hash, "host", "pid", "instance")
+                    )
+                    if instance is not None and instance != self.instance:
+                        self._lose_id(host, pid)
+                        return None
+                    pipe.multi()
+                    queue(pipe)
+                    sent = time.time()
+                    replies = pipe.execute()
+                    replies[-1] = (replies[-1], sent)
+                    return replies
+                except redis.WatchError:  # the entry changed meanwhile (a worker claiming the id): look again
+                    continue
+
+    def _lose_id(self, host: Any, pid: Any) -> None:
+        self._taken_over = True
+        self._stop.set()
+        with _live_lock:
+            _live.discard(self.instance)
+        log.error(
+            "worker id %r was taken over by a worker on host %r, pid %s, while this one was judged lost "
+            "(no beat for %d of its intervals): this worker stops, and leaves that worker's registry entry alone",
+            self.id,
+            host,
+            pid,
+            LOST_AFTER_BEATS,
+        )
+        stop = getattr(self.worker, "stop", None)
+        if callable(stop):
+            stop()
 
     def _write(self, pipe: Any, fields: dict[str, Any], errors: list[dict[str, Any]]) -> None:
         """A beat's writes, queued on ``pipe`` (a transaction)."""
@@ -605,11 +653,9 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(self.interval + 5)
         try:
-            self.beat()  # (the last failures; the entry itself goes next)
-            pipe = self._r.pipeline(transaction=True)
-            pipe.zrem(self._zset, self.id)
-            pipe.delete(self._hash)
-            pipe.execute()
+            # the last failures, then the entry itself, each only while the entry is this worker's
+            if self.beat():
+                self._owned(lambda pipe: (pipe.zrem(self._zset, self.id), pipe.delete(self._hash), pipe.time()))
         except Exception as exc:  # Redis away: the entry expires on its own, shown as lost meanwhile
             log.warning("could not deregister worker %s: %s", self.id, redact_text(str(exc)))
         finally:
