@@ -167,23 +167,47 @@ class MultiQueueWorker:
             except first._unavailable as exc:
                 log.warning("stopped before the broker could be reached (%s)", exc)
                 return
+        # one queue's worker failing (at its setup: a key of another type, a command its ACL
+        # refuses; or later) stops the others, and run() raises its error once they are done
+        errors: list[BaseException] = []
+        ended = threading.Event()  # a queue's worker returned or failed
+
+        def run_queue(w: Worker) -> None:
+            try:
+                w.run()
+            except BaseException as exc:
+                errors.append(exc)
+                for other in self.workers.values():
+                    other.stop()
+            finally:
+                ended.set()
+
         threads = [
-            threading.Thread(target=w.run, name=f"catzilla-queue-{q}", daemon=True) for q, w in self.workers.items()
+            threading.Thread(target=run_queue, args=(w,), name=f"catzilla-queue-{q}", daemon=True)
+            for q, w in self.workers.items()
         ]
-        for t in threads:
-            t.start()
-        for w in self.workers.values():
-            w.ready.wait()
-        if self._heartbeat is not None:
-            self._heartbeat.start()
-        self.ready.set()
         try:
+            for t in threads:
+                t.start()
+            for w in self.workers.values():
+                # (not for ever: a queue's worker that ends before it is ready never will be)
+                while not w.ready.wait(0.05) and not ended.is_set():
+                    pass
+            if all(w.ready.is_set() for w in self.workers.values()):
+                if self._heartbeat is not None:
+                    self._heartbeat.start()
+                self.ready.set()
+            else:  # (one failed or was stopped during its setup: the whole worker stops)
+                for w in self.workers.values():
+                    w.stop()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)  # (in slices: the main thread stays responsive to signals)
         finally:
             if self._heartbeat is not None:  # (past a stop deadline: left to be seen as lost)
                 self._heartbeat.stop(deregister=self._deadline is None or time.monotonic() < self._deadline)
+        if errors:
+            raise errors[0]
 
     def stop(self, timeout: float | None = None) -> None:
         if timeout is not None:
