@@ -155,3 +155,66 @@ def test_a_lost_worker_that_comes_back_leaves_its_successors_entry_alone(redis_u
         assert view.workers() == []  # (B deregistered its own entry)
         view.close()
         eng.shutdown(wait_for_completion=False)
+
+
+def _display_width(s: str) -> int:
+    """Columns a terminal gives ``s``: East Asian wide and full-width characters take two,
+    combining marks and format characters none."""
+    import unicodedata
+
+    return sum(
+        0
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+        else 2
+        if unicodedata.east_asian_width(c) in ("W", "F")
+        else 1
+        for c in s
+    )
+
+
+def test_cli_tables_align_wide_and_combining_characters(redis_url, prefix, capsys):
+    """A task name in Japanese (Python identifiers may be), or with a combining accent: the
+    columns after it line up on the terminal (padded by display width, not by code points),
+    and ``--json`` keeps the names as they are."""
+    import json
+
+    from test_cluster_attack import _good
+
+    from catzilla_tasks.cli import main
+
+    r = redis.Redis.from_url(redis_url)
+    now = float(r.time()[0])
+    _good(r, prefix, "w1", now)
+    tasks = {"t": 0, "送信メール": 5, "e\u0301te\u0301": 7, "ascii_name": 22}
+    figures = {
+        name: {
+            "succeeded": n,
+            "failed": 0,
+            "retried": 0,
+            "rate": 1.0,
+            "run": {},
+            "run_sum_ns": 0,
+            "wait": {},
+            "wait_sum_ns": 0,
+        }
+        for name, n in tasks.items()
+    }
+    r.hset(f"{prefix}:cluster:worker:w1", "tasks", json.dumps(figures))
+    r.hset(f"{prefix}:cluster:worker:w1", "host", "ホスト")
+    assert main(["tasks", "--broker", redis_url, "--prefix", prefix]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if any(ln.startswith(n) for n in ("TASK", *tasks))]
+    assert len(lines) == 1 + len(tasks), lines
+    # the PROCESSED column is right-aligned: its last character ends at one column in every row
+    head = lines[0]
+    want = _display_width(head[: head.index("PROCESSED") + len("PROCESSED")])
+    for ln in lines[1:]:
+        n = str(next(v for k, v in tasks.items() if ln.startswith(k + " ")))
+        assert _display_width(ln[: ln.index(" " + n + " ") + 1 + len(n)]) == want, lines
+    assert main(["workers", "--broker", redis_url, "--prefix", prefix]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert _display_width(lines[1][: lines[1].index(" 7 ") + 2]) == _display_width(
+        lines[0][: lines[0].index("PID") + 3]
+    )
+    assert main(["tasks", "--broker", redis_url, "--prefix", prefix, "--json"]) == 0
+    assert sorted(t["name"] for t in json.loads(capsys.readouterr().out)) == sorted(tasks)
+    r.close()

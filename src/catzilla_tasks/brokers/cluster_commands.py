@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -61,12 +62,28 @@ def _safe(value: Any, newlines: bool = False) -> str:
     return str(value).translate(_CONTROLS_KEEP_NEWLINES if newlines else _CONTROLS)
 
 
+def _width(text: str) -> int:
+    """The columns a terminal gives ``text``: East Asian wide and full-width characters two,
+    combining marks and format characters (zero-width space, joiners) none."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+        else 2
+        if unicodedata.east_asian_width(c) in ("W", "F")
+        else 1
+        for c in text
+    )
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: set[int]) -> str:
     cells = [[str(c) for c in headers], *[[DASH if c is None else _safe(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    shown = [[_width(c) for c in r] for r in cells]  # (padded by columns on the terminal, not code points)
+    widths = [max(r[i] for r in shown) for i in range(len(headers))]
     lines = []
-    for r in cells:
-        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
+    for r, w in zip(cells, shown, strict=True):
+        parts = [" " * (widths[i] - w[i]) + c if i in right else c + " " * (widths[i] - w[i]) for i, c in enumerate(r)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines) + "\n"
 
