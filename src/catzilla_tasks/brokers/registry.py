@@ -559,8 +559,13 @@ class Heartbeat:
             sent = time.time()
             self._measure(self._r.time(), sent, time.time())
         fields, errors = self.fields()
+
+        def queue(pipe: Any) -> None:
+            self._write(pipe, fields, errors)
+            pipe.time()
+
         try:
-            replies = self._owned(lambda pipe: (self._write(pipe, fields, errors), pipe.time()))
+            replies = self._owned(queue)
         except BaseException:
             if errors:  # (kept for the next beat: what failed during an outage is what one looks for)
                 self.figures.unpublished(errors)
