@@ -79,6 +79,16 @@ class Gate:
         self.open.set()
 
 
+def hold_first_flush(tasks: BackgroundTasks) -> tuple[Gate, threading.Thread]:
+    """A caller whose flush (echo("first")) is held open by a gate: callers that come now queue
+    behind it until ``gate.release()``."""
+    gate = Gate(tasks.broker._group)
+    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
+    first.start()
+    assert gate.holding.wait(30)
+    return gate, first
+
+
 def run_threads(n: int, target, *args) -> list[threading.Thread]:
     ts = [threading.Thread(target=target, args=(i, *args), daemon=True) for i in range(n)]
     for t in ts:
@@ -130,10 +140,7 @@ def test_concurrent_add_task_all_published_once_with_their_options(redis_url, pr
 
 def test_callers_queued_behind_a_flush_share_the_next_one(redis_url, prefix):
     tasks = producer(redis_url, prefix)
-    gate = Gate(tasks.broker._group)
-    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
-    first.start()
-    assert gate.holding.wait(30)
+    gate, first = hold_first_flush(tasks)
     results: dict[int, object] = {}
     ts = run_threads(20, lambda i: results.__setitem__(i, tasks.add_task(rt.echo, i)))
     wait_until(lambda: len(tasks.broker._group._queue) == 20, 30, "20 callers queued")
@@ -159,10 +166,7 @@ def test_script_error_mid_flush_fails_exactly_the_callers_of_that_flush(redis_ur
     tasks = producer(redis_url, prefix)
     broker = tasks.broker
     broker.redis.set(broker.streams[0], b"not a stream")
-    gate = Gate(broker._group)
-    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
-    first.start()
-    assert gate.holding.wait(30)
+    gate, first = hold_first_flush(tasks)
     outcome: dict[str, object] = {}
 
     def call(i, prio):
@@ -204,10 +208,7 @@ def test_connection_reset_mid_flush_fails_that_flush_and_the_next_ones_go_on(red
     try:
         tasks = producer(proxy.url, prefix, socket_timeout=10)
         broker = tasks.broker
-        gate = Gate(broker._group)
-        first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
-        first.start()
-        assert gate.holding.wait(30)
+        gate, first = hold_first_flush(tasks)
         outcome: dict[str, object] = {}
 
         def call(i):
@@ -271,10 +272,7 @@ def test_redis_killed_mid_flush_every_caller_gets_an_error_none_hangs(prefix):
 def test_bad_input_fails_its_own_caller_only_before_joining_a_flush(redis_url, prefix):
     tasks = producer(redis_url, prefix)
     broker = tasks.broker
-    gate = Gate(broker._group)
-    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
-    first.start()
-    assert gate.holding.wait(30)
+    gate, first = hold_first_flush(tasks)
     outcome: dict[int, object] = {}
 
     def call(i):
@@ -394,10 +392,7 @@ def test_tasks_routed_to_named_queues_share_the_flush_of_the_others(redis_url, p
 
     tasks = producer(redis_url, prefix)
     broker = tasks.broker
-    gate = Gate(broker._group)
-    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
-    first.start()
-    assert gate.holding.wait(30)
+    gate, first = hold_first_flush(tasks)
 
     def call(i):
         if i % 3 == 0:
@@ -434,10 +429,7 @@ def test_a_named_queue_key_of_another_type_fails_the_whole_flush_and_a_bad_queue
     broker = tasks.broker
     streams, _ = broker.queue_keys("broken")
     broker.redis.set(streams[int(TaskPriority.NORMAL)], b"not a stream")
-    gate = Gate(broker._group)
-    first = threading.Thread(target=tasks.add_task, args=(rt.echo, "first"), daemon=True)
-    first.start()
-    assert gate.holding.wait(30)
+    gate, first = hold_first_flush(tasks)
     outcome: dict[int, object] = {}
 
     def call(i):

@@ -391,7 +391,7 @@ class RedisBroker(FetchingBroker):
         self, func: Any, args: tuple, kwargs: dict[str, Any] | None, cfg: TaskConfig | None, idempotency_key: str | None
     ) -> tuple[str, tuple[int, int, bytes], str | None]:
         plain = cfg is None and idempotency_key is None
-        own = _NO_CONFIG if isinstance(func, str) else getattr(func, CONFIG_ATTR, None)
+        own = _NO_CONFIG if isinstance(func, str) else getattr(func, CONFIG_ATTR, None)  # (the key of _plain)
         try:
             name = self._names[func]
         except (KeyError, TypeError):
@@ -402,9 +402,7 @@ class RedisBroker(FetchingBroker):
                 except TypeError:
                     pass
         if cfg is None:
-            cfg = getattr(func, CONFIG_ATTR, None) if not isinstance(func, str) else None
-            if not isinstance(cfg, TaskConfig):
-                cfg = DEFAULT_CONFIG
+            cfg = own if isinstance(own, TaskConfig) else DEFAULT_CONFIG
         opts = None if isinstance(func, str) else self._overrides(func, cfg)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
@@ -442,27 +440,14 @@ class RedisBroker(FetchingBroker):
 
             return dedup.submit(self, tid, idempotency_key, *item, queue)
         buf = getattr(self._local, "buf", None)
-        if queue is not None:  # routed: its queue's streams (a bad queue name raises here)
-            if buf is not None:
-                self._send_to(queue, *item)
-            else:
-                self.queue_keys(queue)
-                self._group.publish((*item, queue))
-        elif buf is not None:  # inside batch(): sent at its end
-            self._buffer(buf, item)
+        if buf is not None:  # inside batch(): sent at its end
+            self._buffer(buf, item, queue)
+        elif queue is not None:  # routed: its queue's streams (a bad queue name raises here)
+            self.queue_keys(queue)
+            self._group.publish((*item, queue))
         else:
             self._group.publish(item)
         return RemoteResult(tid, self)
-
-    def _send_to(self, queue: str, prio: int, delay_ms: float, payload: bytes) -> None:
-        streams, delayed = self.queue_keys(queue)
-        buf = getattr(self._local, "buf", None)
-        if buf is not None:  # inside batch(): sent at its end
-            buf[6].append((streams, delayed, prio, int(delay_ms), payload))
-        elif delay_ms > 0:
-            self._add_delayed(keys=[delayed], args=[int(delay_ms), b"%d" % prio + payload])
-        else:
-            self.redis.xadd(streams[prio], {"m": payload})
 
     def submit_async(
         self,
@@ -513,16 +498,17 @@ class RedisBroker(FetchingBroker):
             handle.task_id = first.decode() if isinstance(first, bytes) else str(first)
             return handle
         # held by batch() (a task outside one is submit_async's own path)
-        if queue is not None:
-            self._send_to(queue, *item)
-        else:
-            self._buffer(cast("list[list[Any]]", buf), item)
+        self._buffer(cast("list[list[Any]]", buf), item, queue)
         return RemoteResult(tid, self)
 
-    @staticmethod
-    def _buffer(buf: list[list[Any]], item: tuple[int, int, bytes]) -> None:
+    def _buffer(self, buf: list[list[Any]], item: tuple[int, int, bytes], queue: str | None = None) -> None:
+        """Hold a task in this thread's ``batch()`` buffer (a routed one with its queue's keys:
+        a bad queue name raises here, at its caller)."""
         prio, delay_ms, payload = item
-        if delay_ms > 0:
+        if queue is not None:
+            streams, delayed = self.queue_keys(queue)
+            buf[6].append((streams, delayed, prio, int(delay_ms), payload))
+        elif delay_ms > 0:
             buf[4].append((delay_ms, b"%d" % prio + payload))
         else:
             buf[prio].append(payload)
