@@ -235,6 +235,8 @@ def test_a_copy_of_a_keyed_task_that_succeeded_is_not_run_again():
         assert first.wait(30) == 3
         copy = p.options(idempotency_key="order-1").add_task(rt.add, 100, 200)
         assert copy.wait(10) == 3  # the first run's outcome (its waiter is woken, not timed out)
+        # the worker counts a batch after its commit, which is what woke the waiters
+        wait_until(lambda: c.stats()["in_flight"] == 0, 10, "the run to be committed and counted")
         assert c.counts["succeeded"] == 1
     finally:
         c.stop(10)
@@ -253,6 +255,8 @@ def test_a_worker_given_a_broker_runs_an_app_engine_without_one():
     try:
         assert type(eng) is BackgroundTasks and not hasattr(DistributedTasks, "from_engine")
         assert p.add_task(rt.add, 2, 3).wait(10) == 5
+        # counted after the commit that woke the waiter
+        wait_until(lambda: c.stats()["in_flight"] == 0, 10, "the run to be committed and counted")
         assert c.counts["succeeded"] == 1
     finally:
         c.stop(10)
