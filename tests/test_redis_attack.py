@@ -146,18 +146,22 @@ def test_a_live_holder_takes_its_lapsed_claim_back(cluster):
 
 
 @pytest.mark.timeout(120)
-def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluster):
+@pytest.mark.parametrize("lands", ["before the ack", "after the ack"])
+def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluster, lands):
     # a heartbeat takes its list of claims, then the copy's commit drops the claim, then the
-    # heartbeat's renewal reaches Redis: it must not set a claim for a copy that has ended
-    # (that claim would make the key's next copy wait a whole lease)
+    # heartbeat's renewal reaches Redis: it must not leave a claim for a copy that has ended
+    # (that claim would make the key's next copy wait a whole lease). The commit stores the
+    # outcome (and wakes the waiters) before the entry is acknowledged, in a second step: the
+    # renewal can land in between, while the entry is still pending for this worker (under
+    # load it did: got == [1], and the claim stayed for a lease). Both orders, made certain.
     import threading
 
     w = cluster.worker(concurrency=4, visibility_timeout=1.0)
     p, r, b = cluster.producer, cluster.r, cluster.broker
     started, gate = f"{cluster.prefix}:started", f"{cluster.prefix}:gate"
     key = f"{cluster.prefix}-stale"
-    real = w.session._idem_renew
-    in_renew, go, renewed = threading.Event(), threading.Event(), threading.Event()
+    real, real_ack = w.session._idem_renew, w.session.ack
+    in_renew, go, renewed, acked = threading.Event(), threading.Event(), threading.Event(), threading.Event()
     got = []
 
     def held_renew(keys, args, client=None):
@@ -167,16 +171,26 @@ def test_a_heartbeat_from_before_the_commit_does_not_bring_the_claim_back(cluste
         renewed.set()
         w.session._idem_renew = real
 
+    def held_ack(pending):
+        if lands == "before the ack":
+            assert renewed.wait(30)
+        real_ack(pending)
+        acked.set()
+
     first = p.options(idempotency_key=key).add_task(rt.held, started, gate, "a")
     assert r.blpop([started], timeout=20) == (started.encode(), b"a")
     w.session._idem_renew = held_renew
+    w.session.ack = held_ack
     assert in_renew.wait(20)  # a heartbeat has its list of claims (the copy's among them)
     r.rpush(gate, 1)
     assert first.wait(20) == "a"  # committed: done, claim dropped
     assert not r.exists(b.claim_key(key))
+    if lands == "after the ack":
+        assert acked.wait(20)
     go.set()
-    assert renewed.wait(20)
-    assert got == [0] and not r.exists(b.claim_key(key))
+    assert renewed.wait(20) and acked.wait(20)
+    assert got == ([0] if lands == "after the ack" else [1])  # (before the ack it is still ours)
+    assert not r.exists(b.claim_key(key)), r.pttl(b.claim_key(key))
 
 
 @pytest.mark.timeout(120)

@@ -413,6 +413,7 @@ class RedisConsumer(ConsumerSession):
                 raise
         self._resets_with_large = 0
         later: list[list[bytes]] = [[], [], [], []]
+        claims: list[tuple[str, str]] = []
         for n, start, end in written:
             j = jobs[n]
             bad = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
@@ -427,11 +428,22 @@ class RedisConsumer(ConsumerSession):
                 )
                 continue
             later[j.prio].append(j.eid)
-        return (later if any(later) else None), stored
+            if j.claim is not None:
+                claims.append(cast("tuple[str, str]", j.claim))
+        return ((later, claims) if any(later) else None), stored
 
     def ack(self, pending: Any) -> None:
+        """Acknowledge what ``commit`` left, and let go of those copies' claims once more: the
+        commit dropped them, but until this acknowledgement their entries are still pending
+        for this consumer, and a heartbeat's renewal that reaches Redis in between (it read
+        its list of claims before the commit) takes a claim back for a copy that has ended
+        (idem_renew.lua), where it would hold the key's next copy for a whole lease. In one
+        transaction with the XACK: a renewal after it finds the entry acknowledged."""
+        later, claims = pending
         pipe = self._r.pipeline(transaction=True)
-        self._queue_acks(pipe, pending)
+        self._queue_acks(pipe, later)
+        for claim_key, token in claims:
+            self._idem_release(keys=[claim_key], args=[token], client=pipe)
         pipe.execute()
 
     def _queue_acks(self, pipe: Any, acks: list[list[bytes]]) -> None:
