@@ -10,6 +10,7 @@ import threading
 import pytest
 import redis_fault_tasks as ft
 import redis_tasks as rt
+import worker_tasks as wt
 from redis_helpers import prefix, redis, redis_url, wait_until  # noqa: F401  (fixtures)
 from test_redis_broker import Cluster
 
@@ -22,7 +23,21 @@ class FaultCluster(Cluster):
     def engine(self, **broker_kw):
         eng = super().engine(**broker_kw)
         ft.register(eng)
+        wt.register(eng)
         return eng
+
+
+def gated_tasks(c: FaultCluster, n: int) -> tuple[list, list[str]]:
+    """``n`` tasks that run until the test opens their gates (worker_tasks.gated: the worker
+    is in this process): a task "finishing while Redis is away" does, however slow the machine
+    (a task of a fixed length finished and was committed before a slow test killed Redis)."""
+    keys = [f"{c.prefix}-gate-{i}" for i in range(n)]
+    return [c.producer.add_task(wt.gated, k, i) for i, k in enumerate(keys)], keys
+
+
+def open_gates(keys: list[str]) -> None:
+    for k in keys:
+        wt.event(wt.gates, k).set()
 
 
 @pytest.fixture
@@ -273,13 +288,13 @@ def test_outcomes_computed_before_shutdown_are_committed_when_redis_comes_back(p
         c = FaultCluster(srv.url, prefix, monkeypatch)
         try:
             b = c.broker
-            log_key = f"{prefix}:slow"
-            rs = [c.producer.add_task(rt.record_slow, log_key, i, 1.0) for i in range(4)]
+            rs, keys = gated_tasks(c, 4)
             w = c.worker(concurrency=4)
-            wait_until(lambda: b.redis.llen(log_key) == 4, 20, "the tasks to start")
+            assert all(wt.event(wt.started, k).wait(20) for k in keys), "the tasks to start"
             retrying = worker_log("broker is unavailable")
             w.stop()
-            srv.kill()  # the tasks finish while Redis is away: their commit meets a connection error
+            srv.kill()
+            open_gates(keys)  # the tasks finish while Redis is away: their commit meets a connection error
             assert retrying.event.wait(20)
             srv.start()
             c.stop_workers()  # run() returns once they are committed
@@ -300,15 +315,15 @@ def test_stop_with_a_timeout_returns_by_then_and_leaves_the_rest_pending(prefix,
     try:
         c = FaultCluster(srv.url, prefix, monkeypatch)
         b = c.broker
-        log_key = f"{prefix}:slow"
-        rs = [c.producer.add_task(rt.record_slow, log_key, i, 0.5) for i in range(4)]
+        rs, keys = gated_tasks(c, 4)
         w = c.worker(concurrency=4)
         _, t = c.workers[0]
-        wait_until(lambda: b.redis.llen(log_key) == 4, 20, "the tasks to start")
+        assert all(wt.event(wt.started, k).wait(20) for k in keys), "the tasks to start"
         gave_up = worker_log("stay pending")
         w.stop(timeout=2.0)
         srv.kill()  # and it does not come back in time
         t0 = time.monotonic()
+        open_gates(keys)  # they finish now: their outcomes cannot be written
         t.join(15)
         assert not t.is_alive() and time.monotonic() - t0 < 6, "stop(timeout=2) did not return in time"
         assert gave_up.event.is_set()
