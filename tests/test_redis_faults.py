@@ -108,7 +108,9 @@ def test_sigterm_stops_fetching_finishes_in_flight_and_acknowledges(redis_url, p
     b = p.broker
     log = f"{prefix}:slow"
     with p.batch():
-        rs = [p.add_task(rt.record_slow, log, i, 0.3) for i in range(40)]
+        # 1.5 s each: the SIGTERM reaches the worker while its first 8 run, however slow the
+        # machine (with 0.3 s, a signal late by that much let the worker start a second round)
+        rs = [p.add_task(rt.record_slow, log, i, 1.5) for i in range(40)]
     w = start_worker(redis_url, prefix, concurrency=8)
     try:
         wait_until(lambda: b.redis.llen(log) >= 4, 30, "tasks to start")
