@@ -150,12 +150,24 @@ def test_json_routes_show_workers_queues_task_names_failures_dead_letters_and_a_
     assert [r.wait(30) for r in ok] == [i + 1 for i in range(20)]
     bad, _ = dead_letter(cluster, 1, f"cannot reach redis://:{SECRET}@db.internal:6379/0")
 
+    seen = {}
+
     def figures_in():
-        names = {t["name"]: t for t in overview(dash)["tasks"]}
-        return names.get("redis_tasks.add", {}).get("processed", 0) >= 20 and \
-            names.get("redis_tasks.fails_until_set", {}).get("failed", 0) >= 1
+        # one snapshot that shows every worker's last beat since the tasks ran (checked below):
+        # the workers, the task names and the totals are three reads of the workers' entries,
+        # each beat on its own; a beat can hold the figures of a worker's last task and still
+        # count it in flight (given back a moment later), and a worker whose beats were late by
+        # 3 intervals (a loaded machine) reads as lost until its next one
+        data = seen["data"] = overview(dash)
+        names = {t["name"]: t for t in data["tasks"]}
+        ws = data["workers"]
+        return (names.get("redis_tasks.add", {}).get("processed", 0) >= 20
+                and names.get("redis_tasks.fails_until_set", {}).get("failed", 0) >= 1
+                and all(w["state"] == "alive" and w["in_flight"] == 0 for w in ws)
+                and sum(w["processed"] for w in ws) >= 21 and sum(w["failed"] for w in ws) >= 1
+                and data["totals"]["workers_alive"] == 2 and data["totals"]["processed"] >= 21)
     wait_until(figures_in, 30, "the figures of the tasks run")
-    data = overview(dash)
+    data = seen["data"]
     assert data["prefix"] == cluster.prefix
     ws = {w["pid"]: w for w in data["workers"]}
     assert set(ws) == {pr.pid for pr in cluster.procs}
