@@ -349,7 +349,9 @@ def test_clock_skew_between_hosts_does_not_decide_alive_or_lost(redis_url, prefi
     try:
         for skew in (-60.0, +60.0):
             eng = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix, visibility_timeout=1))
-            w = Worker(eng, concurrency=1, heartbeat_interval=0.05, consumer=f"skew{skew:+.0f}")
+            # (0.3 s: alive for 0.9 s after a beat, which the reads below must come within on a
+            # loaded machine; with 0.05 s, 0.15 s)
+            w = Worker(eng, concurrency=1, heartbeat_interval=0.3, consumer=f"skew{skew:+.0f}")
             engines.append(eng)
             beats[skew] = w._heartbeat_thread  # (not started: each host's beats made here, by hand)
 
@@ -366,7 +368,7 @@ def test_clock_skew_between_hosts_does_not_decide_alive_or_lost(redis_url, prefi
             beat(-60.0)
             beat(+60.0)
         assert states() == {"skew-60": "alive", "skew+60": "alive"}
-        time.sleep(0.05 * (registry_mod.LOST_AFTER_BEATS + 1))  # both fall silent: both lost
+        time.sleep(0.3 * (registry_mod.LOST_AFTER_BEATS + 1))  # both fall silent: both lost
         assert states() == {"skew-60": "lost", "skew+60": "lost"}
     finally:
         monkeypatch.undo()
