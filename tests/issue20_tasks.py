@@ -106,3 +106,21 @@ def spans(trace_id: str) -> list[dict]:
             }
         )
     return out
+
+
+@tasks.task(max_retries=2, retry_backoff="fixed", retry_base_ms=5)
+def always_fails(x: int) -> None:
+    raise ValueError(f"always {x}")
+
+
+@tasks.task(max_retries=2, retry_backoff="fixed", retry_base_ms=5)
+def fails_once(key: str) -> str:
+    """Fails its first attempt (counted in Redis under ``key``), then succeeds."""
+    c = _client()
+    try:
+        n = c.incr(key)
+    finally:
+        c.close()
+    if n == 1:
+        raise RuntimeError("first attempt")
+    return "second"

@@ -145,23 +145,24 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
 
     def worker(
-        self, queues: str, *, app: str = "issue20_tasks:tasks", concurrency: int = 4, metrics_port=None, otel=False
+        self,
+        queues: str,
+        *,
+        app: str = "issue20_tasks:tasks",
+        concurrency: int = 4,
+        metrics_port=None,
+        otel=False,
+        heartbeat: float = HEARTBEAT,
+        vt: float | None = None,
     ):
-        args = [
-            CLI,
-            "worker",
-            app,
-            "--queues",
-            queues,
-            "--concurrency",
-            str(concurrency),
-            "--heartbeat",
-            str(HEARTBEAT),
-        ]
+        args = [CLI, "worker", app, "--queues", queues, "--concurrency", str(concurrency)]
+        args += ["--heartbeat", str(heartbeat)]
         if metrics_port is not None:
             args += ["--metrics-port", str(metrics_port)]
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")
         env = base_env(I20_URL=self.url, I20_PREFIX=self.prefix, I20_OTEL="1" if otel else "0")
+        if vt is not None:
+            env["I20_VT"] = str(vt)
         p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self.procs.append(p)
@@ -989,3 +990,87 @@ def test_cluster_commands_read_the_broker_from_the_environment(cluster, scenario
     )
     assert r.returncode == 0, r.stderr
     assert scenario["victim_id"] in {w["id"] for w in json.loads(r.stdout)}
+
+
+# 5. processed counts every finished task once: retries are attempts, not tasks
+
+
+@pytest.mark.timeout(300)
+def test_retried_tasks_count_once_in_processed(app, cluster):
+    q = "i20retry"
+    w = cluster.worker(q)
+    cluster.wait_alive([w])
+    fail = [app.tasks.options(queue=q).add_task(app.always_fails, i) for i in range(2)]
+    once = [app.tasks.options(queue=q).add_task(app.fails_once, f"{app.PREFIX}:test:once:{i}") for i in range(3)]
+    for r in fail:
+        with pytest.raises(Exception, match="always"):
+            r.wait(POLL)
+    assert [r.wait(POLL) for r in once] == ["second"] * 3
+    ws = wait_for(lambda: cluster.mine([w]), lambda ws: ws and ws[w.pid]["processed"] >= 5, "5 tasks processed")
+    me = ws[w.pid]
+    assert (me["processed"], me["succeeded"], me["failed"], me["retried"]) == (5, 3, 2, 2 * 2 + 3), me
+    rows = {r["name"]: r for r in cluster.cli_json("tasks")}
+    a, o = rows["issue20_tasks.always_fails"], rows["issue20_tasks.fails_once"]
+    assert (a["processed"], a["failed"], a["retried"]) == (2, 2, 4), a
+    assert (o["processed"], o["succeeded"], o["retried"]) == (3, 3, 3), o
+
+
+@pytest.mark.timeout(400)
+def test_otel_async_and_keyed_publishes_carry_the_trace_into_the_worker(app, cluster, span_exporter):
+    q = "i20otel3"
+    w = cluster.worker(q, otel=True)
+    cluster.wait_alive([w])
+    tracer = otel_trace.get_tracer("i20")
+
+    async def publish_async():
+        with tracer.start_as_current_span("request") as req:
+            r = await app.tasks.options(queue=q).add_task_async(app.current_trace)
+        return req, r
+
+    cases = [asyncio.run(publish_async())]
+    with tracer.start_as_current_span("request") as req:
+        r = app.tasks.options(queue=q, idempotency_key=f"k-{uuid.uuid4().hex}").add_task(app.current_trace)
+    cases.append((req, r))
+    for req, r in cases:
+        trace_hex = format(req.get_span_context().trace_id, "032x")
+        assert r.wait(POLL) == trace_hex, r.task_id
+        producer = [s for s in finished(span_exporter, req.get_span_context().trace_id) if s.kind.name == "PRODUCER"]
+        assert len(producer) == 1 and producer[0].attributes["messaging.message.id"] == r.task_id
+
+
+# 1. a lost worker's in-flight tasks are the ones reclaim moves
+
+
+@pytest.mark.timeout(400)
+def test_a_lost_workers_pending_tasks_are_reclaimed_by_a_live_one(app, cluster, redis_url):
+    q = "i20reclaim"
+    victim = cluster.worker(q)
+    cluster.wait_alive([victim])
+    key = f"{app.PREFIX}:test:reclaim"
+    r = app.tasks.options(queue=q).add_task(app.hold, key)
+    wait_for(lambda: r.progress, lambda p: p is not None, "the task running on the victim")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    lost = wait_for(lambda: cluster.mine([victim]), lambda ws: ws and ws[victim.pid]["state"] == "lost", "lost")
+    assert lost[victim.pid]["pending"] == 1, lost
+    client = redis.Redis.from_url(redis_url)
+    client.rpush(key, "go")  # the rescuer's run of it returns at once
+    client.close()
+    rescuer = cluster.worker(q, vt=2)  # its broker takes over tasks idle for 2 s
+    assert r.wait(POLL) == "released"
+    ws = wait_for(
+        lambda: cluster.mine([victim, rescuer]),
+        lambda ws: rescuer.pid in ws and ws[rescuer.pid]["processed"] == 1,
+        "the rescuer's figures",
+    )
+    assert ws[rescuer.pid]["reclaimed"] == 1, ws[rescuer.pid]
+    assert victim.pid not in ws or ws[victim.pid]["pending"] == 0, ws[victim.pid]
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_with_heartbeat_0_is_not_registered(app, cluster):
+    q = "i20nobeat"
+    w = cluster.worker(q, heartbeat=0)
+    assert app.tasks.options(queue=q).add_task(app.ok, 21).wait(POLL) == 42  # it runs tasks
+    assert w.poll() is None
+    assert cluster.mine([w]) == {}
