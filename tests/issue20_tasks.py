@@ -12,6 +12,7 @@ README and the issue tell a user). Producers (the test process) and workers
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from catzilla_tasks import BackgroundTasks, current_task
@@ -100,6 +101,8 @@ def spans(trace_id: str) -> list[dict]:
                 "trace_id": format(s.context.trace_id, "032x"),
                 "span_id": format(s.context.span_id, "016x"),
                 "parent_id": format(s.parent.span_id, "016x") if s.parent is not None else None,
+                "status": s.status.status_code.name,
+                "events": [e.name for e in s.events],
                 "attributes": {
                     k: v if isinstance(v, (str, int, float, bool)) else list(v) for k, v in s.attributes.items()
                 },
@@ -124,3 +127,20 @@ def fails_once(key: str) -> str:
     if n == 1:
         raise RuntimeError("first attempt")
     return "second"
+
+
+@tasks.task
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@tasks.task
+def boom_other(x: int) -> None:
+    """As ``boom``, under a name of its own (tests other than the main scenario's)."""
+    raise ValueError(f"boom {x}")
+
+
+@tasks.task
+def ok_other(x: int) -> int:
+    return x * 2

@@ -146,7 +146,7 @@ class Cluster:
 
     def worker(
         self,
-        queues: str,
+        queues: str | None,
         *,
         app: str = "issue20_tasks:tasks",
         concurrency: int = 4,
@@ -155,7 +155,9 @@ class Cluster:
         heartbeat: float = HEARTBEAT,
         vt: float | None = None,
     ):
-        args = [CLI, "worker", app, "--queues", queues, "--concurrency", str(concurrency)]
+        args = [CLI, "worker", app, "--concurrency", str(concurrency)]
+        if queues is not None:
+            args += ["--queues", queues]
         args += ["--heartbeat", str(heartbeat)]
         if metrics_port is not None:
             args += ["--metrics-port", str(metrics_port)]
@@ -332,6 +334,7 @@ def scenario(app, cluster, redis_url):
             "queued_ids": queued_ids,
             "delayed_ids": delayed_ids,
             "metrics_port": metrics_port,
+            "workers_json": cluster.workers,
         }
     finally:
         r = redis.Redis.from_url(redis_url)
@@ -504,8 +507,11 @@ def check_exporter_text(text: str, scenario) -> None:
     dl = "catzilla_tasks_dead_letter_tasks"
     assert sample_value(fams, dl, dl, queue=QA, priority="normal") == N_FAIL
     assert sample_value(fams, dl, dl, queue=QA) == N_FAIL
-    assert sample_value(fams, "catzilla_tasks_cluster_workers", "catzilla_tasks_cluster_workers", state="lost") == 1
-    assert sample_value(fams, "catzilla_tasks_cluster_workers", "catzilla_tasks_cluster_workers", state="alive") >= 2
+    states = [w["state"] for w in scenario["workers_json"]()]
+    assert states.count("lost") >= 1 and states.count("alive") >= 2, states
+    for state in ("alive", "lost"):
+        got = sample_value(fams, "catzilla_tasks_cluster_workers", "catzilla_tasks_cluster_workers", state=state)
+        assert got == states.count(state), (state, got, states)
     for name in ("catzilla_tasks_queue_queued_tasks", "catzilla_tasks_dead_letter_tasks"):
         assert fams[name].type == "gauge"
         assert all({"queue", "priority"} <= set(s.labels) for s in fams[name].samples)
@@ -852,7 +858,7 @@ def test_dashboard_redrive_and_cancel_need_token_csrf_json_and_same_origin(app, 
     q, qc = "i20redrive", "i20cancel"
     w = cluster.worker(q)
     cluster.wait_alive([w])
-    bad = [app.tasks.options(queue=q).add_task(app.boom, 100 + i) for i in range(2)]
+    bad = [app.tasks.options(queue=q).add_task(app.boom_other, 100 + i) for i in range(2)]
     for r in bad:
         with pytest.raises(Exception, match="boom"):
             r.wait(POLL)
@@ -1071,6 +1077,156 @@ def test_a_lost_workers_pending_tasks_are_reclaimed_by_a_live_one(app, cluster, 
 def test_a_worker_with_heartbeat_0_is_not_registered(app, cluster):
     q = "i20nobeat"
     w = cluster.worker(q, heartbeat=0)
-    assert app.tasks.options(queue=q).add_task(app.ok, 21).wait(POLL) == 42  # it runs tasks
+    assert app.tasks.options(queue=q).add_task(app.ok_other, 21).wait(POLL) == 42  # it runs tasks
     assert w.poll() is None
     assert cluster.mine([w]) == {}
+
+
+# 2/4. durations in seconds: a task that sleeps 0.3 s, queued behind others on one slot
+
+
+@pytest.mark.timeout(400)
+def test_run_and_queue_wait_figures_are_in_seconds(app, cluster):
+    q, port = "i20units", free_port()
+    w = cluster.worker(q, concurrency=1, metrics_port=port)
+    cluster.wait_alive([w])
+    naps = [app.tasks.options(queue=q).add_task(app.nap, 0.3) for _ in range(4)]
+    assert [r.wait(POLL) for r in naps] == [0.3] * 4
+    rows = wait_for(
+        lambda: {r["name"]: r for r in cluster.cli_json("tasks")},
+        lambda by: by.get("issue20_tasks.nap", {}).get("processed") == 4,
+        "4 naps counted",
+    )
+    nap = rows["issue20_tasks.nap"]
+    assert 0.2 <= nap["run"]["p50"] <= 3.0, nap["run"]  # ~0.3 s (within 25 %), not 300
+    assert 0.2 <= nap["run"]["mean"] <= 3.0, nap["run"]
+    assert 0.4 <= nap["wait"]["p99"] <= 30.0, nap["wait"]  # the last one waited for 3 naps (~0.9 s)
+    me = cluster.mine([w])[w.pid]
+    assert isinstance(me["rss_bytes"], int) and me["rss_bytes"] > 1_000_000, me
+    assert time.time() - 600 < me["started"] <= me["last_seen"], me
+
+    fams = families(scrape(f"http://127.0.0.1:{port}/metrics"))
+    run = "catzilla_tasks_worker_task_run_seconds"
+    count = sample_value(fams, run, run + "_count", task="issue20_tasks.nap")
+    total = sample_value(fams, run, run + "_sum", task="issue20_tasks.nap")
+    assert count == 4 and 0.8 <= total <= 12.0, (count, total)
+    wait = "catzilla_tasks_worker_task_queue_wait_seconds"
+    assert 0.4 <= sample_value(fams, wait, wait + "_sum", task="issue20_tasks.nap") <= 60.0
+
+
+# the default queue: a worker started without --queues
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_without_queues_serves_the_default_queue(app, cluster):
+    w = cluster.worker(None)
+    ws = cluster.wait_alive([w])
+    assert ws[w.pid]["queues"] == ["default"], ws[w.pid]
+    r = app.tasks.add_task(app.ok_other, 4)
+    assert r.wait(POLL) == 8
+    rc = run_cli("inspect", r.task_id, "--broker", cluster.url, "--prefix", cluster.prefix, "--json")
+    assert rc.returncode == 0 and json.loads(rc.stdout)["result"] == 8, rc
+    rows = [row for row in cluster.cli_json("queues") if row["queue"] == "default"]
+    assert [row["priority"] for row in rows] == ["critical", "high", "normal", "low"], rows
+
+
+# 6. a failed attempt's span records the exception, status ERROR; each retry a span of its own
+
+
+@pytest.mark.timeout(400)
+def test_otel_failed_attempts_are_error_spans_one_per_attempt(app, cluster, span_exporter):
+    q = "i20otel4"
+    w = cluster.worker(q, otel=True)
+    cluster.wait_alive([w])
+    with otel_trace.get_tracer("i20").start_as_current_span("request") as req:
+        r = app.tasks.options(queue=q).add_task(app.always_fails, 9)
+    with pytest.raises(Exception, match="always 9"):
+        r.wait(POLL)
+    trace_hex = format(req.get_span_context().trace_id, "032x")
+    got = spans_in_worker(
+        app, q, trace_hex, lambda ss: len([s for s in ss if s["kind"] == "CONSUMER"]) >= 3, "3 consumer spans"
+    )
+    consumers = [s for s in got if s["kind"] == "CONSUMER"]
+    assert len(consumers) == 3, consumers  # the first attempt and 2 retries
+    for c in consumers:
+        assert c["status"] == "ERROR" and "exception" in c["events"], c
+        assert c["attributes"]["messaging.message.id"] == r.task_id
+
+
+# 3. the cluster page in headless Chromium: re-drive and cancel from the page
+
+
+CHROMIUM = os.environ.get("CATZILLA_TASKS_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.mark.timeout(400)
+def test_browser_redrives_dead_letters_and_cancels_a_task(app, cluster, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    q, qc = "i20browser", "i20browsercancel"
+    w = cluster.worker(q)
+    cluster.wait_alive([w])
+    bad = [app.tasks.options(queue=q).add_task(app.boom_other, 200 + i) for i in range(3)]
+    for r in bad:
+        with pytest.raises(Exception, match="boom"):
+            r.wait(POLL)
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(60) == 0, cluster.log(w)
+
+    def depth(field: str, queue: str = q) -> int:
+        return sum(r[field] for r in cluster.cli_json("queues") if r["queue"] == queue)
+
+    wait_for(lambda: depth("dead_letters"), lambda n: n == 3, "three dead letters")
+    target = app.tasks.options(queue=qc).add_task(app.ok, 5)
+
+    token, port = uuid.uuid4().hex, free_port()
+    log = open(tmp_path / "dashboard.log", "wb")
+    p = subprocess.Popen(
+        [CLI, "dashboard", "--broker", cluster.url, "--prefix", cluster.prefix, "--port", str(port), "--token", token],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=base_env(),
+    )
+    log.close()
+    try:
+
+        def probe():
+            assert p.poll() is None, (tmp_path / "dashboard.log").read_text()
+            try:
+                return http("GET", f"http://127.0.0.1:{port}/api/cluster.json?token={token}")[0]
+            except OSError:
+                return None
+
+        wait_for(probe, lambda s: s == 200, "the dashboard answering")
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                page.on("dialog", lambda d: d.accept())
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.goto(f"http://127.0.0.1:{port}/?token={token}")
+                page.get_by_role("combobox", name="queue").select_option(q)
+                row = page.get_by_role("row").filter(has_text=f"boom {200}")
+                row.get_by_role("button", name="Re-drive").click()
+                wait_for(lambda: (depth("dead_letters"), depth("queued")), lambda d: d == (2, 1), "one re-driven")
+                page.get_by_role("button", name="Re-drive all").click()
+                wait_for(lambda: (depth("dead_letters"), depth("queued")), lambda d: d == (0, 3), "all re-driven")
+
+                page.get_by_role("textbox", name="task id").fill(target.task_id)
+                page.get_by_role("button", name="Look up").click()
+                page.get_by_role("button", name="Cancel").click()
+                wait_for(lambda: target.status.name, lambda s: s == "CANCELLED", "the task cancelled from the page")
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
