@@ -144,3 +144,22 @@ def boom_other(x: int) -> None:
 @tasks.task
 def ok_other(x: int) -> int:
     return x * 2
+
+
+@quiet.task
+@tasks.task
+def current_baggage(key: str) -> str | None:
+    """The OpenTelemetry baggage entry ``key`` seen in the task."""
+    from opentelemetry import baggage
+
+    value = baggage.get_baggage(key)
+    return None if value is None else str(value)
+
+
+@tasks.task
+async def current_baggage_async(key: str) -> str | None:
+    """``current_baggage`` as an ``async def`` task."""
+    from opentelemetry import baggage
+
+    value = baggage.get_baggage(key)
+    return None if value is None else str(value)

@@ -1230,3 +1230,22 @@ def test_browser_redrives_dead_letters_and_cancels_a_task(app, cluster, tmp_path
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+@pytest.mark.timeout(400)
+def test_otel_baggage_crosses_the_wire_with_the_default_propagators(app, cluster):
+    from opentelemetry import baggage, context
+
+    q = "i20baggage"
+    w = cluster.worker(q, otel=True)
+    cluster.wait_alive([w])
+    token = context.attach(baggage.set_baggage("tenant", "acme"))
+    try:
+        with otel_trace.get_tracer("i20").start_as_current_span("request"):
+            r = app.tasks.options(queue=q).add_task(app.current_baggage, "tenant")
+            ra = app.tasks.options(queue=q).add_task(app.current_baggage_async, "tenant")
+    finally:
+        context.detach(token)
+    assert r.wait(POLL) == "acme"  # (was None: the task ran outside the message's context)
+    assert ra.wait(POLL) == "acme"
+    assert app.tasks.options(queue=q).add_task(app.current_baggage, "tenant").wait(POLL) is None  # not leaked
