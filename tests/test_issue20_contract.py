@@ -895,12 +895,23 @@ def test_dashboard_redrive_and_cancel_need_token_csrf_json_and_same_origin(app, 
         m = re.search(r'<meta name="csrf-token" content="([^"]+)"', html)
         assert m, html[:500]
         csrf = m.group(1)
-        assert not re.search(r"<script[^>]+src=[\"']https?://", html), "a script from a CDN"
-        assert http("GET", base + "api/cluster.json")[0] == 401  # no token
+        assert not re.search(r"<(script|link)[^>]+(src|href)=[\"']https?://", html), "a script or style from a CDN"
+        with urllib.request.urlopen(base + f"?token={token}", timeout=30) as resp:
+            csp = resp.headers.get("Content-Security-Policy", "")
+        assert "default-src 'none'" in csp or "default-src 'self'" in csp, csp
+        assert "unsafe-inline" not in csp.split("script-src", 1)[-1].split(";")[0], csp
+        assert http("GET", base)[0] == 401  # the page needs its token too
+        assert http("GET", base + "api/cluster.json")[0] == 401
         status, body = http("GET", base + "api/cluster.json", headers=auth)
-        assert status == 200 and {"workers", "queues", "tasks", "failures"} <= set(json.loads(body))
+        data = json.loads(body)
+        assert status == 200 and {"workers", "queues", "tasks", "failures"} <= set(data)
+        ours = [f for f in data["failures"] if f["task_id"] in {r.task_id for r in bad}]
+        assert len(ours) == 2 and all(
+            "ValueError" in f["traceback"] and f["task"] == "issue20_tasks.boom_other" for f in ours
+        )
         status, body = http("GET", base + f"api/dead-letters.json?queue={q}", headers=auth)
-        assert status == 200 and len(json.loads(body)) >= 1, body
+        letters = json.loads(body)
+        assert status == 200 and len(letters) == 2, body
 
         good = {**auth, "X-CSRF-Token": csrf, "Content-Type": "application/json"}
         action = base + "api/redrive"
