@@ -1260,3 +1260,47 @@ def test_otel_baggage_crosses_the_wire_with_the_default_propagators(app, cluster
     assert r.wait(POLL) == "acme"  # (was None: the task ran outside the message's context)
     assert ra.wait(POLL) == "acme"
     assert app.tasks.options(queue=q).add_task(app.current_baggage, "tenant").wait(POLL) is None  # not leaked
+
+
+# 1. a frozen worker is lost while frozen, alive again once it runs (no other took its id)
+
+
+@pytest.mark.timeout(300)
+def test_a_frozen_worker_is_lost_then_alive_again(app, cluster):
+    w = cluster.worker("i20frozen")
+    cluster.wait_alive([w])
+    os.kill(w.pid, signal.SIGSTOP)
+    try:
+        lost = wait_for(lambda: cluster.mine([w]), lambda ws: ws and ws[w.pid]["state"] == "lost", "lost while frozen")
+        assert lost[w.pid]["last_seen"] < time.time() - 2 * HEARTBEAT, lost
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+    cluster.wait_alive([w])
+    assert app.tasks.options(queue="i20frozen").add_task(app.ok_other, 1).wait(POLL) == 2
+
+
+# 4/5. a worker of several queues: one registry entry, its figures labelled per queue
+
+
+@pytest.mark.timeout(300)
+def test_a_multi_queue_worker_is_one_entry_with_per_queue_metrics(app, cluster):
+    qa, qb, port = "i20mq1", "i20mq2", free_port()
+    w = cluster.worker(f"{qa}:1,{qb}:3", concurrency=8, metrics_port=port)
+    me = cluster.wait_alive([w])[w.pid]
+    assert sorted(me["queues"]) == [qa, qb] and me["concurrency"] == 8, me
+    assert me["weights"] == {qa: 1, qb: 3}, me
+    ra = [app.tasks.options(queue=qa).add_task(app.ok_other, i) for i in range(2)]
+    rb = [app.tasks.options(queue=qb).add_task(app.ok_other, i) for i in range(5)]
+    assert [r.wait(POLL) for r in ra + rb] == [0, 2, 0, 2, 4, 6, 8]
+    wait_for(lambda: cluster.mine([w]), lambda ws: ws and ws[w.pid]["processed"] == 7, "7 processed")
+
+    # README: one series per worker, its queues' names joined by "," (its figures are the
+    # worker's, not split per queue)
+    fams = families(scrape(f"http://127.0.0.1:{port}/metrics"))
+    joined = f"{qa},{qb}"
+    total = "catzilla_tasks_worker_tasks"
+    got = sample_value(fams, total, total + "_total", queue=joined, task="issue20_tasks.ok_other", outcome="succeeded")
+    assert got == 7, got
+    assert (
+        sample_value(fams, "catzilla_tasks_worker_concurrency", "catzilla_tasks_worker_concurrency", queue=joined) == 8
+    )
