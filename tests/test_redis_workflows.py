@@ -267,7 +267,9 @@ def test_a_worker_killed_mid_workflow_loses_nothing(redis_url, prefix):
         b = start_worker(redis_url, prefix, concurrency=4, vt=1.0)  # reclaims 'slow' after 1 s idle
         assert run.wait(60) == {"first": 3, "slow": 9, "last": 13}
         assert [x.decode() for x in r.lrange(log, 0, -1)] == [f"{b.pid}:3"]  # rerun once, by B
-        assert all(r.xpending(s, "workers")["pending"] == 0 for s in p.broker.streams)
+        # a step's result is stored before its entry is acknowledged: wait for the last ack
+        wait_until(lambda: all(r.xpending(s, "workers")["pending"] == 0 for s in p.broker.streams), 30,
+                   "every entry acknowledged")
     finally:
         a.kill()
         a.communicate()
