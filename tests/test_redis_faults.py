@@ -91,13 +91,13 @@ def test_kill_9_worker_with_hundreds_in_flight_nothing_lost(redis_url, prefix):
         assert [r.wait(30) for r in again] == list(keyed)
         after = collections.Counter(int(x) for x in b.redis.lrange(log, 0, -1))
         assert after == runs  # none of them ran again
-        # stopped first: a worker acknowledges a batch after the commit that wakes its waiters
+        # a result is stored before its entry is acknowledged: wait for the last ack
+        wait_until(lambda: b.redis.xpending(b.streams[2], "workers")["pending"] == 0, 30, "every entry acknowledged")
+        assert b.redis.xlen(b.streams[2]) == 0  # acknowledged entries are deleted
         c.send_signal(signal.SIGTERM)
         out, _ = c.communicate(timeout=30)
         assert c.returncode == 0, out
         assert "reclaimed" in out
-        assert b.redis.xpending(b.streams[2], "workers")["pending"] == 0
-        assert b.redis.xlen(b.streams[2]) == 0  # acknowledged entries are deleted
     finally:
         c.kill()
         p.shutdown(wait_for_completion=False)

@@ -79,9 +79,9 @@ def test_a_dag_in_process_worker_values_by_position_keyword_and_list(cluster):
     other = RedisBroker(cluster.url, prefix=cluster.prefix)
     assert other.result(r.task_id).wait(5)["end"] == 29
     other.close()
-    # the run's hash expires with the result; nothing is left in the streams (once the last
-    # step's entry is acknowledged and deleted: after the commit that stored the result)
+    # the run's hash expires with the result; nothing is left in the streams
     assert 0 < cluster.r.pttl(cluster.broker.workflow_key(r.task_id)) <= cluster.broker.result_ttl * 1000
+    # (once the last step's entry is acknowledged and deleted: after the commit that stored it)
     wait_until(lambda: w.stats()["in_flight"] == 0, 20, "the last step to be acknowledged")
     assert all(cluster.r.xlen(s) == 0 for s in cluster.broker.streams)
 
@@ -269,7 +269,7 @@ def test_a_worker_killed_mid_workflow_loses_nothing(redis_url, prefix):
         b = start_worker(redis_url, prefix, concurrency=4, vt=1.0)  # reclaims 'slow' after 1 s idle
         assert run.wait(60) == {"first": 3, "slow": 9, "last": 13}
         assert [x.decode() for x in r.lrange(log, 0, -1)] == [f"{b.pid}:3"]  # rerun once, by B
-        # B acknowledges the last step after the commit that stored the run's result
+        # a step's result is stored before its entry is acknowledged: wait for the last ack
         wait_until(lambda: all(r.xpending(s, "workers")["pending"] == 0 for s in p.broker.streams), 30,
                    "every entry acknowledged")
     finally:

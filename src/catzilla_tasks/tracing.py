@@ -300,7 +300,10 @@ class Traced:
             kind=o.CONSUMER,
             attributes=_attrs("process", self.destination, self.task_id, self.name),
         )
-        token = o.context.attach(o.trace.set_span_in_context(span))
+        # the task runs in the parent's context with its span set in it: on a worker that is the
+        # message's extracted context, so what it carried besides the trace (baggage) is seen
+        # in the task too (without headers, parent None: the worker's current context)
+        token = o.context.attach(o.trace.set_span_in_context(span, self.parent))
         try:
             res = self.func(*args, **kwargs)
         except BaseException as exc:
@@ -310,13 +313,13 @@ class Traced:
         finally:
             o.context.detach(token)
         if type(res) is types.CoroutineType:
-            return _run_coroutine(o, span, res)
+            return _run_coroutine(o, span, res, self.parent)
         span.end()
         return res
 
 
-async def _run_coroutine(o: _Otel, span: Any, coro: Any) -> Any:
-    token = o.context.attach(o.trace.set_span_in_context(span))
+async def _run_coroutine(o: _Otel, span: Any, coro: Any, parent: Any = None) -> Any:
+    token = o.context.attach(o.trace.set_span_in_context(span, parent))
     try:
         return await coro
     except BaseException as exc:

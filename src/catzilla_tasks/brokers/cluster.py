@@ -598,6 +598,8 @@ class ClusterView:
     def _find(
         self, task_id: str, streams: list[str], delayed_key: str, dead_key: str, limit: int, name_at: int
     ) -> tuple[str, dict[str, Any]] | None:
+        import redis
+
         for p, s in enumerate(streams):
             for eid in self._slices(s, task_id, limit):
                 entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", self.r.xrange(s, min=eid, max=eid))
@@ -606,7 +608,12 @@ class ClusterView:
                 name = self._decode_id(entries[0][1].get(b"m", b""), task_id, name_at)
                 if name is None:
                     continue
-                rows = self.r.xpending_range(s, "workers", min=eid, max=eid, count=1)
+                try:
+                    rows = self.r.xpending_range(s, "workers", min=eid, max=eid, count=1)
+                except redis.ResponseError as exc:  # no worker has read this queue yet: no group
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    rows = []
                 extra: dict[str, Any] = {"name": name, "priority": _PRIORITIES[p], "entry_id": _s(eid)}
                 if rows:
                     extra["worker"] = _s(rows[0]["consumer"])
