@@ -154,8 +154,8 @@ def test_three_workers_register_one_killed_is_lost_one_stopped_deregisters(redis
         procs[1].send_signal(signal.SIGTERM)
         assert procs[1].wait(30) == 0
         assert procs[1].pid not in {w["pid"] for w in view.workers()}
-        wait_until(lambda: {w["pid"]: w["state"] for w in view.workers()} == {procs[2].pid: "alive", victim.pid: "lost"},
-                   10, "one alive, one lost")
+        expected = {procs[2].pid: "alive", victim.pid: "lost"}
+        wait_until(lambda: {w["pid"]: w["state"] for w in view.workers()} == expected, 10, "one alive, one lost")
     finally:
         stop(*procs)
         view.close()
