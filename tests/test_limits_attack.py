@@ -83,19 +83,26 @@ def test_shutdown_with_completion_runs_what_a_default_task_puts_on_a_named_queue
     done = []
     errors = []
 
+    started = threading.Event()
+
     @tasks.task(queue="emails")
     def email(x):
         done.append(x)
 
     def parent():
-        time.sleep(0.3)
+        started.set()
+        # it hands the email on once shutdown() has begun (was: after 0.3 s; a test thread late
+        # by that much let the call in before shutdown(), and nothing here was tested)
+        deadline = time.monotonic() + 10
+        while tasks.stats()["accepting"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         try:
             tasks.add_task(email, 1)
         except Exception as exc:  # refused: the named queue was shut down under the running task
             errors.append(exc)
 
     tasks.add_task(parent)
-    time.sleep(0.05)
+    assert started.wait(10)
     tasks.shutdown(wait_for_completion=True, timeout=10)
     assert errors == []
     assert done == [1]
@@ -113,19 +120,26 @@ def test_shutdown_with_completion_runs_what_a_named_queue_task_puts_on_the_defau
     done = []
     errors = []
 
+    started = threading.Event()
+
     def follow_up(x):
         done.append(x)
 
     @tasks.task(queue="emails")
     def email(x):
-        time.sleep(0.3)
+        started.set()
+        # it hands its follow-up on once shutdown() has begun (was: after 0.3 s; a test thread
+        # late by that much let the call in before shutdown(), and the strict xfail passed)
+        deadline = time.monotonic() + 10
+        while tasks.stats()["accepting"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         try:
             tasks.add_task(follow_up, x)
         except Exception as exc:  # refused: the default queue was closed under the running task
             errors.append(exc)
 
     tasks.add_task(email, 3)
-    time.sleep(0.05)
+    assert started.wait(10)
     tasks.shutdown(wait_for_completion=True, timeout=10)
     assert errors == []
     assert done == [3]
