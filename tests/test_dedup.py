@@ -61,7 +61,9 @@ def test_after_the_ttl_a_finished_task_is_forgotten(make_tasks):
 
 def test_a_task_still_queued_past_the_ttl_keeps_its_key(make_tasks):
     eng = make_tasks(workers=2, idempotency_ttl=0.001)
-    first = eng.options(idempotency_key="k", delay_ms=300).add_task(lambda: 1)
+    # (queued for 1.5 s: with 0.3 s, a test thread late by that much saw it finished and its
+    # key forgotten)
+    first = eng.options(idempotency_key="k", delay_ms=1500).add_task(lambda: 1)
     import time
 
     time.sleep(0.01)
