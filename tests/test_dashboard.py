@@ -183,6 +183,9 @@ def test_page_headers_forbid_foreign_content(engine, served):
     with urlopen(server.url, timeout=10) as r:
         csp = r.headers["Content-Security-Policy"]
         assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+        # only the page's own script runs (by its hash; the browser tests run it under this CSP)
+        script_src = csp.split("script-src", 1)[1].split(";")[0].split()
+        assert script_src and all(s.startswith("'sha256-") for s in script_src), csp
         assert r.headers["Cache-Control"] == "no-store"
         assert r.headers["X-Content-Type-Options"] == "nosniff"
 

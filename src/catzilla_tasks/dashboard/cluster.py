@@ -34,12 +34,10 @@ Two ways to run it:
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,7 +47,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .._redact import redact_text
-from . import DashboardHandler, DashboardServer, DashboardServer6, error_text, json_safe
+from . import DashboardHandler, DashboardServer, DashboardServer6, error_text, json_safe, page_csp
 
 __all__ = ["ClusterApp", "ClusterDashboard", "cluster_app", "cluster_html", "serve_cluster"]
 
@@ -77,20 +75,9 @@ def cluster_html() -> str:
     return resources.files(__package__).joinpath("cluster.html").read_text(encoding="utf-8")
 
 
-def _script_hashes(page: str) -> str:
-    """The CSP sources allowing exactly the page's own inline scripts: ``'sha256-...'`` each."""
-    return " ".join(
-        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii") + "'"
-        for body in re.findall(r"<script>(.*?)</script>", page, flags=re.S)
-    )
-
-
-# the page runs only its own script (by its hash: an injected inline script does not run, and
-# this page can act on the cluster), fetches nothing from elsewhere and posts to itself only
-PAGE_CSP = (
-    f"default-src 'none'; script-src {_script_hashes(cluster_html())}; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+# the page runs only its own script (an injected inline script does not run, and this page can
+# act on the cluster), fetches nothing from elsewhere and posts to itself only
+PAGE_CSP = page_csp(cluster_html())
 
 
 def _check_token(token: Any) -> str:

@@ -67,5 +67,5 @@ def metrics_response(stats_fn: Callable[[], Any]) -> Reply:
 
 
 def dashboard_response() -> Reply:
-    headers = dict(_NO_STORE, **{"Content-Security-Policy": dashboard._PAGE_CSP})
+    headers = dict(_NO_STORE, **{"Content-Security-Policy": dashboard.PAGE_CSP})
     return 200, "text/html; charset=utf-8", dashboard.html().encode(), headers
