@@ -23,7 +23,7 @@ priority, or the engine's name in-process), ``messaging.message.id`` (the task i
 The decision costs a dictionary lookup when no provider is set (this module never imports
 OpenTelemetry itself until a provider is set: a process that does not use it pays nothing). A
 no-op tracer provider (``NoOpTracerProvider``) makes no spans; a task is then traced only to
-carry a valid parent context it was given (as the API's no-op tracer does).
+carry a context it was given (a valid parent, as the API's no-op tracer does, or baggage).
 """
 
 from __future__ import annotations
@@ -254,13 +254,14 @@ def submit_local(engine: Any, func: Any, args: tuple, kwargs: dict | None, cfg: 
 def consumer(func: Any, headers: Any, task_id: str, name: str, destination: str) -> Any:
     """What a worker runs for a message: ``func`` wrapped in its CONSUMER span, the child of
     the context extracted from ``headers`` (a message without them starts a new trace). With
-    a no-op tracer and no valid parent, ``func`` itself."""
+    a no-op tracer and nothing extracted (no valid parent, no baggage: as :func:`_quiet` on the
+    producer's side, which sends the caller's baggage without a span), ``func`` itself."""
     o = _o()
     o.get()
     if o.noop and not headers:
         return func
     parent = o.propagate.extract(headers) if isinstance(headers, dict) and headers else None
-    if o.noop and (parent is None or not o.trace.get_current_span(parent).get_span_context().is_valid):
+    if o.noop and not parent:  # (a Context is a dict: empty when the headers carried nothing valid)
         return func
     t = Traced(func, parent, destination, name)
     t.task_id = task_id
