@@ -213,3 +213,114 @@ def test_in_process_tasks_see_baggage_set_in_process(mode, no_provider):
         assert got[10:] == [[None, None, "unset"], None, "a"], got
     finally:
         tasks.shutdown(wait_for_completion=True, timeout=10)
+
+
+# == 1. ClusterView on queues no worker has read (streams without the consumer group) ==========
+@pytest.mark.timeout(120)
+def test_cluster_view_on_queues_without_a_group(redis_url, prefix):  # noqa: F811
+    import json
+
+    from catzilla_tasks.brokers.cluster import ClusterView
+    from catzilla_tasks.dashboard.cluster import ClusterDashboard
+
+    tasks = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix))
+    _register(tasks)
+    try:
+        h = tasks.add_task(rt.add, 1, 2)
+        h2 = tasks.options(queue="other", priority="HIGH").add_task(rt.add, 2, 2)
+        h3 = tasks.options(queue="other").add_task(rt.add, 3, 3)
+        with ClusterView(redis_url, prefix=prefix) as view:
+            assert view.workers() == []
+            got = view.inspect(h.task_id)
+            assert got["status"] == "queued" and got["queue"] == "default" and "worker" not in got, got
+            got2 = view.inspect(h2.task_id)
+            assert (got2["status"], got2["queue"], got2["priority"]) == ("queued", "other", "high"), got2
+            rows = {(r["queue"], r["priority"]): r for r in view.queues()}
+            assert rows[("default", "normal")]["queued"] == 1 and rows[("other", "high")]["queued"] == 1, rows
+            assert all(r["in_flight"] == 0 and r["dead_letters"] == 0 for r in rows.values()), rows
+            assert view.dead_letters("other") == [] and view.redrive("other") == 0
+            assert view.inspect("no-such-task")["status"] == "unknown"
+            # the dashboard's lookup, overview and cancel on the same queues
+            dash = ClusterDashboard(redis_url, token="t" * 20, prefix=prefix)
+            try:
+                auth = {"authorization": "Bearer " + "t" * 20}
+                st, _, body, _ = dash.handle("GET", "/api/task.json", f"id={h3.task_id}", auth, b"")
+                assert st == 200 and json.loads(body)["status"] == "queued", body
+                st, _, body, _ = dash.handle("GET", "/api/cluster.json", "", auth, b"")
+                assert st == 200, body
+                assert view.cancel(h3.task_id) is True  # found in "other" by inspect
+            finally:
+                dash.close()
+            assert view.inspect(h3.task_id)["status"] == "cancelled"
+    finally:
+        tasks.shutdown(wait_for_completion=False, timeout=10)
+        tasks.broker.close()
+
+
+@pytest.mark.timeout(60)
+def test_inspect_raises_other_errors_than_nogroup(redis_url, prefix, monkeypatch):  # noqa: F811
+    from catzilla_tasks.brokers.cluster import ClusterView
+
+    tasks = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix))
+    try:
+        h = tasks.add_task(rt.add, 1, 2)
+        with ClusterView(redis_url, prefix=prefix) as view:
+
+            def fail(*a, **k):
+                raise redis.ResponseError("WRONGTYPE something went wrong")
+
+            monkeypatch.setattr(view.r, "xpending_range", fail)
+            with pytest.raises(redis.ResponseError, match="something went wrong"):
+                view.inspect(h.task_id)
+    finally:
+        tasks.shutdown(wait_for_completion=False, timeout=10)
+        tasks.broker.close()
+
+
+# == 3. the dashboards' CSP: the served scripts are the ones the header allows ===================
+def _hashes_of_served(body: bytes) -> set[str]:
+    import base64
+    import hashlib
+    import re
+
+    # as a browser: every <script ...> element's text, from the bytes served
+    out = set()
+    for attrs, text in re.findall(rb"<script\b([^>]*)>(.*?)</script\s*>", body, flags=re.S | re.I):
+        assert not attrs.strip(), attrs  # (an attribute, e.g. src or type=module, is another case)
+        out.add("'sha256-" + base64.b64encode(hashlib.sha256(text).digest()).decode() + "'")
+    return out
+
+
+def _script_src(csp: str) -> set[str]:
+    return set(csp.split("script-src", 1)[1].split(";", 1)[0].split())
+
+
+def test_every_served_page_variant_runs_its_script_under_its_csp(redis_url, prefix):  # noqa: F811
+    import urllib.request
+
+    from catzilla_tasks import dashboard, integrations
+    from catzilla_tasks.dashboard.cluster import ClusterDashboard
+
+    variants = []
+    st, _, body, headers = integrations.dashboard_response()
+    variants.append(("integrations", body, headers["Content-Security-Policy"]))
+    tasks = BackgroundTasks(workers=1)
+    server, _ = dashboard.serve(tasks, host="127.0.0.1", port=0)
+    try:
+        with urllib.request.urlopen(server.url, timeout=20) as resp:  # noqa: S310 - 127.0.0.1
+            variants.append(("engine server", resp.read(), resp.headers["Content-Security-Policy"]))
+    finally:
+        server.stop()
+        tasks.shutdown(wait_for_completion=False, timeout=10)
+    dash = ClusterDashboard(redis_url, token="t" * 20, prefix=prefix)
+    try:
+        for method in ("GET", "HEAD"):
+            st, _, body, headers = dash.handle(method, "/", "", {"authorization": "Bearer " + "t" * 20}, b"")
+            assert st == 200
+            variants.append((f"cluster {method}", body, headers["Content-Security-Policy"]))
+    finally:
+        dash.close()
+    for what, body, csp in variants:
+        served = _hashes_of_served(body)
+        assert served and served == _script_src(csp), (what, served, csp)
+        assert b"__CATZILLA_CSRF__" not in body, what
