@@ -324,3 +324,105 @@ def test_every_served_page_variant_runs_its_script_under_its_csp(redis_url, pref
         served = _hashes_of_served(body)
         assert served and served == _script_src(csp), (what, served, csp)
         assert b"__CATZILLA_CSRF__" not in body, what
+
+
+# == 4. the idempotency claims: a renewal between the commit and the acknowledgement ============
+def _boom(x):
+    raise ValueError(f"boom {x}")
+
+
+def _ok(x):
+    return x * 10
+
+
+FUNCS = (*FUNCS, _boom, _ok)
+
+
+@pytest.fixture
+def racing_ack(monkeypatch):
+    """RedisConsumer.ack, with what the heartbeat does first when it read its list of claims
+    before the commit: a renewal of those copies' claims (idem_renew.lua). Records, per claim,
+    the holder after that renewal and after the acknowledgement; ``between(r, claim)`` runs
+    after the renewal too (another copy taking the key, say)."""
+    from catzilla_tasks.brokers.redis_consumer import RedisConsumer
+
+    real = RedisConsumer.ack
+    seen: list[tuple[str, bytes | None, bytes | None]] = []
+    hooks: dict[str, object] = {"acked": threading.Event()}
+
+    def ack(self, pending):
+        later, claims = pending
+        prio = {eid: p for p, ids in enumerate(later) for eid in ids}
+        for claim_key, token in claims:
+            eid = token.rsplit(" ", 1)[1].encode()
+            self.heartbeat([(eid, prio[eid])], [(eid, (claim_key, token))])
+        renewed = {k: self._r.get(k) for k, _ in claims}
+        if "between" in hooks:
+            for claim in claims:
+                hooks["between"](self._r, claim)
+        real(self, pending)
+        for k, _ in claims:
+            seen.append((k, renewed[k], self._r.get(k)))
+        hooks["acked"].set()  # (a result is readable once committed, before this ack)
+
+    monkeypatch.setattr(RedisConsumer, "ack", ack)
+    return seen, hooks
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("func", ["ok", "fails"])
+def test_a_claim_renewed_between_commit_and_ack_is_released_by_the_ack(redis_pair, no_provider, racing_ack, func):
+    seen, hooks = racing_ack
+    pair = redis_pair(visibility_timeout=60)
+    pair.start_worker()
+    f = _ok if func == "ok" else _boom
+    h = pair.producer.options(idempotency_key=f"k-{func}", max_retries=0).add_task(f, 1)
+    if func == "ok":
+        assert h.wait(30) == 10
+    else:
+        with pytest.raises(ValueError, match="boom 1"):
+            h.wait(30)
+    assert hooks["acked"].wait(30)
+    assert len(seen) == 1, seen
+    key, renewed, after = seen[0]
+    assert renewed is not None  # the race is real: the renewal took the ended copy's claim back
+    assert after is None and pair.r.get(key) is None  # and the acknowledgement let go of it again
+    if func == "ok":  # the key's next copy is skipped: the first one's result
+        assert pair.producer.options(idempotency_key="k-ok", max_retries=0).add_task(_ok, 2).wait(30) == 10
+
+
+@pytest.mark.timeout(120)
+def test_the_ack_leaves_the_claim_another_copy_took_meanwhile(redis_pair, no_provider, racing_ack):
+    seen, hooks = racing_ack
+    hooks["between"] = lambda r, claim: r.set(claim[0], "someone-else 1-1", px=60_000)
+    pair = redis_pair(visibility_timeout=60)
+    pair.start_worker()
+    with pytest.raises(ValueError, match="boom 1"):
+        pair.producer.options(idempotency_key="k-other", max_retries=0).add_task(_boom, 1).wait(30)
+    assert hooks["acked"].wait(30)
+    assert len(seen) == 1 and seen[0][2] == b"someone-else 1-1", seen
+
+
+@pytest.mark.timeout(120)
+def test_an_ack_that_fails_once_is_retried_and_releases_the_claim(redis_pair, no_provider, racing_ack, monkeypatch):
+    from catzilla_tasks.brokers.redis_consumer import RedisConsumer
+
+    seen, hooks = racing_ack
+    patched = RedisConsumer.ack
+    failed = threading.Event()
+
+    def flaky(self, pending):
+        if not failed.is_set():
+            failed.set()
+            raise redis.ConnectionError("the connection dropped between commit and ack")
+        patched(self, pending)
+
+    monkeypatch.setattr(RedisConsumer, "ack", flaky)
+    pair = redis_pair(visibility_timeout=60)
+    pair.start_worker()
+    with pytest.raises(ValueError, match="boom 1"):
+        pair.producer.options(idempotency_key="k-flaky", max_retries=0).add_task(_boom, 1).wait(30)
+    assert hooks["acked"].wait(30) and failed.is_set()
+    assert seen and seen[0][2] is None, seen
+    for s in pair.producer.broker.streams:  # nothing left pending nor queued
+        assert pair.r.xlen(s) == 0
