@@ -426,3 +426,63 @@ def test_an_ack_that_fails_once_is_retried_and_releases_the_claim(redis_pair, no
     assert seen and seen[0][2] is None, seen
     for s in pair.producer.broker.streams:  # nothing left pending nor queued
         assert pair.r.xlen(s) == 0
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+def test_browser_runs_the_fastapi_mounted_page_under_its_csp_and_blocks_an_injected_script(monkeypatch):
+    """The engine page mounted in a FastAPI app (integrations.starlette.install), each request
+    answered by the app (TestClient) for headless Chromium: the page's script runs and renders
+    the engine's figures with no CSP violation; the same page with a script added runs only
+    its own (the header is enforced: a control that the check can fail)."""
+    import os
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from catzilla_tasks.integrations.starlette import install
+
+    chromium = os.environ.get("CATZILLA_TASKS_CHROMIUM", "/usr/bin/chromium")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    tasks = BackgroundTasks(workers=1)
+    app = fastapi.FastAPI()
+    install(app, tasks)
+    for i in range(5):
+        tasks.add_task(_ok, i).wait(10)
+    inject = threading.Event()
+    try:
+        with TestClient(app) as client, sync_api.sync_playwright() as pw:
+
+            def answer(route):
+                url = route.request.url.split("http://app.test", 1)[1]
+                resp = client.request(route.request.method, url)
+                body = resp.content
+                if inject.is_set() and url.startswith("/tasks/dashboard/?"):
+                    body = body.replace(b"</body>", b"<script>window.injected = 1</script></body>")
+                route.fulfill(status=resp.status_code, headers=dict(resp.headers), body=body)
+
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
+            try:
+                for injected in (False, True):
+                    if injected:
+                        inject.set()
+                    page = browser.new_page()
+                    errors: list[str] = []
+                    page.on("console", lambda m, e=errors: e.append(m.text) if m.type == "error" else None)
+                    page.on("pageerror", lambda x, e=errors: e.append(str(x)))
+                    page.route("http://app.test/**", answer)
+                    page.goto("http://app.test/tasks/dashboard/?v=1")
+                    page.wait_for_function("() => window.catzillaDashboard && window.catzillaDashboard.seq >= 1",
+                                           timeout=30000)
+                    assert page.evaluate("() => window.injected") is None
+                    if injected:
+                        assert any("Content Security Policy" in e for e in errors), errors
+                    else:
+                        assert not errors, errors
+                        assert page.get_attribute("body", "data-state") == "live"
+                    page.close()
+            finally:
+                browser.close()
+    finally:
+        tasks.shutdown(wait_for_completion=False, timeout=10)
