@@ -486,3 +486,33 @@ def test_browser_runs_the_fastapi_mounted_page_under_its_csp_and_blocks_an_injec
                 browser.close()
     finally:
         tasks.shutdown(wait_for_completion=False, timeout=10)
+
+
+_ATTEMPTS: dict[str, list] = {}
+
+
+def flaky_seen(tag: str) -> list:
+    """Fails on its first two attempts; each attempt records the baggage and trace it ran in."""
+    span = trace.get_current_span().get_span_context()
+    _ATTEMPTS.setdefault(tag, []).append((baggage.get_baggage("k"), f"{span.trace_id:032x}"))
+    if len(_ATTEMPTS[tag]) < 3:
+        raise RuntimeError("again")
+    return _ATTEMPTS[tag]
+
+
+FUNCS = (*FUNCS, flaky_seen)
+
+
+@pytest.mark.timeout(120)
+def test_redis_every_attempt_of_a_retried_task_runs_in_the_messages_context(redis_pair, spans):
+    pair = redis_pair()
+    pair.start_worker()
+    with trace.get_tracer("attack").start_as_current_span("req") as root:
+        h = _with_baggage(
+            {"k": "retried"},
+            lambda: pair.producer.options(max_retries=2, retry_backoff="fixed", retry_base_ms=5).add_task(
+                flaky_seen, "r1"
+            ),
+        )
+    want = f"{root.get_span_context().trace_id:032x}"
+    assert h.wait(30) == [["retried", want]] * 3
