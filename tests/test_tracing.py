@@ -154,6 +154,28 @@ def test_a_thread_that_never_used_contextvars_submits_and_the_task_sets_freely(m
     assert out == ["task", "unset"]
 
 
+@pytest.mark.timeout(30)
+def test_what_a_task_sets_does_not_reach_the_next_task_of_its_worker(make_tasks, no_provider):
+    # submitters with no context variables (a fresh thread each time: nothing to copy): the
+    # tasks run one after another on the one worker thread, and none sees what another set
+    tasks = make_tasks(workers=1, enable_auto_scaling=False)
+    out = []
+
+    def setter(i):
+        seen = VAR.get()
+        VAR.set(f"task {i}")
+        return seen
+
+    def submit(i):
+        out.append(tasks.add_task(setter, i).wait(5))
+
+    for i in range(4):
+        th = threading.Thread(target=submit, args=(i,))
+        th.start()
+        th.join(10)
+    assert out == ["unset"] * 4
+
+
 def _contexts() -> int:
     # Context objects are tracked by the GC: a thread's own context is one once made
     return sum(1 for o in gc.get_objects() if type(o) is contextvars.Context)

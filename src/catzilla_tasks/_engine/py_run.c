@@ -431,6 +431,23 @@ static PyObject *enter_task_context(ct_task *t) {
     return ctx;
 }
 
+/* A task without a context of its own (its submitter had no variables) whose thread has one:
+ * a new empty context for the attempt, so that it sees no variable an earlier task of this
+ * thread set, and what it sets goes with the attempt (as for a task with a context: stays
+ * its own). A thread that never used contextvars has none (PyThreadState.context NULL: see
+ * enqueue_node) and pays nothing; the first task that uses them makes the thread's own, in
+ * which no task runs again. The thread running a task inline (help while waiting) has the
+ * copy of its waiter's context entered: the inline task starts empty too, as on a worker. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((noinline))
+#endif
+static PyObject *enter_empty_context(void) {
+    PyObject *ctx = PyContext_New();
+    if (ctx && PyContext_Enter(ctx) < 0) Py_CLEAR(ctx);
+    if (!ctx) PyErr_Clear();
+    return ctx;
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((noinline))
 #endif
@@ -445,6 +462,8 @@ static uint64_t run_attempt(ct_worker *w, EngineObject *eng, ct_task *t, uint64_
     PyObject *ctx = NULL;
     if (CT_UNLIKELY(t->kind == CT_KIND_PY && (atomic_load_explicit(&t->state, memory_order_relaxed) & CT_F_CONTEXT)))
         ctx = enter_task_context(t);
+    else if (CT_UNLIKELY(PyThreadState_Get()->context != NULL))
+        ctx = enter_empty_context();
     uint64_t end = attempt_in_context(w, eng, t, now);
     if (CT_UNLIKELY(ctx != NULL)) leave_task_context(ctx);
     return end;
