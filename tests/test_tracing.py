@@ -176,6 +176,28 @@ def test_what_a_task_sets_does_not_reach_the_next_task_of_its_worker(make_tasks,
     assert out == ["unset"] * 4
 
 
+@pytest.mark.timeout(60)
+def test_tasks_with_and_without_a_context_mixed_on_four_workers_each_see_their_own(make_tasks, no_provider):
+    tasks = make_tasks(workers=4, enable_auto_scaling=False)
+
+    def setter(expected):
+        seen = VAR.get()
+        VAR.set(f"set by {expected}")  # never seen by another task
+        return seen == expected
+
+    def with_value(i):
+        VAR.set(f"v{i}")
+        return tasks.add_task(setter, f"v{i}")
+
+    handles = []
+    for i in range(2000):
+        if i % 2:
+            handles.append(contextvars.Context().run(with_value, i))
+        else:  # an empty context: nothing kept, the task starts with no variables
+            handles.append(contextvars.Context().run(tasks.add_task, setter, "unset"))
+    assert all(h.wait(30) for h in handles)
+
+
 def _contexts() -> int:
     # Context objects are tracked by the GC: a thread's own context is one once made
     return sum(1 for o in gc.get_objects() if type(o) is contextvars.Context)
