@@ -277,6 +277,32 @@ def test_inspect_raises_other_errors_than_nogroup(redis_url, prefix, monkeypatch
         tasks.broker.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_key_of_another_type_under_a_queues_names_is_no_queue_for_inspect(redis_url, prefix):  # noqa: F811
+    # as queues() (it counts such a key as empty): inspect passes over it, the task on the
+    # other queue is found and an unknown id is unknown, not a WRONGTYPE error (dashboard 503)
+    from catzilla_tasks.brokers.cluster import ClusterView
+
+    tasks = BackgroundTasks(workers=1, broker=RedisBroker(redis_url, prefix=prefix))
+    try:
+        h = tasks.options(queue="zz").add_task(rt.add, 1, 2)
+        r = tasks.broker.redis
+        r.xadd(f"{prefix}:aa:q0", {"x": "1"})  # a queue 'aa' (read before 'zz') with one stream
+        r.set(f"{prefix}:aa:q2", "not a stream")  # and keys of other types under its names
+        r.set(f"{prefix}:aa:dead", "not a stream")
+        r.set(f"{prefix}:aa:delayed", "not a sorted set")
+        with ClusterView(redis_url, prefix=prefix) as view:
+            assert "aa" in view.queue_names()
+            got = view.inspect(h.task_id)
+            assert (got["status"], got["queue"]) == ("queued", "zz"), got
+            assert view.inspect("no-such-task")["status"] == "unknown"
+            rows = {(x["queue"], x["priority"]): x for x in view.queues()}
+            assert rows[("aa", "normal")]["queued"] == 0 and rows[("aa", "normal")]["dead_letters"] == 0, rows
+    finally:
+        tasks.shutdown(wait_for_completion=False, timeout=10)
+        tasks.broker.close()
+
+
 # == 3. the dashboards' CSP: the served scripts are the ones the header allows ===================
 def _hashes_of_served(body: bytes) -> set[str]:
     import base64

@@ -611,7 +611,7 @@ class ClusterView:
                 try:
                     rows = self.r.xpending_range(s, "workers", min=eid, max=eid, count=1)
                 except redis.ResponseError as exc:  # no worker has read this queue yet: no group
-                    if "NOGROUP" not in str(exc):
+                    if not str(exc).startswith("NOGROUP"):
                         raise
                     rows = []
                 extra: dict[str, Any] = {"name": name, "priority": _PRIORITIES[p], "entry_id": _s(eid)}

@@ -4,6 +4,11 @@
 -- count: {members read, n0, n1, n2, n3}: members by their priority digit (others count as 2).
 -- find:  {members read, member, score, ...}: members whose payload holds the task id (the caller
 --        decodes those to be sure).
+-- A key of another type under the delayed set's name is none of ours: read as empty.
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
+  if ARGV[3] == 'count' then return {0, 0, 0, 0, 0} end
+  return {0}
+end
 local start = tonumber(ARGV[1])
 local ms = redis.call('ZRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1, 'WITHSCORES')
 local out = {#ms / 2}

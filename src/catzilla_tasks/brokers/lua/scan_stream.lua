@@ -6,6 +6,11 @@
 --        priority; anything else counts as 2, NORMAL).
 -- find:  {last id read or false, id, ...}: entries whose field 'i' is the task id or whose
 --        field 'm' (the payload) holds it (the caller decodes those to be sure).
+-- A key of another type under a queue's name is none of ours: read as empty (as queues() counts it).
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' then
+  if ARGV[3] == 'count' then return {false, 0, 0, 0, 0} end
+  return {false}
+end
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
 local last = false
 if #entries > 0 then last = entries[#entries][1] end
