@@ -462,9 +462,17 @@ class ClusterView:
     def dead_letters(self, queue: str | None = None, count: int = 100) -> list[dict[str, Any]]:
         """The newest ``count`` dead letters of ``queue`` (default: the broker's), newest first:
         id, task_id, name, error (redacted), priority, at (epoch seconds), worker."""
+        import redis
+
         _, _, dead_key = self._keys(queue or self.broker.queue)
+        try:
+            entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", self.r.xrevrange(dead_key, count=count))
+        except redis.ResponseError as exc:  # a key of another type: none of ours (queues() counts none)
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            entries = []
         out = []
-        for eid, fields in cast("list[tuple[bytes, dict[bytes, bytes]]]", self.r.xrevrange(dead_key, count=count)):
+        for eid, fields in entries:
             f = {_s(k): v for k, v in fields.items()}
             p = _num(f.get("p"))
             out.append(
@@ -483,7 +491,10 @@ class ClusterView:
     def redrive(self, queue: str, ids: list[str] | None = None) -> int:
         """Put dead letters of ``queue`` back in its streams (all when ``ids`` is None; see
         ``RedisBroker.redrive``); returns how many were moved. (The one method here that
-        changes a queue: for the dashboard's re-drive.)"""
+        changes a queue: for the dashboard's re-drive.) A key of another type under the
+        dead-letter stream's name holds none: 0."""
+        if _s(self.r.type(self._keys(queue)[2])) not in ("stream", "none"):
+            return 0
         b = self.broker
         if queue == b.queue:
             return b.redrive(ids)
