@@ -10,10 +10,9 @@ import gc
 import threading
 
 import pytest
-import redis_tasks as rt
 from redis_helpers import prefix, redis, redis_url  # noqa: F401  (fixtures)
 
-from catzilla_tasks import BackgroundTasks, TaskConfig, TaskTimeout
+from catzilla_tasks import TaskConfig, TaskTimeout
 from catzilla_tasks.brokers import RedisBroker
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_session_attack2_var", default="unset")
