@@ -674,8 +674,11 @@ void help_run(EngineObject *eng, ct_task *t) {
     if (mine < prio) prio = mine;
     if (prio > 0 && ct_engine_has_urgent(eng->e, prio)) return;
     if (ct_task_status(t) != CT_PENDING) return;
-    /* it runs in a copy of this thread's context: what it sets in contextvars stays its own,
-     * as on another worker, and does not change its waiter's values under it */
+    /* entered around it: a copy of this thread's context, so that nothing it does changes its
+     * waiter's values under it (run_attempt then enters the task's own context, or a new empty
+     * one for a task without: it sees none of its waiter's values, as on another worker). The
+     * copy gives the thread a context if it had none: its later tasks without one each get the
+     * empty context (enter_empty_context) */
     PyObject *ctx = PyContext_CopyCurrent();
     if (!ctx) {
         PyErr_Clear();
