@@ -17,34 +17,9 @@ from catzilla_tasks.brokers import RedisBroker, Worker
 trace = pytest.importorskip("opentelemetry.trace")
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
 from opentelemetry import baggage, context  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.util._once import Once  # noqa: E402
+from otel_helpers import no_provider, spans  # noqa: E402, F401  (fixtures)
 
 LEAK: contextvars.ContextVar[str] = contextvars.ContextVar("test_session_attack_leak", default="unset")
-
-
-def _reset_provider() -> None:
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
-
-
-@pytest.fixture
-def no_provider():
-    _reset_provider()
-    yield
-    _reset_provider()
-
-
-@pytest.fixture
-def spans():
-    _reset_provider()
-    exporter = InMemorySpanExporter()
-    provider = sdk_trace.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    yield exporter
-    _reset_provider()
 
 
 # -- tasks (registered by name on the engines below) -------------------------------------------

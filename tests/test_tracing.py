@@ -18,38 +18,10 @@ from catzilla_tasks.brokers import RedisBroker, Worker
 from catzilla_tasks.brokers.protocol import MSG_HEADERS, headers_of
 
 trace = pytest.importorskip("opentelemetry.trace")
-sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
-from opentelemetry.util._once import Once  # noqa: E402
+from otel_helpers import no_provider, spans  # noqa: E402, F401  (fixtures)
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_tracing_var", default="unset")
-
-
-def _reset_provider() -> None:
-    # the API sets its global provider once per process; its own tests reset it this way
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
-
-
-@pytest.fixture
-def no_provider():
-    _reset_provider()
-    yield
-    _reset_provider()
-
-
-@pytest.fixture
-def spans():
-    """A global SDK tracer provider exporting to memory for the test (reset after it)."""
-    _reset_provider()
-    exporter = InMemorySpanExporter()
-    provider = sdk_trace.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    yield exporter
-    _reset_provider()
 
 
 def by_kind(exporter, kind):
