@@ -81,6 +81,17 @@ def eventually(check, what: str, timeout: float = POLL):
         time.sleep(0.2)
 
 
+def stop_process(p: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``timeout``."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 _LD_PRELOAD = os.environ.get("LD_PRELOAD")
 
 
@@ -565,12 +576,7 @@ def test_exporter_serves_metrics(cluster, scenario, tmp_path):
         wait_for(get, lambda t: t is not None, "the exporter answering")
         eventually(lambda: check_exporter_text(get() or "", scenario), "the exporter's scrape")
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
 
 
 @pytest.mark.timeout(120)
@@ -958,12 +964,7 @@ def test_dashboard_redrive_and_cancel_need_token_csrf_json_and_same_origin(app, 
         status, body = http("POST", base + "api/cancel", {"task_id": target.task_id}, good)
         assert status == 200 and json.loads(body)["cancelled"] is False, body
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
 
 
 @pytest.mark.timeout(200)
@@ -1240,12 +1241,7 @@ def test_browser_redrives_dead_letters_and_cancels_a_task(app, cluster, tmp_path
             finally:
                 browser.close()
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
 
 
 @pytest.mark.timeout(400)
